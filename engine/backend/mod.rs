@@ -1,0 +1,112 @@
+//! The `Backend` trait: the single seam between the model and the hardware.
+//!
+//! It is ops-level, not a tensor library: buffers, the KV cache, and exactly the ops a DeepSeek
+//! forward pass needs. The model (`crate::model`) is written once against it; `cpu/` is the f32
+//! reference implementation that every GPU backend is tested against.
+pub mod cpu;
+mod routing;
+mod select;
+
+pub use routing::{route_token, RouteParams};
+pub use select::{BackendKind, BackendUnavailable};
+
+use crate::config::RopeTables;
+use crate::weights::HostLinear;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Unavailable(#[from] BackendUnavailable),
+    #[error("{backend}: {op}: {msg}")]
+    Op { backend: &'static str, op: &'static str, msg: String },
+}
+
+/// Dimensions of one MLA layer.
+#[derive(Debug, Clone, Copy)]
+pub struct MlaDims {
+    pub num_heads: usize,
+    pub qk_nope: usize,
+    pub qk_rope: usize,
+    pub v_head: usize,
+    pub kv_lora_rank: usize,
+    /// Softmax scale (qk_head_dim^-0.5 × YaRN mscale²).
+    pub scale: f32,
+}
+
+impl MlaDims {
+    pub fn qk_head(&self) -> usize {
+        self.qk_nope + self.qk_rope
+    }
+    pub fn kv_entry(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope
+    }
+}
+
+/// One sequence's part of a batched attention call. Its queries are rows
+/// `q_start .. q_start + q_len` of the query tensor; `slots` lists the KV-cache slots of its whole
+/// context in order, the last `q_len` of them being the new tokens (already written), so query `i`
+/// attends causally to `slots[.. slots.len() - q_len + i + 1]`.
+#[derive(Debug, Clone)]
+pub struct AttnSeq<'a> {
+    pub q_start: usize,
+    pub q_len: usize,
+    pub slots: &'a [u32],
+}
+
+/// Rows × columns of an activation tensor.
+pub trait TensorShape {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+}
+
+pub trait Backend: Send + Sync + 'static {
+    /// A 2-D activation buffer [rows, cols].
+    type Tensor: TensorShape + Send + Sync;
+    /// A linear layer's weight in this backend's layout.
+    type Linear: Send + Sync;
+    /// The routed experts of one MoE layer.
+    type Experts: Send + Sync;
+    /// Per-token expert ids and weights from `moe_route`.
+    type Routing: Send + Sync;
+    /// The latent KV cache: `slots` entries of `kv_entry` elements per layer.
+    type KvCache: Send + Sync;
+
+    fn name(&self) -> &'static str;
+
+    // --- memory ---
+    fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Tensor, BackendError>;
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
+    fn upload_linear(&self, w: &HostLinear) -> Result<Self::Linear, BackendError>;
+    /// Experts as (gate, up, down) triples, indexed by expert id.
+    fn upload_experts(&self, experts: Vec<[HostLinear; 3]>) -> Result<Self::Experts, BackendError>;
+    fn alloc_kv_cache(&self, layers: usize, slots: usize, kv_entry: usize) -> Result<Self::KvCache, BackendError>;
+
+    // --- ops ---
+    /// Rows `ids` of an embedding table stored as a [vocab, hidden] linear weight.
+    fn embedding(&self, table: &Self::Linear, ids: &[u32]) -> Result<Self::Tensor, BackendError>;
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> Result<Self::Tensor, BackendError>;
+    /// `residual += x`, then returns rms_norm(residual).
+    fn add_rms_norm(&self, x: &Self::Tensor, residual: &mut Self::Tensor, w: &Self::Tensor, eps: f32) -> Result<Self::Tensor, BackendError>;
+    /// RMSNorm in place over columns `start .. start + w.cols()` of each row.
+    fn rms_norm_cols(&self, x: &mut Self::Tensor, start: usize, w: &Self::Tensor, eps: f32) -> Result<(), BackendError>;
+    /// `x · Wᵀ`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor, BackendError>;
+    /// silu(gate) · up, elementwise.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor, BackendError>;
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), BackendError>;
+    /// Rotary embedding in place on `heads` slices per row, each `rope.half*2` wide, starting at
+    /// column `offset + h * head_stride`; row `i` has position `positions[i]`.
+    fn rope(&self, x: &mut Self::Tensor, positions: &[u32], heads: usize, head_stride: usize, offset: usize, rope: &RopeTables) -> Result<(), BackendError>;
+    /// Writes row `i` of `entries` ([T, kv_entry]) to `slots[i]` of layer `layer`.
+    fn kv_write(&self, kv: &mut Self::KvCache, layer: usize, slots: &[u32], entries: &Self::Tensor) -> Result<(), BackendError>;
+    /// MLA attention over the latent cache. `q` is [T, heads·(qk_nope+qk_rope)] with RoPE applied;
+    /// `kv_b` is the layer's kv_b_proj [heads·(qk_nope+v), kv_lora_rank]; returns [T, heads·v].
+    fn mla_attention(&self, q: &Self::Tensor, kv: &Self::KvCache, layer: usize, seqs: &[AttnSeq], kv_b: &Self::Linear, dims: &MlaDims) -> Result<Self::Tensor, BackendError>;
+    /// Router: scores and top-k selection per token.
+    fn moe_route(&self, x: &Self::Tensor, gate: &Self::Linear, bias: Option<&[f32]>, p: &RouteParams) -> Result<Self::Routing, BackendError>;
+    /// Σ_k w_k · expert_k(x) per token.
+    fn moe_experts(&self, x: &Self::Tensor, routing: &Self::Routing, experts: &Self::Experts) -> Result<Self::Tensor, BackendError>;
+    /// The given rows of `x`, in order.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor, BackendError>;
+}

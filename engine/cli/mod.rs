@@ -1,0 +1,73 @@
+//! The `engine` command line (clap): generate, info, gen-model.
+mod demo;
+mod generate;
+mod info;
+
+use clap::{Parser, Subcommand};
+
+use crate::backend::BackendKind;
+use crate::synth::Preset;
+
+#[derive(Parser, Debug)]
+#[command(name = "engine", version, about = "AMD-first inference server for DeepSeek V2/V3-class models")]
+pub struct Cli {
+    /// error, warn, info, debug or trace
+    #[arg(long, global = true, default_value = "info", env = "ENGINE_LOG")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate a completion for one prompt (prints SGLang's /generate JSON with --json).
+    Generate(generate::GenerateArgs),
+    /// Print a checkpoint's parsed config, parameter count, weight bytes and KV-cache size.
+    Info {
+        /// Checkpoint folder (Hugging Face layout)
+        #[arg(long)]
+        model_path: std::path::PathBuf,
+    },
+    /// Write a synthetic checkpoint in the official layout with random weights.
+    GenModel {
+        #[arg(long, value_enum)]
+        preset: Preset,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Decoder layers (default: the preset's)
+        #[arg(long)]
+        layers: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+/// Where to run: shared by every command that loads a model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackendArgs {
+    /// auto tries ROCm, then CUDA, then CPU
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendKind,
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    crate::logging::init(&cli.log_level);
+    let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Info { model_path } => info::run(&model_path),
+        Command::GenModel { preset, out, layers, seed } => {
+            let t = std::time::Instant::now();
+            crate::synth::write_checkpoint(&out, &crate::synth::GenOptions { preset, layers, seed }).map(|()| {
+                eprintln!("wrote {:?} checkpoint to {} in {:.1}s", preset, out.display(), t.elapsed().as_secs_f64());
+            })
+        }
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}

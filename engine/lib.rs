@@ -1,0 +1,13 @@
+//! engine: an AMD-first inference server for DeepSeek V2/V3-class models.
+//! See docs/ARCHITECTURE.md for the module map.
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod kernels;
+pub mod logging;
+pub mod model;
+pub mod runtime;
+pub mod sampling;
+pub mod synth;
+pub mod tokenizer;
+pub mod weights;

@@ -1,0 +1,40 @@
+//! One decoder layer: pre-norm MLA and pre-norm MLP/MoE, each added to the residual stream.
+use super::mla::{AttnInputs, Mla};
+use super::mlp::{FeedForward, Mlp, Moe};
+use super::{ModelError, WeightsCtx};
+use crate::backend::Backend;
+
+pub struct DecoderLayer<B: Backend> {
+    input_norm: B::Tensor,
+    post_attn_norm: B::Tensor,
+    pub attn: Mla<B>,
+    ffn: FeedForward<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    pub fn load(w: &WeightsCtx<B>, i: usize) -> Result<Self, ModelError> {
+        let c = w.cfg;
+        let p = format!("model.layers.{i}");
+        let ffn = if c.is_moe_layer(i) {
+            FeedForward::Moe(Moe::load(w, &format!("{p}.mlp"))?)
+        } else {
+            FeedForward::Dense(Mlp::load(w, &format!("{p}.mlp"), c.intermediate_size)?)
+        };
+        Ok(DecoderLayer {
+            input_norm: w.vector(&format!("{p}.input_layernorm.weight"), c.hidden_size)?,
+            post_attn_norm: w.vector(&format!("{p}.post_attention_layernorm.weight"), c.hidden_size)?,
+            attn: Mla::load(w, &format!("{p}.self_attn"))?,
+            ffn,
+        })
+    }
+
+    /// Advances the residual stream `resid` [T, hidden] through this layer.
+    pub fn forward(&self, b: &B, resid: &mut B::Tensor, kv: &mut B::KvCache, layer: usize, a: &AttnInputs) -> Result<(), ModelError> {
+        let x = b.rms_norm(resid, &self.input_norm, a.eps)?;
+        let attn = self.attn.forward(b, &x, kv, layer, a)?;
+        let x = b.add_rms_norm(&attn, resid, &self.post_attn_norm, a.eps)?;
+        let y = self.ffn.forward(b, &x)?;
+        b.add(resid, &y)?;
+        Ok(())
+    }
+}

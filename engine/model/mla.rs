@@ -1,0 +1,73 @@
+//! Multi-head latent attention (MLA), written against `Backend`.
+use super::{ModelError, WeightsCtx};
+use crate::backend::{AttnSeq, Backend, MlaDims};
+use crate::config::RopeTables;
+
+enum QProj<B: Backend> {
+    /// q = q_b(rmsnorm(q_a(x)))
+    Lora { a: B::Linear, norm: B::Tensor, b: B::Linear },
+    /// q = q_proj(x) (q_lora_rank null, as in V2-Lite)
+    Plain(B::Linear),
+}
+
+pub struct Mla<B: Backend> {
+    q: QProj<B>,
+    kv_a: B::Linear,
+    kv_a_norm: B::Tensor,
+    pub kv_b: B::Linear,
+    o: B::Linear,
+}
+
+/// What one attention call needs besides the activations.
+pub struct AttnInputs<'a> {
+    pub positions: &'a [u32],
+    pub seqs: &'a [AttnSeq<'a>],
+    /// KV slot of each new token, in token order.
+    pub new_slots: &'a [u32],
+    pub rope: &'a RopeTables,
+    pub dims: &'a MlaDims,
+    pub eps: f32,
+}
+
+impl<B: Backend> Mla<B> {
+    pub fn load(w: &WeightsCtx<B>, prefix: &str) -> Result<Self, ModelError> {
+        let c = w.cfg;
+        let h = c.num_attention_heads;
+        let q = match c.q_lora_rank {
+            Some(r) => QProj::Lora {
+                a: w.linear(&format!("{prefix}.q_a_proj"), r, c.hidden_size)?,
+                norm: w.vector(&format!("{prefix}.q_a_layernorm.weight"), r)?,
+                b: w.linear(&format!("{prefix}.q_b_proj"), h * c.qk_head_dim(), r)?,
+            },
+            None => QProj::Plain(w.linear(&format!("{prefix}.q_proj"), h * c.qk_head_dim(), c.hidden_size)?),
+        };
+        Ok(Mla {
+            q,
+            kv_a: w.linear(&format!("{prefix}.kv_a_proj_with_mqa"), c.kv_entry_dim(), c.hidden_size)?,
+            kv_a_norm: w.vector(&format!("{prefix}.kv_a_layernorm.weight"), c.kv_lora_rank)?,
+            kv_b: w.linear(&format!("{prefix}.kv_b_proj"), h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)?,
+            o: w.linear(&format!("{prefix}.o_proj"), c.hidden_size, h * c.v_head_dim)?,
+        })
+    }
+
+    /// `x` is the normed hidden state [T, hidden]; writes the new latents into `kv` and returns the
+    /// attention output after o_proj.
+    pub fn forward(&self, b: &B, x: &B::Tensor, kv: &mut B::KvCache, layer: usize, a: &AttnInputs) -> Result<B::Tensor, ModelError> {
+        let d = a.dims;
+        let mut q = match &self.q {
+            QProj::Lora { a: qa, norm, b: qb } => {
+                let t = b.linear(x, qa)?;
+                let t = b.rms_norm(&t, norm, a.eps)?;
+                b.linear(&t, qb)?
+            }
+            QProj::Plain(p) => b.linear(x, p)?,
+        };
+        b.rope(&mut q, a.positions, d.num_heads, d.qk_head(), d.qk_nope, a.rope)?;
+        let mut latent = b.linear(x, &self.kv_a)?;
+        b.rms_norm_cols(&mut latent, 0, &self.kv_a_norm, a.eps)?;
+        b.rope(&mut latent, a.positions, 1, d.kv_entry(), d.kv_lora_rank, a.rope)?;
+        b.kv_write(kv, layer, a.new_slots, &latent)?;
+        let attn = b.mla_attention(&q, kv, layer, a.seqs, &self.kv_b, d)?;
+        Ok(b.linear(&attn, &self.o)?)
+    }
+}

@@ -1,0 +1,99 @@
+//! Dense MLP and MoE blocks.
+use super::{ModelError, WeightsCtx};
+use crate::backend::{Backend, RouteParams};
+
+/// down(silu(gate(x)) · up(x))
+pub struct Mlp<B: Backend> {
+    gate: B::Linear,
+    up: B::Linear,
+    down: B::Linear,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn load(w: &WeightsCtx<B>, prefix: &str, inter: usize) -> Result<Self, ModelError> {
+        let hs = w.cfg.hidden_size;
+        Ok(Mlp {
+            gate: w.linear(&format!("{prefix}.gate_proj"), inter, hs)?,
+            up: w.linear(&format!("{prefix}.up_proj"), inter, hs)?,
+            down: w.linear(&format!("{prefix}.down_proj"), hs, inter)?,
+        })
+    }
+
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor, ModelError> {
+        let h = b.silu_mul(&b.linear(x, &self.gate)?, &b.linear(x, &self.up)?)?;
+        Ok(b.linear(&h, &self.down)?)
+    }
+}
+
+pub struct Moe<B: Backend> {
+    router: B::Linear,
+    bias: Option<Vec<f32>>,
+    experts: B::Experts,
+    shared: Option<Mlp<B>>,
+    params: RouteParams,
+}
+
+impl<B: Backend> Moe<B> {
+    pub fn load(w: &WeightsCtx<B>, prefix: &str) -> Result<Self, ModelError> {
+        let c = w.cfg;
+        let n = c.n_routed_experts.expect("MoE layer without experts");
+        let hs = c.hidden_size;
+        let inter = c.moe_intermediate_size;
+        let router = w.dense_linear(&format!("{prefix}.gate"), n, hs)?;
+        let bias_name = format!("{prefix}.gate.e_score_correction_bias");
+        let bias = if c.topk_method == crate::config::TopkMethod::NoauxTc {
+            Some(w.store.vector(&bias_name, n)?)
+        } else {
+            None
+        };
+        let mut host = Vec::with_capacity(n);
+        for e in 0..n {
+            let p = format!("{prefix}.experts.{e}");
+            host.push([
+                w.host_linear(&format!("{p}.gate_proj"), inter, hs)?,
+                w.host_linear(&format!("{p}.up_proj"), inter, hs)?,
+                w.host_linear(&format!("{p}.down_proj"), hs, inter)?,
+            ]);
+        }
+        let experts = w.backend.upload_experts(host)?;
+        let shared = if c.n_shared_experts > 0 {
+            Some(Mlp::load(w, &format!("{prefix}.shared_experts"), inter * c.n_shared_experts)?)
+        } else {
+            None
+        };
+        let params = RouteParams {
+            n_experts: n,
+            top_k: c.num_experts_per_tok,
+            n_group: c.n_group,
+            topk_group: c.topk_group,
+            method: c.topk_method,
+            scoring: c.scoring_func,
+            norm_topk_prob: c.norm_topk_prob,
+            routed_scaling_factor: c.routed_scaling_factor as f32,
+        };
+        Ok(Moe { router, bias, experts, shared, params })
+    }
+
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor, ModelError> {
+        let routing = b.moe_route(x, &self.router, self.bias.as_deref(), &self.params)?;
+        let mut y = b.moe_experts(x, &routing, &self.experts)?;
+        if let Some(s) = &self.shared {
+            b.add(&mut y, &s.forward(b, x)?)?;
+        }
+        Ok(y)
+    }
+}
+
+pub enum FeedForward<B: Backend> {
+    Dense(Mlp<B>),
+    Moe(Moe<B>),
+}
+
+impl<B: Backend> FeedForward<B> {
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor, ModelError> {
+        match self {
+            FeedForward::Dense(m) => m.forward(b, x),
+            FeedForward::Moe(m) => m.forward(b, x),
+        }
+    }
+}

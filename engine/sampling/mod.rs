@@ -1,0 +1,9 @@
+//! Sampling: parameters (validated, SGLang's names), penalties, greedy / temperature / top-k /
+//! top-p / min-p selection with a seedable generator, and log-probabilities.
+mod params;
+mod rng;
+mod sampler;
+
+pub use params::{SamplingError, SamplingParams};
+pub use rng::Rng;
+pub use sampler::{apply_penalties, log_softmax, sample, top_logprobs, TokenCounts};
