@@ -193,8 +193,7 @@ mod tests {
 
         // corrupt header
         let mut c = bytes.clone();
-        c[10] = b'{';
-        c[11] = b'{';
+        c[8..20].fill(b'#');
         let cp = d.join("corrupt.safetensors");
         std::fs::write(&cp, &c).unwrap();
         let e = SafetensorsFile::open(&cp).err().unwrap().to_string();

@@ -1,7 +1,11 @@
 //! MLA attention over the latent KV cache, in the two forms of DEEPSEEK.md:
-//! - prefill (q_len > 1): MHA form, K/V decompressed from the latents through kv_b_proj;
-//! - decode (q_len == 1): absorbed form, the query mapped into latent space (W_UK) and the
-//!   latent output mapped back (W_UV), so the cache is read once per token and never expanded.
+//! - absorbed (MQA) form: the query mapped into latent space (W_UK), scores against the cached
+//!   [c_kv | k_pe], the latent output mapped back (W_UV); the cache is read once and never expanded;
+//! - MHA form: K/V decompressed from the latents through kv_b_proj.
+//! The CPU backend runs the absorbed form for prefill and decode alike: each query's arithmetic is
+//! then the same whatever the batch, the chunking or the prefix-cache hit, so results are bitwise
+//! independent of scheduling. The MHA form is kept as the cross-check (the GPU backends use it for
+//! prefill).
 use rayon::prelude::*;
 
 use super::kv::CpuKvCache;
@@ -26,7 +30,7 @@ pub fn mla_attention(q: &CpuTensor, kv: &CpuKvCache, layer: usize, seqs: &[AttnS
     let mut out = CpuTensor::zeros(q.rows, d.num_heads * d.v_head);
     for s in seqs {
         assert!(s.q_len <= s.slots.len(), "mla_attention: more queries than context");
-        let block = if s.q_len == 1 { decode_absorbed(q, kv, layer, s, kv_b, d) } else { prefill_mha(q, kv, layer, s, kv_b, d) };
+        let block = absorbed(q, kv, layer, s, kv_b, d);
         let w = d.num_heads * d.v_head;
         out.data[s.q_start * w..(s.q_start + s.q_len) * w].copy_from_slice(&block);
     }
@@ -34,6 +38,7 @@ pub fn mla_attention(q: &CpuTensor, kv: &CpuKvCache, layer: usize, seqs: &[AttnS
 }
 
 /// MHA form; returns [q_len, heads·v].
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn prefill_mha(q: &CpuTensor, kv: &CpuKvCache, layer: usize, s: &AttnSeq, kv_b: &HostLinear, d: &MlaDims) -> Vec<f32> {
     let ctx = s.slots.len();
     let lora = d.kv_lora_rank;
@@ -71,45 +76,52 @@ pub fn prefill_mha(q: &CpuTensor, kv: &CpuKvCache, layer: usize, s: &AttnSeq, kv
     interleave_heads(&heads, s.q_len, d.v_head)
 }
 
-/// Absorbed form for one query; returns [1, heads·v].
-pub fn decode_absorbed(q: &CpuTensor, kv: &CpuKvCache, layer: usize, s: &AttnSeq, kv_b: &HostLinear, d: &MlaDims) -> Vec<f32> {
+/// Absorbed form; returns [q_len, heads·v].
+pub fn absorbed(q: &CpuTensor, kv: &CpuKvCache, layer: usize, s: &AttnSeq, kv_b: &HostLinear, d: &MlaDims) -> Vec<f32> {
+    let ctx = s.slots.len();
     let lora = d.kv_lora_rank;
     let per_head = d.qk_nope + d.v_head;
-    let qrow = q.row(s.q_start);
     let heads: Vec<Vec<f32>> = (0..d.num_heads)
         .into_par_iter()
         .map(|h| {
-            let qh = &qrow[h * d.qk_head()..(h + 1) * d.qk_head()];
-            let mut wrow = vec![0f32; lora];
-            // q_latent = q_nope · W_UK(h)
+            // W_UK(h) [nope, lora] and W_UV(h) [v, lora], dequantised once for all queries.
+            let mut w_uk = vec![0f32; d.qk_nope * lora];
+            let mut w_uv = vec![0f32; d.v_head * lora];
+            for (r, row) in w_uk.chunks_mut(lora).enumerate() {
+                kv_b.row_f32(h * per_head + r, row);
+            }
+            for (r, row) in w_uv.chunks_mut(lora).enumerate() {
+                kv_b.row_f32(h * per_head + d.qk_nope + r, row);
+            }
+            let mut o = vec![0f32; s.q_len * d.v_head];
             let mut q_lat = vec![0f32; lora];
-            for (dd, &qv) in qh[..d.qk_nope].iter().enumerate() {
-                kv_b.row_f32(h * per_head + dd, &mut wrow);
-                q_lat.iter_mut().zip(&wrow).for_each(|(a, b)| *a += qv * b);
-            }
-            let mut scores: Vec<f32> = s
-                .slots
-                .iter()
-                .map(|&slot| {
-                    let e = kv.entry(layer, slot);
-                    (dot(&q_lat, &e[..lora]) + dot(&qh[d.qk_nope..], &e[lora..])) * d.scale
-                })
-                .collect();
-            softmax_in_place(&mut scores);
             let mut lat = vec![0f32; lora];
-            for (j, &slot) in s.slots.iter().enumerate() {
-                let p = scores[j];
-                lat.iter_mut().zip(&kv.entry(layer, slot)[..lora]).for_each(|(a, b)| *a += p * b);
+            let mut scores = vec![0f32; ctx];
+            for i in 0..s.q_len {
+                let qh = &q.row(s.q_start + i)[h * d.qk_head()..(h + 1) * d.qk_head()];
+                q_lat.iter_mut().for_each(|x| *x = 0.0);
+                for (dd, &qv) in qh[..d.qk_nope].iter().enumerate() {
+                    q_lat.iter_mut().zip(&w_uk[dd * lora..(dd + 1) * lora]).for_each(|(a, b)| *a += qv * b);
+                }
+                let limit = ctx - s.q_len + i + 1;
+                for (j, &slot) in s.slots[..limit].iter().enumerate() {
+                    let e = kv.entry(layer, slot);
+                    scores[j] = (dot(&q_lat, &e[..lora]) + dot(&qh[d.qk_nope..], &e[lora..])) * d.scale;
+                }
+                softmax_in_place(&mut scores[..limit]);
+                lat.iter_mut().for_each(|x| *x = 0.0);
+                for (j, &slot) in s.slots[..limit].iter().enumerate() {
+                    let p = scores[j];
+                    lat.iter_mut().zip(&kv.entry(layer, slot)[..lora]).for_each(|(a, b)| *a += p * b);
+                }
+                for (e, oe) in o[i * d.v_head..(i + 1) * d.v_head].iter_mut().enumerate() {
+                    *oe = dot(&w_uv[e * lora..(e + 1) * lora], &lat);
+                }
             }
-            (0..d.v_head)
-                .map(|e| {
-                    kv_b.row_f32(h * per_head + d.qk_nope + e, &mut wrow);
-                    dot(&wrow, &lat)
-                })
-                .collect()
+            o
         })
         .collect();
-    interleave_heads(&heads, 1, d.v_head)
+    interleave_heads(&heads, s.q_len, d.v_head)
 }
 
 /// Per-head blocks [q_len, v] → rows of [heads·v].
@@ -128,7 +140,7 @@ fn interleave_heads(heads: &[Vec<f32>], q_len: usize, v: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    /// The absorbed decode form equals the MHA form for the last query of a sequence.
+    /// The absorbed form equals the MHA form for every query of a sequence.
     #[test]
     fn absorbed_equals_mha() {
         let d = MlaDims { num_heads: 3, qk_nope: 8, qk_rope: 4, v_head: 6, kv_lora_rank: 10, scale: 0.3 };
@@ -144,10 +156,13 @@ mod tests {
         let kv_b = HostLinear::from_f32("kv_b", d.num_heads * (d.qk_nope + d.v_head), d.kv_lora_rank, &wb);
         let q = CpuTensor::new(ctx, d.num_heads * d.qk_head(), (0..ctx * d.num_heads * d.qk_head()).map(|_| rng.normal()).collect());
         let full = prefill_mha(&q, &kv, 1, &AttnSeq { q_start: 0, q_len: ctx, slots: &slots }, &kv_b, &d);
-        let last = decode_absorbed(&q, &kv, 1, &AttnSeq { q_start: ctx - 1, q_len: 1, slots: &slots }, &kv_b, &d);
+        let abs = absorbed(&q, &kv, 1, &AttnSeq { q_start: 0, q_len: ctx, slots: &slots }, &kv_b, &d);
+        let last = absorbed(&q, &kv, 1, &AttnSeq { q_start: ctx - 1, q_len: 1, slots: &slots }, &kv_b, &d);
         let w = d.num_heads * d.v_head;
-        for (a, b) in full[(ctx - 1) * w..].iter().zip(&last) {
+        for (a, b) in full.iter().zip(&abs) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
         }
+        // one query alone gives bitwise the same result as inside the whole sequence
+        assert_eq!(&abs[(ctx - 1) * w..], &last[..]);
     }
 }
