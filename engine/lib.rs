@@ -4,6 +4,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod kernels;
+pub mod kv_cache;
 pub mod logging;
 pub mod model;
 pub mod runtime;
