@@ -2,6 +2,7 @@
 mod demo;
 mod generate;
 mod info;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate a completion for one prompt (prints SGLang's /generate JSON with --json).
     Generate(generate::GenerateArgs),
+    /// Serve the model over HTTP (OpenAI and SGLang APIs).
+    Serve(serve::ServeArgs),
     /// Print a checkpoint's parsed config, parameter count, weight bytes and KV-cache size.
     Info {
         /// Checkpoint folder (Hugging Face layout)
@@ -51,10 +54,18 @@ pub struct BackendArgs {
 }
 
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let argv = match serve::apply_config_file(std::env::args().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let cli = Cli::parse_from(argv);
     crate::logging::init(&cli.log_level);
     let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Info { model_path } => info::run(&model_path),
         Command::GenModel { preset, out, layers, seed } => {
             let t = std::time::Instant::now();

@@ -56,6 +56,13 @@ impl KvManager {
         }
     }
 
+    /// Drops the lock `match_and_lock` took (when the match goes unused).
+    pub fn unlock(&mut self, node: NodeId) {
+        if let Some(r) = self.radix.as_mut() {
+            r.unlock(node);
+        }
+    }
+
     /// `n` new slots for a request, evicting cached prefixes if the pool runs short.
     pub fn alloc(&mut self, n: usize) -> Option<Vec<u32>> {
         if !self.pool.can_alloc(n) {

@@ -3,4 +3,4 @@ mod generate;
 mod output;
 
 pub use generate::{generate, GenerateRequest};
-pub use output::{FinishReason, GenerateOutput, TokenLogprob};
+pub use output::{FinishReason, GenerateOutput, Logprobs, TokenLogprob};

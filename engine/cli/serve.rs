@@ -1,0 +1,154 @@
+//! `engine serve`: SGLang's flags, an optional TOML preset (`--config`, flags override it), the
+//! engine thread and the HTTP server.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::BackendArgs;
+use crate::backend::{cpu::CpuBackend, BackendKind};
+use crate::model::Model;
+use crate::scheduler::{spawn_engine, SchedulePolicy, SchedulerConfig};
+use crate::server::{serve, App};
+use crate::tokenizer::Tokenizer;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Checkpoint folder (Hugging Face layout); default: the built-in tiny demo model (random weights)
+    #[arg(long)]
+    pub model_path: Option<PathBuf>,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 30000)]
+    pub port: u16,
+    /// Model name reported by /v1/models and accepted in requests (default: the model path)
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Maximum tokens of prompt plus output (default: the model's max_position_embeddings)
+    #[arg(long)]
+    pub context_length: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub max_running_requests: usize,
+    /// Size of the KV pool in tokens (default: what fits in 2 GiB on the CPU backend)
+    #[arg(long)]
+    pub max_total_tokens: Option<usize>,
+    /// Token budget of one step; long prompts are prefilled in chunks of this size (-1: no chunking)
+    #[arg(long, default_value_t = 2048, allow_negative_numbers = true)]
+    pub chunked_prefill_size: i64,
+    /// Fraction of GPU memory for weights and KV cache (GPU backends; ignored on the CPU)
+    #[arg(long)]
+    pub mem_fraction_static: Option<f32>,
+    #[arg(long, value_enum, default_value = "fcfs")]
+    pub schedule_policy: SchedulePolicy,
+    /// Turn off the radix prefix cache
+    #[arg(long)]
+    pub disable_radix_cache: bool,
+    /// Split chat output into reasoning_content and content (deepseek-r1)
+    #[arg(long, value_parser = ["deepseek-r1"])]
+    pub reasoning_parser: Option<String>,
+    /// Seconds to wait for in-flight requests after SIGTERM
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
+    /// TOML preset whose keys are these flags' names (flags on the command line win)
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// Inserts the keys of `--config FILE.toml` as flags that the command line does not already set.
+pub fn apply_config_file(argv: Vec<String>) -> Result<Vec<String>, String> {
+    use clap::CommandFactory;
+    let Some(pos) = argv.iter().position(|a| a == "--config" || a.starts_with("--config=")) else { return Ok(argv) };
+    let path = if let Some(p) = argv[pos].strip_prefix("--config=") { p.to_string() } else { argv.get(pos + 1).cloned().ok_or("--config needs a file")? };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("--config {path}: {e}"))?;
+    let table: toml::Table = text.parse().map_err(|e| format!("--config {path}: not valid TOML: {e}"))?;
+    let cmd = super::Cli::command();
+    let serve = cmd.find_subcommand("serve").expect("serve subcommand");
+    let known: Vec<String> = serve.get_arguments().filter_map(|a| a.get_long().map(str::to_string)).collect();
+    let mut extra = Vec::new();
+    for (key, value) in table {
+        let flag = key.replace('_', "-");
+        if !known.contains(&flag) || flag == "config" {
+            return Err(format!("--config {path}: unknown key `{key}` (not a flag of `engine serve`)"));
+        }
+        if argv.iter().any(|a| a == &format!("--{flag}") || a.starts_with(&format!("--{flag}="))) {
+            continue; // the command line wins
+        }
+        match value {
+            toml::Value::Boolean(true) => extra.push(format!("--{flag}")),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(s) => extra.push(format!("--{flag}={s}")),
+            toml::Value::Integer(i) => extra.push(format!("--{flag}={i}")),
+            toml::Value::Float(f) => extra.push(format!("--{flag}={f}")),
+            other => return Err(format!("--config {path}: key `{key}` has an unsupported value {other}")),
+        }
+    }
+    let mut out = argv;
+    out.extend(extra);
+    Ok(out)
+}
+
+/// KV pool tokens that fit in `budget` bytes on the CPU backend (f32 latents).
+fn default_pool_tokens(cfg: &crate::config::ModelConfig, context: usize) -> usize {
+    let per_token = cfg.kv_entry_dim() * cfg.num_hidden_layers * 4;
+    let budget = 2usize << 30;
+    (budget / per_token.max(1)).clamp(context.min(4096), 1 << 18)
+}
+
+pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    match a.backend.backend.resolve()? {
+        BackendKind::Cpu => {}
+        other => unreachable!("resolve() returned {other:?}"),
+    }
+    if a.mem_fraction_static.is_some() {
+        log::info!("--mem-fraction-static applies to GPU backends; the CPU backend sizes its KV pool from --max-total-tokens");
+    }
+    let path = match &a.model_path {
+        Some(p) => p.clone(),
+        None => super::demo::demo_model_path()?,
+    };
+    let t0 = std::time::Instant::now();
+    let model = Model::load(CpuBackend, &path)?;
+    let tok = if path.join("tokenizer.json").exists() { Some(Arc::new(Tokenizer::load(&path)?)) } else { None };
+    if tok.is_none() {
+        log::warn!("{} has no tokenizer.json: only token-id prompts will work", path.display());
+    }
+    let max_pos = model.cfg.max_position_embeddings;
+    let context_length = match a.context_length {
+        Some(c) if c > max_pos => {
+            log::warn!("--context-length {c} exceeds the model's max_position_embeddings {max_pos}");
+            c
+        }
+        Some(c) => c,
+        None => max_pos,
+    };
+    let max_total_tokens = a.max_total_tokens.unwrap_or_else(|| default_pool_tokens(&model.cfg, context_length));
+    let chunk = if a.chunked_prefill_size <= 0 { usize::MAX } else { a.chunked_prefill_size as usize };
+    let cfg = SchedulerConfig { max_running_requests: a.max_running_requests.max(1), chunked_prefill_size: chunk, policy: a.schedule_policy };
+    let name = match (&a.served_model_name, &a.model_path) {
+        (Some(n), _) => n.clone(),
+        (None, Some(p)) => p.display().to_string(),
+        (None, None) => "engine-demo-tiny-v3".to_string(),
+    };
+    log::info!(
+        "loaded {} on {} in {:.2}s: context {context_length}, KV pool {max_total_tokens} tokens, radix cache {}, max running {}",
+        path.display(),
+        model.backend_name(),
+        t0.elapsed().as_secs_f64(),
+        if a.disable_radix_cache { "off" } else { "on" },
+        cfg.max_running_requests
+    );
+    let handle = spawn_engine(model, tok, cfg, max_total_tokens, !a.disable_radix_cache, path.display().to_string(), context_length)?;
+    let app = App::new(handle, name, a.api_key.clone(), a.reasoning_parser.is_some());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port)).await.map_err(|e| format!("cannot bind {}:{}: {e}", a.host, a.port))?;
+        eprintln!("engine is ready: http://{}", listener.local_addr()?);
+        serve(app, listener, std::time::Duration::from_secs(a.shutdown_timeout)).await?;
+        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    })?;
+    log::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,384 @@
+//! The engine thread: owns the model, the KV cache and the scheduler, and runs
+//! schedule → forward → sample → send, one step after another. The HTTP layer talks to it only
+//! through channels (`EngineHandle`).
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{BatchItem, Event, Request, RequestSpec, Scheduler, SchedulerConfig};
+use crate::backend::{AttnSeq, Backend};
+use crate::kv_cache::{KvManager, KvStats};
+use crate::metrics::Metrics;
+use crate::model::{ForwardBatch, Model};
+use crate::sampling::{apply_penalties, log_softmax, sample, top_logprobs};
+use crate::tokenizer::Tokenizer;
+
+/// Facts about the served model the HTTP layer needs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineInfo {
+    pub model_path: String,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub max_total_tokens: usize,
+    pub max_running_requests: usize,
+    pub backend: &'static str,
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineStats {
+    pub kv: KvStats,
+    pub running: usize,
+    pub waiting: usize,
+    pub retractions: u64,
+    pub integrity: Result<(), String>,
+}
+
+enum Command {
+    Submit(Box<Request>),
+    Abort(u64),
+    Flush(oneshot::Sender<Result<usize, String>>),
+    Stats(oneshot::Sender<EngineStats>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    pub info: Arc<EngineInfo>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    pub metrics: Arc<Metrics>,
+    next_id: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl EngineHandle {
+    /// Validates and queues a request; events arrive on the returned receiver. Dropping the
+    /// receiver aborts the request and frees its KV.
+    pub fn submit(&self, spec: RequestSpec) -> Result<(u64, mpsc::UnboundedReceiver<Event>), SubmitError> {
+        let info = &self.info;
+        spec.params.validate().map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        if spec.input_ids.is_empty() {
+            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        if let Some(&t) = spec.input_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
+            return Err(SubmitError::Invalid(format!("token id {t} is outside the vocabulary (size {})", info.vocab_size)));
+        }
+        let n = spec.input_ids.len();
+        if n >= info.context_length {
+            return Err(SubmitError::Invalid(format!("the prompt has {n} tokens, but the context length is {}", info.context_length)));
+        }
+        if n + spec.params.max_new_tokens > info.context_length {
+            return Err(SubmitError::Invalid(format!(
+                "the prompt ({n} tokens) plus max_new_tokens ({}) exceeds the context length of {}",
+                spec.params.max_new_tokens, info.context_length
+            )));
+        }
+        if n + spec.params.max_new_tokens > info.max_total_tokens {
+            return Err(SubmitError::Invalid(format!(
+                "the prompt ({n} tokens) plus max_new_tokens ({}) exceeds the KV cache of {} tokens (--max-total-tokens)",
+                spec.params.max_new_tokens, info.max_total_tokens
+            )));
+        }
+        if let Some(k) = spec.logprob_start_len {
+            if spec.return_logprob && k >= n {
+                return Err(SubmitError::Invalid(format!("logprob_start_len {k} must be less than the prompt length {n}")));
+            }
+        }
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.metrics.request_started(n);
+        self.tx.send(Command::Submit(Box::new(Request::new(id, spec, tx)))).map_err(|_| SubmitError::Stopped)?;
+        Ok((id, rx))
+    }
+
+    pub fn abort(&self, id: u64) {
+        let _ = self.tx.send(Command::Abort(id));
+    }
+
+    pub async fn flush_cache(&self) -> Result<usize, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Flush(tx)).map_err(|_| "engine stopped".to_string())?;
+        rx.await.map_err(|_| "engine stopped".to_string())?
+    }
+
+    pub async fn stats(&self) -> Option<EngineStats> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Stats(tx)).ok()?;
+        rx.await.ok()
+    }
+}
+
+/// Starts the engine thread for `model`.
+pub fn spawn_engine<B: Backend>(
+    model: Model<B>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    cfg: SchedulerConfig,
+    max_total_tokens: usize,
+    radix_cache: bool,
+    model_path: String,
+    context_length: usize,
+) -> Result<EngineHandle, crate::model::ModelError> {
+    let kv_cache = model.alloc_kv_cache(max_total_tokens)?;
+    let mut eos = model.cfg.eos_token_ids.clone();
+    if let Some(e) = tokenizer.as_ref().and_then(|t| t.eos_token_id()) {
+        if !eos.contains(&e) {
+            eos.push(e);
+        }
+    }
+    let info = Arc::new(EngineInfo {
+        model_path,
+        vocab_size: model.cfg.vocab_size,
+        context_length,
+        max_total_tokens,
+        max_running_requests: cfg.max_running_requests,
+        backend: model.backend.name(),
+        eos_token_ids: eos.clone(),
+    });
+    let metrics = Arc::new(Metrics::new());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let sched = Scheduler::new(cfg, KvManager::new(max_total_tokens, radix_cache));
+    let m2 = metrics.clone();
+    let tok2 = tokenizer.clone();
+    std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || Runner { model, kv_cache, sched, tok: tok2, eos, metrics: m2 }.run(rx))
+        .expect("spawn engine thread");
+    Ok(EngineHandle { tx, info, tokenizer, metrics, next_id: Arc::new(std::sync::atomic::AtomicU64::new(1)) })
+}
+
+struct Runner<B: Backend> {
+    model: Model<B>,
+    kv_cache: B::KvCache,
+    sched: Scheduler,
+    tok: Option<Arc<Tokenizer>>,
+    eos: Vec<u32>,
+    metrics: Arc<Metrics>,
+}
+
+impl<B: Backend> Runner<B> {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        loop {
+            // Block while idle; otherwise take whatever has arrived.
+            if self.sched.is_idle() {
+                if let Err(e) = self.sched.kv.check_integrity() {
+                    log::error!("KV integrity check failed while idle: {e}");
+                }
+                self.publish_gauges();
+                match rx.blocking_recv() {
+                    Some(c) => self.handle(c),
+                    None => return,
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(c) => self.handle(c),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        if self.sched.is_idle() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            self.drop_disconnected();
+            let items = self.sched.schedule();
+            self.publish_gauges();
+            if items.is_empty() {
+                if !self.sched.is_idle() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                continue;
+            }
+            if let Err(e) = self.step(&items) {
+                log::error!("forward step failed: {e}");
+                // fail every request of the batch, keep serving the others
+                let mut ids: Vec<u64> = items.iter().map(|it| self.sched.running[it.idx].id).collect();
+                ids.dedup();
+                for id in ids {
+                    if let Some(r) = self.sched.abort(id) {
+                        let _ = r.out.send(Event::Error(format!("internal error: {e}")));
+                        self.metrics.request_finished("abort");
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, c: Command) {
+        match c {
+            Command::Submit(r) => self.sched.waiting.push_back(*r),
+            Command::Abort(id) => {
+                if let Some(mut r) = self.sched.abort(id) {
+                    r.finish = Some(crate::runtime::FinishReason::Abort("aborted".into()));
+                    let _ = r.out.send(Event::Done(r.output()));
+                    self.metrics.request_finished("abort");
+                }
+            }
+            Command::Flush(tx) => {
+                let res = if self.sched.is_idle() {
+                    Ok(self.sched.kv.flush())
+                } else {
+                    Err(format!("{} running and {} waiting requests: the cache is flushed only when idle", self.sched.running.len(), self.sched.waiting.len()))
+                };
+                let _ = tx.send(res);
+            }
+            Command::Stats(tx) => {
+                let _ = tx.send(EngineStats {
+                    kv: self.sched.kv.stats(),
+                    running: self.sched.running.len(),
+                    waiting: self.sched.waiting.len(),
+                    retractions: self.sched.num_retractions,
+                    integrity: self.sched.kv.check_integrity(),
+                });
+            }
+        }
+    }
+
+    /// Requests whose client went away are aborted and their KV freed.
+    fn drop_disconnected(&mut self) {
+        let gone: Vec<u64> = self.sched.running.iter().chain(self.sched.waiting.iter()).filter(|r| r.out.is_closed()).map(|r| r.id).collect();
+        for id in gone {
+            log::info!("request {id}: client disconnected, aborting");
+            self.sched.abort(id);
+            self.metrics.request_finished("abort");
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let s = self.sched.kv.stats();
+        self.metrics.set_gauges(self.sched.running.len(), self.sched.waiting.len(), s);
+        self.metrics.set_prefix_counts(self.sched.num_admitted_tokens, self.sched.num_cached_tokens);
+    }
+
+    fn step(&mut self, items: &[BatchItem]) -> Result<(), crate::model::ModelError> {
+        let vocab = self.model.cfg.vocab_size;
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut logit_rows = Vec::new();
+        // per item: (first row of its input-logprob rows, how many, sample row)
+        let mut rows_of: Vec<(usize, usize, Option<usize>)> = Vec::new();
+        for it in items {
+            let r = &self.sched.running[it.idx];
+            let base = tokens.len();
+            for p in it.start..it.start + it.len {
+                tokens.push(r.token_at(p));
+                positions.push(p as u32);
+            }
+            let first_lp = logit_rows.len();
+            let mut n_lp = 0;
+            if !r.input_logprobs_done {
+                // logits at prompt positions [k, prompt_len - 1) give input logprobs of tokens k+1..
+                let k = r.spec.logprob_start_len.unwrap_or(0);
+                for p in it.start.max(k)..(it.start + it.len).min(r.prompt_len() - 1) {
+                    logit_rows.push((base + p - it.start) as u32);
+                    n_lp += 1;
+                }
+            }
+            let sample_row = it.samples(r).then(|| {
+                logit_rows.push((base + it.len - 1) as u32);
+                logit_rows.len() - 1
+            });
+            rows_of.push((first_lp, n_lp, sample_row));
+        }
+        let seqs: Vec<AttnSeq> = {
+            let mut q = 0;
+            items
+                .iter()
+                .map(|it| {
+                    let r = &self.sched.running[it.idx];
+                    let s = AttnSeq { q_start: q, q_len: it.len, slots: &r.slots[..it.start + it.len] };
+                    q += it.len;
+                    s
+                })
+                .collect()
+        };
+        let t0 = Instant::now();
+        let logits = if logit_rows.is_empty() {
+            // a pure prefill chunk still has to run to fill the cache
+            self.model.forward(&mut self.kv_cache, &ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seqs, logit_rows: &[] })?;
+            vec![]
+        } else {
+            let l = self.model.forward(&mut self.kv_cache, &ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seqs, logit_rows: &logit_rows })?;
+            self.model.backend.download(&l)?
+        };
+        drop(seqs);
+        self.metrics.observe_step(tokens.len(), t0.elapsed());
+
+        let mut finished = Vec::new();
+        for (it, (first_lp, n_lp, sample_row)) in items.iter().zip(rows_of) {
+            let r = &mut self.sched.running[it.idx];
+            r.num_computed = it.start + it.len;
+            if n_lp > 0 || (!r.input_logprobs_done && r.num_computed >= r.prompt_len().saturating_sub(1)) {
+                record_input_logprobs(r, &logits, vocab, it, first_lp, n_lp);
+            }
+            let Some(row) = sample_row else { continue };
+            let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
+            let lp = r.logprobs.is_some().then(|| log_softmax(&l));
+            apply_penalties(&mut l, &r.spec.params, &r.counts);
+            let t = sample(&l, &r.spec.params, &mut r.rng);
+            let info = lp.map(|ls| (ls[t as usize], top_logprobs(&ls, r.spec.top_logprobs_num)));
+            let before = r.output_ids.len();
+            let now = Instant::now();
+            match r.last_token_at {
+                None => self.metrics.observe_ttft(now - r.arrival),
+                Some(prev) => self.metrics.observe_itl(now - prev),
+            }
+            r.last_token_at = Some(now);
+            let done = r.push_token(self.tok.as_deref(), &self.eos, t, info);
+            self.metrics.generation_tokens(1);
+            let delta = r.take_delta(before);
+            if r.out.send(delta).is_err() {
+                finished.push((it.idx, false));
+                continue;
+            }
+            if done {
+                finished.push((it.idx, true));
+            }
+        }
+        // remove from the back so indices stay valid
+        finished.sort_by(|a, b| b.0.cmp(&a.0));
+        for (idx, completed) in finished {
+            let r = self.sched.finish(idx);
+            if completed {
+                let out = r.output();
+                self.metrics.request_finished(out.finish_reason.openai());
+                let _ = r.out.send(Event::Done(out));
+            } else {
+                self.metrics.request_finished("abort");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Stores the input logprobs computed in this chunk (rows `first..first+n` of `logits`).
+fn record_input_logprobs(r: &mut Request, logits: &[f32], vocab: usize, it: &BatchItem, first: usize, n: usize) {
+    let k = r.spec.logprob_start_len.unwrap_or(0);
+    let top_n = r.spec.top_logprobs_num;
+    let prompt_len = r.prompt_len();
+    let input: Vec<u32> = r.spec.input_ids.clone();
+    let Some(l) = r.logprobs.as_mut() else { return };
+    if l.input_token_logprobs.is_empty() {
+        l.input_token_logprobs.push((None, input[k]));
+        l.input_top_logprobs.push(None);
+    }
+    let p0 = it.start.max(k);
+    for j in 0..n {
+        let p = p0 + j; // logits at position p predict token p + 1
+        let ls = log_softmax(&logits[(first + j) * vocab..(first + j + 1) * vocab]);
+        l.input_token_logprobs.push((Some(ls[input[p + 1] as usize]), input[p + 1]));
+        l.input_top_logprobs.push(Some(top_logprobs(&ls, top_n)));
+    }
+    if r.num_computed >= prompt_len.saturating_sub(1) && l.input_token_logprobs.len() == prompt_len - k {
+        r.input_logprobs_done = true;
+    }
+}
