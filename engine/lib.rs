@@ -1,6 +1,7 @@
 //! engine: an AMD-first inference server for DeepSeek V2/V3-class models.
 //! See docs/ARCHITECTURE.md for the module map.
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod kernels;

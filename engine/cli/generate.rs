@@ -72,8 +72,8 @@ pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error + Send + Syn
         None => super::demo::demo_model_path()?,
     };
     let t0 = std::time::Instant::now();
-    let model = Model::load(CpuBackend, &path)?;
-    let tok = if path.join("tokenizer.json").exists() { Some(Tokenizer::load(&path)?) } else { None };
+    let model = std::sync::Arc::new(Model::load(CpuBackend, &path)?);
+    let tok = if path.join("tokenizer.json").exists() { Some(std::sync::Arc::new(Tokenizer::load(&path)?)) } else { None };
     log::info!("loaded {} on {} in {:.2}s", path.display(), model.backend_name(), t0.elapsed().as_secs_f64());
     let input_ids = match (&a.input_ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),
@@ -109,7 +109,7 @@ pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error + Send + Syn
         top_logprobs_num: a.top_logprobs_num,
     };
     let t1 = std::time::Instant::now();
-    let out = generate(&model, tok.as_ref(), &req)?;
+    let out = generate(&model, tok, &req)?;
     let secs = t1.elapsed().as_secs_f64();
     if a.json {
         println!("{}", serde_json::to_string(&out.to_json())?);

@@ -25,6 +25,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the model over HTTP (OpenAI and SGLang APIs).
     Serve(serve::ServeArgs),
+    /// Benchmarks
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Print a checkpoint's parsed config, parameter count, weight bytes and KV-cache size.
     Info {
         /// Checkpoint folder (Hugging Face layout)
@@ -43,6 +46,12 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Serving benchmark against a running server (like SGLang's bench_serving)
+    Serve(crate::bench::serve::BenchServeArgs),
 }
 
 /// Where to run: shared by every command that loads a model.
@@ -66,6 +75,7 @@ pub fn main() -> i32 {
     let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Bench(BenchCommand::Serve(args)) => crate::bench::serve::run(args),
         Command::Info { model_path } => info::run(&model_path),
         Command::GenModel { preset, out, layers, seed } => {
             let t = std::time::Instant::now();

@@ -110,7 +110,7 @@ pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
         None => super::demo::demo_model_path()?,
     };
     let t0 = std::time::Instant::now();
-    let model = Model::load(CpuBackend, &path)?;
+    let model = Arc::new(Model::load(CpuBackend, &path)?);
     let tok = if path.join("tokenizer.json").exists() { Some(Arc::new(Tokenizer::load(&path)?)) } else { None };
     if tok.is_none() {
         log::warn!("{} has no tokenizer.json: only token-id prompts will work", path.display());

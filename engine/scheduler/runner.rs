@@ -118,7 +118,7 @@ impl EngineHandle {
 
 /// Starts the engine thread for `model`.
 pub fn spawn_engine<B: Backend>(
-    model: Model<B>,
+    model: Arc<Model<B>>,
     tokenizer: Option<Arc<Tokenizer>>,
     cfg: SchedulerConfig,
     max_total_tokens: usize,
@@ -155,7 +155,7 @@ pub fn spawn_engine<B: Backend>(
 }
 
 struct Runner<B: Backend> {
-    model: Model<B>,
+    model: Arc<Model<B>>,
     kv_cache: B::KvCache,
     sched: Scheduler,
     tok: Option<Arc<Tokenizer>>,

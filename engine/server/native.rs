@@ -131,6 +131,7 @@ pub async fn model_info(app: &App) -> Resp {
             "is_generation": true,
             "served_model_name": app.served_model_name,
             "backend": info.backend,
+            "vocab_size": info.vocab_size,
             "context_length": info.context_length,
             "max_total_tokens": info.max_total_tokens,
             "max_running_requests": info.max_running_requests,

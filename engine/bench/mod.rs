@@ -1,0 +1,2 @@
+//! Benchmarks (`engine bench ...`): measured by running, never by timed tests.
+pub mod serve;
