@@ -4,6 +4,8 @@
 //! forward pass needs. The model (`crate::model`) is written once against it; `cpu/` is the f32
 //! reference implementation that every GPU backend is tested against.
 pub mod cpu;
+pub mod cuda;
+pub mod gpu;
 mod routing;
 mod select;
 

@@ -2,6 +2,7 @@
 mod demo;
 mod generate;
 mod info;
+mod kernels;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +26,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Serve the model over HTTP (OpenAI and SGLang APIs).
     Serve(serve::ServeArgs),
+    /// Kernel cache: warmup, list, clear
+    #[command(subcommand)]
+    Kernels(kernels::KernelsCommand),
     /// Benchmarks
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -75,6 +79,7 @@ pub fn main() -> i32 {
     let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Kernels(cmd) => kernels::run(cmd),
         Command::Bench(BenchCommand::Serve(args)) => crate::bench::serve::run(args),
         Command::Info { model_path } => info::run(&model_path),
         Command::GenModel { preset, out, layers, seed } => {

@@ -172,6 +172,16 @@ impl RopeTables {
         RopeTables { half: cfg.dim / 2, interleaved: cfg.interleaved, inv_freq: cfg.inv_freq(), scale: cfg.attention_factor() as f32 }
     }
 
+    /// Inverse frequencies (float32), one per rotary pair.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// Scale applied to cos and sin.
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+
     /// (cos, sin) for one position, each `half` long. The angle is formed in float32 (as the reference
     /// does); cos and sin of it are then exact to float32 rounding.
     pub fn cos_sin(&self, pos: usize, cos: &mut [f32], sin: &mut [f32]) {

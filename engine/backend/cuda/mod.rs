@@ -1,0 +1,139 @@
+//! The CUDA backend: cudarc (driver API, dynamically loaded) running the portable HIP-dialect
+//! kernels of hip-kernels/ compiled by NVRTC through the kernel cache. Activations are float32;
+//! weights stay in their checkpoint dtype on the device (f32, bf16, or FP8 with block scales) and
+//! are dequantised inside the kernels. Every op runs on the GPU; nothing falls back to the CPU.
+mod ops;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
+
+use super::gpu::source::Vendor;
+use super::gpu::specs::{generic_module, mla_module};
+use super::gpu::{Jit, KernelCache, KernelModule, ModelDims};
+use super::{BackendError, BackendUnavailable, TensorShape};
+
+pub use ops::{GpuExperts, GpuKvCache, GpuLinear, GpuRouting};
+
+pub(crate) fn err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> BackendError {
+    move |e| BackendError::Op { backend: "cuda", op, msg: format!("{e:?}") }
+}
+
+/// The compute capability of device 0 as an NVRTC architecture name (e.g. sm_90a).
+pub fn local_arch() -> Result<String, String> {
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("the CUDA driver library (libcuda.so) is not present".into());
+    }
+    let ctx = CudaContext::new(0).map_err(|e| format!("no CUDA device: {e:?}"))?;
+    let (major, minor) = ctx.compute_capability().map_err(|e| format!("{e:?}"))?;
+    // 'a' targets enable the architecture-specific instructions (wgmma on sm_90a)
+    Ok(if major >= 9 { format!("sm_{major}{minor}a") } else { format!("sm_{major}{minor}") })
+}
+
+/// A float32 activation tensor on the device.
+pub struct GpuTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub buf: CudaSlice<f32>,
+}
+
+impl TensorShape for GpuTensor {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+pub struct CudaBackend {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub jit: Jit,
+    pub arch: String,
+    pub device_name: String,
+    modules: Mutex<HashMap<KernelModule, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(String, Option<ModelDims>), CudaFunction>>,
+    /// Fill new outputs with NaN (ENGINE_GPU_POISON=1) so unwritten elements show in tests.
+    poison: bool,
+}
+
+impl CudaBackend {
+    pub fn new(ordinal: usize) -> Result<Self, BackendError> {
+        let unavailable = |reason: String| BackendError::Unavailable(BackendUnavailable { backend: "cuda", reason });
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(unavailable("the CUDA driver library libcuda.so was not found (no NVIDIA driver on this machine)".into()));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| unavailable(format!("cannot open CUDA device {ordinal}: {e:?}")))?;
+        let (major, minor) = ctx.compute_capability().map_err(err("compute_capability"))?;
+        let arch = if major >= 9 { format!("sm_{major}{minor}a") } else { format!("sm_{major}{minor}") };
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        let compiler = super::gpu::nvrtc::NvrtcCompiler::new(&arch).map_err(|e| unavailable(e.to_string()))?;
+        let jit = Jit::new(KernelCache::from_env(), Box::new(compiler), Vendor::Nvidia);
+        let stream = ctx.default_stream();
+        log::info!("cuda backend: {device_name} ({arch}); kernels: portable HIP-dialect sources via NVRTC, cache {}", jit.cache.dir.display());
+        log::info!("cuda op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA kernels; routing = GPU kernel; sampling = host");
+        let poison = std::env::var("ENGINE_GPU_POISON").is_ok_and(|v| v == "1");
+        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison })
+    }
+
+    /// Compiles (or loads from the cache) every kernel the model needs, up front.
+    pub fn warmup(&self, dims: ModelDims) -> Result<(), BackendError> {
+        for m in super::gpu::modules_for(dims, Vendor::Nvidia) {
+            for f in &m.functions {
+                self.load(&m, f)?;
+            }
+        }
+        let (hits, compiles) = self.jit.stats();
+        log::info!("kernels ready: {compiles} modules compiled, {hits} loaded from the cache");
+        Ok(())
+    }
+
+    fn load(&self, m: &KernelModule, name: &str) -> Result<CudaFunction, BackendError> {
+        let dims = if m.file.ends_with("mla.hip") { Some(dims_of(m)) } else { None };
+        let key = (name.to_string(), dims);
+        if let Some(f) = self.functions.lock().unwrap().get(&key) {
+            return Ok(f.clone());
+        }
+        let module = {
+            let mut mods = self.modules.lock().unwrap();
+            match mods.get(m) {
+                Some(x) => x.clone(),
+                None => {
+                    let bin = self.jit.binary(m).map_err(|e| BackendError::Op { backend: "cuda", op: "jit", msg: e.to_string() })?;
+                    let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bin)).map_err(err("load_module"))?;
+                    mods.insert(m.clone(), module.clone());
+                    module
+                }
+            }
+        };
+        let f = module.load_function(name).map_err(err("load_function"))?;
+        self.functions.lock().unwrap().insert(key, f.clone());
+        Ok(f)
+    }
+
+    pub(crate) fn func(&self, file: &'static str, name: &str) -> Result<CudaFunction, BackendError> {
+        self.load(&generic_module(file, Vendor::Nvidia), name)
+    }
+
+    pub(crate) fn mla_func(&self, dims: ModelDims, name: &str) -> Result<CudaFunction, BackendError> {
+        self.load(&mla_module(dims, Vendor::Nvidia), name)
+    }
+
+    /// A new f32 output buffer (NaN-poisoned when ENGINE_GPU_POISON=1).
+    pub(crate) fn alloc_out(&self, n: usize) -> Result<CudaSlice<f32>, BackendError> {
+        let mut b = self.stream.alloc_zeros::<f32>(n.max(1)).map_err(err("alloc"))?;
+        if self.poison {
+            self.stream.memset_zeros(&mut b).map_err(err("memset"))?;
+            let nan = vec![f32::NAN; n.max(1)];
+            self.stream.memcpy_htod(&nan, &mut b).map_err(err("poison"))?;
+        }
+        Ok(b)
+    }
+}
+
+fn dims_of(m: &KernelModule) -> ModelDims {
+    let get = |k: &str| m.defines.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+    ModelDims { kv_lora_rank: get("KV_LORA"), qk_rope_head_dim: get("ROPE"), qk_nope_head_dim: get("NOPE"), v_head_dim: get("VDIM") }
+}

@@ -1,0 +1,350 @@
+//! `Backend` for `CudaBackend`: buffers and kernel launches.
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::{err, CudaBackend, GpuTensor};
+use crate::backend::gpu::ModelDims;
+use crate::backend::{AttnSeq, Backend, BackendError, MlaDims, RouteParams};
+use crate::config::{RopeTables, ScoringFunc, TopkMethod};
+use crate::weights::{HostLinear, LinearData};
+
+const EW: &str = "hip-kernels/elementwise.hip";
+const NORM: &str = "hip-kernels/norm.hip";
+const ROPE: &str = "hip-kernels/rope.hip";
+const LIN: &str = "hip-kernels/linear.hip";
+const MOE: &str = "hip-kernels/moe.hip";
+
+/// A weight in its checkpoint dtype on the device.
+pub struct GpuLinear {
+    pub out: usize,
+    pub inp: usize,
+    /// 0 f32, 1 bf16, 2 fp8 (the kernels' WDT_*)
+    pub wdt: u8,
+    pub data: CudaSlice<u8>,
+    /// FP8 block scales (a single dummy element otherwise)
+    pub scales: CudaSlice<f32>,
+    pub bn: i32,
+    pub bk: i32,
+}
+
+fn wdt_suffix(w: u8) -> &'static str {
+    match w {
+        0 => "f32w",
+        1 => "bf16w",
+        _ => "fp8w",
+    }
+}
+
+pub struct GpuExperts {
+    pub n: usize,
+    pub inter: usize,
+    pub hidden: usize,
+    pub wdt: u8,
+    pub gate: CudaSlice<u8>,
+    pub up: CudaSlice<u8>,
+    pub down: CudaSlice<u8>,
+    pub gs: CudaSlice<f32>,
+    pub us: CudaSlice<f32>,
+    pub ds: CudaSlice<f32>,
+    pub bn: i32,
+    pub bk: i32,
+}
+
+pub struct GpuRouting {
+    pub top_k: usize,
+    pub ids: CudaSlice<i32>,
+    pub weights: CudaSlice<f32>,
+}
+
+pub struct GpuKvCache {
+    pub layers: usize,
+    pub slots: usize,
+    pub entry: usize,
+    pub buf: CudaSlice<f32>,
+}
+
+fn cfg(grid: (u32, u32), block: u32, shared: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (grid.0.max(1), grid.1.max(1), 1), block_dim: (block, 1, 1), shared_mem_bytes: shared }
+}
+
+/// Host weight bytes in a dtype the kernels read (F16 becomes f32).
+fn host_weight(w: &HostLinear) -> (u8, Vec<u8>, Vec<f32>, i32, i32) {
+    match &w.data {
+        LinearData::F32(b) => (0, b.to_vec(), vec![0.0], 1, 1),
+        LinearData::BF16(b) => (1, b.to_vec(), vec![0.0], 1, 1),
+        LinearData::F16(_) => (0, w.to_f32().iter().flat_map(|x| x.to_le_bytes()).collect(), vec![0.0], 1, 1),
+        LinearData::Fp8 { w: b, scale_inv, block_n, block_k } => (2, b.to_vec(), scale_inv.clone(), *block_n as i32, *block_k as i32),
+    }
+}
+
+impl CudaBackend {
+    fn u32s(&self, v: &[u32]) -> Result<CudaSlice<u32>, BackendError> {
+        self.stream.clone_htod(if v.is_empty() { &[0u32][..] } else { v }).map_err(err("upload"))
+    }
+
+    fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>) -> Result<(), BackendError> {
+        let f = self.func(LIN, &format!("linear_{}", wdt_suffix(w.wdt)))?;
+        let (m, n, k) = (x.rows as i32, w.out as i32, w.inp as i32);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
+        unsafe { b.launch(cfg((w.out.div_ceil(64) as u32, x.rows.div_ceil(64) as u32), 256, 0)) }.map_err(err("linear"))?;
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = GpuTensor;
+    type Linear = GpuLinear;
+    type Experts = GpuExperts;
+    type Routing = GpuRouting;
+    type KvCache = GpuKvCache;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<GpuTensor, BackendError> {
+        assert_eq!(data.len(), rows * cols, "upload: data does not match its shape");
+        let buf = self.stream.clone_htod(if data.is_empty() { &[0f32][..] } else { data }).map_err(err("upload"))?;
+        Ok(GpuTensor { rows, cols, buf })
+    }
+
+    fn download(&self, t: &GpuTensor) -> Result<Vec<f32>, BackendError> {
+        let mut v = self.stream.clone_dtoh(&t.buf).map_err(err("download"))?;
+        v.truncate(t.rows * t.cols);
+        Ok(v)
+    }
+
+    fn upload_linear(&self, w: &HostLinear) -> Result<GpuLinear, BackendError> {
+        let (wdt, bytes, scales, bn, bk) = host_weight(w);
+        Ok(GpuLinear {
+            out: w.out,
+            inp: w.inp,
+            wdt,
+            data: self.stream.clone_htod(&bytes).map_err(err("upload_linear"))?,
+            scales: self.stream.clone_htod(&scales).map_err(err("upload_linear"))?,
+            bn,
+            bk,
+        })
+    }
+
+    fn upload_experts(&self, experts: Vec<[HostLinear; 3]>) -> Result<GpuExperts, BackendError> {
+        let first = &experts[0];
+        let (wdt, _, _, bn, bk) = host_weight(&first[0]);
+        let mut parts: [(Vec<u8>, Vec<f32>); 3] = Default::default();
+        for (e, ex) in experts.iter().enumerate() {
+            for (p, w) in ex.iter().enumerate() {
+                let (d, bytes, scales, wbn, wbk) = host_weight(w);
+                if d != wdt || (wbn, wbk) != (bn, bk) {
+                    return Err(BackendError::Op { backend: "cuda", op: "upload_experts", msg: format!("expert {e} ({}) differs in dtype or block size from expert 0", w.name) });
+                }
+                parts[p].0.extend(bytes);
+                if wdt == 2 {
+                    parts[p].1.extend(scales);
+                }
+            }
+        }
+        let up = |v: &[u8]| self.stream.clone_htod(v).map_err(err("upload_experts"));
+        let upf = |v: &Vec<f32>| self.stream.clone_htod(if v.is_empty() { &[0f32][..] } else { v }).map_err(err("upload_experts"));
+        Ok(GpuExperts {
+            n: experts.len(),
+            inter: first[0].out,
+            hidden: first[0].inp,
+            wdt,
+            gate: up(&parts[0].0)?,
+            up: up(&parts[1].0)?,
+            down: up(&parts[2].0)?,
+            gs: upf(&parts[0].1)?,
+            us: upf(&parts[1].1)?,
+            ds: upf(&parts[2].1)?,
+            bn,
+            bk,
+        })
+    }
+
+    fn alloc_kv_cache(&self, layers: usize, slots: usize, kv_entry: usize) -> Result<GpuKvCache, BackendError> {
+        let buf = self.stream.alloc_zeros::<f32>((layers * slots * kv_entry).max(1)).map_err(err("alloc_kv_cache"))?;
+        Ok(GpuKvCache { layers, slots, entry: kv_entry, buf })
+    }
+
+    fn embedding(&self, table: &GpuLinear, ids: &[u32]) -> Result<GpuTensor, BackendError> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= table.out) {
+            return Err(BackendError::Op { backend: "cuda", op: "embedding", msg: format!("token id {bad} outside the vocabulary of {}", table.out) });
+        }
+        let f = self.func(EW, &format!("embedding_{}", wdt_suffix(table.wdt)))?;
+        let d_ids = self.u32s(ids)?;
+        let mut out = self.alloc_out(ids.len() * table.inp)?;
+        let (t, h) = (ids.len() as i32, table.inp as i32);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&table.data).arg(&table.scales).arg(&d_ids).arg(&mut out).arg(&t).arg(&h).arg(&table.bn).arg(&table.bk);
+        unsafe { b.launch(cfg((ids.len() as u32, 1), 256, 0)) }.map_err(err("embedding"))?;
+        Ok(GpuTensor { rows: ids.len(), cols: table.inp, buf: out })
+    }
+
+    fn rms_norm(&self, x: &GpuTensor, w: &GpuTensor, eps: f32) -> Result<GpuTensor, BackendError> {
+        let f = self.func(NORM, "rms_norm")?;
+        let mut out = self.alloc_out(x.rows * x.cols)?;
+        let cols = x.cols as i32;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&x.buf).arg(&w.buf).arg(&mut out).arg(&cols).arg(&eps);
+        unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("rms_norm"))?;
+        Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
+    }
+
+    fn add_rms_norm(&self, x: &GpuTensor, residual: &mut GpuTensor, w: &GpuTensor, eps: f32) -> Result<GpuTensor, BackendError> {
+        let f = self.func(NORM, "add_rms_norm")?;
+        let mut out = self.alloc_out(x.rows * x.cols)?;
+        let cols = x.cols as i32;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&x.buf).arg(&mut residual.buf).arg(&w.buf).arg(&mut out).arg(&cols).arg(&eps);
+        unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("add_rms_norm"))?;
+        Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
+    }
+
+    fn rms_norm_cols(&self, x: &mut GpuTensor, start: usize, w: &GpuTensor, eps: f32) -> Result<(), BackendError> {
+        let f = self.func(NORM, "rms_norm_cols")?;
+        let (cols, st, n) = (x.cols as i32, start as i32, w.cols as i32);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&mut x.buf).arg(&w.buf).arg(&cols).arg(&st).arg(&n).arg(&eps);
+        unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("rms_norm_cols"))?;
+        Ok(())
+    }
+
+    fn linear(&self, x: &GpuTensor, w: &GpuLinear) -> Result<GpuTensor, BackendError> {
+        assert_eq!(x.cols, w.inp, "linear: input has {} columns, weight expects {}", x.cols, w.inp);
+        let mut y = self.alloc_out(x.rows * w.out)?;
+        if x.rows > 0 {
+            self.linear_into(x, w, &mut y)?;
+        }
+        Ok(GpuTensor { rows: x.rows, cols: w.out, buf: y })
+    }
+
+    fn silu_mul(&self, gate: &GpuTensor, up: &GpuTensor) -> Result<GpuTensor, BackendError> {
+        let f = self.func(EW, "silu_mul")?;
+        let n = (gate.rows * gate.cols) as i64;
+        let mut out = self.alloc_out(n as usize)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&gate.buf).arg(&up.buf).arg(&mut out).arg(&n);
+        unsafe { b.launch(cfg(((n as usize).div_ceil(256) as u32, 1), 256, 0)) }.map_err(err("silu_mul"))?;
+        Ok(GpuTensor { rows: gate.rows, cols: gate.cols, buf: out })
+    }
+
+    fn add(&self, x: &mut GpuTensor, y: &GpuTensor) -> Result<(), BackendError> {
+        let f = self.func(EW, "add_inplace")?;
+        let n = (x.rows * x.cols) as i64;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&mut x.buf).arg(&y.buf).arg(&n);
+        unsafe { b.launch(cfg(((n as usize).div_ceil(256) as u32, 1), 256, 0)) }.map_err(err("add"))?;
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut GpuTensor, positions: &[u32], heads: usize, head_stride: usize, offset: usize, rope: &RopeTables) -> Result<(), BackendError> {
+        let f = self.func(ROPE, "rope")?;
+        let pos = self.u32s(positions)?;
+        let inv = self.stream.clone_htod(rope.inv_freq()).map_err(err("rope"))?;
+        let (cols, h, hs, off, half, il, scale) = (x.cols as i32, heads as i32, head_stride as i32, offset as i32, rope.half as i32, rope.interleaved as i32, rope.scale());
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&mut x.buf).arg(&pos).arg(&inv).arg(&cols).arg(&h).arg(&hs).arg(&off).arg(&half).arg(&il).arg(&scale);
+        unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("rope"))?;
+        Ok(())
+    }
+
+    fn kv_write(&self, kv: &mut GpuKvCache, layer: usize, slots: &[u32], entries: &GpuTensor) -> Result<(), BackendError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let f = self.func(EW, "kv_write")?;
+        let s = self.u32s(slots)?;
+        let (l, ns, e) = (layer as i32, kv.slots as i32, kv.entry as i32);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&mut kv.buf).arg(&entries.buf).arg(&s).arg(&l).arg(&ns).arg(&e);
+        unsafe { b.launch(cfg((slots.len() as u32, 1), 256, 0)) }.map_err(err("kv_write"))?;
+        Ok(())
+    }
+
+    fn mla_attention(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[AttnSeq], kv_b: &GpuLinear, d: &MlaDims) -> Result<GpuTensor, BackendError> {
+        let t = q.rows;
+        let dims = ModelDims { kv_lora_rank: d.kv_lora_rank, qk_rope_head_dim: d.qk_rope, qk_nope_head_dim: d.qk_nope, v_head_dim: d.v_head };
+        // per token: where its context starts in the flattened slot list, and how long it is (causal)
+        let (mut flat, mut off, mut len) = (Vec::new(), vec![0u32; t], vec![0u32; t]);
+        for s in seqs {
+            let base = flat.len() as u32;
+            flat.extend_from_slice(s.slots);
+            for i in 0..s.q_len {
+                off[s.q_start + i] = base;
+                len[s.q_start + i] = (s.slots.len() - s.q_len + i + 1) as u32;
+            }
+        }
+        let (d_flat, d_off, d_len) = (self.u32s(&flat)?, self.u32s(&off)?, self.u32s(&len)?);
+        let heads = d.num_heads as i32;
+        let grid = (t as u32, d.num_heads as u32);
+        let mut q_lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
+        let f = self.mla_func(dims, &format!("mla_q_latent_{}", wdt_suffix(kv_b.wdt)))?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&q.buf).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut q_lat).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
+        unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_q_latent"))?;
+        let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
+        let f = self.mla_func(dims, "mla_attention")?;
+        let (l, ns, scale) = (layer as i32, kv.slots as i32, d.scale);
+        let warps = 256 / 32;
+        let shared = (warps * (2 + d.kv_lora_rank) * 4) as u32;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale);
+        unsafe { b.launch(cfg(grid, 256, shared)) }.map_err(err("mla_attention"))?;
+        let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
+        let f = self.mla_func(dims, &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
+        unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_out"))?;
+        Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
+    }
+
+    fn moe_route(&self, x: &GpuTensor, gate: &GpuLinear, bias: Option<&[f32]>, p: &RouteParams) -> Result<GpuRouting, BackendError> {
+        let logits = self.linear(x, gate)?;
+        let f = self.func(MOE, "moe_route")?;
+        let d_bias = self.stream.clone_htod(bias.unwrap_or(&[0.0])).map_err(err("moe_route"))?;
+        let mut ids = self.stream.alloc_zeros::<i32>((x.rows * p.top_k).max(1)).map_err(err("moe_route"))?;
+        let mut weights = self.alloc_out(x.rows * p.top_k)?;
+        let method = match p.method {
+            TopkMethod::NoauxTc => 0i32,
+            TopkMethod::Greedy => 1,
+            TopkMethod::GroupLimitedGreedy => 2,
+        };
+        let (hb, e, k, ng, tg, sm, norm, sc) = (bias.is_some() as i32, p.n_experts as i32, p.top_k as i32, p.n_group as i32, p.topk_group as i32, (p.scoring == ScoringFunc::Softmax) as i32, p.norm_topk_prob as i32, p.routed_scaling_factor);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&logits.buf).arg(&d_bias).arg(&hb).arg(&e).arg(&k).arg(&ng).arg(&tg).arg(&method).arg(&sm).arg(&norm).arg(&sc).arg(&mut ids).arg(&mut weights);
+        unsafe { b.launch(cfg((x.rows as u32, 1), 32, 0)) }.map_err(err("moe_route"))?;
+        Ok(GpuRouting { top_k: p.top_k, ids, weights })
+    }
+
+    fn moe_experts(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts) -> Result<GpuTensor, BackendError> {
+        let pairs = x.rows * r.top_k;
+        let mut out = self.stream.alloc_zeros::<f32>((x.rows * x.cols).max(1)).map_err(err("moe_experts"))?;
+        if pairs == 0 {
+            return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
+        }
+        let mut h = self.alloc_out(pairs * e.inter)?;
+        let (k, i, hd) = (r.top_k as i32, e.inter as i32, e.hidden as i32);
+        let f = self.func(MOE, &format!("moe_gate_up_{}", wdt_suffix(e.wdt)))?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&x.buf).arg(&r.ids).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk);
+        unsafe { b.launch(cfg((pairs as u32, e.inter.div_ceil(8).min(64) as u32), 256, 0)) }.map_err(err("moe_gate_up"))?;
+        let f = self.func(MOE, &format!("moe_down_{}", wdt_suffix(e.wdt)))?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&h).arg(&r.ids).arg(&r.weights).arg(&e.down).arg(&e.ds).arg(&mut out).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk);
+        unsafe { b.launch(cfg((pairs as u32, e.hidden.div_ceil(8).min(64) as u32), 256, 0)) }.map_err(err("moe_down"))?;
+        Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
+    }
+
+    fn gather_rows(&self, x: &GpuTensor, rows: &[u32]) -> Result<GpuTensor, BackendError> {
+        let mut out = self.alloc_out(rows.len() * x.cols)?;
+        if !rows.is_empty() {
+            let f = self.func(EW, "gather_rows")?;
+            let r = self.u32s(rows)?;
+            let cols = x.cols as i32;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&x.buf).arg(&r).arg(&mut out).arg(&cols);
+            unsafe { b.launch(cfg((rows.len() as u32, 1), 256, 0)) }.map_err(err("gather_rows"))?;
+        }
+        Ok(GpuTensor { rows: rows.len(), cols: x.cols, buf: out })
+    }
+}

@@ -1,0 +1,68 @@
+//! The kernel modules a model needs, with the defines that specialise them for its shapes.
+use super::source::Vendor;
+use crate::config::ModelConfig;
+
+/// Shapes that kernels are compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ModelDims {
+    pub kv_lora_rank: usize,
+    pub qk_rope_head_dim: usize,
+    pub qk_nope_head_dim: usize,
+    pub v_head_dim: usize,
+}
+
+impl ModelDims {
+    pub fn of(cfg: &ModelConfig) -> Self {
+        ModelDims { kv_lora_rank: cfg.kv_lora_rank, qk_rope_head_dim: cfg.qk_rope_head_dim, qk_nope_head_dim: cfg.qk_nope_head_dim, v_head_dim: cfg.v_head_dim }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KernelModule {
+    pub file: &'static str,
+    pub defines: Vec<(String, String)>,
+    pub functions: Vec<&'static str>,
+}
+
+/// Modules that do not depend on the model's shapes.
+const GENERIC: &[(&str, &[&str])] = &[
+    ("hip-kernels/elementwise.hip", &["embedding_f32w", "embedding_bf16w", "embedding_fp8w", "silu_mul", "add_inplace", "gather_rows", "kv_write"]),
+    ("hip-kernels/norm.hip", &["rms_norm", "add_rms_norm", "rms_norm_cols"]),
+    ("hip-kernels/rope.hip", &["rope"]),
+    ("hip-kernels/linear.hip", &["linear_f32w", "linear_bf16w", "linear_fp8w"]),
+    ("hip-kernels/moe.hip", &["moe_route", "moe_gate_up_f32w", "moe_down_f32w", "moe_gate_up_bf16w", "moe_down_bf16w", "moe_gate_up_fp8w", "moe_down_fp8w"]),
+];
+
+pub fn warp_size(vendor: Vendor) -> u32 {
+    match vendor {
+        Vendor::Nvidia => 32,
+        // CDNA (gfx942, gfx950) runs 64-wide wavefronts
+        Vendor::Amd => 64,
+    }
+}
+
+pub fn generic_module(file: &'static str, vendor: Vendor) -> KernelModule {
+    let (_, fns) = GENERIC.iter().find(|(f, _)| *f == file).expect("known module");
+    KernelModule { file, defines: vec![("ENGINE_WARP_SIZE".into(), warp_size(vendor).to_string())], functions: fns.to_vec() }
+}
+
+pub fn mla_module(d: ModelDims, vendor: Vendor) -> KernelModule {
+    KernelModule {
+        file: "hip-kernels/mla.hip",
+        defines: vec![
+            ("ENGINE_WARP_SIZE".into(), warp_size(vendor).to_string()),
+            ("KV_LORA".into(), d.kv_lora_rank.to_string()),
+            ("ROPE".into(), d.qk_rope_head_dim.to_string()),
+            ("NOPE".into(), d.qk_nope_head_dim.to_string()),
+            ("VDIM".into(), d.v_head_dim.to_string()),
+        ],
+        functions: vec!["mla_q_latent_f32w", "mla_q_latent_bf16w", "mla_q_latent_fp8w", "mla_attention", "mla_out_f32w", "mla_out_bf16w", "mla_out_fp8w"],
+    }
+}
+
+/// Every module a model with these shapes runs.
+pub fn modules_for(d: ModelDims, vendor: Vendor) -> Vec<KernelModule> {
+    let mut v: Vec<KernelModule> = GENERIC.iter().map(|(f, _)| generic_module(f, vendor)).collect();
+    v.push(mla_module(d, vendor));
+    v
+}

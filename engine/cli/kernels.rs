@@ -1,0 +1,86 @@
+//! `engine kernels warmup|list|clear`: the kernel cache from the command line. `warmup` compiles
+//! every kernel a model needs for the local GPU or, with `--arch`, for a named architecture on a
+//! machine with no GPU at all (image builders).
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+use crate::backend::gpu::kernel_cache::KernelCache;
+use crate::backend::gpu::source::Vendor;
+use crate::backend::gpu::{modules_for, Jit, KernelCompiler, ModelDims};
+use crate::config::ModelConfig;
+
+#[derive(Subcommand, Debug)]
+pub enum KernelsCommand {
+    /// Compile every kernel the model needs into the cache
+    Warmup {
+        #[arg(long)]
+        model_path: PathBuf,
+        /// Tensor-parallel degree (kernels are specialised on head dims, which TP does not change)
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// Target architecture (sm_90a, gfx942, gfx950); default: the local GPU's
+        #[arg(long)]
+        arch: Option<String>,
+    },
+    /// List cached kernels
+    List,
+    /// Remove every cached kernel
+    Clear,
+}
+
+/// The compiler for an architecture name.
+pub fn compiler_for(arch: &str) -> Result<(Box<dyn KernelCompiler>, Vendor), Box<dyn std::error::Error + Send + Sync>> {
+    if arch.starts_with("sm_") {
+        Ok((Box::new(crate::backend::gpu::nvrtc::NvrtcCompiler::new(arch)?), Vendor::Nvidia))
+    } else if arch.starts_with("gfx") {
+        Err(format!("{arch}: the hipRTC compiler (ROCm backend) is not in this build yet").into())
+    } else {
+        Err(format!("unknown architecture {arch:?} (expected sm_XX or gfxXXX)").into())
+    }
+}
+
+pub fn run(cmd: KernelsCommand) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let cache = KernelCache::from_env();
+    match cmd {
+        KernelsCommand::List => {
+            let list = cache.list();
+            println!("kernel cache {}: {} entries", cache.dir.display(), list.len());
+            for e in list {
+                match e.meta {
+                    Some(m) => println!("{}  {:>9} B  {}  {}  {}  {:?}", &e.key[..16], e.bytes, m.arch, m.compiler, m.file, m.defines),
+                    None => println!("{}  {:>9} B  (corrupt: will be rebuilt)", &e.key[..16], e.bytes),
+                }
+            }
+        }
+        KernelsCommand::Clear => {
+            let n = cache.clear();
+            println!("removed {n} entries from {}", cache.dir.display());
+        }
+        KernelsCommand::Warmup { model_path, tp, arch } => {
+            let cfg = ModelConfig::from_file(&model_path.join("config.json"))?;
+            if tp == 0 || cfg.num_attention_heads % tp != 0 {
+                return Err(format!("--tp {tp} must divide num_attention_heads {}", cfg.num_attention_heads).into());
+            }
+            let arch = match arch {
+                Some(a) => a,
+                None => crate::backend::cuda::local_arch().map_err(|e| format!("no --arch given and no local GPU: {e}"))?,
+            };
+            let (compiler, vendor) = compiler_for(&arch)?;
+            let jit = Jit::new(cache, compiler, vendor);
+            let t = std::time::Instant::now();
+            let modules = modules_for(ModelDims::of(&cfg), vendor);
+            for m in &modules {
+                jit.binary(m)?;
+            }
+            let (hits, compiles) = jit.stats();
+            println!(
+                "warmed {} kernel modules for {arch} in {:.1}s: {compiles} compiled, {hits} already cached ({})",
+                modules.len(),
+                t.elapsed().as_secs_f64(),
+                jit.cache.dir.display()
+            );
+        }
+    }
+    Ok(())
+}

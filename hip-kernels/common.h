@@ -1,0 +1,67 @@
+// Shared helpers of the portable kernels: dtype decoding without vendor headers, and reductions
+// that are correct for 32-wide (NVIDIA) and 64-wide (CDNA) warps. ENGINE_WARP_SIZE is the physical
+// warp size, defined by the host for the target arch (never hard-code 32).
+#pragma once
+#ifndef ENGINE_WARP_SIZE
+#error "ENGINE_WARP_SIZE must be defined by the host"
+#endif
+#define WARP ENGINE_WARP_SIZE
+#define ENGINE_INF __int_as_float(0x7f800000)
+
+// Weight element types (the host passes these as template arguments / kernel name suffixes).
+#define WDT_F32 0
+#define WDT_BF16 1
+#define WDT_FP8 2
+
+__device__ __forceinline__ float bf16_to_f32(uint16_t b) { return __uint_as_float(((uint32_t)b) << 16); }
+
+// OCP float8 e4m3fn (NaN at 0x7f/0xff; max 448).
+__device__ __forceinline__ float fp8e4m3_to_f32(uint8_t b) {
+    uint32_t sign = (uint32_t)(b & 0x80) << 24;
+    uint32_t exp = (b >> 3) & 0xf;
+    uint32_t man = b & 0x7;
+    float v;
+    if (exp == 0) {
+        v = (float)man * 0.001953125f; // man * 2^-9
+    } else if (exp == 0xf && man == 0x7) {
+        v = __uint_as_float(0x7fc00000u);
+    } else {
+        v = __uint_as_float(((exp + 120u) << 23) | (man << 20));
+    }
+    return __uint_as_float(__float_as_uint(v) | sign);
+}
+
+// Element (row, col) of a [rows, K] weight of type WDT; FP8 uses 2-D block scales
+// [ceil(rows/bn), ceil(K/bk)] (`kblocks` = ceil(K/bk)).
+template <int WDT>
+__device__ __forceinline__ float load_w(const uint8_t* __restrict__ w, const float* __restrict__ scales, int64_t row, int64_t col,
+                                        int64_t K, int bn, int bk, int kblocks) {
+    if (WDT == WDT_F32) return ((const float*)w)[row * K + col];
+    if (WDT == WDT_BF16) return bf16_to_f32(((const uint16_t*)w)[row * K + col]);
+    return fp8e4m3_to_f32(w[row * K + col]) * scales[(row / bn) * kblocks + col / bk];
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor(v, o, WARP);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor(v, o, WARP));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of WARP, at most 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float part[1024 / 32];
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) part[w] = v;
+    __syncthreads();
+    float t = 0.f;
+    for (int i = 0; i < nw; ++i) t += part[i];
+    return t;
+}

@@ -1,0 +1,37 @@
+// Element-wise and data-movement ops: embedding, SiLU·up, add, row gather, KV-cache writes.
+#include "common.h"
+
+template <int WDT>
+__device__ void embedding_impl(const uint8_t* table, const float* scales, const uint32_t* ids, float* out, int T, int H, int bn, int bk) {
+    int t = blockIdx.x;
+    int kb = (H + bk - 1) / bk;
+    for (int c = threadIdx.x; c < H; c += blockDim.x) out[(int64_t)t * H + c] = load_w<WDT>(table, scales, ids[t], c, H, bn, bk, kb);
+}
+extern "C" __global__ void embedding_f32w(const uint8_t* t, const float* s, const uint32_t* ids, float* o, int T, int H, int bn, int bk) { embedding_impl<WDT_F32>(t, s, ids, o, T, H, bn, bk); }
+extern "C" __global__ void embedding_bf16w(const uint8_t* t, const float* s, const uint32_t* ids, float* o, int T, int H, int bn, int bk) { embedding_impl<WDT_BF16>(t, s, ids, o, T, H, bn, bk); }
+extern "C" __global__ void embedding_fp8w(const uint8_t* t, const float* s, const uint32_t* ids, float* o, int T, int H, int bn, int bk) { embedding_impl<WDT_FP8>(t, s, ids, o, T, H, bn, bk); }
+
+extern "C" __global__ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+extern "C" __global__ void add_inplace(float* x, const float* y, int64_t n) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+extern "C" __global__ void gather_rows(const float* x, const uint32_t* rows, float* out, int cols) {
+    int r = blockIdx.x;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[(int64_t)r * cols + c] = x[(int64_t)rows[r] * cols + c];
+}
+
+// kv[layer][slot][e] = entries[i][e]; the pool is [layers, slots, entry].
+extern "C" __global__ void kv_write(float* kv, const float* entries, const uint32_t* slots, int layer, int num_slots, int entry) {
+    int i = blockIdx.x;
+    float* dst = kv + ((int64_t)layer * num_slots + slots[i]) * entry;
+    for (int e = threadIdx.x; e < entry; e += blockDim.x) dst[e] = entries[(int64_t)i * entry + e];
+}

@@ -1,0 +1,59 @@
+// y[M, N] = x[M, K] · W[N, K]ᵀ with W in f32, bf16 or block-scaled FP8, dequantised while it is
+// staged in shared memory; float32 accumulation. A 64×64 output tile per block of 256 threads,
+// 4×4 outputs per thread, K in steps of 16. The portable path (vendor GEMMs come later).
+#include "common.h"
+
+#define TILE 64
+#define KT 16
+
+template <int WDT>
+__device__ void linear_impl(const float* __restrict__ X, const uint8_t* __restrict__ W, const float* __restrict__ S, float* __restrict__ Y,
+                            int M, int N, int K, int bn, int bk) {
+    __shared__ float xs[KT][TILE + 1];
+    __shared__ float ws[KT][TILE + 1];
+    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    int m0 = blockIdx.y * TILE, n0 = blockIdx.x * TILE;
+    int kblocks = (K + bk - 1) / bk;
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    for (int k0 = 0; k0 < K; k0 += KT) {
+        for (int i = threadIdx.x; i < TILE * KT; i += blockDim.x) {
+            int r = i / KT, c = i % KT;
+            int gk = k0 + c;
+            int gm = m0 + r, gn = n0 + r;
+            xs[c][r] = (gm < M && gk < K) ? X[(int64_t)gm * K + gk] : 0.f;
+            ws[c][r] = (gn < N && gk < K) ? load_w<WDT>(W, S, gn, gk, K, bn, bk, kblocks) : 0.f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < KT; ++kk) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[i] = xs[kk][ty * 4 + i];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) b[j] = ws[kk][tx * 4 + j];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int m = m0 + ty * 4 + i;
+        if (m >= M) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int n = n0 + tx * 4 + j;
+            if (n < N) Y[(int64_t)m * N + n] = acc[i][j];
+        }
+    }
+}
+
+extern "C" __global__ void linear_f32w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_F32>(X, W, S, Y, M, N, K, bn, bk); }
+extern "C" __global__ void linear_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk); }
+extern "C" __global__ void linear_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk); }

@@ -1,0 +1,130 @@
+// MLA attention over the paged latent cache in the absorbed (MQA) form, specialised at JIT time
+// for the model's KV_LORA (kv_lora_rank), ROPE (qk_rope_head_dim), NOPE (qk_nope_head_dim) and VDIM.
+//   1. mla_q_latent:  q_lat[t,h,:] = q_nope[t,h,:] · W_UK(h)           (W_UK(h) = kv_b rows of head h)
+//   2. mla_attention: lat[t,h,:] = Σ_j softmax_j(scale·(q_lat·c_j + q_pe·kpe_j)) c_j over the
+//      token's causal context, read from the cache by slot; each warp keeps an online softmax over
+//      its share of the context, warps merge at the end (flash-decoding style).
+//   3. mla_out:       out[t, h·VDIM + e] = W_UV(h)[e,:] · lat[t,h,:]
+// kv_b is [heads·(NOPE+VDIM), KV_LORA] in f32, bf16 or block-FP8 (dequantised on load); the cache
+// is float32 [layers, slots, KV_LORA+ROPE].
+#include "common.h"
+
+#ifndef KV_LORA
+#error "KV_LORA must be defined"
+#endif
+#define ENTRY (KV_LORA + ROPE)
+#define QK (NOPE + ROPE)
+#define PER_HEAD (NOPE + VDIM)
+#define LPL ((KV_LORA + WARP - 1) / WARP) // latent elements per lane
+
+template <int WDT>
+__device__ void mla_q_latent_impl(const float* __restrict__ q, const uint8_t* __restrict__ kvb, const float* __restrict__ sc,
+                                  float* __restrict__ q_lat, int heads, int bn, int bk) {
+    int t = blockIdx.x, h = blockIdx.y;
+    int kb = (KV_LORA + bk - 1) / bk;
+    const float* qh = q + ((int64_t)t * heads + h) * QK;
+    for (int l = threadIdx.x; l < KV_LORA; l += blockDim.x) {
+        float acc = 0.f;
+        for (int d = 0; d < NOPE; ++d) acc += qh[d] * load_w<WDT>(kvb, sc, (int64_t)h * PER_HEAD + d, l, KV_LORA, bn, bk, kb);
+        q_lat[((int64_t)t * heads + h) * KV_LORA + l] = acc;
+    }
+}
+
+// Per token t: its context is slots[ctx_off[t] .. ctx_off[t] + ctx_len[t]].
+extern "C" __global__ void mla_attention(const float* __restrict__ q, const float* __restrict__ q_lat, const float* __restrict__ kv,
+                                         const uint32_t* __restrict__ slots, const uint32_t* __restrict__ ctx_off,
+                                         const uint32_t* __restrict__ ctx_len, float* __restrict__ lat_out, int heads, int layer,
+                                         int num_slots, float scale) {
+    int t = blockIdx.x, h = blockIdx.y;
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    const float* ql = q_lat + ((int64_t)t * heads + h) * KV_LORA;
+    const float* qpe = q + ((int64_t)t * heads + h) * QK + NOPE;
+    float qreg[LPL];
+#pragma unroll
+    for (int i = 0; i < LPL; ++i) {
+        int l = lane + i * WARP;
+        qreg[i] = l < KV_LORA ? ql[l] : 0.f;
+    }
+    float m = -ENGINE_INF, s = 0.f, acc[LPL];
+#pragma unroll
+    for (int i = 0; i < LPL; ++i) acc[i] = 0.f;
+    const uint32_t* sl = slots + ctx_off[t];
+    int n = ctx_len[t];
+    const float* base = kv + (int64_t)layer * num_slots * ENTRY;
+    for (int j = w; j < n; j += nw) {
+        const float* e = base + (int64_t)sl[j] * ENTRY;
+        float c[LPL];
+        float part = 0.f;
+#pragma unroll
+        for (int i = 0; i < LPL; ++i) {
+            int l = lane + i * WARP;
+            c[i] = l < KV_LORA ? e[l] : 0.f;
+            part += qreg[i] * c[i];
+        }
+        for (int r = lane; r < ROPE; r += WARP) part += qpe[r] * e[KV_LORA + r];
+        float score = warp_sum(part) * scale;
+        float m2 = fmaxf(m, score);
+        float corr = expf(m - m2), p = expf(score - m2);
+        s = s * corr + p;
+#pragma unroll
+        for (int i = 0; i < LPL; ++i) acc[i] = acc[i] * corr + p * c[i];
+        m = m2;
+    }
+    // merge the warps' partial softmaxes
+    extern __shared__ float sh[]; // [nw][2 + KV_LORA]
+    float* mine = sh + w * (2 + KV_LORA);
+    if (lane == 0) {
+        mine[0] = m;
+        mine[1] = s;
+    }
+#pragma unroll
+    for (int i = 0; i < LPL; ++i) {
+        int l = lane + i * WARP;
+        if (l < KV_LORA) mine[2 + l] = acc[i];
+    }
+    __syncthreads();
+    float gm = -ENGINE_INF;
+    for (int k = 0; k < nw; ++k) gm = fmaxf(gm, sh[k * (2 + KV_LORA)]);
+    float gs = 0.f;
+    for (int k = 0; k < nw; ++k) {
+        float mk = sh[k * (2 + KV_LORA)];
+        if (mk > -ENGINE_INF) gs += sh[k * (2 + KV_LORA) + 1] * expf(mk - gm);
+    }
+    for (int l = threadIdx.x; l < KV_LORA; l += blockDim.x) {
+        float v = 0.f;
+        for (int k = 0; k < nw; ++k) {
+            float mk = sh[k * (2 + KV_LORA)];
+            if (mk > -ENGINE_INF) v += sh[k * (2 + KV_LORA) + 2 + l] * expf(mk - gm);
+        }
+        lat_out[((int64_t)t * heads + h) * KV_LORA + l] = v / gs;
+    }
+}
+
+template <int WDT>
+__device__ void mla_out_impl(const float* __restrict__ lat, const uint8_t* __restrict__ kvb, const float* __restrict__ sc,
+                             float* __restrict__ out, int heads, int bn, int bk) {
+    int t = blockIdx.x, h = blockIdx.y;
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    int kb = (KV_LORA + bk - 1) / bk;
+    const float* lt = lat + ((int64_t)t * heads + h) * KV_LORA;
+    for (int e = w; e < VDIM; e += nw) {
+        int64_t row = (int64_t)h * PER_HEAD + NOPE + e;
+        float part = 0.f;
+        for (int l = lane; l < KV_LORA; l += WARP) part += load_w<WDT>(kvb, sc, row, l, KV_LORA, bn, bk, kb) * lt[l];
+        part = warp_sum(part);
+        if (lane == 0) out[((int64_t)t * heads + h) * VDIM + e] = part;
+    }
+}
+
+#define MLA_KERNELS(SUF, WDT)                                                                                                   \
+    extern "C" __global__ void mla_q_latent_##SUF(const float* q, const uint8_t* kvb, const float* sc, float* q_lat, int heads, \
+                                                  int bn, int bk) {                                                             \
+        mla_q_latent_impl<WDT>(q, kvb, sc, q_lat, heads, bn, bk);                                                               \
+    }                                                                                                                           \
+    extern "C" __global__ void mla_out_##SUF(const float* lat, const uint8_t* kvb, const float* sc, float* out, int heads, int bn, \
+                                             int bk) {                                                                          \
+        mla_out_impl<WDT>(lat, kvb, sc, out, heads, bn, bk);                                                                    \
+    }
+MLA_KERNELS(f32w, WDT_F32)
+MLA_KERNELS(bf16w, WDT_BF16)
+MLA_KERNELS(fp8w, WDT_FP8)

@@ -1,0 +1,147 @@
+// MoE: routing (noaux_tc / greedy / group_limited_greedy, sigmoid or softmax scores) and the routed
+// experts. Routing follows backend/routing.rs exactly (ties to the lower expert id). The expert
+// kernels run one (token, slot) pair per block row: gate/up with SiLU, then down with the routing
+// weight, accumulated into the output with atomics.
+#include "common.h"
+
+#define METHOD_NOAUX_TC 0
+#define METHOD_GREEDY 1
+#define METHOD_GROUP_LIMITED 2
+
+// One block per token, one thread does the selection (E <= 1024 scores live in shared memory).
+extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int has_bias, int E, int top_k,
+                                     int n_group, int topk_group, int method, int softmax_scoring, int norm_topk_prob, float scaling,
+                                     int32_t* __restrict__ ids, float* __restrict__ weights) {
+    __shared__ float scores[1024];
+    __shared__ float choice[1024];
+    __shared__ float gscore[64];
+    __shared__ int keep[64];
+    int t = blockIdx.x;
+    const float* l = logits + (int64_t)t * E;
+    if (threadIdx.x != 0) return;
+    if (softmax_scoring) {
+        float m = -ENGINE_INF;
+        for (int e = 0; e < E; ++e) m = fmaxf(m, l[e]);
+        float z = 0.f;
+        for (int e = 0; e < E; ++e) {
+            scores[e] = expf(l[e] - m);
+            z += scores[e];
+        }
+        for (int e = 0; e < E; ++e) scores[e] /= z;
+    } else {
+        for (int e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + expf(-l[e]));
+    }
+    for (int e = 0; e < E; ++e) choice[e] = scores[e] + (has_bias ? bias[e] : 0.f);
+    int per = E / n_group;
+    if (method != METHOD_GREEDY) {
+        for (int g = 0; g < n_group; ++g) {
+            const float* c = choice + g * per;
+            if (method == METHOD_NOAUX_TC) {
+                float b1 = -ENGINE_INF, b2 = -ENGINE_INF;
+                for (int i = 0; i < per; ++i) {
+                    if (c[i] > b1) { b2 = b1; b1 = c[i]; } else if (c[i] > b2) { b2 = c[i]; }
+                }
+                gscore[g] = b1 + b2;
+            } else {
+                float b = -ENGINE_INF;
+                for (int i = 0; i < per; ++i) b = fmaxf(b, c[i]);
+                gscore[g] = b;
+            }
+            keep[g] = 0;
+        }
+        for (int k = 0; k < topk_group; ++k) {
+            int best = -1;
+            for (int g = 0; g < n_group; ++g)
+                if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
+            keep[best] = 1;
+        }
+        for (int e = 0; e < E; ++e)
+            if (!keep[e / per]) choice[e] = -ENGINE_INF;
+    }
+    float wsum = 0.f;
+    for (int k = 0; k < top_k; ++k) {
+        int best = -1;
+        for (int e = 0; e < E; ++e)
+            if (choice[e] > -ENGINE_INF && (best < 0 || choice[e] > choice[best])) best = e;
+        if (best < 0) best = 0; // unreachable for valid configs
+        choice[best] = -ENGINE_INF;
+        ids[t * top_k + k] = best;
+        weights[t * top_k + k] = scores[best];
+        wsum += scores[best];
+    }
+    for (int k = 0; k < top_k; ++k) {
+        float w = weights[t * top_k + k];
+        if (method == METHOD_NOAUX_TC) {
+            if (norm_topk_prob) w /= (wsum + 1e-20f);
+            w *= scaling;
+        } else if (top_k > 1 && norm_topk_prob) {
+            w /= (wsum + 1e-20f);
+        } else {
+            w *= scaling;
+        }
+        weights[t * top_k + k] = w;
+    }
+}
+
+// h[p, i] = silu(x[t] · Wg[e, i]) · (x[t] · Wu[e, i]) for pair p = t·top_k + k with expert e = ids[p].
+// Weights of all experts are stacked: [E, I, H] (+ FP8 scales [E, ceil(I/bn), ceil(H/bk)]).
+template <int WDT>
+__device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg, const uint8_t* wu,
+                                 const float* su, float* h, int top_k, int I, int H, int bn, int bk) {
+    int p = blockIdx.x;
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    int t = p / top_k, e = ids[p];
+    int kb = (H + bk - 1) / bk;
+    int64_t wstride = (int64_t)I * H * (WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1);
+    int64_t sstride = (int64_t)((I + bn - 1) / bn) * kb;
+    const uint8_t* g = wg + e * wstride;
+    const uint8_t* u = wu + e * wstride;
+    const float* gs = sg + (WDT == WDT_FP8 ? e * sstride : 0);
+    const float* us = su + (WDT == WDT_FP8 ? e * sstride : 0);
+    const float* xt = x + (int64_t)t * H;
+    for (int i = blockIdx.y * nw + w; i < I; i += gridDim.y * nw) {
+        float a = 0.f, b = 0.f;
+        for (int c = lane; c < H; c += WARP) {
+            a += xt[c] * load_w<WDT>(g, gs, i, c, H, bn, bk, kb);
+            b += xt[c] * load_w<WDT>(u, us, i, c, H, bn, bk, kb);
+        }
+        a = warp_sum(a);
+        b = warp_sum(b);
+        if (lane == 0) h[(int64_t)p * I + i] = a / (1.0f + expf(-a)) * b;
+    }
+}
+
+// out[t, r] += weight[p] · (Wd[e, r] · h[p])
+template <int WDT>
+__device__ void moe_down_impl(const float* h, const int32_t* ids, const float* weights, const uint8_t* wd, const float* sd, float* out,
+                              int top_k, int I, int H, int bn, int bk) {
+    int p = blockIdx.x;
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    int t = p / top_k, e = ids[p];
+    int kb = (I + bk - 1) / bk;
+    int64_t wstride = (int64_t)I * H * (WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1);
+    int64_t sstride = (int64_t)((H + bn - 1) / bn) * kb;
+    const uint8_t* d = wd + e * wstride;
+    const float* ds = sd + (WDT == WDT_FP8 ? e * sstride : 0);
+    const float* hp = h + (int64_t)p * I;
+    float wt = weights[p];
+    for (int r = blockIdx.y * nw + w; r < H; r += gridDim.y * nw) {
+        float a = 0.f;
+        for (int c = lane; c < I; c += WARP) a += hp[c] * load_w<WDT>(d, ds, r, c, I, bn, bk, kb);
+        a = warp_sum(a);
+        if (lane == 0) atomicAdd(&out[(int64_t)t * H + r], wt * a);
+    }
+}
+
+#define MOE_KERNELS(SUF, WDT)                                                                                                          \
+    extern "C" __global__ void moe_gate_up_##SUF(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg,                \
+                                                 const uint8_t* wu, const float* su, float* h, int top_k, int I, int H, int bn, int bk) { \
+        moe_gate_up_impl<WDT>(x, ids, wg, sg, wu, su, h, top_k, I, H, bn, bk);                                                         \
+    }                                                                                                                                  \
+    extern "C" __global__ void moe_down_##SUF(const float* h, const int32_t* ids, const float* weights, const uint8_t* wd,              \
+                                              const float* sd, float* out, int top_k, int I, int H, int bn, int bk) {                  \
+        moe_down_impl<WDT>(h, ids, weights, wd, sd, out, top_k, I, H, bn, bk);                                                         \
+    }
+MOE_KERNELS(f32w, WDT_F32)
+MOE_KERNELS(bf16w, WDT_BF16)
+MOE_KERNELS(fp8w, WDT_FP8)
