@@ -17,22 +17,38 @@ pub struct BackendUnavailable {
 }
 
 impl BackendKind {
-    /// The concrete backend to run on. GPU backends are not built yet: asking for one names that.
+    /// The concrete backend to run on. `auto` takes the first available of ROCm, CUDA, CPU.
     pub fn resolve(self) -> Result<BackendKind, BackendUnavailable> {
         match self {
             BackendKind::Cpu => Ok(BackendKind::Cpu),
-            BackendKind::Cuda => Err(BackendUnavailable {
-                backend: "cuda",
-                reason: "this build has no CUDA backend yet (the CPU backend is the only one implemented); use --backend cpu".into(),
-            }),
+            BackendKind::Cuda => cuda_available().map(|()| BackendKind::Cuda),
             BackendKind::Rocm => Err(BackendUnavailable {
                 backend: "rocm",
-                reason: "this build has no ROCm backend yet (the CPU backend is the only one implemented); use --backend cpu".into(),
+                reason: "this build has no ROCm backend yet; use --backend cuda or --backend cpu".into(),
             }),
-            BackendKind::Auto => {
-                log::info!("backend auto: ROCm and CUDA backends are not in this build; using cpu");
-                Ok(BackendKind::Cpu)
-            }
+            BackendKind::Auto => match cuda_available() {
+                Ok(()) => {
+                    log::info!("backend auto: ROCm is not in this build; CUDA device found, using cuda");
+                    Ok(BackendKind::Cuda)
+                }
+                Err(e) => {
+                    log::info!("backend auto: ROCm is not in this build; {}; using cpu", e.reason);
+                    Ok(BackendKind::Cpu)
+                }
+            },
         }
     }
+}
+
+/// Whether a CUDA device can be opened (driver library present, at least one device).
+fn cuda_available() -> Result<(), BackendUnavailable> {
+    let no = |reason: String| BackendUnavailable { backend: "cuda", reason };
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(no("the NVIDIA driver library libcuda.so was not found on this machine".into()));
+    }
+    let n = cudarc::driver::CudaContext::device_count().map_err(|e| no(format!("the CUDA driver reports no usable device: {e:?}")))?;
+    if n < 1 {
+        return Err(no("no CUDA device".into()));
+    }
+    Ok(())
 }

@@ -98,19 +98,25 @@ fn default_pool_tokens(cfg: &crate::config::ModelConfig, context: usize) -> usiz
 }
 
 pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    match a.backend.backend.resolve()? {
-        BackendKind::Cpu => {}
-        other => unreachable!("resolve() returned {other:?}"),
-    }
-    if a.mem_fraction_static.is_some() {
-        log::info!("--mem-fraction-static applies to GPU backends; the CPU backend sizes its KV pool from --max-total-tokens");
-    }
+    let kind = a.backend.backend.resolve()?;
     let path = match &a.model_path {
         Some(p) => p.clone(),
         None => super::demo::demo_model_path()?,
     };
+    match kind {
+        BackendKind::Cuda => run_on(crate::backend::cuda::CudaBackend::new(0)?, a, path),
+        _ => {
+            if a.mem_fraction_static.is_some() {
+                log::info!("--mem-fraction-static applies to GPU backends; the CPU backend sizes its KV pool from --max-total-tokens");
+            }
+            run_on(CpuBackend, a, path)
+        }
+    }
+}
+
+fn run_on<B: crate::backend::Backend>(backend: B, a: ServeArgs, path: PathBuf) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let t0 = std::time::Instant::now();
-    let model = Arc::new(Model::load(CpuBackend, &path)?);
+    let model = Arc::new(Model::load(backend, &path)?);
     let tok = if path.join("tokenizer.json").exists() { Some(Arc::new(Tokenizer::load(&path)?)) } else { None };
     if tok.is_none() {
         log::warn!("{} has no tokenizer.json: only token-id prompts will work", path.display());

@@ -4,8 +4,14 @@ pub mod server;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The repository root (ENGINE_REPO_DIR overrides it when test binaries run on another machine).
+pub fn repo_dir() -> PathBuf {
+    std::env::var_os("ENGINE_REPO_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 pub fn engine() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_engine"));
+    let bin = std::env::var_os("ENGINE_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_engine")));
+    let mut c = Command::new(bin);
     c.env("ENGINE_LOG", "warn");
     c
 }
@@ -15,7 +21,7 @@ pub fn run(args: &[&str]) -> Output {
 }
 
 pub fn golden_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/data").join(name)
+    repo_dir().join("tests/golden/data").join(name)
 }
 
 /// A fresh temporary folder, removed when dropped.

@@ -48,6 +48,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
     ap.add_argument("--engine", default="target/release/engine")
+    ap.add_argument("--backend", default="auto")
     ap.add_argument("--tokens", type=int, default=40, help="prompt length")
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--tol", type=float, default=1e-3)
@@ -66,7 +67,7 @@ def main():
     lp = torch.log_softmax(logits, -1)
     top2 = torch.topk(logits, 2, -1).values
     margins = (top2[:, 0] - top2[:, 1]).tolist()
-    out = subprocess.run([a.engine, "generate", "--model-path", a.checkpoint, "--input-ids", ",".join(map(str, prompt)),
+    out = subprocess.run([a.engine, "generate", "--backend", a.backend, "--model-path", a.checkpoint, "--input-ids", ",".join(map(str, prompt)),
                           "--max-new-tokens", str(a.new), "--ignore-eos", "--json", "--return-logprob",
                           "--logprob-start-len", "0"], capture_output=True, text=True)
     if out.returncode != 0:

@@ -1,0 +1,276 @@
+//! GPU ops against the CPU reference backend, and the golden checkpoints end to end on the GPU.
+//! These need a GPU: they are `#[ignore]`d (reported as ignored, never as passed) and run with
+//! `ENGINE_TEST_BACKEND=cuda cargo test --release --test gpu_ops -- --ignored` on an NVIDIA machine.
+//! Outputs are NaN-poisoned before every launch (ENGINE_GPU_POISON=1) so unwritten elements fail.
+mod common;
+
+use std::sync::Arc;
+
+use engine::backend::cpu::CpuBackend;
+use engine::backend::cuda::CudaBackend;
+use engine::backend::{AttnSeq, Backend, MlaDims, RouteParams, TensorShape};
+use engine::config::{RopeConfig, RopeTables, ScoringFunc, TopkMethod};
+use engine::model::{ForwardBatch, Model};
+use engine::sampling::{log_softmax, Rng};
+use engine::weights::{HostLinear, LinearData, MmapSlice};
+
+const F32_TOL: f64 = 1e-4;
+
+fn gpu() -> CudaBackend {
+    assert_eq!(std::env::var("ENGINE_TEST_BACKEND").as_deref(), Ok("cuda"), "GPU tests run only with ENGINE_TEST_BACKEND=cuda on a machine with an NVIDIA GPU");
+    std::env::set_var("ENGINE_GPU_POISON", "1");
+    CudaBackend::new(0).expect("CUDA backend")
+}
+
+fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() * scale).collect()
+}
+
+/// ‖a − b‖ / ‖b‖ in f64; NaN anywhere fails.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length");
+    assert!(a.iter().all(|x| x.is_finite()), "GPU output has NaN/inf (unwritten elements?)");
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn check(name: &str, a: &[f32], b: &[f32], tol: f64) {
+    let e = rel_err(a, b);
+    eprintln!("{name}: rel err {e:.2e}");
+    assert!(e <= tol, "{name}: relative error {e:.3e} > {tol:e}");
+}
+
+enum WType {
+    F32,
+    Bf16,
+    Fp8,
+}
+
+fn host_linear(rng: &mut Rng, out: usize, inp: usize, t: WType) -> HostLinear {
+    let w = randn(rng, out * inp, (inp as f32).powf(-0.5));
+    match t {
+        WType::F32 => HostLinear::from_f32("w", out, inp, &w),
+        WType::Bf16 => {
+            let b: Vec<u8> = w.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect();
+            HostLinear { name: "w".into(), out, inp, data: LinearData::BF16(MmapSlice::from_vec(b)) }
+        }
+        WType::Fp8 => {
+            let (bn, bk) = (128, 128);
+            let scale: Vec<f32> = (0..out.div_ceil(bn) * inp.div_ceil(bk)).map(|_| 0.002 + rng.uniform() as f32 * 0.004).collect();
+            let q: Vec<u8> = (0..out * inp).map(|i| engine::synth::f32_to_fp8_e4m3fn(w[i] / scale[(i / inp / bn) * inp.div_ceil(bk) + (i % inp) / bk])).collect();
+            HostLinear { name: "w".into(), out, inp, data: LinearData::Fp8 { w: MmapSlice::from_vec(q), scale_inv: scale, block_n: bn, block_k: bk } }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+fn linear_all_dtypes_real_and_odd_shapes() {
+    let g = gpu();
+    let c = CpuBackend;
+    let mut rng = Rng::new(1);
+    for (m, n, k) in [(1, 1536, 7168), (7, 576, 7168), (33, 7168, 2048), (5, 77, 100), (130, 129, 257)] {
+        for t in [WType::F32, WType::Bf16, WType::Fp8] {
+            let tag = match t { WType::F32 => "f32", WType::Bf16 => "bf16", WType::Fp8 => "fp8" };
+            let w = host_linear(&mut rng, n, k, t);
+            let x = randn(&mut rng, m * k, 1.0);
+            let want = c.download(&c.linear(&c.upload(m, k, &x).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
+            let got = g.download(&g.linear(&g.upload(m, k, &x).unwrap(), &g.upload_linear(&w).unwrap()).unwrap()).unwrap();
+            check(&format!("linear {tag} {m}x{n}x{k}"), &got, &want, F32_TOL);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+fn norms_elementwise_embedding_gather_rope() {
+    let g = gpu();
+    let c = CpuBackend;
+    let mut rng = Rng::new(2);
+    for (rows, cols) in [(3, 7168), (17, 513), (1, 64)] {
+        let x = randn(&mut rng, rows * cols, 1.0);
+        let y = randn(&mut rng, rows * cols, 1.0);
+        let w = randn(&mut rng, cols, 1.0);
+        let (cx, gx) = (c.upload(rows, cols, &x).unwrap(), g.upload(rows, cols, &x).unwrap());
+        let (cy, gy) = (c.upload(rows, cols, &y).unwrap(), g.upload(rows, cols, &y).unwrap());
+        let (cw, gw) = (c.upload(1, cols, &w).unwrap(), g.upload(1, cols, &w).unwrap());
+        check("rms_norm", &g.download(&g.rms_norm(&gx, &gw, 1e-6).unwrap()).unwrap(), &c.download(&c.rms_norm(&cx, &cw, 1e-6).unwrap()).unwrap(), F32_TOL);
+        let (mut cr, mut gr) = (c.upload(rows, cols, &y).unwrap(), g.upload(rows, cols, &y).unwrap());
+        let a = g.download(&g.add_rms_norm(&gx, &mut gr, &gw, 1e-6).unwrap()).unwrap();
+        let b = c.download(&c.add_rms_norm(&cx, &mut cr, &cw, 1e-6).unwrap()).unwrap();
+        check("add_rms_norm", &a, &b, F32_TOL);
+        check("add_rms_norm residual", &g.download(&gr).unwrap(), &c.download(&cr).unwrap(), F32_TOL);
+        check("silu_mul", &g.download(&g.silu_mul(&gx, &gy).unwrap()).unwrap(), &c.download(&c.silu_mul(&cx, &cy).unwrap()).unwrap(), F32_TOL);
+        let (mut ca, mut ga) = (c.upload(rows, cols, &x).unwrap(), g.upload(rows, cols, &x).unwrap());
+        c.add(&mut ca, &cy).unwrap();
+        g.add(&mut ga, &gy).unwrap();
+        check("add", &g.download(&ga).unwrap(), &c.download(&ca).unwrap(), F32_TOL);
+        let sub = (cols / 3).max(1);
+        let ws = randn(&mut rng, sub, 1.0);
+        let (mut cc, mut gc) = (c.upload(rows, cols, &x).unwrap(), g.upload(rows, cols, &x).unwrap());
+        c.rms_norm_cols(&mut cc, 1, &c.upload(1, sub, &ws).unwrap(), 1e-6).unwrap();
+        g.rms_norm_cols(&mut gc, 1, &g.upload(1, sub, &ws).unwrap(), 1e-6).unwrap();
+        check("rms_norm_cols", &g.download(&gc).unwrap(), &c.download(&cc).unwrap(), F32_TOL);
+        let rowsel: Vec<u32> = (0..5).map(|i| (i * 7 % rows) as u32).collect();
+        check("gather_rows", &g.download(&g.gather_rows(&gx, &rowsel).unwrap()).unwrap(), &c.download(&c.gather_rows(&cx, &rowsel).unwrap()).unwrap(), 0.0);
+    }
+    for t in [WType::F32, WType::Bf16, WType::Fp8] {
+        let table = host_linear(&mut rng, 1000, 300, t);
+        let ids: Vec<u32> = vec![0, 999, 17, 17, 500];
+        let a = g.download(&g.embedding(&g.upload_linear(&table).unwrap(), &ids).unwrap()).unwrap();
+        let b = c.download(&c.embedding(&c.upload_linear(&table).unwrap(), &ids).unwrap()).unwrap();
+        check("embedding", &a, &b, 0.0);
+    }
+    for (interleaved, dim, yarn) in [(true, 64, true), (false, 64, false), (true, 16, true)] {
+        let mut cfg: serde_json::Value = serde_json::json!({"rope_theta": 10000.0});
+        if yarn {
+            cfg["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0});
+        }
+        let f = engine::config::Fields::new("t", &cfg).unwrap();
+        let rope = RopeTables::new(&RopeConfig::parse(&f, dim, 163840, interleaved).unwrap());
+        let (rows, heads, stride, off) = (9, 5, 192, 128);
+        let cols = heads * stride;
+        let x = randn(&mut rng, rows * cols, 1.0);
+        let pos: Vec<u32> = (0..rows as u32).map(|i| i * 4099 + 3).collect();
+        let (mut cx, mut gx) = (c.upload(rows, cols, &x).unwrap(), g.upload(rows, cols, &x).unwrap());
+        c.rope(&mut cx, &pos, heads, stride, off.min(stride - dim), &rope).unwrap();
+        g.rope(&mut gx, &pos, heads, stride, off.min(stride - dim), &rope).unwrap();
+        check(&format!("rope interleaved={interleaved} dim={dim} yarn={yarn}"), &g.download(&gx).unwrap(), &c.download(&cx).unwrap(), F32_TOL);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+fn mla_attention_paged_causal_real_and_odd_dims() {
+    let g = gpu();
+    let c = CpuBackend;
+    let mut rng = Rng::new(3);
+    for (d, kvt) in [
+        (MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.13 }, WType::Fp8),
+        (MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.13 }, WType::Bf16),
+        (MlaDims { num_heads: 3, qk_nope: 20, qk_rope: 8, v_head: 24, kv_lora_rank: 40, scale: 0.3 }, WType::F32),
+    ] {
+        let slots_total = 5000;
+        let layers = 2;
+        let kv_b = host_linear(&mut rng, d.num_heads * (d.qk_nope + d.v_head), d.kv_lora_rank, kvt);
+        let (ck, gk) = (c.upload_linear(&kv_b).unwrap(), g.upload_linear(&kv_b).unwrap());
+        let mut ckv = c.alloc_kv_cache(layers, slots_total, d.kv_entry()).unwrap();
+        let mut gkv = g.alloc_kv_cache(layers, slots_total, d.kv_entry()).unwrap();
+        // three sequences: a long decode (4000 cached tokens), a prefill chunk over a prefix, a fresh prefill
+        let mut perm: Vec<u32> = (0..slots_total as u32).collect();
+        for i in (1..perm.len()).rev() {
+            perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        let lens = [(4000usize, 1usize), (300, 37), (21, 21)];
+        let mut seq_slots = Vec::new();
+        let mut used = 0;
+        for (ctx, _) in lens {
+            seq_slots.push(perm[used..used + ctx].to_vec());
+            used += ctx;
+        }
+        let all: Vec<u32> = perm[..used].to_vec();
+        let entries = randn(&mut rng, used * d.kv_entry(), 1.0);
+        c.kv_write(&mut ckv, 1, &all, &c.upload(used, d.kv_entry(), &entries).unwrap()).unwrap();
+        g.kv_write(&mut gkv, 1, &all, &g.upload(used, d.kv_entry(), &entries).unwrap()).unwrap();
+        let t: usize = lens.iter().map(|x| x.1).sum();
+        let q = randn(&mut rng, t * d.num_heads * d.qk_head(), 1.0);
+        let mut seqs = Vec::new();
+        let mut qs = 0;
+        for (i, (_, ql)) in lens.iter().enumerate() {
+            seqs.push(AttnSeq { q_start: qs, q_len: *ql, slots: &seq_slots[i] });
+            qs += ql;
+        }
+        let a = g.download(&g.mla_attention(&g.upload(t, d.num_heads * d.qk_head(), &q).unwrap(), &gkv, 1, &seqs, &gk, &d).unwrap()).unwrap();
+        let b = c.download(&c.mla_attention(&c.upload(t, d.num_heads * d.qk_head(), &q).unwrap(), &ckv, 1, &seqs, &ck, &d).unwrap()).unwrap();
+        check(&format!("mla_attention lora={} heads={}", d.kv_lora_rank, d.num_heads), &a, &b, F32_TOL);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+fn moe_routing_and_experts() {
+    let g = gpu();
+    let c = CpuBackend;
+    let mut rng = Rng::new(4);
+    let variants = [
+        RouteParams { n_experts: 256, top_k: 8, n_group: 8, topk_group: 4, method: TopkMethod::NoauxTc, scoring: ScoringFunc::Sigmoid, norm_topk_prob: true, routed_scaling_factor: 2.5 },
+        RouteParams { n_experts: 64, top_k: 6, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: false, routed_scaling_factor: 1.0 },
+        RouteParams { n_experts: 160, top_k: 6, n_group: 8, topk_group: 3, method: TopkMethod::GroupLimitedGreedy, scoring: ScoringFunc::Softmax, norm_topk_prob: false, routed_scaling_factor: 16.0 },
+        RouteParams { n_experts: 12, top_k: 3, n_group: 4, topk_group: 2, method: TopkMethod::NoauxTc, scoring: ScoringFunc::Sigmoid, norm_topk_prob: false, routed_scaling_factor: 1.5 },
+    ];
+    for p in variants {
+        let (t, hidden, inter) = (11, 256, 96);
+        let gate = host_linear(&mut rng, p.n_experts, hidden, WType::F32);
+        let bias = (p.method == TopkMethod::NoauxTc).then(|| randn(&mut rng, p.n_experts, 0.1));
+        let x = randn(&mut rng, t * hidden, 1.0);
+        let (cx, gx) = (c.upload(t, hidden, &x).unwrap(), g.upload(t, hidden, &x).unwrap());
+        let cr = c.moe_route(&cx, &c.upload_linear(&gate).unwrap(), bias.as_deref(), &p).unwrap();
+        let gr = g.moe_route(&gx, &g.upload_linear(&gate).unwrap(), bias.as_deref(), &p).unwrap();
+        let gids: Vec<i32> = g.stream.clone_dtoh(&gr.ids).unwrap();
+        let gw: Vec<f32> = g.stream.clone_dtoh(&gr.weights).unwrap();
+        assert_eq!(gids.iter().map(|&i| i as u32).collect::<Vec<_>>(), cr.ids, "{:?}: routed experts", p.method);
+        check(&format!("moe_route {:?} weights", p.method), &gw[..t * p.top_k], &cr.weights, F32_TOL);
+        for wt in [WType::Bf16, WType::Fp8, WType::F32] {
+            let experts: Vec<[HostLinear; 3]> = (0..p.n_experts)
+                .map(|_| {
+                    let k = match wt { WType::Bf16 => 1, WType::Fp8 => 2, WType::F32 => 0 };
+                    let mk = |o, i, rng: &mut Rng| host_linear(rng, o, i, match k { 1 => WType::Bf16, 2 => WType::Fp8, _ => WType::F32 });
+                    [mk(inter, hidden, &mut rng), mk(inter, hidden, &mut rng), mk(hidden, inter, &mut rng)]
+                })
+                .collect();
+            let a = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts.clone()).unwrap()).unwrap()).unwrap();
+            let b = c.download(&c.moe_experts(&cx, &cr, &c.upload_experts(experts).unwrap()).unwrap()).unwrap();
+            check(&format!("moe_experts {:?}", p.method), &a, &b, F32_TOL);
+        }
+    }
+}
+
+/// The golden checkpoints through the whole model on the GPU: teacher-forced logprobs against
+/// transformers, prefill and decode.
+#[test]
+#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+fn golden_end_to_end_on_gpu() {
+    let _ = gpu();
+    for name in ["tiny_v3", "tiny_v2_lite", "tiny_v3_fp8"] {
+        let dir = common::golden_dir(name);
+        let model = Arc::new(Model::load(CudaBackend::new(0).unwrap(), &dir).unwrap());
+        let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        let st = engine::weights::SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
+        let vocab = model.cfg.vocab_size;
+        for (i, case) in exp["cases"].as_array().unwrap().iter().enumerate() {
+            let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+            let prompt = ids(&case["prompt"]);
+            let seq: Vec<u32> = prompt.iter().chain(ids(&case["continuation"]).iter()).copied().collect();
+            let want: Vec<f32> = st.bytes(&st.tensors[&format!("p{i}.logprobs")]).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            // prompt in one prefill, then token-by-token decode
+            let slots: Vec<u32> = (0..seq.len() as u32).collect();
+            let mut kv = model.alloc_kv_cache(seq.len()).unwrap();
+            let mut worst = 0f32;
+            let mut start = 0;
+            while start < seq.len() {
+                let n = if start == 0 { prompt.len() } else { 1 };
+                let pos: Vec<u32> = (start as u32..(start + n) as u32).collect();
+                let seqs = [AttnSeq { q_start: 0, q_len: n, slots: &slots[..start + n] }];
+                let rows: Vec<u32> = (0..n as u32).collect();
+                let l = model.forward(&mut kv, &ForwardBatch { tokens: &seq[start..start + n], positions: &pos, seqs: &seqs, logit_rows: &rows }).unwrap();
+                assert_eq!(l.rows(), n);
+                let v = model.backend.download(&l).unwrap();
+                for (r, row) in v.chunks(vocab).enumerate() {
+                    let lp = log_softmax(row);
+                    let p = start + r;
+                    for (a, b) in lp.iter().zip(&want[p * vocab..(p + 1) * vocab]) {
+                        assert!(a.is_finite());
+                        worst = worst.max((a - b).abs());
+                    }
+                }
+                start += n;
+            }
+            eprintln!("{name} prompt {} tokens: max |Δ logprob| {worst:.2e}", prompt.len());
+            assert!(worst <= 1e-3, "{name}: max |Δ logprob| {worst}");
+        }
+    }
+}
