@@ -75,6 +75,15 @@ pub trait Backend: Send + Sync + 'static {
 
     fn name(&self) -> &'static str;
 
+    /// (free, total) device memory in bytes, for sizing the KV pool; None on the CPU.
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        None
+    }
+    /// Bytes one element of the KV cache takes.
+    fn kv_element_bytes(&self) -> usize {
+        4
+    }
+
     // --- memory ---
     fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Tensor, BackendError>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>, BackendError>;

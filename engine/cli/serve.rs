@@ -90,11 +90,35 @@ pub fn apply_config_file(argv: Vec<String>) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// KV pool tokens that fit in `budget` bytes on the CPU backend (f32 latents).
-fn default_pool_tokens(cfg: &crate::config::ModelConfig, context: usize) -> usize {
-    let per_token = cfg.kv_entry_dim() * cfg.num_hidden_layers * 4;
-    let budget = 2usize << 30;
-    (budget / per_token.max(1)).clamp(context.min(4096), 1 << 18)
+/// KV pool size in tokens. On a GPU (SGLang's rule): weights plus KV take `mem_fraction_static` of
+/// the device memory, so the KV gets that share minus what is already in use. On the CPU: 2 GiB.
+fn default_pool_tokens<B: crate::backend::Backend>(model: &Model<B>, context: usize, mem_fraction_static: Option<f32>) -> Result<usize, String> {
+    let cfg = &model.cfg;
+    let per_token = cfg.kv_entry_dim() * cfg.num_hidden_layers * model.backend.kv_element_bytes();
+    let budget = match model.backend.memory_info() {
+        Some((free, total)) => {
+            let frac = mem_fraction_static.unwrap_or(0.88) as f64;
+            if !(frac > 0.0 && frac <= 1.0) {
+                return Err(format!("--mem-fraction-static must be in (0, 1], got {frac}"));
+            }
+            let used = total - free;
+            let budget = (total as f64 * frac) as usize;
+            if budget <= used {
+                return Err(format!(
+                    "--mem-fraction-static {frac} leaves no room for the KV cache: weights and buffers already use {:.1} GiB of {:.1} GiB",
+                    used as f64 / (1u64 << 30) as f64,
+                    total as f64 / (1u64 << 30) as f64
+                ));
+            }
+            budget - used
+        }
+        None => 2usize << 30,
+    };
+    let tokens = budget / per_token.max(1);
+    if tokens < context.min(4096) {
+        return Err(format!("the KV cache budget of {budget} bytes holds only {tokens} tokens"));
+    }
+    Ok(tokens.min(if model.backend.memory_info().is_some() { 1 << 24 } else { 1 << 18 }))
 }
 
 pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -130,7 +154,10 @@ fn run_on<B: crate::backend::Backend>(backend: B, a: ServeArgs, path: PathBuf) -
         Some(c) => c,
         None => max_pos,
     };
-    let max_total_tokens = a.max_total_tokens.unwrap_or_else(|| default_pool_tokens(&model.cfg, context_length));
+    let max_total_tokens = match a.max_total_tokens {
+        Some(n) => n,
+        None => default_pool_tokens(&model, context_length, a.mem_fraction_static)?,
+    };
     let chunk = if a.chunked_prefill_size <= 0 { usize::MAX } else { a.chunked_prefill_size as usize };
     let cfg = SchedulerConfig { max_running_requests: a.max_running_requests.max(1), chunked_prefill_size: chunk, policy: a.schedule_policy };
     let name = match (&a.served_model_name, &a.model_path) {

@@ -102,6 +102,11 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        self.ctx.bind_to_thread().ok()?;
+        cudarc::driver::result::mem_get_info().ok()
+    }
+
     fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<GpuTensor, BackendError> {
         assert_eq!(data.len(), rows * cols, "upload: data does not match its shape");
         let buf = self.stream.clone_htod(if data.is_empty() { &[0f32][..] } else { data }).map_err(err("upload"))?;
