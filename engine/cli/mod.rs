@@ -1,5 +1,6 @@
 //! The `engine` command line (clap): generate, info, gen-model.
 mod demo;
+pub use demo::demo_model_path;
 mod generate;
 mod info;
 mod kernels;
@@ -29,9 +30,8 @@ pub enum Command {
     /// Kernel cache: warmup, list, clear
     #[command(subcommand)]
     Kernels(kernels::KernelsCommand),
-    /// Benchmarks
-    #[command(subcommand)]
-    Bench(BenchCommand),
+    /// One-batch benchmark (`engine bench --model-path DIR --batch-size 1,8`), or `engine bench serve`
+    Bench(BenchArgs),
     /// Print a checkpoint's parsed config, parameter count, weight bytes and KV-cache size.
     Info {
         /// Checkpoint folder (Hugging Face layout)
@@ -50,6 +50,15 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+}
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub sub: Option<BenchCommand>,
+    #[command(flatten)]
+    pub one_batch: crate::bench::one_batch::BenchOneBatchArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -80,7 +89,8 @@ pub fn main() -> i32 {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Kernels(cmd) => kernels::run(cmd),
-        Command::Bench(BenchCommand::Serve(args)) => crate::bench::serve::run(args),
+        Command::Bench(BenchArgs { sub: Some(BenchCommand::Serve(args)), .. }) => crate::bench::serve::run(args),
+        Command::Bench(BenchArgs { sub: None, one_batch }) => crate::bench::one_batch::run(one_batch),
         Command::Info { model_path } => info::run(&model_path),
         Command::GenModel { preset, out, layers, seed } => {
             let t = std::time::Instant::now();

@@ -33,6 +33,18 @@ pub fn ensure_loaded() -> Result<(), String> {
             }
             for c in candidates {
                 tried.push(c.display().to_string());
+                // NVRTC opens libnvrtc-builtins by soname: load the one beside it first
+                if let Some(dir) = c.parent().filter(|_| c.exists()) {
+                    if let Ok(rd) = std::fs::read_dir(dir) {
+                        for e in rd.flatten() {
+                            if e.file_name().to_string_lossy().starts_with("libnvrtc-builtins.so") {
+                                if let Ok(b) = unsafe { libloading::Library::new(e.path()) } {
+                                    std::mem::forget(b);
+                                }
+                            }
+                        }
+                    }
+                }
                 if let Ok(lib) = unsafe { libloading::Library::new(&c) } {
                     std::mem::forget(lib); // stays loaded for the process
                     if unsafe { cudarc::nvrtc::sys::is_culib_present() } {

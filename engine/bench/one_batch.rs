@@ -1,0 +1,121 @@
+//! `engine bench`: one-batch latency and throughput (like SGLang's bench_one_batch). For each batch
+//! size: prefill `batch × input_len` random tokens in one forward, then decode `output_len` steps
+//! of one token per sequence (greedy), timing every step with a device synchronisation. Reports
+//! prefill tok/s, decode tok/s and per-step latency (median and p90 after warm-up).
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::backend::{AttnSeq, Backend, BackendKind};
+use crate::model::{ForwardBatch, Model};
+use crate::sampling::Rng;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchOneBatchArgs {
+    #[arg(long)]
+    pub model_path: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendKind,
+    /// Batch sizes, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub batch_size: Vec<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub input_len: usize,
+    #[arg(long, default_value_t = 32)]
+    pub output_len: usize,
+    /// Decode steps excluded from the statistics
+    #[arg(long, default_value_t = 2)]
+    pub warmup_steps: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error + Send + Sync>> {
+    let vocab = model.cfg.vocab_size as u64;
+    let mut rows = Vec::new();
+    for &bs in &a.batch_size {
+        let per_seq = a.input_len + a.output_len;
+        let mut kv = model.alloc_kv_cache(bs * per_seq)?;
+        let mut rng = Rng::new(a.seed ^ bs as u64);
+        let slots: Vec<Vec<u32>> = (0..bs).map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect()).collect();
+        let tokens: Vec<u32> = (0..bs * a.input_len).map(|_| 3 + (rng.next_u64() % (vocab - 3)) as u32).collect();
+        let positions: Vec<u32> = (0..bs).flat_map(|_| 0..a.input_len as u32).collect();
+        let seqs: Vec<AttnSeq> = (0..bs).map(|s| AttnSeq { q_start: s * a.input_len, q_len: a.input_len, slots: &slots[s][..a.input_len] }).collect();
+        let last: Vec<u32> = (0..bs).map(|s| ((s + 1) * a.input_len - 1) as u32).collect();
+        let t0 = Instant::now();
+        let logits = model.forward(&mut kv, &ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seqs, logit_rows: &last })?;
+        let mut l = model.backend.download(&logits)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let mut steps = Vec::new();
+        for step in 0..a.output_len {
+            let next: Vec<u32> = l.chunks(vocab as usize).map(|r| r.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32).collect();
+            let ctx = a.input_len + step + 1;
+            let pos: Vec<u32> = vec![(ctx - 1) as u32; bs];
+            let seqs: Vec<AttnSeq> = (0..bs).map(|s| AttnSeq { q_start: s, q_len: 1, slots: &slots[s][..ctx] }).collect();
+            let rows_all: Vec<u32> = (0..bs as u32).collect();
+            let t = Instant::now();
+            let logits = model.forward(&mut kv, &ForwardBatch { tokens: &next, positions: &pos, seqs: &seqs, logit_rows: &rows_all })?;
+            l = model.backend.download(&logits)?;
+            steps.push(t.elapsed().as_secs_f64());
+        }
+        let mut s: Vec<f64> = steps.iter().skip(a.warmup_steps.min(steps.len().saturating_sub(1))).copied().collect();
+        s.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        let med = pct(&s, 0.5);
+        rows.push(json!({
+            "batch_size": bs, "input_len": a.input_len, "output_len": a.output_len,
+            "prefill_s": prefill_s, "prefill_tok_s": (bs * a.input_len) as f64 / prefill_s,
+            "decode_step_median_ms": med * 1e3, "decode_step_p90_ms": pct(&s, 0.9) * 1e3,
+            "decode_tok_s": bs as f64 / med.max(1e-12), "decode_steps_measured": s.len(),
+        }));
+    }
+    Ok(rows)
+}
+
+pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let path = match &a.model_path {
+        Some(p) => p.clone(),
+        None => crate::cli::demo_model_path()?,
+    };
+    let kind = a.backend.resolve()?;
+    let t = Instant::now();
+    let (rows, backend, kernels) = match kind {
+        BackendKind::Cuda => {
+            let model = Arc::new(Model::load(crate::backend::cuda::CudaBackend::new(0)?, &path)?);
+            model.backend.warmup(crate::backend::gpu::ModelDims::of(&model.cfg))?;
+            let (hits, compiles) = model.backend.jit.stats();
+            let k = json!({"cache_dir": model.backend.jit.cache.dir.display().to_string(), "cache_hits": hits, "compiled": compiles, "device": model.backend.device_name, "arch": model.backend.arch});
+            (bench_model(&model, &a)?, "cuda", k)
+        }
+        _ => {
+            let model = Model::load(crate::backend::cpu::CpuBackend, &path)?;
+            (bench_model(&model, &a)?, "cpu", json!(null))
+        }
+    };
+    let out = json!({"model_path": path.display().to_string(), "backend": backend, "load_and_bench_s": t.elapsed().as_secs_f64(),
+                     "kernels": kernels, "cuda_graphs": "not implemented", "results": rows});
+    if a.json {
+        println!("{out}");
+    } else {
+        println!("model {} on {backend}; kernels {}; CUDA graphs: not implemented", path.display(), out["kernels"]);
+        println!("{:>6} {:>6} {:>6} {:>12} {:>14} {:>14} {:>12}", "batch", "in", "out", "prefill tok/s", "step med ms", "step p90 ms", "decode tok/s");
+        for r in out["results"].as_array().unwrap() {
+            println!(
+                "{:>6} {:>6} {:>6} {:>12.1} {:>14.3} {:>14.3} {:>12.1}",
+                r["batch_size"].as_u64().unwrap(), r["input_len"].as_u64().unwrap(), r["output_len"].as_u64().unwrap(), r["prefill_tok_s"].as_f64().unwrap(), r["decode_step_median_ms"].as_f64().unwrap(),
+                r["decode_step_p90_ms"].as_f64().unwrap(), r["decode_tok_s"].as_f64().unwrap()
+            );
+        }
+    }
+    Ok(())
+}
