@@ -267,10 +267,7 @@ async fn client_disconnect_aborts_and_frees_pages() {
         start_stream_then_drop(&s.addr, "/v1/completions", &json!({"prompt": "abc", "max_tokens": 900, "stream": true, "ignore_eos": true}), 3).await;
     }
     // non-streaming request whose client gives up
-    let addr = s.addr.clone();
-    let h = tokio::spawn(async move { post(&addr, "/generate", &json!({"text": "abc", "sampling_params": {"max_new_tokens": 900, "ignore_eos": true}})).await });
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    h.abort();
+    send_then_hang_up(&s.addr, "/generate", &json!({"text": "abc", "sampling_params": {"max_new_tokens": 900, "ignore_eos": true}}), std::time::Duration::from_millis(100)).await;
     let info = wait_idle(&s.addr).await;
     assert_kv_whole(&info);
     // the server's log is read by a background thread: give it a moment

@@ -337,6 +337,7 @@ impl<B: Backend> Runner<B> {
             self.metrics.generation_tokens(1);
             let delta = r.take_delta(before);
             if r.out.send(delta).is_err() {
+                log::info!("request {}: client disconnected, aborting", r.id);
                 finished.push((it.idx, false));
                 continue;
             }

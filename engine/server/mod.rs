@@ -1,5 +1,6 @@
 //! The HTTP server (hyper + tokio): OpenAI and SGLang endpoints, Prometheus metrics. It talks to
 //! the engine thread only through `EngineHandle`'s channels.
+mod conn_watch;
 mod http;
 mod native;
 mod openai;
@@ -30,6 +31,8 @@ pub struct App {
     pub api_key: Option<String>,
     pub reasoning_parser: bool,
     inflight: Arc<AtomicUsize>,
+    /// The connection this request came on (set per connection).
+    conn: Option<Arc<conn_watch::ConnWatch>>,
 }
 
 /// Counts a request as in flight until dropped (graceful shutdown waits for these).
@@ -43,7 +46,7 @@ impl Drop for InflightGuard {
 
 impl App {
     pub fn new(engine: EngineHandle, served_model_name: String, api_key: Option<String>, reasoning_parser: bool) -> Self {
-        App { engine, served_model_name, api_key, reasoning_parser, inflight: Arc::new(AtomicUsize::new(0)) }
+        App { engine, served_model_name, api_key, reasoning_parser, inflight: Arc::new(AtomicUsize::new(0)), conn: None }
     }
 
     pub fn info(&self) -> &EngineInfo {
@@ -70,16 +73,26 @@ impl App {
     }
 }
 
-/// Waits for a request's final output.
-pub async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<GenerateOutput, ApiError> {
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Delta { .. } => {}
-            Event::Done(out) => return Ok(out),
-            Event::Error(e) => return Err(ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, e)),
+impl App {
+    /// Waits for a request's final output; gives up (dropping, hence aborting, the request) if the
+    /// client hangs up first.
+    pub async fn collect(&self, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<GenerateOutput, ApiError> {
+        loop {
+            let ev = match &self.conn {
+                Some(c) => tokio::select! {
+                    ev = rx.recv() => ev,
+                    _ = c.closed() => return Err(ApiError::status(StatusCode::from_u16(499).unwrap(), "client closed the connection")),
+                },
+                None => rx.recv().await,
+            };
+            match ev {
+                Some(Event::Delta { .. }) => {}
+                Some(Event::Done(out)) => return Ok(out),
+                Some(Event::Error(e)) => return Err(ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, e)),
+                None => return Err(ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "the engine dropped the request")),
+            }
         }
     }
-    Err(ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "the engine dropped the request"))
 }
 
 /// Merges several requests' events, tagged with their index. Dropping the result drops every
@@ -172,7 +185,15 @@ pub async fn serve(app: App, listener: tokio::net::TcpListener, drain: Duration)
                         continue;
                     }
                 };
-                let app = app.clone();
+                let (stream, watch, watcher) = match conn_watch::watch(stream) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        log::warn!("accept: {e}");
+                        continue;
+                    }
+                };
+                let mut app = app.clone();
+                app.conn = Some(watch);
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let app = app.clone();
@@ -182,6 +203,7 @@ pub async fn serve(app: App, listener: tokio::net::TcpListener, drain: Duration)
                     if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
                         log::debug!("connection: {e}");
                     }
+                    watcher.abort();
                 });
             }
             _ = term.recv() => break,

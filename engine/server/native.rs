@@ -4,7 +4,7 @@ use serde_json::{json, Value};
 
 use super::http::{json_response, sse, text_response, ApiError, Resp};
 use super::params::{ids, sampling, Obj, NATIVE, NATIVE_KEYS};
-use super::{collect, merge, App};
+use super::{merge, App};
 use crate::scheduler::{Event, RequestSpec};
 
 /// The prompts of a /generate request and whether it was a batch.
@@ -72,7 +72,7 @@ pub async fn generate(app: &App, body: Value) -> Result<Resp, ApiError> {
     if !stream {
         let mut outs = Vec::new();
         for (_, rx) in rxs {
-            outs.push(collect(rx).await?.to_json());
+            outs.push(app.collect(rx).await?.to_json());
         }
         let v = if multi { Value::Array(outs) } else { outs.pop().unwrap() };
         return Ok(json_response(StatusCode::OK, &v));
@@ -111,7 +111,7 @@ pub async fn generate(app: &App, body: Value) -> Result<Resp, ApiError> {
 pub async fn health_generate(app: &App) -> Resp {
     let spec = RequestSpec { input_ids: vec![app.engine.info.eos_token_ids.first().copied().unwrap_or(0)], params: crate::sampling::SamplingParams { max_new_tokens: 1, temperature: 0.0, ..Default::default() }, ..Default::default() };
     let res = match app.engine.submit(spec) {
-        Ok((_, rx)) => tokio::time::timeout(std::time::Duration::from_secs(30), collect(rx)).await.ok().and_then(|r| r.ok()),
+        Ok((_, rx)) => tokio::time::timeout(std::time::Duration::from_secs(30), app.collect(rx)).await.ok().and_then(|r| r.ok()),
         Err(_) => None,
     };
     match res {

@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use super::http::{json_response, sse, ApiError, Resp};
 use super::params::{ids, sampling, Obj, OPENAI};
 use super::reasoning::ReasoningParser;
-use super::{collect, merge, App};
+use super::{merge, App};
 use crate::runtime::GenerateOutput;
 use crate::scheduler::{Event, RequestSpec};
 use crate::tokenizer::ChatMessage;
@@ -168,7 +168,7 @@ pub async fn completions(app: &App, body: Value) -> Result<Resp, ApiError> {
         let mut choices = Vec::new();
         let mut completion_tokens = 0;
         for (i, (_, rx)) in rxs.into_iter().enumerate() {
-            let out = collect(rx).await?;
+            let out = app.collect(rx).await?;
             completion_tokens += out.output_ids.len();
             let (reason, matched) = finish(&out);
             let logprobs = out.logprobs.as_ref().map(|l| completion_logprobs(app, &l.output_token_logprobs, &l.output_top_logprobs, 0));
@@ -277,7 +277,7 @@ pub async fn chat(app: &App, body: Value) -> Result<Resp, ApiError> {
         let mut choices = Vec::new();
         let mut completion_tokens = 0;
         for (i, (_, rx)) in rxs.into_iter().enumerate() {
-            let out = collect(rx).await?;
+            let out = app.collect(rx).await?;
             completion_tokens += out.output_ids.len();
             let (reason, matched) = finish(&out);
             let mut message = json!({"role": "assistant", "content": out.text});

@@ -73,12 +73,17 @@ impl Resp {
 }
 
 async fn send(addr: &str, req: Request<Full<Bytes>>) -> hyper::Response<Incoming> {
+    send_on_conn(addr, req).await.0
+}
+
+/// Sends a request on a fresh connection; the handle owns the connection (abort it to hang up).
+async fn send_on_conn(addr: &str, req: Request<Full<Bytes>>) -> (hyper::Response<Incoming>, tokio::task::JoinHandle<()>) {
     let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
-    tokio::spawn(async move {
+    let h = tokio::spawn(async move {
         let _ = conn.await;
     });
-    sender.send_request(req).await.expect("send request")
+    (sender.send_request(req).await.expect("send request"), h)
 }
 
 pub fn request(method: &str, addr: &str, path: &str, body: impl Into<Bytes>, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
@@ -114,14 +119,28 @@ pub async fn post_sse(addr: &str, path: &str, v: &Value) -> (u16, Vec<String>) {
     (status, events)
 }
 
-/// Opens a streaming request, reads `n` body frames, then drops the connection.
+/// Opens a streaming request, reads `n` body frames, then hangs up (closes the TCP connection).
 pub async fn start_stream_then_drop(addr: &str, path: &str, v: &Value, n: usize) {
-    let r = send(addr, request("POST", addr, path, v.to_string(), &[])).await;
+    let (r, conn) = send_on_conn(addr, request("POST", addr, path, v.to_string(), &[])).await;
     assert_eq!(r.status().as_u16(), 200);
     let mut body = r.into_body();
     for _ in 0..n {
         let _ = body.frame().await;
     }
+    drop(body);
+    conn.abort();
+}
+
+/// Sends a non-streaming request and hangs up after `after` without reading the response.
+pub async fn send_then_hang_up(addr: &str, path: &str, v: &Value, after: std::time::Duration) {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    let c = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = request("POST", addr, path, v.to_string(), &[]);
+    let _ = tokio::time::timeout(after, sender.send_request(req)).await;
+    c.abort();
 }
 
 pub async fn model_info(addr: &str) -> Value {
