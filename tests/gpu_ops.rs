@@ -274,3 +274,59 @@ fn golden_end_to_end_on_gpu() {
         }
     }
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+fn sampling_on_the_gpu() {
+    use engine::backend::SampleRow;
+    use engine::sampling::{apply_penalties, SamplingParams, TokenCounts};
+    let g = gpu();
+    let mut rng = Rng::new(5);
+    let v = 129280;
+    // greedy with penalties equals the CPU's argmax of the penalised logits
+    let logits = randn(&mut rng, 4 * v, 3.0);
+    let counts = TokenCounts { prompt: [(5u32, 1u32), (77, 2)].into_iter().collect(), output: [(77u32, 3u32), (1000, 1)].into_iter().collect() };
+    let p = SamplingParams { temperature: 0.0, repetition_penalty: 1.3, frequency_penalty: 0.5, presence_penalty: 0.2, ..Default::default() };
+    let pens: Vec<(u32, u32, bool)> = vec![(5, 0, true), (77, 3, true), (1000, 1, false)];
+    let mut t = g.upload(4, v, &logits).unwrap();
+    let rows: Vec<SampleRow> = (0..4).map(|_| SampleRow { params: &p, penalties: pens.clone(), uniform: 0.5 }).collect();
+    let ids = g.sample(&mut t, &rows).unwrap().unwrap();
+    for (r, id) in ids.iter().enumerate() {
+        let mut l = logits[r * v..(r + 1) * v].to_vec();
+        apply_penalties(&mut l, &p, &counts);
+        let want = l.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+        assert_eq!(*id, want, "greedy row {r}");
+    }
+    // inverse CDF over a known distribution (p = 0.1, 0.2, 0.7) on a grid of u
+    let probs = [0.1f32, 0.2, 0.7];
+    let base: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+    let n = 1000;
+    let count = |p: &SamplingParams| {
+        let data: Vec<f32> = (0..n).flat_map(|_| base.clone()).collect();
+        let mut t = g.upload(n, 3, &data).unwrap();
+        let rows: Vec<SampleRow> = (0..n).map(|i| SampleRow { params: p, penalties: vec![], uniform: (i as f32 + 0.5) / n as f32 }).collect();
+        let mut c = [0usize; 3];
+        for id in g.sample(&mut t, &rows).unwrap().unwrap() {
+            c[id as usize] += 1;
+        }
+        c
+    };
+    let c = count(&SamplingParams::default());
+    assert!((c[0] as i64 - 100).abs() <= 2 && (c[1] as i64 - 200).abs() <= 2 && (c[2] as i64 - 700).abs() <= 2, "{c:?}");
+    assert_eq!(count(&SamplingParams { min_p: 0.5, ..Default::default() }), [0, 0, n], "min_p keeps p >= 0.5 p_max");
+    assert_eq!(count(&SamplingParams { top_k: 2, ..Default::default() })[0], 0, "top_k 2 drops the least likely");
+    let c = count(&SamplingParams { top_p: 0.75, ..Default::default() });
+    assert_eq!(c[0], 0, "top_p 0.75 keeps {{0.7, 0.2}}: {c:?}");
+    assert!((c[1] as f64 / n as f64 - 0.2 / 0.9).abs() < 0.01, "{c:?}");
+    // a real-size vocabulary: the pick is always inside the CPU's allowed set
+    let p = SamplingParams { temperature: 0.7, top_k: 50, top_p: 0.9, ..Default::default() };
+    let logits = randn(&mut rng, 8 * v, 2.0);
+    let mut t = g.upload(8, v, &logits).unwrap();
+    let rows: Vec<SampleRow> = (0..8).map(|i| SampleRow { params: &p, penalties: vec![], uniform: (i as f32 + 0.3) / 8.0 }).collect();
+    for (r, id) in g.sample(&mut t, &rows).unwrap().unwrap().iter().enumerate() {
+        let row = &logits[r * v..(r + 1) * v];
+        let mut idx: Vec<usize> = (0..v).collect();
+        idx.sort_by(|a, b| row[*b].partial_cmp(&row[*a]).unwrap());
+        assert!(idx[..50].contains(&(*id as usize)), "row {r}: {id} not in the top 50");
+    }
+}

@@ -55,6 +55,14 @@ pub struct AttnSeq<'a> {
     pub slots: &'a [u32],
 }
 
+/// One row of device-side sampling: the request's parameters, its penalty tokens
+/// (token, count in the output so far, whether it occurs in the prompt) and a uniform draw.
+pub struct SampleRow<'a> {
+    pub params: &'a crate::sampling::SamplingParams,
+    pub penalties: Vec<(u32, u32, bool)>,
+    pub uniform: f32,
+}
+
 /// Rows × columns of an activation tensor.
 pub trait TensorShape {
     fn rows(&self) -> usize;
@@ -120,4 +128,10 @@ pub trait Backend: Send + Sync + 'static {
     fn moe_experts(&self, x: &Self::Tensor, routing: &Self::Routing, experts: &Self::Experts) -> Result<Self::Tensor, BackendError>;
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor, BackendError>;
+
+    /// Picks one token per row of `logits` on the device (penalties applied in place), or None when
+    /// this backend samples on the host (the CPU reference does).
+    fn sample(&self, _logits: &mut Self::Tensor, _rows: &[SampleRow]) -> Result<Option<Vec<u32>>, BackendError> {
+        Ok(None)
+    }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{BatchItem, Event, Request, RequestSpec, Scheduler, SchedulerConfig};
-use crate::backend::{AttnSeq, Backend};
+use crate::backend::{AttnSeq, Backend, SampleRow};
 use crate::kv_cache::{KvManager, KvStats};
 use crate::metrics::Metrics;
 use crate::model::{ForwardBatch, Model};
@@ -302,13 +302,38 @@ impl<B: Backend> Runner<B> {
                 .collect()
         };
         let t0 = Instant::now();
-        let logits = if logit_rows.is_empty() {
-            // a pure prefill chunk still has to run to fill the cache
-            self.model.forward(&mut self.kv_cache, &ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seqs, logit_rows: &[] })?;
-            vec![]
-        } else {
-            let l = self.model.forward(&mut self.kv_cache, &ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seqs, logit_rows: &logit_rows })?;
-            self.model.backend.download(&l)?
+        let out = self.model.forward(&mut self.kv_cache, &ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seqs, logit_rows: &logit_rows })?;
+        // Sample on the device when the backend can and no row needs host-side logprobs.
+        let needs_host = rows_of.iter().any(|(_, n, _)| *n > 0)
+            || items.iter().zip(&rows_of).any(|(it, (_, _, s))| s.is_some() && self.sched.running[it.idx].logprobs.is_some());
+        let mut device_ids = None;
+        let mut out = out;
+        if !needs_host && !logit_rows.is_empty() {
+            let rows: Vec<SampleRow> = items
+                .iter()
+                .zip(&rows_of)
+                .filter(|(_, (_, _, s))| s.is_some())
+                .map(|(it, _)| {
+                    let r = &self.sched.running[it.idx];
+                    let p = &r.spec.params;
+                    let penalties = if p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+                        let mut v: Vec<(u32, u32, bool)> = r.counts.output.iter().map(|(&t, &c)| (t, c, r.counts.prompt.contains_key(&t))).collect();
+                        v.extend(r.counts.prompt.keys().filter(|t| !r.counts.output.contains_key(t)).map(|&t| (t, 0, true)));
+                        v
+                    } else {
+                        vec![]
+                    };
+                    // drawn on the host from the request's own generator: a seed still reproduces
+                    let mut rng = r.rng.clone();
+                    let uniform = rng.uniform() as f32;
+                    SampleRow { params: p, penalties, uniform }
+                })
+                .collect();
+            device_ids = self.model.backend.sample(&mut out, &rows)?;
+        }
+        let logits = match (&device_ids, logit_rows.is_empty()) {
+            (Some(_), _) | (None, true) => vec![],
+            (None, false) => self.model.backend.download(&out)?,
         };
         drop(seqs);
         self.metrics.observe_step(tokens.len(), t0.elapsed());
@@ -321,11 +346,19 @@ impl<B: Backend> Runner<B> {
                 record_input_logprobs(r, &logits, vocab, it, first_lp, n_lp);
             }
             let Some(row) = sample_row else { continue };
-            let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
-            let lp = r.logprobs.is_some().then(|| log_softmax(&l));
-            apply_penalties(&mut l, &r.spec.params, &r.counts);
-            let t = sample(&l, &r.spec.params, &mut r.rng);
-            let info = lp.map(|ls| (ls[t as usize], top_logprobs(&ls, r.spec.top_logprobs_num)));
+            let (t, info) = match &device_ids {
+                Some(ids) => {
+                    r.rng.uniform(); // the draw the device used
+                    (ids[row], None)
+                }
+                None => {
+                    let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
+                    let lp = r.logprobs.is_some().then(|| log_softmax(&l));
+                    apply_penalties(&mut l, &r.spec.params, &r.counts);
+                    let t = sample(&l, &r.spec.params, &mut r.rng);
+                    (t, lp.map(|ls| (ls[t as usize], top_logprobs(&ls, r.spec.top_logprobs_num))))
+                }
+            };
             let before = r.output_ids.len();
             let now = Instant::now();
             match r.last_token_at {

@@ -3,7 +3,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{err, CudaBackend, GpuTensor};
 use crate::backend::gpu::ModelDims;
-use crate::backend::{AttnSeq, Backend, BackendError, MlaDims, RouteParams};
+use crate::backend::{AttnSeq, Backend, BackendError, MlaDims, RouteParams, SampleRow};
 use crate::config::{RopeTables, ScoringFunc, TopkMethod};
 use crate::weights::{HostLinear, LinearData};
 
@@ -12,6 +12,7 @@ const NORM: &str = "hip-kernels/norm.hip";
 const ROPE: &str = "hip-kernels/rope.hip";
 const LIN: &str = "hip-kernels/linear.hip";
 const MOE: &str = "hip-kernels/moe.hip";
+const SAMPLE: &str = "hip-kernels/sampling.hip";
 
 /// A weight in its checkpoint dtype on the device.
 pub struct GpuLinear {
@@ -351,5 +352,44 @@ impl Backend for CudaBackend {
             unsafe { b.launch(cfg((rows.len() as u32, 1), 256, 0)) }.map_err(err("gather_rows"))?;
         }
         Ok(GpuTensor { rows: rows.len(), cols: x.cols, buf: out })
+    }
+
+    fn sample(&self, logits: &mut GpuTensor, rows: &[SampleRow]) -> Result<Option<Vec<u32>>, BackendError> {
+        assert_eq!(logits.rows, rows.len(), "sample: one SampleRow per logits row");
+        if rows.is_empty() {
+            return Ok(Some(vec![]));
+        }
+        let f = self.func(SAMPLE, "sample_rows")?;
+        let v = logits.cols as i32;
+        let mut off = vec![0i32];
+        let (mut tok, mut cnt, mut inp) = (vec![], vec![], vec![]);
+        for r in rows {
+            for &(t, c, p) in &r.penalties {
+                tok.push(t as i32);
+                cnt.push(c as i32);
+                inp.push(p as u8);
+            }
+            off.push(tok.len() as i32);
+        }
+        let nz = |v: &Vec<i32>| if v.is_empty() { vec![0] } else { v.clone() };
+        let up_f = |f: &dyn Fn(&SampleRow) -> f32| self.stream.clone_htod(&rows.iter().map(f).collect::<Vec<f32>>()).map_err(err("sample"));
+        let temp = up_f(&|r| r.params.temperature)?;
+        let top_p = up_f(&|r| r.params.top_p)?;
+        let min_p = up_f(&|r| r.params.min_p)?;
+        let rep = up_f(&|r| r.params.repetition_penalty)?;
+        let freq = up_f(&|r| r.params.frequency_penalty)?;
+        let pres = up_f(&|r| r.params.presence_penalty)?;
+        let uni = up_f(&|r| r.uniform)?;
+        let top_k = self.stream.clone_htod(&rows.iter().map(|r| r.params.top_k.clamp(-1, i32::MAX as i64) as i32).collect::<Vec<i32>>()).map_err(err("sample"))?;
+        let d_off = self.stream.clone_htod(&off).map_err(err("sample"))?;
+        let d_tok = self.stream.clone_htod(&nz(&tok)).map_err(err("sample"))?;
+        let d_cnt = self.stream.clone_htod(&nz(&cnt)).map_err(err("sample"))?;
+        let d_inp = self.stream.clone_htod(if inp.is_empty() { &[0u8][..] } else { &inp }).map_err(err("sample"))?;
+        let mut out = self.stream.alloc_zeros::<i32>(rows.len()).map_err(err("sample"))?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&mut logits.buf).arg(&v).arg(&temp).arg(&top_k).arg(&top_p).arg(&min_p).arg(&rep).arg(&freq).arg(&pres).arg(&d_off).arg(&d_tok).arg(&d_cnt).arg(&d_inp).arg(&uni).arg(&mut out);
+        unsafe { b.launch(cfg((rows.len() as u32, 1), 1024, 0)) }.map_err(err("sample"))?;
+        let ids: Vec<i32> = self.stream.clone_dtoh(&out).map_err(err("sample"))?;
+        Ok(Some(ids.into_iter().map(|i| i as u32).collect()))
     }
 }

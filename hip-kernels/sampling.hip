@@ -1,0 +1,146 @@
+// Token selection on the GPU, one block per row of logits (applied in place):
+//   1. repetition (HF), frequency and presence (OpenAI) penalties over the row's listed tokens;
+//   2. greedy (temperature 0): argmax, ties to the lower id;
+//   3. otherwise w = exp((l - max) / T); the kept set is {w >= thr} with thr the largest of the
+//      top-k threshold, the top-p threshold (over the top-k set) and min_p (w_max is 1), each found
+//      by bisection on the value; the token is where u * Σ kept w falls in index order.
+// Matches sampling/sampler.rs in distribution (the CPU walks tokens by
+// probability, so the same u can pick a different token).
+#include "common.h"
+
+#define SBLOCK 1024
+
+__device__ float block_reduce_sum(float v, float* sh) {
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    float t = 0.f;
+    for (int i = 0; i < nw; ++i) t += sh[i];
+    return t;
+}
+
+__device__ float block_reduce_max(float v, float* sh) {
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    float t = -ENGINE_INF;
+    for (int i = 0; i < nw; ++i) t = fmaxf(t, sh[i]);
+    return t;
+}
+
+extern "C" __global__ void sample_rows(float* logits, int V, const float* temperature, const int* top_k, const float* top_p,
+                                       const float* min_p, const float* rep, const float* freq, const float* pres,
+                                       const int* pen_off, const int* pen_tok, const int* pen_cnt, const uint8_t* pen_prompt,
+                                       const float* uniform, int* out) {
+    __shared__ float sh[SBLOCK / 32];
+    __shared__ int shi[SBLOCK / 32];
+    __shared__ float scan[SBLOCK];
+    int r = blockIdx.x;
+    float* l = logits + (int64_t)r * V;
+    // 1. penalties (each listed token once)
+    for (int j = pen_off[r] + threadIdx.x; j < pen_off[r + 1]; j += blockDim.x) {
+        int t = pen_tok[j], cnt = pen_cnt[j];
+        float x = l[t];
+        if (rep[r] != 1.0f && (cnt > 0 || pen_prompt[j])) x = x > 0.f ? x / rep[r] : x * rep[r];
+        if (cnt > 0) x -= freq[r] * (float)cnt + pres[r];
+        l[t] = x;
+    }
+    __syncthreads();
+    // 2. greedy
+    float T = temperature[r];
+    if (T == 0.0f || top_k[r] == 1) {
+        float best = -ENGINE_INF;
+        int bi = 0x7fffffff;
+        for (int i = threadIdx.x; i < V; i += blockDim.x)
+            if (l[i] > best) { best = l[i]; bi = i; }
+        float m = block_reduce_max(best, sh);
+        int cand = best == m ? bi : 0x7fffffff;
+        // lowest index among the maxima
+        int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+        for (int o = WARP / 2; o > 0; o >>= 1) cand = min(cand, __shfl_xor(cand, o, WARP));
+        __syncthreads();
+        if (lane == 0) shi[w] = cand;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int b = 0x7fffffff;
+            for (int i = 0; i < nw; ++i) b = min(b, shi[i]);
+            out[r] = b;
+        }
+        return;
+    }
+    // 3. weights relative to the max
+    float mx = -ENGINE_INF;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, l[i]);
+    mx = block_reduce_max(mx, sh);
+    float invT = 1.0f / T;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) l[i] = expf((l[i] - mx) * invT);
+    __syncthreads();
+    float thr = 0.f;
+    int k = top_k[r];
+    if (k > 0 && k < V) {
+        float lo = 0.f, hi = 1.0f; // count(w >= lo) >= k always holds
+        for (int it = 0; it < 40; ++it) {
+            float mid = 0.5f * (lo + hi);
+            float c = 0.f;
+            for (int i = threadIdx.x; i < V; i += blockDim.x) c += l[i] >= mid ? 1.f : 0.f;
+            c = block_reduce_sum(c, sh);
+            if (c >= (float)k) lo = mid; else hi = mid;
+        }
+        thr = lo;
+    }
+    if (top_p[r] < 1.0f) {
+        float z = 0.f;
+        for (int i = threadIdx.x; i < V; i += blockDim.x) z += l[i] >= thr ? l[i] : 0.f;
+        z = block_reduce_sum(z, sh);
+        float lo = thr, hi = 1.0f; // mass(w >= lo) >= p z
+        for (int it = 0; it < 40; ++it) {
+            float mid = 0.5f * (lo + hi);
+            float s = 0.f;
+            for (int i = threadIdx.x; i < V; i += blockDim.x) s += l[i] >= mid ? l[i] : 0.f;
+            s = block_reduce_sum(s, sh);
+            if (s >= top_p[r] * z) lo = mid; else hi = mid;
+        }
+        thr = lo;
+    }
+    thr = fmaxf(thr, min_p[r]);
+    // 4. inverse CDF in index order over contiguous chunks
+    int per = (V + blockDim.x - 1) / blockDim.x;
+    int a = threadIdx.x * per, b = min(V, a + per);
+    float mine = 0.f;
+    for (int i = a; i < b; ++i) mine += l[i] >= thr ? l[i] : 0.f;
+    scan[threadIdx.x] = mine;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float acc = 0.f;
+        for (int i = 0; i < (int)blockDim.x; ++i) {
+            float v = scan[i];
+            scan[i] = acc;
+            acc += v;
+        }
+        sh[0] = acc;
+    }
+    __syncthreads();
+    float target = uniform[r] * sh[0];
+    float start = scan[threadIdx.x];
+    if (target >= start && target < start + mine) {
+        float acc = start;
+        int pick = -1, last = -1;
+        for (int i = a; i < b; ++i) {
+            if (l[i] < thr) continue;
+            last = i;
+            acc += l[i];
+            if (target < acc) { pick = i; break; }
+        }
+        out[r] = pick >= 0 ? pick : last;
+    }
+    // rounding can leave target past the total: the last kept token
+    __syncthreads();
+    if (threadIdx.x == 0 && target >= sh[0]) {
+        for (int i = V - 1; i >= 0; --i)
+            if (l[i] >= thr) { out[r] = i; break; }
+    }
+}
