@@ -1,5 +1,6 @@
 //! Checkpoint weights: safetensors files (single or sharded, memory-mapped), dtypes, FP8 blocks.
 mod dtype;
+pub mod fnuz;
 mod host;
 mod progress;
 mod safetensors;
