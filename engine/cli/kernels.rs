@@ -23,6 +23,16 @@ pub enum KernelsCommand {
         #[arg(long)]
         arch: Option<String>,
     },
+    /// Write the assembled kernel sources (what the JIT compiles) for an architecture into a folder,
+    /// for offline compile checks
+    Source {
+        #[arg(long)]
+        model_path: PathBuf,
+        #[arg(long)]
+        arch: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// List cached kernels
     List,
     /// Remove every cached kernel
@@ -51,6 +61,18 @@ pub fn run(cmd: KernelsCommand) -> Result<(), Box<dyn std::error::Error + Send +
                     Some(m) => println!("{}  {:>9} B  {}  {}  {}  {:?}", &e.key[..16], e.bytes, m.arch, m.compiler, m.file, m.defines),
                     None => println!("{}  {:>9} B  (corrupt: will be rebuilt)", &e.key[..16], e.bytes),
                 }
+            }
+        }
+        KernelsCommand::Source { model_path, arch, out } => {
+            let cfg = ModelConfig::from_file(&model_path.join("config.json"))?;
+            let vendor = if arch.starts_with("gfx") { Vendor::Amd } else if arch.starts_with("sm_") { Vendor::Nvidia } else { return Err(format!("unknown architecture {arch:?}").into()) };
+            std::fs::create_dir_all(&out)?;
+            for m in modules_for(ModelDims::of(&cfg), vendor) {
+                let src = crate::backend::gpu::source::assemble(m.file, &m.defines, vendor)?;
+                let stem = m.file.rsplit('/').next().unwrap().trim_end_matches(".hip");
+                let name = if m.file.ends_with("mla.hip") { format!("{stem}_{}.hip", ModelDims::of(&cfg).kv_lora_rank) } else { format!("{stem}.hip") };
+                std::fs::write(out.join(&name), src)?;
+                println!("{}", out.join(&name).display());
             }
         }
         KernelsCommand::Clear => {
