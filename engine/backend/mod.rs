@@ -6,6 +6,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod gpu;
+pub mod rocm;
 mod routing;
 mod select;
 

@@ -22,20 +22,26 @@ impl BackendKind {
         match self {
             BackendKind::Cpu => Ok(BackendKind::Cpu),
             BackendKind::Cuda => cuda_available().map(|()| BackendKind::Cuda),
-            BackendKind::Rocm => Err(BackendUnavailable {
-                backend: "rocm",
-                reason: "this build has no ROCm backend yet; use --backend cuda or --backend cpu".into(),
-            }),
-            BackendKind::Auto => match cuda_available() {
-                Ok(()) => {
-                    log::info!("backend auto: ROCm is not in this build; CUDA device found, using cuda");
-                    Ok(BackendKind::Cuda)
-                }
-                Err(e) => {
-                    log::info!("backend auto: ROCm is not in this build; {}; using cpu", e.reason);
-                    Ok(BackendKind::Cpu)
-                }
+            BackendKind::Rocm => match super::rocm::probe() {
+                Ok(p) => Err(BackendUnavailable {
+                    backend: "rocm",
+                    reason: format!("{} ROCm device(s) found through {}, but this build's ROCm backend has no kernels yet (hipRTC/hipBLASLt paths are not implemented); use --backend cpu", p.devices, p.library),
+                }),
+                Err(e) => Err(e),
             },
+            BackendKind::Auto => {
+                let rocm = super::rocm::probe().err().map(|e| e.reason).unwrap_or_else(|| "ROCm device found but the ROCm backend has no kernels yet".into());
+                match cuda_available() {
+                    Ok(()) => {
+                        log::info!("backend auto: rocm: {rocm}; CUDA device found, using cuda");
+                        Ok(BackendKind::Cuda)
+                    }
+                    Err(e) => {
+                        log::info!("backend auto: rocm: {rocm}; cuda: {}; using cpu", e.reason);
+                        Ok(BackendKind::Cpu)
+                    }
+                }
+            }
         }
     }
 }
