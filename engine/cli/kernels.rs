@@ -44,7 +44,7 @@ pub fn compiler_for(arch: &str) -> Result<(Box<dyn KernelCompiler>, Vendor), Box
     if arch.starts_with("sm_") {
         Ok((Box::new(crate::backend::gpu::nvrtc::NvrtcCompiler::new(arch)?), Vendor::Nvidia))
     } else if arch.starts_with("gfx") {
-        Err(format!("{arch}: the hipRTC compiler (ROCm backend) is not in this build yet").into())
+        Ok((Box::new(crate::backend::gpu::hiprtc::HiprtcCompiler::new(arch)?), Vendor::Amd))
     } else {
         Err(format!("unknown architecture {arch:?} (expected sm_XX or gfxXXX)").into())
     }

@@ -1,6 +1,7 @@
 //! What the GPU backends share: the kernel sources (assembled from the build.rs manifest), the
 //! kernel list a model needs, the JIT compiler interface, and the on-disk kernel cache.
 pub mod compiler;
+pub mod hiprtc;
 pub mod jit;
 pub mod kernel_cache;
 pub mod nvrtc;

@@ -41,7 +41,13 @@ pub fn assemble(file: &str, defines: &[(String, String)], vendor: Vendor) -> Res
             out.push_str(&format!("// ---- {compat}\n"));
             inline_includes(compat, &mut out, &mut vec![])?;
         }
-        Vendor::Amd => out.push_str("#include <hip/hip_runtime.h>\n"),
+        // hipRTC brings the HIP device headers itself (__HIPCC_RTC__); an offline clang compile
+        // (the CI compile check) includes them.
+        Vendor::Amd => out.push_str(
+            "#ifndef __HIPCC_RTC__\n#include <hip/hip_runtime.h>\n#else\n\
+             using __hip_internal::uint8_t; using __hip_internal::uint16_t; using __hip_internal::uint32_t;\n\
+             using __hip_internal::uint64_t; using __hip_internal::int32_t; using __hip_internal::int64_t;\n#endif\n",
+        ),
     }
     for (k, v) in defines {
         out.push_str(&format!("#define {k} {v}\n"));
