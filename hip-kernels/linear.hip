@@ -57,3 +57,37 @@ __device__ void linear_impl(const float* __restrict__ X, const uint8_t* __restri
 extern "C" __global__ void linear_f32w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_F32>(X, W, S, Y, M, N, K, bn, bk); }
 extern "C" __global__ void linear_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk); }
 extern "C" __global__ void linear_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk); }
+
+// Decode path (M <= GEMV_MAX_M rows of x): one warp per output row, lanes striding along K so the
+// weight row is read once, coalesced; every token's partial sum lives in registers. Memory-bound
+// on the weights, as batch-1..8 decode is.
+#define GEMV_MAX_M 8
+
+template <int WDT>
+__device__ void gemv_impl(const float* __restrict__ X, const uint8_t* __restrict__ W, const float* __restrict__ S, float* __restrict__ Y,
+                          int M, int N, int K, int bn, int bk) {
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    int n = blockIdx.x * nw + w;
+    if (n >= N) return;
+    int kblocks = (K + bk - 1) / bk;
+    float acc[GEMV_MAX_M];
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_M; ++m) acc[m] = 0.f;
+    for (int k = lane; k < K; k += WARP) {
+        float wv = load_w<WDT>(W, S, n, k, K, bn, bk, kblocks);
+#pragma unroll
+        for (int m = 0; m < GEMV_MAX_M; ++m)
+            if (m < M) acc[m] += wv * X[(int64_t)m * K + k];
+    }
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_M; ++m) {
+        if (m < M) {
+            float v = warp_sum(acc[m]);
+            if (lane == 0) Y[(int64_t)m * N + n] = v;
+        }
+    }
+}
+
+extern "C" __global__ void gemv_f32w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { gemv_impl<WDT_F32>(X, W, S, Y, M, N, K, bn, bk); }
+extern "C" __global__ void gemv_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { gemv_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk); }
+extern "C" __global__ void gemv_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { gemv_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk); }

@@ -83,11 +83,14 @@ impl CudaBackend {
     }
 
     fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>) -> Result<(), BackendError> {
-        let f = self.func(LIN, &format!("linear_{}", wdt_suffix(w.wdt)))?;
+        // up to GEMV_MAX_M rows (decode): a warp per output row; otherwise the tiled GEMM
+        let gemv = x.rows <= 8;
+        let f = self.func(LIN, &format!("{}_{}", if gemv { "gemv" } else { "linear" }, wdt_suffix(w.wdt)))?;
         let (m, n, k) = (x.rows as i32, w.out as i32, w.inp as i32);
         let mut b = self.stream.launch_builder(&f);
         b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
-        unsafe { b.launch(cfg((w.out.div_ceil(64) as u32, x.rows.div_ceil(64) as u32), 256, 0)) }.map_err(err("linear"))?;
+        let grid = if gemv { (w.out.div_ceil(8) as u32, 1) } else { (w.out.div_ceil(64) as u32, x.rows.div_ceil(64) as u32) };
+        unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("linear"))?;
         Ok(())
     }
 }
