@@ -16,4 +16,4 @@ case "$first" in *"compiled, 0 already cached"*) ;; *) echo "FAIL: first warmup 
 second=$(run configs/models/deepseek-v3)
 echo "second start: $second"
 case "$second" in *" 0 compiled,"*) ;; *) echo "FAIL: a warm cache still compiled"; exit 1;; esac
-"$ENGINE" kernels list | head -3
+"$ENGINE" kernels list
