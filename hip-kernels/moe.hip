@@ -145,3 +145,116 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
 MOE_KERNELS(f32w, WDT_F32)
 MOE_KERNELS(bf16w, WDT_BF16)
 MOE_KERNELS(fp8w, WDT_FP8)
+
+// ---- grouped path: tokens grouped by expert on the device, each expert's weights streamed once ----
+
+// One thread, deterministic: counts per expert, offsets (exclusive scan, E+1 entries) and the pair
+// indices sorted by expert (stable in pair order). `pairs` = tokens × top_k.
+extern "C" __global__ void moe_group(const int32_t* ids, int pairs, int E, int32_t* offsets, int32_t* sorted) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    for (int e = 0; e <= E; ++e) offsets[e] = 0;
+    for (int p = 0; p < pairs; ++p) offsets[ids[p] + 1] += 1;
+    for (int e = 0; e < E; ++e) offsets[e + 1] += offsets[e];
+    // fill using offsets as cursors, then restore
+    for (int p = 0; p < pairs; ++p) sorted[offsets[ids[p]]++] = p;
+    for (int e = E; e > 0; --e) offsets[e] = offsets[e - 1];
+    offsets[0] = 0;
+}
+
+#define GROUP_CHUNK 8
+
+// h[p, i] for every pair p of expert e = blockIdx.x; a warp per intermediate row i.
+template <int WDT>
+__device__ void moe_gate_up_grouped_impl(const float* x, const int32_t* offsets, const int32_t* sorted, const uint8_t* wg, const float* sg,
+                                         const uint8_t* wu, const float* su, float* h, int top_k, int I, int H, int bn, int bk) {
+    int e = blockIdx.x;
+    int p0 = offsets[e], p1 = offsets[e + 1];
+    if (p0 == p1) return;
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    int kb = (H + bk - 1) / bk;
+    int64_t wstride = (int64_t)I * H * (WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1);
+    int64_t sstride = (int64_t)((I + bn - 1) / bn) * kb;
+    const uint8_t* g = wg + e * wstride;
+    const uint8_t* u = wu + e * wstride;
+    const float* gs = sg + (WDT == WDT_FP8 ? e * sstride : 0);
+    const float* us = su + (WDT == WDT_FP8 ? e * sstride : 0);
+    for (int i = blockIdx.y * nw + w; i < I; i += gridDim.y * nw) {
+        for (int c0 = p0; c0 < p1; c0 += GROUP_CHUNK) {
+            int n = min(GROUP_CHUNK, p1 - c0);
+            float a[GROUP_CHUNK], b[GROUP_CHUNK];
+#pragma unroll
+            for (int j = 0; j < GROUP_CHUNK; ++j) a[j] = b[j] = 0.f;
+            for (int c = lane; c < H; c += WARP) {
+                float gv = load_w<WDT>(g, gs, i, c, H, bn, bk, kb);
+                float uv = load_w<WDT>(u, us, i, c, H, bn, bk, kb);
+#pragma unroll
+                for (int j = 0; j < GROUP_CHUNK; ++j) {
+                    if (j < n) {
+                        float xv = x[(int64_t)(sorted[c0 + j] / top_k) * H + c];
+                        a[j] += gv * xv;
+                        b[j] += uv * xv;
+                    }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < GROUP_CHUNK; ++j) {
+                if (j < n) {
+                    float av = warp_sum(a[j]), bv = warp_sum(b[j]);
+                    if (lane == 0) h[(int64_t)sorted[c0 + j] * I + i] = av / (1.0f + expf(-av)) * bv;
+                }
+            }
+        }
+    }
+}
+
+// out[t, r] += weight[p] · (Wd[e, r] · h[p]) for the pairs of expert e = blockIdx.x.
+template <int WDT>
+__device__ void moe_down_grouped_impl(const float* h, const int32_t* offsets, const int32_t* sorted, const float* weights, const uint8_t* wd,
+                                      const float* sd, float* out, int top_k, int I, int H, int bn, int bk) {
+    int e = blockIdx.x;
+    int p0 = offsets[e], p1 = offsets[e + 1];
+    if (p0 == p1) return;
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    int kb = (I + bk - 1) / bk;
+    int64_t wstride = (int64_t)I * H * (WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1);
+    int64_t sstride = (int64_t)((H + bn - 1) / bn) * kb;
+    const uint8_t* d = wd + e * wstride;
+    const float* ds = sd + (WDT == WDT_FP8 ? e * sstride : 0);
+    for (int r = blockIdx.y * nw + w; r < H; r += gridDim.y * nw) {
+        for (int c0 = p0; c0 < p1; c0 += GROUP_CHUNK) {
+            int n = min(GROUP_CHUNK, p1 - c0);
+            float a[GROUP_CHUNK];
+#pragma unroll
+            for (int j = 0; j < GROUP_CHUNK; ++j) a[j] = 0.f;
+            for (int c = lane; c < I; c += WARP) {
+                float dv = load_w<WDT>(d, ds, r, c, I, bn, bk, kb);
+#pragma unroll
+                for (int j = 0; j < GROUP_CHUNK; ++j)
+                    if (j < n) a[j] += dv * h[(int64_t)sorted[c0 + j] * I + c];
+            }
+#pragma unroll
+            for (int j = 0; j < GROUP_CHUNK; ++j) {
+                if (j < n) {
+                    float v = warp_sum(a[j]);
+                    int p = sorted[c0 + j];
+                    if (lane == 0) atomicAdd(&out[(int64_t)(p / top_k) * H + r], weights[p] * v);
+                }
+            }
+        }
+    }
+}
+
+#define MOE_GROUPED_KERNELS(SUF, WDT)                                                                                               \
+    extern "C" __global__ void moe_gate_up_grouped_##SUF(const float* x, const int32_t* off, const int32_t* sorted, const uint8_t* wg, \
+                                                         const float* sg, const uint8_t* wu, const float* su, float* h, int top_k,   \
+                                                         int I, int H, int bn, int bk) {                                            \
+        moe_gate_up_grouped_impl<WDT>(x, off, sorted, wg, sg, wu, su, h, top_k, I, H, bn, bk);                                       \
+    }                                                                                                                               \
+    extern "C" __global__ void moe_down_grouped_##SUF(const float* h, const int32_t* off, const int32_t* sorted, const float* weights, \
+                                                      const uint8_t* wd, const float* sd, float* out, int top_k, int I, int H, int bn, \
+                                                      int bk) {                                                                     \
+        moe_down_grouped_impl<WDT>(h, off, sorted, weights, wd, sd, out, top_k, I, H, bn, bk);                                       \
+    }
+MOE_GROUPED_KERNELS(f32w, WDT_F32)
+MOE_GROUPED_KERNELS(bf16w, WDT_BF16)
+MOE_GROUPED_KERNELS(fp8w, WDT_FP8)
