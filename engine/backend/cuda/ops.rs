@@ -333,34 +333,14 @@ impl Backend for CudaBackend {
         }
         let mut h = self.alloc_out(pairs * e.inter)?;
         let (k, i, hd) = (r.top_k as i32, e.inter as i32, e.hidden as i32);
-        if pairs <= 16 {
-            // few pairs (decode): one (token, expert) pair per block row
-            let f = self.func(MOE, &format!("moe_gate_up_{}", wdt_suffix(e.wdt)))?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&x.buf).arg(&r.ids).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk);
-            unsafe { b.launch(cfg((pairs as u32, e.inter.div_ceil(8).min(64) as u32), 256, 0)) }.map_err(err("moe_gate_up"))?;
-            let f = self.func(MOE, &format!("moe_down_{}", wdt_suffix(e.wdt)))?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&h).arg(&r.ids).arg(&r.weights).arg(&e.down).arg(&e.ds).arg(&mut out).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk);
-            unsafe { b.launch(cfg((pairs as u32, e.hidden.div_ceil(8).min(64) as u32), 256, 0)) }.map_err(err("moe_down"))?;
-        } else {
-            // many pairs: group them by expert on the device so each expert's weights stream once
-            let mut offsets = self.stream.alloc_zeros::<i32>(e.n + 1).map_err(err("moe_group"))?;
-            let mut sorted = self.stream.alloc_zeros::<i32>(pairs).map_err(err("moe_group"))?;
-            let (np, ne) = (pairs as i32, e.n as i32);
-            let f = self.func(MOE, "moe_group")?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&r.ids).arg(&np).arg(&ne).arg(&mut offsets).arg(&mut sorted);
-            unsafe { b.launch(cfg((1, 1), 32, 0)) }.map_err(err("moe_group"))?;
-            let f = self.func(MOE, &format!("moe_gate_up_grouped_{}", wdt_suffix(e.wdt)))?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&x.buf).arg(&offsets).arg(&sorted).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk);
-            unsafe { b.launch(cfg((e.n as u32, e.inter.div_ceil(8).min(32) as u32), 256, 0)) }.map_err(err("moe_gate_up_grouped"))?;
-            let f = self.func(MOE, &format!("moe_down_grouped_{}", wdt_suffix(e.wdt)))?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&h).arg(&offsets).arg(&sorted).arg(&r.weights).arg(&e.down).arg(&e.ds).arg(&mut out).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk);
-            unsafe { b.launch(cfg((e.n as u32, e.hidden.div_ceil(8).min(32) as u32), 256, 0)) }.map_err(err("moe_down_grouped"))?;
-        }
+        let f = self.func(MOE, &format!("moe_gate_up_{}", wdt_suffix(e.wdt)))?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&x.buf).arg(&r.ids).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk);
+        unsafe { b.launch(cfg((pairs as u32, e.inter.div_ceil(8).min(64) as u32), 256, 0)) }.map_err(err("moe_gate_up"))?;
+        let f = self.func(MOE, &format!("moe_down_{}", wdt_suffix(e.wdt)))?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&h).arg(&r.ids).arg(&r.weights).arg(&e.down).arg(&e.ds).arg(&mut out).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk);
+        unsafe { b.launch(cfg((pairs as u32, e.hidden.div_ceil(8).min(64) as u32), 256, 0)) }.map_err(err("moe_down"))?;
         Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
     }
 

@@ -31,7 +31,7 @@ const GENERIC: &[(&str, &[&str])] = &[
     ("hip-kernels/rope.hip", &["rope"]),
     ("hip-kernels/linear.hip", &["linear_f32w", "linear_bf16w", "linear_fp8w", "gemv_f32w", "gemv_bf16w", "gemv_fp8w"]),
     ("hip-kernels/sampling.hip", &["sample_rows"]),
-    ("hip-kernels/moe.hip", &["moe_route", "moe_gate_up_f32w", "moe_down_f32w", "moe_gate_up_bf16w", "moe_down_bf16w", "moe_gate_up_fp8w", "moe_down_fp8w", "moe_group", "moe_gate_up_grouped_f32w", "moe_down_grouped_f32w", "moe_gate_up_grouped_bf16w", "moe_down_grouped_bf16w", "moe_gate_up_grouped_fp8w", "moe_down_grouped_fp8w"]),
+    ("hip-kernels/moe.hip", &["moe_route", "moe_gate_up_f32w", "moe_down_f32w", "moe_gate_up_bf16w", "moe_down_bf16w", "moe_gate_up_fp8w", "moe_down_fp8w"]),
 ];
 
 pub fn warp_size(vendor: Vendor) -> u32 {
