@@ -32,6 +32,15 @@ pub struct BenchOneBatchArgs {
     pub seed: u64,
     #[arg(long)]
     pub json: bool,
+    /// Time per op class over the decode steps, from GPU events (CUDA backend)
+    #[arg(long)]
+    pub profile: bool,
+}
+
+/// Profiling hooks around the decode loop: start, then per-class milliseconds at the end.
+pub struct ProfileHooks<'a> {
+    pub start: &'a dyn Fn(),
+    pub finish: &'a dyn Fn() -> Option<Vec<(&'static str, f64)>>,
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -41,7 +50,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
 }
 
-fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error + Send + Sync>> {
+fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &ProfileHooks) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error + Send + Sync>> {
     let vocab = model.cfg.vocab_size as u64;
     let mut rows = Vec::new();
     for &bs in &a.batch_size {
@@ -58,6 +67,7 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs) -> Result<Ve
         let mut l = model.backend.download(&logits)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let mut steps = Vec::new();
+        (hooks.start)();
         for step in 0..a.output_len {
             let next: Vec<u32> = l.chunks(vocab as usize).map(|r| r.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32).collect();
             let ctx = a.input_len + step + 1;
@@ -69,6 +79,10 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs) -> Result<Ve
             l = model.backend.download(&logits)?;
             steps.push(t.elapsed().as_secs_f64());
         }
+        let profile = (hooks.finish)().map(|v| {
+            let per_step: serde_json::Map<String, serde_json::Value> = v.iter().map(|(k, ms)| (k.to_string(), json!(ms / a.output_len.max(1) as f64))).collect();
+            serde_json::Value::Object(per_step)
+        });
         let mut s: Vec<f64> = steps.iter().skip(a.warmup_steps.min(steps.len().saturating_sub(1))).copied().collect();
         s.sort_by(|x, y| x.partial_cmp(y).unwrap());
         let med = pct(&s, 0.5);
@@ -77,6 +91,7 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs) -> Result<Ve
             "prefill_s": prefill_s, "prefill_tok_s": (bs * a.input_len) as f64 / prefill_s,
             "decode_step_median_ms": med * 1e3, "decode_step_p90_ms": pct(&s, 0.9) * 1e3,
             "decode_tok_s": bs as f64 / med.max(1e-12), "decode_steps_measured": s.len(),
+            "decode_profile_ms_per_step": profile,
         }));
     }
     Ok(rows)
@@ -95,11 +110,20 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
             model.backend.warmup(crate::backend::gpu::ModelDims::of(&model.cfg))?;
             let (hits, compiles) = model.backend.jit.stats();
             let k = json!({"cache_dir": model.backend.jit.cache.dir.display().to_string(), "cache_hits": hits, "compiled": compiles, "device": model.backend.device_name, "arch": model.backend.arch});
-            (bench_model(&model, &a)?, "cuda", k)
+            let b = &model.backend;
+            let start = || b.profile.enabled.store(a.profile, std::sync::atomic::Ordering::Relaxed);
+            let finish = || {
+                b.profile.enabled.store(false, std::sync::atomic::Ordering::Relaxed);
+                if a.profile { b.take_profile().ok() } else { None }
+            };
+            (bench_model(&model, &a, &ProfileHooks { start: &start, finish: &finish })?, "cuda", k)
         }
         _ => {
+            if a.profile {
+                log::warn!("--profile times GPU events; the CPU backend has none, so no profile is printed");
+            }
             let model = Model::load(crate::backend::cpu::CpuBackend, &path)?;
-            (bench_model(&model, &a)?, "cpu", json!(null))
+            (bench_model(&model, &a, &ProfileHooks { start: &|| {}, finish: &|| None })?, "cpu", json!(null))
         }
     };
     let out = json!({"model_path": path.display().to_string(), "backend": backend, "load_and_bench_s": t.elapsed().as_secs_f64(),
@@ -115,6 +139,12 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
                 r["batch_size"].as_u64().unwrap(), r["input_len"].as_u64().unwrap(), r["output_len"].as_u64().unwrap(), r["prefill_tok_s"].as_f64().unwrap(), r["decode_step_median_ms"].as_f64().unwrap(),
                 r["decode_step_p90_ms"].as_f64().unwrap(), r["decode_tok_s"].as_f64().unwrap()
             );
+            if let Some(p) = r["decode_profile_ms_per_step"].as_object() {
+                let mut v: Vec<(&String, f64)> = p.iter().map(|(k, x)| (k, x.as_f64().unwrap_or(0.0))).collect();
+                v.sort_by(|x, y| y.1.partial_cmp(&x.1).unwrap());
+                let parts: Vec<String> = v.iter().map(|(k, ms)| format!("{k} {ms:.3}")).collect();
+                println!("        decode ms/step by op class: {}", parts.join(", "));
+            }
         }
     }
     Ok(())

@@ -57,6 +57,15 @@ pub struct CudaBackend {
     functions: Mutex<HashMap<(String, Option<ModelDims>), CudaFunction>>,
     /// Fill new outputs with NaN (ENGINE_GPU_POISON=1) so unwritten elements show in tests.
     poison: bool,
+    pub profile: OpProfile,
+}
+
+/// Per-op-class timing from CUDA events recorded around each op (`engine bench --profile`).
+#[derive(Default)]
+pub struct OpProfile {
+    pub enabled: std::sync::atomic::AtomicBool,
+    depth: std::sync::atomic::AtomicUsize,
+    spans: Mutex<Vec<(&'static str, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>>,
 }
 
 impl CudaBackend {
@@ -75,7 +84,7 @@ impl CudaBackend {
         log::info!("cuda backend: {device_name} ({arch}); kernels: portable HIP-dialect sources via NVRTC, cache {}", jit.cache.dir.display());
         log::info!("cuda op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA kernels; routing = GPU kernel; sampling = host");
         let poison = std::env::var("ENGINE_GPU_POISON").is_ok_and(|v| v == "1");
-        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison })
+        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default() })
     }
 
     /// Compiles (or loads from the cache) every kernel the model needs, up front.
@@ -119,6 +128,43 @@ impl CudaBackend {
 
     pub(crate) fn mla_func(&self, dims: ModelDims, name: &str) -> Result<CudaFunction, BackendError> {
         self.load(&mla_module(dims, Vendor::Nvidia), name)
+    }
+
+    /// Runs one op, timing it under `class` when profiling (outermost op only, so nothing counts twice).
+    pub(crate) fn span<T>(&self, class: &'static str, f: impl FnOnce() -> Result<T, BackendError>) -> Result<T, BackendError> {
+        use std::sync::atomic::Ordering;
+        if !self.profile.enabled.load(Ordering::Relaxed) || self.profile.depth.fetch_add(1, Ordering::Relaxed) > 0 {
+            if self.profile.enabled.load(Ordering::Relaxed) {
+                let r = f();
+                self.profile.depth.fetch_sub(1, Ordering::Relaxed);
+                return r;
+            }
+            return f();
+        }
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let a = self.stream.record_event(timing).map_err(err("profile"));
+        let r = f();
+        let b = self.stream.record_event(timing).map_err(err("profile"));
+        self.profile.depth.fetch_sub(1, Ordering::Relaxed);
+        if let (Ok(a), Ok(b)) = (a, b) {
+            self.profile.spans.lock().unwrap().push((class, a, b));
+        }
+        r
+    }
+
+    /// Milliseconds per op class since the last call (synchronises the stream).
+    pub fn take_profile(&self) -> Result<Vec<(&'static str, f64)>, BackendError> {
+        self.stream.synchronize().map_err(err("synchronize"))?;
+        let spans = std::mem::take(&mut *self.profile.spans.lock().unwrap());
+        let mut acc: Vec<(&'static str, f64)> = Vec::new();
+        for (class, a, b) in spans {
+            let ms = a.elapsed_ms(&b).map_err(err("elapsed_ms"))? as f64;
+            match acc.iter_mut().find(|x| x.0 == class) {
+                Some(x) => x.1 += ms,
+                None => acc.push((class, ms)),
+            }
+        }
+        Ok(acc)
     }
 
     /// A new f32 output buffer (NaN-poisoned when ENGINE_GPU_POISON=1).

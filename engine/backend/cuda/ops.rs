@@ -176,223 +176,251 @@ impl Backend for CudaBackend {
     }
 
     fn embedding(&self, table: &GpuLinear, ids: &[u32]) -> Result<GpuTensor, BackendError> {
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= table.out) {
-            return Err(BackendError::Op { backend: "cuda", op: "embedding", msg: format!("token id {bad} outside the vocabulary of {}", table.out) });
-        }
-        let f = self.func(EW, &format!("embedding_{}", wdt_suffix(table.wdt)))?;
-        let d_ids = self.u32s(ids)?;
-        let mut out = self.alloc_out(ids.len() * table.inp)?;
-        let (t, h) = (ids.len() as i32, table.inp as i32);
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&table.data).arg(&table.scales).arg(&d_ids).arg(&mut out).arg(&t).arg(&h).arg(&table.bn).arg(&table.bk);
-        unsafe { b.launch(cfg((ids.len() as u32, 1), 256, 0)) }.map_err(err("embedding"))?;
-        Ok(GpuTensor { rows: ids.len(), cols: table.inp, buf: out })
+        self.span("other", || {
+            if let Some(&bad) = ids.iter().find(|&&i| i as usize >= table.out) {
+                return Err(BackendError::Op { backend: "cuda", op: "embedding", msg: format!("token id {bad} outside the vocabulary of {}", table.out) });
+            }
+            let f = self.func(EW, &format!("embedding_{}", wdt_suffix(table.wdt)))?;
+            let d_ids = self.u32s(ids)?;
+            let mut out = self.alloc_out(ids.len() * table.inp)?;
+            let (t, h) = (ids.len() as i32, table.inp as i32);
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&table.data).arg(&table.scales).arg(&d_ids).arg(&mut out).arg(&t).arg(&h).arg(&table.bn).arg(&table.bk);
+            unsafe { b.launch(cfg((ids.len() as u32, 1), 256, 0)) }.map_err(err("embedding"))?;
+            Ok(GpuTensor { rows: ids.len(), cols: table.inp, buf: out })
+        })
     }
 
     fn rms_norm(&self, x: &GpuTensor, w: &GpuTensor, eps: f32) -> Result<GpuTensor, BackendError> {
-        let f = self.func(NORM, "rms_norm")?;
-        let mut out = self.alloc_out(x.rows * x.cols)?;
-        let cols = x.cols as i32;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&x.buf).arg(&w.buf).arg(&mut out).arg(&cols).arg(&eps);
-        unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("rms_norm"))?;
-        Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
+        self.span("norms", || {
+            let f = self.func(NORM, "rms_norm")?;
+            let mut out = self.alloc_out(x.rows * x.cols)?;
+            let cols = x.cols as i32;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&x.buf).arg(&w.buf).arg(&mut out).arg(&cols).arg(&eps);
+            unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("rms_norm"))?;
+            Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
+        })
     }
 
     fn add_rms_norm(&self, x: &GpuTensor, residual: &mut GpuTensor, w: &GpuTensor, eps: f32) -> Result<GpuTensor, BackendError> {
-        let f = self.func(NORM, "add_rms_norm")?;
-        let mut out = self.alloc_out(x.rows * x.cols)?;
-        let cols = x.cols as i32;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&x.buf).arg(&mut residual.buf).arg(&w.buf).arg(&mut out).arg(&cols).arg(&eps);
-        unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("add_rms_norm"))?;
-        Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
+        self.span("norms", || {
+            let f = self.func(NORM, "add_rms_norm")?;
+            let mut out = self.alloc_out(x.rows * x.cols)?;
+            let cols = x.cols as i32;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&x.buf).arg(&mut residual.buf).arg(&w.buf).arg(&mut out).arg(&cols).arg(&eps);
+            unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("add_rms_norm"))?;
+            Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
+        })
     }
 
     fn rms_norm_cols(&self, x: &mut GpuTensor, start: usize, w: &GpuTensor, eps: f32) -> Result<(), BackendError> {
-        let f = self.func(NORM, "rms_norm_cols")?;
-        let (cols, st, n) = (x.cols as i32, start as i32, w.cols as i32);
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&mut x.buf).arg(&w.buf).arg(&cols).arg(&st).arg(&n).arg(&eps);
-        unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("rms_norm_cols"))?;
-        Ok(())
+        self.span("norms", || {
+            let f = self.func(NORM, "rms_norm_cols")?;
+            let (cols, st, n) = (x.cols as i32, start as i32, w.cols as i32);
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&mut x.buf).arg(&w.buf).arg(&cols).arg(&st).arg(&n).arg(&eps);
+            unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("rms_norm_cols"))?;
+            Ok(())
+        })
     }
 
     fn linear(&self, x: &GpuTensor, w: &GpuLinear) -> Result<GpuTensor, BackendError> {
-        assert_eq!(x.cols, w.inp, "linear: input has {} columns, weight expects {}", x.cols, w.inp);
-        let mut y = self.alloc_out(x.rows * w.out)?;
-        if x.rows > 0 {
-            self.linear_into(x, w, &mut y)?;
-        }
-        Ok(GpuTensor { rows: x.rows, cols: w.out, buf: y })
+        self.span("dense GEMM", || {
+            assert_eq!(x.cols, w.inp, "linear: input has {} columns, weight expects {}", x.cols, w.inp);
+            let mut y = self.alloc_out(x.rows * w.out)?;
+            if x.rows > 0 {
+                self.linear_into(x, w, &mut y)?;
+            }
+            Ok(GpuTensor { rows: x.rows, cols: w.out, buf: y })
+        })
     }
 
     fn silu_mul(&self, gate: &GpuTensor, up: &GpuTensor) -> Result<GpuTensor, BackendError> {
-        let f = self.func(EW, "silu_mul")?;
-        let n = (gate.rows * gate.cols) as i64;
-        let mut out = self.alloc_out(n as usize)?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&gate.buf).arg(&up.buf).arg(&mut out).arg(&n);
-        unsafe { b.launch(cfg(((n as usize).div_ceil(256) as u32, 1), 256, 0)) }.map_err(err("silu_mul"))?;
-        Ok(GpuTensor { rows: gate.rows, cols: gate.cols, buf: out })
+        self.span("activation", || {
+            let f = self.func(EW, "silu_mul")?;
+            let n = (gate.rows * gate.cols) as i64;
+            let mut out = self.alloc_out(n as usize)?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&gate.buf).arg(&up.buf).arg(&mut out).arg(&n);
+            unsafe { b.launch(cfg(((n as usize).div_ceil(256) as u32, 1), 256, 0)) }.map_err(err("silu_mul"))?;
+            Ok(GpuTensor { rows: gate.rows, cols: gate.cols, buf: out })
+        })
     }
 
     fn add(&self, x: &mut GpuTensor, y: &GpuTensor) -> Result<(), BackendError> {
-        let f = self.func(EW, "add_inplace")?;
-        let n = (x.rows * x.cols) as i64;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&mut x.buf).arg(&y.buf).arg(&n);
-        unsafe { b.launch(cfg(((n as usize).div_ceil(256) as u32, 1), 256, 0)) }.map_err(err("add"))?;
-        Ok(())
+        self.span("norms", || {
+            let f = self.func(EW, "add_inplace")?;
+            let n = (x.rows * x.cols) as i64;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&mut x.buf).arg(&y.buf).arg(&n);
+            unsafe { b.launch(cfg(((n as usize).div_ceil(256) as u32, 1), 256, 0)) }.map_err(err("add"))?;
+            Ok(())
+        })
     }
 
     fn rope(&self, x: &mut GpuTensor, positions: &[u32], heads: usize, head_stride: usize, offset: usize, rope: &RopeTables) -> Result<(), BackendError> {
-        let f = self.func(ROPE, "rope")?;
-        let pos = self.u32s(positions)?;
-        let inv = self.stream.clone_htod(rope.inv_freq()).map_err(err("rope"))?;
-        let (cols, h, hs, off, half, il, scale) = (x.cols as i32, heads as i32, head_stride as i32, offset as i32, rope.half as i32, rope.interleaved as i32, rope.scale());
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&mut x.buf).arg(&pos).arg(&inv).arg(&cols).arg(&h).arg(&hs).arg(&off).arg(&half).arg(&il).arg(&scale);
-        unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("rope"))?;
-        Ok(())
+        self.span("attention", || {
+            let f = self.func(ROPE, "rope")?;
+            let pos = self.u32s(positions)?;
+            let inv = self.stream.clone_htod(rope.inv_freq()).map_err(err("rope"))?;
+            let (cols, h, hs, off, half, il, scale) = (x.cols as i32, heads as i32, head_stride as i32, offset as i32, rope.half as i32, rope.interleaved as i32, rope.scale());
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&mut x.buf).arg(&pos).arg(&inv).arg(&cols).arg(&h).arg(&hs).arg(&off).arg(&half).arg(&il).arg(&scale);
+            unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("rope"))?;
+            Ok(())
+        })
     }
 
     fn kv_write(&self, kv: &mut GpuKvCache, layer: usize, slots: &[u32], entries: &GpuTensor) -> Result<(), BackendError> {
-        if slots.is_empty() {
-            return Ok(());
-        }
-        let f = self.func(EW, "kv_write")?;
-        let s = self.u32s(slots)?;
-        let (l, ns, e) = (layer as i32, kv.slots as i32, kv.entry as i32);
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&mut kv.buf).arg(&entries.buf).arg(&s).arg(&l).arg(&ns).arg(&e);
-        unsafe { b.launch(cfg((slots.len() as u32, 1), 256, 0)) }.map_err(err("kv_write"))?;
-        Ok(())
+        self.span("attention", || {
+            if slots.is_empty() {
+                return Ok(());
+            }
+            let f = self.func(EW, "kv_write")?;
+            let s = self.u32s(slots)?;
+            let (l, ns, e) = (layer as i32, kv.slots as i32, kv.entry as i32);
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&mut kv.buf).arg(&entries.buf).arg(&s).arg(&l).arg(&ns).arg(&e);
+            unsafe { b.launch(cfg((slots.len() as u32, 1), 256, 0)) }.map_err(err("kv_write"))?;
+            Ok(())
+        })
     }
 
     fn mla_attention(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[AttnSeq], kv_b: &GpuLinear, d: &MlaDims) -> Result<GpuTensor, BackendError> {
-        let t = q.rows;
-        let dims = ModelDims { kv_lora_rank: d.kv_lora_rank, qk_rope_head_dim: d.qk_rope, qk_nope_head_dim: d.qk_nope, v_head_dim: d.v_head };
-        // per token: where its context starts in the flattened slot list, and how long it is (causal)
-        let (mut flat, mut off, mut len) = (Vec::new(), vec![0u32; t], vec![0u32; t]);
-        for s in seqs {
-            let base = flat.len() as u32;
-            flat.extend_from_slice(s.slots);
-            for i in 0..s.q_len {
-                off[s.q_start + i] = base;
-                len[s.q_start + i] = (s.slots.len() - s.q_len + i + 1) as u32;
+        self.span("attention", || {
+            let t = q.rows;
+            let dims = ModelDims { kv_lora_rank: d.kv_lora_rank, qk_rope_head_dim: d.qk_rope, qk_nope_head_dim: d.qk_nope, v_head_dim: d.v_head };
+            // per token: where its context starts in the flattened slot list, and how long it is (causal)
+            let (mut flat, mut off, mut len) = (Vec::new(), vec![0u32; t], vec![0u32; t]);
+            for s in seqs {
+                let base = flat.len() as u32;
+                flat.extend_from_slice(s.slots);
+                for i in 0..s.q_len {
+                    off[s.q_start + i] = base;
+                    len[s.q_start + i] = (s.slots.len() - s.q_len + i + 1) as u32;
+                }
             }
-        }
-        let (d_flat, d_off, d_len) = (self.u32s(&flat)?, self.u32s(&off)?, self.u32s(&len)?);
-        let heads = d.num_heads as i32;
-        let grid = (t as u32, d.num_heads as u32);
-        let mut q_lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
-        let f = self.mla_func(dims, &format!("mla_q_latent_{}", wdt_suffix(kv_b.wdt)))?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&q.buf).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut q_lat).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-        unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_q_latent"))?;
-        let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
-        let f = self.mla_func(dims, "mla_attention")?;
-        let (l, ns, scale) = (layer as i32, kv.slots as i32, d.scale);
-        let warps = 256 / 32;
-        let shared = (warps * (2 + d.kv_lora_rank) * 4) as u32;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale);
-        unsafe { b.launch(cfg(grid, 256, shared)) }.map_err(err("mla_attention"))?;
-        let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
-        let f = self.mla_func(dims, &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-        unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_out"))?;
-        Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
+            let (d_flat, d_off, d_len) = (self.u32s(&flat)?, self.u32s(&off)?, self.u32s(&len)?);
+            let heads = d.num_heads as i32;
+            let grid = (t as u32, d.num_heads as u32);
+            let mut q_lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
+            let f = self.mla_func(dims, &format!("mla_q_latent_{}", wdt_suffix(kv_b.wdt)))?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&q.buf).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut q_lat).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
+            unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_q_latent"))?;
+            let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
+            let f = self.mla_func(dims, "mla_attention")?;
+            let (l, ns, scale) = (layer as i32, kv.slots as i32, d.scale);
+            let warps = 256 / 32;
+            let shared = (warps * (2 + d.kv_lora_rank) * 4) as u32;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale);
+            unsafe { b.launch(cfg(grid, 256, shared)) }.map_err(err("mla_attention"))?;
+            let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
+            let f = self.mla_func(dims, &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
+            unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_out"))?;
+            Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
+        })
     }
 
     fn moe_route(&self, x: &GpuTensor, gate: &GpuLinear, bias: Option<&[f32]>, p: &RouteParams) -> Result<GpuRouting, BackendError> {
-        let logits = self.linear(x, gate)?;
-        let f = self.func(MOE, "moe_route")?;
-        let d_bias = self.stream.clone_htod(bias.unwrap_or(&[0.0])).map_err(err("moe_route"))?;
-        let mut ids = self.stream.alloc_zeros::<i32>((x.rows * p.top_k).max(1)).map_err(err("moe_route"))?;
-        let mut weights = self.alloc_out(x.rows * p.top_k)?;
-        let method = match p.method {
-            TopkMethod::NoauxTc => 0i32,
-            TopkMethod::Greedy => 1,
-            TopkMethod::GroupLimitedGreedy => 2,
-        };
-        let (hb, e, k, ng, tg, sm, norm, sc) = (bias.is_some() as i32, p.n_experts as i32, p.top_k as i32, p.n_group as i32, p.topk_group as i32, (p.scoring == ScoringFunc::Softmax) as i32, p.norm_topk_prob as i32, p.routed_scaling_factor);
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&logits.buf).arg(&d_bias).arg(&hb).arg(&e).arg(&k).arg(&ng).arg(&tg).arg(&method).arg(&sm).arg(&norm).arg(&sc).arg(&mut ids).arg(&mut weights);
-        unsafe { b.launch(cfg((x.rows as u32, 1), 32, 0)) }.map_err(err("moe_route"))?;
-        Ok(GpuRouting { top_k: p.top_k, ids, weights })
+        self.span("routing", || {
+            let logits = self.linear(x, gate)?;
+            let f = self.func(MOE, "moe_route")?;
+            let d_bias = self.stream.clone_htod(bias.unwrap_or(&[0.0])).map_err(err("moe_route"))?;
+            let mut ids = self.stream.alloc_zeros::<i32>((x.rows * p.top_k).max(1)).map_err(err("moe_route"))?;
+            let mut weights = self.alloc_out(x.rows * p.top_k)?;
+            let method = match p.method {
+                TopkMethod::NoauxTc => 0i32,
+                TopkMethod::Greedy => 1,
+                TopkMethod::GroupLimitedGreedy => 2,
+            };
+            let (hb, e, k, ng, tg, sm, norm, sc) = (bias.is_some() as i32, p.n_experts as i32, p.top_k as i32, p.n_group as i32, p.topk_group as i32, (p.scoring == ScoringFunc::Softmax) as i32, p.norm_topk_prob as i32, p.routed_scaling_factor);
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&logits.buf).arg(&d_bias).arg(&hb).arg(&e).arg(&k).arg(&ng).arg(&tg).arg(&method).arg(&sm).arg(&norm).arg(&sc).arg(&mut ids).arg(&mut weights);
+            unsafe { b.launch(cfg((x.rows as u32, 1), 32, 0)) }.map_err(err("moe_route"))?;
+            Ok(GpuRouting { top_k: p.top_k, ids, weights })
+        })
     }
 
     fn moe_experts(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts) -> Result<GpuTensor, BackendError> {
-        let pairs = x.rows * r.top_k;
-        let mut out = self.stream.alloc_zeros::<f32>((x.rows * x.cols).max(1)).map_err(err("moe_experts"))?;
-        if pairs == 0 {
-            return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
-        }
-        let mut h = self.alloc_out(pairs * e.inter)?;
-        let (k, i, hd) = (r.top_k as i32, e.inter as i32, e.hidden as i32);
-        let f = self.func(MOE, &format!("moe_gate_up_{}", wdt_suffix(e.wdt)))?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&x.buf).arg(&r.ids).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk);
-        unsafe { b.launch(cfg((pairs as u32, e.inter.div_ceil(8).min(64) as u32), 256, 0)) }.map_err(err("moe_gate_up"))?;
-        let f = self.func(MOE, &format!("moe_down_{}", wdt_suffix(e.wdt)))?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&h).arg(&r.ids).arg(&r.weights).arg(&e.down).arg(&e.ds).arg(&mut out).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk);
-        unsafe { b.launch(cfg((pairs as u32, e.hidden.div_ceil(8).min(64) as u32), 256, 0)) }.map_err(err("moe_down"))?;
-        Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
+        self.span("MoE GEMM", || {
+            let pairs = x.rows * r.top_k;
+            let mut out = self.stream.alloc_zeros::<f32>((x.rows * x.cols).max(1)).map_err(err("moe_experts"))?;
+            if pairs == 0 {
+                return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
+            }
+            let mut h = self.alloc_out(pairs * e.inter)?;
+            let (k, i, hd) = (r.top_k as i32, e.inter as i32, e.hidden as i32);
+            let f = self.func(MOE, &format!("moe_gate_up_{}", wdt_suffix(e.wdt)))?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&x.buf).arg(&r.ids).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk);
+            unsafe { b.launch(cfg((pairs as u32, e.inter.div_ceil(8).min(64) as u32), 256, 0)) }.map_err(err("moe_gate_up"))?;
+            let f = self.func(MOE, &format!("moe_down_{}", wdt_suffix(e.wdt)))?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&h).arg(&r.ids).arg(&r.weights).arg(&e.down).arg(&e.ds).arg(&mut out).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk);
+            unsafe { b.launch(cfg((pairs as u32, e.hidden.div_ceil(8).min(64) as u32), 256, 0)) }.map_err(err("moe_down"))?;
+            Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
+        })
     }
 
     fn gather_rows(&self, x: &GpuTensor, rows: &[u32]) -> Result<GpuTensor, BackendError> {
-        let mut out = self.alloc_out(rows.len() * x.cols)?;
-        if !rows.is_empty() {
-            let f = self.func(EW, "gather_rows")?;
-            let r = self.u32s(rows)?;
-            let cols = x.cols as i32;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&x.buf).arg(&r).arg(&mut out).arg(&cols);
-            unsafe { b.launch(cfg((rows.len() as u32, 1), 256, 0)) }.map_err(err("gather_rows"))?;
-        }
-        Ok(GpuTensor { rows: rows.len(), cols: x.cols, buf: out })
+        self.span("other", || {
+            let mut out = self.alloc_out(rows.len() * x.cols)?;
+            if !rows.is_empty() {
+                let f = self.func(EW, "gather_rows")?;
+                let r = self.u32s(rows)?;
+                let cols = x.cols as i32;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&x.buf).arg(&r).arg(&mut out).arg(&cols);
+                unsafe { b.launch(cfg((rows.len() as u32, 1), 256, 0)) }.map_err(err("gather_rows"))?;
+            }
+            Ok(GpuTensor { rows: rows.len(), cols: x.cols, buf: out })
+        })
     }
 
     fn sample(&self, logits: &mut GpuTensor, rows: &[SampleRow]) -> Result<Option<Vec<u32>>, BackendError> {
-        assert_eq!(logits.rows, rows.len(), "sample: one SampleRow per logits row");
-        if rows.is_empty() {
-            return Ok(Some(vec![]));
-        }
-        let f = self.func(SAMPLE, "sample_rows")?;
-        let v = logits.cols as i32;
-        let mut off = vec![0i32];
-        let (mut tok, mut cnt, mut inp) = (vec![], vec![], vec![]);
-        for r in rows {
-            for &(t, c, p) in &r.penalties {
-                tok.push(t as i32);
-                cnt.push(c as i32);
-                inp.push(p as u8);
+        self.span("sampling", || {
+            assert_eq!(logits.rows, rows.len(), "sample: one SampleRow per logits row");
+            if rows.is_empty() {
+                return Ok(Some(vec![]));
             }
-            off.push(tok.len() as i32);
-        }
-        let nz = |v: &Vec<i32>| if v.is_empty() { vec![0] } else { v.clone() };
-        let up_f = |f: &dyn Fn(&SampleRow) -> f32| self.stream.clone_htod(&rows.iter().map(f).collect::<Vec<f32>>()).map_err(err("sample"));
-        let temp = up_f(&|r| r.params.temperature)?;
-        let top_p = up_f(&|r| r.params.top_p)?;
-        let min_p = up_f(&|r| r.params.min_p)?;
-        let rep = up_f(&|r| r.params.repetition_penalty)?;
-        let freq = up_f(&|r| r.params.frequency_penalty)?;
-        let pres = up_f(&|r| r.params.presence_penalty)?;
-        let uni = up_f(&|r| r.uniform)?;
-        let top_k = self.stream.clone_htod(&rows.iter().map(|r| r.params.top_k.clamp(-1, i32::MAX as i64) as i32).collect::<Vec<i32>>()).map_err(err("sample"))?;
-        let d_off = self.stream.clone_htod(&off).map_err(err("sample"))?;
-        let d_tok = self.stream.clone_htod(&nz(&tok)).map_err(err("sample"))?;
-        let d_cnt = self.stream.clone_htod(&nz(&cnt)).map_err(err("sample"))?;
-        let d_inp = self.stream.clone_htod(if inp.is_empty() { &[0u8][..] } else { &inp }).map_err(err("sample"))?;
-        let mut out = self.stream.alloc_zeros::<i32>(rows.len()).map_err(err("sample"))?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&mut logits.buf).arg(&v).arg(&temp).arg(&top_k).arg(&top_p).arg(&min_p).arg(&rep).arg(&freq).arg(&pres).arg(&d_off).arg(&d_tok).arg(&d_cnt).arg(&d_inp).arg(&uni).arg(&mut out);
-        unsafe { b.launch(cfg((rows.len() as u32, 1), 1024, 0)) }.map_err(err("sample"))?;
-        let ids: Vec<i32> = self.stream.clone_dtoh(&out).map_err(err("sample"))?;
-        Ok(Some(ids.into_iter().map(|i| i as u32).collect()))
+            let f = self.func(SAMPLE, "sample_rows")?;
+            let v = logits.cols as i32;
+            let mut off = vec![0i32];
+            let (mut tok, mut cnt, mut inp) = (vec![], vec![], vec![]);
+            for r in rows {
+                for &(t, c, p) in &r.penalties {
+                    tok.push(t as i32);
+                    cnt.push(c as i32);
+                    inp.push(p as u8);
+                }
+                off.push(tok.len() as i32);
+            }
+            let nz = |v: &Vec<i32>| if v.is_empty() { vec![0] } else { v.clone() };
+            let up_f = |f: &dyn Fn(&SampleRow) -> f32| self.stream.clone_htod(&rows.iter().map(f).collect::<Vec<f32>>()).map_err(err("sample"));
+            let temp = up_f(&|r| r.params.temperature)?;
+            let top_p = up_f(&|r| r.params.top_p)?;
+            let min_p = up_f(&|r| r.params.min_p)?;
+            let rep = up_f(&|r| r.params.repetition_penalty)?;
+            let freq = up_f(&|r| r.params.frequency_penalty)?;
+            let pres = up_f(&|r| r.params.presence_penalty)?;
+            let uni = up_f(&|r| r.uniform)?;
+            let top_k = self.stream.clone_htod(&rows.iter().map(|r| r.params.top_k.clamp(-1, i32::MAX as i64) as i32).collect::<Vec<i32>>()).map_err(err("sample"))?;
+            let d_off = self.stream.clone_htod(&off).map_err(err("sample"))?;
+            let d_tok = self.stream.clone_htod(&nz(&tok)).map_err(err("sample"))?;
+            let d_cnt = self.stream.clone_htod(&nz(&cnt)).map_err(err("sample"))?;
+            let d_inp = self.stream.clone_htod(if inp.is_empty() { &[0u8][..] } else { &inp }).map_err(err("sample"))?;
+            let mut out = self.stream.alloc_zeros::<i32>(rows.len()).map_err(err("sample"))?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&mut logits.buf).arg(&v).arg(&temp).arg(&top_k).arg(&top_p).arg(&min_p).arg(&rep).arg(&freq).arg(&pres).arg(&d_off).arg(&d_tok).arg(&d_cnt).arg(&d_inp).arg(&uni).arg(&mut out);
+            unsafe { b.launch(cfg((rows.len() as u32, 1), 1024, 0)) }.map_err(err("sample"))?;
+            let ids: Vec<i32> = self.stream.clone_dtoh(&out).map_err(err("sample"))?;
+            Ok(Some(ids.into_iter().map(|i| i as u32).collect()))
+        })
     }
 }
