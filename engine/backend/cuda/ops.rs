@@ -85,7 +85,10 @@ impl CudaBackend {
     fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>) -> Result<(), BackendError> {
         // up to GEMV_MAX_M rows (decode): a warp per output row; otherwise the tiled GEMM
         let gemv = x.rows <= 8;
-        let f = self.func(LIN, &format!("{}_{}", if gemv { "gemv" } else { "linear" }, wdt_suffix(w.wdt)))?;
+        // 8-wide loads when rows are multiples of 8 elements (and FP8 blocks too)
+        let vec8 = gemv && w.inp % 8 == 0 && (w.wdt != 2 || w.bk % 8 == 0);
+        let kind = if vec8 { "gemv8" } else if gemv { "gemv" } else { "linear" };
+        let f = self.func(LIN, &format!("{kind}_{}", wdt_suffix(w.wdt)))?;
         let (m, n, k) = (x.rows as i32, w.out as i32, w.inp as i32);
         let mut b = self.stream.launch_builder(&f);
         b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
