@@ -2,6 +2,7 @@
 // staged in shared memory; float32 accumulation. A 64×64 output tile per block of 256 threads,
 // 4×4 outputs per thread, K in steps of 16. The portable path (vendor GEMMs come later).
 #include "common.h"
+#include "vec8.h"
 
 #define TILE 64
 #define KT 16
@@ -94,28 +95,6 @@ extern "C" __global__ void gemv_fp8w(const float* X, const uint8_t* W, const flo
 
 // The same with 8 consecutive weights per lane per step (16-byte bf16 / 8-byte fp8 / 2×16-byte f32
 // loads). Requires K % 8 == 0 and, for FP8, bk % 8 == 0 (the host checks).
-__device__ __forceinline__ void unpack8(const uint8_t* p, int wdt, float* o) {
-    if (wdt == WDT_BF16) {
-        uint4 r = *(const uint4*)p;
-        uint32_t u[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            o[2 * i] = __uint_as_float(u[i] << 16);
-            o[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
-        }
-    } else if (wdt == WDT_FP8) {
-        uint2 r = *(const uint2*)p;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            o[i] = fp8e4m3_to_f32((r.x >> (8 * i)) & 0xff);
-            o[4 + i] = fp8e4m3_to_f32((r.y >> (8 * i)) & 0xff);
-        }
-    } else {
-        float4 a = *(const float4*)p, b = *(const float4*)(p + 16);
-        o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
-    }
-}
-
 template <int WDT>
 __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restrict__ W, const float* __restrict__ S, float* __restrict__ Y,
                            int M, int N, int K, int bn, int bk) {

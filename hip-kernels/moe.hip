@@ -3,6 +3,7 @@
 // kernels run one (token, slot) pair per block row: gate/up with SiLU, then down with the routing
 // weight, accumulated into the output with atomics.
 #include "common.h"
+#include "vec8.h"
 
 #define METHOD_NOAUX_TC 0
 #define METHOD_GREEDY 1
@@ -99,11 +100,22 @@ __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8
     const float* gs = sg + (WDT == WDT_FP8 ? e * sstride : 0);
     const float* us = su + (WDT == WDT_FP8 ? e * sstride : 0);
     const float* xt = x + (int64_t)t * H;
+    const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
+    bool vec = H % 8 == 0 && (WDT != WDT_FP8 || bk % 8 == 0);
     for (int i = blockIdx.y * nw + w; i < I; i += gridDim.y * nw) {
         float a = 0.f, b = 0.f;
-        for (int c = lane; c < H; c += WARP) {
-            a += xt[c] * load_w<WDT>(g, gs, i, c, H, bn, bk, kb);
-            b += xt[c] * load_w<WDT>(u, us, i, c, H, bn, bk, kb);
+        if (vec) {
+            const float* gsr = gs + (WDT == WDT_FP8 ? (i / bn) * kb : 0);
+            const float* usr = us + (WDT == WDT_FP8 ? (i / bn) * kb : 0);
+            for (int k0 = lane * 8; k0 < H; k0 += WARP * 8) {
+                a += dot8<WDT>(g + (int64_t)i * H * es, gsr, k0, bk, xt);
+                b += dot8<WDT>(u + (int64_t)i * H * es, usr, k0, bk, xt);
+            }
+        } else {
+            for (int c = lane; c < H; c += WARP) {
+                a += xt[c] * load_w<WDT>(g, gs, i, c, H, bn, bk, kb);
+                b += xt[c] * load_w<WDT>(u, us, i, c, H, bn, bk, kb);
+            }
         }
         a = warp_sum(a);
         b = warp_sum(b);
@@ -125,9 +137,16 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
     const float* ds = sd + (WDT == WDT_FP8 ? e * sstride : 0);
     const float* hp = h + (int64_t)p * I;
     float wt = weights[p];
+    const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
+    bool vec = I % 8 == 0 && (WDT != WDT_FP8 || bk % 8 == 0);
     for (int r = blockIdx.y * nw + w; r < H; r += gridDim.y * nw) {
         float a = 0.f;
-        for (int c = lane; c < I; c += WARP) a += hp[c] * load_w<WDT>(d, ds, r, c, I, bn, bk, kb);
+        if (vec) {
+            const float* dsr = ds + (WDT == WDT_FP8 ? (r / bn) * kb : 0);
+            for (int k0 = lane * 8; k0 < I; k0 += WARP * 8) a += dot8<WDT>(d + (int64_t)r * I * es, dsr, k0, bk, hp);
+        } else {
+            for (int c = lane; c < I; c += WARP) a += hp[c] * load_w<WDT>(d, ds, r, c, I, bn, bk, kb);
+        }
         a = warp_sum(a);
         if (lane == 0) atomicAdd(&out[(int64_t)t * H + r], wt * a);
     }

@@ -202,8 +202,9 @@ fn moe_routing_and_experts() {
         RouteParams { n_experts: 160, top_k: 6, n_group: 8, topk_group: 3, method: TopkMethod::GroupLimitedGreedy, scoring: ScoringFunc::Softmax, norm_topk_prob: false, routed_scaling_factor: 16.0 },
         RouteParams { n_experts: 12, top_k: 3, n_group: 4, topk_group: 2, method: TopkMethod::NoauxTc, scoring: ScoringFunc::Sigmoid, norm_topk_prob: false, routed_scaling_factor: 1.5 },
     ];
-    for p in variants {
-        let (t, hidden, inter) = (11, 256, 96);
+    // (256, 96): 8-wide vector loads; (250, 100): the scalar fallback
+    for (p, (hidden, inter)) in variants.iter().cloned().flat_map(|p| [(p.clone(), (256, 96)), (p, (250, 100))]) {
+        let t = 11;
         let gate = host_linear(&mut rng, p.n_experts, hidden, WType::F32);
         let bias = (p.method == TopkMethod::NoauxTc).then(|| randn(&mut rng, p.n_experts, 0.1));
         let x = randn(&mut rng, t * hidden, 1.0);
@@ -224,7 +225,7 @@ fn moe_routing_and_experts() {
                 .collect();
             let a = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts.clone()).unwrap()).unwrap()).unwrap();
             let b = c.download(&c.moe_experts(&cx, &cr, &c.upload_experts(experts).unwrap()).unwrap()).unwrap();
-            check(&format!("moe_experts {:?}", p.method), &a, &b, F32_TOL);
+            check(&format!("moe_experts {:?} {hidden}x{inter}", p.method), &a, &b, F32_TOL);
         }
     }
 }

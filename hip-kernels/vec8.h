@@ -1,0 +1,37 @@
+// 8 consecutive weights as f32 from one 16-byte (bf16), 8-byte (fp8) or 2×16-byte (f32) load.
+#pragma once
+#include "common.h"
+
+__device__ __forceinline__ void unpack8(const uint8_t* p, int wdt, float* o) {
+    if (wdt == WDT_BF16) {
+        uint4 r = *(const uint4*)p;
+        uint32_t u[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            o[2 * i] = __uint_as_float(u[i] << 16);
+            o[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+        }
+    } else if (wdt == WDT_FP8) {
+        uint2 r = *(const uint2*)p;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            o[i] = fp8e4m3_to_f32((r.x >> (8 * i)) & 0xff);
+            o[4 + i] = fp8e4m3_to_f32((r.y >> (8 * i)) & 0xff);
+        }
+    } else {
+        float4 a = *(const float4*)p, b = *(const float4*)(p + 16);
+        o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+    }
+}
+
+// Σ w[k0..k0+8] · x[k0..k0+8] for a weight row of type WDT (FP8 scaled by its block's scale).
+template <int WDT>
+__device__ __forceinline__ float dot8(const uint8_t* row, const float* scales_row, int k0, int bk, const float* x) {
+    const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
+    float w[8];
+    unpack8(row + (int64_t)k0 * es, WDT, w);
+    const float4* xp = (const float4*)(x + k0);
+    float4 a = xp[0], b = xp[1];
+    float d = w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z + w[7] * b.w;
+    return WDT == WDT_FP8 ? d * scales_row[k0 / bk] : d;
+}
