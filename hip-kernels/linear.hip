@@ -95,7 +95,7 @@ extern "C" __global__ void gemv_fp8w(const float* X, const uint8_t* W, const flo
 
 // The same with 8 consecutive weights per lane per step (16-byte bf16 / 8-byte fp8 / 2×16-byte f32
 // loads). Requires K % 8 == 0 and, for FP8, bk % 8 == 0 (the host checks).
-template <int WDT>
+template <int WDT, int MAXM>
 __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restrict__ W, const float* __restrict__ S, float* __restrict__ Y,
                            int M, int N, int K, int bn, int bk) {
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
@@ -104,9 +104,9 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
     int kblocks = (K + bk - 1) / bk;
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
     const uint8_t* row = W + (int64_t)n * K * es;
-    float acc[GEMV_MAX_M];
+    float acc[MAXM];
 #pragma unroll
-    for (int m = 0; m < GEMV_MAX_M; ++m) acc[m] = 0.f;
+    for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
     for (int k0 = lane * 8; k0 < K; k0 += WARP * 8) {
         float wv[8];
         unpack8(row + (int64_t)k0 * es, WDT, wv);
@@ -116,7 +116,7 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
             for (int i = 0; i < 8; ++i) wv[i] *= s;
         }
 #pragma unroll
-        for (int m = 0; m < GEMV_MAX_M; ++m) {
+        for (int m = 0; m < MAXM; ++m) {
             if (m < M) {
                 const float4* xp = (const float4*)(X + (int64_t)m * K + k0);
                 float4 a = xp[0], b = xp[1];
@@ -125,7 +125,7 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
         }
     }
 #pragma unroll
-    for (int m = 0; m < GEMV_MAX_M; ++m) {
+    for (int m = 0; m < MAXM; ++m) {
         if (m < M) {
             float v = warp_sum(acc[m]);
             if (lane == 0) Y[(int64_t)m * N + n] = v;
@@ -133,6 +133,14 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
     }
 }
 
-extern "C" __global__ void gemv8_f32w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { gemv8_impl<WDT_F32>(X, W, S, Y, M, N, K, bn, bk); }
-extern "C" __global__ void gemv8_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { gemv8_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk); }
-extern "C" __global__ void gemv8_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { gemv8_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk); }
+#define GEMV8(NAME, WDT, MAXM)                                                                                                   \
+    extern "C" __global__ void NAME(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { \
+        gemv8_impl<WDT, MAXM>(X, W, S, Y, M, N, K, bn, bk);                                                                      \
+    }
+// up to 8 rows (decode at small batch) and up to 16 rows per launch (larger batches, in slices)
+GEMV8(gemv8_f32w, WDT_F32, 8)
+GEMV8(gemv8_bf16w, WDT_BF16, 8)
+GEMV8(gemv8_fp8w, WDT_FP8, 8)
+GEMV8(gemv16_f32w, WDT_F32, 16)
+GEMV8(gemv16_bf16w, WDT_BF16, 16)
+GEMV8(gemv16_fp8w, WDT_FP8, 16)

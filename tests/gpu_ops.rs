@@ -73,7 +73,7 @@ fn linear_all_dtypes_real_and_odd_shapes() {
     let g = gpu();
     let c = CpuBackend;
     let mut rng = Rng::new(1);
-    for (m, n, k) in [(1, 1536, 7168), (7, 576, 7168), (33, 7168, 2048), (5, 77, 100), (130, 129, 257)] {
+    for (m, n, k) in [(1, 1536, 7168), (7, 576, 7168), (20, 1000, 2048), (32, 576, 7168), (33, 7168, 2048), (5, 77, 100), (130, 129, 257)] {
         for t in [WType::F32, WType::Bf16, WType::Fp8] {
             let tag = match t { WType::F32 => "f32", WType::Bf16 => "bf16", WType::Fp8 => "fp8" };
             let w = host_linear(&mut rng, n, k, t);

@@ -83,19 +83,34 @@ impl CudaBackend {
     }
 
     fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>) -> Result<(), BackendError> {
-        // up to GEMV_MAX_M rows (decode): a warp per output row; otherwise the tiled GEMM
-        let gemv = x.rows <= 8;
-        // 8-wide loads when rows are multiples of 8 elements (and FP8 blocks too)
-        let vec8 = gemv && w.inp % 8 == 0 && (w.wdt != 2 || w.bk % 8 == 0);
-        let kind = if vec8 { "gemv8" } else if gemv { "gemv" } else { "linear" };
+        // 8-wide loads need rows of a multiple of 8 elements (and FP8 blocks too)
+        let vec8 = w.inp % 8 == 0 && (w.wdt != 2 || w.bk % 8 == 0);
+        let (n, k) = (w.out as i32, w.inp as i32);
+        let (kind, slice) = match x.rows {
+            0..=8 if vec8 => ("gemv8", 8),
+            0..=8 => ("gemv", 8),
+            // up to 32 rows: 16-row slices of the register-resident GEMV (32 spills on gfx942)
+            9..=32 if vec8 => ("gemv16", 16),
+            _ => ("linear", 0),
+        };
         let f = self.func(LIN, &format!("{kind}_{}", wdt_suffix(w.wdt)))?;
-        let (m, n, k) = (x.rows as i32, w.out as i32, w.inp as i32);
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
-        let grid = if gemv { (w.out.div_ceil(8) as u32, 1) } else { (w.out.div_ceil(64) as u32, x.rows.div_ceil(64) as u32) };
-        unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("linear"))?;
+        if slice == 0 {
+            let m = x.rows as i32;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
+            return unsafe { b.launch(cfg((w.out.div_ceil(64) as u32, x.rows.div_ceil(64) as u32), 256, 0)) }.map(|_| ()).map_err(err("linear"));
+        }
+        for r0 in (0..x.rows).step_by(slice) {
+            let m = (x.rows - r0).min(slice) as i32;
+            let xs = x.buf.slice(r0 * w.inp..);
+            let mut ys = y.slice_mut(r0 * w.out..);
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&xs).arg(&w.data).arg(&w.scales).arg(&mut ys).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
+            unsafe { b.launch(cfg((w.out.div_ceil(8) as u32, 1), 256, 0)) }.map_err(err("linear"))?;
+        }
         Ok(())
     }
+
 }
 
 impl Backend for CudaBackend {
