@@ -47,9 +47,14 @@ async fn generate_matches_transformers_and_the_cli() {
         assert_eq!(a[1], b[1]);
         assert!((a[0].as_f64().unwrap() - b[0].as_f64().unwrap()).abs() < 1e-4);
     }
-    // batch of two prompts and text input
+    // batch of two prompts and text input, with one sampling_params per prompt
     let r = post(&s.addr, "/generate", &json!({"text": ["ab", "cd"], "sampling_params": {"max_new_tokens": 2}})).await;
     assert_eq!(r.json().as_array().unwrap().len(), 2);
+    let r = post(&s.addr, "/generate", &json!({"input_ids": [[0, 5], [0, 6]], "sampling_params": [{"max_new_tokens": 2, "ignore_eos": true}, {"max_new_tokens": 3, "ignore_eos": true}]})).await.json();
+    assert_eq!(r[0]["meta_info"]["completion_tokens"], 2);
+    assert_eq!(r[1]["meta_info"]["completion_tokens"], 3);
+    let r = post(&s.addr, "/generate", &json!({"input_ids": [[0, 5], [0, 6]], "sampling_params": [{"max_new_tokens": 2}]})).await;
+    assert_eq!(r.status, 400);
     // streaming: cumulative objects, then [DONE]
     let (st, ev) = post_sse(&s.addr, "/generate", &json!({"text": "abc", "stream": true, "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": true}})).await;
     assert_eq!(st, 200);

@@ -39,14 +39,31 @@ pub async fn generate(app: &App, body: Value) -> Result<Resp, ApiError> {
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         return Err(ApiError::bad("empty prompt"));
     }
-    let sp_obj = o.object("sampling_params")?;
-    if let Some(sp) = &sp_obj {
-        if let Some(k) = sp.0.keys().find(|k| !NATIVE_KEYS.contains(&k.as_str())) {
+    // one sampling_params object for every prompt, or a list with one per prompt (SGLang's batch form)
+    let parse = |v: Option<&Value>| -> Result<crate::sampling::SamplingParams, ApiError> {
+        let empty = serde_json::Map::new();
+        let m = match v {
+            None | Some(Value::Null) => &empty,
+            Some(Value::Object(m)) => m,
+            Some(other) => return Err(ApiError::param("sampling_params", format!("`sampling_params` must be an object or a list of objects, got {other}"))),
+        };
+        if let Some(k) = m.keys().find(|k| !NATIVE_KEYS.contains(&k.as_str())) {
             return Err(ApiError::param(k, format!("unknown sampling parameter `{k}`")));
         }
-    }
-    let empty = serde_json::Map::new();
-    let params = sampling(sp_obj.as_ref().unwrap_or(&Obj(&empty)), &NATIVE, 128)?;
+        sampling(&Obj(m), &NATIVE, 128)
+    };
+    let per_prompt: Vec<crate::sampling::SamplingParams> = match o.get("sampling_params") {
+        Some(Value::Array(list)) => {
+            if list.len() != prompts.len() {
+                return Err(ApiError::param("sampling_params", format!("{} sampling_params for {} prompts", list.len(), prompts.len())));
+            }
+            list.iter().map(|v| parse(Some(v))).collect::<Result<_, _>>()?
+        }
+        v => {
+            let p = parse(v)?;
+            vec![p; prompts.len()]
+        }
+    };
     let return_logprob = o.bool("return_logprob")?.unwrap_or(false);
     let logprob_start_len = match o.int("logprob_start_len")? {
         None | Some(-1) => None,
@@ -58,17 +75,16 @@ pub async fn generate(app: &App, body: Value) -> Result<Resp, ApiError> {
         return Err(ApiError::param("top_logprobs_num", "`top_logprobs_num` exceeds the vocabulary"));
     }
     let stream = o.bool("stream")?.unwrap_or(false);
-    let n = params.n;
     let mut rxs = Vec::new();
-    for prompt in &prompts {
-        for i in 0..n {
+    for (prompt, params) in prompts.iter().zip(&per_prompt) {
+        for i in 0..params.n {
             let mut p = params.clone();
             p.seed = p.seed.map(|s| s + i as u64);
             let spec = RequestSpec { input_ids: prompt.clone(), params: p, return_logprob, logprob_start_len, top_logprobs_num };
             rxs.push(app.engine.submit(spec)?);
         }
     }
-    let multi = batch || n > 1;
+    let multi = batch || per_prompt.iter().any(|p| p.n > 1);
     if !stream {
         let mut outs = Vec::new();
         for (_, rx) in rxs {
@@ -80,7 +96,7 @@ pub async fn generate(app: &App, body: Value) -> Result<Resp, ApiError> {
     let (resp, tx) = sse();
     let guard = app.inflight();
     let mut merged = merge(rxs);
-    let prompt_lens: Vec<usize> = prompts.iter().flat_map(|p| std::iter::repeat(p.len()).take(n)).collect();
+    let prompt_lens: Vec<usize> = prompts.iter().zip(&per_prompt).flat_map(|(p, sp)| std::iter::repeat(p.len()).take(sp.n)).collect();
     tokio::spawn(async move {
         let _guard = guard;
         let mut text = vec![String::new(); prompt_lens.len()];
