@@ -30,12 +30,15 @@ __device__ void mla_q_latent_impl(const float* __restrict__ q, const uint8_t* __
     }
 }
 
-// Per token t: its context is slots[ctx_off[t] .. ctx_off[t] + ctx_len[t]].
+// Per token t: its context is slots[ctx_off[t] .. ctx_off[t] + ctx_len[t]]. With `splits` > 1 the
+// context is cut into that many contiguous chunks (blockIdx.z), each writing an unnormalised partial
+// (max, sum, Σ p·c) to `part` [T, heads, splits, 2 + KV_LORA] for mla_merge (split-K over the
+// sequence, for long contexts with few (token, head) blocks).
 extern "C" __global__ void mla_attention(const float* __restrict__ q, const float* __restrict__ q_lat, const float* __restrict__ kv,
                                          const uint32_t* __restrict__ slots, const uint32_t* __restrict__ ctx_off,
                                          const uint32_t* __restrict__ ctx_len, float* __restrict__ lat_out, int heads, int layer,
-                                         int num_slots, float scale) {
-    int t = blockIdx.x, h = blockIdx.y;
+                                         int num_slots, float scale, int splits, float* __restrict__ part) {
+    int t = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
     const float* ql = q_lat + ((int64_t)t * heads + h) * KV_LORA;
     const float* qpe = q + ((int64_t)t * heads + h) * QK + NOPE;
@@ -49,9 +52,11 @@ extern "C" __global__ void mla_attention(const float* __restrict__ q, const floa
 #pragma unroll
     for (int i = 0; i < LPL; ++i) acc[i] = 0.f;
     const uint32_t* sl = slots + ctx_off[t];
-    int n = ctx_len[t];
+    int total = ctx_len[t];
+    int chunk = (total + splits - 1) / splits;
+    int j0 = z * chunk, n = min(total, j0 + chunk);
     const float* base = kv + (int64_t)layer * num_slots * ENTRY;
-    for (int j = w; j < n; j += nw) {
+    for (int j = j0 + w; j < n; j += nw) {
         const float* e = base + (int64_t)sl[j] * ENTRY;
         float c[LPL];
         float part = 0.f;
@@ -90,11 +95,38 @@ extern "C" __global__ void mla_attention(const float* __restrict__ q, const floa
         float mk = sh[k * (2 + KV_LORA)];
         if (mk > -ENGINE_INF) gs += sh[k * (2 + KV_LORA) + 1] * expf(mk - gm);
     }
+    float* pz = part + (((int64_t)t * heads + h) * splits + z) * (2 + KV_LORA);
+    if (splits > 1 && threadIdx.x == 0) {
+        pz[0] = gm;
+        pz[1] = gs;
+    }
     for (int l = threadIdx.x; l < KV_LORA; l += blockDim.x) {
         float v = 0.f;
         for (int k = 0; k < nw; ++k) {
             float mk = sh[k * (2 + KV_LORA)];
             if (mk > -ENGINE_INF) v += sh[k * (2 + KV_LORA) + 2 + l] * expf(mk - gm);
+        }
+        if (splits > 1) pz[2 + l] = v;
+        else lat_out[((int64_t)t * heads + h) * KV_LORA + l] = v / gs;
+    }
+}
+
+// Combines the split partials of mla_attention into the normalised latent output.
+extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __restrict__ lat_out, int heads, int splits) {
+    int t = blockIdx.x, h = blockIdx.y;
+    const float* p = part + ((int64_t)t * heads + h) * splits * (2 + KV_LORA);
+    float gm = -ENGINE_INF;
+    for (int z = 0; z < splits; ++z) gm = fmaxf(gm, p[z * (2 + KV_LORA)]);
+    float gs = 0.f;
+    for (int z = 0; z < splits; ++z) {
+        float mz = p[z * (2 + KV_LORA)];
+        if (mz > -ENGINE_INF) gs += p[z * (2 + KV_LORA) + 1] * expf(mz - gm);
+    }
+    for (int l = threadIdx.x; l < KV_LORA; l += blockDim.x) {
+        float v = 0.f;
+        for (int z = 0; z < splits; ++z) {
+            float mz = p[z * (2 + KV_LORA)];
+            if (mz > -ENGINE_INF) v += p[z * (2 + KV_LORA) + 2 + l] * expf(mz - gm);
         }
         lat_out[((int64_t)t * heads + h) * KV_LORA + l] = v / gs;
     }

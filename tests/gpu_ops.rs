@@ -160,7 +160,8 @@ fn mla_attention_paged_causal_real_and_odd_dims() {
         let (ck, gk) = (c.upload_linear(&kv_b).unwrap(), g.upload_linear(&kv_b).unwrap());
         let mut ckv = c.alloc_kv_cache(layers, slots_total, d.kv_entry()).unwrap();
         let mut gkv = g.alloc_kv_cache(layers, slots_total, d.kv_entry()).unwrap();
-        // three sequences: a long decode (4000 cached tokens), a prefill chunk over a prefix, a fresh prefill
+        // three sequences: a long decode (4000 cached tokens), a prefill chunk over a prefix, a fresh
+        // prefill; then the long decode alone (few blocks: split-K over the sequence)
         let mut perm: Vec<u32> = (0..slots_total as u32).collect();
         for i in (1..perm.len()).rev() {
             perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
@@ -187,6 +188,11 @@ fn mla_attention_paged_causal_real_and_odd_dims() {
         let a = g.download(&g.mla_attention(&g.upload(t, d.num_heads * d.qk_head(), &q).unwrap(), &gkv, 1, &seqs, &gk, &d).unwrap()).unwrap();
         let b = c.download(&c.mla_attention(&c.upload(t, d.num_heads * d.qk_head(), &q).unwrap(), &ckv, 1, &seqs, &ck, &d).unwrap()).unwrap();
         check(&format!("mla_attention lora={} heads={}", d.kv_lora_rank, d.num_heads), &a, &b, F32_TOL);
+        let one = [AttnSeq { q_start: 0, q_len: 1, slots: &seq_slots[0] }];
+        let q1 = &q[..d.num_heads * d.qk_head()];
+        let a = g.download(&g.mla_attention(&g.upload(1, d.num_heads * d.qk_head(), q1).unwrap(), &gkv, 1, &one, &gk, &d).unwrap()).unwrap();
+        let b = c.download(&c.mla_attention(&c.upload(1, d.num_heads * d.qk_head(), q1).unwrap(), &ckv, 1, &one, &ck, &d).unwrap()).unwrap();
+        check(&format!("mla_attention split-K decode ctx 4000 lora={} heads={}", d.kv_lora_rank, d.num_heads), &a, &b, F32_TOL);
     }
 }
 
