@@ -333,9 +333,22 @@ impl Backend for CudaBackend {
             let (l, ns, scale) = (layer as i32, kv.slots as i32, d.scale);
             let warps = 256 / 32;
             let shared = (warps * (2 + d.kv_lora_rank) * 4) as u32;
+            // split-K over the sequence when too few (token, head) blocks would fill the GPU
+            let max_len = len.iter().copied().max().unwrap_or(1) as usize;
+            let splits = if t * d.num_heads < 264 { max_len.div_ceil(512).clamp(1, 16) } else { 1 };
+            let part_len = if splits > 1 { t * d.num_heads * splits * (2 + d.kv_lora_rank) } else { 1 };
+            let mut part = self.stream.alloc_zeros::<f32>(part_len).map_err(err("mla_attention"))?;
+            let sp = splits as i32;
             let mut b = self.stream.launch_builder(&f);
-            b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale);
-            unsafe { b.launch(cfg(grid, 256, shared)) }.map_err(err("mla_attention"))?;
+            b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&mut part);
+            let launch = LaunchConfig { grid_dim: (t as u32, d.num_heads as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: shared };
+            unsafe { b.launch(launch) }.map_err(err("mla_attention"))?;
+            if splits > 1 {
+                let f = self.mla_func(dims, "mla_merge")?;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&part).arg(&mut lat).arg(&heads).arg(&sp);
+                unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_merge"))?;
+            }
             let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
             let f = self.mla_func(dims, &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
             let mut b = self.stream.launch_builder(&f);
