@@ -4,6 +4,7 @@ pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod dist;
 pub mod kernels;
 pub mod kv_cache;
 pub mod logging;
