@@ -98,10 +98,7 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
 }
 
 pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let path = match &a.model_path {
-        Some(p) => p.clone(),
-        None => crate::cli::demo_model_path()?,
-    };
+    let path = crate::cli::model_path_or_demo(&a.model_path)?;
     let kind = a.backend.resolve()?;
     let t = Instant::now();
     let (rows, backend, kernels) = match kind {

@@ -30,3 +30,11 @@ pub fn demo_model_path() -> Result<PathBuf, Box<dyn std::error::Error + Send + S
     log::warn!("no --model-path: using the built-in tiny DeepSeek-V3 demo model; its weights are RANDOM, so its output is gibberish ({})", dir.display());
     Ok(dir)
 }
+
+/// The checkpoint a command loads: `--model-path` when given, else the demo model.
+pub fn model_path_or_demo(model_path: &Option<PathBuf>) -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync>> {
+    match model_path {
+        Some(p) => Ok(p.clone()),
+        None => demo_model_path(),
+    }
+}

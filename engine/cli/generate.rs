@@ -64,10 +64,7 @@ pub struct GenerateArgs {
 
 pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let kind = a.backend.backend.resolve()?;
-    let path = match &a.model_path {
-        Some(p) => p.clone(),
-        None => super::demo::demo_model_path()?,
-    };
+    let path = super::demo::model_path_or_demo(&a.model_path)?;
     match kind {
         BackendKind::Cuda => run_on(crate::backend::cuda::CudaBackend::new(0)?, a, path),
         _ => run_on(CpuBackend, a, path),
@@ -77,7 +74,7 @@ pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error + Send + Syn
 fn run_on<B: crate::backend::Backend>(backend: B, a: GenerateArgs, path: PathBuf) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let t0 = std::time::Instant::now();
     let model = std::sync::Arc::new(Model::load(backend, &path)?);
-    let tok = if path.join("tokenizer.json").exists() { Some(std::sync::Arc::new(Tokenizer::load(&path)?)) } else { None };
+    let tok = Tokenizer::load_if_present(&path)?.map(std::sync::Arc::new);
     log::info!("loaded {} on {} in {:.2}s", path.display(), model.backend_name(), t0.elapsed().as_secs_f64());
     let input_ids = match (&a.input_ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),

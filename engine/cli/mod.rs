@@ -1,6 +1,6 @@
 //! The `engine` command line (clap): generate, info, gen-model.
 mod demo;
-pub use demo::demo_model_path;
+pub use demo::{demo_model_path, model_path_or_demo};
 mod generate;
 mod info;
 mod kernels;

@@ -123,10 +123,7 @@ fn default_pool_tokens<B: crate::backend::Backend>(model: &Model<B>, context: us
 
 pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let kind = a.backend.backend.resolve()?;
-    let path = match &a.model_path {
-        Some(p) => p.clone(),
-        None => super::demo::demo_model_path()?,
-    };
+    let path = super::demo::model_path_or_demo(&a.model_path)?;
     match kind {
         BackendKind::Cuda => run_on(crate::backend::cuda::CudaBackend::new(0)?, a, path),
         _ => {
@@ -141,7 +138,7 @@ pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 fn run_on<B: crate::backend::Backend>(backend: B, a: ServeArgs, path: PathBuf) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let t0 = std::time::Instant::now();
     let model = Arc::new(Model::load(backend, &path)?);
-    let tok = if path.join("tokenizer.json").exists() { Some(Arc::new(Tokenizer::load(&path)?)) } else { None };
+    let tok = Tokenizer::load_if_present(&path)?.map(Arc::new);
     if tok.is_none() {
         log::warn!("{} has no tokenizer.json: only token-id prompts will work", path.display());
     }

@@ -69,6 +69,11 @@ impl Tokenizer {
         Ok(Tokenizer { inner, chat, bos_token, eos_token, add_bos_token })
     }
 
+    /// The checkpoint's tokenizer, or None when it ships no tokenizer.json (token ids only then).
+    pub fn load_if_present(dir: &Path) -> Result<Option<Self>, TokenizerError> {
+        if dir.join("tokenizer.json").exists() { Self::load(dir).map(Some) } else { Ok(None) }
+    }
+
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| TokenizerError::Codec(e.to_string()))?;
         let mut ids = enc.get_ids().to_vec();
