@@ -1,4 +1,4 @@
-// Element-wise and data-movement ops: embedding, SiLU·up, add, row gather, KV-cache writes.
+// Element-wise and data-movement ops: embedding, SiLU·up, add, row gather, all-gather reshuffle, KV-cache writes.
 #include "common.h"
 
 template <int WDT>
@@ -27,6 +27,16 @@ extern "C" __global__ void add_inplace(float* x, const float* y, int64_t n) {
 extern "C" __global__ void gather_rows(const float* x, const uint32_t* rows, float* out, int cols) {
     int r = blockIdx.x;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) out[(int64_t)r * cols + c] = x[(int64_t)rows[r] * cols + c];
+}
+
+// all-gather output [size, rows, cols] (rank-major) → [rows, total] (columns in rank order,
+// trailing padding columns beyond `total` dropped).
+extern "C" __global__ void concat_cols(const float* in, float* out, int rows, int cols, int size, int total) {
+    int r = blockIdx.x;
+    for (int c = threadIdx.x; c < total; c += blockDim.x) {
+        int q = c / cols;
+        out[(int64_t)r * total + c] = in[((int64_t)q * rows + r) * cols + (c - q * cols)];
+    }
 }
 
 // kv[layer][slot][e] = entries[i][e]; the pool is [layers, slots, entry].

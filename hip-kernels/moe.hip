@@ -85,13 +85,14 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
 }
 
 // h[p, i] = silu(x[t] · Wg[e, i]) · (x[t] · Wu[e, i]) for pair p = t·top_k + k with expert e = ids[p].
-// Weights of all experts are stacked: [E, I, H] (+ FP8 scales [E, ceil(I/bn), ceil(H/bk)]).
+// Weights of this rank's experts e0 .. e0+ne are stacked: [ne, I, H] (+ FP8 scales [E, ceil(I/bn), ceil(H/bk)]).
 template <int WDT>
 __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg, const uint8_t* wu,
-                                 const float* su, float* h, int top_k, int I, int H, int bn, int bk) {
+                                 const float* su, float* h, int top_k, int I, int H, int bn, int bk, int e0, int ne) {
     int p = blockIdx.x;
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    int t = p / top_k, e = ids[p];
+    int t = p / top_k, e = ids[p] - e0;
+    if (e < 0 || e >= ne) return; // another rank's expert (expert parallelism)
     int kb = (H + bk - 1) / bk;
     int64_t wstride = (int64_t)I * H * (WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1);
     int64_t sstride = (int64_t)((I + bn - 1) / bn) * kb;
@@ -126,10 +127,11 @@ __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8
 // out[t, r] += weight[p] · (Wd[e, r] · h[p])
 template <int WDT>
 __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* weights, const uint8_t* wd, const float* sd, float* out,
-                              int top_k, int I, int H, int bn, int bk) {
+                              int top_k, int I, int H, int bn, int bk, int e0, int ne) {
     int p = blockIdx.x;
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    int t = p / top_k, e = ids[p];
+    int t = p / top_k, e = ids[p] - e0;
+    if (e < 0 || e >= ne) return; // another rank's expert (expert parallelism)
     int kb = (I + bk - 1) / bk;
     int64_t wstride = (int64_t)I * H * (WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1);
     int64_t sstride = (int64_t)((H + bn - 1) / bn) * kb;
@@ -154,12 +156,12 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
 
 #define MOE_KERNELS(SUF, WDT)                                                                                                          \
     extern "C" __global__ void moe_gate_up_##SUF(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg,                \
-                                                 const uint8_t* wu, const float* su, float* h, int top_k, int I, int H, int bn, int bk) { \
-        moe_gate_up_impl<WDT>(x, ids, wg, sg, wu, su, h, top_k, I, H, bn, bk);                                                         \
+                                                 const uint8_t* wu, const float* su, float* h, int top_k, int I, int H, int bn, int bk, int e0, int ne) { \
+        moe_gate_up_impl<WDT>(x, ids, wg, sg, wu, su, h, top_k, I, H, bn, bk, e0, ne);                                                         \
     }                                                                                                                                  \
     extern "C" __global__ void moe_down_##SUF(const float* h, const int32_t* ids, const float* weights, const uint8_t* wd,              \
-                                              const float* sd, float* out, int top_k, int I, int H, int bn, int bk) {                  \
-        moe_down_impl<WDT>(h, ids, weights, wd, sd, out, top_k, I, H, bn, bk);                                                         \
+                                              const float* sd, float* out, int top_k, int I, int H, int bn, int bk, int e0, int ne) {  \
+        moe_down_impl<WDT>(h, ids, weights, wd, sd, out, top_k, I, H, bn, bk, e0, ne);                                                         \
     }
 MOE_KERNELS(f32w, WDT_F32)
 MOE_KERNELS(bf16w, WDT_BF16)

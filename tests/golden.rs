@@ -85,7 +85,7 @@ fn check_case_logprobs(name: &str, case: &Case, got: &[Vec<f32>], vocab: usize, 
 
 fn run_golden(name: &str) {
     let dir = data_dir(name);
-    let model = std::sync::Arc::new(Model::load(CpuBackend, &dir).unwrap());
+    let model = std::sync::Arc::new(Model::load(CpuBackend::new(), &dir).unwrap());
     let vocab = model.cfg.vocab_size;
     let cases = load_cases(&dir);
     let mut compared_greedy = 0;

@@ -71,7 +71,7 @@ fn host_linear(rng: &mut Rng, out: usize, inp: usize, t: WType) -> HostLinear {
 #[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
 fn linear_all_dtypes_real_and_odd_shapes() {
     let g = gpu();
-    let c = CpuBackend;
+    let c = CpuBackend::new();
     let mut rng = Rng::new(1);
     for (m, n, k) in [(1, 1536, 7168), (7, 576, 7168), (20, 1000, 2048), (32, 576, 7168), (33, 7168, 2048), (5, 77, 100), (130, 129, 257)] {
         for t in [WType::F32, WType::Bf16, WType::Fp8] {
@@ -89,7 +89,7 @@ fn linear_all_dtypes_real_and_odd_shapes() {
 #[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
 fn norms_elementwise_embedding_gather_rope() {
     let g = gpu();
-    let c = CpuBackend;
+    let c = CpuBackend::new();
     let mut rng = Rng::new(2);
     for (rows, cols) in [(3, 7168), (17, 513), (1, 64)] {
         let x = randn(&mut rng, rows * cols, 1.0);
@@ -147,7 +147,7 @@ fn norms_elementwise_embedding_gather_rope() {
 #[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
 fn mla_attention_paged_causal_real_and_odd_dims() {
     let g = gpu();
-    let c = CpuBackend;
+    let c = CpuBackend::new();
     let mut rng = Rng::new(3);
     for (d, kvt) in [
         (MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.13 }, WType::Fp8),
@@ -200,7 +200,7 @@ fn mla_attention_paged_causal_real_and_odd_dims() {
 #[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
 fn moe_routing_and_experts() {
     let g = gpu();
-    let c = CpuBackend;
+    let c = CpuBackend::new();
     let mut rng = Rng::new(4);
     let variants = [
         RouteParams { n_experts: 256, top_k: 8, n_group: 8, topk_group: 4, method: TopkMethod::NoauxTc, scoring: ScoringFunc::Sigmoid, norm_topk_prob: true, routed_scaling_factor: 2.5 },
@@ -229,8 +229,8 @@ fn moe_routing_and_experts() {
                     [mk(inter, hidden, &mut rng), mk(inter, hidden, &mut rng), mk(hidden, inter, &mut rng)]
                 })
                 .collect();
-            let a = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts.clone()).unwrap()).unwrap()).unwrap();
-            let b = c.download(&c.moe_experts(&cx, &cr, &c.upload_experts(experts).unwrap()).unwrap()).unwrap();
+            let a = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts.clone(), 0).unwrap()).unwrap()).unwrap();
+            let b = c.download(&c.moe_experts(&cx, &cr, &c.upload_experts(experts, 0).unwrap()).unwrap()).unwrap();
             check(&format!("moe_experts {:?} {hidden}x{inter}", p.method), &a, &b, F32_TOL);
         }
     }

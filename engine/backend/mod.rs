@@ -97,8 +97,9 @@ pub trait Backend: Send + Sync + 'static {
     fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Tensor, BackendError>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
     fn upload_linear(&self, w: &HostLinear) -> Result<Self::Linear, BackendError>;
-    /// Experts as (gate, up, down) triples, indexed by expert id.
-    fn upload_experts(&self, experts: Vec<[HostLinear; 3]>) -> Result<Self::Experts, BackendError>;
+    /// Experts `first ..` as (gate, up, down) triples, in expert-id order. Under expert parallelism
+    /// a rank holds a contiguous range; routed pairs to experts outside it contribute nothing.
+    fn upload_experts(&self, experts: Vec<[HostLinear; 3]>, first: usize) -> Result<Self::Experts, BackendError>;
     fn alloc_kv_cache(&self, layers: usize, slots: usize, kv_entry: usize) -> Result<Self::KvCache, BackendError>;
 
     // --- ops ---
@@ -129,6 +130,27 @@ pub trait Backend: Send + Sync + 'static {
     fn moe_experts(&self, x: &Self::Tensor, routing: &Self::Routing, experts: &Self::Experts) -> Result<Self::Tensor, BackendError>;
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor, BackendError>;
+
+    /// Waits for all queued device work (no-op on the CPU).
+    fn synchronize(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    // --- tensor-parallel collectives (no-ops for a group of one) ---
+    /// (rank, size) of this backend's tensor-parallel group.
+    fn tp_group(&self) -> (usize, usize) {
+        (0, 1)
+    }
+    /// Sums `x` over the group, in place.
+    fn all_reduce(&self, _x: &mut Self::Tensor) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// Concatenates every rank's columns: [T, c] on each rank → [T, `total`] (rank order; the
+    /// trailing `size·c − total` padding columns are dropped).
+    fn all_gather_cols(&self, x: Self::Tensor, total: usize) -> Result<Self::Tensor, BackendError> {
+        assert_eq!(x.cols(), total, "all_gather_cols without a group");
+        Ok(x)
+    }
 
     /// Picks one token per row of `logits` on the device (penalties applied in place), or None when
     /// this backend samples on the host (the CPU reference does).

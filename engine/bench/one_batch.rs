@@ -119,7 +119,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
             if a.profile {
                 log::warn!("--profile times GPU events; the CPU backend has none, so no profile is printed");
             }
-            let model = Model::load(crate::backend::cpu::CpuBackend, &path)?;
+            let model = Model::load(crate::backend::cpu::CpuBackend::new(), &path)?;
             (bench_model(&model, &a, &ProfileHooks { start: &|| {}, finish: &|| None })?, "cpu", json!(null))
         }
     };

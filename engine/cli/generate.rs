@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use super::BackendArgs;
 use crate::backend::{cpu::CpuBackend, BackendKind};
-use crate::model::Model;
+use crate::model::{launch, RankBackend, Role};
 use crate::runtime::{generate, GenerateRequest};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{ChatMessage, Tokenizer};
@@ -15,6 +15,8 @@ pub struct GenerateArgs {
     pub model_path: Option<PathBuf>,
     #[command(flatten)]
     pub backend: BackendArgs,
+    #[command(flatten)]
+    pub dist: crate::dist::DistArgs,
     /// Prompt text (tokenized with special tokens, as SGLang does)
     #[arg(long, conflicts_with = "input_ids", required_unless_present = "input_ids")]
     pub prompt: Option<String>,
@@ -66,14 +68,17 @@ pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error + Send + Syn
     let kind = a.backend.backend.resolve()?;
     let path = super::demo::model_path_or_demo(&a.model_path)?;
     match kind {
-        BackendKind::Cuda => run_on(crate::backend::cuda::CudaBackend::new(0)?, a, path),
-        _ => run_on(CpuBackend, a, path),
+        BackendKind::Cuda => run_on::<crate::backend::cuda::CudaBackend>(a, path),
+        _ => run_on::<CpuBackend>(a, path),
     }
 }
 
-fn run_on<B: crate::backend::Backend>(backend: B, a: GenerateArgs, path: PathBuf) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+fn run_on<B: RankBackend>(a: GenerateArgs, path: PathBuf) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let t0 = std::time::Instant::now();
-    let model = std::sync::Arc::new(Model::load(backend, &path)?);
+    let model = match launch::<B>(&path, &a.dist.validate()?)? {
+        Role::Lead(m) => std::sync::Arc::new(m),
+        Role::FollowerDone => return Ok(()),
+    };
     let tok = Tokenizer::load_if_present(&path)?.map(std::sync::Arc::new);
     log::info!("loaded {} on {} in {:.2}s", path.display(), model.backend_name(), t0.elapsed().as_secs_f64());
     let input_ids = match (&a.input_ids, &a.prompt) {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::BackendArgs;
 use crate::backend::{cpu::CpuBackend, BackendKind};
-use crate::model::Model;
+use crate::model::{launch, Model, RankBackend, Role};
 use crate::scheduler::{spawn_engine, SchedulePolicy, SchedulerConfig};
 use crate::server::{serve, App};
 use crate::tokenizer::Tokenizer;
@@ -17,6 +17,8 @@ pub struct ServeArgs {
     pub model_path: Option<PathBuf>,
     #[command(flatten)]
     pub backend: BackendArgs,
+    #[command(flatten)]
+    pub dist: crate::dist::DistArgs,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, default_value_t = 30000)]
@@ -125,19 +127,23 @@ pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     let kind = a.backend.backend.resolve()?;
     let path = super::demo::model_path_or_demo(&a.model_path)?;
     match kind {
-        BackendKind::Cuda => run_on(crate::backend::cuda::CudaBackend::new(0)?, a, path),
+        BackendKind::Cuda => run_on::<crate::backend::cuda::CudaBackend>(a, path),
         _ => {
             if a.mem_fraction_static.is_some() {
                 log::info!("--mem-fraction-static applies to GPU backends; the CPU backend sizes its KV pool from --max-total-tokens");
             }
-            run_on(CpuBackend, a, path)
+            run_on::<CpuBackend>(a, path)
         }
     }
 }
 
-fn run_on<B: crate::backend::Backend>(backend: B, a: ServeArgs, path: PathBuf) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+fn run_on<B: RankBackend>(a: ServeArgs, path: PathBuf) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let t0 = std::time::Instant::now();
-    let model = Arc::new(Model::load(backend, &path)?);
+    let par = a.dist.validate()?;
+    let model = match launch::<B>(&path, &par)? {
+        Role::Lead(m) => Arc::new(m),
+        Role::FollowerDone => return Ok(()),
+    };
     let tok = Tokenizer::load_if_present(&path)?.map(Arc::new);
     if tok.is_none() {
         log::warn!("{} has no tokenizer.json: only token-id prompts will work", path.display());

@@ -1,6 +1,7 @@
 //! A minimal TCP key-value store for rendezvous (in the manner of torch.distributed's TCPStore).
 //! Protocol, one request per line: `SET key hexvalue` → `OK`; `GET key` → `VAL hexvalue` once the
-//! key exists (the server holds the reply until then); `ADD key n` → `VAL counter` (for barriers).
+//! key exists (the server holds the reply until then); `ADD key n` → `VAL counter` (for barriers);
+//! `DEL key` → `OK`.
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -69,6 +70,10 @@ fn serve_client(state: Arc<State>, stream: TcpStream, timeout: Duration) {
                 state.changed.notify_all();
                 format!("VAL {}", hex(cur.to_string().as_bytes()))
             }
+            (Some("DEL"), Some(k), None) => {
+                state.map.lock().unwrap().remove(k);
+                "OK".to_string()
+            }
             _ => "ERR bad request".into(),
         };
         if writeln!(w, "{reply}").is_err() {
@@ -88,11 +93,20 @@ pub struct TcpStore {
 impl TcpStore {
     /// Rank 0 binds `addr` and serves; every rank (0 included) then connects, retrying until
     /// `timeout` (other ranks may start before rank 0).
+    /// Another connection to a running store (never hosts).
+    pub fn connect(addr: &str, rank: usize, timeout: Duration) -> Result<TcpStore, StoreError> {
+        Self::open(addr, rank, timeout, false)
+    }
+
     pub fn start(addr: &str, rank: usize, timeout: Duration) -> Result<TcpStore, StoreError> {
+        Self::open(addr, rank, timeout, rank == 0)
+    }
+
+    fn open(addr: &str, rank: usize, timeout: Duration, host: bool) -> Result<TcpStore, StoreError> {
         let io = |step: &str, msg: String| StoreError::Io { rank, step: step.into(), msg };
         let mut connect_to = addr.to_string();
         let mut local_addr = None;
-        if rank == 0 {
+        if host {
             let listener = TcpListener::bind(addr).map_err(|e| io("bind the store at --dist-init-addr", format!("{addr}: {e}")))?;
             let bound = listener.local_addr().map_err(|e| io("bind", e.to_string()))?;
             local_addr = Some(bound);
@@ -152,6 +166,18 @@ impl TcpStore {
 
     pub fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.request(&format!("set {key}"), &format!("SET {key} {}", hex(value))).map(|_| ())
+    }
+
+    pub fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.request(&format!("delete {key}"), &format!("DEL {key}")).map(|_| ())
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The value of `key`, waiting (bounded by the timeout) until some rank sets it.

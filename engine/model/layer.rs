@@ -31,9 +31,12 @@ impl<B: Backend> DecoderLayer<B> {
     /// Advances the residual stream `resid` [T, hidden] through this layer.
     pub fn forward(&self, b: &B, resid: &mut B::Tensor, kv: &mut B::KvCache, layer: usize, a: &AttnInputs) -> Result<(), ModelError> {
         let x = b.rms_norm(resid, &self.input_norm, a.eps)?;
-        let attn = self.attn.forward(b, &x, kv, layer, a)?;
+        // each rank holds a share of the heads / intermediate columns: sum the partial outputs
+        let mut attn = self.attn.forward(b, &x, kv, layer, a)?;
+        b.all_reduce(&mut attn)?;
         let x = b.add_rms_norm(&attn, resid, &self.post_attn_norm, a.eps)?;
-        let y = self.ffn.forward(b, &x)?;
+        let mut y = self.ffn.forward(b, &x)?;
+        b.all_reduce(&mut y)?;
         b.add(resid, &y)?;
         Ok(())
     }

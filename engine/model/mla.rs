@@ -33,25 +33,31 @@ impl<B: Backend> Mla<B> {
     pub fn load(w: &WeightsCtx<B>, prefix: &str) -> Result<Self, ModelError> {
         let c = w.cfg;
         let h = c.num_attention_heads;
+        // tensor parallel: this rank's heads of q_b/q_proj and kv_b (column-parallel) and of
+        // o_proj's input (row-parallel); the latent projection kv_a is replicated
+        let hr = w.shard.part(h, "num_attention_heads")?;
+        let rows = |per: usize| hr.start * per..hr.end * per;
+        let qk = c.qk_head_dim();
         let q = match c.q_lora_rank {
             Some(r) => QProj::Lora {
                 a: w.linear(&format!("{prefix}.q_a_proj"), r, c.hidden_size)?,
                 norm: w.vector(&format!("{prefix}.q_a_layernorm.weight"), r)?,
-                b: w.linear(&format!("{prefix}.q_b_proj"), h * c.qk_head_dim(), r)?,
+                b: w.linear_rows(&format!("{prefix}.q_b_proj"), h * qk, r, rows(qk))?,
             },
-            None => QProj::Plain(w.linear(&format!("{prefix}.q_proj"), h * c.qk_head_dim(), c.hidden_size)?),
+            None => QProj::Plain(w.linear_rows(&format!("{prefix}.q_proj"), h * qk, c.hidden_size, rows(qk))?),
         };
+        let kvb = c.qk_nope_head_dim + c.v_head_dim;
         Ok(Mla {
             q,
             kv_a: w.linear(&format!("{prefix}.kv_a_proj_with_mqa"), c.kv_entry_dim(), c.hidden_size)?,
             kv_a_norm: w.vector(&format!("{prefix}.kv_a_layernorm.weight"), c.kv_lora_rank)?,
-            kv_b: w.linear(&format!("{prefix}.kv_b_proj"), h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)?,
-            o: w.linear(&format!("{prefix}.o_proj"), c.hidden_size, h * c.v_head_dim)?,
+            kv_b: w.linear_rows(&format!("{prefix}.kv_b_proj"), h * kvb, c.kv_lora_rank, rows(kvb))?,
+            o: w.linear_cols(&format!("{prefix}.o_proj"), c.hidden_size, h * c.v_head_dim, rows(c.v_head_dim))?,
         })
     }
 
     /// `x` is the normed hidden state [T, hidden]; writes the new latents into `kv` and returns the
-    /// attention output after o_proj.
+    /// attention output after o_proj (this rank's partial sum under tensor parallelism).
     pub fn forward(&self, b: &B, x: &B::Tensor, kv: &mut B::KvCache, layer: usize, a: &AttnInputs) -> Result<B::Tensor, ModelError> {
         let d = a.dims;
         let mut q = match &self.q {

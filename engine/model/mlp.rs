@@ -10,12 +10,14 @@ pub struct Mlp<B: Backend> {
 }
 
 impl<B: Backend> Mlp<B> {
+    /// This rank's intermediate columns (gate/up column-parallel, down row-parallel).
     pub fn load(w: &WeightsCtx<B>, prefix: &str, inter: usize) -> Result<Self, ModelError> {
         let hs = w.cfg.hidden_size;
+        let ir = w.shard.part(inter, &format!("the intermediate size of {prefix}"))?;
         Ok(Mlp {
-            gate: w.linear(&format!("{prefix}.gate_proj"), inter, hs)?,
-            up: w.linear(&format!("{prefix}.up_proj"), inter, hs)?,
-            down: w.linear(&format!("{prefix}.down_proj"), hs, inter)?,
+            gate: w.linear_rows(&format!("{prefix}.gate_proj"), inter, hs, ir.clone())?,
+            up: w.linear_rows(&format!("{prefix}.up_proj"), inter, hs, ir.clone())?,
+            down: w.linear_cols(&format!("{prefix}.down_proj"), hs, inter, ir)?,
         })
     }
 
@@ -46,16 +48,23 @@ impl<B: Backend> Moe<B> {
         } else {
             None
         };
-        let mut host = Vec::with_capacity(n);
-        for e in 0..n {
+        // expert parallel: whole experts, a contiguous range per rank; tensor parallel: every
+        // expert's intermediate columns split across the ranks
+        let (ids, ir) = if w.shard.expert_parallel {
+            (w.shard.part(n, "n_routed_experts")?, 0..inter)
+        } else {
+            (0..n, w.shard.part(inter, "moe_intermediate_size")?)
+        };
+        let mut host = Vec::with_capacity(ids.len());
+        for e in ids.clone() {
             let p = format!("{prefix}.experts.{e}");
             host.push([
-                w.host_linear(&format!("{p}.gate_proj"), inter, hs)?,
-                w.host_linear(&format!("{p}.up_proj"), inter, hs)?,
-                w.host_linear(&format!("{p}.down_proj"), hs, inter)?,
+                w.host_linear(&format!("{p}.gate_proj"), inter, hs)?.slice_rows(ir.clone()),
+                w.host_linear(&format!("{p}.up_proj"), inter, hs)?.slice_rows(ir.clone()),
+                w.host_linear(&format!("{p}.down_proj"), hs, inter)?.slice_cols(ir.clone()),
             ]);
         }
-        let experts = w.backend.upload_experts(host)?;
+        let experts = w.backend.upload_experts(host, ids.start)?;
         let shared = if c.n_shared_experts > 0 {
             Some(Mlp::load(w, &format!("{prefix}.shared_experts"), inter * c.n_shared_experts)?)
         } else {
@@ -74,6 +83,7 @@ impl<B: Backend> Moe<B> {
         Ok(Moe { router, bias, experts, shared, params })
     }
 
+    /// This rank's partial sum of routed and shared experts (the layer all-reduces it).
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor, ModelError> {
         let routing = b.moe_route(x, &self.router, self.bias.as_deref(), &self.params)?;
         let mut y = b.moe_experts(x, &routing, &self.experts)?;

@@ -1,8 +1,13 @@
 //! DeepSeek V2/V3, written once against `Backend`.
+mod launch;
 mod layer;
 mod mla;
 mod mlp;
 pub mod mtp;
+mod shard;
+
+pub use launch::{launch, RankBackend, RankCtx, Role};
+pub use shard::Shard;
 
 use std::path::Path;
 
@@ -23,6 +28,8 @@ pub enum ModelError {
     Backend(#[from] BackendError),
     #[error("invalid input: {0}")]
     Input(String),
+    #[error("parallel layout: {0}")]
+    Parallel(String),
 }
 
 /// Loading context: the checkpoint, its config and the backend that receives the weights.
@@ -30,6 +37,7 @@ pub struct WeightsCtx<'a, B: Backend> {
     pub store: &'a WeightStore,
     pub cfg: &'a ModelConfig,
     pub backend: &'a B,
+    pub shard: Shard,
 }
 
 impl<B: Backend> WeightsCtx<'_, B> {
@@ -42,6 +50,14 @@ impl<B: Backend> WeightsCtx<'_, B> {
     }
     pub fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<B::Linear, ModelError> {
         Ok(self.backend.upload_linear(&self.host_linear(prefix, out, inp)?)?)
+    }
+    /// Output rows `rows` of a weight (column-parallel: this rank's heads or intermediate columns).
+    pub fn linear_rows(&self, prefix: &str, out: usize, inp: usize, rows: std::ops::Range<usize>) -> Result<B::Linear, ModelError> {
+        Ok(self.backend.upload_linear(&self.host_linear(prefix, out, inp)?.slice_rows(rows))?)
+    }
+    /// Input columns `cols` of a weight (row-parallel: its output is summed over the ranks).
+    pub fn linear_cols(&self, prefix: &str, out: usize, inp: usize, cols: std::ops::Range<usize>) -> Result<B::Linear, ModelError> {
+        Ok(self.backend.upload_linear(&self.host_linear(prefix, out, inp)?.slice_cols(cols))?)
     }
     /// A linear weight that is never FP8 (router, embeddings, lm_head).
     pub fn dense_linear(&self, prefix: &str, out: usize, inp: usize) -> Result<B::Linear, ModelError> {
@@ -72,17 +88,25 @@ pub struct Model<B: Backend> {
     lm_head: B::Linear,
     rope: RopeTables,
     dims: MlaDims,
+    /// This rank's followers when it leads a tensor-parallel group
+    group: Option<crate::dist::Group>,
 }
 
 impl<B: Backend> Model<B> {
     pub fn load(backend: B, dir: &Path) -> Result<Self, ModelError> {
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
         let store = WeightStore::open(dir)?;
-        Self::from_store(backend, cfg, &store)
+        Self::from_store(backend, cfg, &store, Shard::single())
     }
 
-    pub fn from_store(backend: B, cfg: ModelConfig, store: &WeightStore) -> Result<Self, ModelError> {
-        let w = WeightsCtx { store, cfg: &cfg, backend: &backend };
+    /// Loads this rank's `shard` of the checkpoint (the whole model for `Shard::single()`).
+    pub fn from_store(backend: B, cfg: ModelConfig, store: &WeightStore, shard: Shard) -> Result<Self, ModelError> {
+        let (brank, bsize) = backend.tp_group();
+        if (brank, bsize) != (shard.rank, shard.size) {
+            return Err(ModelError::Parallel(format!("backend is rank {brank} of {bsize} but the shard is rank {} of {}", shard.rank, shard.size)));
+        }
+        let heads = shard.part(cfg.num_attention_heads, "num_attention_heads")?;
+        let w = WeightsCtx { store, cfg: &cfg, backend: &backend, shard };
         let (v, hs) = (cfg.vocab_size, cfg.hidden_size);
         let mut progress = Progress::new("loading weights", cfg.num_hidden_layers as u64 + 1);
         let embed = w.dense_linear("model.embed_tokens", v, hs)?;
@@ -92,11 +116,10 @@ impl<B: Backend> Model<B> {
             progress.advance(1);
         }
         let norm = w.vector("model.norm.weight", hs)?;
-        let lm_head = if cfg.tie_word_embeddings && !store.contains("lm_head.weight") {
-            w.dense_linear("model.embed_tokens", v, hs)?
-        } else {
-            w.dense_linear("lm_head", v, hs)?
-        };
+        // vocabulary-parallel lm_head: each rank scores its slice, padded to equal size
+        let head_name = if cfg.tie_word_embeddings && !store.contains("lm_head.weight") { "model.embed_tokens" } else { "lm_head" };
+        let (vrows, vlen) = shard.padded_part(v);
+        let lm_head = backend.upload_linear(&store.linear(head_name, v, hs, None)?.slice_rows_padded(vrows, vlen))?;
         progress.advance(1);
         progress.finish();
         let mtp = store.names().filter(|n| mtp::is_mtp_tensor(n, cfg.num_hidden_layers)).count();
@@ -104,7 +127,7 @@ impl<B: Backend> Model<B> {
             log::info!("skipping {mtp} MTP tensors (model.layers.{}.*): the plain forward pass does not use them", cfg.num_hidden_layers);
         }
         let dims = MlaDims {
-            num_heads: cfg.num_attention_heads,
+            num_heads: heads.len(),
             qk_nope: cfg.qk_nope_head_dim,
             qk_rope: cfg.qk_rope_head_dim,
             v_head: cfg.v_head_dim,
@@ -112,7 +135,7 @@ impl<B: Backend> Model<B> {
             scale: cfg.softmax_scale() as f32,
         };
         let rope = RopeTables::new(&cfg.rope);
-        Ok(Model { cfg, backend, embed, layers, norm, lm_head, rope, dims })
+        Ok(Model { cfg, backend, embed, layers, norm, lm_head, rope, dims, group: None })
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -123,9 +146,44 @@ impl<B: Backend> Model<B> {
         self.layers.len()
     }
 
-    /// Allocates a latent KV cache of `slots` tokens for this model.
+    /// Makes this model the lead of `group`: every forward and KV allocation runs on the
+    /// followers too.
+    pub fn set_group(&mut self, group: crate::dist::Group) {
+        self.group = Some(group);
+    }
+
+    /// Runs `f` here and `job` on every follower; fails if any rank failed.
+    fn with_followers<T>(&self, job: impl FnOnce() -> crate::dist::Job, step: &str, f: impl FnOnce() -> Result<T, ModelError>) -> Result<T, ModelError> {
+        let Some(g) = &self.group else { return f() };
+        g.watchdog.enter(step.to_string());
+        g.dispatch(&job()).map_err(ModelError::Parallel)?;
+        let mine = f().and_then(|t| {
+            self.backend.synchronize()?;
+            Ok(t)
+        });
+        let theirs = g.collect().map_err(ModelError::Parallel);
+        g.watchdog.leave();
+        let t = mine?;
+        theirs?;
+        Ok(t)
+    }
+
+    /// Allocates a latent KV cache of `slots` tokens for this model (and for each follower).
     pub fn alloc_kv_cache(&self, slots: usize) -> Result<B::KvCache, ModelError> {
-        Ok(self.backend.alloc_kv_cache(self.layers.len(), slots, self.dims.kv_entry())?)
+        self.with_followers(|| crate::dist::Job::AllocKv(slots), "allocate the KV cache", || Ok(self.backend.alloc_kv_cache(self.layers.len(), slots, self.dims.kv_entry())?))
+    }
+
+    /// A follower's side of one job: `kv` is the follower's own cache.
+    pub fn run_job(&self, kv: &mut Option<B::KvCache>, job: &crate::dist::Job) -> Result<(), ModelError> {
+        match job {
+            crate::dist::Job::AllocKv(n) => *kv = Some(self.alloc_kv_cache(*n)?),
+            crate::dist::Job::Forward(b) => {
+                let kv = kv.as_mut().ok_or_else(|| ModelError::Parallel("forward before the KV cache was allocated".into()))?;
+                b.with_view(|fb| self.forward(kv, fb))?;
+                self.backend.synchronize()?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs the batch, writing its latents into `kv`; returns logits [logit_rows, vocab].
@@ -152,6 +210,11 @@ impl<B: Backend> Model<B> {
         if let Some(&r) = batch.logit_rows.iter().find(|&&r| r as usize >= t) {
             return Err(ModelError::Input(format!("logit row {r} is outside the batch of {t} tokens")));
         }
+        // checked above, so every rank gets a batch it can run
+        self.with_followers(|| crate::dist::Job::Forward(crate::dist::OwnedBatch::of(batch)), &format!("forward of {t} tokens"), || self.forward_local(kv, batch, new_slots))
+    }
+
+    fn forward_local(&self, kv: &mut B::KvCache, batch: &ForwardBatch, new_slots: Vec<u32>) -> Result<B::Tensor, ModelError> {
         let b = &self.backend;
         let inputs = AttnInputs {
             positions: batch.positions,
@@ -167,7 +230,7 @@ impl<B: Backend> Model<B> {
         }
         let last = b.gather_rows(&resid, batch.logit_rows)?;
         let x = b.rms_norm(&last, &self.norm, inputs.eps)?;
-        let logits = b.linear(&x, &self.lm_head)?;
+        let logits = b.all_gather_cols(b.linear(&x, &self.lm_head)?, self.cfg.vocab_size)?;
         debug_assert_eq!(logits.cols(), self.cfg.vocab_size);
         Ok(logits)
     }

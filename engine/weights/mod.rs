@@ -2,6 +2,7 @@
 mod dtype;
 pub mod fnuz;
 mod host;
+mod host_slice;
 mod progress;
 mod safetensors;
 mod store;

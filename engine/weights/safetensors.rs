@@ -41,6 +41,14 @@ impl MmapSlice {
     }
 }
 
+impl MmapSlice {
+    /// Bytes `range` of this slice, sharing the same mapping (no copy).
+    pub fn sub(&self, range: std::ops::Range<usize>) -> MmapSlice {
+        assert!(range.start <= range.end && self.start + range.end <= self.end, "MmapSlice::sub out of range");
+        MmapSlice { map: self.map.clone(), start: self.start + range.start, end: self.start + range.end }
+    }
+}
+
 impl Deref for MmapSlice {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

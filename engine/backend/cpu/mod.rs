@@ -15,8 +15,24 @@ use super::{route_token, AttnSeq, Backend, BackendError, MlaDims, RouteParams};
 use crate::config::RopeTables;
 use crate::weights::HostLinear;
 
-#[derive(Debug, Default, Clone, Copy)]
-pub struct CpuBackend;
+/// The CPU backend; `with_comm` joins it to a tensor-parallel group.
+#[derive(Default, Clone)]
+pub struct CpuBackend {
+    comm: Option<std::sync::Arc<dyn crate::dist::HostComm>>,
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend { comm: None }
+    }
+    pub fn with_comm(comm: std::sync::Arc<dyn crate::dist::HostComm>) -> Self {
+        CpuBackend { comm: Some(comm) }
+    }
+}
+
+fn comm_err(op: &'static str) -> impl Fn(crate::dist::CommError) -> BackendError {
+    move |e| BackendError::Op { backend: "cpu", op, msg: e.to_string() }
+}
 
 fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
@@ -53,8 +69,8 @@ impl Backend for CpuBackend {
         // Weights stay memory-mapped in their checkpoint dtype; rows are dequantised on use.
         Ok(w.clone())
     }
-    fn upload_experts(&self, experts: Vec<[HostLinear; 3]>) -> Result<CpuExperts, BackendError> {
-        Ok(CpuExperts { experts })
+    fn upload_experts(&self, experts: Vec<[HostLinear; 3]>, first: usize) -> Result<CpuExperts, BackendError> {
+        Ok(CpuExperts { experts, first })
     }
     fn alloc_kv_cache(&self, layers: usize, slots: usize, kv_entry: usize) -> Result<CpuKvCache, BackendError> {
         Ok(CpuKvCache::new(layers, slots, kv_entry))
@@ -148,6 +164,35 @@ impl Backend for CpuBackend {
 
     fn moe_experts(&self, x: &CpuTensor, routing: &CpuRouting, experts: &CpuExperts) -> Result<CpuTensor, BackendError> {
         Ok(moe::moe_experts(x, routing, experts))
+    }
+
+    fn tp_group(&self) -> (usize, usize) {
+        self.comm.as_ref().map_or((0, 1), |c| (c.rank(), c.size()))
+    }
+
+    fn all_reduce(&self, x: &mut CpuTensor) -> Result<(), BackendError> {
+        match &self.comm {
+            Some(c) => c.all_reduce_sum(&mut x.data).map_err(comm_err("all_reduce")),
+            None => Ok(()),
+        }
+    }
+
+    fn all_gather_cols(&self, x: CpuTensor, total: usize) -> Result<CpuTensor, BackendError> {
+        let Some(c) = &self.comm else { return Ok(x) };
+        let all = c.all_gather(&x.data).map_err(comm_err("all_gather"))?;
+        let (rows, cols, n) = (x.rows, x.cols, c.size());
+        let mut out = CpuTensor::zeros(rows, total);
+        for r in 0..rows {
+            for q in 0..n {
+                let c0 = q * cols;
+                if c0 >= total {
+                    break;
+                }
+                let w = cols.min(total - c0);
+                out.data[r * total + c0..r * total + c0 + w].copy_from_slice(&all[(q * rows + r) * cols..(q * rows + r) * cols + w]);
+            }
+        }
+        Ok(out)
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[u32]) -> Result<CpuTensor, BackendError> {

@@ -13,6 +13,8 @@ pub struct CpuRouting {
 
 pub struct CpuExperts {
     pub experts: Vec<[HostLinear; 3]>,
+    /// Id of `experts[0]` (expert parallelism: this rank's range starts here)
+    pub first: usize,
 }
 
 pub fn moe_experts(x: &CpuTensor, r: &CpuRouting, e: &CpuExperts) -> CpuTensor {
@@ -20,7 +22,10 @@ pub fn moe_experts(x: &CpuTensor, r: &CpuRouting, e: &CpuExperts) -> CpuTensor {
     for t in 0..x.rows {
         for k in 0..r.top_k {
             let i = t * r.top_k + k;
-            by_expert[r.ids[i] as usize].push((t, r.weights[i]));
+            // experts outside this rank's range are another rank's work
+            if let Some(local) = (r.ids[i] as usize).checked_sub(e.first).filter(|&l| l < e.experts.len()) {
+                by_expert[local].push((t, r.weights[i]));
+            }
         }
     }
     let mut out = CpuTensor::zeros(x.rows, x.cols);

@@ -2,7 +2,10 @@
 //! kernels of hip-kernels/ compiled by NVRTC through the kernel cache. Activations are float32;
 //! weights stay in their checkpoint dtype on the device (f32, bf16, or FP8 with block scales) and
 //! are dequantised inside the kernels. Every op runs on the GPU; nothing falls back to the CPU.
+mod nccl;
 mod ops;
+
+pub use nccl::unique_id as nccl_unique_id;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -58,6 +61,8 @@ pub struct CudaBackend {
     /// Fill new outputs with NaN (ENGINE_GPU_POISON=1) so unwritten elements show in tests.
     poison: bool,
     pub profile: OpProfile,
+    /// The tensor-parallel communicator (None alone)
+    ccl: Option<nccl::Nccl>,
 }
 
 /// Per-op-class timing from CUDA events recorded around each op (`engine bench --profile`).
@@ -84,7 +89,19 @@ impl CudaBackend {
         log::info!("cuda backend: {device_name} ({arch}); kernels: portable HIP-dialect sources via NVRTC, cache {}", jit.cache.dir.display());
         log::info!("cuda op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA kernels; routing = GPU kernel; sampling = host");
         let poison = std::env::var("ENGINE_GPU_POISON").is_ok_and(|v| v == "1");
-        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default() })
+        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default(), ccl: None })
+    }
+
+    /// Joins NCCL communicator `id` as `rank` of `size` (blocks until all ranks join).
+    pub fn with_nccl(mut self, id: &[u8], rank: usize, size: usize) -> Result<Self, BackendError> {
+        self.ctx.bind_to_thread().map_err(err("bind_to_thread"))?;
+        self.ccl = Some(nccl::Nccl::init(id, rank, size).map_err(|msg| BackendError::Op { backend: "cuda", op: "nccl init", msg })?);
+        Ok(self)
+    }
+
+    /// A failed peer reported by NCCL, if any.
+    pub fn comm_error(&self) -> Option<String> {
+        self.ccl.as_ref().and_then(|c| c.async_error())
     }
 
     /// Compiles (or loads from the cache) every kernel the model needs, up front.

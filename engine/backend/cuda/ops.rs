@@ -36,6 +36,8 @@ fn wdt_suffix(w: u8) -> &'static str {
 }
 
 pub struct GpuExperts {
+    /// Experts `first .. first + n` (expert parallelism: this rank's range)
+    pub first: usize,
     pub n: usize,
     pub inter: usize,
     pub hidden: usize,
@@ -154,9 +156,9 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn upload_experts(&self, experts: Vec<[HostLinear; 3]>) -> Result<GpuExperts, BackendError> {
-        let first = &experts[0];
-        let (wdt, _, _, bn, bk) = host_weight(&first[0]);
+    fn upload_experts(&self, experts: Vec<[HostLinear; 3]>, first: usize) -> Result<GpuExperts, BackendError> {
+        let e0 = &experts[0];
+        let (wdt, _, _, bn, bk) = host_weight(&e0[0]);
         let mut parts: [(Vec<u8>, Vec<f32>); 3] = Default::default();
         for (e, ex) in experts.iter().enumerate() {
             for (p, w) in ex.iter().enumerate() {
@@ -173,9 +175,10 @@ impl Backend for CudaBackend {
         let up = |v: &[u8]| self.stream.clone_htod(v).map_err(err("upload_experts"));
         let upf = |v: &Vec<f32>| self.stream.clone_htod(if v.is_empty() { &[0f32][..] } else { v }).map_err(err("upload_experts"));
         Ok(GpuExperts {
+            first,
             n: experts.len(),
-            inter: first[0].out,
-            hidden: first[0].inp,
+            inter: e0[0].out,
+            hidden: e0[0].inp,
             wdt,
             gate: up(&parts[0].0)?,
             up: up(&parts[1].0)?,
@@ -387,15 +390,47 @@ impl Backend for CudaBackend {
             }
             let mut h = self.alloc_out(pairs * e.inter)?;
             let (k, i, hd) = (r.top_k as i32, e.inter as i32, e.hidden as i32);
+            let (e0, ne) = (e.first as i32, e.n as i32);
             let f = self.func(MOE, &format!("moe_gate_up_{}", wdt_suffix(e.wdt)))?;
             let mut b = self.stream.launch_builder(&f);
-            b.arg(&x.buf).arg(&r.ids).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk);
+            b.arg(&x.buf).arg(&r.ids).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk).arg(&e0).arg(&ne);
             unsafe { b.launch(cfg((pairs as u32, e.inter.div_ceil(8).min(64) as u32), 256, 0)) }.map_err(err("moe_gate_up"))?;
             let f = self.func(MOE, &format!("moe_down_{}", wdt_suffix(e.wdt)))?;
             let mut b = self.stream.launch_builder(&f);
-            b.arg(&h).arg(&r.ids).arg(&r.weights).arg(&e.down).arg(&e.ds).arg(&mut out).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk);
+            b.arg(&h).arg(&r.ids).arg(&r.weights).arg(&e.down).arg(&e.ds).arg(&mut out).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk).arg(&e0).arg(&ne);
             unsafe { b.launch(cfg((pairs as u32, e.hidden.div_ceil(8).min(64) as u32), 256, 0)) }.map_err(err("moe_down"))?;
             Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
+        })
+    }
+
+    fn synchronize(&self) -> Result<(), BackendError> {
+        self.stream.synchronize().map_err(err("synchronize"))
+    }
+
+    fn tp_group(&self) -> (usize, usize) {
+        self.ccl.as_ref().map_or((0, 1), |c| (c.rank, c.size))
+    }
+
+    fn all_reduce(&self, x: &mut GpuTensor) -> Result<(), BackendError> {
+        let Some(c) = &self.ccl else { return Ok(()) };
+        self.span("communication", || c.all_reduce_sum(&mut x.buf, x.rows * x.cols, &self.stream))
+    }
+
+    fn all_gather_cols(&self, x: GpuTensor, total: usize) -> Result<GpuTensor, BackendError> {
+        let Some(c) = &self.ccl else { return Ok(x) };
+        self.span("communication", || {
+            let n = x.rows * x.cols;
+            let mut all = self.alloc_out(n * c.size)?;
+            c.all_gather(&x.buf, &mut all, n, &self.stream)?;
+            let mut out = self.alloc_out(x.rows * total)?;
+            if x.rows > 0 {
+                let f = self.func(EW, "concat_cols")?;
+                let (rows, cols, size, tot) = (x.rows as i32, x.cols as i32, c.size as i32, total as i32);
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&all).arg(&mut out).arg(&rows).arg(&cols).arg(&size).arg(&tot);
+                unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("concat_cols"))?;
+            }
+            Ok(GpuTensor { rows: x.rows, cols: total, buf: out })
         })
     }
 

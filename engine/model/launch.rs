@@ -1,0 +1,210 @@
+//! Starting a model on one or many ranks. Process model: one engine process per node, one thread
+//! per GPU (rank) in it. Threads share the memory-mapped checkpoint and the tokenizer, need no
+//! IPC for the per-step batch (a channel), and a GPU failure ends the whole node at once, which
+//! is the behaviour wanted from a tensor-parallel group anyway. Node 0's local rank 0 is the lead:
+//! it runs the scheduler and serves HTTP; every other rank follows the jobs it sends.
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use super::{Model, ModelError, Shard};
+use crate::backend::{Backend, BackendError};
+use crate::config::ModelConfig;
+use crate::dist::{Group, HostComm, JobFeed, LocalFollower, LocalGroup, ParallelConfig, RemoteNodes, StoreComm, TcpStore, Watchdog};
+use crate::weights::WeightStore;
+
+/// What one rank's backend is built from.
+pub struct RankCtx {
+    pub rank: usize,
+    pub size: usize,
+    /// The local device ordinal
+    pub device: usize,
+    /// The communicator id every rank shares (GPU backends)
+    pub comm_id: Option<Vec<u8>>,
+    /// A host collective group (the CPU backend)
+    pub host_comm: Option<Arc<dyn HostComm>>,
+}
+
+/// A backend that can be one rank of a tensor-parallel group.
+pub trait RankBackend: Backend + Sized {
+    /// True when the ranks talk through a device communicator (NCCL/RCCL) whose id rank 0 makes.
+    const DEVICE_COMM: bool;
+    fn new_comm_id() -> Result<Vec<u8>, String> {
+        Ok(vec![])
+    }
+    fn for_rank(ctx: RankCtx) -> Result<Self, BackendError>;
+}
+
+impl RankBackend for crate::backend::cpu::CpuBackend {
+    const DEVICE_COMM: bool = false;
+    fn for_rank(ctx: RankCtx) -> Result<Self, BackendError> {
+        Ok(match ctx.host_comm {
+            Some(c) if ctx.size > 1 => Self::with_comm(c),
+            _ => Self::new(),
+        })
+    }
+}
+
+impl RankBackend for crate::backend::cuda::CudaBackend {
+    const DEVICE_COMM: bool = true;
+    fn new_comm_id() -> Result<Vec<u8>, String> {
+        crate::backend::cuda::nccl_unique_id()
+    }
+    fn for_rank(ctx: RankCtx) -> Result<Self, BackendError> {
+        let b = Self::new(ctx.device)?;
+        match (ctx.size, ctx.comm_id) {
+            (1, _) => Ok(b),
+            (_, Some(id)) => b.with_nccl(&id, ctx.rank, ctx.size),
+            (_, None) => Err(BackendError::Op { backend: "cuda", op: "nccl init", msg: "no communicator id".into() }),
+        }
+    }
+}
+
+/// What this process does after start-up.
+pub enum Role<B: Backend> {
+    /// Node 0: the lead rank's model, with its followers attached.
+    Lead(Model<B>),
+    /// A follower node: it ran node 0's jobs until node 0 stopped.
+    FollowerDone,
+}
+
+fn par_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Parallel(e.to_string())
+}
+
+/// Loads the model for this node's ranks (the whole model when `par` is a single rank).
+pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig) -> Result<Role<B>, ModelError> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let weights = Arc::new(WeightStore::open(dir)?);
+    let shard = |rank| Shard { rank, size: par.world, expert_parallel: par.expert_parallel };
+    if par.is_single() {
+        let b = B::for_rank(RankCtx { rank: 0, size: 1, device: par.base_device, comm_id: None, host_comm: None })?;
+        return Ok(Role::Lead(Model::from_store(b, cfg, &weights, shard(0))?));
+    }
+    let ranks = par.local_ranks();
+    let lead_rank = ranks.start;
+    let timeout = par.timeout;
+    // rendezvous: node 0 hosts the store (multi-node only)
+    let store = match (&par.init_addr, par.nnodes > 1) {
+        (Some(addr), true) => Some(TcpStore::start(addr, lead_rank, timeout).map_err(par_err)?),
+        _ => None,
+    };
+    let addr = match (&store, &par.init_addr) {
+        (Some(s), _) if s.local_addr.is_some() => s.local_addr.unwrap().to_string(),
+        (_, Some(a)) => a.clone(),
+        _ => String::new(),
+    };
+    let comm_id = if B::DEVICE_COMM {
+        Some(match (&store, par.node_rank) {
+            (Some(s), 0) => {
+                let id = B::new_comm_id().map_err(par_err)?;
+                s.set("comm_id", &id).map_err(par_err)?;
+                id
+            }
+            (Some(s), _) => s.get("comm_id").map_err(par_err)?,
+            (None, _) => B::new_comm_id().map_err(par_err)?,
+        })
+    } else {
+        None
+    };
+    let mut host_comms: Vec<Option<Arc<dyn HostComm>>> = if B::DEVICE_COMM {
+        vec![None; par.per_node]
+    } else if par.nnodes == 1 {
+        LocalGroup::new(par.world, timeout).into_iter().map(|g| Some(Arc::new(g) as Arc<dyn HostComm>)).collect()
+    } else {
+        let mut v = Vec::new();
+        for rank in ranks.clone() {
+            let s = TcpStore::connect(&addr, rank, timeout).map_err(par_err)?;
+            v.push(Some(Arc::new(StoreComm::new(Arc::new(s), rank, par.world)) as Arc<dyn HostComm>));
+        }
+        v
+    };
+    log::info!(
+        "node {} of {}: ranks {ranks:?} of {} ({}), {}",
+        par.node_rank,
+        par.nnodes,
+        par.world,
+        if par.expert_parallel { "experts split by expert" } else { "experts split by intermediate size" },
+        if B::DEVICE_COMM { "device collectives" } else { "host collectives" }
+    );
+    // every rank but the local lead loads in its own thread and then follows
+    let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<(), String>)>();
+    let mut locals = Vec::new();
+    for (i, rank) in ranks.clone().enumerate().skip(1) {
+        let (job_tx, job_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        locals.push(LocalFollower { rank, tx: job_tx, done: std::sync::Mutex::new(done_rx) });
+        let ctx = RankCtx { rank, size: par.world, device: par.base_device + i, comm_id: comm_id.clone(), host_comm: host_comms[i].take() };
+        let (cfg, weights, ready) = (cfg.clone(), weights.clone(), ready_tx.clone());
+        let sh = shard(rank);
+        std::thread::Builder::new()
+            .name(format!("rank{rank}"))
+            .spawn(move || {
+                let model = B::for_rank(ctx).map_err(ModelError::from).and_then(|b| Model::from_store(b, cfg, &weights, sh));
+                drop(weights);
+                match model {
+                    Ok(m) => {
+                        let _ = ready.send((rank, Ok(())));
+                        follow(m, job_rx, done_tx);
+                    }
+                    Err(e) => {
+                        let _ = ready.send((rank, Err(e.to_string())));
+                    }
+                }
+            })
+            .map_err(par_err)?;
+    }
+    drop(ready_tx);
+    let ctx = RankCtx { rank: lead_rank, size: par.world, device: par.base_device, comm_id, host_comm: host_comms[0].take() };
+    let mut model = Model::from_store(B::for_rank(ctx)?, cfg, &weights, shard(lead_rank))?;
+    for _ in 1..par.per_node {
+        match ready_rx.recv_timeout(timeout) {
+            Ok((_, Ok(()))) => {}
+            Ok((rank, Err(e))) => return Err(ModelError::Parallel(format!("rank {rank}: {e}"))),
+            Err(_) => return Err(ModelError::Parallel(format!("rank {lead_rank}: timed out after {}s waiting for this node's ranks to load (--dist-timeout)", timeout.as_secs()))),
+        }
+    }
+    if let Some(s) = &store {
+        s.barrier("weights-loaded", par.nnodes).map_err(par_err)?;
+    }
+    let watchdog = Watchdog::start(format!("rank {lead_rank} (node {})", par.node_rank), timeout);
+    let remote = match (store, par.node_rank) {
+        (Some(s), 0) => Some(RemoteNodes::new(s, par.nnodes)),
+        (Some(s), node) => {
+            model.set_group(Group { rank: lead_rank, locals, remote: None, timeout, watchdog });
+            follow_node(&model, JobFeed::new(s, node))?;
+            return Ok(Role::FollowerDone);
+        }
+        (None, _) => None,
+    };
+    model.set_group(Group { rank: lead_rank, locals, remote, timeout, watchdog });
+    Ok(Role::Lead(model))
+}
+
+/// A follower rank's thread: runs each job on its own KV cache until the lead goes away.
+fn follow<B: Backend>(model: Model<B>, jobs: mpsc::Receiver<crate::dist::Job>, done: mpsc::Sender<Result<(), String>>) {
+    let mut kv = None;
+    while let Ok(job) = jobs.recv() {
+        let r = model.run_job(&mut kv, &job).map_err(|e| e.to_string());
+        if let Err(e) = &r {
+            log::error!("{e}");
+        }
+        if done.send(r).is_err() {
+            return;
+        }
+    }
+}
+
+/// A follower node's main loop: node 0's jobs, run on this node's ranks, until node 0 stops.
+fn follow_node<B: Backend>(model: &Model<B>, mut feed: JobFeed) -> Result<(), ModelError> {
+    log::info!("node {}: following node 0's jobs", feed.node);
+    let mut kv = None;
+    loop {
+        let job = match feed.next() {
+            Ok(j) => j,
+            Err(e) => return Err(ModelError::Parallel(format!("node {}: {e}", feed.node))),
+        };
+        let r = model.run_job(&mut kv, &job).map_err(|e| e.to_string());
+        feed.ack(r).map_err(|e| ModelError::Parallel(format!("node {}: {e}", feed.node)))?;
+    }
+}

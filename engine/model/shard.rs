@@ -1,0 +1,59 @@
+//! Which part of the model a rank holds under tensor / expert parallelism: attention heads,
+//! MLP and expert intermediate columns, whole experts (EP), and a slice of the vocabulary.
+use std::ops::Range;
+
+use super::ModelError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub size: usize,
+    /// Routed experts split by expert (`--ep-size` = `--tp`) instead of by intermediate size.
+    pub expert_parallel: bool,
+}
+
+impl Shard {
+    pub fn single() -> Self {
+        Shard { rank: 0, size: 1, expert_parallel: false }
+    }
+
+    /// This rank's equal part of `n` items; `what` names the config field when `n` does not divide.
+    pub fn part(&self, n: usize, what: &str) -> Result<Range<usize>, ModelError> {
+        if n % self.size != 0 {
+            return Err(ModelError::Parallel(format!("{what} = {n} is not divisible by the tensor-parallel size {}", self.size)));
+        }
+        let k = n / self.size;
+        Ok(self.rank * k..(self.rank + 1) * k)
+    }
+
+    /// This rank's slice of `n` rows split in ceil(n / size) pieces (the last may be short): the
+    /// range it holds and the padded length every rank uses.
+    pub fn padded_part(&self, n: usize) -> (Range<usize>, usize) {
+        let k = n.div_ceil(self.size);
+        let start = (self.rank * k).min(n);
+        (start..((self.rank + 1) * k).min(n), k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_cover_everything_once() {
+        for size in 1..=8 {
+            let mut seen = vec![0; 129];
+            for rank in 0..size {
+                let s = Shard { rank, size, expert_parallel: false };
+                let (r, k) = s.padded_part(129);
+                assert!(r.len() <= k && k == 129usize.div_ceil(size));
+                r.for_each(|i| seen[i] += 1);
+            }
+            assert!(seen.iter().all(|&c| c == 1));
+        }
+        let s = Shard { rank: 2, size: 4, expert_parallel: false };
+        assert_eq!(s.part(16, "num_attention_heads").unwrap(), 8..12);
+        let e = s.part(10, "num_attention_heads").unwrap_err().to_string();
+        assert!(e.contains("num_attention_heads = 10") && e.contains("tensor-parallel size 4"), "{e}");
+    }
+}
