@@ -34,6 +34,7 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 fn serve_client(state: Arc<State>, stream: TcpStream, timeout: Duration) {
+    stream.set_nodelay(true).ok();
     let Ok(read) = stream.try_clone() else { return };
     let mut w = stream;
     for line in BufReader::new(read).lines() {
@@ -136,6 +137,7 @@ impl TcpStore {
             }
         };
         stream.set_read_timeout(Some(timeout + Duration::from_secs(1))).ok();
+        stream.set_nodelay(true).ok();
         let reader = BufReader::new(stream.try_clone().map_err(|e| io("connect", e.to_string()))?);
         Ok(TcpStore { rank, timeout, conn: Mutex::new((reader, stream)), local_addr })
     }
@@ -183,7 +185,8 @@ impl TcpStore {
     /// The value of `key`, waiting (bounded by the timeout) until some rank sets it.
     pub fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
         let r = self.request(&format!("wait for {key}"), &format!("GET {key}"))?;
-        r.strip_prefix("VAL ").and_then(unhex).ok_or_else(|| StoreError::Io { rank: self.rank, step: format!("wait for {key}"), msg: format!("bad reply {r:?}") })
+        // an empty value comes back as "VAL" (the reply line is trimmed)
+        r.strip_prefix("VAL").map(str::trim_start).and_then(unhex).ok_or_else(|| StoreError::Io { rank: self.rank, step: format!("wait for {key}"), msg: format!("bad reply {r:?}") })
     }
 
     /// Blocks until `world` ranks have reached barrier `name` (bounded by the timeout).

@@ -161,11 +161,20 @@ impl<B: Backend> Model<B> {
             self.backend.synchronize()?;
             Ok(t)
         });
-        let theirs = g.collect().map_err(ModelError::Parallel);
+        let theirs = g.collect();
         g.watchdog.leave();
-        let t = mine?;
-        theirs?;
-        Ok(t)
+        // inputs were checked before dispatch, so a failure here leaves the ranks out of step
+        // (one may have entered a collective the others never will): the group cannot go on
+        let failure = match (&mine, theirs) {
+            (Err(e), _) => Some(format!("rank {}: {e}", g.rank)),
+            (Ok(_), Err(e)) => Some(e),
+            _ => None,
+        };
+        if let Some(e) = failure {
+            eprintln!("error: tensor-parallel step `{step}` failed: {e}; exiting (the group cannot continue without every rank)");
+            std::process::exit(1);
+        }
+        mine
     }
 
     /// Allocates a latent KV cache of `slots` tokens for this model (and for each follower).

@@ -1,0 +1,155 @@
+//! Tensor and expert parallelism on the CPU backend (host collectives): TP=2/4, EP=2/4 and a
+//! two-"node" run (two processes meeting at --dist-init-addr) against the single-rank output on
+//! the golden checkpoints; a follower node killed mid-request; layout errors. The same checks run
+//! on two GPUs in tests/gpu_parallel.rs.
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{engine, golden_dir, stdout_json};
+use serde_json::Value;
+
+const PROMPTS: [&str; 2] = ["1,2,3,4,5,6,7", "9,40,2,77,13,5,100,101,3,8,8,8,21,300,17,19,4,60,2,2,11,12"];
+
+fn gen_args(model: &str, ids: &str) -> Vec<String> {
+    let m = golden_dir(model).display().to_string();
+    ["generate", "--backend", "cpu", "--model-path", &m, "--input-ids", ids, "--max-new-tokens", "12", "--json", "--return-logprob", "--top-logprobs-num", "3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn generate(model: &str, ids: &str, extra: &[&str]) -> Value {
+    let o = engine().args(gen_args(model, ids)).args(extra).output().unwrap();
+    stdout_json(&o)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Node 1 in the background, node 0 in the foreground: node 0's output.
+fn two_nodes(model: &str, ids: &str, extra: &[&str]) -> Value {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let dist = ["--tp", "2", "--nnodes", "2", "--dist-init-addr", &addr, "--dist-timeout", "60"];
+    let mut n1 = engine().args(gen_args(model, ids)).args(dist).args(["--node-rank", "1"]).args(extra).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let o = engine().args(gen_args(model, ids)).args(dist).args(["--node-rank", "0"]).args(extra).output().unwrap();
+    let _ = n1.kill();
+    let _ = n1.wait();
+    stdout_json(&o)
+}
+
+/// (token, logprob) of every input and output position, and the top-3 alternatives' logprobs.
+fn logprobs(v: &Value) -> (Vec<u64>, Vec<f64>) {
+    let m = &v["meta_info"];
+    let mut ids = Vec::new();
+    let mut lps = Vec::new();
+    for key in ["input_token_logprobs", "output_token_logprobs"] {
+        for e in m[key].as_array().unwrap() {
+            ids.push(e[1].as_u64().unwrap());
+            lps.push(e[0].as_f64().unwrap_or(0.0));
+        }
+    }
+    for key in ["input_top_logprobs", "output_top_logprobs"] {
+        for pos in m[key].as_array().unwrap() {
+            for e in pos.as_array().into_iter().flatten() {
+                lps.push(e[0].as_f64().unwrap());
+            }
+        }
+    }
+    (ids, lps)
+}
+
+fn assert_same(model: &str, what: &str, want: &Value, got: &Value) {
+    let (wi, wl) = logprobs(want);
+    let (gi, gl) = logprobs(got);
+    assert_eq!(wi, gi, "{model} {what}: token ids differ from TP=1");
+    assert_eq!(wl.len(), gl.len());
+    let worst = wl.iter().zip(&gl).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    // f32 sums in another order: differences of a few ulps, amplified slightly by the softmax
+    assert!(worst < 1e-4, "{model} {what}: max |Δ logprob| {worst:e} over {} values", wl.len());
+    eprintln!("{model} {what}: ids identical, max |Δ logprob| {worst:.2e} over {} values", wl.len());
+}
+
+#[test]
+fn tensor_and_expert_parallel_match_one_rank() {
+    for model in ["tiny_v3", "tiny_v2_lite", "tiny_v3_fp8"] {
+        for ids in PROMPTS {
+            let base = generate(model, ids, &[]);
+            assert_eq!(base["meta_info"]["output_token_logprobs"].as_array().unwrap().len(), 12);
+            for extra in [&["--tp", "2"][..], &["--tp", "2", "--ep", "2"], &["--tp-size", "4", "--ep-size", "4"], &["--tp", "4"]] {
+                assert_same(model, &extra.join(" "), &base, &generate(model, ids, extra));
+            }
+        }
+    }
+}
+
+#[test]
+fn two_node_run_matches_one_rank() {
+    for model in ["tiny_v3", "tiny_v3_fp8"] {
+        let base = generate(model, PROMPTS[1], &[]);
+        assert_same(model, "--nnodes 2 (tp 2)", &base, &two_nodes(model, PROMPTS[1], &[]));
+        assert_same(model, "--nnodes 2 (tp 2, ep 2)", &base, &two_nodes(model, PROMPTS[1], &["--ep", "2"]));
+    }
+}
+
+#[test]
+fn layout_errors_name_the_problem() {
+    let o = engine().args(gen_args("tiny_v3", "1,2")).args(["--tp", "3"]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("num_attention_heads = 4 is not divisible by the tensor-parallel size 3"), "{e}");
+    let o = engine().args(gen_args("tiny_v3", "1,2")).args(["--tp", "2", "--nnodes", "2"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--dist-init-addr"));
+    let o = engine().args(gen_args("tiny_v3", "1,2")).args(["--tp", "4", "--ep", "2"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--ep-size 2 must be 1 or equal to --tp-size 4"));
+    // node 1 of 2 with no node 0: the rendezvous times out naming the rank and the step
+    let addr = format!("127.0.0.1:{}", free_port());
+    let t0 = Instant::now();
+    let o = engine().args(gen_args("tiny_v3", "1,2")).args(["--tp", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", &addr, "--dist-timeout", "2"]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("rank 1") && e.contains("connect to the rendezvous store") && e.contains("timed out"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+}
+
+#[test]
+fn a_killed_follower_node_ends_the_lead_within_the_timeout() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let m = golden_dir("tiny_v3").display().to_string();
+    let dist = ["--tp", "2", "--nnodes", "2", "--dist-init-addr", &addr, "--dist-timeout", "4"];
+    let mut n1 = engine().args(["serve", "--backend", "cpu", "--model-path", &m, "--port", "0"]).args(dist).args(["--node-rank", "1"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let s = common::server::Server::start(&["--backend", "cpu", "--model-path", &m, "--tp", "2", "--nnodes", "2", "--dist-init-addr", &addr, "--dist-timeout", "4", "--node-rank", "0"]);
+    // one request completes on both nodes
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ok = rt.block_on(common::server::post(&s.addr, "/generate", &serde_json::json!({"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4, "temperature": 0}}))).json();
+    assert_eq!(ok["meta_info"]["completion_tokens"], 4, "{ok}");
+    n1.kill().unwrap();
+    n1.wait().unwrap();
+    let t0 = Instant::now();
+    // the next request needs node 1: the lead must exit with a clear error, not hang
+    let addr2 = s.addr.clone();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let body = r#"{"input_ids": [4, 5], "sampling_params": {"max_new_tokens": 4}}"#;
+        if let Ok(mut c) = std::net::TcpStream::connect(&addr2) {
+            let _ = write!(c, "POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+            let _ = c.read_to_end(&mut Vec::new());
+        }
+    });
+    let mut s = s;
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the lead did not exit after its peer died: {}", s.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let log = s.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    // either the collective's own timeout or the step watchdog names the rank and the timeout
+    assert!(log.contains("error: ") && log.contains("rank 0") && (log.contains("timed out") || log.contains("--dist-timeout 4s")), "{log}");
+    eprintln!("lead exited {:.1}s after the request: {}", t0.elapsed().as_secs_f64(), log.lines().rev().find(|l| l.contains("error")).unwrap_or(""));
+}
