@@ -230,8 +230,15 @@ fn moe_routing_and_experts() {
                 })
                 .collect();
             let a = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts.clone(), 0).unwrap()).unwrap()).unwrap();
-            let b = c.download(&c.moe_experts(&cx, &cr, &c.upload_experts(experts, 0).unwrap()).unwrap()).unwrap();
+            let b = c.download(&c.moe_experts(&cx, &cr, &c.upload_experts(experts.clone(), 0).unwrap()).unwrap()).unwrap();
             check(&format!("moe_experts {:?} {hidden}x{inter}", p.method), &a, &b, F32_TOL);
+            // expert parallelism: this rank holds the second quarter of the experts only
+            let q = p.n_experts / 4;
+            let part: Vec<[HostLinear; 3]> = experts[q..2 * q].to_vec();
+            let a = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(part.clone(), q).unwrap()).unwrap()).unwrap();
+            let b = c.download(&c.moe_experts(&cx, &cr, &c.upload_experts(part, q).unwrap()).unwrap()).unwrap();
+            assert!(b.iter().any(|&v| v != 0.0), "some token routes to experts {q}..{}", 2 * q);
+            check(&format!("moe_experts EP range {q}..{} {:?} {hidden}x{inter}", 2 * q, p.method), &a, &b, F32_TOL);
         }
     }
 }

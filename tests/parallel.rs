@@ -1,7 +1,7 @@
 //! Tensor and expert parallelism on the CPU backend (host collectives): TP=2/4, EP=2/4 and a
 //! two-"node" run (two processes meeting at --dist-init-addr) against the single-rank output on
-//! the golden checkpoints; a follower node killed mid-request; layout errors. The same checks run
-//! on two GPUs in tests/gpu_parallel.rs.
+//! the golden checkpoints; a follower node killed mid-request; layout errors. The `gpu_` tests run
+//! the same comparisons over NCCL on two GPUs (ENGINE_TEST_BACKEND=cuda ENGINE_TEST_GPUS=2).
 mod common;
 
 use std::process::Stdio;
@@ -12,16 +12,16 @@ use serde_json::Value;
 
 const PROMPTS: [&str; 2] = ["1,2,3,4,5,6,7", "9,40,2,77,13,5,100,101,3,8,8,8,21,300,17,19,4,60,2,2,11,12"];
 
-fn gen_args(model: &str, ids: &str) -> Vec<String> {
+fn gen_args(backend: &str, model: &str, ids: &str) -> Vec<String> {
     let m = golden_dir(model).display().to_string();
-    ["generate", "--backend", "cpu", "--model-path", &m, "--input-ids", ids, "--max-new-tokens", "12", "--json", "--return-logprob", "--top-logprobs-num", "3"]
+    ["generate", "--backend", backend, "--model-path", &m, "--input-ids", ids, "--max-new-tokens", "12", "--json", "--return-logprob", "--top-logprobs-num", "3"]
         .iter()
         .map(|s| s.to_string())
         .collect()
 }
 
-fn generate(model: &str, ids: &str, extra: &[&str]) -> Value {
-    let o = engine().args(gen_args(model, ids)).args(extra).output().unwrap();
+fn generate(backend: &str, model: &str, ids: &str, extra: &[&str]) -> Value {
+    let o = engine().args(gen_args(backend, model, ids)).args(extra).output().unwrap();
     stdout_json(&o)
 }
 
@@ -30,11 +30,12 @@ fn free_port() -> u16 {
 }
 
 /// Node 1 in the background, node 0 in the foreground: node 0's output.
-fn two_nodes(model: &str, ids: &str, extra: &[&str]) -> Value {
+fn two_nodes(backend: &str, model: &str, ids: &str, extra: &[&str]) -> Value {
     let addr = format!("127.0.0.1:{}", free_port());
-    let dist = ["--tp", "2", "--nnodes", "2", "--dist-init-addr", &addr, "--dist-timeout", "60"];
-    let mut n1 = engine().args(gen_args(model, ids)).args(dist).args(["--node-rank", "1"]).args(extra).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let o = engine().args(gen_args(model, ids)).args(dist).args(["--node-rank", "0"]).args(extra).output().unwrap();
+    let dist = ["--tp", "2", "--nnodes", "2", "--dist-init-addr", &addr, "--dist-timeout", "120"];
+    // each "node" drives one GPU of this machine
+    let mut n1 = engine().args(gen_args(backend, model, ids)).args(dist).args(["--node-rank", "1", "--base-gpu-id", "1"]).args(extra).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let o = engine().args(gen_args(backend, model, ids)).args(dist).args(["--node-rank", "0"]).args(extra).output().unwrap();
     let _ = n1.kill();
     let _ = n1.wait();
     stdout_json(&o)
@@ -61,53 +62,87 @@ fn logprobs(v: &Value) -> (Vec<u64>, Vec<f64>) {
     (ids, lps)
 }
 
-fn assert_same(model: &str, what: &str, want: &Value, got: &Value) {
+fn assert_same(model: &str, what: &str, want: &Value, got: &Value, tol: f64) {
     let (wi, wl) = logprobs(want);
     let (gi, gl) = logprobs(got);
     assert_eq!(wi, gi, "{model} {what}: token ids differ from TP=1");
     assert_eq!(wl.len(), gl.len());
     let worst = wl.iter().zip(&gl).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-    // f32 sums in another order: differences of a few ulps, amplified slightly by the softmax
-    assert!(worst < 1e-4, "{model} {what}: max |Δ logprob| {worst:e} over {} values", wl.len());
+    assert!(worst < tol, "{model} {what}: max |Δ logprob| {worst:e} over {} values", wl.len());
     eprintln!("{model} {what}: ids identical, max |Δ logprob| {worst:.2e} over {} values", wl.len());
 }
 
-#[test]
-fn tensor_and_expert_parallel_match_one_rank() {
+// f32 sums in another order: differences of a few ulps, amplified slightly by the softmax
+const CPU_TOL: f64 = 1e-4;
+// GPU: f32 activations, but atomics and NCCL's reduction order vary between runs
+const GPU_TOL: f64 = 2e-3;
+
+fn layouts_match(backend: &str, layouts: &[&[&str]], tol: f64) {
     for model in ["tiny_v3", "tiny_v2_lite", "tiny_v3_fp8"] {
         for ids in PROMPTS {
-            let base = generate(model, ids, &[]);
+            let base = generate(backend, model, ids, &[]);
             assert_eq!(base["meta_info"]["output_token_logprobs"].as_array().unwrap().len(), 12);
-            for extra in [&["--tp", "2"][..], &["--tp", "2", "--ep", "2"], &["--tp-size", "4", "--ep-size", "4"], &["--tp", "4"]] {
-                assert_same(model, &extra.join(" "), &base, &generate(model, ids, extra));
+            for extra in layouts {
+                assert_same(model, &format!("{backend} {}", extra.join(" ")), &base, &generate(backend, model, ids, extra), tol);
             }
         }
     }
 }
 
-#[test]
-fn two_node_run_matches_one_rank() {
+fn two_nodes_match(backend: &str, tol: f64) {
     for model in ["tiny_v3", "tiny_v3_fp8"] {
-        let base = generate(model, PROMPTS[1], &[]);
-        assert_same(model, "--nnodes 2 (tp 2)", &base, &two_nodes(model, PROMPTS[1], &[]));
-        assert_same(model, "--nnodes 2 (tp 2, ep 2)", &base, &two_nodes(model, PROMPTS[1], &["--ep", "2"]));
+        let base = generate(backend, model, PROMPTS[1], &[]);
+        assert_same(model, &format!("{backend} --nnodes 2 (tp 2)"), &base, &two_nodes(backend, model, PROMPTS[1], &[]), tol);
+        assert_same(model, &format!("{backend} --nnodes 2 (tp 2, ep 2)"), &base, &two_nodes(backend, model, PROMPTS[1], &["--ep", "2"]), tol);
     }
 }
 
 #[test]
+fn tensor_and_expert_parallel_match_one_rank() {
+    layouts_match("cpu", &[&["--tp", "2"], &["--tp", "2", "--ep", "2"], &["--tp-size", "4", "--ep-size", "4"], &["--tp", "4"]], CPU_TOL);
+}
+
+#[test]
+fn two_node_run_matches_one_rank() {
+    two_nodes_match("cpu", CPU_TOL);
+}
+
+/// Two GPUs: these are `#[ignore]`d (reported as ignored, never as passed) and run with
+/// `ENGINE_TEST_BACKEND=cuda ENGINE_TEST_GPUS=2 cargo test --release --test parallel -- --ignored`.
+fn require_two_gpus() {
+    let cuda = std::env::var("ENGINE_TEST_BACKEND").is_ok_and(|v| v == "cuda");
+    let gpus: usize = std::env::var("ENGINE_TEST_GPUS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(cuda && gpus >= 2, "the gpu_ tests need ENGINE_TEST_BACKEND=cuda and ENGINE_TEST_GPUS=2 on a machine with two NVIDIA GPUs");
+}
+
+#[test]
+#[ignore = "needs two GPUs (ENGINE_TEST_BACKEND=cuda ENGINE_TEST_GPUS=2)"]
+fn gpu_tensor_and_expert_parallel_match_one_gpu() {
+    require_two_gpus();
+    layouts_match("cuda", &[&["--tp", "2"], &["--tp", "2", "--ep", "2"]], GPU_TOL);
+}
+
+#[test]
+#[ignore = "needs two GPUs (ENGINE_TEST_BACKEND=cuda ENGINE_TEST_GPUS=2)"]
+fn gpu_two_node_run_matches_one_gpu() {
+    require_two_gpus();
+    two_nodes_match("cuda", GPU_TOL);
+}
+
+#[test]
 fn layout_errors_name_the_problem() {
-    let o = engine().args(gen_args("tiny_v3", "1,2")).args(["--tp", "3"]).output().unwrap();
+    let o = engine().args(gen_args("cpu", "tiny_v3", "1,2")).args(["--tp", "3"]).output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("num_attention_heads = 4 is not divisible by the tensor-parallel size 3"), "{e}");
-    let o = engine().args(gen_args("tiny_v3", "1,2")).args(["--tp", "2", "--nnodes", "2"]).output().unwrap();
+    let o = engine().args(gen_args("cpu", "tiny_v3", "1,2")).args(["--tp", "2", "--nnodes", "2"]).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("--dist-init-addr"));
-    let o = engine().args(gen_args("tiny_v3", "1,2")).args(["--tp", "4", "--ep", "2"]).output().unwrap();
+    let o = engine().args(gen_args("cpu", "tiny_v3", "1,2")).args(["--tp", "4", "--ep", "2"]).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("--ep-size 2 must be 1 or equal to --tp-size 4"));
     // node 1 of 2 with no node 0: the rendezvous times out naming the rank and the step
     let addr = format!("127.0.0.1:{}", free_port());
     let t0 = Instant::now();
-    let o = engine().args(gen_args("tiny_v3", "1,2")).args(["--tp", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", &addr, "--dist-timeout", "2"]).output().unwrap();
+    let o = engine().args(gen_args("cpu", "tiny_v3", "1,2")).args(["--tp", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", &addr, "--dist-timeout", "2"]).output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("rank 1") && e.contains("connect to the rendezvous store") && e.contains("timed out"), "{e}");

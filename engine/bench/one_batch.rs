@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::backend::{AttnSeq, Backend, BackendKind};
-use crate::model::{ForwardBatch, Model};
+use crate::model::{launch, ForwardBatch, Model, Role};
 use crate::sampling::Rng;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -35,6 +35,8 @@ pub struct BenchOneBatchArgs {
     /// Time per op class over the decode steps, from GPU events (CUDA backend)
     #[arg(long)]
     pub profile: bool,
+    #[command(flatten)]
+    pub dist: crate::dist::DistArgs,
 }
 
 /// Profiling hooks around the decode loop: start, then per-class milliseconds at the end.
@@ -86,7 +88,19 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
         let mut s: Vec<f64> = steps.iter().skip(a.warmup_steps.min(steps.len().saturating_sub(1))).copied().collect();
         s.sort_by(|x, y| x.partial_cmp(y).unwrap());
         let med = pct(&s, 0.5);
+        // the all-reduce a decode step of this batch does (2 per layer): [bs, hidden] f32
+        let comm = if model.backend.tp_group().1 > 1 {
+            let elems = bs * model.cfg.hidden_size;
+            let secs = model.comm_bench(elems, 50)?;
+            let n = model.backend.tp_group().1 as f64;
+            let bytes = (elems * 4) as f64;
+            json!({"bytes": elems * 4, "latency_us": secs * 1e6, "bus_gb_s": 2.0 * (n - 1.0) / n * bytes / secs / 1e9,
+                   "per_decode_step_ms": secs * 1e3 * 2.0 * model.num_layers() as f64})
+        } else {
+            serde_json::Value::Null
+        };
         rows.push(json!({
+            "all_reduce": comm,
             "batch_size": bs, "input_len": a.input_len, "output_len": a.output_len,
             "prefill_s": prefill_s, "prefill_tok_s": (bs * a.input_len) as f64 / prefill_s,
             "decode_step_median_ms": med * 1e3, "decode_step_p90_ms": pct(&s, 0.9) * 1e3,
@@ -101,9 +115,13 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
     let path = crate::cli::model_path_or_demo(&a.model_path)?;
     let kind = a.backend.resolve()?;
     let t = Instant::now();
+    let par = a.dist.validate()?;
     let (rows, backend, kernels) = match kind {
         BackendKind::Cuda => {
-            let model = Arc::new(Model::load(crate::backend::cuda::CudaBackend::new(0)?, &path)?);
+            let model = match launch::<crate::backend::cuda::CudaBackend>(&path, &par)? {
+                Role::Lead(m) => Arc::new(m),
+                Role::FollowerDone => return Ok(()),
+            };
             model.backend.warmup(crate::backend::gpu::ModelDims::of(&model.cfg))?;
             let (hits, compiles) = model.backend.jit.stats();
             let k = json!({"cache_dir": model.backend.jit.cache.dir.display().to_string(), "cache_hits": hits, "compiled": compiles, "device": model.backend.device_name, "arch": model.backend.arch});
@@ -119,16 +137,19 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
             if a.profile {
                 log::warn!("--profile times GPU events; the CPU backend has none, so no profile is printed");
             }
-            let model = Model::load(crate::backend::cpu::CpuBackend::new(), &path)?;
+            let model = match launch::<crate::backend::cpu::CpuBackend>(&path, &par)? {
+                Role::Lead(m) => m,
+                Role::FollowerDone => return Ok(()),
+            };
             (bench_model(&model, &a, &ProfileHooks { start: &|| {}, finish: &|| None })?, "cpu", json!(null))
         }
     };
-    let out = json!({"model_path": path.display().to_string(), "backend": backend, "load_and_bench_s": t.elapsed().as_secs_f64(),
+    let out = json!({"model_path": path.display().to_string(), "backend": backend, "tp_size": par.world, "ep_size": if par.expert_parallel { par.world } else { 1 }, "nnodes": par.nnodes, "load_and_bench_s": t.elapsed().as_secs_f64(),
                      "kernels": kernels, "cuda_graphs": "not implemented", "results": rows});
     if a.json {
         println!("{out}");
     } else {
-        println!("model {} on {backend}; kernels {}; CUDA graphs: not implemented", path.display(), out["kernels"]);
+        println!("model {} on {backend} (tp {}, ep {}, nnodes {}); kernels {}; CUDA graphs: not implemented", path.display(), out["tp_size"], out["ep_size"], out["nnodes"], out["kernels"]);
         println!("{:>6} {:>6} {:>6} {:>12} {:>14} {:>14} {:>12}", "batch", "in", "out", "prefill tok/s", "step med ms", "step p90 ms", "decode tok/s");
         for r in out["results"].as_array().unwrap() {
             println!(
@@ -136,6 +157,13 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
                 r["batch_size"].as_u64().unwrap(), r["input_len"].as_u64().unwrap(), r["output_len"].as_u64().unwrap(), r["prefill_tok_s"].as_f64().unwrap(), r["decode_step_median_ms"].as_f64().unwrap(),
                 r["decode_step_p90_ms"].as_f64().unwrap(), r["decode_tok_s"].as_f64().unwrap()
             );
+            if r["all_reduce"].is_object() {
+                let c = &r["all_reduce"];
+                println!(
+                    "        all-reduce of {} bytes: {:.1} us ({:.1} GB/s bus), {:.3} ms per decode step",
+                    c["bytes"], c["latency_us"].as_f64().unwrap_or(0.0), c["bus_gb_s"].as_f64().unwrap_or(0.0), c["per_decode_step_ms"].as_f64().unwrap_or(0.0)
+                );
+            }
             if let Some(p) = r["decode_profile_ms_per_step"].as_object() {
                 let mut v: Vec<(&String, f64)> = p.iter().map(|(k, x)| (k, x.as_f64().unwrap_or(0.0))).collect();
                 v.sort_by(|x, y| y.1.partial_cmp(&x.1).unwrap());

@@ -29,6 +29,15 @@ impl RemoteNodes {
     }
 }
 
+/// Ends the process at once, skipping exit handlers: the CUDA runtime's would wait for a device
+/// still spinning in a collective whose peer is gone, and never return.
+pub fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stderr().flush();
+    let _ = std::io::stdout().flush();
+    unsafe { libc::_exit(code) }
+}
+
 /// Flags a step that has run longer than the timeout.
 pub struct Watchdog {
     who: String,
@@ -52,7 +61,7 @@ impl Watchdog {
                             w.who,
                             w.timeout.as_secs()
                         );
-                    std::process::exit(1);
+                    exit_now(1);
                 }
             })
             .expect("spawn watchdog");

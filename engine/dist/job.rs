@@ -7,6 +7,8 @@ use crate::model::ForwardBatch;
 pub enum Job {
     AllocKv(usize),
     Forward(OwnedBatch),
+    /// `iters` all-reduces of `elems` floats (the bench measures the collective this way)
+    CommBench { elems: usize, iters: usize },
 }
 
 /// A `ForwardBatch` that owns its data.
@@ -70,6 +72,11 @@ impl Job {
                 out.push(0);
                 out.extend((*n as u64).to_le_bytes());
             }
+            Job::CommBench { elems, iters } => {
+                out.push(2);
+                out.extend((*elems as u64).to_le_bytes());
+                out.extend((*iters as u64).to_le_bytes());
+            }
             Job::Forward(b) => {
                 out.push(1);
                 put(&mut out, &b.tokens);
@@ -102,6 +109,10 @@ impl Job {
                 }
                 Ok(Job::Forward(OwnedBatch { tokens, positions, seqs, logit_rows }))
             }
+            Some((2, rest)) if rest.len() == 16 => Ok(Job::CommBench {
+                elems: u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize,
+                iters: u64::from_le_bytes(rest[8..].try_into().unwrap()) as usize,
+            }),
             _ => Err("unknown job message".into()),
         }
     }
@@ -114,7 +125,7 @@ mod tests {
     #[test]
     fn jobs_round_trip_and_garbage_is_rejected() {
         let b = OwnedBatch { tokens: vec![5, 6, 7], positions: vec![0, 1, 9], seqs: vec![(0, 2, vec![3, 4]), (2, 1, vec![8; 10])], logit_rows: vec![1, 2] };
-        for j in [Job::AllocKv(123456789), Job::Forward(b)] {
+        for j in [Job::AllocKv(123456789), Job::Forward(b), Job::CommBench { elems: 7168, iters: 50 }] {
             let e = j.encode();
             assert_eq!(Job::decode(&e).unwrap(), j);
             assert!(Job::decode(&e[..e.len() - 1]).is_err());

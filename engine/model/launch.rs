@@ -190,9 +190,12 @@ fn follow<B: Backend>(model: Model<B>, jobs: mpsc::Receiver<crate::dist::Job>, d
             log::error!("{e}");
         }
         if done.send(r).is_err() {
-            return;
+            break;
         }
     }
+    // the lead is gone and the process is ending: leave the device state (and its communicator)
+    // to the process exit rather than racing it with destructors
+    std::mem::forget(model);
 }
 
 /// A follower node's main loop: node 0's jobs, run on this node's ranks, until node 0 stops.

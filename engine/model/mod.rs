@@ -172,7 +172,7 @@ impl<B: Backend> Model<B> {
         };
         if let Some(e) = failure {
             eprintln!("error: tensor-parallel step `{step}` failed: {e}; exiting (the group cannot continue without every rank)");
-            std::process::exit(1);
+            crate::dist::exit_now(1);
         }
         mine
     }
@@ -182,10 +182,34 @@ impl<B: Backend> Model<B> {
         self.with_followers(|| crate::dist::Job::AllocKv(slots), "allocate the KV cache", || Ok(self.backend.alloc_kv_cache(self.layers.len(), slots, self.dims.kv_entry())?))
     }
 
+    /// Seconds per all-reduce of `elems` floats over the whole group (after 3 warm-up calls).
+    pub fn comm_bench(&self, elems: usize, iters: usize) -> Result<f64, ModelError> {
+        self.with_followers(|| crate::dist::Job::CommBench { elems, iters }, "all-reduce benchmark", || self.time_all_reduce(elems, iters))
+    }
+
+    fn time_all_reduce(&self, elems: usize, iters: usize) -> Result<f64, ModelError> {
+        let b = &self.backend;
+        let data: Vec<f32> = (0..elems).map(|i| (i % 13) as f32 * 0.25).collect();
+        let mut t = b.upload(1, elems, &data)?;
+        for _ in 0..3 {
+            b.all_reduce(&mut t)?;
+        }
+        b.synchronize()?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..iters {
+            b.all_reduce(&mut t)?;
+        }
+        b.synchronize()?;
+        Ok(t0.elapsed().as_secs_f64() / iters.max(1) as f64)
+    }
+
     /// A follower's side of one job: `kv` is the follower's own cache.
     pub fn run_job(&self, kv: &mut Option<B::KvCache>, job: &crate::dist::Job) -> Result<(), ModelError> {
         match job {
             crate::dist::Job::AllocKv(n) => *kv = Some(self.alloc_kv_cache(*n)?),
+            crate::dist::Job::CommBench { elems, iters } => {
+                self.time_all_reduce(*elems, *iters)?;
+            }
             crate::dist::Job::Forward(b) => {
                 let kv = kv.as_mut().ok_or_else(|| ModelError::Parallel("forward before the KV cache was allocated".into()))?;
                 b.with_view(|fb| self.forward(kv, fb))?;

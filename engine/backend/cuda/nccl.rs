@@ -11,6 +11,9 @@ use crate::backend::BackendError;
 /// ncclInProgress (NCCL >= 2.14; newer than the header the bindings came from)
 const NCCL_IN_PROGRESS: rccl_sys::ncclResult_t = 7;
 
+/// A rank's communicator. It is never destroyed: it lives as long as the process, because
+/// ncclCommDestroy can wait on peers that have not reached it (a node still following jobs), and
+/// tearing it down while a peer is mid-collective hangs or crashes at exit.
 pub struct Nccl {
     lib: Arc<Rccl>,
     comm: ncclComm_t,
@@ -27,8 +30,11 @@ fn op_err(op: &'static str) -> impl Fn(String) -> BackendError {
     move |msg| BackendError::Op { backend: "cuda", op, msg }
 }
 
+/// The library, loaded once and never unloaded: ncclGetUniqueId starts a bootstrap thread that
+/// runs library code for the life of the process.
 pub fn load() -> Result<Arc<Rccl>, String> {
-    rccl_sys::load(rccl_sys::Vendor::Nvidia).map(Arc::new)
+    static LIB: std::sync::OnceLock<Result<Arc<Rccl>, String>> = std::sync::OnceLock::new();
+    LIB.get_or_init(|| rccl_sys::load(rccl_sys::Vendor::Nvidia).map(Arc::new)).clone()
 }
 
 /// A fresh communicator id (rank 0 makes it and hands it to the others).
@@ -93,8 +99,3 @@ impl Nccl {
     }
 }
 
-impl Drop for Nccl {
-    fn drop(&mut self) {
-        unsafe { self.lib.ncclCommDestroy(self.comm) };
-    }
-}
