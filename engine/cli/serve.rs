@@ -188,3 +188,35 @@ fn run_on<B: RankBackend>(a: ServeArgs, path: PathBuf) -> Result<(), Box<dyn std
     log::info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// Every preset under configs/presets parses as `engine serve` flags and gives a valid layout
+    /// that divides DeepSeek-V3's heads, intermediate sizes and experts.
+    #[test]
+    fn presets_are_valid_serve_flags() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/presets");
+        let v3 = crate::config::ModelConfig::from_file(&dir.join("../models/deepseek-v3/config.json")).unwrap();
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_none_or(|x| x != "toml") {
+                continue;
+            }
+            let argv = vec!["engine".into(), "serve".into(), "--config".into(), p.display().to_string(), "--dist-init-addr".into(), "10.0.0.1:5000".into()];
+            let argv = apply_config_file(argv).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let cli = crate::cli::Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let crate::cli::Command::Serve(a) = cli.command else { panic!("not serve") };
+            let par = a.dist.validate().unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert!(par.world > 1, "{}", p.display());
+            for (what, k) in [("heads", v3.num_attention_heads), ("intermediate", v3.intermediate_size), ("moe_intermediate", v3.moe_intermediate_size), ("vocab", v3.vocab_size)] {
+                assert_eq!(k % par.world, 0, "{}: {what} {k} not divisible by tp {}", p.display(), par.world);
+            }
+            n += 1;
+        }
+        assert!(n >= 5, "found {n} presets");
+    }
+}

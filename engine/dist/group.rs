@@ -145,7 +145,7 @@ impl JobFeed {
     }
 
     /// The next job; waits as long as node 0 is alive (an idle server posts nothing for a while).
-    pub fn next(&mut self) -> Result<Job, String> {
+    pub fn next_job(&mut self) -> Result<Job, String> {
         let key = format!("job/{}", self.seq);
         loop {
             match self.store.get(&key) {

@@ -61,6 +61,7 @@ impl RankBackend for crate::backend::cuda::CudaBackend {
 }
 
 /// What this process does after start-up.
+#[allow(clippy::large_enum_variant)] // built once per process
 pub enum Role<B: Backend> {
     /// Node 0: the lead rank's model, with its followers attached.
     Lead(Model<B>),
@@ -203,7 +204,7 @@ fn follow_node<B: Backend>(model: &Model<B>, mut feed: JobFeed) -> Result<(), Mo
     log::info!("node {}: following node 0's jobs", feed.node);
     let mut kv = None;
     loop {
-        let job = match feed.next() {
+        let job = match feed.next_job() {
             Ok(j) => j,
             Err(e) => return Err(ModelError::Parallel(format!("node {}: {e}", feed.node))),
         };

@@ -19,7 +19,7 @@ impl Shard {
 
     /// This rank's equal part of `n` items; `what` names the config field when `n` does not divide.
     pub fn part(&self, n: usize, what: &str) -> Result<Range<usize>, ModelError> {
-        if n % self.size != 0 {
+        if !n.is_multiple_of(self.size) {
             return Err(ModelError::Parallel(format!("{what} = {n} is not divisible by the tensor-parallel size {}", self.size)));
         }
         let k = n / self.size;

@@ -36,7 +36,7 @@ impl HostLinear {
             LinearData::BF16(b) => LinearData::BF16(bytes(b)),
             LinearData::F16(b) => LinearData::F16(bytes(b)),
             LinearData::Fp8 { w, scale_inv, block_n, block_k } => {
-                if rows.start % block_n != 0 {
+                if !rows.start.is_multiple_of(*block_n) {
                     let mut full = vec![0f32; inp];
                     return self.dequantised(n, inp, |r, dst| {
                         self.row_f32(rows.start + r, &mut full);
@@ -83,7 +83,7 @@ impl HostLinear {
             LinearData::BF16(b) => LinearData::BF16(copy(b)),
             LinearData::F16(b) => LinearData::F16(copy(b)),
             LinearData::Fp8 { w, scale_inv, block_n, block_k } => {
-                if cols.start % block_k != 0 {
+                if !cols.start.is_multiple_of(*block_k) {
                     let mut full = vec![0f32; inp];
                     return self.dequantised(out, n, |r, dst| {
                         self.row_f32(r, &mut full);
