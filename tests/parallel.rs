@@ -94,12 +94,24 @@ fn two_nodes_match(backend: &str, tol: f64) {
         let base = generate(backend, model, PROMPTS[1], &[]);
         assert_same(model, &format!("{backend} --nnodes 2 (tp 2)"), &base, &two_nodes(backend, model, PROMPTS[1], &[]), tol);
         assert_same(model, &format!("{backend} --nnodes 2 (tp 2, ep 2)"), &base, &two_nodes(backend, model, PROMPTS[1], &["--ep", "2"]), tol);
+        assert_same(model, &format!("{backend} --nnodes 2 (dp attention 2)"), &base, &two_nodes(backend, model, PROMPTS[1], &["--dp", "2", "--enable-dp-attention"]), tol);
     }
 }
 
 #[test]
 fn tensor_and_expert_parallel_match_one_rank() {
-    layouts_match("cpu", &[&["--tp", "2"], &["--tp", "2", "--ep", "2"], &["--tp-size", "4", "--ep-size", "4"], &["--tp", "4"]], CPU_TOL);
+    layouts_match(
+        "cpu",
+        &[
+            &["--tp", "2"],
+            &["--tp", "2", "--ep", "2"],
+            &["--tp-size", "4", "--ep-size", "4"],
+            &["--tp", "4"],
+            &["--tp", "2", "--dp", "2", "--enable-dp-attention"],
+            &["--tp", "4", "--dp-size", "4", "--enable-dp-attention", "--ep", "4"],
+        ],
+        CPU_TOL,
+    );
 }
 
 #[test]
@@ -119,7 +131,7 @@ fn require_two_gpus() {
 #[ignore = "needs two GPUs (ENGINE_TEST_BACKEND=cuda ENGINE_TEST_GPUS=2)"]
 fn gpu_tensor_and_expert_parallel_match_one_gpu() {
     require_two_gpus();
-    layouts_match("cuda", &[&["--tp", "2"], &["--tp", "2", "--ep", "2"]], GPU_TOL);
+    layouts_match("cuda", &[&["--tp", "2"], &["--tp", "2", "--ep", "2"], &["--tp", "2", "--dp", "2", "--enable-dp-attention"]], GPU_TOL);
 }
 
 #[test]
@@ -127,6 +139,46 @@ fn gpu_tensor_and_expert_parallel_match_one_gpu() {
 fn gpu_two_node_run_matches_one_gpu() {
     require_two_gpus();
     two_nodes_match("cuda", GPU_TOL);
+}
+
+/// Several requests at once through the server: DP attention spreads them over the ranks (each its
+/// own KV cache) and every request's tokens and logprobs equal the single-rank server's.
+fn dp_serving_matches_one_rank(backend: &str, layout: &[&str], tol: f64) {
+    let m = golden_dir("tiny_v3_fp8").display().to_string();
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| (0..5 + 3 * i).map(|j| ((j * 37 + i * 11) % 300 + 1) as u32).collect()).collect();
+    let body = serde_json::json!({"input_ids": prompts, "return_logprob": true, "logprob_start_len": 0, "top_logprobs_num": 2,
+        "sampling_params": {"max_new_tokens": 10, "temperature": 0, "ignore_eos": true}});
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--backend", backend, "--model-path", &m];
+        args.extend_from_slice(extra);
+        let s = common::server::Server::start(&args);
+        let v = rt.block_on(common::server::post(&s.addr, "/generate", &body)).json();
+        std::thread::sleep(Duration::from_millis(100));
+        (v, s.log())
+    };
+    let (want, _) = run(&[]);
+    let (got, log) = run(layout);
+    let (want, got) = (want.as_array().unwrap(), got.as_array().unwrap());
+    assert_eq!(want.len(), 6);
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        assert_same("tiny_v3_fp8", &format!("{backend} {} request {i} of 6 concurrent", layout.join(" ")), w, g, tol);
+    }
+    for rank in 0..2 {
+        assert!(log.contains(&format!("→ DP rank {rank}")), "no request went to DP rank {rank}:\n{log}");
+    }
+}
+
+#[test]
+fn dp_attention_serving_spreads_requests_and_matches_one_rank() {
+    dp_serving_matches_one_rank("cpu", &["--tp", "2", "--dp", "2", "--enable-dp-attention"], CPU_TOL);
+}
+
+#[test]
+#[ignore = "needs two GPUs (ENGINE_TEST_BACKEND=cuda ENGINE_TEST_GPUS=2)"]
+fn gpu_dp_attention_serving_matches_one_gpu() {
+    require_two_gpus();
+    dp_serving_matches_one_rank("cuda", &["--tp", "2", "--dp", "2", "--enable-dp-attention"], GPU_TOL);
 }
 
 #[test]

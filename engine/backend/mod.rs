@@ -152,6 +152,17 @@ pub trait Backend: Send + Sync + 'static {
         Ok(x)
     }
 
+    /// DP attention: every rank's rows, each rank's `x` ([≤ per_rank, c]) padded with zero rows to
+    /// `per_rank`, concatenated in rank order → [size·per_rank, c].
+    fn all_gather_rows(&self, _x: &Self::Tensor, _per_rank: usize) -> Result<Self::Tensor, BackendError> {
+        Err(BackendError::Op { backend: self.name(), op: "all_gather_rows", msg: "needs a tensor-parallel group".into() })
+    }
+    /// DP attention: `x` is [size·per_rank, c] on every rank; sums it over the ranks and returns
+    /// the first `keep` rows of this rank's block.
+    fn reduce_scatter_rows(&self, _x: &Self::Tensor, _keep: usize) -> Result<Self::Tensor, BackendError> {
+        Err(BackendError::Op { backend: self.name(), op: "reduce_scatter_rows", msg: "needs a tensor-parallel group".into() })
+    }
+
     /// Picks one token per row of `logits` on the device (penalties applied in place), or None when
     /// this backend samples on the host (the CPU reference does).
     fn sample(&self, _logits: &mut Self::Tensor, _rows: &[SampleRow]) -> Result<Option<Vec<u32>>, BackendError> {

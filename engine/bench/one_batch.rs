@@ -55,30 +55,52 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &ProfileHooks) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error + Send + Sync>> {
     let vocab = model.cfg.vocab_size as u64;
     let mut rows = Vec::new();
+    let dp = model.dp_size();
     for &bs in &a.batch_size {
         let per_seq = a.input_len + a.output_len;
-        let mut kv = model.alloc_kv_cache(bs * per_seq)?;
+        // sequence s runs on DP-attention rank s % dp, in that rank's own KV pool (dp = 1: all on one)
+        let mut kv = model.alloc_kv_cache(bs.div_ceil(dp) * per_seq)?;
         let mut rng = Rng::new(a.seed ^ bs as u64);
-        let slots: Vec<Vec<u32>> = (0..bs).map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect()).collect();
-        let tokens: Vec<u32> = (0..bs * a.input_len).map(|_| 3 + (rng.next_u64() % (vocab - 3)) as u32).collect();
-        let positions: Vec<u32> = (0..bs).flat_map(|_| 0..a.input_len as u32).collect();
-        let seqs: Vec<AttnSeq> = (0..bs).map(|s| AttnSeq { q_start: s * a.input_len, q_len: a.input_len, slots: &slots[s][..a.input_len] }).collect();
-        let last: Vec<u32> = (0..bs).map(|s| ((s + 1) * a.input_len - 1) as u32).collect();
+        let slots: Vec<Vec<u32>> = (0..bs).map(|s| (((s / dp) * per_seq) as u32..((s / dp + 1) * per_seq) as u32).collect()).collect();
+        let ranks: Vec<Vec<usize>> = (0..dp).map(|r| (r..bs).step_by(dp).collect()).collect();
+        // logits come back rank by rank: this is the sequence order of their rows
+        let order: Vec<usize> = ranks.iter().flatten().copied().collect();
+        let prompt: Vec<Vec<u32>> = (0..bs).map(|_| (0..a.input_len).map(|_| 3 + (rng.next_u64() % (vocab - 3)) as u32).collect()).collect();
+        // one forward: sequence s computes `new[s]` at positions `start ..`, logits at its last token
+        let step = |kv: &mut B::KvCache, new: &[Vec<u32>], start: usize| -> Result<Vec<f32>, crate::model::ModelError> {
+            let parts: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = ranks
+                .iter()
+                .map(|seqs| {
+                    let tokens: Vec<u32> = seqs.iter().flat_map(|&s| new[s].iter().copied()).collect();
+                    let positions: Vec<u32> = seqs.iter().flat_map(|&s| (start..start + new[s].len()).map(|p| p as u32)).collect();
+                    let mut end = 0;
+                    let last: Vec<u32> = seqs.iter().map(|&s| { end += new[s].len(); (end - 1) as u32 }).collect();
+                    (tokens, positions, last)
+                })
+                .collect();
+            let attn: Vec<Vec<AttnSeq>> = ranks
+                .iter()
+                .map(|seqs| {
+                    let mut q = 0;
+                    seqs.iter().map(|&s| { let n = new[s].len(); q += n; AttnSeq { q_start: q - n, q_len: n, slots: &slots[s][..start + n] } }).collect()
+                })
+                .collect();
+            let batches: Vec<ForwardBatch> = parts.iter().zip(&attn).map(|(p, q)| ForwardBatch { tokens: &p.0, positions: &p.1, seqs: q, logit_rows: &p.2 }).collect();
+            let logits = if dp == 1 { model.forward(kv, &batches[0])? } else { model.forward_dp(kv, &batches)? };
+            Ok(model.backend.download(&logits)?)
+        };
         let t0 = Instant::now();
-        let logits = model.forward(&mut kv, &ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seqs, logit_rows: &last })?;
-        let mut l = model.backend.download(&logits)?;
+        let mut l = step(&mut kv, &prompt, 0)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let mut steps = Vec::new();
         (hooks.start)();
-        for step in 0..a.output_len {
-            let next: Vec<u32> = l.chunks(vocab as usize).map(|r| r.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32).collect();
-            let ctx = a.input_len + step + 1;
-            let pos: Vec<u32> = vec![(ctx - 1) as u32; bs];
-            let seqs: Vec<AttnSeq> = (0..bs).map(|s| AttnSeq { q_start: s, q_len: 1, slots: &slots[s][..ctx] }).collect();
-            let rows_all: Vec<u32> = (0..bs as u32).collect();
+        for i in 0..a.output_len {
+            let mut next = vec![Vec::new(); bs];
+            for (row, &s) in l.chunks(vocab as usize).zip(&order) {
+                next[s] = vec![row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32];
+            }
             let t = Instant::now();
-            let logits = model.forward(&mut kv, &ForwardBatch { tokens: &next, positions: &pos, seqs: &seqs, logit_rows: &rows_all })?;
-            l = model.backend.download(&logits)?;
+            l = step(&mut kv, &next, a.input_len + i)?;
             steps.push(t.elapsed().as_secs_f64());
         }
         let profile = (hooks.finish)().map(|v| {
@@ -144,12 +166,12 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
             (bench_model(&model, &a, &ProfileHooks { start: &|| {}, finish: &|| None })?, "cpu", json!(null))
         }
     };
-    let out = json!({"model_path": path.display().to_string(), "backend": backend, "tp_size": par.world, "ep_size": if par.expert_parallel { par.world } else { 1 }, "nnodes": par.nnodes, "load_and_bench_s": t.elapsed().as_secs_f64(),
+    let out = json!({"model_path": path.display().to_string(), "backend": backend, "tp_size": par.world, "dp_attention": par.dp_attention, "ep_size": if par.expert_parallel { par.world } else { 1 }, "nnodes": par.nnodes, "load_and_bench_s": t.elapsed().as_secs_f64(),
                      "kernels": kernels, "cuda_graphs": "not implemented", "results": rows});
     if a.json {
         println!("{out}");
     } else {
-        println!("model {} on {backend} (tp {}, ep {}, nnodes {}); kernels {}; CUDA graphs: not implemented", path.display(), out["tp_size"], out["ep_size"], out["nnodes"], out["kernels"]);
+        println!("model {} on {backend} (tp {}, ep {}, dp attention {}, nnodes {}); kernels {}; CUDA graphs: not implemented", path.display(), out["tp_size"], out["ep_size"], out["dp_attention"], out["nnodes"], out["kernels"]);
         println!("{:>6} {:>6} {:>6} {:>12} {:>14} {:>14} {:>12}", "batch", "in", "out", "prefill tok/s", "step med ms", "step p90 ms", "decode tok/s");
         for r in out["results"].as_array().unwrap() {
             println!(

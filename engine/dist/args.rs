@@ -12,6 +12,13 @@ pub struct DistArgs {
     /// --tp-size gives each rank whole experts (n_routed_experts / tp of them)
     #[arg(long = "ep-size", visible_alias = "ep", default_value_t = 1)]
     pub ep_size: usize,
+    /// Data-parallel size of attention (with --enable-dp-attention; must equal --tp-size)
+    #[arg(long = "dp-size", visible_alias = "dp", default_value_t = 1)]
+    pub dp_size: usize,
+    /// Attention data-parallel: each rank runs whole attention for its own requests over its own
+    /// KV cache (not replicated), MoE/MLP stay tensor/expert parallel across all ranks
+    #[arg(long)]
+    pub enable_dp_attention: bool,
     /// Number of nodes (one engine process per node drives that node's GPUs)
     #[arg(long, default_value_t = 1)]
     pub nnodes: usize,
@@ -31,7 +38,7 @@ pub struct DistArgs {
 
 impl Default for DistArgs {
     fn default() -> Self {
-        DistArgs { tp_size: 1, ep_size: 1, nnodes: 1, node_rank: 0, dist_init_addr: None, dist_timeout: 1800, base_gpu_id: 0 }
+        DistArgs { tp_size: 1, ep_size: 1, dp_size: 1, enable_dp_attention: false, nnodes: 1, node_rank: 0, dist_init_addr: None, dist_timeout: 1800, base_gpu_id: 0 }
     }
 }
 
@@ -43,6 +50,8 @@ pub struct ParallelConfig {
     pub node_rank: usize,
     pub per_node: usize,
     pub expert_parallel: bool,
+    /// Attention data-parallel over all `world` ranks
+    pub dp_attention: bool,
     pub init_addr: Option<String>,
     pub timeout: Duration,
     pub base_device: usize,
@@ -63,6 +72,15 @@ impl DistArgs {
         if ep != 1 && ep != tp {
             return Err(format!("--ep-size {ep} must be 1 or equal to --tp-size {tp} (experts are split over the tensor-parallel ranks)"));
         }
+        if self.enable_dp_attention && (self.dp_size != tp || tp < 2) {
+            return Err(format!("--enable-dp-attention needs --dp-size equal to --tp-size (at least 2); got --dp-size {} --tp-size {tp}", self.dp_size));
+        }
+        if !self.enable_dp_attention && self.dp_size != 1 {
+            return Err(format!(
+                "--dp-size {} without --enable-dp-attention would mean independent replicas, which this engine does not run in one process: start one server per replica",
+                self.dp_size
+            ));
+        }
         if nn > 1 && self.dist_init_addr.is_none() {
             return Err("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's rendezvous address)".into());
         }
@@ -75,6 +93,7 @@ impl DistArgs {
             node_rank: self.node_rank,
             per_node: tp / nn,
             expert_parallel: ep > 1,
+            dp_attention: self.enable_dp_attention,
             init_addr: self.dist_init_addr.clone(),
             timeout: Duration::from_secs(self.dist_timeout),
             base_device: self.base_gpu_id,
@@ -110,5 +129,8 @@ mod tests {
         bad(DistArgs { tp_size: 4, ep_size: 2, ..Default::default() }, "--ep-size 2");
         bad(DistArgs { node_rank: 1, ..Default::default() }, "--node-rank 1");
         assert!(DistArgs { tp_size: 2, ep_size: 2, ..Default::default() }.validate().unwrap().expert_parallel);
+        assert!(DistArgs { tp_size: 4, dp_size: 4, enable_dp_attention: true, ..Default::default() }.validate().unwrap().dp_attention);
+        bad(DistArgs { tp_size: 4, dp_size: 2, enable_dp_attention: true, ..Default::default() }, "equal to --tp-size");
+        bad(DistArgs { tp_size: 2, dp_size: 2, ..Default::default() }, "without --enable-dp-attention");
     }
 }

@@ -7,6 +7,8 @@ use crate::model::ForwardBatch;
 pub enum Job {
     AllocKv(usize),
     Forward(OwnedBatch),
+    /// DP attention: one batch per rank, in rank order
+    ForwardDp(Vec<OwnedBatch>),
     /// `iters` all-reduces of `elems` floats (the bench measures the collective this way)
     CommBench { elems: usize, iters: usize },
 }
@@ -31,9 +33,39 @@ impl OwnedBatch {
         }
     }
 
+    pub fn seqs_view(&self) -> Vec<AttnSeq<'_>> {
+        self.seqs.iter().map(|(s, l, slots)| AttnSeq { q_start: *s as usize, q_len: *l as usize, slots }).collect()
+    }
+
+    pub fn view<'a>(&'a self, seqs: &'a [AttnSeq<'a>]) -> ForwardBatch<'a> {
+        ForwardBatch { tokens: &self.tokens, positions: &self.positions, seqs, logit_rows: &self.logit_rows }
+    }
+
     pub fn with_view<R>(&self, f: impl FnOnce(&ForwardBatch) -> R) -> R {
-        let seqs: Vec<AttnSeq> = self.seqs.iter().map(|(s, l, slots)| AttnSeq { q_start: *s as usize, q_len: *l as usize, slots }).collect();
-        f(&ForwardBatch { tokens: &self.tokens, positions: &self.positions, seqs: &seqs, logit_rows: &self.logit_rows })
+        let seqs = self.seqs_view();
+        f(&self.view(&seqs))
+    }
+
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        put(out, &self.tokens);
+        put(out, &self.positions);
+        put(out, &self.logit_rows);
+        out.extend((self.seqs.len() as u32).to_le_bytes());
+        for (s, l, slots) in &self.seqs {
+            out.extend(s.to_le_bytes());
+            out.extend(l.to_le_bytes());
+            put(out, slots);
+        }
+    }
+
+    fn decode_from(r: &mut Reader) -> Result<OwnedBatch, String> {
+        let (tokens, positions, logit_rows) = (r.vec()?, r.vec()?, r.vec()?);
+        let n = r.u32()?;
+        let mut seqs = Vec::with_capacity(n.min(1 << 16) as usize);
+        for _ in 0..n {
+            seqs.push((r.u32()?, r.u32()?, r.vec()?));
+        }
+        Ok(OwnedBatch { tokens, positions, seqs, logit_rows })
     }
 }
 
@@ -79,14 +111,13 @@ impl Job {
             }
             Job::Forward(b) => {
                 out.push(1);
-                put(&mut out, &b.tokens);
-                put(&mut out, &b.positions);
-                put(&mut out, &b.logit_rows);
-                out.extend((b.seqs.len() as u32).to_le_bytes());
-                for (s, l, slots) in &b.seqs {
-                    out.extend(s.to_le_bytes());
-                    out.extend(l.to_le_bytes());
-                    put(&mut out, slots);
+                b.encode_into(&mut out);
+            }
+            Job::ForwardDp(bs) => {
+                out.push(3);
+                out.extend((bs.len() as u32).to_le_bytes());
+                for b in bs {
+                    b.encode_into(&mut out);
                 }
             }
         }
@@ -96,18 +127,18 @@ impl Job {
     pub fn decode(bytes: &[u8]) -> Result<Job, String> {
         match bytes.split_first() {
             Some((0, rest)) if rest.len() == 8 => Ok(Job::AllocKv(u64::from_le_bytes(rest.try_into().unwrap()) as usize)),
-            Some((1, rest)) => {
+            Some((tag @ (1 | 3), rest)) => {
                 let mut r = Reader(rest);
-                let (tokens, positions, logit_rows) = (r.vec()?, r.vec()?, r.vec()?);
-                let n = r.u32()?;
-                let mut seqs = Vec::with_capacity(n.min(1 << 16) as usize);
-                for _ in 0..n {
-                    seqs.push((r.u32()?, r.u32()?, r.vec()?));
-                }
+                let job = if *tag == 1 {
+                    Job::Forward(OwnedBatch::decode_from(&mut r)?)
+                } else {
+                    let n = r.u32()?;
+                    Job::ForwardDp((0..n).map(|_| OwnedBatch::decode_from(&mut r)).collect::<Result<_, _>>()?)
+                };
                 if !r.0.is_empty() {
                     return Err(format!("job message has {} trailing bytes", r.0.len()));
                 }
-                Ok(Job::Forward(OwnedBatch { tokens, positions, seqs, logit_rows }))
+                Ok(job)
             }
             Some((2, rest)) if rest.len() == 16 => Ok(Job::CommBench {
                 elems: u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize,
@@ -125,7 +156,8 @@ mod tests {
     #[test]
     fn jobs_round_trip_and_garbage_is_rejected() {
         let b = OwnedBatch { tokens: vec![5, 6, 7], positions: vec![0, 1, 9], seqs: vec![(0, 2, vec![3, 4]), (2, 1, vec![8; 10])], logit_rows: vec![1, 2] };
-        for j in [Job::AllocKv(123456789), Job::Forward(b), Job::CommBench { elems: 7168, iters: 50 }] {
+        let empty = OwnedBatch { tokens: vec![], positions: vec![], seqs: vec![], logit_rows: vec![] };
+        for j in [Job::AllocKv(123456789), Job::Forward(b.clone()), Job::CommBench { elems: 7168, iters: 50 }, Job::ForwardDp(vec![b, empty])] {
             let e = j.encode();
             assert_eq!(Job::decode(&e).unwrap(), j);
             assert!(Job::decode(&e[..e.len() - 1]).is_err());

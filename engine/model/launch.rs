@@ -77,7 +77,7 @@ fn par_err(e: impl std::fmt::Display) -> ModelError {
 pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig) -> Result<Role<B>, ModelError> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let weights = Arc::new(WeightStore::open(dir)?);
-    let shard = |rank| Shard { rank, size: par.world, expert_parallel: par.expert_parallel };
+    let shard = |rank| Shard { rank, size: par.world, expert_parallel: par.expert_parallel, dp_attention: par.dp_attention };
     if par.is_single() {
         let b = B::for_rank(RankCtx { rank: 0, size: 1, device: par.base_device, comm_id: None, host_comm: None })?;
         return Ok(Role::Lead(Model::from_store(b, cfg, &weights, shard(0))?));
@@ -125,7 +125,12 @@ pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig) -> Result<Role<B
         par.node_rank,
         par.nnodes,
         par.world,
-        if par.expert_parallel { "experts split by expert" } else { "experts split by intermediate size" },
+        match (par.expert_parallel, par.dp_attention) {
+            (true, true) => "DP attention, experts split by expert",
+            (false, true) => "DP attention, experts split by intermediate size",
+            (true, false) => "experts split by expert",
+            (false, false) => "experts split by intermediate size",
+        },
         if B::DEVICE_COMM { "device collectives" } else { "host collectives" }
     );
     // every rank but the local lead loads in its own thread and then follows

@@ -2,7 +2,7 @@
 use super::mla::{AttnInputs, Mla};
 use super::mlp::{FeedForward, Mlp, Moe};
 use super::{ModelError, WeightsCtx};
-use crate::backend::Backend;
+use crate::backend::{Backend, TensorShape};
 
 pub struct DecoderLayer<B: Backend> {
     input_norm: B::Tensor,
@@ -26,6 +26,26 @@ impl<B: Backend> DecoderLayer<B> {
             attn: Mla::load(w, &format!("{p}.self_attn"))?,
             ffn,
         })
+    }
+
+    /// DP attention: attention on this rank's own rows (all heads, no all-reduce), then the
+    /// sharded MLP/MoE on every rank's rows (gathered, padded to `tmax`), reduce-scattered back.
+    /// A rank with no tokens (`resid` None) still takes part in the collectives.
+    pub fn forward_dp(&self, b: &B, resid: Option<&mut B::Tensor>, kv: &mut B::KvCache, layer: usize, a: &AttnInputs, tmax: usize) -> Result<(), ModelError> {
+        let (x, resid) = match resid {
+            Some(resid) => {
+                let x = b.rms_norm(resid, &self.input_norm, a.eps)?;
+                let attn = self.attn.forward(b, &x, kv, layer, a)?;
+                (b.add_rms_norm(&attn, resid, &self.post_attn_norm, a.eps)?, Some(resid))
+            }
+            None => (b.upload(0, self.input_norm.cols(), &[])?, None),
+        };
+        let all = b.all_gather_rows(&x, tmax)?;
+        let y = b.reduce_scatter_rows(&self.ffn.forward(b, &all)?, x.rows())?;
+        if let Some(r) = resid {
+            b.add(r, &y)?;
+        }
+        Ok(())
     }
 
     /// Advances the residual stream `resid` [T, hidden] through this layer.

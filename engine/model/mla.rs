@@ -35,7 +35,7 @@ impl<B: Backend> Mla<B> {
         let h = c.num_attention_heads;
         // tensor parallel: this rank's heads of q_b/q_proj and kv_b (column-parallel) and of
         // o_proj's input (row-parallel); the latent projection kv_a is replicated
-        let hr = w.shard.part(h, "num_attention_heads")?;
+        let hr = w.shard.heads(h)?;
         let rows = |per: usize| hr.start * per..hr.end * per;
         let qk = c.qk_head_dim();
         let q = match c.q_lora_rank {

@@ -1,4 +1,5 @@
 //! DeepSeek V2/V3, written once against `Backend`.
+mod dp;
 mod launch;
 mod layer;
 mod mla;
@@ -90,6 +91,7 @@ pub struct Model<B: Backend> {
     dims: MlaDims,
     /// This rank's followers when it leads a tensor-parallel group
     group: Option<crate::dist::Group>,
+    shard: Shard,
 }
 
 impl<B: Backend> Model<B> {
@@ -105,7 +107,7 @@ impl<B: Backend> Model<B> {
         if (brank, bsize) != (shard.rank, shard.size) {
             return Err(ModelError::Parallel(format!("backend is rank {brank} of {bsize} but the shard is rank {} of {}", shard.rank, shard.size)));
         }
-        let heads = shard.part(cfg.num_attention_heads, "num_attention_heads")?;
+        let heads = shard.heads(cfg.num_attention_heads)?;
         let w = WeightsCtx { store, cfg: &cfg, backend: &backend, shard };
         let (v, hs) = (cfg.vocab_size, cfg.hidden_size);
         let mut progress = Progress::new("loading weights", cfg.num_hidden_layers as u64 + 1);
@@ -135,7 +137,7 @@ impl<B: Backend> Model<B> {
             scale: cfg.softmax_scale() as f32,
         };
         let rope = RopeTables::new(&cfg.rope);
-        Ok(Model { cfg, backend, embed, layers, norm, lm_head, rope, dims, group: None })
+        Ok(Model { cfg, backend, embed, layers, norm, lm_head, rope, dims, group: None, shard })
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -210,6 +212,13 @@ impl<B: Backend> Model<B> {
             crate::dist::Job::CommBench { elems, iters } => {
                 self.time_all_reduce(*elems, *iters)?;
             }
+            crate::dist::Job::ForwardDp(bs) => {
+                let kv = kv.as_mut().ok_or_else(|| ModelError::Parallel("forward before the KV cache was allocated".into()))?;
+                let seqs: Vec<Vec<AttnSeq>> = bs.iter().map(|b| b.seqs_view()).collect();
+                let views: Vec<ForwardBatch> = bs.iter().zip(&seqs).map(|(b, s)| b.view(s)).collect();
+                self.forward_dp(kv, &views)?;
+                self.backend.synchronize()?;
+            }
             crate::dist::Job::Forward(b) => {
                 let kv = kv.as_mut().ok_or_else(|| ModelError::Parallel("forward before the KV cache was allocated".into()))?;
                 b.with_view(|fb| self.forward(kv, fb))?;
@@ -221,6 +230,17 @@ impl<B: Backend> Model<B> {
 
     /// Runs the batch, writing its latents into `kv`; returns logits [logit_rows, vocab].
     pub fn forward(&self, kv: &mut B::KvCache, batch: &ForwardBatch) -> Result<B::Tensor, ModelError> {
+        if self.dp_size() > 1 {
+            return Err(ModelError::Parallel("with DP attention every step is a forward_dp of one batch per rank".into()));
+        }
+        let new_slots = self.check_batch(batch)?;
+        // checked above, so every rank gets a batch it can run
+        let t = batch.tokens.len();
+        self.with_followers(|| crate::dist::Job::Forward(crate::dist::OwnedBatch::of(batch)), &format!("forward of {t} tokens"), || self.forward_local(kv, batch, new_slots))
+    }
+
+    /// Checks a batch before any rank runs it; returns the KV slots of its new tokens.
+    fn check_batch(&self, batch: &ForwardBatch) -> Result<Vec<u32>, ModelError> {
         let t = batch.tokens.len();
         if batch.positions.len() != t {
             return Err(ModelError::Input(format!("{} positions for {t} tokens", batch.positions.len())));
@@ -243,8 +263,7 @@ impl<B: Backend> Model<B> {
         if let Some(&r) = batch.logit_rows.iter().find(|&&r| r as usize >= t) {
             return Err(ModelError::Input(format!("logit row {r} is outside the batch of {t} tokens")));
         }
-        // checked above, so every rank gets a batch it can run
-        self.with_followers(|| crate::dist::Job::Forward(crate::dist::OwnedBatch::of(batch)), &format!("forward of {t} tokens"), || self.forward_local(kv, batch, new_slots))
+        Ok(new_slots)
     }
 
     fn forward_local(&self, kv: &mut B::KvCache, batch: &ForwardBatch, new_slots: Vec<u32>) -> Result<B::Tensor, ModelError> {

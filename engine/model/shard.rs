@@ -10,11 +10,13 @@ pub struct Shard {
     pub size: usize,
     /// Routed experts split by expert (`--ep-size` = `--tp`) instead of by intermediate size.
     pub expert_parallel: bool,
+    /// Attention data-parallel: every rank holds all heads and serves its own requests.
+    pub dp_attention: bool,
 }
 
 impl Shard {
     pub fn single() -> Self {
-        Shard { rank: 0, size: 1, expert_parallel: false }
+        Shard { rank: 0, size: 1, expert_parallel: false, dp_attention: false }
     }
 
     /// This rank's equal part of `n` items; `what` names the config field when `n` does not divide.
@@ -24,6 +26,15 @@ impl Shard {
         }
         let k = n / self.size;
         Ok(self.rank * k..(self.rank + 1) * k)
+    }
+
+    /// The attention heads this rank holds.
+    pub fn heads(&self, n: usize) -> Result<Range<usize>, ModelError> {
+        if self.dp_attention {
+            Ok(0..n)
+        } else {
+            self.part(n, "num_attention_heads")
+        }
     }
 
     /// This rank's slice of `n` rows split in ceil(n / size) pieces (the last may be short): the
@@ -44,14 +55,14 @@ mod tests {
         for size in 1..=8 {
             let mut seen = vec![0; 129];
             for rank in 0..size {
-                let s = Shard { rank, size, expert_parallel: false };
+                let s = Shard { rank, size, expert_parallel: false, dp_attention: false };
                 let (r, k) = s.padded_part(129);
                 assert!(r.len() <= k && k == 129usize.div_ceil(size));
                 r.for_each(|i| seen[i] += 1);
             }
             assert!(seen.iter().all(|&c| c == 1));
         }
-        let s = Shard { rank: 2, size: 4, expert_parallel: false };
+        let s = Shard { rank: 2, size: 4, expert_parallel: false, dp_attention: false };
         assert_eq!(s.part(16, "num_attention_heads").unwrap(), 8..12);
         let e = s.part(10, "num_attention_heads").unwrap_err().to_string();
         assert!(e.contains("num_attention_heads = 10") && e.contains("tensor-parallel size 4"), "{e}");

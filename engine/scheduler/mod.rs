@@ -1,8 +1,11 @@
 //! Continuous batching. `Scheduler::schedule()` returns the next batch as data; the runner executes
 //! it and hands the results back. Every request, whether prefilling, decoding or resuming after a
 //! retraction, is "compute tokens[num_computed..] in chunks; sample when the chunk reaches the end".
+mod ranks;
 mod request;
 mod runner;
+
+pub use ranks::RankSchedulers;
 
 pub use request::{Event, Request, RequestSpec};
 pub use runner::{spawn_engine, EngineHandle, EngineInfo, EngineStats, SubmitError};

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{BatchItem, Event, Request, RequestSpec, Scheduler, SchedulerConfig};
+use super::{BatchItem, Event, RankSchedulers, Request, RequestSpec, SchedulerConfig};
 use crate::backend::{AttnSeq, Backend, SampleRow};
-use crate::kv_cache::{KvManager, KvStats};
+use crate::kv_cache::KvStats;
 use crate::metrics::Metrics;
 use crate::model::{ForwardBatch, Model};
 use crate::sampling::{apply_penalties, log_softmax, sample, top_logprobs};
@@ -144,7 +144,8 @@ pub fn spawn_engine<B: Backend>(
     });
     let metrics = Arc::new(Metrics::new());
     let (tx, rx) = mpsc::unbounded_channel();
-    let sched = Scheduler::new(cfg, KvManager::new(max_total_tokens, radix_cache));
+    // one scheduler (KV pool, prefix cache) per DP-attention rank
+    let sched = RankSchedulers::new(model.dp_size(), cfg, max_total_tokens, radix_cache);
     let m2 = metrics.clone();
     let tok2 = tokenizer.clone();
     std::thread::Builder::new()
@@ -157,7 +158,7 @@ pub fn spawn_engine<B: Backend>(
 struct Runner<B: Backend> {
     model: Arc<Model<B>>,
     kv_cache: B::KvCache,
-    sched: Scheduler,
+    sched: RankSchedulers,
     tok: Option<Arc<Tokenizer>>,
     eos: Vec<u32>,
     metrics: Arc<Metrics>,
@@ -168,7 +169,7 @@ impl<B: Backend> Runner<B> {
         loop {
             // Block while idle; otherwise take whatever has arrived.
             if self.sched.is_idle() {
-                if let Err(e) = self.sched.kv.check_integrity() {
+                if let Err(e) = self.sched.check_integrity() {
                     log::error!("KV integrity check failed while idle: {e}");
                 }
                 self.publish_gauges();
@@ -192,7 +193,7 @@ impl<B: Backend> Runner<B> {
             self.drop_disconnected();
             let items = self.sched.schedule();
             self.publish_gauges();
-            if items.is_empty() {
+            if items.iter().all(Vec::is_empty) {
                 if !self.sched.is_idle() {
                     std::thread::sleep(Duration::from_millis(1));
                 }
@@ -201,7 +202,7 @@ impl<B: Backend> Runner<B> {
             if let Err(e) = self.step(&items) {
                 log::error!("forward step failed: {e}");
                 // fail every request of the batch, keep serving the others
-                let mut ids: Vec<u64> = items.iter().map(|it| self.sched.running[it.idx].id).collect();
+                let mut ids: Vec<u64> = items.iter().enumerate().flat_map(|(rank, its)| its.iter().map(move |it| (rank, it.idx))).map(|(rank, i)| self.sched.0[rank].running[i].id).collect();
                 ids.dedup();
                 for id in ids {
                     if let Some(r) = self.sched.abort(id) {
@@ -215,7 +216,13 @@ impl<B: Backend> Runner<B> {
 
     fn handle(&mut self, c: Command) {
         match c {
-            Command::Submit(r) => self.sched.waiting.push_back(*r),
+            Command::Submit(r) => {
+                let id = r.id;
+                let rank = self.sched.submit(*r);
+                if self.sched.0.len() > 1 {
+                    log::info!("request {id} → DP rank {rank}");
+                }
+            }
             Command::Abort(id) => {
                 if let Some(mut r) = self.sched.abort(id) {
                     r.finish = Some(crate::runtime::FinishReason::Abort("aborted".into()));
@@ -224,20 +231,15 @@ impl<B: Backend> Runner<B> {
                 }
             }
             Command::Flush(tx) => {
-                let res = if self.sched.is_idle() {
-                    Ok(self.sched.kv.flush())
-                } else {
-                    Err(format!("{} running and {} waiting requests: the cache is flushed only when idle", self.sched.running.len(), self.sched.waiting.len()))
-                };
-                let _ = tx.send(res);
+                let _ = tx.send(self.sched.flush());
             }
             Command::Stats(tx) => {
                 let _ = tx.send(EngineStats {
-                    kv: self.sched.kv.stats(),
-                    running: self.sched.running.len(),
-                    waiting: self.sched.waiting.len(),
-                    retractions: self.sched.num_retractions,
-                    integrity: self.sched.kv.check_integrity(),
+                    kv: self.sched.kv_stats(),
+                    running: self.sched.running(),
+                    waiting: self.sched.waiting(),
+                    retractions: self.sched.retractions(),
+                    integrity: self.sched.check_integrity(),
                 });
             }
         }
@@ -245,7 +247,7 @@ impl<B: Backend> Runner<B> {
 
     /// Requests whose client went away are aborted and their KV freed.
     fn drop_disconnected(&mut self) {
-        let gone: Vec<u64> = self.sched.running.iter().chain(self.sched.waiting.iter()).filter(|r| r.out.is_closed()).map(|r| r.id).collect();
+        let gone = self.sched.disconnected();
         for id in gone {
             log::info!("request {id}: client disconnected, aborting");
             self.sched.abort(id);
@@ -254,67 +256,78 @@ impl<B: Backend> Runner<B> {
     }
 
     fn publish_gauges(&self) {
-        let s = self.sched.kv.stats();
-        self.metrics.set_gauges(self.sched.running.len(), self.sched.waiting.len(), s);
-        self.metrics.set_prefix_counts(self.sched.num_admitted_tokens, self.sched.num_cached_tokens);
+        self.metrics.set_gauges(self.sched.running(), self.sched.waiting(), self.sched.kv_stats());
+        let (admitted, cached) = self.sched.prefix_counts();
+        self.metrics.set_prefix_counts(admitted, cached);
     }
 
-    fn step(&mut self, items: &[BatchItem]) -> Result<(), crate::model::ModelError> {
+    /// Runs one step: `items[rank]` is DP rank `rank`'s part of the batch (a single rank without
+    /// DP attention). Logit rows are numbered over all ranks in rank order, as the model returns them.
+    fn step(&mut self, items: &[Vec<BatchItem>]) -> Result<(), crate::model::ModelError> {
         let vocab = self.model.cfg.vocab_size;
-        let mut tokens = Vec::new();
-        let mut positions = Vec::new();
-        let mut logit_rows = Vec::new();
-        // per item: (first row of its input-logprob rows, how many, sample row)
-        let mut rows_of: Vec<(usize, usize, Option<usize>)> = Vec::new();
-        for it in items {
-            let r = &self.sched.running[it.idx];
-            let base = tokens.len();
-            for p in it.start..it.start + it.len {
-                tokens.push(r.token_at(p));
-                positions.push(p as u32);
-            }
-            let first_lp = logit_rows.len();
-            let mut n_lp = 0;
-            if !r.input_logprobs_done {
-                // logits at prompt positions [k, prompt_len - 1) give input logprobs of tokens k+1..
-                let k = r.spec.logprob_start_len.unwrap_or(0);
-                for p in it.start.max(k)..(it.start + it.len).min(r.prompt_len() - 1) {
-                    logit_rows.push((base + p - it.start) as u32);
-                    n_lp += 1;
+        // per rank: tokens, positions, logit rows (rank-local token indices)
+        let mut parts: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = Vec::with_capacity(items.len());
+        // per item, ranks in order: (rank, item, first global row of its input-logprob rows, how many, global sample row)
+        let mut flat: Vec<(usize, BatchItem, usize, usize, Option<usize>)> = Vec::new();
+        let mut global_rows = 0;
+        for (rank, its) in items.iter().enumerate() {
+            let (mut tokens, mut positions, mut logit_rows) = (Vec::new(), Vec::new(), Vec::new());
+            for it in its {
+                let r = &self.sched.0[rank].running[it.idx];
+                let base = tokens.len();
+                for p in it.start..it.start + it.len {
+                    tokens.push(r.token_at(p));
+                    positions.push(p as u32);
                 }
+                let first_lp = global_rows + logit_rows.len();
+                let mut n_lp = 0;
+                if !r.input_logprobs_done {
+                    // logits at prompt positions [k, prompt_len - 1) give input logprobs of tokens k+1..
+                    let k = r.spec.logprob_start_len.unwrap_or(0);
+                    for p in it.start.max(k)..(it.start + it.len).min(r.prompt_len() - 1) {
+                        logit_rows.push((base + p - it.start) as u32);
+                        n_lp += 1;
+                    }
+                }
+                let sample_row = it.samples(r).then(|| {
+                    logit_rows.push((base + it.len - 1) as u32);
+                    global_rows + logit_rows.len() - 1
+                });
+                flat.push((rank, it.clone(), first_lp, n_lp, sample_row));
             }
-            let sample_row = it.samples(r).then(|| {
-                logit_rows.push((base + it.len - 1) as u32);
-                logit_rows.len() - 1
-            });
-            rows_of.push((first_lp, n_lp, sample_row));
+            global_rows += logit_rows.len();
+            parts.push((tokens, positions, logit_rows));
         }
-        let seqs: Vec<AttnSeq> = {
-            let mut q = 0;
-            items
-                .iter()
-                .map(|it| {
-                    let r = &self.sched.running[it.idx];
-                    let s = AttnSeq { q_start: q, q_len: it.len, slots: &r.slots[..it.start + it.len] };
-                    q += it.len;
-                    s
-                })
-                .collect()
-        };
+        let seqs: Vec<Vec<AttnSeq>> = items
+            .iter()
+            .enumerate()
+            .map(|(rank, its)| {
+                let mut q = 0;
+                its.iter()
+                    .map(|it| {
+                        let r = &self.sched.0[rank].running[it.idx];
+                        let s = AttnSeq { q_start: q, q_len: it.len, slots: &r.slots[..it.start + it.len] };
+                        q += it.len;
+                        s
+                    })
+                    .collect()
+            })
+            .collect();
+        let batches: Vec<ForwardBatch> = parts.iter().zip(&seqs).map(|(p, s)| ForwardBatch { tokens: &p.0, positions: &p.1, seqs: s, logit_rows: &p.2 }).collect();
         let t0 = Instant::now();
-        let out = self.model.forward(&mut self.kv_cache, &ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seqs, logit_rows: &logit_rows })?;
+        let out = if batches.len() == 1 { self.model.forward(&mut self.kv_cache, &batches[0])? } else { self.model.forward_dp(&mut self.kv_cache, &batches)? };
+        let num_tokens: usize = parts.iter().map(|p| p.0.len()).sum();
+        drop(batches);
         // Sample on the device when the backend can and no row needs host-side logprobs.
-        let needs_host = rows_of.iter().any(|(_, n, _)| *n > 0)
-            || items.iter().zip(&rows_of).any(|(it, (_, _, s))| s.is_some() && self.sched.running[it.idx].logprobs.is_some());
+        let needs_host = flat.iter().any(|f| f.3 > 0) || flat.iter().any(|(rank, it, _, _, s)| s.is_some() && self.sched.0[*rank].running[it.idx].logprobs.is_some());
         let mut device_ids = None;
         let mut out = out;
-        if !needs_host && !logit_rows.is_empty() {
-            let rows: Vec<SampleRow> = items
+        if !needs_host && global_rows > 0 {
+            let rows: Vec<SampleRow> = flat
                 .iter()
-                .zip(&rows_of)
-                .filter(|(_, (_, _, s))| s.is_some())
-                .map(|(it, _)| {
-                    let r = &self.sched.running[it.idx];
+                .filter(|f| f.4.is_some())
+                .map(|(rank, it, ..)| {
+                    let r = &self.sched.0[*rank].running[it.idx];
                     let p = &r.spec.params;
                     let penalties = if p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
                         let mut v: Vec<(u32, u32, bool)> = r.counts.output.iter().map(|(&t, &c)| (t, c, r.counts.prompt.contains_key(&t))).collect();
@@ -331,19 +344,19 @@ impl<B: Backend> Runner<B> {
                 .collect();
             device_ids = self.model.backend.sample(&mut out, &rows)?;
         }
-        let logits = match (&device_ids, logit_rows.is_empty()) {
+        let logits = match (&device_ids, global_rows == 0) {
             (Some(_), _) | (None, true) => vec![],
             (None, false) => self.model.backend.download(&out)?,
         };
         drop(seqs);
-        self.metrics.observe_step(tokens.len(), t0.elapsed());
+        self.metrics.observe_step(num_tokens, t0.elapsed());
 
         let mut finished = Vec::new();
-        for (it, (first_lp, n_lp, sample_row)) in items.iter().zip(rows_of) {
-            let r = &mut self.sched.running[it.idx];
+        for (rank, it, first_lp, n_lp, sample_row) in flat {
+            let r = &mut self.sched.0[rank].running[it.idx];
             r.num_computed = it.start + it.len;
             if n_lp > 0 || (!r.input_logprobs_done && r.num_computed >= r.prompt_len().saturating_sub(1)) {
-                record_input_logprobs(r, &logits, vocab, it, first_lp, n_lp);
+                record_input_logprobs(r, &logits, vocab, &it, first_lp, n_lp);
             }
             let Some(row) = sample_row else { continue };
             let (t, info) = match &device_ids {
@@ -371,17 +384,17 @@ impl<B: Backend> Runner<B> {
             let delta = r.take_delta(before);
             if r.out.send(delta).is_err() {
                 log::info!("request {}: client disconnected, aborting", r.id);
-                finished.push((it.idx, false));
+                finished.push((rank, it.idx, false));
                 continue;
             }
             if done {
-                finished.push((it.idx, true));
+                finished.push((rank, it.idx, true));
             }
         }
         // remove from the back so indices stay valid
-        finished.sort_by(|a, b| b.0.cmp(&a.0));
-        for (idx, completed) in finished {
-            let r = self.sched.finish(idx);
+        finished.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+        for (rank, idx, completed) in finished {
+            let r = self.sched.0[rank].finish(idx);
             if completed {
                 let out = r.output();
                 self.metrics.request_finished(out.finish_reason.openai());

@@ -28,6 +28,9 @@ impl CpuBackend {
     pub fn with_comm(comm: std::sync::Arc<dyn crate::dist::HostComm>) -> Self {
         CpuBackend { comm: Some(comm) }
     }
+    fn group(&self, op: &'static str) -> Result<&std::sync::Arc<dyn crate::dist::HostComm>, BackendError> {
+        self.comm.as_ref().ok_or(BackendError::Op { backend: "cpu", op, msg: "needs a tensor-parallel group".into() })
+    }
 }
 
 fn comm_err(op: &'static str) -> impl Fn(crate::dist::CommError) -> BackendError {
@@ -193,6 +196,25 @@ impl Backend for CpuBackend {
             }
         }
         Ok(out)
+    }
+
+    fn all_gather_rows(&self, x: &CpuTensor, per_rank: usize) -> Result<CpuTensor, BackendError> {
+        let c = self.group("all_gather_rows")?;
+        assert!(x.rows <= per_rank, "all_gather_rows: {} rows > {per_rank}", x.rows);
+        let mut mine = x.data.clone();
+        mine.resize(per_rank * x.cols, 0.0);
+        let all = c.all_gather(&mine).map_err(comm_err("all_gather_rows"))?;
+        Ok(CpuTensor::new(per_rank * c.size(), x.cols, all))
+    }
+
+    fn reduce_scatter_rows(&self, x: &CpuTensor, keep: usize) -> Result<CpuTensor, BackendError> {
+        let c = self.group("reduce_scatter_rows")?;
+        let per_rank = x.rows / c.size();
+        assert!(keep <= per_rank && x.rows == per_rank * c.size(), "reduce_scatter_rows: bad shape");
+        let mut all = x.data.clone();
+        c.all_reduce_sum(&mut all).map_err(comm_err("reduce_scatter_rows"))?;
+        let start = c.rank() * per_rank * x.cols;
+        Ok(CpuTensor::new(keep, x.cols, all[start..start + keep * x.cols].to_vec()))
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[u32]) -> Result<CpuTensor, BackendError> {

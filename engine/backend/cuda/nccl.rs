@@ -91,6 +91,16 @@ impl Nccl {
         check("ncclAllGather", r).map_err(|e| e.to_string()).map_err(op_err("all_gather"))
     }
 
+    /// Sums `send` ([size·n]) over the ranks; this rank receives block `rank` ([n]).
+    pub fn reduce_scatter(&self, send: &CudaSlice<f32>, recv: &mut CudaSlice<f32>, n: usize, stream: &Arc<CudaStream>) -> Result<(), BackendError> {
+        let (sp, _g1) = send.device_ptr(stream);
+        let (rp, _g2) = recv.device_ptr_mut(stream);
+        let r = unsafe {
+            self.lib.ncclReduceScatter(sp as *const _, rp as *mut _, n, rccl_sys::ncclDataType_t_ncclFloat32, rccl_sys::ncclRedOp_t_ncclSum, self.comm, Self::stream(stream))
+        };
+        check("ncclReduceScatter", r).map_err(|e| e.to_string()).map_err(op_err("reduce_scatter"))
+    }
+
     /// The communicator's asynchronous error, if a peer failed (polled by the watchdog).
     pub fn async_error(&self) -> Option<String> {
         let mut r = rccl_sys::ncclResult_t_ncclSuccess;

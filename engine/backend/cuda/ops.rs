@@ -434,6 +434,40 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn all_gather_rows(&self, x: &GpuTensor, per_rank: usize) -> Result<GpuTensor, BackendError> {
+        let c = self.ccl.as_ref().ok_or(BackendError::Op { backend: "cuda", op: "all_gather_rows", msg: "no communicator".into() })?;
+        assert!(x.rows <= per_rank, "all_gather_rows: {} rows > {per_rank}", x.rows);
+        self.span("communication", || {
+            let n = per_rank * x.cols;
+            let mut mine = self.stream.alloc_zeros::<f32>(n.max(1)).map_err(err("all_gather_rows"))?;
+            if x.rows > 0 {
+                self.stream.memcpy_dtod(&x.buf.slice(0..x.rows * x.cols), &mut mine.slice_mut(0..x.rows * x.cols)).map_err(err("all_gather_rows"))?;
+            }
+            let mut all = self.alloc_out(n * c.size)?;
+            c.all_gather(&mine, &mut all, n, &self.stream)?;
+            Ok(GpuTensor { rows: per_rank * c.size, cols: x.cols, buf: all })
+        })
+    }
+
+    fn reduce_scatter_rows(&self, x: &GpuTensor, keep: usize) -> Result<GpuTensor, BackendError> {
+        let c = self.ccl.as_ref().ok_or(BackendError::Op { backend: "cuda", op: "reduce_scatter_rows", msg: "no communicator".into() })?;
+        let per_rank = x.rows / c.size;
+        assert!(keep <= per_rank && x.rows == per_rank * c.size, "reduce_scatter_rows: bad shape");
+        self.span("communication", || {
+            let n = per_rank * x.cols;
+            let mut block = self.alloc_out(n)?;
+            c.reduce_scatter(&x.buf, &mut block, n, &self.stream)?;
+            if keep == per_rank {
+                return Ok(GpuTensor { rows: keep, cols: x.cols, buf: block });
+            }
+            let mut out = self.alloc_out(keep * x.cols)?;
+            if keep > 0 {
+                self.stream.memcpy_dtod(&block.slice(0..keep * x.cols), &mut out.slice_mut(0..keep * x.cols)).map_err(err("reduce_scatter_rows"))?;
+            }
+            Ok(GpuTensor { rows: keep, cols: x.cols, buf: out })
+        })
+    }
+
     fn gather_rows(&self, x: &GpuTensor, rows: &[u32]) -> Result<GpuTensor, BackendError> {
         self.span("other", || {
             let mut out = self.alloc_out(rows.len() * x.cols)?;
