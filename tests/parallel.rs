@@ -203,11 +203,30 @@ fn layout_errors_name_the_problem() {
 
 #[test]
 fn a_killed_follower_node_ends_the_lead_within_the_timeout() {
+    killed_follower_node("cpu");
+}
+
+#[test]
+#[ignore = "needs two GPUs (ENGINE_TEST_BACKEND=cuda ENGINE_TEST_GPUS=2)"]
+fn gpu_a_killed_follower_node_ends_the_lead_within_the_timeout() {
+    require_two_gpus();
+    // the lead is stuck inside an NCCL collective: only the step watchdog can end it
+    killed_follower_node("cuda");
+}
+
+fn killed_follower_node(backend: &str) {
     let addr = format!("127.0.0.1:{}", free_port());
     let m = golden_dir("tiny_v3").display().to_string();
     let dist = ["--tp", "2", "--nnodes", "2", "--dist-init-addr", &addr, "--dist-timeout", "4"];
-    let mut n1 = engine().args(["serve", "--backend", "cpu", "--model-path", &m, "--port", "0"]).args(dist).args(["--node-rank", "1"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let s = common::server::Server::start(&["--backend", "cpu", "--model-path", &m, "--tp", "2", "--nnodes", "2", "--dist-init-addr", &addr, "--dist-timeout", "4", "--node-rank", "0"]);
+    let mut n1 = engine()
+        .args(["serve", "--backend", backend, "--model-path", &m, "--port", "0", "--base-gpu-id", "1"])
+        .args(dist)
+        .args(["--node-rank", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let s = common::server::Server::start(&["--backend", backend, "--model-path", &m, "--tp", "2", "--nnodes", "2", "--dist-init-addr", &addr, "--dist-timeout", "4", "--node-rank", "0"]);
     // one request completes on both nodes
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let ok = rt.block_on(common::server::post(&s.addr, "/generate", &serde_json::json!({"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 4, "temperature": 0}}))).json();

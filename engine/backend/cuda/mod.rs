@@ -4,6 +4,7 @@
 //! are dequantised inside the kernels. Every op runs on the GPU; nothing falls back to the CPU.
 mod nccl;
 mod ops;
+mod staging;
 
 pub use nccl::unique_id as nccl_unique_id;
 
@@ -63,6 +64,8 @@ pub struct CudaBackend {
     pub profile: OpProfile,
     /// The tensor-parallel communicator (None alone)
     ccl: Option<nccl::Nccl>,
+    /// Pinned buffers for weight upload, allocated on first use
+    staging: Mutex<Option<staging::Staging>>,
 }
 
 /// Per-op-class timing from CUDA events recorded around each op (`engine bench --profile`).
@@ -89,7 +92,7 @@ impl CudaBackend {
         log::info!("cuda backend: {device_name} ({arch}); kernels: portable HIP-dialect sources via NVRTC, cache {}", jit.cache.dir.display());
         log::info!("cuda op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA kernels; routing = GPU kernel; sampling = host");
         let poison = std::env::var("ENGINE_GPU_POISON").is_ok_and(|v| v == "1");
-        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default(), ccl: None })
+        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default(), ccl: None, staging: Mutex::new(None) })
     }
 
     /// Joins NCCL communicator `id` as `rank` of `size` (blocks until all ranks join).

@@ -69,13 +69,15 @@ fn cfg(grid: (u32, u32), block: u32, shared: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (grid.0.max(1), grid.1.max(1), 1), block_dim: (block, 1, 1), shared_mem_bytes: shared }
 }
 
-/// Host weight bytes in a dtype the kernels read (F16 becomes f32).
-fn host_weight(w: &HostLinear) -> (u8, Vec<u8>, Vec<f32>, i32, i32) {
+/// Host weight bytes in a dtype the kernels read (F16 becomes f32; the others stay borrowed
+/// from the checkpoint's memory map).
+fn host_weight(w: &HostLinear) -> (u8, std::borrow::Cow<'_, [u8]>, Vec<f32>, i32, i32) {
+    use std::borrow::Cow;
     match &w.data {
-        LinearData::F32(b) => (0, b.to_vec(), vec![0.0], 1, 1),
-        LinearData::BF16(b) => (1, b.to_vec(), vec![0.0], 1, 1),
-        LinearData::F16(_) => (0, w.to_f32().iter().flat_map(|x| x.to_le_bytes()).collect(), vec![0.0], 1, 1),
-        LinearData::Fp8 { w: b, scale_inv, block_n, block_k } => (2, b.to_vec(), scale_inv.clone(), *block_n as i32, *block_k as i32),
+        LinearData::F32(b) => (0, Cow::Borrowed(&b[..]), vec![0.0], 1, 1),
+        LinearData::BF16(b) => (1, Cow::Borrowed(&b[..]), vec![0.0], 1, 1),
+        LinearData::F16(_) => (0, Cow::Owned(w.to_f32().iter().flat_map(|x| x.to_le_bytes()).collect()), vec![0.0], 1, 1),
+        LinearData::Fp8 { w: b, scale_inv, block_n, block_k } => (2, Cow::Borrowed(&b[..]), scale_inv.clone(), *block_n as i32, *block_k as i32),
     }
 }
 
@@ -149,7 +151,7 @@ impl Backend for CudaBackend {
             out: w.out,
             inp: w.inp,
             wdt,
-            data: self.stream.clone_htod(&bytes).map_err(err("upload_linear"))?,
+            data: self.upload_parts(&[&bytes])?,
             scales: self.stream.clone_htod(&scales).map_err(err("upload_linear"))?,
             bn,
             bk,
@@ -159,20 +161,21 @@ impl Backend for CudaBackend {
     fn upload_experts(&self, experts: Vec<[HostLinear; 3]>, first: usize) -> Result<GpuExperts, BackendError> {
         let e0 = &experts[0];
         let (wdt, _, _, bn, bk) = host_weight(&e0[0]);
-        let mut parts: [(Vec<u8>, Vec<f32>); 3] = Default::default();
+        // per projection: every expert's bytes (borrowed from the mmap) and scales, in expert order
+        let mut parts: [(Vec<std::borrow::Cow<[u8]>>, Vec<f32>); 3] = Default::default();
         for (e, ex) in experts.iter().enumerate() {
             for (p, w) in ex.iter().enumerate() {
                 let (d, bytes, scales, wbn, wbk) = host_weight(w);
                 if d != wdt || (wbn, wbk) != (bn, bk) {
                     return Err(BackendError::Op { backend: "cuda", op: "upload_experts", msg: format!("expert {e} ({}) differs in dtype or block size from expert 0", w.name) });
                 }
-                parts[p].0.extend(bytes);
+                parts[p].0.push(bytes);
                 if wdt == 2 {
                     parts[p].1.extend(scales);
                 }
             }
         }
-        let up = |v: &[u8]| self.stream.clone_htod(v).map_err(err("upload_experts"));
+        let up = |v: &[std::borrow::Cow<[u8]>]| self.upload_parts(&v.iter().map(|c| &c[..]).collect::<Vec<_>>());
         let upf = |v: &Vec<f32>| self.stream.clone_htod(if v.is_empty() { &[0f32][..] } else { v }).map_err(err("upload_experts"));
         Ok(GpuExperts {
             first,
