@@ -37,6 +37,9 @@ pub struct BenchOneBatchArgs {
     pub profile: bool,
     #[command(flatten)]
     pub dist: crate::dist::DistArgs,
+    /// auto reads the safetensors files; dummy makes random weights from config.json alone
+    #[arg(long, value_enum, default_value = "auto")]
+    pub load_format: crate::weights::LoadFormat,
 }
 
 /// Profiling hooks around the decode loop: start, then per-class milliseconds at the end.
@@ -140,7 +143,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
     let par = a.dist.validate()?;
     let (rows, backend, kernels) = match kind {
         BackendKind::Cuda => {
-            let model = match launch::<crate::backend::cuda::CudaBackend>(&path, &par)? {
+            let model = match launch::<crate::backend::cuda::CudaBackend>(&path, &par, a.load_format)? {
                 Role::Lead(m) => Arc::new(m),
                 Role::FollowerDone => return Ok(()),
             };
@@ -159,7 +162,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
             if a.profile {
                 log::warn!("--profile times GPU events; the CPU backend has none, so no profile is printed");
             }
-            let model = match launch::<crate::backend::cpu::CpuBackend>(&path, &par)? {
+            let model = match launch::<crate::backend::cpu::CpuBackend>(&path, &par, a.load_format)? {
                 Role::Lead(m) => m,
                 Role::FollowerDone => return Ok(()),
             };

@@ -73,6 +73,9 @@ pub struct BackendArgs {
     /// auto tries ROCm, then CUDA, then CPU
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendKind,
+    /// auto reads the safetensors files; dummy makes random weights from config.json alone
+    #[arg(long, value_enum, default_value = "auto")]
+    pub load_format: crate::weights::LoadFormat,
 }
 
 pub fn main() -> i32 {

@@ -11,7 +11,7 @@ use super::{Model, ModelError, Shard};
 use crate::backend::{Backend, BackendError};
 use crate::config::ModelConfig;
 use crate::dist::{Group, HostComm, JobFeed, LocalFollower, LocalGroup, ParallelConfig, RemoteNodes, StoreComm, TcpStore, Watchdog};
-use crate::weights::WeightStore;
+use crate::weights::{LoadFormat, WeightStore};
 
 /// What one rank's backend is built from.
 pub struct RankCtx {
@@ -74,9 +74,9 @@ fn par_err(e: impl std::fmt::Display) -> ModelError {
 }
 
 /// Loads the model for this node's ranks (the whole model when `par` is a single rank).
-pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig) -> Result<Role<B>, ModelError> {
+pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig, format: LoadFormat) -> Result<Role<B>, ModelError> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-    let weights = Arc::new(WeightStore::open(dir)?);
+    let weights = Arc::new(WeightStore::open_as(dir, format, &cfg)?);
     let shard = |rank| Shard { rank, size: par.world, expert_parallel: par.expert_parallel, dp_attention: par.dp_attention };
     if par.is_single() {
         let b = B::for_rank(RankCtx { rank: 0, size: 1, device: par.base_device, comm_id: None, host_comm: None })?;

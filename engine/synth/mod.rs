@@ -6,4 +6,4 @@ mod writer;
 
 pub use fp8::f32_to_fp8_e4m3fn;
 pub use presets::{preset_config, Preset};
-pub use writer::{write_checkpoint, GenOptions};
+pub use writer::{plan_tensors, weight_table, write_checkpoint, GenOptions, PlannedTensor};

@@ -164,23 +164,81 @@ fn mtp_specs(c: &ModelConfig, i: usize, fp8: bool) -> Vec<Spec> {
     v
 }
 
-pub fn write_checkpoint(out: &Path, opts: &GenOptions) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let cfg_json = preset_config(opts.preset, opts.layers);
-    let cfg = ModelConfig::from_json(&cfg_json, "preset config")?;
-    std::fs::create_dir_all(out)?;
+/// One tensor of a synthetic checkpoint: its name, dtype, shape and how its bytes are drawn.
+pub struct PlannedTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    spec: Spec,
+    /// A `weight_scale_inv` (FP8 block scales of `spec`)
+    is_scale: bool,
+}
+
+impl PlannedTensor {
+    /// The tensor's bytes: the same for the same seed whether written to disk or made in memory.
+    pub fn bytes(&self, seed: u64, table: &[u8; 256]) -> Vec<u8> {
+        if self.is_scale {
+            let std = (self.spec.shape[1] as f32).powf(-0.5);
+            let n: usize = self.shape.iter().product();
+            return fill_f32(name_seed(seed, &self.name), n, |r| std * (0.75 + 0.5 * r.uniform() as f32)).iter().flat_map(|x| x.to_le_bytes()).collect();
+        }
+        tensor_bytes(&self.spec, self.dtype, seed, table)
+    }
+}
+
+/// The FP8 code table the generators draw through.
+pub fn weight_table() -> [u8; 256] {
+    fp8_normal_table()
+}
+
+/// Every tensor of a checkpoint for `cfg`, grouped in shards (embeddings, one per decoder layer,
+/// the MTP layers when `mtp`, then norm and head); FP8 linears are followed by their scales.
+pub fn plan_tensors(cfg: &ModelConfig, mtp: bool) -> Vec<Vec<PlannedTensor>> {
     let fp8 = cfg.quantization.as_ref().map(|q| (q.block_n, q.block_k));
     let (hs, vocab) = (cfg.hidden_size, cfg.vocab_size);
     let mut shards: Vec<Vec<Spec>> = vec![vec![Spec { name: "model.embed_tokens.weight".into(), shape: vec![vocab, hs], init: Init::Embed }]];
     for i in 0..cfg.num_hidden_layers {
-        shards.push(layer_specs(&cfg, i, fp8.is_some()));
+        shards.push(layer_specs(cfg, i, fp8.is_some()));
     }
-    for k in 0..cfg.num_nextn_predict_layers {
-        shards.push(mtp_specs(&cfg, cfg.num_hidden_layers + k, fp8.is_some()));
+    if mtp {
+        for k in 0..cfg.num_nextn_predict_layers {
+            shards.push(mtp_specs(cfg, cfg.num_hidden_layers + k, fp8.is_some()));
+        }
     }
-    shards.push(vec![
-        Spec { name: "model.norm.weight".into(), shape: vec![hs], init: Init::Norm },
-        Spec { name: "lm_head.weight".into(), shape: vec![vocab, hs], init: Init::Linear { fp8: false } },
-    ]);
+    let mut last = vec![Spec { name: "model.norm.weight".into(), shape: vec![hs], init: Init::Norm }];
+    if !cfg.tie_word_embeddings {
+        last.push(Spec { name: "lm_head.weight".into(), shape: vec![vocab, hs], init: Init::Linear { fp8: false } });
+    }
+    shards.push(last);
+    shards
+        .into_iter()
+        .map(|shard| {
+            let mut out = Vec::new();
+            for s in shard {
+                let is_fp8 = matches!(s.init, Init::Linear { fp8: true }) && fp8.is_some();
+                let dtype = match s.init {
+                    Init::Bias => DType::F32,
+                    _ if is_fp8 => DType::F8E4M3,
+                    _ => DType::BF16,
+                };
+                let scale = is_fp8.then(|| {
+                    let (bn, bk) = fp8.unwrap();
+                    let spec = Spec { name: s.name.clone(), shape: s.shape.clone(), init: s.init };
+                    PlannedTensor { name: s.name.replace(".weight", ".weight_scale_inv"), dtype: DType::F32, shape: vec![s.shape[0].div_ceil(bn), s.shape[1].div_ceil(bk)], spec, is_scale: true }
+                });
+                out.push(PlannedTensor { name: s.name.clone(), dtype, shape: s.shape.clone(), spec: s, is_scale: false });
+                out.extend(scale);
+            }
+            out
+        })
+        .collect()
+}
+
+pub fn write_checkpoint(out: &Path, opts: &GenOptions) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let cfg_json = preset_config(opts.preset, opts.layers);
+    let cfg = ModelConfig::from_json(&cfg_json, "preset config")?;
+    std::fs::create_dir_all(out)?;
+    let shards = plan_tensors(&cfg, true);
     let table = fp8_normal_table();
     let total = shards.len();
     let mut weight_map = serde_json::Map::new();
@@ -188,40 +246,12 @@ pub fn write_checkpoint(out: &Path, opts: &GenOptions) -> Result<(), Box<dyn std
     let mut progress = crate::weights::Progress::new("writing shards", total as u64);
     for (k, shard) in shards.iter().enumerate() {
         let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, total);
-        // FP8 linears carry a float32 weight_scale_inv after their weight.
-        let mut specs: Vec<(String, DType, Vec<usize>)> = Vec::new();
-        let mut source: Vec<(usize, bool)> = Vec::new(); // (index into shard, is scale)
-        for (j, s) in shard.iter().enumerate() {
-            let is_fp8 = matches!(s.init, Init::Linear { fp8: true }) && fp8.is_some();
-            let dtype = match s.init {
-                Init::Bias => DType::F32,
-                _ if is_fp8 => DType::F8E4M3,
-                _ => DType::BF16,
-            };
-            specs.push((s.name.clone(), dtype, s.shape.clone()));
-            source.push((j, false));
-            if is_fp8 {
-                let (bn, bk) = fp8.unwrap();
-                let scale = s.name.replace(".weight", ".weight_scale_inv");
-                specs.push((scale, DType::F32, vec![s.shape[0].div_ceil(bn), s.shape[1].div_ceil(bk)]));
-                source.push((j, true));
-            }
-        }
+        let specs: Vec<(String, DType, Vec<usize>)> = shard.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect();
         for (name, dtype, shape) in &specs {
             weight_map.insert(name.clone(), json!(file));
             total_bytes += shape.iter().product::<usize>() * dtype.size();
         }
-        write_safetensors_with(&out.join(&file), &specs, |i| {
-            let (j, is_scale) = source[i];
-            let s = &shard[j];
-            if is_scale {
-                let std = (s.shape[1] as f32).powf(-0.5);
-                let n: usize = specs[i].2.iter().product();
-                fill_f32(name_seed(opts.seed, &specs[i].0), n, |r| std * (0.75 + 0.5 * r.uniform() as f32)).iter().flat_map(|x| x.to_le_bytes()).collect()
-            } else {
-                tensor_bytes(s, specs[i].1, opts.seed, &table)
-            }
-        })?;
+        write_safetensors_with(&out.join(&file), &specs, |i| shard[i].bytes(opts.seed, &table))?;
         progress.advance(1);
     }
     progress.finish();

@@ -1,5 +1,6 @@
 //! Checkpoint weights: safetensors files (single or sharded, memory-mapped), dtypes, FP8 blocks.
 mod dtype;
+mod dummy;
 pub mod fnuz;
 mod host;
 mod host_slice;
@@ -11,7 +12,8 @@ pub use dtype::{bf16_to_f32, f16_to_f32, fp8_e4m3fn_to_f32, DType};
 pub use host::{HostLinear, LinearData};
 pub use progress::Progress;
 pub use safetensors::{write_safetensors, write_safetensors_with, MmapSlice, SafetensorsFile, TensorInfo};
-pub use store::{TensorView, WeightStore};
+pub use dummy::DUMMY_SEED;
+pub use store::{LoadFormat, TensorView, WeightStore};
 
 use std::path::PathBuf;
 

@@ -10,6 +10,18 @@ pub struct WeightStore {
     files: Vec<SafetensorsFile>,
     /// tensor name → index into `files`
     location: HashMap<String, usize>,
+    /// `--load-format dummy`: tensors made in memory instead of read from files
+    dummy: Option<super::dummy::DummyWeights>,
+}
+
+/// `--load-format`: where the weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LoadFormat {
+    /// The safetensors files of --model-path
+    #[default]
+    Auto,
+    /// Random weights made in memory from config.json alone (what `engine gen-model` would write, seed 0)
+    Dummy,
 }
 
 /// One tensor of the checkpoint, still in its file's bytes.
@@ -108,18 +120,34 @@ impl WeightStore {
                 files.push(f);
             }
         }
-        Ok(WeightStore { dir: dir.to_path_buf(), files, location })
+        Ok(WeightStore { dir: dir.to_path_buf(), files, location, dummy: None })
+    }
+
+    /// The store `format` asks for: the folder's files, or dummy weights for `cfg`.
+    pub fn open_as(dir: &Path, format: LoadFormat, cfg: &crate::config::ModelConfig) -> Result<Self, WeightError> {
+        match format {
+            LoadFormat::Auto => Self::open(dir),
+            LoadFormat::Dummy => {
+                log::warn!("--load-format dummy: RANDOM weights made from {}/config.json; outputs are gibberish", dir.display());
+                Ok(WeightStore { dir: dir.to_path_buf(), files: vec![], location: HashMap::new(), dummy: Some(super::dummy::DummyWeights::new(dir, cfg)) })
+            }
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.location.contains_key(name)
+        self.location.contains_key(name) || self.dummy.as_ref().is_some_and(|d| d.contains(name))
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.location.keys().map(String::as_str)
+        self.location.keys().map(String::as_str).chain(self.dummy.iter().flat_map(|d| d.names()))
     }
 
     pub fn get(&self, name: &str) -> Result<TensorView<'_>, WeightError> {
+        if let Some(d) = &self.dummy {
+            if let (Some((key, info)), Some(bytes)) = (d.infos.get_key_value(name), d.bytes(name)) {
+                return Ok(TensorView { name: key, file: &d.path, info, bytes });
+            }
+        }
         let Some((key, &idx)) = self.location.get_key_value(name) else {
             let looked: Vec<_> = self.files.iter().filter_map(|f| f.path.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
             return Err(WeightError::Missing { tensor: name.to_string(), dir: self.dir.clone(), looked: looked.join(", ") });
