@@ -50,6 +50,32 @@ impl Shard {
 mod tests {
     use super::*;
 
+    /// DeepSeek-V3 at TP 8 and 16: every FP8 weight slice
+    /// the loader cuts (heads of q_b / kv_b rows and o_proj columns, intermediate rows/columns of
+    /// the dense MLP, shared and routed experts) starts on a 128-block boundary, so no rank falls
+    /// back to dequantised f32. (At TP 32 the expert slices are 64 columns, half a block: the
+    /// 4x8 A100 preset serves the BF16 checkpoint, where this does not arise.)
+    #[test]
+    fn v3_slices_stay_fp8_block_aligned_at_tp8() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/models/deepseek-v3/config.json");
+        let c = crate::config::ModelConfig::from_file(&dir).unwrap();
+        let q = c.quantization.as_ref().unwrap();
+        for size in [8, 16] {
+            for rank in 0..size {
+                let s = Shard { rank, size, expert_parallel: false, dp_attention: false };
+                let h = s.heads(c.num_attention_heads).unwrap();
+                for (what, per, block) in [("q_b rows", c.qk_head_dim(), q.block_n), ("kv_b rows", c.qk_nope_head_dim + c.v_head_dim, q.block_n), ("o_proj cols", c.v_head_dim, q.block_k)] {
+                    assert_eq!(h.start * per % block, 0, "tp {size} rank {rank}: {what}");
+                }
+                for (what, inter) in [("dense", c.intermediate_size), ("expert", c.moe_intermediate_size), ("shared", c.moe_intermediate_size * c.n_shared_experts)] {
+                    let r = s.part(inter, what).unwrap();
+                    assert_eq!(r.start % q.block_n, 0, "tp {size} rank {rank}: {what} rows");
+                    assert_eq!(r.start % q.block_k, 0, "tp {size} rank {rank}: {what} down_proj columns");
+                }
+            }
+        }
+    }
+
     #[test]
     fn parts_cover_everything_once() {
         for size in 1..=8 {

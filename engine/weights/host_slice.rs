@@ -17,7 +17,7 @@ impl HostLinear {
     }
 
     fn dequantised(&self, out: usize, inp: usize, mut f: impl FnMut(usize, &mut [f32])) -> HostLinear {
-        log::debug!("{}: tensor-parallel slice cuts through an FP8 scale block; dequantised to f32", self.name);
+        log::warn!("{}: this rank's slice cuts through a 128x128 FP8 scale block, so it is dequantised to f32 (4x the memory)", self.name);
         let mut w = vec![0f32; out * inp];
         for (r, row) in w.chunks_mut(inp.max(1)).enumerate().take(out) {
             f(r, row);
