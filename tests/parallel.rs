@@ -154,11 +154,16 @@ fn dp_serving_matches_one_rank(backend: &str, layout: &[&str], tol: f64) {
         args.extend_from_slice(extra);
         let s = common::server::Server::start(&args);
         let v = rt.block_on(common::server::post(&s.addr, "/generate", &body)).json();
+        let info = rt.block_on(common::server::get(&s.addr, "/get_server_info")).json();
         std::thread::sleep(Duration::from_millis(100));
-        (v, s.log())
+        (v, s.log(), info)
     };
-    let (want, _) = run(&[]);
-    let (got, log) = run(layout);
+    let (want, _, info1) = run(&[]);
+    let (got, log, info) = run(layout);
+    // SGLang's /get_server_info reports the layout and one internal state per DP rank
+    assert_eq!((info1["tp_size"].as_u64(), info1["dp_size"].as_u64(), info1["internal_states"].as_array().map(Vec::len)), (Some(1), Some(1), Some(1)), "{info1}");
+    assert_eq!((info["tp_size"].as_u64(), info["dp_size"].as_u64(), info["enable_dp_attention"].as_bool()), (Some(2), Some(2), Some(true)), "{info}");
+    assert_eq!(info["internal_states"].as_array().map(Vec::len), Some(2), "{info}");
     let (want, got) = (want.as_array().unwrap(), got.as_array().unwrap());
     assert_eq!(want.len(), 6);
     for (i, (w, g)) in want.iter().zip(got).enumerate() {

@@ -33,6 +33,8 @@ pub struct EngineStats {
     pub waiting: usize,
     pub retractions: u64,
     pub integrity: Result<(), String>,
+    /// Per DP-attention rank: (running, waiting) requests (one entry without DP attention)
+    pub per_rank: Vec<(usize, usize)>,
 }
 
 enum Command {
@@ -240,6 +242,7 @@ impl<B: Backend> Runner<B> {
                     waiting: self.sched.waiting(),
                     retractions: self.sched.retractions(),
                     integrity: self.sched.check_integrity(),
+                    per_rank: self.sched.0.iter().map(|s| (s.running.len(), s.waiting.len())).collect(),
                 });
             }
         }

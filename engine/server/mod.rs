@@ -30,6 +30,8 @@ pub struct App {
     pub served_model_name: String,
     pub api_key: Option<String>,
     pub reasoning_parser: bool,
+    /// What `/get_server_info` reports of the command line (SGLang's server_args)
+    pub server_args: serde_json::Value,
     inflight: Arc<AtomicUsize>,
     /// The connection this request came on (set per connection).
     conn: Option<Arc<conn_watch::ConnWatch>>,
@@ -46,7 +48,12 @@ impl Drop for InflightGuard {
 
 impl App {
     pub fn new(engine: EngineHandle, served_model_name: String, api_key: Option<String>, reasoning_parser: bool) -> Self {
-        App { engine, served_model_name, api_key, reasoning_parser, inflight: Arc::new(AtomicUsize::new(0)), conn: None }
+        App { engine, served_model_name, api_key, reasoning_parser, server_args: serde_json::Value::Null, inflight: Arc::new(AtomicUsize::new(0)), conn: None }
+    }
+
+    pub fn with_server_args(mut self, args: serde_json::Value) -> Self {
+        self.server_args = args;
+        self
     }
 
     pub fn info(&self) -> &EngineInfo {
@@ -140,6 +147,7 @@ async fn route(app: App, req: Request<Incoming>) -> Resp {
         (&Method::GET, "/health") => Ok(text_response(StatusCode::OK, "")),
         (&Method::GET, "/health_generate") => Ok(native::health_generate(&app).await),
         (&Method::GET, "/get_model_info") => Ok(native::model_info(&app).await),
+        (&Method::GET, "/get_server_info") => Ok(native::server_info(&app).await),
         (&Method::GET | &Method::POST, "/flush_cache") => Ok(native::flush_cache(&app).await),
         (&Method::GET, "/metrics") => Ok(text_response(StatusCode::OK, app.engine.metrics.render())),
         (&Method::GET, "/v1/models") => Ok(openai::models(&app)),
@@ -155,7 +163,7 @@ async fn route(app: App, req: Request<Incoming>) -> Resp {
             Ok(v) => openai::chat(&app, v).await,
             Err(e) => Err(e),
         },
-        (_, "/health" | "/health_generate" | "/get_model_info" | "/metrics" | "/v1/models" | "/generate" | "/v1/completions" | "/v1/chat/completions") => {
+        (_, "/health" | "/health_generate" | "/get_model_info" | "/get_server_info" | "/metrics" | "/v1/models" | "/generate" | "/v1/completions" | "/v1/chat/completions") => {
             Err(ApiError::status(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {path}")))
         }
         _ => Err(ApiError::status(StatusCode::NOT_FOUND, format!("no route for {method} {path}"))),

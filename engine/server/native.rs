@@ -162,6 +162,27 @@ pub async fn model_info(app: &App) -> Resp {
     )
 }
 
+/// SGLang's `/get_server_info`: the server's arguments (parallel layout included) and its live
+/// state, per DP-attention rank.
+pub async fn server_info(app: &App) -> Resp {
+    let stats = app.engine.stats().await;
+    let mut v = match &app.server_args {
+        serde_json::Value::Object(m) => m.clone(),
+        _ => serde_json::Map::new(),
+    };
+    let info = app.info();
+    v.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
+    v.insert("served_model_name".into(), json!(app.served_model_name));
+    v.insert("max_total_num_tokens".into(), json!(info.max_total_tokens));
+    v.insert("context_length".into(), json!(info.context_length));
+    let states: Vec<serde_json::Value> = stats
+        .as_ref()
+        .map(|s| s.per_rank.iter().enumerate().map(|(rank, (r, w))| json!({"dp_rank": rank, "num_running_reqs": r, "num_waiting_reqs": w})).collect())
+        .unwrap_or_default();
+    v.insert("internal_states".into(), json!(states));
+    json_response(StatusCode::OK, &serde_json::Value::Object(v))
+}
+
 pub async fn flush_cache(app: &App) -> Resp {
     match app.engine.flush_cache().await {
         Ok(n) => text_response(StatusCode::OK, format!("Cache flushed ({n} tokens freed).\n")),
