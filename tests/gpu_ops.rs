@@ -15,6 +15,8 @@ use engine::sampling::{log_softmax, Rng};
 use engine::weights::{HostLinear, LinearData, MmapSlice};
 
 const F32_TOL: f64 = 1e-4;
+/// bf16 operands (the tensor-core path rounds x and W to bf16), f32 accumulation
+const BF16_TOL: f64 = 1e-2;
 
 fn gpu() -> CudaBackend {
     assert_eq!(std::env::var("ENGINE_TEST_BACKEND").as_deref(), Ok("cuda"), "GPU tests run only with ENGINE_TEST_BACKEND=cuda on a machine with an NVIDIA GPU");
@@ -81,6 +83,27 @@ fn linear_all_dtypes_real_and_odd_shapes() {
             let want = c.download(&c.linear(&c.upload(m, k, &x).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
             let got = g.download(&g.linear(&g.upload(m, k, &x).unwrap(), &g.upload_linear(&w).unwrap()).unwrap()).unwrap();
             check(&format!("linear {tag} {m}x{n}x{k}"), &got, &want, F32_TOL);
+        }
+    }
+}
+
+/// hip-kernels/linear_mma.hip (mma.sync bf16 on NVIDIA; the same tile logic runs MFMA on CDNA):
+/// real V3 shapes, odd sizes and partial tiles, every weight dtype, against the f32 CPU reference.
+#[test]
+#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+fn linear_on_tensor_cores() {
+    let mut g = gpu();
+    g.mma_gemm = true;
+    let c = CpuBackend::new();
+    let mut rng = Rng::new(11);
+    for (m, n, k) in [(33, 7168, 2048), (256, 576, 7168), (64, 64, 32), (130, 129, 257), (100, 1536, 7168), (65, 24576, 1536)] {
+        for t in [WType::F32, WType::Bf16, WType::Fp8] {
+            let tag = match t { WType::F32 => "f32", WType::Bf16 => "bf16", WType::Fp8 => "fp8" };
+            let w = host_linear(&mut rng, n, k, t);
+            let x = randn(&mut rng, m * k, 1.0);
+            let want = c.download(&c.linear(&c.upload(m, k, &x).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
+            let got = g.download(&g.linear(&g.upload(m, k, &x).unwrap(), &g.upload_linear(&w).unwrap()).unwrap()).unwrap();
+            check(&format!("linear_mma {tag} {m}x{n}x{k}"), &got, &want, BF16_TOL);
         }
     }
 }

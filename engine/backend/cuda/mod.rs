@@ -66,6 +66,9 @@ pub struct CudaBackend {
     ccl: Option<nccl::Nccl>,
     /// Pinned buffers for weight upload, allocated on first use
     staging: Mutex<Option<staging::Staging>>,
+    /// Linear layers beyond 32 rows on the tensor cores (hip-kernels/linear_mma.hip); opt-in with
+    /// ENGINE_MMA_GEMM=1 until it has been checked on hardware (gpu_ops::linear_mma_*)
+    pub mma_gemm: bool,
 }
 
 /// Per-op-class timing from CUDA events recorded around each op (`engine bench --profile`).
@@ -92,7 +95,11 @@ impl CudaBackend {
         log::info!("cuda backend: {device_name} ({arch}); kernels: portable HIP-dialect sources via NVRTC, cache {}", jit.cache.dir.display());
         log::info!("cuda op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA kernels; routing = GPU kernel; sampling = host");
         let poison = std::env::var("ENGINE_GPU_POISON").is_ok_and(|v| v == "1");
-        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default(), ccl: None, staging: Mutex::new(None) })
+        let mma_gemm = major >= 8 && std::env::var("ENGINE_MMA_GEMM").is_ok_and(|v| v == "1");
+        if mma_gemm {
+            log::info!("cuda op paths: linear layers of more than 32 rows on the tensor cores (mma.sync bf16, ENGINE_MMA_GEMM=1)");
+        }
+        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default(), ccl: None, staging: Mutex::new(None), mma_gemm })
     }
 
     /// Joins NCCL communicator `id` as `rank` of `size` (blocks until all ranks join).

@@ -11,6 +11,7 @@ const EW: &str = "hip-kernels/elementwise.hip";
 const NORM: &str = "hip-kernels/norm.hip";
 const ROPE: &str = "hip-kernels/rope.hip";
 const LIN: &str = "hip-kernels/linear.hip";
+const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
 const MOE: &str = "hip-kernels/moe.hip";
 const SAMPLE: &str = "hip-kernels/sampling.hip";
 
@@ -97,6 +98,14 @@ impl CudaBackend {
             9..=32 if vec8 => ("gemv16", 16),
             _ => ("linear", 0),
         };
+        if slice == 0 && self.mma_gemm {
+            let f = self.func(LIN_MMA, &format!("linear_mma_{}", wdt_suffix(w.wdt)))?;
+            let m = x.rows as i32;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
+            // 4 warps, each a 32x32 quarter of the 64x64 tile
+            return unsafe { b.launch(cfg((w.out.div_ceil(64) as u32, x.rows.div_ceil(64) as u32), 128, 0)) }.map(|_| ()).map_err(err("linear_mma"));
+        }
         let f = self.func(LIN, &format!("{kind}_{}", wdt_suffix(w.wdt)))?;
         if slice == 0 {
             let m = x.rows as i32;

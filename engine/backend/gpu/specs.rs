@@ -30,6 +30,7 @@ const GENERIC: &[(&str, &[&str])] = &[
     ("hip-kernels/norm.hip", &["rms_norm", "add_rms_norm", "rms_norm_cols"]),
     ("hip-kernels/rope.hip", &["rope"]),
     ("hip-kernels/linear.hip", &["linear_f32w", "linear_bf16w", "linear_fp8w", "gemv_f32w", "gemv_bf16w", "gemv_fp8w", "gemv8_f32w", "gemv8_bf16w", "gemv8_fp8w", "gemv16_f32w", "gemv16_bf16w", "gemv16_fp8w"]),
+    ("hip-kernels/linear_mma.hip", &["linear_mma_f32w", "linear_mma_bf16w", "linear_mma_fp8w"]),
     ("hip-kernels/sampling.hip", &["sample_rows"]),
     ("hip-kernels/moe.hip", &["moe_route", "moe_gate_up_f32w", "moe_down_f32w", "moe_gate_up_bf16w", "moe_down_bf16w", "moe_gate_up_fp8w", "moe_down_fp8w"]),
 ];
