@@ -172,11 +172,16 @@ fn dp_serving_matches_one_rank(backend: &str, layout: &[&str], tol: f64) {
     for rank in 0..2 {
         assert!(log.contains(&format!("→ DP rank {rank}")), "no request went to DP rank {rank}:\n{log}");
     }
+    if layout.contains(&"--max-total-tokens") {
+        assert!(log.contains("KV cache full: retracting"), "a small per-rank pool should force retractions:\n{log}");
+    }
 }
 
 #[test]
 fn dp_attention_serving_spreads_requests_and_matches_one_rank() {
     dp_serving_matches_one_rank("cpu", &["--tp", "2", "--dp", "2", "--enable-dp-attention"], CPU_TOL);
+    // each rank's own pool of 48 tokens cannot hold its three requests: they retract and resume
+    dp_serving_matches_one_rank("cpu", &["--tp", "2", "--dp", "2", "--enable-dp-attention", "--max-total-tokens", "48"], CPU_TOL);
 }
 
 #[test]
