@@ -38,7 +38,13 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// Flags a step that has run longer than the timeout.
+/// A step busy this long starts having its communicator checked for failed peers.
+const PROBE_AFTER: Duration = Duration::from_secs(5);
+
+/// A check of the communicator from another thread: Some(error) once a peer has failed.
+pub type CommProbe = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// Flags a step that has run longer than the timeout, or whose communicator reports a failed peer.
 pub struct Watchdog {
     who: String,
     timeout: Duration,
@@ -46,7 +52,7 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    pub fn start(who: String, timeout: Duration) -> Arc<Watchdog> {
+    pub fn start(who: String, timeout: Duration, probe: Option<CommProbe>) -> Arc<Watchdog> {
         let w = Arc::new(Watchdog { who, timeout, busy: Mutex::new(None) });
         let weak = Arc::downgrade(&w);
         std::thread::Builder::new()
@@ -54,7 +60,15 @@ impl Watchdog {
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_millis(500));
                 let Some(w) = weak.upgrade() else { return };
-                let stalled = w.busy.lock().unwrap().as_ref().filter(|(since, _)| since.elapsed() > w.timeout).map(|(_, s)| s.clone());
+                let busy = w.busy.lock().unwrap().as_ref().map(|(since, s)| (since.elapsed(), s.clone()));
+                // only for a step already slow (a healthy one finishes in milliseconds): NCCL
+                // names a dead peer long before --dist-timeout would
+                let slow = busy.as_ref().is_some_and(|(elapsed, _)| *elapsed > PROBE_AFTER);
+                if let (true, Some((_, step)), Some(e)) = (slow, &busy, probe.as_ref().and_then(|p| if slow { p() } else { None })) {
+                    eprintln!("error: {}: step `{step}`: the communicator reports a failed peer ({e}); exiting", w.who);
+                    exit_now(1);
+                }
+                let stalled = busy.filter(|(elapsed, _)| *elapsed > w.timeout).map(|(_, s)| s);
                 if let Some(step) = stalled {
                     eprintln!(
                             "error: {}: step `{step}` did not finish within --dist-timeout {}s (a peer rank or node has probably died); exiting",

@@ -10,7 +10,7 @@ mod job;
 mod store;
 
 pub use args::{DistArgs, ParallelConfig};
-pub use group::{exit_now, Group, JobFeed, LocalFollower, RemoteNodes, Watchdog};
+pub use group::{exit_now, CommProbe, Group, JobFeed, LocalFollower, RemoteNodes, Watchdog};
 pub use job::{Job, OwnedBatch};
 
 pub use host_comm::{CommError, HostComm, LocalGroup, StoreComm};

@@ -33,6 +33,11 @@ pub trait RankBackend: Backend + Sized {
         Ok(vec![])
     }
     fn for_rank(ctx: RankCtx) -> Result<Self, BackendError>;
+    /// What the step watchdog polls for a failed peer (device communicators report it
+    /// asynchronously); None where failures surface as errors or timeouts of the collective itself.
+    fn comm_probe(&self) -> Option<crate::dist::CommProbe> {
+        None
+    }
 }
 
 impl RankBackend for crate::backend::cpu::CpuBackend {
@@ -57,6 +62,9 @@ impl RankBackend for crate::backend::cuda::CudaBackend {
             (_, Some(id)) => b.with_nccl(&id, ctx.rank, ctx.size),
             (_, None) => Err(BackendError::Op { backend: "cuda", op: "nccl init", msg: "no communicator id".into() }),
         }
+    }
+    fn comm_probe(&self) -> Option<crate::dist::CommProbe> {
+        crate::backend::cuda::CudaBackend::comm_probe(self)
     }
 }
 
@@ -173,7 +181,7 @@ pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig, format: LoadForm
     if let Some(s) = &store {
         s.barrier("weights-loaded", par.nnodes).map_err(par_err)?;
     }
-    let watchdog = Watchdog::start(format!("rank {lead_rank} (node {})", par.node_rank), timeout);
+    let watchdog = Watchdog::start(format!("rank {lead_rank} (node {})", par.node_rank), timeout, model.backend.comm_probe());
     let remote = match (store, par.node_rank) {
         (Some(s), 0) => Some(RemoteNodes::new(s, par.nnodes)),
         (Some(s), node) => {

@@ -63,7 +63,7 @@ pub struct CudaBackend {
     poison: bool,
     pub profile: OpProfile,
     /// The tensor-parallel communicator (None alone)
-    ccl: Option<nccl::Nccl>,
+    ccl: Option<Arc<nccl::Nccl>>,
     /// Pinned buffers for weight upload, allocated on first use
     staging: Mutex<Option<staging::Staging>>,
     /// Linear layers beyond 32 rows on the tensor cores (hip-kernels/linear_mma.hip); opt-in with
@@ -105,13 +105,15 @@ impl CudaBackend {
     /// Joins NCCL communicator `id` as `rank` of `size` (blocks until all ranks join).
     pub fn with_nccl(mut self, id: &[u8], rank: usize, size: usize) -> Result<Self, BackendError> {
         self.ctx.bind_to_thread().map_err(err("bind_to_thread"))?;
-        self.ccl = Some(nccl::Nccl::init(id, rank, size).map_err(|msg| BackendError::Op { backend: "cuda", op: "nccl init", msg })?);
+        self.ccl = Some(Arc::new(nccl::Nccl::init(id, rank, size).map_err(|msg| BackendError::Op { backend: "cuda", op: "nccl init", msg })?));
         Ok(self)
     }
 
-    /// A failed peer reported by NCCL, if any.
-    pub fn comm_error(&self) -> Option<String> {
-        self.ccl.as_ref().and_then(|c| c.async_error())
+    /// A check the step watchdog can run from its own thread: NCCL's asynchronous error (a peer
+    /// that failed or went away), if any.
+    pub fn comm_probe(&self) -> Option<crate::dist::CommProbe> {
+        let c = self.ccl.clone()?;
+        Some(Box::new(move || c.async_error()))
     }
 
     /// Compiles (or loads from the cache) every kernel the model needs, up front.
