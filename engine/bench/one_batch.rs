@@ -141,6 +141,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
     let kind = a.backend.resolve()?;
     let t = Instant::now();
     let par = a.dist.validate()?;
+    let load_s = std::cell::Cell::new(0.0f64);
     let (rows, backend, kernels) = match kind {
         BackendKind::Cuda => {
             let model = match launch::<crate::backend::cuda::CudaBackend>(&path, &par, a.load_format)? {
@@ -148,6 +149,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
                 Role::FollowerDone => return Ok(()),
             };
             model.backend.warmup(crate::backend::gpu::ModelDims::of(&model.cfg))?;
+            load_s.set(t.elapsed().as_secs_f64());
             let (hits, compiles) = model.backend.jit.stats();
             let k = json!({"cache_dir": model.backend.jit.cache.dir.display().to_string(), "cache_hits": hits, "compiled": compiles, "device": model.backend.device_name, "arch": model.backend.arch});
             let b = &model.backend;
@@ -166,15 +168,23 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
                 Role::Lead(m) => m,
                 Role::FollowerDone => return Ok(()),
             };
+            load_s.set(t.elapsed().as_secs_f64());
             (bench_model(&model, &a, &ProfileHooks { start: &|| {}, finish: &|| None })?, "cpu", json!(null))
         }
     };
-    let out = json!({"model_path": path.display().to_string(), "backend": backend, "tp_size": par.world, "dp_attention": par.dp_attention, "ep_size": if par.expert_parallel { par.world } else { 1 }, "nnodes": par.nnodes, "load_and_bench_s": t.elapsed().as_secs_f64(),
+    // weights on every rank and kernels ready (the lead waits for all ranks)
+    let weight_bytes = crate::config::ModelConfig::from_file(&path.join("config.json"))
+        .ok()
+        .and_then(|c| crate::weights::WeightStore::open_as(&path, a.load_format, &c).ok())
+        .map_or(0, |s| s.total_bytes());
+    let out = json!({"model_path": path.display().to_string(), "backend": backend, "load_s": load_s.get(), "checkpoint_bytes": weight_bytes, "tp_size": par.world, "dp_attention": par.dp_attention, "ep_size": if par.expert_parallel { par.world } else { 1 }, "nnodes": par.nnodes, "load_and_bench_s": t.elapsed().as_secs_f64(),
                      "kernels": kernels, "cuda_graphs": "not implemented", "results": rows});
     if a.json {
         println!("{out}");
     } else {
         println!("model {} on {backend} (tp {}, ep {}, dp attention {}, nnodes {}); kernels {}; CUDA graphs: not implemented", path.display(), out["tp_size"], out["ep_size"], out["dp_attention"], out["nnodes"], out["kernels"]);
+        let (secs, gb) = (load_s.get(), weight_bytes as f64 / 1e9);
+        println!("loaded {gb:.1} GB in {secs:.2}s ({:.2} GB/s over all ranks)", gb / secs.max(1e-9));
         println!("{:>6} {:>6} {:>6} {:>12} {:>14} {:>14} {:>12}", "batch", "in", "out", "prefill tok/s", "step med ms", "step p90 ms", "decode tok/s");
         for r in out["results"].as_array().unwrap() {
             println!(

@@ -138,6 +138,12 @@ impl WeightStore {
         self.location.contains_key(name) || self.dummy.as_ref().is_some_and(|d| d.contains(name))
     }
 
+    /// Bytes of every tensor (as stored, or as the dummy format makes them).
+    pub fn total_bytes(&self) -> u64 {
+        let files: u64 = self.location.iter().map(|(n, &i)| self.files[i].tensors[n].end as u64 - self.files[i].tensors[n].start as u64).sum();
+        files + self.dummy.as_ref().map_or(0, |d| d.infos.values().map(|t| (t.end - t.start) as u64).sum())
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.location.keys().map(String::as_str).chain(self.dummy.iter().flat_map(|d| d.names()))
     }
