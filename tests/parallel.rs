@@ -36,8 +36,19 @@ fn two_nodes(backend: &str, model: &str, ids: &str, extra: &[&str]) -> Value {
     // each "node" drives one GPU of this machine
     let mut n1 = engine().args(gen_args(backend, model, ids)).args(dist).args(["--node-rank", "1", "--base-gpu-id", "1"]).args(extra).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let o = engine().args(gen_args(backend, model, ids)).args(dist).args(["--node-rank", "0"]).args(extra).output().unwrap();
-    let _ = n1.kill();
-    let _ = n1.wait();
+    // node 0 tells node 1 it is done: node 1 exits cleanly by itself
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = n1.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = n1.kill();
+            panic!("node 1 did not exit after node 0 finished");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "node 1 exited with {status}");
     stdout_json(&o)
 }
 

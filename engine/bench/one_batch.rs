@@ -158,7 +158,9 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
                 b.profile.enabled.store(false, std::sync::atomic::Ordering::Relaxed);
                 if a.profile { b.take_profile().ok() } else { None }
             };
-            (bench_model(&model, &a, &ProfileHooks { start: &start, finish: &finish })?, "cuda", k)
+            let rows = bench_model(&model, &a, &ProfileHooks { start: &start, finish: &finish });
+            model.stop_followers();
+            (rows?, "cuda", k)
         }
         _ => {
             if a.profile {
@@ -169,7 +171,9 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
                 Role::FollowerDone => return Ok(()),
             };
             load_s.set(t.elapsed().as_secs_f64());
-            (bench_model(&model, &a, &ProfileHooks { start: &|| {}, finish: &|| None })?, "cpu", json!(null))
+            let rows = bench_model(&model, &a, &ProfileHooks { start: &|| {}, finish: &|| None });
+            model.stop_followers();
+            (rows?, "cpu", json!(null))
         }
     };
     // weights on every rank and kernels ready (the lead waits for all ranks)

@@ -115,7 +115,9 @@ fn run_on<B: RankBackend>(a: GenerateArgs, path: PathBuf) -> Result<(), Box<dyn 
         top_logprobs_num: a.top_logprobs_num,
     };
     let t1 = std::time::Instant::now();
-    let out = generate(&model, tok, &req)?;
+    let out = generate(&model, tok, &req);
+    model.stop_followers();
+    let out = out?;
     let secs = t1.elapsed().as_secs_f64();
     if a.json {
         println!("{}", serde_json::to_string(&out.to_json())?);

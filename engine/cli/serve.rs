@@ -178,7 +178,7 @@ fn run_on<B: RankBackend>(a: ServeArgs, path: PathBuf) -> Result<(), Box<dyn std
     );
     let model_backend = model.backend_name();
     let cfg_max_running = cfg.max_running_requests;
-    let handle = spawn_engine(model, tok, cfg, max_total_tokens, !a.disable_radix_cache, path.display().to_string(), context_length)?;
+    let handle = spawn_engine(model.clone(), tok, cfg, max_total_tokens, !a.disable_radix_cache, path.display().to_string(), context_length)?;
     let server_args = serde_json::json!({
         "model_path": path.display().to_string(), "backend": model_backend, "load_format": format!("{:?}", a.backend.load_format).to_lowercase(),
         "tp_size": par.world, "ep_size": if par.expert_parallel { par.world } else { 1 }, "dp_size": if par.dp_attention { par.world } else { 1 },
@@ -193,6 +193,7 @@ fn run_on<B: RankBackend>(a: ServeArgs, path: PathBuf) -> Result<(), Box<dyn std
         let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port)).await.map_err(|e| format!("cannot bind {}:{}: {e}", a.host, a.port))?;
         eprintln!("engine is ready: http://{}", listener.local_addr()?);
         serve(app, listener, std::time::Duration::from_secs(a.shutdown_timeout)).await?;
+        model.stop_followers();
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     })?;
     log::info!("stopped");

@@ -118,6 +118,34 @@ impl Group {
         Ok(())
     }
 
+    /// Tells follower nodes the lead is done, so they exit cleanly (best effort: they also exit,
+    /// with an error, when node 0's store goes away).
+    /// Node 0 (the store's host) then waits briefly for their acknowledgements, since exiting
+    /// takes the store with it.
+    pub fn stop(&self) {
+        let Some(r) = &self.remote else { return };
+        let seq = r.seq.load(Ordering::SeqCst);
+        if let Err(e) = r.store.set(&format!("job/{seq}"), &Job::Stop.encode()) {
+            log::warn!("could not tell the follower nodes to stop: {e}");
+            return;
+        }
+        let Some(addr) = r.store.local_addr else { return };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (nnodes, rank, timeout) = (r.nnodes, r.store.rank(), r.store.timeout());
+        // its own connection, so a node that never answers leaves nothing blocked behind it
+        std::thread::spawn(move || {
+            if let Ok(s) = TcpStore::connect(&addr.to_string(), rank, timeout) {
+                for node in 1..nnodes {
+                    let _ = s.get(&format!("ack/{seq}/{node}"));
+                }
+            }
+            let _ = tx.send(());
+        });
+        if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            log::warn!("follower nodes did not acknowledge the stop within 10s");
+        }
+    }
+
     /// Waits for every follower's result of the last job.
     pub fn collect(&self) -> Result<(), String> {
         let mut first_err = None;

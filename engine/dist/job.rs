@@ -11,6 +11,8 @@ pub enum Job {
     ForwardDp(Vec<OwnedBatch>),
     /// `iters` all-reduces of `elems` floats (the bench measures the collective this way)
     CommBench { elems: usize, iters: usize },
+    /// The lead is done: follower nodes exit cleanly
+    Stop,
 }
 
 /// A `ForwardBatch` that owns its data.
@@ -104,6 +106,7 @@ impl Job {
                 out.push(0);
                 out.extend((*n as u64).to_le_bytes());
             }
+            Job::Stop => out.push(4),
             Job::CommBench { elems, iters } => {
                 out.push(2);
                 out.extend((*elems as u64).to_le_bytes());
@@ -144,6 +147,7 @@ impl Job {
                 elems: u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize,
                 iters: u64::from_le_bytes(rest[8..].try_into().unwrap()) as usize,
             }),
+            Some((4, [])) => Ok(Job::Stop),
             _ => Err("unknown job message".into()),
         }
     }
@@ -157,7 +161,7 @@ mod tests {
     fn jobs_round_trip_and_garbage_is_rejected() {
         let b = OwnedBatch { tokens: vec![5, 6, 7], positions: vec![0, 1, 9], seqs: vec![(0, 2, vec![3, 4]), (2, 1, vec![8; 10])], logit_rows: vec![1, 2] };
         let empty = OwnedBatch { tokens: vec![], positions: vec![], seqs: vec![], logit_rows: vec![] };
-        for j in [Job::AllocKv(123456789), Job::Forward(b.clone()), Job::CommBench { elems: 7168, iters: 50 }, Job::ForwardDp(vec![b, empty])] {
+        for j in [Job::AllocKv(123456789), Job::Forward(b.clone()), Job::CommBench { elems: 7168, iters: 50 }, Job::ForwardDp(vec![b, empty]), Job::Stop] {
             let e = j.encode();
             assert_eq!(Job::decode(&e).unwrap(), j);
             assert!(Job::decode(&e[..e.len() - 1]).is_err());

@@ -218,6 +218,11 @@ fn follow_node<B: Backend>(model: &Model<B>, mut feed: JobFeed) -> Result<(), Mo
     let mut kv = None;
     loop {
         let job = match feed.next_job() {
+            Ok(crate::dist::Job::Stop) => {
+                log::info!("node {}: node 0 has finished; exiting", feed.node);
+                let _ = feed.ack(Ok(()));
+                return Ok(());
+            }
             Ok(j) => j,
             Err(e) => return Err(ModelError::Parallel(format!("node {}: {e}", feed.node))),
         };

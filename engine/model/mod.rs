@@ -154,6 +154,13 @@ impl<B: Backend> Model<B> {
         self.group = Some(group);
     }
 
+    /// At the end of a run: follower nodes are told to exit (a no-op without them).
+    pub fn stop_followers(&self) {
+        if let Some(g) = &self.group {
+            g.stop();
+        }
+    }
+
     /// Runs `f` here and `job` on every follower; fails if any rank failed.
     fn with_followers<T>(&self, job: impl FnOnce() -> crate::dist::Job, step: &str, f: impl FnOnce() -> Result<T, ModelError>) -> Result<T, ModelError> {
         let Some(g) = &self.group else { return f() };
@@ -209,6 +216,7 @@ impl<B: Backend> Model<B> {
     pub fn run_job(&self, kv: &mut Option<B::KvCache>, job: &crate::dist::Job) -> Result<(), ModelError> {
         match job {
             crate::dist::Job::AllocKv(n) => *kv = Some(self.alloc_kv_cache(*n)?),
+            crate::dist::Job::Stop => {}
             crate::dist::Job::CommBench { elems, iters } => {
                 self.time_all_reduce(*elems, *iters)?;
             }
