@@ -113,14 +113,15 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
         let mut s: Vec<f64> = steps.iter().skip(a.warmup_steps.min(steps.len().saturating_sub(1))).copied().collect();
         s.sort_by(|x, y| x.partial_cmp(y).unwrap());
         let med = pct(&s, 0.5);
-        // the all-reduce a decode step of this batch does (2 per layer): [bs, hidden] f32
+        // the all-reduce a decode step of this batch does (2 per layer + the embedding): [bs, hidden] f32
         let comm = if model.backend.tp_group().1 > 1 {
             let elems = bs * model.cfg.hidden_size;
             let secs = model.comm_bench(elems, 50)?;
             let n = model.backend.tp_group().1 as f64;
             let bytes = (elems * 4) as f64;
             json!({"bytes": elems * 4, "latency_us": secs * 1e6, "bus_gb_s": 2.0 * (n - 1.0) / n * bytes / secs / 1e9,
-                   "per_decode_step_ms": secs * 1e3 * 2.0 * model.num_layers() as f64})
+                   // two per layer and one for the vocabulary-parallel embedding
+                   "per_decode_step_ms": secs * 1e3 * (2.0 * model.num_layers() as f64 + 1.0)})
         } else {
             serde_json::Value::Null
         };

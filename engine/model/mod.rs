@@ -84,6 +84,8 @@ pub struct Model<B: Backend> {
     pub cfg: ModelConfig,
     pub backend: B,
     embed: B::Linear,
+    /// Vocabulary-parallel embedding: this rank's id range and the index of its zero row
+    embed_slice: Option<(std::ops::Range<usize>, u32)>,
     layers: Vec<DecoderLayer<B>>,
     norm: B::Tensor,
     lm_head: B::Linear,
@@ -111,7 +113,17 @@ impl<B: Backend> Model<B> {
         let w = WeightsCtx { store, cfg: &cfg, backend: &backend, shard };
         let (v, hs) = (cfg.vocab_size, cfg.hidden_size);
         let mut progress = Progress::new("loading weights", cfg.num_hidden_layers as u64 + 1);
-        let embed = w.dense_linear("model.embed_tokens", v, hs)?;
+        // vocabulary-parallel embedding under tensor parallelism: each rank holds its slice plus
+        // a zero row that ids of other slices map to; the all-reduce then gives every rank the
+        // embedding (exactly: one rank contributes each row, the others zeros). DP attention
+        // keeps it whole, since each rank embeds only its own tokens.
+        let (embed, embed_slice) = if shard.size > 1 && !shard.dp_attention {
+            let (rows, len) = shard.padded_part(v);
+            let table = store.linear("model.embed_tokens", v, hs, None)?.slice_rows_padded(rows.clone(), len + 1);
+            (backend.upload_linear(&table)?, Some((rows, len as u32)))
+        } else {
+            (w.dense_linear("model.embed_tokens", v, hs)?, None)
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             layers.push(DecoderLayer::load(&w, i)?);
@@ -137,7 +149,7 @@ impl<B: Backend> Model<B> {
             scale: cfg.softmax_scale() as f32,
         };
         let rope = RopeTables::new(&cfg.rope);
-        Ok(Model { cfg, backend, embed, layers, norm, lm_head, rope, dims, group: None, shard })
+        Ok(Model { cfg, backend, embed, embed_slice, layers, norm, lm_head, rope, dims, group: None, shard })
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -284,7 +296,15 @@ impl<B: Backend> Model<B> {
             dims: &self.dims,
             eps: self.cfg.rms_norm_eps as f32,
         };
-        let mut resid = b.embedding(&self.embed, batch.tokens)?;
+        let mut resid = match &self.embed_slice {
+            None => b.embedding(&self.embed, batch.tokens)?,
+            Some((rows, zero)) => {
+                let local: Vec<u32> = batch.tokens.iter().map(|&t| if rows.contains(&(t as usize)) { t - rows.start as u32 } else { *zero }).collect();
+                let mut e = b.embedding(&self.embed, &local)?;
+                b.all_reduce(&mut e)?;
+                e
+            }
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             layer.forward(b, &mut resid, kv, i, &inputs)?;
         }
