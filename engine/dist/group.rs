@@ -48,23 +48,26 @@ pub type CommProbe = Box<dyn Fn() -> Option<String> + Send + Sync>;
 pub struct Watchdog {
     who: String,
     timeout: Duration,
-    busy: Mutex<Option<(Instant, String)>>,
+    /// (since, step, extra time on top of the timeout)
+    busy: Mutex<Option<(Instant, String, Duration)>>,
+    probe: Mutex<Option<CommProbe>>,
 }
 
 impl Watchdog {
-    pub fn start(who: String, timeout: Duration, probe: Option<CommProbe>) -> Arc<Watchdog> {
-        let w = Arc::new(Watchdog { who, timeout, busy: Mutex::new(None) });
+    pub fn start(who: String, timeout: Duration) -> Arc<Watchdog> {
+        let w = Arc::new(Watchdog { who, timeout, busy: Mutex::new(None), probe: Mutex::new(None) });
         let weak = Arc::downgrade(&w);
         std::thread::Builder::new()
             .name("dist-watchdog".into())
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_millis(500));
                 let Some(w) = weak.upgrade() else { return };
-                let busy = w.busy.lock().unwrap().as_ref().map(|(since, s)| (since.elapsed(), s.clone()));
+                let busy = w.busy.lock().unwrap().as_ref().map(|(since, s, slack)| (since.elapsed().saturating_sub(*slack), s.clone()));
                 // only for a step already slow (a healthy one finishes in milliseconds): NCCL
                 // names a dead peer long before --dist-timeout would
                 let slow = busy.as_ref().is_some_and(|(elapsed, _)| *elapsed > PROBE_AFTER);
-                if let (true, Some((_, step)), Some(e)) = (slow, &busy, probe.as_ref().and_then(|p| if slow { p() } else { None })) {
+                let failed = if slow { w.probe.lock().unwrap().as_ref().and_then(|p| p()) } else { None };
+                if let (Some((_, step)), Some(e)) = (&busy, failed) {
                     eprintln!("error: {}: step `{step}`: the communicator reports a failed peer ({e}); exiting", w.who);
                     exit_now(1);
                 }
@@ -81,8 +84,17 @@ impl Watchdog {
             .expect("spawn watchdog");
         w
     }
+    /// From now on a slow step also checks the communicator (set once it is up).
+    pub fn set_probe(&self, probe: Option<CommProbe>) {
+        *self.probe.lock().unwrap() = probe;
+    }
     pub fn enter(&self, step: String) {
-        *self.busy.lock().unwrap() = Some((Instant::now(), step));
+        self.enter_with_slack(step, Duration::ZERO);
+    }
+    /// A step whose own waits are bounded by the timeout already: the watchdog gives them `slack`
+    /// to report first, with their more precise message.
+    pub fn enter_with_slack(&self, step: String, slack: Duration) {
+        *self.busy.lock().unwrap() = Some((Instant::now(), step, slack));
     }
     pub fn leave(&self) {
         *self.busy.lock().unwrap() = None;

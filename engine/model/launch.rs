@@ -93,6 +93,10 @@ pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig, format: LoadForm
     let ranks = par.local_ranks();
     let lead_rank = ranks.start;
     let timeout = par.timeout;
+    // start-up (rendezvous, communicator, weights) is one step under --dist-timeout: a rank that
+    // never joins leaves the others blocked inside the communicator's init
+    let watchdog = Watchdog::start(format!("rank {lead_rank} (node {})", par.node_rank), timeout);
+    watchdog.enter_with_slack("start-up: rendezvous, communicator and weight loading".into(), std::time::Duration::from_secs(5));
     // rendezvous: node 0 hosts the store (multi-node only)
     let store = match (&par.init_addr, par.nnodes > 1) {
         (Some(addr), true) => Some(TcpStore::start(addr, lead_rank, timeout).map_err(par_err)?),
@@ -181,7 +185,8 @@ pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig, format: LoadForm
     if let Some(s) = &store {
         s.barrier("weights-loaded", par.nnodes).map_err(par_err)?;
     }
-    let watchdog = Watchdog::start(format!("rank {lead_rank} (node {})", par.node_rank), timeout, model.backend.comm_probe());
+    watchdog.leave();
+    watchdog.set_probe(model.backend.comm_probe());
     let remote = match (store, par.node_rank) {
         (Some(s), 0) => Some(RemoteNodes::new(s, par.nnodes)),
         (Some(s), node) => {
