@@ -130,10 +130,9 @@ impl Group {
         Ok(())
     }
 
-    /// Tells follower nodes the lead is done, so they exit cleanly (best effort: they also exit,
-    /// with an error, when node 0's store goes away).
-    /// Node 0 (the store's host) then waits briefly for their acknowledgements, since exiting
-    /// takes the store with it.
+    /// Tells follower nodes the lead is done, so they exit cleanly, and waits briefly for their
+    /// acknowledgements: node 0 hosts the store, and exiting takes it away (a follower that misses
+    /// the stop still exits, with an error, when the store goes).
     pub fn stop(&self) {
         let Some(r) = &self.remote else { return };
         let seq = r.seq.load(Ordering::SeqCst);
