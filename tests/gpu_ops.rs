@@ -69,22 +69,27 @@ fn host_linear(rng: &mut Rng, out: usize, inp: usize, t: WType) -> HostLinear {
     }
 }
 
-#[test]
-#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
-fn linear_all_dtypes_real_and_odd_shapes() {
-    let g = gpu();
+/// `g.linear` against the CPU at each (m, n, k) and every weight dtype, within `tol`.
+fn check_linears(g: &CudaBackend, name: &str, seed: u64, shapes: &[(usize, usize, usize)], tol: f64) {
     let c = CpuBackend::new();
-    let mut rng = Rng::new(1);
-    for (m, n, k) in [(1, 1536, 7168), (7, 576, 7168), (20, 1000, 2048), (32, 576, 7168), (33, 7168, 2048), (5, 77, 100), (130, 129, 257)] {
+    let mut rng = Rng::new(seed);
+    for &(m, n, k) in shapes {
         for t in [WType::F32, WType::Bf16, WType::Fp8] {
             let tag = match t { WType::F32 => "f32", WType::Bf16 => "bf16", WType::Fp8 => "fp8" };
             let w = host_linear(&mut rng, n, k, t);
             let x = randn(&mut rng, m * k, 1.0);
             let want = c.download(&c.linear(&c.upload(m, k, &x).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
             let got = g.download(&g.linear(&g.upload(m, k, &x).unwrap(), &g.upload_linear(&w).unwrap()).unwrap()).unwrap();
-            check(&format!("linear {tag} {m}x{n}x{k}"), &got, &want, F32_TOL);
+            check(&format!("{name} {tag} {m}x{n}x{k}"), &got, &want, tol);
         }
     }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+fn linear_all_dtypes_real_and_odd_shapes() {
+    let shapes = [(1, 1536, 7168), (7, 576, 7168), (20, 1000, 2048), (32, 576, 7168), (33, 7168, 2048), (5, 77, 100), (130, 129, 257)];
+    check_linears(&gpu(), "linear", 1, &shapes, F32_TOL);
 }
 
 /// hip-kernels/linear_mma.hip (mma.sync bf16 on NVIDIA; the same tile logic runs MFMA on CDNA):
@@ -94,18 +99,8 @@ fn linear_all_dtypes_real_and_odd_shapes() {
 fn linear_on_tensor_cores() {
     let mut g = gpu();
     g.mma_gemm = true;
-    let c = CpuBackend::new();
-    let mut rng = Rng::new(11);
-    for (m, n, k) in [(33, 7168, 2048), (256, 576, 7168), (64, 64, 32), (130, 129, 257), (100, 1536, 7168), (65, 24576, 1536)] {
-        for t in [WType::F32, WType::Bf16, WType::Fp8] {
-            let tag = match t { WType::F32 => "f32", WType::Bf16 => "bf16", WType::Fp8 => "fp8" };
-            let w = host_linear(&mut rng, n, k, t);
-            let x = randn(&mut rng, m * k, 1.0);
-            let want = c.download(&c.linear(&c.upload(m, k, &x).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
-            let got = g.download(&g.linear(&g.upload(m, k, &x).unwrap(), &g.upload_linear(&w).unwrap()).unwrap()).unwrap();
-            check(&format!("linear_mma {tag} {m}x{n}x{k}"), &got, &want, BF16_TOL);
-        }
-    }
+    let shapes = [(33, 7168, 2048), (256, 576, 7168), (64, 64, 32), (130, 129, 257), (100, 1536, 7168), (65, 24576, 1536)];
+    check_linears(&g, "linear_mma", 11, &shapes, BF16_TOL);
 }
 
 #[test]
