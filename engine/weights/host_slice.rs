@@ -52,15 +52,29 @@ impl HostLinear {
     }
 
     /// Output rows `rows`, padded with zero rows to `len` (a vocabulary-parallel lm_head whose
-    /// last shard is short).
+    /// last shard is short, an embedding slice with its zero row), in the slice's own dtype: zero
+    /// bytes are zero in every format (FP8 zeros times any scale).
     pub fn slice_rows_padded(&self, rows: Range<usize>, len: usize) -> HostLinear {
         let s = self.slice_rows(rows.clone());
         if rows.len() == len {
             return s;
         }
-        let mut w = s.to_f32();
-        w.resize(len * self.inp, 0.0);
-        HostLinear::from_f32(&self.name, len, self.inp, &w)
+        let pad = |b: &MmapSlice, eb: usize| {
+            let mut v = b.to_vec();
+            v.resize(len * self.inp * eb, 0);
+            MmapSlice::from_vec(v)
+        };
+        let data = match &s.data {
+            LinearData::F32(b) => LinearData::F32(pad(b, 4)),
+            LinearData::BF16(b) => LinearData::BF16(pad(b, 2)),
+            LinearData::F16(b) => LinearData::F16(pad(b, 2)),
+            LinearData::Fp8 { w, scale_inv, block_n, block_k } => {
+                let mut scales = scale_inv.clone();
+                scales.resize(len.div_ceil(*block_n) * self.inp.div_ceil(*block_k), 1.0);
+                LinearData::Fp8 { w: pad(w, 1), scale_inv: scales, block_n: *block_n, block_k: *block_k }
+            }
+        };
+        HostLinear { name: s.name, out: len, inp: self.inp, data }
     }
 
     /// Input columns `cols` (the weight of a row-parallel layer's shard).
@@ -142,6 +156,12 @@ mod tests {
         assert!(matches!(l.slice_rows(4..8).data, LinearData::Fp8 { .. }));
         assert!(matches!(l.slice_cols(4..8).data, LinearData::Fp8 { .. }));
         assert!(matches!(l.slice_rows(3..8).data, LinearData::F32(_)));
+        // padding keeps the dtype: FP8 zero rows (any scale) after the slice
+        let p = l.slice_rows_padded(4..10, 13);
+        assert!(matches!(p.data, LinearData::Fp8 { .. }));
+        let (full, f) = (l.to_f32(), p.to_f32());
+        assert_eq!(&f[..6 * 13], &full[4 * 13..10 * 13]);
+        assert!(f[6 * 13..].iter().all(|&x| x == 0.0) && f.len() == 13 * 13);
     }
 
     #[test]
