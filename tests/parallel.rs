@@ -25,6 +25,18 @@ fn generate(backend: &str, model: &str, ids: &str, extra: &[&str]) -> Value {
     stdout_json(&o)
 }
 
+/// The child's exit status, or None if it is still running after `limit`.
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -37,17 +49,10 @@ fn two_nodes(backend: &str, model: &str, ids: &str, extra: &[&str]) -> Value {
     let mut n1 = engine().args(gen_args(backend, model, ids)).args(dist).args(["--node-rank", "1", "--base-gpu-id", "1"]).args(extra).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let o = engine().args(gen_args(backend, model, ids)).args(dist).args(["--node-rank", "0"]).args(extra).output().unwrap();
     // node 0 tells node 1 it is done: node 1 exits cleanly by itself
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = n1.try_wait().unwrap() {
-            break s;
-        }
-        if t0.elapsed() > Duration::from_secs(20) {
-            let _ = n1.kill();
-            panic!("node 1 did not exit after node 0 finished");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(&mut n1, Duration::from_secs(20)).unwrap_or_else(|| {
+        let _ = n1.kill();
+        panic!("node 1 did not exit after node 0 finished")
+    });
     assert!(status.success(), "node 1 exited with {status}");
     stdout_json(&o)
 }
@@ -266,13 +271,7 @@ fn killed_follower_node(backend: &str) {
         }
     });
     let mut s = s;
-    let status = loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "the lead did not exit after its peer died: {}", s.log());
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let Some(status) = wait_exit(&mut s.child, Duration::from_secs(30)) else { panic!("the lead did not exit after its peer died: {}", s.log()) };
     std::thread::sleep(Duration::from_millis(200));
     let log = s.log();
     assert_eq!(status.code(), Some(1), "{log}");

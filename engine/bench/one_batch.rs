@@ -16,8 +16,8 @@ use crate::sampling::Rng;
 pub struct BenchOneBatchArgs {
     #[arg(long)]
     pub model_path: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub backend: BackendKind,
+    #[command(flatten)]
+    pub backend: crate::cli::BackendArgs,
     /// Batch sizes, comma-separated
     #[arg(long, value_delimiter = ',', default_value = "1")]
     pub batch_size: Vec<usize>,
@@ -37,9 +37,6 @@ pub struct BenchOneBatchArgs {
     pub profile: bool,
     #[command(flatten)]
     pub dist: crate::dist::DistArgs,
-    /// auto reads the safetensors files; dummy makes random weights from config.json alone
-    #[arg(long, value_enum, default_value = "auto")]
-    pub load_format: crate::weights::LoadFormat,
 }
 
 /// Profiling hooks around the decode loop: start, then per-class milliseconds at the end.
@@ -139,18 +136,18 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
 
 pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let path = crate::cli::model_path_or_demo(&a.model_path)?;
-    let kind = a.backend.resolve()?;
+    let kind = a.backend.backend.resolve()?;
     let t = Instant::now();
     let par = a.dist.validate()?;
-    let load_s = std::cell::Cell::new(0.0f64);
-    let (rows, backend, kernels) = match kind {
+    // (results, backend, kernels, seconds until weights and kernels were ready on every rank, checkpoint bytes)
+    let (rows, backend, kernels, load_s, weight_bytes) = match kind {
         BackendKind::Cuda => {
-            let model = match launch::<crate::backend::cuda::CudaBackend>(&path, &par, a.load_format)? {
+            let model = match launch::<crate::backend::cuda::CudaBackend>(&path, &par, a.backend.load_format)? {
                 Role::Lead(m) => Arc::new(m),
                 Role::FollowerDone => return Ok(()),
             };
             model.backend.warmup(crate::backend::gpu::ModelDims::of(&model.cfg))?;
-            load_s.set(t.elapsed().as_secs_f64());
+            let load_s = t.elapsed().as_secs_f64();
             let (hits, compiles) = model.backend.jit.stats();
             let k = json!({"cache_dir": model.backend.jit.cache.dir.display().to_string(), "cache_hits": hits, "compiled": compiles, "device": model.backend.device_name, "arch": model.backend.arch});
             let b = &model.backend;
@@ -161,34 +158,29 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
             };
             let rows = bench_model(&model, &a, &ProfileHooks { start: &start, finish: &finish });
             model.stop_followers();
-            (rows?, "cuda", k)
+            (rows?, "cuda", k, load_s, model.checkpoint_bytes)
         }
         _ => {
             if a.profile {
                 log::warn!("--profile times GPU events; the CPU backend has none, so no profile is printed");
             }
-            let model = match launch::<crate::backend::cpu::CpuBackend>(&path, &par, a.load_format)? {
+            let model = match launch::<crate::backend::cpu::CpuBackend>(&path, &par, a.backend.load_format)? {
                 Role::Lead(m) => m,
                 Role::FollowerDone => return Ok(()),
             };
-            load_s.set(t.elapsed().as_secs_f64());
+            let load_s = t.elapsed().as_secs_f64();
             let rows = bench_model(&model, &a, &ProfileHooks { start: &|| {}, finish: &|| None });
             model.stop_followers();
-            (rows?, "cpu", json!(null))
+            (rows?, "cpu", json!(null), load_s, model.checkpoint_bytes)
         }
     };
-    // weights on every rank and kernels ready (the lead waits for all ranks)
-    let weight_bytes = crate::config::ModelConfig::from_file(&path.join("config.json"))
-        .ok()
-        .and_then(|c| crate::weights::WeightStore::open_as(&path, a.load_format, &c).ok())
-        .map_or(0, |s| s.total_bytes());
-    let out = json!({"model_path": path.display().to_string(), "backend": backend, "load_s": load_s.get(), "checkpoint_bytes": weight_bytes, "tp_size": par.world, "dp_attention": par.dp_attention, "ep_size": if par.expert_parallel { par.world } else { 1 }, "nnodes": par.nnodes, "load_and_bench_s": t.elapsed().as_secs_f64(),
+    let out = json!({"model_path": path.display().to_string(), "backend": backend, "load_s": load_s, "checkpoint_bytes": weight_bytes, "tp_size": par.world, "dp_attention": par.dp_attention, "ep_size": if par.expert_parallel { par.world } else { 1 }, "nnodes": par.nnodes, "load_and_bench_s": t.elapsed().as_secs_f64(),
                      "kernels": kernels, "cuda_graphs": "not implemented", "results": rows});
     if a.json {
         println!("{out}");
     } else {
         println!("model {} on {backend} (tp {}, ep {}, dp attention {}, nnodes {}); kernels {}; CUDA graphs: not implemented", path.display(), out["tp_size"], out["ep_size"], out["dp_attention"], out["nnodes"], out["kernels"]);
-        let (secs, gb) = (load_s.get(), weight_bytes as f64 / 1e9);
+        let (secs, gb) = (load_s, weight_bytes as f64 / 1e9);
         println!("loaded {gb:.1} GB in {secs:.2}s ({:.2} GB/s over all ranks)", gb / secs.max(1e-9));
         println!("{:>6} {:>6} {:>6} {:>12} {:>14} {:>14} {:>12}", "batch", "in", "out", "prefill tok/s", "step med ms", "step p90 ms", "decode tok/s");
         for r in out["results"].as_array().unwrap() {

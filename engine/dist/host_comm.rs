@@ -44,7 +44,7 @@ struct Round {
     seq: u64,
     parts: Vec<Option<Vec<f32>>>,
     arrived: usize,
-    result: Option<Arc<Vec<f32>>>,
+    result: Option<Vec<f32>>,
     readers: usize,
 }
 
@@ -75,14 +75,11 @@ impl LocalGroup {
             step: format!("{what} #{seq} ({} of {} ranks arrived)", r.arrived, s.size),
             secs: s.timeout.as_secs(),
         };
-        let mut g = s.round.lock().unwrap();
+        let left = || deadline.saturating_duration_since(Instant::now());
         // wait until everyone has read the previous round
-        while g.result.is_some() || g.parts[self.rank].is_some() {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(timeout(g.seq, &g));
-            }
-            g = s.cv.wait_timeout(g, deadline - now).unwrap().0;
+        let (mut g, w) = s.cv.wait_timeout_while(s.round.lock().unwrap(), left(), |r| r.result.is_some() || r.parts[self.rank].is_some()).unwrap();
+        if w.timed_out() {
+            return Err(timeout(g.seq, &g));
         }
         let seq = g.seq;
         g.parts[self.rank] = Some(data.to_vec());
@@ -92,16 +89,13 @@ impl LocalGroup {
             if parts.iter().any(|p| p.len() != parts[0].len()) {
                 return Err(CommError::Failed { rank: self.rank, step: format!("{what} #{seq}"), msg: "ranks passed buffers of different lengths".into() });
             }
-            g.result = Some(Arc::new(combine(&parts, sum)));
+            g.result = Some(combine(&parts, sum));
             g.readers = s.size;
             s.cv.notify_all();
         }
-        while g.result.is_none() || g.seq != seq {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(timeout(seq, &g));
-            }
-            g = s.cv.wait_timeout(g, deadline - now).unwrap().0;
+        let (mut g, w) = s.cv.wait_timeout_while(g, left(), |r| r.result.is_none() || r.seq != seq).unwrap();
+        if w.timed_out() {
+            return Err(timeout(seq, &g));
         }
         let out = g.result.as_ref().unwrap().to_vec();
         g.readers -= 1;

@@ -133,16 +133,12 @@ pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig, format: LoadForm
         v
     };
     log::info!(
-        "node {} of {}: ranks {ranks:?} of {} ({}), {}",
+        "node {} of {}: ranks {ranks:?} of {} ({}experts split by {}), {}",
         par.node_rank,
         par.nnodes,
         par.world,
-        match (par.expert_parallel, par.dp_attention) {
-            (true, true) => "DP attention, experts split by expert",
-            (false, true) => "DP attention, experts split by intermediate size",
-            (true, false) => "experts split by expert",
-            (false, false) => "experts split by intermediate size",
-        },
+        if par.dp_attention { "DP attention, " } else { "" },
+        if par.expert_parallel { "expert" } else { "intermediate size" },
         if B::DEVICE_COMM { "device collectives" } else { "host collectives" }
     );
     // every rank but the local lead loads in its own thread and then follows

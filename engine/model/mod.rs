@@ -94,6 +94,8 @@ pub struct Model<B: Backend> {
     /// This rank's followers when it leads a tensor-parallel group
     group: Option<crate::dist::Group>,
     shard: Shard,
+    /// Bytes of the checkpoint's tensors (all ranks' shares together)
+    pub checkpoint_bytes: u64,
 }
 
 impl<B: Backend> Model<B> {
@@ -149,7 +151,7 @@ impl<B: Backend> Model<B> {
             scale: cfg.softmax_scale() as f32,
         };
         let rope = RopeTables::new(&cfg.rope);
-        Ok(Model { cfg, backend, embed, embed_slice, layers, norm, lm_head, rope, dims, group: None, shard })
+        Ok(Model { cfg, backend, embed, embed_slice, layers, norm, lm_head, rope, dims, group: None, shard, checkpoint_bytes: store.total_bytes() })
     }
 
     pub fn backend_name(&self) -> &'static str {
