@@ -174,7 +174,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
             (rows?, "cpu", json!(null), load_s, model.checkpoint_bytes)
         }
     };
-    let out = json!({"model_path": path.display().to_string(), "backend": backend, "load_s": load_s, "checkpoint_bytes": weight_bytes, "tp_size": par.world, "dp_attention": par.dp_attention, "ep_size": if par.expert_parallel { par.world } else { 1 }, "nnodes": par.nnodes, "load_and_bench_s": t.elapsed().as_secs_f64(),
+    let out = json!({"model_path": path.display().to_string(), "backend": backend, "load_s": load_s, "checkpoint_bytes": weight_bytes, "tp_size": par.world, "dp_attention": par.dp_attention, "ep_size": par.ep_size(), "nnodes": par.nnodes, "load_and_bench_s": t.elapsed().as_secs_f64(),
                      "kernels": kernels, "cuda_graphs": "not implemented", "results": rows});
     if a.json {
         println!("{out}");

@@ -176,17 +176,15 @@ fn run_on<B: RankBackend>(a: ServeArgs, path: PathBuf) -> Result<(), Box<dyn std
         if a.disable_radix_cache { "off" } else { "on" },
         cfg.max_running_requests
     );
-    let model_backend = model.backend_name();
-    let cfg_max_running = cfg.max_running_requests;
-    let handle = spawn_engine(model.clone(), tok, cfg, max_total_tokens, !a.disable_radix_cache, path.display().to_string(), context_length)?;
     let server_args = serde_json::json!({
-        "model_path": path.display().to_string(), "backend": model_backend, "load_format": format!("{:?}", a.backend.load_format).to_lowercase(),
-        "tp_size": par.world, "ep_size": if par.expert_parallel { par.world } else { 1 }, "dp_size": if par.dp_attention { par.world } else { 1 },
+        "model_path": path.display().to_string(), "backend": model.backend_name(), "load_format": format!("{:?}", a.backend.load_format).to_lowercase(),
+        "tp_size": par.world, "ep_size": par.ep_size(), "dp_size": par.dp_size(),
         "enable_dp_attention": par.dp_attention, "nnodes": par.nnodes, "node_rank": par.node_rank, "dist_init_addr": par.init_addr,
-        "dist_timeout": par.timeout.as_secs(), "chunked_prefill_size": a.chunked_prefill_size, "max_running_requests": cfg_max_running,
+        "dist_timeout": par.timeout.as_secs(), "chunked_prefill_size": a.chunked_prefill_size, "max_running_requests": cfg.max_running_requests,
         "schedule_policy": format!("{:?}", a.schedule_policy).to_lowercase(), "disable_radix_cache": a.disable_radix_cache,
         "mem_fraction_static": a.mem_fraction_static, "reasoning_parser": a.reasoning_parser, "host": a.host, "port": a.port,
     });
+    let handle = spawn_engine(model.clone(), tok, cfg, max_total_tokens, !a.disable_radix_cache, path.display().to_string(), context_length)?;
     let app = App::new(handle, name, a.api_key.clone(), a.reasoning_parser.is_some()).with_server_args(server_args);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {

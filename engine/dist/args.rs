@@ -105,6 +105,14 @@ impl ParallelConfig {
     pub fn is_single(&self) -> bool {
         self.world == 1
     }
+    /// `--ep-size` as given (experts split by expert over all ranks, or not at all).
+    pub fn ep_size(&self) -> usize {
+        if self.expert_parallel { self.world } else { 1 }
+    }
+    /// `--dp-size` as given (attention data-parallel over all ranks, or not at all).
+    pub fn dp_size(&self) -> usize {
+        if self.dp_attention { self.world } else { 1 }
+    }
     /// Global ranks this node drives, in order.
     pub fn local_ranks(&self) -> std::ops::Range<usize> {
         self.node_rank * self.per_node..(self.node_rank + 1) * self.per_node
