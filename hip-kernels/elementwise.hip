@@ -31,6 +31,12 @@ extern "C" __global__ void gather_rows(const float* x, const uint32_t* rows, flo
 
 // all-gather output [size, rows, cols] (rank-major) → [rows, total] (columns in rank order,
 // trailing padding columns beyond `total` dropped).
+// out[rows[r]] = x[r]: the inverse of gather_rows.
+extern "C" __global__ void scatter_rows(const float* x, const uint32_t* rows, float* out, int cols) {
+    int r = blockIdx.x;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) out[(int64_t)rows[r] * cols + c] = x[(int64_t)r * cols + c];
+}
+
 extern "C" __global__ void concat_cols(const float* in, float* out, int rows, int cols, int size, int total) {
     int r = blockIdx.x;
     for (int c = threadIdx.x; c < total; c += blockDim.x) {

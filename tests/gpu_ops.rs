@@ -15,8 +15,12 @@ use engine::sampling::{log_softmax, Rng};
 use engine::weights::{HostLinear, LinearData, MmapSlice};
 
 const F32_TOL: f64 = 1e-4;
-/// bf16 operands (the tensor-core path rounds x and W to bf16), f32 accumulation
+/// bf16 operands: FP8 weights whose block scale varies inside a 128-row tile are rounded to bf16
+/// after scaling
 const BF16_TOL: f64 = 1e-2;
+// tensor-core GEMMs: X split into bf16 hi + lo, bf16/FP8 weights exact (FP8 scale folded into X),
+// f32 weights split too: near-f32 results
+const MMA_TOL: f64 = 2e-4;
 
 fn gpu() -> CudaBackend {
     assert_eq!(std::env::var("ENGINE_TEST_BACKEND").as_deref(), Ok("cuda"), "GPU tests run only with ENGINE_TEST_BACKEND=cuda on a machine with an NVIDIA GPU");
@@ -46,6 +50,7 @@ fn check(name: &str, a: &[f32], b: &[f32], tol: f64) {
     assert!(e <= tol, "{name}: relative error {e:.3e} > {tol:e}");
 }
 
+#[derive(Clone, Copy)]
 enum WType {
     F32,
     Bf16,
@@ -60,13 +65,16 @@ fn host_linear(rng: &mut Rng, out: usize, inp: usize, t: WType) -> HostLinear {
             let b: Vec<u8> = w.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect();
             HostLinear { name: "w".into(), out, inp, data: LinearData::BF16(MmapSlice::from_vec(b)) }
         }
-        WType::Fp8 => {
-            let (bn, bk) = (128, 128);
-            let scale: Vec<f32> = (0..out.div_ceil(bn) * inp.div_ceil(bk)).map(|_| 0.002 + rng.uniform() as f32 * 0.004).collect();
-            let q: Vec<u8> = (0..out * inp).map(|i| engine::synth::f32_to_fp8_e4m3fn(w[i] / scale[(i / inp / bn) * inp.div_ceil(bk) + (i % inp) / bk])).collect();
-            HostLinear { name: "w".into(), out, inp, data: LinearData::Fp8 { w: MmapSlice::from_vec(q), scale_inv: scale, block_n: bn, block_k: bk } }
-        }
+        WType::Fp8 => host_fp8(rng, out, inp, &w, 128),
     }
+}
+
+/// FP8 e4m3 with [bn × 128] block scales.
+fn host_fp8(rng: &mut Rng, out: usize, inp: usize, w: &[f32], bn: usize) -> HostLinear {
+    let bk = 128;
+    let scale: Vec<f32> = (0..out.div_ceil(bn) * inp.div_ceil(bk)).map(|_| 0.002 + rng.uniform() as f32 * 0.004).collect();
+    let q: Vec<u8> = (0..out * inp).map(|i| engine::synth::f32_to_fp8_e4m3fn(w[i] / scale[(i / inp / bn) * inp.div_ceil(bk) + (i % inp) / bk])).collect();
+    HostLinear { name: "w".into(), out, inp, data: LinearData::Fp8 { w: MmapSlice::from_vec(q), scale_inv: scale, block_n: bn, block_k: bk } }
 }
 
 /// `g.linear` against the CPU at each (m, n, k) and every weight dtype, within `tol`.
@@ -88,19 +96,34 @@ fn check_linears(g: &CudaBackend, name: &str, seed: u64, shapes: &[(usize, usize
 #[test]
 #[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
 fn linear_all_dtypes_real_and_odd_shapes() {
+    // the CUDA-core kernels (GEMV up to 32 rows, f32 tiles beyond) with the tensor cores off
+    let mut g = gpu();
+    g.mma_gemm = false;
     let shapes = [(1, 1536, 7168), (7, 576, 7168), (20, 1000, 2048), (32, 576, 7168), (33, 7168, 2048), (5, 77, 100), (130, 129, 257)];
-    check_linears(&gpu(), "linear", 1, &shapes, F32_TOL);
+    check_linears(&g, "linear", 1, &shapes, F32_TOL);
 }
 
 /// hip-kernels/linear_mma.hip (mma.sync bf16 on NVIDIA; the same tile logic runs MFMA on CDNA):
-/// real V3 shapes, odd sizes and partial tiles, every weight dtype, against the f32 CPU reference.
+/// real V3 shapes with and without split-K (9-64 rows split K to fill the GPU), odd sizes and
+/// partial tiles (the scalar staging path), every weight dtype, against the f32 CPU reference.
 #[test]
 #[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
 fn linear_on_tensor_cores() {
-    let mut g = gpu();
-    g.mma_gemm = true;
-    let shapes = [(33, 7168, 2048), (256, 576, 7168), (64, 64, 32), (130, 129, 257), (100, 1536, 7168), (65, 24576, 1536)];
-    check_linears(&g, "linear_mma", 11, &shapes, BF16_TOL);
+    let g = gpu();
+    assert!(g.mma_gemm, "sm_80+ takes the tensor-core path by default");
+    let shapes = [(9, 7168, 2048), (33, 7168, 2048), (64, 2048, 7168), (256, 576, 7168), (64, 64, 32), (130, 129, 257), (100, 1536, 7168), (65, 24576, 1536), (520, 1536, 7168), (300, 7168, 18432)];
+    check_linears(&g, "linear_mma", 11, &shapes, MMA_TOL);
+    // 64-row scale blocks: the scale cannot ride on X, so W is scaled and rounded to bf16
+    let c = CpuBackend::new();
+    let mut rng = Rng::new(12);
+    for (m, n, k) in [(40, 1000, 2048), (200, 576, 7168)] {
+        let v = randn(&mut rng, n * k, (k as f32).powf(-0.5));
+        let w = host_fp8(&mut rng, n, k, &v, 64);
+        let x = randn(&mut rng, m * k, 1.0);
+        let want = c.download(&c.linear(&c.upload(m, k, &x).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
+        let got = g.download(&g.linear(&g.upload(m, k, &x).unwrap(), &g.upload_linear(&w).unwrap()).unwrap()).unwrap();
+        check(&format!("linear_mma fp8 64x128 blocks {m}x{n}x{k}"), &got, &want, BF16_TOL);
+    }
 }
 
 #[test]
@@ -172,54 +195,90 @@ fn mla_attention_paged_causal_real_and_odd_dims() {
         (MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.13 }, WType::Bf16),
         (MlaDims { num_heads: 3, qk_nope: 20, qk_rope: 8, v_head: 24, kv_lora_rank: 40, scale: 0.3 }, WType::F32),
     ] {
-        let slots_total = 5000;
-        let layers = 2;
-        let kv_b = host_linear(&mut rng, d.num_heads * (d.qk_nope + d.v_head), d.kv_lora_rank, kvt);
-        let (ck, gk) = (c.upload_linear(&kv_b).unwrap(), g.upload_linear(&kv_b).unwrap());
-        let mut ckv = c.alloc_kv_cache(layers, slots_total, d.kv_entry()).unwrap();
-        let mut gkv = g.alloc_kv_cache(layers, slots_total, d.kv_entry()).unwrap();
-        // three sequences: a long decode (4000 cached tokens), a prefill chunk over a prefix, a fresh
-        // prefill; then the long decode alone (few blocks: split-K over the sequence)
-        let mut perm: Vec<u32> = (0..slots_total as u32).collect();
-        for i in (1..perm.len()).rev() {
-            perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-        }
-        let lens = [(4000usize, 1usize), (300, 37), (21, 21)];
-        let mut seq_slots = Vec::new();
-        let mut used = 0;
-        for (ctx, _) in lens {
-            seq_slots.push(perm[used..used + ctx].to_vec());
-            used += ctx;
-        }
-        let all: Vec<u32> = perm[..used].to_vec();
-        let entries = randn(&mut rng, used * d.kv_entry(), 1.0);
-        c.kv_write(&mut ckv, 1, &all, &c.upload(used, d.kv_entry(), &entries).unwrap()).unwrap();
-        g.kv_write(&mut gkv, 1, &all, &g.upload(used, d.kv_entry(), &entries).unwrap()).unwrap();
-        let t: usize = lens.iter().map(|x| x.1).sum();
-        let q = randn(&mut rng, t * d.num_heads * d.qk_head(), 1.0);
-        let mut seqs = Vec::new();
-        let mut qs = 0;
-        for (i, (_, ql)) in lens.iter().enumerate() {
-            seqs.push(AttnSeq { q_start: qs, q_len: *ql, slots: &seq_slots[i] });
-            qs += ql;
-        }
-        let a = g.download(&g.mla_attention(&g.upload(t, d.num_heads * d.qk_head(), &q).unwrap(), &gkv, 1, &seqs, &gk, &d).unwrap()).unwrap();
-        let b = c.download(&c.mla_attention(&c.upload(t, d.num_heads * d.qk_head(), &q).unwrap(), &ckv, 1, &seqs, &ck, &d).unwrap()).unwrap();
-        check(&format!("mla_attention lora={} heads={}", d.kv_lora_rank, d.num_heads), &a, &b, F32_TOL);
+        // a long decode (4000 cached tokens), a prefill chunk over a prefix, a fresh prefill (all
+        // under the flash threshold: the absorbed form); then the long decode alone (split-K)
+        mla_case(&g, &c, &mut rng, &d, kvt, &[(4000, 1), (300, 37), (21, 21)], F32_TOL, true);
+    }
+}
+
+/// Prompts of 64+ tokens take the flash kernel (MHA form, bf16 tensor cores) while the decode and
+/// short sequences of the same batch stay absorbed: real V3 dims and small odd ones.
+#[test]
+#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+fn mla_flash_prefill_mixed_batches() {
+    let g = gpu();
+    let c = CpuBackend::new();
+    let mut rng = Rng::new(31);
+    for (d, kvt) in [
+        (MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 }, WType::Fp8),
+        (MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 }, WType::Bf16),
+        (MlaDims { num_heads: 3, qk_nope: 16, qk_rope: 16, v_head: 24, kv_lora_rank: 40, scale: 0.3 }, WType::F32),
+    ] {
+        mla_case(&g, &c, &mut rng, &d, kvt, &[(900, 1), (1000, 137), (200, 200), (64, 64), (30, 10)], BF16_TOL, false);
+        // prefill only, several 64-query tiles and a partial one
+        mla_case(&g, &c, &mut rng, &d, kvt, &[(333, 333)], BF16_TOL, false);
+    }
+}
+
+/// One batched attention call on the GPU against the CPU: sequences of (context, new tokens) over
+/// shuffled cache slots of layer 1; with `split_decode`, the first sequence's last token alone too.
+#[allow(clippy::too_many_arguments)]
+fn mla_case(g: &CudaBackend, c: &CpuBackend, rng: &mut Rng, d: &MlaDims, kvt: WType, lens: &[(usize, usize)], tol: f64, split_decode: bool) {
+    let slots_total: usize = lens.iter().map(|x| x.0).sum::<usize>() + 7;
+    let layers = 2;
+    let kv_b = host_linear(rng, d.num_heads * (d.qk_nope + d.v_head), d.kv_lora_rank, kvt);
+    let (ck, gk) = (c.upload_linear(&kv_b).unwrap(), g.upload_linear(&kv_b).unwrap());
+    let mut ckv = c.alloc_kv_cache(layers, slots_total, d.kv_entry()).unwrap();
+    let mut gkv = g.alloc_kv_cache(layers, slots_total, d.kv_entry()).unwrap();
+    let mut perm: Vec<u32> = (0..slots_total as u32).collect();
+    for i in (1..perm.len()).rev() {
+        perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    let mut seq_slots = Vec::new();
+    let mut used = 0;
+    for &(ctx, _) in lens {
+        seq_slots.push(perm[used..used + ctx].to_vec());
+        used += ctx;
+    }
+    let all: Vec<u32> = perm[..used].to_vec();
+    let entries = randn(rng, used * d.kv_entry(), 1.0);
+    c.kv_write(&mut ckv, 1, &all, &c.upload(used, d.kv_entry(), &entries).unwrap()).unwrap();
+    g.kv_write(&mut gkv, 1, &all, &g.upload(used, d.kv_entry(), &entries).unwrap()).unwrap();
+    let t: usize = lens.iter().map(|x| x.1).sum();
+    let q = randn(rng, t * d.num_heads * d.qk_head(), 1.0);
+    let mut seqs = Vec::new();
+    let mut qs = 0;
+    for (i, (_, ql)) in lens.iter().enumerate() {
+        seqs.push(AttnSeq { q_start: qs, q_len: *ql, slots: &seq_slots[i] });
+        qs += ql;
+    }
+    let a = g.download(&g.mla_attention(&g.upload(t, d.num_heads * d.qk_head(), &q).unwrap(), &gkv, 1, &seqs, &gk, d).unwrap()).unwrap();
+    let b = c.download(&c.mla_attention(&c.upload(t, d.num_heads * d.qk_head(), &q).unwrap(), &ckv, 1, &seqs, &ck, d).unwrap()).unwrap();
+    check(&format!("mla_attention lora={} heads={} {lens:?}", d.kv_lora_rank, d.num_heads), &a, &b, tol);
+    if split_decode {
         let one = [AttnSeq { q_start: 0, q_len: 1, slots: &seq_slots[0] }];
         let q1 = &q[..d.num_heads * d.qk_head()];
-        let a = g.download(&g.mla_attention(&g.upload(1, d.num_heads * d.qk_head(), q1).unwrap(), &gkv, 1, &one, &gk, &d).unwrap()).unwrap();
-        let b = c.download(&c.mla_attention(&c.upload(1, d.num_heads * d.qk_head(), q1).unwrap(), &ckv, 1, &one, &ck, &d).unwrap()).unwrap();
-        check(&format!("mla_attention split-K decode ctx 4000 lora={} heads={}", d.kv_lora_rank, d.num_heads), &a, &b, F32_TOL);
+        let a = g.download(&g.mla_attention(&g.upload(1, d.num_heads * d.qk_head(), q1).unwrap(), &gkv, 1, &one, &gk, d).unwrap()).unwrap();
+        let b = c.download(&c.mla_attention(&c.upload(1, d.num_heads * d.qk_head(), q1).unwrap(), &ckv, 1, &one, &ck, d).unwrap()).unwrap();
+        check(&format!("mla_attention split-K decode ctx {} lora={} heads={}", lens[0].0, d.kv_lora_rank, d.num_heads), &a, &b, tol);
     }
 }
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
 fn moe_routing_and_experts() {
-    let g = gpu();
+    // the per-pair CUDA-core kernels (f32, 11 tokens), then the grouped tensor-core kernels (bf16
+    // hi/lo operands; 520 tokens put more than one 128-pair tile on the experts of the small variants)
+    for (mma, t, tol) in [(false, 11, F32_TOL), (true, 520, MMA_TOL)] {
+        let mut g = gpu();
+        g.mma_gemm = mma;
+        moe_on(&g, t, tol);
+    }
+}
+
+fn moe_on(g: &CudaBackend, t: usize, tol: f64) {
     let c = CpuBackend::new();
-    let mut rng = Rng::new(4);
+    let mut rng = Rng::new(4 + t as u64);
     let variants = [
         RouteParams { n_experts: 256, top_k: 8, n_group: 8, topk_group: 4, method: TopkMethod::NoauxTc, scoring: ScoringFunc::Sigmoid, norm_topk_prob: true, routed_scaling_factor: 2.5 },
         RouteParams { n_experts: 64, top_k: 6, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: false, routed_scaling_factor: 1.0 },
@@ -228,7 +287,6 @@ fn moe_routing_and_experts() {
     ];
     // (256, 96): 8-wide vector loads; (250, 100): the scalar fallback
     for (p, (hidden, inter)) in variants.iter().cloned().flat_map(|p| [(p.clone(), (256, 96)), (p, (250, 100))]) {
-        let t = 11;
         let gate = host_linear(&mut rng, p.n_experts, hidden, WType::F32);
         let bias = (p.method == TopkMethod::NoauxTc).then(|| randn(&mut rng, p.n_experts, 0.1));
         let x = randn(&mut rng, t * hidden, 1.0);
@@ -249,14 +307,14 @@ fn moe_routing_and_experts() {
                 .collect();
             let a = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts.clone(), 0).unwrap()).unwrap()).unwrap();
             let b = c.download(&c.moe_experts(&cx, &cr, &c.upload_experts(experts.clone(), 0).unwrap()).unwrap()).unwrap();
-            check(&format!("moe_experts {:?} {hidden}x{inter}", p.method), &a, &b, F32_TOL);
+            check(&format!("moe_experts {:?} {hidden}x{inter} {t} tokens", p.method), &a, &b, tol);
             // expert parallelism: this rank holds the second quarter of the experts only
             let q = p.n_experts / 4;
             let part: Vec<[HostLinear; 3]> = experts[q..2 * q].to_vec();
             let a = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(part.clone(), q).unwrap()).unwrap()).unwrap();
             let b = c.download(&c.moe_experts(&cx, &cr, &c.upload_experts(part, q).unwrap()).unwrap()).unwrap();
             assert!(b.iter().any(|&v| v != 0.0), "some token routes to experts {q}..{}", 2 * q);
-            check(&format!("moe_experts EP range {q}..{} {:?} {hidden}x{inter}", 2 * q, p.method), &a, &b, F32_TOL);
+            check(&format!("moe_experts EP range {q}..{} {:?} {hidden}x{inter} {t} tokens", 2 * q, p.method), &a, &b, tol);
         }
     }
 }

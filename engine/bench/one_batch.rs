@@ -41,6 +41,7 @@ pub struct BenchOneBatchArgs {
 
 /// Profiling hooks around the decode loop: start, then per-class milliseconds at the end.
 pub struct ProfileHooks<'a> {
+    pub profiling: bool,
     pub start: &'a dyn Fn(),
     pub finish: &'a dyn Fn() -> Option<Vec<(&'static str, f64)>>,
 }
@@ -89,9 +90,17 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
             let logits = if dp == 1 { model.forward(kv, &batches[0])? } else { model.forward_dp(kv, &batches)? };
             Ok(model.backend.download(&logits)?)
         };
+        // the profile of the prefill is its own (the events sit in the step; the time excludes them)
         let t0 = Instant::now();
         let mut l = step(&mut kv, &prompt, 0)?;
         let prefill_s = t0.elapsed().as_secs_f64();
+        let prefill_profile = if hooks.profiling {
+            (hooks.start)();
+            step(&mut kv, &prompt, 0)?;
+            (hooks.finish)().map(|v| json!(v.iter().map(|(k, ms)| (k.to_string(), json!(ms))).collect::<serde_json::Map<_, _>>()))
+        } else {
+            None
+        };
         let mut steps = Vec::new();
         (hooks.start)();
         for i in 0..a.output_len {
@@ -128,7 +137,7 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
             "prefill_s": prefill_s, "prefill_tok_s": (bs * a.input_len) as f64 / prefill_s,
             "decode_step_median_ms": med * 1e3, "decode_step_p90_ms": pct(&s, 0.9) * 1e3,
             "decode_tok_s": bs as f64 / med.max(1e-12), "decode_steps_measured": s.len(),
-            "decode_profile_ms_per_step": profile,
+            "decode_profile_ms_per_step": profile, "prefill_profile_ms": prefill_profile,
         }));
     }
     Ok(rows)
@@ -156,7 +165,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
                 b.profile.enabled.store(false, std::sync::atomic::Ordering::Relaxed);
                 if a.profile { b.take_profile().ok() } else { None }
             };
-            let rows = bench_model(&model, &a, &ProfileHooks { start: &start, finish: &finish });
+            let rows = bench_model(&model, &a, &ProfileHooks { profiling: a.profile, start: &start, finish: &finish });
             model.stop_followers();
             (rows?, "cuda", k, load_s, model.checkpoint_bytes)
         }
@@ -169,7 +178,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
                 Role::FollowerDone => return Ok(()),
             };
             let load_s = t.elapsed().as_secs_f64();
-            let rows = bench_model(&model, &a, &ProfileHooks { start: &|| {}, finish: &|| None });
+            let rows = bench_model(&model, &a, &ProfileHooks { profiling: false, start: &|| {}, finish: &|| None });
             model.stop_followers();
             (rows?, "cpu", json!(null), load_s, model.checkpoint_bytes)
         }
@@ -196,13 +205,18 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
                     c["bytes"], c["latency_us"].as_f64().unwrap_or(0.0), c["bus_gb_s"].as_f64().unwrap_or(0.0), c["per_decode_step_ms"].as_f64().unwrap_or(0.0)
                 );
             }
-            if let Some(p) = r["decode_profile_ms_per_step"].as_object() {
-                let mut v: Vec<(&String, f64)> = p.iter().map(|(k, x)| (k, x.as_f64().unwrap_or(0.0))).collect();
-                v.sort_by(|x, y| y.1.partial_cmp(&x.1).unwrap());
-                let parts: Vec<String> = v.iter().map(|(k, ms)| format!("{k} {ms:.3}")).collect();
-                println!("        decode ms/step by op class: {}", parts.join(", "));
-            }
+            print_profile("decode ms/step by op class", &r["decode_profile_ms_per_step"]);
+            print_profile("prefill ms by op class (a second prefill, profiled)", &r["prefill_profile_ms"]);
         }
     }
     Ok(())
+}
+
+/// One line of "op class ms" pairs, largest first.
+fn print_profile(title: &str, p: &serde_json::Value) {
+    let Some(p) = p.as_object() else { return };
+    let mut v: Vec<(&String, f64)> = p.iter().map(|(k, x)| (k, x.as_f64().unwrap_or(0.0))).collect();
+    v.sort_by(|x, y| y.1.total_cmp(&x.1));
+    let parts: Vec<String> = v.iter().map(|(k, ms)| format!("{k} {ms:.3}")).collect();
+    println!("        {title}: {}", parts.join(", "));
 }

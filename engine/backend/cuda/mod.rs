@@ -2,6 +2,8 @@
 //! kernels of hip-kernels/ compiled by NVRTC through the kernel cache. Activations are float32;
 //! weights stay in their checkpoint dtype on the device (f32, bf16, or FP8 with block scales) and
 //! are dequantised inside the kernels. Every op runs on the GPU; nothing falls back to the CPU.
+mod mla_prefill;
+pub(crate) mod mma;
 mod nccl;
 mod ops;
 mod staging;
@@ -14,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
 use super::gpu::source::Vendor;
-use super::gpu::specs::{generic_module, mla_module};
+use super::gpu::specs::{generic_module, mla_module, mla_prefill_module};
 use super::gpu::{Jit, KernelCache, KernelModule, ModelDims};
 use super::{BackendError, BackendUnavailable, TensorShape};
 
@@ -66,9 +68,11 @@ pub struct CudaBackend {
     ccl: Option<Arc<nccl::Nccl>>,
     /// Pinned buffers for weight upload, allocated on first use
     staging: Mutex<Option<staging::Staging>>,
-    /// Linear layers beyond 32 rows on the tensor cores (hip-kernels/linear_mma.hip); opt-in with
-    /// ENGINE_MMA_GEMM=1 until it has been checked on hardware (gpu_ops::linear_mma_*)
+    /// Linear layers and MoE experts beyond 8 rows on the tensor cores (hip-kernels/mma_tile.h):
+    /// on for sm_80+, ENGINE_MMA_GEMM=0 keeps the CUDA-core kernels (for comparison)
     pub mma_gemm: bool,
+    /// Streaming multiprocessors (split-K sizing)
+    pub sms: usize,
 }
 
 /// Per-op-class timing from CUDA events recorded around each op (`engine bench --profile`).
@@ -95,11 +99,18 @@ impl CudaBackend {
         log::info!("cuda backend: {device_name} ({arch}); kernels: portable HIP-dialect sources via NVRTC, cache {}", jit.cache.dir.display());
         log::info!("cuda op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA kernels; routing = GPU kernel; sampling = host");
         let poison = std::env::var("ENGINE_GPU_POISON").is_ok_and(|v| v == "1");
-        let mma_gemm = major >= 8 && std::env::var("ENGINE_MMA_GEMM").is_ok_and(|v| v == "1");
+        let mma_gemm = major >= 8 && !std::env::var("ENGINE_MMA_GEMM").is_ok_and(|v| v == "0");
         if mma_gemm {
-            log::info!("cuda op paths: linear layers of more than 32 rows on the tensor cores (mma.sync bf16, ENGINE_MMA_GEMM=1)");
+            log::info!(
+                "cuda op paths: linear layers from {} rows and MoE experts from {} tokens on the tensor cores (mma.sync bf16 hi+lo, 128x128 tiles, split-K; experts grouped by expert)",
+                mma::MMA_MIN_ROWS,
+                mma::MOE_GROUPED_MIN_ROWS
+            );
+        } else {
+            log::info!("cuda op paths: no tensor-core GEMM ({}): CUDA-core tiles for every batch", if major < 8 { "compute capability below 8.0" } else { "ENGINE_MMA_GEMM=0" });
         }
-        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default(), ccl: None, staging: Mutex::new(None), mma_gemm })
+        let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(err("multiprocessor count"))? as usize;
+        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default(), ccl: None, staging: Mutex::new(None), mma_gemm, sms })
     }
 
     /// Joins NCCL communicator `id` as `rank` of `size` (blocks until all ranks join).
@@ -157,6 +168,10 @@ impl CudaBackend {
 
     pub(crate) fn mla_func(&self, dims: ModelDims, name: &str) -> Result<CudaFunction, BackendError> {
         self.load(&mla_module(dims, Vendor::Nvidia), name)
+    }
+
+    pub(crate) fn mla_prefill_func(&self, dims: ModelDims, name: &str) -> Result<CudaFunction, BackendError> {
+        self.load(&mla_prefill_module(dims, Vendor::Nvidia), name)
     }
 
     /// Runs one op, timing it under `class` when profiling (outermost op only, so nothing counts twice).

@@ -11,7 +11,6 @@ const EW: &str = "hip-kernels/elementwise.hip";
 const NORM: &str = "hip-kernels/norm.hip";
 const ROPE: &str = "hip-kernels/rope.hip";
 const LIN: &str = "hip-kernels/linear.hip";
-const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
 const MOE: &str = "hip-kernels/moe.hip";
 const SAMPLE: &str = "hip-kernels/sampling.hip";
 
@@ -28,7 +27,7 @@ pub struct GpuLinear {
     pub bk: i32,
 }
 
-fn wdt_suffix(w: u8) -> &'static str {
+pub(super) fn wdt_suffix(w: u8) -> &'static str {
     match w {
         0 => "f32w",
         1 => "bf16w",
@@ -66,7 +65,7 @@ pub struct GpuKvCache {
     pub buf: CudaSlice<f32>,
 }
 
-fn cfg(grid: (u32, u32), block: u32, shared: u32) -> LaunchConfig {
+pub(super) fn cfg(grid: (u32, u32), block: u32, shared: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (grid.0.max(1), grid.1.max(1), 1), block_dim: (block, 1, 1), shared_mem_bytes: shared }
 }
 
@@ -83,11 +82,88 @@ fn host_weight(w: &HostLinear) -> (u8, std::borrow::Cow<'_, [u8]>, Vec<f32>, i32
 }
 
 impl CudaBackend {
-    fn u32s(&self, v: &[u32]) -> Result<CudaSlice<u32>, BackendError> {
+    pub(super) fn linear_with(&self, x: &GpuTensor, w: &GpuLinear, mma: bool) -> Result<GpuTensor, BackendError> {
+        assert_eq!(x.cols, w.inp, "linear: input has {} columns, weight expects {}", x.cols, w.inp);
+        let mut y = self.alloc_out(x.rows * w.out)?;
+        if x.rows > 0 {
+            self.linear_into(x, w, &mut y, mma)?;
+        }
+        Ok(GpuTensor { rows: x.rows, cols: w.out, buf: y })
+    }
+
+    /// MLA in the absorbed (MQA) form over the latent cache: the decode path, and prefill where the
+    /// flash kernel does not apply.
+    fn mla_absorbed(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[AttnSeq], kv_b: &GpuLinear, d: &MlaDims) -> Result<GpuTensor, BackendError> {
+        {
+            let t = q.rows;
+            let dims = ModelDims { kv_lora_rank: d.kv_lora_rank, qk_rope_head_dim: d.qk_rope, qk_nope_head_dim: d.qk_nope, v_head_dim: d.v_head };
+            // per token: where its context starts in the flattened slot list, and how long it is (causal)
+            let (mut flat, mut off, mut len) = (Vec::new(), vec![0u32; t], vec![0u32; t]);
+            for s in seqs {
+                let base = flat.len() as u32;
+                flat.extend_from_slice(s.slots);
+                for i in 0..s.q_len {
+                    off[s.q_start + i] = base;
+                    len[s.q_start + i] = (s.slots.len() - s.q_len + i + 1) as u32;
+                }
+            }
+            let (d_flat, d_off, d_len) = (self.u32s(&flat)?, self.u32s(&off)?, self.u32s(&len)?);
+            let heads = d.num_heads as i32;
+            let grid = (t as u32, d.num_heads as u32);
+            let mut q_lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
+            let f = self.mla_func(dims, &format!("mla_q_latent_{}", wdt_suffix(kv_b.wdt)))?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&q.buf).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut q_lat).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
+            unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_q_latent"))?;
+            let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
+            let f = self.mla_func(dims, "mla_attention")?;
+            let (l, ns, scale) = (layer as i32, kv.slots as i32, d.scale);
+            let warps = 256 / 32;
+            let shared = (warps * (2 + d.kv_lora_rank) * 4) as u32;
+            // split-K over the sequence when too few (token, head) blocks would fill the GPU
+            let max_len = len.iter().copied().max().unwrap_or(1) as usize;
+            let splits = if t * d.num_heads < 264 { max_len.div_ceil(512).clamp(1, 16) } else { 1 };
+            let part_len = if splits > 1 { t * d.num_heads * splits * (2 + d.kv_lora_rank) } else { 1 };
+            let mut part = self.stream.alloc_zeros::<f32>(part_len).map_err(err("mla_attention"))?;
+            let sp = splits as i32;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&mut part);
+            let launch = LaunchConfig { grid_dim: (t as u32, d.num_heads as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: shared };
+            unsafe { b.launch(launch) }.map_err(err("mla_attention"))?;
+            if splits > 1 {
+                let f = self.mla_func(dims, "mla_merge")?;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&part).arg(&mut lat).arg(&heads).arg(&sp);
+                unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_merge"))?;
+            }
+            let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
+            let f = self.mla_func(dims, &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
+            unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_out"))?;
+            Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
+        }
+    }
+
+    fn scatter_rows(&self, x: &GpuTensor, rows: &[u32], out: &mut CudaSlice<f32>) -> Result<(), BackendError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let f = self.func(EW, "scatter_rows")?;
+        let r = self.u32s(rows)?;
+        let cols = x.cols as i32;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&x.buf).arg(&r).arg(out).arg(&cols);
+        unsafe { b.launch(cfg((rows.len() as u32, 1), 256, 0)) }.map(|_| ()).map_err(err("scatter_rows"))
+    }
+
+    pub(super) fn u32s(&self, v: &[u32]) -> Result<CudaSlice<u32>, BackendError> {
         self.stream.clone_htod(if v.is_empty() { &[0u32][..] } else { v }).map_err(err("upload"))
     }
 
-    fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>) -> Result<(), BackendError> {
+    /// `mma`: whether batches beyond the GEMV sizes may take the tensor cores (bf16 operands); the
+    /// router keeps f32 so that expert choice matches the reference (DeepSeek's gate is f32).
+    fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>, mma: bool) -> Result<(), BackendError> {
         // 8-wide loads need rows of a multiple of 8 elements (and FP8 blocks too)
         let vec8 = w.inp % 8 == 0 && (w.wdt != 2 || w.bk % 8 == 0);
         let (n, k) = (w.out as i32, w.inp as i32);
@@ -98,13 +174,8 @@ impl CudaBackend {
             9..=32 if vec8 => ("gemv16", 16),
             _ => ("linear", 0),
         };
-        if slice == 0 && self.mma_gemm {
-            let f = self.func(LIN_MMA, &format!("linear_mma_{}", wdt_suffix(w.wdt)))?;
-            let m = x.rows as i32;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
-            // 4 warps, each a 32x32 quarter of the 64x64 tile
-            return unsafe { b.launch(cfg((w.out.div_ceil(64) as u32, x.rows.div_ceil(64) as u32), 128, 0)) }.map(|_| ()).map_err(err("linear_mma"));
+        if mma && self.mma_gemm && x.rows >= super::mma::MMA_MIN_ROWS {
+            return self.linear_mma(x, w, y);
         }
         let f = self.func(LIN, &format!("{kind}_{}", wdt_suffix(w.wdt)))?;
         if slice == 0 {
@@ -260,14 +331,7 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&self, x: &GpuTensor, w: &GpuLinear) -> Result<GpuTensor, BackendError> {
-        self.span("dense GEMM", || {
-            assert_eq!(x.cols, w.inp, "linear: input has {} columns, weight expects {}", x.cols, w.inp);
-            let mut y = self.alloc_out(x.rows * w.out)?;
-            if x.rows > 0 {
-                self.linear_into(x, w, &mut y)?;
-            }
-            Ok(GpuTensor { rows: x.rows, cols: w.out, buf: y })
-        })
+        self.span("dense GEMM", || self.linear_with(x, w, true))
     }
 
     fn silu_mul(&self, gate: &GpuTensor, up: &GpuTensor) -> Result<GpuTensor, BackendError> {
@@ -323,59 +387,34 @@ impl Backend for CudaBackend {
 
     fn mla_attention(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[AttnSeq], kv_b: &GpuLinear, d: &MlaDims) -> Result<GpuTensor, BackendError> {
         self.span("attention", || {
-            let t = q.rows;
-            let dims = ModelDims { kv_lora_rank: d.kv_lora_rank, qk_rope_head_dim: d.qk_rope, qk_nope_head_dim: d.qk_nope, v_head_dim: d.v_head };
-            // per token: where its context starts in the flattened slot list, and how long it is (causal)
-            let (mut flat, mut off, mut len) = (Vec::new(), vec![0u32; t], vec![0u32; t]);
-            for s in seqs {
-                let base = flat.len() as u32;
-                flat.extend_from_slice(s.slots);
-                for i in 0..s.q_len {
-                    off[s.q_start + i] = base;
-                    len[s.q_start + i] = (s.slots.len() - s.q_len + i + 1) as u32;
-                }
+            let (flash, rest): (Vec<&AttnSeq>, Vec<&AttnSeq>) = seqs.iter().partition(|s| self.flash_prefill_for(s, d));
+            if flash.is_empty() {
+                return self.mla_absorbed(q, kv, layer, seqs, kv_b, d);
             }
-            let (d_flat, d_off, d_len) = (self.u32s(&flat)?, self.u32s(&off)?, self.u32s(&len)?);
-            let heads = d.num_heads as i32;
-            let grid = (t as u32, d.num_heads as u32);
-            let mut q_lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
-            let f = self.mla_func(dims, &format!("mla_q_latent_{}", wdt_suffix(kv_b.wdt)))?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&q.buf).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut q_lat).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-            unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_q_latent"))?;
-            let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
-            let f = self.mla_func(dims, "mla_attention")?;
-            let (l, ns, scale) = (layer as i32, kv.slots as i32, d.scale);
-            let warps = 256 / 32;
-            let shared = (warps * (2 + d.kv_lora_rank) * 4) as u32;
-            // split-K over the sequence when too few (token, head) blocks would fill the GPU
-            let max_len = len.iter().copied().max().unwrap_or(1) as usize;
-            let splits = if t * d.num_heads < 264 { max_len.div_ceil(512).clamp(1, 16) } else { 1 };
-            let part_len = if splits > 1 { t * d.num_heads * splits * (2 + d.kv_lora_rank) } else { 1 };
-            let mut part = self.stream.alloc_zeros::<f32>(part_len).map_err(err("mla_attention"))?;
-            let sp = splits as i32;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&mut part);
-            let launch = LaunchConfig { grid_dim: (t as u32, d.num_heads as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: shared };
-            unsafe { b.launch(launch) }.map_err(err("mla_attention"))?;
-            if splits > 1 {
-                let f = self.mla_func(dims, "mla_merge")?;
-                let mut b = self.stream.launch_builder(&f);
-                b.arg(&part).arg(&mut lat).arg(&heads).arg(&sp);
-                unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_merge"))?;
+            let mut out = self.alloc_out(q.rows * d.num_heads * d.v_head)?;
+            self.mla_flash(q, kv, layer, &flash, kv_b, d, &mut out)?;
+            if !rest.is_empty() {
+                // the other sequences (decode tokens, short prompts) in the absorbed form, on their rows
+                let rows: Vec<u32> = rest.iter().flat_map(|s| (s.q_start..s.q_start + s.q_len).map(|r| r as u32)).collect();
+                let qs = self.gather_rows(q, &rows)?;
+                let mut q0 = 0;
+                let rebased: Vec<AttnSeq> = rest
+                    .iter()
+                    .map(|s| {
+                        q0 += s.q_len;
+                        AttnSeq { q_start: q0 - s.q_len, q_len: s.q_len, slots: s.slots }
+                    })
+                    .collect();
+                let part = self.mla_absorbed(&qs, kv, layer, &rebased, kv_b, d)?;
+                self.scatter_rows(&part, &rows, &mut out)?;
             }
-            let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
-            let f = self.mla_func(dims, &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-            unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_out"))?;
-            Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
+            Ok(GpuTensor { rows: q.rows, cols: d.num_heads * d.v_head, buf: out })
         })
     }
 
     fn moe_route(&self, x: &GpuTensor, gate: &GpuLinear, bias: Option<&[f32]>, p: &RouteParams) -> Result<GpuRouting, BackendError> {
         self.span("routing", || {
-            let logits = self.linear(x, gate)?;
+            let logits = self.linear_with(x, gate, false)?;
             let f = self.func(MOE, "moe_route")?;
             let d_bias = self.stream.clone_htod(bias.unwrap_or(&[0.0])).map_err(err("moe_route"))?;
             let mut ids = self.stream.alloc_zeros::<i32>((x.rows * p.top_k).max(1)).map_err(err("moe_route"))?;
@@ -398,6 +437,10 @@ impl Backend for CudaBackend {
             let pairs = x.rows * r.top_k;
             let mut out = self.stream.alloc_zeros::<f32>((x.rows * x.cols).max(1)).map_err(err("moe_experts"))?;
             if pairs == 0 {
+                return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
+            }
+            if self.mma_gemm && x.rows >= super::mma::MOE_GROUPED_MIN_ROWS {
+                self.moe_experts_mma(x, r, e, &mut out)?;
                 return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
             }
             let mut h = self.alloc_out(pairs * e.inter)?;

@@ -26,11 +26,15 @@ pub struct KernelModule {
 
 /// Modules that do not depend on the model's shapes.
 const GENERIC: &[(&str, &[&str])] = &[
-    ("hip-kernels/elementwise.hip", &["embedding_f32w", "embedding_bf16w", "embedding_fp8w", "silu_mul", "add_inplace", "gather_rows", "concat_cols", "kv_write"]),
+    ("hip-kernels/elementwise.hip", &["embedding_f32w", "embedding_bf16w", "embedding_fp8w", "silu_mul", "add_inplace", "gather_rows", "scatter_rows", "concat_cols", "kv_write"]),
     ("hip-kernels/norm.hip", &["rms_norm", "add_rms_norm", "rms_norm_cols"]),
     ("hip-kernels/rope.hip", &["rope"]),
     ("hip-kernels/linear.hip", &["linear_f32w", "linear_bf16w", "linear_fp8w", "gemv_f32w", "gemv_bf16w", "gemv_fp8w", "gemv8_f32w", "gemv8_bf16w", "gemv8_fp8w", "gemv16_f32w", "gemv16_bf16w", "gemv16_fp8w"]),
-    ("hip-kernels/linear_mma.hip", &["linear_mma_f32w", "linear_mma_bf16w", "linear_mma_fp8w"]),
+    ("hip-kernels/linear_mma.hip", &["linear_mma_f32w", "linear_mma_bf16w", "linear_mma_fp8w", "linear_split_sum"]),
+    (
+        "hip-kernels/moe_grouped.hip",
+        &["moe_group", "moe_silu_mul_halves", "moe_gate_up_mma_f32w", "moe_down_mma_f32w", "moe_gate_up_mma_bf16w", "moe_down_mma_bf16w", "moe_gate_up_mma_fp8w", "moe_down_mma_fp8w"],
+    ),
     ("hip-kernels/sampling.hip", &["sample_rows"]),
     ("hip-kernels/moe.hip", &["moe_route", "moe_gate_up_f32w", "moe_down_f32w", "moe_gate_up_bf16w", "moe_down_bf16w", "moe_gate_up_fp8w", "moe_down_fp8w"]),
 ];
@@ -62,9 +66,15 @@ pub fn mla_module(d: ModelDims, vendor: Vendor) -> KernelModule {
     }
 }
 
+/// MLA prefill in the MHA form (flash attention over decompressed K/V), same shape defines.
+pub fn mla_prefill_module(d: ModelDims, vendor: Vendor) -> KernelModule {
+    KernelModule { file: "hip-kernels/mla_prefill.hip", functions: vec!["mla_gather_ctx", "mla_flash_prefill"], ..mla_module(d, vendor) }
+}
+
 /// Every module a model with these shapes runs.
 pub fn modules_for(d: ModelDims, vendor: Vendor) -> Vec<KernelModule> {
     let mut v: Vec<KernelModule> = GENERIC.iter().map(|(f, _)| generic_module(f, vendor)).collect();
     v.push(mla_module(d, vendor));
+    v.push(mla_prefill_module(d, vendor));
     v
 }

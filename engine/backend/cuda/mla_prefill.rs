@@ -1,0 +1,81 @@
+//! MLA prefill in the MHA form on the tensor cores (hip-kernels/mla_prefill.hip): the context's
+//! latents are decompressed once by kv_b (a tensor-core GEMM) and causal flash attention runs per
+//! (64-query tile, head), so long prompts cost GEMM FLOPs instead of the absorbed form's per-token,
+//! per-head walk over the latent cache.
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::ops::{GpuKvCache, GpuLinear};
+use super::{err, CudaBackend, GpuTensor};
+use crate::backend::gpu::ModelDims;
+use crate::backend::{AttnSeq, BackendError, MlaDims};
+
+/// Sequences with at least this many new tokens take the flash kernel (a 64-query tile).
+pub const FLASH_MIN_Q: usize = 64;
+/// Largest decompressed K/V buffer (bytes) one call builds; longer contexts stay on the absorbed
+/// form, which reads the latent cache directly.
+const MAX_KVD_BYTES: usize = 4 << 30;
+const TILE_Q: usize = 64;
+
+/// The kernel's tile list: per 64 queries of a sequence, [first query row, queries, first context
+/// row in the flattened context, position of the first query in its sequence]; and that context.
+fn flash_tiles(seqs: &[&AttnSeq]) -> (Vec<i32>, Vec<u32>) {
+    let (mut tiles, mut flat) = (Vec::new(), Vec::new());
+    for s in seqs {
+        let ctx0 = flat.len();
+        flat.extend_from_slice(s.slots);
+        let prefix = s.slots.len() - s.q_len;
+        for i0 in (0..s.q_len).step_by(TILE_Q) {
+            tiles.extend([(s.q_start + i0) as i32, (s.q_len - i0).min(TILE_Q) as i32, ctx0 as i32, (prefix + i0) as i32]);
+        }
+    }
+    (tiles, flat)
+}
+
+impl CudaBackend {
+    /// Whether `s` runs on the flash kernel: tensor cores, a long enough prompt, head sizes the
+    /// fragments tile (QK % 16, V % 8), and a decompressed context that fits the budget.
+    pub(super) fn flash_prefill_for(&self, s: &AttnSeq, d: &MlaDims) -> bool {
+        let kvd_bytes = s.slots.len() * d.num_heads * (d.qk_nope + d.v_head) * 4;
+        self.mma_gemm && s.q_len >= FLASH_MIN_Q && d.qk_head() % 16 == 0 && d.v_head % 8 == 0 && kvd_bytes <= MAX_KVD_BYTES
+    }
+
+    /// Writes the attention output rows of `seqs` into `out` ([T, heads·v_head]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn mla_flash(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[&AttnSeq], kv_b: &GpuLinear, d: &MlaDims, out: &mut CudaSlice<f32>) -> Result<(), BackendError> {
+        let dims = ModelDims { kv_lora_rank: d.kv_lora_rank, qk_rope_head_dim: d.qk_rope, qk_nope_head_dim: d.qk_nope, v_head_dim: d.v_head };
+        let (tiles, flat) = flash_tiles(seqs);
+        let n = flat.len();
+        let slots = self.u32s(&flat)?;
+        let mut c = self.alloc_out(n * d.kv_lora_rank)?;
+        let mut pe = self.alloc_out(n * d.qk_rope)?;
+        let f = self.mla_prefill_func(dims, "mla_gather_ctx")?;
+        let (l, ns) = (layer as i32, kv.slots as i32);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&kv.buf).arg(&slots).arg(&l).arg(&ns).arg(&mut c).arg(&mut pe);
+        unsafe { b.launch(super::ops::cfg((n as u32, 1), 128, 0)) }.map_err(err("mla_gather_ctx"))?;
+        // [ctx, heads·(nope + v)]: every context token's k_nope and v for every head, once
+        let kvd = self.linear_with(&GpuTensor { rows: n, cols: d.kv_lora_rank, buf: c }, kv_b, true)?;
+        let d_tiles = self.stream.clone_htod(&tiles).map_err(err("mla_flash_prefill"))?;
+        let f = self.mla_prefill_func(dims, "mla_flash_prefill")?;
+        let (heads, scale) = (d.num_heads as i32, d.scale);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&q.buf).arg(&kvd.buf).arg(&pe).arg(&d_tiles).arg(out).arg(&heads).arg(&scale);
+        let launch = LaunchConfig { grid_dim: ((tiles.len() / 4) as u32, d.num_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        unsafe { b.launch(launch) }.map(|_| ()).map_err(err("mla_flash_prefill"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cover_every_query_once_with_its_causal_position() {
+        let a: Vec<u32> = (100..300).collect(); // 200 context, the last 150 new (prefix 50)
+        let b: Vec<u32> = (0..64).collect(); // a fresh 64-token prompt
+        let s = [AttnSeq { q_start: 0, q_len: 150, slots: &a }, AttnSeq { q_start: 150, q_len: 64, slots: &b }];
+        let (tiles, flat) = flash_tiles(&[&s[0], &s[1]]);
+        assert_eq!(flat.len(), 264);
+        assert_eq!(tiles, vec![0, 64, 0, 50, 64, 64, 0, 114, 128, 22, 0, 178, 150, 64, 200, 0]);
+    }
+}
