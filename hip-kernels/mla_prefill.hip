@@ -1,10 +1,14 @@
 // MLA prefill in the MHA form (what DeepSeek's reference does for long prompts): the context's
 // latents are decompressed once, kvd = kv_b · c ([ctx, heads·(NOPE+VDIM)], a tensor-core GEMM on the
 // host side), then causal flash attention per (64-query tile, head) with the scores never
-// materialised: K = [k_nope(head) | k_pe], V = v(head), online softmax over 64-key tiles.
+// materialised: K = [k_nope(head) | k_pe], V = v(head), online softmax over 32-key tiles.
 // Specialised at JIT time for KV_LORA, ROPE, NOPE, VDIM (like mla.hip).
-//   - NVIDIA sm_80+: 4 warps × 16 queries; S = Q·Kᵀ and O += P·V with mma.sync m16n8k16 bf16
-//     (Q and P as A fragments in registers, K and Vᵀ staged as bf16 in shared memory), f32 softmax.
+//   - NVIDIA sm_80+: 4 warps × 16 queries; S = Q·Kᵀ and O += P·V with mma.sync m16n8k16 bf16,
+//     every operand split into bf16 hi + lo and three products per step (hi·hi + lo·hi + hi·lo):
+//     near-f32 scores and outputs (Q and P as A fragments in registers, K and Vᵀ staged in shared
+//     memory), f32 softmax.
+//   - other targets: the portable scalar product over the same shared tiles (hi + lo summed), one
+//     query row per thread pair.
 //   - other targets: the portable product over the same shared tiles, one query row per thread pair.
 // Launch: grid (tiles, heads), block 128. A tile is 4 ints: first query row in q / out, queries
 // (≤ 64), first context row in kvd / pe, position of the tile's first query in its sequence.
@@ -17,7 +21,7 @@
 #define QK (NOPE + ROPE)
 #define PER_HEAD (NOPE + VDIM)
 #define FB_Q 64
-#define FB_K 64
+#define FB_K 32
 #define FB_KP (QK + 8)   // padded shared rows (bf16): conflict-free fragment reads
 #define FB_VP (FB_K + 8)
 
@@ -26,7 +30,19 @@ __device__ __forceinline__ uint32_t fb_bf16(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return u >> 16;
 }
-__device__ __forceinline__ uint32_t fb_pack(float lo, float hi) { return fb_bf16(lo) | (fb_bf16(hi) << 16); }
+// v ≈ hi + lo, both bf16: the pair carries ~16 mantissa bits
+__device__ __forceinline__ void fb_split(float v, uint16_t* hi, uint16_t* lo) {
+    uint32_t h = fb_bf16(v);
+    *hi = (uint16_t)h;
+    *lo = (uint16_t)fb_bf16(v - __uint_as_float(h << 16));
+}
+__device__ __forceinline__ void fb_split2(float a, float b, uint32_t* hi, uint32_t* lo) {
+    uint16_t ah, al, bh, bl;
+    fb_split(a, &ah, &al);
+    fb_split(b, &bh, &bl);
+    *hi = ah | ((uint32_t)bh << 16);
+    *lo = al | ((uint32_t)bl << 16);
+}
 
 // c_out[j] = the latent c and pe_out[j] = k_pe of context slot slots[j] (layer `layer`).
 extern "C" __global__ void mla_gather_ctx(const float* __restrict__ kv, const uint32_t* __restrict__ slots, int layer, int num_slots,
@@ -38,24 +54,29 @@ extern "C" __global__ void mla_gather_ctx(const float* __restrict__ kv, const ui
 }
 
 struct FbShared {
-    uint16_t ks[FB_K][FB_KP];  // keys of the tile: [k_nope(head) | k_pe]
-    uint16_t vt[VDIM][FB_VP];  // values, transposed
+    uint16_t ks[2][FB_K][FB_KP];  // keys of the tile, hi and lo: [k_nope(head) | k_pe]
+    uint16_t vt[2][VDIM][FB_VP];  // values, transposed, hi and lo
 };
 
-// Keys j0 .. j0+63 of the context (zero beyond `len`) into shared memory.
+// Keys j0 .. j0+FB_K-1 of the context (zero beyond `len`) into shared memory.
 __device__ __forceinline__ void fb_stage(FbShared& sh, const float* kvd, const float* pe, int ctx0, int j0, int len, int heads, int h) {
     for (int i = threadIdx.x; i < FB_K * QK; i += blockDim.x) {
         int key = i / QK, d = i % QK, j = j0 + key;
         float v = 0.f;
         if (j < len) v = d < NOPE ? kvd[(int64_t)(ctx0 + j) * heads * PER_HEAD + h * PER_HEAD + d] : pe[(int64_t)(ctx0 + j) * ROPE + d - NOPE];
-        sh.ks[key][d] = (uint16_t)fb_bf16(v);
+        fb_split(v, &sh.ks[0][key][d], &sh.ks[1][key][d]);
     }
     for (int i = threadIdx.x; i < FB_K * VDIM; i += blockDim.x) {
         int key = i / VDIM, d = i % VDIM, j = j0 + key;
         float v = j < len ? kvd[(int64_t)(ctx0 + j) * heads * PER_HEAD + h * PER_HEAD + NOPE + d] : 0.f;
-        sh.vt[d][key] = (uint16_t)fb_bf16(v);
+        fb_split(v, &sh.vt[0][d][key], &sh.vt[1][d][key]);
     }
 }
+
+#define FB_MMA(C, A, B0, B1)                                                                                                           \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"        \
+                 : "+f"(C[0]), "+f"(C[1]), "+f"(C[2]), "+f"(C[3])                                                                      \
+                 : "r"(A[0]), "r"(A[1]), "r"(A[2]), "r"(A[3]), "r"(B0), "r"(B1))
 
 extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float* __restrict__ q, const float* __restrict__ kvd, const float* __restrict__ pe,
                                                                    const int32_t* __restrict__ tiles, float* __restrict__ out, int heads, float scale) {
@@ -65,16 +86,18 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
     const int h = blockIdx.y;
     const int len = pos0 + nq; // keys the tile's last query sees
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    // products in three bf16 parts (hi·hi + lo·hi + hi·lo) for near-f32 scores and outputs
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, t = lane % 4;
     const int r0 = w * 16 + g; // this thread's rows: r0 and r0 + 8
-    uint32_t qa[QK / 16][4];
+    uint32_t qh[QK / 16][4], ql[QK / 16][4];
 #pragma unroll
     for (int kk = 0; kk < QK / 16; ++kk)
 #pragma unroll
         for (int f = 0; f < 4; ++f) {
             int r = r0 + 8 * (f % 2), d = 16 * kk + 2 * t + 8 * (f / 2);
             const float* src = q + ((int64_t)(q_row0 + r) * heads + h) * QK + d;
-            qa[kk][f] = r < nq ? fb_pack(src[0], src[1]) : 0u;
+            qh[kk][f] = ql[kk][f] = 0u;
+            if (r < nq) fb_split2(src[0], src[1], &qh[kk][f], &ql[kk][f]);
         }
     float o[VDIM / 8][4];
 #pragma unroll
@@ -92,11 +115,12 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
             for (int c = 0; c < 4; ++c) s[j][c] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < QK / 16; ++kk) {
-                uint32_t b0 = *(const uint32_t*)&sh.ks[8 * j + g][16 * kk + 2 * t];
-                uint32_t b1 = *(const uint32_t*)&sh.ks[8 * j + g][16 * kk + 2 * t + 8];
-                asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                             : "+f"(s[j][0]), "+f"(s[j][1]), "+f"(s[j][2]), "+f"(s[j][3])
-                             : "r"(qa[kk][0]), "r"(qa[kk][1]), "r"(qa[kk][2]), "r"(qa[kk][3]), "r"(b0), "r"(b1));
+                const int kr = 8 * j + g, kc = 16 * kk + 2 * t;
+                uint32_t bh0 = *(const uint32_t*)&sh.ks[0][kr][kc], bh1 = *(const uint32_t*)&sh.ks[0][kr][kc + 8];
+                uint32_t bl0 = *(const uint32_t*)&sh.ks[1][kr][kc], bl1 = *(const uint32_t*)&sh.ks[1][kr][kc + 8];
+                FB_MMA(s[j], qh[kk], bh0, bh1);
+                FB_MMA(s[j], ql[kk], bh0, bh1);
+                FB_MMA(s[j], qh[kk], bl0, bl1);
             }
         }
         // causal mask, scale, online softmax (rows r0: c = 0, 1; r0 + 8: c = 2, 3)
@@ -120,7 +144,8 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
             m[i] = mn;
             l[i] *= corr[i];
         }
-        uint32_t pa[FB_K / 16][4];
+        // P as A fragments: (row g, k 2t), (row g+8, k 2t), (row g, k 2t+8), (row g+8, k 2t+8)
+        uint32_t ph[FB_K / 16][4], pl[FB_K / 16][4];
 #pragma unroll
         for (int j = 0; j < FB_K / 8; ++j) {
             float p[4];
@@ -129,8 +154,8 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
                 p[c] = s[j][c] == -ENGINE_INF ? 0.f : expf(s[j][c] - m[c / 2]);
                 l[c / 2] += p[c];
             }
-            pa[j / 2][2 * (j % 2)] = fb_pack(p[0], p[1]);
-            pa[j / 2][2 * (j % 2) + 1] = fb_pack(p[2], p[3]);
+            fb_split2(p[0], p[1], &ph[j / 2][2 * (j % 2)], &pl[j / 2][2 * (j % 2)]);
+            fb_split2(p[2], p[3], &ph[j / 2][2 * (j % 2) + 1], &pl[j / 2][2 * (j % 2) + 1]);
         }
 #pragma unroll
         for (int jv = 0; jv < VDIM / 8; ++jv) {
@@ -140,12 +165,12 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
             o[jv][3] *= corr[1];
 #pragma unroll
             for (int kc = 0; kc < FB_K / 16; ++kc) {
-                uint32_t b0 = *(const uint32_t*)&sh.vt[8 * jv + g][16 * kc + 2 * t];
-                uint32_t b1 = *(const uint32_t*)&sh.vt[8 * jv + g][16 * kc + 2 * t + 8];
-                // A fragment order: (row g, k 2t), (row g+8, k 2t), (row g, k 2t+8), (row g+8, k 2t+8)
-                asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                             : "+f"(o[jv][0]), "+f"(o[jv][1]), "+f"(o[jv][2]), "+f"(o[jv][3])
-                             : "r"(pa[kc][0]), "r"(pa[kc][1]), "r"(pa[kc][2]), "r"(pa[kc][3]), "r"(b0), "r"(b1));
+                const int vr = 8 * jv + g, vc = 16 * kc + 2 * t;
+                uint32_t bh0 = *(const uint32_t*)&sh.vt[0][vr][vc], bh1 = *(const uint32_t*)&sh.vt[0][vr][vc + 8];
+                uint32_t bl0 = *(const uint32_t*)&sh.vt[1][vr][vc], bl1 = *(const uint32_t*)&sh.vt[1][vr][vc + 8];
+                FB_MMA(o[jv], ph[kc], bh0, bh1);
+                FB_MMA(o[jv], pl[kc], bh0, bh1);
+                FB_MMA(o[jv], ph[kc], bl0, bl1);
             }
         }
         __syncthreads();
@@ -175,11 +200,14 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
         if (row < nq) {
             for (int key = 0; key < FB_K && j0 + key <= pos0 + row; ++key) {
                 float s = 0.f;
-                for (int d = 0; d < QK; ++d) s += qr[d] * bf16_to_f32(sh.ks[key][d]);
+                for (int d = 0; d < QK; ++d) s += qr[d] * (bf16_to_f32(sh.ks[0][key][d]) + bf16_to_f32(sh.ks[1][key][d]));
                 s *= scale;
                 float mn = fmaxf(m, s), corr = expf(m - mn), p = expf(s - mn);
                 l = l * corr + p;
-                for (int e = 0; e < VDIM / 2; ++e) o[e] = o[e] * corr + p * bf16_to_f32(sh.vt[half * (VDIM / 2) + e][key]);
+                for (int e = 0; e < VDIM / 2; ++e) {
+                    int d = half * (VDIM / 2) + e;
+                    o[e] = o[e] * corr + p * (bf16_to_f32(sh.vt[0][d][key]) + bf16_to_f32(sh.vt[1][d][key]));
+                }
                 m = mn;
             }
         }

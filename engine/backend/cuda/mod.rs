@@ -140,7 +140,8 @@ impl CudaBackend {
     }
 
     fn load(&self, m: &KernelModule, name: &str) -> Result<CudaFunction, BackendError> {
-        let dims = if m.file.ends_with("mla.hip") { Some(dims_of(m)) } else { None };
+        // shape-specialised modules (the MLA kernels) are cached per shape
+        let dims = if m.file.starts_with("hip-kernels/mla") { Some(dims_of(m)) } else { None };
         let key = (name.to_string(), dims);
         if let Some(f) = self.functions.lock().unwrap().get(&key) {
             return Ok(f.clone());
