@@ -93,8 +93,8 @@ extern "C" __global__ void gemv_f32w(const float* X, const uint8_t* W, const flo
 extern "C" __global__ void gemv_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { gemv_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk); }
 extern "C" __global__ void gemv_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { gemv_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk); }
 
-// The same with 8 consecutive weights per lane per step (16-byte bf16 / 8-byte fp8 / 2×16-byte f32
-// loads). Requires K % 8 == 0 and, for FP8, bk % 8 == 0 (the host checks).
+// The same with 16 bytes of consecutive weights per lane per step (8 bf16 / 16 fp8; f32: 2×16
+// bytes). Requires K % 8 == 0 and, for FP8, K % 16 == 0 and bk % 16 == 0 (the host checks).
 template <int WDT, int MAXM>
 __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restrict__ W, const float* __restrict__ S, float* __restrict__ Y,
                            int M, int N, int K, int bn, int bk) {
@@ -107,20 +107,34 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
     float acc[MAXM];
 #pragma unroll
     for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
-    for (int k0 = lane * 8; k0 < K; k0 += WARP * 8) {
-        float wv[8];
-        unpack8(row + (int64_t)k0 * es, WDT, wv);
+    // VE weights per lane per step: one 16-byte load (FP8: 16 weights; bf16: 8; f32: two loads of 4)
+    const int VE = WDT == WDT_FP8 ? 16 : 8;
+    for (int k0 = lane * VE; k0 < K; k0 += WARP * VE) {
+        float wv[VE];
+        if (VE == 16) {
+            uint4 r = *(const uint4*)(row + k0);
+            uint32_t u[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+            for (int i = 0; i < 16; ++i) wv[i] = fp8e4m3_to_f32((u[i / 4] >> (8 * (i % 4))) & 0xff);
+        } else {
+            unpack8(row + (int64_t)k0 * es, WDT, wv);
+        }
         if (WDT == WDT_FP8) {
             float s = S[(n / bn) * kblocks + k0 / bk];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) wv[i] *= s;
+            for (int i = 0; i < VE; ++i) wv[i] *= s;
         }
 #pragma unroll
         for (int m = 0; m < MAXM; ++m) {
             if (m < M) {
                 const float4* xp = (const float4*)(X + (int64_t)m * K + k0);
-                float4 a = xp[0], b = xp[1];
-                acc[m] += wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w + wv[4] * b.x + wv[5] * b.y + wv[6] * b.z + wv[7] * b.w;
+                float a = 0.f;
+#pragma unroll
+                for (int q = 0; q < VE / 4; ++q) {
+                    float4 x = xp[q];
+                    a += wv[4 * q] * x.x + wv[4 * q + 1] * x.y + wv[4 * q + 2] * x.z + wv[4 * q + 3] * x.w;
+                }
+                acc[m] += a;
             }
         }
     }

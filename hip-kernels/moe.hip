@@ -102,15 +102,16 @@ __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8
     const float* us = su + (WDT == WDT_FP8 ? e * sstride : 0);
     const float* xt = x + (int64_t)t * H;
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
-    bool vec = H % 8 == 0 && (WDT != WDT_FP8 || bk % 8 == 0);
+    const int VE = VecDot<WDT>::ELEMS;
+    bool vec = H % VE == 0 && (WDT != WDT_FP8 || bk % VE == 0);
     for (int i = blockIdx.y * nw + w; i < I; i += gridDim.y * nw) {
         float a = 0.f, b = 0.f;
         if (vec) {
             const float* gsr = gs + (WDT == WDT_FP8 ? (i / bn) * kb : 0);
             const float* usr = us + (WDT == WDT_FP8 ? (i / bn) * kb : 0);
-            for (int k0 = lane * 8; k0 < H; k0 += WARP * 8) {
-                a += dot8<WDT>(g + (int64_t)i * H * es, gsr, k0, bk, xt);
-                b += dot8<WDT>(u + (int64_t)i * H * es, usr, k0, bk, xt);
+            for (int k0 = lane * VE; k0 < H; k0 += WARP * VE) {
+                a += VecDot<WDT>::dot(g + (int64_t)i * H * es, gsr, k0, bk, xt);
+                b += VecDot<WDT>::dot(u + (int64_t)i * H * es, usr, k0, bk, xt);
             }
         } else {
             for (int c = lane; c < H; c += WARP) {
@@ -140,12 +141,13 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
     const float* hp = h + (int64_t)p * I;
     float wt = weights[p];
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
-    bool vec = I % 8 == 0 && (WDT != WDT_FP8 || bk % 8 == 0);
+    const int VE = VecDot<WDT>::ELEMS;
+    bool vec = I % VE == 0 && (WDT != WDT_FP8 || bk % VE == 0);
     for (int r = blockIdx.y * nw + w; r < H; r += gridDim.y * nw) {
         float a = 0.f;
         if (vec) {
             const float* dsr = ds + (WDT == WDT_FP8 ? (r / bn) * kb : 0);
-            for (int k0 = lane * 8; k0 < I; k0 += WARP * 8) a += dot8<WDT>(d + (int64_t)r * I * es, dsr, k0, bk, hp);
+            for (int k0 = lane * VE; k0 < I; k0 += WARP * VE) a += VecDot<WDT>::dot(d + (int64_t)r * I * es, dsr, k0, bk, hp);
         } else {
             for (int c = lane; c < I; c += WARP) a += hp[c] * load_w<WDT>(d, ds, r, c, I, bn, bk, kb);
         }

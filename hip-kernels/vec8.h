@@ -1,4 +1,4 @@
-// 8 consecutive weights as f32 from one 16-byte (bf16), 8-byte (fp8) or 2×16-byte (f32) load.
+// Vectorised weight reads: 8 consecutive weights as f32 from one 16-byte (bf16), 8-byte (fp8) or 2×16-byte (f32) load, and 16 FP8 weights from one 16-byte load.
 #pragma once
 #include "common.h"
 
@@ -35,3 +35,29 @@ __device__ __forceinline__ float dot8(const uint8_t* row, const float* scales_ro
     float d = w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y + w[6] * b.z + w[7] * b.w;
     return WDT == WDT_FP8 ? d * scales_row[k0 / bk] : d;
 }
+
+// Σ w[k0..k0+16] · x[k0..k0+16] for an FP8 weight row from one 16-byte load, scaled by its block's
+// scale (needs bk % 16 == 0).
+__device__ __forceinline__ float dot16_fp8(const uint8_t* row, const float* scales_row, int k0, int bk, const float* x) {
+    uint4 r = *(const uint4*)(row + k0);
+    uint32_t u[4] = {r.x, r.y, r.z, r.w};
+    const float4* xp = (const float4*)(x + k0);
+    float d = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        float4 a = xp[q];
+        d += fp8e4m3_to_f32(u[q] & 0xff) * a.x + fp8e4m3_to_f32((u[q] >> 8) & 0xff) * a.y + fp8e4m3_to_f32((u[q] >> 16) & 0xff) * a.z +
+             fp8e4m3_to_f32(u[q] >> 24) * a.w;
+    }
+    return d * scales_row[k0 / bk];
+}
+
+// The widest dot the weight type allows: 16 FP8 or 8 bf16 / f32 weights (VEC_ELEMS of them).
+template <int WDT>
+struct VecDot {
+    static const int ELEMS = WDT == WDT_FP8 ? 16 : 8;
+    static __device__ __forceinline__ float dot(const uint8_t* row, const float* scales_row, int k0, int bk, const float* x) {
+        if (WDT == WDT_FP8) return dot16_fp8(row, scales_row, k0, bk, x);
+        return dot8<WDT>(row, scales_row, k0, bk, x);
+    }
+};

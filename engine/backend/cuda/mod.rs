@@ -109,6 +109,7 @@ impl CudaBackend {
         } else {
             log::info!("cuda op paths: no tensor-core GEMM ({}): CUDA-core tiles for every batch", if major < 8 { "compute capability below 8.0" } else { "ENGINE_MMA_GEMM=0" });
         }
+        keep_pool_memory(&ctx);
         let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(err("multiprocessor count"))? as usize;
         Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default(), ccl: None, staging: Mutex::new(None), mma_gemm, sms })
     }
@@ -221,6 +222,22 @@ impl CudaBackend {
             self.stream.memcpy_htod(&nan, &mut b).map_err(err("poison"))?;
         }
         Ok(b)
+    }
+}
+
+/// Every op allocates its outputs stream-ordered (cuMemAllocAsync); by default the pool hands freed
+/// memory back to the driver at each synchronisation, so the next step maps it again. Keep it (as
+/// PyTorch's caching allocator does): steps reuse the same blocks.
+fn keep_pool_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    let ok = unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS
+            && sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut std::ffi::c_void) == sys::CUresult::CUDA_SUCCESS
+    };
+    if !ok {
+        log::warn!("cuda: could not raise the memory pool's release threshold; allocations may be slower");
     }
 }
 

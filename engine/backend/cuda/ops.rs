@@ -164,8 +164,8 @@ impl CudaBackend {
     /// `mma`: whether batches beyond the GEMV sizes may take the tensor cores (bf16 operands); the
     /// router keeps f32 so that expert choice matches the reference (DeepSeek's gate is f32).
     fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>, mma: bool) -> Result<(), BackendError> {
-        // 8-wide loads need rows of a multiple of 8 elements (and FP8 blocks too)
-        let vec8 = w.inp % 8 == 0 && (w.wdt != 2 || w.bk % 8 == 0);
+        // 16-byte loads need rows of a multiple of 8 elements (FP8: 16, and scale blocks too)
+        let vec8 = if w.wdt == 2 { w.inp % 16 == 0 && w.bk % 16 == 0 } else { w.inp % 8 == 0 };
         let (n, k) = (w.out as i32, w.inp as i32);
         let (kind, slice) = match x.rows {
             0..=8 if vec8 => ("gemv8", 8),
