@@ -30,27 +30,31 @@ __device__ void mla_q_latent_impl(const float* __restrict__ q, const uint8_t* __
     }
 }
 
-// Per token t: its context is slots[ctx_off[t] .. ctx_off[t] + ctx_len[t]]. With `splits` > 1 the
-// context is cut into that many contiguous chunks (blockIdx.z), each writing an unnormalised partial
-// (max, sum, Σ p·c) to `part` [T, heads, splits, 2 + KV_LORA] for mla_merge (split-K over the
-// sequence, for long contexts with few (token, head) blocks).
-extern "C" __global__ void mla_attention(const float* __restrict__ q, const float* __restrict__ q_lat, const float* __restrict__ kv,
-                                         const uint32_t* __restrict__ slots, const uint32_t* __restrict__ ctx_off,
-                                         const uint32_t* __restrict__ ctx_len, float* __restrict__ lat_out, int heads, int layer,
-                                         int num_slots, float scale, int splits, float* __restrict__ part) {
-    int t = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
+// Per token t: its context is slots[ctx_off[t] .. ctx_off[t] + ctx_len[t]]. A block serves HPB heads
+// (blockIdx.y · HPB ..) of one token, so every cache entry it reads feeds HPB scores (the entry
+// is loaded once per HPB heads instead of once per head). With `splits` > 1 the context is cut into
+// that many contiguous chunks (blockIdx.z), each writing an unnormalised partial (max, sum, Σ p·c)
+// to `part` [T, heads, splits, 2 + KV_LORA] for mla_merge (split-K over the sequence, for long
+// contexts with few blocks). Shared memory: [warps][2 + KV_LORA] floats.
+template <int HPB>
+__device__ void mla_attention_impl(const float* __restrict__ q, const float* __restrict__ q_lat, const float* __restrict__ kv,
+                                   const uint32_t* __restrict__ slots, const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len,
+                                   float* __restrict__ lat_out, int heads, int layer, int num_slots, float scale, int splits, float* __restrict__ part) {
+    int t = blockIdx.x, h0 = blockIdx.y * HPB, z = blockIdx.z;
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    const float* ql = q_lat + ((int64_t)t * heads + h) * KV_LORA;
-    const float* qpe = q + ((int64_t)t * heads + h) * QK + NOPE;
-    float qreg[LPL];
+    float qreg[HPB][LPL], acc[HPB][LPL], m[HPB], s[HPB];
 #pragma unroll
-    for (int i = 0; i < LPL; ++i) {
-        int l = lane + i * WARP;
-        qreg[i] = l < KV_LORA ? ql[l] : 0.f;
+    for (int hh = 0; hh < HPB; ++hh) {
+        const float* ql = q_lat + ((int64_t)t * heads + h0 + hh) * KV_LORA;
+#pragma unroll
+        for (int i = 0; i < LPL; ++i) {
+            int l = lane + i * WARP;
+            qreg[hh][i] = l < KV_LORA ? ql[l] : 0.f;
+            acc[hh][i] = 0.f;
+        }
+        m[hh] = -ENGINE_INF;
+        s[hh] = 0.f;
     }
-    float m = -ENGINE_INF, s = 0.f, acc[LPL];
-#pragma unroll
-    for (int i = 0; i < LPL; ++i) acc[i] = 0.f;
     const uint32_t* sl = slots + ctx_off[t];
     int total = ctx_len[t];
     int chunk = (total + splits - 1) / splits;
@@ -59,57 +63,77 @@ extern "C" __global__ void mla_attention(const float* __restrict__ q, const floa
     for (int j = j0 + w; j < n; j += nw) {
         const float* e = base + (int64_t)sl[j] * ENTRY;
         float c[LPL];
-        float part = 0.f;
 #pragma unroll
         for (int i = 0; i < LPL; ++i) {
             int l = lane + i * WARP;
             c[i] = l < KV_LORA ? e[l] : 0.f;
-            part += qreg[i] * c[i];
         }
-        for (int r = lane; r < ROPE; r += WARP) part += qpe[r] * e[KV_LORA + r];
-        float score = warp_sum(part) * scale;
-        float m2 = fmaxf(m, score);
-        float corr = expf(m - m2), p = expf(score - m2);
-        s = s * corr + p;
 #pragma unroll
-        for (int i = 0; i < LPL; ++i) acc[i] = acc[i] * corr + p * c[i];
-        m = m2;
+        for (int hh = 0; hh < HPB; ++hh) {
+            const float* qpe = q + ((int64_t)t * heads + h0 + hh) * QK + NOPE;
+            float dot = 0.f;
+#pragma unroll
+            for (int i = 0; i < LPL; ++i) dot += qreg[hh][i] * c[i];
+            for (int r = lane; r < ROPE; r += WARP) dot += qpe[r] * e[KV_LORA + r];
+            float score = warp_sum(dot) * scale;
+            float m2 = fmaxf(m[hh], score);
+            float corr = expf(m[hh] - m2), p = expf(score - m2);
+            s[hh] = s[hh] * corr + p;
+#pragma unroll
+            for (int i = 0; i < LPL; ++i) acc[hh][i] = acc[hh][i] * corr + p * c[i];
+            m[hh] = m2;
+        }
     }
-    // merge the warps' partial softmaxes
+    // merge the warps' partial softmaxes, one head at a time
     extern __shared__ float sh[]; // [nw][2 + KV_LORA]
     float* mine = sh + w * (2 + KV_LORA);
-    if (lane == 0) {
-        mine[0] = m;
-        mine[1] = s;
-    }
 #pragma unroll
-    for (int i = 0; i < LPL; ++i) {
-        int l = lane + i * WARP;
-        if (l < KV_LORA) mine[2 + l] = acc[i];
-    }
-    __syncthreads();
-    float gm = -ENGINE_INF;
-    for (int k = 0; k < nw; ++k) gm = fmaxf(gm, sh[k * (2 + KV_LORA)]);
-    float gs = 0.f;
-    for (int k = 0; k < nw; ++k) {
-        float mk = sh[k * (2 + KV_LORA)];
-        if (mk > -ENGINE_INF) gs += sh[k * (2 + KV_LORA) + 1] * expf(mk - gm);
-    }
-    float* pz = part + (((int64_t)t * heads + h) * splits + z) * (2 + KV_LORA);
-    if (splits > 1 && threadIdx.x == 0) {
-        pz[0] = gm;
-        pz[1] = gs;
-    }
-    for (int l = threadIdx.x; l < KV_LORA; l += blockDim.x) {
-        float v = 0.f;
+    for (int hh = 0; hh < HPB; ++hh) {
+        int h = h0 + hh;
+        __syncthreads();
+        if (lane == 0) {
+            mine[0] = m[hh];
+            mine[1] = s[hh];
+        }
+#pragma unroll
+        for (int i = 0; i < LPL; ++i) {
+            int l = lane + i * WARP;
+            if (l < KV_LORA) mine[2 + l] = acc[hh][i];
+        }
+        __syncthreads();
+        float gm = -ENGINE_INF;
+        for (int k = 0; k < nw; ++k) gm = fmaxf(gm, sh[k * (2 + KV_LORA)]);
+        float gs = 0.f;
         for (int k = 0; k < nw; ++k) {
             float mk = sh[k * (2 + KV_LORA)];
-            if (mk > -ENGINE_INF) v += sh[k * (2 + KV_LORA) + 2 + l] * expf(mk - gm);
+            if (mk > -ENGINE_INF) gs += sh[k * (2 + KV_LORA) + 1] * expf(mk - gm);
         }
-        if (splits > 1) pz[2 + l] = v;
-        else lat_out[((int64_t)t * heads + h) * KV_LORA + l] = v / gs;
+        float* pz = part + (((int64_t)t * heads + h) * splits + z) * (2 + KV_LORA);
+        if (splits > 1 && threadIdx.x == 0) {
+            pz[0] = gm;
+            pz[1] = gs;
+        }
+        for (int l = threadIdx.x; l < KV_LORA; l += blockDim.x) {
+            float v = 0.f;
+            for (int k = 0; k < nw; ++k) {
+                float mk = sh[k * (2 + KV_LORA)];
+                if (mk > -ENGINE_INF) v += sh[k * (2 + KV_LORA) + 2 + l] * expf(mk - gm);
+            }
+            if (splits > 1) pz[2 + l] = v;
+            else lat_out[((int64_t)t * heads + h) * KV_LORA + l] = v / gs;
+        }
     }
 }
+
+#define MLA_ATTENTION(NAME, HPB)                                                                                                        \
+    extern "C" __global__ void NAME(const float* q, const float* q_lat, const float* kv, const uint32_t* slots, const uint32_t* ctx_off, \
+                                    const uint32_t* ctx_len, float* lat_out, int heads, int layer, int num_slots, float scale, int splits,    \
+                                    float* part) {                                                                                       \
+        mla_attention_impl<HPB>(q, q_lat, kv, slots, ctx_off, ctx_len, lat_out, heads, layer, num_slots, scale, splits, part);         \
+    }
+// one head per block (any head count), or four (head counts divisible by 4, as in every DeepSeek)
+MLA_ATTENTION(mla_attention, 1)
+MLA_ATTENTION(mla_attention4, 4)
 
 // Combines the split partials of mla_attention into the normalised latent output.
 extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __restrict__ lat_out, int heads, int splits) {

@@ -116,19 +116,21 @@ impl CudaBackend {
             b.arg(&q.buf).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut q_lat).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
             unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_q_latent"))?;
             let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
-            let f = self.mla_func(dims, "mla_attention")?;
+            // four heads per block share each cache entry they read
+            let hpb = if d.num_heads % 4 == 0 { 4 } else { 1 };
+            let f = self.mla_func(dims, if hpb == 4 { "mla_attention4" } else { "mla_attention" })?;
             let (l, ns, scale) = (layer as i32, kv.slots as i32, d.scale);
             let warps = 256 / 32;
             let shared = (warps * (2 + d.kv_lora_rank) * 4) as u32;
             // split-K over the sequence when too few (token, head) blocks would fill the GPU
             let max_len = len.iter().copied().max().unwrap_or(1) as usize;
-            let splits = if t * d.num_heads < 264 { max_len.div_ceil(512).clamp(1, 16) } else { 1 };
+            let splits = if t * d.num_heads / hpb < 264 { max_len.div_ceil(512).clamp(1, 16) } else { 1 };
             let part_len = if splits > 1 { t * d.num_heads * splits * (2 + d.kv_lora_rank) } else { 1 };
             let mut part = self.stream.alloc_zeros::<f32>(part_len).map_err(err("mla_attention"))?;
             let sp = splits as i32;
             let mut b = self.stream.launch_builder(&f);
             b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&mut part);
-            let launch = LaunchConfig { grid_dim: (t as u32, d.num_heads as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: shared };
+            let launch = LaunchConfig { grid_dim: (t as u32, (d.num_heads / hpb) as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: shared };
             unsafe { b.launch(launch) }.map_err(err("mla_attention"))?;
             if splits > 1 {
                 let f = self.mla_func(dims, "mla_merge")?;

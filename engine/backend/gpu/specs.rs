@@ -62,7 +62,7 @@ pub fn mla_module(d: ModelDims, vendor: Vendor) -> KernelModule {
             ("NOPE".into(), d.qk_nope_head_dim.to_string()),
             ("VDIM".into(), d.v_head_dim.to_string()),
         ],
-        functions: vec!["mla_q_latent_f32w", "mla_q_latent_bf16w", "mla_q_latent_fp8w", "mla_attention", "mla_merge", "mla_out_f32w", "mla_out_bf16w", "mla_out_fp8w"],
+        functions: vec!["mla_q_latent_f32w", "mla_q_latent_bf16w", "mla_q_latent_fp8w", "mla_attention", "mla_attention4", "mla_merge", "mla_out_f32w", "mla_out_bf16w", "mla_out_fp8w"],
     }
 }
 
