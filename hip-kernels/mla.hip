@@ -17,16 +17,30 @@
 #define PER_HEAD (NOPE + VDIM)
 #define LPL ((KV_LORA + WARP - 1) / WARP) // latent elements per lane
 
+// Tokens per block of the two projections: W_UK(h) / W_UV(h) is read once per MLA_TB tokens.
+#define MLA_TB 8
+
 template <int WDT>
 __device__ void mla_q_latent_impl(const float* __restrict__ q, const uint8_t* __restrict__ kvb, const float* __restrict__ sc,
-                                  float* __restrict__ q_lat, int heads, int bn, int bk) {
-    int t = blockIdx.x, h = blockIdx.y;
+                                  float* __restrict__ q_lat, int T, int heads, int bn, int bk) {
+    int t0 = blockIdx.x * MLA_TB, h = blockIdx.y, nt = min(MLA_TB, T - t0);
     int kb = (KV_LORA + bk - 1) / bk;
-    const float* qh = q + ((int64_t)t * heads + h) * QK;
+    __shared__ float qs[MLA_TB][NOPE];
+    for (int i = threadIdx.x; i < MLA_TB * NOPE; i += blockDim.x) {
+        int tt = i / NOPE, d = i % NOPE;
+        qs[tt][d] = tt < nt ? q[((int64_t)(t0 + tt) * heads + h) * QK + d] : 0.f;
+    }
+    __syncthreads();
     for (int l = threadIdx.x; l < KV_LORA; l += blockDim.x) {
-        float acc = 0.f;
-        for (int d = 0; d < NOPE; ++d) acc += qh[d] * load_w<WDT>(kvb, sc, (int64_t)h * PER_HEAD + d, l, KV_LORA, bn, bk, kb);
-        q_lat[((int64_t)t * heads + h) * KV_LORA + l] = acc;
+        float acc[MLA_TB];
+#pragma unroll
+        for (int tt = 0; tt < MLA_TB; ++tt) acc[tt] = 0.f;
+        for (int d = 0; d < NOPE; ++d) {
+            float w = load_w<WDT>(kvb, sc, (int64_t)h * PER_HEAD + d, l, KV_LORA, bn, bk, kb);
+#pragma unroll
+            for (int tt = 0; tt < MLA_TB; ++tt) acc[tt] += qs[tt][d] * w;
+        }
+        for (int tt = 0; tt < nt; ++tt) q_lat[((int64_t)(t0 + tt) * heads + h) * KV_LORA + l] = acc[tt];
     }
 }
 
@@ -158,28 +172,40 @@ extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __re
 
 template <int WDT>
 __device__ void mla_out_impl(const float* __restrict__ lat, const uint8_t* __restrict__ kvb, const float* __restrict__ sc,
-                             float* __restrict__ out, int heads, int bn, int bk) {
-    int t = blockIdx.x, h = blockIdx.y;
+                             float* __restrict__ out, int T, int heads, int bn, int bk) {
+    int t0 = blockIdx.x * MLA_TB, h = blockIdx.y, nt = min(MLA_TB, T - t0);
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
     int kb = (KV_LORA + bk - 1) / bk;
-    const float* lt = lat + ((int64_t)t * heads + h) * KV_LORA;
+    const float* lt = lat + ((int64_t)t0 * heads + h) * KV_LORA;
+    const int stride = heads * KV_LORA; // from one token's latent to the next's
     for (int e = w; e < VDIM; e += nw) {
         int64_t row = (int64_t)h * PER_HEAD + NOPE + e;
-        float part = 0.f;
-        for (int l = lane; l < KV_LORA; l += WARP) part += load_w<WDT>(kvb, sc, row, l, KV_LORA, bn, bk, kb) * lt[l];
-        part = warp_sum(part);
-        if (lane == 0) out[((int64_t)t * heads + h) * VDIM + e] = part;
+        float acc[MLA_TB];
+#pragma unroll
+        for (int tt = 0; tt < MLA_TB; ++tt) acc[tt] = 0.f;
+        for (int l = lane; l < KV_LORA; l += WARP) {
+            float wv = load_w<WDT>(kvb, sc, row, l, KV_LORA, bn, bk, kb);
+            const float* p = lt + l;
+#pragma unroll
+            for (int tt = 0; tt < MLA_TB; ++tt)
+                if (tt < nt) acc[tt] += wv * p[tt * stride];
+        }
+#pragma unroll
+        for (int tt = 0; tt < MLA_TB; ++tt) {
+            float v = warp_sum(acc[tt]);
+            if (lane == 0 && tt < nt) out[((int64_t)(t0 + tt) * heads + h) * VDIM + e] = v;
+        }
     }
 }
 
 #define MLA_KERNELS(SUF, WDT)                                                                                                   \
-    extern "C" __global__ void mla_q_latent_##SUF(const float* q, const uint8_t* kvb, const float* sc, float* q_lat, int heads, \
+    extern "C" __global__ void __launch_bounds__(256) mla_q_latent_##SUF(const float* q, const uint8_t* kvb, const float* sc, float* q_lat, int T, int heads, \
                                                   int bn, int bk) {                                                             \
-        mla_q_latent_impl<WDT>(q, kvb, sc, q_lat, heads, bn, bk);                                                               \
+        mla_q_latent_impl<WDT>(q, kvb, sc, q_lat, T, heads, bn, bk);                                                            \
     }                                                                                                                           \
-    extern "C" __global__ void mla_out_##SUF(const float* lat, const uint8_t* kvb, const float* sc, float* out, int heads, int bn, \
-                                             int bk) {                                                                          \
-        mla_out_impl<WDT>(lat, kvb, sc, out, heads, bn, bk);                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) mla_out_##SUF(const float* lat, const uint8_t* kvb, const float* sc, float* out, int T, int heads,  \
+                                             int bn, int bk) {                                                                  \
+        mla_out_impl<WDT>(lat, kvb, sc, out, T, heads, bn, bk);                                                                 \
     }
 MLA_KERNELS(f32w, WDT_F32)
 MLA_KERNELS(bf16w, WDT_BF16)

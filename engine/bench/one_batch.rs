@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::backend::{AttnSeq, Backend, BackendKind};
+use crate::backend::{AttnSeq, Backend, BackendKind, SampleRow, TensorShape};
+use crate::sampling::SamplingParams;
 use crate::model::{launch, ForwardBatch, Model, Role};
 use crate::sampling::Rng;
 
@@ -68,7 +69,9 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
         let order: Vec<usize> = ranks.iter().flatten().copied().collect();
         let prompt: Vec<Vec<u32>> = (0..bs).map(|_| (0..a.input_len).map(|_| 3 + (rng.next_u64() % (vocab - 3)) as u32).collect()).collect();
         // one forward: sequence s computes `new[s]` at positions `start ..`, logits at its last token
-        let step = |kv: &mut B::KvCache, new: &[Vec<u32>], start: usize| -> Result<Vec<f32>, crate::model::ModelError> {
+        let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+        // one forward and the greedy next token of every sequence (in rank order)
+        let step = |kv: &mut B::KvCache, new: &[Vec<u32>], start: usize| -> Result<Vec<u32>, crate::model::ModelError> {
             let parts: Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> = ranks
                 .iter()
                 .map(|seqs| {
@@ -87,8 +90,14 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
                 })
                 .collect();
             let batches: Vec<ForwardBatch> = parts.iter().zip(&attn).map(|(p, q)| ForwardBatch { tokens: &p.0, positions: &p.1, seqs: q, logit_rows: &p.2 }).collect();
-            let logits = if dp == 1 { model.forward(kv, &batches[0])? } else { model.forward_dp(kv, &batches)? };
-            Ok(model.backend.download(&logits)?)
+            let mut logits = if dp == 1 { model.forward(kv, &batches[0])? } else { model.forward_dp(kv, &batches)? };
+            // greedy on the device where the backend samples there (as the server does), else on the host
+            let rows: Vec<SampleRow> = (0..logits.rows()).map(|_| SampleRow { params: &greedy, penalties: vec![], uniform: 0.0 }).collect();
+            if let Some(ids) = model.backend.sample(&mut logits, &rows)? {
+                return Ok(ids);
+            }
+            let v = model.backend.download(&logits)?;
+            Ok(v.chunks(vocab as usize).map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32).collect())
         };
         // the profile of the prefill is its own (the events sit in the step; the time excludes them)
         let t0 = Instant::now();
@@ -105,8 +114,8 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
         (hooks.start)();
         for i in 0..a.output_len {
             let mut next = vec![Vec::new(); bs];
-            for (row, &s) in l.chunks(vocab as usize).zip(&order) {
-                next[s] = vec![row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32];
+            for (&id, &s) in l.iter().zip(&order) {
+                next[s] = vec![id];
             }
             let t = Instant::now();
             l = step(&mut kv, &next, a.input_len + i)?;

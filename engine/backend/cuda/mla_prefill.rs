@@ -50,18 +50,22 @@ impl CudaBackend {
         let mut pe = self.alloc_out(n * d.qk_rope)?;
         let f = self.mla_prefill_func(dims, "mla_gather_ctx")?;
         let (l, ns) = (layer as i32, kv.slots as i32);
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&kv.buf).arg(&slots).arg(&l).arg(&ns).arg(&mut c).arg(&mut pe);
-        unsafe { b.launch(super::ops::cfg((n as u32, 1), 128, 0)) }.map_err(err("mla_gather_ctx"))?;
         // [ctx, heads·(nope + v)]: every context token's k_nope and v for every head, once
-        let kvd = self.linear_with(&GpuTensor { rows: n, cols: d.kv_lora_rank, buf: c }, kv_b, true)?;
+        let kvd = self.span(super::ops::ATTN_PROJ, || {
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&kv.buf).arg(&slots).arg(&l).arg(&ns).arg(&mut c).arg(&mut pe);
+            unsafe { b.launch(super::ops::cfg((n as u32, 1), 128, 0)) }.map_err(err("mla_gather_ctx"))?;
+            self.linear_with(&GpuTensor { rows: n, cols: d.kv_lora_rank, buf: c }, kv_b, true)
+        })?;
         let d_tiles = self.stream.clone_htod(&tiles).map_err(err("mla_flash_prefill"))?;
         let f = self.mla_prefill_func(dims, "mla_flash_prefill")?;
         let (heads, scale) = (d.num_heads as i32, d.scale);
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&q.buf).arg(&kvd.buf).arg(&pe).arg(&d_tiles).arg(out).arg(&heads).arg(&scale);
-        let launch = LaunchConfig { grid_dim: ((tiles.len() / 4) as u32, d.num_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        unsafe { b.launch(launch) }.map(|_| ()).map_err(err("mla_flash_prefill"))
+        self.span("attention", || {
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&q.buf).arg(&kvd.buf).arg(&pe).arg(&d_tiles).arg(out).arg(&heads).arg(&scale);
+            let launch = LaunchConfig { grid_dim: ((tiles.len() / 4) as u32, d.num_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            unsafe { b.launch(launch) }.map(|_| ()).map_err(err("mla_flash_prefill"))
+        })
     }
 }
 

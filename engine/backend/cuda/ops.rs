@@ -13,6 +13,9 @@ const ROPE: &str = "hip-kernels/rope.hip";
 const LIN: &str = "hip-kernels/linear.hip";
 const MOE: &str = "hip-kernels/moe.hip";
 const SAMPLE: &str = "hip-kernels/sampling.hip";
+/// Profile class of MLA's kv_b projections (q into the latent space, the latent out to v, and the
+/// prefill's K/V decompression)
+pub(super) const ATTN_PROJ: &str = "attention projections";
 
 /// A weight in its checkpoint dtype on the device.
 pub struct GpuLinear {
@@ -110,11 +113,15 @@ impl CudaBackend {
             let (d_flat, d_off, d_len) = (self.u32s(&flat)?, self.u32s(&off)?, self.u32s(&len)?);
             let heads = d.num_heads as i32;
             let grid = (t as u32, d.num_heads as u32);
+            // the projections take 8 tokens per block (MLA_TB): each head's weights read once per 8
+            let (proj_grid, ti) = ((t.div_ceil(8) as u32, d.num_heads as u32), t as i32);
             let mut q_lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
             let f = self.mla_func(dims, &format!("mla_q_latent_{}", wdt_suffix(kv_b.wdt)))?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&q.buf).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut q_lat).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-            unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_q_latent"))?;
+            self.span(ATTN_PROJ, || {
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&q.buf).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut q_lat).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
+                unsafe { b.launch(cfg(proj_grid, 256, 0)) }.map(|_| ()).map_err(err("mla_q_latent"))
+            })?;
             let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
             // four heads per block share each cache entry they read
             let hpb = if d.num_heads % 4 == 0 { 4 } else { 1 };
@@ -128,21 +135,26 @@ impl CudaBackend {
             let part_len = if splits > 1 { t * d.num_heads * splits * (2 + d.kv_lora_rank) } else { 1 };
             let mut part = self.stream.alloc_zeros::<f32>(part_len).map_err(err("mla_attention"))?;
             let sp = splits as i32;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&mut part);
-            let launch = LaunchConfig { grid_dim: (t as u32, (d.num_heads / hpb) as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: shared };
-            unsafe { b.launch(launch) }.map_err(err("mla_attention"))?;
-            if splits > 1 {
-                let f = self.mla_func(dims, "mla_merge")?;
+            let merge = self.mla_func(dims, "mla_merge")?;
+            self.span("attention", || {
                 let mut b = self.stream.launch_builder(&f);
-                b.arg(&part).arg(&mut lat).arg(&heads).arg(&sp);
-                unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_merge"))?;
-            }
+                b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&mut part);
+                let launch = LaunchConfig { grid_dim: (t as u32, (d.num_heads / hpb) as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: shared };
+                unsafe { b.launch(launch) }.map_err(err("mla_attention"))?;
+                if splits > 1 {
+                    let mut b = self.stream.launch_builder(&merge);
+                    b.arg(&part).arg(&mut lat).arg(&heads).arg(&sp);
+                    unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_merge"))?;
+                }
+                Ok(())
+            })?;
             let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
             let f = self.mla_func(dims, &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-            unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_out"))?;
+            self.span(ATTN_PROJ, || {
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
+                unsafe { b.launch(cfg(proj_grid, 256, 0)) }.map(|_| ()).map_err(err("mla_out"))
+            })?;
             Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
         }
     }
@@ -388,7 +400,8 @@ impl Backend for CudaBackend {
     }
 
     fn mla_attention(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[AttnSeq], kv_b: &GpuLinear, d: &MlaDims) -> Result<GpuTensor, BackendError> {
-        self.span("attention", || {
+        // profiled in two classes: the attention kernels, and the kv_b projections around them
+        {
             let (flash, rest): (Vec<&AttnSeq>, Vec<&AttnSeq>) = seqs.iter().partition(|s| self.flash_prefill_for(s, d));
             if flash.is_empty() {
                 return self.mla_absorbed(q, kv, layer, seqs, kv_b, d);
@@ -408,10 +421,10 @@ impl Backend for CudaBackend {
                     })
                     .collect();
                 let part = self.mla_absorbed(&qs, kv, layer, &rebased, kv_b, d)?;
-                self.scatter_rows(&part, &rows, &mut out)?;
+                self.span("other", || self.scatter_rows(&part, &rows, &mut out))?;
             }
             Ok(GpuTensor { rows: q.rows, cols: d.num_heads * d.v_head, buf: out })
-        })
+        }
     }
 
     fn moe_route(&self, x: &GpuTensor, gate: &GpuLinear, bias: Option<&[f32]>, p: &RouteParams) -> Result<GpuRouting, BackendError> {
