@@ -268,9 +268,11 @@ fn mla_case(g: &CudaBackend, c: &CpuBackend, rng: &mut Rng, d: &MlaDims, kvt: WT
 #[test]
 #[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
 fn moe_routing_and_experts() {
-    // the per-pair CUDA-core kernels (f32, 11 tokens), then the grouped tensor-core kernels (bf16
-    // hi/lo operands; 520 tokens put more than one 128-pair tile on the experts of the small variants)
-    for (mma, t, tol) in [(false, 11, F32_TOL), (true, 520, MMA_TOL)] {
+    // one block per (token, expert) pair (5 tokens); the grouped GEMV (f32; 11 and 200 tokens:
+    // several 16-token tiles per expert, with the tensor cores on or off); the grouped tensor-core
+    // kernels (bf16 hi/lo operands; 520 tokens put more than one 128-pair tile on the experts of
+    // the small variants). Hidden 250 / inter 100 take the per-pair kernels at every size.
+    for (mma, t, tol) in [(false, 5, F32_TOL), (false, 11, F32_TOL), (true, 200, F32_TOL), (true, 520, MMA_TOL)] {
         let mut g = gpu();
         g.mma_gemm = mma;
         moe_on(&g, t, tol);

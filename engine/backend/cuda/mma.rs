@@ -1,5 +1,6 @@
-//! Tensor-core GEMMs (hip-kernels/mma_tile.h): the dense linear layer with split-K, and the MoE
-//! experts grouped by expert (one weight read per expert and tile, not per routed token).
+//! Tensor-core GEMMs (hip-kernels/mma_tile.h): the dense linear layer with split-K; and the MoE
+//! experts grouped by expert (one weight read per expert and tile, not per routed token), as a
+//! grouped GEMV for decode-sized batches or on the tensor cores for prefill-sized ones.
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::ops::{wdt_suffix, GpuExperts, GpuLinear, GpuRouting};
@@ -14,10 +15,14 @@ const KSTEP: usize = 32;
 /// Batches from this many rows take the tensor cores; fewer stay on the GEMV kernels, which read
 /// the weights at full bandwidth without wasting a 128-row tile.
 pub const MMA_MIN_ROWS: usize = 9;
-/// The grouped MoE GEMM from this many tokens: below it most experts get one or two tokens, and
-/// the per-pair GEMV kernels, which stream each selected expert at bandwidth, are faster
-/// (measured on H200: batch 64 per-pair 19.2 ms vs grouped 22.5 ms; batch 128 38.1 vs 26.1).
-pub const MOE_GROUPED_MIN_ROWS: usize = 96;
+/// MoE experts: from MMA_MIN_ROWS tokens grouped by expert; up to this many tokens a grouped GEMV
+/// (each expert's weights streamed once per 16 of its tokens, CUDA cores, f32), beyond it the
+/// tensor-core tile (once per 128 tokens). The tensor-core tile was slower than one block per
+/// (token, expert) pair up to ~96 tokens on H200 (batch 64: 22.5 vs 19.2 ms) and is built for
+/// prefill-sized groups.
+pub const MOE_MMA_MIN_ROWS: usize = 512;
+/// Tokens of one expert per grouped-GEMV tile (GV_T in moe_grouped.hip).
+const GV_TOKENS: usize = 16;
 /// The grouping kernel keeps one counter per expert in shared memory.
 const MAX_EXPERTS: usize = 1024;
 
@@ -64,26 +69,43 @@ impl CudaBackend {
         unsafe { b.launch(launch(((m * n).div_ceil(256) as u32, 1, 1))) }.map(|_| ()).map_err(err("linear_split_sum"))
     }
 
+    /// Whether the grouped kernels can take these experts: 16-byte loads along both K dimensions.
+    pub(super) fn moe_grouped_ok(e: &GpuExperts) -> bool {
+        e.n <= MAX_EXPERTS && vec_ok(e.hidden, e.wdt, e.bk) == 1 && vec_ok(e.inter, e.wdt, e.bk) == 1
+    }
+
     /// out (zeroed, [T, hidden]) += Σ over this rank's routed (token, expert) pairs of
-    /// weight · down_e(silu(gate_e x) · up_e x), the pairs grouped by expert on the device.
-    pub(super) fn moe_experts_mma(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, out: &mut CudaSlice<f32>) -> Result<(), BackendError> {
-        if e.n > MAX_EXPERTS {
-            return Err(BackendError::Op { backend: "cuda", op: "moe_experts", msg: format!("{} experts on one rank; the grouped MoE kernel handles at most {MAX_EXPERTS}", e.n) });
-        }
+    /// weight · down_e(silu(gate_e x) · up_e x), the pairs grouped by expert on the device, then
+    /// the grouped GEMV (decode-sized batches) or the tensor-core tiles.
+    pub(super) fn moe_experts_grouped(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, out: &mut CudaSlice<f32>) -> Result<(), BackendError> {
+        let mma = self.mma_gemm && x.rows >= MOE_MMA_MIN_ROWS;
+        let tile_m = if mma { TILE } else { GV_TOKENS };
         let pairs = x.rows * r.top_k;
         let alloc_i32 = |n: usize| self.stream.alloc_zeros::<i32>(n.max(1)).map_err(err("moe_group"));
         // at most one partial tile per expert beyond the full ones
-        let max_tiles = pairs.div_ceil(TILE) + e.n.min(pairs);
+        let max_tiles = pairs.div_ceil(tile_m) + e.n.min(pairs);
         let (mut tok, mut pair_of, mut tiles, mut ntiles) = (alloc_i32(pairs)?, alloc_i32(pairs)?, alloc_i32(3 * max_tiles)?, alloc_i32(1)?);
-        let (p, k, e0, ne) = (pairs as i32, r.top_k as i32, e.first as i32, e.n as i32);
+        let (p, k, e0, ne, tm) = (pairs as i32, r.top_k as i32, e.first as i32, e.n as i32, tile_m as i32);
         let f = self.func(MOE_GROUPED, "moe_group")?;
         let mut b = self.stream.launch_builder(&f);
-        b.arg(&r.ids).arg(&p).arg(&k).arg(&e0).arg(&ne).arg(&mut tok).arg(&mut pair_of).arg(&mut tiles).arg(&mut ntiles);
+        b.arg(&r.ids).arg(&p).arg(&k).arg(&e0).arg(&ne).arg(&tm).arg(&mut tok).arg(&mut pair_of).arg(&mut tiles).arg(&mut ntiles);
         unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(err("moe_group"))?;
 
         let (inter, hidden) = (e.inter, e.hidden);
-        let mut gu = self.alloc_out(pairs * 2 * inter)?;
         let (ii, hi) = (inter as i32, hidden as i32);
+        if !mma {
+            // 8 warps per block, a warp per output row
+            let mut h = self.alloc_out(pairs * inter)?;
+            let f = self.func(MOE_GROUPED, &format!("moe_gate_up_gv_{}", wdt_suffix(e.wdt)))?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&x.buf).arg(&tok).arg(&tiles).arg(&ntiles).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk);
+            unsafe { b.launch(launch((inter.div_ceil(8) as u32, max_tiles as u32, 1))) }.map_err(err("moe_gate_up_gv"))?;
+            let f = self.func(MOE_GROUPED, &format!("moe_down_gv_{}", wdt_suffix(e.wdt)))?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&h).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk);
+            return unsafe { b.launch(launch((hidden.div_ceil(8) as u32, max_tiles as u32, 1))) }.map(|_| ()).map_err(err("moe_down_gv"));
+        }
+        let mut gu = self.alloc_out(pairs * 2 * inter)?;
         let f = self.func(MOE_GROUPED, &format!("moe_gate_up_mma_{}", wdt_suffix(e.wdt)))?;
         let v = vec_ok(hidden, e.wdt, e.bk);
         let mut b = self.stream.launch_builder(&f);

@@ -102,9 +102,10 @@ impl CudaBackend {
         let mma_gemm = major >= 8 && !std::env::var("ENGINE_MMA_GEMM").is_ok_and(|v| v == "0");
         if mma_gemm {
             log::info!(
-                "cuda op paths: linear layers from {} rows and MoE experts from {} tokens on the tensor cores (mma.sync bf16 hi+lo, 128x128 tiles, split-K; experts grouped by expert)",
+                "cuda op paths: linear layers from {} rows on the tensor cores (mma.sync bf16 hi+lo, 128x128 tiles, split-K); MoE experts grouped by expert from {} tokens (grouped GEMV), on the tensor cores from {}",
                 mma::MMA_MIN_ROWS,
-                mma::MOE_GROUPED_MIN_ROWS
+                mma::MMA_MIN_ROWS,
+                mma::MOE_MMA_MIN_ROWS
             );
         } else {
             log::info!("cuda op paths: no tensor-core GEMM ({}): CUDA-core tiles for every batch", if major < 8 { "compute capability below 8.0" } else { "ENGINE_MMA_GEMM=0" });

@@ -454,8 +454,8 @@ impl Backend for CudaBackend {
             if pairs == 0 {
                 return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
             }
-            if self.mma_gemm && x.rows >= super::mma::MOE_GROUPED_MIN_ROWS {
-                self.moe_experts_mma(x, r, e, &mut out)?;
+            if x.rows >= super::mma::MMA_MIN_ROWS && Self::moe_grouped_ok(e) {
+                self.moe_experts_grouped(x, r, e, &mut out)?;
                 return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
             }
             let mut h = self.alloc_out(pairs * e.inter)?;
