@@ -107,55 +107,34 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
     float acc[MAXM];
 #pragma unroll
     for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
-    // VE weights per lane per chunk: 16 bytes (FP8: 16 weights; bf16: 8; f32: two 16-byte loads of
-    // 4). UNR chunks per lane are loaded before any is used, so that many loads are in flight (the
-    // 16-row variant keeps one: it would spill on CDNA).
+    // VE weights per lane per step: one 16-byte load (FP8: 16 weights; bf16: 8; f32: two loads of 4)
     const int VE = WDT == WDT_FP8 ? 16 : 8;
-    const int UNR = MAXM <= 8 ? 2 : 1;
-    const int NR = WDT == WDT_F32 ? 2 : 1;
-    for (int k0 = lane * VE; k0 < K; k0 += UNR * WARP * VE) {
-        uint4 raw[UNR][NR];
-        float sc[UNR];
+    for (int k0 = lane * VE; k0 < K; k0 += WARP * VE) {
+        float wv[VE];
+        if (VE == 16) {
+            uint4 r = *(const uint4*)(row + k0);
+            uint32_t u[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
-        for (int u = 0; u < UNR; ++u) {
-            int k = k0 + u * WARP * VE;
-            if (k < K) {
-                const uint8_t* p = row + (int64_t)k * es;
-                raw[u][0] = *(const uint4*)p;
-                if (NR == 2) raw[u][NR - 1] = *(const uint4*)(p + 16);
-                sc[u] = WDT == WDT_FP8 ? S[(n / bn) * kblocks + k / bk] : 1.f;
-            }
+            for (int i = 0; i < 16; ++i) wv[i] = fp8e4m3_to_f32((u[i / 4] >> (8 * (i % 4))) & 0xff);
+        } else {
+            unpack8(row + (int64_t)k0 * es, WDT, wv);
+        }
+        if (WDT == WDT_FP8) {
+            float s = S[(n / bn) * kblocks + k0 / bk];
+#pragma unroll
+            for (int i = 0; i < VE; ++i) wv[i] *= s;
         }
 #pragma unroll
-        for (int u = 0; u < UNR; ++u) {
-            int k = k0 + u * WARP * VE;
-            if (k >= K) continue;
-            float wv[VE];
-            uint32_t v[4 * NR] = {raw[u][0].x, raw[u][0].y, raw[u][0].z, raw[u][0].w};
-            if (NR == 2) {
-                v[NR * 2] = raw[u][NR - 1].x;
-                v[NR * 2 + 1] = raw[u][NR - 1].y;
-                v[NR * 2 + 2] = raw[u][NR - 1].z;
-                v[NR * 2 + 3] = raw[u][NR - 1].w;
-            }
+        for (int m = 0; m < MAXM; ++m) {
+            if (m < M) {
+                const float4* xp = (const float4*)(X + (int64_t)m * K + k0);
+                float a = 0.f;
 #pragma unroll
-            for (int i = 0; i < VE; ++i) {
-                if (WDT == WDT_FP8) wv[i] = fp8e4m3_to_f32((v[i / 4] >> (8 * (i % 4))) & 0xff) * sc[u];
-                else if (WDT == WDT_BF16) wv[i] = __uint_as_float(i % 2 ? v[i / 2] & 0xffff0000u : v[i / 2] << 16);
-                else wv[i] = __uint_as_float(v[i]);
-            }
-#pragma unroll
-            for (int m = 0; m < MAXM; ++m) {
-                if (m < M) {
-                    const float4* xp = (const float4*)(X + (int64_t)m * K + k);
-                    float a = 0.f;
-#pragma unroll
-                    for (int q = 0; q < VE / 4; ++q) {
-                        float4 x = xp[q];
-                        a += wv[4 * q] * x.x + wv[4 * q + 1] * x.y + wv[4 * q + 2] * x.z + wv[4 * q + 3] * x.w;
-                    }
-                    acc[m] += a;
+                for (int q = 0; q < VE / 4; ++q) {
+                    float4 x = xp[q];
+                    a += wv[4 * q] * x.x + wv[4 * q + 1] * x.y + wv[4 * q + 2] * x.z + wv[4 * q + 3] * x.w;
                 }
+                acc[m] += a;
             }
         }
     }
