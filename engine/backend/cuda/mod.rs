@@ -97,7 +97,7 @@ impl CudaBackend {
         let jit = Jit::new(KernelCache::from_env(), Box::new(compiler), Vendor::Nvidia);
         let stream = ctx.default_stream();
         log::info!("cuda backend: {device_name} ({arch}); kernels: portable HIP-dialect sources via NVRTC, cache {}", jit.cache.dir.display());
-        log::info!("cuda op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA kernels; routing = GPU kernel; sampling = host");
+        log::info!("cuda op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA (decode, prompts under 64 tokens) and flash MHA prefill (64+ tokens, tensor cores); routing and sampling = GPU kernels");
         let poison = std::env::var("ENGINE_GPU_POISON").is_ok_and(|v| v == "1");
         let mma_gemm = major >= 8 && !std::env::var("ENGINE_MMA_GEMM").is_ok_and(|v| v == "0");
         if mma_gemm {
