@@ -9,8 +9,6 @@ use super::{err, CudaBackend, GpuTensor};
 use crate::backend::gpu::ModelDims;
 use crate::backend::{AttnSeq, BackendError, MlaDims};
 
-/// Sequences with at least this many new tokens take the flash kernel (a 64-query tile).
-pub const FLASH_MIN_Q: usize = 64;
 /// Largest decompressed K/V buffer (bytes) one call builds; longer contexts stay on the absorbed
 /// form, which reads the latent cache directly.
 const MAX_KVD_BYTES: usize = 4 << 30;
@@ -32,11 +30,12 @@ fn flash_tiles(seqs: &[&AttnSeq]) -> (Vec<i32>, Vec<u32>) {
 }
 
 impl CudaBackend {
-    /// Whether `s` runs on the flash kernel: tensor cores, a long enough prompt, head sizes the
+    /// Whether `s` runs on the flash kernel: tensor cores, a long enough prompt (tuned: 64 new
+    /// tokens on H200, a 64-query tile), head sizes the
     /// fragments tile (QK % 16, V % 8), and a decompressed context that fits the budget.
     pub(super) fn flash_prefill_for(&self, s: &AttnSeq, d: &MlaDims) -> bool {
         let kvd_bytes = s.slots.len() * d.num_heads * (d.qk_nope + d.v_head) * 4;
-        self.mma_gemm && s.q_len >= FLASH_MIN_Q && d.qk_head() % 16 == 0 && d.v_head % 8 == 0 && kvd_bytes <= MAX_KVD_BYTES
+        self.mma_gemm && s.q_len >= self.tuned.flash_min_q && d.qk_head() % 16 == 0 && d.v_head % 8 == 0 && kvd_bytes <= MAX_KVD_BYTES
     }
 
     /// Writes the attention output rows of `seqs` into `out` ([T, heads·v_head]).

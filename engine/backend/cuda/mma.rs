@@ -12,15 +12,6 @@ const MOE_GROUPED: &str = "hip-kernels/moe_grouped.hip";
 /// Tile edge of the kernels (MT_M = MT_N) and their K step (MT_K).
 const TILE: usize = 128;
 const KSTEP: usize = 32;
-/// Batches from this many rows take the tensor cores; fewer stay on the GEMV kernels, which read
-/// the weights at full bandwidth without wasting a 128-row tile.
-pub const MMA_MIN_ROWS: usize = 9;
-/// MoE experts: from MMA_MIN_ROWS tokens grouped by expert; up to this many tokens a grouped GEMV
-/// (each expert's weights streamed once per 16 of its tokens, CUDA cores, f32), beyond it the
-/// tensor-core tile (once per 128 tokens). The tensor-core tile was slower than one block per
-/// (token, expert) pair up to ~96 tokens on H200 (batch 64: 22.5 vs 19.2 ms) and is built for
-/// prefill-sized groups.
-pub const MOE_MMA_MIN_ROWS: usize = 512;
 /// Tokens of one expert per grouped-GEMV tile (GV_T in moe_grouped.hip).
 const GV_TOKENS: usize = 16;
 /// The grouping kernel keeps one counter per expert in shared memory.
@@ -78,7 +69,7 @@ impl CudaBackend {
     /// weight · down_e(silu(gate_e x) · up_e x), the pairs grouped by expert on the device, then
     /// the grouped GEMV (decode-sized batches) or the tensor-core tiles.
     pub(super) fn moe_experts_grouped(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, out: &mut CudaSlice<f32>) -> Result<(), BackendError> {
-        let mma = self.mma_gemm && x.rows >= MOE_MMA_MIN_ROWS;
+        let mma = self.mma_gemm && x.rows >= self.tuned.moe_mma_min_rows;
         let tile_m = if mma { TILE } else { GV_TOKENS };
         let pairs = x.rows * r.top_k;
         let alloc_i32 = |n: usize| self.stream.alloc_zeros::<i32>(n.max(1)).map_err(err("moe_group"));

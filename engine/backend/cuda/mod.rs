@@ -73,6 +73,8 @@ pub struct CudaBackend {
     pub mma_gemm: bool,
     /// Streaming multiprocessors (split-K sizing)
     pub sms: usize,
+    /// Where ops switch kernels, for this device (configs/tuned/)
+    pub tuned: super::gpu::tuned::Tuned,
 }
 
 /// Per-op-class timing from CUDA events recorded around each op (`engine bench --profile`).
@@ -100,19 +102,21 @@ impl CudaBackend {
         log::info!("cuda op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA (decode, prompts under 64 tokens) and flash MHA prefill (64+ tokens, tensor cores); routing and sampling = GPU kernels");
         let poison = std::env::var("ENGINE_GPU_POISON").is_ok_and(|v| v == "1");
         let mma_gemm = major >= 8 && !std::env::var("ENGINE_MMA_GEMM").is_ok_and(|v| v == "0");
+        let tuned = super::gpu::tuned::for_device(&device_name).map_err(unavailable)?;
         if mma_gemm {
             log::info!(
-                "cuda op paths: linear layers from {} rows on the tensor cores (mma.sync bf16 hi+lo, 128x128 tiles, split-K); MoE experts grouped by expert from {} tokens (grouped GEMV), on the tensor cores from {}",
-                mma::MMA_MIN_ROWS,
-                mma::MMA_MIN_ROWS,
-                mma::MOE_MMA_MIN_ROWS
+                "cuda op paths: linear layers from {} rows on the tensor cores (mma.sync bf16 hi+lo, 128x128 tiles, split-K); MoE experts grouped by expert from {} tokens (grouped GEMV), on the tensor cores from {}; flash MLA prefill from {} new tokens",
+                tuned.mma_min_rows,
+                tuned.moe_grouped_min_rows,
+                tuned.moe_mma_min_rows,
+                tuned.flash_min_q
             );
         } else {
             log::info!("cuda op paths: no tensor-core GEMM ({}): CUDA-core tiles for every batch", if major < 8 { "compute capability below 8.0" } else { "ENGINE_MMA_GEMM=0" });
         }
         keep_pool_memory(&ctx);
         let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(err("multiprocessor count"))? as usize;
-        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default(), ccl: None, staging: Mutex::new(None), mma_gemm, sms })
+        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default(), ccl: None, staging: Mutex::new(None), mma_gemm, sms, tuned })
     }
 
     /// Joins NCCL communicator `id` as `rank` of `size` (blocks until all ranks join).

@@ -188,7 +188,7 @@ impl CudaBackend {
             9..=32 if vec8 => ("gemv16", 16),
             _ => ("linear", 0),
         };
-        if mma && self.mma_gemm && x.rows >= super::mma::MMA_MIN_ROWS {
+        if mma && self.mma_gemm && x.rows >= self.tuned.mma_min_rows {
             return self.linear_mma(x, w, y);
         }
         let f = self.func(LIN, &format!("{kind}_{}", wdt_suffix(w.wdt)))?;
@@ -454,7 +454,7 @@ impl Backend for CudaBackend {
             if pairs == 0 {
                 return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
             }
-            if x.rows >= super::mma::MMA_MIN_ROWS && Self::moe_grouped_ok(e) {
+            if x.rows >= self.tuned.moe_grouped_min_rows && Self::moe_grouped_ok(e) {
                 self.moe_experts_grouped(x, r, e, &mut out)?;
                 return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
             }

@@ -7,6 +7,7 @@ pub mod kernel_cache;
 pub mod nvrtc;
 pub mod source;
 pub mod specs;
+pub mod tuned;
 
 pub use compiler::{CompileError, KernelCompiler};
 pub use jit::Jit;

@@ -1,0 +1,106 @@
+//! Per-device kernel-path thresholds (configs/tuned/<device>.toml, embedded in the binary; like
+//! SGLang's fused-MoE config files, keyed by the device name). `ENGINE_TUNED_CONFIG=FILE` replaces
+//! the embedded choice. A device without a file runs the defaults and logs that it does.
+use serde::Deserialize;
+
+/// Where each op switches kernels (rows = tokens in the batch).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tuned {
+    /// The device name this file was measured on (informational)
+    #[serde(default)]
+    pub device: String,
+    /// Linear layers on the tensor cores from this many rows
+    pub mma_min_rows: usize,
+    /// MoE experts grouped by expert from this many tokens
+    pub moe_grouped_min_rows: usize,
+    /// ... and on the tensor cores from this many
+    pub moe_mma_min_rows: usize,
+    /// Flash MHA prefill for sequences with at least this many new tokens
+    pub flash_min_q: usize,
+}
+
+impl Default for Tuned {
+    fn default() -> Self {
+        Tuned { device: String::new(), mma_min_rows: 9, moe_grouped_min_rows: 9, moe_mma_min_rows: 512, flash_min_q: 64 }
+    }
+}
+
+/// The embedded files: (key, text).
+const FILES: &[(&str, &str)] = &[("nvidia-h200", include_str!("../../../configs/tuned/nvidia-h200.toml"))];
+
+/// "NVIDIA H200" -> "nvidia-h200": lower case, runs of other characters as one '-'.
+pub fn device_key(name: &str) -> String {
+    let mut k = String::new();
+    for c in name.trim().chars() {
+        if c.is_ascii_alphanumeric() {
+            k.push(c.to_ascii_lowercase());
+        } else if !k.ends_with('-') && !k.is_empty() {
+            k.push('-');
+        }
+    }
+    k.trim_end_matches('-').to_string()
+}
+
+pub fn parse(text: &str, origin: &str) -> Result<Tuned, String> {
+    let t: Tuned = toml::from_str(text).map_err(|e| format!("tuned kernel config {origin}: {e}"))?;
+    if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 {
+        return Err(format!("tuned kernel config {origin}: thresholds must be at least 1"));
+    }
+    Ok(t)
+}
+
+/// The thresholds for `device_name`: ENGINE_TUNED_CONFIG, else the embedded file for its key, else
+/// the defaults (logged).
+pub fn for_device(device_name: &str) -> Result<Tuned, String> {
+    if let Ok(path) = std::env::var("ENGINE_TUNED_CONFIG") {
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("ENGINE_TUNED_CONFIG={path}: {e}"))?;
+        let t = parse(&text, &path)?;
+        log::info!("kernel thresholds from {path}: {t:?}");
+        return Ok(t);
+    }
+    let key = device_key(device_name);
+    match FILES.iter().find(|(k, _)| *k == key) {
+        Some((k, text)) => {
+            let t = parse(text, &format!("configs/tuned/{k}.toml"))?;
+            log::info!("kernel thresholds from configs/tuned/{k}.toml: {t:?}");
+            Ok(t)
+        }
+        None => {
+            log::info!("no tuned kernel config for {device_name:?} (configs/tuned/{key}.toml); using the defaults {:?}", Tuned::default());
+            Ok(Tuned::default())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_map_to_file_keys() {
+        assert_eq!(device_key("NVIDIA H200"), "nvidia-h200");
+        assert_eq!(device_key(" NVIDIA H100 80GB HBM3 "), "nvidia-h100-80gb-hbm3");
+        assert_eq!(device_key("AMD Instinct MI300X"), "amd-instinct-mi300x");
+    }
+
+    #[test]
+    fn embedded_files_parse_and_unknown_devices_get_the_defaults() {
+        for (k, text) in FILES {
+            let t = parse(text, k).unwrap();
+            assert_eq!(device_key(&t.device), *k, "{k}: the file's device field names its key");
+        }
+        assert_eq!(for_device("Some Future GPU").unwrap(), Tuned::default());
+        assert_eq!(for_device("NVIDIA H200").unwrap().moe_mma_min_rows, 512);
+    }
+
+    #[test]
+    fn bad_files_name_the_problem() {
+        let e = parse("mma_min_rows = 9\nmoe_grouped_min_rows = 9\nmoe_mma_min_rows = 512\nflash_min_q = 64\ntile = 3\n", "x.toml").unwrap_err();
+        assert!(e.contains("x.toml") && e.contains("tile"), "{e}");
+        let e = parse("mma_min_rows = 0\nmoe_grouped_min_rows = 9\nmoe_mma_min_rows = 512\nflash_min_q = 64\n", "y.toml").unwrap_err();
+        assert!(e.contains("y.toml") && e.contains("at least 1"), "{e}");
+        let e = parse("mma_min_rows = 9\n", "z.toml").unwrap_err();
+        assert!(e.contains("z.toml") && e.contains("moe_grouped_min_rows"), "{e}");
+    }
+}
