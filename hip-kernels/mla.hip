@@ -20,27 +20,6 @@
 // Tokens per block of the two projections: W_UK(h) / W_UV(h) is read once per MLA_TB tokens.
 #define MLA_TB 8
 
-// Four consecutive weights W[row][l .. l+3] (l % 4 == 0, K % 4 == 0) from one 4/8/16-byte load.
-template <int WDT>
-__device__ __forceinline__ void load_w4(const uint8_t* __restrict__ w, const float* __restrict__ sc, int64_t row, int l, int K, int bn, int bk,
-                                        int kblocks, float* o) {
-    if (WDT == WDT_F32) {
-        float4 v = *(const float4*)((const float*)w + row * K + l);
-        o[0] = v.x, o[1] = v.y, o[2] = v.z, o[3] = v.w;
-    } else if (WDT == WDT_BF16) {
-        uint2 v = *(const uint2*)((const uint16_t*)w + row * K + l);
-        o[0] = __uint_as_float(v.x << 16), o[1] = __uint_as_float(v.x & 0xffff0000u);
-        o[2] = __uint_as_float(v.y << 16), o[3] = __uint_as_float(v.y & 0xffff0000u);
-    } else {
-        uint32_t v = *(const uint32_t*)(w + row * K + l);
-        const float* s = sc + (row / bn) * kblocks;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) o[i] = fp8e4m3_to_f32((v >> (8 * i)) & 0xff) * s[(l + i) / bk];
-    }
-}
-
-// q_lat[t, h, :] = q_nope[t, h, :] · W_UK(h). A thread owns 4 consecutive latent columns; the
-// block's thread groups split the NOPE rows and their partials are added in group order.
 template <int WDT>
 __device__ void mla_q_latent_impl(const float* __restrict__ q, const uint8_t* __restrict__ kvb, const float* __restrict__ sc,
                                   float* __restrict__ q_lat, int T, int heads, int bn, int bk) {
@@ -52,39 +31,6 @@ __device__ void mla_q_latent_impl(const float* __restrict__ q, const uint8_t* __
         qs[tt][d] = tt < nt ? q[((int64_t)(t0 + tt) * heads + h) * QK + d] : 0.f;
     }
     __syncthreads();
-#if KV_LORA % 4 == 0 && KV_LORA <= 1024
-    const int L4 = KV_LORA / 4, G = blockDim.x / L4; // G >= 1 thread groups over the rows d
-    __shared__ float red[1024 * MLA_TB];             // [G][MLA_TB][KV_LORA], G · KV_LORA <= 4 · 256
-    int g = threadIdx.x / L4, l = 4 * (threadIdx.x % L4);
-    float acc[MLA_TB][4];
-#pragma unroll
-    for (int tt = 0; tt < MLA_TB; ++tt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[tt][i] = 0.f;
-    if (g < G) {
-        for (int d = g; d < NOPE; d += G) {
-            float w[4];
-            load_w4<WDT>(kvb, sc, (int64_t)h * PER_HEAD + d, l, KV_LORA, bn, bk, kb, w);
-#pragma unroll
-            for (int tt = 0; tt < MLA_TB; ++tt) {
-                float x = qs[tt][d];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) acc[tt][i] += x * w[i];
-            }
-        }
-#pragma unroll
-        for (int tt = 0; tt < MLA_TB; ++tt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) red[(g * MLA_TB + tt) * KV_LORA + l + i] = acc[tt][i];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < nt * KV_LORA; i += blockDim.x) {
-        int tt = i / KV_LORA, c = i % KV_LORA;
-        float v = 0.f;
-        for (int k = 0; k < G; ++k) v += red[(k * MLA_TB + tt) * KV_LORA + c];
-        q_lat[((int64_t)(t0 + tt) * heads + h) * KV_LORA + c] = v;
-    }
-#else
     for (int l = threadIdx.x; l < KV_LORA; l += blockDim.x) {
         float acc[MLA_TB];
 #pragma unroll
@@ -96,7 +42,6 @@ __device__ void mla_q_latent_impl(const float* __restrict__ q, const uint8_t* __
         }
         for (int tt = 0; tt < nt; ++tt) q_lat[((int64_t)(t0 + tt) * heads + h) * KV_LORA + l] = acc[tt];
     }
-#endif
 }
 
 // Per token t: its context is slots[ctx_off[t] .. ctx_off[t] + ctx_len[t]]. A block serves HPB heads
@@ -238,20 +183,6 @@ __device__ void mla_out_impl(const float* __restrict__ lat, const uint8_t* __res
         float acc[MLA_TB];
 #pragma unroll
         for (int tt = 0; tt < MLA_TB; ++tt) acc[tt] = 0.f;
-#if KV_LORA % 4 == 0
-        // four consecutive latent columns per lane: one 4/8/16-byte weight load, float4 latents
-        for (int l = 4 * lane; l < KV_LORA; l += 4 * WARP) {
-            float wv[4];
-            load_w4<WDT>(kvb, sc, row, l, KV_LORA, bn, bk, kb, wv);
-            const float* p = lt + l;
-#pragma unroll
-            for (int tt = 0; tt < MLA_TB; ++tt)
-                if (tt < nt) {
-                    float4 x = *(const float4*)(p + tt * stride);
-                    acc[tt] += wv[0] * x.x + wv[1] * x.y + wv[2] * x.z + wv[3] * x.w;
-                }
-        }
-#else
         for (int l = lane; l < KV_LORA; l += WARP) {
             float wv = load_w<WDT>(kvb, sc, row, l, KV_LORA, bn, bk, kb);
             const float* p = lt + l;
@@ -259,7 +190,6 @@ __device__ void mla_out_impl(const float* __restrict__ lat, const uint8_t* __res
             for (int tt = 0; tt < MLA_TB; ++tt)
                 if (tt < nt) acc[tt] += wv * p[tt * stride];
         }
-#endif
 #pragma unroll
         for (int tt = 0; tt < MLA_TB; ++tt) {
             float v = warp_sum(acc[tt]);
