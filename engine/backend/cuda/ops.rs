@@ -97,66 +97,64 @@ impl CudaBackend {
     /// MLA in the absorbed (MQA) form over the latent cache: the decode path, and prefill where the
     /// flash kernel does not apply.
     fn mla_absorbed(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[AttnSeq], kv_b: &GpuLinear, d: &MlaDims) -> Result<GpuTensor, BackendError> {
-        {
-            let t = q.rows;
-            let dims = ModelDims { kv_lora_rank: d.kv_lora_rank, qk_rope_head_dim: d.qk_rope, qk_nope_head_dim: d.qk_nope, v_head_dim: d.v_head };
-            // per token: where its context starts in the flattened slot list, and how long it is (causal)
-            let (mut flat, mut off, mut len) = (Vec::new(), vec![0u32; t], vec![0u32; t]);
-            for s in seqs {
-                let base = flat.len() as u32;
-                flat.extend_from_slice(s.slots);
-                for i in 0..s.q_len {
-                    off[s.q_start + i] = base;
-                    len[s.q_start + i] = (s.slots.len() - s.q_len + i + 1) as u32;
-                }
+        let t = q.rows;
+        let dims = ModelDims { kv_lora_rank: d.kv_lora_rank, qk_rope_head_dim: d.qk_rope, qk_nope_head_dim: d.qk_nope, v_head_dim: d.v_head };
+        // per token: where its context starts in the flattened slot list, and how long it is (causal)
+        let (mut flat, mut off, mut len) = (Vec::new(), vec![0u32; t], vec![0u32; t]);
+        for s in seqs {
+            let base = flat.len() as u32;
+            flat.extend_from_slice(s.slots);
+            for i in 0..s.q_len {
+                off[s.q_start + i] = base;
+                len[s.q_start + i] = (s.slots.len() - s.q_len + i + 1) as u32;
             }
-            let (d_flat, d_off, d_len) = (self.u32s(&flat)?, self.u32s(&off)?, self.u32s(&len)?);
-            let heads = d.num_heads as i32;
-            let grid = (t as u32, d.num_heads as u32);
-            // the projections take 8 tokens per block (MLA_TB): each head's weights read once per 8
-            let (proj_grid, ti) = ((t.div_ceil(8) as u32, d.num_heads as u32), t as i32);
-            let mut q_lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
-            let f = self.mla_func(dims, &format!("mla_q_latent_{}", wdt_suffix(kv_b.wdt)))?;
-            self.span(ATTN_PROJ, || {
-                let mut b = self.stream.launch_builder(&f);
-                b.arg(&q.buf).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut q_lat).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-                unsafe { b.launch(cfg(proj_grid, 256, 0)) }.map(|_| ()).map_err(err("mla_q_latent"))
-            })?;
-            let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
-            // four heads per block share each cache entry they read
-            let hpb = if d.num_heads % 4 == 0 { 4 } else { 1 };
-            let f = self.mla_func(dims, if hpb == 4 { "mla_attention4" } else { "mla_attention" })?;
-            let (l, ns, scale) = (layer as i32, kv.slots as i32, d.scale);
-            let warps = 256 / 32;
-            let shared = (warps * (2 + d.kv_lora_rank) * 4) as u32;
-            // split-K over the sequence when too few (token, head) blocks would fill the GPU
-            let max_len = len.iter().copied().max().unwrap_or(1) as usize;
-            let splits = if t * d.num_heads / hpb < 264 { max_len.div_ceil(512).clamp(1, 16) } else { 1 };
-            let part_len = if splits > 1 { t * d.num_heads * splits * (2 + d.kv_lora_rank) } else { 1 };
-            let mut part = self.stream.alloc_zeros::<f32>(part_len).map_err(err("mla_attention"))?;
-            let sp = splits as i32;
-            let merge = self.mla_func(dims, "mla_merge")?;
-            self.span("attention", || {
-                let mut b = self.stream.launch_builder(&f);
-                b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&mut part);
-                let launch = LaunchConfig { grid_dim: (t as u32, (d.num_heads / hpb) as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: shared };
-                unsafe { b.launch(launch) }.map_err(err("mla_attention"))?;
-                if splits > 1 {
-                    let mut b = self.stream.launch_builder(&merge);
-                    b.arg(&part).arg(&mut lat).arg(&heads).arg(&sp);
-                    unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_merge"))?;
-                }
-                Ok(())
-            })?;
-            let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
-            let f = self.mla_func(dims, &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
-            self.span(ATTN_PROJ, || {
-                let mut b = self.stream.launch_builder(&f);
-                b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-                unsafe { b.launch(cfg(proj_grid, 256, 0)) }.map(|_| ()).map_err(err("mla_out"))
-            })?;
-            Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
         }
+        let (d_flat, d_off, d_len) = (self.u32s(&flat)?, self.u32s(&off)?, self.u32s(&len)?);
+        let heads = d.num_heads as i32;
+        let grid = (t as u32, d.num_heads as u32);
+        // the projections take 8 tokens per block (MLA_TB): each head's weights read once per 8
+        let (proj_grid, ti) = ((t.div_ceil(8) as u32, d.num_heads as u32), t as i32);
+        let mut q_lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
+        let f = self.mla_func(dims, &format!("mla_q_latent_{}", wdt_suffix(kv_b.wdt)))?;
+        self.span(ATTN_PROJ, || {
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&q.buf).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut q_lat).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
+            unsafe { b.launch(cfg(proj_grid, 256, 0)) }.map(|_| ()).map_err(err("mla_q_latent"))
+        })?;
+        let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
+        // four heads per block share each cache entry they read
+        let hpb = if d.num_heads % 4 == 0 { 4 } else { 1 };
+        let f = self.mla_func(dims, if hpb == 4 { "mla_attention4" } else { "mla_attention" })?;
+        let (l, ns, scale) = (layer as i32, kv.slots as i32, d.scale);
+        let warps = 256 / 32;
+        let shared = (warps * (2 + d.kv_lora_rank) * 4) as u32;
+        // split-K over the sequence when too few (token, head) blocks would fill the GPU
+        let max_len = len.iter().copied().max().unwrap_or(1) as usize;
+        let splits = if t * d.num_heads / hpb < 264 { max_len.div_ceil(512).clamp(1, 16) } else { 1 };
+        let part_len = if splits > 1 { t * d.num_heads * splits * (2 + d.kv_lora_rank) } else { 1 };
+        let mut part = self.stream.alloc_zeros::<f32>(part_len).map_err(err("mla_attention"))?;
+        let sp = splits as i32;
+        let merge = self.mla_func(dims, "mla_merge")?;
+        self.span("attention", || {
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&mut part);
+            let launch = LaunchConfig { grid_dim: (t as u32, (d.num_heads / hpb) as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: shared };
+            unsafe { b.launch(launch) }.map_err(err("mla_attention"))?;
+            if splits > 1 {
+                let mut b = self.stream.launch_builder(&merge);
+                b.arg(&part).arg(&mut lat).arg(&heads).arg(&sp);
+                unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_merge"))?;
+            }
+            Ok(())
+        })?;
+        let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
+        let f = self.mla_func(dims, &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
+        self.span(ATTN_PROJ, || {
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
+            unsafe { b.launch(cfg(proj_grid, 256, 0)) }.map(|_| ()).map_err(err("mla_out"))
+        })?;
+        Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
     }
 
     fn scatter_rows(&self, x: &GpuTensor, rows: &[u32], out: &mut CudaSlice<f32>) -> Result<(), BackendError> {
@@ -401,30 +399,28 @@ impl Backend for CudaBackend {
 
     fn mla_attention(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[AttnSeq], kv_b: &GpuLinear, d: &MlaDims) -> Result<GpuTensor, BackendError> {
         // profiled in two classes: the attention kernels, and the kv_b projections around them
-        {
-            let (flash, rest): (Vec<&AttnSeq>, Vec<&AttnSeq>) = seqs.iter().partition(|s| self.flash_prefill_for(s, d));
-            if flash.is_empty() {
-                return self.mla_absorbed(q, kv, layer, seqs, kv_b, d);
-            }
-            let mut out = self.alloc_out(q.rows * d.num_heads * d.v_head)?;
-            self.mla_flash(q, kv, layer, &flash, kv_b, d, &mut out)?;
-            if !rest.is_empty() {
-                // the other sequences (decode tokens, short prompts) in the absorbed form, on their rows
-                let rows: Vec<u32> = rest.iter().flat_map(|s| (s.q_start..s.q_start + s.q_len).map(|r| r as u32)).collect();
-                let qs = self.gather_rows(q, &rows)?;
-                let mut q0 = 0;
-                let rebased: Vec<AttnSeq> = rest
-                    .iter()
-                    .map(|s| {
-                        q0 += s.q_len;
-                        AttnSeq { q_start: q0 - s.q_len, q_len: s.q_len, slots: s.slots }
-                    })
-                    .collect();
-                let part = self.mla_absorbed(&qs, kv, layer, &rebased, kv_b, d)?;
-                self.span("other", || self.scatter_rows(&part, &rows, &mut out))?;
-            }
-            Ok(GpuTensor { rows: q.rows, cols: d.num_heads * d.v_head, buf: out })
+        let (flash, rest): (Vec<&AttnSeq>, Vec<&AttnSeq>) = seqs.iter().partition(|s| self.flash_prefill_for(s, d));
+        if flash.is_empty() {
+            return self.mla_absorbed(q, kv, layer, seqs, kv_b, d);
         }
+        let mut out = self.alloc_out(q.rows * d.num_heads * d.v_head)?;
+        self.mla_flash(q, kv, layer, &flash, kv_b, d, &mut out)?;
+        if !rest.is_empty() {
+            // the other sequences (decode tokens, short prompts) in the absorbed form, on their rows
+            let rows: Vec<u32> = rest.iter().flat_map(|s| (s.q_start..s.q_start + s.q_len).map(|r| r as u32)).collect();
+            let qs = self.gather_rows(q, &rows)?;
+            let mut q0 = 0;
+            let rebased: Vec<AttnSeq> = rest
+                .iter()
+                .map(|s| {
+                    q0 += s.q_len;
+                    AttnSeq { q_start: q0 - s.q_len, q_len: s.q_len, slots: s.slots }
+                })
+                .collect();
+            let part = self.mla_absorbed(&qs, kv, layer, &rebased, kv_b, d)?;
+            self.span("other", || self.scatter_rows(&part, &rows, &mut out))?;
+        }
+        Ok(GpuTensor { rows: q.rows, cols: d.num_heads * d.v_head, buf: out })
     }
 
     fn moe_route(&self, x: &GpuTensor, gate: &GpuLinear, bias: Option<&[f32]>, p: &RouteParams) -> Result<GpuRouting, BackendError> {
