@@ -25,7 +25,12 @@ impl BackendKind {
             BackendKind::Rocm => match super::rocm::probe() {
                 Ok(p) => Err(BackendUnavailable {
                     backend: "rocm",
-                    reason: format!("{} ROCm device(s) found through {}, but this build's ROCm backend has no kernels yet (hipRTC/hipBLASLt paths are not implemented); use --backend cpu", p.devices, p.library),
+                    reason: format!(
+                        "{} ROCm device(s) ({}) found through {}, but this build's ROCm backend has no kernels yet (hipRTC/hipBLASLt paths are not implemented); use --backend cpu",
+                        p.devices,
+                        p.archs.iter().map(|a| a.target).collect::<Vec<_>>().join(", "),
+                        p.library
+                    ),
                 }),
                 Err(e) => Err(e),
             },
