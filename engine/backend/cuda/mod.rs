@@ -4,6 +4,7 @@
 //! are dequantised inside the kernels. Every op runs on the GPU; nothing falls back to the CPU.
 mod mla_prefill;
 pub(crate) mod mma;
+mod moe_grouped;
 mod nccl;
 mod ops;
 mod staging;

@@ -173,7 +173,7 @@ impl CudaBackend {
         self.stream.clone_htod(if v.is_empty() { &[0u32][..] } else { v }).map_err(err("upload"))
     }
 
-    /// `mma`: whether batches beyond the GEMV sizes may take the tensor cores (bf16 operands); the
+    /// `mma`: whether batches beyond the GEMV sizes may take the tensor cores (bf16 hi/lo operands); the
     /// router keeps f32 so that expert choice matches the reference (DeepSeek's gate is f32).
     fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>, mma: bool) -> Result<(), BackendError> {
         // 16-byte loads need rows of a multiple of 8 elements (FP8: 16, and scale blocks too)
