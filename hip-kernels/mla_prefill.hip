@@ -12,7 +12,7 @@
 //   - other targets: the portable product over the same shared tiles, one query row per thread pair.
 // Launch: grid (tiles, heads), block 128. A tile is 4 ints: first query row in q / out, queries
 // (≤ 64), first context row in kvd / pe, position of the tile's first query in its sequence.
-#include "common.h"
+#include "bf16.h"
 
 #ifndef KV_LORA
 #error "KV_LORA must be defined"
@@ -24,25 +24,6 @@
 #define FB_K 32
 #define FB_KP (QK + 8)   // padded shared rows (bf16): conflict-free fragment reads
 #define FB_VP (FB_K + 8)
-
-__device__ __forceinline__ uint32_t fb_bf16(float f) {
-    uint32_t u = __float_as_uint(f);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return u >> 16;
-}
-// v ≈ hi + lo, both bf16: the pair carries ~16 mantissa bits
-__device__ __forceinline__ void fb_split(float v, uint16_t* hi, uint16_t* lo) {
-    uint32_t h = fb_bf16(v);
-    *hi = (uint16_t)h;
-    *lo = (uint16_t)fb_bf16(v - __uint_as_float(h << 16));
-}
-__device__ __forceinline__ void fb_split2(float a, float b, uint32_t* hi, uint32_t* lo) {
-    uint16_t ah, al, bh, bl;
-    fb_split(a, &ah, &al);
-    fb_split(b, &bh, &bl);
-    *hi = ah | ((uint32_t)bh << 16);
-    *lo = al | ((uint32_t)bl << 16);
-}
 
 // c_out[j] = the latent c and pe_out[j] = k_pe of context slot slots[j] (layer `layer`).
 extern "C" __global__ void mla_gather_ctx(const float* __restrict__ kv, const uint32_t* __restrict__ slots, int layer, int num_slots,
@@ -64,19 +45,14 @@ __device__ __forceinline__ void fb_stage(FbShared& sh, const float* kvd, const f
         int key = i / QK, d = i % QK, j = j0 + key;
         float v = 0.f;
         if (j < len) v = d < NOPE ? kvd[(int64_t)(ctx0 + j) * heads * PER_HEAD + h * PER_HEAD + d] : pe[(int64_t)(ctx0 + j) * ROPE + d - NOPE];
-        fb_split(v, &sh.ks[0][key][d], &sh.ks[1][key][d]);
+        bf16_split(v, &sh.ks[0][key][d], &sh.ks[1][key][d]);
     }
     for (int i = threadIdx.x; i < FB_K * VDIM; i += blockDim.x) {
         int key = i / VDIM, d = i % VDIM, j = j0 + key;
         float v = j < len ? kvd[(int64_t)(ctx0 + j) * heads * PER_HEAD + h * PER_HEAD + NOPE + d] : 0.f;
-        fb_split(v, &sh.vt[0][d][key], &sh.vt[1][d][key]);
+        bf16_split(v, &sh.vt[0][d][key], &sh.vt[1][d][key]);
     }
 }
-
-#define FB_MMA(C, A, B0, B1)                                                                                                           \
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"        \
-                 : "+f"(C[0]), "+f"(C[1]), "+f"(C[2]), "+f"(C[3])                                                                      \
-                 : "r"(A[0]), "r"(A[1]), "r"(A[2]), "r"(A[3]), "r"(B0), "r"(B1))
 
 extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float* __restrict__ q, const float* __restrict__ kvd, const float* __restrict__ pe,
                                                                    const int32_t* __restrict__ tiles, float* __restrict__ out, int heads, float scale) {
@@ -97,7 +73,7 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
             int r = r0 + 8 * (f % 2), d = 16 * kk + 2 * t + 8 * (f / 2);
             const float* src = q + ((int64_t)(q_row0 + r) * heads + h) * QK + d;
             qh[kk][f] = ql[kk][f] = 0u;
-            if (r < nq) fb_split2(src[0], src[1], &qh[kk][f], &ql[kk][f]);
+            if (r < nq) bf16_split2(src[0], src[1], &qh[kk][f], &ql[kk][f]);
         }
     float o[VDIM / 8][4];
 #pragma unroll
@@ -118,9 +94,9 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
                 const int kr = 8 * j + g, kc = 16 * kk + 2 * t;
                 uint32_t bh0 = *(const uint32_t*)&sh.ks[0][kr][kc], bh1 = *(const uint32_t*)&sh.ks[0][kr][kc + 8];
                 uint32_t bl0 = *(const uint32_t*)&sh.ks[1][kr][kc], bl1 = *(const uint32_t*)&sh.ks[1][kr][kc + 8];
-                FB_MMA(s[j], qh[kk], bh0, bh1);
-                FB_MMA(s[j], ql[kk], bh0, bh1);
-                FB_MMA(s[j], qh[kk], bl0, bl1);
+                mma_bf16_16816(s[j], qh[kk], bh0, bh1);
+                mma_bf16_16816(s[j], ql[kk], bh0, bh1);
+                mma_bf16_16816(s[j], qh[kk], bl0, bl1);
             }
         }
         // causal mask, scale, online softmax (rows r0: c = 0, 1; r0 + 8: c = 2, 3)
@@ -154,8 +130,8 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
                 p[c] = s[j][c] == -ENGINE_INF ? 0.f : expf(s[j][c] - m[c / 2]);
                 l[c / 2] += p[c];
             }
-            fb_split2(p[0], p[1], &ph[j / 2][2 * (j % 2)], &pl[j / 2][2 * (j % 2)]);
-            fb_split2(p[2], p[3], &ph[j / 2][2 * (j % 2) + 1], &pl[j / 2][2 * (j % 2) + 1]);
+            bf16_split2(p[0], p[1], &ph[j / 2][2 * (j % 2)], &pl[j / 2][2 * (j % 2)]);
+            bf16_split2(p[2], p[3], &ph[j / 2][2 * (j % 2) + 1], &pl[j / 2][2 * (j % 2) + 1]);
         }
 #pragma unroll
         for (int jv = 0; jv < VDIM / 8; ++jv) {
@@ -168,9 +144,9 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
                 const int vr = 8 * jv + g, vc = 16 * kc + 2 * t;
                 uint32_t bh0 = *(const uint32_t*)&sh.vt[0][vr][vc], bh1 = *(const uint32_t*)&sh.vt[0][vr][vc + 8];
                 uint32_t bl0 = *(const uint32_t*)&sh.vt[1][vr][vc], bl1 = *(const uint32_t*)&sh.vt[1][vr][vc + 8];
-                FB_MMA(o[jv], ph[kc], bh0, bh1);
-                FB_MMA(o[jv], pl[kc], bh0, bh1);
-                FB_MMA(o[jv], ph[kc], bl0, bl1);
+                mma_bf16_16816(o[jv], ph[kc], bh0, bh1);
+                mma_bf16_16816(o[jv], pl[kc], bh0, bh1);
+                mma_bf16_16816(o[jv], ph[kc], bl0, bl1);
             }
         }
         __syncthreads();

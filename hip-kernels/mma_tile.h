@@ -14,20 +14,13 @@
 //   - anything else: the portable product, each thread an 8×8 block in scalar FMAs.
 // Rows of X come through a row map (the MoE's token gather).
 #pragma once
-#include "common.h"
+#include "bf16.h"
 
 #define MT_M 128
 #define MT_N 128
 #define MT_K 32
 #define MT_KP (MT_K + 8) // padded shared row (bf16): conflict-free fragment reads
 #define MT_THREADS 256
-
-__device__ __forceinline__ uint32_t mt_bf16(float f) {
-    uint32_t u = __float_as_uint(f);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return u >> 16;
-}
-__device__ __forceinline__ uint32_t mt_pack(float lo, float hi) { return mt_bf16(lo) | (mt_bf16(hi) << 16); }
 
 struct MmaShared {
     uint16_t xs[2][MT_M][MT_KP]; // X hi, lo
@@ -105,10 +98,13 @@ __device__ __forceinline__ float mt_wscale(const MtOperands& o, int n, int k) {
     return WDT == WDT_FP8 && !mt_fold<WDT>(o) ? o.S[(n / o.bn) * ((o.K + o.bk - 1) / o.bk) + k / o.bk] : 1.f;
 }
 
-__device__ __forceinline__ void mt_put_split(uint16_t* hi, uint16_t* lo, float v) {
-    uint32_t h = mt_bf16(v);
-    *hi = (uint16_t)h;
-    *lo = (uint16_t)mt_bf16(v - __uint_as_float(h << 16));
+// four consecutive floats split into bf16 hi and lo parts at hi[0..4] and lo[0..4] (8-byte aligned)
+__device__ __forceinline__ void mt_put_split4(uint16_t* hi, uint16_t* lo, float a, float b, float c, float d) {
+    uint32_t h0, l0, h1, l1;
+    bf16_split2(a, b, &h0, &l0);
+    bf16_split2(c, d, &h1, &l1);
+    *(uint2*)hi = make_uint2(h0, h1);
+    *(uint2*)lo = make_uint2(l0, l1);
 }
 
 // Per-thread share of one K step, still in the checkpoint's format.
@@ -150,16 +146,10 @@ __device__ __forceinline__ void mt_store(MmaShared& sh, const MtStage<WDT>& st) 
     const int tid = threadIdx.x, ES = MtStage<WDT>::ES;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        float v[4] = {st.x[i].x * st.xs[i], st.x[i].y * st.xs[i], st.x[i].z * st.xs[i], st.x[i].w * st.xs[i]};
-        uint32_t h[4], l[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            h[q] = mt_bf16(v[q]);
-            l[q] = mt_bf16(v[q] - __uint_as_float(h[q] << 16));
-        }
+        float4 v = st.x[i];
+        float s = st.xs[i];
         int r = tid / 8 + 32 * i, c = 4 * (tid % 8);
-        *(uint2*)&sh.xs[0][r][c] = make_uint2(h[0] | (h[1] << 16), h[2] | (h[3] << 16));
-        *(uint2*)&sh.xs[1][r][c] = make_uint2(l[0] | (l[1] << 16), l[2] | (l[3] << 16));
+        mt_put_split4(&sh.xs[0][r][c], &sh.xs[1][r][c], v.x * s, v.y * s, v.z * s, v.w * s);
     }
     const int per_row = 2 * ES, rows_per_pass = MT_THREADS / per_row, elems = 16 / ES;
 #pragma unroll
@@ -169,23 +159,15 @@ __device__ __forceinline__ void mt_store(MmaShared& sh, const MtStage<WDT>& st) 
         if (WDT == WDT_BF16) {
             *(uint4*)&sh.ws[0][r][c] = u;
         } else if (WDT == WDT_F32) {
-            float v[4] = {__uint_as_float(u.x), __uint_as_float(u.y), __uint_as_float(u.z), __uint_as_float(u.w)};
-            uint32_t h[4], l[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                h[q] = mt_bf16(v[q]);
-                l[q] = mt_bf16(v[q] - __uint_as_float(h[q] << 16));
-            }
-            *(uint2*)&sh.ws[0][r][c] = make_uint2(h[0] | (h[1] << 16), h[2] | (h[3] << 16));
-            *(uint2*)&sh.ws[1][r][c] = make_uint2(l[0] | (l[1] << 16), l[2] | (l[3] << 16));
+            mt_put_split4(&sh.ws[0][r][c], &sh.ws[1][r][c], __uint_as_float(u.x), __uint_as_float(u.y), __uint_as_float(u.z), __uint_as_float(u.w));
         } else {
             // e4m3 values are exact in bf16; the scale is exact too when folded into X (s = 1)
             uint32_t w4[4] = {u.x, u.y, u.z, u.w}, p[8];
             float s = st.s[i];
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                p[2 * q] = mt_pack(fp8e4m3_to_f32(w4[q] & 0xff) * s, fp8e4m3_to_f32((w4[q] >> 8) & 0xff) * s);
-                p[2 * q + 1] = mt_pack(fp8e4m3_to_f32((w4[q] >> 16) & 0xff) * s, fp8e4m3_to_f32(w4[q] >> 24) * s);
+                p[2 * q] = bf16_pack(fp8e4m3_to_f32(w4[q] & 0xff) * s, fp8e4m3_to_f32((w4[q] >> 8) & 0xff) * s);
+                p[2 * q + 1] = bf16_pack(fp8e4m3_to_f32((w4[q] >> 16) & 0xff) * s, fp8e4m3_to_f32(w4[q] >> 24) * s);
             }
             *(uint4*)&sh.ws[0][r][c] = make_uint4(p[0], p[1], p[2], p[3]);
             *(uint4*)&sh.ws[0][r][c + 8] = make_uint4(p[4], p[5], p[6], p[7]);
@@ -200,7 +182,7 @@ __device__ void mt_fill_scalar(MmaShared& sh, const MtOperands& o, int k0) {
         int r = i / MT_K, c = i % MT_K, k = k0 + c;
         int64_t xr = mt_xrow(o, r);
         float x = (xr >= 0 && k < o.K) ? o.X[xr * o.K + k] * mt_xscale<WDT>(o, k) : 0.f;
-        mt_put_split(&sh.xs[0][r][c], &sh.xs[1][r][c], x);
+        bf16_split(x, &sh.xs[0][r][c], &sh.xs[1][r][c]);
         int n = o.n0 + r;
         float w = 0.f;
         if (n < o.N && k < o.K) {
@@ -208,7 +190,7 @@ __device__ void mt_fill_scalar(MmaShared& sh, const MtOperands& o, int k0) {
             else if (WDT == WDT_BF16) w = bf16_to_f32(((const uint16_t*)o.W)[(int64_t)n * o.K + k]);
             else w = fp8e4m3_to_f32(o.W[(int64_t)n * o.K + k]) * mt_wscale<WDT>(o, n, k);
         }
-        mt_put_split(&sh.ws[0][r][c], &sh.ws[1][r][c], w);
+        bf16_split(w, &sh.ws[0][r][c], &sh.ws[1][r][c]);
     }
 }
 
@@ -257,12 +239,7 @@ __device__ __forceinline__ void mt_product1(const uint16_t (*xs)[MT_KP], const u
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                float* c = acc.c[i][j];
-                asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                             : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]), "r"(b[j][0]), "r"(b[j][1]));
-            }
+            for (int j = 0; j < 4; ++j) mma_bf16_16816(acc.c[i][j], a[i], b[j][0], b[j][1]);
     }
 #else
     const int r0 = (threadIdx.x / 16) * 8, c0 = (threadIdx.x % 16) * 8;

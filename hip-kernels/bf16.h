@@ -1,0 +1,40 @@
+// bf16 rounding and hi/lo splitting for the tensor-core kernels (mma_tile.h, mla_prefill.hip), and
+// NVIDIA's bf16 matrix instruction. A float v ≈ hi + lo with both parts bf16 carries ~16 mantissa
+// bits: products of split operands give near-f32 results on bf16 matrix units.
+#pragma once
+#include "common.h"
+
+// round-to-nearest-even bf16 of f, in the low 16 bits
+__device__ __forceinline__ uint32_t bf16_rne(float f) {
+    uint32_t u = __float_as_uint(f);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return u >> 16;
+}
+
+// two floats as packed bf16 (`lo` in the low half)
+__device__ __forceinline__ uint32_t bf16_pack(float lo, float hi) { return bf16_rne(lo) | (bf16_rne(hi) << 16); }
+
+// v ≈ hi + lo
+__device__ __forceinline__ void bf16_split(float v, uint16_t* hi, uint16_t* lo) {
+    uint32_t h = bf16_rne(v);
+    *hi = (uint16_t)h;
+    *lo = (uint16_t)bf16_rne(v - __uint_as_float(h << 16));
+}
+
+// (a, b) as a packed hi pair and a packed lo pair
+__device__ __forceinline__ void bf16_split2(float a, float b, uint32_t* hi, uint32_t* lo) {
+    uint16_t ah, al, bh, bl;
+    bf16_split(a, &ah, &al);
+    bf16_split(b, &bh, &bl);
+    *hi = ah | ((uint32_t)bh << 16);
+    *lo = al | ((uint32_t)bl << 16);
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// c += a · b for one m16n8k16 fragment: bf16 operands, f32 accumulators (4 A, 2 B registers)
+__device__ __forceinline__ void mma_bf16_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
