@@ -112,10 +112,7 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
     for (int k0 = lane * VE; k0 < K; k0 += WARP * VE) {
         float wv[VE];
         if (VE == 16) {
-            uint4 r = *(const uint4*)(row + k0);
-            uint32_t u[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-            for (int i = 0; i < 16; ++i) wv[i] = fp8e4m3_to_f32((u[i / 4] >> (8 * (i % 4))) & 0xff);
+            unpack16_fp8(row + k0, wv);
         } else {
             unpack8(row + (int64_t)k0 * es, WDT, wv);
         }

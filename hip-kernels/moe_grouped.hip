@@ -146,11 +146,10 @@ __device__ __forceinline__ void gv_row(const uint8_t* W, const float* S, int64_t
     float w[16];
     const uint8_t* p = W + (row * K + k) * es;
     if (WDT == WDT_FP8) {
-        uint4 r = *(const uint4*)p;
-        uint32_t u[4] = {r.x, r.y, r.z, r.w};
+        unpack16_fp8(p, w);
         float s = S[(row / bn) * ((K + bk - 1) / bk) + k / bk];
 #pragma unroll
-        for (int i = 0; i < 16; ++i) w[i] = fp8e4m3_to_f32((u[i / 4] >> (8 * (i % 4))) & 0xff) * s;
+        for (int i = 0; i < 16; ++i) w[i] *= s;
     } else {
         unpack8(p, WDT, w);
         unpack8(p + 8 * es, WDT, w + 8);

@@ -1,4 +1,4 @@
-// Vectorised weight reads: 8 consecutive weights as f32 from one 16-byte (bf16), 8-byte (fp8) or 2×16-byte (f32) load, and 16 FP8 weights from one 16-byte load.
+// Vectorised weight reads: 8 consecutive weights as f32 from one 16-byte (bf16), 8-byte (fp8) or 2×16-byte (f32) load, and 16 FP8 weights from one 16-byte load (unpack16_fp8).
 #pragma once
 #include "common.h"
 
@@ -36,18 +36,25 @@ __device__ __forceinline__ float dot8(const uint8_t* row, const float* scales_ro
     return WDT == WDT_FP8 ? d * scales_row[k0 / bk] : d;
 }
 
+// 16 consecutive FP8 weights (unscaled) from one 16-byte load.
+__device__ __forceinline__ void unpack16_fp8(const uint8_t* p, float* o) {
+    uint4 r = *(const uint4*)p;
+    uint32_t u[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 16; ++i) o[i] = fp8e4m3_to_f32((u[i / 4] >> (8 * (i % 4))) & 0xff);
+}
+
 // Σ w[k0..k0+16] · x[k0..k0+16] for an FP8 weight row from one 16-byte load, scaled by its block's
 // scale (needs bk % 16 == 0).
 __device__ __forceinline__ float dot16_fp8(const uint8_t* row, const float* scales_row, int k0, int bk, const float* x) {
-    uint4 r = *(const uint4*)(row + k0);
-    uint32_t u[4] = {r.x, r.y, r.z, r.w};
+    float w[16];
+    unpack16_fp8(row + k0, w);
     const float4* xp = (const float4*)(x + k0);
     float d = 0.f;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
         float4 a = xp[q];
-        d += fp8e4m3_to_f32(u[q] & 0xff) * a.x + fp8e4m3_to_f32((u[q] >> 8) & 0xff) * a.y + fp8e4m3_to_f32((u[q] >> 16) & 0xff) * a.z +
-             fp8e4m3_to_f32(u[q] >> 24) * a.w;
+        d += w[4 * q] * a.x + w[4 * q + 1] * a.y + w[4 * q + 2] * a.z + w[4 * q + 3] * a.w;
     }
     return d * scales_row[k0 / bk];
 }
