@@ -97,7 +97,7 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
                 return Ok(ids);
             }
             let v = model.backend.download(&logits)?;
-            Ok(v.chunks(vocab as usize).map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32).collect())
+            Ok(v.chunks(vocab as usize).map(crate::sampling::argmax).collect())
         };
         // the profile of the prefill is its own (the events sit in the step; the time excludes them)
         let t0 = Instant::now();

@@ -6,4 +6,4 @@ mod sampler;
 
 pub use params::{SamplingError, SamplingParams};
 pub use rng::Rng;
-pub use sampler::{apply_penalties, log_softmax, sample, top_logprobs, TokenCounts};
+pub use sampler::{apply_penalties, argmax, log_softmax, sample, top_logprobs, TokenCounts};

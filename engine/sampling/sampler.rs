@@ -71,7 +71,8 @@ pub fn top_logprobs(logprobs: &[f32], n: usize) -> Vec<(f32, u32)> {
     idx.into_iter().map(|i| (logprobs[i as usize], i)).collect()
 }
 
-fn argmax(x: &[f32]) -> u32 {
+/// Index of the first largest value (greedy decoding).
+pub fn argmax(x: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in x.iter().enumerate() {
         if *v > x[best] {

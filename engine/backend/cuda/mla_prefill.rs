@@ -41,7 +41,7 @@ impl CudaBackend {
     /// Writes the attention output rows of `seqs` into `out` ([T, heads·v_head]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn mla_flash(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[&AttnSeq], kv_b: &GpuLinear, d: &MlaDims, out: &mut CudaSlice<f32>) -> Result<(), BackendError> {
-        let dims = ModelDims { kv_lora_rank: d.kv_lora_rank, qk_rope_head_dim: d.qk_rope, qk_nope_head_dim: d.qk_nope, v_head_dim: d.v_head };
+        let dims = ModelDims::of_mla(d);
         let (tiles, flat) = flash_tiles(seqs);
         let n = flat.len();
         let slots = self.u32s(&flat)?;

@@ -98,7 +98,7 @@ impl CudaBackend {
     /// flash kernel does not apply.
     fn mla_absorbed(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[AttnSeq], kv_b: &GpuLinear, d: &MlaDims) -> Result<GpuTensor, BackendError> {
         let t = q.rows;
-        let dims = ModelDims { kv_lora_rank: d.kv_lora_rank, qk_rope_head_dim: d.qk_rope, qk_nope_head_dim: d.qk_nope, v_head_dim: d.v_head };
+        let dims = ModelDims::of_mla(d);
         // per token: where its context starts in the flattened slot list, and how long it is (causal)
         let (mut flat, mut off, mut len) = (Vec::new(), vec![0u32; t], vec![0u32; t]);
         for s in seqs {

@@ -15,6 +15,11 @@ impl ModelDims {
     pub fn of(cfg: &ModelConfig) -> Self {
         ModelDims { kv_lora_rank: cfg.kv_lora_rank, qk_rope_head_dim: cfg.qk_rope_head_dim, qk_nope_head_dim: cfg.qk_nope_head_dim, v_head_dim: cfg.v_head_dim }
     }
+
+    /// The shapes an attention call runs with.
+    pub fn of_mla(d: &crate::backend::MlaDims) -> Self {
+        ModelDims { kv_lora_rank: d.kv_lora_rank, qk_rope_head_dim: d.qk_rope, qk_nope_head_dim: d.qk_nope, v_head_dim: d.v_head }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
