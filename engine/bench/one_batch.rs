@@ -9,9 +9,8 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::backend::{AttnSeq, Backend, BackendKind, SampleRow, TensorShape};
-use crate::sampling::SamplingParams;
 use crate::model::{launch, ForwardBatch, Model, Role};
-use crate::sampling::Rng;
+use crate::sampling::{Rng, SamplingParams};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchOneBatchArgs {
@@ -99,7 +98,7 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
             let v = model.backend.download(&logits)?;
             Ok(v.chunks(vocab as usize).map(crate::sampling::argmax).collect())
         };
-        // the profile of the prefill is its own (the events sit in the step; the time excludes them)
+        // timed without events; with --profile a second, identical prefill is the profiled one
         let t0 = Instant::now();
         let mut l = step(&mut kv, &prompt, 0)?;
         let prefill_s = t0.elapsed().as_secs_f64();
