@@ -47,13 +47,14 @@ __device__ void mla_q_latent_impl(const float* __restrict__ q, const uint8_t* __
 // Per token t: its context is slots[ctx_off[t] .. ctx_off[t] + ctx_len[t]]. A block serves HPB heads
 // (blockIdx.y · HPB ..) of one token, so every cache entry it reads feeds HPB scores (the entry
 // is loaded once per HPB heads instead of once per head). With `splits` > 1 the context is cut into
-// that many contiguous chunks (blockIdx.z), each writing an unnormalised partial (max, sum, Σ p·c)
+// that many contiguous chunks of at least `min_chunk` keys (blockIdx.z; chunks past the context are
+// empty and write an empty partial), each writing an unnormalised partial (max, sum, Σ p·c)
 // to `part` [T, heads, splits, 2 + KV_LORA] for mla_merge (split-K over the sequence, for long
 // contexts with few blocks). Shared memory: [warps][2 + KV_LORA] floats.
 template <int HPB>
 __device__ void mla_attention_impl(const float* __restrict__ q, const float* __restrict__ q_lat, const float* __restrict__ kv,
                                    const uint32_t* __restrict__ slots, const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len,
-                                   float* __restrict__ lat_out, int heads, int layer, int num_slots, float scale, int splits, float* __restrict__ part) {
+                                   float* __restrict__ lat_out, int heads, int layer, int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part) {
     int t = blockIdx.x, h0 = blockIdx.y * HPB, z = blockIdx.z;
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
     float qreg[HPB][LPL], acc[HPB][LPL], m[HPB], s[HPB];
@@ -71,7 +72,7 @@ __device__ void mla_attention_impl(const float* __restrict__ q, const float* __r
     }
     const uint32_t* sl = slots + ctx_off[t];
     int total = ctx_len[t];
-    int chunk = (total + splits - 1) / splits;
+    int chunk = max((total + splits - 1) / splits, min_chunk);
     int j0 = z * chunk, n = min(total, j0 + chunk);
     const float* base = kv + (int64_t)layer * num_slots * ENTRY;
     for (int j = j0 + w; j < n; j += nw) {
@@ -142,8 +143,8 @@ __device__ void mla_attention_impl(const float* __restrict__ q, const float* __r
 #define MLA_ATTENTION(NAME, HPB)                                                                                                        \
     extern "C" __global__ void NAME(const float* q, const float* q_lat, const float* kv, const uint32_t* slots, const uint32_t* ctx_off, \
                                     const uint32_t* ctx_len, float* lat_out, int heads, int layer, int num_slots, float scale, int splits,    \
-                                    float* part) {                                                                                       \
-        mla_attention_impl<HPB>(q, q_lat, kv, slots, ctx_off, ctx_len, lat_out, heads, layer, num_slots, scale, splits, part);         \
+                                    int min_chunk, float* part) {                                                                        \
+        mla_attention_impl<HPB>(q, q_lat, kv, slots, ctx_off, ctx_len, lat_out, heads, layer, num_slots, scale, splits, min_chunk, part); \
     }
 // one head per block (any head count), or four (head counts divisible by 4, as in every DeepSeek)
 MLA_ATTENTION(mla_attention, 1)

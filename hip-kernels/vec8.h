@@ -2,15 +2,42 @@
 #pragma once
 #include "common.h"
 
-__device__ __forceinline__ void unpack8(const uint8_t* p, int wdt, float* o) {
-    if (wdt == WDT_BF16) {
-        uint4 r = *(const uint4*)p;
-        uint32_t u[4] = {r.x, r.y, r.z, r.w};
+// One load's worth of weights, kept raw so several loads can be in flight before any is decoded:
+// 16 bytes (8 bf16 or 16 FP8 weights), or 32 (8 f32 weights).
+struct Chunk16 {
+    uint4 a, b;
+};
+
+template <int WDT>
+__device__ __forceinline__ Chunk16 load_chunk(const uint8_t* p) {
+    Chunk16 c;
+    c.a = *(const uint4*)p;
+    c.b = WDT == WDT_F32 ? *(const uint4*)(p + 16) : make_uint4(0, 0, 0, 0);
+    return c;
+}
+
+// The chunk's weights as f32 (16 for FP8, unscaled; 8 otherwise).
+template <int WDT>
+__device__ __forceinline__ void unpack_chunk(Chunk16 c, float* o) {
+    uint32_t u[8] = {c.a.x, c.a.y, c.a.z, c.a.w, c.b.x, c.b.y, c.b.z, c.b.w};
+    if (WDT == WDT_FP8) {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) o[i] = fp8e4m3_to_f32((u[i / 4] >> (8 * (i % 4))) & 0xff);
+    } else if (WDT == WDT_BF16) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             o[2 * i] = __uint_as_float(u[i] << 16);
             o[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
         }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) o[i] = __uint_as_float(u[i]);
+    }
+}
+
+__device__ __forceinline__ void unpack8(const uint8_t* p, int wdt, float* o) {
+    if (wdt == WDT_BF16) {
+        unpack_chunk<WDT_BF16>(load_chunk<WDT_BF16>(p), o);
     } else if (wdt == WDT_FP8) {
         uint2 r = *(const uint2*)p;
 #pragma unroll
@@ -19,8 +46,7 @@ __device__ __forceinline__ void unpack8(const uint8_t* p, int wdt, float* o) {
             o[4 + i] = fp8e4m3_to_f32((r.y >> (8 * i)) & 0xff);
         }
     } else {
-        float4 a = *(const float4*)p, b = *(const float4*)(p + 16);
-        o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+        unpack_chunk<WDT_F32>(load_chunk<WDT_F32>(p), o);
     }
 }
 
@@ -38,10 +64,7 @@ __device__ __forceinline__ float dot8(const uint8_t* row, const float* scales_ro
 
 // 16 consecutive FP8 weights (unscaled) from one 16-byte load.
 __device__ __forceinline__ void unpack16_fp8(const uint8_t* p, float* o) {
-    uint4 r = *(const uint4*)p;
-    uint32_t u[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int i = 0; i < 16; ++i) o[i] = fp8e4m3_to_f32((u[i / 4] >> (8 * (i % 4))) & 0xff);
+    unpack_chunk<WDT_FP8>(load_chunk<WDT_FP8>(p), o);
 }
 
 // Σ w[k0..k0+16] · x[k0..k0+16] for an FP8 weight row from one 16-byte load, scaled by its block's

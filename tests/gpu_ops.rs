@@ -99,7 +99,8 @@ fn linear_all_dtypes_real_and_odd_shapes() {
     // the CUDA-core kernels (GEMV up to 32 rows, f32 tiles beyond) with the tensor cores off
     let mut g = gpu();
     g.mma_gemm = false;
-    let shapes = [(1, 1536, 7168), (7, 576, 7168), (20, 1000, 2048), (32, 576, 7168), (33, 7168, 2048), (5, 77, 100), (130, 129, 257)];
+    // GEMV: 1-8 warps per row (576 rows: 8; 1536: 4; 24576: 1), odd row counts
+    let shapes = [(1, 1536, 7168), (7, 576, 7168), (1, 576, 7168), (2, 24576, 1536), (3, 4096, 7168), (20, 1000, 2048), (32, 576, 7168), (33, 7168, 2048), (5, 77, 100), (130, 129, 257)];
     check_linears(&g, "linear", 1, &shapes, F32_TOL);
 }
 
@@ -365,6 +366,9 @@ fn golden_end_to_end_on_gpu() {
             eprintln!("{name} prompt {} tokens: max |Δ logprob| {worst:.2e}", prompt.len());
             assert!(worst <= 1e-3, "{name}: max |Δ logprob| {worst}");
         }
+        // the decode steps above were replayed from a CUDA graph (batch 1)
+        let (captured, replays, failed) = model.backend.graph_stats();
+        assert!(failed.is_none() && captured == 1 && replays > 0, "graphs: {captured} captured, {replays} replays, {failed:?}");
     }
 }
 

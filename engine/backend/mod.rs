@@ -64,6 +64,20 @@ pub struct SampleRow<'a> {
     pub uniform: f32,
 }
 
+/// The host-side index data of one forward step, handed to `Backend::run_step` so a GPU backend
+/// can upload it once (instead of per op and layer) and replay a captured graph. The ops of the
+/// step receive these same slices.
+pub struct StepInputs<'a> {
+    /// Rows of the embedding table, one per token (token ids, or this rank's local rows under a
+    /// vocabulary-parallel embedding).
+    pub embed_ids: &'a [u32],
+    pub positions: &'a [u32],
+    /// The KV slot of each new token.
+    pub new_slots: &'a [u32],
+    pub seqs: &'a [AttnSeq<'a>],
+    pub logit_rows: &'a [u32],
+}
+
 /// Rows × columns of an activation tensor.
 pub trait TensorShape {
     fn rows(&self) -> usize;
@@ -161,6 +175,21 @@ pub trait Backend: Send + Sync + 'static {
     /// the first `keep` rows of this rank's block.
     fn reduce_scatter_rows(&self, _x: &Self::Tensor, _keep: usize) -> Result<Self::Tensor, BackendError> {
         Err(BackendError::Op { backend: self.name(), op: "reduce_scatter_rows", msg: "needs a tensor-parallel group".into() })
+    }
+
+    /// The batch size a decode step of `tokens` tokens is padded to so that it replays a captured
+    /// graph (CUDA graphs), or None: no graphs on this backend, or `tokens` beyond the largest
+    /// captured size.
+    fn graph_batch(&self, _tokens: usize) -> Option<usize> {
+        None
+    }
+
+    /// Runs one forward step (`run`, the model's host code, which issues the ops). `graph`: the
+    /// step is a decode step padded to `graph_batch` rows whose logits are wanted for the first
+    /// `graph` rows, so it may be captured once and replayed. Returns the logits.
+    fn run_step<E: From<BackendError>>(&self, inputs: &StepInputs, graph: Option<usize>, run: &mut dyn FnMut(&StepInputs) -> Result<Self::Tensor, E>) -> Result<Self::Tensor, E> {
+        let _ = graph;
+        run(inputs)
     }
 
     /// Picks one token per row of `logits` on the device (penalties applied in place), or None when

@@ -1,7 +1,10 @@
 //! `engine bench`: one-batch latency and throughput (like SGLang's bench_one_batch). For each batch
 //! size: prefill `batch × input_len` random tokens in one forward, then decode `output_len` steps
 //! of one token per sequence (greedy), timing every step with a device synchronisation. Reports
-//! prefill tok/s, decode tok/s and per-step latency (median and p90 after warm-up).
+//! prefill tok/s, decode tok/s and per-step latency (median and p90 after warm-up). As SGLang's
+//! bench_one_batch does, CUDA graphs are captured up to the largest batch size benchmarked (unless
+//! --disable-cuda-graph); `--profile` re-runs the decode steps op by op with GPU events, after the
+//! timed ones, so the timings are not those of profiled steps.
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -110,7 +113,7 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
             None
         };
         let mut steps = Vec::new();
-        (hooks.start)();
+        let first = l.clone();
         for i in 0..a.output_len {
             let mut next = vec![Vec::new(); bs];
             for (&id, &s) in l.iter().zip(&order) {
@@ -119,6 +122,18 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
             let t = Instant::now();
             l = step(&mut kv, &next, a.input_len + i)?;
             steps.push(t.elapsed().as_secs_f64());
+        }
+        // the same decode steps again, profiled (they rewrite the same KV slots)
+        if hooks.profiling {
+            (hooks.start)();
+            let mut l = first;
+            for i in 0..a.output_len {
+                let mut next = vec![Vec::new(); bs];
+                for (&id, &s) in l.iter().zip(&order) {
+                    next[s] = vec![id];
+                }
+                l = step(&mut kv, &next, a.input_len + i)?;
+            }
         }
         let profile = (hooks.finish)().map(|v| {
             let per_step: serde_json::Map<String, serde_json::Value> = v.iter().map(|(k, ms)| (k.to_string(), json!(ms / a.output_len.max(1) as f64))).collect();
@@ -156,10 +171,11 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
     let kind = a.backend.backend.resolve()?;
     let t = Instant::now();
     let par = a.dist.validate()?;
-    // (results, backend, kernels, seconds until weights and kernels were ready on every rank, checkpoint bytes)
-    let (rows, backend, kernels, load_s, weight_bytes) = match kind {
+    // (results, backend, kernels, seconds until weights and kernels were ready on every rank, checkpoint bytes, graph status)
+    let (rows, backend, kernels, load_s, weight_bytes, graphs) = match kind {
         BackendKind::Cuda => {
-            let model = match launch::<crate::backend::cuda::CudaBackend>(&path, &par, a.backend.load_format)? {
+            let graph_max_bs = if a.backend.disable_cuda_graph { 0 } else { a.batch_size.iter().copied().max().unwrap_or(1).max(a.backend.cuda_graph_max_bs) };
+            let model = match launch::<crate::backend::cuda::CudaBackend>(&path, &par, a.backend.load_format, graph_max_bs)? {
                 Role::Lead(m) => Arc::new(m),
                 Role::FollowerDone => return Ok(()),
             };
@@ -175,28 +191,30 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
             };
             let rows = bench_model(&model, &a, &ProfileHooks { profiling: a.profile, start: &start, finish: &finish });
             model.stop_followers();
-            (rows?, "cuda", k, load_s, model.checkpoint_bytes)
+            let (captured, replays, failed) = b.graph_stats();
+            let graphs = json!({"max_bs": graph_max_bs, "captured": captured, "replays": replays, "capture_failed": failed});
+            (rows?, "cuda", k, load_s, model.checkpoint_bytes, graphs)
         }
         _ => {
             if a.profile {
                 log::warn!("--profile times GPU events; the CPU backend has none, so no profile is printed");
             }
-            let model = match launch::<crate::backend::cpu::CpuBackend>(&path, &par, a.backend.load_format)? {
+            let model = match launch::<crate::backend::cpu::CpuBackend>(&path, &par, a.backend.load_format, 0)? {
                 Role::Lead(m) => m,
                 Role::FollowerDone => return Ok(()),
             };
             let load_s = t.elapsed().as_secs_f64();
             let rows = bench_model(&model, &a, &ProfileHooks { profiling: false, start: &|| {}, finish: &|| None });
             model.stop_followers();
-            (rows?, "cpu", json!(null), load_s, model.checkpoint_bytes)
+            (rows?, "cpu", json!(null), load_s, model.checkpoint_bytes, json!(null))
         }
     };
     let out = json!({"model_path": path.display().to_string(), "backend": backend, "load_s": load_s, "checkpoint_bytes": weight_bytes, "tp_size": par.world, "dp_attention": par.dp_attention, "ep_size": par.ep_size(), "nnodes": par.nnodes, "load_and_bench_s": t.elapsed().as_secs_f64(),
-                     "kernels": kernels, "cuda_graphs": "not implemented", "results": rows});
+                     "kernels": kernels, "cuda_graphs": graphs, "results": rows});
     if a.json {
         println!("{out}");
     } else {
-        println!("model {} on {backend} (tp {}, ep {}, dp attention {}, nnodes {}); kernels {}; CUDA graphs: not implemented", path.display(), out["tp_size"], out["ep_size"], out["dp_attention"], out["nnodes"], out["kernels"]);
+        println!("model {} on {backend} (tp {}, ep {}, dp attention {}, nnodes {}); kernels {}; CUDA graphs {}", path.display(), out["tp_size"], out["ep_size"], out["dp_attention"], out["nnodes"], out["kernels"], out["cuda_graphs"]);
         let (secs, gb) = (load_s, weight_bytes as f64 / 1e9);
         println!("loaded {gb:.1} GB in {secs:.2}s ({:.2} GB/s over all ranks)", gb / secs.max(1e-9));
         println!("{:>6} {:>6} {:>6} {:>12} {:>14} {:>14} {:>12}", "batch", "in", "out", "prefill tok/s", "step med ms", "step p90 ms", "decode tok/s");
@@ -213,7 +231,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
                     c["bytes"], c["latency_us"].as_f64().unwrap_or(0.0), c["bus_gb_s"].as_f64().unwrap_or(0.0), c["per_decode_step_ms"].as_f64().unwrap_or(0.0)
                 );
             }
-            print_profile("decode ms/step by op class", &r["decode_profile_ms_per_step"]);
+            print_profile("decode ms/step by op class (the steps re-run op by op, profiled)", &r["decode_profile_ms_per_step"]);
             print_profile("prefill ms by op class (a second prefill, profiled)", &r["prefill_profile_ms"]);
         }
     }

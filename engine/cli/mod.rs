@@ -76,6 +76,24 @@ pub struct BackendArgs {
     /// auto reads the safetensors files; dummy makes random weights from config.json alone
     #[arg(long, value_enum, default_value = "auto")]
     pub load_format: crate::weights::LoadFormat,
+    /// Largest decode batch replayed from a captured CUDA graph (SGLang's flag); larger batches
+    /// run op by op
+    #[arg(long, default_value_t = crate::backend::cuda::DEFAULT_GRAPH_MAX_BS)]
+    pub cuda_graph_max_bs: usize,
+    /// Run every step op by op (no CUDA graphs)
+    #[arg(long)]
+    pub disable_cuda_graph: bool,
+}
+
+impl BackendArgs {
+    /// The largest graph batch size; 0 when graphs are off.
+    pub fn graph_max_bs(&self) -> usize {
+        if self.disable_cuda_graph {
+            0
+        } else {
+            self.cuda_graph_max_bs
+        }
+    }
 }
 
 pub fn main() -> i32 {

@@ -23,6 +23,8 @@ pub struct RankCtx {
     pub comm_id: Option<Vec<u8>>,
     /// A host collective group (the CPU backend)
     pub host_comm: Option<Arc<dyn HostComm>>,
+    /// Largest decode batch captured into a graph (0: none; GPU backends)
+    pub graph_max_bs: usize,
 }
 
 /// A backend that can be one rank of a tensor-parallel group.
@@ -56,7 +58,8 @@ impl RankBackend for crate::backend::cuda::CudaBackend {
         crate::backend::cuda::nccl_unique_id()
     }
     fn for_rank(ctx: RankCtx) -> Result<Self, BackendError> {
-        let b = Self::new(ctx.device)?;
+        let mut b = Self::new(ctx.device)?;
+        b.set_graph_max_bs(ctx.graph_max_bs);
         match (ctx.size, ctx.comm_id) {
             (1, _) => Ok(b),
             (_, Some(id)) => b.with_nccl(&id, ctx.rank, ctx.size),
@@ -82,12 +85,13 @@ fn par_err(e: impl std::fmt::Display) -> ModelError {
 }
 
 /// Loads the model for this node's ranks (the whole model when `par` is a single rank).
-pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig, format: LoadFormat) -> Result<Role<B>, ModelError> {
+/// `graph_max_bs`: the largest decode batch a GPU backend captures into a graph (0: none).
+pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig, format: LoadFormat, graph_max_bs: usize) -> Result<Role<B>, ModelError> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let weights = Arc::new(WeightStore::open_as(dir, format, &cfg)?);
     let shard = |rank| Shard { rank, size: par.world, expert_parallel: par.expert_parallel, dp_attention: par.dp_attention };
     if par.is_single() {
-        let b = B::for_rank(RankCtx { rank: 0, size: 1, device: par.base_device, comm_id: None, host_comm: None })?;
+        let b = B::for_rank(RankCtx { rank: 0, size: 1, device: par.base_device, comm_id: None, host_comm: None, graph_max_bs })?;
         return Ok(Role::Lead(Model::from_store(b, cfg, &weights, shard(0))?));
     }
     let ranks = par.local_ranks();
@@ -148,7 +152,7 @@ pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig, format: LoadForm
         let (job_tx, job_rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
         locals.push(LocalFollower { rank, tx: job_tx, done: std::sync::Mutex::new(done_rx) });
-        let ctx = RankCtx { rank, size: par.world, device: par.base_device + i, comm_id: comm_id.clone(), host_comm: host_comms[i].take() };
+        let ctx = RankCtx { rank, size: par.world, device: par.base_device + i, comm_id: comm_id.clone(), host_comm: host_comms[i].take(), graph_max_bs };
         let (cfg, weights, ready) = (cfg.clone(), weights.clone(), ready_tx.clone());
         let sh = shard(rank);
         std::thread::Builder::new()
@@ -169,7 +173,7 @@ pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig, format: LoadForm
             .map_err(par_err)?;
     }
     drop(ready_tx);
-    let ctx = RankCtx { rank: lead_rank, size: par.world, device: par.base_device, comm_id, host_comm: host_comms[0].take() };
+    let ctx = RankCtx { rank: lead_rank, size: par.world, device: par.base_device, comm_id, host_comm: host_comms[0].take(), graph_max_bs };
     let mut model = Model::from_store(B::for_rank(ctx)?, cfg, &weights, shard(lead_rank))?;
     for _ in 1..par.per_node {
         match ready_rx.recv_timeout(timeout) {

@@ -6,6 +6,7 @@ mod mla;
 mod mlp;
 pub mod mtp;
 mod shard;
+mod step;
 
 pub use launch::{launch, RankBackend, RankCtx, Role};
 pub use shard::Shard;
@@ -15,7 +16,7 @@ use std::path::Path;
 use layer::DecoderLayer;
 use mla::AttnInputs;
 
-use crate::backend::{AttnSeq, Backend, BackendError, MlaDims, TensorShape};
+use crate::backend::{AttnSeq, Backend, BackendError, MlaDims, StepInputs, TensorShape};
 use crate::config::{ConfigError, ModelConfig, RopeTables};
 use crate::weights::{HostLinear, Progress, WeightError, WeightStore};
 
@@ -96,6 +97,8 @@ pub struct Model<B: Backend> {
     shard: Shard,
     /// Bytes of the checkpoint's tensors (all ranks' shares together)
     pub checkpoint_bytes: u64,
+    /// The KV cache's scratch slot, where padded rows of graph steps write (u32::MAX: no cache yet)
+    kv_scratch: std::sync::atomic::AtomicU32,
 }
 
 impl<B: Backend> Model<B> {
@@ -151,7 +154,7 @@ impl<B: Backend> Model<B> {
             scale: cfg.softmax_scale() as f32,
         };
         let rope = RopeTables::new(&cfg.rope);
-        Ok(Model { cfg, backend, embed, embed_slice, layers, norm, lm_head, rope, dims, group: None, shard, checkpoint_bytes: store.total_bytes() })
+        Ok(Model { cfg, backend, embed, embed_slice, layers, norm, lm_head, rope, dims, group: None, shard, checkpoint_bytes: store.total_bytes(), kv_scratch: u32::MAX.into() })
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -200,9 +203,13 @@ impl<B: Backend> Model<B> {
         mine
     }
 
-    /// Allocates a latent KV cache of `slots` tokens for this model (and for each follower).
+    /// Allocates a latent KV cache of `slots` tokens for this model (and for each follower), plus
+    /// one scratch slot (index `slots`) that padded rows of graph-replayed decode steps write.
     pub fn alloc_kv_cache(&self, slots: usize) -> Result<B::KvCache, ModelError> {
-        self.with_followers(|| crate::dist::Job::AllocKv(slots), "allocate the KV cache", || Ok(self.backend.alloc_kv_cache(self.layers.len(), slots, self.dims.kv_entry())?))
+        let scratch = u32::try_from(slots).map_err(|_| ModelError::Input(format!("a KV cache of {slots} slots exceeds the 32-bit slot index")))?;
+        let kv = self.with_followers(|| crate::dist::Job::AllocKv(slots), "allocate the KV cache", || Ok(self.backend.alloc_kv_cache(self.layers.len(), slots + 1, self.dims.kv_entry())?))?;
+        self.kv_scratch.store(scratch, std::sync::atomic::Ordering::Relaxed);
+        Ok(kv)
     }
 
     /// Seconds per all-reduce of `elems` floats over the whole group (after 3 warm-up calls).
@@ -288,29 +295,18 @@ impl<B: Backend> Model<B> {
         Ok(new_slots)
     }
 
-    fn forward_local(&self, kv: &mut B::KvCache, batch: &ForwardBatch, new_slots: Vec<u32>) -> Result<B::Tensor, ModelError> {
+    /// The layers, final norm and lm_head over one step's inputs (what `Backend::run_step` runs).
+    fn forward_rows(&self, kv: &mut B::KvCache, step: &StepInputs) -> Result<B::Tensor, ModelError> {
         let b = &self.backend;
-        let inputs = AttnInputs {
-            positions: batch.positions,
-            seqs: batch.seqs,
-            new_slots: &new_slots,
-            rope: &self.rope,
-            dims: &self.dims,
-            eps: self.cfg.rms_norm_eps as f32,
-        };
-        let mut resid = match &self.embed_slice {
-            None => b.embedding(&self.embed, batch.tokens)?,
-            Some((rows, zero)) => {
-                let local: Vec<u32> = batch.tokens.iter().map(|&t| if rows.contains(&(t as usize)) { t - rows.start as u32 } else { *zero }).collect();
-                let mut e = b.embedding(&self.embed, &local)?;
-                b.all_reduce(&mut e)?;
-                e
-            }
-        };
+        let inputs = AttnInputs { positions: step.positions, seqs: step.seqs, new_slots: step.new_slots, rope: &self.rope, dims: &self.dims, eps: self.cfg.rms_norm_eps as f32 };
+        let mut resid = b.embedding(&self.embed, step.embed_ids)?;
+        if self.embed_slice.is_some() {
+            b.all_reduce(&mut resid)?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             layer.forward(b, &mut resid, kv, i, &inputs)?;
         }
-        let last = b.gather_rows(&resid, batch.logit_rows)?;
+        let last = b.gather_rows(&resid, step.logit_rows)?;
         let x = b.rms_norm(&last, &self.norm, inputs.eps)?;
         let logits = b.all_gather_cols(b.linear(&x, &self.lm_head)?, self.cfg.vocab_size)?;
         debug_assert_eq!(logits.cols(), self.cfg.vocab_size);

@@ -44,7 +44,7 @@ impl CudaBackend {
         let dims = ModelDims::of_mla(d);
         let (tiles, flat) = flash_tiles(seqs);
         let n = flat.len();
-        let slots = self.u32s(&flat)?;
+        let slots = self.idx(&flat)?;
         let mut c = self.alloc_out(n * d.kv_lora_rank)?;
         let mut pe = self.alloc_out(n * d.qk_rope)?;
         let f = self.mla_prefill_func(dims, "mla_gather_ctx")?;
@@ -52,7 +52,7 @@ impl CudaBackend {
         // [ctx, heads·(nope + v)]: every context token's k_nope and v for every head, once
         let kvd = self.span(super::ops::ATTN_PROJ, || {
             let mut b = self.stream.launch_builder(&f);
-            b.arg(&kv.buf).arg(&slots).arg(&l).arg(&ns).arg(&mut c).arg(&mut pe);
+            b.arg(&kv.buf).arg(&slots.0).arg(&l).arg(&ns).arg(&mut c).arg(&mut pe);
             unsafe { b.launch(super::ops::cfg((n as u32, 1), 128, 0)) }.map_err(err("mla_gather_ctx"))?;
             self.linear_with(&GpuTensor { rows: n, cols: d.kv_lora_rank, buf: c }, kv_b, true)
         })?;

@@ -2,19 +2,21 @@
 //! kernels of hip-kernels/ compiled by NVRTC through the kernel cache. Activations are float32;
 //! weights stay in their checkpoint dtype on the device (f32, bf16, or FP8 with block scales) and
 //! are dequantised inside the kernels. Every op runs on the GPU; nothing falls back to the CPU.
+mod gemv;
 mod mla_prefill;
 pub(crate) mod mma;
 mod moe_grouped;
 mod nccl;
 mod ops;
 mod staging;
+mod step;
 
 pub use nccl::unique_id as nccl_unique_id;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 
 use super::gpu::source::Vendor;
 use super::gpu::specs::{generic_module, mla_module, mla_prefill_module};
@@ -22,6 +24,10 @@ use super::gpu::{Jit, KernelCache, KernelModule, ModelDims};
 use super::{BackendError, BackendUnavailable, TensorShape};
 
 pub use ops::{GpuExperts, GpuKvCache, GpuLinear, GpuRouting};
+pub use step::{capture_sizes, Graphs};
+
+/// The default `--cuda-graph-max-bs` (SGLang's on large-memory GPUs).
+pub const DEFAULT_GRAPH_MAX_BS: usize = 160;
 
 pub(crate) fn err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> BackendError {
     move |e| BackendError::Op { backend: "cuda", op, msg: format!("{e:?}") }
@@ -76,6 +82,10 @@ pub struct CudaBackend {
     pub sms: usize,
     /// Where ops switch kernels, for this device (configs/tuned/)
     pub tuned: super::gpu::tuned::Tuned,
+    /// Per-step index uploads and decode CUDA graphs
+    pub graphs: Graphs,
+    /// Small constant arrays (RoPE frequencies, router biases) uploaded once, by content
+    constants: Mutex<HashMap<Vec<u32>, CudaSlice<f32>>>,
 }
 
 /// Per-op-class timing from CUDA events recorded around each op (`engine bench --profile`).
@@ -117,7 +127,7 @@ impl CudaBackend {
         }
         keep_pool_memory(&ctx);
         let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(err("multiprocessor count"))? as usize;
-        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default(), ccl: None, staging: Mutex::new(None), mma_gemm, sms, tuned })
+        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default(), ccl: None, staging: Mutex::new(None), mma_gemm, sms, tuned, graphs: Graphs::new(DEFAULT_GRAPH_MAX_BS), constants: Mutex::new(HashMap::new()) })
     }
 
     /// Joins NCCL communicator `id` as `rank` of `size` (blocks until all ranks join).
@@ -219,15 +229,34 @@ impl CudaBackend {
         Ok(acc)
     }
 
-    /// A new f32 output buffer (NaN-poisoned when ENGINE_GPU_POISON=1).
+    /// A new f32 output buffer (NaN-poisoned when ENGINE_GPU_POISON=1; a device memset, so it
+    /// is captured into graphs too).
     pub(crate) fn alloc_out(&self, n: usize) -> Result<CudaSlice<f32>, BackendError> {
-        let mut b = self.stream.alloc_zeros::<f32>(n.max(1)).map_err(err("alloc"))?;
+        let b = self.stream.alloc_zeros::<f32>(n.max(1)).map_err(err("alloc"))?;
         if self.poison {
-            self.stream.memset_zeros(&mut b).map_err(err("memset"))?;
-            let nan = vec![f32::NAN; n.max(1)];
-            self.stream.memcpy_htod(&nan, &mut b).map_err(err("poison"))?;
+            let ptr = b.device_ptr(&self.stream).0;
+            let r = unsafe { cudarc::driver::sys::cuMemsetD32Async(ptr, f32::NAN.to_bits(), n.max(1), self.stream.cu_stream()) };
+            if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+                return Err(BackendError::Op { backend: "cuda", op: "poison", msg: format!("{r:?}") });
+            }
         }
         Ok(b)
+    }
+
+    /// A device copy of a small constant array (uploaded once per distinct content).
+    pub(crate) fn constant(&self, v: &[f32]) -> Result<u64, BackendError> {
+        let key: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
+        let mut c = self.constants.lock().unwrap();
+        if let Some(b) = c.get(&key) {
+            return Ok(b.device_ptr(&self.stream).0);
+        }
+        if self.capturing() {
+            return Err(BackendError::Op { backend: "cuda", op: "constant", msg: "a new constant uploaded inside a CUDA graph capture".into() });
+        }
+        let b = self.stream.clone_htod(if v.is_empty() { &[0f32][..] } else { v }).map_err(err("constant"))?;
+        let p = b.device_ptr(&self.stream).0;
+        c.insert(key, b);
+        Ok(p)
     }
 }
 

@@ -1,9 +1,9 @@
 //! `Backend` for `CudaBackend`: buffers and kernel launches.
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::{err, CudaBackend, GpuTensor};
+use super::{err, step, CudaBackend, GpuTensor};
 use crate::backend::gpu::ModelDims;
-use crate::backend::{AttnSeq, Backend, BackendError, MlaDims, RouteParams, SampleRow};
+use crate::backend::{AttnSeq, Backend, BackendError, MlaDims, RouteParams, SampleRow, StepInputs};
 use crate::config::{RopeTables, ScoringFunc, TopkMethod};
 use crate::weights::{HostLinear, LinearData};
 
@@ -99,17 +99,21 @@ impl CudaBackend {
     fn mla_absorbed(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[AttnSeq], kv_b: &GpuLinear, d: &MlaDims) -> Result<GpuTensor, BackendError> {
         let t = q.rows;
         let dims = ModelDims::of_mla(d);
-        // per token: where its context starts in the flattened slot list, and how long it is (causal)
-        let (mut flat, mut off, mut len) = (Vec::new(), vec![0u32; t], vec![0u32; t]);
-        for s in seqs {
-            let base = flat.len() as u32;
-            flat.extend_from_slice(s.slots);
-            for i in 0..s.q_len {
-                off[s.q_start + i] = base;
-                len[s.q_start + i] = (s.slots.len() - s.q_len + i + 1) as u32;
+        // per token: where its context starts in the flattened slot list, and how long it is
+        // (causal): the step's copy when these are the step's sequences, else uploaded here
+        let mut owned = Vec::new();
+        let a = match self.step_attn(seqs) {
+            Some(a) => a,
+            None => {
+                let a = step::attn_index(seqs, t);
+                let max_len = a.len.iter().copied().max().unwrap_or(1) as usize;
+                let (flat, off, len) = (self.idx(&a.flat)?, self.idx(&a.off)?, self.idx(&a.len)?);
+                let dev = step::AttnDev { flat: flat.0, off: off.0, len: len.0, max_len };
+                owned.extend([flat, off, len]);
+                dev
             }
-        }
-        let (d_flat, d_off, d_len) = (self.u32s(&flat)?, self.u32s(&off)?, self.u32s(&len)?);
+        };
+        let (d_flat, d_off, d_len) = (a.flat, a.off, a.len);
         let heads = d.num_heads as i32;
         let grid = (t as u32, d.num_heads as u32);
         // the projections take 8 tokens per block (MLA_TB): each head's weights read once per 8
@@ -129,15 +133,14 @@ impl CudaBackend {
         let warps = 256 / 32;
         let shared = (warps * (2 + d.kv_lora_rank) * 4) as u32;
         // split-K over the sequence when too few (token, head) blocks would fill the GPU
-        let max_len = len.iter().copied().max().unwrap_or(1) as usize;
-        let splits = if t * d.num_heads / hpb < 264 { max_len.div_ceil(512).clamp(1, 16) } else { 1 };
+        let splits = step::attn_splits(t * d.num_heads / hpb, a.max_len, self.in_graph_step());
         let part_len = if splits > 1 { t * d.num_heads * splits * (2 + d.kv_lora_rank) } else { 1 };
         let mut part = self.stream.alloc_zeros::<f32>(part_len).map_err(err("mla_attention"))?;
-        let sp = splits as i32;
+        let (sp, min_chunk) = (splits as i32, step::SPLIT_MIN_KEYS as i32);
         let merge = self.mla_func(dims, "mla_merge")?;
         self.span("attention", || {
             let mut b = self.stream.launch_builder(&f);
-            b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&mut part);
+            b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part);
             let launch = LaunchConfig { grid_dim: (t as u32, (d.num_heads / hpb) as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: shared };
             unsafe { b.launch(launch) }.map_err(err("mla_attention"))?;
             if splits > 1 {
@@ -162,15 +165,25 @@ impl CudaBackend {
             return Ok(());
         }
         let f = self.func(EW, "scatter_rows")?;
-        let r = self.u32s(rows)?;
+        let r = self.idx(rows)?;
         let cols = x.cols as i32;
         let mut b = self.stream.launch_builder(&f);
-        b.arg(&x.buf).arg(&r).arg(out).arg(&cols);
+        b.arg(&x.buf).arg(&r.0).arg(out).arg(&cols);
         unsafe { b.launch(cfg((rows.len() as u32, 1), 256, 0)) }.map(|_| ()).map_err(err("scatter_rows"))
     }
 
-    pub(super) fn u32s(&self, v: &[u32]) -> Result<CudaSlice<u32>, BackendError> {
-        self.stream.clone_htod(if v.is_empty() { &[0u32][..] } else { v }).map_err(err("upload"))
+    /// The device address of an index array: the running step's copy when `v` is one of the
+    /// step's arrays, else a fresh upload (returned with it, to be kept alive until the launch).
+    pub(super) fn idx(&self, v: &[u32]) -> Result<(u64, Option<CudaSlice<u32>>), BackendError> {
+        if let Some(p) = self.step_ptr(v) {
+            return Ok((p, None));
+        }
+        if self.capturing() {
+            return Err(BackendError::Op { backend: "cuda", op: "upload", msg: format!("{} indices uploaded inside a CUDA graph capture (not one of the step's arrays)", v.len()) });
+        }
+        let b = self.stream.clone_htod(if v.is_empty() { &[0u32][..] } else { v }).map_err(err("upload"))?;
+        let p = b.device_ptr(&self.stream).0;
+        Ok((p, Some(b)))
     }
 
     /// `mma`: whether batches beyond the GEMV sizes may take the tensor cores (bf16 hi/lo operands); the
@@ -178,35 +191,18 @@ impl CudaBackend {
     fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>, mma: bool) -> Result<(), BackendError> {
         // 16-byte loads need rows of a multiple of 8 elements (FP8: 16, and scale blocks too)
         let vec8 = if w.wdt == 2 { w.inp % 16 == 0 && w.bk % 16 == 0 } else { w.inp % 8 == 0 };
-        let (n, k) = (w.out as i32, w.inp as i32);
-        let (kind, slice) = match x.rows {
-            0..=8 if vec8 => ("gemv8", 8),
-            0..=8 => ("gemv", 8),
-            // up to 32 rows: 16-row slices of the register-resident GEMV (32 spills on gfx942)
-            9..=32 if vec8 => ("gemv16", 16),
-            _ => ("linear", 0),
-        };
         if mma && self.mma_gemm && x.rows >= self.tuned.mma_min_rows {
             return self.linear_mma(x, w, y);
         }
-        let f = self.func(LIN, &format!("{kind}_{}", wdt_suffix(w.wdt)))?;
-        if slice == 0 {
-            let m = x.rows as i32;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
-            return unsafe { b.launch(cfg((w.out.div_ceil(64) as u32, x.rows.div_ceil(64) as u32), 256, 0)) }.map(|_| ()).map_err(err("linear"));
+        if x.rows <= 8 || (x.rows <= 32 && vec8) {
+            return self.gemv_into(x, w, y, vec8);
         }
-        for r0 in (0..x.rows).step_by(slice) {
-            let m = (x.rows - r0).min(slice) as i32;
-            let xs = x.buf.slice(r0 * w.inp..);
-            let mut ys = y.slice_mut(r0 * w.out..);
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(&xs).arg(&w.data).arg(&w.scales).arg(&mut ys).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
-            unsafe { b.launch(cfg((w.out.div_ceil(8) as u32, 1), 256, 0)) }.map_err(err("linear"))?;
-        }
-        Ok(())
+        let f = self.func(LIN, &format!("linear_{}", wdt_suffix(w.wdt)))?;
+        let (m, n, k) = (x.rows as i32, w.out as i32, w.inp as i32);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
+        unsafe { b.launch(cfg((w.out.div_ceil(64) as u32, x.rows.div_ceil(64) as u32), 256, 0)) }.map(|_| ()).map_err(err("linear"))
     }
-
 }
 
 impl Backend for CudaBackend {
@@ -297,11 +293,11 @@ impl Backend for CudaBackend {
                 return Err(BackendError::Op { backend: "cuda", op: "embedding", msg: format!("token id {bad} outside the vocabulary of {}", table.out) });
             }
             let f = self.func(EW, &format!("embedding_{}", wdt_suffix(table.wdt)))?;
-            let d_ids = self.u32s(ids)?;
+            let d_ids = self.idx(ids)?;
             let mut out = self.alloc_out(ids.len() * table.inp)?;
             let (t, h) = (ids.len() as i32, table.inp as i32);
             let mut b = self.stream.launch_builder(&f);
-            b.arg(&table.data).arg(&table.scales).arg(&d_ids).arg(&mut out).arg(&t).arg(&h).arg(&table.bn).arg(&table.bk);
+            b.arg(&table.data).arg(&table.scales).arg(&d_ids.0).arg(&mut out).arg(&t).arg(&h).arg(&table.bn).arg(&table.bk);
             unsafe { b.launch(cfg((ids.len() as u32, 1), 256, 0)) }.map_err(err("embedding"))?;
             Ok(GpuTensor { rows: ids.len(), cols: table.inp, buf: out })
         })
@@ -372,11 +368,11 @@ impl Backend for CudaBackend {
     fn rope(&self, x: &mut GpuTensor, positions: &[u32], heads: usize, head_stride: usize, offset: usize, rope: &RopeTables) -> Result<(), BackendError> {
         self.span("attention", || {
             let f = self.func(ROPE, "rope")?;
-            let pos = self.u32s(positions)?;
-            let inv = self.stream.clone_htod(rope.inv_freq()).map_err(err("rope"))?;
+            let pos = self.idx(positions)?;
+            let inv = self.constant(rope.inv_freq())?;
             let (cols, h, hs, off, half, il, scale) = (x.cols as i32, heads as i32, head_stride as i32, offset as i32, rope.half as i32, rope.interleaved as i32, rope.scale());
             let mut b = self.stream.launch_builder(&f);
-            b.arg(&mut x.buf).arg(&pos).arg(&inv).arg(&cols).arg(&h).arg(&hs).arg(&off).arg(&half).arg(&il).arg(&scale);
+            b.arg(&mut x.buf).arg(&pos.0).arg(&inv).arg(&cols).arg(&h).arg(&hs).arg(&off).arg(&half).arg(&il).arg(&scale);
             unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("rope"))?;
             Ok(())
         })
@@ -388,10 +384,10 @@ impl Backend for CudaBackend {
                 return Ok(());
             }
             let f = self.func(EW, "kv_write")?;
-            let s = self.u32s(slots)?;
+            let s = self.idx(slots)?;
             let (l, ns, e) = (layer as i32, kv.slots as i32, kv.entry as i32);
             let mut b = self.stream.launch_builder(&f);
-            b.arg(&mut kv.buf).arg(&entries.buf).arg(&s).arg(&l).arg(&ns).arg(&e);
+            b.arg(&mut kv.buf).arg(&entries.buf).arg(&s.0).arg(&l).arg(&ns).arg(&e);
             unsafe { b.launch(cfg((slots.len() as u32, 1), 256, 0)) }.map_err(err("kv_write"))?;
             Ok(())
         })
@@ -427,7 +423,7 @@ impl Backend for CudaBackend {
         self.span("routing", || {
             let logits = self.linear_with(x, gate, false)?;
             let f = self.func(MOE, "moe_route")?;
-            let d_bias = self.stream.clone_htod(bias.unwrap_or(&[0.0])).map_err(err("moe_route"))?;
+            let d_bias = self.constant(bias.unwrap_or(&[0.0]))?;
             let mut ids = self.stream.alloc_zeros::<i32>((x.rows * p.top_k).max(1)).map_err(err("moe_route"))?;
             let mut weights = self.alloc_out(x.rows * p.top_k)?;
             let method = match p.method {
@@ -471,6 +467,14 @@ impl Backend for CudaBackend {
 
     fn synchronize(&self) -> Result<(), BackendError> {
         self.stream.synchronize().map_err(err("synchronize"))
+    }
+
+    fn graph_batch(&self, tokens: usize) -> Option<usize> {
+        self.graph_batch_size(tokens)
+    }
+
+    fn run_step<E: From<BackendError>>(&self, inputs: &StepInputs, graph: Option<usize>, run: &mut dyn FnMut(&StepInputs) -> Result<GpuTensor, E>) -> Result<GpuTensor, E> {
+        self.run_step_impl(inputs, graph, run)
     }
 
     fn tp_group(&self) -> (usize, usize) {
@@ -539,10 +543,10 @@ impl Backend for CudaBackend {
             let mut out = self.alloc_out(rows.len() * x.cols)?;
             if !rows.is_empty() {
                 let f = self.func(EW, "gather_rows")?;
-                let r = self.u32s(rows)?;
+                let r = self.idx(rows)?;
                 let cols = x.cols as i32;
                 let mut b = self.stream.launch_builder(&f);
-                b.arg(&x.buf).arg(&r).arg(&mut out).arg(&cols);
+                b.arg(&x.buf).arg(&r.0).arg(&mut out).arg(&cols);
                 unsafe { b.launch(cfg((rows.len() as u32, 1), 256, 0)) }.map_err(err("gather_rows"))?;
             }
             Ok(GpuTensor { rows: rows.len(), cols: x.cols, buf: out })
