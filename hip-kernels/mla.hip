@@ -8,6 +8,7 @@
 // kv_b is [heads·(NOPE+VDIM), KV_LORA] in f32, bf16 or block-FP8 (dequantised on load); the cache
 // is float32 [layers, slots, KV_LORA+ROPE].
 #include "common.h"
+#include "vec8.h"
 
 #ifndef KV_LORA
 #error "KV_LORA must be defined"
@@ -20,27 +21,80 @@
 // Tokens per block of the two projections: W_UK(h) / W_UV(h) is read once per MLA_TB tokens.
 #define MLA_TB 8
 
+// q → latent: a block computes QL_COLS latent columns of one head for MLA_TB tokens (grid.z over
+// the column chunks, so even one token spreads over heads × KV_LORA/QL_COLS blocks). Thread i
+// owns 4 consecutive columns (i % 32) for every 8th row of W_UK(h) (i / 32): the 32 threads of a
+// row read 128 contiguous weights with one 4-element load each; the 8 row groups are summed in
+// shared memory in a fixed order.
+#define QL_COLS 128
+
+// Weights (row, l .. l+3) of a [rows, KV_LORA] kv_b as f32: one 4-element load when the row
+// length, the column and the FP8 scale block allow it, else element by element (odd test shapes).
+template <int WDT>
+__device__ __forceinline__ float4 load_w4(const uint8_t* __restrict__ w, const float* __restrict__ sc, int64_t row, int l, int bn, int bk, int kb) {
+    if (KV_LORA % 4 == 0 && (WDT != WDT_FP8 || bk % 4 == 0)) {
+        int64_t at = row * KV_LORA + l;
+        if (WDT == WDT_F32) return *(const float4*)(w + at * 4);
+        if (WDT == WDT_BF16) {
+            uint2 r = *(const uint2*)(w + at * 2);
+            return make_float4(__uint_as_float(r.x << 16), __uint_as_float(r.x & 0xffff0000u), __uint_as_float(r.y << 16), __uint_as_float(r.y & 0xffff0000u));
+        }
+        uint32_t r = *(const uint32_t*)(w + at);
+        float s = sc[(row / bn) * kb + l / bk];
+        return make_float4(fp8e4m3_to_f32(r & 0xff) * s, fp8e4m3_to_f32((r >> 8) & 0xff) * s, fp8e4m3_to_f32((r >> 16) & 0xff) * s, fp8e4m3_to_f32(r >> 24) * s);
+    }
+    float v[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = l + j < KV_LORA ? load_w<WDT>(w, sc, row, l + j, KV_LORA, bn, bk, kb) : 0.f;
+    return make_float4(v[0], v[1], v[2], v[3]);
+}
+
 template <int WDT>
 __device__ void mla_q_latent_impl(const float* __restrict__ q, const uint8_t* __restrict__ kvb, const float* __restrict__ sc,
                                   float* __restrict__ q_lat, int T, int heads, int bn, int bk) {
-    int t0 = blockIdx.x * MLA_TB, h = blockIdx.y, nt = min(MLA_TB, T - t0);
+    int t0 = blockIdx.x * MLA_TB, h = blockIdx.y, c0 = blockIdx.z * QL_COLS, nt = min(MLA_TB, T - t0);
     int kb = (KV_LORA + bk - 1) / bk;
     __shared__ float qs[MLA_TB][NOPE];
+    __shared__ float red[8][MLA_TB][QL_COLS];
     for (int i = threadIdx.x; i < MLA_TB * NOPE; i += blockDim.x) {
         int tt = i / NOPE, d = i % NOPE;
         qs[tt][d] = tt < nt ? q[((int64_t)(t0 + tt) * heads + h) * QK + d] : 0.f;
     }
     __syncthreads();
-    for (int l = threadIdx.x; l < KV_LORA; l += blockDim.x) {
-        float acc[MLA_TB];
+    int cq = threadIdx.x % 32, dg = threadIdx.x / 32; // blockDim.x == 256: 8 row groups
+    int l = c0 + cq * 4;
+    float acc[MLA_TB][4];
 #pragma unroll
-        for (int tt = 0; tt < MLA_TB; ++tt) acc[tt] = 0.f;
-        for (int d = 0; d < NOPE; ++d) {
-            float w = load_w<WDT>(kvb, sc, (int64_t)h * PER_HEAD + d, l, KV_LORA, bn, bk, kb);
+    for (int tt = 0; tt < MLA_TB; ++tt)
 #pragma unroll
-            for (int tt = 0; tt < MLA_TB; ++tt) acc[tt] += qs[tt][d] * w;
+        for (int j = 0; j < 4; ++j) acc[tt][j] = 0.f;
+    if (l < KV_LORA) {
+#pragma unroll 4
+        for (int d = dg; d < NOPE; d += 8) {
+            float4 wv = load_w4<WDT>(kvb, sc, (int64_t)h * PER_HEAD + d, l, bn, bk, kb);
+#pragma unroll
+            for (int tt = 0; tt < MLA_TB; ++tt) {
+                float qv = qs[tt][d];
+                acc[tt][0] += qv * wv.x;
+                acc[tt][1] += qv * wv.y;
+                acc[tt][2] += qv * wv.z;
+                acc[tt][3] += qv * wv.w;
+            }
         }
-        for (int tt = 0; tt < nt; ++tt) q_lat[((int64_t)(t0 + tt) * heads + h) * KV_LORA + l] = acc[tt];
+    }
+#pragma unroll
+    for (int tt = 0; tt < MLA_TB; ++tt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) red[dg][tt][cq * 4 + j] = acc[tt][j];
+    __syncthreads();
+    for (int i = threadIdx.x; i < MLA_TB * QL_COLS; i += blockDim.x) {
+        int tt = i / QL_COLS, c = i % QL_COLS;
+        if (tt < nt && c0 + c < KV_LORA) {
+            float v = 0.f;
+#pragma unroll
+            for (int g = 0; g < 8; ++g) v += red[g][tt][c];
+            q_lat[((int64_t)(t0 + tt) * heads + h) * KV_LORA + c0 + c] = v;
+        }
     }
 }
 
@@ -171,25 +225,50 @@ extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __re
     }
 }
 
+// latent → v: a block computes OUT_ROWS rows of W_UV(h) for MLA_TB tokens (grid.z over the row
+// chunks), a warp per row; the tokens' latents sit in shared memory and each lane reads 16-byte
+// chunks of the row (one chunk per lane covers a 512-wide FP8 row), decoded once for all tokens.
+#define OUT_ROWS 32
+
 template <int WDT>
 __device__ void mla_out_impl(const float* __restrict__ lat, const uint8_t* __restrict__ kvb, const float* __restrict__ sc,
                              float* __restrict__ out, int T, int heads, int bn, int bk) {
-    int t0 = blockIdx.x * MLA_TB, h = blockIdx.y, nt = min(MLA_TB, T - t0);
+    int t0 = blockIdx.x * MLA_TB, h = blockIdx.y, e0 = blockIdx.z * OUT_ROWS, nt = min(MLA_TB, T - t0);
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
     int kb = (KV_LORA + bk - 1) / bk;
-    const float* lt = lat + ((int64_t)t0 * heads + h) * KV_LORA;
-    const int stride = heads * KV_LORA; // from one token's latent to the next's
-    for (int e = w; e < VDIM; e += nw) {
+    __shared__ float ls[MLA_TB][KV_LORA];
+    for (int i = threadIdx.x; i < MLA_TB * KV_LORA; i += blockDim.x) {
+        int tt = i / KV_LORA, l = i % KV_LORA;
+        ls[tt][l] = tt < nt ? lat[((int64_t)(t0 + tt) * heads + h) * KV_LORA + l] : 0.f;
+    }
+    __syncthreads();
+    const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
+    const int VE = WDT == WDT_FP8 ? 16 : 8;
+    bool vec = KV_LORA % VE == 0 && (WDT != WDT_FP8 || bk % VE == 0);
+    for (int e = e0 + w; e < min(e0 + OUT_ROWS, VDIM); e += nw) {
         int64_t row = (int64_t)h * PER_HEAD + NOPE + e;
         float acc[MLA_TB];
 #pragma unroll
         for (int tt = 0; tt < MLA_TB; ++tt) acc[tt] = 0.f;
-        for (int l = lane; l < KV_LORA; l += WARP) {
-            float wv = load_w<WDT>(kvb, sc, row, l, KV_LORA, bn, bk, kb);
-            const float* p = lt + l;
+        if (vec) {
+            for (int k0 = lane * VE; k0 < KV_LORA; k0 += WARP * VE) {
+                float wv[VE];
+                unpack_chunk<WDT>(load_chunk<WDT>(kvb + (row * KV_LORA + k0) * es), wv);
+                float s = WDT == WDT_FP8 ? sc[(row / bn) * kb + k0 / bk] : 1.f;
 #pragma unroll
-            for (int tt = 0; tt < MLA_TB; ++tt)
-                if (tt < nt) acc[tt] += wv * p[tt * stride];
+                for (int tt = 0; tt < MLA_TB; ++tt) {
+                    float a = 0.f;
+#pragma unroll
+                    for (int i = 0; i < VE; ++i) a += wv[i] * ls[tt][k0 + i];
+                    acc[tt] += a * s;
+                }
+            }
+        } else {
+            for (int l = lane; l < KV_LORA; l += WARP) {
+                float wv = load_w<WDT>(kvb, sc, row, l, KV_LORA, bn, bk, kb);
+#pragma unroll
+                for (int tt = 0; tt < MLA_TB; ++tt) acc[tt] += wv * ls[tt][l];
+            }
         }
 #pragma unroll
         for (int tt = 0; tt < MLA_TB; ++tt) {

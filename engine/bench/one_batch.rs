@@ -38,6 +38,9 @@ pub struct BenchOneBatchArgs {
     /// Time per op class over the decode steps, from GPU events (CUDA backend)
     #[arg(long)]
     pub profile: bool,
+    /// With --profile: time each linear layer shape on its own ("dense GEMM MxNxK")
+    #[arg(long)]
+    pub profile_by_shape: bool,
     #[command(flatten)]
     pub dist: crate::dist::DistArgs,
 }
@@ -184,6 +187,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
             let (hits, compiles) = model.backend.jit.stats();
             let k = json!({"cache_dir": model.backend.jit.cache.dir.display().to_string(), "cache_hits": hits, "compiled": compiles, "device": model.backend.device_name, "arch": model.backend.arch});
             let b = &model.backend;
+            b.profile.by_shape.store(a.profile_by_shape, std::sync::atomic::Ordering::Relaxed);
             let start = || b.profile.enabled.store(a.profile, std::sync::atomic::Ordering::Relaxed);
             let finish = || {
                 b.profile.enabled.store(false, std::sync::atomic::Ordering::Relaxed);

@@ -92,6 +92,9 @@ pub struct CudaBackend {
 #[derive(Default)]
 pub struct OpProfile {
     pub enabled: std::sync::atomic::AtomicBool,
+    /// Linear layers timed per shape ("dense GEMM MxNxK") instead of as one class
+    pub by_shape: std::sync::atomic::AtomicBool,
+    shape_names: Mutex<HashMap<(usize, usize, usize), &'static str>>,
     depth: std::sync::atomic::AtomicUsize,
     spans: Mutex<Vec<(&'static str, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>>,
 }
@@ -108,7 +111,10 @@ impl CudaBackend {
         let device_name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let compiler = super::gpu::nvrtc::NvrtcCompiler::new(&arch).map_err(|e| unavailable(e.to_string()))?;
         let jit = Jit::new(KernelCache::from_env(), Box::new(compiler), Vendor::Nvidia);
-        let stream = ctx.default_stream();
+        // one stream of our own for everything (the legacy default stream cannot be captured into
+        // a graph); with a single stream, cudarc's per-buffer event tracking is not needed
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(err("new_stream"))?;
         log::info!("cuda backend: {device_name} ({arch}); kernels: portable HIP-dialect sources via NVRTC, cache {}", jit.cache.dir.display());
         log::info!("cuda op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA (decode, prompts under 64 tokens) and flash MHA prefill (64+ tokens, tensor cores); routing and sampling = GPU kernels");
         let poison = std::env::var("ENGINE_GPU_POISON").is_ok_and(|v| v == "1");
@@ -212,6 +218,16 @@ impl CudaBackend {
             self.profile.spans.lock().unwrap().push((class, a, b));
         }
         r
+    }
+
+    /// The profile class of a linear layer of `m` rows: per shape when asked for.
+    pub(crate) fn gemm_class(&self, m: usize, n: usize, k: usize) -> &'static str {
+        use std::sync::atomic::Ordering;
+        if !self.profile.enabled.load(Ordering::Relaxed) || !self.profile.by_shape.load(Ordering::Relaxed) {
+            return "dense GEMM";
+        }
+        // a handful of distinct shapes per model: named once, kept for the process
+        *self.profile.shape_names.lock().unwrap().entry((m, n, k)).or_insert_with(|| Box::leak(format!("dense GEMM {m}x{n}x{k}").into_boxed_str()))
     }
 
     /// Milliseconds per op class since the last call (synchronises the stream).

@@ -116,14 +116,16 @@ impl CudaBackend {
         let (d_flat, d_off, d_len) = (a.flat, a.off, a.len);
         let heads = d.num_heads as i32;
         let grid = (t as u32, d.num_heads as u32);
-        // the projections take 8 tokens per block (MLA_TB): each head's weights read once per 8
-        let (proj_grid, ti) = ((t.div_ceil(8) as u32, d.num_heads as u32), t as i32);
+        // the projections take 8 tokens per block (MLA_TB): each head's weights read once per 8;
+        // grid.z cuts a head's latent columns (q → latent, QL_COLS 128) or v rows (out, OUT_ROWS 32)
+        let ti = t as i32;
+        let proj = |z: usize| LaunchConfig { grid_dim: (t.div_ceil(8) as u32, d.num_heads as u32, z as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut q_lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
         let f = self.mla_func(dims, &format!("mla_q_latent_{}", wdt_suffix(kv_b.wdt)))?;
         self.span(ATTN_PROJ, || {
             let mut b = self.stream.launch_builder(&f);
             b.arg(&q.buf).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut q_lat).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-            unsafe { b.launch(cfg(proj_grid, 256, 0)) }.map(|_| ()).map_err(err("mla_q_latent"))
+            unsafe { b.launch(proj(d.kv_lora_rank.div_ceil(128))) }.map(|_| ()).map_err(err("mla_q_latent"))
         })?;
         let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
         // four heads per block share each cache entry they read
@@ -155,7 +157,7 @@ impl CudaBackend {
         self.span(ATTN_PROJ, || {
             let mut b = self.stream.launch_builder(&f);
             b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-            unsafe { b.launch(cfg(proj_grid, 256, 0)) }.map(|_| ()).map_err(err("mla_out"))
+            unsafe { b.launch(proj(d.v_head.div_ceil(32))) }.map(|_| ()).map_err(err("mla_out"))
         })?;
         Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
     }
@@ -339,7 +341,7 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&self, x: &GpuTensor, w: &GpuLinear) -> Result<GpuTensor, BackendError> {
-        self.span("dense GEMM", || self.linear_with(x, w, true))
+        self.span(self.gemm_class(x.rows, w.out, w.inp), || self.linear_with(x, w, true))
     }
 
     fn silu_mul(&self, gate: &GpuTensor, up: &GpuTensor) -> Result<GpuTensor, BackendError> {
