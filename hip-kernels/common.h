@@ -15,8 +15,25 @@
 
 __device__ __forceinline__ float bf16_to_f32(uint16_t b) { return __uint_as_float(((uint32_t)b) << 16); }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+// sm_89+: two e4m3 bytes (the low two of `two`, low byte first) through the hardware conversion to
+// f16x2, then to f32: exact, since every e4m3 value (NaN included) is an f16 value.
+#define ENGINE_FP8_HW 1
+__device__ __forceinline__ float2 fp8x2_e4m3_to_f32(uint32_t two) {
+    unsigned short in = (unsigned short)(two & 0xffff);
+    uint32_t h2;
+    float lo, hi;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(in));
+    asm("{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;\n\t}" : "=f"(lo), "=f"(hi) : "r"(h2));
+    return make_float2(lo, hi);
+}
+#endif
+
 // OCP float8 e4m3fn (NaN at 0x7f/0xff; max 448).
 __device__ __forceinline__ float fp8e4m3_to_f32(uint8_t b) {
+#ifdef ENGINE_FP8_HW
+    return fp8x2_e4m3_to_f32(b).x;
+#endif
     uint32_t sign = (uint32_t)(b & 0x80) << 24;
     uint32_t exp = (b >> 3) & 0xf;
     uint32_t man = b & 0x7;
@@ -29,6 +46,20 @@ __device__ __forceinline__ float fp8e4m3_to_f32(uint8_t b) {
         v = __uint_as_float(((exp + 120u) << 23) | (man << 20));
     }
     return __uint_as_float(__float_as_uint(v) | sign);
+}
+
+// The four e4m3 bytes of `w` (lowest first) as f32.
+__device__ __forceinline__ void fp8x4_to_f32(uint32_t w, float* o) {
+#ifdef ENGINE_FP8_HW
+    float2 a = fp8x2_e4m3_to_f32(w), b = fp8x2_e4m3_to_f32(w >> 16);
+    o[0] = a.x;
+    o[1] = a.y;
+    o[2] = b.x;
+    o[3] = b.y;
+#else
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[i] = fp8e4m3_to_f32((w >> (8 * i)) & 0xff);
+#endif
 }
 
 // Element (row, col) of a [rows, K] weight of type WDT; FP8 uses 2-D block scales

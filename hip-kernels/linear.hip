@@ -104,11 +104,8 @@ __device__ __forceinline__ void gemv8_chunk(Chunk16 c, const float* __restrict__
     const int VE = WDT == WDT_FP8 ? 16 : 8;
     float wv[VE];
     unpack_chunk<WDT>(c, wv);
-    if (WDT == WDT_FP8) {
-        float s = S[(n / bn) * kblocks + k0 / bk];
-#pragma unroll
-        for (int i = 0; i < VE; ++i) wv[i] *= s;
-    }
+    // FP8: the chunk lies in one scale block; its scale multiplies the chunk's dot once
+    float s = WDT == WDT_FP8 ? S[(n / bn) * kblocks + k0 / bk] : 1.f;
 #pragma unroll
     for (int m = 0; m < MAXM; ++m) {
         if (m < M) {
@@ -119,7 +116,7 @@ __device__ __forceinline__ void gemv8_chunk(Chunk16 c, const float* __restrict__
                 float4 x = xp[q];
                 a += wv[4 * q] * x.x + wv[4 * q + 1] * x.y + wv[4 * q + 2] * x.z + wv[4 * q + 3] * x.w;
             }
-            acc[m] += a;
+            acc[m] += WDT == WDT_FP8 ? a * s : a;
         }
     }
 }

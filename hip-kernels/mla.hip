@@ -41,7 +41,9 @@ __device__ __forceinline__ float4 load_w4(const uint8_t* __restrict__ w, const f
         }
         uint32_t r = *(const uint32_t*)(w + at);
         float s = sc[(row / bn) * kb + l / bk];
-        return make_float4(fp8e4m3_to_f32(r & 0xff) * s, fp8e4m3_to_f32((r >> 8) & 0xff) * s, fp8e4m3_to_f32((r >> 16) & 0xff) * s, fp8e4m3_to_f32(r >> 24) * s);
+        float v[4];
+        fp8x4_to_f32(r, v);
+        return make_float4(v[0] * s, v[1] * s, v[2] * s, v[3] * s);
     }
     float v[4];
 #pragma unroll

@@ -166,8 +166,10 @@ __device__ __forceinline__ void mt_store(MmaShared& sh, const MtStage<WDT>& st) 
             float s = st.s[i];
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-                p[2 * q] = bf16_pack(fp8e4m3_to_f32(w4[q] & 0xff) * s, fp8e4m3_to_f32((w4[q] >> 8) & 0xff) * s);
-                p[2 * q + 1] = bf16_pack(fp8e4m3_to_f32((w4[q] >> 16) & 0xff) * s, fp8e4m3_to_f32(w4[q] >> 24) * s);
+                float f[4];
+                fp8x4_to_f32(w4[q], f);
+                p[2 * q] = bf16_pack(f[0] * s, f[1] * s);
+                p[2 * q + 1] = bf16_pack(f[2] * s, f[3] * s);
             }
             *(uint4*)&sh.ws[0][r][c] = make_uint4(p[0], p[1], p[2], p[3]);
             *(uint4*)&sh.ws[0][r][c + 8] = make_uint4(p[4], p[5], p[6], p[7]);

@@ -22,7 +22,7 @@ __device__ __forceinline__ void unpack_chunk(Chunk16 c, float* o) {
     uint32_t u[8] = {c.a.x, c.a.y, c.a.z, c.a.w, c.b.x, c.b.y, c.b.z, c.b.w};
     if (WDT == WDT_FP8) {
 #pragma unroll
-        for (int i = 0; i < 16; ++i) o[i] = fp8e4m3_to_f32((u[i / 4] >> (8 * (i % 4))) & 0xff);
+        for (int i = 0; i < 4; ++i) fp8x4_to_f32(u[i], o + 4 * i);
     } else if (WDT == WDT_BF16) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -40,11 +40,8 @@ __device__ __forceinline__ void unpack8(const uint8_t* p, int wdt, float* o) {
         unpack_chunk<WDT_BF16>(load_chunk<WDT_BF16>(p), o);
     } else if (wdt == WDT_FP8) {
         uint2 r = *(const uint2*)p;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            o[i] = fp8e4m3_to_f32((r.x >> (8 * i)) & 0xff);
-            o[4 + i] = fp8e4m3_to_f32((r.y >> (8 * i)) & 0xff);
-        }
+        fp8x4_to_f32(r.x, o);
+        fp8x4_to_f32(r.y, o + 4);
     } else {
         unpack_chunk<WDT_F32>(load_chunk<WDT_F32>(p), o);
     }

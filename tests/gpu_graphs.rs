@@ -28,16 +28,17 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     (d / n.max(1e-30)).sqrt()
 }
 
+type Kv = <CudaBackend as Backend>::KvCache;
+
 /// `bs` sequences with the given context lengths: one prefill of all prompts, then `steps` greedy
-/// decode steps on both models in lockstep (the eager model's tokens feed both). Returns the
-/// largest relative difference of the decode logits.
-fn run(eager: &Model<CudaBackend>, graph: &Model<CudaBackend>, lens: &[usize], steps: usize, seed: u64) -> f64 {
+/// decode steps on both models in lockstep (the eager model's tokens feed both), each over its own
+/// KV cache (slots from 0). Returns the largest relative difference of the decode logits.
+#[allow(clippy::too_many_arguments)]
+fn run(eager: &Model<CudaBackend>, graph: &Model<CudaBackend>, kv_e: &mut Kv, kv_g: &mut Kv, lens: &[usize], steps: usize, seed: u64) -> f64 {
     let bs = lens.len();
     let vocab = eager.cfg.vocab_size;
     let mut rng = Rng::new(seed);
     let cap: Vec<usize> = lens.iter().map(|l| l + steps).collect();
-    let total: usize = cap.iter().sum();
-    let (mut kv_e, mut kv_g) = (eager.alloc_kv_cache(total).unwrap(), graph.alloc_kv_cache(total).unwrap());
     // sequence s owns slots base[s] .. base[s] + cap[s]; slot order is reversed within each to
     // show the kernels follow the slot lists, not positions
     let mut base = 0;
@@ -64,8 +65,8 @@ fn run(eager: &Model<CudaBackend>, graph: &Model<CudaBackend>, lens: &[usize], s
     let mut end = 0;
     let last: Vec<u32> = lens.iter().map(|&l| { end += l; (end - 1) as u32 }).collect();
     let pre = ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seqs, logit_rows: &last };
-    let le = eager.backend.download(&eager.forward(&mut kv_e, &pre).unwrap()).unwrap();
-    let lg = graph.backend.download(&graph.forward(&mut kv_g, &pre).unwrap()).unwrap();
+    let le = eager.backend.download(&eager.forward(kv_e, &pre).unwrap()).unwrap();
+    let lg = graph.backend.download(&graph.forward(kv_g, &pre).unwrap()).unwrap();
     assert_eq!(le, lg, "prefill runs op by op in both");
     let mut next: Vec<u32> = le.chunks(vocab).map(argmax).collect();
     let mut worst = 0f64;
@@ -74,8 +75,8 @@ fn run(eager: &Model<CudaBackend>, graph: &Model<CudaBackend>, lens: &[usize], s
         let seqs: Vec<AttnSeq> = (0..bs).map(|s| AttnSeq { q_start: s, q_len: 1, slots: &slots[s][..lens[s] + i + 1] }).collect();
         let rows: Vec<u32> = (0..bs as u32).collect();
         let b = ForwardBatch { tokens: &next, positions: &pos, seqs: &seqs, logit_rows: &rows };
-        let e = eager.forward(&mut kv_e, &b).unwrap();
-        let g = graph.forward(&mut kv_g, &b).unwrap();
+        let e = eager.forward(kv_e, &b).unwrap();
+        let g = graph.forward(kv_g, &b).unwrap();
         assert_eq!((g.rows(), g.cols()), (bs, vocab), "a graph step returns the real rows only");
         let (e, g) = (eager.backend.download(&e).unwrap(), graph.backend.download(&g).unwrap());
         worst = worst.max(rel_err(&g, &e));
@@ -85,31 +86,41 @@ fn run(eager: &Model<CudaBackend>, graph: &Model<CudaBackend>, lens: &[usize], s
 }
 
 /// Graph steps (padded to the capture sizes, fixed attention splits) give the eager steps' logits
-/// within 1e-5; batches beyond --cuda-graph-max-bs run op by op and match bit for bit; a context
-/// that outgrows the step arena recaptures.
+/// within 1e-5, also when a graph captured for one batch replays another's; batches beyond
+/// --cuda-graph-max-bs run op by op and match bit for bit; a context that outgrows the step arena,
+/// and a step on another KV cache, capture anew.
 #[test]
 #[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
 fn decode_graphs_replay_the_eager_steps() {
     let dir = common::golden_dir("tiny_v3_fp8");
     let eager = Model::load(backend(0), &dir).unwrap();
     let graph = Model::load(backend(16), &dir).unwrap();
+    let slots = 16 * 4210;
+    let (mut kv_e, mut kv_g) = (eager.alloc_kv_cache(slots).unwrap(), graph.alloc_kv_cache(slots).unwrap());
+    // sizes 1, 4 (3 padded) and 16 (9 padded) are captured; 16 real rows replay the 16-row graph
+    // captured on the 9-row batch
     for (lens, seed) in [(vec![7], 1), (vec![3, 40, 700], 2), (vec![9; 9], 3), (vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 600], 4)] {
-        let worst = run(&eager, &graph, &lens, 6, seed);
+        let worst = run(&eager, &graph, &mut kv_e, &mut kv_g, &lens, 6, seed);
         eprintln!("batch {} (contexts {:?}): max relative difference {worst:.2e}", lens.len(), &lens[..lens.len().min(4)]);
         assert!(worst <= 1e-5, "batch {}: {worst}", lens.len());
     }
     let (captured, replays, failed) = graph.backend.graph_stats();
     assert_eq!(failed, None);
-    // sizes 1, 4 (3 padded), 16 (9 and 16): each captured once, then replayed
     assert_eq!(captured, 3, "captures");
     // every decode step after the first of its size replays: 5 + 5 + 5, and all 6 of batch 16
     assert_eq!(replays, 21, "replays");
     // beyond the largest size: op by op, identical
-    let worst = run(&eager, &graph, &[5; 17], 3, 5);
+    let worst = run(&eager, &graph, &mut kv_e, &mut kv_g, &[5; 17], 3, 5);
     assert_eq!(worst, 0.0, "17 sequences run op by op in both");
     assert_eq!(graph.backend.graph_stats().1, replays, "no replay beyond --cuda-graph-max-bs");
     // 16 contexts of 4,200 tokens outgrow the initial arena (65,536 indices): recapture, still equal
-    let worst = run(&eager, &graph, &[4200; 16], 3, 6);
+    let worst = run(&eager, &graph, &mut kv_e, &mut kv_g, &[4200; 16], 3, 6);
     assert!(worst <= 1e-5, "long contexts: {worst}");
     assert_eq!(graph.backend.graph_stats().0, 4, "the 16-row graph was captured again for the larger arena");
+    // another KV cache: the graphs hold the old one's address, so batch 1 is captured anew
+    let (mut kv_e2, mut kv_g2) = (eager.alloc_kv_cache(64).unwrap(), graph.alloc_kv_cache(64).unwrap());
+    let worst = run(&eager, &graph, &mut kv_e2, &mut kv_g2, &[20], 4, 7);
+    assert!(worst <= 1e-5, "new KV cache: {worst}");
+    let (captured, replays2, _) = graph.backend.graph_stats();
+    assert_eq!((captured, replays2), (5, replays + 2 + 3), "recaptured for the new cache");
 }

@@ -78,6 +78,15 @@ pub struct StepInputs<'a> {
     pub logit_rows: &'a [u32],
 }
 
+/// A decode step that may replay a captured graph.
+#[derive(Debug, Clone, Copy)]
+pub struct GraphStep {
+    /// Rows of logits wanted (the real batch; the rest are padding)
+    pub keep: usize,
+    /// `Backend::kv_cache_id` of the cache the step runs on
+    pub kv: u64,
+}
+
 /// Rows × columns of an activation tensor.
 pub trait TensorShape {
     fn rows(&self) -> usize;
@@ -184,10 +193,15 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// What identifies a KV cache's device memory and layout (a captured graph holds its address).
+    fn kv_cache_id(&self, _kv: &Self::KvCache) -> u64 {
+        0
+    }
+
     /// Runs one forward step (`run`, the model's host code, which issues the ops). `graph`: the
-    /// step is a decode step padded to `graph_batch` rows whose logits are wanted for the first
-    /// `graph` rows, so it may be captured once and replayed. Returns the logits.
-    fn run_step<E: From<BackendError>>(&self, inputs: &StepInputs, graph: Option<usize>, run: &mut dyn FnMut(&StepInputs) -> Result<Self::Tensor, E>) -> Result<Self::Tensor, E> {
+    /// step is a decode step padded to `graph_batch` rows, so it may be captured once and
+    /// replayed. Returns the logits.
+    fn run_step<E: From<BackendError>>(&self, inputs: &StepInputs, graph: Option<GraphStep>, run: &mut dyn FnMut(&StepInputs) -> Result<Self::Tensor, E>) -> Result<Self::Tensor, E> {
         let _ = graph;
         run(inputs)
     }

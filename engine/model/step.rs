@@ -3,7 +3,7 @@
 //! position 0 into the KV cache's scratch slot (one slot past those the cache manager hands out),
 //! attend only to that slot, and their logits are dropped, so they change nothing the real rows see.
 use super::{ForwardBatch, Model, ModelError};
-use crate::backend::{AttnSeq, Backend, StepInputs};
+use crate::backend::{AttnSeq, Backend, GraphStep, StepInputs};
 
 /// A decode batch padded to `rows` rows.
 pub(super) struct Padded {
@@ -61,7 +61,8 @@ impl<B: Backend> Model<B> {
                 let p = Padded::new(&embed_ids, batch.positions, &new_slots, rows, pad_id, scratch);
                 let seqs = p.seqs(batch.seqs);
                 let inputs = StepInputs { embed_ids: &p.embed_ids, positions: &p.positions, new_slots: &p.new_slots, seqs: &seqs, logit_rows: &p.logit_rows };
-                return b.run_step(&inputs, Some(t), &mut |i| self.forward_rows(kv, i));
+                let graph = GraphStep { keep: t, kv: b.kv_cache_id(kv) };
+                return b.run_step(&inputs, Some(graph), &mut |i| self.forward_rows(kv, i));
             }
         }
         let inputs = StepInputs { embed_ids: &embed_ids, positions: batch.positions, new_slots: &new_slots, seqs: batch.seqs, logit_rows: batch.logit_rows };

@@ -3,7 +3,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::{err, step, CudaBackend, GpuTensor};
 use crate::backend::gpu::ModelDims;
-use crate::backend::{AttnSeq, Backend, BackendError, MlaDims, RouteParams, SampleRow, StepInputs};
+use crate::backend::{AttnSeq, Backend, BackendError, GraphStep, MlaDims, RouteParams, SampleRow, StepInputs};
 use crate::config::{RopeTables, ScoringFunc, TopkMethod};
 use crate::weights::{HostLinear, LinearData};
 
@@ -475,7 +475,15 @@ impl Backend for CudaBackend {
         self.graph_batch_size(tokens)
     }
 
-    fn run_step<E: From<BackendError>>(&self, inputs: &StepInputs, graph: Option<usize>, run: &mut dyn FnMut(&StepInputs) -> Result<GpuTensor, E>) -> Result<GpuTensor, E> {
+    fn kv_cache_id(&self, kv: &GpuKvCache) -> u64 {
+        // the buffer's address and its layout (a new cache may reuse an old one's address)
+        let p = kv.buf.device_ptr(&self.stream).0;
+        let mut h = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(&(p, kv.layers, kv.slots, kv.entry), &mut h);
+        std::hash::Hasher::finish(&h)
+    }
+
+    fn run_step<E: From<BackendError>>(&self, inputs: &StepInputs, graph: Option<GraphStep>, run: &mut dyn FnMut(&StepInputs) -> Result<GpuTensor, E>) -> Result<GpuTensor, E> {
         self.run_step_impl(inputs, graph, run)
     }
 

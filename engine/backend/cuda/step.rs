@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use cudarc::driver::{sys, CudaGraph, CudaSlice, DevicePtr};
 
 use super::{err, CudaBackend, GpuTensor};
-use crate::backend::{AttnSeq, BackendError, StepInputs};
+use crate::backend::{AttnSeq, BackendError, GraphStep, StepInputs};
 
 /// Context keys per attention split (a split covers at least this many keys).
 pub(super) const SPLIT_MIN_KEYS: usize = 512;
@@ -133,6 +133,8 @@ pub(super) struct StepState {
     /// A capture is running: host uploads are errors (they would not be replayed)
     pub capturing: bool,
     graphs: HashMap<usize, Graph>,
+    /// The KV cache the graphs were captured on (they hold its address)
+    graphs_kv: u64,
     /// The logits of graph steps [max_bs, vocab]
     out: Option<CudaSlice<f32>>,
     pub captured: usize,
@@ -240,10 +242,18 @@ impl CudaBackend {
         s.graph_step = false;
     }
 
-    pub(super) fn run_step_impl<E: From<BackendError>>(&self, inputs: &StepInputs, graph: Option<usize>, run: &mut dyn FnMut(&StepInputs) -> Result<GpuTensor, E>) -> Result<GpuTensor, E> {
+    pub(super) fn run_step_impl<E: From<BackendError>>(&self, inputs: &StepInputs, graph: Option<GraphStep>, run: &mut dyn FnMut(&StepInputs) -> Result<GpuTensor, E>) -> Result<GpuTensor, E> {
         self.step_begin(inputs, graph.is_some())?;
+        if let Some(g) = graph {
+            let mut s = self.graphs.state.lock().unwrap();
+            if s.graphs_kv != g.kv {
+                // graphs hold the old cache's address: a step on another cache captures anew
+                s.graphs.clear();
+                s.graphs_kv = g.kv;
+            }
+        }
         let r = match graph {
-            Some(keep) => self.graph_step(inputs, keep, run),
+            Some(g) => self.graph_step(inputs, g.keep, run),
             None => run(inputs),
         };
         self.step_end();
