@@ -94,83 +94,89 @@ extern "C" __global__ void gemv_bf16w(const float* X, const uint8_t* W, const fl
 extern "C" __global__ void gemv_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { gemv_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk); }
 
 // The same with 16 bytes of consecutive weights per lane per step (8 bf16 / 16 fp8; f32: 2×16
-// bytes), two loads in flight per lane up to 8 rows (raw, decoded one after the other), and `split` warps per
-// output row (1, 2, 4 or 8): layers with few output rows (kv_a: 576) would otherwise have too few
-// warps to keep HBM busy. The split warps' sums are added in a fixed order (deterministic).
-// Requires K % 8 == 0 and, for FP8, K % 16 == 0 and bk % 16 == 0 (the host checks).
-template <int WDT, int MAXM>
-__device__ __forceinline__ void gemv8_chunk(Chunk16 c, const float* __restrict__ X, const float* __restrict__ S, int M, int K, int n, int k0, int bn, int bk,
-                                            int kblocks, float* acc) {
-    const int VE = WDT == WDT_FP8 ? 16 : 8;
-    float wv[VE];
-    unpack_chunk<WDT>(c, wv);
-    // FP8: the chunk lies in one scale block; its scale multiplies the chunk's dot once
-    float s = WDT == WDT_FP8 ? S[(n / bn) * kblocks + k0 / bk] : 1.f;
-#pragma unroll
-    for (int m = 0; m < MAXM; ++m) {
-        if (m < M) {
-            const float4* xp = (const float4*)(X + (int64_t)m * K + k0);
-            float a = 0.f;
-#pragma unroll
-            for (int q = 0; q < VE / 4; ++q) {
-                float4 x = xp[q];
-                a += wv[4 * q] * x.x + wv[4 * q + 1] * x.y + wv[4 * q + 2] * x.z + wv[4 * q + 3] * x.w;
-            }
-            acc[m] += WDT == WDT_FP8 ? a * s : a;
-        }
-    }
-}
-
-template <int WDT, int MAXM>
+// bytes), R output rows per warp sharing each load of x (up to 8 rows R = 2: two weight loads in
+// flight per lane and half the x traffic per weight byte, which bounds FP8 rows), and `split`
+// warps per row group (1, 2, 4 or 8): layers with few output rows (kv_a: 576) would otherwise have
+// too few warps to keep HBM busy. The split warps' sums are added in a fixed order
+// (deterministic). Requires K % 8 == 0 and, for FP8, K % 16 == 0 and bk % 16 == 0 (the host checks).
+template <int WDT, int MAXM, int R>
 __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restrict__ W, const float* __restrict__ S, float* __restrict__ Y,
                            int M, int N, int K, int bn, int bk, int split) {
-    __shared__ float red[8][MAXM];
+    __shared__ float red[8][R][MAXM];
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    int n = blockIdx.x * (nw / split) + w / split, part = w % split;
-    bool live = n < N;
+    int n0 = (blockIdx.x * (nw / split) + w / split) * R, part = w % split;
+    bool live = n0 < N;
     int kblocks = (K + bk - 1) / bk;
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
     const int VE = WDT == WDT_FP8 ? 16 : 8;
-    const uint8_t* row = W + (int64_t)(live ? n : 0) * K * es;
-    float acc[MAXM];
+    const uint8_t* rows[R];
 #pragma unroll
-    for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
+    for (int r = 0; r < R; ++r) rows[r] = W + (int64_t)(n0 + r < N ? n0 + r : 0) * K * es;
+    float acc[R][MAXM];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m) acc[r][m] = 0.f;
     if (live) {
         const int stride = WARP * VE * split;
-        int k0 = (part * WARP + lane) * VE;
-        // two loads in flight up to 8 rows; 16 rows' accumulators leave no registers for it (AMD spills)
-        if (MAXM <= 8) {
-            for (; k0 + stride < K; k0 += 2 * stride) {
-                Chunk16 c0 = load_chunk<WDT>(row + (int64_t)k0 * es);
-                Chunk16 c1 = load_chunk<WDT>(row + (int64_t)(k0 + stride) * es);
-                gemv8_chunk<WDT, MAXM>(c0, X, S, M, K, n, k0, bn, bk, kblocks, acc);
-                gemv8_chunk<WDT, MAXM>(c1, X, S, M, K, n, k0 + stride, bn, bk, kblocks, acc);
+        for (int k0 = (part * WARP + lane) * VE; k0 < K; k0 += stride) {
+            Chunk16 c[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) c[r] = load_chunk<WDT>(rows[r] + (int64_t)k0 * es);
+            float wv[R][VE], s[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                unpack_chunk<WDT>(c[r], wv[r]);
+                // FP8: the chunk lies in one scale block; its scale multiplies the chunk's dot once
+                s[r] = WDT == WDT_FP8 ? S[((n0 + r < N ? n0 + r : 0) / bn) * kblocks + k0 / bk] : 1.f;
+            }
+#pragma unroll
+            for (int m = 0; m < MAXM; ++m) {
+                if (m < M) {
+                    const float4* xp = (const float4*)(X + (int64_t)m * K + k0);
+                    float a[R];
+#pragma unroll
+                    for (int r = 0; r < R; ++r) a[r] = 0.f;
+#pragma unroll
+                    for (int q = 0; q < VE / 4; ++q) {
+                        float4 x = xp[q];
+#pragma unroll
+                        for (int r = 0; r < R; ++r) a[r] += wv[r][4 * q] * x.x + wv[r][4 * q + 1] * x.y + wv[r][4 * q + 2] * x.z + wv[r][4 * q + 3] * x.w;
+                    }
+#pragma unroll
+                    for (int r = 0; r < R; ++r) acc[r][m] += WDT == WDT_FP8 ? a[r] * s[r] : a[r];
+                }
             }
         }
-        for (; k0 < K; k0 += stride) gemv8_chunk<WDT, MAXM>(load_chunk<WDT>(row + (int64_t)k0 * es), X, S, M, K, n, k0, bn, bk, kblocks, acc);
     }
 #pragma unroll
-    for (int m = 0; m < MAXM; ++m) {
-        float v = warp_sum(acc[m]);
-        if (lane == 0 && m < M) red[w][m] = v;
-    }
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m) {
+            float v = warp_sum(acc[r][m]);
+            if (lane == 0 && m < M) red[w][r][m] = v;
+        }
     __syncthreads();
-    if (live && part == 0 && lane < M) {
-        float v = 0.f;
-        for (int p = 0; p < split; ++p) v += red[w + p][lane];
-        Y[(int64_t)lane * N + n] = v;
+    if (live && part == 0 && lane < M * R) {
+        int r = lane / M, m = lane % M;
+        if (n0 + r < N) {
+            float v = 0.f;
+            for (int p = 0; p < split; ++p) v += red[w + p][r][m];
+            Y[(int64_t)m * N + n0 + r] = v;
+        }
     }
 }
 
-#define GEMV8(NAME, WDT, MAXM)                                                                                                            \
+#define GEMV8(NAME, WDT, MAXM, R)                                                                                                         \
     extern "C" __global__ void __launch_bounds__(256) NAME(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, \
                                                            int split) {                                                                           \
-        gemv8_impl<WDT, MAXM>(X, W, S, Y, M, N, K, bn, bk, split);                                                                          \
+        gemv8_impl<WDT, MAXM, R>(X, W, S, Y, M, N, K, bn, bk, split);                                                                       \
     }
-// up to 8 rows (decode at small batch) and up to 16 rows per launch (larger batches, in slices)
-GEMV8(gemv8_f32w, WDT_F32, 8)
-GEMV8(gemv8_bf16w, WDT_BF16, 8)
-GEMV8(gemv8_fp8w, WDT_FP8, 8)
-GEMV8(gemv16_f32w, WDT_F32, 16)
-GEMV8(gemv16_bf16w, WDT_BF16, 16)
-GEMV8(gemv16_fp8w, WDT_FP8, 16)
+// up to 8 rows (decode at small batch; 2 output rows per warp) and up to 16 rows per launch
+// (larger batches, in slices; one output row per warp: 16 rows' accumulators leave no room)
+GEMV8(gemv8_f32w, WDT_F32, 8, 2)
+GEMV8(gemv8_bf16w, WDT_BF16, 8, 2)
+GEMV8(gemv8_fp8w, WDT_FP8, 8, 2)
+GEMV8(gemv16_f32w, WDT_F32, 16, 1)
+GEMV8(gemv16_bf16w, WDT_BF16, 16, 1)
+GEMV8(gemv16_fp8w, WDT_FP8, 16, 1)

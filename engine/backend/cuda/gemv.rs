@@ -10,8 +10,8 @@ const LIN: &str = "hip-kernels/linear.hip";
 /// Warps that keep an H200's HBM busy (132 SMs × ~32 resident warps)
 const TARGET_WARPS: usize = 4096;
 
-/// Warps per output row (1, 2, 4 or 8): enough warps in all for layers with few rows, while each
-/// lane keeps at least one 16-byte chunk of its row (`ve` weights per chunk).
+/// Warps per group of output rows (1, 2, 4 or 8; `n` groups): enough warps in all for layers with
+/// few rows, while each lane keeps at least one 16-byte chunk of its row (`ve` weights per chunk).
 pub(super) fn gemv_split(n: usize, k: usize, ve: usize) -> usize {
     let mut split = 1;
     while split < 8 && n * split < TARGET_WARPS && k >= 32 * ve * (split * 2) {
@@ -31,7 +31,9 @@ impl CudaBackend {
         };
         let f = self.func(LIN, &format!("{kind}_{}", wdt_suffix(w.wdt)))?;
         let (n, k) = (w.out as i32, w.inp as i32);
-        let split = if vec8 { gemv_split(w.out, w.inp, if w.wdt == 2 { 16 } else { 8 }) } else { 1 };
+        // output rows per warp (GEMV8's R in linear.hip)
+        let per_warp = if kind == "gemv8" { 2 } else { 1 };
+        let split = if vec8 { gemv_split(w.out.div_ceil(per_warp), w.inp, if w.wdt == 2 { 16 } else { 8 }) } else { 1 };
         let sp = split as i32;
         for r0 in (0..x.rows).step_by(slice) {
             let m = (x.rows - r0).min(slice) as i32;
@@ -42,7 +44,7 @@ impl CudaBackend {
             if vec8 {
                 b.arg(&sp);
             }
-            unsafe { b.launch(cfg(((w.out * split).div_ceil(8) as u32, 1), 256, 0)) }.map_err(err("linear"))?;
+            unsafe { b.launch(cfg(((w.out.div_ceil(per_warp) * split).div_ceil(8) as u32, 1), 256, 0)) }.map_err(err("linear"))?;
         }
         Ok(())
     }
