@@ -9,7 +9,10 @@
 #define METHOD_GREEDY 1
 #define METHOD_GROUP_LIMITED 2
 
-// One block per token, one thread does the selection (E <= 1024 scores live in shared memory).
+// One warp per token (blockDim.x == WARP; E <= 1024 scores in shared memory, top_k and n_group
+// <= 64): scores, group limits and the top-k picks spread over the
+// lanes; each pick is a warp arg-max that keeps the lowest expert id among equal scores (the
+// order a sequential scan gives, as the CPU reference does).
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int has_bias, int E, int top_k,
                                      int n_group, int topk_group, int method, int softmax_scoring, int norm_topk_prob, float scaling,
                                      int32_t* __restrict__ ids, float* __restrict__ weights) {
@@ -17,25 +20,28 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     __shared__ float choice[1024];
     __shared__ float gscore[64];
     __shared__ int keep[64];
-    int t = blockIdx.x;
+    __shared__ int picked[64];
+    int t = blockIdx.x, lane = threadIdx.x;
     const float* l = logits + (int64_t)t * E;
-    if (threadIdx.x != 0) return;
     if (softmax_scoring) {
         float m = -ENGINE_INF;
-        for (int e = 0; e < E; ++e) m = fmaxf(m, l[e]);
+        for (int e = lane; e < E; e += WARP) m = fmaxf(m, l[e]);
+        m = warp_max(m);
         float z = 0.f;
-        for (int e = 0; e < E; ++e) {
+        for (int e = lane; e < E; e += WARP) {
             scores[e] = expf(l[e] - m);
             z += scores[e];
         }
-        for (int e = 0; e < E; ++e) scores[e] /= z;
+        z = warp_sum(z);
+        for (int e = lane; e < E; e += WARP) scores[e] /= z;
     } else {
-        for (int e = 0; e < E; ++e) scores[e] = 1.0f / (1.0f + expf(-l[e]));
+        for (int e = lane; e < E; e += WARP) scores[e] = 1.0f / (1.0f + expf(-l[e]));
     }
-    for (int e = 0; e < E; ++e) choice[e] = scores[e] + (has_bias ? bias[e] : 0.f);
+    for (int e = lane; e < E; e += WARP) choice[e] = scores[e] + (has_bias ? bias[e] : 0.f);
+    __syncthreads();
     int per = E / n_group;
     if (method != METHOD_GREEDY) {
-        for (int g = 0; g < n_group; ++g) {
+        for (int g = lane; g < n_group; g += WARP) {
             const float* c = choice + g * per;
             if (method == METHOD_NOAUX_TC) {
                 float b1 = -ENGINE_INF, b2 = -ENGINE_INF;
@@ -50,37 +56,62 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
             }
             keep[g] = 0;
         }
-        for (int k = 0; k < topk_group; ++k) {
-            int best = -1;
-            for (int g = 0; g < n_group; ++g)
-                if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
-            keep[best] = 1;
+        __syncthreads();
+        if (lane == 0) {
+            for (int k = 0; k < topk_group; ++k) {
+                int best = -1;
+                for (int g = 0; g < n_group; ++g)
+                    if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
+                keep[best] = 1;
+            }
         }
-        for (int e = 0; e < E; ++e)
+        __syncthreads();
+        for (int e = lane; e < E; e += WARP)
             if (!keep[e / per]) choice[e] = -ENGINE_INF;
-    }
-    float wsum = 0.f;
-    for (int k = 0; k < top_k; ++k) {
-        int best = -1;
-        for (int e = 0; e < E; ++e)
-            if (choice[e] > -ENGINE_INF && (best < 0 || choice[e] > choice[best])) best = e;
-        if (best < 0) best = 0; // unreachable for valid configs
-        choice[best] = -ENGINE_INF;
-        ids[t * top_k + k] = best;
-        weights[t * top_k + k] = scores[best];
-        wsum += scores[best];
+        __syncthreads();
     }
     for (int k = 0; k < top_k; ++k) {
-        float w = weights[t * top_k + k];
-        if (method == METHOD_NOAUX_TC) {
-            if (norm_topk_prob) w /= (wsum + 1e-20f);
-            w *= scaling;
-        } else if (top_k > 1 && norm_topk_prob) {
-            w /= (wsum + 1e-20f);
-        } else {
-            w *= scaling;
+        float bv = -ENGINE_INF;
+        int bi = -1;
+        for (int e = lane; e < E; e += WARP)
+            if (choice[e] > -ENGINE_INF && (bi < 0 || choice[e] > bv)) {
+                bv = choice[e];
+                bi = e;
+            }
+#pragma unroll
+        for (int o = WARP / 2; o > 0; o >>= 1) {
+            float ov = __shfl_xor(bv, o, WARP);
+            int oi = __shfl_xor(bi, o, WARP);
+            if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+                bv = ov;
+                bi = oi;
+            }
         }
-        weights[t * top_k + k] = w;
+        if (bi < 0) bi = 0; // unreachable for valid configs
+        __syncthreads();
+        if (lane == 0) {
+            choice[bi] = -ENGINE_INF;
+            picked[k] = bi;
+        }
+        __syncthreads();
+    }
+    if (lane == 0) {
+        // weights in pick order, summed in that order (as the reference does)
+        float wsum = 0.f;
+        for (int k = 0; k < top_k; ++k) wsum += scores[picked[k]];
+        for (int k = 0; k < top_k; ++k) {
+            float w = scores[picked[k]];
+            if (method == METHOD_NOAUX_TC) {
+                if (norm_topk_prob) w /= (wsum + 1e-20f);
+                w *= scaling;
+            } else if (top_k > 1 && norm_topk_prob) {
+                w /= (wsum + 1e-20f);
+            } else {
+                w *= scaling;
+            }
+            ids[t * top_k + k] = picked[k];
+            weights[t * top_k + k] = w;
+        }
     }
 }
 

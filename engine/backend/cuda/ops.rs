@@ -424,6 +424,9 @@ impl Backend for CudaBackend {
     fn moe_route(&self, x: &GpuTensor, gate: &GpuLinear, bias: Option<&[f32]>, p: &RouteParams) -> Result<GpuRouting, BackendError> {
         self.span("routing", || {
             let logits = self.linear_with(x, gate, false)?;
+            if p.n_experts > 1024 || p.top_k > 64 || p.n_group > 64 || p.n_group == 0 {
+                return Err(BackendError::Op { backend: "cuda", op: "moe_route", msg: format!("{} experts, top-k {}, {} groups: the routing kernel takes at most 1024 experts, top-k 64 and 64 groups", p.n_experts, p.top_k, p.n_group) });
+            }
             let f = self.func(MOE, "moe_route")?;
             let d_bias = self.constant(bias.unwrap_or(&[0.0]))?;
             let mut ids = self.stream.alloc_zeros::<i32>((x.rows * p.top_k).max(1)).map_err(err("moe_route"))?;
@@ -436,6 +439,7 @@ impl Backend for CudaBackend {
             let (hb, e, k, ng, tg, sm, norm, sc) = (bias.is_some() as i32, p.n_experts as i32, p.top_k as i32, p.n_group as i32, p.topk_group as i32, (p.scoring == ScoringFunc::Softmax) as i32, p.norm_topk_prob as i32, p.routed_scaling_factor);
             let mut b = self.stream.launch_builder(&f);
             b.arg(&logits.buf).arg(&d_bias).arg(&hb).arg(&e).arg(&k).arg(&ng).arg(&tg).arg(&method).arg(&sm).arg(&norm).arg(&sc).arg(&mut ids).arg(&mut weights);
+            // one warp per token (NVIDIA's warp is 32 wide)
             unsafe { b.launch(cfg((x.rows as u32, 1), 32, 0)) }.map_err(err("moe_route"))?;
             Ok(GpuRouting { top_k: p.top_k, ids, weights })
         })
