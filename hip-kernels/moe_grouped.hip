@@ -138,40 +138,61 @@ __device__ __forceinline__ void gv_stage(float* xs, const float* x, const int32_
     }
 }
 
-// 16 weights of row `row` at column k (dequantised), · the tile's tokens, into acc[tt]
+// 16 weights of row `row` from column k, raw: one 16-byte load (FP8) or two (bf16; f32: four),
+// issued before the tile's x slice is staged so the loads overlap the staging.
 template <int WDT>
-__device__ __forceinline__ void gv_row(const uint8_t* W, const float* S, int64_t row, int K, int bn, int bk, int k, int lane, const float* xs, int c,
-                                       float* acc) {
+struct GvChunk {
+    Chunk16 a, b;
+};
+
+template <int WDT>
+__device__ __forceinline__ GvChunk<WDT> gv_load(const uint8_t* W, int64_t row, int K, int k) {
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
-    float w[16];
     const uint8_t* p = W + (row * K + k) * es;
-    if (WDT == WDT_FP8) {
-        unpack16_fp8(p, w);
-        float s = S[(row / bn) * ((K + bk - 1) / bk) + k / bk];
-#pragma unroll
-        for (int i = 0; i < 16; ++i) w[i] *= s;
-    } else {
-        unpack8(p, WDT, w);
-        unpack8(p + 8 * es, WDT, w + 8);
-    }
+    GvChunk<WDT> c;
+    c.a = load_chunk<WDT>(p);
+    if (WDT != WDT_FP8) c.b = load_chunk<WDT>(p + 8 * es);
+    return c;
+}
+
+// The chunk's 16 weights as f32 (FP8 unscaled: its block scale multiplies each dot once).
+template <int WDT>
+__device__ __forceinline__ void gv_unpack(const GvChunk<WDT>& c, float* w) {
+    unpack_chunk<WDT>(c.a, w);
+    if (WDT != WDT_FP8) unpack_chunk<WDT>(c.b, w + 8);
+}
+
+// acc[r][tt] += s[r] · (w[r] · x_tt) over the tile's c tokens: R weight rows share each read of a
+// token's x chunk from shared memory (the reads, not the weights, bound this kernel).
+template <int R>
+__device__ __forceinline__ void gv_dot(const float (*w)[16], const float* s, const float* xs, int lane, int c, float (*acc)[GV_T]) {
     const float* xl = xs + lane * GV_CH;
 #pragma unroll
     for (int tt = 0; tt < GV_T; ++tt) {
         if (tt < c) {
             const float4* xv = (const float4*)(xl + tt * (GV_KS / 16) * GV_CH);
-            float a = 0.f;
+            float a[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) a[r] = 0.f;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 float4 v = xv[q];
-                a += w[4 * q] * v.x + w[4 * q + 1] * v.y + w[4 * q + 2] * v.z + w[4 * q + 3] * v.w;
+#pragma unroll
+                for (int r = 0; r < R; ++r) a[r] += w[r][4 * q] * v.x + w[r][4 * q + 1] * v.y + w[r][4 * q + 2] * v.z + w[r][4 * q + 3] * v.w;
             }
-            acc[tt] += a;
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[r][tt] += a[r] * s[r];
         }
     }
 }
 
-// h[pos] = silu(gate_e · x_tok) · (up_e · x_tok): a warp per output row i (gate and up rows together),
-// 8 warps per block. Grid (ceil(I / 8), max_tiles), block 256.
+template <int WDT>
+__device__ __forceinline__ float gv_scale(const float* S, int64_t row, int K, int bn, int bk, int k) {
+    return WDT == WDT_FP8 ? S[(row / bn) * ((K + bk - 1) / bk) + k / bk] : 1.f;
+}
+
+// h[pos] = silu(gate_e · x_tok) · (up_e · x_tok): a warp per output row i, its gate and up rows
+// sharing each x read; 8 warps per block. Grid (ceil(I / 8), max_tiles), block 256.
 template <int WDT>
 __device__ void moe_gate_up_gv_impl(const float* x, const int32_t* tok, const int32_t* tiles, const int32_t* ntiles, const uint8_t* wg,
                                     const float* sg, const uint8_t* wu, const float* su, float* h, int I, int H, int bn, int bk) {
@@ -185,28 +206,36 @@ __device__ void moe_gate_up_gv_impl(const float* x, const int32_t* tok, const in
     int64_t wstride = (int64_t)I * H * es, sstride = (int64_t)((I + bn - 1) / bn) * ((H + bk - 1) / bk);
     const uint8_t *G = wg + e * wstride, *U = wu + e * wstride;
     const float *GS = sg + (WDT == WDT_FP8 ? e * sstride : 0), *US = su + (WDT == WDT_FP8 ? e * sstride : 0);
-    float ag[GV_T], au[GV_T];
+    float acc[2][GV_T]; // gate, up
 #pragma unroll
-    for (int tt = 0; tt < GV_T; ++tt) ag[tt] = au[tt] = 0.f;
+    for (int tt = 0; tt < GV_T; ++tt) acc[0][tt] = acc[1][tt] = 0.f;
     for (int k0 = 0; k0 < H; k0 += GV_KS) {
+        int k = k0 + lane * 16;
+        bool on = i < I && lane * 16 < GV_KS && k < H;
+        GvChunk<WDT> cg, cu;
+        if (on) {
+            cg = gv_load<WDT>(G, i, H, k);
+            cu = gv_load<WDT>(U, i, H, k);
+        }
         __syncthreads();
         gv_stage(xs, x, tok, start, end, H, k0);
         __syncthreads();
-        int k = k0 + lane * 16;
-        if (i < I && lane * 16 < GV_KS && k < H) {
-            gv_row<WDT>(G, GS, i, H, bn, bk, k, lane, xs, c, ag);
-            gv_row<WDT>(U, US, i, H, bn, bk, k, lane, xs, c, au);
+        if (on) {
+            float wv[2][16], sc[2] = {gv_scale<WDT>(GS, i, H, bn, bk, k), gv_scale<WDT>(US, i, H, bn, bk, k)};
+            gv_unpack<WDT>(cg, wv[0]);
+            gv_unpack<WDT>(cu, wv[1]);
+            gv_dot<2>(wv, sc, xs, lane, c, acc);
         }
     }
 #pragma unroll
     for (int tt = 0; tt < GV_T; ++tt) {
-        float g = warp_sum(ag[tt]), u = warp_sum(au[tt]);
+        float g = warp_sum(acc[0][tt]), u = warp_sum(acc[1][tt]);
         if (lane == 0 && i < I && tt < c) h[(int64_t)(start + tt) * I + i] = g / (1.0f + expf(-g)) * u;
     }
 }
 
-// out[tok] += weight · down_e · h[pos]: a warp per output row, 8 warps per block.
-// Grid (ceil(H / 8), max_tiles), block 256.
+// out[tok] += weight · down_e · h[pos]: a warp per two output rows (sharing each read of h), 8
+// warps per block. Grid (ceil(H / 16), max_tiles), block 256.
 template <int WDT>
 __device__ void moe_down_gv_impl(const float* h, const int32_t* pair_of, const float* weights, const int32_t* tiles, const int32_t* ntiles,
                                  const uint8_t* wd, const float* sd, float* out, int top_k, int I, int H, int bn, int bk) {
@@ -215,27 +244,44 @@ __device__ void moe_down_gv_impl(const float* h, const int32_t* pair_of, const f
     __shared__ float xs[GV_T * (GV_KS / 16) * GV_CH];
     int e = tiles[3 * tile], start = tiles[3 * tile + 1], end = tiles[3 * tile + 2], c = end - start;
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    int n = blockIdx.x * nw + w;
+    int n0 = (blockIdx.x * nw + w) * 2;
+    // the second row (n0 + 1) past the end reads row n0 again and is not written
+    int64_t n1 = n0 + 1 < H ? n0 + 1 : n0;
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
     int64_t wstride = (int64_t)I * H * es, sstride = (int64_t)((H + bn - 1) / bn) * ((I + bk - 1) / bk);
     const uint8_t* D = wd + e * wstride;
     const float* DS = sd + (WDT == WDT_FP8 ? e * sstride : 0);
-    float acc[GV_T];
+    float acc[2][GV_T];
 #pragma unroll
-    for (int tt = 0; tt < GV_T; ++tt) acc[tt] = 0.f;
+    for (int tt = 0; tt < GV_T; ++tt) acc[0][tt] = acc[1][tt] = 0.f;
     for (int k0 = 0; k0 < I; k0 += GV_KS) {
+        int k = k0 + lane * 16;
+        bool on = n0 < H && lane * 16 < GV_KS && k < I;
+        GvChunk<WDT> c0, c1;
+        if (on) {
+            c0 = gv_load<WDT>(D, n0, I, k);
+            c1 = gv_load<WDT>(D, n1, I, k);
+        }
         __syncthreads();
         gv_stage(xs, h, nullptr, start, end, I, k0);
         __syncthreads();
-        int k = k0 + lane * 16;
-        if (n < H && lane * 16 < GV_KS && k < I) gv_row<WDT>(D, DS, n, I, bn, bk, k, lane, xs, c, acc);
+        if (on) {
+            float wv[2][16], sc[2] = {gv_scale<WDT>(DS, n0, I, bn, bk, k), gv_scale<WDT>(DS, n1, I, bn, bk, k)};
+            gv_unpack<WDT>(c0, wv[0]);
+            gv_unpack<WDT>(c1, wv[1]);
+            gv_dot<2>(wv, sc, xs, lane, c, acc);
+        }
     }
 #pragma unroll
-    for (int tt = 0; tt < GV_T; ++tt) {
-        float v = warp_sum(acc[tt]);
-        if (lane == 0 && n < H && tt < c) {
-            int p = pair_of[start + tt];
-            atomicAdd(&out[(int64_t)(p / top_k) * H + n], weights[p] * v);
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int tt = 0; tt < GV_T; ++tt) {
+            float v = warp_sum(acc[r][tt]);
+            int n = n0 + r;
+            if (lane == 0 && n < H && (r == 0 || n0 + 1 < H) && tt < c) {
+                int p = pair_of[start + tt];
+                atomicAdd(&out[(int64_t)(p / top_k) * H + n], weights[p] * v);
+            }
         }
     }
 }

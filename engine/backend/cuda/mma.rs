@@ -20,9 +20,9 @@ pub(super) fn vec_ok(k: usize, w: u8, bk: i32) -> i32 {
     (k % 16 == 0 && (w != 2 || bk % 16 == 0)) as i32
 }
 
-/// K split so that the tiles fill the GPU twice over, each range at least 4 K steps.
-fn k_splits(tiles: usize, k: usize, sms: usize) -> (usize, usize) {
-    let want = (2 * sms).div_ceil(tiles.max(1)).max(1);
+/// K split so that the tiles fill the GPU `fill` times over, each range at least 4 K steps.
+fn k_splits(tiles: usize, k: usize, sms: usize, fill: usize) -> (usize, usize) {
+    let want = (fill * sms).div_ceil(tiles.max(1)).max(1);
     let most = (k / (4 * KSTEP)).max(1);
     let splits = want.min(most);
     let ksplit = k.div_ceil(splits).div_ceil(KSTEP) * KSTEP;
@@ -33,7 +33,7 @@ impl CudaBackend {
     pub(super) fn linear_mma(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>) -> Result<(), BackendError> {
         let (m, n, k) = (x.rows, w.out, w.inp);
         let tiles = n.div_ceil(TILE) * m.div_ceil(TILE);
-        let (splits, ksplit) = k_splits(tiles, k, self.sms);
+        let (splits, ksplit) = k_splits(tiles, k, self.sms, self.tuned.mma_split_fill);
         let f = self.func(LIN_MMA, &format!("linear_mma_{}", wdt_suffix(w.wdt)))?;
         let (mi, ni, ki, ks, v) = (m as i32, n as i32, k as i32, ksplit as i32, vec_ok(k, w.wdt, w.bk));
         let grid = (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, splits as u32);
@@ -61,7 +61,7 @@ mod tests {
     #[test]
     fn k_splits_cover_k_in_whole_steps() {
         for (tiles, k, sms) in [(1, 7168, 132), (56, 18432, 132), (192, 1536, 132), (1, 64, 132), (1, 100, 132), (300, 7168, 132), (4, 513, 80)] {
-            let (s, ks) = k_splits(tiles, k, sms);
+            let (s, ks) = k_splits(tiles, k, sms, 2);
             assert!(s >= 1 && ks % super::KSTEP == 0, "{tiles} {k}: {s} x {ks}");
             assert!(s * ks >= k && (s - 1) * ks < k, "{tiles} {k}: ranges {s} x {ks} do not tile K exactly");
             if tiles >= 2 * sms {
@@ -69,6 +69,8 @@ mod tests {
             }
         }
         // a batch-64 decode projection 7168 -> 2048 (16 tiles) splits to fill 264 blocks
-        assert_eq!(k_splits(16, 7168, 132), (16, 448));
+        assert_eq!(k_splits(16, 7168, 132, 2), (16, 448));
+        // filling 4 times over splits twice as far where K allows
+        assert_eq!(k_splits(144, 7168, 132, 4), (4, 1792));
     }
 }

@@ -40,7 +40,7 @@ impl CudaBackend {
         let (inter, hidden) = (e.inter, e.hidden);
         let (ii, hi) = (inter as i32, hidden as i32);
         if !mma {
-            // 8 warps per block, a warp per output row
+            // 8 warps per block: gate_up a warp per output row (gate and up together), down a warp per two rows
             let mut h = self.alloc_out(pairs * inter)?;
             let f = self.func(MOE_GROUPED, &format!("moe_gate_up_gv_{}", wdt_suffix(e.wdt)))?;
             let mut b = self.stream.launch_builder(&f);
@@ -49,7 +49,8 @@ impl CudaBackend {
             let f = self.func(MOE_GROUPED, &format!("moe_down_gv_{}", wdt_suffix(e.wdt)))?;
             let mut b = self.stream.launch_builder(&f);
             b.arg(&h).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk);
-            return unsafe { b.launch(launch((hidden.div_ceil(8) as u32, max_tiles as u32, 1))) }.map(|_| ()).map_err(err("moe_down_gv"));
+            // a warp per two output rows
+            return unsafe { b.launch(launch((hidden.div_ceil(16) as u32, max_tiles as u32, 1))) }.map(|_| ()).map_err(err("moe_down_gv"));
         }
         let mut gu = self.alloc_out(pairs * 2 * inter)?;
         let f = self.func(MOE_GROUPED, &format!("moe_gate_up_mma_{}", wdt_suffix(e.wdt)))?;

@@ -18,11 +18,18 @@ pub struct Tuned {
     pub moe_mma_min_rows: usize,
     /// Flash MHA prefill for sequences with at least this many new tokens
     pub flash_min_q: usize,
+    /// Tensor-core GEMMs split K until the tiles fill the SMs this many times over
+    #[serde(default = "default_split_fill")]
+    pub mma_split_fill: usize,
+}
+
+fn default_split_fill() -> usize {
+    2
 }
 
 impl Default for Tuned {
     fn default() -> Self {
-        Tuned { device: String::new(), mma_min_rows: 9, moe_grouped_min_rows: 9, moe_mma_min_rows: 512, flash_min_q: 64 }
+        Tuned { device: String::new(), mma_min_rows: 9, moe_grouped_min_rows: 9, moe_mma_min_rows: 512, flash_min_q: 64, mma_split_fill: default_split_fill() }
     }
 }
 
@@ -44,7 +51,7 @@ pub fn device_key(name: &str) -> String {
 
 pub fn parse(text: &str, origin: &str) -> Result<Tuned, String> {
     let t: Tuned = toml::from_str(text).map_err(|e| format!("tuned kernel config {origin}: {e}"))?;
-    if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 {
+    if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 || t.mma_split_fill == 0 {
         return Err(format!("tuned kernel config {origin}: thresholds must be at least 1"));
     }
     Ok(t)
