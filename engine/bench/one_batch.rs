@@ -196,7 +196,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
             let rows = bench_model(&model, &a, &ProfileHooks { profiling: a.profile, start: &start, finish: &finish });
             model.stop_followers();
             let (captured, replays, failed) = b.graph_stats();
-            let graphs = json!({"max_bs": graph_max_bs, "captured": captured, "replays": replays, "capture_failed": failed});
+            let graphs = json!({"max_bs": graph_max_bs, "captured": captured, "replays": replays, "capture_failed": failed, "graph_mem_mib": b.graph_mem_reserved() >> 20});
             (rows?, "cuda", k, load_s, model.checkpoint_bytes, graphs)
         }
         _ => {

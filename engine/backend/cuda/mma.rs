@@ -61,10 +61,10 @@ mod tests {
     #[test]
     fn k_splits_cover_k_in_whole_steps() {
         for (tiles, k, sms) in [(1, 7168, 132), (56, 18432, 132), (192, 1536, 132), (1, 64, 132), (1, 100, 132), (300, 7168, 132), (4, 513, 80)] {
-            let (s, ks) = k_splits(tiles, k, sms, 2);
+            let (s, ks) = k_splits(tiles, k, sms, 4);
             assert!(s >= 1 && ks % super::KSTEP == 0, "{tiles} {k}: {s} x {ks}");
             assert!(s * ks >= k && (s - 1) * ks < k, "{tiles} {k}: ranges {s} x {ks} do not tile K exactly");
-            if tiles >= 2 * sms {
+            if tiles >= 4 * sms {
                 assert_eq!(s, 1);
             }
         }

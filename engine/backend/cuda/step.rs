@@ -324,8 +324,20 @@ impl CudaBackend {
         g.upload().map_err(|e| format!("graph upload: {e:?}"))?;
         s.graphs.insert(bs, Graph(g));
         s.captured += 1;
-        log::info!("cuda graphs: captured the decode step for batch size {bs} in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+        log::info!("cuda graphs: captured the decode step for batch size {bs} in {:.1} ms; graph memory reserved: {} MiB", t0.elapsed().as_secs_f64() * 1e3, self.graph_mem_reserved() >> 20);
         Ok(())
+    }
+
+    /// Bytes of device memory the driver holds for graph allocations (shared by all graphs).
+    pub fn graph_mem_reserved(&self) -> u64 {
+        let mut v = 0u64;
+        let attr = sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT;
+        let r = unsafe { sys::cuDeviceGetGraphMemAttribute(self.ctx.cu_device(), attr, &mut v as *mut u64 as *mut std::ffi::c_void) };
+        if r == sys::CUresult::CUDA_SUCCESS {
+            v
+        } else {
+            0
+        }
     }
 }
 

@@ -24,7 +24,7 @@ pub struct Tuned {
 }
 
 fn default_split_fill() -> usize {
-    2
+    4
 }
 
 impl Default for Tuned {
