@@ -21,7 +21,7 @@ pub fn demo_model_path() -> Result<PathBuf, Box<dyn std::error::Error + Send + S
     let dir = cache_root().join(format!("demo/tiny-v3-seed{DEMO_SEED}-{}", env!("CARGO_PKG_VERSION")));
     if !dir.join("config.json").exists() {
         let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-        write_checkpoint(&tmp, &GenOptions { preset: Preset::TinyV3, layers: None, seed: DEMO_SEED })?;
+        write_checkpoint(&tmp, &GenOptions { preset: Preset::TinyV3, layers: None, seed: DEMO_SEED, tp_rank_shapes: 1 })?;
         if std::fs::rename(&tmp, &dir).is_err() && !dir.join("config.json").exists() {
             return Err(format!("cannot create demo model folder {}", dir.display()).into());
         }

@@ -49,6 +49,10 @@ pub enum Command {
         layers: Option<usize>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Write one rank's shapes of an N-way tensor-parallel group (heads, intermediate sizes
+        /// and vocabulary divided by N), for timing a rank of a larger deployment on one GPU
+        #[arg(long, default_value_t = 1)]
+        tp_rank_shapes: usize,
     },
 }
 
@@ -113,9 +117,9 @@ pub fn main() -> i32 {
         Command::Bench(BenchArgs { sub: Some(BenchCommand::Serve(args)), .. }) => crate::bench::serve::run(args),
         Command::Bench(BenchArgs { sub: None, one_batch }) => crate::bench::one_batch::run(one_batch),
         Command::Info { model_path } => info::run(&model_path),
-        Command::GenModel { preset, out, layers, seed } => {
+        Command::GenModel { preset, out, layers, seed, tp_rank_shapes } => {
             let t = std::time::Instant::now();
-            crate::synth::write_checkpoint(&out, &crate::synth::GenOptions { preset, layers, seed }).map(|()| {
+            crate::synth::write_checkpoint(&out, &crate::synth::GenOptions { preset, layers, seed, tp_rank_shapes }).map(|()| {
                 eprintln!("wrote {:?} checkpoint to {} in {:.1}s", preset, out.display(), t.elapsed().as_secs_f64());
             })
         }

@@ -77,3 +77,38 @@ pub fn preset_config(p: Preset, layers: Option<usize>) -> Value {
     }
     c
 }
+
+/// The shapes one rank of an `n`-way tensor-parallel group holds (`gen-model --tp-rank-shapes n`):
+/// heads, the dense and expert intermediate sizes and the vocabulary (the vocabulary-parallel
+/// lm_head) divided by `n`, the replicated parts (hidden size, the q/kv LoRA projections, the
+/// router over all experts) whole. Running it on one GPU times one rank's share of a layer.
+pub fn tp_rank_config(mut c: Value, n: usize) -> Result<Value, String> {
+    if n <= 1 {
+        return Ok(c);
+    }
+    let o = c.as_object_mut().unwrap();
+    for k in ["num_attention_heads", "num_key_value_heads", "intermediate_size", "moe_intermediate_size", "vocab_size"] {
+        let v = o.get(k).and_then(|v| v.as_u64()).ok_or_else(|| format!("preset has no {k}"))? as usize;
+        if k != "vocab_size" && v % n != 0 {
+            return Err(format!("--tp-rank-shapes {n}: {k} = {v} is not divisible by {n}"));
+        }
+        o.insert(k.into(), json!(v.div_ceil(n)));
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tp_rank_shapes_divide_the_sharded_dimensions_only() {
+        let c = tp_rank_config(preset_config(Preset::DeepseekV3Layers, Some(2)), 8).unwrap();
+        assert_eq!((c["num_attention_heads"].as_u64(), c["intermediate_size"].as_u64(), c["moe_intermediate_size"].as_u64(), c["vocab_size"].as_u64()), (Some(16), Some(2304), Some(256), Some(16160)));
+        assert_eq!((c["hidden_size"].as_u64(), c["q_lora_rank"].as_u64(), c["kv_lora_rank"].as_u64(), c["n_routed_experts"].as_u64()), (Some(7168), Some(1536), Some(512), Some(256)));
+        assert_eq!(tp_rank_config(preset_config(Preset::TinyV3, None), 1).unwrap(), preset_config(Preset::TinyV3, None));
+        let e = tp_rank_config(preset_config(Preset::TinyV3, None), 3).unwrap_err();
+        assert!(e.contains("num_attention_heads = 4 is not divisible by 3"), "{e}");
+    }
+}
+

@@ -14,6 +14,8 @@ pub struct GenOptions {
     pub preset: Preset,
     pub layers: Option<usize>,
     pub seed: u64,
+    /// One rank's shapes of an N-way tensor-parallel group (1: the whole model)
+    pub tp_rank_shapes: usize,
 }
 
 /// How a tensor's values are drawn.
@@ -235,7 +237,7 @@ pub fn plan_tensors(cfg: &ModelConfig, mtp: bool) -> Vec<Vec<PlannedTensor>> {
 }
 
 pub fn write_checkpoint(out: &Path, opts: &GenOptions) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let cfg_json = preset_config(opts.preset, opts.layers);
+    let cfg_json = super::presets::tp_rank_config(preset_config(opts.preset, opts.layers), opts.tp_rank_shapes)?;
     let cfg = ModelConfig::from_json(&cfg_json, "preset config")?;
     std::fs::create_dir_all(out)?;
     let shards = plan_tensors(&cfg, true);
