@@ -1,5 +1,6 @@
 // Element-wise and data-movement ops: embedding, SiLU·up, add, row gather, all-gather reshuffle, KV-cache writes.
 #include "common.h"
+#include "bf16.h"
 
 template <int WDT>
 __device__ void embedding_impl(const uint8_t* table, const float* scales, const uint32_t* ids, float* out, int T, int H, int bn, int bk) {
@@ -51,3 +52,22 @@ extern "C" __global__ void kv_write(float* kv, const float* entries, const uint3
     float* dst = kv + ((int64_t)layer * num_slots + slots[i]) * entry;
     for (int e = threadIdx.x; e < entry; e += blockDim.x) dst[e] = entries[(int64_t)i * entry + e];
 }
+
+// x [n] f32 → out [2n] bf16: the hi parts, then the lo parts (x ≈ hi + lo): cuBLASLt's stacked
+// operand for linear layers with bf16 weights.
+extern "C" __global__ void split_bf16_rows(const float* x, uint16_t* out, int64_t n) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        uint16_t h, l;
+        bf16_split(x[i], &h, &l);
+        out[i] = h;
+        out[n + i] = l;
+    }
+}
+
+// y[i] = d[i] + d[n + i]: the hi and lo rows' products added.
+extern "C" __global__ void sum_halves(const float* d, float* y, int64_t n) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = d[i] + d[n + i];
+}
+

@@ -112,6 +112,9 @@ fn linear_all_dtypes_real_and_odd_shapes() {
 fn linear_on_tensor_cores() {
     let g = gpu();
     assert!(g.mma_gemm, "sm_80+ takes the tensor-core path by default");
+    // bf16 weights go through cuBLASLt (x as bf16 hi + lo rows) where it loads, as on the H200
+    // (libcublasLt on the library path); odd shapes keep the own kernel
+    assert!(g.blaslt.is_some(), "cuBLASLt did not load: put CUDA's lib64 on LD_LIBRARY_PATH");
     let shapes = [(9, 7168, 2048), (33, 7168, 2048), (64, 2048, 7168), (256, 576, 7168), (64, 64, 32), (130, 129, 257), (100, 1536, 7168), (65, 24576, 1536), (520, 1536, 7168), (300, 7168, 18432)];
     check_linears(&g, "linear_mma", 11, &shapes, MMA_TOL);
     // 64-row scale blocks: the scale cannot ride on X, so W is scaled and rounded to bf16

@@ -2,6 +2,7 @@
 //! kernels of hip-kernels/ compiled by NVRTC through the kernel cache. Activations are float32;
 //! weights stay in their checkpoint dtype on the device (f32, bf16, or FP8 with block scales) and
 //! are dequantised inside the kernels. Every op runs on the GPU; nothing falls back to the CPU.
+mod blaslt;
 mod gemv;
 mod mla_prefill;
 pub(crate) mod mma;
@@ -86,6 +87,8 @@ pub struct CudaBackend {
     pub graphs: Graphs,
     /// Small constant arrays (RoPE frequencies, router biases) uploaded once, by content
     constants: Mutex<HashMap<Vec<u32>, CudaSlice<f32>>>,
+    /// cuBLASLt for linear layers with bf16 weights (None: not found, or ENGINE_CUBLASLT=0)
+    pub blaslt: Option<blaslt::BlasLt>,
 }
 
 /// Per-op-class timing from CUDA events recorded around each op (`engine bench --profile`).
@@ -133,7 +136,16 @@ impl CudaBackend {
         }
         keep_pool_memory(&ctx);
         let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(err("multiprocessor count"))? as usize;
-        Ok(CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default(), ccl: None, staging: Mutex::new(None), mma_gemm, sms, tuned, graphs: Graphs::new(DEFAULT_GRAPH_MAX_BS), constants: Mutex::new(HashMap::new()) })
+        let mut b = CudaBackend { ctx, stream, jit, arch, device_name, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()), poison, profile: OpProfile::default(), ccl: None, staging: Mutex::new(None), mma_gemm, sms, tuned, graphs: Graphs::new(DEFAULT_GRAPH_MAX_BS), constants: Mutex::new(HashMap::new()), blaslt: None };
+        if std::env::var("ENGINE_CUBLASLT").is_ok_and(|v| v == "0") {
+            log::info!("cuda op paths: cuBLASLt off (ENGINE_CUBLASLT=0)");
+        } else {
+            b.blaslt = blaslt::BlasLt::new(&b);
+            if b.blaslt.is_some() {
+                log::info!("cuda op paths: linear layers with bf16 weights from {} rows through cuBLASLt (x as bf16 hi + lo rows, f32 accumulate)", b.tuned.cublaslt_min_rows);
+            }
+        }
+        Ok(b)
     }
 
     /// Joins NCCL communicator `id` as `rank` of `size` (blocks until all ranks join).

@@ -31,7 +31,7 @@ pub struct KernelModule {
 
 /// Modules that do not depend on the model's shapes.
 const GENERIC: &[(&str, &[&str])] = &[
-    ("hip-kernels/elementwise.hip", &["embedding_f32w", "embedding_bf16w", "embedding_fp8w", "silu_mul", "add_inplace", "gather_rows", "scatter_rows", "concat_cols", "kv_write"]),
+    ("hip-kernels/elementwise.hip", &["embedding_f32w", "embedding_bf16w", "embedding_fp8w", "silu_mul", "add_inplace", "gather_rows", "scatter_rows", "concat_cols", "kv_write", "split_bf16_rows", "sum_halves"]),
     ("hip-kernels/norm.hip", &["rms_norm", "add_rms_norm", "rms_norm_cols"]),
     ("hip-kernels/rope.hip", &["rope"]),
     ("hip-kernels/linear.hip", &["linear_f32w", "linear_bf16w", "linear_fp8w", "gemv_f32w", "gemv_bf16w", "gemv_fp8w", "gemv8_f32w", "gemv8_bf16w", "gemv8_fp8w", "gemv16_f32w", "gemv16_bf16w", "gemv16_fp8w"]),

@@ -21,6 +21,13 @@ pub struct Tuned {
     /// Tensor-core GEMMs split K until the tiles fill the SMs this many times over
     #[serde(default = "default_split_fill")]
     pub mma_split_fill: usize,
+    /// Linear layers with bf16 weights through cuBLASLt from this many rows (where it loads)
+    #[serde(default = "default_cublaslt_min_rows")]
+    pub cublaslt_min_rows: usize,
+}
+
+fn default_cublaslt_min_rows() -> usize {
+    9
 }
 
 fn default_split_fill() -> usize {
@@ -29,7 +36,7 @@ fn default_split_fill() -> usize {
 
 impl Default for Tuned {
     fn default() -> Self {
-        Tuned { device: String::new(), mma_min_rows: 9, moe_grouped_min_rows: 9, moe_mma_min_rows: 512, flash_min_q: 64, mma_split_fill: default_split_fill() }
+        Tuned { device: String::new(), mma_min_rows: 9, moe_grouped_min_rows: 9, moe_mma_min_rows: 512, flash_min_q: 64, mma_split_fill: default_split_fill(), cublaslt_min_rows: default_cublaslt_min_rows() }
     }
 }
 
@@ -51,7 +58,7 @@ pub fn device_key(name: &str) -> String {
 
 pub fn parse(text: &str, origin: &str) -> Result<Tuned, String> {
     let t: Tuned = toml::from_str(text).map_err(|e| format!("tuned kernel config {origin}: {e}"))?;
-    if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 || t.mma_split_fill == 0 {
+    if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 || t.mma_split_fill == 0 || t.cublaslt_min_rows == 0 {
         return Err(format!("tuned kernel config {origin}: thresholds must be at least 1"));
     }
     Ok(t)
