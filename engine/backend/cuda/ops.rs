@@ -588,21 +588,31 @@ impl Backend for CudaBackend {
                 }
                 off.push(tok.len() as i32);
             }
-            let nz = |v: &Vec<i32>| if v.is_empty() { vec![0] } else { v.clone() };
-            let up_f = |f: &dyn Fn(&SampleRow) -> f32| self.stream.clone_htod(&rows.iter().map(f).collect::<Vec<f32>>()).map_err(err("sample"));
-            let temp = up_f(&|r| r.params.temperature)?;
-            let top_p = up_f(&|r| r.params.top_p)?;
-            let min_p = up_f(&|r| r.params.min_p)?;
-            let rep = up_f(&|r| r.params.repetition_penalty)?;
-            let freq = up_f(&|r| r.params.frequency_penalty)?;
-            let pres = up_f(&|r| r.params.presence_penalty)?;
-            let uni = up_f(&|r| r.uniform)?;
-            let top_k = self.stream.clone_htod(&rows.iter().map(|r| r.params.top_k.clamp(-1, i32::MAX as i64) as i32).collect::<Vec<i32>>()).map_err(err("sample"))?;
-            let d_off = self.stream.clone_htod(&off).map_err(err("sample"))?;
-            let d_tok = self.stream.clone_htod(&nz(&tok)).map_err(err("sample"))?;
-            let d_cnt = self.stream.clone_htod(&nz(&cnt)).map_err(err("sample"))?;
+            // three uploads: the f32 parameters, the i32 ones, the prompt flags
+            let n = rows.len();
+            let params: [&dyn Fn(&SampleRow) -> f32; 7] = [
+                &|r| r.params.temperature,
+                &|r| r.params.top_p,
+                &|r| r.params.min_p,
+                &|r| r.params.repetition_penalty,
+                &|r| r.params.frequency_penalty,
+                &|r| r.params.presence_penalty,
+                &|r| r.uniform,
+            ];
+            let floats: Vec<f32> = params.iter().flat_map(|f| rows.iter().map(f)).collect();
+            let (o_off, o_tok) = (n, 2 * n + 1);
+            let o_cnt = o_tok + tok.len().max(1);
+            let mut ints: Vec<i32> = rows.iter().map(|r| r.params.top_k.clamp(-1, i32::MAX as i64) as i32).collect();
+            ints.extend_from_slice(&off);
+            ints.extend(if tok.is_empty() { vec![0] } else { tok.clone() });
+            ints.extend(if cnt.is_empty() { vec![0] } else { cnt });
+            let d_f = self.stream.clone_htod(&floats).map_err(err("sample"))?;
+            let d_i = self.stream.clone_htod(&ints).map_err(err("sample"))?;
             let d_inp = self.stream.clone_htod(if inp.is_empty() { &[0u8][..] } else { &inp }).map_err(err("sample"))?;
-            let mut out = self.stream.alloc_zeros::<i32>(rows.len()).map_err(err("sample"))?;
+            let fv = |i: usize| d_f.slice(i * n..(i + 1) * n);
+            let (temp, top_p, min_p, rep, freq, pres, uni) = (fv(0), fv(1), fv(2), fv(3), fv(4), fv(5), fv(6));
+            let (top_k, d_off, d_tok, d_cnt) = (d_i.slice(0..n), d_i.slice(o_off..o_tok), d_i.slice(o_tok..o_cnt), d_i.slice(o_cnt..));
+            let mut out = self.stream.alloc_zeros::<i32>(n).map_err(err("sample"))?;
             let mut b = self.stream.launch_builder(&f);
             b.arg(&mut logits.buf).arg(&v).arg(&temp).arg(&top_k).arg(&top_p).arg(&min_p).arg(&rep).arg(&freq).arg(&pres).arg(&d_off).arg(&d_tok).arg(&d_cnt).arg(&d_inp).arg(&uni).arg(&mut out);
             unsafe { b.launch(cfg((rows.len() as u32, 1), 1024, 0)) }.map_err(err("sample"))?;
