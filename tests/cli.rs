@@ -99,6 +99,30 @@ fn gen_model_presets_load_and_run() {
     }
 }
 
+/// `gen-model --tp-rank-shapes N` writes one rank's share of each layer (a model that runs on its
+/// own); a size that does not divide the heads is refused by name. The graph flags are accepted
+/// everywhere and change nothing on the CPU.
+#[test]
+fn tp_rank_shapes_and_graph_flags() {
+    let t = TempDir::new("tp-rank");
+    let out = t.path().join("ckpt");
+    let o = run(&["gen-model", "--preset", "tiny-v3", "--out", out.to_str().unwrap(), "--tp-rank-shapes", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["num_attention_heads"].as_u64(), cfg["intermediate_size"].as_u64(), cfg["moe_intermediate_size"].as_u64(), cfg["vocab_size"].as_u64()), (Some(2), Some(64), Some(16), Some(160)));
+    let p = out.to_str().unwrap();
+    let base = stdout_json(&run(&["generate", "--model-path", p, "--input-ids", "0,5,6", "--max-new-tokens", "3", "--ignore-eos", "--json"]));
+    assert_eq!(base["output_ids"].as_array().unwrap().len(), 3);
+    for flags in [&["--cuda-graph-max-bs", "4"][..], &["--disable-cuda-graph"][..]] {
+        let mut args = vec!["generate", "--model-path", p, "--input-ids", "0,5,6", "--max-new-tokens", "3", "--ignore-eos", "--json"];
+        args.extend_from_slice(flags);
+        assert_eq!(stdout_json(&run(&args))["output_ids"], base["output_ids"], "{flags:?}");
+    }
+    let bad = run(&["gen-model", "--preset", "tiny-v3", "--out", t.path().join("bad").to_str().unwrap(), "--tp-rank-shapes", "3"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("num_attention_heads = 4 is not divisible by 3"), "{err}");
+}
+
 /// `--load-format dummy` makes, from config.json alone, exactly the weights `gen-model` writes
 /// (seed 0): same tokens and logprobs; and it shards like a checkpoint (TP 2 / EP 2 agree).
 #[test]

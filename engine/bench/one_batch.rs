@@ -3,7 +3,7 @@
 //! of one token per sequence (greedy), timing every step with a device synchronisation. Reports
 //! prefill tok/s, decode tok/s and per-step latency (median and p90 after warm-up). As SGLang's
 //! bench_one_batch does, CUDA graphs are captured up to the largest batch size benchmarked (unless
-//! --disable-cuda-graph); `--profile` re-runs the decode steps op by op with GPU events, after the
+//! --cuda-graph-max-bs or --disable-cuda-graph says otherwise); `--profile` re-runs the decode steps op by op with GPU events, after the
 //! timed ones, so the timings are not those of profiled steps.
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -177,7 +177,12 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
     // (results, backend, kernels, seconds until weights and kernels were ready on every rank, checkpoint bytes, graph status)
     let (rows, backend, kernels, load_s, weight_bytes, graphs) = match kind {
         BackendKind::Cuda => {
-            let graph_max_bs = if a.backend.disable_cuda_graph { 0 } else { a.batch_size.iter().copied().max().unwrap_or(1).max(a.backend.cuda_graph_max_bs) };
+            // as SGLang's bench_one_batch: graphs up to the largest batch measured unless told otherwise
+            let graph_max_bs = match (a.backend.disable_cuda_graph, a.backend.cuda_graph_max_bs) {
+                (true, _) => 0,
+                (false, Some(n)) => n,
+                (false, None) => a.batch_size.iter().copied().max().unwrap_or(1),
+            };
             let model = match launch::<crate::backend::cuda::CudaBackend>(&path, &par, a.backend.load_format, graph_max_bs)? {
                 Role::Lead(m) => Arc::new(m),
                 Role::FollowerDone => return Ok(()),

@@ -80,10 +80,10 @@ pub struct BackendArgs {
     /// auto reads the safetensors files; dummy makes random weights from config.json alone
     #[arg(long, value_enum, default_value = "auto")]
     pub load_format: crate::weights::LoadFormat,
-    /// Largest decode batch replayed from a captured CUDA graph (SGLang's flag); larger batches
-    /// run op by op
-    #[arg(long, default_value_t = crate::backend::cuda::DEFAULT_GRAPH_MAX_BS)]
-    pub cuda_graph_max_bs: usize,
+    /// Largest decode batch replayed from a captured CUDA graph (SGLang's flag; default 160, and
+    /// for `engine bench` its largest batch size); larger batches run op by op
+    #[arg(long)]
+    pub cuda_graph_max_bs: Option<usize>,
     /// Run every step op by op (no CUDA graphs)
     #[arg(long)]
     pub disable_cuda_graph: bool,
@@ -95,7 +95,7 @@ impl BackendArgs {
         if self.disable_cuda_graph {
             0
         } else {
-            self.cuda_graph_max_bs
+            self.cuda_graph_max_bs.unwrap_or(crate::backend::cuda::DEFAULT_GRAPH_MAX_BS)
         }
     }
 }
