@@ -296,15 +296,17 @@ impl CudaBackend {
 
     fn capture<E>(&self, inputs: &StepInputs, bs: usize, vocab: usize, run: &mut dyn FnMut(&StepInputs) -> Result<GpuTensor, E>) -> Result<(), String> {
         let max_bs = self.graphs.sizes.last().copied().unwrap_or(bs);
+        let t0 = std::time::Instant::now();
+        self.stream.synchronize().map_err(|e| format!("{e:?}"))?;
         {
             let mut s = self.graphs.state.lock().unwrap();
             if s.out.as_ref().is_none_or(|o| o.len() != max_bs * vocab) {
+                // graphs captured before write to the old buffer
+                s.graphs.clear();
                 s.out = Some(self.stream.alloc_zeros::<f32>(max_bs * vocab).map_err(|e| format!("static logits: {e:?}"))?);
             }
             s.capturing = true;
         }
-        let t0 = std::time::Instant::now();
-        self.stream.synchronize().map_err(|e| format!("{e:?}"))?;
         let begun = self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED);
         let body = begun.map_err(|e| format!("begin capture: {e:?}")).and_then(|()| {
             let logits = run(inputs).map_err(|_| "the step failed while being captured".to_string())?;
