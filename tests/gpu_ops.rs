@@ -96,9 +96,11 @@ fn check_linears(g: &CudaBackend, name: &str, seed: u64, shapes: &[(usize, usize
 #[test]
 #[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
 fn linear_all_dtypes_real_and_odd_shapes() {
-    // the CUDA-core kernels (GEMV up to 32 rows, f32 tiles beyond) with the tensor cores off
+    // the CUDA-core kernels (GEMV up to 32 rows, f32 tiles beyond) with the tensor cores (own and
+    // cuBLASLt) off
     let mut g = gpu();
     g.mma_gemm = false;
+    g.blaslt = None;
     // GEMV: 1-8 warps per row (576 rows: 8; 1536: 4; 24576: 1), odd row counts
     let shapes = [(1, 1536, 7168), (7, 576, 7168), (1, 576, 7168), (2, 24576, 1536), (3, 4096, 7168), (20, 1000, 2048), (32, 576, 7168), (33, 7168, 2048), (5, 77, 100), (130, 129, 257)];
     check_linears(&g, "linear", 1, &shapes, F32_TOL);
