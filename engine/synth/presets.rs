@@ -89,7 +89,7 @@ pub fn tp_rank_config(mut c: Value, n: usize) -> Result<Value, String> {
     let o = c.as_object_mut().unwrap();
     for k in ["num_attention_heads", "num_key_value_heads", "intermediate_size", "moe_intermediate_size", "vocab_size"] {
         let v = o.get(k).and_then(|v| v.as_u64()).ok_or_else(|| format!("preset has no {k}"))? as usize;
-        if k != "vocab_size" && v % n != 0 {
+        if k != "vocab_size" && !v.is_multiple_of(n) {
             return Err(format!("--tp-rank-shapes {n}: {k} = {v} is not divisible by {n}"));
         }
         o.insert(k.into(), json!(v.div_ceil(n)));

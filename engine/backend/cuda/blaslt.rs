@@ -33,7 +33,8 @@ struct Plan {
 pub struct BlasLt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
+    /// Per (2M, N, K): the plan, or None where cuBLASLt offered no algorithm (the own kernel runs)
+    plans: Mutex<HashMap<(usize, usize, usize), Option<Plan>>>,
 }
 
 // SAFETY: the handle and descriptors are used from one stream at a time, under the backend's
@@ -43,7 +44,7 @@ unsafe impl Sync for BlasLt {}
 
 impl Drop for BlasLt {
     fn drop(&mut self) {
-        for (_, p) in self.plans.lock().unwrap().drain() {
+        for (_, p) in self.plans.lock().unwrap().drain().filter_map(|(k, p)| p.map(|p| (k, p))) {
             unsafe {
                 let _ = result::destroy_matrix_layout(p.a);
                 let _ = result::destroy_matrix_layout(p.b);
@@ -69,7 +70,13 @@ impl BlasLt {
                 return None;
             }
         };
-        let workspace = b.stream.alloc_zeros::<u8>(WORKSPACE).ok()?;
+        let workspace = match b.stream.alloc_zeros::<u8>(WORKSPACE) {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("cuda: no memory for cuBLASLt's workspace ({e:?}); bf16 linear layers use the own tensor-core kernel");
+                return None;
+            }
+        };
         Some(BlasLt { handle, workspace, plans: Mutex::new(HashMap::new()) })
     }
 
@@ -88,8 +95,18 @@ impl BlasLt {
         unsafe { result::set_matmul_pref_attribute(pref, sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const u64 as *const c_void, 8) }.map_err(&e)?;
         let h = unsafe { result::get_matmul_algo_heuristic(self.handle, desc, a, b, d, d, pref) };
         unsafe { result::destroy_matmul_pref(pref) }.map_err(&e)?;
-        let h = h.map_err(&e)?;
-        Ok(Plan { desc, a, b, d, algo: h.algo })
+        match h {
+            Ok(h) => Ok(Plan { desc, a, b, d, algo: h.algo }),
+            Err(x) => {
+                unsafe {
+                    let _ = result::destroy_matrix_layout(a);
+                    let _ = result::destroy_matrix_layout(b);
+                    let _ = result::destroy_matrix_layout(d);
+                    let _ = result::destroy_matmul_desc(desc);
+                }
+                Err(e(x))
+            }
+        }
     }
 }
 
@@ -97,13 +114,21 @@ impl CudaBackend {
     /// Whether this linear layer goes through cuBLASLt: bf16 weights, enough rows, and rows of
     /// W and D that start on 16-byte boundaries (odd shapes take the own kernel).
     pub(super) fn blaslt_for(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
-        w.wdt == 1 && self.blaslt.is_some() && x.rows >= self.tuned.cublaslt_min_rows && w.inp % 8 == 0 && w.out % 4 == 0
+        w.wdt == 1 && self.blaslt.is_some() && x.rows >= self.tuned.cublaslt_min_rows && w.inp.is_multiple_of(8) && w.out.is_multiple_of(4)
     }
 
-    pub(super) fn linear_blaslt(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>) -> Result<(), BackendError> {
+    /// y = x · Wᵀ through cuBLASLt; false (nothing launched) where it has no algorithm for the shape.
+    pub(super) fn linear_blaslt(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>) -> Result<bool, BackendError> {
         let lt = self.blaslt.as_ref().expect("blaslt_for checked");
         let (m, n, k) = (x.rows, w.out, w.inp);
         let m2 = 2 * m;
+        {
+            let mut plans = lt.plans.lock().unwrap();
+            let p = plans.entry((m2, n, k)).or_insert_with(|| lt.plan(m2, n, k).inspect_err(|e| log::warn!("{e}; {m}x{n}x{k} runs on the own tensor-core kernel")).ok());
+            if p.is_none() {
+                return Ok(false);
+            }
+        }
         // x → [hi rows; lo rows] in bf16
         let mut x2 = self.stream.alloc_zeros::<u16>(m2 * k).map_err(err("cublasLt split"))?;
         let f = self.func(EW, "split_bf16_rows")?;
@@ -113,12 +138,8 @@ impl CudaBackend {
         unsafe { b.launch(cfg(((m * k).div_ceil(256) as u32, 1), 256, 0)) }.map_err(err("split_bf16_rows"))?;
         let mut d = self.stream.alloc_zeros::<f32>(m2 * n).map_err(err("cublasLt out"))?;
         {
-            let mut plans = lt.plans.lock().unwrap();
-            if !plans.contains_key(&(m2, n, k)) {
-                let p = lt.plan(m2, n, k)?;
-                plans.insert((m2, n, k), p);
-            }
-            let p = &plans[&(m2, n, k)];
+            let plans = lt.plans.lock().unwrap();
+            let p = plans[&(m2, n, k)].as_ref().expect("checked above");
             let (alpha, beta) = (1.0f32, 0.0f32);
             let (wp, _g1) = w.data.device_ptr(&self.stream);
             let (xp, _g2) = x2.device_ptr(&self.stream);
@@ -151,6 +172,7 @@ impl CudaBackend {
         let total = (m * n) as i64;
         let mut b = self.stream.launch_builder(&f);
         b.arg(&d).arg(y).arg(&total);
-        unsafe { b.launch(cfg(((m * n).div_ceil(256) as u32, 1), 256, 0)) }.map(|_| ()).map_err(err("sum_halves"))
+        unsafe { b.launch(cfg(((m * n).div_ceil(256) as u32, 1), 256, 0)) }.map_err(err("sum_halves"))?;
+        Ok(true)
     }
 }

@@ -239,7 +239,7 @@ impl CudaBackend {
             return "dense GEMM";
         }
         // a handful of distinct shapes per model: named once, kept for the process
-        *self.profile.shape_names.lock().unwrap().entry((m, n, k)).or_insert_with(|| Box::leak(format!("dense GEMM {m}x{n}x{k}").into_boxed_str()))
+        self.profile.shape_names.lock().unwrap().entry((m, n, k)).or_insert_with(|| Box::leak(format!("dense GEMM {m}x{n}x{k}").into_boxed_str()))
     }
 
     /// Milliseconds per op class since the last call (synchronises the stream).

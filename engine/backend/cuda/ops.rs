@@ -193,8 +193,8 @@ impl CudaBackend {
     fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>, mma: bool) -> Result<(), BackendError> {
         // 16-byte loads need rows of a multiple of 8 elements (FP8: 16, and scale blocks too)
         let vec8 = if w.wdt == 2 { w.inp % 16 == 0 && w.bk % 16 == 0 } else { w.inp % 8 == 0 };
-        if mma && self.blaslt_for(x, w) {
-            return self.linear_blaslt(x, w, y);
+        if mma && self.blaslt_for(x, w) && self.linear_blaslt(x, w, y)? {
+            return Ok(());
         }
         if mma && self.mma_gemm && x.rows >= self.tuned.mma_min_rows {
             return self.linear_mma(x, w, y);
