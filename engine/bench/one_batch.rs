@@ -115,15 +115,19 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
         } else {
             None
         };
-        let mut steps = Vec::new();
-        let first = l.clone();
-        for i in 0..a.output_len {
+        // one decode step: each sequence's last token (`l`, in rank order) at position input_len + i
+        let decode = |kv: &mut B::KvCache, l: &[u32], i: usize| {
             let mut next = vec![Vec::new(); bs];
             for (&id, &s) in l.iter().zip(&order) {
                 next[s] = vec![id];
             }
+            step(kv, &next, a.input_len + i)
+        };
+        let mut steps = Vec::new();
+        let first = l.clone();
+        for i in 0..a.output_len {
             let t = Instant::now();
-            l = step(&mut kv, &next, a.input_len + i)?;
+            l = decode(&mut kv, &l, i)?;
             steps.push(t.elapsed().as_secs_f64());
         }
         // the same decode steps again, profiled (they rewrite the same KV slots)
@@ -131,11 +135,7 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
             (hooks.start)();
             let mut l = first;
             for i in 0..a.output_len {
-                let mut next = vec![Vec::new(); bs];
-                for (&id, &s) in l.iter().zip(&order) {
-                    next[s] = vec![id];
-                }
-                l = step(&mut kv, &next, a.input_len + i)?;
+                l = decode(&mut kv, &l, i)?;
             }
         }
         let profile = (hooks.finish)().map(|v| {
@@ -178,11 +178,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
     let (rows, backend, kernels, load_s, weight_bytes, graphs) = match kind {
         BackendKind::Cuda => {
             // as SGLang's bench_one_batch: graphs up to the largest batch measured unless told otherwise
-            let graph_max_bs = match (a.backend.disable_cuda_graph, a.backend.cuda_graph_max_bs) {
-                (true, _) => 0,
-                (false, Some(n)) => n,
-                (false, None) => a.batch_size.iter().copied().max().unwrap_or(1),
-            };
+            let graph_max_bs = a.backend.graph_max_bs_or(a.batch_size.iter().copied().max().unwrap_or(1));
             let model = match launch::<crate::backend::cuda::CudaBackend>(&path, &par, a.backend.load_format, graph_max_bs)? {
                 Role::Lead(m) => Arc::new(m),
                 Role::FollowerDone => return Ok(()),

@@ -92,10 +92,15 @@ pub struct BackendArgs {
 impl BackendArgs {
     /// The largest graph batch size; 0 when graphs are off.
     pub fn graph_max_bs(&self) -> usize {
+        self.graph_max_bs_or(crate::backend::cuda::DEFAULT_GRAPH_MAX_BS)
+    }
+
+    /// The same with `default` where `--cuda-graph-max-bs` is not given.
+    pub fn graph_max_bs_or(&self, default: usize) -> usize {
         if self.disable_cuda_graph {
             0
         } else {
-            self.cuda_graph_max_bs.unwrap_or(crate::backend::cuda::DEFAULT_GRAPH_MAX_BS)
+            self.cuda_graph_max_bs.unwrap_or(default)
         }
     }
 }

@@ -106,9 +106,8 @@ impl CudaBackend {
             Some(a) => a,
             None => {
                 let a = step::attn_index(seqs, t);
-                let max_len = a.len.iter().copied().max().unwrap_or(1) as usize;
                 let (flat, off, len) = (self.idx(&a.flat)?, self.idx(&a.off)?, self.idx(&a.len)?);
-                let dev = step::AttnDev { flat: flat.0, off: off.0, len: len.0, max_len };
+                let dev = step::AttnDev { flat: flat.0, off: off.0, len: len.0, max_len: a.max_len };
                 owned.extend([flat, off, len]);
                 dev
             }
@@ -604,7 +603,7 @@ impl Backend for CudaBackend {
             let o_cnt = o_tok + tok.len().max(1);
             let mut ints: Vec<i32> = rows.iter().map(|r| r.params.top_k.clamp(-1, i32::MAX as i64) as i32).collect();
             ints.extend_from_slice(&off);
-            ints.extend(if tok.is_empty() { vec![0] } else { tok.clone() });
+            ints.extend(if tok.is_empty() { vec![0] } else { tok });
             ints.extend(if cnt.is_empty() { vec![0] } else { cnt });
             let d_f = self.stream.clone_htod(&floats).map_err(err("sample"))?;
             let d_i = self.stream.clone_htod(&ints).map_err(err("sample"))?;

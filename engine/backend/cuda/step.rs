@@ -45,6 +45,8 @@ pub(super) struct AttnIndex {
     pub flat: Vec<u32>,
     pub off: Vec<u32>,
     pub len: Vec<u32>,
+    /// The longest context
+    pub max_len: usize,
 }
 
 pub(super) fn attn_index(seqs: &[AttnSeq], tokens: usize) -> AttnIndex {
@@ -57,7 +59,8 @@ pub(super) fn attn_index(seqs: &[AttnSeq], tokens: usize) -> AttnIndex {
             len[s.q_start + i] = (s.slots.len() - s.q_len + i + 1) as u32;
         }
     }
-    AttnIndex { flat, off, len }
+    let max_len = len.iter().copied().max().unwrap_or(0) as usize;
+    AttnIndex { flat, off, len, max_len }
 }
 
 /// How many splits the decode attention cuts each token's context into. A graph step always uses
@@ -111,8 +114,7 @@ fn pack(inputs: &StepInputs) -> Packed {
     }
     let (off, len) = (put(&a.off), put(&a.len));
     let flat = put(&a.flat);
-    let max_len = a.len.iter().copied().max().unwrap_or(0) as usize;
-    Packed { host, index, off, len, flat, max_len }
+    Packed { host, index, off, len, flat, max_len: a.max_len }
 }
 
 /// A captured graph. CUDA graph objects need external serialisation, not a particular thread:
