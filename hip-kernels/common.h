@@ -27,9 +27,20 @@ __device__ __forceinline__ float2 fp8x2_e4m3_to_f32(uint32_t two) {
     asm("{\n\t.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;\n\t}" : "=f"(lo), "=f"(hi) : "r"(h2));
     return make_float2(lo, hi);
 }
+#elif defined(__gfx942__) || defined(__gfx950__)
+// CDNA3/CDNA4: v_cvt_pk_f32_fp8 converts two FP8 bytes (the low two of `two`) to f32, exactly.
+// gfx942 reads e4m3fnuz (the ROCm backend converts e4m3fn checkpoints at upload: bits kept, 0x80
+// → 0, block scales doubled); gfx950 reads OCP e4m3fn as stored.
+#define ENGINE_FP8_HW 1
+__device__ __forceinline__ float2 fp8x2_e4m3_to_f32(uint32_t two) {
+    typedef float engine_f32x2 __attribute__((ext_vector_type(2)));
+    engine_f32x2 v = __builtin_amdgcn_cvt_pk_f32_fp8((int)two, false);
+    return make_float2(v[0], v[1]);
+}
 #endif
 
-// OCP float8 e4m3fn (NaN at 0x7f/0xff; max 448).
+// float8 e4m3 to f32: the hardware conversion where there is one (above), else the portable
+// decoder of OCP e4m3fn (NaN at 0x7f/0xff; max 448).
 __device__ __forceinline__ float fp8e4m3_to_f32(uint8_t b) {
 #ifdef ENGINE_FP8_HW
     return fp8x2_e4m3_to_f32(b).x;

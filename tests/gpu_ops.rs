@@ -302,8 +302,8 @@ fn moe_on(g: &CudaBackend, t: usize, tol: f64) {
         let (cx, gx) = (c.upload(t, hidden, &x).unwrap(), g.upload(t, hidden, &x).unwrap());
         let cr = c.moe_route(&cx, &c.upload_linear(&gate).unwrap(), bias.as_deref(), &p).unwrap();
         let gr = g.moe_route(&gx, &g.upload_linear(&gate).unwrap(), bias.as_deref(), &p).unwrap();
-        let gids: Vec<i32> = g.stream.clone_dtoh(&gr.ids).unwrap();
-        let gw: Vec<f32> = g.stream.clone_dtoh(&gr.weights).unwrap();
+        let gids: Vec<i32> = gr.ids.to_host().unwrap();
+        let gw: Vec<f32> = gr.weights.to_host().unwrap();
         assert_eq!(gids.iter().map(|&i| i as u32).collect::<Vec<_>>(), cr.ids, "{:?}: routed experts", p.method);
         check(&format!("moe_route {:?} weights", p.method), &gw[..t * p.top_k], &cr.weights, F32_TOL);
         for wt in [WType::Bf16, WType::Fp8, WType::F32] {

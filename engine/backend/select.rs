@@ -22,20 +22,18 @@ impl BackendKind {
         match self {
             BackendKind::Cpu => Ok(BackendKind::Cpu),
             BackendKind::Cuda => cuda_available().map(|()| BackendKind::Cuda),
-            BackendKind::Rocm => match super::rocm::probe() {
-                Ok(p) => Err(BackendUnavailable {
-                    backend: "rocm",
-                    reason: format!(
-                        "{} ROCm device(s) ({}) found through {}, but this build's ROCm backend has no kernels yet (hipRTC/hipBLASLt paths are not implemented); use --backend cpu",
-                        p.devices,
-                        p.archs.iter().map(|a| a.target).collect::<Vec<_>>().join(", "),
-                        p.library
-                    ),
-                }),
-                Err(e) => Err(e),
-            },
+            BackendKind::Rocm => super::rocm::probe().map(|p| {
+                log::info!("rocm: {} device(s) ({}) through {}", p.devices, p.archs.iter().map(|a| a.target).collect::<Vec<_>>().join(", "), p.library);
+                BackendKind::Rocm
+            }),
             BackendKind::Auto => {
-                let rocm = super::rocm::probe().err().map(|e| e.reason).unwrap_or_else(|| "ROCm device found but the ROCm backend has no kernels yet".into());
+                let rocm = match super::rocm::probe() {
+                    Ok(p) => {
+                        log::info!("backend auto: {} ROCm device(s) through {}, using rocm", p.devices, p.library);
+                        return Ok(BackendKind::Rocm);
+                    }
+                    Err(e) => e.reason,
+                };
                 match cuda_available() {
                     Ok(()) => {
                         log::info!("backend auto: rocm: {rocm}; CUDA device found, using cuda");

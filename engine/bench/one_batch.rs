@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
+use crate::backend::gpu::backend::{GpuBackend, GpuVendor};
 use crate::backend::{AttnSeq, Backend, BackendKind, SampleRow, TensorShape};
 use crate::model::{launch, ForwardBatch, Model, Role};
 use crate::sampling::{Rng, SamplingParams};
@@ -176,30 +177,14 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
     let par = a.dist.validate()?;
     // (results, backend, kernels, seconds until weights and kernels were ready on every rank, checkpoint bytes, graph status)
     let (rows, backend, kernels, load_s, weight_bytes, graphs) = match kind {
-        BackendKind::Cuda => {
-            // as SGLang's bench_one_batch: graphs up to the largest batch measured unless told otherwise
-            let graph_max_bs = a.backend.graph_max_bs_or(a.batch_size.iter().copied().max().unwrap_or(1));
-            let model = match launch::<crate::backend::cuda::CudaBackend>(&path, &par, a.backend.load_format, graph_max_bs)? {
-                Role::Lead(m) => Arc::new(m),
-                Role::FollowerDone => return Ok(()),
-            };
-            model.backend.warmup(crate::backend::gpu::ModelDims::of(&model.cfg))?;
-            let load_s = t.elapsed().as_secs_f64();
-            let (hits, compiles) = model.backend.jit.stats();
-            let k = json!({"cache_dir": model.backend.jit.cache.dir.display().to_string(), "cache_hits": hits, "compiled": compiles, "device": model.backend.device_name, "arch": model.backend.arch});
-            let b = &model.backend;
-            b.profile.by_shape.store(a.profile_by_shape, std::sync::atomic::Ordering::Relaxed);
-            let start = || b.profile.enabled.store(a.profile, std::sync::atomic::Ordering::Relaxed);
-            let finish = || {
-                b.profile.enabled.store(false, std::sync::atomic::Ordering::Relaxed);
-                if a.profile { b.take_profile().ok() } else { None }
-            };
-            let rows = bench_model(&model, &a, &ProfileHooks { profiling: a.profile, start: &start, finish: &finish });
-            model.stop_followers();
-            let (captured, replays, failed) = b.graph_stats();
-            let graphs = json!({"max_bs": graph_max_bs, "captured": captured, "replays": replays, "capture_failed": failed, "graph_mem_mib": b.graph_mem_reserved() >> 20});
-            (rows?, "cuda", k, load_s, model.checkpoint_bytes, graphs)
-        }
+        BackendKind::Cuda => match bench_gpu::<crate::backend::cuda::Cuda>(&a, &path, &par, t)? {
+            Some(r) => r,
+            None => return Ok(()),
+        },
+        BackendKind::Rocm => match bench_gpu::<crate::backend::rocm::Rocm>(&a, &path, &par, t)? {
+            Some(r) => r,
+            None => return Ok(()),
+        },
         _ => {
             if a.profile {
                 log::warn!("--profile times GPU events; the CPU backend has none, so no profile is printed");
@@ -250,4 +235,34 @@ fn print_profile(title: &str, p: &serde_json::Value) {
     v.sort_by(|x, y| y.1.total_cmp(&x.1));
     let parts: Vec<String> = v.iter().map(|(k, ms)| format!("{k} {ms:.3}")).collect();
     println!("        {title}: {}", parts.join(", "));
+}
+
+/// What one backend's run gives the report: (results, backend, kernels, seconds until weights and
+/// kernels were ready on every rank, checkpoint bytes, graph status).
+type BenchRun = (Vec<serde_json::Value>, &'static str, serde_json::Value, f64, u64, serde_json::Value);
+
+/// The benchmark on a GPU backend (None: this process was a follower node and is done).
+fn bench_gpu<V: GpuVendor>(a: &BenchOneBatchArgs, path: &std::path::Path, par: &crate::dist::ParallelConfig, t: Instant) -> Result<Option<BenchRun>, Box<dyn std::error::Error + Send + Sync>> {
+    // as SGLang's bench_one_batch: graphs up to the largest batch measured unless told otherwise
+    let graph_max_bs = a.backend.graph_max_bs_or(a.batch_size.iter().copied().max().unwrap_or(1));
+    let model = match launch::<GpuBackend<V>>(path, par, a.backend.load_format, graph_max_bs)? {
+        Role::Lead(m) => Arc::new(m),
+        Role::FollowerDone => return Ok(None),
+    };
+    model.backend.warmup(crate::backend::gpu::ModelDims::of(&model.cfg))?;
+    let load_s = t.elapsed().as_secs_f64();
+    let (hits, compiles) = model.backend.jit.stats();
+    let k = json!({"cache_dir": model.backend.jit.cache.dir.display().to_string(), "cache_hits": hits, "compiled": compiles, "device": model.backend.device_name, "arch": model.backend.arch});
+    let b = &model.backend;
+    b.profile.by_shape.store(a.profile_by_shape, std::sync::atomic::Ordering::Relaxed);
+    let start = || b.profile.enabled.store(a.profile, std::sync::atomic::Ordering::Relaxed);
+    let finish = || {
+        b.profile.enabled.store(false, std::sync::atomic::Ordering::Relaxed);
+        if a.profile { b.take_profile().ok() } else { None }
+    };
+    let rows = bench_model(&model, a, &ProfileHooks { profiling: a.profile, start: &start, finish: &finish });
+    model.stop_followers();
+    let (captured, replays, failed) = b.graph_stats();
+    let graphs = json!({"max_bs": graph_max_bs, "captured": captured, "replays": replays, "capture_failed": failed, "graph_mem_mib": b.graph_mem_reserved() >> 20});
+    Ok(Some((rows?, V::NAME, k, load_s, model.checkpoint_bytes, graphs)))
 }

@@ -69,6 +69,7 @@ pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error + Send + Syn
     let path = super::demo::model_path_or_demo(&a.model_path)?;
     match kind {
         BackendKind::Cuda => run_on::<crate::backend::cuda::CudaBackend>(a, path),
+        BackendKind::Rocm => run_on::<crate::backend::rocm::RocmBackend>(a, path),
         _ => run_on::<CpuBackend>(a, path),
     }
 }

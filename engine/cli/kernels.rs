@@ -86,7 +86,10 @@ pub fn run(cmd: KernelsCommand) -> Result<(), Box<dyn std::error::Error + Send +
             }
             let arch = match arch {
                 Some(a) => a,
-                None => crate::backend::cuda::local_arch().map_err(|e| format!("no --arch given and no local GPU: {e}"))?,
+                None => match crate::backend::rocm::probe() {
+                    Ok(p) => p.archs[0].target.to_string(),
+                    Err(rocm) => crate::backend::cuda::local_arch().map_err(|e| format!("no --arch given and no local GPU (rocm: {}; cuda: {e})", rocm.reason))?,
+                },
             };
             let (compiler, vendor) = compiler_for(&arch)?;
             let jit = Jit::new(cache, compiler, vendor);

@@ -128,6 +128,7 @@ pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     let path = super::demo::model_path_or_demo(&a.model_path)?;
     match kind {
         BackendKind::Cuda => run_on::<crate::backend::cuda::CudaBackend>(a, path),
+        BackendKind::Rocm => run_on::<crate::backend::rocm::RocmBackend>(a, path),
         _ => {
             if a.mem_fraction_static.is_some() {
                 log::info!("--mem-fraction-static applies to GPU backends; the CPU backend sizes its KV pool from --max-total-tokens");

@@ -8,6 +8,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use super::{Model, ModelError, Shard};
+use crate::backend::gpu::backend::{GpuBackend, GpuVendor};
 use crate::backend::{Backend, BackendError};
 use crate::config::ModelConfig;
 use crate::dist::{Group, HostComm, JobFeed, LocalFollower, LocalGroup, ParallelConfig, RemoteNodes, StoreComm, TcpStore, Watchdog};
@@ -52,22 +53,22 @@ impl RankBackend for crate::backend::cpu::CpuBackend {
     }
 }
 
-impl RankBackend for crate::backend::cuda::CudaBackend {
+impl<V: GpuVendor> RankBackend for GpuBackend<V> {
     const DEVICE_COMM: bool = true;
     fn new_comm_id() -> Result<Vec<u8>, String> {
-        crate::backend::cuda::nccl_unique_id()
+        crate::backend::gpu::ccl::unique_id(V::CCL)
     }
     fn for_rank(ctx: RankCtx) -> Result<Self, BackendError> {
         let mut b = Self::new(ctx.device)?;
         b.set_graph_max_bs(ctx.graph_max_bs);
         match (ctx.size, ctx.comm_id) {
             (1, _) => Ok(b),
-            (_, Some(id)) => b.with_nccl(&id, ctx.rank, ctx.size),
-            (_, None) => Err(BackendError::Op { backend: "cuda", op: "nccl init", msg: "no communicator id".into() }),
+            (_, Some(id)) => b.with_ccl(&id, ctx.rank, ctx.size),
+            (_, None) => Err(BackendError::Op { backend: V::NAME, op: "communicator init", msg: "no communicator id".into() }),
         }
     }
     fn comm_probe(&self) -> Option<crate::dist::CommProbe> {
-        crate::backend::cuda::CudaBackend::comm_probe(self)
+        GpuBackend::comm_probe(self)
     }
 }
 

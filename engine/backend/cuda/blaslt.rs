@@ -1,20 +1,15 @@
-//! Linear layers with bf16 weights through cuBLASLt (dynamically loaded; absent → the own kernels).
-//! The f32 activations are split into bf16 hi and lo parts stacked as one [2M, K] operand, so one
-//! GEMM reads W once and gives both products in f32; a kernel adds the two halves. bf16 weights
-//! are exact in bf16, so the result carries ~16 bits of x like the own tensor-core path (~1e-5
-//! relative), not bf16's ~4e-3.
+//! cuBLASLt (dynamically loaded) as the CUDA backend's `GemmLib`: bf16 × bf16 → f32 GEMMs for the
+//! linear layers with bf16 weights (backend/gpu/blas.rs splits x into bf16 hi/lo rows).
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Mutex;
 
 use cudarc::cublaslt::{result, sys};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
-use super::ops::{cfg, GpuLinear};
-use super::{err, CudaBackend, GpuTensor};
+use crate::backend::gpu::blas::GemmLib;
+use crate::backend::gpu::device::{DevBuf, DevPtr};
 use crate::backend::BackendError;
 
-const EW: &str = "hip-kernels/elementwise.hip";
 const WORKSPACE: usize = 32 << 20;
 
 fn blas_err(op: &'static str) -> impl Fn(result::CublasError) -> BackendError {
@@ -32,7 +27,8 @@ struct Plan {
 
 pub struct BlasLt {
     handle: sys::cublasLtHandle_t,
-    workspace: CudaSlice<u8>,
+    workspace: DevBuf<u8>,
+    stream: sys::cudaStream_t,
     /// Per (2M, N, K): the plan, or None where cuBLASLt offered no algorithm (the own kernel runs)
     plans: Mutex<HashMap<(usize, usize, usize), Option<Plan>>>,
 }
@@ -58,7 +54,7 @@ impl Drop for BlasLt {
 
 impl BlasLt {
     /// cuBLASLt when the library loads (`libcublasLt.so.13` on the library path), else None.
-    pub fn new(b: &CudaBackend) -> Option<Self> {
+    pub fn new(b: &super::CudaBackend) -> Option<Self> {
         if !unsafe { sys::is_culib_present() } {
             log::info!("cuda: cuBLASLt not found (libcublasLt on the library path); bf16 linear layers use the own tensor-core kernel");
             return None;
@@ -70,14 +66,14 @@ impl BlasLt {
                 return None;
             }
         };
-        let workspace = match b.stream.alloc_zeros::<u8>(WORKSPACE) {
+        let workspace = match b.zeros::<u8>(WORKSPACE) {
             Ok(w) => w,
             Err(e) => {
                 log::warn!("cuda: no memory for cuBLASLt's workspace ({e:?}); bf16 linear layers use the own tensor-core kernel");
                 return None;
             }
         };
-        Some(BlasLt { handle, workspace, plans: Mutex::new(HashMap::new()) })
+        Some(BlasLt { handle, workspace, stream: b.dev.stream() as sys::cudaStream_t, plans: Mutex::new(HashMap::new()) })
     }
 
     /// D [m2, n] (row-major f32) = X2 [m2, k] (bf16) · W [n, k]ᵀ (bf16), in column-major terms
@@ -110,69 +106,40 @@ impl BlasLt {
     }
 }
 
-impl CudaBackend {
-    /// Whether this linear layer goes through cuBLASLt: bf16 weights, enough rows, and rows of
-    /// W and D that start on 16-byte boundaries (odd shapes take the own kernel).
-    pub(super) fn blaslt_for(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
-        w.wdt == 1 && self.blaslt.is_some() && x.rows >= self.tuned.cublaslt_min_rows && w.inp.is_multiple_of(8) && w.out.is_multiple_of(4)
+impl GemmLib for BlasLt {
+    fn name(&self) -> &'static str {
+        "cuBLASLt"
     }
 
-    /// y = x · Wᵀ through cuBLASLt; false (nothing launched) where it has no algorithm for the shape.
-    pub(super) fn linear_blaslt(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>) -> Result<bool, BackendError> {
-        let lt = self.blaslt.as_ref().expect("blaslt_for checked");
-        let (m, n, k) = (x.rows, w.out, w.inp);
-        let m2 = 2 * m;
-        {
-            let mut plans = lt.plans.lock().unwrap();
-            let p = plans.entry((m2, n, k)).or_insert_with(|| lt.plan(m2, n, k).inspect_err(|e| log::warn!("{e}; {m}x{n}x{k} runs on the own tensor-core kernel")).ok());
-            if p.is_none() {
-                return Ok(false);
-            }
+    fn supports(&self, m2: usize, n: usize, k: usize) -> bool {
+        let mut plans = self.plans.lock().unwrap();
+        plans.entry((m2, n, k)).or_insert_with(|| self.plan(m2, n, k).inspect_err(|e| log::warn!("{e}; {}x{n}x{k} runs on the own tensor-core kernel", m2 / 2)).ok()).is_some()
+    }
+
+    fn gemm_bf16(&self, m2: usize, n: usize, k: usize, w: DevPtr, x2: DevPtr, d: DevPtr) -> Result<(), String> {
+        let plans = self.plans.lock().unwrap();
+        let p = plans.get(&(m2, n, k)).and_then(|p| p.as_ref()).ok_or_else(|| format!("no plan for {m2}x{n}x{k}"))?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        unsafe {
+            result::matmul(
+                self.handle,
+                p.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                w as *const c_void,
+                p.a,
+                x2 as *const c_void,
+                p.b,
+                d as *const c_void,
+                p.d,
+                d as *mut c_void,
+                p.d,
+                &p.algo,
+                self.workspace.ptr() as *mut c_void,
+                WORKSPACE,
+                self.stream,
+            )
         }
-        // x → [hi rows; lo rows] in bf16
-        let mut x2 = self.stream.alloc_zeros::<u16>(m2 * k).map_err(err("cublasLt split"))?;
-        let f = self.func(EW, "split_bf16_rows")?;
-        let total = (m * k) as i64;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&x.buf).arg(&mut x2).arg(&total);
-        unsafe { b.launch(cfg(((m * k).div_ceil(256) as u32, 1), 256, 0)) }.map_err(err("split_bf16_rows"))?;
-        let mut d = self.stream.alloc_zeros::<f32>(m2 * n).map_err(err("cublasLt out"))?;
-        {
-            let plans = lt.plans.lock().unwrap();
-            let p = plans[&(m2, n, k)].as_ref().expect("checked above");
-            let (alpha, beta) = (1.0f32, 0.0f32);
-            let (wp, _g1) = w.data.device_ptr(&self.stream);
-            let (xp, _g2) = x2.device_ptr(&self.stream);
-            let (dp, _g3) = d.device_ptr_mut(&self.stream);
-            let (wsp, _g4) = lt.workspace.device_ptr(&self.stream);
-            unsafe {
-                result::matmul(
-                    lt.handle,
-                    p.desc,
-                    &alpha as *const f32 as *const c_void,
-                    &beta as *const f32 as *const c_void,
-                    wp as *const c_void,
-                    p.a,
-                    xp as *const c_void,
-                    p.b,
-                    dp as *const c_void,
-                    p.d,
-                    dp as *mut c_void,
-                    p.d,
-                    &p.algo,
-                    wsp as *mut c_void,
-                    WORKSPACE,
-                    self.stream.cu_stream() as sys::cudaStream_t,
-                )
-            }
-            .map_err(blas_err("cublasLtMatmul"))?;
-        }
-        // y = hi rows' products + lo rows' products
-        let f = self.func(EW, "sum_halves")?;
-        let total = (m * n) as i64;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&d).arg(y).arg(&total);
-        unsafe { b.launch(cfg(((m * n).div_ceil(256) as u32, 1), 256, 0)) }.map_err(err("sum_halves"))?;
-        Ok(true)
+        .map_err(|e| format!("cublasLtMatmul: {e:?}"))
     }
 }

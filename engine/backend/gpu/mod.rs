@@ -1,12 +1,25 @@
 //! What the GPU backends share: the kernel sources (assembled from the build.rs manifest), the
-//! kernel list a model needs, the JIT compiler interface, and the on-disk kernel cache.
+//! kernel list a model needs, the JIT compiler interface, the on-disk kernel cache, and the
+//! backend itself (`GpuBackend`: every op, graphs, weight upload, collectives) written once
+//! against the device runtime interface (`device::DeviceApi`) that CUDA and ROCm implement.
+pub mod backend;
+pub mod blas;
+pub mod ccl;
 pub mod compiler;
+pub mod device;
+mod gemv;
 pub mod hiprtc;
 pub mod jit;
 pub mod kernel_cache;
+mod mla_prefill;
+pub(crate) mod mma;
+mod moe_grouped;
 pub mod nvrtc;
+pub mod ops;
 pub mod source;
 pub mod specs;
+mod staging;
+pub mod step;
 pub mod tuned;
 
 pub use compiler::{CompileError, KernelCompiler};

@@ -2749,6 +2749,13 @@ pub struct HipApi {
         ) -> hipError_t,
         ::libloading::Error,
     >,
+    pub hipDeviceGetDefaultMemPool: Result<
+        unsafe extern "C" fn(
+            mem_pool: *mut hipMemPool_t,
+            device: ::std::os::raw::c_int,
+        ) -> hipError_t,
+        ::libloading::Error,
+    >,
     pub hipGetDeviceProperties: Result<
         unsafe extern "C" fn(
             prop: *mut hipDeviceProp_t,
@@ -2783,6 +2790,10 @@ pub struct HipApi {
         Result<unsafe extern "C" fn(stream: hipStream_t) -> hipError_t, ::libloading::Error>,
     pub hipStreamSynchronize:
         Result<unsafe extern "C" fn(stream: hipStream_t) -> hipError_t, ::libloading::Error>,
+    pub hipEventCreateWithFlags: Result<
+        unsafe extern "C" fn(event: *mut hipEvent_t, flags: ::std::os::raw::c_uint) -> hipError_t,
+        ::libloading::Error,
+    >,
     pub hipEventCreate:
         Result<unsafe extern "C" fn(event: *mut hipEvent_t) -> hipError_t, ::libloading::Error>,
     pub hipEventRecord: Result<
@@ -2821,6 +2832,14 @@ pub struct HipApi {
         unsafe extern "C" fn(
             dev_ptr: *mut ::std::os::raw::c_void,
             stream: hipStream_t,
+        ) -> hipError_t,
+        ::libloading::Error,
+    >,
+    pub hipMemPoolSetAttribute: Result<
+        unsafe extern "C" fn(
+            mem_pool: hipMemPool_t,
+            attr: hipMemPoolAttr,
+            value: *mut ::std::os::raw::c_void,
         ) -> hipError_t,
         ::libloading::Error,
     >,
@@ -2878,6 +2897,15 @@ pub struct HipApi {
         ) -> hipError_t,
         ::libloading::Error,
     >,
+    pub hipMemsetD32Async: Result<
+        unsafe extern "C" fn(
+            dst: hipDeviceptr_t,
+            value: ::std::os::raw::c_int,
+            count: usize,
+            stream: hipStream_t,
+        ) -> hipError_t,
+        ::libloading::Error,
+    >,
     pub hipMemGetInfo: Result<
         unsafe extern "C" fn(free: *mut usize, total: *mut usize) -> hipError_t,
         ::libloading::Error,
@@ -2923,6 +2951,13 @@ pub struct HipApi {
         unsafe extern "C" fn(stream: hipStream_t, pGraph: *mut hipGraph_t) -> hipError_t,
         ::libloading::Error,
     >,
+    pub hipStreamIsCapturing: Result<
+        unsafe extern "C" fn(
+            stream: hipStream_t,
+            pCaptureStatus: *mut hipStreamCaptureStatus,
+        ) -> hipError_t,
+        ::libloading::Error,
+    >,
     pub hipGraphDestroy:
         Result<unsafe extern "C" fn(graph: hipGraph_t) -> hipError_t, ::libloading::Error>,
     pub hipGraphInstantiate: Result<
@@ -2935,12 +2970,32 @@ pub struct HipApi {
         ) -> hipError_t,
         ::libloading::Error,
     >,
+    pub hipGraphInstantiateWithFlags: Result<
+        unsafe extern "C" fn(
+            pGraphExec: *mut hipGraphExec_t,
+            graph: hipGraph_t,
+            flags: ::std::os::raw::c_ulonglong,
+        ) -> hipError_t,
+        ::libloading::Error,
+    >,
     pub hipGraphLaunch: Result<
+        unsafe extern "C" fn(graphExec: hipGraphExec_t, stream: hipStream_t) -> hipError_t,
+        ::libloading::Error,
+    >,
+    pub hipGraphUpload: Result<
         unsafe extern "C" fn(graphExec: hipGraphExec_t, stream: hipStream_t) -> hipError_t,
         ::libloading::Error,
     >,
     pub hipGraphExecDestroy:
         Result<unsafe extern "C" fn(graphExec: hipGraphExec_t) -> hipError_t, ::libloading::Error>,
+    pub hipDeviceGetGraphMemAttribute: Result<
+        unsafe extern "C" fn(
+            device: ::std::os::raw::c_int,
+            attr: hipGraphMemAttributeType,
+            value: *mut ::std::os::raw::c_void,
+        ) -> hipError_t,
+        ::libloading::Error,
+    >,
 }
 impl HipApi {
     pub unsafe fn new<P>(path: P) -> Result<Self, ::libloading::Error>
@@ -2983,6 +3038,9 @@ impl HipApi {
         let hipGetDevice = __library.get(b"hipGetDevice\0").map(|sym| *sym);
         let hipGetDeviceCount = __library.get(b"hipGetDeviceCount\0").map(|sym| *sym);
         let hipDeviceGetAttribute = __library.get(b"hipDeviceGetAttribute\0").map(|sym| *sym);
+        let hipDeviceGetDefaultMemPool = __library
+            .get(b"hipDeviceGetDefaultMemPool\0")
+            .map(|sym| *sym);
         let hipGetDeviceProperties = __library.get(b"hipGetDeviceProperties\0").map(|sym| *sym);
         let hipFuncSetAttribute = __library.get(b"hipFuncSetAttribute\0").map(|sym| *sym);
         let hipGetLastError = __library.get(b"hipGetLastError\0").map(|sym| *sym);
@@ -2992,6 +3050,7 @@ impl HipApi {
         let hipStreamCreateWithFlags = __library.get(b"hipStreamCreateWithFlags\0").map(|sym| *sym);
         let hipStreamDestroy = __library.get(b"hipStreamDestroy\0").map(|sym| *sym);
         let hipStreamSynchronize = __library.get(b"hipStreamSynchronize\0").map(|sym| *sym);
+        let hipEventCreateWithFlags = __library.get(b"hipEventCreateWithFlags\0").map(|sym| *sym);
         let hipEventCreate = __library.get(b"hipEventCreate\0").map(|sym| *sym);
         let hipEventRecord = __library.get(b"hipEventRecord\0").map(|sym| *sym);
         let hipEventDestroy = __library.get(b"hipEventDestroy\0").map(|sym| *sym);
@@ -3001,6 +3060,7 @@ impl HipApi {
         let hipHostMalloc = __library.get(b"hipHostMalloc\0").map(|sym| *sym);
         let hipMallocAsync = __library.get(b"hipMallocAsync\0").map(|sym| *sym);
         let hipFreeAsync = __library.get(b"hipFreeAsync\0").map(|sym| *sym);
+        let hipMemPoolSetAttribute = __library.get(b"hipMemPoolSetAttribute\0").map(|sym| *sym);
         let hipFree = __library.get(b"hipFree\0").map(|sym| *sym);
         let hipHostFree = __library.get(b"hipHostFree\0").map(|sym| *sym);
         let hipMemcpy = __library.get(b"hipMemcpy\0").map(|sym| *sym);
@@ -3008,6 +3068,7 @@ impl HipApi {
         let hipMemcpyDtoHAsync = __library.get(b"hipMemcpyDtoHAsync\0").map(|sym| *sym);
         let hipMemcpyAsync = __library.get(b"hipMemcpyAsync\0").map(|sym| *sym);
         let hipMemsetAsync = __library.get(b"hipMemsetAsync\0").map(|sym| *sym);
+        let hipMemsetD32Async = __library.get(b"hipMemsetD32Async\0").map(|sym| *sym);
         let hipMemGetInfo = __library.get(b"hipMemGetInfo\0").map(|sym| *sym);
         let hipModuleUnload = __library.get(b"hipModuleUnload\0").map(|sym| *sym);
         let hipModuleGetFunction = __library.get(b"hipModuleGetFunction\0").map(|sym| *sym);
@@ -3015,10 +3076,18 @@ impl HipApi {
         let hipModuleLaunchKernel = __library.get(b"hipModuleLaunchKernel\0").map(|sym| *sym);
         let hipStreamBeginCapture = __library.get(b"hipStreamBeginCapture\0").map(|sym| *sym);
         let hipStreamEndCapture = __library.get(b"hipStreamEndCapture\0").map(|sym| *sym);
+        let hipStreamIsCapturing = __library.get(b"hipStreamIsCapturing\0").map(|sym| *sym);
         let hipGraphDestroy = __library.get(b"hipGraphDestroy\0").map(|sym| *sym);
         let hipGraphInstantiate = __library.get(b"hipGraphInstantiate\0").map(|sym| *sym);
+        let hipGraphInstantiateWithFlags = __library
+            .get(b"hipGraphInstantiateWithFlags\0")
+            .map(|sym| *sym);
         let hipGraphLaunch = __library.get(b"hipGraphLaunch\0").map(|sym| *sym);
+        let hipGraphUpload = __library.get(b"hipGraphUpload\0").map(|sym| *sym);
         let hipGraphExecDestroy = __library.get(b"hipGraphExecDestroy\0").map(|sym| *sym);
+        let hipDeviceGetGraphMemAttribute = __library
+            .get(b"hipDeviceGetGraphMemAttribute\0")
+            .map(|sym| *sym);
         Ok(HipApi {
             __library,
             hiprtcGetErrorString,
@@ -3048,6 +3117,7 @@ impl HipApi {
             hipGetDevice,
             hipGetDeviceCount,
             hipDeviceGetAttribute,
+            hipDeviceGetDefaultMemPool,
             hipGetDeviceProperties,
             hipFuncSetAttribute,
             hipGetLastError,
@@ -3057,6 +3127,7 @@ impl HipApi {
             hipStreamCreateWithFlags,
             hipStreamDestroy,
             hipStreamSynchronize,
+            hipEventCreateWithFlags,
             hipEventCreate,
             hipEventRecord,
             hipEventDestroy,
@@ -3066,6 +3137,7 @@ impl HipApi {
             hipHostMalloc,
             hipMallocAsync,
             hipFreeAsync,
+            hipMemPoolSetAttribute,
             hipFree,
             hipHostFree,
             hipMemcpy,
@@ -3073,6 +3145,7 @@ impl HipApi {
             hipMemcpyDtoHAsync,
             hipMemcpyAsync,
             hipMemsetAsync,
+            hipMemsetD32Async,
             hipMemGetInfo,
             hipModuleUnload,
             hipModuleGetFunction,
@@ -3080,10 +3153,14 @@ impl HipApi {
             hipModuleLaunchKernel,
             hipStreamBeginCapture,
             hipStreamEndCapture,
+            hipStreamIsCapturing,
             hipGraphDestroy,
             hipGraphInstantiate,
+            hipGraphInstantiateWithFlags,
             hipGraphLaunch,
+            hipGraphUpload,
             hipGraphExecDestroy,
+            hipDeviceGetGraphMemAttribute,
         })
     }
     pub unsafe fn hiprtcGetErrorString(
@@ -3374,6 +3451,16 @@ impl HipApi {
             .as_ref()
             .expect("Expected function, got error."))(pi, attr, deviceId)
     }
+    pub unsafe fn hipDeviceGetDefaultMemPool(
+        &self,
+        mem_pool: *mut hipMemPool_t,
+        device: ::std::os::raw::c_int,
+    ) -> hipError_t {
+        (self
+            .hipDeviceGetDefaultMemPool
+            .as_ref()
+            .expect("Expected function, got error."))(mem_pool, device)
+    }
     pub unsafe fn hipGetDeviceProperties(
         &self,
         prop: *mut hipDeviceProp_t,
@@ -3440,6 +3527,16 @@ impl HipApi {
             .hipStreamSynchronize
             .as_ref()
             .expect("Expected function, got error."))(stream)
+    }
+    pub unsafe fn hipEventCreateWithFlags(
+        &self,
+        event: *mut hipEvent_t,
+        flags: ::std::os::raw::c_uint,
+    ) -> hipError_t {
+        (self
+            .hipEventCreateWithFlags
+            .as_ref()
+            .expect("Expected function, got error."))(event, flags)
     }
     pub unsafe fn hipEventCreate(&self, event: *mut hipEvent_t) -> hipError_t {
         (self
@@ -3518,6 +3615,17 @@ impl HipApi {
             .as_ref()
             .expect("Expected function, got error."))(dev_ptr, stream)
     }
+    pub unsafe fn hipMemPoolSetAttribute(
+        &self,
+        mem_pool: hipMemPool_t,
+        attr: hipMemPoolAttr,
+        value: *mut ::std::os::raw::c_void,
+    ) -> hipError_t {
+        (self
+            .hipMemPoolSetAttribute
+            .as_ref()
+            .expect("Expected function, got error."))(mem_pool, attr, value)
+    }
     pub unsafe fn hipFree(&self, ptr: *mut ::std::os::raw::c_void) -> hipError_t {
         (self
             .hipFree
@@ -3590,6 +3698,18 @@ impl HipApi {
             .hipMemsetAsync
             .as_ref()
             .expect("Expected function, got error."))(dst, value, sizeBytes, stream)
+    }
+    pub unsafe fn hipMemsetD32Async(
+        &self,
+        dst: hipDeviceptr_t,
+        value: ::std::os::raw::c_int,
+        count: usize,
+        stream: hipStream_t,
+    ) -> hipError_t {
+        (self
+            .hipMemsetD32Async
+            .as_ref()
+            .expect("Expected function, got error."))(dst, value, count, stream)
     }
     pub unsafe fn hipMemGetInfo(&self, free: *mut usize, total: *mut usize) -> hipError_t {
         (self
@@ -3675,6 +3795,16 @@ impl HipApi {
             .as_ref()
             .expect("Expected function, got error."))(stream, pGraph)
     }
+    pub unsafe fn hipStreamIsCapturing(
+        &self,
+        stream: hipStream_t,
+        pCaptureStatus: *mut hipStreamCaptureStatus,
+    ) -> hipError_t {
+        (self
+            .hipStreamIsCapturing
+            .as_ref()
+            .expect("Expected function, got error."))(stream, pCaptureStatus)
+    }
     pub unsafe fn hipGraphDestroy(&self, graph: hipGraph_t) -> hipError_t {
         (self
             .hipGraphDestroy
@@ -3696,6 +3826,17 @@ impl HipApi {
             pGraphExec, graph, pErrorNode, pLogBuffer, bufferSize,
         )
     }
+    pub unsafe fn hipGraphInstantiateWithFlags(
+        &self,
+        pGraphExec: *mut hipGraphExec_t,
+        graph: hipGraph_t,
+        flags: ::std::os::raw::c_ulonglong,
+    ) -> hipError_t {
+        (self
+            .hipGraphInstantiateWithFlags
+            .as_ref()
+            .expect("Expected function, got error."))(pGraphExec, graph, flags)
+    }
     pub unsafe fn hipGraphLaunch(
         &self,
         graphExec: hipGraphExec_t,
@@ -3706,10 +3847,31 @@ impl HipApi {
             .as_ref()
             .expect("Expected function, got error."))(graphExec, stream)
     }
+    pub unsafe fn hipGraphUpload(
+        &self,
+        graphExec: hipGraphExec_t,
+        stream: hipStream_t,
+    ) -> hipError_t {
+        (self
+            .hipGraphUpload
+            .as_ref()
+            .expect("Expected function, got error."))(graphExec, stream)
+    }
     pub unsafe fn hipGraphExecDestroy(&self, graphExec: hipGraphExec_t) -> hipError_t {
         (self
             .hipGraphExecDestroy
             .as_ref()
             .expect("Expected function, got error."))(graphExec)
+    }
+    pub unsafe fn hipDeviceGetGraphMemAttribute(
+        &self,
+        device: ::std::os::raw::c_int,
+        attr: hipGraphMemAttributeType,
+        value: *mut ::std::os::raw::c_void,
+    ) -> hipError_t {
+        (self
+            .hipDeviceGetGraphMemAttribute
+            .as_ref()
+            .expect("Expected function, got error."))(device, attr, value)
     }
 }

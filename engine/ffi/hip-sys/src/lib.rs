@@ -1,10 +1,12 @@
-//! HIP runtime and hipRTC, loaded at run time: the crate builds on any machine, and a process
+//! HIP runtime, hipRTC and hipBLASLt, loaded at run time: the crate builds on any machine, and a process
 //! without ROCm gets an error listing the paths it tried instead of a link failure.
 //! `bindings.rs` is generated (regen.sh); `HipError` names the call that failed.
 #![allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, clippy::all)]
 
 mod bindings;
 pub use bindings::*;
+/// hipBLASLt (its own library, libhipblaslt)
+pub mod hipblaslt;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -96,4 +98,31 @@ pub fn hip() -> Result<&'static Hip, String> {
     })
     .as_ref()
     .map_err(Clone::clone)
+}
+
+/// hipBLASLt library candidates: `ENGINE_HIPBLASLT_LIB`, then `$ROCM_PATH/lib` and /opt/rocm/lib,
+/// then the loader's search path (sonames of ROCm 7, 6 and the unversioned name).
+pub fn hipblaslt_candidates() -> Vec<PathBuf> {
+    if let Some(p) = std::env::var_os("ENGINE_HIPBLASLT_LIB") {
+        return vec![PathBuf::from(p)];
+    }
+    let names = ["libhipblaslt.so.1", "libhipblaslt.so.0", "libhipblaslt.so"];
+    let mut v = Vec::new();
+    for root in std::env::var_os("ROCM_PATH").map(PathBuf::from).into_iter().chain([PathBuf::from("/opt/rocm")]) {
+        v.extend(names.iter().map(|n| root.join("lib").join(n)));
+    }
+    v.extend(names.iter().map(PathBuf::from));
+    v
+}
+
+/// Loads hipBLASLt (once per call site's owner); the error lists every path tried.
+pub fn load_hipblaslt() -> Result<(hipblaslt::HipBlasLtApi, PathBuf), String> {
+    let mut tried = Vec::new();
+    for c in hipblaslt_candidates() {
+        match unsafe { hipblaslt::HipBlasLtApi::new(&c) } {
+            Ok(api) => return Ok((api, c)),
+            Err(e) => tried.push(format!("{} ({e})", c.display())),
+        }
+    }
+    Err(format!("hipBLASLt (libhipblaslt) was not found; tried: {}", tried.join("; ")))
 }

@@ -1,7 +1,7 @@
-//! `Backend` for `CudaBackend`: buffers and kernel launches.
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
-
-use super::{err, step, CudaBackend, GpuTensor};
+//! `Backend` for `GpuBackend`: buffers and kernel launches.
+use super::backend::{GpuBackend, GpuTensor, GpuVendor};
+use super::device::{err, DevBuf, LaunchConfig};
+use super::step;
 use crate::backend::gpu::ModelDims;
 use crate::backend::{AttnSeq, Backend, BackendError, GraphStep, MlaDims, RouteParams, SampleRow, StepInputs};
 use crate::config::{RopeTables, ScoringFunc, TopkMethod};
@@ -23,9 +23,9 @@ pub struct GpuLinear {
     pub inp: usize,
     /// 0 f32, 1 bf16, 2 fp8 (the kernels' WDT_*)
     pub wdt: u8,
-    pub data: CudaSlice<u8>,
+    pub data: DevBuf<u8>,
     /// FP8 block scales (a single dummy element otherwise)
-    pub scales: CudaSlice<f32>,
+    pub scales: DevBuf<f32>,
     pub bn: i32,
     pub bk: i32,
 }
@@ -45,27 +45,27 @@ pub struct GpuExperts {
     pub inter: usize,
     pub hidden: usize,
     pub wdt: u8,
-    pub gate: CudaSlice<u8>,
-    pub up: CudaSlice<u8>,
-    pub down: CudaSlice<u8>,
-    pub gs: CudaSlice<f32>,
-    pub us: CudaSlice<f32>,
-    pub ds: CudaSlice<f32>,
+    pub gate: DevBuf<u8>,
+    pub up: DevBuf<u8>,
+    pub down: DevBuf<u8>,
+    pub gs: DevBuf<f32>,
+    pub us: DevBuf<f32>,
+    pub ds: DevBuf<f32>,
     pub bn: i32,
     pub bk: i32,
 }
 
 pub struct GpuRouting {
     pub top_k: usize,
-    pub ids: CudaSlice<i32>,
-    pub weights: CudaSlice<f32>,
+    pub ids: DevBuf<i32>,
+    pub weights: DevBuf<f32>,
 }
 
 pub struct GpuKvCache {
     pub layers: usize,
     pub slots: usize,
     pub entry: usize,
-    pub buf: CudaSlice<f32>,
+    pub buf: DevBuf<f32>,
 }
 
 pub(super) fn cfg(grid: (u32, u32), block: u32, shared: u32) -> LaunchConfig {
@@ -73,9 +73,17 @@ pub(super) fn cfg(grid: (u32, u32), block: u32, shared: u32) -> LaunchConfig {
 }
 
 /// Host weight bytes in a dtype the kernels read (F16 becomes f32; the others stay borrowed
-/// from the checkpoint's memory map).
-fn host_weight(w: &HostLinear) -> (u8, std::borrow::Cow<'_, [u8]>, Vec<f32>, i32, i32) {
+/// from the checkpoint's memory map). `fnuz`: the device decodes FP8 as e4m3fnuz (gfx942), so
+/// FP8 weights are converted (bits kept, 0x80 → 0) and their block scales doubled.
+fn host_weight(w: &HostLinear, fnuz: bool) -> (u8, std::borrow::Cow<'_, [u8]>, Vec<f32>, i32, i32) {
     use std::borrow::Cow;
+    if let (true, LinearData::Fp8 { w: b, scale_inv, block_n, block_k }) = (fnuz, &w.data) {
+        let mut bytes = b.to_vec();
+        crate::weights::fnuz::e4m3fn_to_e4m3fnuz(&mut bytes);
+        let mut scales = scale_inv.clone();
+        crate::weights::fnuz::fnuz_scales(&mut scales);
+        return (2, Cow::Owned(bytes), scales, *block_n as i32, *block_k as i32);
+    }
     match &w.data {
         LinearData::F32(b) => (0, Cow::Borrowed(&b[..]), vec![0.0], 1, 1),
         LinearData::BF16(b) => (1, Cow::Borrowed(&b[..]), vec![0.0], 1, 1),
@@ -84,7 +92,7 @@ fn host_weight(w: &HostLinear) -> (u8, std::borrow::Cow<'_, [u8]>, Vec<f32>, i32
     }
 }
 
-impl CudaBackend {
+impl<V: GpuVendor> GpuBackend<V> {
     pub(super) fn linear_with(&self, x: &GpuTensor, w: &GpuLinear, mma: bool) -> Result<GpuTensor, BackendError> {
         assert_eq!(x.cols, w.inp, "linear: input has {} columns, weight expects {}", x.cols, w.inp);
         let mut y = self.alloc_out(x.rows * w.out)?;
@@ -122,74 +130,74 @@ impl CudaBackend {
         let mut q_lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
         let f = self.mla_func(dims, &format!("mla_q_latent_{}", wdt_suffix(kv_b.wdt)))?;
         self.span(ATTN_PROJ, || {
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&q.buf).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut q_lat).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-            unsafe { b.launch(proj(d.kv_lora_rank.div_ceil(128))) }.map(|_| ()).map_err(err("mla_q_latent"))
+            b.run(proj(d.kv_lora_rank.div_ceil(128))).map(|_| ()).map_err(err("mla_q_latent"))
         })?;
         let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
         // four heads per block share each cache entry they read
         let hpb = if d.num_heads % 4 == 0 { 4 } else { 1 };
         let f = self.mla_func(dims, if hpb == 4 { "mla_attention4" } else { "mla_attention" })?;
         let (l, ns, scale) = (layer as i32, kv.slots as i32, d.scale);
-        let warps = 256 / 32;
+        let warps = self.warps_per_block();
         let shared = (warps * (2 + d.kv_lora_rank) * 4) as u32;
         // split-K over the sequence when too few (token, head) blocks would fill the GPU
         let splits = step::attn_splits(t * d.num_heads / hpb, a.max_len, self.in_graph_step());
         let part_len = if splits > 1 { t * d.num_heads * splits * (2 + d.kv_lora_rank) } else { 1 };
-        let mut part = self.stream.alloc_zeros::<f32>(part_len).map_err(err("mla_attention"))?;
+        let mut part = self.zeros::<f32>(part_len)?;
         let (sp, min_chunk) = (splits as i32, step::SPLIT_MIN_KEYS as i32);
         let merge = self.mla_func(dims, "mla_merge")?;
         self.span("attention", || {
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part);
             let launch = LaunchConfig { grid_dim: (t as u32, (d.num_heads / hpb) as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: shared };
-            unsafe { b.launch(launch) }.map_err(err("mla_attention"))?;
+            b.run(launch).map_err(err("mla_attention"))?;
             if splits > 1 {
-                let mut b = self.stream.launch_builder(&merge);
+                let mut b = self.launch(&merge);
                 b.arg(&part).arg(&mut lat).arg(&heads).arg(&sp);
-                unsafe { b.launch(cfg(grid, 256, 0)) }.map_err(err("mla_merge"))?;
+                b.run(cfg(grid, 256, 0)).map_err(err("mla_merge"))?;
             }
             Ok(())
         })?;
         let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
         let f = self.mla_func(dims, &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
         self.span(ATTN_PROJ, || {
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-            unsafe { b.launch(proj(d.v_head.div_ceil(32))) }.map(|_| ()).map_err(err("mla_out"))
+            b.run(proj(d.v_head.div_ceil(32))).map(|_| ()).map_err(err("mla_out"))
         })?;
         Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
     }
 
-    fn scatter_rows(&self, x: &GpuTensor, rows: &[u32], out: &mut CudaSlice<f32>) -> Result<(), BackendError> {
+    fn scatter_rows(&self, x: &GpuTensor, rows: &[u32], out: &mut DevBuf<f32>) -> Result<(), BackendError> {
         if rows.is_empty() {
             return Ok(());
         }
         let f = self.func(EW, "scatter_rows")?;
         let r = self.idx(rows)?;
         let cols = x.cols as i32;
-        let mut b = self.stream.launch_builder(&f);
+        let mut b = self.launch(&f);
         b.arg(&x.buf).arg(&r.0).arg(out).arg(&cols);
-        unsafe { b.launch(cfg((rows.len() as u32, 1), 256, 0)) }.map(|_| ()).map_err(err("scatter_rows"))
+        b.run(cfg((rows.len() as u32, 1), 256, 0)).map(|_| ()).map_err(err("scatter_rows"))
     }
 
     /// The device address of an index array: the running step's copy when `v` is one of the
     /// step's arrays, else a fresh upload (returned with it, to be kept alive until the launch).
-    pub(super) fn idx(&self, v: &[u32]) -> Result<(u64, Option<CudaSlice<u32>>), BackendError> {
+    pub(super) fn idx(&self, v: &[u32]) -> Result<(u64, Option<DevBuf<u32>>), BackendError> {
         if let Some(p) = self.step_ptr(v) {
             return Ok((p, None));
         }
         if self.capturing() {
-            return Err(BackendError::Op { backend: "cuda", op: "upload", msg: format!("{} indices uploaded inside a CUDA graph capture (not one of the step's arrays)", v.len()) });
+            return Err(BackendError::Op { backend: V::NAME, op: "upload", msg: format!("{} indices uploaded inside a CUDA graph capture (not one of the step's arrays)", v.len()) });
         }
-        let b = self.stream.clone_htod(if v.is_empty() { &[0u32][..] } else { v }).map_err(err("upload"))?;
-        let p = b.device_ptr(&self.stream).0;
+        let b = self.htod(if v.is_empty() { &[0u32][..] } else { v })?;
+        let p = b.ptr();
         Ok((p, Some(b)))
     }
 
     /// `mma`: whether batches beyond the GEMV sizes may take the tensor cores (bf16 hi/lo operands); the
     /// router keeps f32 so that expert choice matches the reference (DeepSeek's gate is f32).
-    fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>, mma: bool) -> Result<(), BackendError> {
+    fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>, mma: bool) -> Result<(), BackendError> {
         // 16-byte loads need rows of a multiple of 8 elements (FP8: 16, and scale blocks too)
         let vec8 = if w.wdt == 2 { w.inp % 16 == 0 && w.bk % 16 == 0 } else { w.inp % 8 == 0 };
         if mma && self.blaslt_for(x, w) && self.linear_blaslt(x, w, y)? {
@@ -203,13 +211,13 @@ impl CudaBackend {
         }
         let f = self.func(LIN, &format!("linear_{}", wdt_suffix(w.wdt)))?;
         let (m, n, k) = (x.rows as i32, w.out as i32, w.inp as i32);
-        let mut b = self.stream.launch_builder(&f);
+        let mut b = self.launch(&f);
         b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
-        unsafe { b.launch(cfg((w.out.div_ceil(64) as u32, x.rows.div_ceil(64) as u32), 256, 0)) }.map(|_| ()).map_err(err("linear"))
+        b.run(cfg((w.out.div_ceil(64) as u32, x.rows.div_ceil(64) as u32), 256, 0)).map(|_| ()).map_err(err("linear"))
     }
 }
 
-impl Backend for CudaBackend {
+impl<V: GpuVendor> Backend for GpuBackend<V> {
     type Tensor = GpuTensor;
     type Linear = GpuLinear;
     type Experts = GpuExperts;
@@ -221,30 +229,29 @@ impl Backend for CudaBackend {
     }
 
     fn memory_info(&self) -> Option<(usize, usize)> {
-        self.ctx.bind_to_thread().ok()?;
-        cudarc::driver::result::mem_get_info().ok()
+        self.dev.mem_info().ok()
     }
 
     fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<GpuTensor, BackendError> {
         assert_eq!(data.len(), rows * cols, "upload: data does not match its shape");
-        let buf = self.stream.clone_htod(if data.is_empty() { &[0f32][..] } else { data }).map_err(err("upload"))?;
+        let buf = self.htod(if data.is_empty() { &[0f32][..] } else { data })?;
         Ok(GpuTensor { rows, cols, buf })
     }
 
     fn download(&self, t: &GpuTensor) -> Result<Vec<f32>, BackendError> {
-        let mut v = self.stream.clone_dtoh(&t.buf).map_err(err("download"))?;
+        let mut v = t.buf.to_host().map_err(err("download"))?;
         v.truncate(t.rows * t.cols);
         Ok(v)
     }
 
     fn upload_linear(&self, w: &HostLinear) -> Result<GpuLinear, BackendError> {
-        let (wdt, bytes, scales, bn, bk) = host_weight(w);
+        let (wdt, bytes, scales, bn, bk) = host_weight(w, self.fp8_fnuz);
         Ok(GpuLinear {
             out: w.out,
             inp: w.inp,
             wdt,
             data: self.upload_parts(&[&bytes])?,
-            scales: self.stream.clone_htod(&scales).map_err(err("upload_linear"))?,
+            scales: self.htod(&scales)?,
             bn,
             bk,
         })
@@ -252,14 +259,14 @@ impl Backend for CudaBackend {
 
     fn upload_experts(&self, experts: Vec<[HostLinear; 3]>, first: usize) -> Result<GpuExperts, BackendError> {
         let e0 = &experts[0];
-        let (wdt, _, _, bn, bk) = host_weight(&e0[0]);
+        let (wdt, _, _, bn, bk) = host_weight(&e0[0], self.fp8_fnuz);
         // per projection: every expert's bytes (borrowed from the mmap) and scales, in expert order
         let mut parts: [(Vec<std::borrow::Cow<[u8]>>, Vec<f32>); 3] = Default::default();
         for (e, ex) in experts.iter().enumerate() {
             for (p, w) in ex.iter().enumerate() {
-                let (d, bytes, scales, wbn, wbk) = host_weight(w);
+                let (d, bytes, scales, wbn, wbk) = host_weight(w, self.fp8_fnuz);
                 if d != wdt || (wbn, wbk) != (bn, bk) {
-                    return Err(BackendError::Op { backend: "cuda", op: "upload_experts", msg: format!("expert {e} ({}) differs in dtype or block size from expert 0", w.name) });
+                    return Err(BackendError::Op { backend: V::NAME, op: "upload_experts", msg: format!("expert {e} ({}) differs in dtype or block size from expert 0", w.name) });
                 }
                 parts[p].0.push(bytes);
                 if wdt == 2 {
@@ -268,7 +275,7 @@ impl Backend for CudaBackend {
             }
         }
         let up = |v: &[std::borrow::Cow<[u8]>]| self.upload_parts(&v.iter().map(|c| &c[..]).collect::<Vec<_>>());
-        let upf = |v: &Vec<f32>| self.stream.clone_htod(if v.is_empty() { &[0f32][..] } else { v }).map_err(err("upload_experts"));
+        let upf = |v: &Vec<f32>| self.htod(if v.is_empty() { &[0f32][..] } else { v });
         Ok(GpuExperts {
             first,
             n: experts.len(),
@@ -287,22 +294,22 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_kv_cache(&self, layers: usize, slots: usize, kv_entry: usize) -> Result<GpuKvCache, BackendError> {
-        let buf = self.stream.alloc_zeros::<f32>((layers * slots * kv_entry).max(1)).map_err(err("alloc_kv_cache"))?;
+        let buf = self.zeros::<f32>((layers * slots * kv_entry).max(1))?;
         Ok(GpuKvCache { layers, slots, entry: kv_entry, buf })
     }
 
     fn embedding(&self, table: &GpuLinear, ids: &[u32]) -> Result<GpuTensor, BackendError> {
         self.span("other", || {
             if let Some(&bad) = ids.iter().find(|&&i| i as usize >= table.out) {
-                return Err(BackendError::Op { backend: "cuda", op: "embedding", msg: format!("token id {bad} outside the vocabulary of {}", table.out) });
+                return Err(BackendError::Op { backend: V::NAME, op: "embedding", msg: format!("token id {bad} outside the vocabulary of {}", table.out) });
             }
             let f = self.func(EW, &format!("embedding_{}", wdt_suffix(table.wdt)))?;
             let d_ids = self.idx(ids)?;
             let mut out = self.alloc_out(ids.len() * table.inp)?;
             let (t, h) = (ids.len() as i32, table.inp as i32);
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&table.data).arg(&table.scales).arg(&d_ids.0).arg(&mut out).arg(&t).arg(&h).arg(&table.bn).arg(&table.bk);
-            unsafe { b.launch(cfg((ids.len() as u32, 1), 256, 0)) }.map_err(err("embedding"))?;
+            b.run(cfg((ids.len() as u32, 1), 256, 0)).map_err(err("embedding"))?;
             Ok(GpuTensor { rows: ids.len(), cols: table.inp, buf: out })
         })
     }
@@ -312,9 +319,9 @@ impl Backend for CudaBackend {
             let f = self.func(NORM, "rms_norm")?;
             let mut out = self.alloc_out(x.rows * x.cols)?;
             let cols = x.cols as i32;
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&x.buf).arg(&w.buf).arg(&mut out).arg(&cols).arg(&eps);
-            unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("rms_norm"))?;
+            b.run(cfg((x.rows as u32, 1), 256, 0)).map_err(err("rms_norm"))?;
             Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
         })
     }
@@ -324,9 +331,9 @@ impl Backend for CudaBackend {
             let f = self.func(NORM, "add_rms_norm")?;
             let mut out = self.alloc_out(x.rows * x.cols)?;
             let cols = x.cols as i32;
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&x.buf).arg(&mut residual.buf).arg(&w.buf).arg(&mut out).arg(&cols).arg(&eps);
-            unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("add_rms_norm"))?;
+            b.run(cfg((x.rows as u32, 1), 256, 0)).map_err(err("add_rms_norm"))?;
             Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
         })
     }
@@ -335,9 +342,9 @@ impl Backend for CudaBackend {
         self.span("norms", || {
             let f = self.func(NORM, "rms_norm_cols")?;
             let (cols, st, n) = (x.cols as i32, start as i32, w.cols as i32);
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&mut x.buf).arg(&w.buf).arg(&cols).arg(&st).arg(&n).arg(&eps);
-            unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("rms_norm_cols"))?;
+            b.run(cfg((x.rows as u32, 1), 256, 0)).map_err(err("rms_norm_cols"))?;
             Ok(())
         })
     }
@@ -351,9 +358,9 @@ impl Backend for CudaBackend {
             let f = self.func(EW, "silu_mul")?;
             let n = (gate.rows * gate.cols) as i64;
             let mut out = self.alloc_out(n as usize)?;
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&gate.buf).arg(&up.buf).arg(&mut out).arg(&n);
-            unsafe { b.launch(cfg(((n as usize).div_ceil(256) as u32, 1), 256, 0)) }.map_err(err("silu_mul"))?;
+            b.run(cfg(((n as usize).div_ceil(256) as u32, 1), 256, 0)).map_err(err("silu_mul"))?;
             Ok(GpuTensor { rows: gate.rows, cols: gate.cols, buf: out })
         })
     }
@@ -362,9 +369,9 @@ impl Backend for CudaBackend {
         self.span("norms", || {
             let f = self.func(EW, "add_inplace")?;
             let n = (x.rows * x.cols) as i64;
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&mut x.buf).arg(&y.buf).arg(&n);
-            unsafe { b.launch(cfg(((n as usize).div_ceil(256) as u32, 1), 256, 0)) }.map_err(err("add"))?;
+            b.run(cfg(((n as usize).div_ceil(256) as u32, 1), 256, 0)).map_err(err("add"))?;
             Ok(())
         })
     }
@@ -375,9 +382,9 @@ impl Backend for CudaBackend {
             let pos = self.idx(positions)?;
             let inv = self.constant(rope.inv_freq())?;
             let (cols, h, hs, off, half, il, scale) = (x.cols as i32, heads as i32, head_stride as i32, offset as i32, rope.half as i32, rope.interleaved as i32, rope.scale());
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&mut x.buf).arg(&pos.0).arg(&inv).arg(&cols).arg(&h).arg(&hs).arg(&off).arg(&half).arg(&il).arg(&scale);
-            unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("rope"))?;
+            b.run(cfg((x.rows as u32, 1), 256, 0)).map_err(err("rope"))?;
             Ok(())
         })
     }
@@ -390,9 +397,9 @@ impl Backend for CudaBackend {
             let f = self.func(EW, "kv_write")?;
             let s = self.idx(slots)?;
             let (l, ns, e) = (layer as i32, kv.slots as i32, kv.entry as i32);
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&mut kv.buf).arg(&entries.buf).arg(&s.0).arg(&l).arg(&ns).arg(&e);
-            unsafe { b.launch(cfg((slots.len() as u32, 1), 256, 0)) }.map_err(err("kv_write"))?;
+            b.run(cfg((slots.len() as u32, 1), 256, 0)).map_err(err("kv_write"))?;
             Ok(())
         })
     }
@@ -427,11 +434,11 @@ impl Backend for CudaBackend {
         self.span("routing", || {
             let logits = self.linear_with(x, gate, false)?;
             if p.n_experts > 1024 || p.top_k > 64 || p.n_group > 64 || p.n_group == 0 {
-                return Err(BackendError::Op { backend: "cuda", op: "moe_route", msg: format!("{} experts, top-k {}, {} groups: the routing kernel takes at most 1024 experts, top-k 64 and 64 groups", p.n_experts, p.top_k, p.n_group) });
+                return Err(BackendError::Op { backend: V::NAME, op: "moe_route", msg: format!("{} experts, top-k {}, {} groups: the routing kernel takes at most 1024 experts, top-k 64 and 64 groups", p.n_experts, p.top_k, p.n_group) });
             }
             let f = self.func(MOE, "moe_route")?;
             let d_bias = self.constant(bias.unwrap_or(&[0.0]))?;
-            let mut ids = self.stream.alloc_zeros::<i32>((x.rows * p.top_k).max(1)).map_err(err("moe_route"))?;
+            let mut ids = self.zeros::<i32>((x.rows * p.top_k).max(1))?;
             let mut weights = self.alloc_out(x.rows * p.top_k)?;
             let method = match p.method {
                 TopkMethod::NoauxTc => 0i32,
@@ -439,10 +446,10 @@ impl Backend for CudaBackend {
                 TopkMethod::GroupLimitedGreedy => 2,
             };
             let (hb, e, k, ng, tg, sm, norm, sc) = (bias.is_some() as i32, p.n_experts as i32, p.top_k as i32, p.n_group as i32, p.topk_group as i32, (p.scoring == ScoringFunc::Softmax) as i32, p.norm_topk_prob as i32, p.routed_scaling_factor);
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&logits.buf).arg(&d_bias).arg(&hb).arg(&e).arg(&k).arg(&ng).arg(&tg).arg(&method).arg(&sm).arg(&norm).arg(&sc).arg(&mut ids).arg(&mut weights);
-            // one warp per token (NVIDIA's warp is 32 wide)
-            unsafe { b.launch(cfg((x.rows as u32, 1), 32, 0)) }.map_err(err("moe_route"))?;
+            // one warp per token
+            b.run(cfg((x.rows as u32, 1), self.warp, 0)).map_err(err("moe_route"))?;
             Ok(GpuRouting { top_k: p.top_k, ids, weights })
         })
     }
@@ -450,7 +457,7 @@ impl Backend for CudaBackend {
     fn moe_experts(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts) -> Result<GpuTensor, BackendError> {
         self.span("MoE GEMM", || {
             let pairs = x.rows * r.top_k;
-            let mut out = self.stream.alloc_zeros::<f32>((x.rows * x.cols).max(1)).map_err(err("moe_experts"))?;
+            let mut out = self.zeros::<f32>((x.rows * x.cols).max(1))?;
             if pairs == 0 {
                 return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
             }
@@ -462,19 +469,19 @@ impl Backend for CudaBackend {
             let (k, i, hd) = (r.top_k as i32, e.inter as i32, e.hidden as i32);
             let (e0, ne) = (e.first as i32, e.n as i32);
             let f = self.func(MOE, &format!("moe_gate_up_{}", wdt_suffix(e.wdt)))?;
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&x.buf).arg(&r.ids).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk).arg(&e0).arg(&ne);
-            unsafe { b.launch(cfg((pairs as u32, e.inter.div_ceil(8).min(64) as u32), 256, 0)) }.map_err(err("moe_gate_up"))?;
+            b.run(cfg((pairs as u32, e.inter.div_ceil(8).min(64) as u32), 256, 0)).map_err(err("moe_gate_up"))?;
             let f = self.func(MOE, &format!("moe_down_{}", wdt_suffix(e.wdt)))?;
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&h).arg(&r.ids).arg(&r.weights).arg(&e.down).arg(&e.ds).arg(&mut out).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk).arg(&e0).arg(&ne);
-            unsafe { b.launch(cfg((pairs as u32, e.hidden.div_ceil(8).min(64) as u32), 256, 0)) }.map_err(err("moe_down"))?;
+            b.run(cfg((pairs as u32, e.hidden.div_ceil(8).min(64) as u32), 256, 0)).map_err(err("moe_down"))?;
             Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
         })
     }
 
     fn synchronize(&self) -> Result<(), BackendError> {
-        self.stream.synchronize().map_err(err("synchronize"))
+        self.dev.synchronize().map_err(err("synchronize"))
     }
 
     fn graph_batch(&self, tokens: usize) -> Option<usize> {
@@ -483,7 +490,7 @@ impl Backend for CudaBackend {
 
     fn kv_cache_id(&self, kv: &GpuKvCache) -> u64 {
         // the buffer's address and its layout (a new cache may reuse an old one's address)
-        let p = kv.buf.device_ptr(&self.stream).0;
+        let p = kv.buf.ptr();
         let mut h = std::hash::DefaultHasher::new();
         std::hash::Hash::hash(&(p, kv.layers, kv.slots, kv.entry), &mut h);
         std::hash::Hasher::finish(&h)
@@ -499,56 +506,56 @@ impl Backend for CudaBackend {
 
     fn all_reduce(&self, x: &mut GpuTensor) -> Result<(), BackendError> {
         let Some(c) = &self.ccl else { return Ok(()) };
-        self.span("communication", || c.all_reduce_sum(&mut x.buf, x.rows * x.cols, &self.stream))
+        self.span("communication", || c.all_reduce_sum(x.buf.ptr(), x.rows * x.cols, self.dev.stream()))
     }
 
     fn all_gather_cols(&self, x: GpuTensor, total: usize) -> Result<GpuTensor, BackendError> {
         let Some(c) = &self.ccl else { return Ok(x) };
         self.span("communication", || {
             let n = x.rows * x.cols;
-            let mut all = self.alloc_out(n * c.size)?;
-            c.all_gather(&x.buf, &mut all, n, &self.stream)?;
+            let all = self.alloc_out(n * c.size)?;
+            c.all_gather(x.buf.ptr(), all.ptr(), n, self.dev.stream())?;
             let mut out = self.alloc_out(x.rows * total)?;
             if x.rows > 0 {
                 let f = self.func(EW, "concat_cols")?;
                 let (rows, cols, size, tot) = (x.rows as i32, x.cols as i32, c.size as i32, total as i32);
-                let mut b = self.stream.launch_builder(&f);
+                let mut b = self.launch(&f);
                 b.arg(&all).arg(&mut out).arg(&rows).arg(&cols).arg(&size).arg(&tot);
-                unsafe { b.launch(cfg((x.rows as u32, 1), 256, 0)) }.map_err(err("concat_cols"))?;
+                b.run(cfg((x.rows as u32, 1), 256, 0)).map_err(err("concat_cols"))?;
             }
             Ok(GpuTensor { rows: x.rows, cols: total, buf: out })
         })
     }
 
     fn all_gather_rows(&self, x: &GpuTensor, per_rank: usize) -> Result<GpuTensor, BackendError> {
-        let c = self.ccl.as_ref().ok_or(BackendError::Op { backend: "cuda", op: "all_gather_rows", msg: "no communicator".into() })?;
+        let c = self.ccl.as_ref().ok_or(BackendError::Op { backend: V::NAME, op: "all_gather_rows", msg: "no communicator".into() })?;
         assert!(x.rows <= per_rank, "all_gather_rows: {} rows > {per_rank}", x.rows);
         self.span("communication", || {
             let n = per_rank * x.cols;
-            let mut mine = self.stream.alloc_zeros::<f32>(n.max(1)).map_err(err("all_gather_rows"))?;
+            let mut mine = self.zeros::<f32>(n.max(1))?;
             if x.rows > 0 {
-                self.stream.memcpy_dtod(&x.buf.slice(0..x.rows * x.cols), &mut mine.slice_mut(0..x.rows * x.cols)).map_err(err("all_gather_rows"))?;
+                mine.copy_from(x.buf.ptr(), x.rows * x.cols).map_err(err("all_gather_rows"))?;
             }
-            let mut all = self.alloc_out(n * c.size)?;
-            c.all_gather(&mine, &mut all, n, &self.stream)?;
+            let all = self.alloc_out(n * c.size)?;
+            c.all_gather(mine.ptr(), all.ptr(), n, self.dev.stream())?;
             Ok(GpuTensor { rows: per_rank * c.size, cols: x.cols, buf: all })
         })
     }
 
     fn reduce_scatter_rows(&self, x: &GpuTensor, keep: usize) -> Result<GpuTensor, BackendError> {
-        let c = self.ccl.as_ref().ok_or(BackendError::Op { backend: "cuda", op: "reduce_scatter_rows", msg: "no communicator".into() })?;
+        let c = self.ccl.as_ref().ok_or(BackendError::Op { backend: V::NAME, op: "reduce_scatter_rows", msg: "no communicator".into() })?;
         let per_rank = x.rows / c.size;
         assert!(keep <= per_rank && x.rows == per_rank * c.size, "reduce_scatter_rows: bad shape");
         self.span("communication", || {
             let n = per_rank * x.cols;
-            let mut block = self.alloc_out(n)?;
-            c.reduce_scatter(&x.buf, &mut block, n, &self.stream)?;
+            let block = self.alloc_out(n)?;
+            c.reduce_scatter(x.buf.ptr(), block.ptr(), n, self.dev.stream())?;
             if keep == per_rank {
                 return Ok(GpuTensor { rows: keep, cols: x.cols, buf: block });
             }
             let mut out = self.alloc_out(keep * x.cols)?;
             if keep > 0 {
-                self.stream.memcpy_dtod(&block.slice(0..keep * x.cols), &mut out.slice_mut(0..keep * x.cols)).map_err(err("reduce_scatter_rows"))?;
+                out.copy_from(block.ptr(), keep * x.cols).map_err(err("reduce_scatter_rows"))?;
             }
             Ok(GpuTensor { rows: keep, cols: x.cols, buf: out })
         })
@@ -561,9 +568,9 @@ impl Backend for CudaBackend {
                 let f = self.func(EW, "gather_rows")?;
                 let r = self.idx(rows)?;
                 let cols = x.cols as i32;
-                let mut b = self.stream.launch_builder(&f);
+                let mut b = self.launch(&f);
                 b.arg(&x.buf).arg(&r.0).arg(&mut out).arg(&cols);
-                unsafe { b.launch(cfg((rows.len() as u32, 1), 256, 0)) }.map_err(err("gather_rows"))?;
+                b.run(cfg((rows.len() as u32, 1), 256, 0)).map_err(err("gather_rows"))?;
             }
             Ok(GpuTensor { rows: rows.len(), cols: x.cols, buf: out })
         })
@@ -605,18 +612,48 @@ impl Backend for CudaBackend {
             ints.extend_from_slice(&off);
             ints.extend(if tok.is_empty() { vec![0] } else { tok });
             ints.extend(if cnt.is_empty() { vec![0] } else { cnt });
-            let d_f = self.stream.clone_htod(&floats).map_err(err("sample"))?;
-            let d_i = self.stream.clone_htod(&ints).map_err(err("sample"))?;
-            let d_inp = self.stream.clone_htod(if inp.is_empty() { &[0u8][..] } else { &inp }).map_err(err("sample"))?;
-            let fv = |i: usize| d_f.slice(i * n..(i + 1) * n);
+            let d_f = self.htod(&floats)?;
+            let d_i = self.htod(&ints)?;
+            let d_inp = self.htod(if inp.is_empty() { &[0u8][..] } else { &inp })?;
+            let fv = |i: usize| d_f.at(i * n);
             let (temp, top_p, min_p, rep, freq, pres, uni) = (fv(0), fv(1), fv(2), fv(3), fv(4), fv(5), fv(6));
-            let (top_k, d_off, d_tok, d_cnt) = (d_i.slice(0..n), d_i.slice(o_off..o_tok), d_i.slice(o_tok..o_cnt), d_i.slice(o_cnt..));
-            let mut out = self.stream.alloc_zeros::<i32>(n).map_err(err("sample"))?;
-            let mut b = self.stream.launch_builder(&f);
+            let (top_k, d_off, d_tok, d_cnt) = (d_i.at(0), d_i.at(o_off), d_i.at(o_tok), d_i.at(o_cnt));
+            let mut out = self.zeros::<i32>(n)?;
+            let mut b = self.launch(&f);
             b.arg(&mut logits.buf).arg(&v).arg(&temp).arg(&top_k).arg(&top_p).arg(&min_p).arg(&rep).arg(&freq).arg(&pres).arg(&d_off).arg(&d_tok).arg(&d_cnt).arg(&d_inp).arg(&uni).arg(&mut out);
-            unsafe { b.launch(cfg((rows.len() as u32, 1), 1024, 0)) }.map_err(err("sample"))?;
-            let ids: Vec<i32> = self.stream.clone_dtoh(&out).map_err(err("sample"))?;
+            b.run(cfg((rows.len() as u32, 1), 1024, 0)).map_err(err("sample"))?;
+            let ids: Vec<i32> = out.to_host().map_err(err("sample"))?;
             Ok(Some(ids.into_iter().map(|i| i as u32).collect()))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::fnuz::fp8_e4m3fnuz_to_f32;
+    use crate::weights::MmapSlice;
+
+    /// The weight a gfx942 device receives, decoded as e4m3fnuz with its doubled scales, is the
+    /// checkpoint's e4m3fn weight exactly (every byte value, in 2×2 scale blocks).
+    #[test]
+    fn fnuz_upload_dequantises_to_the_checkpoint_weight() {
+        let (out, inp) = (16, 32);
+        let w: Vec<u8> = (0..out * inp).map(|i| (i * 37 % 256) as u8).filter(|&b| b & 0x7f != 0x7f).chain(std::iter::repeat(0x80)).take(out * inp).collect();
+        let scale_inv: Vec<f32> = (0..(out / 2) * (inp / 2)).map(|i| 0.25 + i as f32 * 0.125).collect();
+        let hl = HostLinear { name: "w".into(), out, inp, data: LinearData::Fp8 { w: MmapSlice::from_vec(w), scale_inv, block_n: 2, block_k: 2 } };
+        let want = hl.to_f32();
+        let (wdt, bytes, scales, bn, bk) = host_weight(&hl, true);
+        assert_eq!((wdt, bn, bk), (2, 2, 2));
+        for r in 0..out {
+            for c in 0..inp {
+                let got = fp8_e4m3fnuz_to_f32(bytes[r * inp + c]) * scales[(r / 2) * (inp / 2) + c / 2];
+                assert_eq!(got.to_bits() & 0x7fff_ffff, want[r * inp + c].to_bits() & 0x7fff_ffff, "({r}, {c})");
+            }
+        }
+        // OCP devices get the checkpoint's bytes and scales untouched
+        let (_, same, s1, _, _) = host_weight(&hl, false);
+        assert!(matches!(same, std::borrow::Cow::Borrowed(_)));
+        assert_eq!(s1[3], 0.25 + 3.0 * 0.125);
     }
 }

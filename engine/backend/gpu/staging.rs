@@ -3,41 +3,39 @@
 //! the page cache overlaps the transfer of the previous one, and no pageable copy (which the driver
 //! would stage and synchronise on itself) is made. Each buffer is reused only after an event says
 //! its last transfer has finished.
-use cudarc::driver::{CudaEvent, CudaSlice, DevicePtrMut, PinnedHostSlice};
-
-use super::{err, CudaBackend};
+use super::backend::{GpuBackend, GpuVendor};
+use super::device::{err, DevBuf, DevEvent, PinnedBuf};
 use crate::backend::BackendError;
 
 /// Bytes per staging buffer.
 const CHUNK: usize = 32 << 20;
 
 pub struct Staging {
-    bufs: [PinnedHostSlice<u8>; 2],
+    bufs: [PinnedBuf; 2],
     /// The last transfer out of each buffer
-    done: [Option<CudaEvent>; 2],
+    done: [Option<DevEvent>; 2],
 }
 
-impl CudaBackend {
+impl<V: GpuVendor> GpuBackend<V> {
     /// A device buffer holding `parts` back to back.
-    pub(crate) fn upload_parts(&self, parts: &[&[u8]]) -> Result<CudaSlice<u8>, BackendError> {
+    pub(crate) fn upload_parts(&self, parts: &[&[u8]]) -> Result<DevBuf<u8>, BackendError> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
-        // SAFETY: every byte is written below before any kernel reads it
-        let mut dst = unsafe { self.stream.alloc::<u8>(total.max(1)) }.map_err(err("upload"))?;
+        // every byte is written below before any kernel reads it
+        let dst = DevBuf::<u8>::alloc(&self.dev, total).map_err(err("upload"))?;
         let mut guard = self.staging.lock().unwrap();
         if guard.is_none() {
-            // SAFETY: staging memory is written before it is read
-            let a = unsafe { self.ctx.alloc_pinned::<u8>(CHUNK) }.map_err(err("alloc_pinned"))?;
-            let b = unsafe { self.ctx.alloc_pinned::<u8>(CHUNK) }.map_err(err("alloc_pinned"))?;
+            let a = PinnedBuf::alloc(&self.dev, CHUNK).map_err(err("alloc_pinned"))?;
+            let b = PinnedBuf::alloc(&self.dev, CHUNK).map_err(err("alloc_pinned"))?;
             *guard = Some(Staging { bufs: [a, b], done: [None, None] });
         }
         let st = guard.as_mut().unwrap();
-        let (base, _sync) = dst.device_ptr_mut(&self.stream);
+        let base = dst.ptr();
         let (mut cur, mut fill, mut off) = (0usize, 0usize, 0usize);
         let flush = |st: &mut Staging, cur: usize, fill: usize, off: usize| -> Result<(), BackendError> {
-            let src = st.bufs[cur].as_mut_slice().map_err(err("staging"))?;
-            // SAFETY: `src` is page-locked and is not touched again until `done[cur]` completes
-            unsafe { cudarc::driver::result::memcpy_htod_async(base + off as u64, &src[..fill], self.stream.cu_stream()) }.map_err(err("upload"))?;
-            st.done[cur] = Some(self.stream.record_event(None).map_err(err("upload"))?);
+            // page-locked, and not touched again until `done[cur]` completes
+            let src = st.bufs[cur].as_mut_slice();
+            self.dev.htod(base + off as u64, &src[..fill]).map_err(err("upload"))?;
+            st.done[cur] = Some(DevEvent::record(&self.dev, false).map_err(err("upload"))?);
             Ok(())
         };
         for part in parts {
@@ -45,11 +43,11 @@ impl CudaBackend {
             while !p.is_empty() {
                 if fill == 0 {
                     if let Some(e) = st.done[cur].take() {
-                        e.synchronize().map_err(err("staging"))?;
+                        e.wait().map_err(err("staging"))?;
                     }
                 }
                 let n = (CHUNK - fill).min(p.len());
-                st.bufs[cur].as_mut_slice().map_err(err("staging"))?[fill..fill + n].copy_from_slice(&p[..n]);
+                st.bufs[cur].as_mut_slice()[fill..fill + n].copy_from_slice(&p[..n]);
                 fill += n;
                 p = &p[n..];
                 if fill == CHUNK {
@@ -63,7 +61,6 @@ impl CudaBackend {
         if fill > 0 {
             flush(st, cur, fill, off)?;
         }
-        drop(_sync);
         Ok(dst)
     }
 }

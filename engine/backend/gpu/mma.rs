@@ -1,8 +1,7 @@
 //! The tensor-core dense GEMM (hip-kernels/mma_tile.h + linear_mma.hip) with split-K.
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-
+use super::backend::{GpuBackend, GpuTensor, GpuVendor};
+use super::device::{err, DevBuf, LaunchConfig};
 use super::ops::{wdt_suffix, GpuLinear};
-use super::{err, CudaBackend, GpuTensor};
 use crate::backend::BackendError;
 
 const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
@@ -29,8 +28,8 @@ fn k_splits(tiles: usize, k: usize, sms: usize, fill: usize) -> (usize, usize) {
     (k.div_ceil(ksplit), ksplit)
 }
 
-impl CudaBackend {
-    pub(super) fn linear_mma(&self, x: &GpuTensor, w: &GpuLinear, y: &mut CudaSlice<f32>) -> Result<(), BackendError> {
+impl<V: GpuVendor> GpuBackend<V> {
+    pub(super) fn linear_mma(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (m, n, k) = (x.rows, w.out, w.inp);
         let tiles = n.div_ceil(TILE) * m.div_ceil(TILE);
         let (splits, ksplit) = k_splits(tiles, k, self.sms, self.tuned.mma_split_fill);
@@ -38,19 +37,19 @@ impl CudaBackend {
         let (mi, ni, ki, ks, v) = (m as i32, n as i32, k as i32, ksplit as i32, vec_ok(k, w.wdt, w.bk));
         let grid = (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, splits as u32);
         if splits == 1 {
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&w.bn).arg(&w.bk).arg(&ks).arg(&v);
-            return unsafe { b.launch(launch(grid)) }.map(|_| ()).map_err(err("linear_mma"));
+            return b.run(launch(grid)).map(|_| ()).map_err(err("linear_mma"));
         }
-        let mut part = self.stream.alloc_zeros::<f32>(splits * m * n).map_err(err("linear_mma"))?;
-        let mut b = self.stream.launch_builder(&f);
+        let mut part = self.zeros::<f32>(splits * m * n)?;
+        let mut b = self.launch(&f);
         b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(&mut part).arg(&mi).arg(&ni).arg(&ki).arg(&w.bn).arg(&w.bk).arg(&ks).arg(&v);
-        unsafe { b.launch(launch(grid)) }.map_err(err("linear_mma"))?;
+        b.run(launch(grid)).map_err(err("linear_mma"))?;
         let f = self.func(LIN_MMA, "linear_split_sum")?;
         let (total, sp) = ((m * n) as i64, splits as i32);
-        let mut b = self.stream.launch_builder(&f);
+        let mut b = self.launch(&f);
         b.arg(&part).arg(y).arg(&total).arg(&sp);
-        unsafe { b.launch(launch(((m * n).div_ceil(256) as u32, 1, 1))) }.map(|_| ()).map_err(err("linear_split_sum"))
+        b.run(launch(((m * n).div_ceil(256) as u32, 1, 1))).map(|_| ()).map_err(err("linear_split_sum"))
     }
 }
 

@@ -14,9 +14,8 @@
 //! inside the graph and out of it after each replay.
 use std::collections::HashMap;
 
-use cudarc::driver::{sys, CudaGraph, CudaSlice, DevicePtr};
-
-use super::{err, CudaBackend, GpuTensor};
+use super::backend::{GpuBackend, GpuTensor, GpuVendor};
+use super::device::{bytes_of, err, DevBuf, DevGraph};
 use crate::backend::{AttnSeq, BackendError, GraphStep, StepInputs};
 
 /// Context keys per attention split (a split covers at least this many keys).
@@ -117,15 +116,10 @@ fn pack(inputs: &StepInputs) -> Packed {
     Packed { host, index, off, len, flat, max_len: a.max_len }
 }
 
-/// A captured graph. CUDA graph objects need external serialisation, not a particular thread:
-/// they are only touched under `Graphs::state`'s lock.
-struct Graph(CudaGraph);
-// SAFETY: see above; every access goes through the Mutex that owns it.
-unsafe impl Send for Graph {}
 
 #[derive(Default)]
 pub(super) struct StepState {
-    arena: Option<(CudaSlice<u32>, u64)>,
+    arena: Option<(DevBuf<u32>, u64)>,
     /// The registered host slices of the running step → device address
     index: Vec<((usize, usize), u64)>,
     seqs: (usize, usize),
@@ -134,18 +128,18 @@ pub(super) struct StepState {
     pub graph_step: bool,
     /// A capture is running: host uploads are errors (they would not be replayed)
     pub capturing: bool,
-    graphs: HashMap<usize, Graph>,
+    graphs: HashMap<usize, DevGraph>,
     /// The KV cache the graphs were captured on (they hold its address)
     graphs_kv: u64,
     /// The logits of graph steps [max_bs, vocab]
-    out: Option<CudaSlice<f32>>,
+    out: Option<DevBuf<f32>>,
     pub captured: usize,
     pub replays: u64,
     /// Set when a capture failed: the rest of the run is eager
     pub failed: Option<String>,
 }
 
-/// Graph settings and state of a `CudaBackend`.
+/// Graph settings and state of a `GpuBackend`.
 pub struct Graphs {
     pub sizes: Vec<usize>,
     pub(super) state: std::sync::Mutex<StepState>,
@@ -157,15 +151,15 @@ impl Graphs {
     }
 }
 
-impl CudaBackend {
+impl<V: GpuVendor> GpuBackend<V> {
     /// Sets the largest decode batch captured into a CUDA graph (`--cuda-graph-max-bs`; 0 is
     /// `--disable-cuda-graph`).
     pub fn set_graph_max_bs(&mut self, max_bs: usize) {
         self.graphs = Graphs::new(max_bs);
         if max_bs == 0 {
-            log::info!("cuda graphs: disabled");
+            log::info!("{} graphs: disabled", V::NAME);
         } else {
-            log::info!("cuda graphs: decode steps of up to {max_bs} sequences, captured on first use for batch sizes {:?}", self.graphs.sizes);
+            log::info!("{} graphs: decode steps of up to {max_bs} sequences, captured on first use for batch sizes {:?}", V::NAME, self.graphs.sizes);
         }
     }
 
@@ -216,17 +210,17 @@ impl CudaBackend {
         if cap < p.host.len() {
             // the graphs hold the old arena's addresses
             if !s.graphs.is_empty() {
-                log::info!("cuda graphs: step index arena grows to {} entries; recapturing", p.host.len() * 2);
+                log::info!("{} graphs: step index arena grows to {} entries; recapturing", V::NAME, p.host.len() * 2);
             }
             s.graphs.clear();
-            let a = self.stream.alloc_zeros::<u32>((p.host.len() * 2).max(1 << 16)).map_err(err("step arena"))?;
-            let base = a.device_ptr(&self.stream).0;
+            let a = self.zeros::<u32>((p.host.len() * 2).max(1 << 16))?;
+            let base = a.ptr();
             s.arena = Some((a, base));
         }
         let (arena, base) = s.arena.as_mut().unwrap();
         let base = *base;
         if !p.host.is_empty() {
-            self.stream.memcpy_htod(&p.host, &mut arena.slice_mut(0..p.host.len())).map_err(err("step upload"))?;
+            self.dev.htod(arena.ptr(), bytes_of(&p.host)).map_err(err("step upload"))?;
         }
         let at = |o: usize| base + 4 * o as u64;
         s.index = p.index.iter().map(|&(k, o)| (k, at(o))).collect();
@@ -269,7 +263,7 @@ impl CudaBackend {
             let mut s = self.graphs.state.lock().unwrap();
             match s.graphs.get(&bs) {
                 Some(g) => {
-                    g.0.launch().map_err(err("graph launch"))?;
+                    g.launch().map_err(err("graph launch"))?;
                     s.replays += 1;
                     let vocab = s.out.as_ref().unwrap().len() / self.graphs.sizes.last().copied().unwrap_or(1);
                     Some(vocab)
@@ -280,13 +274,13 @@ impl CudaBackend {
         if let Some(vocab) = replayed {
             let mut t = self.alloc_out(keep * vocab)?;
             let s = self.graphs.state.lock().unwrap();
-            self.stream.memcpy_dtod(&s.out.as_ref().unwrap().slice(0..keep * vocab), &mut t).map_err(err("graph output"))?;
+            t.copy_from(s.out.as_ref().unwrap().ptr(), keep * vocab).map_err(err("graph output"))?;
             return Ok(GpuTensor { rows: keep, cols: vocab, buf: t });
         }
         // first time at this size: run it eagerly (loads kernels, warms the pools), then capture
         let logits = run(inputs)?;
         if let Err(why) = self.capture(inputs, bs, logits.cols, run) {
-            log::warn!("cuda graphs: capture of batch size {bs} failed ({why}); decode steps run without graphs from here on");
+            log::warn!("{} graphs: capture of batch size {bs} failed ({why}); decode steps run without graphs from here on", V::NAME);
             self.graphs.state.lock().unwrap().failed = Some(why);
         }
         if keep == logits.rows {
@@ -299,49 +293,42 @@ impl CudaBackend {
     fn capture<E>(&self, inputs: &StepInputs, bs: usize, vocab: usize, run: &mut dyn FnMut(&StepInputs) -> Result<GpuTensor, E>) -> Result<(), String> {
         let max_bs = self.graphs.sizes.last().copied().unwrap_or(bs);
         let t0 = std::time::Instant::now();
-        self.stream.synchronize().map_err(|e| format!("{e:?}"))?;
+        self.dev.synchronize().map_err(|e| e.to_string())?;
         {
             let mut s = self.graphs.state.lock().unwrap();
             if s.out.as_ref().is_none_or(|o| o.len() != max_bs * vocab) {
                 // graphs captured before write to the old buffer
                 s.graphs.clear();
-                s.out = Some(self.stream.alloc_zeros::<f32>(max_bs * vocab).map_err(|e| format!("static logits: {e:?}"))?);
+                s.out = Some(self.zeros::<f32>(max_bs * vocab).map_err(|e| format!("static logits: {e}"))?);
             }
             s.capturing = true;
         }
-        let begun = self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED);
-        let body = begun.map_err(|e| format!("begin capture: {e:?}")).and_then(|()| {
+        let begun = self.dev.begin_capture();
+        let body = begun.map_err(|e| format!("begin capture: {e}")).and_then(|()| {
             let logits = run(inputs).map_err(|_| "the step failed while being captured".to_string())?;
             let mut s = self.graphs.state.lock().unwrap();
             let out = s.out.as_mut().unwrap();
-            self.stream.memcpy_dtod(&logits.buf.slice(0..bs * vocab), &mut out.slice_mut(0..bs * vocab)).map_err(|e| format!("{e:?}"))?;
+            out.copy_from(logits.buf.ptr(), bs * vocab).map_err(|e| e.to_string())?;
             drop(s);
             drop(logits);
             Ok(())
         });
         // always end the capture, so the stream leaves capture mode whatever happened inside
-        let ended = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        let ended = self.dev.end_capture();
         let mut s = self.graphs.state.lock().unwrap();
         s.capturing = false;
         body?;
-        let g = ended.map_err(|e| format!("end capture / instantiate: {e:?}"))?.ok_or("the capture recorded nothing")?;
-        g.upload().map_err(|e| format!("graph upload: {e:?}"))?;
-        s.graphs.insert(bs, Graph(g));
+        let g = DevGraph::new(&self.dev, ended.map_err(|e| format!("end capture / instantiate: {e}"))?.ok_or("the capture recorded nothing")?);
+        g.upload().map_err(|e| format!("graph upload: {e}"))?;
+        s.graphs.insert(bs, g);
         s.captured += 1;
-        log::info!("cuda graphs: captured the decode step for batch size {bs} in {:.1} ms; graph memory reserved: {} MiB", t0.elapsed().as_secs_f64() * 1e3, self.graph_mem_reserved() >> 20);
+        log::info!("{} graphs: captured the decode step for batch size {bs} in {:.1} ms; graph memory reserved: {} MiB", V::NAME, t0.elapsed().as_secs_f64() * 1e3, self.graph_mem_reserved() >> 20);
         Ok(())
     }
 
     /// Bytes of device memory the driver holds for graph allocations (shared by all graphs).
     pub fn graph_mem_reserved(&self) -> u64 {
-        let mut v = 0u64;
-        let attr = sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT;
-        let r = unsafe { sys::cuDeviceGetGraphMemAttribute(self.ctx.cu_device(), attr, &mut v as *mut u64 as *mut std::ffi::c_void) };
-        if r == sys::CUresult::CUDA_SUCCESS {
-            v
-        } else {
-            0
-        }
+        self.dev.graph_mem_reserved()
     }
 }
 

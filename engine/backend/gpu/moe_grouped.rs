@@ -1,11 +1,10 @@
 //! MoE experts grouped by expert on the device (hip-kernels/moe_grouped.hip): one weight read per
 //! expert and tile instead of per routed token; a grouped GEMV for decode-sized batches, the
 //! tensor-core tile (mma_tile.h) for prefill-sized ones.
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-
+use super::backend::{GpuBackend, GpuTensor, GpuVendor};
+use super::device::{err, DevBuf, LaunchConfig};
 use super::mma::{launch, vec_ok, TILE};
 use super::ops::{wdt_suffix, GpuExperts, GpuRouting};
-use super::{err, CudaBackend, GpuTensor};
 use crate::backend::BackendError;
 
 const MOE_GROUPED: &str = "hip-kernels/moe_grouped.hip";
@@ -14,7 +13,7 @@ const GV_TOKENS: usize = 16;
 /// The grouping kernel keeps one counter per expert in shared memory.
 const MAX_EXPERTS: usize = 1024;
 
-impl CudaBackend {
+impl<V: GpuVendor> GpuBackend<V> {
     /// Whether the grouped kernels can take these experts: 16-byte loads along both K dimensions.
     pub(super) fn moe_grouped_ok(e: &GpuExperts) -> bool {
         e.n <= MAX_EXPERTS && vec_ok(e.hidden, e.wdt, e.bk) == 1 && vec_ok(e.inter, e.wdt, e.bk) == 1
@@ -23,53 +22,53 @@ impl CudaBackend {
     /// out (zeroed, [T, hidden]) += Σ over this rank's routed (token, expert) pairs of
     /// weight · down_e(silu(gate_e x) · up_e x), the pairs grouped by expert on the device, then
     /// the grouped GEMV (decode-sized batches) or the tensor-core tiles.
-    pub(super) fn moe_experts_grouped(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, out: &mut CudaSlice<f32>) -> Result<(), BackendError> {
+    pub(super) fn moe_experts_grouped(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let mma = self.mma_gemm && x.rows >= self.tuned.moe_mma_min_rows;
         let tile_m = if mma { TILE } else { GV_TOKENS };
         let pairs = x.rows * r.top_k;
-        let alloc_i32 = |n: usize| self.stream.alloc_zeros::<i32>(n.max(1)).map_err(err("moe_group"));
+        let alloc_i32 = |n: usize| self.zeros::<i32>(n.max(1));
         // at most one partial tile per expert beyond the full ones
         let max_tiles = pairs.div_ceil(tile_m) + e.n.min(pairs);
         let (mut tok, mut pair_of, mut tiles, mut ntiles) = (alloc_i32(pairs)?, alloc_i32(pairs)?, alloc_i32(3 * max_tiles)?, alloc_i32(1)?);
         let (p, k, e0, ne, tm) = (pairs as i32, r.top_k as i32, e.first as i32, e.n as i32, tile_m as i32);
         let f = self.func(MOE_GROUPED, "moe_group")?;
-        let mut b = self.stream.launch_builder(&f);
+        let mut b = self.launch(&f);
         b.arg(&r.ids).arg(&p).arg(&k).arg(&e0).arg(&ne).arg(&tm).arg(&mut tok).arg(&mut pair_of).arg(&mut tiles).arg(&mut ntiles);
-        unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }.map_err(err("moe_group"))?;
+        b.run(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }).map_err(err("moe_group"))?;
 
         let (inter, hidden) = (e.inter, e.hidden);
         let (ii, hi) = (inter as i32, hidden as i32);
         if !mma {
-            // 8 warps per block: gate_up a warp per output row (gate and up together), down a warp per two rows
+            // gate_up a warp per output row (gate and up together), down a warp per two rows
             let mut h = self.alloc_out(pairs * inter)?;
             let f = self.func(MOE_GROUPED, &format!("moe_gate_up_gv_{}", wdt_suffix(e.wdt)))?;
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&x.buf).arg(&tok).arg(&tiles).arg(&ntiles).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk);
-            unsafe { b.launch(launch((inter.div_ceil(8) as u32, max_tiles as u32, 1))) }.map_err(err("moe_gate_up_gv"))?;
+            b.run(launch((inter.div_ceil(self.warps_per_block()) as u32, max_tiles as u32, 1))).map_err(err("moe_gate_up_gv"))?;
             let f = self.func(MOE_GROUPED, &format!("moe_down_gv_{}", wdt_suffix(e.wdt)))?;
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&h).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk);
             // a warp per two output rows
-            return unsafe { b.launch(launch((hidden.div_ceil(16) as u32, max_tiles as u32, 1))) }.map(|_| ()).map_err(err("moe_down_gv"));
+            return b.run(launch((hidden.div_ceil(2 * self.warps_per_block()) as u32, max_tiles as u32, 1))).map(|_| ()).map_err(err("moe_down_gv"));
         }
         let mut gu = self.alloc_out(pairs * 2 * inter)?;
         let f = self.func(MOE_GROUPED, &format!("moe_gate_up_mma_{}", wdt_suffix(e.wdt)))?;
         let v = vec_ok(hidden, e.wdt, e.bk);
-        let mut b = self.stream.launch_builder(&f);
+        let mut b = self.launch(&f);
         b.arg(&x.buf).arg(&tok).arg(&tiles).arg(&ntiles).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut gu).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk).arg(&v);
-        unsafe { b.launch(launch((2 * inter.div_ceil(TILE) as u32, max_tiles as u32, 1))) }.map_err(err("moe_gate_up_mma"))?;
+        b.run(launch((2 * inter.div_ceil(TILE) as u32, max_tiles as u32, 1))).map_err(err("moe_gate_up_mma"))?;
 
         let mut h = self.alloc_out(pairs * inter)?;
         let f = self.func(MOE_GROUPED, "moe_silu_mul_halves")?;
         let n = (pairs * inter) as i64;
-        let mut b = self.stream.launch_builder(&f);
+        let mut b = self.launch(&f);
         b.arg(&gu).arg(&mut h).arg(&n).arg(&ii);
-        unsafe { b.launch(launch(((pairs * inter).div_ceil(256) as u32, 1, 1))) }.map_err(err("moe_silu_mul_halves"))?;
+        b.run(launch(((pairs * inter).div_ceil(256) as u32, 1, 1))).map_err(err("moe_silu_mul_halves"))?;
 
         let f = self.func(MOE_GROUPED, &format!("moe_down_mma_{}", wdt_suffix(e.wdt)))?;
         let v = vec_ok(inter, e.wdt, e.bk);
-        let mut b = self.stream.launch_builder(&f);
+        let mut b = self.launch(&f);
         b.arg(&h).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk).arg(&v);
-        unsafe { b.launch(launch((hidden.div_ceil(TILE) as u32, max_tiles as u32, 1))) }.map(|_| ()).map_err(err("moe_down_mma"))
+        b.run(launch((hidden.div_ceil(TILE) as u32, max_tiles as u32, 1))).map(|_| ()).map_err(err("moe_down_mma"))
     }
 }

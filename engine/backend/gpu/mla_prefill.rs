@@ -2,10 +2,9 @@
 //! latents are decompressed once by kv_b (a tensor-core GEMM) and causal flash attention runs per
 //! (64-query tile, head), so long prompts cost GEMM FLOPs instead of the absorbed form's per-token,
 //! per-head walk over the latent cache.
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-
+use super::backend::{GpuBackend, GpuTensor, GpuVendor};
+use super::device::{err, DevBuf, LaunchConfig};
 use super::ops::{GpuKvCache, GpuLinear};
-use super::{err, CudaBackend, GpuTensor};
 use crate::backend::gpu::ModelDims;
 use crate::backend::{AttnSeq, BackendError, MlaDims};
 
@@ -29,18 +28,18 @@ fn flash_tiles(seqs: &[&AttnSeq]) -> (Vec<i32>, Vec<u32>) {
     (tiles, flat)
 }
 
-impl CudaBackend {
-    /// Whether `s` runs on the flash kernel: tensor cores, a long enough prompt (tuned: 64 new
+impl<V: GpuVendor> GpuBackend<V> {
+    /// Whether `s` runs on the flash kernel: tensor cores (mma.sync), a long enough prompt (tuned: 64 new
     /// tokens on H200, a 64-query tile), head sizes the
     /// fragments tile (QK % 16, V % 8), and a decompressed context that fits the budget.
     pub(super) fn flash_prefill_for(&self, s: &AttnSeq, d: &MlaDims) -> bool {
         let kvd_bytes = s.slots.len() * d.num_heads * (d.qk_nope + d.v_head) * 4;
-        self.mma_gemm && s.q_len >= self.tuned.flash_min_q && d.qk_head() % 16 == 0 && d.v_head % 8 == 0 && kvd_bytes <= MAX_KVD_BYTES
+        self.flash_prefill && s.q_len >= self.tuned.flash_min_q && d.qk_head() % 16 == 0 && d.v_head % 8 == 0 && kvd_bytes <= MAX_KVD_BYTES
     }
 
     /// Writes the attention output rows of `seqs` into `out` ([T, heads·v_head]).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn mla_flash(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[&AttnSeq], kv_b: &GpuLinear, d: &MlaDims, out: &mut CudaSlice<f32>) -> Result<(), BackendError> {
+    pub(super) fn mla_flash(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[&AttnSeq], kv_b: &GpuLinear, d: &MlaDims, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let dims = ModelDims::of_mla(d);
         let (tiles, flat) = flash_tiles(seqs);
         let n = flat.len();
@@ -51,19 +50,19 @@ impl CudaBackend {
         let (l, ns) = (layer as i32, kv.slots as i32);
         // [ctx, heads·(nope + v)]: every context token's k_nope and v for every head, once
         let kvd = self.span(super::ops::ATTN_PROJ, || {
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&kv.buf).arg(&slots.0).arg(&l).arg(&ns).arg(&mut c).arg(&mut pe);
-            unsafe { b.launch(super::ops::cfg((n as u32, 1), 128, 0)) }.map_err(err("mla_gather_ctx"))?;
+            b.run(super::ops::cfg((n as u32, 1), 128, 0)).map_err(err("mla_gather_ctx"))?;
             self.linear_with(&GpuTensor { rows: n, cols: d.kv_lora_rank, buf: c }, kv_b, true)
         })?;
-        let d_tiles = self.stream.clone_htod(&tiles).map_err(err("mla_flash_prefill"))?;
+        let d_tiles = self.htod(&tiles)?;
         let f = self.mla_prefill_func(dims, "mla_flash_prefill")?;
         let (heads, scale) = (d.num_heads as i32, d.scale);
         self.span("attention", || {
-            let mut b = self.stream.launch_builder(&f);
+            let mut b = self.launch(&f);
             b.arg(&q.buf).arg(&kvd.buf).arg(&pe).arg(&d_tiles).arg(out).arg(&heads).arg(&scale);
             let launch = LaunchConfig { grid_dim: ((tiles.len() / 4) as u32, d.num_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            unsafe { b.launch(launch) }.map(|_| ()).map_err(err("mla_flash_prefill"))
+            b.run(launch).map(|_| ()).map_err(err("mla_flash_prefill"))
         })
     }
 }

@@ -1,0 +1,194 @@
+//! `DeviceApi` over the CUDA driver API (cudarc's dynamically loaded bindings): the device's
+//! primary context and one non-blocking stream of its own (the legacy default stream cannot be
+//! captured into a graph).
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
+
+use crate::backend::gpu::device::{ApiError, DevPtr, DeviceApi, Handle, LaunchConfig};
+
+pub struct CudaDriver {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+}
+
+fn e(call: &'static str) -> impl Fn(DriverError) -> ApiError {
+    move |x| ApiError { vendor: "cuda", call, msg: format!("{x:?}") }
+}
+
+impl CudaDriver {
+    pub fn new(ctx: Arc<CudaContext>) -> Result<Self, ApiError> {
+        // with a single stream, cudarc's per-buffer event tracking is not needed
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(e("cuStreamCreate"))?;
+        keep_pool_memory(&ctx);
+        Ok(CudaDriver { ctx, stream })
+    }
+
+    fn s(&self) -> sys::CUstream {
+        self.stream.cu_stream()
+    }
+}
+
+/// Every op allocates its outputs stream-ordered (cuMemAllocAsync); by default the pool hands freed
+/// memory back to the driver at each synchronisation, so the next step maps it again. Keep it (as
+/// PyTorch's caching allocator does): steps reuse the same blocks.
+fn keep_pool_memory(ctx: &CudaContext) {
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    let ok = unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS
+            && sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut c_void) == sys::CUresult::CUDA_SUCCESS
+    };
+    if !ok {
+        log::warn!("cuda: could not raise the memory pool's release threshold; allocations may be slower");
+    }
+}
+
+impl DeviceApi for CudaDriver {
+    fn vendor(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn bind(&self) -> Result<(), ApiError> {
+        self.ctx.bind_to_thread().map_err(e("cuCtxSetCurrent"))
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<DevPtr, ApiError> {
+        self.bind()?;
+        unsafe { result::malloc_async(self.s(), bytes) }.map_err(e("cuMemAllocAsync"))
+    }
+
+    fn free(&self, p: DevPtr) {
+        if let Err(x) = self.bind().and_then(|()| unsafe { result::free_async(p, self.s()) }.map_err(e("cuMemFreeAsync"))) {
+            log::error!("cuda: {x}");
+        }
+    }
+
+    fn memset_d32(&self, p: DevPtr, value: u32, count: usize) -> Result<(), ApiError> {
+        self.bind()?;
+        let r = unsafe { sys::cuMemsetD32Async(p, value, count, self.s()) };
+        r.result().map_err(e("cuMemsetD32Async"))
+    }
+
+    fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<(), ApiError> {
+        self.bind()?;
+        unsafe { result::memcpy_htod_async(dst, src, self.s()) }.map_err(e("cuMemcpyHtoDAsync"))
+    }
+
+    fn dtoh(&self, dst: &mut [u8], src: DevPtr) -> Result<(), ApiError> {
+        self.bind()?;
+        unsafe { result::memcpy_dtoh_async(dst, src, self.s()) }.map_err(e("cuMemcpyDtoHAsync"))?;
+        self.synchronize()
+    }
+
+    fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<(), ApiError> {
+        self.bind()?;
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.s()) }.map_err(e("cuMemcpyDtoDAsync"))
+    }
+
+    fn synchronize(&self) -> Result<(), ApiError> {
+        self.bind()?;
+        unsafe { result::stream::synchronize(self.s()) }.map_err(e("cuStreamSynchronize"))
+    }
+
+    fn load_module(&self, image: &[u8]) -> Result<Handle, ApiError> {
+        self.bind()?;
+        // cuModuleLoadData takes a cubin (or NUL-terminated PTX) image
+        unsafe { result::module::load_data(image.as_ptr() as *const c_void) }.map(|m| m as Handle).map_err(e("cuModuleLoadData"))
+    }
+
+    fn function(&self, module: Handle, name: &str) -> Result<Handle, ApiError> {
+        self.bind()?;
+        let n = std::ffi::CString::new(name).map_err(|_| ApiError { vendor: "cuda", call: "cuModuleGetFunction", msg: format!("kernel name {name:?} contains NUL") })?;
+        unsafe { result::module::get_function(module as sys::CUmodule, n) }.map(|f| f as Handle).map_err(e("cuModuleGetFunction"))
+    }
+
+    unsafe fn launch(&self, f: Handle, c: LaunchConfig, params: &mut [*mut c_void]) -> Result<(), ApiError> {
+        self.bind()?;
+        result::launch_kernel(f as sys::CUfunction, c.grid_dim, c.block_dim, c.shared_mem_bytes, self.s(), params).map_err(e("cuLaunchKernel"))
+    }
+
+    fn event_record(&self, timing: bool) -> Result<Handle, ApiError> {
+        self.bind()?;
+        let flags = if timing { sys::CUevent_flags::CU_EVENT_DEFAULT } else { sys::CUevent_flags::CU_EVENT_DISABLE_TIMING };
+        let ev = result::event::create(flags).map_err(e("cuEventCreate"))?;
+        unsafe { result::event::record(ev, self.s()) }.map_err(e("cuEventRecord"))?;
+        Ok(ev as Handle)
+    }
+
+    fn event_wait(&self, ev: Handle) -> Result<(), ApiError> {
+        self.bind()?;
+        unsafe { result::event::synchronize(ev as sys::CUevent) }.map_err(e("cuEventSynchronize"))
+    }
+
+    fn event_elapsed_ms(&self, a: Handle, b: Handle) -> Result<f32, ApiError> {
+        self.bind()?;
+        unsafe { result::event::elapsed(a as sys::CUevent, b as sys::CUevent) }.map_err(e("cuEventElapsedTime"))
+    }
+
+    fn event_destroy(&self, ev: Handle) {
+        let _ = self.bind().map(|()| unsafe { result::event::destroy(ev as sys::CUevent) });
+    }
+
+    fn begin_capture(&self) -> Result<(), ApiError> {
+        self.bind()?;
+        unsafe { result::stream::begin_capture(self.s(), sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) }.map_err(e("cuStreamBeginCapture"))
+    }
+
+    fn end_capture(&self) -> Result<Option<Handle>, ApiError> {
+        self.bind()?;
+        let g = unsafe { result::stream::end_capture(self.s()) }.map_err(e("cuStreamEndCapture"))?;
+        if g.is_null() {
+            return Ok(None);
+        }
+        let exec = unsafe { result::graph::instantiate(g, sys::CUgraphInstantiate_flags(0)) };
+        // the executable graph does not need its template
+        let _ = unsafe { result::graph::destroy(g) };
+        exec.map(|x| Some(x as Handle)).map_err(e("cuGraphInstantiate"))
+    }
+
+    fn graph_upload(&self, g: Handle) -> Result<(), ApiError> {
+        self.bind()?;
+        unsafe { result::graph::upload(g as sys::CUgraphExec, self.s()) }.map_err(e("cuGraphUpload"))
+    }
+
+    fn graph_launch(&self, g: Handle) -> Result<(), ApiError> {
+        self.bind()?;
+        unsafe { result::graph::launch(g as sys::CUgraphExec, self.s()) }.map_err(e("cuGraphLaunch"))
+    }
+
+    fn graph_destroy(&self, g: Handle) {
+        let _ = self.bind().map(|()| unsafe { result::graph::exec_destroy(g as sys::CUgraphExec) });
+    }
+
+    fn graph_mem_reserved(&self) -> u64 {
+        let mut v = 0u64;
+        let attr = sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT;
+        let r = unsafe { sys::cuDeviceGetGraphMemAttribute(self.ctx.cu_device(), attr, &mut v as *mut u64 as *mut c_void) };
+        if r == sys::CUresult::CUDA_SUCCESS {
+            v
+        } else {
+            0
+        }
+    }
+
+    fn host_alloc(&self, bytes: usize) -> Result<*mut u8, ApiError> {
+        self.bind()?;
+        unsafe { result::malloc_host(bytes.max(1), 0) }.map(|p| p as *mut u8).map_err(e("cuMemHostAlloc"))
+    }
+
+    fn host_free(&self, p: *mut u8) {
+        let _ = self.bind().map(|()| unsafe { result::free_host(p as *mut c_void) });
+    }
+
+    fn mem_info(&self) -> Result<(usize, usize), ApiError> {
+        self.bind()?;
+        result::mem_get_info().map_err(e("cuMemGetInfo"))
+    }
+
+    fn stream(&self) -> *mut c_void {
+        self.s() as *mut c_void
+    }
+}

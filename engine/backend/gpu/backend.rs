@@ -1,0 +1,329 @@
+//! The GPU backend both vendors run: the portable HIP-dialect kernels of hip-kernels/ compiled by
+//! the vendor's runtime compiler (NVRTC, hipRTC) through the kernel cache, launched through
+//! `DeviceApi`. Activations are float32; weights stay in their checkpoint dtype on the device
+//! (f32, bf16, or FP8 with block scales) and are dequantised inside the kernels. Every op runs on
+//! the GPU; nothing falls back to the CPU. What differs per vendor is the `GpuVendor` that opens
+//! the device (backend/cuda, backend/rocm): its runtime, compiler, warp width and BLAS library.
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+use super::blas::GemmLib;
+use super::ccl::Ccl;
+use super::device::{err, DevBuf, DevEvent, DeviceApi, Elem, Kernel, Launch};
+use super::source::Vendor;
+use super::specs::{generic_module, mla_module, mla_prefill_module};
+use super::step::Graphs;
+use super::{Jit, KernelModule, ModelDims};
+use crate::backend::{BackendError, TensorShape};
+
+/// The default `--cuda-graph-max-bs` (SGLang's on large-memory GPUs).
+pub const DEFAULT_GRAPH_MAX_BS: usize = 160;
+
+/// What a vendor's device brings to the shared backend.
+pub struct DeviceParts {
+    pub dev: Arc<dyn DeviceApi>,
+    pub jit: Jit,
+    /// The compile target (sm_90a, gfx942)
+    pub arch: String,
+    pub device_name: String,
+    /// Threads per warp/wavefront (32 NVIDIA, 64 CDNA): launch geometry follows it
+    pub warp: u32,
+    /// Streaming multiprocessors / compute units (split-K sizing)
+    pub sms: usize,
+    /// The matrix-unit tile (mma_tile.h: mma.sync on sm_80+, MFMA on CDNA)
+    pub matrix_units: bool,
+    /// The flash MLA prefill kernel's tensor-core path (mla_prefill.hip: mma.sync only)
+    pub flash_prefill: bool,
+    /// The device's FP8 conversion reads e4m3fnuz (gfx942): FP8 weights are converted at upload
+    pub fp8_fnuz: bool,
+}
+
+/// A GPU vendor: how to open its device, its communicator library, its BLAS.
+pub trait GpuVendor: Send + Sync + Sized + 'static {
+    /// The backend's name in errors and logs ("cuda", "rocm")
+    const NAME: &'static str;
+    /// Which build of the kernel sources (vendor prelude) the device compiles
+    const SOURCE: Vendor;
+    fn open(ordinal: usize) -> Result<DeviceParts, BackendError>;
+    /// The vendor's GEMM library for bf16 linear layers (cuBLASLt, hipBLASLt), if present.
+    fn gemm_lib(b: &GpuBackend<Self>) -> Option<Box<dyn GemmLib>>;
+    /// The collective library (NCCL, RCCL) flavour rccl-sys loads
+    const CCL: rccl_sys::Vendor;
+}
+
+/// A float32 activation tensor on the device.
+pub struct GpuTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub buf: DevBuf<f32>,
+}
+
+impl TensorShape for GpuTensor {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+pub struct GpuBackend<V: GpuVendor> {
+    pub dev: Arc<dyn DeviceApi>,
+    pub jit: Jit,
+    pub arch: String,
+    pub device_name: String,
+    pub warp: u32,
+    modules: Mutex<HashMap<KernelModule, usize>>,
+    functions: Mutex<HashMap<(String, Option<ModelDims>), Kernel>>,
+    /// Fill new outputs with NaN (ENGINE_GPU_POISON=1) so unwritten elements show in tests.
+    poison: bool,
+    pub profile: OpProfile,
+    /// The tensor-parallel communicator (None alone)
+    pub(super) ccl: Option<Arc<Ccl>>,
+    /// Pinned buffers for weight upload, allocated on first use
+    pub(super) staging: Mutex<Option<super::staging::Staging>>,
+    /// Linear layers and MoE experts beyond 8 rows on the matrix units (hip-kernels/mma_tile.h):
+    /// on for sm_80+ and CDNA, ENGINE_MMA_GEMM=0 keeps the CUDA-core kernels (for comparison)
+    pub mma_gemm: bool,
+    /// Flash MLA prefill on the tensor cores (NVIDIA sm_80+)
+    pub flash_prefill: bool,
+    /// Streaming multiprocessors (split-K sizing)
+    pub sms: usize,
+    /// FP8 weights are converted to e4m3fnuz at upload (gfx942)
+    pub fp8_fnuz: bool,
+    /// Where ops switch kernels, for this device (configs/tuned/)
+    pub tuned: super::tuned::Tuned,
+    /// Per-step index uploads and decode graphs
+    pub graphs: Graphs,
+    /// Small constant arrays (RoPE frequencies, router biases) uploaded once, by content
+    constants: Mutex<HashMap<Vec<u32>, DevBuf<f32>>>,
+    /// The vendor's GEMM library for linear layers with bf16 weights (None: not found, or
+    /// ENGINE_CUBLASLT=0 / ENGINE_HIPBLASLT=0)
+    pub blaslt: Option<Box<dyn GemmLib>>,
+    _v: PhantomData<V>,
+}
+
+/// Per-op-class timing from device events recorded around each op (`engine bench --profile`).
+#[derive(Default)]
+pub struct OpProfile {
+    pub enabled: std::sync::atomic::AtomicBool,
+    /// Linear layers timed per shape ("dense GEMM MxNxK") instead of as one class
+    pub by_shape: std::sync::atomic::AtomicBool,
+    shape_names: Mutex<HashMap<(usize, usize, usize), &'static str>>,
+    depth: std::sync::atomic::AtomicUsize,
+    spans: Mutex<Vec<(&'static str, DevEvent, DevEvent)>>,
+}
+
+impl<V: GpuVendor> GpuBackend<V> {
+    /// Opens device `ordinal` (its runtime, compiler and tuned configs).
+    pub fn new(ordinal: usize) -> Result<Self, BackendError> {
+        let p = V::open(ordinal)?;
+        let unavailable = |reason: String| BackendError::Unavailable(crate::backend::BackendUnavailable { backend: V::NAME, reason });
+        let poison = std::env::var("ENGINE_GPU_POISON").is_ok_and(|v| v == "1");
+        let mma_gemm = p.matrix_units && !std::env::var("ENGINE_MMA_GEMM").is_ok_and(|v| v == "0");
+        let tuned = super::tuned::for_device(&p.device_name).map_err(unavailable)?;
+        log::info!("{} backend: {} ({}, {}-wide warps); kernels: portable HIP-dialect sources, cache {}", V::NAME, p.device_name, p.arch, p.warp, p.jit.cache.dir.display());
+        log::info!("{} op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA (decode, short prompts){}; routing and sampling = GPU kernels", V::NAME, if p.flash_prefill { " and flash MHA prefill (tensor cores)" } else { "" });
+        if mma_gemm {
+            log::info!(
+                "{} op paths: linear layers from {} rows on the matrix units (bf16 hi+lo, 128x128 tiles, split-K); MoE experts grouped by expert from {} tokens (grouped GEMV), on the matrix units from {}; flash MLA prefill {}",
+                V::NAME,
+                tuned.mma_min_rows,
+                tuned.moe_grouped_min_rows,
+                tuned.moe_mma_min_rows,
+                if p.flash_prefill { format!("from {} new tokens", tuned.flash_min_q) } else { "off (no matrix-unit path in mla_prefill.hip for this arch)".into() }
+            );
+        } else {
+            log::info!("{} op paths: no matrix-unit GEMM ({}): CUDA-core tiles for every batch", V::NAME, if p.matrix_units { "ENGINE_MMA_GEMM=0" } else { "the arch has none the kernels use" });
+        }
+        let mut b = GpuBackend {
+            dev: p.dev,
+            jit: p.jit,
+            arch: p.arch,
+            device_name: p.device_name,
+            warp: p.warp,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            poison,
+            profile: OpProfile::default(),
+            ccl: None,
+            staging: Mutex::new(None),
+            mma_gemm,
+            flash_prefill: p.flash_prefill && mma_gemm,
+            sms: p.sms,
+            fp8_fnuz: p.fp8_fnuz,
+            tuned,
+            graphs: Graphs::new(DEFAULT_GRAPH_MAX_BS),
+            constants: Mutex::new(HashMap::new()),
+            blaslt: None,
+            _v: PhantomData,
+        };
+        b.blaslt = V::gemm_lib(&b);
+        Ok(b)
+    }
+
+    /// Joins communicator `id` as `rank` of `size` (blocks until all ranks join).
+    pub fn with_ccl(mut self, id: &[u8], rank: usize, size: usize) -> Result<Self, BackendError> {
+        self.dev.bind().map_err(err("bind"))?;
+        self.ccl = Some(Arc::new(Ccl::init(V::CCL, id, rank, size).map_err(|msg| BackendError::Op { backend: V::NAME, op: "communicator init", msg })?));
+        Ok(self)
+    }
+
+    /// A check the step watchdog can run from its own thread: the communicator's asynchronous
+    /// error (a peer that failed or went away), if any.
+    pub fn comm_probe(&self) -> Option<crate::dist::CommProbe> {
+        let c = self.ccl.clone()?;
+        Some(Box::new(move || c.async_error()))
+    }
+
+    /// Compiles (or loads from the cache) every kernel the model needs, up front.
+    pub fn warmup(&self, dims: ModelDims) -> Result<(), BackendError> {
+        for m in super::modules_for(dims, V::SOURCE) {
+            for f in &m.functions {
+                self.load(&m, f)?;
+            }
+        }
+        let (hits, compiles) = self.jit.stats();
+        log::info!("kernels ready: {compiles} modules compiled, {hits} loaded from the cache");
+        Ok(())
+    }
+
+    fn load(&self, m: &KernelModule, name: &str) -> Result<Kernel, BackendError> {
+        // shape-specialised modules (the MLA kernels) are cached per shape
+        let dims = if m.file.starts_with("hip-kernels/mla") { Some(dims_of(m)) } else { None };
+        let key = (name.to_string(), dims);
+        if let Some(f) = self.functions.lock().unwrap().get(&key) {
+            return Ok(*f);
+        }
+        let module = {
+            let mut mods = self.modules.lock().unwrap();
+            match mods.get(m) {
+                Some(x) => *x,
+                None => {
+                    let bin = self.jit.binary(m).map_err(|e| BackendError::Op { backend: V::NAME, op: "jit", msg: e.to_string() })?;
+                    let module = self.dev.load_module(&bin).map_err(err("load_module"))?;
+                    mods.insert(m.clone(), module);
+                    module
+                }
+            }
+        };
+        let f = Kernel(self.dev.function(module, name).map_err(err("load_function"))?);
+        self.functions.lock().unwrap().insert(key, f);
+        Ok(f)
+    }
+
+    pub(crate) fn func(&self, file: &'static str, name: &str) -> Result<Kernel, BackendError> {
+        self.load(&generic_module(file, V::SOURCE), name)
+    }
+
+    pub(crate) fn mla_func(&self, dims: ModelDims, name: &str) -> Result<Kernel, BackendError> {
+        self.load(&mla_module(dims, V::SOURCE), name)
+    }
+
+    pub(crate) fn mla_prefill_func(&self, dims: ModelDims, name: &str) -> Result<Kernel, BackendError> {
+        self.load(&mla_prefill_module(dims, V::SOURCE), name)
+    }
+
+    /// A launch of `f` on the device's stream; arguments follow with `.arg(..)`.
+    pub(crate) fn launch<'a>(&'a self, f: &Kernel) -> Launch<'a> {
+        Launch::new(&*self.dev, f)
+    }
+
+    /// Warps of a 256-thread block (8 on NVIDIA, 4 on CDNA): kernels that give each warp an
+    /// output row are launched with that many rows per block.
+    pub(crate) fn warps_per_block(&self) -> usize {
+        256 / self.warp as usize
+    }
+
+    /// An op error of this backend.
+    pub(crate) fn op_err(&self, op: &'static str, msg: String) -> BackendError {
+        BackendError::Op { backend: V::NAME, op, msg }
+    }
+
+    /// Runs one op, timing it under `class` when profiling (outermost op only, so nothing counts twice).
+    pub(crate) fn span<T>(&self, class: &'static str, f: impl FnOnce() -> Result<T, BackendError>) -> Result<T, BackendError> {
+        use std::sync::atomic::Ordering;
+        if !self.profile.enabled.load(Ordering::Relaxed) || self.profile.depth.fetch_add(1, Ordering::Relaxed) > 0 {
+            if self.profile.enabled.load(Ordering::Relaxed) {
+                let r = f();
+                self.profile.depth.fetch_sub(1, Ordering::Relaxed);
+                return r;
+            }
+            return f();
+        }
+        let a = DevEvent::record(&self.dev, true);
+        let r = f();
+        let b = DevEvent::record(&self.dev, true);
+        self.profile.depth.fetch_sub(1, Ordering::Relaxed);
+        if let (Ok(a), Ok(b)) = (a, b) {
+            self.profile.spans.lock().unwrap().push((class, a, b));
+        }
+        r
+    }
+
+    /// The profile class of a linear layer of `m` rows: per shape when asked for.
+    pub(crate) fn gemm_class(&self, m: usize, n: usize, k: usize) -> &'static str {
+        use std::sync::atomic::Ordering;
+        if !self.profile.enabled.load(Ordering::Relaxed) || !self.profile.by_shape.load(Ordering::Relaxed) {
+            return "dense GEMM";
+        }
+        // a handful of distinct shapes per model: named once, kept for the process
+        self.profile.shape_names.lock().unwrap().entry((m, n, k)).or_insert_with(|| Box::leak(format!("dense GEMM {m}x{n}x{k}").into_boxed_str()))
+    }
+
+    /// Milliseconds per op class since the last call (synchronises the stream).
+    pub fn take_profile(&self) -> Result<Vec<(&'static str, f64)>, BackendError> {
+        self.dev.synchronize().map_err(err("synchronize"))?;
+        let spans = std::mem::take(&mut *self.profile.spans.lock().unwrap());
+        let mut acc: Vec<(&'static str, f64)> = Vec::new();
+        for (class, a, b) in spans {
+            let ms = a.elapsed_ms(&b).map_err(err("elapsed_ms"))? as f64;
+            match acc.iter_mut().find(|x| x.0 == class) {
+                Some(x) => x.1 += ms,
+                None => acc.push((class, ms)),
+            }
+        }
+        Ok(acc)
+    }
+
+    /// `n` zeroed elements on the device.
+    pub(crate) fn zeros<T: Elem>(&self, n: usize) -> Result<DevBuf<T>, BackendError> {
+        DevBuf::zeros(&self.dev, n).map_err(err("alloc"))
+    }
+
+    /// A device copy of `v`.
+    pub(crate) fn htod<T: Elem>(&self, v: &[T]) -> Result<DevBuf<T>, BackendError> {
+        DevBuf::from_host(&self.dev, v).map_err(err("upload"))
+    }
+
+    /// A new f32 output buffer: zeroed, or NaN-poisoned when ENGINE_GPU_POISON=1 (a device
+    /// memset either way, so it is captured into graphs too).
+    pub(crate) fn alloc_out(&self, n: usize) -> Result<DevBuf<f32>, BackendError> {
+        let b = DevBuf::<f32>::alloc(&self.dev, n).map_err(err("alloc"))?;
+        let fill = if self.poison { f32::NAN.to_bits() } else { 0 };
+        self.dev.memset_d32(b.ptr(), fill, b.len()).map_err(err("alloc"))?;
+        Ok(b)
+    }
+
+    /// A device copy of a small constant array (uploaded once per distinct content).
+    pub(crate) fn constant(&self, v: &[f32]) -> Result<u64, BackendError> {
+        let key: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
+        let mut c = self.constants.lock().unwrap();
+        if let Some(b) = c.get(&key) {
+            return Ok(b.ptr());
+        }
+        if self.capturing() {
+            return Err(self.op_err("constant", "a new constant uploaded inside a graph capture".into()));
+        }
+        let b = self.htod(v)?;
+        let p = b.ptr();
+        c.insert(key, b);
+        Ok(p)
+    }
+}
+
+fn dims_of(m: &KernelModule) -> ModelDims {
+    let get = |k: &str| m.defines.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+    ModelDims { kv_lora_rank: get("KV_LORA"), qk_rope_head_dim: get("ROPE"), qk_nope_head_dim: get("NOPE"), v_head_dim: get("VDIM") }
+}

@@ -1,0 +1,75 @@
+//! The decode-sized linear layers (up to 32 rows): hip-kernels/linear.hip's GEMV kernels, a warp
+//! (or several) per output row streaming the weights once.
+use super::backend::{GpuBackend, GpuTensor, GpuVendor};
+use super::device::{err, DevBuf};
+use super::ops::{cfg, wdt_suffix, GpuLinear};
+use crate::backend::BackendError;
+
+const LIN: &str = "hip-kernels/linear.hip";
+/// Warps that keep an H200's HBM busy (132 SMs × ~32 resident warps)
+const TARGET_WARPS: usize = 4096;
+
+/// Warps per group of output rows (1, 2, 4 or 8; `n` groups): enough warps in all for layers with
+/// few rows, while each lane of a `warp`-wide warp keeps at least one 16-byte chunk of its row
+/// (`ve` weights per chunk). A split never exceeds the warps of a 256-thread block (the kernel
+/// keeps a row group inside one block).
+pub(super) fn gemv_split(n: usize, k: usize, ve: usize, warp: usize) -> usize {
+    let (mut split, most) = (1, (256 / warp).min(8));
+    while split < most && n * split < TARGET_WARPS && k >= warp * ve * (split * 2) {
+        split *= 2;
+    }
+    split
+}
+
+impl<V: GpuVendor> GpuBackend<V> {
+    /// y = x · Wᵀ for x of at most 32 rows (16-row slices beyond 8), with the 16-byte-load kernels
+    /// where the row length allows them and the scalar ones otherwise.
+    pub(super) fn gemv_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>, vec8: bool) -> Result<(), BackendError> {
+        let (kind, slice) = match (x.rows, vec8) {
+            (0..=8, true) => ("gemv8", 8),
+            (_, true) => ("gemv16", 16),
+            _ => ("gemv", 8),
+        };
+        let f = self.func(LIN, &format!("{kind}_{}", wdt_suffix(w.wdt)))?;
+        let (n, k) = (w.out as i32, w.inp as i32);
+        // output rows per warp (GEMV8's R in linear.hip)
+        let per_warp = if kind == "gemv8" { 2 } else { 1 };
+        let split = if vec8 { gemv_split(w.out.div_ceil(per_warp), w.inp, if w.wdt == 2 { 16 } else { 8 }, self.warp as usize) } else { 1 };
+        let sp = split as i32;
+        for r0 in (0..x.rows).step_by(slice) {
+            let m = (x.rows - r0).min(slice) as i32;
+            let (xs, ys) = (x.buf.at(r0 * w.inp), y.at(r0 * w.out));
+            let mut b = self.launch(&f);
+            b.arg(&xs).arg(&w.data).arg(&w.scales).arg(&ys).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
+            if vec8 {
+                b.arg(&sp);
+            }
+            b.run(cfg(((w.out.div_ceil(per_warp) * split).div_ceil(self.warps_per_block()) as u32, 1), 256, 0)).map_err(err("linear"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gemv_split;
+
+    #[test]
+    fn small_layers_get_more_warps_per_row_while_rows_stay_long() {
+        // V3 kv_a (576 × 7168 FP8): 8 warps per row (each lane 1-2 chunks)
+        assert_eq!(gemv_split(576, 7168, 16, 32), 8);
+        // q_a (1536 × 7168): 4
+        assert_eq!(gemv_split(1536, 7168, 16, 32), 4);
+        // q_b (24576 × 1536) and lm_head (129280 × 7168): already enough rows
+        assert_eq!(gemv_split(24576, 1536, 16, 32), 1);
+        assert_eq!(gemv_split(129280, 7168, 8, 32), 1);
+        // short rows are not split below one chunk per lane
+        assert_eq!(gemv_split(64, 512, 16, 32), 1);
+        assert_eq!(gemv_split(64, 1024, 16, 32), 2);
+        assert_eq!(gemv_split(64, 2048, 8, 32), 8);
+        // 64-wide wavefronts need rows twice as long for the same split
+        assert_eq!(gemv_split(64, 2048, 8, 64), 4);
+        assert_eq!(gemv_split(576, 7168, 16, 64), 4);
+        assert_eq!(gemv_split(64, 65536, 8, 64), 4, "at most 4 wavefronts of 64 in a 256-thread block");
+    }
+}

@@ -1,0 +1,168 @@
+//! hipBLASLt (libhipblaslt, loaded at run time) as the ROCm backend's `GemmLib`: bf16 × bf16 → f32
+//! GEMMs for the linear layers with bf16 weights (backend/gpu/blas.rs splits x into bf16 hi/lo
+//! rows). The same column-major formulation as cuBLASLt: Dᵀ [n, m2] = op(W)ᵀ · X2ᵀ.
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+use hip_sys::hipblaslt as lt;
+
+use super::RocmBackend;
+use crate::backend::gpu::blas::GemmLib;
+use crate::backend::gpu::device::{DevBuf, DevPtr};
+
+const WORKSPACE: usize = 32 << 20;
+
+/// One GEMM shape's descriptors and chosen algorithm (created once, reused, also inside graphs).
+struct Plan {
+    desc: lt::hipblasLtMatmulDesc_t,
+    a: lt::hipblasLtMatrixLayout_t,
+    b: lt::hipblasLtMatrixLayout_t,
+    d: lt::hipblasLtMatrixLayout_t,
+    algo: lt::hipblasLtMatmulAlgo_t,
+}
+
+pub struct HipBlasLt {
+    api: lt::HipBlasLtApi,
+    handle: lt::hipblasLtHandle_t,
+    workspace: DevBuf<u8>,
+    stream: lt::hipStream_t,
+    /// Per (2M, N, K): the plan, or None where hipBLASLt offered no algorithm (the own kernel runs)
+    plans: Mutex<HashMap<(usize, usize, usize), Option<Plan>>>,
+}
+
+// SAFETY: the handle and descriptors are used from one stream at a time, under the backend's
+// calls (plans behind a Mutex); hipBLASLt handles may be shared across threads.
+unsafe impl Send for HipBlasLt {}
+unsafe impl Sync for HipBlasLt {}
+
+fn check(call: &'static str, s: lt::hipblasStatus_t) -> Result<(), String> {
+    if s == lt::hipblasStatus_t_HIPBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(format!("{call} failed: hipblasStatus_t {s}"))
+    }
+}
+
+impl HipBlasLt {
+    /// hipBLASLt when the library loads, else None (the own tensor-core kernel runs).
+    pub fn new(b: &RocmBackend) -> Option<Self> {
+        let (api, path) = match hip_sys::load_hipblaslt() {
+            Ok(x) => x,
+            Err(e) => {
+                log::info!("rocm: {e}; bf16 linear layers use the own matrix-core kernel");
+                return None;
+            }
+        };
+        let mut handle: lt::hipblasLtHandle_t = std::ptr::null_mut();
+        if let Err(e) = check("hipblasLtCreate", unsafe { api.hipblasLtCreate(&mut handle) }) {
+            log::warn!("rocm: hipBLASLt ({}) did not start ({e}); bf16 linear layers use the own matrix-core kernel", path.display());
+            return None;
+        }
+        let workspace = match b.zeros::<u8>(WORKSPACE) {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("rocm: no memory for hipBLASLt's workspace ({e}); bf16 linear layers use the own matrix-core kernel");
+                unsafe { api.hipblasLtDestroy(handle) };
+                return None;
+            }
+        };
+        Some(HipBlasLt { api, handle, workspace, stream: b.dev.stream(), plans: Mutex::new(HashMap::new()) })
+    }
+
+    fn destroy(&self, p: &Plan) {
+        unsafe {
+            self.api.hipblasLtMatrixLayoutDestroy(p.a);
+            self.api.hipblasLtMatrixLayoutDestroy(p.b);
+            self.api.hipblasLtMatrixLayoutDestroy(p.d);
+            self.api.hipblasLtMatmulDescDestroy(p.desc);
+        }
+    }
+
+    /// D [m2, n] (row-major f32) = X2 [m2, k] (bf16) · W [n, k]ᵀ (bf16), in column-major terms
+    /// Dᵀ = op(W) · X2ᵀ with W's stored K×N matrix transposed.
+    fn plan(&self, m2: usize, n: usize, k: usize) -> Result<Plan, String> {
+        let a = &self.api;
+        let mut p = Plan { desc: std::ptr::null_mut(), a: std::ptr::null_mut(), b: std::ptr::null_mut(), d: std::ptr::null_mut(), algo: unsafe { std::mem::zeroed() } };
+        let made = (|| unsafe {
+            check("hipblasLtMatmulDescCreate", a.hipblasLtMatmulDescCreate(&mut p.desc, lt::hipblasComputeType_t_HIPBLAS_COMPUTE_32F, lt::hipDataType_HIP_R_32F))?;
+            let trans = lt::hipblasOperation_t_HIPBLAS_OP_T;
+            let attr = lt::hipblasLtMatmulDescAttributes_t_HIPBLASLT_MATMUL_DESC_TRANSA;
+            check("hipblasLtMatmulDescSetAttribute", a.hipblasLtMatmulDescSetAttribute(p.desc, attr, &trans as *const _ as *const c_void, std::mem::size_of_val(&trans)))?;
+            check("hipblasLtMatrixLayoutCreate", a.hipblasLtMatrixLayoutCreate(&mut p.a, lt::hipDataType_HIP_R_16BF, k as u64, n as u64, k as i64))?;
+            check("hipblasLtMatrixLayoutCreate", a.hipblasLtMatrixLayoutCreate(&mut p.b, lt::hipDataType_HIP_R_16BF, k as u64, m2 as u64, k as i64))?;
+            check("hipblasLtMatrixLayoutCreate", a.hipblasLtMatrixLayoutCreate(&mut p.d, lt::hipDataType_HIP_R_32F, n as u64, m2 as u64, n as i64))?;
+            let mut pref: lt::hipblasLtMatmulPreference_t = std::ptr::null_mut();
+            check("hipblasLtMatmulPreferenceCreate", a.hipblasLtMatmulPreferenceCreate(&mut pref))?;
+            let ws = WORKSPACE as u64;
+            let wattr = lt::hipblasLtMatmulPreferenceAttributes_t_HIPBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES;
+            let set = check("hipblasLtMatmulPreferenceSetAttribute", a.hipblasLtMatmulPreferenceSetAttribute(pref, wattr, &ws as *const u64 as *const c_void, 8));
+            let mut result: lt::hipblasLtMatmulHeuristicResult_t = std::mem::zeroed();
+            let mut found = 0;
+            let h = set.and_then(|()| check("hipblasLtMatmulAlgoGetHeuristic", a.hipblasLtMatmulAlgoGetHeuristic(self.handle, p.desc, p.a, p.b, p.d, p.d, pref, 1, &mut result, &mut found)));
+            a.hipblasLtMatmulPreferenceDestroy(pref);
+            h?;
+            if found == 0 {
+                return Err(format!("hipBLASLt has no algorithm for {m2}x{n}x{k} bf16"));
+            }
+            p.algo = result.algo;
+            Ok(())
+        })();
+        match made {
+            Ok(()) => Ok(p),
+            Err(e) => {
+                self.destroy(&p);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for HipBlasLt {
+    fn drop(&mut self) {
+        for (_, p) in self.plans.lock().unwrap().drain() {
+            if let Some(p) = p {
+                self.destroy(&p);
+            }
+        }
+        unsafe { self.api.hipblasLtDestroy(self.handle) };
+    }
+}
+
+impl GemmLib for HipBlasLt {
+    fn name(&self) -> &'static str {
+        "hipBLASLt"
+    }
+
+    fn supports(&self, m2: usize, n: usize, k: usize) -> bool {
+        let mut plans = self.plans.lock().unwrap();
+        plans.entry((m2, n, k)).or_insert_with(|| self.plan(m2, n, k).inspect_err(|e| log::warn!("{e}; {}x{n}x{k} runs on the own matrix-core kernel", m2 / 2)).ok()).is_some()
+    }
+
+    fn gemm_bf16(&self, m2: usize, n: usize, k: usize, w: DevPtr, x2: DevPtr, d: DevPtr) -> Result<(), String> {
+        let plans = self.plans.lock().unwrap();
+        let p = plans.get(&(m2, n, k)).and_then(|p| p.as_ref()).ok_or_else(|| format!("no plan for {m2}x{n}x{k}"))?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let r = unsafe {
+            self.api.hipblasLtMatmul(
+                self.handle,
+                p.desc,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                p.a,
+                x2 as *const c_void,
+                p.b,
+                &beta as *const f32 as *const c_void,
+                d as *const c_void,
+                p.d,
+                d as *mut c_void,
+                p.d,
+                &p.algo,
+                self.workspace.ptr() as *mut c_void,
+                WORKSPACE,
+                self.stream,
+            )
+        };
+        check("hipblasLtMatmul", r)
+    }
+}
