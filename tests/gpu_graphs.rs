@@ -1,17 +1,16 @@
 //! CUDA graphs of the decode step against the same steps run op by op. Needs a GPU: `#[ignore]`d
 //! (reported as ignored, never as passed); run with
-//! `ENGINE_TEST_BACKEND=cuda cargo test --release --test gpu_graphs -- --ignored`.
+//! `ENGINE_TEST_BACKEND=cuda cargo test --release --test gpu_graphs -- --ignored` (or `=rocm`).
 mod common;
 
-use engine::backend::cuda::CudaBackend;
+use engine::backend::gpu::backend::{GpuBackend, GpuVendor};
 use engine::backend::{AttnSeq, Backend, TensorShape};
 use engine::model::{ForwardBatch, Model};
 use engine::sampling::{argmax, Rng};
 
-fn backend(graph_max_bs: usize) -> CudaBackend {
-    assert_eq!(std::env::var("ENGINE_TEST_BACKEND").as_deref(), Ok("cuda"), "GPU tests run only with ENGINE_TEST_BACKEND=cuda on a machine with an NVIDIA GPU");
+fn backend<V: GpuVendor>(graph_max_bs: usize) -> GpuBackend<V> {
     std::env::set_var("ENGINE_GPU_POISON", "1");
-    let mut b = CudaBackend::new(0).expect("CUDA backend");
+    let mut b = GpuBackend::<V>::new(0).unwrap_or_else(|e| panic!("{} backend: {e}", V::NAME));
     b.set_graph_max_bs(graph_max_bs);
     b
 }
@@ -28,13 +27,13 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     (d / n.max(1e-30)).sqrt()
 }
 
-type Kv = <CudaBackend as Backend>::KvCache;
+type Kv<V> = <GpuBackend<V> as Backend>::KvCache;
 
 /// `bs` sequences with the given context lengths: one prefill of all prompts, then `steps` greedy
 /// decode steps on both models in lockstep (the eager model's tokens feed both), each over its own
 /// KV cache (slots from 0). Returns the largest relative difference of the decode logits.
 #[allow(clippy::too_many_arguments)]
-fn run(eager: &Model<CudaBackend>, graph: &Model<CudaBackend>, kv_e: &mut Kv, kv_g: &mut Kv, lens: &[usize], steps: usize, seed: u64) -> f64 {
+fn run<V: GpuVendor>(eager: &Model<GpuBackend<V>>, graph: &Model<GpuBackend<V>>, kv_e: &mut Kv<V>, kv_g: &mut Kv<V>, lens: &[usize], steps: usize, seed: u64) -> f64 {
     let bs = lens.len();
     let vocab = eager.cfg.vocab_size;
     let mut rng = Rng::new(seed);
@@ -90,11 +89,15 @@ fn run(eager: &Model<CudaBackend>, graph: &Model<CudaBackend>, kv_e: &mut Kv, kv
 /// --cuda-graph-max-bs run op by op and match bit for bit; a context that outgrows the step arena,
 /// and a step on another KV cache, capture anew.
 #[test]
-#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn decode_graphs_replay_the_eager_steps() {
+    common::on_gpu!(decode_graphs_replay_the_eager_steps_on)
+}
+
+fn decode_graphs_replay_the_eager_steps_on<V: GpuVendor>() {
     let dir = common::golden_dir("tiny_v3_fp8");
-    let eager = Model::load(backend(0), &dir).unwrap();
-    let graph = Model::load(backend(16), &dir).unwrap();
+    let eager = Model::load(backend::<V>(0), &dir).unwrap();
+    let graph = Model::load(backend::<V>(16), &dir).unwrap();
     let slots = 16 * 4210;
     let (mut kv_e, mut kv_g) = (eager.alloc_kv_cache(slots).unwrap(), graph.alloc_kv_cache(slots).unwrap());
     // sizes 1, 4 (3 padded) and 16 (9 padded) are captured; 16 real rows replay the 16-row graph

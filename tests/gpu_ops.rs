@@ -1,13 +1,14 @@
 //! GPU ops against the CPU reference backend, and the golden checkpoints end to end on the GPU.
 //! These need a GPU: they are `#[ignore]`d (reported as ignored, never as passed) and run with
-//! `ENGINE_TEST_BACKEND=cuda cargo test --release --test gpu_ops -- --ignored` on an NVIDIA machine.
+//! `ENGINE_TEST_BACKEND=cuda cargo test --release --test gpu_ops -- --ignored` on an NVIDIA machine
+//! (`ENGINE_TEST_BACKEND=rocm` on an AMD one: the same tests on the ROCm backend).
 //! Outputs are NaN-poisoned before every launch (ENGINE_GPU_POISON=1) so unwritten elements fail.
 mod common;
 
 use std::sync::Arc;
 
 use engine::backend::cpu::CpuBackend;
-use engine::backend::cuda::CudaBackend;
+use engine::backend::gpu::backend::{GpuBackend, GpuVendor};
 use engine::backend::{AttnSeq, Backend, MlaDims, RouteParams, TensorShape};
 use engine::config::{RopeConfig, RopeTables, ScoringFunc, TopkMethod};
 use engine::model::{ForwardBatch, Model};
@@ -22,10 +23,9 @@ const BF16_TOL: f64 = 1e-2;
 // f32 weights split too: near-f32 results
 const MMA_TOL: f64 = 2e-4;
 
-fn gpu() -> CudaBackend {
-    assert_eq!(std::env::var("ENGINE_TEST_BACKEND").as_deref(), Ok("cuda"), "GPU tests run only with ENGINE_TEST_BACKEND=cuda on a machine with an NVIDIA GPU");
+fn gpu<V: GpuVendor>() -> GpuBackend<V> {
     std::env::set_var("ENGINE_GPU_POISON", "1");
-    CudaBackend::new(0).expect("CUDA backend")
+    GpuBackend::<V>::new(0).unwrap_or_else(|e| panic!("{} backend: {e}", V::NAME))
 }
 
 fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
@@ -78,7 +78,7 @@ fn host_fp8(rng: &mut Rng, out: usize, inp: usize, w: &[f32], bn: usize) -> Host
 }
 
 /// `g.linear` against the CPU at each (m, n, k) and every weight dtype, within `tol`.
-fn check_linears(g: &CudaBackend, name: &str, seed: u64, shapes: &[(usize, usize, usize)], tol: f64) {
+fn check_linears<V: GpuVendor>(g: &GpuBackend<V>, name: &str, seed: u64, shapes: &[(usize, usize, usize)], tol: f64) {
     let c = CpuBackend::new();
     let mut rng = Rng::new(seed);
     for &(m, n, k) in shapes {
@@ -94,11 +94,15 @@ fn check_linears(g: &CudaBackend, name: &str, seed: u64, shapes: &[(usize, usize
 }
 
 #[test]
-#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn linear_all_dtypes_real_and_odd_shapes() {
+    common::on_gpu!(linear_all_dtypes_real_and_odd_shapes_on)
+}
+
+fn linear_all_dtypes_real_and_odd_shapes_on<V: GpuVendor>() {
     // the CUDA-core kernels (GEMV up to 32 rows, f32 tiles beyond) with the tensor cores (own and
     // cuBLASLt) off
-    let mut g = gpu();
+    let mut g = gpu::<V>();
     g.mma_gemm = false;
     g.blaslt = None;
     // GEMV: 1-8 warps per row (576 rows: 8; 1536: 4; 24576: 1), odd row counts
@@ -110,13 +114,17 @@ fn linear_all_dtypes_real_and_odd_shapes() {
 /// real V3 shapes with and without split-K (9-64 rows split K to fill the GPU), odd sizes and
 /// partial tiles (the scalar staging path), every weight dtype, against the f32 CPU reference.
 #[test]
-#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn linear_on_tensor_cores() {
-    let g = gpu();
-    assert!(g.mma_gemm, "sm_80+ takes the tensor-core path by default");
-    // bf16 weights go through cuBLASLt (x as bf16 hi + lo rows) where it loads, as on the H200
-    // (libcublasLt on the library path); odd shapes keep the own kernel
-    assert!(g.blaslt.is_some(), "cuBLASLt did not load: put CUDA's lib64 on LD_LIBRARY_PATH");
+    common::on_gpu!(linear_on_tensor_cores_on)
+}
+
+fn linear_on_tensor_cores_on<V: GpuVendor>() {
+    let g = gpu::<V>();
+    assert!(g.mma_gemm, "sm_80+ and CDNA take the matrix-unit path by default");
+    // bf16 weights go through cuBLASLt / hipBLASLt (x as bf16 hi + lo rows) where it loads, as on
+    // the H200 (libcublasLt on the library path); odd shapes keep the own kernel
+    assert!(g.blaslt.is_some(), "the vendor GEMM library did not load: put CUDA's lib64 (or ROCm's lib) on LD_LIBRARY_PATH");
     let shapes = [(9, 7168, 2048), (33, 7168, 2048), (64, 2048, 7168), (256, 576, 7168), (64, 64, 32), (130, 129, 257), (100, 1536, 7168), (65, 24576, 1536), (520, 1536, 7168), (300, 7168, 18432)];
     check_linears(&g, "linear_mma", 11, &shapes, MMA_TOL);
     // 64-row scale blocks: the scale cannot ride on X, so W is scaled and rounded to bf16
@@ -133,9 +141,13 @@ fn linear_on_tensor_cores() {
 }
 
 #[test]
-#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn norms_elementwise_embedding_gather_rope() {
-    let g = gpu();
+    common::on_gpu!(norms_elementwise_embedding_gather_rope_on)
+}
+
+fn norms_elementwise_embedding_gather_rope_on<V: GpuVendor>() {
+    let g = gpu::<V>();
     let c = CpuBackend::new();
     let mut rng = Rng::new(2);
     for (rows, cols) in [(3, 7168), (17, 513), (1, 64)] {
@@ -191,9 +203,13 @@ fn norms_elementwise_embedding_gather_rope() {
 }
 
 #[test]
-#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn mla_attention_paged_causal_real_and_odd_dims() {
-    let g = gpu();
+    common::on_gpu!(mla_attention_paged_causal_real_and_odd_dims_on)
+}
+
+fn mla_attention_paged_causal_real_and_odd_dims_on<V: GpuVendor>() {
+    let g = gpu::<V>();
     let c = CpuBackend::new();
     let mut rng = Rng::new(3);
     for (d, kvt) in [
@@ -211,9 +227,13 @@ fn mla_attention_paged_causal_real_and_odd_dims() {
 /// while the decode and short sequences of the same batch stay absorbed: real V3 dims and small
 /// odd ones, on one backend (the kernels are cached per shape).
 #[test]
-#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn mla_flash_prefill_mixed_batches() {
-    let g = gpu();
+    common::on_gpu!(mla_flash_prefill_mixed_batches_on)
+}
+
+fn mla_flash_prefill_mixed_batches_on<V: GpuVendor>() {
+    let g = gpu::<V>();
     let c = CpuBackend::new();
     let mut rng = Rng::new(31);
     for (d, kvt) in [
@@ -230,7 +250,7 @@ fn mla_flash_prefill_mixed_batches() {
 /// One batched attention call on the GPU against the CPU: sequences of (context, new tokens) over
 /// shuffled cache slots of layer 1; with `split_decode`, the first sequence's last token alone too.
 #[allow(clippy::too_many_arguments)]
-fn mla_case(g: &CudaBackend, c: &CpuBackend, rng: &mut Rng, d: &MlaDims, kvt: WType, lens: &[(usize, usize)], tol: f64, split_decode: bool) {
+fn mla_case<V: GpuVendor>(g: &GpuBackend<V>, c: &CpuBackend, rng: &mut Rng, d: &MlaDims, kvt: WType, lens: &[(usize, usize)], tol: f64, split_decode: bool) {
     let slots_total: usize = lens.iter().map(|x| x.0).sum::<usize>() + 7;
     let layers = 2;
     let kv_b = host_linear(rng, d.num_heads * (d.qk_nope + d.v_head), d.kv_lora_rank, kvt);
@@ -272,20 +292,24 @@ fn mla_case(g: &CudaBackend, c: &CpuBackend, rng: &mut Rng, d: &MlaDims, kvt: WT
 }
 
 #[test]
-#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn moe_routing_and_experts() {
+    common::on_gpu!(moe_routing_and_experts_on)
+}
+
+fn moe_routing_and_experts_on<V: GpuVendor>() {
     // one block per (token, expert) pair (5 tokens); the grouped GEMV (f32; 11 and 200 tokens:
     // several 16-token tiles per expert, with the tensor cores on or off); the grouped tensor-core
     // kernels (bf16 hi/lo operands; 520 tokens put more than one 128-pair tile on the experts of
     // the small variants). Hidden 250 / inter 100 take the per-pair kernels at every size.
     for (mma, t, tol) in [(false, 5, F32_TOL), (false, 11, F32_TOL), (true, 200, F32_TOL), (true, 520, MMA_TOL)] {
-        let mut g = gpu();
+        let mut g = gpu::<V>();
         g.mma_gemm = mma;
         moe_on(&g, t, tol);
     }
 }
 
-fn moe_on(g: &CudaBackend, t: usize, tol: f64) {
+fn moe_on<V: GpuVendor>(g: &GpuBackend<V>, t: usize, tol: f64) {
     let c = CpuBackend::new();
     let mut rng = Rng::new(4 + t as u64);
     let variants = [
@@ -331,12 +355,16 @@ fn moe_on(g: &CudaBackend, t: usize, tol: f64) {
 /// The golden checkpoints through the whole model on the GPU: teacher-forced logprobs against
 /// transformers, prefill and decode.
 #[test]
-#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn golden_end_to_end_on_gpu() {
-    let _ = gpu();
+    common::on_gpu!(golden_end_to_end_on_gpu_on)
+}
+
+fn golden_end_to_end_on_gpu_on<V: GpuVendor>() {
+    let _ = gpu::<V>();
     for name in ["tiny_v3", "tiny_v2_lite", "tiny_v3_fp8"] {
         let dir = common::golden_dir(name);
-        let model = Arc::new(Model::load(CudaBackend::new(0).unwrap(), &dir).unwrap());
+        let model = Arc::new(Model::load(GpuBackend::<V>::new(0).unwrap(), &dir).unwrap());
         let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
         let st = engine::weights::SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
         let vocab = model.cfg.vocab_size;
@@ -380,11 +408,15 @@ fn golden_end_to_end_on_gpu() {
 }
 
 #[test]
-#[ignore = "needs an NVIDIA GPU: ENGINE_TEST_BACKEND=cuda ... -- --ignored"]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn sampling_on_the_gpu() {
+    common::on_gpu!(sampling_on_the_gpu_on)
+}
+
+fn sampling_on_the_gpu_on<V: GpuVendor>() {
     use engine::backend::SampleRow;
     use engine::sampling::{apply_penalties, SamplingParams, TokenCounts};
-    let g = gpu();
+    let g = gpu::<V>();
     let mut rng = Rng::new(5);
     let v = 129280;
     // greedy with penalties equals the CPU's argmax of the penalised logits

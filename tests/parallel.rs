@@ -137,24 +137,31 @@ fn two_node_run_matches_one_rank() {
 
 /// Two GPUs: these are `#[ignore]`d (reported as ignored, never as passed) and run with
 /// `ENGINE_TEST_BACKEND=cuda ENGINE_TEST_GPUS=2 cargo test --release --test parallel -- --ignored`.
-fn require_two_gpus() {
-    let cuda = std::env::var("ENGINE_TEST_BACKEND").is_ok_and(|v| v == "cuda");
+/// (`ENGINE_TEST_BACKEND=rocm` on two AMD GPUs: the same runs with `--backend rocm` over RCCL.)
+/// Returns the backend to run.
+fn require_two_gpus() -> &'static str {
+    let backend = match std::env::var("ENGINE_TEST_BACKEND").as_deref() {
+        Ok("cuda") => "cuda",
+        Ok("rocm") => "rocm",
+        _ => "",
+    };
     let gpus: usize = std::env::var("ENGINE_TEST_GPUS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-    assert!(cuda && gpus >= 2, "the gpu_ tests need ENGINE_TEST_BACKEND=cuda and ENGINE_TEST_GPUS=2 on a machine with two NVIDIA GPUs");
+    assert!(!backend.is_empty() && gpus >= 2, "the gpu_ tests need ENGINE_TEST_BACKEND=cuda (or rocm) and ENGINE_TEST_GPUS=2 on a machine with two such GPUs");
+    backend
 }
 
 #[test]
-#[ignore = "needs two GPUs (ENGINE_TEST_BACKEND=cuda ENGINE_TEST_GPUS=2)"]
+#[ignore = "needs two GPUs (ENGINE_TEST_BACKEND=cuda or rocm, ENGINE_TEST_GPUS=2)"]
 fn gpu_tensor_and_expert_parallel_match_one_gpu() {
-    require_two_gpus();
-    layouts_match("cuda", &[&["--tp", "2"], &["--tp", "2", "--ep", "2"], &["--tp", "2", "--dp", "2", "--enable-dp-attention"]], GPU_TOL);
+    let gpu = require_two_gpus();
+    layouts_match(gpu, &[&["--tp", "2"], &["--tp", "2", "--ep", "2"], &["--tp", "2", "--dp", "2", "--enable-dp-attention"]], GPU_TOL);
 }
 
 #[test]
-#[ignore = "needs two GPUs (ENGINE_TEST_BACKEND=cuda ENGINE_TEST_GPUS=2)"]
+#[ignore = "needs two GPUs (ENGINE_TEST_BACKEND=cuda or rocm, ENGINE_TEST_GPUS=2)"]
 fn gpu_two_node_run_matches_one_gpu() {
-    require_two_gpus();
-    two_nodes_match("cuda", GPU_TOL);
+    let gpu = require_two_gpus();
+    two_nodes_match(gpu, GPU_TOL);
 }
 
 /// Several requests at once through the server: DP attention spreads them over the ranks (each its
@@ -201,10 +208,10 @@ fn dp_attention_serving_spreads_requests_and_matches_one_rank() {
 }
 
 #[test]
-#[ignore = "needs two GPUs (ENGINE_TEST_BACKEND=cuda ENGINE_TEST_GPUS=2)"]
+#[ignore = "needs two GPUs (ENGINE_TEST_BACKEND=cuda or rocm, ENGINE_TEST_GPUS=2)"]
 fn gpu_dp_attention_serving_matches_one_gpu() {
-    require_two_gpus();
-    dp_serving_matches_one_rank("cuda", &["--tp", "2", "--dp", "2", "--enable-dp-attention"], GPU_TOL);
+    let gpu = require_two_gpus();
+    dp_serving_matches_one_rank(gpu, &["--tp", "2", "--dp", "2", "--enable-dp-attention"], GPU_TOL);
 }
 
 #[test]
@@ -233,11 +240,11 @@ fn a_killed_follower_node_ends_the_lead_within_the_timeout() {
 }
 
 #[test]
-#[ignore = "needs two GPUs (ENGINE_TEST_BACKEND=cuda ENGINE_TEST_GPUS=2)"]
+#[ignore = "needs two GPUs (ENGINE_TEST_BACKEND=cuda or rocm, ENGINE_TEST_GPUS=2)"]
 fn gpu_a_killed_follower_node_ends_the_lead_within_the_timeout() {
-    require_two_gpus();
+    let gpu = require_two_gpus();
     // the lead is stuck inside an NCCL collective: only the step watchdog can end it
-    killed_follower_node("cuda");
+    killed_follower_node(gpu);
 }
 
 fn killed_follower_node(backend: &str) {

@@ -57,3 +57,18 @@ pub fn stdout_json(o: &Output) -> serde_json::Value {
     assert!(o.status.success(), "engine failed: {}\n{}", o.status, String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
 }
+
+/// Runs a GPU test body on the backend ENGINE_TEST_BACKEND names (`cuda` or `rocm`): the same
+/// generic test covers both vendors' `GpuBackend`.
+#[allow(unused_macros)]
+macro_rules! on_gpu {
+    ($f:ident) => {
+        match std::env::var("ENGINE_TEST_BACKEND").as_deref() {
+            Ok("cuda") => $f::<engine::backend::cuda::Cuda>(),
+            Ok("rocm") => $f::<engine::backend::rocm::Rocm>(),
+            v => panic!("GPU tests run with ENGINE_TEST_BACKEND=cuda or rocm on a machine with that GPU (got {v:?})"),
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_gpu;
