@@ -299,12 +299,15 @@ fn moe_routing_and_experts() {
 
 fn moe_routing_and_experts_on<V: GpuVendor>() {
     // one block per (token, expert) pair (5 tokens); the grouped GEMV (f32; 11 and 200 tokens:
-    // several 16-token tiles per expert, with the tensor cores on or off); the grouped tensor-core
-    // kernels (bf16 hi/lo operands; 520 tokens put more than one 128-pair tile on the experts of
-    // the small variants). Hidden 250 / inter 100 take the per-pair kernels at every size.
-    for (mma, t, tol) in [(false, 5, F32_TOL), (false, 11, F32_TOL), (true, 200, F32_TOL), (true, 520, MMA_TOL)] {
+    // several 16-token tiles per expert, with the tensor cores on or off) and, for FP8 experts of
+    // 64-multiple sizes, its tensor-core form (moe_tc.hip, 16-token tiles, x as bf16 hi + lo:
+    // near-f32; off in the second 11-token run); the grouped tensor-core 128-token tiles (bf16
+    // hi/lo operands; 520 tokens put more than one tile on the experts of the small variants).
+    // Hidden 250 / inter 100 take the per-pair kernels at every size.
+    for (mma, tc, t, tol) in [(false, false, 5, F32_TOL), (false, true, 11, F32_TOL), (false, false, 11, F32_TOL), (true, true, 200, F32_TOL), (true, true, 520, MMA_TOL)] {
         let mut g = gpu::<V>();
         g.mma_gemm = mma;
+        g.moe_tc = g.moe_tc && tc;
         moe_on(&g, t, tol);
     }
 }
@@ -318,8 +321,9 @@ fn moe_on<V: GpuVendor>(g: &GpuBackend<V>, t: usize, tol: f64) {
         RouteParams { n_experts: 160, top_k: 6, n_group: 8, topk_group: 3, method: TopkMethod::GroupLimitedGreedy, scoring: ScoringFunc::Softmax, norm_topk_prob: false, routed_scaling_factor: 16.0 },
         RouteParams { n_experts: 12, top_k: 3, n_group: 4, topk_group: 2, method: TopkMethod::NoauxTc, scoring: ScoringFunc::Sigmoid, norm_topk_prob: false, routed_scaling_factor: 1.5 },
     ];
-    // (256, 96): 8-wide vector loads; (250, 100): the scalar fallback
-    for (p, (hidden, inter)) in variants.iter().cloned().flat_map(|p| [(p.clone(), (256, 96)), (p, (250, 100))]) {
+    // (256, 96): 8-wide vector loads; (256, 128): also the tensor-core grouped GEMV (FP8);
+    // (250, 100): the scalar fallback
+    for (p, (hidden, inter)) in variants.iter().cloned().flat_map(|p| [(p.clone(), (256, 96)), (p.clone(), (256, 128)), (p, (250, 100))]) {
         let gate = host_linear(&mut rng, p.n_experts, hidden, WType::F32);
         let bias = (p.method == TopkMethod::NoauxTc).then(|| randn(&mut rng, p.n_experts, 0.1));
         let x = randn(&mut rng, t * hidden, 1.0);

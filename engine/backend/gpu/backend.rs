@@ -33,8 +33,9 @@ pub struct DeviceParts {
     pub sms: usize,
     /// The matrix-unit tile (mma_tile.h: mma.sync on sm_80+, MFMA on CDNA)
     pub matrix_units: bool,
-    /// The flash MLA prefill kernel's tensor-core path (mla_prefill.hip: mma.sync only)
-    pub flash_prefill: bool,
+    /// NVIDIA's mma.sync (sm_80+): the kernels written for it alone — flash MLA prefill
+    /// (mla_prefill.hip) and the tensor-core grouped MoE GEMV (moe_tc.hip)
+    pub mma_sync: bool,
     /// The device's FP8 conversion reads e4m3fnuz (gfx942): FP8 weights are converted at upload
     pub fp8_fnuz: bool,
 }
@@ -88,6 +89,9 @@ pub struct GpuBackend<V: GpuVendor> {
     pub mma_gemm: bool,
     /// Flash MLA prefill on the tensor cores (NVIDIA sm_80+)
     pub flash_prefill: bool,
+    /// Decode-sized MoE batches (FP8 experts) on the tensor cores (moe_tc.hip; NVIDIA sm_80+;
+    /// ENGINE_MOE_TC=0 keeps the grouped GEMV)
+    pub moe_tc: bool,
     /// Streaming multiprocessors (split-K sizing)
     pub sms: usize,
     /// FP8 weights are converted to e4m3fnuz at upload (gfx942)
@@ -124,15 +128,16 @@ impl<V: GpuVendor> GpuBackend<V> {
         let mma_gemm = p.matrix_units && !std::env::var("ENGINE_MMA_GEMM").is_ok_and(|v| v == "0");
         let tuned = super::tuned::for_device(&p.device_name).map_err(unavailable)?;
         log::info!("{} backend: {} ({}, {}-wide warps); kernels: portable HIP-dialect sources, cache {}", V::NAME, p.device_name, p.arch, p.warp, p.jit.cache.dir.display());
-        log::info!("{} op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA (decode, short prompts){}; routing and sampling = GPU kernels", V::NAME, if p.flash_prefill { " and flash MHA prefill (tensor cores)" } else { "" });
+        log::info!("{} op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA (decode, short prompts){}; routing and sampling = GPU kernels", V::NAME, if p.mma_sync { " and flash MHA prefill (tensor cores)" } else { "" });
         if mma_gemm {
             log::info!(
-                "{} op paths: linear layers from {} rows on the matrix units (bf16 hi+lo, 128x128 tiles, split-K); MoE experts grouped by expert from {} tokens (grouped GEMV), on the matrix units from {}; flash MLA prefill {}",
+                "{} op paths: linear layers from {} rows on the matrix units (bf16 hi+lo, 128x128 tiles, split-K); MoE experts grouped by expert from {} tokens ({}), on 128-token matrix-unit tiles from {}; flash MLA prefill {}",
                 V::NAME,
                 tuned.mma_min_rows,
                 tuned.moe_grouped_min_rows,
+                if p.mma_sync { "FP8 experts: tensor-core grouped GEMV, 16-token tiles; others: grouped GEMV" } else { "grouped GEMV" },
                 tuned.moe_mma_min_rows,
-                if p.flash_prefill { format!("from {} new tokens", tuned.flash_min_q) } else { "off (no matrix-unit path in mla_prefill.hip for this arch)".into() }
+                if p.mma_sync { format!("from {} new tokens", tuned.flash_min_q) } else { "off (no matrix-unit path in mla_prefill.hip for this arch)".into() }
             );
         } else {
             log::info!("{} op paths: no matrix-unit GEMM ({}): CUDA-core tiles for every batch", V::NAME, if p.matrix_units { "ENGINE_MMA_GEMM=0" } else { "the arch has none the kernels use" });
@@ -150,7 +155,8 @@ impl<V: GpuVendor> GpuBackend<V> {
             ccl: None,
             staging: Mutex::new(None),
             mma_gemm,
-            flash_prefill: p.flash_prefill && mma_gemm,
+            flash_prefill: p.mma_sync && mma_gemm,
+            moe_tc: p.mma_sync && mma_gemm && !std::env::var("ENGINE_MOE_TC").is_ok_and(|v| v == "0"),
             sms: p.sms,
             fp8_fnuz: p.fp8_fnuz,
             tuned,

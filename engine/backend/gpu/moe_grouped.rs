@@ -8,12 +8,19 @@ use super::ops::{wdt_suffix, GpuExperts, GpuRouting};
 use crate::backend::BackendError;
 
 const MOE_GROUPED: &str = "hip-kernels/moe_grouped.hip";
+const MOE_TC: &str = "hip-kernels/moe_tc.hip";
 /// Tokens of one expert per grouped-GEMV tile (GV_T in moe_grouped.hip).
 const GV_TOKENS: usize = 16;
 /// The grouping kernel keeps one counter per expert in shared memory.
 const MAX_EXPERTS: usize = 1024;
 
 impl<V: GpuVendor> GpuBackend<V> {
+    /// Whether decode-sized batches of these experts take the tensor-core grouped GEMV
+    /// (moe_tc.hip): FP8 weights, 64-wide K chunks inside one scale block, whole row fragments.
+    fn moe_tc_for(&self, e: &GpuExperts) -> bool {
+        self.moe_tc && e.wdt == 2 && e.bk % 64 == 0 && e.hidden % 64 == 0 && e.inter % 64 == 0
+    }
+
     /// Whether the grouped kernels can take these experts: 16-byte loads along both K dimensions.
     pub(super) fn moe_grouped_ok(e: &GpuExperts) -> bool {
         e.n <= MAX_EXPERTS && vec_ok(e.hidden, e.wdt, e.bk) == 1 && vec_ok(e.inter, e.wdt, e.bk) == 1
@@ -38,6 +45,18 @@ impl<V: GpuVendor> GpuBackend<V> {
 
         let (inter, hidden) = (e.inter, e.hidden);
         let (ii, hi) = (inter as i32, hidden as i32);
+        if !mma && self.moe_tc_for(e) {
+            // tensor-core grouped GEMV: gate_up 4 warps × 16 rows per block, down 4 warps × 32
+            let mut h = self.alloc_out(pairs * inter)?;
+            let f = self.func(MOE_TC, "moe_gate_up_tc_fp8w")?;
+            let mut b = self.launch(&f);
+            b.arg(&x.buf).arg(&tok).arg(&tiles).arg(&ntiles).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk);
+            b.run(LaunchConfig { grid_dim: (inter.div_ceil(64) as u32, max_tiles as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }).map_err(err("moe_gate_up_tc"))?;
+            let f = self.func(MOE_TC, "moe_down_tc_fp8w")?;
+            let mut b = self.launch(&f);
+            b.arg(&h).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk);
+            return b.run(LaunchConfig { grid_dim: (hidden.div_ceil(128) as u32, max_tiles as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }).map_err(err("moe_down_tc"));
+        }
         if !mma {
             // gate_up a warp per output row (gate and up together), down a warp per two rows
             let mut h = self.alloc_out(pairs * inter)?;
