@@ -101,13 +101,37 @@ fn linear_all_dtypes_real_and_odd_shapes() {
 
 fn linear_all_dtypes_real_and_odd_shapes_on<V: GpuVendor>() {
     // the CUDA-core kernels (GEMV up to 32 rows, f32 tiles beyond) with the tensor cores (own and
-    // cuBLASLt) off
+    // cuBLASLt, the swap-AB kernel) off
     let mut g = gpu::<V>();
     g.mma_gemm = false;
     g.blaslt = None;
+    g.linear_tc = false;
     // GEMV: 1-8 warps per row (576 rows: 8; 1536: 4; 24576: 1), odd row counts
     let shapes = [(1, 1536, 7168), (7, 576, 7168), (1, 576, 7168), (2, 24576, 1536), (3, 4096, 7168), (20, 1000, 2048), (32, 576, 7168), (33, 7168, 2048), (5, 77, 100), (130, 129, 257)];
     check_linears(&g, "linear", 1, &shapes, F32_TOL);
+}
+
+/// hip-kernels/linear_tc.hip (NVIDIA sm_80+): FP8 layers at decode batches (1-32 rows) with W on
+/// the MMA's M side, x as bf16 hi + lo; real V3 shapes, with and without split-K, two token tiles
+/// (17-32 rows), against the f32 CPU reference.
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn linear_swap_ab_small_batches() {
+    common::on_gpu!(linear_swap_ab_small_batches_on)
+}
+
+fn linear_swap_ab_small_batches_on<V: GpuVendor>() {
+    let g = gpu::<V>();
+    let c = CpuBackend::new();
+    let mut rng = Rng::new(21);
+    for (m, n, k) in [(1, 576, 7168), (3, 1536, 7168), (8, 24576, 1536), (9, 7168, 16384), (16, 2048, 7168), (17, 7168, 2048), (32, 4096, 512)] {
+        let v = randn(&mut rng, n * k, (k as f32).powf(-0.5));
+        let w = host_fp8(&mut rng, n, k, &v, 128);
+        let x = randn(&mut rng, m * k, 1.0);
+        let want = c.download(&c.linear(&c.upload(m, k, &x).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
+        let got = g.download(&g.linear(&g.upload(m, k, &x).unwrap(), &g.upload_linear(&w).unwrap()).unwrap()).unwrap();
+        check(&format!("linear_tc fp8 {m}x{n}x{k} (swap-AB: {})", g.linear_tc), &got, &want, MMA_TOL);
+    }
 }
 
 /// hip-kernels/linear_mma.hip (mma.sync bf16 on NVIDIA; the same tile logic runs MFMA on CDNA):
@@ -120,7 +144,9 @@ fn linear_on_tensor_cores() {
 }
 
 fn linear_on_tensor_cores_on<V: GpuVendor>() {
-    let g = gpu::<V>();
+    let mut g = gpu::<V>();
+    // the 128-row tiles at every size here (the swap-AB kernel has its own test)
+    g.linear_tc = false;
     assert!(g.mma_gemm, "sm_80+ and CDNA take the matrix-unit path by default");
     // bf16 weights go through cuBLASLt / hipBLASLt (x as bf16 hi + lo rows) where it loads, as on
     // the H200 (libcublasLt on the library path); odd shapes keep the own kernel
@@ -304,7 +330,7 @@ fn moe_routing_and_experts_on<V: GpuVendor>() {
     // near-f32; off in the second 11-token run); the grouped tensor-core 128-token tiles (bf16
     // hi/lo operands; 520 tokens put more than one tile on the experts of the small variants).
     // Hidden 250 / inter 100 take the per-pair kernels at every size.
-    for (mma, tc, t, tol) in [(false, false, 5, F32_TOL), (false, true, 11, F32_TOL), (false, false, 11, F32_TOL), (true, true, 200, F32_TOL), (true, true, 520, MMA_TOL)] {
+    for (mma, tc, t, tol) in [(false, false, 5, F32_TOL), (true, true, 11, F32_TOL), (false, false, 11, F32_TOL), (true, true, 200, F32_TOL), (true, true, 520, MMA_TOL)] {
         let mut g = gpu::<V>();
         g.mma_gemm = mma;
         g.moe_tc = g.moe_tc && tc;

@@ -92,6 +92,9 @@ pub struct GpuBackend<V: GpuVendor> {
     /// Decode-sized MoE batches (FP8 experts) on the tensor cores (moe_tc.hip; NVIDIA sm_80+;
     /// ENGINE_MOE_TC=0 keeps the grouped GEMV)
     pub moe_tc: bool,
+    /// Decode-sized linear layers with FP8 weights on the tensor cores (linear_tc.hip; NVIDIA
+    /// sm_80+; ENGINE_LINEAR_TC=0 keeps the GEMV and the 128-row tiles)
+    pub linear_tc: bool,
     /// Streaming multiprocessors (split-K sizing)
     pub sms: usize,
     /// FP8 weights are converted to e4m3fnuz at upload (gfx942)
@@ -157,6 +160,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             mma_gemm,
             flash_prefill: p.mma_sync && mma_gemm,
             moe_tc: p.mma_sync && mma_gemm && !std::env::var("ENGINE_MOE_TC").is_ok_and(|v| v == "0"),
+            linear_tc: p.mma_sync && mma_gemm && !std::env::var("ENGINE_LINEAR_TC").is_ok_and(|v| v == "0"),
             sms: p.sms,
             fp8_fnuz: p.fp8_fnuz,
             tuned,

@@ -11,6 +11,7 @@ mod gemv;
 pub mod hiprtc;
 pub mod jit;
 pub mod kernel_cache;
+mod linear_tc;
 mod mla_prefill;
 pub(crate) mod mma;
 mod moe_grouped;

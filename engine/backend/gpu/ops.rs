@@ -203,6 +203,9 @@ impl<V: GpuVendor> GpuBackend<V> {
         if mma && self.blaslt_for(x, w) && self.linear_blaslt(x, w, y)? {
             return Ok(());
         }
+        if mma && self.linear_tc_for(x, w) {
+            return self.linear_tc(x, w, y);
+        }
         if mma && self.mma_gemm && x.rows >= self.tuned.mma_min_rows {
             return self.linear_mma(x, w, y);
         }

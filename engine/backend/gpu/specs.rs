@@ -41,6 +41,7 @@ const GENERIC: &[(&str, &[&str])] = &[
         &["moe_group", "moe_silu_mul_halves", "moe_gate_up_mma_f32w", "moe_down_mma_f32w", "moe_gate_up_mma_bf16w", "moe_down_mma_bf16w", "moe_gate_up_mma_fp8w", "moe_down_mma_fp8w", "moe_gate_up_gv_f32w", "moe_down_gv_f32w", "moe_gate_up_gv_bf16w", "moe_down_gv_bf16w", "moe_gate_up_gv_fp8w", "moe_down_gv_fp8w"],
     ),
     ("hip-kernels/moe_tc.hip", &["moe_gate_up_tc_fp8w", "moe_down_tc_fp8w"]),
+    ("hip-kernels/linear_tc.hip", &["linear_tc_fp8w"]),
     ("hip-kernels/sampling.hip", &["sample_rows"]),
     ("hip-kernels/moe.hip", &["moe_route", "moe_gate_up_f32w", "moe_down_f32w", "moe_gate_up_bf16w", "moe_down_bf16w", "moe_gate_up_fp8w", "moe_down_fp8w"]),
 ];

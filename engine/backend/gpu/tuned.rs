@@ -24,6 +24,21 @@ pub struct Tuned {
     /// Linear layers with bf16 weights through cuBLASLt from this many rows (where it loads)
     #[serde(default = "default_cublaslt_min_rows")]
     pub cublaslt_min_rows: usize,
+    /// Linear layers with FP8 weights of up to this many rows take the swap-AB tensor-core kernel
+    /// (linear_tc.hip; NVIDIA sm_80+), ahead of the GEMV and the 128-row tiles; 0: never
+    #[serde(default = "default_linear_tc_max_rows")]
+    pub linear_tc_max_rows: usize,
+    /// ... from this many rows (below: the GEMV)
+    #[serde(default = "default_linear_tc_min_rows")]
+    pub linear_tc_min_rows: usize,
+}
+
+fn default_linear_tc_max_rows() -> usize {
+    32
+}
+
+fn default_linear_tc_min_rows() -> usize {
+    1
 }
 
 fn default_cublaslt_min_rows() -> usize {
@@ -36,7 +51,11 @@ fn default_split_fill() -> usize {
 
 impl Default for Tuned {
     fn default() -> Self {
-        Tuned { device: String::new(), mma_min_rows: 9, moe_grouped_min_rows: 9, moe_mma_min_rows: 512, flash_min_q: 64, mma_split_fill: default_split_fill(), cublaslt_min_rows: default_cublaslt_min_rows() }
+        Tuned { device: String::new(), mma_min_rows: 9, moe_grouped_min_rows: 9, moe_mma_min_rows: 512, flash_min_q: 64, mma_split_fill: default_split_fill(),
+            cublaslt_min_rows: default_cublaslt_min_rows(),
+            linear_tc_max_rows: default_linear_tc_max_rows(),
+            linear_tc_min_rows: default_linear_tc_min_rows(),
+        }
     }
 }
 
@@ -58,7 +77,7 @@ pub fn device_key(name: &str) -> String {
 
 pub fn parse(text: &str, origin: &str) -> Result<Tuned, String> {
     let t: Tuned = toml::from_str(text).map_err(|e| format!("tuned kernel config {origin}: {e}"))?;
-    if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 || t.mma_split_fill == 0 || t.cublaslt_min_rows == 0 {
+    if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 || t.mma_split_fill == 0 || t.cublaslt_min_rows == 0 || t.linear_tc_min_rows == 0 {
         return Err(format!("tuned kernel config {origin}: thresholds must be at least 1"));
     }
     Ok(t)

@@ -1,0 +1,73 @@
+//! Decode-sized linear layers with FP8 weights on the tensor cores (hip-kernels/linear_tc.hip,
+//! NVIDIA sm_80+): W's rows on the MMA's M side and x's few rows on its N side, so the weights
+//! stream at full width whatever the batch; split-K when the row groups alone would not fill
+//! the GPU, summed in a fixed order.
+use super::backend::{GpuBackend, GpuTensor, GpuVendor};
+use super::device::{err, DevBuf, LaunchConfig};
+use super::ops::GpuLinear;
+use crate::backend::BackendError;
+
+const LIN_TC: &str = "hip-kernels/linear_tc.hip";
+const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
+/// Output rows per block (4 warps × 32) and tokens per block (TC_T)
+const ROWS: usize = 128;
+const TOKENS: usize = 16;
+/// K chunk of the kernel
+const KCHUNK: usize = 64;
+
+/// K split so that blocks fill the GPU's `sms` about `fill` times over, each range at least 8
+/// chunks (512 columns): (splits, columns per split).
+pub(super) fn tc_splits(blocks: usize, k: usize, sms: usize, fill: usize) -> (usize, usize) {
+    let want = (fill * sms).div_ceil(blocks.max(1)).max(1);
+    let most = (k / (8 * KCHUNK)).max(1);
+    let splits = want.min(most);
+    let ksplit = k.div_ceil(splits).div_ceil(KCHUNK) * KCHUNK;
+    (k.div_ceil(ksplit), ksplit)
+}
+
+impl<V: GpuVendor> GpuBackend<V> {
+    /// Whether this layer at this batch takes the swap-AB tensor-core kernel.
+    pub(super) fn linear_tc_for(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
+        let t = &self.tuned;
+        self.linear_tc && self.mma_gemm && w.wdt == 2 && (t.linear_tc_min_rows..=t.linear_tc_max_rows).contains(&x.rows) && w.inp % KCHUNK == 0 && w.bk % KCHUNK as i32 == 0 && w.out % 32 == 0
+    }
+
+    pub(super) fn linear_tc(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<(), BackendError> {
+        let (m, n, k) = (x.rows, w.out, w.inp);
+        let grid = (m.div_ceil(TOKENS), n.div_ceil(ROWS));
+        let (splits, ksplit) = tc_splits(grid.0 * grid.1, k, self.sms, self.tuned.mma_split_fill);
+        let f = self.func(LIN_TC, "linear_tc_fp8w")?;
+        let (mi, ni, ki, ks) = (m as i32, n as i32, k as i32, ksplit as i32);
+        let cfg = LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        if splits == 1 {
+            return self.launch(&f).arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&w.bn).arg(&w.bk).arg(&ks).run(cfg).map_err(err("linear_tc"));
+        }
+        let part = self.zeros::<f32>(splits * m * n)?;
+        self.launch(&f).arg(&x.buf).arg(&w.data).arg(&w.scales).arg(&part).arg(&mi).arg(&ni).arg(&ki).arg(&w.bn).arg(&w.bk).arg(&ks).run(cfg).map_err(err("linear_tc"))?;
+        let f = self.func(LIN_MMA, "linear_split_sum")?;
+        let (total, sp) = ((m * n) as i64, splits as i32);
+        let sum = LaunchConfig { grid_dim: ((m * n).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        self.launch(&f).arg(&part).arg(y).arg(&total).arg(&sp).run(sum).map_err(err("linear_split_sum"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tc_splits;
+
+    #[test]
+    fn splits_cover_k_in_whole_chunks_and_fill_the_gpu() {
+        for (blocks, k, sms) in [(1, 7168, 132), (5, 7168, 132), (192, 1536, 132), (1, 64, 132), (56, 18432, 132), (600, 7168, 132)] {
+            let (s, ks) = tc_splits(blocks, k, sms, 4);
+            assert!(s >= 1 && ks % super::KCHUNK == 0, "{blocks} {k}: {s} x {ks}");
+            assert!(s * ks >= k && (s - 1) * ks < k, "{blocks} {k}: ranges {s} x {ks} do not tile K exactly");
+            assert!(ks >= 512.min(k) || s == 1, "{blocks} {k}: ranges of at least 8 chunks");
+        }
+        // V3's kv_a at batch 1 (576 rows: 5 blocks) splits K 7168 into 14 ranges of 512
+        assert_eq!(tc_splits(5, 7168, 132, 4), (14, 512));
+        // o_proj (7168 rows: 56 blocks) over K 16384: 10 ranges fill 528 blocks
+        assert_eq!(tc_splits(56, 16384, 132, 4), (10, 1664));
+        // enough blocks: no split
+        assert_eq!(tc_splits(600, 7168, 132, 4), (1, 7168));
+    }
+}
