@@ -209,7 +209,10 @@ impl<V: GpuVendor> GpuBackend<V> {
         if mma && self.mma_gemm && x.rows >= self.tuned.mma_min_rows {
             return self.linear_mma(x, w, y);
         }
-        if x.rows <= 8 || (x.rows <= 32 && vec8) {
+        // the GEMV up to 32 rows; beyond, for the f32 router (no tensor cores: expert choice must
+        // match the f32 reference) in 16-row slices too, which spread over every SM where the
+        // 64×64 CUDA-core tile has a handful of blocks for its 256 rows (1 ms at 64 tokens)
+        if x.rows <= 8 || (vec8 && (x.rows <= 32 || !mma)) {
             return self.gemv_into(x, w, y, vec8);
         }
         let f = self.func(LIN, &format!("linear_{}", wdt_suffix(w.wdt)))?;

@@ -34,15 +34,15 @@ pub struct Tuned {
 }
 
 fn default_linear_tc_max_rows() -> usize {
-    32
+    64
 }
 
 fn default_linear_tc_min_rows() -> usize {
-    1
+    2
 }
 
 fn default_cublaslt_min_rows() -> usize {
-    9
+    2
 }
 
 fn default_split_fill() -> usize {
@@ -51,7 +51,7 @@ fn default_split_fill() -> usize {
 
 impl Default for Tuned {
     fn default() -> Self {
-        Tuned { device: String::new(), mma_min_rows: 9, moe_grouped_min_rows: 9, moe_mma_min_rows: 512, flash_min_q: 64, mma_split_fill: default_split_fill(),
+        Tuned { device: String::new(), mma_min_rows: 9, moe_grouped_min_rows: 8, moe_mma_min_rows: 512, flash_min_q: 64, mma_split_fill: default_split_fill(),
             cublaslt_min_rows: default_cublaslt_min_rows(),
             linear_tc_max_rows: default_linear_tc_max_rows(),
             linear_tc_min_rows: default_linear_tc_min_rows(),
