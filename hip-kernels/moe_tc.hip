@@ -8,12 +8,10 @@
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 // h[pos] = silu(gate_e · x_tok) · (up_e · x_tok): each warp 16 rows of gate and the same 16 rows of
-// up (two m-fragments sharing the tokens). Grid (I / 64, max_tiles, splits), block 128 (4 warps).
-// With split-K (small I: too few blocks to fill the GPU), split z writes its partial gate and up
-// sums to part[z][pos][2I] instead (summed in a fixed order, then silu·up, by the host's kernels).
+// up (two m-fragments sharing the tokens). Grid (I / 64, max_tiles), block 128 (4 warps).
 template <int NT>
 __device__ void moe_gate_up_tc_tile(const float* x, const int32_t* tok, int start, int c, const uint8_t* G, const float* GS, const uint8_t* U, const float* US,
-                                    float* h, int I, int H, int bn, int bk, int ksplit, float* part, int pairs) {
+                                    float* h, int I, int H, int bn, int bk) {
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, w = threadIdx.x / 32;
     const int i0 = (blockIdx.x * 4 + w) * 16;
     if (i0 >= I) return;
@@ -21,22 +19,14 @@ __device__ void moe_gate_up_tc_tile(const float* x, const int32_t* tok, int star
     const float* xrow[2];
     tc_xrows<NT>(x, tok, start, c, H, xrow);
     float acc[2][2][4] = {};
-    const int k_lo = blockIdx.z * ksplit, k_hi = min(H, k_lo + ksplit);
-    tc_gemm<2, NT>(o, xrow, H, k_lo, k_hi, bn, bk, acc);
-    float* pz = part + (int64_t)blockIdx.z * pairs * 2 * I;
+    tc_gemm<2, NT>(o, xrow, H, 0, H, bn, bk, acc);
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             int tt = n * 8 + 2 * t + (q & 1), row = i0 + g + (q >= 2 ? 8 : 0);
             float gv = acc[0][n][q], uv = acc[1][n][q];
-            if (tt >= c) continue;
-            if (gridDim.z == 1) {
-                h[(int64_t)(start + tt) * I + row] = gv / (1.0f + expf(-gv)) * uv;
-            } else {
-                pz[(int64_t)(start + tt) * 2 * I + row] = gv;
-                pz[(int64_t)(start + tt) * 2 * I + I + row] = uv;
-            }
+            if (tt < c) h[(int64_t)(start + tt) * I + row] = gv / (1.0f + expf(-gv)) * uv;
         }
 }
 
@@ -70,7 +60,7 @@ __device__ void moe_down_tc_tile(const float* hbuf, const int32_t* pair_of, cons
 
 extern "C" __global__ void __launch_bounds__(128) moe_gate_up_tc_fp8w(const float* x, const int32_t* tok, const int32_t* tiles, const int32_t* ntiles,
                                                                     const uint8_t* wg, const float* sg, const uint8_t* wu, const float* su, float* h,
-                                                                    int I, int H, int bn, int bk, int ksplit, float* part, int pairs) {
+                                                                    int I, int H, int bn, int bk) {
     int tile = blockIdx.y;
     if (tile >= *ntiles) return;
     int e = tiles[3 * tile], start = tiles[3 * tile + 1], c = tiles[3 * tile + 2] - start;
@@ -79,28 +69,22 @@ extern "C" __global__ void __launch_bounds__(128) moe_gate_up_tc_fp8w(const floa
     const float *GS = sg + e * sstride, *US = su + e * sstride;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     // one n-fragment when the tile has at most 8 tokens (the usual decode case)
-    if (c <= 8) moe_gate_up_tc_tile<1>(x, tok, start, c, G, GS, U, US, h, I, H, bn, bk, ksplit, part, pairs);
-    else moe_gate_up_tc_tile<2>(x, tok, start, c, G, GS, U, US, h, I, H, bn, bk, ksplit, part, pairs);
+    if (c <= 8) moe_gate_up_tc_tile<1>(x, tok, start, c, G, GS, U, US, h, I, H, bn, bk);
+    else moe_gate_up_tc_tile<2>(x, tok, start, c, G, GS, U, US, h, I, H, bn, bk);
 #else
-    // scalar: thread r of the block's 64 rows, every token of the tile, this split's K range
+    // scalar: thread r of the block's 64 rows, every token of the tile
     int i = blockIdx.x * 64 + threadIdx.x % 64;
     if (i >= I || threadIdx.x >= 64) return;
-    int kb = (H + bk - 1) / bk, k_lo = blockIdx.z * ksplit, k_hi = min(H, k_lo + ksplit);
-    float* pz = part + (int64_t)blockIdx.z * pairs * 2 * I;
+    int kb = (H + bk - 1) / bk;
     for (int tt = 0; tt < c; ++tt) {
         const float* xt = x + (int64_t)tok[start + tt] * H;
         float gs = 0.f, us = 0.f;
-        for (int k = k_lo; k < k_hi; ++k) {
+        for (int k = 0; k < H; ++k) {
             float s = xt[k];
             gs += fp8e4m3_to_f32(G[(int64_t)i * H + k]) * GS[(i / bn) * kb + k / bk] * s;
             us += fp8e4m3_to_f32(U[(int64_t)i * H + k]) * US[(i / bn) * kb + k / bk] * s;
         }
-        if (gridDim.z == 1) {
-            h[(int64_t)(start + tt) * I + i] = gs / (1.0f + expf(-gs)) * us;
-        } else {
-            pz[(int64_t)(start + tt) * 2 * I + i] = gs;
-            pz[(int64_t)(start + tt) * 2 * I + I + i] = us;
-        }
+        h[(int64_t)(start + tt) * I + i] = gs / (1.0f + expf(-gs)) * us;
     }
 #endif
 }

@@ -8,6 +8,7 @@ use super::ops::GpuLinear;
 use crate::backend::BackendError;
 
 const LIN_TC: &str = "hip-kernels/linear_tc.hip";
+const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
 /// Output rows per block (4 warps × 32) and tokens per block (TC_T)
 const ROWS: usize = 128;
 const TOKENS: usize = 16;
@@ -43,7 +44,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         }
         let part = self.zeros::<f32>(splits * m * n)?;
         self.launch(&f).arg(&x.buf).arg(&w.data).arg(&w.scales).arg(&part).arg(&mi).arg(&ni).arg(&ki).arg(&w.bn).arg(&w.bk).arg(&ks).run(cfg).map_err(err("linear_tc"))?;
-        let f = self.func(super::mma::LIN_MMA, "linear_split_sum")?;
+        let f = self.func(LIN_MMA, "linear_split_sum")?;
         let (total, sp) = ((m * n) as i64, splits as i32);
         let sum = LaunchConfig { grid_dim: ((m * n).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         self.launch(&f).arg(&part).arg(y).arg(&total).arg(&sp).run(sum).map_err(err("linear_split_sum"))

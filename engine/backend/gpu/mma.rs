@@ -4,7 +4,7 @@ use super::device::{err, DevBuf, LaunchConfig};
 use super::ops::{wdt_suffix, GpuLinear};
 use crate::backend::BackendError;
 
-pub(super) const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
+const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
 /// Tile edge of the kernels (MT_M = MT_N) and their K step (MT_K).
 pub(super) const TILE: usize = 128;
 const KSTEP: usize = 32;

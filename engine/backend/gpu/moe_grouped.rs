@@ -11,9 +11,6 @@ const MOE_GROUPED: &str = "hip-kernels/moe_grouped.hip";
 const MOE_TC: &str = "hip-kernels/moe_tc.hip";
 /// Tokens of one expert per grouped-GEMV tile (GV_T in moe_grouped.hip).
 const GV_TOKENS: usize = 16;
-/// Blocks per SM the tensor-core gate_up aims for before splitting K: each block is 4 warps that
-/// walk K serially, so a full SM (64 warps) needs 16 of them.
-const MOE_TC_FILL: usize = 16;
 /// The grouping kernel keeps one counter per expert in shared memory.
 const MAX_EXPERTS: usize = 1024;
 
@@ -49,28 +46,12 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (inter, hidden) = (e.inter, e.hidden);
         let (ii, hi) = (inter as i32, hidden as i32);
         if !mma && self.moe_tc_for(e) {
-            // tensor-core grouped GEMV: gate_up 4 warps × 16 rows per block, down 4 warps × 32;
-            // gate_up splits K when its blocks (row groups × the expected tiles) would not fill
-            // the GPU (small intermediate sizes: a TP8 rank's 256)
+            // tensor-core grouped GEMV: gate_up 4 warps × 16 rows per block, down 4 warps × 32
             let mut h = self.alloc_out(pairs * inter)?;
-            let expected_tiles = pairs.min(e.n);
-            let (splits, ksplit) = super::linear_tc::tc_splits(inter.div_ceil(64) * expected_tiles, hidden, self.sms, MOE_TC_FILL);
-            let part = if splits > 1 { self.zeros::<f32>(splits * pairs * 2 * inter)? } else { self.zeros::<f32>(1)? };
-            let (ks, pi) = (ksplit as i32, pairs as i32);
             let f = self.func(MOE_TC, "moe_gate_up_tc_fp8w")?;
             let mut b = self.launch(&f);
-            b.arg(&x.buf).arg(&tok).arg(&tiles).arg(&ntiles).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk).arg(&ks).arg(&part).arg(&pi);
-            b.run(LaunchConfig { grid_dim: (inter.div_ceil(64) as u32, max_tiles as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 }).map_err(err("moe_gate_up_tc"))?;
-            if splits > 1 {
-                // the partial [gate | up] sums in a fixed order, then silu(gate) · up
-                let gu = self.alloc_out(pairs * 2 * inter)?;
-                let f = self.func(super::mma::LIN_MMA, "linear_split_sum")?;
-                let (total, sp) = ((pairs * 2 * inter) as i64, splits as i32);
-                self.launch(&f).arg(&part).arg(&gu).arg(&total).arg(&sp).run(launch(((pairs * 2 * inter).div_ceil(256) as u32, 1, 1))).map_err(err("moe_split_sum"))?;
-                let f = self.func(MOE_GROUPED, "moe_silu_mul_halves")?;
-                let n = (pairs * inter) as i64;
-                self.launch(&f).arg(&gu).arg(&mut h).arg(&n).arg(&ii).run(launch(((pairs * inter).div_ceil(256) as u32, 1, 1))).map_err(err("moe_silu_mul_halves"))?;
-            }
+            b.arg(&x.buf).arg(&tok).arg(&tiles).arg(&ntiles).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk);
+            b.run(LaunchConfig { grid_dim: (inter.div_ceil(64) as u32, max_tiles as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }).map_err(err("moe_gate_up_tc"))?;
             let f = self.func(MOE_TC, "moe_down_tc_fp8w")?;
             let mut b = self.launch(&f);
             b.arg(&h).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk);
