@@ -180,3 +180,8 @@ GEMV8(gemv8_fp8w, WDT_FP8, 8, 2)
 GEMV8(gemv16_f32w, WDT_F32, 16, 1)
 GEMV8(gemv16_bf16w, WDT_BF16, 16, 1)
 GEMV8(gemv16_fp8w, WDT_FP8, 16, 1)
+// one row of x (batch-1 decode): four output rows per warp share each x load, so the x traffic
+// per weight byte halves again (FP8's 16-weight chunks otherwise read 4x their bytes of x)
+GEMV8(gemv1_f32w, WDT_F32, 1, 4)
+GEMV8(gemv1_bf16w, WDT_BF16, 1, 4)
+GEMV8(gemv1_fp8w, WDT_FP8, 1, 4)

@@ -26,6 +26,8 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// where the row length allows them and the scalar ones otherwise.
     pub(super) fn gemv_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>, vec8: bool) -> Result<(), BackendError> {
         let (kind, slice) = match (x.rows, vec8) {
+            // one row of FP8 weights: four output rows per warp share each x load
+            (1, true) if w.wdt == 2 => ("gemv1", 1),
             (0..=8, true) => ("gemv8", 8),
             (_, true) => ("gemv16", 16),
             _ => ("gemv", 8),
@@ -33,7 +35,11 @@ impl<V: GpuVendor> GpuBackend<V> {
         let f = self.func(LIN, &format!("{kind}_{}", wdt_suffix(w.wdt)))?;
         let (n, k) = (w.out as i32, w.inp as i32);
         // output rows per warp (GEMV8's R in linear.hip)
-        let per_warp = if kind == "gemv8" { 2 } else { 1 };
+        let per_warp = match kind {
+            "gemv1" => 4,
+            "gemv8" => 2,
+            _ => 1,
+        };
         let split = if vec8 { gemv_split(w.out.div_ceil(per_warp), w.inp, if w.wdt == 2 { 16 } else { 8 }, self.warp as usize) } else { 1 };
         let sp = split as i32;
         for r0 in (0..x.rows).step_by(slice) {
