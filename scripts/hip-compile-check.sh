@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compiles every HIP kernel module, exactly as the engine's JIT assembles it, for gfx942 (MI300X,
 # Debian clang-19) and gfx950 (MI355X, clang 22 from PyPI ziglang), and reports each kernel's
-# SGPRs, VGPRs, AGPRs, LDS, scratch and occupancy. A kernel with scratch (spills) fails the check.
+# SGPRs, VGPRs, AGPRs, LDS, scratch and occupancy. A kernel with scratch (spills) fails the check,
+# and so does a matrix-unit module (linear_mma, moe_grouped, moe_tc, linear_tc) without v_mfma.
 # Needs scripts/hip-toolchain.sh. Usage: bash scripts/hip-compile-check.sh ENGINE_BIN [PREFIX]
 set -euo pipefail
 ENGINE=${1:?engine binary}
@@ -48,6 +49,14 @@ if not rows:
     print(f"FAIL: {arch} {mod}: no kernel resource report"); bad = True
 sys.exit(1 if bad else 0)
 PY
+      # the matrix-unit modules must really use MFMA on CDNA (not a silent fallback path); decoded
+      # as gfx942 (LLVM 19's disassembler has no gfx950; the MFMA encodings used are gfx942's)
+      case $m in linear_mma|moe_grouped|moe_tc|linear_tc)
+        n=$(llvm-objdump-19 -d --mcpu=gfx942 "$work/$arch-$m.hsaco" 2>/dev/null | grep -c v_mfma || true)
+        if [ "${n:-0}" -eq 0 ]; then
+          echo "FAIL: $arch $model $m has no v_mfma instruction"; fail=1
+        fi;;
+      esac
     done
   done
 done

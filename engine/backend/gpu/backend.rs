@@ -33,9 +33,11 @@ pub struct DeviceParts {
     pub sms: usize,
     /// The matrix-unit tile (mma_tile.h: mma.sync on sm_80+, MFMA on CDNA)
     pub matrix_units: bool,
-    /// NVIDIA's mma.sync (sm_80+): the kernels written for it alone — flash MLA prefill
-    /// (mla_prefill.hip) and the tensor-core grouped MoE GEMV (moe_tc.hip)
+    /// NVIDIA's mma.sync (sm_80+): the kernel written for it alone, flash MLA prefill
+    /// (mla_prefill.hip)
     pub mma_sync: bool,
+    /// The swap-AB matrix-unit decode kernels (tc_swap.h: mma.sync on sm_80+, MFMA on CDNA)
+    pub swap_ab: bool,
     /// The device's FP8 conversion reads e4m3fnuz (gfx942): FP8 weights are converted at upload
     pub fp8_fnuz: bool,
 }
@@ -89,11 +91,11 @@ pub struct GpuBackend<V: GpuVendor> {
     pub mma_gemm: bool,
     /// Flash MLA prefill on the tensor cores (NVIDIA sm_80+)
     pub flash_prefill: bool,
-    /// Decode-sized MoE batches (FP8 experts) on the tensor cores (moe_tc.hip; NVIDIA sm_80+;
-    /// ENGINE_MOE_TC=0 keeps the grouped GEMV)
+    /// Decode-sized MoE batches (FP8 experts) on the matrix units (moe_tc.hip; NVIDIA sm_80+,
+    /// CDNA; ENGINE_MOE_TC=0 keeps the grouped GEMV)
     pub moe_tc: bool,
-    /// Decode-sized linear layers with FP8 weights on the tensor cores (linear_tc.hip; NVIDIA
-    /// sm_80+; ENGINE_LINEAR_TC=0 keeps the GEMV and the 128-row tiles)
+    /// Decode-sized linear layers with FP8 weights on the matrix units (linear_tc.hip; NVIDIA
+    /// sm_80+, CDNA; ENGINE_LINEAR_TC=0 keeps the GEMV and the 128-row tiles)
     pub linear_tc: bool,
     /// Streaming multiprocessors (split-K sizing)
     pub sms: usize,
@@ -138,7 +140,7 @@ impl<V: GpuVendor> GpuBackend<V> {
                 V::NAME,
                 tuned.mma_min_rows,
                 tuned.moe_grouped_min_rows,
-                if p.mma_sync { "FP8 experts: tensor-core grouped GEMV, 16-token tiles; others: grouped GEMV" } else { "grouped GEMV" },
+                if p.swap_ab { "FP8 experts: swap-AB matrix-unit grouped GEMV, 16-token tiles; others: grouped GEMV" } else { "grouped GEMV" },
                 tuned.moe_mma_min_rows,
                 if p.mma_sync { format!("from {} new tokens", tuned.flash_min_q) } else { "off (no matrix-unit path in mla_prefill.hip for this arch)".into() }
             );
@@ -159,8 +161,8 @@ impl<V: GpuVendor> GpuBackend<V> {
             staging: Mutex::new(None),
             mma_gemm,
             flash_prefill: p.mma_sync && mma_gemm,
-            moe_tc: p.mma_sync && mma_gemm && !std::env::var("ENGINE_MOE_TC").is_ok_and(|v| v == "0"),
-            linear_tc: p.mma_sync && mma_gemm && !std::env::var("ENGINE_LINEAR_TC").is_ok_and(|v| v == "0"),
+            moe_tc: p.swap_ab && mma_gemm && !std::env::var("ENGINE_MOE_TC").is_ok_and(|v| v == "0"),
+            linear_tc: p.swap_ab && mma_gemm && !std::env::var("ENGINE_LINEAR_TC").is_ok_and(|v| v == "0"),
             sms: p.sms,
             fp8_fnuz: p.fp8_fnuz,
             tuned,

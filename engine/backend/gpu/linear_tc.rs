@@ -1,5 +1,5 @@
-//! Decode-sized linear layers with FP8 weights on the tensor cores (hip-kernels/linear_tc.hip,
-//! NVIDIA sm_80+): W's rows on the MMA's M side and x's few rows on its N side, so the weights
+//! Decode-sized linear layers with FP8 weights on the matrix units (hip-kernels/linear_tc.hip:
+//! mma.sync on NVIDIA sm_80+, MFMA on CDNA; whole 64-row groups so no warp reads past W): W's rows on the MMA's M side and x's few rows on its N side, so the weights
 //! stream at full width whatever the batch; split-K when the row groups alone would not fill
 //! the GPU, summed in a fixed order.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
@@ -26,10 +26,10 @@ pub(super) fn tc_splits(blocks: usize, k: usize, sms: usize, fill: usize) -> (us
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
-    /// Whether this layer at this batch takes the swap-AB tensor-core kernel.
+    /// Whether this layer at this batch takes the swap-AB matrix-unit kernel.
     pub(super) fn linear_tc_for(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
         let t = &self.tuned;
-        self.linear_tc && self.mma_gemm && w.wdt == 2 && (t.linear_tc_min_rows..=t.linear_tc_max_rows).contains(&x.rows) && w.inp % KCHUNK == 0 && w.bk % KCHUNK as i32 == 0 && w.out % 32 == 0
+        self.linear_tc && self.mma_gemm && w.wdt == 2 && (t.linear_tc_min_rows..=t.linear_tc_max_rows).contains(&x.rows) && w.inp % KCHUNK == 0 && w.bk % KCHUNK as i32 == 0 && w.out % 64 == 0
     }
 
     pub(super) fn linear_tc(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<(), BackendError> {

@@ -100,9 +100,11 @@ impl GpuVendor for Rocm {
             device_name,
             warp: arch.wave,
             sms: cus,
-            // mma_tile.h's MFMA 32x32x8 bf16 path; mla_prefill.hip and moe_tc.hip have mma.sync only
+            // mma_tile.h's MFMA 32x32x8 bf16 tiles and tc_swap.h's MFMA 16x16x16 decode kernels;
+            // mla_prefill.hip has mma.sync only
             matrix_units: true,
             mma_sync: false,
+            swap_ab: true,
             fp8_fnuz: arch.fp8 == device::Fp8Format::E4m3Fnuz,
         })
     }
