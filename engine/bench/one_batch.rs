@@ -200,11 +200,11 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
         }
     };
     let out = json!({"model_path": path.display().to_string(), "backend": backend, "load_s": load_s, "checkpoint_bytes": weight_bytes, "tp_size": par.world, "dp_attention": par.dp_attention, "ep_size": par.ep_size(), "nnodes": par.nnodes, "load_and_bench_s": t.elapsed().as_secs_f64(),
-                     "kernels": kernels, "cuda_graphs": graphs, "results": rows});
+                     "kernels": kernels, "graphs": graphs, "results": rows});
     if a.json {
         println!("{out}");
     } else {
-        println!("model {} on {backend} (tp {}, ep {}, dp attention {}, nnodes {}); kernels {}; CUDA graphs {}", path.display(), out["tp_size"], out["ep_size"], out["dp_attention"], out["nnodes"], out["kernels"], out["cuda_graphs"]);
+        println!("model {} on {backend} (tp {}, ep {}, dp attention {}, nnodes {}); kernels {}; {} graphs {}", path.display(), out["tp_size"], out["ep_size"], out["dp_attention"], out["nnodes"], out["kernels"], if backend == "rocm" { "HIP" } else { "CUDA" }, out["graphs"]);
         let (secs, gb) = (load_s, weight_bytes as f64 / 1e9);
         println!("loaded {gb:.1} GB in {secs:.2}s ({:.2} GB/s over all ranks)", gb / secs.max(1e-9));
         println!("{:>6} {:>6} {:>6} {:>12} {:>14} {:>14} {:>12}", "batch", "in", "out", "prefill tok/s", "step med ms", "step p90 ms", "decode tok/s");

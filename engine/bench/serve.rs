@@ -112,7 +112,7 @@ async fn one(t: Arc<Target>, prompt: Vec<u32>, out_len: usize) -> Outcome {
                     } else {
                         // tokens that arrived together share the gap
                         let gap = (now - last).as_secs_f64() / (n - seen) as f64;
-                        o.itls.extend(std::iter::repeat(gap).take(n - seen));
+                        o.itls.extend(std::iter::repeat_n(gap, n - seen));
                     }
                     last = now;
                     seen = n;

@@ -227,7 +227,7 @@ impl ModelConfig {
     /// Whether decoder layer `i` uses MoE (DeepSeek's rule: past the first dense layers, every
     /// `moe_layer_freq`-th layer).
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        self.n_routed_experts.is_some() && i >= self.first_k_dense_replace && i % self.moe_layer_freq == 0
+        self.n_routed_experts.is_some() && i >= self.first_k_dense_replace && i.is_multiple_of(self.moe_layer_freq)
     }
 
     pub fn qk_head_dim(&self) -> usize {

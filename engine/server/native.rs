@@ -96,7 +96,7 @@ pub async fn generate(app: &App, body: Value) -> Result<Resp, ApiError> {
     let (resp, tx) = sse();
     let guard = app.inflight();
     let mut merged = merge(rxs);
-    let prompt_lens: Vec<usize> = prompts.iter().zip(&per_prompt).flat_map(|(p, sp)| std::iter::repeat(p.len()).take(sp.n)).collect();
+    let prompt_lens: Vec<usize> = prompts.iter().zip(&per_prompt).flat_map(|(p, sp)| std::iter::repeat_n(p.len(), sp.n)).collect();
     tokio::spawn(async move {
         let _guard = guard;
         let mut text = vec![String::new(); prompt_lens.len()];

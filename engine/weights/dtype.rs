@@ -113,8 +113,8 @@ mod tests {
         let x = half::bf16::from_f32(-3.140625);
         let [lo, hi] = x.to_bits().to_le_bytes();
         assert_eq!(bf16_to_f32(lo, hi), -3.140625);
-        let y = half::f16::from_f32(0.333251953125);
+        let y = half::f16::from_f32(0.333_251_95);
         let [lo, hi] = y.to_bits().to_le_bytes();
-        assert_eq!(f16_to_f32(lo, hi), 0.333251953125);
+        assert_eq!(f16_to_f32(lo, hi), 0.333_251_95);
     }
 }

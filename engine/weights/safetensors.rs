@@ -150,7 +150,7 @@ pub fn write_safetensors_with(path: &Path, specs: &[(String, DType, Vec<usize>)]
         off += len;
     }
     let mut h = serde_json::to_vec(&Value::Object(header)).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let tmp = path.with_extension("tmp");

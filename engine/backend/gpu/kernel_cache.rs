@@ -141,10 +141,8 @@ impl KernelCache {
         for e in rd.filter_map(|e| e.ok()) {
             let p = e.path();
             let name = p.file_name().and_then(|x| x.to_str()).unwrap_or("");
-            if name.ends_with(".bin") || name.ends_with(".tmp") {
-                if std::fs::remove_file(&p).is_ok() && name.ends_with(".bin") {
-                    n += 1;
-                }
+            if (name.ends_with(".bin") || name.ends_with(".tmp")) && std::fs::remove_file(&p).is_ok() && name.ends_with(".bin") {
+                n += 1;
             }
         }
         n

@@ -29,7 +29,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// Whether this layer at this batch takes the swap-AB matrix-unit kernel.
     pub(super) fn linear_tc_for(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
         let t = &self.tuned;
-        self.linear_tc && self.mma_gemm && w.wdt == 2 && (t.linear_tc_min_rows..=t.linear_tc_max_rows).contains(&x.rows) && w.inp % KCHUNK == 0 && w.bk % KCHUNK as i32 == 0 && w.out % 64 == 0
+        self.linear_tc && self.mma_gemm && w.wdt == 2 && (t.linear_tc_min_rows..=t.linear_tc_max_rows).contains(&x.rows) && w.inp.is_multiple_of(KCHUNK) && w.bk % KCHUNK as i32 == 0 && w.out.is_multiple_of(64)
     }
 
     pub(super) fn linear_tc(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<(), BackendError> {

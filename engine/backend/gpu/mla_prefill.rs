@@ -34,7 +34,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// fragments tile (QK % 16, V % 8), and a decompressed context that fits the budget.
     pub(super) fn flash_prefill_for(&self, s: &AttnSeq, d: &MlaDims) -> bool {
         let kvd_bytes = s.slots.len() * d.num_heads * (d.qk_nope + d.v_head) * 4;
-        self.flash_prefill && s.q_len >= self.tuned.flash_min_q && d.qk_head() % 16 == 0 && d.v_head % 8 == 0 && kvd_bytes <= MAX_KVD_BYTES
+        self.flash_prefill && s.q_len >= self.tuned.flash_min_q && d.qk_head().is_multiple_of(16) && d.v_head.is_multiple_of(8) && kvd_bytes <= MAX_KVD_BYTES
     }
 
     /// Writes the attention output rows of `seqs` into `out` ([T, heads·v_head]).

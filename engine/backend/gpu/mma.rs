@@ -16,7 +16,7 @@ pub(super) fn launch(grid: (u32, u32, u32)) -> LaunchConfig {
 /// Every operand chunk can take a 16-byte load: rows of a multiple of 16 elements and FP8 scale
 /// blocks that a chunk never straddles.
 pub(super) fn vec_ok(k: usize, w: u8, bk: i32) -> i32 {
-    (k % 16 == 0 && (w != 2 || bk % 16 == 0)) as i32
+    (k.is_multiple_of(16) && (w != 2 || bk % 16 == 0)) as i32
 }
 
 /// K split so that the tiles fill the GPU `fill` times over, each range at least 4 K steps.

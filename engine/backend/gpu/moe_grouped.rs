@@ -18,7 +18,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// Whether decode-sized batches of these experts take the tensor-core grouped GEMV
     /// (moe_tc.hip): FP8 weights, 64-wide K chunks inside one scale block, whole row fragments.
     fn moe_tc_for(&self, e: &GpuExperts) -> bool {
-        self.moe_tc && self.mma_gemm && e.wdt == 2 && e.bk % 64 == 0 && e.hidden % 64 == 0 && e.inter % 64 == 0
+        self.moe_tc && self.mma_gemm && e.wdt == 2 && e.bk % 64 == 0 && e.hidden.is_multiple_of(64) && e.inter.is_multiple_of(64)
     }
 
     /// Whether the grouped kernels can take these experts: 16-byte loads along both K dimensions.

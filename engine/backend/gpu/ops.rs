@@ -136,7 +136,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         })?;
         let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
         // four heads per block share each cache entry they read
-        let hpb = if d.num_heads % 4 == 0 { 4 } else { 1 };
+        let hpb = if d.num_heads.is_multiple_of(4) { 4 } else { 1 };
         let f = self.mla_func(dims, if hpb == 4 { "mla_attention4" } else { "mla_attention" })?;
         let (l, ns, scale) = (layer as i32, kv.slots as i32, d.scale);
         let warps = self.warps_per_block();
@@ -199,7 +199,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// router keeps f32 so that expert choice matches the reference (DeepSeek's gate is f32).
     fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>, mma: bool) -> Result<(), BackendError> {
         // 16-byte loads need rows of a multiple of 8 elements (FP8: 16, and scale blocks too)
-        let vec8 = if w.wdt == 2 { w.inp % 16 == 0 && w.bk % 16 == 0 } else { w.inp % 8 == 0 };
+        let vec8 = if w.wdt == 2 { w.inp.is_multiple_of(16) && w.bk % 16 == 0 } else { w.inp.is_multiple_of(8) };
         if mma && self.blaslt_for(x, w) && self.linear_blaslt(x, w, y)? {
             return Ok(());
         }
