@@ -333,7 +333,56 @@ impl Drop for PinnedBuf {
 
 #[cfg(test)]
 mod tests {
+    use super::super::host_runtime::HostRuntime;
     use super::*;
+
+    fn host() -> (Arc<HostRuntime>, Arc<dyn DeviceApi>) {
+        let h = Arc::new(HostRuntime::default());
+        (h.clone(), h)
+    }
+
+    #[test]
+    fn buffers_round_trip_and_fill_whole_words() {
+        let (h, dev) = host();
+        // 3 u16 = 6 bytes: the allocation is rounded to 8 so zeros() fills it with 32-bit words
+        let z = DevBuf::<u16>::zeros(&dev, 3).unwrap();
+        assert_eq!(h.mem.lock().unwrap()[&z.ptr()].len(), 8);
+        assert_eq!(z.to_host().unwrap(), vec![0u16; 3]);
+        let v = [1.5f32, -2.0, 3.25, 7.0];
+        let b = DevBuf::from_host(&dev, &v).unwrap();
+        assert_eq!((b.len(), b.to_host().unwrap()), (4, v.to_vec()));
+        assert_eq!(b.at(2) - b.ptr(), 8);
+        // an empty upload is one element of zero, so every buffer has an address
+        let e = DevBuf::<i32>::from_host(&dev, &[]).unwrap();
+        assert_eq!(e.to_host().unwrap(), vec![0]);
+        let mut c = DevBuf::<f32>::zeros(&dev, 4).unwrap();
+        c.copy_from(b.at(1), 2).unwrap();
+        assert_eq!(c.to_host().unwrap(), vec![-2.0, 3.25, 0.0, 0.0]);
+        // dropping frees stream-ordered
+        let p = b.ptr();
+        drop(b);
+        assert!(h.freed.lock().unwrap().contains(&p));
+    }
+
+    #[test]
+    fn launches_pass_arguments_in_order_and_handles_are_released() {
+        let (h, dev) = host();
+        let buf = DevBuf::<f32>::zeros(&dev, 16).unwrap();
+        let (n, s, big) = (7i32, 0.5f32, 1i64 << 40);
+        let cfg = LaunchConfig { grid_dim: (3, 2, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        Launch::new(&*dev, &Kernel(5)).arg(&buf).arg(&n).arg(&s).arg(&big).arg(&buf.at(4)).run(cfg).unwrap();
+        let l = h.launches.lock().unwrap();
+        assert_eq!(l.len(), 1);
+        let (f, grid, args) = &l[0];
+        assert_eq!((*f, *grid), (5, (3, 2, 1)));
+        assert_eq!(args, &vec![buf.ptr(), 7, 0.5f32.to_bits() as u64, 1 << 40, buf.ptr() + 16]);
+        drop(l);
+        drop(DevEvent::record(&dev, true).unwrap());
+        drop(DevGraph::new(&dev, 99));
+        assert_eq!(*h.destroyed.lock().unwrap(), vec![77, 99]);
+        let mut pin = PinnedBuf::alloc(&dev, 64).unwrap();
+        pin.as_mut_slice()[63] = 1;
+    }
 
     #[test]
     fn arguments_keep_their_bits_in_the_low_bytes() {

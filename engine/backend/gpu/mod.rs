@@ -9,6 +9,8 @@ pub mod compiler;
 pub mod device;
 mod gemv;
 pub mod hiprtc;
+#[cfg(test)]
+mod host_runtime;
 pub mod jit;
 pub mod kernel_cache;
 mod linear_tc;

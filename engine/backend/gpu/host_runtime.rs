@@ -1,0 +1,139 @@
+//! A `DeviceApi` over host memory, for unit tests of the shared GPU layer's own logic (buffer
+//! sizes and fills, copies, argument packing, handle lifetimes) on machines without a GPU. It runs
+//! no kernels: a launch records the argument values it was given.
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+use super::device::{ApiError, DevPtr, DeviceApi, Handle, LaunchConfig};
+
+#[derive(Default)]
+pub struct HostRuntime {
+    /// allocations by base address
+    pub mem: Mutex<HashMap<DevPtr, Vec<u8>>>,
+    next: Mutex<DevPtr>,
+    /// (kernel, grid, argument values as u64 slots) per launch
+    pub launches: Mutex<Vec<(Handle, (u32, u32, u32), Vec<u64>)>>,
+    /// handles destroyed (events and graphs)
+    pub destroyed: Mutex<Vec<Handle>>,
+    pub freed: Mutex<Vec<DevPtr>>,
+    /// page-locked stand-ins: address → length
+    host: Mutex<HashMap<usize, usize>>,
+}
+
+impl HostRuntime {
+    /// (base, offset) of the allocation holding `p` with `len` bytes after it.
+    fn find(&self, p: DevPtr, len: usize) -> Result<(DevPtr, usize), ApiError> {
+        let mem = self.mem.lock().unwrap();
+        mem.iter()
+            .find(|(b, v)| p >= **b && p + len as u64 <= **b + v.len() as u64)
+            .map(|(b, _)| (*b, (p - b) as usize))
+            .ok_or(ApiError { vendor: "host", call: "access", msg: format!("{len} bytes at {p:#x} are outside every allocation") })
+    }
+}
+
+impl DeviceApi for HostRuntime {
+    fn vendor(&self) -> &'static str {
+        "host"
+    }
+    fn bind(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn alloc(&self, bytes: usize) -> Result<DevPtr, ApiError> {
+        let mut next = self.next.lock().unwrap();
+        let p = 0x1000 + *next;
+        // allocations 256-byte aligned, with a gap so overruns do not land in a neighbour
+        *next += (bytes as u64).div_ceil(256) * 256 + 256;
+        // filled with a pattern, so a missing fill shows
+        self.mem.lock().unwrap().insert(p, vec![0xAB; bytes]);
+        Ok(p)
+    }
+    fn free(&self, p: DevPtr) {
+        self.mem.lock().unwrap().remove(&p);
+        self.freed.lock().unwrap().push(p);
+    }
+    fn memset_d32(&self, p: DevPtr, value: u32, count: usize) -> Result<(), ApiError> {
+        let (b, off) = self.find(p, count * 4)?;
+        let mut mem = self.mem.lock().unwrap();
+        for w in mem.get_mut(&b).unwrap()[off..off + count * 4].chunks_mut(4) {
+            w.copy_from_slice(&value.to_le_bytes());
+        }
+        Ok(())
+    }
+    fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<(), ApiError> {
+        let (b, off) = self.find(dst, src.len())?;
+        self.mem.lock().unwrap().get_mut(&b).unwrap()[off..off + src.len()].copy_from_slice(src);
+        Ok(())
+    }
+    fn dtoh(&self, dst: &mut [u8], src: DevPtr) -> Result<(), ApiError> {
+        let (b, off) = self.find(src, dst.len())?;
+        dst.copy_from_slice(&self.mem.lock().unwrap()[&b][off..off + dst.len()]);
+        Ok(())
+    }
+    fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<(), ApiError> {
+        let mut tmp = vec![0u8; bytes];
+        self.dtoh(&mut tmp, src)?;
+        self.htod(dst, &tmp)
+    }
+    fn synchronize(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn load_module(&self, _image: &[u8]) -> Result<Handle, ApiError> {
+        Ok(1)
+    }
+    fn function(&self, _module: Handle, name: &str) -> Result<Handle, ApiError> {
+        Ok(name.len())
+    }
+    unsafe fn launch(&self, f: Handle, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<(), ApiError> {
+        let vals = params.iter().map(|p| *(*p as *const u64)).collect();
+        self.launches.lock().unwrap().push((f, cfg.grid_dim, vals));
+        Ok(())
+    }
+    fn event_record(&self, _timing: bool) -> Result<Handle, ApiError> {
+        Ok(77)
+    }
+    fn event_wait(&self, _e: Handle) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn event_elapsed_ms(&self, _a: Handle, _b: Handle) -> Result<f32, ApiError> {
+        Ok(0.0)
+    }
+    fn event_destroy(&self, e: Handle) {
+        self.destroyed.lock().unwrap().push(e);
+    }
+    fn begin_capture(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn end_capture(&self) -> Result<Option<Handle>, ApiError> {
+        Ok(Some(99))
+    }
+    fn graph_upload(&self, _g: Handle) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn graph_launch(&self, _g: Handle) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn graph_destroy(&self, g: Handle) {
+        self.destroyed.lock().unwrap().push(g);
+    }
+    fn graph_mem_reserved(&self) -> u64 {
+        0
+    }
+    fn host_alloc(&self, bytes: usize) -> Result<*mut u8, ApiError> {
+        let p = Box::into_raw(vec![0u8; bytes].into_boxed_slice()) as *mut u8;
+        self.host.lock().unwrap().insert(p as usize, bytes);
+        Ok(p)
+    }
+    fn host_free(&self, p: *mut u8) {
+        if let Some(n) = self.host.lock().unwrap().remove(&(p as usize)) {
+            // SAFETY: p and n came from the boxed slice made in host_alloc
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, n)) });
+        }
+    }
+    fn mem_info(&self) -> Result<(usize, usize), ApiError> {
+        Ok((0, 0))
+    }
+    fn stream(&self) -> *mut c_void {
+        std::ptr::null_mut()
+    }
+}
