@@ -7,13 +7,16 @@ use std::sync::Mutex;
 
 use super::device::{ApiError, DevPtr, DeviceApi, Handle, LaunchConfig};
 
+/// A recorded launch: kernel, grid, argument values as u64 slots.
+pub type Recorded = (Handle, (u32, u32, u32), Vec<u64>);
+
 #[derive(Default)]
 pub struct HostRuntime {
     /// allocations by base address
     pub mem: Mutex<HashMap<DevPtr, Vec<u8>>>,
     next: Mutex<DevPtr>,
-    /// (kernel, grid, argument values as u64 slots) per launch
-    pub launches: Mutex<Vec<(Handle, (u32, u32, u32), Vec<u64>)>>,
+    /// every launch, in order
+    pub launches: Mutex<Vec<Recorded>>,
     /// handles destroyed (events and graphs)
     pub destroyed: Mutex<Vec<Handle>>,
     pub freed: Mutex<Vec<DevPtr>>,
