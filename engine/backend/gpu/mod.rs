@@ -8,6 +8,8 @@ pub mod ccl;
 pub mod compiler;
 pub mod device;
 mod gemv;
+#[cfg(test)]
+mod graph_tests;
 pub mod hiprtc;
 #[cfg(test)]
 mod host_runtime;
