@@ -373,8 +373,8 @@ mod tests {
         Launch::new(&*dev, &Kernel(5)).arg(&buf).arg(&n).arg(&s).arg(&big).arg(&buf.at(4)).run(cfg).unwrap();
         let l = h.launches.lock().unwrap();
         assert_eq!(l.len(), 1);
-        let (f, grid, args) = &l[0];
-        assert_eq!((*f, *grid), (5, (3, 2, 1)));
+        let (f, grid, threads, args) = &l[0];
+        assert_eq!((*f, *grid, *threads), (5, (3, 2, 1), 256));
         assert_eq!(args, &vec![buf.ptr(), 7, 0.5f32.to_bits() as u64, 1 << 40, buf.ptr() + 16]);
         drop(l);
         drop(DevEvent::record(&dev, true).unwrap());

@@ -2,55 +2,9 @@
 //! cache or the index arena changes, a failed capture turning graphs off) on the host-memory
 //! runtime: the same host code both vendors run, without a GPU. Kernels do not execute here, so
 //! the steps' "logits" are uploads the test controls; copies (the static logits buffer) do run.
-use std::sync::Arc;
-
-use super::backend::{DeviceParts, GpuBackend, GpuTensor, GpuVendor};
-use super::blas::GemmLib;
-use super::host_runtime::HostRuntime;
-use super::source::Vendor;
-use super::{CompileError, Jit, KernelCache, KernelCompiler};
+use super::backend::{GpuBackend, GpuTensor};
+use super::host_runtime::{host_backend, HostVendor};
 use crate::backend::{AttnSeq, BackendError, GraphStep, StepInputs};
-
-/// Stands in for NVRTC / hipRTC: every module "compiles" to a marker the host runtime accepts.
-struct NoCompiler;
-
-impl KernelCompiler for NoCompiler {
-    fn name(&self) -> &'static str {
-        "none"
-    }
-    fn arch(&self) -> &str {
-        "host"
-    }
-    fn version(&self) -> String {
-        "0".into()
-    }
-    fn options(&self) -> Vec<String> {
-        vec![]
-    }
-    fn compile(&self, _file: &str, _source: &str) -> Result<Vec<u8>, CompileError> {
-        Ok(b"host".to_vec())
-    }
-}
-
-struct HostVendor;
-
-impl GpuVendor for HostVendor {
-    const NAME: &'static str = "host";
-    const SOURCE: Vendor = Vendor::Nvidia;
-    const CCL: rccl_sys::Vendor = rccl_sys::Vendor::Nvidia;
-
-    fn open(_ordinal: usize) -> Result<DeviceParts, BackendError> {
-        // one cache for every run (entries are content-keyed and written through a rename)
-        let dir = std::env::temp_dir().join("engine-graph-tests-kernels");
-        let jit = Jit::new(KernelCache::new(dir), Box::new(NoCompiler), Vendor::Nvidia);
-        let dev = Arc::new(HostRuntime::default());
-        Ok(DeviceParts { dev, jit, arch: "host".into(), device_name: "host".into(), warp: 32, sms: 4, matrix_units: false, mma_sync: false, swap_ab: false, fp8_fnuz: false })
-    }
-
-    fn gemm_lib(_b: &GpuBackend<Self>) -> Option<Box<dyn GemmLib>> {
-        None
-    }
-}
 
 const VOCAB: usize = 5;
 
@@ -73,7 +27,7 @@ fn step(b: &GpuBackend<HostVendor>, bs: usize, ctx: usize, graph: Option<GraphSt
 
 #[test]
 fn decode_graphs_capture_replay_and_recapture() {
-    let mut b = GpuBackend::<HostVendor>::new(0).unwrap();
+    let (mut b, _) = host_backend();
     b.set_graph_max_bs(8);
     assert_eq!(b.graphs.sizes, vec![1, 2, 4, 8]);
     assert_eq!((b.graph_batch_size(3), b.graph_batch_size(9)), (Some(4), None));
@@ -104,7 +58,7 @@ fn decode_graphs_capture_replay_and_recapture() {
 
 #[test]
 fn an_upload_inside_a_capture_turns_graphs_off_with_the_reason() {
-    let mut b = GpuBackend::<HostVendor>::new(0).unwrap();
+    let (mut b, _) = host_backend();
     b.set_graph_max_bs(4);
     let ids = [0u32];
     let slots = [0u32, 1];

@@ -1,14 +1,20 @@
 //! A `DeviceApi` over host memory, for unit tests of the shared GPU layer's own logic (buffer
 //! sizes and fills, copies, argument packing, handle lifetimes) on machines without a GPU. It runs
 //! no kernels: a launch records the argument values it was given.
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use super::backend::{DeviceParts, GpuBackend, GpuVendor};
+use super::blas::GemmLib;
 use super::device::{ApiError, DevPtr, DeviceApi, Handle, LaunchConfig};
+use super::source::Vendor;
+use super::{CompileError, Jit, KernelCache, KernelCompiler};
+use crate::backend::BackendError;
 
-/// A recorded launch: kernel, grid, argument values as u64 slots.
-pub type Recorded = (Handle, (u32, u32, u32), Vec<u64>);
+/// A recorded launch: kernel, grid, threads per block, argument values as u64 slots.
+pub type Recorded = (Handle, (u32, u32, u32), u32, Vec<u64>);
 
 #[derive(Default)]
 pub struct HostRuntime {
@@ -22,9 +28,17 @@ pub struct HostRuntime {
     pub freed: Mutex<Vec<DevPtr>>,
     /// page-locked stand-ins: address → length
     host: Mutex<HashMap<usize, usize>>,
+    /// kernel names; a function handle is an index here
+    pub names: Mutex<Vec<String>>,
 }
 
 impl HostRuntime {
+    /// The kernels launched since the last call, in order, with their grids and block sizes.
+    pub fn take_launched(&self) -> Vec<(String, (u32, u32, u32), u32)> {
+        let names = self.names.lock().unwrap();
+        self.launches.lock().unwrap().drain(..).map(|(f, g, t, _)| (names.get(f).cloned().unwrap_or_default(), g, t)).collect()
+    }
+
     /// (base, offset) of the allocation holding `p` with `len` bytes after it.
     fn find(&self, p: DevPtr, len: usize) -> Result<(DevPtr, usize), ApiError> {
         let mem = self.mem.lock().unwrap();
@@ -85,11 +99,13 @@ impl DeviceApi for HostRuntime {
         Ok(1)
     }
     fn function(&self, _module: Handle, name: &str) -> Result<Handle, ApiError> {
-        Ok(name.len())
+        let mut n = self.names.lock().unwrap();
+        n.push(name.to_string());
+        Ok(n.len() - 1)
     }
     unsafe fn launch(&self, f: Handle, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<(), ApiError> {
         let vals = params.iter().map(|p| *(*p as *const u64)).collect();
-        self.launches.lock().unwrap().push((f, cfg.grid_dim, vals));
+        self.launches.lock().unwrap().push((f, cfg.grid_dim, cfg.block_dim.0, vals));
         Ok(())
     }
     fn event_record(&self, _timing: bool) -> Result<Handle, ApiError> {
@@ -139,4 +155,59 @@ impl DeviceApi for HostRuntime {
     fn stream(&self) -> *mut c_void {
         std::ptr::null_mut()
     }
+}
+
+/// Stands in for NVRTC / hipRTC: every module "compiles" to a marker the host runtime accepts.
+struct NoCompiler;
+
+impl KernelCompiler for NoCompiler {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    fn arch(&self) -> &str {
+        "host"
+    }
+    fn version(&self) -> String {
+        "0".into()
+    }
+    fn options(&self) -> Vec<String> {
+        vec![]
+    }
+    fn compile(&self, _file: &str, _source: &str) -> Result<Vec<u8>, CompileError> {
+        Ok(b"host".to_vec())
+    }
+}
+
+pub struct HostVendor;
+
+impl GpuVendor for HostVendor {
+    const NAME: &'static str = "host";
+    const SOURCE: Vendor = Vendor::Nvidia;
+    const CCL: rccl_sys::Vendor = rccl_sys::Vendor::Nvidia;
+
+    fn open(_ordinal: usize) -> Result<DeviceParts, BackendError> {
+        // one cache for every run (entries are content-keyed and written through a rename)
+        let dir = std::env::temp_dir().join("engine-graph-tests-kernels");
+        let jit = Jit::new(KernelCache::new(dir), Box::new(NoCompiler), Vendor::Nvidia);
+        let dev = Arc::new(HostRuntime::default());
+        OPENED.with(|o| *o.borrow_mut() = Some(dev.clone()));
+        Ok(DeviceParts { dev, jit, arch: "host".into(), device_name: "host".into(), warp: 32, sms: 4, matrix_units: false, mma_sync: false, swap_ab: false, fp8_fnuz: false })
+    }
+
+    fn gemm_lib(_b: &GpuBackend<Self>) -> Option<Box<dyn GemmLib>> {
+        None
+    }
+}
+
+thread_local! {
+    /// The runtime the last `HostVendor::open` on this thread made
+    static OPENED: RefCell<Option<Arc<HostRuntime>>> = const { RefCell::new(None) };
+}
+
+/// A GPU backend on the host runtime (NVIDIA sources, 32-wide warps, no matrix units: the tests
+/// turn paths on through the backend's public flags), and that runtime.
+pub fn host_backend() -> (GpuBackend<HostVendor>, Arc<HostRuntime>) {
+    let b = GpuBackend::<HostVendor>::new(0).unwrap();
+    let rt = OPENED.with(|o| o.borrow_mut().take()).expect("HostVendor::open ran");
+    (b, rt)
 }

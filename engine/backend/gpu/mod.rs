@@ -7,6 +7,8 @@ pub mod blas;
 pub mod ccl;
 pub mod compiler;
 pub mod device;
+#[cfg(test)]
+mod dispatch_tests;
 mod gemv;
 #[cfg(test)]
 mod graph_tests;

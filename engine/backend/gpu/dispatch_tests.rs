@@ -1,0 +1,101 @@
+//! Which kernel each op launches, by batch size, weight dtype and device (the thresholds of
+//! configs/tuned/nvidia-h200.toml, which are also the defaults), and the launch geometry for
+//! 32- and 64-wide warps — on the host runtime, which records launches instead of running them.
+use super::backend::{GpuBackend, GpuTensor};
+use super::host_runtime::{host_backend, HostRuntime, HostVendor};
+use crate::backend::{Backend, RouteParams};
+use crate::config::{ScoringFunc, TopkMethod};
+use crate::weights::{HostLinear, LinearData, MmapSlice};
+
+fn fp8(out: usize, inp: usize) -> HostLinear {
+    let scales = vec![0.01; out.div_ceil(128) * inp.div_ceil(128)];
+    let w = (0..out * inp).map(|i| (i % 120) as u8).collect();
+    HostLinear { name: "w".into(), out, inp, data: LinearData::Fp8 { w: MmapSlice::from_vec(w), scale_inv: scales, block_n: 128, block_k: 128 } }
+}
+
+fn bf16(out: usize, inp: usize) -> HostLinear {
+    HostLinear { name: "w".into(), out, inp, data: LinearData::BF16(MmapSlice::from_vec(vec![0x3f; out * inp * 2])) }
+}
+
+/// An NVIDIA sm_80+-like device: matrix units and the swap-AB kernels on.
+fn nvidia_like() -> (GpuBackend<HostVendor>, std::sync::Arc<HostRuntime>) {
+    let (mut b, rt) = host_backend();
+    (b.mma_gemm, b.linear_tc, b.moe_tc) = (true, true, true);
+    (b, rt)
+}
+
+fn x(b: &GpuBackend<HostVendor>, rows: usize, cols: usize) -> GpuTensor {
+    b.upload(rows, cols, &vec![0.5; rows * cols]).unwrap()
+}
+
+fn names(rt: &HostRuntime) -> Vec<String> {
+    rt.take_launched().into_iter().map(|(n, _, _)| n).collect()
+}
+
+#[test]
+fn linear_layers_pick_their_kernel_by_rows_and_dtype() {
+    let (b, rt) = nvidia_like();
+    let w = b.upload_linear(&fp8(1536, 7168)).unwrap();
+    let mut run = |rows: usize| {
+        rt.take_launched();
+        b.linear(&x(&b, rows, 7168), &w).unwrap();
+        names(&rt)
+    };
+    assert_eq!(run(1), ["gemv1_fp8w"], "batch 1: the GEMV, four rows per warp");
+    assert_eq!(run(2)[0], "linear_tc_fp8w", "2-64 rows: swap-AB on the matrix units");
+    assert_eq!(run(64)[0], "linear_tc_fp8w");
+    assert_eq!(run(65)[0], "linear_mma_fp8w", "65+: the 128-row tiles");
+    // bf16 (the lm_head) without a GEMM library: the GEMV up to 8 rows, then the tiles
+    let wb = b.upload_linear(&bf16(256, 512)).unwrap();
+    for (rows, want) in [(1, "gemv8_bf16w"), (8, "gemv8_bf16w"), (9, "linear_mma_bf16w")] {
+        rt.take_launched();
+        b.linear(&x(&b, rows, 512), &wb).unwrap();
+        assert_eq!(names(&rt)[0], want, "{rows} rows of bf16");
+    }
+}
+
+#[test]
+fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
+    let (b, rt) = nvidia_like();
+    let (hidden, inter, n) = (256, 128, 16);
+    let experts = b.upload_experts((0..n).map(|_| [fp8(inter, hidden), fp8(inter, hidden), fp8(hidden, inter)]).collect(), 0).unwrap();
+    let gate = b.upload_linear(&HostLinear::from_f32("gate", n, hidden, &vec![0.1; n * hidden])).unwrap();
+    let p = RouteParams { n_experts: n, top_k: 4, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
+    let mut run = |tokens: usize| {
+        let xt = x(&b, tokens, hidden);
+        let r = b.moe_route(&xt, &gate, None, &p).unwrap();
+        rt.take_launched();
+        b.moe_experts(&xt, &r, &experts).unwrap();
+        names(&rt)
+    };
+    assert_eq!(run(7), ["moe_gate_up_fp8w", "moe_down_fp8w"], "below 8 tokens: a block per (token, expert)");
+    assert_eq!(run(8), ["moe_group", "moe_gate_up_tc_fp8w", "moe_down_tc_fp8w"], "8-511: grouped, swap-AB");
+    assert_eq!(run(512), ["moe_group", "moe_gate_up_mma_fp8w", "moe_silu_mul_halves", "moe_down_mma_fp8w"], "512+: 128-token tiles");
+    // the f32 router beyond 32 tokens: 16-row GEMV slices (not the CUDA-core tile), then routing
+    rt.take_launched();
+    b.moe_route(&x(&b, 64, hidden), &gate, None, &p).unwrap();
+    assert_eq!(names(&rt), ["gemv16_f32w", "gemv16_f32w", "gemv16_f32w", "gemv16_f32w", "moe_route"]);
+}
+
+#[test]
+fn launch_geometry_follows_the_warp_width() {
+    // kv_a-like (576 × 7168) at batch 1: 4 rows per warp, split over warps, 256-thread blocks
+    for (warp, split, blocks) in [(32usize, 8usize, 144u32), (64, 4, 144)] {
+        let (mut b, rt) = host_backend();
+        b.warp = warp as u32;
+        let w = b.upload_linear(&fp8(576, 7168)).unwrap();
+        rt.take_launched();
+        b.linear(&x(&b, 1, 7168), &w).unwrap();
+        let l = rt.take_launched();
+        assert_eq!(l[0].0, "gemv1_fp8w");
+        // 144 row groups × split warps, (256 / warp) warps per block
+        assert_eq!(l[0].1 .0, blocks, "warp {warp}: split {split}");
+        // routing: one warp per token
+        let gate = b.upload_linear(&HostLinear::from_f32("gate", 16, 7168, &vec![0.1; 16 * 7168])).unwrap();
+        let p = RouteParams { n_experts: 16, top_k: 2, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
+        rt.take_launched();
+        b.moe_route(&x(&b, 3, 7168), &gate, None, &p).unwrap();
+        let route = rt.take_launched().pop().unwrap();
+        assert_eq!((route.0.as_str(), route.1, route.2), ("moe_route", (3, 1, 1), warp as u32));
+    }
+}
