@@ -36,7 +36,7 @@ fn names(rt: &HostRuntime) -> Vec<String> {
 fn linear_layers_pick_their_kernel_by_rows_and_dtype() {
     let (b, rt) = nvidia_like();
     let w = b.upload_linear(&fp8(1536, 7168)).unwrap();
-    let mut run = |rows: usize| {
+    let run = |rows: usize| {
         rt.take_launched();
         b.linear(&x(&b, rows, 7168), &w).unwrap();
         names(&rt)
@@ -61,7 +61,7 @@ fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
     let experts = b.upload_experts((0..n).map(|_| [fp8(inter, hidden), fp8(inter, hidden), fp8(hidden, inter)]).collect(), 0).unwrap();
     let gate = b.upload_linear(&HostLinear::from_f32("gate", n, hidden, &vec![0.1; n * hidden])).unwrap();
     let p = RouteParams { n_experts: n, top_k: 4, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
-    let mut run = |tokens: usize| {
+    let run = |tokens: usize| {
         let xt = x(&b, tokens, hidden);
         let r = b.moe_route(&xt, &gate, None, &p).unwrap();
         rt.take_launched();
