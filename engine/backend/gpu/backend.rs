@@ -178,7 +178,8 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// Joins communicator `id` as `rank` of `size` (blocks until all ranks join).
     pub fn with_ccl(mut self, id: &[u8], rank: usize, size: usize) -> Result<Self, BackendError> {
         self.dev.bind().map_err(err("bind"))?;
-        self.ccl = Some(Arc::new(Ccl::init(V::CCL, id, rank, size).map_err(|msg| BackendError::Op { backend: V::NAME, op: "communicator init", msg })?));
+        let ccl = Ccl::init(V::CCL, V::NAME, id, rank, size).map_err(|msg| self.op_err("communicator init", msg))?;
+        self.ccl = Some(Arc::new(ccl));
         Ok(self)
     }
 
@@ -213,7 +214,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             match mods.get(m) {
                 Some(x) => *x,
                 None => {
-                    let bin = self.jit.binary(m).map_err(|e| BackendError::Op { backend: V::NAME, op: "jit", msg: e.to_string() })?;
+                    let bin = self.jit.binary(m).map_err(|e| self.op_err("jit", e.to_string()))?;
                     let module = self.dev.load_module(&bin).map_err(err("load_module"))?;
                     mods.insert(m.clone(), module);
                     module

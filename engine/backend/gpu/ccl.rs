@@ -15,7 +15,8 @@ const NCCL_IN_PROGRESS: rccl_sys::ncclResult_t = 7;
 /// ncclCommDestroy can wait on peers that have not reached it (a node still following jobs), and
 /// tearing it down while a peer is mid-collective hangs or crashes at exit.
 pub struct Ccl {
-    vendor: Vendor,
+    /// The backend's name, for errors
+    backend: &'static str,
     lib: Arc<Rccl>,
     comm: ncclComm_t,
     pub rank: usize,
@@ -27,12 +28,6 @@ pub struct Ccl {
 unsafe impl Send for Ccl {}
 unsafe impl Sync for Ccl {}
 
-fn backend_name(v: Vendor) -> &'static str {
-    match v {
-        Vendor::Nvidia => "cuda",
-        Vendor::Amd => "rocm",
-    }
-}
 
 /// The library, loaded once and never unloaded: ncclGetUniqueId starts a bootstrap thread that
 /// runs library code for the life of the process.
@@ -64,7 +59,7 @@ pub fn version(lib: &Rccl) -> String {
 impl Ccl {
     /// Joins communicator `id` as `rank` of `size`; blocks until every rank has joined. The
     /// caller's device must be current on this thread.
-    pub fn init(vendor: Vendor, id: &[u8], rank: usize, size: usize) -> Result<Self, String> {
+    pub fn init(vendor: Vendor, backend: &'static str, id: &[u8], rank: usize, size: usize) -> Result<Self, String> {
         let lib = load(vendor)?;
         let mut uid = ncclUniqueId { internal: [0; 128] };
         if id.len() != uid.internal.len() {
@@ -77,11 +72,11 @@ impl Ccl {
         check("ncclCommInitRank", unsafe { lib.ncclCommInitRank(&mut comm, size as i32, uid, rank as i32) }).map_err(|e| format!("rank {rank} of {size}: {e}"))?;
         let name = if vendor == Vendor::Nvidia { "NCCL" } else { "RCCL" };
         log::info!("rank {rank}/{size}: {name} {} communicator ready", version(&lib));
-        Ok(Ccl { vendor, lib, comm, rank, size })
+        Ok(Ccl { backend, lib, comm, rank, size })
     }
 
     fn err(&self, op: &'static str) -> impl Fn(rccl_sys::CclError) -> BackendError {
-        let backend = backend_name(self.vendor);
+        let backend = self.backend;
         move |e| BackendError::Op { backend, op, msg: e.to_string() }
     }
 

@@ -62,7 +62,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             let mut b = self.launch(&f);
             b.arg(&q.buf).arg(&kvd.buf).arg(&pe).arg(&d_tiles).arg(out).arg(&heads).arg(&scale);
             let launch = LaunchConfig { grid_dim: ((tiles.len() / 4) as u32, d.num_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            b.run(launch).map(|_| ()).map_err(err("mla_flash_prefill"))
+            b.run(launch).map_err(err("mla_flash_prefill"))
         })
     }
 }

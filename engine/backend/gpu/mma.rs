@@ -39,7 +39,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         if splits == 1 {
             let mut b = self.launch(&f);
             b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&w.bn).arg(&w.bk).arg(&ks).arg(&v);
-            return b.run(launch(grid)).map(|_| ()).map_err(err("linear_mma"));
+            return b.run(launch(grid)).map_err(err("linear_mma"));
         }
         let mut part = self.zeros::<f32>(splits * m * n)?;
         let mut b = self.launch(&f);
@@ -49,7 +49,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (total, sp) = ((m * n) as i64, splits as i32);
         let mut b = self.launch(&f);
         b.arg(&part).arg(y).arg(&total).arg(&sp);
-        b.run(launch(((m * n).div_ceil(256) as u32, 1, 1))).map(|_| ()).map_err(err("linear_split_sum"))
+        b.run(launch(((m * n).div_ceil(256) as u32, 1, 1))).map_err(err("linear_split_sum"))
     }
 }
 

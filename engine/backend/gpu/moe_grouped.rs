@@ -68,7 +68,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             let mut b = self.launch(&f);
             b.arg(&h).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk);
             // a warp per two output rows
-            return b.run(launch((hidden.div_ceil(2 * self.warps_per_block()) as u32, max_tiles as u32, 1))).map(|_| ()).map_err(err("moe_down_gv"));
+            return b.run(launch((hidden.div_ceil(2 * self.warps_per_block()) as u32, max_tiles as u32, 1))).map_err(err("moe_down_gv"));
         }
         let mut gu = self.alloc_out(pairs * 2 * inter)?;
         let f = self.func(MOE_GROUPED, &format!("moe_gate_up_mma_{}", wdt_suffix(e.wdt)))?;
@@ -88,6 +88,6 @@ impl<V: GpuVendor> GpuBackend<V> {
         let v = vec_ok(inter, e.wdt, e.bk);
         let mut b = self.launch(&f);
         b.arg(&h).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk).arg(&v);
-        b.run(launch((hidden.div_ceil(TILE) as u32, max_tiles as u32, 1))).map(|_| ()).map_err(err("moe_down_mma"))
+        b.run(launch((hidden.div_ceil(TILE) as u32, max_tiles as u32, 1))).map_err(err("moe_down_mma"))
     }
 }

@@ -132,7 +132,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.span(ATTN_PROJ, || {
             let mut b = self.launch(&f);
             b.arg(&q.buf).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut q_lat).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-            b.run(proj(d.kv_lora_rank.div_ceil(128))).map(|_| ()).map_err(err("mla_q_latent"))
+            b.run(proj(d.kv_lora_rank.div_ceil(128))).map_err(err("mla_q_latent"))
         })?;
         let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
         // four heads per block share each cache entry they read
@@ -164,7 +164,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.span(ATTN_PROJ, || {
             let mut b = self.launch(&f);
             b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-            b.run(proj(d.v_head.div_ceil(32))).map(|_| ()).map_err(err("mla_out"))
+            b.run(proj(d.v_head.div_ceil(32))).map_err(err("mla_out"))
         })?;
         Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
     }
@@ -178,7 +178,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let cols = x.cols as i32;
         let mut b = self.launch(&f);
         b.arg(&x.buf).arg(&r.0).arg(out).arg(&cols);
-        b.run(cfg((rows.len() as u32, 1), 256, 0)).map(|_| ()).map_err(err("scatter_rows"))
+        b.run(cfg((rows.len() as u32, 1), 256, 0)).map_err(err("scatter_rows"))
     }
 
     /// The device address of an index array: the running step's copy when `v` is one of the
@@ -188,7 +188,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             return Ok((p, None));
         }
         if self.capturing() {
-            return Err(BackendError::Op { backend: V::NAME, op: "upload", msg: format!("{} indices uploaded inside a CUDA graph capture (not one of the step's arrays)", v.len()) });
+            return Err(self.op_err("upload", format!("{} indices uploaded inside a graph capture (not one of the step's arrays)", v.len())));
         }
         let b = self.htod(if v.is_empty() { &[0u32][..] } else { v })?;
         let p = b.ptr();
@@ -219,7 +219,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (m, n, k) = (x.rows as i32, w.out as i32, w.inp as i32);
         let mut b = self.launch(&f);
         b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
-        b.run(cfg((w.out.div_ceil(64) as u32, x.rows.div_ceil(64) as u32), 256, 0)).map(|_| ()).map_err(err("linear"))
+        b.run(cfg((w.out.div_ceil(64) as u32, x.rows.div_ceil(64) as u32), 256, 0)).map_err(err("linear"))
     }
 }
 
@@ -231,7 +231,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
     type KvCache = GpuKvCache;
 
     fn name(&self) -> &'static str {
-        "cuda"
+        V::NAME
     }
 
     fn memory_info(&self) -> Option<(usize, usize)> {
@@ -272,7 +272,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             for (p, w) in ex.iter().enumerate() {
                 let (d, bytes, scales, wbn, wbk) = host_weight(w, self.fp8_fnuz);
                 if d != wdt || (wbn, wbk) != (bn, bk) {
-                    return Err(BackendError::Op { backend: V::NAME, op: "upload_experts", msg: format!("expert {e} ({}) differs in dtype or block size from expert 0", w.name) });
+                    return Err(self.op_err("upload_experts", format!("expert {e} ({}) differs in dtype or block size from expert 0", w.name)));
                 }
                 parts[p].0.push(bytes);
                 if wdt == 2 {
@@ -307,7 +307,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
     fn embedding(&self, table: &GpuLinear, ids: &[u32]) -> Result<GpuTensor, BackendError> {
         self.span("other", || {
             if let Some(&bad) = ids.iter().find(|&&i| i as usize >= table.out) {
-                return Err(BackendError::Op { backend: V::NAME, op: "embedding", msg: format!("token id {bad} outside the vocabulary of {}", table.out) });
+                return Err(self.op_err("embedding", format!("token id {bad} outside the vocabulary of {}", table.out)));
             }
             let f = self.func(EW, &format!("embedding_{}", wdt_suffix(table.wdt)))?;
             let d_ids = self.idx(ids)?;
@@ -440,7 +440,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
         self.span("routing", || {
             let logits = self.linear_with(x, gate, false)?;
             if p.n_experts > 1024 || p.top_k > 64 || p.n_group > 64 || p.n_group == 0 {
-                return Err(BackendError::Op { backend: V::NAME, op: "moe_route", msg: format!("{} experts, top-k {}, {} groups: the routing kernel takes at most 1024 experts, top-k 64 and 64 groups", p.n_experts, p.top_k, p.n_group) });
+                return Err(self.op_err("moe_route", format!("{} experts, top-k {}, {} groups: the routing kernel takes at most 1024 experts, top-k 64 and 64 groups", p.n_experts, p.top_k, p.n_group)));
             }
             let f = self.func(MOE, "moe_route")?;
             let d_bias = self.constant(bias.unwrap_or(&[0.0]))?;
@@ -534,7 +534,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
     }
 
     fn all_gather_rows(&self, x: &GpuTensor, per_rank: usize) -> Result<GpuTensor, BackendError> {
-        let c = self.ccl.as_ref().ok_or(BackendError::Op { backend: V::NAME, op: "all_gather_rows", msg: "no communicator".into() })?;
+        let c = self.ccl.as_ref().ok_or_else(|| self.op_err("all_gather_rows", "no communicator".into()))?;
         assert!(x.rows <= per_rank, "all_gather_rows: {} rows > {per_rank}", x.rows);
         self.span("communication", || {
             let n = per_rank * x.cols;
@@ -549,7 +549,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
     }
 
     fn reduce_scatter_rows(&self, x: &GpuTensor, keep: usize) -> Result<GpuTensor, BackendError> {
-        let c = self.ccl.as_ref().ok_or(BackendError::Op { backend: V::NAME, op: "reduce_scatter_rows", msg: "no communicator".into() })?;
+        let c = self.ccl.as_ref().ok_or_else(|| self.op_err("reduce_scatter_rows", "no communicator".into()))?;
         let per_rank = x.rows / c.size;
         assert!(keep <= per_rank && x.rows == per_rank * c.size, "reduce_scatter_rows: bad shape");
         self.span("communication", || {
