@@ -1,12 +1,10 @@
 //! cuBLASLt (dynamically loaded) as the CUDA backend's `GemmLib`: bf16 × bf16 → f32 GEMMs for the
 //! linear layers with bf16 weights (backend/gpu/blas.rs splits x into bf16 hi/lo rows).
-use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Mutex;
 
 use cudarc::cublaslt::{result, sys};
 
-use crate::backend::gpu::blas::GemmLib;
+use crate::backend::gpu::blas::{GemmLib, PlanCache};
 use crate::backend::gpu::device::{DevBuf, DevPtr};
 use crate::backend::BackendError;
 
@@ -29,8 +27,7 @@ pub struct BlasLt {
     handle: sys::cublasLtHandle_t,
     workspace: DevBuf<u8>,
     stream: sys::cudaStream_t,
-    /// Per (2M, N, K): the plan, or None where cuBLASLt offered no algorithm (the own kernel runs)
-    plans: Mutex<HashMap<(usize, usize, usize), Option<Plan>>>,
+    plans: PlanCache<Plan>,
 }
 
 // SAFETY: the handle and descriptors are used from one stream at a time, under the backend's
@@ -40,7 +37,7 @@ unsafe impl Sync for BlasLt {}
 
 impl Drop for BlasLt {
     fn drop(&mut self) {
-        for (_, p) in self.plans.lock().unwrap().drain().filter_map(|(k, p)| p.map(|p| (k, p))) {
+        for p in self.plans.drain() {
             unsafe {
                 let _ = result::destroy_matrix_layout(p.a);
                 let _ = result::destroy_matrix_layout(p.b);
@@ -73,7 +70,7 @@ impl BlasLt {
                 return None;
             }
         };
-        Some(BlasLt { handle, workspace, stream: b.dev.stream() as sys::cudaStream_t, plans: Mutex::new(HashMap::new()) })
+        Some(BlasLt { handle, workspace, stream: b.dev.stream() as sys::cudaStream_t, plans: PlanCache::default() })
     }
 
     /// D [m2, n] (row-major f32) = X2 [m2, k] (bf16) · W [n, k]ᵀ (bf16), in column-major terms
@@ -112,15 +109,12 @@ impl GemmLib for BlasLt {
     }
 
     fn supports(&self, m2: usize, n: usize, k: usize) -> bool {
-        let mut plans = self.plans.lock().unwrap();
-        plans.entry((m2, n, k)).or_insert_with(|| self.plan(m2, n, k).inspect_err(|e| log::warn!("{e}; {}x{n}x{k} runs on the own tensor-core kernel", m2 / 2)).ok()).is_some()
+        self.plans.supports((m2, n, k), || self.plan(m2, n, k).map_err(|e| e.to_string()))
     }
 
     fn gemm_bf16(&self, m2: usize, n: usize, k: usize, w: DevPtr, x2: DevPtr, d: DevPtr) -> Result<(), String> {
-        let plans = self.plans.lock().unwrap();
-        let p = plans.get(&(m2, n, k)).and_then(|p| p.as_ref()).ok_or_else(|| format!("no plan for {m2}x{n}x{k}"))?;
         let (alpha, beta) = (1.0f32, 0.0f32);
-        unsafe {
+        self.plans.with((m2, n, k), |p| unsafe {
             result::matmul(
                 self.handle,
                 p.desc,
@@ -139,7 +133,7 @@ impl GemmLib for BlasLt {
                 WORKSPACE,
                 self.stream,
             )
-        }
+        })?
         .map_err(|e| format!("cublasLtMatmul: {e:?}"))
     }
 }

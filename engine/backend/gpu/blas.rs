@@ -3,6 +3,9 @@
 //! into bf16 hi and lo parts stacked as one [2M, K] operand, so one GEMM reads W once and gives
 //! both products in f32; a kernel adds the two halves. bf16 weights are exact in bf16, so the
 //! result carries ~16 bits of x like the own tensor-core path (~1e-5 relative), not bf16's ~4e-3.
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, DevPtr, LaunchConfig};
 use super::ops::{cfg, GpuLinear};
@@ -20,6 +23,37 @@ pub trait GemmLib: Send + Sync {
     /// D [m2, n] (row-major f32) = X2 [m2, k] (row-major bf16) · W [n, k]ᵀ (row-major bf16), on
     /// the backend's stream, with the plan `supports` made.
     fn gemm_bf16(&self, m2: usize, n: usize, k: usize, w: DevPtr, x2: DevPtr, d: DevPtr) -> Result<(), String>;
+}
+
+/// A GEMM library's plans per shape (2M, N, K): made on a shape's first use (outside any graph
+/// capture) and kept; None where the library offered no algorithm, so the own kernel runs it.
+pub struct PlanCache<P>(Mutex<HashMap<(usize, usize, usize), Option<P>>>);
+
+impl<P> Default for PlanCache<P> {
+    fn default() -> Self {
+        PlanCache(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<P> PlanCache<P> {
+    /// Whether `shape` has a plan, making it with `make` the first time.
+    pub fn supports(&self, shape: (usize, usize, usize), make: impl FnOnce() -> Result<P, String>) -> bool {
+        let mut plans = self.0.lock().unwrap();
+        let (m2, n, k) = shape;
+        plans.entry(shape).or_insert_with(|| make().inspect_err(|e| log::warn!("{e}; {}x{n}x{k} runs on the engine's own kernel", m2 / 2)).ok()).is_some()
+    }
+
+    /// `f` on the plan `supports` made for `shape`.
+    pub fn with<R>(&self, shape: (usize, usize, usize), f: impl FnOnce(&P) -> R) -> Result<R, String> {
+        let plans = self.0.lock().unwrap();
+        let (m2, n, k) = shape;
+        plans.get(&shape).and_then(|p| p.as_ref()).map(f).ok_or_else(|| format!("no plan for {m2}x{n}x{k}"))
+    }
+
+    /// Every plan made, for the library to destroy.
+    pub fn drain(&self) -> Vec<P> {
+        self.0.lock().unwrap().drain().filter_map(|(_, p)| p).collect()
+    }
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
@@ -51,5 +85,26 @@ impl<V: GpuVendor> GpuBackend<V> {
         let c: LaunchConfig = cfg(((m * n).div_ceil(256) as u32, 1), 256, 0);
         self.launch(&f).arg(&d).arg(y).arg(&total).run(c).map_err(err("sum_halves"))?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PlanCache;
+
+    #[test]
+    fn plans_are_made_once_per_shape_and_failures_are_remembered() {
+        let c = PlanCache::<u32>::default();
+        let mut made = 0;
+        assert!(c.supports((4, 8, 16), || {
+            made += 1;
+            Ok(7)
+        }));
+        assert!(c.supports((4, 8, 16), || unreachable!("made again")));
+        assert!(!c.supports((2, 3, 5), || Err("no algorithm".into())));
+        assert!(!c.supports((2, 3, 5), || unreachable!("a failed shape is not retried")));
+        assert_eq!((made, c.with((4, 8, 16), |p| *p + 1)), (1, Ok(8)));
+        assert_eq!(c.with((2, 3, 5), |p| *p), Err("no plan for 2x3x5".to_string()));
+        assert_eq!(c.drain(), vec![7]);
     }
 }

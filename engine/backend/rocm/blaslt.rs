@@ -1,14 +1,12 @@
 //! hipBLASLt (libhipblaslt, loaded at run time) as the ROCm backend's `GemmLib`: bf16 × bf16 → f32
 //! GEMMs for the linear layers with bf16 weights (backend/gpu/blas.rs splits x into bf16 hi/lo
 //! rows). The same column-major formulation as cuBLASLt: Dᵀ [n, m2] = op(W)ᵀ · X2ᵀ.
-use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Mutex;
 
 use hip_sys::hipblaslt as lt;
 
 use super::RocmBackend;
-use crate::backend::gpu::blas::GemmLib;
+use crate::backend::gpu::blas::{GemmLib, PlanCache};
 use crate::backend::gpu::device::{DevBuf, DevPtr};
 
 const WORKSPACE: usize = 32 << 20;
@@ -27,8 +25,7 @@ pub struct HipBlasLt {
     handle: lt::hipblasLtHandle_t,
     workspace: DevBuf<u8>,
     stream: lt::hipStream_t,
-    /// Per (2M, N, K): the plan, or None where hipBLASLt offered no algorithm (the own kernel runs)
-    plans: Mutex<HashMap<(usize, usize, usize), Option<Plan>>>,
+    plans: PlanCache<Plan>,
 }
 
 // SAFETY: the handle and descriptors are used from one stream at a time, under the backend's
@@ -67,7 +64,7 @@ impl HipBlasLt {
                 return None;
             }
         };
-        Some(HipBlasLt { api, handle, workspace, stream: b.dev.stream(), plans: Mutex::new(HashMap::new()) })
+        Some(HipBlasLt { api, handle, workspace, stream: b.dev.stream(), plans: PlanCache::default() })
     }
 
     fn destroy(&self, p: &Plan) {
@@ -120,10 +117,8 @@ impl HipBlasLt {
 
 impl Drop for HipBlasLt {
     fn drop(&mut self) {
-        for (_, p) in self.plans.lock().unwrap().drain() {
-            if let Some(p) = p {
-                self.destroy(&p);
-            }
+        for p in self.plans.drain() {
+            self.destroy(&p);
         }
         unsafe { self.api.hipblasLtDestroy(self.handle) };
     }
@@ -135,15 +130,12 @@ impl GemmLib for HipBlasLt {
     }
 
     fn supports(&self, m2: usize, n: usize, k: usize) -> bool {
-        let mut plans = self.plans.lock().unwrap();
-        plans.entry((m2, n, k)).or_insert_with(|| self.plan(m2, n, k).inspect_err(|e| log::warn!("{e}; {}x{n}x{k} runs on the own matrix-core kernel", m2 / 2)).ok()).is_some()
+        self.plans.supports((m2, n, k), || self.plan(m2, n, k))
     }
 
     fn gemm_bf16(&self, m2: usize, n: usize, k: usize, w: DevPtr, x2: DevPtr, d: DevPtr) -> Result<(), String> {
-        let plans = self.plans.lock().unwrap();
-        let p = plans.get(&(m2, n, k)).and_then(|p| p.as_ref()).ok_or_else(|| format!("no plan for {m2}x{n}x{k}"))?;
         let (alpha, beta) = (1.0f32, 0.0f32);
-        let r = unsafe {
+        let r = self.plans.with((m2, n, k), |p| unsafe {
             self.api.hipblasLtMatmul(
                 self.handle,
                 p.desc,
@@ -162,7 +154,7 @@ impl GemmLib for HipBlasLt {
                 WORKSPACE,
                 self.stream,
             )
-        };
+        })?;
         check("hipblasLtMatmul", r)
     }
 }
