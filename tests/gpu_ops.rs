@@ -77,6 +77,13 @@ fn host_fp8(rng: &mut Rng, out: usize, inp: usize, w: &[f32], bn: usize) -> Host
     HostLinear { name: "w".into(), out, inp, data: LinearData::Fp8 { w: MmapSlice::from_vec(q), scale_inv: scale, block_n: bn, block_k: bk } }
 }
 
+/// x [m, k] · wᵀ on the GPU and on the CPU reference: (GPU, CPU).
+fn linear_both<V: GpuVendor>(g: &GpuBackend<V>, c: &CpuBackend, w: &HostLinear, m: usize, k: usize, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let got = g.download(&g.linear(&g.upload(m, k, x).unwrap(), &g.upload_linear(w).unwrap()).unwrap()).unwrap();
+    let want = c.download(&c.linear(&c.upload(m, k, x).unwrap(), &c.upload_linear(w).unwrap()).unwrap()).unwrap();
+    (got, want)
+}
+
 /// `g.linear` against the CPU at each (m, n, k) and every weight dtype, within `tol`.
 fn check_linears<V: GpuVendor>(g: &GpuBackend<V>, name: &str, seed: u64, shapes: &[(usize, usize, usize)], tol: f64) {
     let c = CpuBackend::new();
@@ -86,8 +93,7 @@ fn check_linears<V: GpuVendor>(g: &GpuBackend<V>, name: &str, seed: u64, shapes:
             let tag = match t { WType::F32 => "f32", WType::Bf16 => "bf16", WType::Fp8 => "fp8" };
             let w = host_linear(&mut rng, n, k, t);
             let x = randn(&mut rng, m * k, 1.0);
-            let want = c.download(&c.linear(&c.upload(m, k, &x).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
-            let got = g.download(&g.linear(&g.upload(m, k, &x).unwrap(), &g.upload_linear(&w).unwrap()).unwrap()).unwrap();
+            let (got, want) = linear_both(g, &c, &w, m, k, &x);
             check(&format!("{name} {tag} {m}x{n}x{k}"), &got, &want, tol);
         }
     }
@@ -128,8 +134,7 @@ fn linear_swap_ab_small_batches_on<V: GpuVendor>() {
         let v = randn(&mut rng, n * k, (k as f32).powf(-0.5));
         let w = host_fp8(&mut rng, n, k, &v, 128);
         let x = randn(&mut rng, m * k, 1.0);
-        let want = c.download(&c.linear(&c.upload(m, k, &x).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
-        let got = g.download(&g.linear(&g.upload(m, k, &x).unwrap(), &g.upload_linear(&w).unwrap()).unwrap()).unwrap();
+        let (got, want) = linear_both(&g, &c, &w, m, k, &x);
         check(&format!("linear_tc fp8 {m}x{n}x{k} (swap-AB: {})", g.linear_tc), &got, &want, MMA_TOL);
     }
 }
@@ -160,8 +165,7 @@ fn linear_on_tensor_cores_on<V: GpuVendor>() {
         let v = randn(&mut rng, n * k, (k as f32).powf(-0.5));
         let w = host_fp8(&mut rng, n, k, &v, 64);
         let x = randn(&mut rng, m * k, 1.0);
-        let want = c.download(&c.linear(&c.upload(m, k, &x).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
-        let got = g.download(&g.linear(&g.upload(m, k, &x).unwrap(), &g.upload_linear(&w).unwrap()).unwrap()).unwrap();
+        let (got, want) = linear_both(&g, &c, &w, m, k, &x);
         check(&format!("linear_mma fp8 64x128 blocks {m}x{n}x{k}"), &got, &want, BF16_TOL);
     }
 }
