@@ -204,7 +204,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
     if a.json {
         println!("{out}");
     } else {
-        println!("model {} on {backend} (tp {}, ep {}, dp attention {}, nnodes {}); kernels {}; {} graphs {}", path.display(), out["tp_size"], out["ep_size"], out["dp_attention"], out["nnodes"], out["kernels"], if backend == "rocm" { "HIP" } else { "CUDA" }, out["graphs"]);
+        println!("model {} on {backend} (tp {}, ep {}, dp attention {}, nnodes {}); kernels {}; graphs {}", path.display(), out["tp_size"], out["ep_size"], out["dp_attention"], out["nnodes"], out["kernels"], out["graphs"]);
         let (secs, gb) = (load_s, weight_bytes as f64 / 1e9);
         println!("loaded {gb:.1} GB in {secs:.2}s ({:.2} GB/s over all ranks)", gb / secs.max(1e-9));
         println!("{:>6} {:>6} {:>6} {:>12} {:>14} {:>14} {:>12}", "batch", "in", "out", "prefill tok/s", "step med ms", "step p90 ms", "decode tok/s");

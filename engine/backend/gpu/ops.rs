@@ -77,18 +77,18 @@ pub(super) fn cfg(grid: (u32, u32), block: u32, shared: u32) -> LaunchConfig {
 /// FP8 weights are converted (bits kept, 0x80 → 0) and their block scales doubled.
 fn host_weight(w: &HostLinear, fnuz: bool) -> (u8, std::borrow::Cow<'_, [u8]>, Vec<f32>, i32, i32) {
     use std::borrow::Cow;
-    if let (true, LinearData::Fp8 { w: b, scale_inv, block_n, block_k }) = (fnuz, &w.data) {
-        let mut bytes = b.to_vec();
-        crate::weights::fnuz::e4m3fn_to_e4m3fnuz(&mut bytes);
-        let mut scales = scale_inv.clone();
-        crate::weights::fnuz::fnuz_scales(&mut scales);
-        return (2, Cow::Owned(bytes), scales, *block_n as i32, *block_k as i32);
-    }
     match &w.data {
         LinearData::F32(b) => (0, Cow::Borrowed(&b[..]), vec![0.0], 1, 1),
         LinearData::BF16(b) => (1, Cow::Borrowed(&b[..]), vec![0.0], 1, 1),
         LinearData::F16(_) => (0, Cow::Owned(w.to_f32().iter().flat_map(|x| x.to_le_bytes()).collect()), vec![0.0], 1, 1),
-        LinearData::Fp8 { w: b, scale_inv, block_n, block_k } => (2, Cow::Borrowed(&b[..]), scale_inv.clone(), *block_n as i32, *block_k as i32),
+        LinearData::Fp8 { w: b, scale_inv, block_n, block_k } => {
+            let (mut bytes, mut scales) = (Cow::Borrowed(&b[..]), scale_inv.clone());
+            if fnuz {
+                crate::weights::fnuz::e4m3fn_to_e4m3fnuz(bytes.to_mut());
+                crate::weights::fnuz::fnuz_scales(&mut scales);
+            }
+            (2, bytes, scales, *block_n as i32, *block_k as i32)
+        }
     }
 }
 
