@@ -92,7 +92,7 @@ pub struct BackendArgs {
 impl BackendArgs {
     /// The largest graph batch size; 0 when graphs are off.
     pub fn graph_max_bs(&self) -> usize {
-        self.graph_max_bs_or(crate::backend::cuda::DEFAULT_GRAPH_MAX_BS)
+        self.graph_max_bs_or(crate::backend::gpu::backend::DEFAULT_GRAPH_MAX_BS)
     }
 
     /// The same with `default` where `--cuda-graph-max-bs` is not given.
