@@ -65,9 +65,22 @@ extern "C" __global__ void split_bf16_rows(const float* x, uint16_t* out, int64_
     }
 }
 
-// y[i] = d[i] + d[n + i]: the hi and lo rows' products added.
-extern "C" __global__ void sum_halves(const float* d, float* y, int64_t n) {
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] = d[i] + d[n + i];
+// W [N, K] FP8 with block scales, dequantised and split into bf16 hi (out[0 .. N·K]) and lo
+// (out[N·K .. 2·N·K]) for the vendor GEMM library: hi + lo carries W·s to ~16 bits, where W·s
+// rounded to bf16 alone would lose the scale's low bits (~4e-3). Four elements of a row per
+// thread (K % 4 == 0).
+extern "C" __global__ void dequant_fp8_hilo(const uint8_t* W, const float* S, uint16_t* out, int N, int K, int bn, int bk) {
+    int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * 4, n = (int64_t)N * K;
+    if (i >= n) return;
+    int64_t row = i / K;
+    int col = (int)(i % K), kb = (K + bk - 1) / bk;
+    uint32_t w4 = *(const uint32_t*)(W + i);
+    float f[4];
+    fp8x4_to_f32(w4, f);
+    uint16_t hi[4], lo[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) bf16_split(f[j] * S[(row / bn) * kb + (col + j) / bk], &hi[j], &lo[j]);
+    *(uint2*)(out + i) = make_uint2(hi[0] | ((uint32_t)hi[1] << 16), hi[2] | ((uint32_t)hi[3] << 16));
+    *(uint2*)(out + n + i) = make_uint2(lo[0] | ((uint32_t)lo[1] << 16), lo[2] | ((uint32_t)lo[3] << 16));
 }
 

@@ -1,17 +1,18 @@
 // MLA prefill in the MHA form (what DeepSeek's reference does for long prompts): the context's
-// latents are decompressed once, kvd = kv_b · c ([ctx, heads·(NOPE+VDIM)], a tensor-core GEMM on the
-// host side), then causal flash attention per (64-query tile, head) with the scores never
-// materialised: K = [k_nope(head) | k_pe], V = v(head), online softmax over 32-key tiles.
+// latents are decompressed once, kvd = kv_b · c ([ctx, heads·(NOPE+VDIM)], a GEMM on the host
+// side), mla_prefill_kv splits it per head into bf16 hi + lo keys [k_nope | k_pe] and transposed
+// values, then causal flash attention per (64-query tile, head) with the scores never
+// materialised: online softmax over 32-key tiles that are staged with 16-byte copies.
 // Specialised at JIT time for KV_LORA, ROPE, NOPE, VDIM (like mla.hip).
 //   - NVIDIA sm_80+: 4 warps × 16 queries; S = Q·Kᵀ and O += P·V with mma.sync m16n8k16 bf16,
 //     every operand split into bf16 hi + lo and three products per step (hi·hi + lo·hi + hi·lo):
 //     near-f32 scores and outputs (Q and P as A fragments in registers, K and Vᵀ staged in shared
 //     memory), f32 softmax.
-//   - other targets: the portable scalar product over the same shared tiles (hi + lo summed), one
-//     query row per thread pair.
-//   - other targets: the portable product over the same shared tiles, one query row per thread pair.
+//   - other targets: the portable product over the same shared tiles (hi + lo summed), one query
+//     row per thread pair.
 // Launch: grid (tiles, heads), block 128. A tile is 4 ints: first query row in q / out, queries
-// (≤ 64), first context row in kvd / pe, position of the tile's first query in its sequence.
+// (≤ 64), first context row (a multiple of 32) in the per-head K / Vᵀ, position of the tile's
+// first query in its sequence.
 #include "bf16.h"
 
 #ifndef KV_LORA
@@ -34,28 +35,93 @@ extern "C" __global__ void mla_gather_ctx(const float* __restrict__ kv, const ui
     for (int i = threadIdx.x; i < ROPE; i += blockDim.x) pe_out[(int64_t)j * ROPE + i] = e[KV_LORA + i];
 }
 
+#define FB_THREADS 128
+
 struct FbShared {
     uint16_t ks[2][FB_K][FB_KP];  // keys of the tile, hi and lo: [k_nope(head) | k_pe]
     uint16_t vt[2][VDIM][FB_VP];  // values, transposed, hi and lo
 };
 
-// Keys j0 .. j0+FB_K-1 of the context (zero beyond `len`) into shared memory.
-__device__ __forceinline__ void fb_stage(FbShared& sh, const float* kvd, const float* pe, int ctx0, int j0, int len, int heads, int h) {
+// Per head h, from kvd [ctx, heads·(NOPE+VDIM)] and pe [ctx, ROPE]: keys k[p][h][j][0..QK] and
+// transposed values vt[p][h][0..VDIM][j] in bf16 (p = 0 hi, 1 lo), ctx a multiple of FB_K.
+// Launch: grid (ctx / FB_K, heads), block 256; a 32-key tile of one head per block, transposed
+// through shared memory so that both outputs are written row by row.
+extern "C" __global__ void __launch_bounds__(256) mla_prefill_kv(const float* __restrict__ kvd, const float* __restrict__ pe, uint16_t* __restrict__ k,
+                                                                uint16_t* __restrict__ vt, int ctx, int heads) {
+    __shared__ float v[FB_K][VDIM + 1];
+    const int j0 = blockIdx.x * FB_K, h = blockIdx.y;
+    const int64_t kpart = (int64_t)heads * ctx * QK, vpart = (int64_t)heads * VDIM * ctx;
     for (int i = threadIdx.x; i < FB_K * QK; i += blockDim.x) {
         int key = i / QK, d = i % QK, j = j0 + key;
-        float v = 0.f;
-        if (j < len) v = d < NOPE ? kvd[(int64_t)(ctx0 + j) * heads * PER_HEAD + h * PER_HEAD + d] : pe[(int64_t)(ctx0 + j) * ROPE + d - NOPE];
-        bf16_split(v, &sh.ks[0][key][d], &sh.ks[1][key][d]);
+        float x = d < NOPE ? kvd[(int64_t)j * heads * PER_HEAD + h * PER_HEAD + d] : pe[(int64_t)j * ROPE + d - NOPE];
+        int64_t at = ((int64_t)h * ctx + j) * QK + d;
+        bf16_split(x, &k[at], &k[kpart + at]);
     }
     for (int i = threadIdx.x; i < FB_K * VDIM; i += blockDim.x) {
-        int key = i / VDIM, d = i % VDIM, j = j0 + key;
-        float v = j < len ? kvd[(int64_t)(ctx0 + j) * heads * PER_HEAD + h * PER_HEAD + NOPE + d] : 0.f;
-        bf16_split(v, &sh.vt[0][d][key], &sh.vt[1][d][key]);
+        int key = i / VDIM, d = i % VDIM;
+        v[key][d] = kvd[(int64_t)(j0 + key) * heads * PER_HEAD + h * PER_HEAD + NOPE + d];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < FB_K * VDIM; i += blockDim.x) {
+        int d = i / FB_K, key = i % FB_K;
+        int64_t at = ((int64_t)h * VDIM + d) * ctx + j0 + key;
+        bf16_split(v[key][d], &vt[at], &vt[vpart + at]);
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float* __restrict__ q, const float* __restrict__ kvd, const float* __restrict__ pe,
-                                                                   const int32_t* __restrict__ tiles, float* __restrict__ out, int heads, float scale) {
+#define FB_KC (QK / 8)                // 16-byte chunks per key row
+#define FB_VC (FB_K / 8)              // ... per transposed value row
+#define FB_KN (2 * FB_K * FB_KC)      // chunks of a tile's keys, hi and lo
+#define FB_VN (2 * VDIM * FB_VC)      // ... of its transposed values
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define FB_ASYNC 1
+#endif
+
+// One 16-byte chunk global → shared: cp.async on sm_80+ (no registers, completes in the
+// background until fb_wait), a plain copy elsewhere.
+__device__ __forceinline__ void fb_copy16(void* dst, const void* src) {
+#ifdef FB_ASYNC
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+#else
+    *(uint4*)dst = *(const uint4*)src;
+#endif
+}
+
+// Closes a group of copies; fb_wait<N>() returns when at most N groups are still in flight
+// (each thread its own; a __syncthreads after it makes every thread's copies visible).
+__device__ __forceinline__ void fb_commit() {
+#ifdef FB_ASYNC
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void fb_wait() {
+#ifdef FB_ASYNC
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// The keys key0 .. key0+FB_K-1 (key0 a multiple of FB_K) of head h into shared memory (hi and
+// lo): one contiguous run of FB_K rows per part.
+__device__ __forceinline__ void fb_stage_k(FbShared& sh, const uint16_t* __restrict__ k, int ctx, int heads, int h, int key0) {
+    for (int i = threadIdx.x; i < FB_KN; i += FB_THREADS) {
+        int p = i / (FB_K * FB_KC), r = i % (FB_K * FB_KC);
+        fb_copy16(&sh.ks[p][r / FB_KC][8 * (r % FB_KC)], k + p * (int64_t)heads * ctx * QK + ((int64_t)h * ctx + key0 + r / FB_KC) * QK + 8 * (r % FB_KC));
+    }
+}
+
+// ... and their transposed values: FB_K keys of each of the VDIM rows.
+__device__ __forceinline__ void fb_stage_v(FbShared& sh, const uint16_t* __restrict__ vt, int ctx, int heads, int h, int key0) {
+    for (int i = threadIdx.x; i < FB_VN; i += FB_THREADS) {
+        int p = i / (VDIM * FB_VC), r = i % (VDIM * FB_VC);
+        fb_copy16(&sh.vt[p][r / FB_VC][8 * (r % FB_VC)], vt + p * (int64_t)heads * VDIM * ctx + ((int64_t)h * VDIM + r / FB_VC) * ctx + key0 + 8 * (r % FB_VC));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const float* __restrict__ q, const uint16_t* __restrict__ k, const uint16_t* __restrict__ vt,
+                                                                          const int32_t* __restrict__ tiles, float* __restrict__ out, int ctx, int heads, float scale) {
     __shared__ FbShared sh;
     const int* tl = tiles + blockIdx.x * 4;
     const int q_row0 = tl[0], nq = tl[1], ctx0 = tl[2], pos0 = tl[3];
@@ -81,8 +147,15 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
 #pragma unroll
         for (int c = 0; c < 4; ++c) o[j][c] = 0.f;
     float m[2] = {-ENGINE_INF, -ENGINE_INF}, l[2] = {0.f, 0.f};
+    // keys and values of a tile arrive as two copy groups, each fetched while the other half of
+    // the previous tile's work runs: K(t+1) during softmax and P·V of t, V(t+1) during Q·Kᵀ of t+1
+    fb_stage_k(sh, k, ctx, heads, h, ctx0);
+    fb_commit();
+    fb_stage_v(sh, vt, ctx, heads, h, ctx0);
+    fb_commit();
     for (int j0 = 0; j0 < len; j0 += FB_K) {
-        fb_stage(sh, kvd, pe, ctx0, j0, len, heads, h);
+        const bool more = j0 + FB_K < len;
+        fb_wait<1>(); // K(t) landed; V(t) may be in flight
         __syncthreads();
         float s[FB_K / 8][4];
 #pragma unroll
@@ -99,6 +172,9 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
                 mma_bf16_16816(s[j], qh[kk], bl0, bl1);
             }
         }
+        __syncthreads(); // every warp is done with K(t)
+        if (more) fb_stage_k(sh, k, ctx, heads, h, ctx0 + j0 + FB_K);
+        fb_commit();
         // causal mask, scale, online softmax (rows r0: c = 0, 1; r0 + 8: c = 2, 3)
         float mx[2] = {-ENGINE_INF, -ENGINE_INF};
 #pragma unroll
@@ -133,6 +209,8 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
             bf16_split2(p[0], p[1], &ph[j / 2][2 * (j % 2)], &pl[j / 2][2 * (j % 2)]);
             bf16_split2(p[2], p[3], &ph[j / 2][2 * (j % 2) + 1], &pl[j / 2][2 * (j % 2) + 1]);
         }
+        fb_wait<1>(); // V(t) landed; K(t+1) may be in flight
+        __syncthreads();
 #pragma unroll
         for (int jv = 0; jv < VDIM / 8; ++jv) {
             o[jv][0] *= corr[0];
@@ -149,7 +227,9 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
                 mma_bf16_16816(o[jv], ph[kc], bl0, bl1);
             }
         }
-        __syncthreads();
+        __syncthreads(); // every warp is done with V(t)
+        if (more) fb_stage_v(sh, vt, ctx, heads, h, ctx0 + j0 + FB_K);
+        fb_commit();
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -171,7 +251,8 @@ extern "C" __global__ void __launch_bounds__(128) mla_flash_prefill(const float*
     for (int e = 0; e < VDIM / 2; ++e) o[e] = 0.f;
     float m = -ENGINE_INF, l = 0.f;
     for (int j0 = 0; j0 < len; j0 += FB_K) {
-        fb_stage(sh, kvd, pe, ctx0, j0, len, heads, h);
+        fb_stage_k(sh, k, ctx, heads, h, ctx0 + j0);
+        fb_stage_v(sh, vt, ctx, heads, h, ctx0 + j0);
         __syncthreads();
         if (row < nq) {
             for (int key = 0; key < FB_K && j0 + key <= pos0 + row; ++key) {

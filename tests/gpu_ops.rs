@@ -150,8 +150,10 @@ fn linear_on_tensor_cores() {
 
 fn linear_on_tensor_cores_on<V: GpuVendor>() {
     let mut g = gpu::<V>();
-    // the 128-row tiles at every size here (the swap-AB kernel has its own test)
+    // the 128-row tiles at every size here (the swap-AB kernel and the GEMM library's FP8 path
+    // have their own tests)
     g.linear_tc = false;
+    g.tuned.blaslt_fp8_min_rows = usize::MAX;
     assert!(g.mma_gemm, "sm_80+ and CDNA take the matrix-unit path by default");
     // bf16 weights go through cuBLASLt / hipBLASLt (x as bf16 hi + lo rows) where it loads, as on
     // the H200 (libcublasLt on the library path); odd shapes keep the own kernel
@@ -167,6 +169,31 @@ fn linear_on_tensor_cores_on<V: GpuVendor>() {
         let x = randn(&mut rng, m * k, 1.0);
         let (got, want) = linear_both(&g, &c, &w, m, k, &x);
         check(&format!("linear_mma fp8 64x128 blocks {m}x{n}x{k}"), &got, &want, BF16_TOL);
+    }
+}
+
+/// FP8 layers through the vendor GEMM library (cuBLASLt / hipBLASLt): W·s dequantised to bf16
+/// hi + lo, three bf16 products summed in a fixed order; 128×128 and 64-row scale blocks (the
+/// latter cannot ride on X in the own tiles, here they are exact either way), real V3 shapes and
+/// rows that are not a multiple of any tile, against the f32 CPU reference.
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn linear_fp8_through_gemm_library() {
+    common::on_gpu!(linear_fp8_through_gemm_library_on)
+}
+
+fn linear_fp8_through_gemm_library_on<V: GpuVendor>() {
+    let mut g = gpu::<V>();
+    assert!(g.blaslt.is_some(), "the vendor GEMM library did not load: put CUDA's lib64 (or ROCm's lib) on LD_LIBRARY_PATH");
+    g.tuned.blaslt_fp8_min_rows = 1;
+    let c = CpuBackend::new();
+    let mut rng = Rng::new(31);
+    for (m, n, k, bn) in [(1, 576, 7168, 128), (37, 24576, 1536, 128), (256, 2048, 7168, 128), (300, 7168, 2048, 128), (520, 1536, 7168, 128), (200, 576, 7168, 64)] {
+        let v = randn(&mut rng, n * k, (k as f32).powf(-0.5));
+        let w = host_fp8(&mut rng, n, k, &v, bn);
+        let x = randn(&mut rng, m * k, 1.0);
+        let (got, want) = linear_both(&g, &c, &w, m, k, &x);
+        check(&format!("gemm library fp8 {bn}-row blocks {m}x{n}x{k}"), &got, &want, MMA_TOL);
     }
 }
 

@@ -305,6 +305,11 @@ impl<V: GpuVendor> GpuBackend<V> {
         DevBuf::zeros(&self.dev, n).map_err(err("alloc"))
     }
 
+    /// An uninitialised buffer, for scratch the next kernels overwrite completely.
+    pub(crate) fn scratch<T: Elem>(&self, n: usize) -> Result<DevBuf<T>, BackendError> {
+        DevBuf::alloc(&self.dev, n).map_err(err("alloc"))
+    }
+
     /// A device copy of `v`.
     pub(crate) fn htod<T: Elem>(&self, v: &[T]) -> Result<DevBuf<T>, BackendError> {
         DevBuf::from_host(&self.dev, v).map_err(err("upload"))

@@ -1,17 +1,21 @@
-//! Linear layers with bf16 weights through the vendor's GEMM library (cuBLASLt on CUDA,
-//! hipBLASLt on ROCm; dynamically loaded, absent → the own kernels). The f32 activations are split
-//! into bf16 hi and lo parts stacked as one [2M, K] operand, so one GEMM reads W once and gives
-//! both products in f32; a kernel adds the two halves. bf16 weights are exact in bf16, so the
-//! result carries ~16 bits of x like the own tensor-core path (~1e-5 relative), not bf16's ~4e-3.
+//! Linear layers through the vendor's GEMM library (cuBLASLt on CUDA, hipBLASLt on ROCm;
+//! dynamically loaded, absent → the own kernels): bf16 weights from a few rows, FP8 weights at
+//! prefill sizes. The f32 activations are split into bf16 hi and lo parts stacked as one [2M, K]
+//! operand, so one GEMM reads W once and gives both products in f32. bf16 weights are exact in
+//! bf16; an FP8 weight with its block scales is dequantised into bf16 hi + lo copies first (a
+//! scratch of 4 bytes per weight) and a second GEMM adds x_hi · W_loᵀ. A fixed-order sum of the
+//! products gives y with ~16 bits of x and W like the own tensor-core path (~1e-5 relative), not
+//! bf16's ~4e-3.
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
-use super::device::{err, DevBuf, DevPtr, LaunchConfig};
+use super::device::{err, DevBuf, DevPtr};
 use super::ops::{cfg, GpuLinear};
 use crate::backend::BackendError;
 
 const EW: &str = "hip-kernels/elementwise.hip";
+const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
 
 /// A vendor GEMM library as the backend uses it.
 pub trait GemmLib: Send + Sync {
@@ -57,10 +61,16 @@ impl<P> PlanCache<P> {
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
-    /// Whether this linear layer goes through the GEMM library: bf16 weights, enough rows, and
-    /// rows of W and D that start on 16-byte boundaries (odd shapes take the own kernel).
+    /// Whether this linear layer goes through the GEMM library: bf16 weights from a few rows, FP8
+    /// ones from prefill sizes (where the GEMM's work outweighs the dequantised copy), and rows
+    /// of W and D that start on 16-byte boundaries (odd shapes take the own kernel).
     pub(super) fn blaslt_for(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
-        w.wdt == 1 && self.blaslt.is_some() && x.rows >= self.tuned.cublaslt_min_rows && w.inp.is_multiple_of(8) && w.out.is_multiple_of(4)
+        let min_rows = match w.wdt {
+            1 => self.tuned.cublaslt_min_rows,
+            2 => self.tuned.blaslt_fp8_min_rows,
+            _ => return false,
+        };
+        self.blaslt.is_some() && x.rows >= min_rows && w.inp.is_multiple_of(8) && w.out.is_multiple_of(4)
     }
 
     /// y = x · Wᵀ through the GEMM library; false (nothing launched) where it has no algorithm
@@ -68,22 +78,33 @@ impl<V: GpuVendor> GpuBackend<V> {
     pub(super) fn linear_blaslt(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<bool, BackendError> {
         let lt = self.blaslt.as_ref().expect("blaslt_for checked");
         let (m, n, k) = (x.rows, w.out, w.inp);
-        let m2 = 2 * m;
-        if !lt.supports(m2, n, k) {
+        let fp8 = w.wdt == 2;
+        if !lt.supports(2 * m, n, k) || (fp8 && !lt.supports(m, n, k)) {
             return Ok(false);
         }
         // x → [hi rows; lo rows] in bf16
-        let mut x2 = self.zeros::<u16>(m2 * k)?;
+        let mut x2 = self.scratch::<u16>(2 * m * k)?;
         let f = self.func(EW, "split_bf16_rows")?;
         let total = (m * k) as i64;
         self.launch(&f).arg(&x.buf).arg(&mut x2).arg(&total).run(cfg(((m * k).div_ceil(256) as u32, 1), 256, 0)).map_err(err("split_bf16_rows"))?;
-        let d = self.zeros::<f32>(m2 * n)?;
-        lt.gemm_bf16(m2, n, k, w.data.ptr(), x2.ptr(), d.ptr()).map_err(|msg| self.op_err("blaslt", format!("{}: {msg}", lt.name())))?;
-        // y = hi rows' products + lo rows' products
-        let f = self.func(EW, "sum_halves")?;
-        let total = (m * n) as i64;
-        let c: LaunchConfig = cfg(((m * n).div_ceil(256) as u32, 1), 256, 0);
-        self.launch(&f).arg(&d).arg(y).arg(&total).run(c).map_err(err("sum_halves"))?;
+        // products: [x_hi · Wᵀ; x_lo · Wᵀ] (+ x_hi · W_loᵀ for FP8), each [m, n]
+        let parts = if fp8 { 3 } else { 2 };
+        let d = self.scratch::<f32>(parts * m * n)?;
+        let gemm = |rows: usize, w: DevPtr, d: DevPtr| lt.gemm_bf16(rows, n, k, w, x2.ptr(), d).map_err(|msg| self.op_err("blaslt", format!("{}: {msg}", lt.name())));
+        if fp8 {
+            let mut whl = self.scratch::<u16>(2 * n * k)?;
+            let f = self.func(EW, "dequant_fp8_hilo")?;
+            let (ni, ki) = (n as i32, k as i32);
+            let c = cfg(((n * k / 4).div_ceil(256) as u32, 1), 256, 0);
+            self.launch(&f).arg(&w.data).arg(&w.scales).arg(&mut whl).arg(&ni).arg(&ki).arg(&w.bn).arg(&w.bk).run(c).map_err(err("dequant_fp8_hilo"))?;
+            gemm(2 * m, whl.ptr(), d.ptr())?;
+            gemm(m, whl.ptr() + (2 * n * k) as u64, d.ptr() + (8 * m * n) as u64)?;
+        } else {
+            gemm(2 * m, w.data.ptr(), d.ptr())?;
+        }
+        let f = self.func(LIN_MMA, "linear_split_sum")?;
+        let (total, p) = ((m * n) as i64, parts as i32);
+        self.launch(&f).arg(&d).arg(y).arg(&total).arg(&p).run(cfg(((m * n).div_ceil(256) as u32, 1), 256, 0)).map_err(err("linear_split_sum"))?;
         Ok(true)
     }
 }

@@ -13,13 +13,22 @@ use crate::backend::{AttnSeq, BackendError, MlaDims};
 const MAX_KVD_BYTES: usize = 4 << 30;
 const TILE_Q: usize = 64;
 
+/// Keys per staged tile of the flash kernel (FB_K): each sequence's context starts on a multiple
+/// of it in the flattened context, so a tile's keys are whole 16-byte runs of the transposed
+/// values, and the flattened context is a whole number of tiles.
+const TILE_K: usize = 32;
+
 /// The kernel's tile list: per 64 queries of a sequence, [first query row, queries, first context
-/// row in the flattened context, position of the first query in its sequence]; and that context.
+/// row in the flattened context, position of the first query in its sequence]; and that context,
+/// each sequence's part padded with its first slot (finite keys that the causal mask hides) to a
+/// multiple of TILE_K.
 fn flash_tiles(seqs: &[&AttnSeq]) -> (Vec<i32>, Vec<u32>) {
     let (mut tiles, mut flat) = (Vec::new(), Vec::new());
     for s in seqs {
         let ctx0 = flat.len();
+        let pad = s.slots.len().next_multiple_of(TILE_K) - s.slots.len();
         flat.extend_from_slice(s.slots);
+        flat.extend(std::iter::repeat_n(s.slots[0], pad));
         let prefix = s.slots.len() - s.q_len;
         for i0 in (0..s.q_len).step_by(TILE_Q) {
             tiles.extend([(s.q_start + i0) as i32, (s.q_len - i0).min(TILE_Q) as i32, ctx0 as i32, (prefix + i0) as i32]);
@@ -56,11 +65,19 @@ impl<V: GpuVendor> GpuBackend<V> {
             self.linear_with(&GpuTensor { rows: n, cols: d.kv_lora_rank, buf: c }, kv_b, true)
         })?;
         let d_tiles = self.htod(&tiles)?;
-        let f = self.mla_prefill_func(dims, "mla_flash_prefill")?;
-        let (heads, scale) = (d.num_heads as i32, d.scale);
+        let (heads, scale, ctx) = (d.num_heads as i32, d.scale, n as i32);
         self.span("attention", || {
+            // per head, bf16 hi + lo: keys [n][nope + rope] and values transposed [v][n]
+            let mut k = self.scratch::<u16>(2 * d.num_heads * n * d.qk_head())?;
+            let mut vt = self.scratch::<u16>(2 * d.num_heads * d.v_head * n)?;
+            let f = self.mla_prefill_func(dims, "mla_prefill_kv")?;
             let mut b = self.launch(&f);
-            b.arg(&q.buf).arg(&kvd.buf).arg(&pe).arg(&d_tiles).arg(out).arg(&heads).arg(&scale);
+            b.arg(&kvd.buf).arg(&pe).arg(&mut k).arg(&mut vt).arg(&ctx).arg(&heads);
+            b.run(LaunchConfig { grid_dim: ((n / TILE_K) as u32, d.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }).map_err(err("mla_prefill_kv"))?;
+            drop(kvd);
+            let f = self.mla_prefill_func(dims, "mla_flash_prefill")?;
+            let mut b = self.launch(&f);
+            b.arg(&q.buf).arg(&k).arg(&vt).arg(&d_tiles).arg(out).arg(&ctx).arg(&heads).arg(&scale);
             let launch = LaunchConfig { grid_dim: ((tiles.len() / 4) as u32, d.num_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             b.run(launch).map_err(err("mla_flash_prefill"))
         })
@@ -77,7 +94,11 @@ mod tests {
         let b: Vec<u32> = (0..64).collect(); // a fresh 64-token prompt
         let s = [AttnSeq { q_start: 0, q_len: 150, slots: &a }, AttnSeq { q_start: 150, q_len: 64, slots: &b }];
         let (tiles, flat) = flash_tiles(&[&s[0], &s[1]]);
-        assert_eq!(flat.len(), 264);
-        assert_eq!(tiles, vec![0, 64, 0, 50, 64, 64, 0, 114, 128, 22, 0, 178, 150, 64, 200, 0]);
+        // a's context padded from 200 to 224 with its first slot; b's starts at 224
+        assert_eq!(flat.len(), 288);
+        assert_eq!(&flat[198..200], &[298, 299]);
+        assert!(flat[200..224].iter().all(|&s| s == 100));
+        assert_eq!(&flat[224..], &b[..]);
+        assert_eq!(tiles, vec![0, 64, 0, 50, 64, 64, 0, 114, 128, 22, 0, 178, 150, 64, 224, 0]);
     }
 }

@@ -31,7 +31,7 @@ pub struct KernelModule {
 
 /// Modules that do not depend on the model's shapes.
 const GENERIC: &[(&str, &[&str])] = &[
-    ("hip-kernels/elementwise.hip", &["embedding_f32w", "embedding_bf16w", "embedding_fp8w", "silu_mul", "add_inplace", "gather_rows", "scatter_rows", "concat_cols", "kv_write", "split_bf16_rows", "sum_halves"]),
+    ("hip-kernels/elementwise.hip", &["embedding_f32w", "embedding_bf16w", "embedding_fp8w", "silu_mul", "add_inplace", "gather_rows", "scatter_rows", "concat_cols", "kv_write", "split_bf16_rows", "dequant_fp8_hilo"]),
     ("hip-kernels/norm.hip", &["rms_norm", "add_rms_norm", "rms_norm_cols"]),
     ("hip-kernels/rope.hip", &["rope"]),
     ("hip-kernels/linear.hip", &["linear_f32w", "linear_bf16w", "linear_fp8w", "gemv_f32w", "gemv_bf16w", "gemv_fp8w", "gemv8_f32w", "gemv8_bf16w", "gemv8_fp8w", "gemv16_f32w", "gemv16_bf16w", "gemv16_fp8w", "gemv1_f32w", "gemv1_bf16w", "gemv1_fp8w"]),
@@ -75,7 +75,7 @@ pub fn mla_module(d: ModelDims, vendor: Vendor) -> KernelModule {
 
 /// MLA prefill in the MHA form (flash attention over decompressed K/V), same shape defines.
 pub fn mla_prefill_module(d: ModelDims, vendor: Vendor) -> KernelModule {
-    KernelModule { file: "hip-kernels/mla_prefill.hip", functions: vec!["mla_gather_ctx", "mla_flash_prefill"], ..mla_module(d, vendor) }
+    KernelModule { file: "hip-kernels/mla_prefill.hip", functions: vec!["mla_gather_ctx", "mla_prefill_kv", "mla_flash_prefill"], ..mla_module(d, vendor) }
 }
 
 /// Every module a model with these shapes runs.
