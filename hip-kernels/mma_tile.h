@@ -21,6 +21,14 @@
 #define MT_K 32
 #define MT_KP (MT_K + 8) // padded shared row (bf16): conflict-free fragment reads
 #define MT_THREADS 256
+// Blocks per SM a kernel may cut its register budget for: two on NVIDIA (≤ 128 registers a
+// thread; at one block, 8 warps, the grouped MoE tiles left the tensor cores idle through every
+// barrier), the compiler's choice on AMD.
+#if defined(__AMDGCN__)
+#define MT_MIN_BLOCKS 1
+#else
+#define MT_MIN_BLOCKS 2
+#endif
 
 struct MmaShared {
     uint16_t xs[2][MT_M][MT_KP]; // X hi, lo

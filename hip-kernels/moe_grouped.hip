@@ -101,20 +101,22 @@ __device__ void moe_down_mma_impl(const float* h, const int32_t* pair_of, const 
     });
 }
 
-#define MOE_MMA_KERNELS(SUF, WDT)                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(MT_THREADS) moe_gate_up_mma_##SUF(const float* x, const int32_t* tok, const int32_t* tiles, const int32_t* ntiles,       \
+#define MOE_MMA_KERNELS(SUF, WDT, MINB)                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(MT_THREADS, MINB) moe_gate_up_mma_##SUF(const float* x, const int32_t* tok, const int32_t* tiles, const int32_t* ntiles,       \
                                                      const uint8_t* wg, const float* sg, const uint8_t* wu, const float* su, float* gu, int I, \
                                                      int H, int bn, int bk, int vec) {                                                       \
         moe_gate_up_mma_impl<WDT>(x, tok, tiles, ntiles, wg, sg, wu, su, gu, I, H, bn, bk, vec);                                            \
     }                                                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(MT_THREADS) moe_down_mma_##SUF(const float* h, const int32_t* pair_of, const float* weights, const int32_t* tiles,        \
+    extern "C" __global__ void __launch_bounds__(MT_THREADS, MINB) moe_down_mma_##SUF(const float* h, const int32_t* pair_of, const float* weights, const int32_t* tiles,        \
                                                   const int32_t* ntiles, const uint8_t* wd, const float* sd, float* out, int top_k, int I,     \
                                                   int H, int bn, int bk, int vec) {                                                          \
         moe_down_mma_impl<WDT>(h, pair_of, weights, tiles, ntiles, wd, sd, out, top_k, I, H, bn, bk, vec);                                  \
     }
-MOE_MMA_KERNELS(f32w, WDT_F32)
-MOE_MMA_KERNELS(bf16w, WDT_BF16)
-MOE_MMA_KERNELS(fp8w, WDT_FP8)
+// FP8 experts (the checkpoints') cut registers for MT_MIN_BLOCKS blocks per SM; f32 and bf16
+// ones (tests, tiny models) would spill there and keep the compiler's choice
+MOE_MMA_KERNELS(f32w, WDT_F32, 1)
+MOE_MMA_KERNELS(bf16w, WDT_BF16, 1)
+MOE_MMA_KERNELS(fp8w, WDT_FP8, MT_MIN_BLOCKS)
 
 // ---- Decode-sized batches (tiles of at most GV_T tokens per expert): grouped GEMV. Each expert's
 // rows are streamed once per tile at bandwidth with 16-byte loads while the tile's tokens sit in
