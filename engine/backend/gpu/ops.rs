@@ -211,8 +211,10 @@ impl<V: GpuVendor> GpuBackend<V> {
         }
         // the GEMV up to 32 rows; beyond, for the f32 router (no tensor cores: expert choice must
         // match the f32 reference) in 16-row slices too, which spread over every SM where the
-        // 64×64 CUDA-core tile has a handful of blocks for its 256 rows (1 ms at 64 tokens)
-        if x.rows <= 8 || (vec8 && (x.rows <= 32 || !mma)) {
+        // 64×64 CUDA-core tile has a handful of blocks for its 256 rows (1 ms at 64 tokens),
+        // until the tiles alone fill the SMs (prefill: 4096 tokens took 256 slice launches)
+        let tiles = w.out.div_ceil(64) * x.rows.div_ceil(64);
+        if x.rows <= 8 || (vec8 && (x.rows <= 32 || (!mma && tiles < self.sms))) {
             return self.gemv_into(x, w, y, vec8);
         }
         let f = self.func(LIN, &format!("linear_{}", wdt_suffix(w.wdt)))?;
