@@ -8,8 +8,10 @@
 //     every operand split into bf16 hi + lo and three products per step (hi·hi + lo·hi + hi·lo):
 //     near-f32 scores and outputs (Q and P as A fragments in registers, K and Vᵀ staged in shared
 //     memory), f32 softmax.
-//   - other targets: the portable product over the same shared tiles (hi + lo summed), one query
-//     row per thread pair.
+//   - CDNA gfx942 / gfx950: 2 wavefronts × 32 queries; Sᵀ = K·Qᵀ and O += P·V with MFMA 16x16x16
+//     bf16, the same three products (compiled and checked for spills; never run: no AMD GPU here);
+//   - other targets, and FB_PORTABLE: the portable product over the same shared tiles (hi + lo
+//     summed), one query row per thread pair (run on the H200 by the tests with FB_PORTABLE).
 // Launch: grid (tiles, heads), block 128. A tile is 4 ints: first query row in q / out, queries
 // (≤ 64), first context row (a multiple of 32) in the per-head K / Vᵀ, position of the tile's
 // first query in its sequence.
@@ -78,6 +80,22 @@ extern "C" __global__ void __launch_bounds__(256) mla_prefill_kv(const float* __
 #define FB_ASYNC 1
 #endif
 
+// The product: mma.sync on NVIDIA sm_80+, MFMA on CDNA (gfx942 / gfx950, VDIM a multiple of 16),
+// the portable scalar one elsewhere — or anywhere with FB_PORTABLE defined (the backend's
+// `flash_portable`, so the H200 tests run the portable product over the same staging and tiles).
+#if !defined(FB_PORTABLE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define FB_MMA_SYNC 1
+#elif !defined(FB_PORTABLE) && (defined(__gfx942__) || defined(__gfx950__)) && VDIM % 16 == 0
+#define FB_MFMA 1
+typedef short fb_short4 __attribute__((ext_vector_type(4)));
+typedef float fb_float4 __attribute__((ext_vector_type(4)));
+// four bf16 (two packed pairs, lowest first) as an MFMA operand
+__device__ __forceinline__ fb_short4 fb_pack4(uint32_t a, uint32_t b) {
+    fb_short4 v = {(short)(a & 0xffff), (short)(a >> 16), (short)(b & 0xffff), (short)(b >> 16)};
+    return v;
+}
+#endif
+
 // One 16-byte chunk global → shared: cp.async on sm_80+ (no registers, completes in the
 // background until fb_wait), a plain copy elsewhere.
 __device__ __forceinline__ void fb_copy16(void* dst, const void* src) {
@@ -127,7 +145,7 @@ extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const
     const int q_row0 = tl[0], nq = tl[1], ctx0 = tl[2], pos0 = tl[3];
     const int h = blockIdx.y;
     const int len = pos0 + nq; // keys the tile's last query sees
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(FB_MMA_SYNC)
     // products in three bf16 parts (hi·hi + lo·hi + hi·lo) for near-f32 scores and outputs
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, t = lane % 4;
     const int r0 = w * 16 + g; // this thread's rows: r0 and r0 + 8
@@ -243,6 +261,133 @@ extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const
             int row = r0 + 8 * (c / 2);
             if (row < nq) out[((int64_t)(q_row0 + row) * heads + h) * VDIM + 8 * jv + 2 * t + c % 2] = o[jv][c] / l[c / 2];
         }
+#elif defined(FB_MFMA)
+    // MFMA 16x16x16 bf16, lane (r, qd) = (lane % 16, lane / 16): A gives row r, k 4qd .. 4qd + 3;
+    // B column r, the same k; D holds rows 4qd .. 4qd + 3 of column r. Each wavefront takes 32
+    // queries (two blocks of 16, qb) and computes Sᵀ = K·Qᵀ, so that a lane's scores (query r,
+    // keys 4qd .. 4qd + 3 of each 16) are already the A fragment of P in O = P·V; a query's softmax
+    // state sits in the four lanes with its r. Three products per step as on NVIDIA.
+    const int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, r = lane % 16, qd = lane / 16;
+    fb_short4 qh[2][QK / 16], ql[2][QK / 16];
+#pragma unroll
+    for (int qb = 0; qb < 2; ++qb)
+#pragma unroll
+        for (int kk = 0; kk < QK / 16; ++kk) {
+            const int row = 32 * w + 16 * qb + r;
+            uint32_t h0 = 0, l0 = 0, h1 = 0, l1 = 0;
+            if (row < nq) {
+                const float* src = q + ((int64_t)(q_row0 + row) * heads + h) * QK + 16 * kk + 4 * qd;
+                bf16_split2(src[0], src[1], &h0, &l0);
+                bf16_split2(src[2], src[3], &h1, &l1);
+            }
+            qh[qb][kk] = fb_pack4(h0, h1);
+            ql[qb][kk] = fb_pack4(l0, l1);
+        }
+    fb_float4 o[2][VDIM / 16];
+#pragma unroll
+    for (int qb = 0; qb < 2; ++qb)
+#pragma unroll
+        for (int jv = 0; jv < VDIM / 16; ++jv) o[qb][jv] = fb_float4{0.f, 0.f, 0.f, 0.f};
+    float m[2] = {-ENGINE_INF, -ENGINE_INF}, l[2] = {0.f, 0.f}; // query 32w + 16qb + r
+    for (int j0 = 0; j0 < len; j0 += FB_K) {
+        fb_stage_k(sh, k, ctx, heads, h, ctx0 + j0);
+        fb_stage_v(sh, vt, ctx, heads, h, ctx0 + j0);
+        __syncthreads();
+        fb_float4 st[2][2]; // [kb][qb]: keys 16kb + 4qd + i of query r
+#pragma unroll
+        for (int kb = 0; kb < 2; ++kb)
+#pragma unroll
+            for (int qb = 0; qb < 2; ++qb) st[kb][qb] = fb_float4{0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kk = 0; kk < QK / 16; ++kk)
+#pragma unroll
+            for (int kb = 0; kb < 2; ++kb) {
+                fb_short4 kh = *(const fb_short4*)&sh.ks[0][16 * kb + r][16 * kk + 4 * qd];
+                fb_short4 kl = *(const fb_short4*)&sh.ks[1][16 * kb + r][16 * kk + 4 * qd];
+#pragma unroll
+                for (int qb = 0; qb < 2; ++qb) {
+                    st[kb][qb] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(kh, qh[qb][kk], st[kb][qb], 0, 0, 0);
+                    st[kb][qb] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(kl, qh[qb][kk], st[kb][qb], 0, 0, 0);
+                    st[kb][qb] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(kh, ql[qb][kk], st[kb][qb], 0, 0, 0);
+                }
+            }
+        // causal mask, scale, online softmax over the four lanes of each query
+        float corr[2];
+#pragma unroll
+        for (int qb = 0; qb < 2; ++qb) {
+            const int row = 32 * w + 16 * qb + r;
+            float mx = -ENGINE_INF;
+#pragma unroll
+            for (int kb = 0; kb < 2; ++kb)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    int key = j0 + 16 * kb + 4 * qd + i;
+                    float v = (key <= pos0 + row && key < len) ? st[kb][qb][i] * scale : -ENGINE_INF;
+                    st[kb][qb][i] = v;
+                    mx = fmaxf(mx, v);
+                }
+            mx = fmaxf(mx, __shfl_xor(mx, 16));
+            mx = fmaxf(mx, __shfl_xor(mx, 32));
+            float mn = fmaxf(m[qb], mx);
+            corr[qb] = mn == -ENGINE_INF ? 1.f : expf(m[qb] - mn);
+            m[qb] = mn;
+            l[qb] *= corr[qb];
+        }
+        // P as A fragments [qb][kc]: query r, keys 16kc + 4qd .. +3 — the lane's own scores
+        fb_short4 ph[2][2], pl[2][2];
+#pragma unroll
+        for (int qb = 0; qb < 2; ++qb)
+#pragma unroll
+            for (int kc = 0; kc < 2; ++kc) {
+                float p[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    p[i] = st[kc][qb][i] == -ENGINE_INF ? 0.f : expf(st[kc][qb][i] - m[qb]);
+                    l[qb] += p[i];
+                }
+                uint32_t h0, l0, h1, l1;
+                bf16_split2(p[0], p[1], &h0, &l0);
+                bf16_split2(p[2], p[3], &h1, &l1);
+                ph[qb][kc] = fb_pack4(h0, h1);
+                pl[qb][kc] = fb_pack4(l0, l1);
+            }
+        // O's rows are queries 4qd + i: their correction from the lane that holds query 4qd + i
+#pragma unroll
+        for (int qb = 0; qb < 2; ++qb)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                float ci = __shfl(corr[qb], 4 * qd + i);
+#pragma unroll
+                for (int jv = 0; jv < VDIM / 16; ++jv) o[qb][jv][i] *= ci;
+            }
+#pragma unroll
+        for (int jv = 0; jv < VDIM / 16; ++jv)
+#pragma unroll
+            for (int kc = 0; kc < 2; ++kc) {
+                fb_short4 vh = *(const fb_short4*)&sh.vt[0][16 * jv + r][16 * kc + 4 * qd];
+                fb_short4 vl = *(const fb_short4*)&sh.vt[1][16 * jv + r][16 * kc + 4 * qd];
+#pragma unroll
+                for (int qb = 0; qb < 2; ++qb) {
+                    o[qb][jv] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(ph[qb][kc], vh, o[qb][jv], 0, 0, 0);
+                    o[qb][jv] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(pl[qb][kc], vh, o[qb][jv], 0, 0, 0);
+                    o[qb][jv] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(ph[qb][kc], vl, o[qb][jv], 0, 0, 0);
+                }
+            }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int qb = 0; qb < 2; ++qb) {
+        l[qb] += __shfl_xor(l[qb], 16);
+        l[qb] += __shfl_xor(l[qb], 32);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float li = __shfl(l[qb], 4 * qd + i);
+            const int row = 32 * w + 16 * qb + 4 * qd + i;
+#pragma unroll
+            for (int jv = 0; jv < VDIM / 16; ++jv)
+                if (row < nq) out[((int64_t)(q_row0 + row) * heads + h) * VDIM + 16 * jv + r] = o[qb][jv][i] / li;
+        }
+    }
 #else
     // portable: thread pair (row, half) keeps half of one query row's output
     const int row = threadIdx.x / 2, half = threadIdx.x % 2;
@@ -253,6 +398,8 @@ extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const
     for (int j0 = 0; j0 < len; j0 += FB_K) {
         fb_stage_k(sh, k, ctx, heads, h, ctx0 + j0);
         fb_stage_v(sh, vt, ctx, heads, h, ctx0 + j0);
+        fb_commit();
+        fb_wait<0>();
         __syncthreads();
         if (row < nq) {
             for (int key = 0; key < FB_K && j0 + key <= pos0 + row; ++key) {

@@ -51,7 +51,7 @@ sys.exit(1 if bad else 0)
 PY
       # the matrix-unit modules must really use MFMA on CDNA (not a silent fallback path); decoded
       # as gfx942 (LLVM 19's disassembler has no gfx950; the MFMA encodings used are gfx942's)
-      case $m in linear_mma|moe_grouped|moe_tc|linear_tc)
+      case $m in linear_mma|moe_grouped|moe_tc|linear_tc|mla_prefill)
         n=$(llvm-objdump-19 -d --mcpu=gfx942 "$work/$arch-$m.hsaco" 2>/dev/null | grep -c v_mfma || true)
         if [ "${n:-0}" -eq 0 ]; then
           echo "FAIL: $arch $model $m has no v_mfma instruction"; fail=1

@@ -282,7 +282,7 @@ fn mla_attention_paged_causal_real_and_odd_dims_on<V: GpuVendor>() {
 
 /// Prompts of 64+ tokens take the flash kernel (MHA form, tensor cores with hi/lo bf16 operands)
 /// while the decode and short sequences of the same batch stay absorbed: real V3 dims and small
-/// odd ones, on one backend (the kernels are cached per shape).
+/// odd ones, on one backend (the kernels are cached per shape); then the kernel's portable product.
 #[test]
 #[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn mla_flash_prefill_mixed_batches() {
@@ -301,6 +301,13 @@ fn mla_flash_prefill_mixed_batches_on<V: GpuVendor>() {
         mla_case(&g, &c, &mut rng, &d, kvt, &[(900, 1), (1000, 137), (200, 200), (64, 64), (30, 10)], MMA_TOL, false);
         // prefill only, several 64-query tiles and a partial one
         mla_case(&g, &c, &mut rng, &d, kvt, &[(333, 333)], MMA_TOL, false);
+    }
+    // the kernel's portable product (the form of targets without a matrix-unit path) over the
+    // same staging and tiles; the CDNA MFMA form shares them too but cannot run here
+    let mut p = gpu::<V>();
+    p.flash_portable = true;
+    for d in [MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 }, MlaDims { num_heads: 3, qk_nope: 16, qk_rope: 16, v_head: 24, kv_lora_rank: 40, scale: 0.3 }] {
+        mla_case(&p, &c, &mut rng, &d, WType::Bf16, &[(500, 1), (400, 137), (64, 64), (333, 333)], MMA_TOL, false);
     }
 }
 

@@ -89,8 +89,12 @@ pub struct GpuBackend<V: GpuVendor> {
     /// Linear layers and MoE experts beyond 8 rows on the matrix units (hip-kernels/mma_tile.h):
     /// on for sm_80+ and CDNA, ENGINE_MMA_GEMM=0 keeps the CUDA-core kernels (for comparison)
     pub mma_gemm: bool,
-    /// Flash MLA prefill on the tensor cores (NVIDIA sm_80+)
+    /// Flash MLA prefill on the matrix units (mla_prefill.hip: mma.sync on NVIDIA sm_80+, MFMA on
+    /// CDNA)
     pub flash_prefill: bool,
+    /// The flash prefill's portable scalar product instead of the matrix units (FB_PORTABLE; for
+    /// the tests: set before the backend's first prefill, the kernel is loaded once)
+    pub flash_portable: bool,
     /// Decode-sized MoE batches (FP8 experts) on the matrix units (moe_tc.hip; NVIDIA sm_80+,
     /// CDNA; ENGINE_MOE_TC=0 keeps the grouped GEMV)
     pub moe_tc: bool,
@@ -142,7 +146,7 @@ impl<V: GpuVendor> GpuBackend<V> {
                 tuned.moe_grouped_min_rows,
                 if p.swap_ab { "FP8 experts: swap-AB matrix-unit grouped GEMV, 16-token tiles; others: grouped GEMV" } else { "grouped GEMV" },
                 tuned.moe_mma_min_rows,
-                if p.mma_sync { format!("from {} new tokens", tuned.flash_min_q) } else { "off (no matrix-unit path in mla_prefill.hip for this arch)".into() }
+                format!("from {} new tokens", tuned.flash_min_q)
             );
         } else {
             log::info!("{} op paths: no matrix-unit GEMM ({}): CUDA-core tiles for every batch", V::NAME, if p.matrix_units { "ENGINE_MMA_GEMM=0" } else { "the arch has none the kernels use" });
@@ -160,7 +164,8 @@ impl<V: GpuVendor> GpuBackend<V> {
             ccl: None,
             staging: Mutex::new(None),
             mma_gemm,
-            flash_prefill: p.mma_sync && mma_gemm,
+            flash_prefill: p.matrix_units && mma_gemm,
+            flash_portable: false,
             moe_tc: p.swap_ab && mma_gemm && !std::env::var("ENGINE_MOE_TC").is_ok_and(|v| v == "0"),
             linear_tc: p.swap_ab && mma_gemm && !std::env::var("ENGINE_LINEAR_TC").is_ok_and(|v| v == "0"),
             sms: p.sms,
@@ -235,7 +240,11 @@ impl<V: GpuVendor> GpuBackend<V> {
     }
 
     pub(crate) fn mla_prefill_func(&self, dims: ModelDims, name: &str) -> Result<Kernel, BackendError> {
-        self.load(&mla_prefill_module(dims, V::SOURCE), name)
+        let mut m = mla_prefill_module(dims, V::SOURCE);
+        if self.flash_portable {
+            m.defines.push(("FB_PORTABLE".into(), "1".into()));
+        }
+        self.load(&m, name)
     }
 
     /// A launch of `f` on the device's stream; arguments follow with `.arg(..)`.

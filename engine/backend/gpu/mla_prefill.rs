@@ -1,4 +1,4 @@
-//! MLA prefill in the MHA form on the tensor cores (hip-kernels/mla_prefill.hip): the context's
+//! MLA prefill in the MHA form on the matrix units (hip-kernels/mla_prefill.hip): the context's
 //! latents are decompressed once by kv_b (a tensor-core GEMM) and causal flash attention runs per
 //! (64-query tile, head), so long prompts cost GEMM FLOPs instead of the absorbed form's per-token,
 //! per-head walk over the latent cache.
@@ -38,12 +38,14 @@ fn flash_tiles(seqs: &[&AttnSeq]) -> (Vec<i32>, Vec<u32>) {
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
-    /// Whether `s` runs on the flash kernel: tensor cores (mma.sync), a long enough prompt (tuned: 64 new
-    /// tokens on H200, a 64-query tile), head sizes the
-    /// fragments tile (QK % 16, V % 8), and a decompressed context that fits the budget.
+    /// Whether `s` runs on the flash kernel: matrix units (mma.sync or MFMA), a long enough prompt
+    /// (tuned: 64 new tokens on H200, a 64-query tile), head sizes the fragments tile (QK % 16,
+    /// V % 8, V % 16 for MFMA), and a decompressed context that fits the budget.
     pub(super) fn flash_prefill_for(&self, s: &AttnSeq, d: &MlaDims) -> bool {
         let kvd_bytes = s.slots.len() * d.num_heads * (d.qk_nope + d.v_head) * 4;
-        self.flash_prefill && s.q_len >= self.tuned.flash_min_q && d.qk_head().is_multiple_of(16) && d.v_head.is_multiple_of(8) && kvd_bytes <= MAX_KVD_BYTES
+        // the MFMA product (64-wide wavefronts) takes values in 16-column fragments
+        let v_frag = if self.warp == 64 && !self.flash_portable { 16 } else { 8 };
+        self.flash_prefill && s.q_len >= self.tuned.flash_min_q && d.qk_head().is_multiple_of(16) && d.v_head.is_multiple_of(v_frag) && kvd_bytes <= MAX_KVD_BYTES
     }
 
     /// Writes the attention output rows of `seqs` into `out` ([T, heads·v_head]).
