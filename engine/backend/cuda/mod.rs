@@ -67,7 +67,7 @@ impl GpuVendor for Cuda {
         let jit = Jit::new(KernelCache::from_env(), Box::new(compiler), Vendor::Nvidia);
         let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(|e| unavailable(format!("multiprocessor count: {e:?}")))? as usize;
         let dev = driver::CudaDriver::new(ctx).map_err(err("open"))?;
-        Ok(DeviceParts { dev: Arc::new(dev), jit, arch, device_name, warp: 32, sms, matrix_units: major >= 8, mma_sync: major >= 8, swap_ab: major >= 8, fp8_fnuz: false })
+        Ok(DeviceParts { dev: Arc::new(dev), jit, arch, device_name, warp: 32, sms, matrix_units: major >= 8, swap_ab: major >= 8, fp8_fnuz: false })
     }
 
     fn gemm_lib(b: &CudaBackend) -> Option<Box<dyn GemmLib>> {

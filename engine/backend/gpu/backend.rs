@@ -31,11 +31,9 @@ pub struct DeviceParts {
     pub warp: u32,
     /// Streaming multiprocessors / compute units (split-K sizing)
     pub sms: usize,
-    /// The matrix-unit tile (mma_tile.h: mma.sync on sm_80+, MFMA on CDNA)
+    /// The matrix-unit kernels with the tile logic shared by both vendors (mma_tile.h,
+    /// mla_prefill.hip: mma.sync on sm_80+, MFMA on CDNA)
     pub matrix_units: bool,
-    /// NVIDIA's mma.sync (sm_80+): the kernel written for it alone, flash MLA prefill
-    /// (mla_prefill.hip)
-    pub mma_sync: bool,
     /// The swap-AB matrix-unit decode kernels (tc_swap.h: mma.sync on sm_80+, MFMA on CDNA)
     pub swap_ab: bool,
     /// The device's FP8 conversion reads e4m3fnuz (gfx942): FP8 weights are converted at upload
@@ -137,16 +135,17 @@ impl<V: GpuVendor> GpuBackend<V> {
         let mma_gemm = p.matrix_units && !std::env::var("ENGINE_MMA_GEMM").is_ok_and(|v| v == "0");
         let tuned = super::tuned::for_device(&p.device_name).map_err(unavailable)?;
         log::info!("{} backend: {} ({}, {}-wide warps); kernels: portable HIP-dialect sources, cache {}", V::NAME, p.device_name, p.arch, p.warp, p.jit.cache.dir.display());
-        log::info!("{} op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA (decode, short prompts){}; routing and sampling = GPU kernels", V::NAME, if p.mma_sync { " and flash MHA prefill (tensor cores)" } else { "" });
+        log::info!("{} op paths: linear/experts/embedding = own dequantising kernels (f32/bf16/fp8 weights, f32 accumulate); attention = absorbed MLA (decode, short prompts){}; routing and sampling = GPU kernels", V::NAME, if p.matrix_units { " and flash MHA prefill (matrix units)" } else { "" });
         if mma_gemm {
             log::info!(
-                "{} op paths: linear layers from {} rows on the matrix units (bf16 hi+lo, 128x128 tiles, split-K); MoE experts grouped by expert from {} tokens ({}), on 128-token matrix-unit tiles from {}; flash MLA prefill {}",
+                "{} op paths: linear layers from {} rows on the matrix units (bf16 hi+lo, 128x128 tiles, split-K); MoE experts grouped by expert from {} tokens ({}), on 128-token matrix-unit tiles from {}; FP8 linear layers through the vendor GEMM library (where it loads) from {} rows; flash MLA prefill from {} new tokens",
                 V::NAME,
                 tuned.mma_min_rows,
                 tuned.moe_grouped_min_rows,
                 if p.swap_ab { "FP8 experts: swap-AB matrix-unit grouped GEMV, 16-token tiles; others: grouped GEMV" } else { "grouped GEMV" },
                 tuned.moe_mma_min_rows,
-                format!("from {} new tokens", tuned.flash_min_q)
+                tuned.blaslt_fp8_min_rows,
+                tuned.flash_min_q
             );
         } else {
             log::info!("{} op paths: no matrix-unit GEMM ({}): CUDA-core tiles for every batch", V::NAME, if p.matrix_units { "ENGINE_MMA_GEMM=0" } else { "the arch has none the kernels use" });

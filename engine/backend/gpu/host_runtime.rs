@@ -191,7 +191,7 @@ impl GpuVendor for HostVendor {
         let jit = Jit::new(KernelCache::new(dir), Box::new(NoCompiler), Vendor::Nvidia);
         let dev = Arc::new(HostRuntime::default());
         OPENED.with(|o| *o.borrow_mut() = Some(dev.clone()));
-        Ok(DeviceParts { dev, jit, arch: "host".into(), device_name: "host".into(), warp: 32, sms: 4, matrix_units: false, mma_sync: false, swap_ab: false, fp8_fnuz: false })
+        Ok(DeviceParts { dev, jit, arch: "host".into(), device_name: "host".into(), warp: 32, sms: 4, matrix_units: false, swap_ab: false, fp8_fnuz: false })
     }
 
     fn gemm_lib(_b: &GpuBackend<Self>) -> Option<Box<dyn GemmLib>> {

@@ -100,10 +100,9 @@ impl GpuVendor for Rocm {
             device_name,
             warp: arch.wave,
             sms: cus,
-            // mma_tile.h's MFMA 32x32x8 bf16 tiles and tc_swap.h's MFMA 16x16x16 decode kernels;
-            // mla_prefill.hip has mma.sync only
+            // mma_tile.h's MFMA 32x32x8 bf16 tiles, tc_swap.h's MFMA 16x16x16 decode kernels and
+            // mla_prefill.hip's MFMA 16x16x16 flash prefill (v_head a multiple of 16)
             matrix_units: true,
-            mma_sync: false,
             swap_ab: true,
             fp8_fnuz: arch.fp8 == device::Fp8Format::E4m3Fnuz,
         })
