@@ -44,7 +44,7 @@ impl<P> PlanCache<P> {
     pub fn supports(&self, shape: (usize, usize, usize), make: impl FnOnce() -> Result<P, String>) -> bool {
         let mut plans = self.0.lock().unwrap();
         let (m2, n, k) = shape;
-        plans.entry(shape).or_insert_with(|| make().inspect_err(|e| log::warn!("{e}; {}x{n}x{k} runs on the engine's own kernel", m2 / 2)).ok()).is_some()
+        plans.entry(shape).or_insert_with(|| make().inspect_err(|e| log::warn!("{e}; a GEMM of {m2}x{n}x{k} (x rows as bf16 hi + lo) was needed, so that layer runs on the engine's own kernel")).ok()).is_some()
     }
 
     /// `f` on the plan `supports` made for `shape`.

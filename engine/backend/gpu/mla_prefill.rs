@@ -8,8 +8,9 @@ use super::ops::{GpuKvCache, GpuLinear};
 use crate::backend::gpu::ModelDims;
 use crate::backend::{AttnSeq, BackendError, MlaDims};
 
-/// Largest decompressed K/V buffer (bytes) one call builds; longer contexts stay on the absorbed
-/// form, which reads the latent cache directly.
+/// Largest decompressed K/V buffer (bytes) one call builds (its per-head bf16 hi/lo copies add
+/// 1.25× that while both exist); longer contexts stay on the absorbed form, which reads the latent
+/// cache directly.
 const MAX_KVD_BYTES: usize = 4 << 30;
 const TILE_Q: usize = 64;
 
