@@ -11,8 +11,18 @@ __device__ __forceinline__ uint32_t bf16_rne(float f) {
     return u >> 16;
 }
 
-// two floats as packed bf16 (`lo` in the low half)
+// two floats as packed bf16 (`lo` in the low half), rounded to nearest even: one cvt on NVIDIA
+// sm_80+ (the integer rounding above is ~10 ALU operations a pair, and the tensor-core tiles'
+// staging was bound by the ALU pipe), the same bits either way
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+__device__ __forceinline__ uint32_t bf16_pack(float lo, float hi) {
+    uint32_t d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+#else
 __device__ __forceinline__ uint32_t bf16_pack(float lo, float hi) { return bf16_rne(lo) | (bf16_rne(hi) << 16); }
+#endif
 
 // v ≈ hi + lo
 __device__ __forceinline__ void bf16_split(float v, uint16_t* hi, uint16_t* lo) {
@@ -23,11 +33,9 @@ __device__ __forceinline__ void bf16_split(float v, uint16_t* hi, uint16_t* lo) 
 
 // (a, b) as a packed hi pair and a packed lo pair
 __device__ __forceinline__ void bf16_split2(float a, float b, uint32_t* hi, uint32_t* lo) {
-    uint16_t ah, al, bh, bl;
-    bf16_split(a, &ah, &al);
-    bf16_split(b, &bh, &bl);
-    *hi = ah | ((uint32_t)bh << 16);
-    *lo = al | ((uint32_t)bl << 16);
+    uint32_t h = bf16_pack(a, b);
+    *hi = h;
+    *lo = bf16_pack(a - __uint_as_float(h << 16), b - __uint_as_float(h & 0xffff0000u));
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

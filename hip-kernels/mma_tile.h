@@ -82,6 +82,8 @@ struct MtOperands {
     const uint8_t* W;
     const float* S;
     int N, n0, K, bn, bk;
+    // set by mt_run: the tile's row of FP8 block scales when they are folded into X (else null)
+    const float* srow;
 };
 
 __device__ __forceinline__ int64_t mt_xrow(const MtOperands& o, int r) {
@@ -99,7 +101,7 @@ __device__ __forceinline__ bool mt_fold(const MtOperands& o) {
 // The scale that multiplies X at column k (1 unless folded) and the one that multiplies W[n][k].
 template <int WDT>
 __device__ __forceinline__ float mt_xscale(const MtOperands& o, int k) {
-    return mt_fold<WDT>(o) && k < o.K ? o.S[(o.n0 / o.bn) * ((o.K + o.bk - 1) / o.bk) + k / o.bk] : 1.f;
+    return o.srow && k < o.K ? o.srow[k / o.bk] : 1.f;
 }
 template <int WDT>
 __device__ __forceinline__ float mt_wscale(const MtOperands& o, int n, int k) {
@@ -121,7 +123,7 @@ struct MtStage {
     static const int ES = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
     static const int WCH = ES; // 16-byte weight chunks per thread per step
     float4 x[4];
-    float xs[4];
+    float xs; // the X chunks share their columns, so their scale
     uint4 w[WCH];
     float s[WCH];
 };
@@ -132,11 +134,11 @@ template <int WDT>
 __device__ __forceinline__ void mt_load(MtStage<WDT>& st, const MtOperands& o, int k0) {
     const int tid = threadIdx.x, ES = MtStage<WDT>::ES;
     const int kx = k0 + 4 * (tid % 8);
+    st.xs = mt_xscale<WDT>(o, kx);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         int64_t xr = mt_xrow(o, tid / 8 + 32 * i);
         st.x[i] = (xr >= 0 && kx < o.K) ? *(const float4*)(o.X + xr * o.K + kx) : make_float4(0.f, 0.f, 0.f, 0.f);
-        st.xs[i] = mt_xscale<WDT>(o, kx);
     }
     const int per_row = 2 * ES, rows_per_pass = MT_THREADS / per_row, elems = 16 / ES;
 #pragma unroll
@@ -155,7 +157,7 @@ __device__ __forceinline__ void mt_store(MmaShared& sh, const MtStage<WDT>& st) 
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         float4 v = st.x[i];
-        float s = st.xs[i];
+        float s = st.xs;
         int r = tid / 8 + 32 * i, c = 4 * (tid % 8);
         mt_put_split4(&sh.xs[0][r][c], &sh.xs[1][r][c], v.x * s, v.y * s, v.z * s, v.w * s);
     }
@@ -271,7 +273,10 @@ __device__ __forceinline__ void mt_product(const MmaShared& sh, MmaAcc& acc) {
 
 // acc (+)= the tile's product over K range [kbeg, kend) (kbeg a multiple of MT_K).
 template <int WDT>
-__device__ void mt_run(MmaShared& sh, MmaAcc& acc, const MtOperands& o, int kbeg, int kend, bool vec) {
+__device__ void mt_run(MmaShared& sh, MmaAcc& acc, const MtOperands& operands, int kbeg, int kend, bool vec) {
+    // the folded scales' row, found once per tile (the divisions cost more than the loads)
+    MtOperands o = operands;
+    o.srow = mt_fold<WDT>(o) ? o.S + (int64_t)(o.n0 / o.bn) * ((o.K + o.bk - 1) / o.bk) : nullptr;
     MtStage<WDT> st;
     if (vec && kbeg < kend) mt_load<WDT>(st, o, kbeg);
     for (int k0 = kbeg; k0 < kend; k0 += MT_K) {
