@@ -44,11 +44,6 @@ fn arch_name(major: i32, minor: i32) -> String {
     }
 }
 
-/// A fresh NCCL communicator id (rank 0 makes it and hands it to the others).
-pub fn nccl_unique_id() -> Result<Vec<u8>, String> {
-    super::gpu::ccl::unique_id(rccl_sys::Vendor::Nvidia)
-}
-
 impl GpuVendor for Cuda {
     const NAME: &'static str = "cuda";
     const SOURCE: Vendor = Vendor::Nvidia;

@@ -72,11 +72,6 @@ pub fn probe() -> Result<RocmProbe, BackendUnavailable> {
     }
 }
 
-/// A fresh RCCL communicator id (rank 0 makes it and hands it to the others).
-pub fn rccl_unique_id() -> Result<Vec<u8>, String> {
-    super::gpu::ccl::unique_id(rccl_sys::Vendor::Amd)
-}
-
 impl GpuVendor for Rocm {
     const NAME: &'static str = "rocm";
     const SOURCE: Vendor = Vendor::Amd;
