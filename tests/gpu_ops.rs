@@ -84,6 +84,16 @@ fn linear_both<V: GpuVendor>(g: &GpuBackend<V>, c: &CpuBackend, w: &HostLinear, 
     (got, want)
 }
 
+/// A random FP8 layer [n, k] (scale blocks of `bn` rows, 128 columns) on m random rows, on the GPU
+/// against the CPU reference, within `tol`.
+fn check_fp8_linear<V: GpuVendor>(g: &GpuBackend<V>, c: &CpuBackend, rng: &mut Rng, (m, n, k, bn): (usize, usize, usize, usize), name: &str, tol: f64) {
+    let v = randn(rng, n * k, (k as f32).powf(-0.5));
+    let w = host_fp8(rng, n, k, &v, bn);
+    let x = randn(rng, m * k, 1.0);
+    let (got, want) = linear_both(g, c, &w, m, k, &x);
+    check(&format!("{name} {m}x{n}x{k}"), &got, &want, tol);
+}
+
 /// `g.linear` against the CPU at each (m, n, k) and every weight dtype, within `tol`.
 fn check_linears<V: GpuVendor>(g: &GpuBackend<V>, name: &str, seed: u64, shapes: &[(usize, usize, usize)], tol: f64) {
     let c = CpuBackend::new();
@@ -131,11 +141,7 @@ fn linear_swap_ab_small_batches_on<V: GpuVendor>() {
     let c = CpuBackend::new();
     let mut rng = Rng::new(21);
     for (m, n, k) in [(1, 576, 7168), (3, 1536, 7168), (8, 24576, 1536), (9, 7168, 16384), (16, 2048, 7168), (17, 7168, 2048), (32, 4096, 512)] {
-        let v = randn(&mut rng, n * k, (k as f32).powf(-0.5));
-        let w = host_fp8(&mut rng, n, k, &v, 128);
-        let x = randn(&mut rng, m * k, 1.0);
-        let (got, want) = linear_both(&g, &c, &w, m, k, &x);
-        check(&format!("linear_tc fp8 {m}x{n}x{k} (swap-AB: {})", g.linear_tc), &got, &want, MMA_TOL);
+        check_fp8_linear(&g, &c, &mut rng, (m, n, k, 128), &format!("linear_tc fp8 (swap-AB: {})", g.linear_tc), MMA_TOL);
     }
 }
 
@@ -164,11 +170,7 @@ fn linear_on_tensor_cores_on<V: GpuVendor>() {
     let c = CpuBackend::new();
     let mut rng = Rng::new(12);
     for (m, n, k) in [(40, 1000, 2048), (200, 576, 7168)] {
-        let v = randn(&mut rng, n * k, (k as f32).powf(-0.5));
-        let w = host_fp8(&mut rng, n, k, &v, 64);
-        let x = randn(&mut rng, m * k, 1.0);
-        let (got, want) = linear_both(&g, &c, &w, m, k, &x);
-        check(&format!("linear_mma fp8 64x128 blocks {m}x{n}x{k}"), &got, &want, BF16_TOL);
+        check_fp8_linear(&g, &c, &mut rng, (m, n, k, 64), "linear_mma fp8 64x128 blocks", BF16_TOL);
     }
 }
 
@@ -189,11 +191,7 @@ fn linear_fp8_through_gemm_library_on<V: GpuVendor>() {
     let c = CpuBackend::new();
     let mut rng = Rng::new(31);
     for (m, n, k, bn) in [(1, 576, 7168, 128), (37, 24576, 1536, 128), (256, 2048, 7168, 128), (300, 7168, 2048, 128), (520, 1536, 7168, 128), (200, 576, 7168, 64)] {
-        let v = randn(&mut rng, n * k, (k as f32).powf(-0.5));
-        let w = host_fp8(&mut rng, n, k, &v, bn);
-        let x = randn(&mut rng, m * k, 1.0);
-        let (got, want) = linear_both(&g, &c, &w, m, k, &x);
-        check(&format!("gemm library fp8 {bn}-row blocks {m}x{n}x{k}"), &got, &want, MMA_TOL);
+        check_fp8_linear(&g, &c, &mut rng, (m, n, k, bn), &format!("gemm library fp8 {bn}-row blocks"), MMA_TOL);
     }
 }
 
