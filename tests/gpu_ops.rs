@@ -22,6 +22,9 @@ const BF16_TOL: f64 = 1e-2;
 // tensor-core GEMMs: X split into bf16 hi + lo, bf16/FP8 weights exact (FP8 scale folded into X),
 // f32 weights split too: near-f32 results
 const MMA_TOL: f64 = 2e-4;
+/// FP8 × FP8 on the tensor cores: exact products, accumulated within each 128-column block at
+/// the tensor cores' reduced precision, then scaled and summed in f32
+const FP8_ACC_TOL: f64 = 2e-3;
 
 fn gpu<V: GpuVendor>() -> GpuBackend<V> {
     std::env::set_var("ENGINE_GPU_POISON", "1");
@@ -192,6 +195,51 @@ fn linear_fp8_through_gemm_library_on<V: GpuVendor>() {
     let mut rng = Rng::new(31);
     for (m, n, k, bn) in [(1, 576, 7168, 128), (37, 24576, 1536, 128), (256, 2048, 7168, 128), (300, 7168, 2048, 128), (520, 1536, 7168, 128), (200, 576, 7168, 64)] {
         check_fp8_linear(&g, &c, &mut rng, (m, n, k, bn), &format!("gemm library fp8 {bn}-row blocks"), MMA_TOL);
+    }
+}
+
+/// `--fp8-activations dynamic`: the activation quantiser (hip-kernels/act_quant.hip) bit for bit
+/// against its host twin (engine/weights/act_quant.rs), then FP8 layers through the library's
+/// block-scaled FP8 GEMM against the f32 CPU reference fed with the same quantised activations
+/// (what remains is the tensor cores' FP8 accumulation inside each 128-column block); real V3
+/// shapes, rows that are not a multiple of any tile.
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn linear_fp8_dynamic_activations() {
+    common::on_gpu!(linear_fp8_dynamic_activations_on)
+}
+
+fn linear_fp8_dynamic_activations_on<V: GpuVendor>() {
+    use engine::weights::act_quant::{ActFp8, ACT_GROUP};
+    let mut g = gpu::<V>();
+    let c = CpuBackend::new();
+    let mut rng = Rng::new(41);
+    for (rows, cols) in [(3, 7168), (130, 300), (1, 2048)] {
+        let mut x = randn(&mut rng, rows * cols, 2.0);
+        x[cols..cols + ACT_GROUP].fill(0.0); // an all-zero group
+        let (q, s) = g.quantize_act_fp8(&g.upload(rows, cols, &x).unwrap()).unwrap();
+        let (q, s) = (q.to_host().unwrap(), s.to_host().unwrap());
+        let want = ActFp8::quantize(&x, rows, cols);
+        let groups = cols.div_ceil(ACT_GROUP);
+        assert_eq!(&q[..rows * cols], &want.q[..], "quantised codes {rows}x{cols}");
+        for r in 0..rows {
+            for j in 0..groups {
+                assert_eq!(s[j * rows + r].to_bits(), want.scales[r * groups + j].to_bits(), "scale of row {r} group {j} ({rows}x{cols})");
+            }
+        }
+        eprintln!("quant_fp8_act {rows}x{cols}: codes and scales equal the host's");
+    }
+    assert!(g.blaslt.as_ref().is_some_and(|l| l.supports_fp8_block(256, 576, 7168)), "no block-scaled FP8 GEMM in the vendor library (cuBLASLt 12.9+ on Hopper is needed)");
+    g.fp8_act = true;
+    for (m, n, k) in [(256, 576, 7168), (300, 7168, 2048), (136, 24576, 1536), (200, 32768, 512), (513, 7168, 16384)] {
+        let v = randn(&mut rng, n * k, (k as f32).powf(-0.5));
+        let w = host_fp8(&mut rng, n, k, &v, 128);
+        let x = randn(&mut rng, m * k, 1.0);
+        let (got, f32_ref) = linear_both(&g, &c, &w, m, k, &x);
+        let xq = ActFp8::quantize(&x, m, k).dequantize();
+        let want = c.download(&c.linear(&c.upload(m, k, &xq).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
+        eprintln!("  (FP8 activations against f32 ones: rel err {:.2e})", rel_err(&got, &f32_ref));
+        check(&format!("block-scaled fp8 gemm {m}x{n}x{k}"), &got, &want, FP8_ACC_TOL);
     }
 }
 

@@ -192,7 +192,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
             if a.profile {
                 log::warn!("--profile times GPU events; the CPU backend has none, so no profile is printed");
             }
-            let model = match launch::<crate::backend::cpu::CpuBackend>(&path, &par, a.backend.load_format, 0)? {
+            let model = match launch::<crate::backend::cpu::CpuBackend>(&path, &par, a.backend.load_format, a.backend.device_opts(0))? {
                 Role::Lead(m) => m,
                 Role::FollowerDone => return Ok(()),
             };
@@ -248,7 +248,7 @@ type BenchRun = (Vec<serde_json::Value>, &'static str, serde_json::Value, f64, u
 fn bench_gpu<V: GpuVendor>(a: &BenchOneBatchArgs, path: &std::path::Path, par: &crate::dist::ParallelConfig, t: Instant) -> Result<Option<BenchRun>, Box<dyn std::error::Error + Send + Sync>> {
     // as SGLang's bench_one_batch: graphs up to the largest batch measured unless told otherwise
     let graph_max_bs = a.backend.graph_max_bs_or(a.batch_size.iter().copied().max().unwrap_or(1));
-    let model = match launch::<GpuBackend<V>>(path, par, a.backend.load_format, graph_max_bs)? {
+    let model = match launch::<GpuBackend<V>>(path, par, a.backend.load_format, a.backend.device_opts(graph_max_bs))? {
         Role::Lead(m) => Arc::new(m),
         Role::FollowerDone => return Ok(None),
     };

@@ -76,7 +76,7 @@ pub fn run(a: GenerateArgs) -> Result<(), Box<dyn std::error::Error + Send + Syn
 
 fn run_on<B: RankBackend>(a: GenerateArgs, path: PathBuf) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let t0 = std::time::Instant::now();
-    let model = match launch::<B>(&path, &a.dist.validate()?, a.backend.load_format, a.backend.graph_max_bs())? {
+    let model = match launch::<B>(&path, &a.dist.validate()?, a.backend.load_format, a.backend.device_opts(a.backend.graph_max_bs()))? {
         Role::Lead(m) => std::sync::Arc::new(m),
         Role::FollowerDone => return Ok(()),
     };

@@ -87,12 +87,29 @@ pub struct BackendArgs {
     /// Run every step op by op (no CUDA graphs)
     #[arg(long)]
     pub disable_cuda_graph: bool,
+    /// Inputs of FP8 linear layers at prefill sizes: f32 keeps them in f32 (bf16 hi + lo
+    /// operands, ~1e-5 from the f32 reference); dynamic quantises them per token and 128 channels
+    /// to e4m3 and runs the GEMM library's block-scaled FP8 GEMM, as SGLang and vLLM do for
+    /// block-FP8 checkpoints (CUDA: cuBLASLt 12.9+ on Hopper; elsewhere f32 stays)
+    #[arg(long, value_enum, default_value = "f32")]
+    pub fp8_activations: Fp8Activations,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8Activations {
+    F32,
+    Dynamic,
 }
 
 impl BackendArgs {
     /// The largest graph batch size; 0 when graphs are off.
     pub fn graph_max_bs(&self) -> usize {
         self.graph_max_bs_or(crate::backend::gpu::backend::DEFAULT_GRAPH_MAX_BS)
+    }
+
+    /// What a GPU backend starts with, graphs up to `graph_max_bs`.
+    pub fn device_opts(&self, graph_max_bs: usize) -> crate::model::DeviceOpts {
+        crate::model::DeviceOpts { graph_max_bs, fp8_activations: self.fp8_activations == Fp8Activations::Dynamic }
     }
 
     /// The same with `default` where `--cuda-graph-max-bs` is not given.

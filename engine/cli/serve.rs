@@ -141,7 +141,7 @@ pub fn run(a: ServeArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 fn run_on<B: RankBackend>(a: ServeArgs, path: PathBuf) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let t0 = std::time::Instant::now();
     let par = a.dist.validate()?;
-    let model = match launch::<B>(&path, &par, a.backend.load_format, a.backend.graph_max_bs())? {
+    let model = match launch::<B>(&path, &par, a.backend.load_format, a.backend.device_opts(a.backend.graph_max_bs()))? {
         Role::Lead(m) => Arc::new(m),
         Role::FollowerDone => return Ok(()),
     };

@@ -24,8 +24,17 @@ pub struct RankCtx {
     pub comm_id: Option<Vec<u8>>,
     /// A host collective group (the CPU backend)
     pub host_comm: Option<Arc<dyn HostComm>>,
-    /// Largest decode batch captured into a graph (0: none; GPU backends)
+    /// Graphs and numerics of a GPU backend
+    pub opts: DeviceOpts,
+}
+
+/// What a GPU backend is told at start (the CPU backend has neither).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeviceOpts {
+    /// Largest decode batch captured into a graph (0: none)
     pub graph_max_bs: usize,
+    /// `--fp8-activations dynamic`: FP8 layers on the GEMM library quantise their input to FP8
+    pub fp8_activations: bool,
 }
 
 /// A backend that can be one rank of a tensor-parallel group.
@@ -46,6 +55,9 @@ pub trait RankBackend: Backend + Sized {
 impl RankBackend for crate::backend::cpu::CpuBackend {
     const DEVICE_COMM: bool = false;
     fn for_rank(ctx: RankCtx) -> Result<Self, BackendError> {
+        if ctx.opts.fp8_activations {
+            log::warn!("cpu: --fp8-activations dynamic applies to GPU backends; the CPU backend keeps f32 activations");
+        }
         Ok(match ctx.host_comm {
             Some(c) if ctx.size > 1 => Self::with_comm(c),
             _ => Self::new(),
@@ -60,7 +72,8 @@ impl<V: GpuVendor> RankBackend for GpuBackend<V> {
     }
     fn for_rank(ctx: RankCtx) -> Result<Self, BackendError> {
         let mut b = Self::new(ctx.device)?;
-        b.set_graph_max_bs(ctx.graph_max_bs);
+        b.set_graph_max_bs(ctx.opts.graph_max_bs);
+        b.set_fp8_activations(ctx.opts.fp8_activations);
         match (ctx.size, ctx.comm_id) {
             (1, _) => Ok(b),
             (_, Some(id)) => b.with_ccl(&id, ctx.rank, ctx.size),
@@ -86,13 +99,13 @@ fn par_err(e: impl std::fmt::Display) -> ModelError {
 }
 
 /// Loads the model for this node's ranks (the whole model when `par` is a single rank).
-/// `graph_max_bs`: the largest decode batch a GPU backend captures into a graph (0: none).
-pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig, format: LoadFormat, graph_max_bs: usize) -> Result<Role<B>, ModelError> {
+/// `opts`: a GPU backend's graphs and numerics (ignored by the CPU backend).
+pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig, format: LoadFormat, opts: DeviceOpts) -> Result<Role<B>, ModelError> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let weights = Arc::new(WeightStore::open_as(dir, format, &cfg)?);
     let shard = |rank| Shard { rank, size: par.world, expert_parallel: par.expert_parallel, dp_attention: par.dp_attention };
     if par.is_single() {
-        let b = B::for_rank(RankCtx { rank: 0, size: 1, device: par.base_device, comm_id: None, host_comm: None, graph_max_bs })?;
+        let b = B::for_rank(RankCtx { rank: 0, size: 1, device: par.base_device, comm_id: None, host_comm: None, opts })?;
         return Ok(Role::Lead(Model::from_store(b, cfg, &weights, shard(0))?));
     }
     let ranks = par.local_ranks();
@@ -153,7 +166,7 @@ pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig, format: LoadForm
         let (job_tx, job_rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
         locals.push(LocalFollower { rank, tx: job_tx, done: std::sync::Mutex::new(done_rx) });
-        let ctx = RankCtx { rank, size: par.world, device: par.base_device + i, comm_id: comm_id.clone(), host_comm: host_comms[i].take(), graph_max_bs };
+        let ctx = RankCtx { rank, size: par.world, device: par.base_device + i, comm_id: comm_id.clone(), host_comm: host_comms[i].take(), opts };
         let (cfg, weights, ready) = (cfg.clone(), weights.clone(), ready_tx.clone());
         let sh = shard(rank);
         std::thread::Builder::new()
@@ -174,7 +187,7 @@ pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig, format: LoadForm
             .map_err(par_err)?;
     }
     drop(ready_tx);
-    let ctx = RankCtx { rank: lead_rank, size: par.world, device: par.base_device, comm_id, host_comm: host_comms[0].take(), graph_max_bs };
+    let ctx = RankCtx { rank: lead_rank, size: par.world, device: par.base_device, comm_id, host_comm: host_comms[0].take(), opts };
     let mut model = Model::from_store(B::for_rank(ctx)?, cfg, &weights, shard(lead_rank))?;
     for _ in 1..par.per_node {
         match ready_rx.recv_timeout(timeout) {

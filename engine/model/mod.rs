@@ -8,7 +8,7 @@ pub mod mtp;
 mod shard;
 mod step;
 
-pub use launch::{launch, RankBackend, RankCtx, Role};
+pub use launch::{launch, DeviceOpts, RankBackend, RankCtx, Role};
 pub use shard::Shard;
 
 use std::path::Path;

@@ -1,4 +1,5 @@
 //! Checkpoint weights: safetensors files (single or sharded, memory-mapped), dtypes, FP8 blocks.
+pub mod act_quant;
 mod dtype;
 mod dummy;
 pub mod fnuz;

@@ -1,5 +1,7 @@
 //! cuBLASLt (dynamically loaded) as the CUDA backend's `GemmLib`: bf16 × bf16 → f32 GEMMs for the
-//! linear layers with bf16 weights (backend/gpu/blas.rs splits x into bf16 hi/lo rows).
+//! linear layers (backend/gpu/blas.rs splits x into bf16 hi/lo rows), and block-scaled FP8 ×
+//! FP8 → f32 (cuBLASLt 12.9+ on Hopper: 128×128 weight blocks, 1×128 activation groups) for
+//! `--fp8-activations dynamic`.
 use std::ffi::c_void;
 
 use cudarc::cublaslt::{result, sys};
@@ -28,6 +30,8 @@ pub struct BlasLt {
     workspace: DevBuf<u8>,
     stream: sys::cudaStream_t,
     plans: PlanCache<Plan>,
+    /// Block-scaled FP8 plans, per (m, n, k)
+    fp8_plans: PlanCache<Plan>,
 }
 
 // SAFETY: the handle and descriptors are used from one stream at a time, under the backend's
@@ -37,7 +41,7 @@ unsafe impl Sync for BlasLt {}
 
 impl Drop for BlasLt {
     fn drop(&mut self) {
-        for p in self.plans.drain() {
+        for p in self.plans.drain().into_iter().chain(self.fp8_plans.drain()) {
             unsafe {
                 let _ = result::destroy_matrix_layout(p.a);
                 let _ = result::destroy_matrix_layout(p.b);
@@ -70,18 +74,34 @@ impl BlasLt {
                 return None;
             }
         };
-        Some(BlasLt { handle, workspace, stream: b.dev.stream() as sys::cudaStream_t, plans: PlanCache::default() })
+        Some(BlasLt { handle, workspace, stream: b.dev.stream() as sys::cudaStream_t, plans: PlanCache::default(), fp8_plans: PlanCache::default() })
     }
 
     /// D [m2, n] (row-major f32) = X2 [m2, k] (bf16) · W [n, k]ᵀ (bf16), in column-major terms
     /// Dᵀ = op(W) · X2ᵀ with W's stored K×N matrix transposed.
     fn plan(&self, m2: usize, n: usize, k: usize) -> Result<Plan, BackendError> {
+        self.plan_typed(m2, n, k, sys::cudaDataType::CUDA_R_16BF, &[])
+    }
+
+    /// The block-scaled FP8 form: A = W (e4m3, one scale per 128×128 block), B = x (e4m3, one
+    /// scale per token and 128 columns); the scale pointers are set per call.
+    fn plan_fp8_block(&self, m: usize, n: usize, k: usize) -> Result<Plan, BackendError> {
+        use sys::cublasLtMatmulDescAttributes_t::{CUBLASLT_MATMUL_DESC_A_SCALE_MODE, CUBLASLT_MATMUL_DESC_B_SCALE_MODE};
+        let modes = [(CUBLASLT_MATMUL_DESC_A_SCALE_MODE, sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32), (CUBLASLT_MATMUL_DESC_B_SCALE_MODE, sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32)];
+        self.plan_typed(m, n, k, sys::cudaDataType::CUDA_R_8F_E4M3, &modes)
+    }
+
+    /// Dᵀ [n, rows] f32 = op(W)ᵀ · Xᵀ with W and X of type `ab`, and `attrs` set on the descriptor.
+    fn plan_typed(&self, m2: usize, n: usize, k: usize, ab: sys::cudaDataType, attrs: &[(sys::cublasLtMatmulDescAttributes_t, i32)]) -> Result<Plan, BackendError> {
         let e = blas_err("cublasLt plan");
         let desc = result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F).map_err(&e)?;
         let trans: i32 = 1; // CUBLAS_OP_T
         unsafe { result::set_matmul_desc_attribute(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &trans as *const i32 as *const c_void, 4) }.map_err(&e)?;
-        let a = result::create_matrix_layout(sys::cudaDataType::CUDA_R_16BF, k as u64, n as u64, k as i64).map_err(&e)?;
-        let b = result::create_matrix_layout(sys::cudaDataType::CUDA_R_16BF, k as u64, m2 as u64, k as i64).map_err(&e)?;
+        for (attr, v) in attrs {
+            unsafe { result::set_matmul_desc_attribute(desc, *attr, v as *const i32 as *const c_void, 4) }.map_err(&e)?;
+        }
+        let a = result::create_matrix_layout(ab, k as u64, n as u64, k as i64).map_err(&e)?;
+        let b = result::create_matrix_layout(ab, k as u64, m2 as u64, k as i64).map_err(&e)?;
         let d = result::create_matrix_layout(sys::cudaDataType::CUDA_R_32F, n as u64, m2 as u64, n as i64).map_err(&e)?;
         let pref = result::create_matmul_pref().map_err(&e)?;
         let ws = WORKSPACE as u64;
@@ -113,8 +133,30 @@ impl GemmLib for BlasLt {
     }
 
     fn gemm_bf16(&self, m2: usize, n: usize, k: usize, w: DevPtr, x2: DevPtr, d: DevPtr) -> Result<(), String> {
+        self.plans.with((m2, n, k), |p| self.run(p, w, x2, d))?
+    }
+
+    fn supports_fp8_block(&self, m: usize, n: usize, k: usize) -> bool {
+        self.fp8_plans.supports((m, n, k), || self.plan_fp8_block(m, n, k).map_err(|e| e.to_string()))
+    }
+
+    fn gemm_fp8_block(&self, shape: (usize, usize, usize), (w, ws): (DevPtr, DevPtr), (xq, xs): (DevPtr, DevPtr), d: DevPtr) -> Result<(), String> {
+        use sys::cublasLtMatmulDescAttributes_t::{CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER};
+        // the scale pointers belong to this call: set under the plans' lock, right before the launch
+        self.fp8_plans.with(shape, |p| {
+            for (attr, ptr) in [(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, ws), (CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, xs)] {
+                unsafe { result::set_matmul_desc_attribute(p.desc, attr, &ptr as *const u64 as *const c_void, 8) }.map_err(|e| format!("cublasLtMatmulDescSetAttribute: {e:?}"))?;
+            }
+            self.run(p, w, xq, d)
+        })?
+    }
+}
+
+impl BlasLt {
+    /// D = W-side A × x-side B with the plan's descriptors, on the backend's stream.
+    fn run(&self, p: &Plan, w: DevPtr, x: DevPtr, d: DevPtr) -> Result<(), String> {
         let (alpha, beta) = (1.0f32, 0.0f32);
-        self.plans.with((m2, n, k), |p| unsafe {
+        unsafe {
             result::matmul(
                 self.handle,
                 p.desc,
@@ -122,7 +164,7 @@ impl GemmLib for BlasLt {
                 &beta as *const f32 as *const c_void,
                 w as *const c_void,
                 p.a,
-                x2 as *const c_void,
+                x as *const c_void,
                 p.b,
                 d as *const c_void,
                 p.d,
@@ -133,7 +175,7 @@ impl GemmLib for BlasLt {
                 WORKSPACE,
                 self.stream,
             )
-        })?
+        }
         .map_err(|e| format!("cublasLtMatmul: {e:?}"))
     }
 }

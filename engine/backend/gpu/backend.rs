@@ -112,6 +112,10 @@ pub struct GpuBackend<V: GpuVendor> {
     /// The vendor's GEMM library for linear layers with bf16 weights (None: not found, or
     /// ENGINE_CUBLASLT=0 / ENGINE_HIPBLASLT=0)
     pub blaslt: Option<Box<dyn GemmLib>>,
+    /// `--fp8-activations dynamic`: FP8 linear layers that go through the GEMM library quantise
+    /// their input per token and 128 channels and run its block-scaled FP8 GEMM (SGLang's
+    /// numerics); off, activations stay f32 (bf16 hi + lo operands, ~1e-5)
+    pub fp8_act: bool,
     _v: PhantomData<V>,
 }
 
@@ -173,6 +177,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             graphs: Graphs::new(DEFAULT_GRAPH_MAX_BS),
             constants: Mutex::new(HashMap::new()),
             blaslt: None,
+            fp8_act: false,
             _v: PhantomData,
         };
         b.blaslt = V::gemm_lib(&b);

@@ -5,7 +5,8 @@
 //! bf16; an FP8 weight with its block scales is dequantised into bf16 hi + lo copies first (a
 //! scratch of 4 bytes per weight) and a second GEMM adds x_hi · W_loᵀ. A fixed-order sum of the
 //! products gives y with ~16 bits of x and W like the own tensor-core path (~1e-5 relative), not
-//! bf16's ~4e-3.
+//! bf16's ~4e-3. With `--fp8-activations dynamic` FP8 layers instead quantise x per token and 128
+//! channels (SGLang's numerics) and run the library's block-scaled FP8 GEMM where it has one.
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -16,6 +17,7 @@ use crate::backend::BackendError;
 
 const EW: &str = "hip-kernels/elementwise.hip";
 const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
+const ACT_QUANT: &str = "hip-kernels/act_quant.hip";
 
 /// A vendor GEMM library as the backend uses it.
 pub trait GemmLib: Send + Sync {
@@ -27,6 +29,17 @@ pub trait GemmLib: Send + Sync {
     /// D [m2, n] (row-major f32) = X2 [m2, k] (row-major bf16) · W [n, k]ᵀ (row-major bf16), on
     /// the backend's stream, with the plan `supports` made.
     fn gemm_bf16(&self, m2: usize, n: usize, k: usize, w: DevPtr, x2: DevPtr, d: DevPtr) -> Result<(), String>;
+    /// Whether the library has a block-scaled FP8 GEMM for this shape (`gemm_fp8_block`; the
+    /// plan is made on the first call, as for `supports`).
+    fn supports_fp8_block(&self, _m: usize, _n: usize, _k: usize) -> bool {
+        false
+    }
+    /// D [m, n] (row-major f32) = (xq · xs) · (W · ws)ᵀ: xq [m, k] e4m3fn row-major with xs one f32
+    /// per token and 128 columns, stored [ceil(k/128), m]; W [n, k] e4m3fn row-major with ws one
+    /// f32 per 128×128 block, [ceil(n/128), ceil(k/128)] row-major (the checkpoint's scales).
+    fn gemm_fp8_block(&self, _shape: (usize, usize, usize), _w: (DevPtr, DevPtr), _x: (DevPtr, DevPtr), _d: DevPtr) -> Result<(), String> {
+        Err(format!("{} has no block-scaled FP8 GEMM here", self.name()))
+    }
 }
 
 /// A GEMM library's plans per shape (2M, N, K): made on a shape's first use (outside any graph
@@ -79,6 +92,12 @@ impl<V: GpuVendor> GpuBackend<V> {
         let lt = self.blaslt.as_ref().expect("blaslt_for checked");
         let (m, n, k) = (x.rows, w.out, w.inp);
         let fp8 = w.wdt == 2;
+        if fp8 && self.fp8_act && fp8_block_shape(w) && lt.supports_fp8_block(m, n, k) {
+            let (q, s) = self.quantize_act_fp8(x)?;
+            let e = |msg| self.op_err("blaslt", format!("{}: {msg}", lt.name()));
+            lt.gemm_fp8_block((m, n, k), (w.data.ptr(), w.scales.ptr()), (q.ptr(), s.ptr()), y.ptr()).map_err(e)?;
+            return Ok(true);
+        }
         if !lt.supports(2 * m, n, k) || (fp8 && !lt.supports(m, n, k)) {
             return Ok(false);
         }
@@ -106,6 +125,29 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (total, p) = ((m * n) as i64, parts as i32);
         self.launch(&f).arg(&d).arg(y).arg(&total).arg(&p).run(cfg(((m * n).div_ceil(256) as u32, 1), 256, 0)).map_err(err("linear_split_sum"))?;
         Ok(true)
+    }
+}
+
+/// Shapes the block-scaled FP8 GEMM takes: DeepSeek's 128×128 weight blocks, rows of 16 bytes,
+/// and a whole number of 16-byte rows of weight scales (the library reads them with that pitch).
+fn fp8_block_shape(w: &GpuLinear) -> bool {
+    w.bn == 128 && w.bk == 128 && w.inp.is_multiple_of(16) && w.out.is_multiple_of(16) && w.inp.div_ceil(128).is_multiple_of(4)
+}
+
+impl<V: GpuVendor> GpuBackend<V> {
+    /// x → (q [rows, cols] e4m3fn, scales [ceil(cols/128), rows]): dynamic per-token, per-128
+    /// channel activation quantisation (hip-kernels/act_quant.hip; cols % 4 == 0).
+    pub fn quantize_act_fp8(&self, x: &GpuTensor) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
+        let (m, k) = (x.rows, x.cols);
+        if !k.is_multiple_of(4) {
+            return Err(self.op_err("quant_fp8_act", format!("{k} columns: a multiple of 4 is needed")));
+        }
+        let mut q = self.scratch::<u8>(m * k)?;
+        let mut s = self.scratch::<f32>(k.div_ceil(crate::weights::act_quant::ACT_GROUP) * m)?;
+        let f = self.func(ACT_QUANT, "quant_fp8_act")?;
+        let (mi, ki) = (m as i32, k as i32);
+        self.launch(&f).arg(&x.buf).arg(&mut q).arg(&mut s).arg(&mi).arg(&ki).run(cfg((k.div_ceil(1024) as u32, m as u32), 256, 0)).map_err(err("quant_fp8_act"))?;
+        Ok((q, s))
     }
 }
 

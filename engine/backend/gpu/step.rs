@@ -163,6 +163,15 @@ impl<V: GpuVendor> GpuBackend<V> {
         }
     }
 
+    /// `--fp8-activations dynamic` (see `fp8_act`), said in the log.
+    pub fn set_fp8_activations(&mut self, on: bool) {
+        self.fp8_act = on;
+        if on {
+            let lib = self.blaslt.as_ref().map(|l| l.name()).unwrap_or("no GEMM library");
+            log::info!("{} op paths: FP8 linear layers from {} rows quantise their input per token and 128 channels to e4m3 (--fp8-activations dynamic) and run {lib}'s block-scaled FP8 GEMM where it has one for the shape; other layers keep f32 activations", V::NAME, self.tuned.blaslt_fp8_min_rows);
+        }
+    }
+
     /// (graphs captured, replays so far, why capturing stopped if it did)
     pub fn graph_stats(&self) -> (usize, u64, Option<String>) {
         let s = self.graphs.state.lock().unwrap();

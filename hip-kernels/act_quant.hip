@@ -1,0 +1,54 @@
+// Dynamic FP8 activation quantisation, as SGLang and DeepSeek do it for block-FP8 checkpoints
+// (quantization_config.activation_scheme "dynamic"): per token and group of 128 channels,
+// s = max(max|x|, 1e-10) / 448 and q = e4m3fn(x / s), rounded to nearest even. The scales are
+// written group-major, s[g·M + m] (every token of a group contiguous): the layout the vendor GEMM
+// library's 1×128 block scaling reads. engine/weights/act_quant.rs is the host twin (tests).
+#include "common.h"
+
+#define ACT_GROUP 128
+#define E4M3_MAX 448.f
+
+// f32 → e4m3fn, round to nearest even, saturating at ±448 (x / s never exceeds 448 by more than
+// rounding here). sm_89+ converts in hardware; elsewhere the bit manipulation below.
+__device__ __forceinline__ uint32_t f32_to_e4m3fn(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    unsigned short two;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(two) : "f"(0.f), "f"(x));
+    return two & 0xff;
+#else
+    uint32_t bits = __float_as_uint(x), sign = (bits >> 24) & 0x80;
+    float a = fminf(fabsf(x), E4M3_MAX);
+    if (a < 0.015625f) return sign | (uint32_t)rintf(a * 512.f); // subnormal: m × 2^-9 (8 → 0x08)
+    uint32_t b = __float_as_uint(a);
+    int e = (int)((b >> 23) & 0xff) - 127 + 7;
+    uint32_t man = b & 0x7fffff, m3 = man >> 20, rem = man & 0xfffff;
+    if (rem > 0x80000 || (rem == 0x80000 && (m3 & 1))) ++m3;
+    if (m3 == 8) {
+        m3 = 0;
+        ++e;
+    }
+    if (e > 15 || (e == 15 && m3 > 6)) {
+        e = 15;
+        m3 = 6;
+    }
+    return sign | ((uint32_t)e << 3) | m3;
+#endif
+}
+
+// x [M, K] f32 → q [M, K] e4m3fn and s [ceil(K/128), M]. A block of 256 threads covers 8 groups of
+// one row (grid: ceil(K/1024) × M); 32 threads a group, 4 consecutive channels each (K % 4 == 0),
+// the group's max found by xor-shuffles within 32 lanes (right for 32- and 64-wide warps).
+extern "C" __global__ void __launch_bounds__(256) quant_fp8_act(const float* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s, int M, int K) {
+    int m = blockIdx.y, g = blockIdx.x * 8 + threadIdx.x / 32, j = threadIdx.x % 32;
+    int col = g * ACT_GROUP + j * 4;
+    bool in = col < K;
+    float4 v = in ? *(const float4*)(x + (int64_t)m * K + col) : make_float4(0.f, 0.f, 0.f, 0.f);
+    float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor(amax, o, WARP));
+    float sc = fmaxf(amax, 1e-10f) / E4M3_MAX;
+    if (!in) return;
+    uint32_t packed = f32_to_e4m3fn(v.x / sc) | (f32_to_e4m3fn(v.y / sc) << 8) | (f32_to_e4m3fn(v.z / sc) << 16) | (f32_to_e4m3fn(v.w / sc) << 24);
+    *(uint32_t*)(q + (int64_t)m * K + col) = packed;
+    if (j == 0) s[(int64_t)g * M + m] = sc;
+}
