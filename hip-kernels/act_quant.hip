@@ -35,14 +35,15 @@ __device__ __forceinline__ uint32_t f32_to_e4m3fn(float x) {
 #endif
 }
 
-// x [M, K] f32 → q [M, K] e4m3fn and s [ceil(K/128), M]. A block of 256 threads covers 8 groups of
-// one row (grid: ceil(K/1024) × M); 32 threads a group, 4 consecutive channels each (K % 4 == 0),
-// the group's max found by xor-shuffles within 32 lanes (right for 32- and 64-wide warps).
-extern "C" __global__ void __launch_bounds__(256) quant_fp8_act(const float* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s, int M, int K) {
+// x [M, K] f32 → q [R, K] e4m3fn and s [ceil(K/128), R] for R ≥ M rows (rows M.. are zeros: the
+// GEMM library wants a multiple of 4). A block of 256 threads covers 8 groups of one row (grid:
+// ceil(K/1024) × R); 32 threads a group, 4 consecutive channels each (K % 4 == 0), the group's max
+// found by xor-shuffles within 32 lanes (right for 32- and 64-wide warps).
+extern "C" __global__ void __launch_bounds__(256) quant_fp8_act(const float* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s, int M, int R, int K) {
     int m = blockIdx.y, g = blockIdx.x * 8 + threadIdx.x / 32, j = threadIdx.x % 32;
     int col = g * ACT_GROUP + j * 4;
     bool in = col < K;
-    float4 v = in ? *(const float4*)(x + (int64_t)m * K + col) : make_float4(0.f, 0.f, 0.f, 0.f);
+    float4 v = in && m < M ? *(const float4*)(x + (int64_t)m * K + col) : make_float4(0.f, 0.f, 0.f, 0.f);
     float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor(amax, o, WARP));
@@ -50,5 +51,5 @@ extern "C" __global__ void __launch_bounds__(256) quant_fp8_act(const float* __r
     if (!in) return;
     uint32_t packed = f32_to_e4m3fn(v.x / sc) | (f32_to_e4m3fn(v.y / sc) << 8) | (f32_to_e4m3fn(v.z / sc) << 16) | (f32_to_e4m3fn(v.w / sc) << 24);
     *(uint32_t*)(q + (int64_t)m * K + col) = packed;
-    if (j == 0) s[(int64_t)g * M + m] = sc;
+    if (j == 0) s[(int64_t)g * R + m] = sc;
 }

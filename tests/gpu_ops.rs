@@ -214,17 +214,18 @@ fn linear_fp8_dynamic_activations_on<V: GpuVendor>() {
     let mut g = gpu::<V>();
     let c = CpuBackend::new();
     let mut rng = Rng::new(41);
-    for (rows, cols) in [(3, 7168), (130, 300), (1, 2048)] {
+    for (rows, cols, padded) in [(3, 7168, 4), (130, 300, 132), (1, 2048, 1)] {
         let mut x = randn(&mut rng, rows * cols, 2.0);
-        x[cols..cols + ACT_GROUP].fill(0.0); // an all-zero group
-        let (q, s) = g.quantize_act_fp8(&g.upload(rows, cols, &x).unwrap()).unwrap();
+        x[cols - ACT_GROUP..cols].fill(0.0); // an all-zero group
+        let (q, s) = g.quantize_act_fp8(&g.upload(rows, cols, &x).unwrap(), padded).unwrap();
         let (q, s) = (q.to_host().unwrap(), s.to_host().unwrap());
         let want = ActFp8::quantize(&x, rows, cols);
         let groups = cols.div_ceil(ACT_GROUP);
         assert_eq!(&q[..rows * cols], &want.q[..], "quantised codes {rows}x{cols}");
+        assert!(q[rows * cols..padded * cols].iter().all(|&b| b == 0), "padding rows are zeros");
         for r in 0..rows {
             for j in 0..groups {
-                assert_eq!(s[j * rows + r].to_bits(), want.scales[r * groups + j].to_bits(), "scale of row {r} group {j} ({rows}x{cols})");
+                assert_eq!(s[j * padded + r].to_bits(), want.scales[r * groups + j].to_bits(), "scale of row {r} group {j} ({rows}x{cols})");
             }
         }
         eprintln!("quant_fp8_act {rows}x{cols}: codes and scales equal the host's");

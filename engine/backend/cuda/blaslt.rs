@@ -16,6 +16,12 @@ fn blas_err(op: &'static str) -> impl Fn(result::CublasError) -> BackendError {
     move |e| BackendError::Op { backend: "cuda", op, msg: format!("cuBLASLt: {e:?}") }
 }
 
+/// A matmul descriptor attribute's value.
+enum Attr {
+    I32(i32),
+    Ptr(DevPtr),
+}
+
 /// One GEMM shape's descriptors and chosen algorithm (created once, reused, also inside graphs).
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
@@ -86,19 +92,32 @@ impl BlasLt {
     /// The block-scaled FP8 form: A = W (e4m3, one scale per 128×128 block), B = x (e4m3, one
     /// scale per token and 128 columns); the scale pointers are set per call.
     fn plan_fp8_block(&self, m: usize, n: usize, k: usize) -> Result<Plan, BackendError> {
-        use sys::cublasLtMatmulDescAttributes_t::{CUBLASLT_MATMUL_DESC_A_SCALE_MODE, CUBLASLT_MATMUL_DESC_B_SCALE_MODE};
-        let modes = [(CUBLASLT_MATMUL_DESC_A_SCALE_MODE, sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32), (CUBLASLT_MATMUL_DESC_B_SCALE_MODE, sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32)];
-        self.plan_typed(m, n, k, sys::cudaDataType::CUDA_R_8F_E4M3, &modes)
+        use sys::cublasLtMatmulDescAttributes_t::*;
+        use sys::cublasLtMatmulMatrixScale_t::*;
+        // the heuristic sees scale pointers (any 16-byte aligned device address: the workspace's);
+        // each call sets its own
+        let ws = self.workspace.ptr();
+        let attrs = [
+            (CUBLASLT_MATMUL_DESC_A_SCALE_MODE, Attr::I32(CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32)),
+            (CUBLASLT_MATMUL_DESC_B_SCALE_MODE, Attr::I32(CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32)),
+            (CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, Attr::Ptr(ws)),
+            (CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, Attr::Ptr(ws)),
+        ];
+        self.plan_typed(m, n, k, sys::cudaDataType::CUDA_R_8F_E4M3, &attrs)
     }
 
     /// Dᵀ [n, rows] f32 = op(W)ᵀ · Xᵀ with W and X of type `ab`, and `attrs` set on the descriptor.
-    fn plan_typed(&self, m2: usize, n: usize, k: usize, ab: sys::cudaDataType, attrs: &[(sys::cublasLtMatmulDescAttributes_t, i32)]) -> Result<Plan, BackendError> {
+    fn plan_typed(&self, m2: usize, n: usize, k: usize, ab: sys::cudaDataType, attrs: &[(sys::cublasLtMatmulDescAttributes_t, Attr)]) -> Result<Plan, BackendError> {
         let e = blas_err("cublasLt plan");
         let desc = result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F).map_err(&e)?;
         let trans: i32 = 1; // CUBLAS_OP_T
         unsafe { result::set_matmul_desc_attribute(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &trans as *const i32 as *const c_void, 4) }.map_err(&e)?;
         for (attr, v) in attrs {
-            unsafe { result::set_matmul_desc_attribute(desc, *attr, v as *const i32 as *const c_void, 4) }.map_err(&e)?;
+            let (p, size) = match v {
+                Attr::I32(x) => (x as *const i32 as *const c_void, 4),
+                Attr::Ptr(x) => (x as *const u64 as *const c_void, 8),
+            };
+            unsafe { result::set_matmul_desc_attribute(desc, *attr, p, size) }.map_err(&e)?;
         }
         let a = result::create_matrix_layout(ab, k as u64, n as u64, k as i64).map_err(&e)?;
         let b = result::create_matrix_layout(ab, k as u64, m2 as u64, k as i64).map_err(&e)?;

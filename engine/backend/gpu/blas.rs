@@ -92,10 +92,18 @@ impl<V: GpuVendor> GpuBackend<V> {
         let lt = self.blaslt.as_ref().expect("blaslt_for checked");
         let (m, n, k) = (x.rows, w.out, w.inp);
         let fp8 = w.wdt == 2;
-        if fp8 && self.fp8_act && fp8_block_shape(w) && lt.supports_fp8_block(m, n, k) {
-            let (q, s) = self.quantize_act_fp8(x)?;
+        // the library wants a multiple of 4 tokens: padded rows are zeros, their products dropped
+        let m4 = m.next_multiple_of(4);
+        if fp8 && self.fp8_act && fp8_block_shape(w) && lt.supports_fp8_block(m4, n, k) {
+            let (q, s) = self.quantize_act_fp8(x, m4)?;
             let e = |msg| self.op_err("blaslt", format!("{}: {msg}", lt.name()));
-            lt.gemm_fp8_block((m, n, k), (w.data.ptr(), w.scales.ptr()), (q.ptr(), s.ptr()), y.ptr()).map_err(e)?;
+            if m4 == m {
+                lt.gemm_fp8_block((m, n, k), (w.data.ptr(), w.scales.ptr()), (q.ptr(), s.ptr()), y.ptr()).map_err(e)?;
+            } else {
+                let d = self.scratch::<f32>(m4 * n)?;
+                lt.gemm_fp8_block((m4, n, k), (w.data.ptr(), w.scales.ptr()), (q.ptr(), s.ptr()), d.ptr()).map_err(e)?;
+                self.dev.dtod(y.ptr(), d.ptr(), 4 * m * n).map_err(err("copy"))?;
+            }
             return Ok(true);
         }
         if !lt.supports(2 * m, n, k) || (fp8 && !lt.supports(m, n, k)) {
@@ -136,17 +144,18 @@ fn fp8_block_shape(w: &GpuLinear) -> bool {
 
 impl<V: GpuVendor> GpuBackend<V> {
     /// x → (q [rows, cols] e4m3fn, scales [ceil(cols/128), rows]): dynamic per-token, per-128
-    /// channel activation quantisation (hip-kernels/act_quant.hip; cols % 4 == 0).
-    pub fn quantize_act_fp8(&self, x: &GpuTensor) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
+    /// channel activation quantisation (hip-kernels/act_quant.hip; cols % 4 == 0), `rows` ≥
+    /// x.rows of them (rows past x's are zeros with the floor scale).
+    pub fn quantize_act_fp8(&self, x: &GpuTensor, rows: usize) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
         let (m, k) = (x.rows, x.cols);
-        if !k.is_multiple_of(4) {
-            return Err(self.op_err("quant_fp8_act", format!("{k} columns: a multiple of 4 is needed")));
+        if !k.is_multiple_of(4) || rows < m {
+            return Err(self.op_err("quant_fp8_act", format!("{m}x{k} into {rows} rows: columns must be a multiple of 4, rows at least x's")));
         }
-        let mut q = self.scratch::<u8>(m * k)?;
-        let mut s = self.scratch::<f32>(k.div_ceil(crate::weights::act_quant::ACT_GROUP) * m)?;
+        let mut q = self.scratch::<u8>(rows * k)?;
+        let mut s = self.scratch::<f32>(k.div_ceil(crate::weights::act_quant::ACT_GROUP) * rows)?;
         let f = self.func(ACT_QUANT, "quant_fp8_act")?;
-        let (mi, ki) = (m as i32, k as i32);
-        self.launch(&f).arg(&x.buf).arg(&mut q).arg(&mut s).arg(&mi).arg(&ki).run(cfg((k.div_ceil(1024) as u32, m as u32), 256, 0)).map_err(err("quant_fp8_act"))?;
+        let (mi, ri, ki) = (m as i32, rows as i32, k as i32);
+        self.launch(&f).arg(&x.buf).arg(&mut q).arg(&mut s).arg(&mi).arg(&ri).arg(&ki).run(cfg((k.div_ceil(1024) as u32, rows as u32), 256, 0)).map_err(err("quant_fp8_act"))?;
         Ok((q, s))
     }
 }
