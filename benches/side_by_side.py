@@ -11,10 +11,12 @@
 
 Usage: benches/side_by_side.py --engine target/release/engine --out OUT [--layers 4]
        [--batch-sizes 1,32,128] [--context 512] [--decode-steps 12] [--prefill 4096] [--compile]
+       [--engine-args '--fp8-activations dynamic']
 Results go to OUT/side_by_side.json and stdout.
 """
 import argparse
 import json
+import shlex
 import math
 import os
 import subprocess
@@ -110,9 +112,9 @@ def prefill_flops(cfg, tokens):
     return flops + 2 * H * cfg["vocab_size"]  # lm_head for the last token
 
 
-def run_engine(engine, path, batches, context, steps, prefill):
+def run_engine(engine, path, batches, context, steps, prefill, extra=()):
     def bench(bs, inp, out):
-        cmd = [engine, "bench", "--backend", "cuda", "--model-path", path, "--batch-size", ",".join(map(str, bs)), "--input-len", str(inp), "--output-len", str(out), "--json"]
+        cmd = [engine, "bench", "--backend", "cuda", "--model-path", path, "--batch-size", ",".join(map(str, bs)), "--input-len", str(inp), "--output-len", str(out), "--json", *extra]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         return json.loads(r.stdout)["results"]
     decode = {r["batch_size"]: r["decode_step_median_ms"] for r in bench(batches, context, steps)}
@@ -226,6 +228,7 @@ def main():
     ap.add_argument("--decode-steps", type=int, default=12)
     ap.add_argument("--prefill", type=int, default=4096)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--engine-args", default="", help="extra `engine bench` flags, e.g. '--fp8-activations dynamic'")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     batches = [int(x) for x in a.batch_sizes.split(",")]
@@ -241,8 +244,8 @@ def main():
     cfg = json.load(open(os.path.join(path, "config.json")))
     sizes = checkpoint_bytes(path)
 
-    eng_decode, eng_prefill = run_engine(a.engine, path, batches, a.context, a.decode_steps, a.prefill)
-    report["engine"] = {"decode_ms": eng_decode, "prefill_ms": eng_prefill}
+    eng_decode, eng_prefill = run_engine(a.engine, path, batches, a.context, a.decode_steps, a.prefill, shlex.split(a.engine_args))
+    report["engine"] = {"decode_ms": eng_decode, "prefill_ms": eng_prefill, "args": a.engine_args}
     print("engine:", json.dumps(report["engine"]), flush=True)
     save()
 

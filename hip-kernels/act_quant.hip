@@ -35,21 +35,30 @@ __device__ __forceinline__ uint32_t f32_to_e4m3fn(float x) {
 #endif
 }
 
-// x [M, K] f32 → q [R, K] e4m3fn and s [ceil(K/128), R] for R ≥ M rows (rows M.. are zeros: the
-// GEMM library wants a multiple of 4). A block of 256 threads covers 8 groups of one row (grid:
-// ceil(K/1024) × R); 32 threads a group, 4 consecutive channels each (K % 4 == 0), the group's max
-// found by xor-shuffles within 32 lanes (right for 32- and 64-wide warps).
-extern "C" __global__ void __launch_bounds__(256) quant_fp8_act(const float* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s, int M, int R, int K) {
-    int m = blockIdx.y, g = blockIdx.x * 8 + threadIdx.x / 32, j = threadIdx.x % 32;
+// x [M, K] f32 → q [R, K] e4m3fn and s: output row r is x's row src[r] (src == nullptr: row r;
+// negative or ≥ M: zeros, e.g. the rows padding a token count to the GEMM library's multiple of
+// 4). Rows are cut into segments, one GEMM each (MoE experts): seg[2r], seg[2r + 1] give r's
+// segment start and length, and its scales sit at s[off·L + g·len + (r − off)] (L = ceil(K/128)),
+// i.e. [L, len] per segment; seg == nullptr is one segment of R rows, s [L, R]. A block of 256
+// threads covers 8 groups of one row (grid: ceil(K/1024) × R); 32 threads a group, 4 consecutive
+// channels each (K % 4 == 0), the group's max found by xor-shuffles within 32 lanes (right for
+// 32- and 64-wide warps).
+extern "C" __global__ void __launch_bounds__(256) quant_fp8_act(const float* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s, int M, int R, int K,
+                                                                const int* __restrict__ src, const int* __restrict__ seg) {
+    int r = blockIdx.y, g = blockIdx.x * 8 + threadIdx.x / 32, j = threadIdx.x % 32;
+    int m = src ? src[r] : r;
     int col = g * ACT_GROUP + j * 4;
     bool in = col < K;
-    float4 v = in && m < M ? *(const float4*)(x + (int64_t)m * K + col) : make_float4(0.f, 0.f, 0.f, 0.f);
+    float4 v = in && m >= 0 && m < M ? *(const float4*)(x + (int64_t)m * K + col) : make_float4(0.f, 0.f, 0.f, 0.f);
     float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor(amax, o, WARP));
     float sc = fmaxf(amax, 1e-10f) / E4M3_MAX;
     if (!in) return;
     uint32_t packed = f32_to_e4m3fn(v.x / sc) | (f32_to_e4m3fn(v.y / sc) << 8) | (f32_to_e4m3fn(v.z / sc) << 16) | (f32_to_e4m3fn(v.w / sc) << 24);
-    *(uint32_t*)(q + (int64_t)m * K + col) = packed;
-    if (j == 0) s[(int64_t)g * R + m] = sc;
+    *(uint32_t*)(q + (int64_t)r * K + col) = packed;
+    if (j == 0) {
+        int off = seg ? seg[2 * r] : 0, len = seg ? seg[2 * r + 1] : R, L = (K + ACT_GROUP - 1) / ACT_GROUP;
+        s[(int64_t)off * L + (int64_t)g * len + (r - off)] = sc;
+    }
 }

@@ -467,6 +467,61 @@ fn moe_on<V: GpuVendor>(g: &GpuBackend<V>, t: usize, tol: f64) {
     }
 }
 
+/// `--fp8-activations dynamic` MoE at prefill sizes (engine/backend/gpu/moe_blaslt.rs): per-expert
+/// row segments through the library's block-scaled FP8 GEMM, against an f32 reference on the CPU
+/// fed with the same quantisations (tokens per 128 channels, then SiLU·up per pair row); all
+/// experts on this rank, then a quarter of them (expert parallelism).
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn moe_experts_fp8_dynamic_activations() {
+    common::on_gpu!(moe_experts_fp8_dynamic_activations_on)
+}
+
+fn moe_experts_fp8_dynamic_activations_on<V: GpuVendor>() {
+    use engine::weights::act_quant::ActFp8;
+    let mut g = gpu::<V>();
+    g.fp8_act = true;
+    let c = CpuBackend::new();
+    let mut rng = Rng::new(51);
+    let (t, hidden, inter, n_exp) = (600, 512, 512, 64);
+    let p = RouteParams { n_experts: n_exp, top_k: 6, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: false, routed_scaling_factor: 1.0 };
+    let gate = host_linear(&mut rng, n_exp, hidden, WType::F32);
+    let x = randn(&mut rng, t * hidden, 1.0);
+    let gx = g.upload(t, hidden, &x).unwrap();
+    let gr = g.moe_route(&gx, &g.upload_linear(&gate).unwrap(), None, &p).unwrap();
+    let (ids, w): (Vec<i32>, Vec<f32>) = (gr.ids.to_host().unwrap(), gr.weights.to_host().unwrap());
+    let experts: Vec<[HostLinear; 3]> = (0..n_exp).map(|_| [host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, hidden, inter, WType::Fp8)]).collect();
+    let xq = ActFp8::quantize(&x, t, hidden).dequantize();
+    for (first, n) in [(0, n_exp), (n_exp / 4, n_exp / 4)] {
+        // the reference: each local expert over its pairs' rows, in pair order
+        let mut per_pair = vec![Vec::<f32>::new(); t * p.top_k];
+        for e in first..first + n {
+            let pairs: Vec<usize> = (0..t * p.top_k).filter(|&q| ids[q] as usize == e).collect();
+            if pairs.is_empty() {
+                continue;
+            }
+            let xe: Vec<f32> = pairs.iter().flat_map(|&q| xq[(q / p.top_k) * hidden..(q / p.top_k + 1) * hidden].to_vec()).collect();
+            let ce = |i: usize| c.upload_linear(&experts[e][i]).unwrap();
+            let xt = c.upload(pairs.len(), hidden, &xe).unwrap();
+            let h = c.download(&c.silu_mul(&c.linear(&xt, &ce(0)).unwrap(), &c.linear(&xt, &ce(1)).unwrap()).unwrap()).unwrap();
+            let hq = ActFp8::quantize(&h, pairs.len(), inter).dequantize();
+            let d = c.download(&c.linear(&c.upload(pairs.len(), inter, &hq).unwrap(), &ce(2)).unwrap()).unwrap();
+            for (i, &q) in pairs.iter().enumerate() {
+                per_pair[q] = d[i * hidden..(i + 1) * hidden].to_vec();
+            }
+        }
+        let mut want = vec![0f32; t * hidden];
+        for q in 0..t * p.top_k {
+            for (o, v) in want[(q / p.top_k) * hidden..(q / p.top_k + 1) * hidden].iter_mut().zip(&per_pair[q]) {
+                *o += w[q] * v;
+            }
+        }
+        assert!(want.iter().any(|&v| v != 0.0), "some token routes to experts {first}..{}", first + n);
+        let got = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts[first..first + n].to_vec(), first).unwrap()).unwrap()).unwrap();
+        check(&format!("moe_experts fp8 activations, experts {first}..{} of {n_exp}, {t} tokens", first + n), &got, &want, 3e-3);
+    }
+}
+
 /// The golden checkpoints through the whole model on the GPU: teacher-forced logprobs against
 /// transformers, prefill and decode.
 #[test]

@@ -94,7 +94,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let fp8 = w.wdt == 2;
         // the library wants a multiple of 4 tokens: padded rows are zeros, their products dropped
         let m4 = m.next_multiple_of(4);
-        if fp8 && self.fp8_act && fp8_block_shape(w) && lt.supports_fp8_block(m4, n, k) {
+        if fp8 && self.fp8_act && fp8_block_ok(w.out, w.inp, w.bn, w.bk) && lt.supports_fp8_block(m4, n, k) {
             let (q, s) = self.quantize_act_fp8(x, m4)?;
             let e = |msg| self.op_err("blaslt", format!("{}: {msg}", lt.name()));
             if m4 == m {
@@ -138,8 +138,8 @@ impl<V: GpuVendor> GpuBackend<V> {
 
 /// Shapes the block-scaled FP8 GEMM takes: DeepSeek's 128×128 weight blocks, rows of 16 bytes,
 /// and a whole number of 16-byte rows of weight scales (the library reads them with that pitch).
-fn fp8_block_shape(w: &GpuLinear) -> bool {
-    w.bn == 128 && w.bk == 128 && w.inp.is_multiple_of(16) && w.out.is_multiple_of(16) && w.inp.div_ceil(128).is_multiple_of(4)
+pub(super) fn fp8_block_ok(out: usize, inp: usize, bn: i32, bk: i32) -> bool {
+    bn == 128 && bk == 128 && inp.is_multiple_of(16) && out.is_multiple_of(16) && inp.div_ceil(128).is_multiple_of(4)
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
@@ -147,15 +147,25 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// channel activation quantisation (hip-kernels/act_quant.hip; cols % 4 == 0), `rows` ≥
     /// x.rows of them (rows past x's are zeros with the floor scale).
     pub fn quantize_act_fp8(&self, x: &GpuTensor, rows: usize) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
+        if rows < x.rows {
+            return Err(self.op_err("quant_fp8_act", format!("{} rows into {rows}", x.rows)));
+        }
+        self.quant_fp8_rows(x, rows, 0, 0)
+    }
+
+    /// The quantiser with its row map: output row r is x's row src[r] (0: r itself; negative:
+    /// zeros), in segments seg[2r], seg[2r + 1] (0: one segment) that each get their own [L, len]
+    /// block of scales (act_quant.hip).
+    pub(super) fn quant_fp8_rows(&self, x: &GpuTensor, rows: usize, src: DevPtr, seg: DevPtr) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
         let (m, k) = (x.rows, x.cols);
-        if !k.is_multiple_of(4) || rows < m {
-            return Err(self.op_err("quant_fp8_act", format!("{m}x{k} into {rows} rows: columns must be a multiple of 4, rows at least x's")));
+        if !k.is_multiple_of(4) {
+            return Err(self.op_err("quant_fp8_act", format!("{m}x{k}: the columns must be a multiple of 4")));
         }
         let mut q = self.scratch::<u8>(rows * k)?;
         let mut s = self.scratch::<f32>(k.div_ceil(crate::weights::act_quant::ACT_GROUP) * rows)?;
         let f = self.func(ACT_QUANT, "quant_fp8_act")?;
         let (mi, ri, ki) = (m as i32, rows as i32, k as i32);
-        self.launch(&f).arg(&x.buf).arg(&mut q).arg(&mut s).arg(&mi).arg(&ri).arg(&ki).run(cfg((k.div_ceil(1024) as u32, rows as u32), 256, 0)).map_err(err("quant_fp8_act"))?;
+        self.launch(&f).arg(&x.buf).arg(&mut q).arg(&mut s).arg(&mi).arg(&ri).arg(&ki).arg(&src).arg(&seg).run(cfg((k.div_ceil(1024) as u32, rows as u32), 256, 0)).map_err(err("quant_fp8_act"))?;
         Ok((q, s))
     }
 }

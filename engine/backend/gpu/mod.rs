@@ -20,6 +20,7 @@ pub mod kernel_cache;
 mod linear_tc;
 mod mla_prefill;
 pub(crate) mod mma;
+mod moe_blaslt;
 mod moe_grouped;
 pub mod nvrtc;
 pub mod ops;

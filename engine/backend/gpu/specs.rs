@@ -44,6 +44,7 @@ const GENERIC: &[(&str, &[&str])] = &[
     ("hip-kernels/linear_tc.hip", &["linear_tc_fp8w"]),
     ("hip-kernels/sampling.hip", &["sample_rows"]),
     ("hip-kernels/act_quant.hip", &["quant_fp8_act"]),
+    ("hip-kernels/moe_combine.hip", &["moe_combine"]),
     ("hip-kernels/moe.hip", &["moe_route", "moe_gate_up_f32w", "moe_down_f32w", "moe_gate_up_bf16w", "moe_down_bf16w", "moe_gate_up_fp8w", "moe_down_fp8w"]),
 ];
 

@@ -1,0 +1,141 @@
+//! MoE experts at prefill sizes through the GEMM library's block-scaled FP8 GEMM
+//! (`--fp8-activations dynamic`): the routed (token, expert) pairs are laid out as one segment of
+//! rows per expert (padded to a multiple of 8 rows, so few GEMM plans cover every count), the
+//! tokens gathered and quantised per 128 channels into that layout, then per expert gate and up
+//! GEMMs, SiLU·up, the product quantised again, the down GEMM, and each token's pairs summed in its
+//! top-k order. The layout needs the expert counts on the host: one copy of the routed ids, so
+//! this path is for op-by-op steps (prefill), never inside a graph capture.
+use super::backend::{GpuBackend, GpuTensor, GpuVendor};
+use super::blas::fp8_block_ok;
+use super::device::{err, DevBuf};
+use super::ops::{cfg, GpuExperts, GpuRouting};
+use crate::backend::BackendError;
+
+const EW: &str = "hip-kernels/elementwise.hip";
+const COMBINE: &str = "hip-kernels/moe_combine.hip";
+/// Rows of an expert's segment are padded to a multiple of this
+const PAD: usize = 8;
+
+/// The pairs of this rank's experts as row segments.
+#[derive(Debug, PartialEq)]
+pub struct MoeLayout {
+    /// (local expert, first row, rows incl. padding)
+    pub segments: Vec<(usize, usize, usize)>,
+    /// Per row: the token it holds, −1 for padding
+    pub src: Vec<i32>,
+    /// Per row: its segment's first row and length
+    pub seg: Vec<i32>,
+    /// Per pair (token · top_k + j): its row, −1 where the expert is another rank's
+    pub pair_row: Vec<i32>,
+}
+
+impl MoeLayout {
+    /// `ids` [tokens · top_k] global expert ids; this rank holds experts `first .. first + n`.
+    pub fn build(ids: &[i32], top_k: usize, first: usize, n: usize) -> MoeLayout {
+        let mut per: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (p, &id) in ids.iter().enumerate() {
+            if let Some(e) = (id as usize).checked_sub(first).filter(|&e| id >= 0 && e < n) {
+                per[e].push(p);
+            }
+        }
+        let mut l = MoeLayout { segments: Vec::new(), src: Vec::new(), seg: Vec::new(), pair_row: vec![-1; ids.len()] };
+        for (e, pairs) in per.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
+            let (off, len) = (l.src.len(), pairs.len().next_multiple_of(PAD));
+            for (i, &p) in pairs.iter().enumerate() {
+                l.pair_row[p] = (off + i) as i32;
+            }
+            l.src.extend(pairs.iter().map(|&p| (p / top_k) as i32));
+            l.src.resize(off + len, -1);
+            l.seg.extend([off as i32, len as i32].repeat(len));
+            l.segments.push((e, off, len));
+        }
+        l
+    }
+
+    pub fn rows(&self) -> usize {
+        self.src.len()
+    }
+}
+
+impl<V: GpuVendor> GpuBackend<V> {
+    /// Whether these experts at this batch take the library path: FP8 activations on, FP8
+    /// experts in 128×128 blocks of library-friendly shapes, prefill-sized, not capturing.
+    pub(super) fn moe_blaslt_for(&self, x: &GpuTensor, e: &GpuExperts) -> bool {
+        self.fp8_act
+            && e.wdt == 2
+            && x.rows >= self.tuned.moe_mma_min_rows
+            && fp8_block_ok(e.inter, e.hidden, e.bn, e.bk)
+            && fp8_block_ok(e.hidden, e.inter, e.bn, e.bk)
+            && !self.capturing()
+            && self.blaslt.as_ref().is_some_and(|l| l.supports_fp8_block(PAD, e.inter, e.hidden) && l.supports_fp8_block(PAD, e.hidden, e.inter))
+    }
+
+    /// out [T, hidden] = Σ over this rank's routed pairs of weight · down_e(silu(gate_e x) · up_e x)
+    /// with FP8 activations (see the module); false (nothing launched) where the library has no
+    /// plan for one of the segment sizes.
+    pub(super) fn moe_experts_blaslt(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, out: &mut DevBuf<f32>) -> Result<bool, BackendError> {
+        let lt = self.blaslt.as_ref().expect("moe_blaslt_for checked");
+        let (t, k, inter, hidden) = (x.rows, r.top_k, e.inter, e.hidden);
+        let ids = r.ids.to_host().map_err(err("routed ids"))?;
+        let l = MoeLayout::build(&ids[..t * k], k, e.first, e.n);
+        let rows = l.rows();
+        if rows == 0 {
+            return Ok(true); // no pair on this rank's experts: out stays zero
+        }
+        if !l.segments.iter().all(|&(_, _, len)| lt.supports_fp8_block(len, inter, hidden) && lt.supports_fp8_block(len, hidden, inter)) {
+            return Ok(false);
+        }
+        let (src, seg, pair_row) = (self.htod(&l.src)?, self.htod(&l.seg)?, self.htod(&l.pair_row)?);
+        let (lh, li) = (hidden.div_ceil(128), inter.div_ceil(128));
+        let gemm_err = |msg| self.op_err("moe blaslt", format!("{}: {msg}", lt.name()));
+        // gate and up: [len, hidden] · [inter, hidden]ᵀ per expert
+        let (qx, sx) = self.quant_fp8_rows(x, rows, src.ptr(), seg.ptr())?;
+        let (g, u) = (self.scratch::<f32>(rows * inter)?, self.scratch::<f32>(rows * inter)?);
+        let wsz = (inter * hidden) as u64; // bytes per expert (FP8) in each of gate, up and down
+        let ssz = (4 * li * lh) as u64; // bytes of scales per expert
+        for &(ex, off, len) in &l.segments {
+            let x_ = (qx.ptr() + (off * hidden) as u64, sx.ptr() + (4 * off * lh) as u64);
+            for (w, ws, d) in [(&e.gate, &e.gs, &g), (&e.up, &e.us, &u)] {
+                lt.gemm_fp8_block((len, inter, hidden), (w.ptr() + ex as u64 * wsz, ws.ptr() + ex as u64 * ssz), x_, d.ptr() + (4 * off * inter) as u64).map_err(gemm_err)?;
+            }
+        }
+        let mut h = self.scratch::<f32>(rows * inter)?;
+        let n = (rows * inter) as i64;
+        let f = self.func(EW, "silu_mul")?;
+        self.launch(&f).arg(&g).arg(&u).arg(&mut h).arg(&n).run(cfg(((rows * inter).div_ceil(256) as u32, 1), 256, 0)).map_err(err("silu_mul"))?;
+        drop((g, u, qx, sx));
+        // down: [len, inter] · [hidden, inter]ᵀ per expert
+        let (qh, sh) = self.quant_fp8_rows(&GpuTensor { rows, cols: inter, buf: h }, rows, 0, seg.ptr())?;
+        let dn = self.scratch::<f32>(rows * hidden)?;
+        for &(ex, off, len) in &l.segments {
+            let h_ = (qh.ptr() + (off * inter) as u64, sh.ptr() + (4 * off * li) as u64);
+            lt.gemm_fp8_block((len, hidden, inter), (e.down.ptr() + ex as u64 * wsz, e.ds.ptr() + ex as u64 * ssz), h_, dn.ptr() + (4 * off * hidden) as u64).map_err(gemm_err)?;
+        }
+        let f = self.func(COMBINE, "moe_combine")?;
+        let (ki, hi) = (k as i32, hidden as i32);
+        self.launch(&f).arg(&dn).arg(&pair_row).arg(&r.weights).arg(out).arg(&ki).arg(&hi).run(cfg((t as u32, 1), 256, 0)).map_err(err("moe_combine"))?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MoeLayout;
+
+    #[test]
+    fn pairs_become_padded_expert_segments_in_pair_order() {
+        // 3 tokens, top-2; this rank holds experts 4..8 (expert 9 is another rank's)
+        let ids = [5, 4, 5, 9, 7, 5];
+        let l = MoeLayout::build(&ids, 2, 4, 4);
+        // expert 4 (local 0): pair 1; expert 5 (local 1): pairs 0, 2, 5; expert 7 (local 3): pair 4
+        assert_eq!(l.segments, vec![(0, 0, 8), (1, 8, 8), (3, 16, 8)]);
+        assert_eq!(l.rows(), 24);
+        assert_eq!(&l.src[..10], &[0, -1, -1, -1, -1, -1, -1, -1, 0, 1]);
+        assert_eq!(l.src[10], 2);
+        assert_eq!(l.src[16], 2);
+        assert_eq!(l.pair_row, vec![8, 0, 9, -1, 16, 10]);
+        assert_eq!(&l.seg[16..18], &[8, 8]);
+        assert_eq!(&l.seg[46..48], &[16, 8]);
+        assert!(MoeLayout::build(&[9, 9], 1, 0, 4).segments.is_empty());
+    }
+}
