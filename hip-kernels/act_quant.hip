@@ -40,12 +40,12 @@ __device__ __forceinline__ uint32_t f32_to_e4m3fn(float x) {
 // 4). Rows are cut into segments, one GEMM each (MoE experts): seg[2r], seg[2r + 1] give r's
 // segment start and length, and its scales sit at s[off·L + g·len + (r − off)] (L = ceil(K/128)),
 // i.e. [L, len] per segment; seg == nullptr is one segment of R rows, s [L, R]. A block of 256
-// threads covers 8 groups of one row (grid: ceil(K/1024) × R); 32 threads a group, 4 consecutive
+// threads covers 8 groups of one row (grid: R × ceil(K/1024), rows on x: more than 65535 of them); 32 threads a group, 4 consecutive
 // channels each (K % 4 == 0), the group's max found by xor-shuffles within 32 lanes (right for
 // 32- and 64-wide warps).
 extern "C" __global__ void __launch_bounds__(256) quant_fp8_act(const float* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s, int M, int R, int K,
                                                                 const int* __restrict__ src, const int* __restrict__ seg) {
-    int r = blockIdx.y, g = blockIdx.x * 8 + threadIdx.x / 32, j = threadIdx.x % 32;
+    int r = blockIdx.x, g = blockIdx.y * 8 + threadIdx.x / 32, j = threadIdx.x % 32;
     int m = src ? src[r] : r;
     int col = g * ACT_GROUP + j * 4;
     bool in = col < K;

@@ -12,6 +12,8 @@
 //     bf16, the same three products (compiled and checked for spills; never run: no AMD GPU here);
 //   - other targets, and FB_PORTABLE: the portable product over the same shared tiles (hi + lo
 //     summed), one query row per thread pair (run on the H200 by the tests with FB_PORTABLE).
+// FB_PARTS 1 (`--fp8-activations dynamic`, whose FP8 GEMM inputs leave ~1e-2 in q, k and v) keeps
+// the hi parts only: bf16 operands and one product per step, as SGLang's bf16 flash prefill.
 // Launch: grid (tiles, heads), block 128. A tile is 4 ints: first query row in q / out, queries
 // (≤ 64), first context row (a multiple of 32) in the per-head K / Vᵀ, position of the tile's
 // first query in its sequence.
@@ -27,6 +29,9 @@
 #define FB_K 32
 #define FB_KP (QK + 8)   // padded shared rows (bf16): conflict-free fragment reads
 #define FB_VP (FB_K + 8)
+#ifndef FB_PARTS
+#define FB_PARTS 2 // bf16 parts per operand: 2 (hi + lo, near-f32) or 1 (bf16)
+#endif
 
 // c_out[j] = the latent c and pe_out[j] = k_pe of context slot slots[j] (layer `layer`).
 extern "C" __global__ void mla_gather_ctx(const float* __restrict__ kv, const uint32_t* __restrict__ slots, int layer, int num_slots,
@@ -40,12 +45,13 @@ extern "C" __global__ void mla_gather_ctx(const float* __restrict__ kv, const ui
 #define FB_THREADS 128
 
 struct FbShared {
-    uint16_t ks[2][FB_K][FB_KP];  // keys of the tile, hi and lo: [k_nope(head) | k_pe]
-    uint16_t vt[2][VDIM][FB_VP];  // values, transposed, hi and lo
+    uint16_t ks[FB_PARTS][FB_K][FB_KP];  // keys of the tile, hi (and lo): [k_nope(head) | k_pe]
+    uint16_t vt[FB_PARTS][VDIM][FB_VP];  // values, transposed, hi (and lo)
 };
 
 // Per head h, from kvd [ctx, heads·(NOPE+VDIM)] and pe [ctx, ROPE]: keys k[p][h][j][0..QK] and
-// transposed values vt[p][h][0..VDIM][j] in bf16 (p = 0 hi, 1 lo), ctx a multiple of FB_K.
+// transposed values vt[p][h][0..VDIM][j] in bf16 (p = 0 hi, 1 lo; hi alone with FB_PARTS 1),
+// ctx a multiple of FB_K.
 // Launch: grid (ctx / FB_K, heads), block 256; a 32-key tile of one head per block, transposed
 // through shared memory so that both outputs are written row by row.
 extern "C" __global__ void __launch_bounds__(256) mla_prefill_kv(const float* __restrict__ kvd, const float* __restrict__ pe, uint16_t* __restrict__ k,
@@ -57,7 +63,10 @@ extern "C" __global__ void __launch_bounds__(256) mla_prefill_kv(const float* __
         int key = i / QK, d = i % QK, j = j0 + key;
         float x = d < NOPE ? kvd[(int64_t)j * heads * PER_HEAD + h * PER_HEAD + d] : pe[(int64_t)j * ROPE + d - NOPE];
         int64_t at = ((int64_t)h * ctx + j) * QK + d;
-        bf16_split(x, &k[at], &k[kpart + at]);
+        uint16_t hi, lo;
+        bf16_split(x, &hi, &lo);
+        k[at] = hi;
+        if (FB_PARTS == 2) k[kpart + at] = lo;
     }
     for (int i = threadIdx.x; i < FB_K * VDIM; i += blockDim.x) {
         int key = i / VDIM, d = i % VDIM;
@@ -67,14 +76,17 @@ extern "C" __global__ void __launch_bounds__(256) mla_prefill_kv(const float* __
     for (int i = threadIdx.x; i < FB_K * VDIM; i += blockDim.x) {
         int d = i / FB_K, key = i % FB_K;
         int64_t at = ((int64_t)h * VDIM + d) * ctx + j0 + key;
-        bf16_split(v[key][d], &vt[at], &vt[vpart + at]);
+        uint16_t hi, lo;
+        bf16_split(v[key][d], &hi, &lo);
+        vt[at] = hi;
+        if (FB_PARTS == 2) vt[vpart + at] = lo;
     }
 }
 
 #define FB_KC (QK / 8)                // 16-byte chunks per key row
 #define FB_VC (FB_K / 8)              // ... per transposed value row
-#define FB_KN (2 * FB_K * FB_KC)      // chunks of a tile's keys, hi and lo
-#define FB_VN (2 * VDIM * FB_VC)      // ... of its transposed values
+#define FB_KN (FB_PARTS * FB_K * FB_KC) // chunks of a tile's keys, hi (and lo)
+#define FB_VN (FB_PARTS * VDIM * FB_VC) // ... of its transposed values
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define FB_ASYNC 1
@@ -184,10 +196,12 @@ extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const
             for (int kk = 0; kk < QK / 16; ++kk) {
                 const int kr = 8 * j + g, kc = 16 * kk + 2 * t;
                 uint32_t bh0 = *(const uint32_t*)&sh.ks[0][kr][kc], bh1 = *(const uint32_t*)&sh.ks[0][kr][kc + 8];
-                uint32_t bl0 = *(const uint32_t*)&sh.ks[1][kr][kc], bl1 = *(const uint32_t*)&sh.ks[1][kr][kc + 8];
                 mma_bf16_16816(s[j], qh[kk], bh0, bh1);
-                mma_bf16_16816(s[j], ql[kk], bh0, bh1);
-                mma_bf16_16816(s[j], qh[kk], bl0, bl1);
+                if (FB_PARTS == 2) {
+                    uint32_t bl0 = *(const uint32_t*)&sh.ks[FB_PARTS - 1][kr][kc], bl1 = *(const uint32_t*)&sh.ks[FB_PARTS - 1][kr][kc + 8];
+                    mma_bf16_16816(s[j], ql[kk], bh0, bh1);
+                    mma_bf16_16816(s[j], qh[kk], bl0, bl1);
+                }
             }
         }
         __syncthreads(); // every warp is done with K(t)
@@ -239,10 +253,12 @@ extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const
             for (int kc = 0; kc < FB_K / 16; ++kc) {
                 const int vr = 8 * jv + g, vc = 16 * kc + 2 * t;
                 uint32_t bh0 = *(const uint32_t*)&sh.vt[0][vr][vc], bh1 = *(const uint32_t*)&sh.vt[0][vr][vc + 8];
-                uint32_t bl0 = *(const uint32_t*)&sh.vt[1][vr][vc], bl1 = *(const uint32_t*)&sh.vt[1][vr][vc + 8];
                 mma_bf16_16816(o[jv], ph[kc], bh0, bh1);
-                mma_bf16_16816(o[jv], pl[kc], bh0, bh1);
-                mma_bf16_16816(o[jv], ph[kc], bl0, bl1);
+                if (FB_PARTS == 2) {
+                    uint32_t bl0 = *(const uint32_t*)&sh.vt[FB_PARTS - 1][vr][vc], bl1 = *(const uint32_t*)&sh.vt[FB_PARTS - 1][vr][vc + 8];
+                    mma_bf16_16816(o[jv], pl[kc], bh0, bh1);
+                    mma_bf16_16816(o[jv], ph[kc], bl0, bl1);
+                }
             }
         }
         __syncthreads(); // every warp is done with V(t)
@@ -303,12 +319,14 @@ extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const
 #pragma unroll
             for (int kb = 0; kb < 2; ++kb) {
                 fb_short4 kh = *(const fb_short4*)&sh.ks[0][16 * kb + r][16 * kk + 4 * qd];
-                fb_short4 kl = *(const fb_short4*)&sh.ks[1][16 * kb + r][16 * kk + 4 * qd];
+                fb_short4 kl = *(const fb_short4*)&sh.ks[FB_PARTS - 1][16 * kb + r][16 * kk + 4 * qd];
 #pragma unroll
                 for (int qb = 0; qb < 2; ++qb) {
                     st[kb][qb] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(kh, qh[qb][kk], st[kb][qb], 0, 0, 0);
-                    st[kb][qb] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(kl, qh[qb][kk], st[kb][qb], 0, 0, 0);
-                    st[kb][qb] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(kh, ql[qb][kk], st[kb][qb], 0, 0, 0);
+                    if (FB_PARTS == 2) {
+                        st[kb][qb] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(kl, qh[qb][kk], st[kb][qb], 0, 0, 0);
+                        st[kb][qb] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(kh, ql[qb][kk], st[kb][qb], 0, 0, 0);
+                    }
                 }
             }
         // causal mask, scale, online softmax over the four lanes of each query
@@ -365,12 +383,14 @@ extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const
 #pragma unroll
             for (int kc = 0; kc < 2; ++kc) {
                 fb_short4 vh = *(const fb_short4*)&sh.vt[0][16 * jv + r][16 * kc + 4 * qd];
-                fb_short4 vl = *(const fb_short4*)&sh.vt[1][16 * jv + r][16 * kc + 4 * qd];
+                fb_short4 vl = *(const fb_short4*)&sh.vt[FB_PARTS - 1][16 * jv + r][16 * kc + 4 * qd];
 #pragma unroll
                 for (int qb = 0; qb < 2; ++qb) {
                     o[qb][jv] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(ph[qb][kc], vh, o[qb][jv], 0, 0, 0);
-                    o[qb][jv] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(pl[qb][kc], vh, o[qb][jv], 0, 0, 0);
-                    o[qb][jv] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(ph[qb][kc], vl, o[qb][jv], 0, 0, 0);
+                    if (FB_PARTS == 2) {
+                        o[qb][jv] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(pl[qb][kc], vh, o[qb][jv], 0, 0, 0);
+                        o[qb][jv] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(ph[qb][kc], vl, o[qb][jv], 0, 0, 0);
+                    }
                 }
             }
         __syncthreads();
@@ -404,13 +424,13 @@ extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const
         if (row < nq) {
             for (int key = 0; key < FB_K && j0 + key <= pos0 + row; ++key) {
                 float s = 0.f;
-                for (int d = 0; d < QK; ++d) s += qr[d] * (bf16_to_f32(sh.ks[0][key][d]) + bf16_to_f32(sh.ks[1][key][d]));
+                for (int d = 0; d < QK; ++d) s += qr[d] * (bf16_to_f32(sh.ks[0][key][d]) + (FB_PARTS == 2 ? bf16_to_f32(sh.ks[FB_PARTS - 1][key][d]) : 0.f));
                 s *= scale;
                 float mn = fmaxf(m, s), corr = expf(m - mn), p = expf(s - mn);
                 l = l * corr + p;
                 for (int e = 0; e < VDIM / 2; ++e) {
                     int d = half * (VDIM / 2) + e;
-                    o[e] = o[e] * corr + p * (bf16_to_f32(sh.vt[0][d][key]) + bf16_to_f32(sh.vt[1][d][key]));
+                    o[e] = o[e] * corr + p * (bf16_to_f32(sh.vt[0][d][key]) + (FB_PARTS == 2 ? bf16_to_f32(sh.vt[FB_PARTS - 1][d][key]) : 0.f));
                 }
                 m = mn;
             }

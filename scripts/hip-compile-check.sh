@@ -17,6 +17,10 @@ for model in tests/golden/data/tiny_v3 tests/golden/data/tiny_v3_fp8 configs/mod
     src="$work/$arch/$(basename $model)"
     "$ENGINE" kernels source --model-path "$here/$model" --arch $arch --out "$src" >/dev/null
     cc=$PREFIX/bin/hipdev-clang19; [ $arch = gfx950 ] && cc=$PREFIX/bin/hipdev-clang22
+    # every module as the engine builds it, and the flash prefill's bf16 variant (FB_PARTS=1,
+    # --fp8-activations dynamic) as a module of its own
+    cp "$src/mla_prefill.hip" "$src/mla_prefill_bf16.hip"
+    sed -i '1i #define FB_PARTS 1' "$src/mla_prefill_bf16.hip"
     for f in "$src"/*.hip; do
       m=$(basename "$f" .hip)
       if ! $cc -O3 --offload-arch=$arch --no-gpu-bundle-output -Rpass-analysis=kernel-resource-usage \
@@ -51,7 +55,7 @@ sys.exit(1 if bad else 0)
 PY
       # the matrix-unit modules must really use MFMA on CDNA (not a silent fallback path); decoded
       # as gfx942 (LLVM 19's disassembler has no gfx950; the MFMA encodings used are gfx942's)
-      case $m in linear_mma|moe_grouped|moe_tc|linear_tc|mla_prefill)
+      case $m in linear_mma|moe_grouped|moe_tc|linear_tc|mla_prefill|mla_prefill_bf16)
         n=$(llvm-objdump-19 -d --mcpu=gfx942 "$work/$arch-$m.hsaco" 2>/dev/null | grep -c v_mfma || true)
         if [ "${n:-0}" -eq 0 ]; then
           echo "FAIL: $arch $model $m has no v_mfma instruction"; fail=1

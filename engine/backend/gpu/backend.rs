@@ -93,6 +93,10 @@ pub struct GpuBackend<V: GpuVendor> {
     /// The flash prefill's portable scalar product instead of the matrix units (FB_PORTABLE; for
     /// the tests: set before the backend's first prefill, the kernel is loaded once)
     pub flash_portable: bool,
+    /// The flash prefill on bf16 operands, one product per step (FB_PARTS 1), instead of hi + lo
+    /// (three): set with `--fp8-activations dynamic`, whose FP8 GEMM inputs leave ~1e-2 in q, k
+    /// and v (SGLang's bf16 prefill attention); like `flash_portable`, before the first prefill
+    pub flash_bf16: bool,
     /// Decode-sized MoE batches (FP8 experts) on the matrix units (moe_tc.hip; NVIDIA sm_80+,
     /// CDNA; ENGINE_MOE_TC=0 keeps the grouped GEMV)
     pub moe_tc: bool,
@@ -169,6 +173,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             mma_gemm,
             flash_prefill: p.matrix_units && mma_gemm,
             flash_portable: false,
+            flash_bf16: false,
             moe_tc: p.swap_ab && mma_gemm && !std::env::var("ENGINE_MOE_TC").is_ok_and(|v| v == "0"),
             linear_tc: p.swap_ab && mma_gemm && !std::env::var("ENGINE_LINEAR_TC").is_ok_and(|v| v == "0"),
             sms: p.sms,
@@ -247,6 +252,9 @@ impl<V: GpuVendor> GpuBackend<V> {
         let mut m = mla_prefill_module(dims, V::SOURCE);
         if self.flash_portable {
             m.defines.push(("FB_PORTABLE".into(), "1".into()));
+        }
+        if self.flash_bf16 {
+            m.defines.push(("FB_PARTS".into(), "1".into()));
         }
         self.load(&m, name)
     }

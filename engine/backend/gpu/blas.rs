@@ -80,6 +80,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     pub(super) fn blaslt_for(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
         let min_rows = match w.wdt {
             1 => self.tuned.cublaslt_min_rows,
+            2 if self.fp8_act && fp8_block_ok(w.out, w.inp, w.bn, w.bk) => self.tuned.blaslt_fp8_act_min_rows,
             2 => self.tuned.blaslt_fp8_min_rows,
             _ => return false,
         };
@@ -165,7 +166,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let mut s = self.scratch::<f32>(k.div_ceil(crate::weights::act_quant::ACT_GROUP) * rows)?;
         let f = self.func(ACT_QUANT, "quant_fp8_act")?;
         let (mi, ri, ki) = (m as i32, rows as i32, k as i32);
-        self.launch(&f).arg(&x.buf).arg(&mut q).arg(&mut s).arg(&mi).arg(&ri).arg(&ki).arg(&src).arg(&seg).run(cfg((k.div_ceil(1024) as u32, rows as u32), 256, 0)).map_err(err("quant_fp8_act"))?;
+        self.launch(&f).arg(&x.buf).arg(&mut q).arg(&mut s).arg(&mi).arg(&ri).arg(&ki).arg(&src).arg(&seg).run(cfg((rows as u32, k.div_ceil(1024) as u32), 256, 0)).map_err(err("quant_fp8_act"))?;
         Ok((q, s))
     }
 }

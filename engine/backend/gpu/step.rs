@@ -166,9 +166,10 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// `--fp8-activations dynamic` (see `fp8_act`), said in the log.
     pub fn set_fp8_activations(&mut self, on: bool) {
         self.fp8_act = on;
+        self.flash_bf16 = on;
         if on {
             let lib = self.blaslt.as_ref().map(|l| l.name()).unwrap_or("no GEMM library");
-            log::info!("{} op paths: FP8 linear layers from {} rows quantise their input per token and 128 channels to e4m3 (--fp8-activations dynamic) and run {lib}'s block-scaled FP8 GEMM where it has one for the shape; other layers keep f32 activations", V::NAME, self.tuned.blaslt_fp8_min_rows);
+            log::info!("{} op paths: FP8 linear layers from {} rows quantise their input per token and 128 channels to e4m3 (--fp8-activations dynamic) and run {lib}'s block-scaled FP8 GEMM where it has one for the shape (MoE experts from {} tokens too); other layers keep f32 activations; the flash prefill takes bf16 operands", V::NAME, self.tuned.blaslt_fp8_act_min_rows, self.tuned.moe_mma_min_rows);
         }
     }
 

@@ -28,6 +28,10 @@ pub struct Tuned {
     /// call) from this many rows, where it loads: prefill sizes
     #[serde(default = "default_blaslt_fp8_min_rows")]
     pub blaslt_fp8_min_rows: usize,
+    /// ... with `--fp8-activations dynamic` (the input quantised to FP8, the library's
+    /// block-scaled FP8 GEMM: no dequantised copy, so it pays from fewer rows)
+    #[serde(default = "default_blaslt_fp8_act_min_rows")]
+    pub blaslt_fp8_act_min_rows: usize,
     /// Linear layers with FP8 weights of up to this many rows take the swap-AB tensor-core kernel
     /// (linear_tc.hip; NVIDIA sm_80+), ahead of the GEMV and the 128-row tiles; 0: never
     #[serde(default = "default_linear_tc_max_rows")]
@@ -53,6 +57,10 @@ fn default_blaslt_fp8_min_rows() -> usize {
     128
 }
 
+fn default_blaslt_fp8_act_min_rows() -> usize {
+    32
+}
+
 fn default_split_fill() -> usize {
     4
 }
@@ -62,6 +70,7 @@ impl Default for Tuned {
         Tuned { device: String::new(), mma_min_rows: 9, moe_grouped_min_rows: 8, moe_mma_min_rows: 512, flash_min_q: 64, mma_split_fill: default_split_fill(),
             cublaslt_min_rows: default_cublaslt_min_rows(),
             blaslt_fp8_min_rows: default_blaslt_fp8_min_rows(),
+            blaslt_fp8_act_min_rows: default_blaslt_fp8_act_min_rows(),
             linear_tc_max_rows: default_linear_tc_max_rows(),
             linear_tc_min_rows: default_linear_tc_min_rows(),
         }
@@ -86,7 +95,7 @@ pub fn device_key(name: &str) -> String {
 
 pub fn parse(text: &str, origin: &str) -> Result<Tuned, String> {
     let t: Tuned = toml::from_str(text).map_err(|e| format!("tuned kernel config {origin}: {e}"))?;
-    if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 || t.mma_split_fill == 0 || t.cublaslt_min_rows == 0 || t.blaslt_fp8_min_rows == 0 || t.linear_tc_min_rows == 0 {
+    if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 || t.mma_split_fill == 0 || t.cublaslt_min_rows == 0 || t.blaslt_fp8_min_rows == 0 || t.blaslt_fp8_act_min_rows == 0 || t.linear_tc_min_rows == 0 {
         return Err(format!("tuned kernel config {origin}: thresholds must be at least 1"));
     }
     Ok(t)
