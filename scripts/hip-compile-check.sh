@@ -17,10 +17,8 @@ for model in tests/golden/data/tiny_v3 tests/golden/data/tiny_v3_fp8 configs/mod
     src="$work/$arch/$(basename $model)"
     "$ENGINE" kernels source --model-path "$here/$model" --arch $arch --out "$src" >/dev/null
     cc=$PREFIX/bin/hipdev-clang19; [ $arch = gfx950 ] && cc=$PREFIX/bin/hipdev-clang22
-    # every module as the engine builds it, and the flash prefill's bf16 variant (FB_PARTS=1,
-    # --fp8-activations dynamic) as a module of its own
-    cp "$src/mla_prefill.hip" "$src/mla_prefill_bf16.hip"
-    sed -i '1i #define FB_PARTS 1' "$src/mla_prefill_bf16.hip"
+    # every module as the engine builds it (mla_prefill_bf16: the flash prefill's FB_PARTS=1 form
+    # for --fp8-activations dynamic)
     for f in "$src"/*.hip; do
       m=$(basename "$f" .hip)
       if ! $cc -O3 --offload-arch=$arch --no-gpu-bundle-output -Rpass-analysis=kernel-resource-usage \

@@ -70,7 +70,14 @@ pub fn run(cmd: KernelsCommand) -> Result<(), Box<dyn std::error::Error + Send +
             for m in modules_for(ModelDims::of(&cfg), vendor) {
                 let src = crate::backend::gpu::source::assemble(m.file, &m.defines, vendor)?;
                 let stem = m.file.rsplit('/').next().unwrap().trim_end_matches(".hip");
-                let name = if m.file.ends_with("mla.hip") { format!("{stem}_{}.hip", ModelDims::of(&cfg).kv_lora_rank) } else { format!("{stem}.hip") };
+                let bf16 = m.defines.iter().any(|(k, v)| k == "FB_PARTS" && v == "1");
+                let name = if m.file.ends_with("mla.hip") {
+                    format!("{stem}_{}.hip", ModelDims::of(&cfg).kv_lora_rank)
+                } else if bf16 {
+                    format!("{stem}_bf16.hip") // the flash prefill's --fp8-activations dynamic form
+                } else {
+                    format!("{stem}.hip")
+                };
                 std::fs::write(out.join(&name), src)?;
                 println!("{}", out.join(&name).display());
             }

@@ -12,7 +12,7 @@ use super::blas::GemmLib;
 use super::ccl::Ccl;
 use super::device::{err, DevBuf, DevEvent, DeviceApi, Elem, Kernel, Launch};
 use super::source::Vendor;
-use super::specs::{generic_module, mla_module, mla_prefill_module};
+use super::specs::{generic_module, mla_module, mla_prefill_bf16_module, mla_prefill_module};
 use super::step::Graphs;
 use super::{Jit, KernelModule, ModelDims};
 use crate::backend::{BackendError, TensorShape};
@@ -76,7 +76,8 @@ pub struct GpuBackend<V: GpuVendor> {
     pub device_name: String,
     pub warp: u32,
     modules: Mutex<HashMap<KernelModule, usize>>,
-    functions: Mutex<HashMap<(String, Option<ModelDims>), Kernel>>,
+    /// Loaded functions by (name, its module's defines: shapes and variants)
+    functions: Mutex<HashMap<(String, Vec<(String, String)>), Kernel>>,
     /// Fill new outputs with NaN (ENGINE_GPU_POISON=1) so unwritten elements show in tests.
     poison: bool,
     pub profile: OpProfile,
@@ -91,11 +92,11 @@ pub struct GpuBackend<V: GpuVendor> {
     /// CDNA)
     pub flash_prefill: bool,
     /// The flash prefill's portable scalar product instead of the matrix units (FB_PORTABLE; for
-    /// the tests: set before the backend's first prefill, the kernel is loaded once)
+    /// the tests; functions are cached by their module's defines, so it can change between calls)
     pub flash_portable: bool,
     /// The flash prefill on bf16 operands, one product per step (FB_PARTS 1), instead of hi + lo
     /// (three): set with `--fp8-activations dynamic`, whose FP8 GEMM inputs leave ~1e-2 in q, k
-    /// and v (SGLang's bf16 prefill attention); like `flash_portable`, before the first prefill
+    /// and v (SGLang's bf16 prefill attention)
     pub flash_bf16: bool,
     /// Decode-sized MoE batches (FP8 experts) on the matrix units (moe_tc.hip; NVIDIA sm_80+,
     /// CDNA; ENGINE_MOE_TC=0 keeps the grouped GEMV)
@@ -206,7 +207,12 @@ impl<V: GpuVendor> GpuBackend<V> {
 
     /// Compiles (or loads from the cache) every kernel the model needs, up front.
     pub fn warmup(&self, dims: ModelDims) -> Result<(), BackendError> {
+        // the flash prefill in the form this backend runs (modules_for lists both)
+        let prefill = self.prefill_variant(dims);
         for m in super::modules_for(dims, V::SOURCE) {
+            if m.file == prefill.file && m != prefill {
+                continue;
+            }
             for f in &m.functions {
                 self.load(&m, f)?;
             }
@@ -217,9 +223,8 @@ impl<V: GpuVendor> GpuBackend<V> {
     }
 
     fn load(&self, m: &KernelModule, name: &str) -> Result<Kernel, BackendError> {
-        // shape-specialised modules (the MLA kernels) are cached per shape
-        let dims = if m.file.starts_with("hip-kernels/mla") { Some(dims_of(m)) } else { None };
-        let key = (name.to_string(), dims);
+        // shape-specialised modules (the MLA kernels) and variants (FB_*) by their defines
+        let key = (name.to_string(), m.defines.clone());
         if let Some(f) = self.functions.lock().unwrap().get(&key) {
             return Ok(*f);
         }
@@ -249,14 +254,17 @@ impl<V: GpuVendor> GpuBackend<V> {
     }
 
     pub(crate) fn mla_prefill_func(&self, dims: ModelDims, name: &str) -> Result<Kernel, BackendError> {
-        let mut m = mla_prefill_module(dims, V::SOURCE);
+        self.load(&self.prefill_variant(dims), name)
+    }
+
+    /// The flash prefill module with this backend's variant defines (`flash_bf16`,
+    /// `flash_portable`).
+    fn prefill_variant(&self, dims: ModelDims) -> KernelModule {
+        let mut m = if self.flash_bf16 { mla_prefill_bf16_module(dims, V::SOURCE) } else { mla_prefill_module(dims, V::SOURCE) };
         if self.flash_portable {
             m.defines.push(("FB_PORTABLE".into(), "1".into()));
         }
-        if self.flash_bf16 {
-            m.defines.push(("FB_PARTS".into(), "1".into()));
-        }
-        self.load(&m, name)
+        m
     }
 
     /// A launch of `f` on the device's stream; arguments follow with `.arg(..)`.
@@ -362,7 +370,3 @@ impl<V: GpuVendor> GpuBackend<V> {
     }
 }
 
-fn dims_of(m: &KernelModule) -> ModelDims {
-    let get = |k: &str| m.defines.iter().find(|(n, _)| n == k).and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
-    ModelDims { kv_lora_rank: get("KV_LORA"), qk_rope_head_dim: get("ROPE"), qk_nope_head_dim: get("NOPE"), v_head_dim: get("VDIM") }
-}

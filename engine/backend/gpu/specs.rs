@@ -80,10 +80,18 @@ pub fn mla_prefill_module(d: ModelDims, vendor: Vendor) -> KernelModule {
     KernelModule { file: "hip-kernels/mla_prefill.hip", functions: vec!["mla_gather_ctx", "mla_prefill_kv", "mla_flash_prefill"], ..mla_module(d, vendor) }
 }
 
-/// Every module a model with these shapes runs.
+/// The flash prefill on bf16 operands (FB_PARTS 1: `--fp8-activations dynamic`).
+pub fn mla_prefill_bf16_module(d: ModelDims, vendor: Vendor) -> KernelModule {
+    let mut m = mla_prefill_module(d, vendor);
+    m.defines.push(("FB_PARTS".into(), "1".into()));
+    m
+}
+
+/// Every module a model with these shapes runs (both forms of the flash prefill).
 pub fn modules_for(d: ModelDims, vendor: Vendor) -> Vec<KernelModule> {
     let mut v: Vec<KernelModule> = GENERIC.iter().map(|(f, _)| generic_module(f, vendor)).collect();
     v.push(mla_module(d, vendor));
     v.push(mla_prefill_module(d, vendor));
+    v.push(mla_prefill_bf16_module(d, vendor));
     v
 }
