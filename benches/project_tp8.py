@@ -12,11 +12,12 @@ when two GPUs are present (a lower bound for eight: NVLink rings grow with the r
 taken from --allreduce-us.
 
 Usage: benches/project_tp8.py --engine ENGINE --out OUT [--batch-sizes 1,32] [--context 512]
-       [--allreduce-us 1:13.4,32:14.5]
+       [--allreduce-us 1:13.4,32:14.5] [--engine-args '--fp8-activations f32']
 """
 import argparse
 import json
 import os
+import shlex
 import subprocess
 
 
@@ -38,7 +39,9 @@ def main():
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--allreduce-us", default="")
+    ap.add_argument("--engine-args", default="", help="extra `engine bench` flags, e.g. '--fp8-activations f32'")
     a = ap.parse_args()
+    extra = shlex.split(a.engine_args)
     os.makedirs(a.out, exist_ok=True)
     bs = [int(b) for b in a.batch_sizes.split(",")]
     step_ms = {}
@@ -46,7 +49,7 @@ def main():
         path = os.path.join(a.out, f"tp8rank_l{layers}")
         if not os.path.exists(os.path.join(path, "config.json")):
             run([a.engine, "gen-model", "--preset", "deepseek-v3-layers", "--layers", str(layers), "--tp-rank-shapes", "8", "--out", path])
-        r = bench(a.engine, path, bs, a.context, a.steps)
+        r = bench(a.engine, path, bs, a.context, a.steps, extra)
         step_ms[layers] = {x["batch_size"]: x["decode_step_median_ms"] for x in r["results"]}
     ar_us = {}
     if a.allreduce_us:
@@ -54,7 +57,7 @@ def main():
     else:
         gpus = run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]).strip().splitlines()
         if len(gpus) >= 2:
-            r = bench(a.engine, os.path.join(a.out, "tp8rank_l1"), bs, a.context, 4, ["--tp", "2"])
+            r = bench(a.engine, os.path.join(a.out, "tp8rank_l1"), bs, a.context, 4, ["--tp", "2", *extra])
             ar_us = {x["batch_size"]: x["all_reduce"]["latency_us"] for x in r["results"]}
     rows = []
     for b in bs:

@@ -11,7 +11,7 @@
 
 Usage: benches/side_by_side.py --engine target/release/engine --out OUT [--layers 4]
        [--batch-sizes 1,32,128] [--context 512] [--decode-steps 12] [--prefill 4096] [--compile]
-       [--engine-args '--fp8-activations dynamic']
+       [--engine-args '--fp8-activations f32']
 Results go to OUT/side_by_side.json and stdout.
 """
 import argparse
@@ -228,7 +228,7 @@ def main():
     ap.add_argument("--decode-steps", type=int, default=12)
     ap.add_argument("--prefill", type=int, default=4096)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--engine-args", default="", help="extra `engine bench` flags, e.g. '--fp8-activations dynamic'")
+    ap.add_argument("--engine-args", default="", help="extra `engine bench` flags, e.g. '--fp8-activations f32'")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     batches = [int(x) for x in a.batch_sizes.split(",")]

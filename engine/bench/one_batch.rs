@@ -255,7 +255,7 @@ fn bench_gpu<V: GpuVendor>(a: &BenchOneBatchArgs, path: &std::path::Path, par: &
     model.backend.warmup(crate::backend::gpu::ModelDims::of(&model.cfg))?;
     let load_s = t.elapsed().as_secs_f64();
     let (hits, compiles) = model.backend.jit.stats();
-    let k = json!({"cache_dir": model.backend.jit.cache.dir.display().to_string(), "cache_hits": hits, "compiled": compiles, "device": model.backend.device_name, "arch": model.backend.arch});
+    let k = json!({"cache_dir": model.backend.jit.cache.dir.display().to_string(), "cache_hits": hits, "compiled": compiles, "device": model.backend.device_name, "arch": model.backend.arch, "fp8_activations": if model.backend.fp8_act { "dynamic" } else { "f32" }});
     let b = &model.backend;
     b.profile.by_shape.store(a.profile_by_shape, std::sync::atomic::Ordering::Relaxed);
     let start = || b.profile.enabled.store(a.profile, std::sync::atomic::Ordering::Relaxed);

@@ -87,16 +87,20 @@ pub struct BackendArgs {
     /// Run every step op by op (no CUDA graphs)
     #[arg(long)]
     pub disable_cuda_graph: bool,
-    /// Inputs of FP8 linear layers at prefill sizes: f32 keeps them in f32 (bf16 hi + lo
-    /// operands, ~1e-5 from the f32 reference); dynamic quantises them per token and 128 channels
-    /// to e4m3 and runs the GEMM library's block-scaled FP8 GEMM, as SGLang and vLLM do for
-    /// block-FP8 checkpoints (CUDA: cuBLASLt 12.9+ on Hopper; elsewhere f32 stays)
-    #[arg(long, value_enum, default_value = "f32")]
+    /// Inputs of FP8 linear layers and MoE experts from 16 / 512 rows (GPU backends): dynamic
+    /// quantises them per token and 128 channels to e4m3 and runs the GEMM library's
+    /// block-scaled FP8 GEMM, with the flash prefill on bf16 operands, as SGLang and vLLM run
+    /// block-FP8 checkpoints (CUDA: cuBLASLt 12.9+ on Hopper; other layers and vendors keep f32);
+    /// f32 keeps every activation in f32 (bf16 hi + lo operands: ~1e-5 from the f32 reference,
+    /// 2-3x slower prefill); auto follows the checkpoint's quantization_config.activation_scheme
+    /// (FP8 checkpoints: dynamic; others: f32)
+    #[arg(long, value_enum, default_value = "auto")]
     pub fp8_activations: Fp8Activations,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fp8Activations {
+    Auto,
     F32,
     Dynamic,
 }
@@ -109,7 +113,11 @@ impl BackendArgs {
 
     /// What a GPU backend starts with, graphs up to `graph_max_bs`.
     pub fn device_opts(&self, graph_max_bs: usize) -> crate::model::DeviceOpts {
-        crate::model::DeviceOpts { graph_max_bs, fp8_activations: self.fp8_activations == Fp8Activations::Dynamic }
+        let fp8_activations = match self.fp8_activations {
+            Fp8Activations::Auto => None,
+            x => Some(x == Fp8Activations::Dynamic),
+        };
+        crate::model::DeviceOpts { graph_max_bs, fp8_activations }
     }
 
     /// The same with `default` where `--cuda-graph-max-bs` is not given.

@@ -33,8 +33,21 @@ pub struct RankCtx {
 pub struct DeviceOpts {
     /// Largest decode batch captured into a graph (0: none)
     pub graph_max_bs: usize,
-    /// `--fp8-activations dynamic`: FP8 layers on the GEMM library quantise their input to FP8
-    pub fp8_activations: bool,
+    /// `--fp8-activations`: FP8 layers on the GEMM library quantise their input to FP8 (None:
+    /// as the checkpoint's activation_scheme says, i.e. for every FP8 checkpoint)
+    pub fp8_activations: Option<bool>,
+}
+
+impl DeviceOpts {
+    /// `fp8_activations` with auto resolved for `cfg`.
+    fn resolve(mut self, cfg: &ModelConfig) -> Self {
+        self.fp8_activations = Some(self.fp8_activations.unwrap_or(cfg.quantization.is_some()));
+        self
+    }
+
+    fn fp8_act(&self) -> bool {
+        self.fp8_activations.unwrap_or(false)
+    }
 }
 
 /// A backend that can be one rank of a tensor-parallel group.
@@ -55,8 +68,8 @@ pub trait RankBackend: Backend + Sized {
 impl RankBackend for crate::backend::cpu::CpuBackend {
     const DEVICE_COMM: bool = false;
     fn for_rank(ctx: RankCtx) -> Result<Self, BackendError> {
-        if ctx.opts.fp8_activations {
-            log::warn!("cpu: --fp8-activations dynamic applies to GPU backends; the CPU backend keeps f32 activations");
+        if ctx.opts.fp8_activations == Some(true) {
+            log::info!("cpu: FP8 activations (--fp8-activations; auto for FP8 checkpoints) are a GPU path: the CPU backend keeps f32 activations");
         }
         Ok(match ctx.host_comm {
             Some(c) if ctx.size > 1 => Self::with_comm(c),
@@ -73,7 +86,7 @@ impl<V: GpuVendor> RankBackend for GpuBackend<V> {
     fn for_rank(ctx: RankCtx) -> Result<Self, BackendError> {
         let mut b = Self::new(ctx.device)?;
         b.set_graph_max_bs(ctx.opts.graph_max_bs);
-        b.set_fp8_activations(ctx.opts.fp8_activations);
+        b.set_fp8_activations(ctx.opts.fp8_act());
         match (ctx.size, ctx.comm_id) {
             (1, _) => Ok(b),
             (_, Some(id)) => b.with_ccl(&id, ctx.rank, ctx.size),
@@ -102,6 +115,7 @@ fn par_err(e: impl std::fmt::Display) -> ModelError {
 /// `opts`: a GPU backend's graphs and numerics (ignored by the CPU backend).
 pub fn launch<B: RankBackend>(dir: &Path, par: &ParallelConfig, format: LoadFormat, opts: DeviceOpts) -> Result<Role<B>, ModelError> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let opts = opts.resolve(&cfg);
     let weights = Arc::new(WeightStore::open_as(dir, format, &cfg)?);
     let shard = |rank| Shard { rank, size: par.world, expert_parallel: par.expert_parallel, dp_attention: par.dp_attention };
     if par.is_single() {
