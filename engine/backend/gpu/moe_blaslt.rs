@@ -89,6 +89,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (lh, li) = (hidden.div_ceil(128), inter.div_ceil(128));
         let gemm_err = |msg| self.op_err("moe blaslt", format!("{}: {msg}", lt.name()));
         // gate and up: [len, hidden] · [inter, hidden]ᵀ per expert
+        let enqueue = std::time::Instant::now();
         let (qx, sx) = self.quant_fp8_rows(x, rows, src.ptr(), seg.ptr())?;
         let (g, u) = (self.scratch::<f32>(rows * inter)?, self.scratch::<f32>(rows * inter)?);
         let wsz = (inter * hidden) as u64; // bytes per expert (FP8) in each of gate, up and down
@@ -114,6 +115,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let f = self.func(COMBINE, "moe_combine")?;
         let (ki, hi) = (k as i32, hidden as i32);
         self.launch(&f).arg(&dn).arg(&pair_row).arg(&r.weights).arg(out).arg(&ki).arg(&hi).run(cfg((t as u32, 1), 256, 0)).map_err(err("moe_combine"))?;
+        log::debug!("moe blaslt: {t} tokens, {} experts, {rows} rows, {} GEMMs enqueued in {} us", l.segments.len(), 3 * l.segments.len(), enqueue.elapsed().as_micros());
         Ok(true)
     }
 }
