@@ -2,12 +2,14 @@
 //! linear layers (backend/gpu/blas.rs splits x into bf16 hi/lo rows), and block-scaled FP8 ×
 //! FP8 → f32 (cuBLASLt 12.9+ on Hopper: 128×128 weight blocks, 1×128 activation groups) for
 //! `--fp8-activations dynamic`.
+use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt::{result, sys};
 
 use crate::backend::gpu::blas::{GemmLib, PlanCache};
-use crate::backend::gpu::device::{DevBuf, DevPtr};
+use crate::backend::gpu::device::{DevBuf, DevPtr, DeviceApi, Handle};
 use crate::backend::BackendError;
 
 const WORKSPACE: usize = 32 << 20;
@@ -38,6 +40,9 @@ pub struct BlasLt {
     plans: PlanCache<Plan>,
     /// Block-scaled FP8 plans, per (m, n, k)
     fp8_plans: PlanCache<Plan>,
+    /// A workspace per side stream (GEMMs that overlap must not share one), made on first use
+    side_ws: Mutex<HashMap<Handle, DevBuf<u8>>>,
+    dev: Arc<dyn DeviceApi>,
 }
 
 // SAFETY: the handle and descriptors are used from one stream at a time, under the backend's
@@ -80,7 +85,7 @@ impl BlasLt {
                 return None;
             }
         };
-        Some(BlasLt { handle, workspace, stream: b.dev.stream() as sys::cudaStream_t, plans: PlanCache::default(), fp8_plans: PlanCache::default() })
+        Some(BlasLt { handle, workspace, stream: b.dev.stream() as sys::cudaStream_t, plans: PlanCache::default(), fp8_plans: PlanCache::default(), side_ws: Mutex::new(HashMap::new()), dev: b.dev.clone() })
     }
 
     /// D [m2, n] (row-major f32) = X2 [m2, k] (bf16) · W [n, k]ᵀ (bf16), in column-major terms
@@ -152,28 +157,38 @@ impl GemmLib for BlasLt {
     }
 
     fn gemm_bf16(&self, m2: usize, n: usize, k: usize, w: DevPtr, x2: DevPtr, d: DevPtr) -> Result<(), String> {
-        self.plans.with((m2, n, k), |p| self.run(p, w, x2, d))?
+        self.plans.with((m2, n, k), |p| self.run(p, w, x2, d, self.stream, self.workspace.ptr()))?
     }
 
     fn supports_fp8_block(&self, m: usize, n: usize, k: usize) -> bool {
         self.fp8_plans.supports((m, n, k), || self.plan_fp8_block(m, n, k).map_err(|e| e.to_string()))
     }
 
-    fn gemm_fp8_block(&self, shape: (usize, usize, usize), (w, ws): (DevPtr, DevPtr), (xq, xs): (DevPtr, DevPtr), d: DevPtr) -> Result<(), String> {
+    fn gemm_fp8_block(&self, shape: (usize, usize, usize), (w, ws): (DevPtr, DevPtr), (xq, xs): (DevPtr, DevPtr), d: DevPtr, stream: Handle) -> Result<(), String> {
         use sys::cublasLtMatmulDescAttributes_t::{CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER};
+        let (st, work) = if stream == 0 {
+            (self.stream, self.workspace.ptr())
+        } else {
+            let mut side = self.side_ws.lock().unwrap();
+            let w = match side.entry(stream) {
+                std::collections::hash_map::Entry::Occupied(o) => o.get().ptr(),
+                std::collections::hash_map::Entry::Vacant(v) => v.insert(DevBuf::zeros(&self.dev, WORKSPACE).map_err(|e| format!("side-stream workspace: {e}"))?).ptr(),
+            };
+            (stream as sys::cudaStream_t, w)
+        };
         // the scale pointers belong to this call: set under the plans' lock, right before the launch
         self.fp8_plans.with(shape, |p| {
             for (attr, ptr) in [(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, ws), (CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, xs)] {
                 unsafe { result::set_matmul_desc_attribute(p.desc, attr, &ptr as *const u64 as *const c_void, 8) }.map_err(|e| format!("cublasLtMatmulDescSetAttribute: {e:?}"))?;
             }
-            self.run(p, w, xq, d)
+            self.run(p, w, xq, d, st, work)
         })?
     }
 }
 
 impl BlasLt {
-    /// D = W-side A × x-side B with the plan's descriptors, on the backend's stream.
-    fn run(&self, p: &Plan, w: DevPtr, x: DevPtr, d: DevPtr) -> Result<(), String> {
+    /// D = W-side A × x-side B with the plan's descriptors, on `stream` with `workspace`.
+    fn run(&self, p: &Plan, w: DevPtr, x: DevPtr, d: DevPtr, stream: sys::cudaStream_t, workspace: DevPtr) -> Result<(), String> {
         let (alpha, beta) = (1.0f32, 0.0f32);
         unsafe {
             result::matmul(
@@ -190,9 +205,9 @@ impl BlasLt {
                 d as *mut c_void,
                 p.d,
                 &p.algo,
-                self.workspace.ptr() as *mut c_void,
+                workspace as *mut c_void,
                 WORKSPACE,
-                self.stream,
+                stream,
             )
         }
         .map_err(|e| format!("cublasLtMatmul: {e:?}"))

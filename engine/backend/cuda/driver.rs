@@ -191,4 +191,25 @@ impl DeviceApi for CudaDriver {
     fn stream(&self) -> *mut c_void {
         self.s() as *mut c_void
     }
+
+    fn stream_create(&self) -> Result<Handle, ApiError> {
+        self.bind()?;
+        Ok(result::stream::create(result::stream::StreamKind::NonBlocking).map_err(e("cuStreamCreate"))? as Handle)
+    }
+
+    fn stream_wait(&self, waiter: Handle, on: Handle) -> Result<(), ApiError> {
+        self.bind()?;
+        let st = |h: Handle| if h == 0 { self.s() } else { h as sys::CUstream };
+        let ev = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(e("cuEventCreate"))?;
+        // the event is released once it has completed, even though destroyed right away
+        let r = unsafe { result::event::record(ev, st(on)) }.map_err(e("cuEventRecord")).and_then(|()| unsafe { result::stream::wait_event(st(waiter), ev, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }.map_err(e("cuStreamWaitEvent")));
+        let _ = unsafe { result::event::destroy(ev) };
+        r
+    }
+
+    fn stream_destroy(&self, s: Handle) {
+        if let Err(x) = unsafe { result::stream::destroy(s as sys::CUstream) } {
+            log::error!("cuda: cuStreamDestroy failed: {x:?}");
+        }
+    }
 }

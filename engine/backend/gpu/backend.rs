@@ -121,7 +121,17 @@ pub struct GpuBackend<V: GpuVendor> {
     /// their input per token and 128 channels and run its block-scaled FP8 GEMM (SGLang's
     /// numerics); off, activations stay f32 (bf16 hi + lo operands, ~1e-5)
     pub fp8_act: bool,
+    /// Streams beside the main one (made on first use; empty where the runtime has none)
+    side: Mutex<Option<Vec<super::device::Handle>>>,
     _v: PhantomData<V>,
+}
+
+impl<V: GpuVendor> Drop for GpuBackend<V> {
+    fn drop(&mut self) {
+        for s in self.side.lock().unwrap().take().unwrap_or_default() {
+            self.dev.stream_destroy(s);
+        }
+    }
 }
 
 /// Per-op-class timing from device events recorded around each op (`engine bench --profile`).
@@ -184,6 +194,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             constants: Mutex::new(HashMap::new()),
             blaslt: None,
             fp8_act: false,
+            side: Mutex::new(None),
             _v: PhantomData,
         };
         b.blaslt = V::gemm_lib(&b);
@@ -265,6 +276,20 @@ impl<V: GpuVendor> GpuBackend<V> {
             m.defines.push(("FB_PORTABLE".into(), "1".into()));
         }
         m
+    }
+
+    /// `n` streams beside the main one, made on the first call (none where the runtime cannot:
+    /// the caller then runs everything on the main stream).
+    pub(crate) fn side_streams(&self, n: usize) -> Vec<super::device::Handle> {
+        let mut side = self.side.lock().unwrap();
+        side.get_or_insert_with(|| match (0..n).map(|_| self.dev.stream_create()).collect::<Result<Vec<_>, _>>() {
+            Ok(v) => v,
+            Err(e) => {
+                log::info!("{}: no side streams ({e}); overlapping work runs on the main stream", V::NAME);
+                Vec::new()
+            }
+        })
+        .clone()
     }
 
     /// A launch of `f` on the device's stream; arguments follow with `.arg(..)`.

@@ -36,8 +36,9 @@ pub trait GemmLib: Send + Sync {
     }
     /// D [m, n] (row-major f32) = (xq · xs) · (W · ws)ᵀ: xq [m, k] e4m3fn row-major with xs one f32
     /// per token and 128 columns, stored [ceil(k/128), m]; W [n, k] e4m3fn row-major with ws one
-    /// f32 per 128×128 block, [ceil(n/128), ceil(k/128)] row-major (the checkpoint's scales).
-    fn gemm_fp8_block(&self, _shape: (usize, usize, usize), _w: (DevPtr, DevPtr), _x: (DevPtr, DevPtr), _d: DevPtr) -> Result<(), String> {
+    /// f32 per 128×128 block, [ceil(n/128), ceil(k/128)] row-major (the checkpoint's scales). On
+    /// `stream` (0: the backend's; else one of its side streams, with a workspace of its own).
+    fn gemm_fp8_block(&self, _shape: (usize, usize, usize), _w: (DevPtr, DevPtr), _x: (DevPtr, DevPtr), _d: DevPtr, _stream: super::device::Handle) -> Result<(), String> {
         Err(format!("{} has no block-scaled FP8 GEMM here", self.name()))
     }
 }
@@ -99,10 +100,10 @@ impl<V: GpuVendor> GpuBackend<V> {
             let (q, s) = self.quantize_act_fp8(x, m4)?;
             let e = |msg| self.op_err("blaslt", format!("{}: {msg}", lt.name()));
             if m4 == m {
-                lt.gemm_fp8_block((m, n, k), (w.data.ptr(), w.scales.ptr()), (q.ptr(), s.ptr()), y.ptr()).map_err(e)?;
+                lt.gemm_fp8_block((m, n, k), (w.data.ptr(), w.scales.ptr()), (q.ptr(), s.ptr()), y.ptr(), 0).map_err(e)?;
             } else {
                 let d = self.scratch::<f32>(m4 * n)?;
-                lt.gemm_fp8_block((m4, n, k), (w.data.ptr(), w.scales.ptr()), (q.ptr(), s.ptr()), d.ptr()).map_err(e)?;
+                lt.gemm_fp8_block((m4, n, k), (w.data.ptr(), w.scales.ptr()), (q.ptr(), s.ptr()), d.ptr(), 0).map_err(e)?;
                 self.dev.dtod(y.ptr(), d.ptr(), 4 * m * n).map_err(err("copy"))?;
             }
             return Ok(true);

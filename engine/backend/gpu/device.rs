@@ -89,6 +89,16 @@ pub trait DeviceApi: Send + Sync {
     fn mem_info(&self) -> Result<(usize, usize), ApiError>;
     /// The raw stream (for NCCL/RCCL and the BLAS libraries)
     fn stream(&self) -> *mut c_void;
+    /// Another stream of the device, for work that may overlap the main stream's (where the
+    /// runtime wrapper offers it; the raw handle is what `GemmLib` calls take).
+    fn stream_create(&self) -> Result<Handle, ApiError> {
+        Err(ApiError { vendor: self.vendor(), call: "stream_create", msg: "side streams are not wired for this runtime".into() })
+    }
+    /// Stream `waiter` waits for the work enqueued so far on stream `on` (0: the main stream).
+    fn stream_wait(&self, _waiter: Handle, _on: Handle) -> Result<(), ApiError> {
+        Err(ApiError { vendor: self.vendor(), call: "stream_wait", msg: "side streams are not wired for this runtime".into() })
+    }
+    fn stream_destroy(&self, _s: Handle) {}
 }
 
 /// Element types that live in device buffers.

@@ -15,6 +15,8 @@ const EW: &str = "hip-kernels/elementwise.hip";
 const COMBINE: &str = "hip-kernels/moe_combine.hip";
 /// Rows of an expert's segment are padded to a multiple of this
 const PAD: usize = 8;
+/// Streams the experts' GEMMs are spread over (each GEMM's ~32 tiles leave most SMs idle alone)
+const SIDE_STREAMS: usize = 4;
 
 /// The pairs of this rank's experts as row segments.
 #[derive(Debug, PartialEq)]
@@ -92,14 +94,20 @@ impl<V: GpuVendor> GpuBackend<V> {
         let enqueue = std::time::Instant::now();
         let (qx, sx) = self.quant_fp8_rows(x, rows, src.ptr(), seg.ptr())?;
         let (g, u) = (self.scratch::<f32>(rows * inter)?, self.scratch::<f32>(rows * inter)?);
+        // experts' GEMMs are small (a ~150-row GEMM has few tiles): several run at once on side
+        // streams, round robin
+        let side = self.side_streams(SIDE_STREAMS);
+        let on = |i: usize| if side.is_empty() { 0 } else { side[i % side.len()] };
+        self.fork(&side)?;
         let wsz = (inter * hidden) as u64; // bytes per expert (FP8) in each of gate, up and down
         let ssz = (4 * li * lh) as u64; // bytes of scales per expert
-        for &(ex, off, len) in &l.segments {
+        for (i, &(ex, off, len)) in l.segments.iter().enumerate() {
             let x_ = (qx.ptr() + (off * hidden) as u64, sx.ptr() + (4 * off * lh) as u64);
             for (w, ws, d) in [(&e.gate, &e.gs, &g), (&e.up, &e.us, &u)] {
-                lt.gemm_fp8_block((len, inter, hidden), (w.ptr() + ex as u64 * wsz, ws.ptr() + ex as u64 * ssz), x_, d.ptr() + (4 * off * inter) as u64).map_err(gemm_err)?;
+                lt.gemm_fp8_block((len, inter, hidden), (w.ptr() + ex as u64 * wsz, ws.ptr() + ex as u64 * ssz), x_, d.ptr() + (4 * off * inter) as u64, on(i)).map_err(gemm_err)?;
             }
         }
+        self.join(&side)?;
         let mut h = self.scratch::<f32>(rows * inter)?;
         let n = (rows * inter) as i64;
         let f = self.func(EW, "silu_mul")?;
@@ -108,15 +116,29 @@ impl<V: GpuVendor> GpuBackend<V> {
         // down: [len, inter] · [hidden, inter]ᵀ per expert
         let (qh, sh) = self.quant_fp8_rows(&GpuTensor { rows, cols: inter, buf: h }, rows, 0, seg.ptr())?;
         let dn = self.scratch::<f32>(rows * hidden)?;
-        for &(ex, off, len) in &l.segments {
+        self.fork(&side)?;
+        for (i, &(ex, off, len)) in l.segments.iter().enumerate() {
             let h_ = (qh.ptr() + (off * inter) as u64, sh.ptr() + (4 * off * li) as u64);
-            lt.gemm_fp8_block((len, hidden, inter), (e.down.ptr() + ex as u64 * wsz, e.ds.ptr() + ex as u64 * ssz), h_, dn.ptr() + (4 * off * hidden) as u64).map_err(gemm_err)?;
+            lt.gemm_fp8_block((len, hidden, inter), (e.down.ptr() + ex as u64 * wsz, e.ds.ptr() + ex as u64 * ssz), h_, dn.ptr() + (4 * off * hidden) as u64, on(i)).map_err(gemm_err)?;
         }
+        self.join(&side)?;
         let f = self.func(COMBINE, "moe_combine")?;
         let (ki, hi) = (k as i32, hidden as i32);
         self.launch(&f).arg(&dn).arg(&pair_row).arg(&r.weights).arg(out).arg(&ki).arg(&hi).run(cfg((t as u32, 1), 256, 0)).map_err(err("moe_combine"))?;
         log::debug!("moe blaslt: {t} tokens, {} experts, {rows} rows, {} GEMMs enqueued in {} us", l.segments.len(), 3 * l.segments.len(), enqueue.elapsed().as_micros());
         Ok(true)
+    }
+}
+
+impl<V: GpuVendor> GpuBackend<V> {
+    /// The side streams wait for the main stream's work so far (inputs ready, scratch allocated).
+    fn fork(&self, side: &[super::device::Handle]) -> Result<(), BackendError> {
+        side.iter().try_for_each(|&s| self.dev.stream_wait(s, 0)).map_err(err("fork"))
+    }
+
+    /// ... and the main stream for theirs (outputs ready before the next op or a free).
+    fn join(&self, side: &[super::device::Handle]) -> Result<(), BackendError> {
+        side.iter().try_for_each(|&s| self.dev.stream_wait(0, s)).map_err(err("join"))
     }
 }
 
