@@ -113,16 +113,19 @@ __device__ void mla_attention_impl(const float* __restrict__ q, const float* __r
                                    float* __restrict__ lat_out, int heads, int layer, int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part) {
     int t = blockIdx.x, h0 = blockIdx.y * HPB, z = blockIdx.z;
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    float qreg[HPB][LPL], acc[HPB][LPL], m[HPB], s[HPB];
+    // the heads' latent queries in shared memory (every warp reads them for each of its keys; in
+    // registers they took 64 of the 195 a thread used and left one block per SM)
+    __shared__ float qs[HPB][LPL * WARP];
+    for (int i = threadIdx.x; i < HPB * LPL * WARP; i += blockDim.x) {
+        int hh = i / (LPL * WARP), l = i % (LPL * WARP);
+        qs[hh][l] = l < KV_LORA ? q_lat[((int64_t)t * heads + h0 + hh) * KV_LORA + l] : 0.f;
+    }
+    __syncthreads();
+    float acc[HPB][LPL], m[HPB], s[HPB];
 #pragma unroll
     for (int hh = 0; hh < HPB; ++hh) {
-        const float* ql = q_lat + ((int64_t)t * heads + h0 + hh) * KV_LORA;
 #pragma unroll
-        for (int i = 0; i < LPL; ++i) {
-            int l = lane + i * WARP;
-            qreg[hh][i] = l < KV_LORA ? ql[l] : 0.f;
-            acc[hh][i] = 0.f;
-        }
+        for (int i = 0; i < LPL; ++i) acc[hh][i] = 0.f;
         m[hh] = -ENGINE_INF;
         s[hh] = 0.f;
     }
@@ -144,7 +147,7 @@ __device__ void mla_attention_impl(const float* __restrict__ q, const float* __r
             const float* qpe = q + ((int64_t)t * heads + h0 + hh) * QK + NOPE;
             float dot = 0.f;
 #pragma unroll
-            for (int i = 0; i < LPL; ++i) dot += qreg[hh][i] * c[i];
+            for (int i = 0; i < LPL; ++i) dot += qs[hh][lane + i * WARP] * c[i];
             for (int r = lane; r < ROPE; r += WARP) dot += qpe[r] * e[KV_LORA + r];
             float score = warp_sum(dot) * scale;
             float m2 = fmaxf(m[hh], score);
@@ -196,8 +199,9 @@ __device__ void mla_attention_impl(const float* __restrict__ q, const float* __r
     }
 }
 
+// two blocks of 256 threads an SM (128 registers a thread)
 #define MLA_ATTENTION(NAME, HPB)                                                                                                        \
-    extern "C" __global__ void NAME(const float* q, const float* q_lat, const float* kv, const uint32_t* slots, const uint32_t* ctx_off, \
+    extern "C" __global__ void __launch_bounds__(256, 2) NAME(const float* q, const float* q_lat, const float* kv, const uint32_t* slots, const uint32_t* ctx_off, \
                                     const uint32_t* ctx_len, float* lat_out, int heads, int layer, int num_slots, float scale, int splits,    \
                                     int min_chunk, float* part) {                                                                        \
         mla_attention_impl<HPB>(q, q_lat, kv, slots, ctx_off, ctx_len, lat_out, heads, layer, num_slots, scale, splits, min_chunk, part); \
