@@ -9,7 +9,6 @@
 // is float32 [layers, slots, KV_LORA+ROPE].
 #include "common.h"
 #include "vec8.h"
-#include "async_copy.h"
 
 #ifndef KV_LORA
 #error "KV_LORA must be defined"
@@ -107,28 +106,7 @@ __device__ void mla_q_latent_impl(const float* __restrict__ q, const uint8_t* __
 // that many contiguous chunks of at least `min_chunk` keys (blockIdx.z; chunks past the context are
 // empty and write an empty partial), each writing an unnormalised partial (max, sum, Σ p·c)
 // to `part` [T, heads, splits, 2 + KV_LORA] for mla_merge (split-K over the sequence, for long
-// contexts with few blocks). Blocks of 256 threads: the cache entries of the block's next keys
-// (one a warp) are copied into shared memory in the background while the warps work on the
-// current ones (cp.async on sm_80+), so a warp no longer waits on each entry's load; the staging
-// buffers hold the warps' partials for the merge afterwards.
-#define MLA_NW (256 / WARP)
-#define ENTRY_C16 (ENTRY % 4 == 0) // entries in 16-byte chunks (else element by element)
-
-// The entries of keys base .. base + MLA_NW - 1 (those < n) of slots `sl` into stage[k].
-__device__ __forceinline__ void mla_stage(float (*stage)[ENTRY], const float* __restrict__ kvl, const uint32_t* __restrict__ sl, int base, int n) {
-    if (ENTRY_C16) {
-        for (int i = threadIdx.x; i < MLA_NW * (ENTRY / 4); i += blockDim.x) {
-            int k = i / (ENTRY / 4), c = i % (ENTRY / 4);
-            if (base + k < n) acp_copy16(&stage[k][4 * c], kvl + (int64_t)sl[base + k] * ENTRY + 4 * c);
-        }
-    } else {
-        for (int i = threadIdx.x; i < MLA_NW * ENTRY; i += blockDim.x) {
-            int k = i / ENTRY, c = i % ENTRY;
-            if (base + k < n) stage[k][c] = kvl[(int64_t)sl[base + k] * ENTRY + c];
-        }
-    }
-}
-
+// contexts with few blocks). Shared memory: [warps][2 + KV_LORA] floats.
 template <int HPB>
 __device__ void mla_attention_impl(const float* __restrict__ q, const float* __restrict__ q_lat, const float* __restrict__ kv,
                                    const uint32_t* __restrict__ slots, const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len,
@@ -155,24 +133,9 @@ __device__ void mla_attention_impl(const float* __restrict__ q, const float* __r
     int total = ctx_len[t];
     int chunk = max((total + splits - 1) / splits, min_chunk);
     int j0 = z * chunk, n = min(total, j0 + chunk);
-    const float* kvl = kv + (int64_t)layer * num_slots * ENTRY;
-    // two buffers of MLA_NW entries; after the loop, the merge's [warps][2 + KV_LORA] floats
-    __shared__ __attribute__((aligned(16))) float stage[2][MLA_NW][ENTRY];
-    int buf = 0;
-    mla_stage(stage[0], kvl, sl, j0, n);
-    acp_commit();
-    for (int j = j0 + w, base = j0; base < n; j += nw, base += nw, buf ^= 1) {
-        // the next keys' entries into the other buffer (read by every warp until the last
-        // iteration's closing barrier)
-        if (base + nw < n) mla_stage(stage[buf ^ 1], kvl, sl, base + nw, n);
-        acp_commit();
-        acp_wait<1>();
-        __syncthreads();
-        if (j >= n) {
-            __syncthreads();
-            continue;
-        }
-        const float* e = stage[buf][w];
+    const float* base = kv + (int64_t)layer * num_slots * ENTRY;
+    for (int j = j0 + w; j < n; j += nw) {
+        const float* e = base + (int64_t)sl[j] * ENTRY;
         float c[LPL];
 #pragma unroll
         for (int i = 0; i < LPL; ++i) {
@@ -194,10 +157,9 @@ __device__ void mla_attention_impl(const float* __restrict__ q, const float* __r
             for (int i = 0; i < LPL; ++i) acc[hh][i] = acc[hh][i] * corr + p * c[i];
             m[hh] = m2;
         }
-        __syncthreads();
     }
     // merge the warps' partial softmaxes, one head at a time
-    float* sh = &stage[0][0][0]; // [nw][2 + KV_LORA]
+    extern __shared__ float sh[]; // [nw][2 + KV_LORA]
     float* mine = sh + w * (2 + KV_LORA);
 #pragma unroll
     for (int hh = 0; hh < HPB; ++hh) {

@@ -18,7 +18,6 @@
 // (≤ 64), first context row (a multiple of 32) in the per-head K / Vᵀ, position of the tile's
 // first query in its sequence.
 #include "bf16.h"
-#include "async_copy.h"
 
 #ifndef KV_LORA
 #error "KV_LORA must be defined"
@@ -89,6 +88,10 @@ extern "C" __global__ void __launch_bounds__(256) mla_prefill_kv(const float* __
 #define FB_KN (FB_PARTS * FB_K * FB_KC) // chunks of a tile's keys, hi (and lo)
 #define FB_VN (FB_PARTS * VDIM * FB_VC) // ... of its transposed values
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define FB_ASYNC 1
+#endif
+
 // The product: mma.sync on NVIDIA sm_80+, MFMA on CDNA (gfx942 / gfx950, VDIM a multiple of 16),
 // the portable scalar one elsewhere — or anywhere with FB_PORTABLE defined (the backend's
 // `flash_portable`, so the H200 tests run the portable product over the same staging and tiles).
@@ -105,12 +108,37 @@ __device__ __forceinline__ fb_short4 fb_pack4(uint32_t a, uint32_t b) {
 }
 #endif
 
+// One 16-byte chunk global → shared: cp.async on sm_80+ (no registers, completes in the
+// background until fb_wait), a plain copy elsewhere.
+__device__ __forceinline__ void fb_copy16(void* dst, const void* src) {
+#ifdef FB_ASYNC
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+#else
+    *(uint4*)dst = *(const uint4*)src;
+#endif
+}
+
+// Closes a group of copies; fb_wait<N>() returns when at most N groups are still in flight
+// (each thread its own; a __syncthreads after it makes every thread's copies visible).
+__device__ __forceinline__ void fb_commit() {
+#ifdef FB_ASYNC
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void fb_wait() {
+#ifdef FB_ASYNC
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
 // The keys key0 .. key0+FB_K-1 (key0 a multiple of FB_K) of head h into shared memory (hi and
 // lo): one contiguous run of FB_K rows per part.
 __device__ __forceinline__ void fb_stage_k(FbShared& sh, const uint16_t* __restrict__ k, int ctx, int heads, int h, int key0) {
     for (int i = threadIdx.x; i < FB_KN; i += FB_THREADS) {
         int p = i / (FB_K * FB_KC), r = i % (FB_K * FB_KC);
-        acp_copy16(&sh.ks[p][r / FB_KC][8 * (r % FB_KC)], k + p * (int64_t)heads * ctx * QK + ((int64_t)h * ctx + key0 + r / FB_KC) * QK + 8 * (r % FB_KC));
+        fb_copy16(&sh.ks[p][r / FB_KC][8 * (r % FB_KC)], k + p * (int64_t)heads * ctx * QK + ((int64_t)h * ctx + key0 + r / FB_KC) * QK + 8 * (r % FB_KC));
     }
 }
 
@@ -118,7 +146,7 @@ __device__ __forceinline__ void fb_stage_k(FbShared& sh, const uint16_t* __restr
 __device__ __forceinline__ void fb_stage_v(FbShared& sh, const uint16_t* __restrict__ vt, int ctx, int heads, int h, int key0) {
     for (int i = threadIdx.x; i < FB_VN; i += FB_THREADS) {
         int p = i / (VDIM * FB_VC), r = i % (VDIM * FB_VC);
-        acp_copy16(&sh.vt[p][r / FB_VC][8 * (r % FB_VC)], vt + p * (int64_t)heads * VDIM * ctx + ((int64_t)h * VDIM + r / FB_VC) * ctx + key0 + 8 * (r % FB_VC));
+        fb_copy16(&sh.vt[p][r / FB_VC][8 * (r % FB_VC)], vt + p * (int64_t)heads * VDIM * ctx + ((int64_t)h * VDIM + r / FB_VC) * ctx + key0 + 8 * (r % FB_VC));
     }
 }
 
@@ -152,12 +180,12 @@ extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const
     // keys and values of a tile arrive as two copy groups, each fetched while the other half of
     // the previous tile's work runs: K(t+1) during softmax and P·V of t, V(t+1) during Q·Kᵀ of t+1
     fb_stage_k(sh, k, ctx, heads, h, ctx0);
-    acp_commit();
+    fb_commit();
     fb_stage_v(sh, vt, ctx, heads, h, ctx0);
-    acp_commit();
+    fb_commit();
     for (int j0 = 0; j0 < len; j0 += FB_K) {
         const bool more = j0 + FB_K < len;
-        acp_wait<1>(); // K(t) landed; V(t) may be in flight
+        fb_wait<1>(); // K(t) landed; V(t) may be in flight
         __syncthreads();
         float s[FB_K / 8][4];
 #pragma unroll
@@ -178,7 +206,7 @@ extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const
         }
         __syncthreads(); // every warp is done with K(t)
         if (more) fb_stage_k(sh, k, ctx, heads, h, ctx0 + j0 + FB_K);
-        acp_commit();
+        fb_commit();
         // causal mask, scale, online softmax (rows r0: c = 0, 1; r0 + 8: c = 2, 3)
         float mx[2] = {-ENGINE_INF, -ENGINE_INF};
 #pragma unroll
@@ -213,7 +241,7 @@ extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const
             bf16_split2(p[0], p[1], &ph[j / 2][2 * (j % 2)], &pl[j / 2][2 * (j % 2)]);
             bf16_split2(p[2], p[3], &ph[j / 2][2 * (j % 2) + 1], &pl[j / 2][2 * (j % 2) + 1]);
         }
-        acp_wait<1>(); // V(t) landed; K(t+1) may be in flight
+        fb_wait<1>(); // V(t) landed; K(t+1) may be in flight
         __syncthreads();
 #pragma unroll
         for (int jv = 0; jv < VDIM / 8; ++jv) {
@@ -235,7 +263,7 @@ extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const
         }
         __syncthreads(); // every warp is done with V(t)
         if (more) fb_stage_v(sh, vt, ctx, heads, h, ctx0 + j0 + FB_K);
-        acp_commit();
+        fb_commit();
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -390,8 +418,8 @@ extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const
     for (int j0 = 0; j0 < len; j0 += FB_K) {
         fb_stage_k(sh, k, ctx, heads, h, ctx0 + j0);
         fb_stage_v(sh, vt, ctx, heads, h, ctx0 + j0);
-        acp_commit();
-        acp_wait<0>();
+        fb_commit();
+        fb_wait<0>();
         __syncthreads();
         if (row < nq) {
             for (int key = 0; key < FB_K && j0 + key <= pos0 + row; ++key) {

@@ -139,6 +139,8 @@ impl<V: GpuVendor> GpuBackend<V> {
         let hpb = if d.num_heads.is_multiple_of(4) { 4 } else { 1 };
         let f = self.mla_func(dims, if hpb == 4 { "mla_attention4" } else { "mla_attention" })?;
         let (l, ns, scale) = (layer as i32, kv.slots as i32, d.scale);
+        let warps = self.warps_per_block();
+        let shared = (warps * (2 + d.kv_lora_rank) * 4) as u32;
         // split-K over the sequence when too few (token, head) blocks would fill the GPU
         let splits = step::attn_splits(t * d.num_heads / hpb, a.max_len, self.in_graph_step());
         let part_len = if splits > 1 { t * d.num_heads * splits * (2 + d.kv_lora_rank) } else { 1 };
@@ -148,7 +150,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.span("attention", || {
             let mut b = self.launch(&f);
             b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part);
-            let launch = LaunchConfig { grid_dim: (t as u32, (d.num_heads / hpb) as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let launch = LaunchConfig { grid_dim: (t as u32, (d.num_heads / hpb) as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: shared };
             b.run(launch).map_err(err("mla_attention"))?;
             if splits > 1 {
                 let mut b = self.launch(&merge);
