@@ -503,13 +503,13 @@ fn moe_experts_fp8_dynamic_activations_on<V: GpuVendor>() {
     for (first, n) in [(0, n_exp), (n_exp / 4, n_exp / 4)] {
         // the reference: each local expert over its pairs' rows, in pair order
         let mut per_pair = vec![Vec::<f32>::new(); t * p.top_k];
-        for e in first..first + n {
+        for (e, ex) in experts.iter().enumerate().skip(first).take(n) {
             let pairs: Vec<usize> = (0..t * p.top_k).filter(|&q| ids[q] as usize == e).collect();
             if pairs.is_empty() {
                 continue;
             }
             let xe: Vec<f32> = pairs.iter().flat_map(|&q| xq[(q / p.top_k) * hidden..(q / p.top_k + 1) * hidden].to_vec()).collect();
-            let ce = |i: usize| c.upload_linear(&experts[e][i]).unwrap();
+            let ce = |i: usize| c.upload_linear(&ex[i]).unwrap();
             let xt = c.upload(pairs.len(), hidden, &xe).unwrap();
             let h = c.download(&c.silu_mul(&c.linear(&xt, &ce(0)).unwrap(), &c.linear(&xt, &ce(1)).unwrap()).unwrap()).unwrap();
             let hq = ActFp8::quantize(&h, pairs.len(), inter).dequantize();

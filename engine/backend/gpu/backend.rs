@@ -77,7 +77,7 @@ pub struct GpuBackend<V: GpuVendor> {
     pub warp: u32,
     modules: Mutex<HashMap<KernelModule, usize>>,
     /// Loaded functions by (name, its module's defines: shapes and variants)
-    functions: Mutex<HashMap<(String, Vec<(String, String)>), Kernel>>,
+    functions: Mutex<HashMap<FnKey, Kernel>>,
     /// Fill new outputs with NaN (ENGINE_GPU_POISON=1) so unwritten elements show in tests.
     poison: bool,
     pub profile: OpProfile,
@@ -125,6 +125,9 @@ pub struct GpuBackend<V: GpuVendor> {
     side: Mutex<Option<Vec<super::device::Handle>>>,
     _v: PhantomData<V>,
 }
+
+/// A loaded function's name and its module's defines.
+type FnKey = (String, Vec<(String, String)>);
 
 impl<V: GpuVendor> Drop for GpuBackend<V> {
     fn drop(&mut self) {
