@@ -263,3 +263,24 @@ fn follow_node<B: Backend>(model: &Model<B>, mut feed: JobFeed) -> Result<(), Mo
         feed.ack(r).map_err(|e| ModelError::Parallel(format!("node {}: {e}", feed.node)))?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceOpts;
+    use crate::config::ModelConfig;
+    use crate::synth::{preset_config, Preset};
+
+    #[test]
+    fn fp8_activations_auto_follows_the_checkpoint() {
+        let cfg = |p| ModelConfig::from_json_str(&preset_config(p, None).to_string(), "preset").unwrap();
+        let (fp8, bf16) = (cfg(Preset::TinyV3Fp8), cfg(Preset::TinyV3));
+        let opts = |f| DeviceOpts { graph_max_bs: 8, fp8_activations: f };
+        // auto: dynamic for a block-FP8 checkpoint (activation_scheme "dynamic"), f32 otherwise
+        assert!(opts(None).resolve(&fp8).fp8_act());
+        assert!(!opts(None).resolve(&bf16).fp8_act());
+        // explicit choices stand
+        assert!(!opts(Some(false)).resolve(&fp8).fp8_act());
+        assert!(opts(Some(true)).resolve(&bf16).fp8_act());
+        assert_eq!(opts(None).resolve(&fp8).graph_max_bs, 8);
+    }
+}
