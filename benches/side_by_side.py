@@ -116,10 +116,12 @@ def run_engine(engine, path, batches, context, steps, prefill, extra=()):
     def bench(bs, inp, out):
         cmd = [engine, "bench", "--backend", "cuda", "--model-path", path, "--batch-size", ",".join(map(str, bs)), "--input-len", str(inp), "--output-len", str(out), "--json", *extra]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        return json.loads(r.stdout)["results"]
-    decode = {r["batch_size"]: r["decode_step_median_ms"] for r in bench(batches, context, steps)}
-    pre = bench([1], prefill, 2)[0]
-    return decode, pre["prefill_s"] * 1e3
+        out = json.loads(r.stdout)
+        return out["results"], out.get("kernels", {}).get("fp8_activations", "?")
+    rows, mode = bench(batches, context, steps)
+    decode = {r["batch_size"]: r["decode_step_median_ms"] for r in rows}
+    pre = bench([1], prefill, 2)[0][0]
+    return decode, pre["prefill_s"] * 1e3, mode
 
 
 def load_transformers(path, dtype=torch.bfloat16):
@@ -244,8 +246,8 @@ def main():
     cfg = json.load(open(os.path.join(path, "config.json")))
     sizes = checkpoint_bytes(path)
 
-    eng_decode, eng_prefill = run_engine(a.engine, path, batches, a.context, a.decode_steps, a.prefill, shlex.split(a.engine_args))
-    report["engine"] = {"decode_ms": eng_decode, "prefill_ms": eng_prefill, "args": a.engine_args}
+    eng_decode, eng_prefill, mode = run_engine(a.engine, path, batches, a.context, a.decode_steps, a.prefill, shlex.split(a.engine_args))
+    report["engine"] = {"decode_ms": eng_decode, "prefill_ms": eng_prefill, "args": a.engine_args, "fp8_activations": mode}
     print("engine:", json.dumps(report["engine"]), flush=True)
     save()
 

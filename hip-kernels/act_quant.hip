@@ -3,6 +3,8 @@
 // s = max(max|x|, 1e-10) / 448 and q = e4m3fn(x / s), rounded to nearest even. The scales are
 // written group-major, s[g·M + m] (every token of a group contiguous): the layout the vendor GEMM
 // library's 1×128 block scaling reads. engine/weights/act_quant.rs is the host twin (tests).
+// The codes are OCP e4m3fn (NVIDIA, gfx950); gfx942's e4m3fnuz would need its own encoder (not
+// used: the ROCm backend has no block-scaled GEMM wired and keeps f32 activations).
 #include "common.h"
 
 #define ACT_GROUP 128

@@ -174,7 +174,21 @@ impl<V: GpuVendor> GpuBackend<V> {
 
 #[cfg(test)]
 mod tests {
-    use super::PlanCache;
+    use super::{fp8_block_ok, PlanCache};
+
+    #[test]
+    fn block_scaled_fp8_takes_every_v3_layer_but_not_all_tp8_slices() {
+        // (out, in) of V3's FP8 linears: q_a, q_b, kv_a, kv_b, o, dense gate/up and down, experts
+        for (n, k) in [(1536, 7168), (24576, 1536), (576, 7168), (32768, 512), (7168, 16384), (18432, 7168), (7168, 18432), (2048, 7168), (7168, 2048)] {
+            assert!(fp8_block_ok(n, k, 128, 128), "{n}x{k}");
+        }
+        // a TP8 rank: the dense down projection's 2304 inputs have 18 scale columns (not a
+        // multiple of 4) and the experts' 256-wide intermediate 2; other block sizes never
+        assert!(!fp8_block_ok(7168, 2304, 128, 128));
+        assert!(!fp8_block_ok(7168, 256, 128, 128));
+        assert!(!fp8_block_ok(1536, 7168, 64, 128));
+        assert!(fp8_block_ok(3072, 1536, 128, 128));
+    }
 
     #[test]
     fn plans_are_made_once_per_shape_and_failures_are_remembered() {
