@@ -9,7 +9,7 @@ pub enum BackendKind {
     Rocm,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("backend `{backend}` is not available in this build/machine: {reason}")]
 pub struct BackendUnavailable {
     pub backend: &'static str,

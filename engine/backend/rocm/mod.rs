@@ -50,8 +50,14 @@ fn device_props(hip: &hip_sys::Hip, i: i32) -> Result<(device::AmdArch, String, 
 }
 
 /// Loads libamdhip64 and counts devices. Errors say which paths were tried, or that the runtime
-/// was found (with its version) but no ROCm device is present.
+/// was found (with its version) but no ROCm device is present. Probed once per process (backend
+/// selection and each device's start ask the same question).
 pub fn probe() -> Result<RocmProbe, BackendUnavailable> {
+    static PROBE: std::sync::OnceLock<Result<RocmProbe, BackendUnavailable>> = std::sync::OnceLock::new();
+    PROBE.get_or_init(probe_now).clone()
+}
+
+fn probe_now() -> Result<RocmProbe, BackendUnavailable> {
     let no = |reason: String| BackendUnavailable { backend: "rocm", reason };
     let hip = hip_sys::hip().map_err(no)?;
     let library = hip.path.display().to_string();
