@@ -2,7 +2,8 @@
 # Compiles every HIP kernel module, exactly as the engine's JIT assembles it, for gfx942 (MI300X,
 # Debian clang-19) and gfx950 (MI355X, clang 22 from PyPI ziglang), and reports each kernel's
 # SGPRs, VGPRs, AGPRs, LDS, scratch and occupancy. A kernel with scratch (spills) fails the check,
-# and so does a matrix-unit module (linear_mma, moe_grouped, moe_tc, linear_tc) without v_mfma.
+# and so does a matrix-unit module (linear_mma, moe_grouped, moe_tc, linear_tc, the MLA flash
+# prefill and matrix-unit decode) without v_mfma.
 # Needs scripts/hip-toolchain.sh. Usage: bash scripts/hip-compile-check.sh ENGINE_BIN [PREFIX]
 set -euo pipefail
 ENGINE=${1:?engine binary}
@@ -53,7 +54,7 @@ sys.exit(1 if bad else 0)
 PY
       # the matrix-unit modules must really use MFMA on CDNA (not a silent fallback path); decoded
       # as gfx942 (LLVM 19's disassembler has no gfx950; the MFMA encodings used are gfx942's)
-      case $m in linear_mma|moe_grouped|moe_tc|linear_tc|mla_prefill|mla_prefill_bf16)
+      case $m in linear_mma|moe_grouped|moe_tc|linear_tc|mla_prefill|mla_prefill_bf16|mla_decode)
         n=$(llvm-objdump-19 -d --mcpu=gfx942 "$work/$arch-$m.hsaco" 2>/dev/null | grep -c v_mfma || true)
         if [ "${n:-0}" -eq 0 ]; then
           echo "FAIL: $arch $model $m has no v_mfma instruction"; fail=1

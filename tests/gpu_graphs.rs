@@ -127,3 +127,32 @@ fn decode_graphs_replay_the_eager_steps_on<V: GpuVendor>() {
     let (captured, replays2, _) = graph.backend.graph_stats();
     assert_eq!((captured, replays2), (5, replays + 2 + 3), "recaptured for the new cache");
 }
+
+/// The same with `--fp8-activations dynamic`'s attention (`attn_bf16`: the matrix-unit decode
+/// kernel, whose graph steps launch a fixed, SM-filling number of context splits while eager steps
+/// cut by context length): graph and eager logits agree to the bf16 kernel's rounding (the
+/// softmax's bf16 probabilities are taken against different running maxima when the splits
+/// differ), and at 1e-5 where every context fits one split in both.
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn decode_graphs_with_matrix_unit_attention() {
+    common::on_gpu!(decode_graphs_with_matrix_unit_attention_on)
+}
+
+fn decode_graphs_with_matrix_unit_attention_on<V: GpuVendor>() {
+    let dir = common::golden_dir("tiny_v3_fp8");
+    let bf16 = |max_bs| {
+        let mut b = backend::<V>(max_bs);
+        b.attn_bf16 = true;
+        b
+    };
+    let eager = Model::load(bf16(0), &dir).unwrap();
+    let graph = Model::load(bf16(16), &dir).unwrap();
+    let (mut kv_e, mut kv_g) = (eager.alloc_kv_cache(16 * 2100).unwrap(), graph.alloc_kv_cache(16 * 2100).unwrap());
+    for (lens, seed, tol) in [(vec![7], 11, 1e-5), (vec![3, 40, 50], 12, 1e-5), (vec![2000], 13, 5e-3), (vec![9, 1500, 30, 2000, 5, 6, 7, 8, 9], 14, 5e-3)] {
+        let worst = run(&eager, &graph, &mut kv_e, &mut kv_g, &lens, 4, seed);
+        eprintln!("bf16 attention, batch {} (contexts {:?}): max relative difference {worst:.2e}", lens.len(), &lens[..lens.len().min(4)]);
+        assert!(worst <= tol, "batch {}: {worst} > {tol}", lens.len());
+    }
+    assert_eq!(graph.backend.graph_stats().2, None);
+}

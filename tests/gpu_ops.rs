@@ -360,9 +360,38 @@ fn mla_flash_prefill_mixed_batches_on<V: GpuVendor>() {
     // (~2e-3 each), on the matrix units and in the portable form
     for portable in [false, true] {
         let mut b = gpu::<V>();
-        (b.flash_bf16, b.flash_portable) = (true, portable);
+        (b.attn_bf16, b.flash_portable) = (true, portable);
         let d = MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
         mla_case(&b, &c, &mut rng, &d, WType::Bf16, &[(500, 1), (400, 137), (64, 64), (333, 333)], BF16_TOL, false);
+    }
+}
+
+/// Decode attention on the matrix units (`--fp8-activations dynamic`: bf16 queries, cache entries
+/// and probabilities, as FlashMLA): V3's 128 heads (two 64-head groups on NVIDIA), a head count
+/// that leaves a partial group, and small odd dims whose entry (48) and latent (40) are padded to
+/// the 32-wide fragments; long decodes split across blocks and merged, prefill chunks over a
+/// prefix, several sequences in one call; then the kernel's portable product over the same tiles.
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn mla_decode_matrix_units_bf16() {
+    common::on_gpu!(mla_decode_matrix_units_bf16_on)
+}
+
+fn mla_decode_matrix_units_bf16_on<V: GpuVendor>() {
+    let c = CpuBackend::new();
+    let mut rng = Rng::new(47);
+    let v3 = MlaDims { num_heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
+    let partial = MlaDims { num_heads: 80, qk_nope: 32, qk_rope: 32, v_head: 32, kv_lora_rank: 96, scale: 0.2 };
+    let odd = MlaDims { num_heads: 3, qk_nope: 20, qk_rope: 8, v_head: 24, kv_lora_rank: 40, scale: 0.3 };
+    // 46-float entries: no 16-byte copies, the entries are read straight from the cache
+    let unaligned = MlaDims { qk_rope: 6, ..odd };
+    for portable in [false, true] {
+        let mut g = gpu::<V>();
+        (g.attn_bf16, g.flash_portable, g.flash_prefill) = (true, portable, false);
+        for (d, kvt) in [(v3, WType::Fp8), (partial, WType::Bf16), (odd, WType::F32), (unaligned, WType::F32)] {
+            // the decode of a 5000-token context alone too (split-K, merged)
+            mla_case(&g, &c, &mut rng, &d, kvt, &[(5000, 1), (300, 37), (21, 21), (64, 1), (1, 1)], BF16_TOL, true);
+        }
     }
 }
 

@@ -11,6 +11,8 @@ use crate::backend::gpu::device::{ApiError, DevPtr, DeviceApi, Handle, LaunchCon
 pub struct CudaDriver {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+    /// The most shared memory a block may opt in to (bytes)
+    max_shared: i32,
 }
 
 fn e(call: &'static str) -> impl Fn(DriverError) -> ApiError {
@@ -23,7 +25,8 @@ impl CudaDriver {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(e("cuStreamCreate"))?;
         keep_pool_memory(&ctx);
-        Ok(CudaDriver { ctx, stream })
+        let max_shared = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(e("cuDeviceGetAttribute"))?;
+        Ok(CudaDriver { ctx, stream, max_shared })
     }
 
     fn s(&self) -> sys::CUstream {
@@ -44,6 +47,16 @@ fn keep_pool_memory(ctx: &CudaContext) {
     if !ok {
         log::warn!("cuda: could not raise the memory pool's release threshold; allocations may be slower");
     }
+}
+
+/// The static shared memory of `f` (its dynamic share is what is left of the block's).
+fn static_shared(f: Handle) -> i32 {
+    let mut v = 0i32;
+    let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES;
+    if unsafe { sys::cuFuncGetAttribute(&mut v, attr, f as sys::CUfunction) } != sys::CUresult::CUDA_SUCCESS {
+        return 0;
+    }
+    v
 }
 
 impl DeviceApi for CudaDriver {
@@ -103,6 +116,17 @@ impl DeviceApi for CudaDriver {
         self.bind()?;
         let n = std::ffi::CString::new(name).map_err(|_| ApiError { vendor: "cuda", call: "cuModuleGetFunction", msg: format!("kernel name {name:?} contains NUL") })?;
         unsafe { result::module::get_function(module as sys::CUmodule, n) }.map(|f| f as Handle).map_err(e("cuModuleGetFunction"))
+    }
+
+    fn allow_dynamic_shared(&self, f: Handle) -> Result<(), ApiError> {
+        self.bind()?;
+        let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        let r = unsafe { sys::cuFuncSetAttribute(f as sys::CUfunction, attr, self.max_shared - static_shared(f)) };
+        if r == sys::CUresult::CUDA_SUCCESS {
+            Ok(())
+        } else {
+            Err(ApiError { vendor: "cuda", call: "cuFuncSetAttribute", msg: format!("{r:?}") })
+        }
     }
 
     unsafe fn launch(&self, f: Handle, c: LaunchConfig, params: &mut [*mut c_void]) -> Result<(), ApiError> {

@@ -12,7 +12,7 @@ use super::blas::GemmLib;
 use super::ccl::Ccl;
 use super::device::{err, DevBuf, DevEvent, DeviceApi, Elem, Kernel, Launch};
 use super::source::Vendor;
-use super::specs::{generic_module, mla_module, mla_prefill_bf16_module, mla_prefill_module};
+use super::specs::{generic_module, mla_decode_module, mla_module, mla_prefill_bf16_module, mla_prefill_module};
 use super::step::Graphs;
 use super::{Jit, KernelModule, ModelDims};
 use crate::backend::{BackendError, TensorShape};
@@ -91,13 +91,15 @@ pub struct GpuBackend<V: GpuVendor> {
     /// Flash MLA prefill on the matrix units (mla_prefill.hip: mma.sync on NVIDIA sm_80+, MFMA on
     /// CDNA)
     pub flash_prefill: bool,
-    /// The flash prefill's portable scalar product instead of the matrix units (FB_PORTABLE; for
-    /// the tests; functions are cached by their module's defines, so it can change between calls)
+    /// The matrix-unit attention kernels' portable scalar product instead of the matrix units
+    /// (FB_PORTABLE in the flash prefill, MD_PORTABLE in the decode kernel; for the tests;
+    /// functions are cached by their module's defines, so it can change between calls)
     pub flash_portable: bool,
-    /// The flash prefill on bf16 operands, one product per step (FB_PARTS 1), instead of hi + lo
-    /// (three): set with `--fp8-activations dynamic`, whose FP8 GEMM inputs leave ~1e-2 in q, k
-    /// and v (SGLang's bf16 prefill attention)
-    pub flash_bf16: bool,
+    /// Attention on bf16 operands, set with `--fp8-activations dynamic` (whose FP8 GEMM inputs
+    /// leave ~1e-2 in q, k and v): the flash prefill takes one product per step (FB_PARTS 1)
+    /// instead of hi + lo (three), as SGLang's bf16 prefill attention, and decode runs the
+    /// matrix-unit kernel (mla_decode.hip; FlashMLA's numerics) instead of the f32 CUDA-core one
+    pub attn_bf16: bool,
     /// Decode-sized MoE batches (FP8 experts) on the matrix units (moe_tc.hip; NVIDIA sm_80+,
     /// CDNA; ENGINE_MOE_TC=0 keeps the grouped GEMV)
     pub moe_tc: bool,
@@ -106,6 +108,8 @@ pub struct GpuBackend<V: GpuVendor> {
     pub linear_tc: bool,
     /// Streaming multiprocessors (split-K sizing)
     pub sms: usize,
+    /// The arch has matrix units the kernels use (NVIDIA sm_80+, CDNA gfx942/gfx950)
+    pub matrix_units: bool,
     /// FP8 weights are converted to e4m3fnuz at upload (gfx942)
     pub fp8_fnuz: bool,
     /// Where ops switch kernels, for this device (configs/tuned/)
@@ -187,10 +191,11 @@ impl<V: GpuVendor> GpuBackend<V> {
             mma_gemm,
             flash_prefill: p.matrix_units && mma_gemm,
             flash_portable: false,
-            flash_bf16: false,
+            attn_bf16: false,
             moe_tc: p.swap_ab && mma_gemm && !std::env::var("ENGINE_MOE_TC").is_ok_and(|v| v == "0"),
             linear_tc: p.swap_ab && mma_gemm && !std::env::var("ENGINE_LINEAR_TC").is_ok_and(|v| v == "0"),
             sms: p.sms,
+            matrix_units: p.matrix_units,
             fp8_fnuz: p.fp8_fnuz,
             tuned,
             graphs: Graphs::new(DEFAULT_GRAPH_MAX_BS),
@@ -255,6 +260,8 @@ impl<V: GpuVendor> GpuBackend<V> {
             }
         };
         let f = Kernel(self.dev.function(module, name).map_err(err("load_function"))?);
+        // kernels that size their shared memory at launch may take all the device offers
+        self.dev.allow_dynamic_shared(f.0).map_err(err("load_function"))?;
         self.functions.lock().unwrap().insert(key, f);
         Ok(f)
     }
@@ -267,14 +274,23 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.load(&mla_module(dims, V::SOURCE), name)
     }
 
+    /// The matrix-unit decode attention (portable product with `flash_portable`).
+    pub(crate) fn mla_decode_func(&self, dims: ModelDims) -> Result<Kernel, BackendError> {
+        let mut m = mla_decode_module(dims, V::SOURCE);
+        if self.flash_portable {
+            m.defines.push(("MD_PORTABLE".into(), "1".into()));
+        }
+        self.load(&m, "mla_decode_mma")
+    }
+
     pub(crate) fn mla_prefill_func(&self, dims: ModelDims, name: &str) -> Result<Kernel, BackendError> {
         self.load(&self.prefill_variant(dims), name)
     }
 
-    /// The flash prefill module with this backend's variant defines (`flash_bf16`,
+    /// The flash prefill module with this backend's variant defines (`attn_bf16`,
     /// `flash_portable`).
     fn prefill_variant(&self, dims: ModelDims) -> KernelModule {
-        let mut m = if self.flash_bf16 { mla_prefill_bf16_module(dims, V::SOURCE) } else { mla_prefill_module(dims, V::SOURCE) };
+        let mut m = if self.attn_bf16 { mla_prefill_bf16_module(dims, V::SOURCE) } else { mla_prefill_module(dims, V::SOURCE) };
         if self.flash_portable {
             m.defines.push(("FB_PORTABLE".into(), "1".into()));
         }

@@ -64,6 +64,11 @@ pub trait DeviceApi: Send + Sync {
     /// Loads a code object (cubin / hsaco) compiled for this device.
     fn load_module(&self, image: &[u8]) -> Result<Handle, ApiError>;
     fn function(&self, module: Handle, name: &str) -> Result<Handle, ApiError>;
+    /// Lets launches of `f` ask for as much dynamic shared memory as a block may have (CUDA caps
+    /// it at 48 KB unless a function opts in; HIP needs no opt-in for its 64 KB).
+    fn allow_dynamic_shared(&self, _f: Handle) -> Result<(), ApiError> {
+        Ok(())
+    }
     /// # Safety
     /// `params` must point to values matching the kernel's parameter list.
     unsafe fn launch(&self, f: Handle, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<(), ApiError>;

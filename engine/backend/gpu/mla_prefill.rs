@@ -70,9 +70,9 @@ impl<V: GpuVendor> GpuBackend<V> {
         let d_tiles = self.htod(&tiles)?;
         let (heads, scale, ctx) = (d.num_heads as i32, d.scale, n as i32);
         self.span("attention", || {
-            // per head, bf16 hi + lo (hi alone with flash_bf16): keys [n][nope + rope] and values
+            // per head, bf16 hi + lo (hi alone with attn_bf16): keys [n][nope + rope] and values
             // transposed [v][n]
-            let parts = if self.flash_bf16 { 1 } else { 2 };
+            let parts = if self.attn_bf16 { 1 } else { 2 };
             let mut k = self.scratch::<u16>(parts * d.num_heads * n * d.qk_head())?;
             let mut vt = self.scratch::<u16>(parts * d.num_heads * d.v_head * n)?;
             let f = self.mla_prefill_func(dims, "mla_prefill_kv")?;

@@ -18,6 +18,7 @@ mod host_runtime;
 pub mod jit;
 pub mod kernel_cache;
 mod linear_tc;
+mod mla_decode;
 mod mla_prefill;
 pub(crate) mod mma;
 mod moe_blaslt;

@@ -120,9 +120,7 @@ impl<V: GpuVendor> GpuBackend<V> {
                 dev
             }
         };
-        let (d_flat, d_off, d_len) = (a.flat, a.off, a.len);
         let heads = d.num_heads as i32;
-        let grid = (t as u32, d.num_heads as u32);
         // the projections take 8 tokens per block (MLA_TB): each head's weights read once per 8;
         // grid.z cuts a head's latent columns (q → latent, QL_COLS 128) or v rows (out, OUT_ROWS 32)
         let ti = t as i32;
@@ -135,6 +133,28 @@ impl<V: GpuVendor> GpuBackend<V> {
             b.run(proj(d.kv_lora_rank.div_ceil(128))).map_err(err("mla_q_latent"))
         })?;
         let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
+        if self.mma_decode() {
+            self.mla_decode_mma(q, &q_lat, kv, layer, &a, d, &mut lat)?;
+        } else {
+            self.mla_decode_cuda_cores(q, &q_lat, kv, layer, &a, d, &mut lat)?;
+        }
+        let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
+        let f = self.mla_func(dims, &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
+        self.span(ATTN_PROJ, || {
+            let mut b = self.launch(&f);
+            b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
+            b.run(proj(d.v_head.div_ceil(32))).map_err(err("mla_out"))
+        })?;
+        Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
+    }
+
+    /// The absorbed attention on the CUDA cores (mla.hip; f32): `lat` = each token's heads'
+    /// attention-weighted latents.
+    #[allow(clippy::too_many_arguments)]
+    fn mla_decode_cuda_cores(&self, q: &GpuTensor, q_lat: &DevBuf<f32>, kv: &GpuKvCache, layer: usize, a: &step::AttnDev, d: &MlaDims, lat: &mut DevBuf<f32>) -> Result<(), BackendError> {
+        let (t, dims, heads) = (q.rows, ModelDims::of_mla(d), d.num_heads as i32);
+        let (d_flat, d_off, d_len) = (a.flat, a.off, a.len);
+        let grid = (t as u32, d.num_heads as u32);
         // four heads per block share each cache entry they read
         let hpb = if d.num_heads.is_multiple_of(4) { 4 } else { 1 };
         let f = self.mla_func(dims, if hpb == 4 { "mla_attention4" } else { "mla_attention" })?;
@@ -149,24 +169,16 @@ impl<V: GpuVendor> GpuBackend<V> {
         let merge = self.mla_func(dims, "mla_merge")?;
         self.span("attention", || {
             let mut b = self.launch(&f);
-            b.arg(&q.buf).arg(&q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part);
+            b.arg(&q.buf).arg(q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut *lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part);
             let launch = LaunchConfig { grid_dim: (t as u32, (d.num_heads / hpb) as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: shared };
             b.run(launch).map_err(err("mla_attention"))?;
             if splits > 1 {
                 let mut b = self.launch(&merge);
-                b.arg(&part).arg(&mut lat).arg(&heads).arg(&sp);
+                b.arg(&part).arg(&mut *lat).arg(&heads).arg(&sp);
                 b.run(cfg(grid, 256, 0)).map_err(err("mla_merge"))?;
             }
             Ok(())
-        })?;
-        let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
-        let f = self.mla_func(dims, &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
-        self.span(ATTN_PROJ, || {
-            let mut b = self.launch(&f);
-            b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-            b.run(proj(d.v_head.div_ceil(32))).map_err(err("mla_out"))
-        })?;
-        Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
+        })
     }
 
     fn scatter_rows(&self, x: &GpuTensor, rows: &[u32], out: &mut DevBuf<f32>) -> Result<(), BackendError> {

@@ -87,11 +87,18 @@ pub fn mla_prefill_bf16_module(d: ModelDims, vendor: Vendor) -> KernelModule {
     m
 }
 
-/// Every module a model with these shapes runs (both forms of the flash prefill).
+/// MLA decode attention on the matrix units (bf16 operands), same shape defines.
+pub fn mla_decode_module(d: ModelDims, vendor: Vendor) -> KernelModule {
+    KernelModule { file: "hip-kernels/mla_decode.hip", functions: vec!["mla_decode_mma"], ..mla_module(d, vendor) }
+}
+
+/// Every module a model with these shapes runs (both forms of the flash prefill, both decode
+/// attentions).
 pub fn modules_for(d: ModelDims, vendor: Vendor) -> Vec<KernelModule> {
     let mut v: Vec<KernelModule> = GENERIC.iter().map(|(f, _)| generic_module(f, vendor)).collect();
     v.push(mla_module(d, vendor));
     v.push(mla_prefill_module(d, vendor));
     v.push(mla_prefill_bf16_module(d, vendor));
+    v.push(mla_decode_module(d, vendor));
     v
 }

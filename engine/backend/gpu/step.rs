@@ -169,7 +169,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     pub fn set_fp8_activations(&mut self, on: bool) {
         let lib = self.blaslt.as_ref().map(|l| l.name()).unwrap_or("no GEMM library");
         let has = on && self.blaslt.as_ref().is_some_and(|l| l.supports_fp8_block(128, 128, 512));
-        (self.fp8_act, self.flash_bf16) = (on && has, on && has);
+        (self.fp8_act, self.attn_bf16) = (on && has, on && has);
         if on && has {
             log::info!("{} op paths: FP8 activations (--fp8-activations): FP8 linear layers from {} rows and MoE experts from {} tokens quantise their input per token and 128 channels to e4m3 and run {lib}'s block-scaled FP8 GEMM where it takes the shape; the flash prefill takes bf16 operands", V::NAME, self.tuned.blaslt_fp8_act_min_rows, self.tuned.moe_mma_min_rows);
         } else if on {

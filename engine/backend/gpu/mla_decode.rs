@@ -1,0 +1,137 @@
+//! MLA decode attention on the matrix units (hip-kernels/mla_decode.hip): the absorbed form with
+//! bf16 operands, a block per (token, group of heads, split of the context) that reads each cache
+//! entry once for the whole head group; split partials are combined by mla.hip's `mla_merge`.
+//! Taken with `--fp8-activations dynamic` (`attn_bf16`) where the device has matrix units (or the
+//! tests ask for the portable product); the f32 CUDA-core kernel stays for the f32 mode.
+use super::backend::{GpuBackend, GpuTensor, GpuVendor};
+use super::device::{err, DevBuf, LaunchConfig};
+use super::ops::{cfg, GpuKvCache};
+use super::step::AttnDev;
+use crate::backend::gpu::ModelDims;
+use crate::backend::{BackendError, MlaDims};
+
+/// Fewest keys a split of one token's context takes (two of NVIDIA's 32-key tiles): below that
+/// the block's fixed cost (staging the heads' queries, writing a partial) outweighs its keys.
+pub(super) const MMA_SPLIT_MIN_KEYS: usize = 64;
+/// The most splits of one token's context.
+pub(super) const MMA_MAX_SPLITS: usize = 64;
+
+/// The kernel's tile shape on one vendor: heads per block, keys per tile, and whether the next
+/// tile's entries are staged by cp.async (NVIDIA sm_80+, 16-byte entry chunks).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct DecodeTile {
+    pub heads: usize,
+    pub keys: usize,
+    pub async_stage: bool,
+}
+
+impl DecodeTile {
+    pub fn for_target(warp: u32, nvidia_sm80: bool, d: &MlaDims) -> Self {
+        if warp == 64 {
+            DecodeTile { heads: 32, keys: 16, async_stage: false }
+        } else {
+            DecodeTile { heads: 64, keys: 32, async_stage: nvidia_sm80 && d.kv_entry().is_multiple_of(4) }
+        }
+    }
+
+    /// sizeof(MdShared) in mla_decode.hip (every member a multiple of 4 bytes: no padding)
+    pub fn shared_bytes(&self, d: &MlaDims) -> usize {
+        let entry = d.kv_entry();
+        let row = entry.next_multiple_of(32) + 8; // MD_DP, bf16
+        let q = self.heads * row * 2;
+        let k = self.keys * row * 2;
+        let raw = if self.async_stage { self.keys * entry * 4 } else { 0 };
+        let s = 2 * self.heads * (self.keys + 1) * 4;
+        let p = self.heads * (self.keys + 8) * 2;
+        q + k + raw + s + p + self.heads * 4 + self.heads * 8
+    }
+}
+
+/// Splits of each token's context: enough blocks for every SM (`blocks` = tokens × head groups),
+/// each split at least MMA_SPLIT_MIN_KEYS keys of the longest context; a graph step does not know
+/// the context lengths of its replays, so it takes the SM-filling count (empty splits cost one
+/// short block each).
+pub(super) fn mma_splits(blocks: usize, sms: usize, max_len: usize, graph: bool) -> usize {
+    let fill = sms.div_ceil(blocks.max(1)).clamp(1, MMA_MAX_SPLITS);
+    if graph {
+        fill
+    } else {
+        fill.min(max_len.div_ceil(MMA_SPLIT_MIN_KEYS)).max(1)
+    }
+}
+
+impl<V: GpuVendor> GpuBackend<V> {
+    /// Whether decode attention takes the matrix-unit kernel.
+    pub(super) fn mma_decode(&self) -> bool {
+        self.attn_bf16 && (self.mma_gemm || self.flash_portable)
+    }
+
+    /// `lat` = each token's heads' attention-weighted latents ([T, heads, kv_lora]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn mla_decode_mma(&self, q: &GpuTensor, q_lat: &DevBuf<f32>, kv: &GpuKvCache, layer: usize, a: &AttnDev, d: &MlaDims, lat: &mut DevBuf<f32>) -> Result<(), BackendError> {
+        let (t, dims) = (q.rows, ModelDims::of_mla(d));
+        let tile = DecodeTile::for_target(self.warp, self.warp == 32 && self.matrix_units, d);
+        let groups = d.num_heads.div_ceil(tile.heads);
+        let splits = mma_splits(t * groups, self.sms, a.max_len, self.in_graph_step());
+        let smem = tile.shared_bytes(d);
+        // every (token, head, split) header is written by the kernel, every value row of a
+        // non-empty split too (mla_merge reads no values of an empty one)
+        let mut part = if splits > 1 { self.scratch::<f32>(t * d.num_heads * splits * (2 + d.kv_lora_rank))? } else { self.scratch::<f32>(1)? };
+        let f = self.mla_decode_func(dims)?;
+        let merge = self.mla_func(dims, "mla_merge")?;
+        let (heads, l, ns, scale, sp, min_chunk, sm) = (d.num_heads as i32, layer as i32, kv.slots as i32, d.scale, splits as i32, MMA_SPLIT_MIN_KEYS as i32, smem as i32);
+        self.span("attention", || {
+            let mut b = self.launch(&f);
+            b.arg(&q.buf).arg(q_lat).arg(&kv.buf).arg(&a.flat).arg(&a.off).arg(&a.len).arg(&mut *lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part).arg(&sm);
+            let launch = LaunchConfig { grid_dim: (t as u32, groups as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+            b.run(launch).map_err(err("mla_decode_mma"))?;
+            if splits > 1 {
+                let mut b = self.launch(&merge);
+                b.arg(&part).arg(&mut *lat).arg(&heads).arg(&sp);
+                b.run(cfg((t as u32, d.num_heads as u32), 256, 0)).map_err(err("mla_merge"))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v3() -> MlaDims {
+        MlaDims { num_heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 }
+    }
+
+    #[test]
+    fn shared_layout_fits_each_vendor() {
+        // NVIDIA: 64 heads × 584 bf16 + 32 keys × 584 bf16 + 32 × 576 f32 staging + scores,
+        // probabilities, rescale and final max/sum: under the 227 KB an H100/H200 block may have
+        let nv = DecodeTile::for_target(32, true, &v3());
+        assert_eq!(nv.shared_bytes(&v3()), 74752 + 37376 + 73728 + 16896 + 5120 + 256 + 512);
+        assert!(nv.shared_bytes(&v3()) <= 227 * 1024);
+        // CDNA: 32 heads and 16 keys fit the 64 KB of LDS
+        let amd = DecodeTile::for_target(64, false, &v3());
+        assert_eq!((amd.heads, amd.keys, amd.async_stage), (32, 16, false));
+        assert!(amd.shared_bytes(&v3()) <= 64 * 1024, "{}", amd.shared_bytes(&v3()));
+        // odd dims: the contraction padded to 32 (40 + 6 → 64); no 16-byte copies of 46-float entries
+        let odd = MlaDims { num_heads: 3, qk_nope: 20, qk_rope: 6, v_head: 24, kv_lora_rank: 40, scale: 0.3 };
+        let t = DecodeTile::for_target(32, true, &odd);
+        assert!(!t.async_stage);
+        assert_eq!(t.shared_bytes(&odd), 64 * 72 * 2 + 32 * 72 * 2 + 2 * 64 * 33 * 4 + 64 * 40 * 2 + 64 * 12);
+    }
+
+    #[test]
+    fn splits_fill_the_gpu_but_keep_enough_keys() {
+        // batch 1, 128 heads: 2 head groups; a 16K context takes 64 splits of 256 keys
+        assert_eq!(mma_splits(2, 132, 16384, false), 64);
+        // ... a 512-token one 8 (64 keys each); a graph step the SM-filling count either way
+        assert_eq!(mma_splits(2, 132, 512, false), 8);
+        assert_eq!(mma_splits(2, 132, 512, true), 64);
+        // batch 128: 256 blocks already fill 132 SMs
+        assert_eq!(mma_splits(256, 132, 512, false), 1);
+        assert_eq!(mma_splits(256, 132, 512, true), 1);
+        assert_eq!(mma_splits(40, 132, 100_000, false), 4);
+        assert_eq!(mma_splits(2, 132, 1, false), 1);
+    }
+}

@@ -1,0 +1,366 @@
+// MLA decode attention in the absorbed (MQA) form on the matrix units, bf16 operands (the
+// `--fp8-activations dynamic` numerics; FlashMLA's too): all of a token's heads share each cache
+// entry, so a block takes MD_H heads of one token and walks a range of its context in tiles of
+// MD_KT keys, reading each entry once per MD_H heads (mla.hip's CUDA-core kernel reads it once per
+// 4 heads and spends a warp-wide reduction per key and head).
+//   scores  S[h][j] = [q_lat | q_pe](h) · [c | k_pe](j)    (MD_D wide: KV_LORA + ROPE, padded to 32)
+//   output  O[h][:] = Σ_j softmax_j(scale · S[h][j]) c(j)  (the first KV_LORA columns of the entry)
+// Per tile: the entries are staged as bf16 rows (the keys; their first KV_LORA columns are the
+// values too), S = Q·Kᵀ goes to shared memory (two warp halves each take half of the contraction),
+// the softmax runs on it in portable code (rows of threads, online max and sum), P goes back as
+// bf16 and O += P·V accumulates in registers. Only the two products and the accumulator's element
+// order are per vendor:
+//   - NVIDIA sm_80+: 64 heads and 32 keys a block, 8 warps; mma.sync m16n8k16 bf16, values read as
+//     B fragments with ldmatrix.trans; the next tile's entries land by cp.async (f32) while the
+//     current tile is worked on;
+//   - CDNA gfx942 / gfx950: 32 heads and 16 keys (the 64 KB of LDS a block), 4 wavefronts; MFMA
+//     16x16x16 bf16 (compiled and checked for spills; never run: no AMD GPU here);
+//   - other targets, and MD_PORTABLE (the backend's `flash_portable`, run on the H200 by the
+//     tests): the portable product over the same staging, tiles and softmax.
+// Splits of the context (blockIdx.z) write unnormalised partials for mla.hip's mla_merge, in
+// its layout [T, heads, splits, 2 + KV_LORA]. Launch: grid (tokens, ceil(heads / MD_H), splits),
+// block MD_THREADS, dynamic shared memory sizeof(MdShared) (passed, and checked, as `smem`).
+#include "bf16.h"
+
+#ifndef KV_LORA
+#error "KV_LORA must be defined"
+#endif
+#define ENTRY (KV_LORA + ROPE)
+#define QK (NOPE + ROPE)
+#define MD_D ((ENTRY + 31) / 32 * 32)     // score contraction, zero-padded
+#define MD_DP (MD_D + 8)                  // padded bf16 row: conflict-free fragment reads
+#define MD_VW ((KV_LORA + 31) / 32 * 32)  // value columns computed (those past KV_LORA dropped)
+#define MD_THREADS 256
+
+#if !defined(MD_PORTABLE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define MD_MMA_SYNC 1
+#elif !defined(MD_PORTABLE) && (defined(__gfx942__) || defined(__gfx950__))
+#define MD_MFMA 1
+typedef short md_short4 __attribute__((ext_vector_type(4)));
+typedef float md_float4 __attribute__((ext_vector_type(4)));
+#endif
+
+#if defined(__AMDGCN__)
+#define MD_H 32
+#define MD_KT 16
+#else
+#define MD_H 64
+#define MD_KT 32
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && ENTRY % 4 == 0
+#define MD_ASYNC 1
+#endif
+#endif
+#if defined(MD_ASYNC) && MD_KT * 8 != MD_THREADS
+#error "the staging takes eight threads a key"
+#endif
+#define MD_TPR (MD_THREADS / MD_H) // softmax threads per row
+#define MD_KPT (MD_KT / MD_TPR)    // ... and keys per thread
+
+struct MdShared {
+    uint16_t q[MD_H][MD_DP];      // the heads' [q_lat | q_pe], bf16
+    uint16_t k[MD_KT][MD_DP];     // the tile's cache entries, bf16 (zero past the range's end)
+#ifdef MD_ASYNC
+    float raw[MD_KT][ENTRY];      // the next tile's entries as stored, landing by cp.async
+#endif
+    float s[2][MD_H][MD_KT + 1];  // the two contraction halves' scores
+    uint16_t p[MD_H][MD_KT + 8];  // probabilities, bf16
+    float corr[MD_H];             // the rows' rescale of the accumulator for this tile
+    float ml[MD_H][2];            // the rows' final max and sum
+};
+
+#if defined(MD_MMA_SYNC)
+struct MdAcc {
+    float c[MD_VW / 16][4]; // n8 tiles of the warp's half of the value columns
+};
+#elif defined(MD_MFMA)
+struct MdAcc {
+    md_float4 c[MD_VW / 32]; // n16 tiles of the wavefront's half
+};
+#else
+#define MD_PER (MD_H * MD_VW / MD_THREADS)
+struct MdAcc {
+    float c[MD_PER]; // elements tid + MD_THREADS·i of the [MD_H][MD_VW] output
+};
+#endif
+
+// Calls f(row, col, value) for each accumulator element of this thread.
+template <class F>
+__device__ __forceinline__ void md_each(MdAcc& a, F f) {
+#if defined(MD_MMA_SYNC)
+    // warp w: rows 16(w % 4) .., value columns (w / 4)·MD_VW/2 ..
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int r0 = 16 * (w % 4), c0 = (w / 4) * (MD_VW / 2);
+#pragma unroll
+    for (int j = 0; j < MD_VW / 16; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) f(r0 + g + 8 * (c / 2), c0 + 8 * j + 2 * t + c % 2, a.c[j][c]);
+#elif defined(MD_MFMA)
+    // wavefront w: rows 16(w % 2) .., columns (w / 2)·MD_VW/2 ..; lane (r, qd) holds rows 4qd + i of column r
+    const int lane = threadIdx.x % 64, w = threadIdx.x / 64, r = lane % 16, qd = lane / 16;
+    const int r0 = 16 * (w % 2), c0 = (w / 2) * (MD_VW / 2);
+#pragma unroll
+    for (int j = 0; j < MD_VW / 32; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            float x = a.c[j][i]; // (a vector element binds to no reference)
+            f(r0 + 4 * qd + i, c0 + 16 * j + r, x);
+            a.c[j][i] = x;
+        }
+#else
+#pragma unroll
+    for (int i = 0; i < MD_PER; ++i) {
+        int e = threadIdx.x + MD_THREADS * i;
+        f(e / MD_VW, e % MD_VW, a.c[i]);
+    }
+#endif
+}
+
+// sh.s[half] = the tile's scores over half of the contraction (unscaled)
+__device__ __forceinline__ void md_scores(MdShared& sh) {
+#if defined(MD_MMA_SYNC)
+    // warp w: rows 16(w % 4) .., all MD_KT keys, contraction half w / 4
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int r = 16 * (w % 4) + g, d0 = (w / 4) * (MD_D / 2);
+    float s[MD_KT / 8][4];
+#pragma unroll
+    for (int j = 0; j < MD_KT / 8; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[j][c] = 0.f;
+#pragma unroll 6
+    for (int kk = 0; kk < MD_D / 32; ++kk) {
+        const int d = d0 + 16 * kk + 2 * t;
+        uint32_t a[4] = {*(const uint32_t*)&sh.q[r][d], *(const uint32_t*)&sh.q[r + 8][d], *(const uint32_t*)&sh.q[r][d + 8], *(const uint32_t*)&sh.q[r + 8][d + 8]};
+#pragma unroll
+        for (int j = 0; j < MD_KT / 8; ++j) mma_bf16_16816(s[j], a, *(const uint32_t*)&sh.k[8 * j + g][d], *(const uint32_t*)&sh.k[8 * j + g][d + 8]);
+    }
+#pragma unroll
+    for (int j = 0; j < MD_KT / 8; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) sh.s[w / 4][r + 8 * (c / 2)][8 * j + 2 * t + c % 2] = s[j][c];
+#elif defined(MD_MFMA)
+    // wavefront w: rows 16(w % 2) .., the 16 keys, contraction half w / 2
+    const int lane = threadIdx.x % 64, w = threadIdx.x / 64, r = lane % 16, qd = lane / 16;
+    const int r0 = 16 * (w % 2), d0 = (w / 2) * (MD_D / 2);
+    md_float4 s = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 6
+    for (int kk = 0; kk < MD_D / 32; ++kk) {
+        const int d = d0 + 16 * kk + 4 * qd;
+        md_short4 a = *(const md_short4*)&sh.q[r0 + r][d];
+        md_short4 b = *(const md_short4*)&sh.k[r][d];
+        s = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(a, b, s, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sh.s[w / 2][r0 + 4 * qd + i][r] = s[i];
+#else
+    for (int e = threadIdx.x; e < 2 * MD_H * MD_KT; e += MD_THREADS) {
+        const int half = e / (MD_H * MD_KT), row = (e / MD_KT) % MD_H, key = e % MD_KT;
+        float v = 0.f;
+        for (int d = half * (MD_D / 2); d < (half + 1) * (MD_D / 2); ++d) v += bf16_to_f32(sh.q[row][d]) * bf16_to_f32(sh.k[key][d]);
+        sh.s[half][row][key] = v;
+    }
+#endif
+}
+
+// acc = acc · corr(row) + P·V over the tile
+__device__ __forceinline__ void md_pv(const MdShared& sh, MdAcc& acc) {
+#if defined(MD_MMA_SYNC)
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int r = 16 * (w % 4) + g, c0 = (w / 4) * (MD_VW / 2);
+    // once the rows' maxima settle the rescale is 1 for the whole warp: skipped
+    const float lo = sh.corr[r], hi = sh.corr[r + 8];
+    if (__any_sync(0xffffffffu, lo != 1.f || hi != 1.f)) {
+#pragma unroll
+        for (int j = 0; j < MD_VW / 16; ++j) {
+            acc.c[j][0] *= lo;
+            acc.c[j][1] *= lo;
+            acc.c[j][2] *= hi;
+            acc.c[j][3] *= hi;
+        }
+    }
+#pragma unroll
+    for (int kc = 0; kc < MD_KT / 16; ++kc) {
+        const int kp = 16 * kc + 2 * t;
+        uint32_t a[4] = {*(const uint32_t*)&sh.p[r][kp], *(const uint32_t*)&sh.p[r + 8][kp], *(const uint32_t*)&sh.p[r][kp + 8], *(const uint32_t*)&sh.p[r + 8][kp + 8]};
+        // ldmatrix.x4.trans: lanes 0-7 / 8-15 / 16-23 / 24-31 address the key rows 0-7 / 8-15 /
+        // 0-7 / 8-15 of columns +0 / +0 / +8 / +8; each register comes back as the B fragment
+        // (two consecutive keys of one column) of n8 tile 2jp (b0, b1) and 2jp + 1 (b0, b1)
+        const int key = 16 * kc + (lane % 8) + 8 * ((lane / 8) % 2), coff = 8 * (lane / 16);
+#pragma unroll
+        for (int jp = 0; jp < MD_VW / 32; ++jp) {
+            unsigned addr = (unsigned)__cvta_generic_to_shared(&sh.k[key][c0 + 16 * jp + coff]);
+            uint32_t b0, b1, b2, b3;
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(addr));
+            mma_bf16_16816(acc.c[2 * jp], a, b0, b1);
+            mma_bf16_16816(acc.c[2 * jp + 1], a, b2, b3);
+        }
+    }
+#elif defined(MD_MFMA)
+    md_each(acc, [&](int row, int, float& v) { v *= sh.corr[row]; });
+    const int lane = threadIdx.x % 64, w = threadIdx.x / 64, r = lane % 16, qd = lane / 16;
+    const int r0 = 16 * (w % 2), c0 = (w / 2) * (MD_VW / 2);
+    md_short4 a = *(const md_short4*)&sh.p[r0 + r][4 * qd];
+#pragma unroll
+    for (int j = 0; j < MD_VW / 32; ++j) {
+        const int col = c0 + 16 * j + r;
+        md_short4 b = {(short)sh.k[4 * qd][col], (short)sh.k[4 * qd + 1][col], (short)sh.k[4 * qd + 2][col], (short)sh.k[4 * qd + 3][col]};
+        acc.c[j] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(a, b, acc.c[j], 0, 0, 0);
+    }
+#else
+    md_each(acc, [&](int row, int col, float& v) {
+        float x = v * sh.corr[row];
+        for (int key = 0; key < MD_KT; ++key) x += bf16_to_f32(sh.p[row][key]) * bf16_to_f32(sh.k[key][col]);
+        v = x;
+    });
+#endif
+}
+
+// The entries of keys key0 .. key0 + MD_KT - 1 (those below n) of the token's context: eight
+// threads a key (MD_KT · 8 == MD_THREADS), each one slot lookup and every eighth 16-byte chunk.
+#ifdef MD_ASYNC
+__device__ __forceinline__ void md_fetch(MdShared& sh, const float* __restrict__ base, const uint32_t* __restrict__ sl, int key0, int n) {
+    const int key = threadIdx.x / 8, part = threadIdx.x % 8;
+    if (key0 + key < n) {
+        const float* e = base + (int64_t)sl[key0 + key] * ENTRY;
+#pragma unroll
+        for (int c = 4 * part; c < ENTRY; c += 32) {
+            unsigned d = (unsigned)__cvta_generic_to_shared(&sh.raw[key][c]);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(e + c));
+        }
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+#endif
+
+// ... as bf16 rows in sh.k: from sh.raw (MD_ASYNC; eight threads a key, 8 columns at a time) or
+// straight from the cache; zero past n and in the padding columns.
+__device__ __forceinline__ void md_stage(MdShared& sh, const float* __restrict__ base, const uint32_t* __restrict__ sl, int key0, int n) {
+#ifdef MD_ASYNC
+    const int key = threadIdx.x / 8, part = threadIdx.x % 8;
+    const bool in = key0 + key < n;
+#pragma unroll
+    for (int c = 8 * part; c < MD_D; c += 64) {
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
+        if (in && c < ENTRY) a = *(const float4*)&sh.raw[key][c];
+        if (in && c + 4 < ENTRY) b = *(const float4*)&sh.raw[key][c + 4];
+        *(uint4*)&sh.k[key][c] = make_uint4(bf16_pack(a.x, a.y), bf16_pack(a.z, a.w), bf16_pack(b.x, b.y), bf16_pack(b.z, b.w));
+    }
+#else
+    for (int i = threadIdx.x; i < MD_KT * (MD_D / 2); i += MD_THREADS) {
+        const int key = i / (MD_D / 2), c = 2 * (i % (MD_D / 2));
+        float a = 0.f, b = 0.f;
+        if (key0 + key < n) {
+            const float* e = base + (int64_t)sl[key0 + key] * ENTRY;
+            if (c < ENTRY) a = e[c];
+            if (c + 1 < ENTRY) b = e[c + 1];
+        }
+        *(uint32_t*)&sh.k[key][c] = bf16_pack(a, b);
+    }
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
+    mla_decode_mma(const float* __restrict__ q, const float* __restrict__ q_lat, const float* __restrict__ kv, const uint32_t* __restrict__ slots,
+                   const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len, float* __restrict__ lat_out, int heads, int layer,
+                   int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part, int smem) {
+    extern __shared__ __align__(16) unsigned char md_raw_shared[];
+    MdShared& sh = *(MdShared*)md_raw_shared;
+    if (smem < (int)sizeof(MdShared)) { // the host's layout and this one disagree
+#if defined(__AMDGCN__)
+        __builtin_trap();
+#else
+        __trap();
+#endif
+    }
+    const int t = blockIdx.x, h0 = blockIdx.y * MD_H, z = blockIdx.z, tid = threadIdx.x;
+    const uint32_t* sl = slots + ctx_off[t];
+    const int total = ctx_len[t];
+    const int chunk = max((total + splits - 1) / splits, min_chunk);
+    const int j0 = z * chunk, n = min(total, j0 + chunk);
+    const float* base = kv + (int64_t)layer * num_slots * ENTRY;
+    // softmax rows: thread tid keeps the state of row tid / MD_TPR (all MD_TPR threads of a row alike)
+    const int row = tid / MD_TPR, part_i = tid % MD_TPR;
+    if (j0 >= n) { // an empty split (graph steps launch a fixed number): an empty partial
+        if (splits > 1 && part_i == 0 && h0 + row < heads) {
+            float* pz = part + (((int64_t)t * heads + h0 + row) * splits + z) * (2 + KV_LORA);
+            pz[0] = -ENGINE_INF;
+            pz[1] = 0.f;
+        }
+        return;
+    }
+#ifdef MD_ASYNC
+    md_fetch(sh, base, sl, j0, n);
+#endif
+    // the heads' queries as bf16 rows [q_lat | q_pe | 0 ..]
+    for (int i = tid; i < MD_H * (MD_D / 8); i += MD_THREADS) {
+        const int r = i / (MD_D / 8), c = 8 * (i % (MD_D / 8)), h = h0 + r;
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int d = c + u;
+            v[u] = 0.f;
+            if (h < heads && d < KV_LORA) v[u] = q_lat[((int64_t)t * heads + h) * KV_LORA + d];
+            else if (h < heads && d < ENTRY) v[u] = q[((int64_t)t * heads + h) * QK + NOPE + d - KV_LORA];
+        }
+        *(uint4*)&sh.q[r][c] = make_uint4(bf16_pack(v[0], v[1]), bf16_pack(v[2], v[3]), bf16_pack(v[4], v[5]), bf16_pack(v[6], v[7]));
+    }
+    MdAcc acc;
+    md_each(acc, [](int, int, float& v) { v = 0.f; });
+    float m = -ENGINE_INF, l = 0.f;
+    for (int key0 = j0; key0 < n; key0 += MD_KT) {
+#ifdef MD_ASYNC
+        asm volatile("cp.async.wait_group 0;\n" ::);
+        __syncthreads(); // every thread's copies of this tile landed; the last tile's work is done
+        md_stage(sh, base, sl, key0, n);
+        __syncthreads(); // sh.raw is free
+        if (key0 + MD_KT < n) md_fetch(sh, base, sl, key0 + MD_KT, n);
+#else
+        __syncthreads();
+        md_stage(sh, base, sl, key0, n);
+        __syncthreads();
+#endif
+        md_scores(sh);
+        __syncthreads();
+        // online softmax: row `row`, keys part_i·MD_KPT ..
+        float v[MD_KPT], mx = -ENGINE_INF;
+#pragma unroll
+        for (int i = 0; i < MD_KPT; ++i) {
+            const int key = part_i * MD_KPT + i;
+            v[i] = key0 + key < n ? (sh.s[0][row][key] + sh.s[1][row][key]) * scale : -ENGINE_INF;
+            mx = fmaxf(mx, v[i]);
+        }
+#pragma unroll
+        for (int o = 1; o < MD_TPR; o *= 2) mx = fmaxf(mx, __shfl_xor(mx, o, WARP));
+        const float mn = fmaxf(m, mx); // finite: the tile has at least one key
+        const float corr = expf(m - mn);
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < MD_KPT; i += 2) {
+            float p0 = v[i] == -ENGINE_INF ? 0.f : expf(v[i] - mn), p1 = v[i + 1] == -ENGINE_INF ? 0.f : expf(v[i + 1] - mn);
+            sum += p0 + p1;
+            *(uint32_t*)&sh.p[row][part_i * MD_KPT + i] = bf16_pack(p0, p1);
+        }
+#pragma unroll
+        for (int o = 1; o < MD_TPR; o *= 2) sum += __shfl_xor(sum, o, WARP);
+        m = mn;
+        l = l * corr + sum;
+        if (part_i == 0) sh.corr[row] = corr;
+        __syncthreads();
+        md_pv(sh, acc);
+    }
+    if (part_i == 0) {
+        sh.ml[row][0] = m;
+        sh.ml[row][1] = l;
+        if (splits > 1 && h0 + row < heads) {
+            float* pz = part + (((int64_t)t * heads + h0 + row) * splits + z) * (2 + KV_LORA);
+            pz[0] = m;
+            pz[1] = l;
+        }
+    }
+    __syncthreads();
+    md_each(acc, [&](int r, int c, float& v) {
+        const int h = h0 + r;
+        if (h >= heads || c >= KV_LORA) return;
+        if (splits > 1) part[(((int64_t)t * heads + h) * splits + z) * (2 + KV_LORA) + 2 + c] = v;
+        else lat_out[((int64_t)t * heads + h) * KV_LORA + c] = v / sh.ml[r][1];
+    });
+}
