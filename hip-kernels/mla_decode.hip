@@ -3,16 +3,18 @@
 // entry, so a block takes MD_H heads of one token and walks a range of its context in tiles of
 // MD_KT keys, reading each entry once per MD_H heads (mla.hip's CUDA-core kernel reads it once per
 // 4 heads and spends a warp-wide reduction per key and head).
-//   scores  S[h][j] = [q_lat | q_pe](h) · [c | k_pe](j)    (MD_D wide: KV_LORA + ROPE, padded to 32)
+//   scores  S[h][j] = [q_lat | q_pe](h) · [c | k_pe](j)    (MD_D wide: KV_LORA + ROPE, zero-padded)
 //   output  O[h][:] = Σ_j softmax_j(scale · S[h][j]) c(j)  (the first KV_LORA columns of the entry)
 // Per tile: the entries are staged as bf16 rows (the keys; their first KV_LORA columns are the
-// values too), S = Q·Kᵀ goes to shared memory (two warp halves each take half of the contraction),
-// the softmax runs on it in portable code (rows of threads, online max and sum), P goes back as
-// bf16 and O += P·V accumulates in registers. Only the two products and the accumulator's element
-// order are per vendor:
-//   - NVIDIA sm_80+: 64 heads and 32 keys a block, 8 warps; mma.sync m16n8k16 bf16, values read as
-//     B fragments with ldmatrix.trans; the next tile's entries land by cp.async (f32) while the
-//     current tile is worked on;
+// values too), S = Q·Kᵀ goes to shared memory (the MD_SP warps of a 16-head row tile each take a
+// share of the contraction), the softmax runs on it in portable code (rows of threads, online max
+// and sum), P goes back as bf16 and O += P·V accumulates in registers (the same warps each take a
+// share of the value columns). Only the two products and the accumulator's element order are per
+// vendor:
+//   - NVIDIA sm_80+: 64 heads and 32 keys a block, 16 warps (MD_SP 4: 64 accumulator registers a
+//     thread, so that 16 warps fit); mma.sync m16n8k16 bf16, values read as B fragments with
+//     ldmatrix.trans; the next tile's entries land by cp.async (f32) while the current tile is
+//     worked on;
 //   - CDNA gfx942 / gfx950: 32 heads and 16 keys (the 64 KB of LDS a block), 4 wavefronts; MFMA
 //     16x16x16 bf16 (compiled and checked for spills; never run: no AMD GPU here);
 //   - other targets, and MD_PORTABLE (the backend's `flash_portable`, run on the H200 by the
@@ -27,10 +29,6 @@
 #endif
 #define ENTRY (KV_LORA + ROPE)
 #define QK (NOPE + ROPE)
-#define MD_D ((ENTRY + 31) / 32 * 32)     // score contraction, zero-padded
-#define MD_DP (MD_D + 8)                  // padded bf16 row: conflict-free fragment reads
-#define MD_VW ((KV_LORA + 31) / 32 * 32)  // value columns computed (those past KV_LORA dropped)
-#define MD_THREADS 256
 
 #if !defined(MD_PORTABLE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define MD_MMA_SYNC 1
@@ -40,19 +38,27 @@ typedef short md_short4 __attribute__((ext_vector_type(4)));
 typedef float md_float4 __attribute__((ext_vector_type(4)));
 #endif
 
+// MD_SP: the warps of a row tile split the score contraction and the value columns MD_SP ways
 #if defined(__AMDGCN__)
 #define MD_H 32
 #define MD_KT 16
+#define MD_THREADS 256
+#define MD_SP 2
 #else
 #define MD_H 64
 #define MD_KT 32
+#define MD_THREADS 512
+#define MD_SP 4
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && ENTRY % 4 == 0
 #define MD_ASYNC 1
 #endif
 #endif
-#if defined(MD_ASYNC) && MD_KT * 8 != MD_THREADS
-#error "the staging takes eight threads a key"
-#endif
+#define MD_PAD (16 * MD_SP)
+#define MD_D ((ENTRY + MD_PAD - 1) / MD_PAD * MD_PAD)     // score contraction, zero-padded
+#define MD_DP (MD_D + 8)                                  // padded bf16 row: conflict-free fragment reads
+#define MD_VW ((KV_LORA + MD_PAD - 1) / MD_PAD * MD_PAD)  // value columns computed (those past KV_LORA dropped)
+#define MD_RT (MD_H / 16)                                 // row tiles
+#define MD_TPK (MD_THREADS / MD_KT)                       // staging threads per key
 #define MD_TPR (MD_THREADS / MD_H) // softmax threads per row
 #define MD_KPT (MD_KT / MD_TPR)    // ... and keys per thread
 
@@ -62,7 +68,7 @@ struct MdShared {
 #ifdef MD_ASYNC
     float raw[MD_KT][ENTRY];      // the next tile's entries as stored, landing by cp.async
 #endif
-    float s[2][MD_H][MD_KT + 1];  // the two contraction halves' scores
+    float s[MD_SP][MD_H][MD_KT + 4]; // the contraction parts' scores
     uint16_t p[MD_H][MD_KT + 8];  // probabilities, bf16
     float corr[MD_H];             // the rows' rescale of the accumulator for this tile
     float ml[MD_H][2];            // the rows' final max and sum
@@ -70,11 +76,11 @@ struct MdShared {
 
 #if defined(MD_MMA_SYNC)
 struct MdAcc {
-    float c[MD_VW / 16][4]; // n8 tiles of the warp's half of the value columns
+    float c[MD_VW / (8 * MD_SP)][4]; // n8 tiles of the warp's share of the value columns
 };
 #elif defined(MD_MFMA)
 struct MdAcc {
-    md_float4 c[MD_VW / 32]; // n16 tiles of the wavefront's half
+    md_float4 c[MD_VW / (16 * MD_SP)]; // n16 tiles of the wavefront's share
 };
 #else
 #define MD_PER (MD_H * MD_VW / MD_THREADS)
@@ -87,19 +93,20 @@ struct MdAcc {
 template <class F>
 __device__ __forceinline__ void md_each(MdAcc& a, F f) {
 #if defined(MD_MMA_SYNC)
-    // warp w: rows 16(w % 4) .., value columns (w / 4)·MD_VW/2 ..
+    // warp w: rows 16(w % MD_RT) .., value columns (w / MD_RT)·MD_VW/MD_SP ..
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-    const int r0 = 16 * (w % 4), c0 = (w / 4) * (MD_VW / 2);
+    const int r0 = 16 * (w % MD_RT), c0 = (w / MD_RT) * (MD_VW / MD_SP);
 #pragma unroll
-    for (int j = 0; j < MD_VW / 16; ++j)
+    for (int j = 0; j < MD_VW / (8 * MD_SP); ++j)
 #pragma unroll
         for (int c = 0; c < 4; ++c) f(r0 + g + 8 * (c / 2), c0 + 8 * j + 2 * t + c % 2, a.c[j][c]);
 #elif defined(MD_MFMA)
-    // wavefront w: rows 16(w % 2) .., columns (w / 2)·MD_VW/2 ..; lane (r, qd) holds rows 4qd + i of column r
+    // wavefront w: rows 16(w % MD_RT) .., columns (w / MD_RT)·MD_VW/MD_SP ..; lane (r, qd) holds
+    // rows 4qd + i of column r
     const int lane = threadIdx.x % 64, w = threadIdx.x / 64, r = lane % 16, qd = lane / 16;
-    const int r0 = 16 * (w % 2), c0 = (w / 2) * (MD_VW / 2);
+    const int r0 = 16 * (w % MD_RT), c0 = (w / MD_RT) * (MD_VW / MD_SP);
 #pragma unroll
-    for (int j = 0; j < MD_VW / 32; ++j)
+    for (int j = 0; j < MD_VW / (16 * MD_SP); ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             float x = a.c[j][i]; // (a vector element binds to no reference)
@@ -115,48 +122,49 @@ __device__ __forceinline__ void md_each(MdAcc& a, F f) {
 #endif
 }
 
-// sh.s[half] = the tile's scores over half of the contraction (unscaled)
+// sh.s[part] = the tile's scores over one MD_SP-th of the contraction (unscaled)
 __device__ __forceinline__ void md_scores(MdShared& sh) {
 #if defined(MD_MMA_SYNC)
-    // warp w: rows 16(w % 4) .., all MD_KT keys, contraction half w / 4
+    // warp w: rows 16(w % MD_RT) .., all MD_KT keys, contraction part w / MD_RT
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-    const int r = 16 * (w % 4) + g, d0 = (w / 4) * (MD_D / 2);
+    const int r = 16 * (w % MD_RT) + g, d0 = (w / MD_RT) * (MD_D / MD_SP);
     float s[MD_KT / 8][4];
 #pragma unroll
     for (int j = 0; j < MD_KT / 8; ++j)
 #pragma unroll
         for (int c = 0; c < 4; ++c) s[j][c] = 0.f;
-#pragma unroll 6
-    for (int kk = 0; kk < MD_D / 32; ++kk) {
+#pragma unroll
+    for (int kk = 0; kk < MD_D / (16 * MD_SP); ++kk) {
         const int d = d0 + 16 * kk + 2 * t;
         uint32_t a[4] = {*(const uint32_t*)&sh.q[r][d], *(const uint32_t*)&sh.q[r + 8][d], *(const uint32_t*)&sh.q[r][d + 8], *(const uint32_t*)&sh.q[r + 8][d + 8]};
 #pragma unroll
         for (int j = 0; j < MD_KT / 8; ++j) mma_bf16_16816(s[j], a, *(const uint32_t*)&sh.k[8 * j + g][d], *(const uint32_t*)&sh.k[8 * j + g][d + 8]);
     }
 #pragma unroll
-    for (int j = 0; j < MD_KT / 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) sh.s[w / 4][r + 8 * (c / 2)][8 * j + 2 * t + c % 2] = s[j][c];
+    for (int j = 0; j < MD_KT / 8; ++j) {
+        *(float2*)&sh.s[w / MD_RT][r][8 * j + 2 * t] = make_float2(s[j][0], s[j][1]);
+        *(float2*)&sh.s[w / MD_RT][r + 8][8 * j + 2 * t] = make_float2(s[j][2], s[j][3]);
+    }
 #elif defined(MD_MFMA)
-    // wavefront w: rows 16(w % 2) .., the 16 keys, contraction half w / 2
+    // wavefront w: rows 16(w % MD_RT) .., the 16 keys, contraction part w / MD_RT
     const int lane = threadIdx.x % 64, w = threadIdx.x / 64, r = lane % 16, qd = lane / 16;
-    const int r0 = 16 * (w % 2), d0 = (w / 2) * (MD_D / 2);
+    const int r0 = 16 * (w % MD_RT), d0 = (w / MD_RT) * (MD_D / MD_SP);
     md_float4 s = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 6
-    for (int kk = 0; kk < MD_D / 32; ++kk) {
+    for (int kk = 0; kk < MD_D / (16 * MD_SP); ++kk) {
         const int d = d0 + 16 * kk + 4 * qd;
         md_short4 a = *(const md_short4*)&sh.q[r0 + r][d];
         md_short4 b = *(const md_short4*)&sh.k[r][d];
         s = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(a, b, s, 0, 0, 0);
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) sh.s[w / 2][r0 + 4 * qd + i][r] = s[i];
+    for (int i = 0; i < 4; ++i) sh.s[w / MD_RT][r0 + 4 * qd + i][r] = s[i];
 #else
-    for (int e = threadIdx.x; e < 2 * MD_H * MD_KT; e += MD_THREADS) {
-        const int half = e / (MD_H * MD_KT), row = (e / MD_KT) % MD_H, key = e % MD_KT;
+    for (int e = threadIdx.x; e < MD_SP * MD_H * MD_KT; e += MD_THREADS) {
+        const int part = e / (MD_H * MD_KT), row = (e / MD_KT) % MD_H, key = e % MD_KT;
         float v = 0.f;
-        for (int d = half * (MD_D / 2); d < (half + 1) * (MD_D / 2); ++d) v += bf16_to_f32(sh.q[row][d]) * bf16_to_f32(sh.k[key][d]);
-        sh.s[half][row][key] = v;
+        for (int d = part * (MD_D / MD_SP); d < (part + 1) * (MD_D / MD_SP); ++d) v += bf16_to_f32(sh.q[row][d]) * bf16_to_f32(sh.k[key][d]);
+        sh.s[part][row][key] = v;
     }
 #endif
 }
@@ -165,12 +173,12 @@ __device__ __forceinline__ void md_scores(MdShared& sh) {
 __device__ __forceinline__ void md_pv(const MdShared& sh, MdAcc& acc) {
 #if defined(MD_MMA_SYNC)
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-    const int r = 16 * (w % 4) + g, c0 = (w / 4) * (MD_VW / 2);
+    const int r = 16 * (w % MD_RT) + g, c0 = (w / MD_RT) * (MD_VW / MD_SP);
     // once the rows' maxima settle the rescale is 1 for the whole warp: skipped
     const float lo = sh.corr[r], hi = sh.corr[r + 8];
     if (__any_sync(0xffffffffu, lo != 1.f || hi != 1.f)) {
 #pragma unroll
-        for (int j = 0; j < MD_VW / 16; ++j) {
+        for (int j = 0; j < MD_VW / (8 * MD_SP); ++j) {
             acc.c[j][0] *= lo;
             acc.c[j][1] *= lo;
             acc.c[j][2] *= hi;
@@ -186,7 +194,7 @@ __device__ __forceinline__ void md_pv(const MdShared& sh, MdAcc& acc) {
         // (two consecutive keys of one column) of n8 tile 2jp (b0, b1) and 2jp + 1 (b0, b1)
         const int key = 16 * kc + (lane % 8) + 8 * ((lane / 8) % 2), coff = 8 * (lane / 16);
 #pragma unroll
-        for (int jp = 0; jp < MD_VW / 32; ++jp) {
+        for (int jp = 0; jp < MD_VW / (16 * MD_SP); ++jp) {
             unsigned addr = (unsigned)__cvta_generic_to_shared(&sh.k[key][c0 + 16 * jp + coff]);
             uint32_t b0, b1, b2, b3;
             asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(addr));
@@ -197,10 +205,10 @@ __device__ __forceinline__ void md_pv(const MdShared& sh, MdAcc& acc) {
 #elif defined(MD_MFMA)
     md_each(acc, [&](int row, int, float& v) { v *= sh.corr[row]; });
     const int lane = threadIdx.x % 64, w = threadIdx.x / 64, r = lane % 16, qd = lane / 16;
-    const int r0 = 16 * (w % 2), c0 = (w / 2) * (MD_VW / 2);
+    const int r0 = 16 * (w % MD_RT), c0 = (w / MD_RT) * (MD_VW / MD_SP);
     md_short4 a = *(const md_short4*)&sh.p[r0 + r][4 * qd];
 #pragma unroll
-    for (int j = 0; j < MD_VW / 32; ++j) {
+    for (int j = 0; j < MD_VW / (16 * MD_SP); ++j) {
         const int col = c0 + 16 * j + r;
         md_short4 b = {(short)sh.k[4 * qd][col], (short)sh.k[4 * qd + 1][col], (short)sh.k[4 * qd + 2][col], (short)sh.k[4 * qd + 3][col]};
         acc.c[j] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(a, b, acc.c[j], 0, 0, 0);
@@ -214,15 +222,21 @@ __device__ __forceinline__ void md_pv(const MdShared& sh, MdAcc& acc) {
 #endif
 }
 
-// The entries of keys key0 .. key0 + MD_KT - 1 (those below n) of the token's context: eight
-// threads a key (MD_KT · 8 == MD_THREADS), each one slot lookup and every eighth 16-byte chunk.
+// The entries of keys key0 .. key0 + MD_KT - 1 (those below n) of the token's context: MD_TPK
+// threads a key, each every MD_TPK-th 16-byte chunk of it; `slot` is the thread's key's cache
+// slot, looked up a tile ahead (md_slot) so that the copies need not wait for it.
 #ifdef MD_ASYNC
-__device__ __forceinline__ void md_fetch(MdShared& sh, const float* __restrict__ base, const uint32_t* __restrict__ sl, int key0, int n) {
-    const int key = threadIdx.x / 8, part = threadIdx.x % 8;
+__device__ __forceinline__ uint32_t md_slot(const uint32_t* __restrict__ sl, int key0, int n) {
+    const int key = key0 + threadIdx.x / MD_TPK;
+    return key < n ? sl[key] : 0u;
+}
+
+__device__ __forceinline__ void md_fetch(MdShared& sh, const float* __restrict__ base, uint32_t slot, int key0, int n) {
+    const int key = threadIdx.x / MD_TPK, part = threadIdx.x % MD_TPK;
     if (key0 + key < n) {
-        const float* e = base + (int64_t)sl[key0 + key] * ENTRY;
+        const float* e = base + (int64_t)slot * ENTRY;
 #pragma unroll
-        for (int c = 4 * part; c < ENTRY; c += 32) {
+        for (int c = 4 * part; c < ENTRY; c += 4 * MD_TPK) {
             unsigned d = (unsigned)__cvta_generic_to_shared(&sh.raw[key][c]);
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(e + c));
         }
@@ -231,18 +245,17 @@ __device__ __forceinline__ void md_fetch(MdShared& sh, const float* __restrict__
 }
 #endif
 
-// ... as bf16 rows in sh.k: from sh.raw (MD_ASYNC; eight threads a key, 8 columns at a time) or
+// ... as bf16 rows in sh.k: from sh.raw (MD_ASYNC; MD_TPK threads a key, 4 columns at a time) or
 // straight from the cache; zero past n and in the padding columns.
 __device__ __forceinline__ void md_stage(MdShared& sh, const float* __restrict__ base, const uint32_t* __restrict__ sl, int key0, int n) {
 #ifdef MD_ASYNC
-    const int key = threadIdx.x / 8, part = threadIdx.x % 8;
+    const int key = threadIdx.x / MD_TPK, part = threadIdx.x % MD_TPK;
     const bool in = key0 + key < n;
 #pragma unroll
-    for (int c = 8 * part; c < MD_D; c += 64) {
-        float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
+    for (int c = 4 * part; c < MD_D; c += 4 * MD_TPK) {
+        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
         if (in && c < ENTRY) a = *(const float4*)&sh.raw[key][c];
-        if (in && c + 4 < ENTRY) b = *(const float4*)&sh.raw[key][c + 4];
-        *(uint4*)&sh.k[key][c] = make_uint4(bf16_pack(a.x, a.y), bf16_pack(a.z, a.w), bf16_pack(b.x, b.y), bf16_pack(b.z, b.w));
+        *(uint2*)&sh.k[key][c] = make_uint2(bf16_pack(a.x, a.y), bf16_pack(a.z, a.w));
     }
 #else
     for (int i = threadIdx.x; i < MD_KT * (MD_D / 2); i += MD_THREADS) {
@@ -288,9 +301,11 @@ extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
         return;
     }
 #ifdef MD_ASYNC
-    md_fetch(sh, base, sl, j0, n);
+    md_fetch(sh, base, md_slot(sl, j0, n), j0, n);
+    uint32_t slot_next = md_slot(sl, j0 + MD_KT, n);
 #endif
-    // the heads' queries as bf16 rows [q_lat | q_pe | 0 ..]
+    // the heads' queries as bf16 rows [q_lat | q_pe | 0 ..] (unrolled: every load in flight at once)
+#pragma unroll
     for (int i = tid; i < MD_H * (MD_D / 8); i += MD_THREADS) {
         const int r = i / (MD_D / 8), c = 8 * (i % (MD_D / 8)), h = h0 + r;
         float v[8];
@@ -312,7 +327,10 @@ extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
         __syncthreads(); // every thread's copies of this tile landed; the last tile's work is done
         md_stage(sh, base, sl, key0, n);
         __syncthreads(); // sh.raw is free
-        if (key0 + MD_KT < n) md_fetch(sh, base, sl, key0 + MD_KT, n);
+        if (key0 + MD_KT < n) {
+            md_fetch(sh, base, slot_next, key0 + MD_KT, n);
+            slot_next = md_slot(sl, key0 + 2 * MD_KT, n); // lands while this tile is worked on
+        }
 #else
         __syncthreads();
         md_stage(sh, base, sl, key0, n);
@@ -325,7 +343,10 @@ extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
 #pragma unroll
         for (int i = 0; i < MD_KPT; ++i) {
             const int key = part_i * MD_KPT + i;
-            v[i] = key0 + key < n ? (sh.s[0][row][key] + sh.s[1][row][key]) * scale : -ENGINE_INF;
+            float x = 0.f;
+#pragma unroll
+            for (int sp = 0; sp < MD_SP; ++sp) x += sh.s[sp][row][key];
+            v[i] = key0 + key < n ? x * scale : -ENGINE_INF;
             mx = fmaxf(mx, v[i]);
         }
 #pragma unroll

@@ -118,6 +118,10 @@ impl DeviceApi for CudaDriver {
         unsafe { result::module::get_function(module as sys::CUmodule, n) }.map(|f| f as Handle).map_err(e("cuModuleGetFunction"))
     }
 
+    fn max_shared_per_block(&self) -> usize {
+        self.max_shared.max(0) as usize
+    }
+
     fn allow_dynamic_shared(&self, f: Handle) -> Result<(), ApiError> {
         self.bind()?;
         let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;

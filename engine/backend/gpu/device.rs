@@ -69,6 +69,10 @@ pub trait DeviceApi: Send + Sync {
     fn allow_dynamic_shared(&self, _f: Handle) -> Result<(), ApiError> {
         Ok(())
     }
+    /// The most shared memory (bytes) one block may use, opted in (64 KB of LDS on CDNA).
+    fn max_shared_per_block(&self) -> usize {
+        64 * 1024
+    }
     /// # Safety
     /// `params` must point to values matching the kernel's parameter list.
     unsafe fn launch(&self, f: Handle, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<(), ApiError>;

@@ -16,32 +16,35 @@ pub(super) const MMA_SPLIT_MIN_KEYS: usize = 64;
 /// The most splits of one token's context.
 pub(super) const MMA_MAX_SPLITS: usize = 64;
 
-/// The kernel's tile shape on one vendor: heads per block, keys per tile, and whether the next
-/// tile's entries are staged by cp.async (NVIDIA sm_80+, 16-byte entry chunks).
+/// The kernel's tile shape on one vendor (MD_* in mla_decode.hip): heads per block, keys per
+/// tile, threads, the ways a row tile's warps split the contraction and the value columns, and
+/// whether the next tile's entries are staged by cp.async (NVIDIA sm_80+, 16-byte entry chunks).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct DecodeTile {
     pub heads: usize,
     pub keys: usize,
+    pub threads: usize,
+    pub split: usize,
     pub async_stage: bool,
 }
 
 impl DecodeTile {
     pub fn for_target(warp: u32, nvidia_sm80: bool, d: &MlaDims) -> Self {
         if warp == 64 {
-            DecodeTile { heads: 32, keys: 16, async_stage: false }
+            DecodeTile { heads: 32, keys: 16, threads: 256, split: 2, async_stage: false }
         } else {
-            DecodeTile { heads: 64, keys: 32, async_stage: nvidia_sm80 && d.kv_entry().is_multiple_of(4) }
+            DecodeTile { heads: 64, keys: 32, threads: 512, split: 4, async_stage: nvidia_sm80 && d.kv_entry().is_multiple_of(4) }
         }
     }
 
     /// sizeof(MdShared) in mla_decode.hip (every member a multiple of 4 bytes: no padding)
     pub fn shared_bytes(&self, d: &MlaDims) -> usize {
         let entry = d.kv_entry();
-        let row = entry.next_multiple_of(32) + 8; // MD_DP, bf16
+        let row = entry.next_multiple_of(16 * self.split) + 8; // MD_DP, bf16
         let q = self.heads * row * 2;
         let k = self.keys * row * 2;
         let raw = if self.async_stage { self.keys * entry * 4 } else { 0 };
-        let s = 2 * self.heads * (self.keys + 1) * 4;
+        let s = self.split * self.heads * (self.keys + 4) * 4;
         let p = self.heads * (self.keys + 8) * 2;
         q + k + raw + s + p + self.heads * 4 + self.heads * 8
     }
@@ -61,9 +64,12 @@ pub(super) fn mma_splits(blocks: usize, sms: usize, max_len: usize, graph: bool)
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
-    /// Whether decode attention takes the matrix-unit kernel.
-    pub(super) fn mma_decode(&self) -> bool {
-        self.attn_bf16 && (self.mma_gemm || self.flash_portable)
+    /// Whether decode attention takes the matrix-unit kernel: bf16 attention asked for, matrix
+    /// units (or the tests' portable product), and the tile's shared memory (plus the kernel's
+    /// 1 KB of static shared memory) within what a block may have here.
+    pub(super) fn mma_decode(&self, d: &MlaDims) -> bool {
+        let tile = DecodeTile::for_target(self.warp, self.warp == 32 && self.matrix_units, d);
+        self.attn_bf16 && (self.mma_gemm || self.flash_portable) && tile.shared_bytes(d) + 1024 <= self.dev.max_shared_per_block()
     }
 
     /// `lat` = each token's heads' attention-weighted latents ([T, heads, kv_lora]).
@@ -83,7 +89,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.span("attention", || {
             let mut b = self.launch(&f);
             b.arg(&q.buf).arg(q_lat).arg(&kv.buf).arg(&a.flat).arg(&a.off).arg(&a.len).arg(&mut *lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part).arg(&sm);
-            let launch = LaunchConfig { grid_dim: (t as u32, groups as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+            let launch = LaunchConfig { grid_dim: (t as u32, groups as u32, splits as u32), block_dim: (tile.threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
             b.run(launch).map_err(err("mla_decode_mma"))?;
             if splits > 1 {
                 let mut b = self.launch(&merge);
@@ -105,20 +111,21 @@ mod tests {
 
     #[test]
     fn shared_layout_fits_each_vendor() {
-        // NVIDIA: 64 heads × 584 bf16 + 32 keys × 584 bf16 + 32 × 576 f32 staging + scores,
-        // probabilities, rescale and final max/sum: under the 227 KB an H100/H200 block may have
+        // NVIDIA: 64 heads × 584 bf16 + 32 keys × 584 bf16 + 32 × 576 f32 staging + four parts'
+        // scores, probabilities, rescale and final max/sum: under the 227 KB an H100/H200 block
+        // may have (less the kernel's 1 KB of static shared memory)
         let nv = DecodeTile::for_target(32, true, &v3());
-        assert_eq!(nv.shared_bytes(&v3()), 74752 + 37376 + 73728 + 16896 + 5120 + 256 + 512);
-        assert!(nv.shared_bytes(&v3()) <= 227 * 1024);
+        assert_eq!(nv.shared_bytes(&v3()), 74752 + 37376 + 73728 + 36864 + 5120 + 256 + 512);
+        assert!(nv.shared_bytes(&v3()) + 1024 <= 227 * 1024);
         // CDNA: 32 heads and 16 keys fit the 64 KB of LDS
         let amd = DecodeTile::for_target(64, false, &v3());
         assert_eq!((amd.heads, amd.keys, amd.async_stage), (32, 16, false));
         assert!(amd.shared_bytes(&v3()) <= 64 * 1024, "{}", amd.shared_bytes(&v3()));
-        // odd dims: the contraction padded to 32 (40 + 6 → 64); no 16-byte copies of 46-float entries
+        // odd dims: the contraction padded to 64 (40 + 6 → 64); no 16-byte copies of 46-float entries
         let odd = MlaDims { num_heads: 3, qk_nope: 20, qk_rope: 6, v_head: 24, kv_lora_rank: 40, scale: 0.3 };
         let t = DecodeTile::for_target(32, true, &odd);
         assert!(!t.async_stage);
-        assert_eq!(t.shared_bytes(&odd), 64 * 72 * 2 + 32 * 72 * 2 + 2 * 64 * 33 * 4 + 64 * 40 * 2 + 64 * 12);
+        assert_eq!(t.shared_bytes(&odd), 64 * 72 * 2 + 32 * 72 * 2 + 4 * 64 * 36 * 4 + 64 * 40 * 2 + 64 * 12);
     }
 
     #[test]

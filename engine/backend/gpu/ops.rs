@@ -133,7 +133,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             b.run(proj(d.kv_lora_rank.div_ceil(128))).map_err(err("mla_q_latent"))
         })?;
         let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
-        if self.mma_decode() {
+        if self.mma_decode(d) {
             self.mla_decode_mma(q, &q_lat, kv, layer, &a, d, &mut lat)?;
         } else {
             self.mla_decode_cuda_cores(q, &q_lat, kv, layer, &a, d, &mut lat)?;
