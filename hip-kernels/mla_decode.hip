@@ -61,6 +61,9 @@ typedef float md_float4 __attribute__((ext_vector_type(4)));
 #define MD_TPK (MD_THREADS / MD_KT)                       // staging threads per key
 #define MD_TPR (MD_THREADS / MD_H) // softmax threads per row
 #define MD_KPT (MD_KT / MD_TPR)    // ... and keys per thread
+#if MD_RT * MD_SP * WARP != MD_THREADS || MD_KPT % 2 != 0
+#error "a warp per (row tile, part), and key pairs per softmax thread"
+#endif
 
 struct MdShared {
     uint16_t q[MD_H][MD_DP];      // the heads' [q_lat | q_pe], bf16
