@@ -163,17 +163,18 @@ impl<V: GpuVendor> GpuBackend<V> {
         }
     }
 
-    /// `--fp8-activations dynamic` (see `fp8_act`), said in the log: on where the GEMM library
-    /// has a block-scaled FP8 GEMM (asked with a small DeepSeek-like shape), else everything
-    /// stays f32 (the flash prefill's bf16 form goes with the quantised GEMMs).
+    /// `--fp8-activations dynamic` (see `fp8_act`), said in the log: FP8 GEMM inputs where the
+    /// GEMM library has a block-scaled FP8 GEMM (asked with a small DeepSeek-like shape), else
+    /// those stay f32; attention on bf16 operands either way (SGLang's numerics: the flash
+    /// prefill's bf16 form and the matrix-unit decode kernel).
     pub fn set_fp8_activations(&mut self, on: bool) {
         let lib = self.blaslt.as_ref().map(|l| l.name()).unwrap_or("no GEMM library");
         let has = on && self.blaslt.as_ref().is_some_and(|l| l.supports_fp8_block(128, 128, 512));
-        (self.fp8_act, self.attn_bf16) = (on && has, on && has);
+        (self.fp8_act, self.attn_bf16) = (on && has, on);
         if on && has {
-            log::info!("{} op paths: FP8 activations (--fp8-activations): FP8 linear layers from {} rows and MoE experts from {} tokens quantise their input per token and 128 channels to e4m3 and run {lib}'s block-scaled FP8 GEMM where it takes the shape; the flash prefill takes bf16 operands", V::NAME, self.tuned.blaslt_fp8_act_min_rows, self.tuned.moe_mma_min_rows);
+            log::info!("{} op paths: FP8 activations (--fp8-activations): FP8 linear layers from {} rows and MoE experts from {} tokens quantise their input per token and 128 channels to e4m3 and run {lib}'s block-scaled FP8 GEMM where it takes the shape; attention takes bf16 operands", V::NAME, self.tuned.blaslt_fp8_act_min_rows, self.tuned.moe_mma_min_rows);
         } else if on {
-            log::info!("{} op paths: FP8 activations asked for, but {lib} has no block-scaled FP8 GEMM here: activations stay f32", V::NAME);
+            log::info!("{} op paths: FP8 activations asked for, but {lib} has no block-scaled FP8 GEMM here: GEMM inputs stay f32; attention takes bf16 operands", V::NAME);
         }
     }
 
