@@ -53,6 +53,14 @@ extern "C" __global__ void kv_write(float* kv, const float* entries, const uint3
     for (int e = threadIdx.x; e < entry; e += blockDim.x) dst[e] = entries[(int64_t)i * entry + e];
 }
 
+// The same into a bf16 pool (`--fp8-activations dynamic`: the attention reads bf16 operands, as
+// SGLang's bf16 KV cache), rounded to nearest even.
+extern "C" __global__ void kv_write_bf16(uint16_t* kv, const float* entries, const uint32_t* slots, int layer, int num_slots, int entry) {
+    int i = blockIdx.x;
+    uint16_t* dst = kv + ((int64_t)layer * num_slots + slots[i]) * entry;
+    for (int e = threadIdx.x; e < entry; e += blockDim.x) dst[e] = (uint16_t)bf16_rne(entries[(int64_t)i * entry + e]);
+}
+
 // x [n] f32 → out [2n] bf16: the hi parts, then the lo parts (x ≈ hi + lo): cuBLASLt's stacked
 // operand for linear layers with bf16 weights.
 extern "C" __global__ void split_bf16_rows(const float* x, uint16_t* out, int64_t n) {

@@ -6,7 +6,8 @@
 //      its share of the context, warps merge at the end (flash-decoding style).
 //   3. mla_out:       out[t, h·VDIM + e] = W_UV(h)[e,:] · lat[t,h,:]
 // kv_b is [heads·(NOPE+VDIM), KV_LORA] in f32, bf16 or block-FP8 (dequantised on load); the cache
-// is float32 [layers, slots, KV_LORA+ROPE].
+// is [layers, slots, KV_LORA+ROPE] in f32, or bf16 (the _bf16c attention; `--fp8-activations
+// dynamic`).
 #include "common.h"
 #include "vec8.h"
 
@@ -107,8 +108,12 @@ __device__ void mla_q_latent_impl(const float* __restrict__ q, const uint8_t* __
 // empty and write an empty partial), each writing an unnormalised partial (max, sum, Σ p·c)
 // to `part` [T, heads, splits, 2 + KV_LORA] for mla_merge (split-K over the sequence, for long
 // contexts with few blocks). Shared memory: [warps][2 + KV_LORA] floats.
-template <int HPB>
-__device__ void mla_attention_impl(const float* __restrict__ q, const float* __restrict__ q_lat, const float* __restrict__ kv,
+// an element of a cache entry: f32, or bf16 (`--fp8-activations dynamic`)
+__device__ __forceinline__ float mla_cache(const float* e, int i) { return e[i]; }
+__device__ __forceinline__ float mla_cache(const uint16_t* e, int i) { return bf16_to_f32(e[i]); }
+
+template <int HPB, class CT>
+__device__ void mla_attention_impl(const float* __restrict__ q, const float* __restrict__ q_lat, const CT* __restrict__ kv,
                                    const uint32_t* __restrict__ slots, const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len,
                                    float* __restrict__ lat_out, int heads, int layer, int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part) {
     int t = blockIdx.x, h0 = blockIdx.y * HPB, z = blockIdx.z;
@@ -133,14 +138,14 @@ __device__ void mla_attention_impl(const float* __restrict__ q, const float* __r
     int total = ctx_len[t];
     int chunk = max((total + splits - 1) / splits, min_chunk);
     int j0 = z * chunk, n = min(total, j0 + chunk);
-    const float* base = kv + (int64_t)layer * num_slots * ENTRY;
+    const CT* base = kv + (int64_t)layer * num_slots * ENTRY;
     for (int j = j0 + w; j < n; j += nw) {
-        const float* e = base + (int64_t)sl[j] * ENTRY;
+        const CT* e = base + (int64_t)sl[j] * ENTRY;
         float c[LPL];
 #pragma unroll
         for (int i = 0; i < LPL; ++i) {
             int l = lane + i * WARP;
-            c[i] = l < KV_LORA ? e[l] : 0.f;
+            c[i] = l < KV_LORA ? mla_cache(e, l) : 0.f;
         }
 #pragma unroll
         for (int hh = 0; hh < HPB; ++hh) {
@@ -148,7 +153,7 @@ __device__ void mla_attention_impl(const float* __restrict__ q, const float* __r
             float dot = 0.f;
 #pragma unroll
             for (int i = 0; i < LPL; ++i) dot += qs[hh][lane + i * WARP] * c[i];
-            for (int r = lane; r < ROPE; r += WARP) dot += qpe[r] * e[KV_LORA + r];
+            for (int r = lane; r < ROPE; r += WARP) dot += qpe[r] * mla_cache(e, KV_LORA + r);
             float score = warp_sum(dot) * scale;
             float m2 = fmaxf(m[hh], score);
             float corr = expf(m[hh] - m2), p = expf(score - m2);
@@ -200,15 +205,18 @@ __device__ void mla_attention_impl(const float* __restrict__ q, const float* __r
 }
 
 // two blocks of 256 threads an SM (128 registers a thread)
-#define MLA_ATTENTION(NAME, HPB)                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(256, 2) NAME(const float* q, const float* q_lat, const float* kv, const uint32_t* slots, const uint32_t* ctx_off, \
+#define MLA_ATTENTION(NAME, HPB, CT)                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2) NAME(const float* q, const float* q_lat, const CT* kv, const uint32_t* slots, const uint32_t* ctx_off, \
                                     const uint32_t* ctx_len, float* lat_out, int heads, int layer, int num_slots, float scale, int splits,    \
                                     int min_chunk, float* part) {                                                                        \
-        mla_attention_impl<HPB>(q, q_lat, kv, slots, ctx_off, ctx_len, lat_out, heads, layer, num_slots, scale, splits, min_chunk, part); \
+        mla_attention_impl<HPB, CT>(q, q_lat, kv, slots, ctx_off, ctx_len, lat_out, heads, layer, num_slots, scale, splits, min_chunk, part); \
     }
-// one head per block (any head count), or four (head counts divisible by 4, as in every DeepSeek)
-MLA_ATTENTION(mla_attention, 1)
-MLA_ATTENTION(mla_attention4, 4)
+// one head per block (any head count), or four (head counts divisible by 4, as in every DeepSeek);
+// over an f32 cache, or a bf16 one (_bf16c)
+MLA_ATTENTION(mla_attention, 1, float)
+MLA_ATTENTION(mla_attention4, 4, float)
+MLA_ATTENTION(mla_attention_bf16c, 1, uint16_t)
+MLA_ATTENTION(mla_attention4_bf16c, 4, uint16_t)
 
 // Combines the split partials of mla_attention into the normalised latent output.
 extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __restrict__ lat_out, int heads, int splits) {

@@ -5,16 +5,17 @@
 // 4 heads and spends a warp-wide reduction per key and head).
 //   scores  S[h][j] = [q_lat | q_pe](h) · [c | k_pe](j)    (MD_D wide: KV_LORA + ROPE, zero-padded)
 //   output  O[h][:] = Σ_j softmax_j(scale · S[h][j]) c(j)  (the first KV_LORA columns of the entry)
-// Per tile: the entries are staged as bf16 rows (the keys; their first KV_LORA columns are the
-// values too), S = Q·Kᵀ goes to shared memory (the MD_SP warps of a 16-head row tile each take a
+// The latent cache is bf16 in that mode (`kv_write_bf16`; SGLang's KV cache dtype for these
+// checkpoints). Per tile: the entries are staged as bf16 rows (the keys; their first KV_LORA
+// columns are the values too), S = Q·Kᵀ goes to shared memory (the MD_SP warps of a 16-head row tile each take a
 // share of the contraction), the softmax runs on it in portable code (rows of threads, online max
 // and sum), P goes back as bf16 and O += P·V accumulates in registers (the same warps each take a
 // share of the value columns). Only the two products and the accumulator's element order are per
 // vendor:
 //   - NVIDIA sm_80+: 64 heads and 32 keys a block, 16 warps (MD_SP 4: 64 accumulator registers a
 //     thread, so that 16 warps fit); mma.sync m16n8k16 bf16, values read as B fragments with
-//     ldmatrix.trans; the next tile's entries land by cp.async (f32) while the current tile is
-//     worked on;
+//     ldmatrix.trans; the next tile's entries land by cp.async straight into the second key tile
+//     while the current one is worked on;
 //   - CDNA gfx942 / gfx950: 32 heads and 16 keys (the 64 KB of LDS a block), 4 wavefronts; MFMA
 //     16x16x16 bf16 (compiled and checked for spills; never run: no AMD GPU here);
 //   - other targets, and MD_PORTABLE (the backend's `flash_portable`, run on the H200 by the
@@ -49,7 +50,7 @@ typedef float md_float4 __attribute__((ext_vector_type(4)));
 #define MD_KT 32
 #define MD_THREADS 512
 #define MD_SP 4
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && ENTRY % 4 == 0
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && ENTRY % 8 == 0
 #define MD_ASYNC 1
 #endif
 #endif
@@ -65,12 +66,17 @@ typedef float md_float4 __attribute__((ext_vector_type(4)));
 #error "a warp per (row tile, part), and key pairs per softmax thread"
 #endif
 
+#ifdef MD_ASYNC
+#define MD_KB 2 // key tiles: the next one lands by cp.async while the current one is worked on
+#else
+#define MD_KB 1
+#endif
+
+typedef uint16_t MdKeys[MD_KT][MD_DP];
+
 struct MdShared {
     uint16_t q[MD_H][MD_DP];      // the heads' [q_lat | q_pe], bf16
-    uint16_t k[MD_KT][MD_DP];     // the tile's cache entries, bf16 (zero past the range's end)
-#ifdef MD_ASYNC
-    float raw[MD_KT][ENTRY];      // the next tile's entries as stored, landing by cp.async
-#endif
+    MdKeys k[MD_KB];              // tiles of cache entries (zero past the range's end and in the padding)
     float s[MD_SP][MD_H][MD_KT + 4]; // the contraction parts' scores
     uint16_t p[MD_H][MD_KT + 8];  // probabilities, bf16
     float corr[MD_H];             // the rows' rescale of the accumulator for this tile
@@ -126,7 +132,7 @@ __device__ __forceinline__ void md_each(MdAcc& a, F f) {
 }
 
 // sh.s[part] = the tile's scores over one MD_SP-th of the contraction (unscaled)
-__device__ __forceinline__ void md_scores(MdShared& sh) {
+__device__ __forceinline__ void md_scores(MdShared& sh, const MdKeys& k) {
 #if defined(MD_MMA_SYNC)
     // warp w: rows 16(w % MD_RT) .., all MD_KT keys, contraction part w / MD_RT
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -141,7 +147,7 @@ __device__ __forceinline__ void md_scores(MdShared& sh) {
         const int d = d0 + 16 * kk + 2 * t;
         uint32_t a[4] = {*(const uint32_t*)&sh.q[r][d], *(const uint32_t*)&sh.q[r + 8][d], *(const uint32_t*)&sh.q[r][d + 8], *(const uint32_t*)&sh.q[r + 8][d + 8]};
 #pragma unroll
-        for (int j = 0; j < MD_KT / 8; ++j) mma_bf16_16816(s[j], a, *(const uint32_t*)&sh.k[8 * j + g][d], *(const uint32_t*)&sh.k[8 * j + g][d + 8]);
+        for (int j = 0; j < MD_KT / 8; ++j) mma_bf16_16816(s[j], a, *(const uint32_t*)&k[8 * j + g][d], *(const uint32_t*)&k[8 * j + g][d + 8]);
     }
 #pragma unroll
     for (int j = 0; j < MD_KT / 8; ++j) {
@@ -157,7 +163,7 @@ __device__ __forceinline__ void md_scores(MdShared& sh) {
     for (int kk = 0; kk < MD_D / (16 * MD_SP); ++kk) {
         const int d = d0 + 16 * kk + 4 * qd;
         md_short4 a = *(const md_short4*)&sh.q[r0 + r][d];
-        md_short4 b = *(const md_short4*)&sh.k[r][d];
+        md_short4 b = *(const md_short4*)&k[r][d];
         s = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(a, b, s, 0, 0, 0);
     }
 #pragma unroll
@@ -166,14 +172,14 @@ __device__ __forceinline__ void md_scores(MdShared& sh) {
     for (int e = threadIdx.x; e < MD_SP * MD_H * MD_KT; e += MD_THREADS) {
         const int part = e / (MD_H * MD_KT), row = (e / MD_KT) % MD_H, key = e % MD_KT;
         float v = 0.f;
-        for (int d = part * (MD_D / MD_SP); d < (part + 1) * (MD_D / MD_SP); ++d) v += bf16_to_f32(sh.q[row][d]) * bf16_to_f32(sh.k[key][d]);
+        for (int d = part * (MD_D / MD_SP); d < (part + 1) * (MD_D / MD_SP); ++d) v += bf16_to_f32(sh.q[row][d]) * bf16_to_f32(k[key][d]);
         sh.s[part][row][key] = v;
     }
 #endif
 }
 
 // acc = acc · corr(row) + P·V over the tile
-__device__ __forceinline__ void md_pv(const MdShared& sh, MdAcc& acc) {
+__device__ __forceinline__ void md_pv(const MdShared& sh, const MdKeys& k, MdAcc& acc) {
 #if defined(MD_MMA_SYNC)
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, t = lane % 4;
     const int r = 16 * (w % MD_RT) + g, c0 = (w / MD_RT) * (MD_VW / MD_SP);
@@ -198,7 +204,7 @@ __device__ __forceinline__ void md_pv(const MdShared& sh, MdAcc& acc) {
         const int key = 16 * kc + (lane % 8) + 8 * ((lane / 8) % 2), coff = 8 * (lane / 16);
 #pragma unroll
         for (int jp = 0; jp < MD_VW / (16 * MD_SP); ++jp) {
-            unsigned addr = (unsigned)__cvta_generic_to_shared(&sh.k[key][c0 + 16 * jp + coff]);
+            unsigned addr = (unsigned)__cvta_generic_to_shared(&k[key][c0 + 16 * jp + coff]);
             uint32_t b0, b1, b2, b3;
             asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(addr));
             mma_bf16_16816(acc.c[2 * jp], a, b0, b1);
@@ -213,69 +219,58 @@ __device__ __forceinline__ void md_pv(const MdShared& sh, MdAcc& acc) {
 #pragma unroll
     for (int j = 0; j < MD_VW / (16 * MD_SP); ++j) {
         const int col = c0 + 16 * j + r;
-        md_short4 b = {(short)sh.k[4 * qd][col], (short)sh.k[4 * qd + 1][col], (short)sh.k[4 * qd + 2][col], (short)sh.k[4 * qd + 3][col]};
+        md_short4 b = {(short)k[4 * qd][col], (short)k[4 * qd + 1][col], (short)k[4 * qd + 2][col], (short)k[4 * qd + 3][col]};
         acc.c[j] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(a, b, acc.c[j], 0, 0, 0);
     }
 #else
     md_each(acc, [&](int row, int col, float& v) {
         float x = v * sh.corr[row];
-        for (int key = 0; key < MD_KT; ++key) x += bf16_to_f32(sh.p[row][key]) * bf16_to_f32(sh.k[key][col]);
+        for (int key = 0; key < MD_KT; ++key) x += bf16_to_f32(sh.p[row][key]) * bf16_to_f32(k[key][col]);
         v = x;
     });
 #endif
 }
 
-// The entries of keys key0 .. key0 + MD_KT - 1 (those below n) of the token's context: MD_TPK
-// threads a key, each every MD_TPK-th 16-byte chunk of it; `slot` is the thread's key's cache
-// slot, looked up a tile ahead (md_slot) so that the copies need not wait for it.
+// The entries of keys key0 .. key0 + MD_KT - 1 of the token's context into key tile `k`: MD_TPK
+// threads a key, each every MD_TPK-th 16-byte chunk of it (8 bf16), zero-filled for keys past n;
+// `slot` is the thread's key's cache slot, looked up a tile ahead (md_slot) so that the copies
+// need not wait for it.
 #ifdef MD_ASYNC
 __device__ __forceinline__ uint32_t md_slot(const uint32_t* __restrict__ sl, int key0, int n) {
     const int key = key0 + threadIdx.x / MD_TPK;
     return key < n ? sl[key] : 0u;
 }
 
-__device__ __forceinline__ void md_fetch(MdShared& sh, const float* __restrict__ base, uint32_t slot, int key0, int n) {
+__device__ __forceinline__ void md_fetch(MdKeys& k, const uint16_t* __restrict__ base, uint32_t slot, int key0, int n) {
     const int key = threadIdx.x / MD_TPK, part = threadIdx.x % MD_TPK;
-    if (key0 + key < n) {
-        const float* e = base + (int64_t)slot * ENTRY;
+    const int bytes = key0 + key < n ? 16 : 0; // 0: the copy writes zeros
+    const uint16_t* e = base + (int64_t)slot * ENTRY;
 #pragma unroll
-        for (int c = 4 * part; c < ENTRY; c += 4 * MD_TPK) {
-            unsigned d = (unsigned)__cvta_generic_to_shared(&sh.raw[key][c]);
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(e + c));
-        }
+    for (int c = 8 * part; c < ENTRY; c += 8 * MD_TPK) {
+        unsigned d = (unsigned)__cvta_generic_to_shared(&k[key][c]);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(e + c), "r"(bytes));
     }
     asm volatile("cp.async.commit_group;\n" ::);
 }
 #endif
 
-// ... as bf16 rows in sh.k: from sh.raw (MD_ASYNC; MD_TPK threads a key, 4 columns at a time) or
-// straight from the cache; zero past n and in the padding columns.
-__device__ __forceinline__ void md_stage(MdShared& sh, const float* __restrict__ base, const uint32_t* __restrict__ sl, int key0, int n) {
-#ifdef MD_ASYNC
-    const int key = threadIdx.x / MD_TPK, part = threadIdx.x % MD_TPK;
-    const bool in = key0 + key < n;
-#pragma unroll
-    for (int c = 4 * part; c < MD_D; c += 4 * MD_TPK) {
-        float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (in && c < ENTRY) a = *(const float4*)&sh.raw[key][c];
-        *(uint2*)&sh.k[key][c] = make_uint2(bf16_pack(a.x, a.y), bf16_pack(a.z, a.w));
-    }
-#else
+// ... straight from the cache with plain loads (no cp.async: CDNA, or entries that are not
+// whole 16-byte chunks), zero past n and in the padding columns.
+__device__ __forceinline__ void md_stage(MdKeys& k, const uint16_t* __restrict__ base, const uint32_t* __restrict__ sl, int key0, int n) {
     for (int i = threadIdx.x; i < MD_KT * (MD_D / 2); i += MD_THREADS) {
         const int key = i / (MD_D / 2), c = 2 * (i % (MD_D / 2));
-        float a = 0.f, b = 0.f;
+        uint32_t a = 0, b = 0;
         if (key0 + key < n) {
-            const float* e = base + (int64_t)sl[key0 + key] * ENTRY;
+            const uint16_t* e = base + (int64_t)sl[key0 + key] * ENTRY;
             if (c < ENTRY) a = e[c];
             if (c + 1 < ENTRY) b = e[c + 1];
         }
-        *(uint32_t*)&sh.k[key][c] = bf16_pack(a, b);
+        *(uint32_t*)&k[key][c] = a | (b << 16);
     }
-#endif
 }
 
 extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
-    mla_decode_mma(const float* __restrict__ q, const float* __restrict__ q_lat, const float* __restrict__ kv, const uint32_t* __restrict__ slots,
+    mla_decode_mma(const float* __restrict__ q, const float* __restrict__ q_lat, const uint16_t* __restrict__ kv, const uint32_t* __restrict__ slots,
                    const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len, float* __restrict__ lat_out, int heads, int layer,
                    int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part, int smem) {
     extern __shared__ __align__(16) unsigned char md_raw_shared[];
@@ -292,7 +287,7 @@ extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
     const int total = ctx_len[t];
     const int chunk = max((total + splits - 1) / splits, min_chunk);
     const int j0 = z * chunk, n = min(total, j0 + chunk);
-    const float* base = kv + (int64_t)layer * num_slots * ENTRY;
+    const uint16_t* base = kv + (int64_t)layer * num_slots * ENTRY;
     // softmax rows: thread tid keeps the state of row tid / MD_TPR (all MD_TPR threads of a row alike)
     const int row = tid / MD_TPR, part_i = tid % MD_TPR;
     if (j0 >= n) { // an empty split (graph steps launch a fixed number): an empty partial
@@ -304,8 +299,13 @@ extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
         return;
     }
 #ifdef MD_ASYNC
-    md_fetch(sh, base, md_slot(sl, j0, n), j0, n);
+    md_fetch(sh.k[0], base, md_slot(sl, j0, n), j0, n);
     uint32_t slot_next = md_slot(sl, j0 + MD_KT, n);
+    // the padding columns, which no copy writes
+    for (int i = tid; i < MD_KB * MD_KT * (MD_D - ENTRY); i += MD_THREADS) {
+        const int b = i / (MD_KT * (MD_D - ENTRY)), r = i % (MD_KT * (MD_D - ENTRY));
+        sh.k[b][r / (MD_D - ENTRY)][ENTRY + r % (MD_D - ENTRY)] = 0;
+    }
 #endif
     // the heads' queries as bf16 rows [q_lat | q_pe | 0 ..] (unrolled: every load in flight at once)
 #pragma unroll
@@ -324,22 +324,22 @@ extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
     MdAcc acc;
     md_each(acc, [](int, int, float& v) { v = 0.f; });
     float m = -ENGINE_INF, l = 0.f;
-    for (int key0 = j0; key0 < n; key0 += MD_KT) {
+    for (int key0 = j0, it = 0; key0 < n; key0 += MD_KT, ++it) {
 #ifdef MD_ASYNC
+        MdKeys& k = sh.k[it % 2];
         asm volatile("cp.async.wait_group 0;\n" ::);
         __syncthreads(); // every thread's copies of this tile landed; the last tile's work is done
-        md_stage(sh, base, sl, key0, n);
-        __syncthreads(); // sh.raw is free
-        if (key0 + MD_KT < n) {
-            md_fetch(sh, base, slot_next, key0 + MD_KT, n);
+        if (key0 + MD_KT < n) { // into the other tile, free since the barrier
+            md_fetch(sh.k[(it + 1) % 2], base, slot_next, key0 + MD_KT, n);
             slot_next = md_slot(sl, key0 + 2 * MD_KT, n); // lands while this tile is worked on
         }
 #else
+        MdKeys& k = sh.k[0];
         __syncthreads();
-        md_stage(sh, base, sl, key0, n);
+        md_stage(k, base, sl, key0, n);
         __syncthreads();
 #endif
-        md_scores(sh);
+        md_scores(sh, k);
         __syncthreads();
         // online softmax: row `row`, keys part_i·MD_KPT ..
         float v[MD_KPT], mx = -ENGINE_INF;
@@ -369,7 +369,7 @@ extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
         l = l * corr + sum;
         if (part_i == 0) sh.corr[row] = corr;
         __syncthreads();
-        md_pv(sh, acc);
+        md_pv(sh, k, acc);
     }
     if (part_i == 0) {
         sh.ml[row][0] = m;

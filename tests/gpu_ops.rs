@@ -366,8 +366,8 @@ fn mla_flash_prefill_mixed_batches_on<V: GpuVendor>() {
     }
 }
 
-/// Decode attention on the matrix units (`--fp8-activations dynamic`: bf16 queries, cache entries
-/// and probabilities, as FlashMLA): V3's 128 heads (two 64-head groups on NVIDIA), a head count
+/// Decode attention on the matrix units (`--fp8-activations dynamic`: a bf16 latent cache, bf16
+/// queries and probabilities, as FlashMLA): V3's 128 heads (two 64-head groups on NVIDIA), a head count
 /// that leaves a partial group, and small odd dims whose entry (48) and latent (40) are padded to
 /// the 32-wide fragments; long decodes split across blocks and merged, prefill chunks over a
 /// prefix, several sequences in one call; then the kernel's portable product over the same tiles.
@@ -385,9 +385,12 @@ fn mla_decode_matrix_units_bf16_on<V: GpuVendor>() {
     let odd = MlaDims { num_heads: 3, qk_nope: 20, qk_rope: 8, v_head: 24, kv_lora_rank: 40, scale: 0.3 };
     // 46-float entries: no 16-byte copies, the entries are read straight from the cache
     let unaligned = MlaDims { qk_rope: 6, ..odd };
-    for portable in [false, true] {
+    // the matrix units, the portable product, and the CUDA-core kernel over the same bf16 cache
+    // (what runs where the matrix-unit kernel does not: no matrix units, or too little shared memory)
+    for (portable, matrix_units) in [(false, true), (true, true), (false, false)] {
         let mut g = gpu::<V>();
         (g.attn_bf16, g.flash_portable, g.flash_prefill) = (true, portable, false);
+        g.mma_gemm &= matrix_units;
         for (d, kvt) in [(v3, WType::Fp8), (partial, WType::Bf16), (odd, WType::F32), (unaligned, WType::F32)] {
             // the decode of a 5000-token context alone too (split-K, merged)
             mla_case(&g, &c, &mut rng, &d, kvt, &[(5000, 1), (300, 37), (21, 21), (64, 1), (1, 1)], BF16_TOL, true);

@@ -18,7 +18,8 @@ pub(super) const MMA_MAX_SPLITS: usize = 64;
 
 /// The kernel's tile shape on one vendor (MD_* in mla_decode.hip): heads per block, keys per
 /// tile, threads, the ways a row tile's warps split the contraction and the value columns, and
-/// whether the next tile's entries are staged by cp.async (NVIDIA sm_80+, 16-byte entry chunks).
+/// whether the next tile's entries land by cp.async in a second key tile (NVIDIA sm_80+, entries
+/// of whole 16-byte chunks: 8 bf16).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct DecodeTile {
     pub heads: usize,
@@ -33,7 +34,7 @@ impl DecodeTile {
         if warp == 64 {
             DecodeTile { heads: 32, keys: 16, threads: 256, split: 2, async_stage: false }
         } else {
-            DecodeTile { heads: 64, keys: 32, threads: 512, split: 4, async_stage: nvidia_sm80 && d.kv_entry().is_multiple_of(4) }
+            DecodeTile { heads: 64, keys: 32, threads: 512, split: 4, async_stage: nvidia_sm80 && d.kv_entry().is_multiple_of(8) }
         }
     }
 
@@ -42,11 +43,10 @@ impl DecodeTile {
         let entry = d.kv_entry();
         let row = entry.next_multiple_of(16 * self.split) + 8; // MD_DP, bf16
         let q = self.heads * row * 2;
-        let k = self.keys * row * 2;
-        let raw = if self.async_stage { self.keys * entry * 4 } else { 0 };
+        let k = self.keys * row * 2 * if self.async_stage { 2 } else { 1 };
         let s = self.split * self.heads * (self.keys + 4) * 4;
         let p = self.heads * (self.keys + 8) * 2;
-        q + k + raw + s + p + self.heads * 4 + self.heads * 8
+        q + k + s + p + self.heads * 4 + self.heads * 8
     }
 }
 
@@ -64,12 +64,12 @@ pub(super) fn mma_splits(blocks: usize, sms: usize, max_len: usize, graph: bool)
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
-    /// Whether decode attention takes the matrix-unit kernel: bf16 attention asked for, matrix
-    /// units (or the tests' portable product), and the tile's shared memory (plus the kernel's
-    /// 1 KB of static shared memory) within what a block may have here.
-    pub(super) fn mma_decode(&self, d: &MlaDims) -> bool {
+    /// Whether decode attention takes the matrix-unit kernel: a bf16 cache (allocated so with
+    /// bf16 attention), matrix units (or the tests' portable product), and the tile's shared
+    /// memory (plus the kernel's 1 KB of static shared memory) within what a block may have here.
+    pub(super) fn mma_decode(&self, d: &MlaDims, kv: &GpuKvCache) -> bool {
         let tile = DecodeTile::for_target(self.warp, self.warp == 32 && self.matrix_units, d);
-        self.attn_bf16 && (self.mma_gemm || self.flash_portable) && tile.shared_bytes(d) + 1024 <= self.dev.max_shared_per_block()
+        kv.bf16 && self.attn_bf16 && (self.mma_gemm || self.flash_portable) && tile.shared_bytes(d) + 1024 <= self.dev.max_shared_per_block()
     }
 
     /// `lat` = each token's heads' attention-weighted latents ([T, heads, kv_lora]).
@@ -111,17 +111,17 @@ mod tests {
 
     #[test]
     fn shared_layout_fits_each_vendor() {
-        // NVIDIA: 64 heads × 584 bf16 + 32 keys × 584 bf16 + 32 × 576 f32 staging + four parts'
-        // scores, probabilities, rescale and final max/sum: under the 227 KB an H100/H200 block
-        // may have (less the kernel's 1 KB of static shared memory)
+        // NVIDIA: 64 heads × 584 bf16 + two tiles of 32 keys × 584 bf16 + four parts' scores,
+        // probabilities, rescale and final max/sum: under the 227 KB an H100/H200 block may have
+        // (less the kernel's 1 KB of static shared memory)
         let nv = DecodeTile::for_target(32, true, &v3());
-        assert_eq!(nv.shared_bytes(&v3()), 74752 + 37376 + 73728 + 36864 + 5120 + 256 + 512);
+        assert_eq!(nv.shared_bytes(&v3()), 74752 + 2 * 37376 + 36864 + 5120 + 256 + 512);
         assert!(nv.shared_bytes(&v3()) + 1024 <= 227 * 1024);
         // CDNA: 32 heads and 16 keys fit the 64 KB of LDS
         let amd = DecodeTile::for_target(64, false, &v3());
         assert_eq!((amd.heads, amd.keys, amd.async_stage), (32, 16, false));
         assert!(amd.shared_bytes(&v3()) <= 64 * 1024, "{}", amd.shared_bytes(&v3()));
-        // odd dims: the contraction padded to 64 (40 + 6 → 64); no 16-byte copies of 46-float entries
+        // odd dims: the contraction padded to 64 (40 + 6 → 64); no 16-byte copies of 46-wide entries
         let odd = MlaDims { num_heads: 3, qk_nope: 20, qk_rope: 6, v_head: 24, kv_lora_rank: 40, scale: 0.3 };
         let t = DecodeTile::for_target(32, true, &odd);
         assert!(!t.async_stage);

@@ -58,7 +58,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let slots = self.idx(&flat)?;
         let mut c = self.alloc_out(n * d.kv_lora_rank)?;
         let mut pe = self.alloc_out(n * d.qk_rope)?;
-        let f = self.mla_prefill_func(dims, "mla_gather_ctx")?;
+        let f = self.mla_prefill_func(dims, if kv.bf16 { "mla_gather_ctx_bf16c" } else { "mla_gather_ctx" })?;
         let (l, ns) = (layer as i32, kv.slots as i32);
         // [ctx, heads·(nope + v)]: every context token's k_nope and v for every head, once
         let kvd = self.span(super::ops::ATTN_PROJ, || {

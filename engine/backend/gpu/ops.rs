@@ -65,6 +65,9 @@ pub struct GpuKvCache {
     pub layers: usize,
     pub slots: usize,
     pub entry: usize,
+    /// bf16 entries (`attn_bf16` when allocated: SGLang's bf16 KV cache, half the bytes), packed
+    /// two to a word of `buf`; else f32
+    pub bf16: bool,
     pub buf: DevBuf<f32>,
 }
 
@@ -133,7 +136,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             b.run(proj(d.kv_lora_rank.div_ceil(128))).map_err(err("mla_q_latent"))
         })?;
         let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
-        if self.mma_decode(d) {
+        if self.mma_decode(d, kv) {
             self.mla_decode_mma(q, &q_lat, kv, layer, &a, d, &mut lat)?;
         } else {
             self.mla_decode_cuda_cores(q, &q_lat, kv, layer, &a, d, &mut lat)?;
@@ -157,7 +160,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let grid = (t as u32, d.num_heads as u32);
         // four heads per block share each cache entry they read
         let hpb = if d.num_heads.is_multiple_of(4) { 4 } else { 1 };
-        let f = self.mla_func(dims, if hpb == 4 { "mla_attention4" } else { "mla_attention" })?;
+        let f = self.mla_func(dims, &format!("mla_attention{}{}", if hpb == 4 { "4" } else { "" }, if kv.bf16 { "_bf16c" } else { "" }))?;
         let (l, ns, scale) = (layer as i32, kv.slots as i32, d.scale);
         let warps = self.warps_per_block();
         let shared = (warps * (2 + d.kv_lora_rank) * 4) as u32;
@@ -314,8 +317,10 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
     }
 
     fn alloc_kv_cache(&self, layers: usize, slots: usize, kv_entry: usize) -> Result<GpuKvCache, BackendError> {
-        let buf = self.zeros::<f32>((layers * slots * kv_entry).max(1))?;
-        Ok(GpuKvCache { layers, slots, entry: kv_entry, buf })
+        let n = layers * slots * kv_entry;
+        let bf16 = self.attn_bf16;
+        let buf = self.zeros::<f32>((if bf16 { n.div_ceil(2) } else { n }).max(1))?;
+        Ok(GpuKvCache { layers, slots, entry: kv_entry, bf16, buf })
     }
 
     fn embedding(&self, table: &GpuLinear, ids: &[u32]) -> Result<GpuTensor, BackendError> {
@@ -414,7 +419,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             if slots.is_empty() {
                 return Ok(());
             }
-            let f = self.func(EW, "kv_write")?;
+            let f = self.func(EW, if kv.bf16 { "kv_write_bf16" } else { "kv_write" })?;
             let s = self.idx(slots)?;
             let (l, ns, e) = (layer as i32, kv.slots as i32, kv.entry as i32);
             let mut b = self.launch(&f);

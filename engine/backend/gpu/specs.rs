@@ -31,7 +31,7 @@ pub struct KernelModule {
 
 /// Modules that do not depend on the model's shapes.
 const GENERIC: &[(&str, &[&str])] = &[
-    ("hip-kernels/elementwise.hip", &["embedding_f32w", "embedding_bf16w", "embedding_fp8w", "silu_mul", "add_inplace", "gather_rows", "scatter_rows", "concat_cols", "kv_write", "split_bf16_rows", "dequant_fp8_hilo"]),
+    ("hip-kernels/elementwise.hip", &["embedding_f32w", "embedding_bf16w", "embedding_fp8w", "silu_mul", "add_inplace", "gather_rows", "scatter_rows", "concat_cols", "kv_write", "kv_write_bf16", "split_bf16_rows", "dequant_fp8_hilo"]),
     ("hip-kernels/norm.hip", &["rms_norm", "add_rms_norm", "rms_norm_cols"]),
     ("hip-kernels/rope.hip", &["rope"]),
     ("hip-kernels/linear.hip", &["linear_f32w", "linear_bf16w", "linear_fp8w", "gemv_f32w", "gemv_bf16w", "gemv_fp8w", "gemv8_f32w", "gemv8_bf16w", "gemv8_fp8w", "gemv16_f32w", "gemv16_bf16w", "gemv16_fp8w", "gemv1_f32w", "gemv1_bf16w", "gemv1_fp8w"]),
@@ -71,13 +71,13 @@ pub fn mla_module(d: ModelDims, vendor: Vendor) -> KernelModule {
             ("NOPE".into(), d.qk_nope_head_dim.to_string()),
             ("VDIM".into(), d.v_head_dim.to_string()),
         ],
-        functions: vec!["mla_q_latent_f32w", "mla_q_latent_bf16w", "mla_q_latent_fp8w", "mla_attention", "mla_attention4", "mla_merge", "mla_out_f32w", "mla_out_bf16w", "mla_out_fp8w"],
+        functions: vec!["mla_q_latent_f32w", "mla_q_latent_bf16w", "mla_q_latent_fp8w", "mla_attention", "mla_attention4", "mla_attention_bf16c", "mla_attention4_bf16c", "mla_merge", "mla_out_f32w", "mla_out_bf16w", "mla_out_fp8w"],
     }
 }
 
 /// MLA prefill in the MHA form (flash attention over decompressed K/V), same shape defines.
 pub fn mla_prefill_module(d: ModelDims, vendor: Vendor) -> KernelModule {
-    KernelModule { file: "hip-kernels/mla_prefill.hip", functions: vec!["mla_gather_ctx", "mla_prefill_kv", "mla_flash_prefill"], ..mla_module(d, vendor) }
+    KernelModule { file: "hip-kernels/mla_prefill.hip", functions: vec!["mla_gather_ctx", "mla_gather_ctx_bf16c", "mla_prefill_kv", "mla_flash_prefill"], ..mla_module(d, vendor) }
 }
 
 /// The flash prefill on bf16 operands (FB_PARTS 1: `--fp8-activations dynamic`).
