@@ -97,8 +97,9 @@ pub struct GpuBackend<V: GpuVendor> {
     pub flash_portable: bool,
     /// Attention on bf16 operands, set with `--fp8-activations dynamic` (whose FP8 GEMM inputs
     /// leave ~1e-2 in q, k and v): the flash prefill takes one product per step (FB_PARTS 1)
-    /// instead of hi + lo (three), as SGLang's bf16 prefill attention, and decode runs the
-    /// matrix-unit kernel (mla_decode.hip; FlashMLA's numerics) instead of the f32 CUDA-core one
+    /// instead of hi + lo (three), as SGLang's bf16 prefill attention, KV caches allocated from
+    /// then on hold bf16 latents, and decode runs the matrix-unit kernel (mla_decode.hip;
+    /// FlashMLA's numerics) instead of the f32 CUDA-core one
     pub attn_bf16: bool,
     /// Decode-sized MoE batches (FP8 experts) on the matrix units (moe_tc.hip; NVIDIA sm_80+,
     /// CDNA; ENGINE_MOE_TC=0 keeps the grouped GEMV)
