@@ -107,3 +107,35 @@ fn launch_geometry_follows_the_warp_width() {
         assert_eq!((route.0.as_str(), route.1, route.2), ("moe_route", (3, 1, 1), warp as u32));
     }
 }
+
+#[test]
+fn decode_attention_over_a_bf16_cache_takes_the_matrix_unit_kernel() {
+    use crate::backend::{AttnSeq, MlaDims};
+    let d = MlaDims { num_heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
+    for bf16 in [true, false] {
+        let (mut b, rt) = nvidia_like();
+        b.attn_bf16 = bf16;
+        // the KV pool is sized by the element bytes; a bf16 cache packs two latents a word
+        assert_eq!(b.kv_element_bytes(), if bf16 { 2 } else { 4 });
+        let mut kv = b.alloc_kv_cache(2, 1000, d.kv_entry()).unwrap();
+        assert_eq!((kv.bf16, kv.buf.len()), (bf16, 2 * 1000 * 576 / if bf16 { 2 } else { 1 }));
+        let slots: Vec<u32> = (0..1000).rev().collect();
+        rt.take_launched();
+        b.kv_write(&mut kv, 1, &slots[..3], &x(&b, 3, d.kv_entry())).unwrap();
+        assert_eq!(names(&rt), vec![if bf16 { "kv_write_bf16" } else { "kv_write" }]);
+        let kv_b = b.upload_linear(&fp8(128 * 256, 512)).unwrap();
+        let q = x(&b, 1, 128 * d.qk_head());
+        let seqs = [AttnSeq { q_start: 0, q_len: 1, slots: &slots }];
+        b.mla_attention(&q, &kv, 1, &seqs, &kv_b, &d).unwrap();
+        let l = rt.take_launched();
+        let attn: Vec<_> = l.iter().filter(|x| x.0.starts_with("mla_attention") || x.0 == "mla_decode_mma").collect();
+        if bf16 {
+            // two 64-head groups × 2 splits fill the host runtime's 4 SMs; 16 warps a block
+            assert_eq!((attn[0].0.as_str(), attn[0].1, attn[0].2), ("mla_decode_mma", (1, 2, 2), 512));
+        } else {
+            // the CUDA-core kernel: 32 blocks of 4 heads, the 1000 keys in 2 splits of ≥ 512
+            assert_eq!(attn[0].0, "mla_attention4");
+        }
+        assert!(l.iter().any(|x| x.0 == "mla_merge"), "{l:?}");
+    }
+}

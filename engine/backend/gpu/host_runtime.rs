@@ -98,6 +98,10 @@ impl DeviceApi for HostRuntime {
     fn load_module(&self, _image: &[u8]) -> Result<Handle, ApiError> {
         Ok(1)
     }
+    /// A Hopper-sized block (227 KB), so that the dispatch tests see the NVIDIA paths.
+    fn max_shared_per_block(&self) -> usize {
+        227 * 1024
+    }
     fn function(&self, _module: Handle, name: &str) -> Result<Handle, ApiError> {
         let mut n = self.names.lock().unwrap();
         n.push(name.to_string());

@@ -255,6 +255,15 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
         self.dev.mem_info().ok()
     }
 
+    /// bf16 latents with bf16 attention (`--fp8-activations dynamic`), else f32
+    fn kv_element_bytes(&self) -> usize {
+        if self.attn_bf16 {
+            2
+        } else {
+            4
+        }
+    }
+
     fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<GpuTensor, BackendError> {
         assert_eq!(data.len(), rows * cols, "upload: data does not match its shape");
         let buf = self.htod(if data.is_empty() { &[0f32][..] } else { data })?;
