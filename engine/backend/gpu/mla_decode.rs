@@ -1,8 +1,9 @@
 //! MLA decode attention on the matrix units (hip-kernels/mla_decode.hip): the absorbed form with
 //! bf16 operands, a block per (token, group of heads, split of the context) that reads each cache
 //! entry once for the whole head group; split partials are combined by mla.hip's `mla_merge`.
-//! Taken with `--fp8-activations dynamic` (`attn_bf16`) where the device has matrix units (or the
-//! tests ask for the portable product); the f32 CUDA-core kernel stays for the f32 mode.
+//! Taken with `--fp8-activations dynamic` (`attn_bf16`, whose KV caches hold bf16 latents) where
+//! the device has matrix units (or the tests ask for the portable product); the CUDA-core kernel
+//! stays for the f32 mode and for devices without this path.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, LaunchConfig};
 use super::ops::{cfg, GpuKvCache};
