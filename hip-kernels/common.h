@@ -15,6 +15,10 @@
 
 __device__ __forceinline__ float bf16_to_f32(uint16_t b) { return __uint_as_float(((uint32_t)b) << 16); }
 
+// Element i of a latent KV cache entry: f32, or bf16 (`--fp8-activations dynamic`).
+__device__ __forceinline__ float kv_elem(const float* e, int i) { return e[i]; }
+__device__ __forceinline__ float kv_elem(const uint16_t* e, int i) { return bf16_to_f32(e[i]); }
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
 // sm_89+: two e4m3 bytes (the low two of `two`, low byte first) through the hardware conversion to
 // f16x2, then to f32: exact, since every e4m3 value (NaN included) is an f16 value.

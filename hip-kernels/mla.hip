@@ -108,10 +108,6 @@ __device__ void mla_q_latent_impl(const float* __restrict__ q, const uint8_t* __
 // empty and write an empty partial), each writing an unnormalised partial (max, sum, Σ p·c)
 // to `part` [T, heads, splits, 2 + KV_LORA] for mla_merge (split-K over the sequence, for long
 // contexts with few blocks). Shared memory: [warps][2 + KV_LORA] floats.
-// an element of a cache entry: f32, or bf16 (`--fp8-activations dynamic`)
-__device__ __forceinline__ float mla_cache(const float* e, int i) { return e[i]; }
-__device__ __forceinline__ float mla_cache(const uint16_t* e, int i) { return bf16_to_f32(e[i]); }
-
 template <int HPB, class CT>
 __device__ void mla_attention_impl(const float* __restrict__ q, const float* __restrict__ q_lat, const CT* __restrict__ kv,
                                    const uint32_t* __restrict__ slots, const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len,
@@ -145,7 +141,7 @@ __device__ void mla_attention_impl(const float* __restrict__ q, const float* __r
 #pragma unroll
         for (int i = 0; i < LPL; ++i) {
             int l = lane + i * WARP;
-            c[i] = l < KV_LORA ? mla_cache(e, l) : 0.f;
+            c[i] = l < KV_LORA ? kv_elem(e, l) : 0.f;
         }
 #pragma unroll
         for (int hh = 0; hh < HPB; ++hh) {
@@ -153,7 +149,7 @@ __device__ void mla_attention_impl(const float* __restrict__ q, const float* __r
             float dot = 0.f;
 #pragma unroll
             for (int i = 0; i < LPL; ++i) dot += qs[hh][lane + i * WARP] * c[i];
-            for (int r = lane; r < ROPE; r += WARP) dot += qpe[r] * mla_cache(e, KV_LORA + r);
+            for (int r = lane; r < ROPE; r += WARP) dot += qpe[r] * kv_elem(e, KV_LORA + r);
             float score = warp_sum(dot) * scale;
             float m2 = fmaxf(m[hh], score);
             float corr = expf(m[hh] - m2), p = expf(score - m2);

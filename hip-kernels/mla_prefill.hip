@@ -35,16 +35,13 @@
 
 // c_out[j] = the latent c and pe_out[j] = k_pe of context slot slots[j] (layer `layer`), from an
 // f32 or a bf16 cache.
-__device__ __forceinline__ float fb_cache(const float* e, int i) { return e[i]; }
-__device__ __forceinline__ float fb_cache(const uint16_t* e, int i) { return bf16_to_f32(e[i]); }
-
 template <class CT>
 __device__ void mla_gather_ctx_impl(const CT* __restrict__ kv, const uint32_t* __restrict__ slots, int layer, int num_slots, float* __restrict__ c_out,
                                     float* __restrict__ pe_out) {
     int j = blockIdx.x;
     const CT* e = kv + ((int64_t)layer * num_slots + slots[j]) * ENTRY;
-    for (int i = threadIdx.x; i < KV_LORA; i += blockDim.x) c_out[(int64_t)j * KV_LORA + i] = fb_cache(e, i);
-    for (int i = threadIdx.x; i < ROPE; i += blockDim.x) pe_out[(int64_t)j * ROPE + i] = fb_cache(e, KV_LORA + i);
+    for (int i = threadIdx.x; i < KV_LORA; i += blockDim.x) c_out[(int64_t)j * KV_LORA + i] = kv_elem(e, i);
+    for (int i = threadIdx.x; i < ROPE; i += blockDim.x) pe_out[(int64_t)j * ROPE + i] = kv_elem(e, KV_LORA + i);
 }
 
 extern "C" __global__ void mla_gather_ctx(const float* kv, const uint32_t* slots, int layer, int num_slots, float* c_out, float* pe_out) {

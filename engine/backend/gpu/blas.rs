@@ -81,11 +81,17 @@ impl<V: GpuVendor> GpuBackend<V> {
     pub(super) fn blaslt_for(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
         let min_rows = match w.wdt {
             1 => self.tuned.cublaslt_min_rows,
-            2 if self.fp8_act && fp8_block_ok(w.out, w.inp, w.bn, w.bk) => self.tuned.blaslt_fp8_act_min_rows,
+            2 if self.fp8_act_for(w) => self.tuned.blaslt_fp8_act_min_rows,
             2 => self.tuned.blaslt_fp8_min_rows,
             _ => return false,
         };
         self.blaslt.is_some() && x.rows >= min_rows && w.inp.is_multiple_of(8) && w.out.is_multiple_of(4)
+    }
+
+    /// Whether this FP8 layer's input is quantised to FP8 (`--fp8-activations dynamic` and a
+    /// shape the block-scaled GEMM takes).
+    fn fp8_act_for(&self, w: &GpuLinear) -> bool {
+        self.fp8_act && fp8_block_ok(w.out, w.inp, w.bn, w.bk)
     }
 
     /// y = x · Wᵀ through the GEMM library; false (nothing launched) where it has no algorithm
@@ -96,7 +102,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let fp8 = w.wdt == 2;
         // the library wants a multiple of 4 tokens: padded rows are zeros, their products dropped
         let m4 = m.next_multiple_of(4);
-        if fp8 && self.fp8_act && fp8_block_ok(w.out, w.inp, w.bn, w.bk) && lt.supports_fp8_block(m4, n, k) {
+        if fp8 && self.fp8_act_for(w) && lt.supports_fp8_block(m4, n, k) {
             let (q, s) = self.quantize_act_fp8(x, m4)?;
             let e = |msg| self.op_err("blaslt", format!("{}: {msg}", lt.name()));
             if m4 == m {

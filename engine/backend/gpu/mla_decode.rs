@@ -6,7 +6,7 @@
 //! stays for the f32 mode and for devices without this path.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, LaunchConfig};
-use super::ops::{cfg, GpuKvCache};
+use super::ops::GpuKvCache;
 use super::step::AttnDev;
 use crate::backend::gpu::ModelDims;
 use crate::backend::{BackendError, MlaDims};
@@ -69,15 +69,20 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// bf16 attention), matrix units (or the tests' portable product), and the tile's shared
     /// memory (plus the kernel's 1 KB of static shared memory) within what a block may have here.
     pub(super) fn mma_decode(&self, d: &MlaDims, kv: &GpuKvCache) -> bool {
-        let tile = DecodeTile::for_target(self.warp, self.warp == 32 && self.matrix_units, d);
+        let tile = self.decode_tile(d);
         kv.bf16 && self.attn_bf16 && (self.mma_gemm || self.flash_portable) && tile.shared_bytes(d) + 1024 <= self.dev.max_shared_per_block()
+    }
+
+    /// The kernel's tile on this device (cp.async staging on NVIDIA sm_80+).
+    fn decode_tile(&self, d: &MlaDims) -> DecodeTile {
+        DecodeTile::for_target(self.warp, self.warp == 32 && self.matrix_units, d)
     }
 
     /// `lat` = each token's heads' attention-weighted latents ([T, heads, kv_lora]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn mla_decode_mma(&self, q: &GpuTensor, q_lat: &DevBuf<f32>, kv: &GpuKvCache, layer: usize, a: &AttnDev, d: &MlaDims, lat: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (t, dims) = (q.rows, ModelDims::of_mla(d));
-        let tile = DecodeTile::for_target(self.warp, self.warp == 32 && self.matrix_units, d);
+        let tile = self.decode_tile(d);
         let groups = d.num_heads.div_ceil(tile.heads);
         let splits = mma_splits(t * groups, self.sms, a.max_len, self.in_graph_step());
         let smem = tile.shared_bytes(d);
@@ -85,19 +90,13 @@ impl<V: GpuVendor> GpuBackend<V> {
         // non-empty split too (mla_merge reads no values of an empty one)
         let mut part = if splits > 1 { self.scratch::<f32>(t * d.num_heads * splits * (2 + d.kv_lora_rank))? } else { self.scratch::<f32>(1)? };
         let f = self.mla_decode_func(dims)?;
-        let merge = self.mla_func(dims, "mla_merge")?;
         let (heads, l, ns, scale, sp, min_chunk, sm) = (d.num_heads as i32, layer as i32, kv.slots as i32, d.scale, splits as i32, MMA_SPLIT_MIN_KEYS as i32, smem as i32);
         self.span("attention", || {
             let mut b = self.launch(&f);
             b.arg(&q.buf).arg(q_lat).arg(&kv.buf).arg(&a.flat).arg(&a.off).arg(&a.len).arg(&mut *lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part).arg(&sm);
             let launch = LaunchConfig { grid_dim: (t as u32, groups as u32, splits as u32), block_dim: (tile.threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
             b.run(launch).map_err(err("mla_decode_mma"))?;
-            if splits > 1 {
-                let mut b = self.launch(&merge);
-                b.arg(&part).arg(&mut *lat).arg(&heads).arg(&sp);
-                b.run(cfg((t as u32, d.num_heads as u32), 256, 0)).map_err(err("mla_merge"))?;
-            }
-            Ok(())
+            self.mla_merge_splits(dims, &part, lat, t, d.num_heads, splits)
         })
     }
 }

@@ -157,7 +157,6 @@ impl<V: GpuVendor> GpuBackend<V> {
     fn mla_decode_cuda_cores(&self, q: &GpuTensor, q_lat: &DevBuf<f32>, kv: &GpuKvCache, layer: usize, a: &step::AttnDev, d: &MlaDims, lat: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (t, dims, heads) = (q.rows, ModelDims::of_mla(d), d.num_heads as i32);
         let (d_flat, d_off, d_len) = (a.flat, a.off, a.len);
-        let grid = (t as u32, d.num_heads as u32);
         // four heads per block share each cache entry they read
         let hpb = if d.num_heads.is_multiple_of(4) { 4 } else { 1 };
         let f = self.mla_func(dims, &format!("mla_attention{}{}", if hpb == 4 { "4" } else { "" }, if kv.bf16 { "_bf16c" } else { "" }))?;
@@ -169,19 +168,24 @@ impl<V: GpuVendor> GpuBackend<V> {
         let part_len = if splits > 1 { t * d.num_heads * splits * (2 + d.kv_lora_rank) } else { 1 };
         let mut part = self.zeros::<f32>(part_len)?;
         let (sp, min_chunk) = (splits as i32, step::SPLIT_MIN_KEYS as i32);
-        let merge = self.mla_func(dims, "mla_merge")?;
         self.span("attention", || {
             let mut b = self.launch(&f);
             b.arg(&q.buf).arg(q_lat).arg(&kv.buf).arg(&d_flat).arg(&d_off).arg(&d_len).arg(&mut *lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part);
             let launch = LaunchConfig { grid_dim: (t as u32, (d.num_heads / hpb) as u32, splits as u32), block_dim: (256, 1, 1), shared_mem_bytes: shared };
             b.run(launch).map_err(err("mla_attention"))?;
-            if splits > 1 {
-                let mut b = self.launch(&merge);
-                b.arg(&part).arg(&mut *lat).arg(&heads).arg(&sp);
-                b.run(cfg(grid, 256, 0)).map_err(err("mla_merge"))?;
-            }
-            Ok(())
+            self.mla_merge_splits(dims, &part, lat, t, d.num_heads, splits)
         })
+    }
+
+    /// Combines each (token, head)'s `splits` context partials in `part` ([T, heads, splits,
+    /// 2 + kv_lora]) into `lat` (mla.hip's `mla_merge`); one split wrote `lat` itself.
+    pub(super) fn mla_merge_splits(&self, dims: ModelDims, part: &DevBuf<f32>, lat: &mut DevBuf<f32>, t: usize, heads: usize, splits: usize) -> Result<(), BackendError> {
+        if splits <= 1 {
+            return Ok(());
+        }
+        let f = self.mla_func(dims, "mla_merge")?;
+        let (h, sp) = (heads as i32, splits as i32);
+        self.launch(&f).arg(part).arg(lat).arg(&h).arg(&sp).run(cfg((t as u32, heads as u32), 256, 0)).map_err(err("mla_merge"))
     }
 
     fn scatter_rows(&self, x: &GpuTensor, rows: &[u32], out: &mut DevBuf<f32>) -> Result<(), BackendError> {
