@@ -25,6 +25,38 @@ extern "C" __global__ void __launch_bounds__(MT_THREADS) linear_mma_f32w(const f
 extern "C" __global__ void __launch_bounds__(MT_THREADS) linear_mma_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, int ksplit, int vec) { linear_mma_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk, ksplit, vec); }
 extern "C" __global__ void __launch_bounds__(MT_THREADS) linear_mma_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, int ksplit, int vec) { linear_mma_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk, ksplit, vec); }
 
+// Per-head GEMMs (MLA's absorbed projections around the decode attention): for head z = blockIdx.z,
+//   Y[m, z·yh + n] = Σ_k X[m, z·xh + k] · W[z·wh + w0 + n, k]     (m < M, n < N, k < K)
+// with X rows `ldx` floats apart, Y rows `ldy` apart, and W a [rows, K] weight whose FP8 block scales
+// count its rows from the first (a head's rows need not start a scale block). No split K: the heads
+// fill the GPU. Launch: grid (ceil(N/128), ceil(M/128), heads), block 256; `vec` as above, plus
+// X rows and head offsets of a multiple of 4 floats.
+template <int WDT>
+__device__ void linear_mma_heads_impl(const float* X, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, float* Y, int64_t ldy, int yh,
+                                      int M, int N, int K, int bn, int bk, int vec) {
+    __shared__ MmaShared sh;
+    int z = blockIdx.z, wr = z * wh + w0, nt = (int)blockIdx.x * MT_N;
+    MtOperands o = {X + (int64_t)z * xh, nullptr, (int)blockIdx.y * MT_M, M, W, S, wr + N, wr + nt, K, bn, bk, ldx};
+    MmaAcc acc;
+    mt_zero(acc);
+    mt_run<WDT>(sh, acc, o, 0, K, vec != 0);
+    float* out = Y + (int64_t)z * yh;
+    mt_each(acc, [&](int r, int c, float v) {
+        int m = o.m0 + r, n = nt + c;
+        if (m < M && n < N) out[(int64_t)m * ldy + n] = v;
+    });
+}
+
+#define LINEAR_MMA_HEADS(SUF, WDT)                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(MT_THREADS) linear_mma_heads_##SUF(const float* X, int64_t ldx, int xh, const uint8_t* W,      \
+                                                                                      const float* S, int wh, int w0, float* Y, int64_t ldy, int yh, \
+                                                                                      int M, int N, int K, int bn, int bk, int vec) {            \
+        linear_mma_heads_impl<WDT>(X, ldx, xh, W, S, wh, w0, Y, ldy, yh, M, N, K, bn, bk, vec);                                                \
+    }
+LINEAR_MMA_HEADS(f32w, WDT_F32)
+LINEAR_MMA_HEADS(bf16w, WDT_BF16)
+LINEAR_MMA_HEADS(fp8w, WDT_FP8)
+
 // Y[i] = Σ_z part[z][i] over the split-K partials, z in order.
 extern "C" __global__ void linear_split_sum(const float* part, float* Y, int64_t n, int splits) {
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;

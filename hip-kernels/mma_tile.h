@@ -74,7 +74,9 @@ __device__ __forceinline__ void mt_zero(MmaAcc& a) {
 }
 
 // Where the tile's rows and columns come from. Local row r is valid when m0 + r < m_end; its X row
-// is rowmap[m0 + r] (or m0 + r without a map). W rows n0 .. n0+127 (< N) of a [N, K] weight.
+// is rowmap[m0 + r] (or m0 + r without a map), `ldx` floats apart (0: K). W rows n0 .. n0+127
+// (< N) of a [rows, K] weight whose FP8 block scales count rows from W's first (the per-head
+// projections pass a head's rows as n0 .. N of the whole kv_b).
 struct MtOperands {
     const float* X;
     const int* rowmap;
@@ -82,6 +84,7 @@ struct MtOperands {
     const uint8_t* W;
     const float* S;
     int N, n0, K, bn, bk;
+    int64_t ldx;
     // set by mt_run: the tile's row of FP8 block scales when they are folded into X (else null)
     const float* srow;
 };
@@ -95,7 +98,7 @@ __device__ __forceinline__ int64_t mt_xrow(const MtOperands& o, int r) {
 // Whether the FP8 scale of a K block is one number for all of the tile's rows (then X carries it).
 template <int WDT>
 __device__ __forceinline__ bool mt_fold(const MtOperands& o) {
-    return WDT == WDT_FP8 && o.bn % MT_N == 0;
+    return WDT == WDT_FP8 && o.n0 / o.bn == (min(o.n0 + MT_N, o.N) - 1) / o.bn;
 }
 
 // The scale that multiplies X at column k (1 unless folded) and the one that multiplies W[n][k].
@@ -105,7 +108,7 @@ __device__ __forceinline__ float mt_xscale(const MtOperands& o, int k) {
 }
 template <int WDT>
 __device__ __forceinline__ float mt_wscale(const MtOperands& o, int n, int k) {
-    return WDT == WDT_FP8 && !mt_fold<WDT>(o) ? o.S[(n / o.bn) * ((o.K + o.bk - 1) / o.bk) + k / o.bk] : 1.f;
+    return WDT == WDT_FP8 && !o.srow ? o.S[(n / o.bn) * ((o.K + o.bk - 1) / o.bk) + k / o.bk] : 1.f;
 }
 
 // four consecutive floats split into bf16 hi and lo parts at hi[0..4] and lo[0..4] (8-byte aligned)
@@ -138,7 +141,7 @@ __device__ __forceinline__ void mt_load(MtStage<WDT>& st, const MtOperands& o, i
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         int64_t xr = mt_xrow(o, tid / 8 + 32 * i);
-        st.x[i] = (xr >= 0 && kx < o.K) ? *(const float4*)(o.X + xr * o.K + kx) : make_float4(0.f, 0.f, 0.f, 0.f);
+        st.x[i] = (xr >= 0 && kx < o.K) ? *(const float4*)(o.X + xr * o.ldx + kx) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
     const int per_row = 2 * ES, rows_per_pass = MT_THREADS / per_row, elems = 16 / ES;
 #pragma unroll
@@ -193,7 +196,7 @@ __device__ void mt_fill_scalar(MmaShared& sh, const MtOperands& o, int k0) {
     for (int i = threadIdx.x; i < MT_M * MT_K; i += MT_THREADS) {
         int r = i / MT_K, c = i % MT_K, k = k0 + c;
         int64_t xr = mt_xrow(o, r);
-        float x = (xr >= 0 && k < o.K) ? o.X[xr * o.K + k] * mt_xscale<WDT>(o, k) : 0.f;
+        float x = (xr >= 0 && k < o.K) ? o.X[xr * o.ldx + k] * mt_xscale<WDT>(o, k) : 0.f;
         bf16_split(x, &sh.xs[0][r][c], &sh.xs[1][r][c]);
         int n = o.n0 + r;
         float w = 0.f;
@@ -276,6 +279,7 @@ template <int WDT>
 __device__ void mt_run(MmaShared& sh, MmaAcc& acc, const MtOperands& operands, int kbeg, int kend, bool vec) {
     // the folded scales' row, found once per tile (the divisions cost more than the loads)
     MtOperands o = operands;
+    if (!o.ldx) o.ldx = o.K;
     o.srow = mt_fold<WDT>(o) ? o.S + (int64_t)(o.n0 / o.bn) * ((o.K + o.bk - 1) / o.bk) : nullptr;
     MtStage<WDT> st;
     if (vec && kbeg < kend) mt_load<WDT>(st, o, kbeg);

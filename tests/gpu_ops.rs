@@ -320,9 +320,13 @@ fn mla_attention_paged_causal_real_and_odd_dims_on<V: GpuVendor>() {
         (MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.13 }, WType::Fp8),
         (MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.13 }, WType::Bf16),
         (MlaDims { num_heads: 3, qk_nope: 20, qk_rope: 8, v_head: 24, kv_lora_rank: 40, scale: 0.3 }, WType::F32),
+        // FP8 scale blocks across heads (44 rows a head in 128-row blocks): W_UK transposed in f32
+        (MlaDims { num_heads: 3, qk_nope: 20, qk_rope: 8, v_head: 24, kv_lora_rank: 40, scale: 0.3 }, WType::Fp8),
     ] {
         // a long decode (4000 cached tokens), a prefill chunk over a prefix, a fresh prefill (all
-        // under the flash threshold: the absorbed form); then the long decode alone (split-K)
+        // under the flash threshold: the absorbed form; 59 tokens: the projections as per-head
+        // GEMMs on the matrix units where the device has them); then the long decode alone
+        // (split-K; one token: the CUDA-core projections)
         mla_case(&g, &c, &mut rng, &d, kvt, &[(4000, 1), (300, 37), (21, 21)], F32_TOL, true);
     }
 }
@@ -405,7 +409,7 @@ fn mla_case<V: GpuVendor>(g: &GpuBackend<V>, c: &CpuBackend, rng: &mut Rng, d: &
     let slots_total: usize = lens.iter().map(|x| x.0).sum::<usize>() + 7;
     let layers = 2;
     let kv_b = host_linear(rng, d.num_heads * (d.qk_nope + d.v_head), d.kv_lora_rank, kvt);
-    let (ck, gk) = (c.upload_linear(&kv_b).unwrap(), g.upload_linear(&kv_b).unwrap());
+    let (ck, gk) = (c.upload_mla_kv_b(&kv_b, d.qk_nope, d.v_head).unwrap(), g.upload_mla_kv_b(&kv_b, d.qk_nope, d.v_head).unwrap());
     let mut ckv = c.alloc_kv_cache(layers, slots_total, d.kv_entry()).unwrap();
     let mut gkv = g.alloc_kv_cache(layers, slots_total, d.kv_entry()).unwrap();
     let mut perm: Vec<u32> = (0..slots_total as u32).collect();

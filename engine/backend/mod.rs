@@ -120,6 +120,12 @@ pub trait Backend: Send + Sync + 'static {
     fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Tensor, BackendError>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
     fn upload_linear(&self, w: &HostLinear) -> Result<Self::Linear, BackendError>;
+    /// An MLA layer's kv_b (`[heads·(nope + v), kv_lora]`, this rank's heads); a backend may keep
+    /// another layout of it for the absorbed attention (the GPU backends: W_UK transposed, for the
+    /// query projection on the matrix units).
+    fn upload_mla_kv_b(&self, w: &HostLinear, _nope: usize, _v_head: usize) -> Result<Self::Linear, BackendError> {
+        self.upload_linear(w)
+    }
     /// Experts `first ..` as (gate, up, down) triples, in expert-id order. Under expert parallelism
     /// a rank holds a contiguous range; routed pairs to experts outside it contribute nothing.
     fn upload_experts(&self, experts: Vec<[HostLinear; 3]>, first: usize) -> Result<Self::Experts, BackendError>;

@@ -51,7 +51,7 @@ impl<B: Backend> Mla<B> {
             q,
             kv_a: w.linear(&format!("{prefix}.kv_a_proj_with_mqa"), c.kv_entry_dim(), c.hidden_size)?,
             kv_a_norm: w.vector(&format!("{prefix}.kv_a_layernorm.weight"), c.kv_lora_rank)?,
-            kv_b: w.linear_rows(&format!("{prefix}.kv_b_proj"), h * kvb, c.kv_lora_rank, rows(kvb))?,
+            kv_b: w.mla_kv_b(&format!("{prefix}.kv_b_proj"), h * kvb, rows(kvb))?,
             o: w.linear_cols(&format!("{prefix}.o_proj"), c.hidden_size, h * c.v_head_dim, rows(c.v_head_dim))?,
         })
     }

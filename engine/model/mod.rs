@@ -57,6 +57,12 @@ impl<B: Backend> WeightsCtx<'_, B> {
     pub fn linear_rows(&self, prefix: &str, out: usize, inp: usize, rows: std::ops::Range<usize>) -> Result<B::Linear, ModelError> {
         Ok(self.backend.upload_linear(&self.host_linear(prefix, out, inp)?.slice_rows(rows))?)
     }
+    /// An MLA layer's kv_b, rows `rows` (this rank's heads), for the absorbed attention.
+    pub fn mla_kv_b(&self, prefix: &str, out: usize, rows: std::ops::Range<usize>) -> Result<B::Linear, ModelError> {
+        let c = self.cfg;
+        let w = self.host_linear(prefix, out, c.kv_lora_rank)?.slice_rows(rows);
+        Ok(self.backend.upload_mla_kv_b(&w, c.qk_nope_head_dim, c.v_head_dim)?)
+    }
     /// Input columns `cols` of a weight (row-parallel: its output is summed over the ranks).
     pub fn linear_cols(&self, prefix: &str, out: usize, inp: usize, cols: std::ops::Range<usize>) -> Result<B::Linear, ModelError> {
         Ok(self.backend.upload_linear(&self.host_linear(prefix, out, inp)?.slice_cols(cols))?)

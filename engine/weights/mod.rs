@@ -1,4 +1,5 @@
 //! Checkpoint weights: safetensors files (single or sharded, memory-mapped), dtypes, FP8 blocks.
+mod absorb;
 pub mod act_quant;
 mod dtype;
 mod dummy;
@@ -9,6 +10,7 @@ mod progress;
 mod safetensors;
 mod store;
 
+pub use absorb::wuk_transposed;
 pub use dtype::{bf16_to_f32, f16_to_f32, fp8_e4m3fn_to_f32, DType};
 pub use host::{HostLinear, LinearData};
 pub use progress::Progress;

@@ -19,6 +19,7 @@ pub mod jit;
 pub mod kernel_cache;
 mod linear_tc;
 mod mla_decode;
+mod mla_proj;
 mod mla_prefill;
 pub(crate) mod mma;
 mod moe_blaslt;

@@ -28,6 +28,9 @@ pub struct GpuLinear {
     pub scales: DevBuf<f32>,
     pub bn: i32,
     pub bk: i32,
+    /// An MLA kv_b's W_UK transposed (`weights::wuk_transposed`), for the query → latent
+    /// projection on the matrix units; kept where the device has them
+    pub wuk_t: Option<Box<GpuLinear>>,
 }
 
 pub(super) fn wdt_suffix(w: u8) -> &'static str {
@@ -109,7 +112,6 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// flash kernel does not apply.
     fn mla_absorbed(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[AttnSeq], kv_b: &GpuLinear, d: &MlaDims) -> Result<GpuTensor, BackendError> {
         let t = q.rows;
-        let dims = ModelDims::of_mla(d);
         // per token: where its context starts in the flattened slot list, and how long it is
         // (causal): the step's copy when these are the step's sequences, else uploaded here
         let mut owned = Vec::new();
@@ -123,18 +125,8 @@ impl<V: GpuVendor> GpuBackend<V> {
                 dev
             }
         };
-        let heads = d.num_heads as i32;
-        // the projections take 8 tokens per block (MLA_TB): each head's weights read once per 8;
-        // grid.z cuts a head's latent columns (q → latent, QL_COLS 128) or v rows (out, OUT_ROWS 32)
-        let ti = t as i32;
-        let proj = |z: usize| LaunchConfig { grid_dim: (t.div_ceil(8) as u32, d.num_heads as u32, z as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut q_lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
-        let f = self.mla_func(dims, &format!("mla_q_latent_{}", wdt_suffix(kv_b.wdt)))?;
-        self.span(ATTN_PROJ, || {
-            let mut b = self.launch(&f);
-            b.arg(&q.buf).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut q_lat).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-            b.run(proj(d.kv_lora_rank.div_ceil(128))).map_err(err("mla_q_latent"))
-        })?;
+        self.mla_q_latent(q, kv_b, d, &mut q_lat)?;
         let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
         if self.mma_decode(d, kv) {
             self.mla_decode_mma(q, &q_lat, kv, layer, &a, d, &mut lat)?;
@@ -142,12 +134,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             self.mla_decode_cuda_cores(q, &q_lat, kv, layer, &a, d, &mut lat)?;
         }
         let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
-        let f = self.mla_func(dims, &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
-        self.span(ATTN_PROJ, || {
-            let mut b = self.launch(&f);
-            b.arg(&lat).arg(&kv_b.data).arg(&kv_b.scales).arg(&mut out).arg(&ti).arg(&heads).arg(&kv_b.bn).arg(&kv_b.bk);
-            b.run(proj(d.v_head.div_ceil(32))).map_err(err("mla_out"))
-        })?;
+        self.mla_v_out(&lat, t, kv_b, d, &mut out)?;
         Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
     }
 
@@ -290,7 +277,17 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             scales: self.htod(&scales)?,
             bn,
             bk,
+            wuk_t: None,
         })
+    }
+
+    fn upload_mla_kv_b(&self, w: &HostLinear, nope: usize, v_head: usize) -> Result<GpuLinear, BackendError> {
+        let mut l = self.upload_linear(w)?;
+        if self.mma_gemm {
+            let heads = w.out / (nope + v_head);
+            l.wuk_t = Some(Box::new(self.upload_linear(&crate::weights::wuk_transposed(w, heads, nope, v_head))?));
+        }
+        Ok(l)
     }
 
     fn upload_experts(&self, experts: Vec<[HostLinear; 3]>, first: usize) -> Result<GpuExperts, BackendError> {

@@ -39,6 +39,14 @@ pub struct Tuned {
     /// ... from this many rows (below: the GEMV)
     #[serde(default = "default_linear_tc_min_rows")]
     pub linear_tc_min_rows: usize,
+    /// MLA's absorbed projections (q → latent, latent → v) as per-head GEMMs on the matrix units
+    /// from this many tokens (below: the CUDA-core kernels)
+    #[serde(default = "default_mla_proj_mma_min_rows")]
+    pub mla_proj_mma_min_rows: usize,
+}
+
+fn default_mla_proj_mma_min_rows() -> usize {
+    16
 }
 
 fn default_linear_tc_max_rows() -> usize {
@@ -73,6 +81,7 @@ impl Default for Tuned {
             blaslt_fp8_act_min_rows: default_blaslt_fp8_act_min_rows(),
             linear_tc_max_rows: default_linear_tc_max_rows(),
             linear_tc_min_rows: default_linear_tc_min_rows(),
+            mla_proj_mma_min_rows: default_mla_proj_mma_min_rows(),
         }
     }
 }
@@ -95,7 +104,7 @@ pub fn device_key(name: &str) -> String {
 
 pub fn parse(text: &str, origin: &str) -> Result<Tuned, String> {
     let t: Tuned = toml::from_str(text).map_err(|e| format!("tuned kernel config {origin}: {e}"))?;
-    if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 || t.mma_split_fill == 0 || t.cublaslt_min_rows == 0 || t.blaslt_fp8_min_rows == 0 || t.blaslt_fp8_act_min_rows == 0 || t.linear_tc_min_rows == 0 {
+    if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 || t.mma_split_fill == 0 || t.cublaslt_min_rows == 0 || t.blaslt_fp8_min_rows == 0 || t.blaslt_fp8_act_min_rows == 0 || t.linear_tc_min_rows == 0 || t.mla_proj_mma_min_rows == 0 {
         return Err(format!("tuned kernel config {origin}: thresholds must be at least 1"));
     }
     Ok(t)
