@@ -99,9 +99,19 @@ extern "C" __global__ void gemv_fp8w(const float* X, const uint8_t* W, const flo
 // warps per row group (1, 2, 4 or 8): layers with few output rows (kv_a: 576) would otherwise have
 // too few warps to keep HBM busy. The split warps' sums are added in a fixed order
 // (deterministic). Requires K % 8 == 0 and, for FP8, K % 16 == 0 and bk % 16 == 0 (the host checks).
-template <int WDT, int MAXM, int R>
+//
+// HEADS (MLA's absorbed projections at decode sizes, one GEMV per head): output n of the N =
+// heads·nh is column j = n % nh of head h = n / nh, computed from W row h·wh + w0 + j (FP8 scales
+// by that absolute row) and x row m at X + m·ldx + h·xh, written to Y[m·ldy + h·yh + j]; a warp's
+// R rows stay in one head (nh % R == 0; the host checks, and X's offsets keep 16-byte loads).
+struct GemvHeads {
+    int64_t ldx, ldy;
+    int xh, nh, wh, w0, yh;
+};
+
+template <int WDT, int MAXM, int R, bool HEADS>
 __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restrict__ W, const float* __restrict__ S, float* __restrict__ Y,
-                           int M, int N, int K, int bn, int bk, int split) {
+                           int M, int N, int K, int bn, int bk, int split, GemvHeads hd) {
     __shared__ float red[8][R][MAXM];
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
     int n0 = (blockIdx.x * (nw / split) + w / split) * R, part = w % split;
@@ -109,9 +119,17 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
     int kblocks = (K + bk - 1) / bk;
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
     const int VE = WDT == WDT_FP8 ? 16 : 8;
+    // the warp's first weight row, where its x rows start and their stride, where its outputs go
+    int head = HEADS ? (live ? n0 / hd.nh : 0) : 0, j0 = HEADS ? n0 - head * hd.nh : n0;
+    int wrow = HEADS ? head * hd.wh + hd.w0 + j0 : n0;
+    if (HEADS) {
+        X += (int64_t)head * hd.xh;
+        Y += (int64_t)head * hd.yh;
+    }
+    const int64_t ldx = HEADS ? hd.ldx : K, ldy = HEADS ? hd.ldy : N;
     const uint8_t* rows[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) rows[r] = W + (int64_t)(n0 + r < N ? n0 + r : 0) * K * es;
+    for (int r = 0; r < R; ++r) rows[r] = W + (int64_t)(n0 + r < N ? wrow + r : 0) * K * es;
     float acc[R][MAXM];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -128,12 +146,12 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
             for (int r = 0; r < R; ++r) {
                 unpack_chunk<WDT>(c[r], wv[r]);
                 // FP8: the chunk lies in one scale block; its scale multiplies the chunk's dot once
-                s[r] = WDT == WDT_FP8 ? S[((n0 + r < N ? n0 + r : 0) / bn) * kblocks + k0 / bk] : 1.f;
+                s[r] = WDT == WDT_FP8 ? S[((n0 + r < N ? wrow + r : 0) / bn) * kblocks + k0 / bk] : 1.f;
             }
 #pragma unroll
             for (int m = 0; m < MAXM; ++m) {
                 if (m < M) {
-                    const float4* xp = (const float4*)(X + (int64_t)m * K + k0);
+                    const float4* xp = (const float4*)(X + (int64_t)m * ldx + k0);
                     float a[R];
 #pragma unroll
                     for (int r = 0; r < R; ++r) a[r] = 0.f;
@@ -162,7 +180,7 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
         if (n0 + r < N) {
             float v = 0.f;
             for (int p = 0; p < split; ++p) v += red[w + p][r][m];
-            Y[(int64_t)m * N + n0 + r] = v;
+            Y[(int64_t)m * ldy + j0 + r] = v;
         }
     }
 }
@@ -170,7 +188,11 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
 #define GEMV8(NAME, WDT, MAXM, R)                                                                                                         \
     extern "C" __global__ void __launch_bounds__(256) NAME(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, \
                                                            int split) {                                                                           \
-        gemv8_impl<WDT, MAXM, R>(X, W, S, Y, M, N, K, bn, bk, split);                                                                       \
+        gemv8_impl<WDT, MAXM, R, false>(X, W, S, Y, M, N, K, bn, bk, split, GemvHeads{});                                                   \
+    }                                                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) NAME##_heads(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, \
+                                                                   int bk, int split, int64_t ldx, int xh, int nh, int wh, int w0, int64_t ldy, int yh) { \
+        gemv8_impl<WDT, MAXM, R, true>(X, W, S, Y, M, N, K, bn, bk, split, GemvHeads{ldx, ldy, xh, nh, wh, w0, yh});                        \
     }
 // up to 8 rows (decode at small batch; 2 output rows per warp) and up to 16 rows per launch
 // (larger batches, in slices; one output row per warp: 16 rows' accumulators leave no room)

@@ -39,7 +39,7 @@ __device__ void linear_mma_heads_impl(const float* X, int64_t ldx, int xh, const
     MtOperands o = {X + (int64_t)z * xh, nullptr, (int)blockIdx.y * MT_M, M, W, S, wr + N, wr + nt, K, bn, bk, ldx};
     MmaAcc acc;
     mt_zero(acc);
-    mt_run<WDT>(sh, acc, o, 0, K, vec != 0);
+    mt_run<WDT, true>(sh, acc, o, 0, K, vec != 0);
     float* out = Y + (int64_t)z * yh;
     mt_each(acc, [&](int r, int c, float v) {
         int m = o.m0 + r, n = nt + c;

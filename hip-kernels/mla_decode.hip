@@ -59,6 +59,8 @@ typedef float md_float4 __attribute__((ext_vector_type(4)));
 #define MD_DP (MD_D + 8)                                  // padded bf16 row: conflict-free fragment reads
 #define MD_VW ((KV_LORA + MD_PAD - 1) / MD_PAD * MD_PAD)  // value columns computed (those past KV_LORA dropped)
 #define MD_RT (MD_H / 16)                                 // row tiles
+// 16-byte query loads: q_lat rows and the q_pe parts of q rows on 16-byte boundaries
+#define MD_QVEC (KV_LORA % 8 == 0 && QK % 4 == 0 && NOPE % 4 == 0)
 #define MD_TPK (MD_THREADS / MD_KT)                       // staging threads per key
 #define MD_TPR (MD_THREADS / MD_H) // softmax threads per row
 #define MD_KPT (MD_KT / MD_TPR)    // ... and keys per thread
@@ -130,6 +132,19 @@ __device__ __forceinline__ void md_each(MdAcc& a, F f) {
     }
 #endif
 }
+
+#if defined(MD_MMA_SYNC)
+// Calls f(row, col, v, v') for each pair of consecutive columns (col even) this thread holds.
+template <class F>
+__device__ __forceinline__ void md_pairs(const MdAcc& a, F f) {
+    const int lane = threadIdx.x % 32, w = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int r0 = 16 * (w % MD_RT), c0 = (w / MD_RT) * (MD_VW / MD_SP);
+#pragma unroll
+    for (int j = 0; j < MD_VW / (8 * MD_SP); ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) f(r0 + g + 8 * half, c0 + 8 * j + 2 * t, a.c[j][2 * half], a.c[j][2 * half + 1]);
+}
+#endif
 
 // sh.s[part] = the tile's scores over one MD_SP-th of the contraction (unscaled)
 __device__ __forceinline__ void md_scores(MdShared& sh, const MdKeys& k) {
@@ -307,17 +322,27 @@ extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
         sh.k[b][r / (MD_D - ENTRY)][ENTRY + r % (MD_D - ENTRY)] = 0;
     }
 #endif
-    // the heads' queries as bf16 rows [q_lat | q_pe | 0 ..] (unrolled: every load in flight at once)
+    // the heads' queries as bf16 rows [q_lat | q_pe | 0 ..] (unrolled: every load in flight at once;
+    // two 16-byte loads per 8 columns where the rows allow: scalar loads, 8 a thread and each warp
+    // instruction over 32 sectors, kept the LG queue full for most of a short context's time)
 #pragma unroll
     for (int i = tid; i < MD_H * (MD_D / 8); i += MD_THREADS) {
         const int r = i / (MD_D / 8), c = 8 * (i % (MD_D / 8)), h = h0 + r;
+        const float* ql = q_lat + ((int64_t)t * heads + h) * KV_LORA;
+        const float* qp = q + ((int64_t)t * heads + h) * QK + NOPE - KV_LORA; // indexed by the column
         float v[8];
+        if (MD_QVEC && h < heads && (c + 8 <= KV_LORA || (c >= KV_LORA && c + 8 <= ENTRY))) {
+            const float4* src = (const float4*)(c < KV_LORA ? ql + c : qp + c);
+            const float4 a = src[0], b = src[1];
+            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+        } else {
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-            const int d = c + u;
-            v[u] = 0.f;
-            if (h < heads && d < KV_LORA) v[u] = q_lat[((int64_t)t * heads + h) * KV_LORA + d];
-            else if (h < heads && d < ENTRY) v[u] = q[((int64_t)t * heads + h) * QK + NOPE + d - KV_LORA];
+            for (int u = 0; u < 8; ++u) {
+                const int d = c + u;
+                v[u] = 0.f;
+                if (h < heads && d < KV_LORA) v[u] = ql[d];
+                else if (h < heads && d < ENTRY) v[u] = qp[d];
+            }
         }
         *(uint4*)&sh.q[r][c] = make_uint4(bf16_pack(v[0], v[1]), bf16_pack(v[2], v[3]), bf16_pack(v[4], v[5]), bf16_pack(v[6], v[7]));
     }
@@ -381,10 +406,24 @@ extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
         }
     }
     __syncthreads();
+    // the unnormalised partial, or the output: where element (r, c) goes
+    auto dst = [&](int r, int c) {
+        const int64_t th = (int64_t)t * heads + h0 + r;
+        return splits > 1 ? part + (th * splits + z) * (2 + KV_LORA) + 2 + c : lat_out + th * KV_LORA + c;
+    };
+#if defined(MD_MMA_SYNC)
+    if (KV_LORA % 2 == 0) { // a thread's column pairs as one 8-byte store (the rows start on 8 bytes)
+        md_pairs(acc, [&](int r, int c, float v0, float v1) {
+            if (h0 + r >= heads || c >= KV_LORA) return;
+            // divided, not multiplied by a reciprocal: the same bits as mla_merge's one split
+            const float l = splits > 1 ? 1.f : sh.ml[r][1];
+            *(float2*)dst(r, c) = make_float2(v0 / l, v1 / l);
+        });
+        return;
+    }
+#endif
     md_each(acc, [&](int r, int c, float& v) {
-        const int h = h0 + r;
-        if (h >= heads || c >= KV_LORA) return;
-        if (splits > 1) part[(((int64_t)t * heads + h) * splits + z) * (2 + KV_LORA) + 2 + c] = v;
-        else lat_out[((int64_t)t * heads + h) * KV_LORA + c] = v / sh.ml[r][1];
+        if (h0 + r >= heads || c >= KV_LORA) return;
+        *dst(r, c) = splits > 1 ? v : v / sh.ml[r][1];
     });
 }

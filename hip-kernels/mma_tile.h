@@ -4,9 +4,10 @@
 // chunks are loaded into registers with 16-byte loads while the matrix units work on the current
 // step, then staged in shared memory as bf16.
 // Numerics close to f32: X is split into bf16 hi + lo parts (two products), bf16 and FP8 weights
-// are exact in bf16, and an FP8 block scale that is uniform over the tile's 128 rows (bn a multiple
-// of 128, as in DeepSeek's checkpoints) is folded into X rather than rounded into W; f32 weights are
-// split into hi + lo as well (a third product). Relative error ~1e-5 instead of bf16's ~4e-3.
+// are exact in bf16, and an FP8 block scale that is uniform over the tile's rows (DeepSeek's
+// 128-row blocks) is folded into X rather than rounded into W; f32 weights (and, in mt_run's SPLIT
+// form, FP8 weights times scales that differ within the tile) are split into hi + lo as well (a
+// third product). Relative error ~1e-5 instead of bf16's ~4e-3.
 // The tile logic (staging, row maps, K ranges, the epilogue's element order) is the same for every
 // vendor; only the warp-level product differs:
 //   - NVIDIA sm_80+: 8 warps, each 64×32 of the tile, mma.sync m16n8k16 bf16,
@@ -154,8 +155,9 @@ __device__ __forceinline__ void mt_load(MtStage<WDT>& st, const MtOperands& o, i
     }
 }
 
+// `wsplit`: FP8 weights times unfolded scales go in as hi + lo parts (else w·s would round to bf16)
 template <int WDT>
-__device__ __forceinline__ void mt_store(MmaShared& sh, const MtStage<WDT>& st) {
+__device__ __forceinline__ void mt_store(MmaShared& sh, const MtStage<WDT>& st, bool wsplit) {
     const int tid = threadIdx.x, ES = MtStage<WDT>::ES;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -173,6 +175,15 @@ __device__ __forceinline__ void mt_store(MmaShared& sh, const MtStage<WDT>& st) 
             *(uint4*)&sh.ws[0][r][c] = u;
         } else if (WDT == WDT_F32) {
             mt_put_split4(&sh.ws[0][r][c], &sh.ws[1][r][c], __uint_as_float(u.x), __uint_as_float(u.y), __uint_as_float(u.z), __uint_as_float(u.w));
+        } else if (wsplit) {
+            uint32_t w4[4] = {u.x, u.y, u.z, u.w};
+            float s = st.s[i];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                float f[4];
+                fp8x4_to_f32(w4[q], f);
+                mt_put_split4(&sh.ws[0][r][c + 4 * q], &sh.ws[1][r][c + 4 * q], f[0] * s, f[1] * s, f[2] * s, f[3] * s);
+            }
         } else {
             // e4m3 values are exact in bf16; the scale is exact too when folded into X (s = 1)
             uint32_t w4[4] = {u.x, u.y, u.z, u.w}, p[8];
@@ -266,29 +277,34 @@ __device__ __forceinline__ void mt_product1(const uint16_t (*xs)[MT_KP], const u
 #endif
 }
 
-// acc += X·Wᵀ for one K step: hi·hi + lo·hi (+ hi·lo for f32 weights)
+// acc += X·Wᵀ for one K step: hi·hi + lo·hi (+ hi·lo for f32 weights and split FP8 ones)
 template <int WDT>
-__device__ __forceinline__ void mt_product(const MmaShared& sh, MmaAcc& acc) {
+__device__ __forceinline__ void mt_product(const MmaShared& sh, MmaAcc& acc, bool wsplit) {
     mt_product1(sh.xs[0], sh.ws[0], acc);
     mt_product1(sh.xs[1], sh.ws[0], acc);
-    if (WDT == WDT_F32) mt_product1(sh.xs[0], sh.ws[1], acc);
+    if (WDT == WDT_F32 || (WDT == WDT_FP8 && wsplit)) mt_product1(sh.xs[0], sh.ws[1], acc);
 }
 
-// acc (+)= the tile's product over K range [kbeg, kend) (kbeg a multiple of MT_K).
-template <int WDT>
+// acc (+)= the tile's product over K range [kbeg, kend) (kbeg a multiple of MT_K). SPLIT: FP8
+// scales that cannot be folded go in with the weights as hi + lo (a third product; the per-head
+// projections, whose heads need not start a scale block); without it they round into bf16 weights
+// (the dense and MoE GEMMs, whose 128-row tiles always fold DeepSeek's blocks: the split path
+// would cost them registers, and the MoE tile spills at its 128-register cap).
+template <int WDT, bool SPLIT = false>
 __device__ void mt_run(MmaShared& sh, MmaAcc& acc, const MtOperands& operands, int kbeg, int kend, bool vec) {
     // the folded scales' row, found once per tile (the divisions cost more than the loads)
     MtOperands o = operands;
     if (!o.ldx) o.ldx = o.K;
     o.srow = mt_fold<WDT>(o) ? o.S + (int64_t)(o.n0 / o.bn) * ((o.K + o.bk - 1) / o.bk) : nullptr;
+    const bool wsplit = SPLIT && WDT == WDT_FP8 && !o.srow;
     MtStage<WDT> st;
     if (vec && kbeg < kend) mt_load<WDT>(st, o, kbeg);
     for (int k0 = kbeg; k0 < kend; k0 += MT_K) {
-        if (vec) mt_store<WDT>(sh, st);
+        if (vec) mt_store<WDT>(sh, st, wsplit);
         else mt_fill_scalar<WDT>(sh, o, k0);
         __syncthreads();
         if (vec && k0 + MT_K < kend) mt_load<WDT>(st, o, k0 + MT_K); // in flight during the product
-        mt_product<WDT>(sh, acc);
+        mt_product<WDT>(sh, acc, wsplit);
         __syncthreads();
     }
 }

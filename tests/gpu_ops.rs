@@ -328,6 +328,8 @@ fn mla_attention_paged_causal_real_and_odd_dims_on<V: GpuVendor>() {
         // GEMMs on the matrix units where the device has them); then the long decode alone
         // (split-K; one token: the CUDA-core projections)
         mla_case(&g, &c, &mut rng, &d, kvt, &[(4000, 1), (300, 37), (21, 21)], F32_TOL, true);
+        // a decode batch of three (the projections as per-head GEMVs where the rows allow it)
+        mla_case(&g, &c, &mut rng, &d, kvt, &[(300, 1), (200, 1), (50, 1)], F32_TOL, false);
     }
 }
 

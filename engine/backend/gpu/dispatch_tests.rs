@@ -141,32 +141,39 @@ fn decode_attention_over_a_bf16_cache_takes_the_matrix_unit_kernel() {
 }
 
 #[test]
-fn absorbed_projections_take_per_head_gemms_from_the_tuned_batch() {
+fn absorbed_projections_take_per_head_gemvs_then_gemms() {
     use crate::backend::{AttnSeq, MlaDims};
     let d = MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
+    assert_eq!(host_backend().0.tuned.mla_proj_mma_min_rows, super::tuned::Tuned::default().mla_proj_mma_min_rows);
     for matrix_units in [true, false] {
         let (mut b, rt) = nvidia_like();
         b.mma_gemm = matrix_units;
+        // W_UK transposed: [16·512, 128] FP8 with 128 × 128 blocks
         let kv_b = b.upload_mla_kv_b(&fp8(16 * 256, 512), d.qk_nope, d.v_head).unwrap();
-        // the transposed W_UK only where the matrix units will read it: [16·512, 128] FP8 with
-        // 128 × 128 blocks
-        assert_eq!(kv_b.wuk_t.as_ref().map(|w| (w.out, w.inp, w.wdt, w.bn, w.bk)), matrix_units.then_some((16 * 512, 128, 2, 128, 128)));
+        assert_eq!(kv_b.wuk_t.as_ref().map(|w| (w.out, w.inp, w.wdt, w.bn, w.bk)), Some((16 * 512, 128, 2, 128, 128)));
         let kv = b.alloc_kv_cache(1, 64, d.kv_entry()).unwrap();
         let slots: Vec<u32> = (0..64).collect();
-        let min = b.tuned.mla_proj_mma_min_rows;
-        for t in [1, min - 1, min, 64] {
+        b.tuned.mla_proj_mma_min_rows = 8;
+        for t in [1, 7, 8, 20] {
             let seqs: Vec<AttnSeq> = (0..t).map(|i| AttnSeq { q_start: i, q_len: 1, slots: &slots[..i + 1] }).collect();
             rt.take_launched();
             b.mla_attention(&x(&b, t, 16 * d.qk_head()), &kv, 0, &seqs, &kv_b, &d).unwrap();
             let l = rt.take_launched();
-            let proj: Vec<_> = l.iter().filter(|x| x.0.starts_with("mla_q_latent") || x.0.starts_with("mla_out") || x.0.starts_with("linear_mma_heads")).collect();
-            if matrix_units && t >= min {
+            let proj: Vec<_> = l.iter().filter(|x| x.0.starts_with("mla_q_latent") || x.0.starts_with("mla_out") || x.0.contains("heads")).map(|x| (x.0.as_str(), x.1)).collect();
+            let want: Vec<(&str, (u32, u32, u32))> = match (matrix_units && t >= 8, t) {
                 // q → latent: 4 column tiles of 512 per head; latent → v: one 128-row tile per head
-                let want = [("linear_mma_heads_fp8w", (4, 1, 16)), ("linear_mma_heads_fp8w", (1, t.div_ceil(128) as u32, 16))];
-                assert_eq!(proj.iter().map(|x| (x.0.as_str(), x.1)).collect::<Vec<_>>(), want, "{t} tokens");
-            } else {
-                assert_eq!(proj.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["mla_q_latent_fp8w", "mla_out_fp8w"], "{t} tokens");
-            }
+                (true, _) => vec![("linear_mma_heads_fp8w", (4, 1, 16)), ("linear_mma_heads_fp8w", (1, 1, 16))],
+                // one token: four outputs a warp, 8 warps a block (16·512 / 32 and 16·128 / 32 blocks)
+                (false, 1) => vec![("gemv1_fp8w_heads", (256, 1, 1)), ("gemv1_fp8w_heads", (64, 1, 1))],
+                // up to 8 tokens a launch, two outputs a warp
+                (false, _) => {
+                    let slices = t.div_ceil(8);
+                    let mut v = vec![("gemv8_fp8w_heads", (512, 1, 1)); slices];
+                    v.extend(vec![("gemv8_fp8w_heads", (128, 1, 1)); slices]);
+                    v
+                }
+            };
+            assert_eq!(proj, want, "{t} tokens, matrix units {matrix_units}");
         }
     }
 }

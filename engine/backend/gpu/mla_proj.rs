@@ -2,21 +2,25 @@
 //! q_lat[t, h] = q_nope[t, h] · W_UK(h), and the attention's latents out to values,
 //! out[t, h] = W_UV(h) · lat[t, h] (W_UK(h) / W_UV(h): head h's key / value rows of kv_b).
 //!
-//! Up to `mla_proj_mma_min_rows` tokens: the CUDA-core kernels of mla.hip (f32; each head's
-//! weights read once per 8 tokens, bandwidth-bound at decode sizes). From there: one GEMM per head
-//! on the matrix units (linear_mma.hip's `linear_mma_heads`, the dense GEMM's 128 × 128 tile with
-//! its near-f32 numerics), W_UV read from kv_b as it is and W_UK from the transposed copy made at
-//! load (`weights::wuk_transposed`; only where the device has the matrix-unit GEMM).
+//! Both read W_UV from kv_b as it is and W_UK from the transposed copy made at load
+//! (`weights::wuk_transposed`), as `[N, K]` rows per head:
+//! - from `mla_proj_mma_min_rows` tokens, one GEMM per head on the matrix units (linear_mma.hip's
+//!   `linear_mma_heads`: the dense GEMM's 128 × 128 tile with its near-f32 numerics);
+//! - below, one GEMV per head (linear.hip's `gemv1/gemv8 …_heads`: the decode GEMVs, 16-byte
+//!   weight loads streamed once per 8 tokens, f32 accumulation), where the rows allow 16-byte loads;
+//! - otherwise (odd shapes without matrix units) the CUDA-core kernels of mla.hip.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, LaunchConfig};
 use super::mma::{launch, vec_ok, TILE};
-use super::ops::{wdt_suffix, GpuLinear, ATTN_PROJ};
+use super::gemv::gemv_split;
+use super::ops::{cfg, wdt_suffix, GpuLinear, ATTN_PROJ};
 use crate::backend::{BackendError, MlaDims};
 use super::ModelDims;
 
 const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
+const LIN: &str = "hip-kernels/linear.hip";
 
-/// One per-head GEMM: for head z, Y[m, z·yh + n] = Σ_k X[m, z·xh + k] · W[z·wh + w0 + n, k].
+/// One product per head: for head z, Y[m, z·yh + n] = Σ_k X[m, z·xh + k] · W[z·wh + w0 + n, k].
 struct HeadsGemm<'a> {
     x: &'a DevBuf<f32>,
     ldx: usize,
@@ -33,17 +37,28 @@ struct HeadsGemm<'a> {
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
-    /// Whether a batch of `t` tokens takes the matrix-unit projections.
-    fn mla_proj_mma(&self, t: usize) -> bool {
-        self.mma_gemm && t >= self.tuned.mla_proj_mma_min_rows
+    /// The matrix-unit GEMMs or the GEMVs for `g`, where one applies (else false: the caller
+    /// runs the CUDA-core kernel).
+    fn heads_product(&self, g: &HeadsGemm, y: &mut DevBuf<f32>) -> Result<bool, BackendError> {
+        let mma = self.mma_gemm && g.m >= self.tuned.mla_proj_mma_min_rows;
+        if !mma && gemv_rows(g) > 0 {
+            self.span(ATTN_PROJ, || self.heads_gemv(g, y))?;
+        } else if self.mma_gemm {
+            self.span(ATTN_PROJ, || self.heads_gemm(g, y))?;
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// q_lat [T, heads, kv_lora] from the queries `q` [T, heads·(nope + rope)].
     pub(super) fn mla_q_latent(&self, q: &GpuTensor, kv_b: &GpuLinear, d: &MlaDims, q_lat: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (t, heads, lora) = (q.rows, d.num_heads, d.kv_lora_rank);
-        if let (true, Some(wt)) = (self.mla_proj_mma(t), &kv_b.wuk_t) {
+        if let Some(wt) = &kv_b.wuk_t {
             let g = HeadsGemm { x: &q.buf, ldx: heads * d.qk_head(), xh: d.qk_head(), w: wt, wh: lora, w0: 0, ldy: heads * lora, yh: lora, m: t, n: lora, k: d.qk_nope, heads };
-            return self.span(ATTN_PROJ, || self.heads_gemm(&g, q_lat));
+            if self.heads_product(&g, q_lat)? {
+                return Ok(());
+            }
         }
         let f = self.mla_func(ModelDims::of_mla(d), &format!("mla_q_latent_{}", wdt_suffix(kv_b.wdt)))?;
         self.span(ATTN_PROJ, || {
@@ -57,9 +72,9 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// out [T, heads·v] from the attention's latents `lat` [T, heads, kv_lora].
     pub(super) fn mla_v_out(&self, lat: &DevBuf<f32>, t: usize, kv_b: &GpuLinear, d: &MlaDims, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (heads, lora) = (d.num_heads, d.kv_lora_rank);
-        if self.mla_proj_mma(t) {
-            let g = HeadsGemm { x: lat, ldx: heads * lora, xh: lora, w: kv_b, wh: d.qk_nope + d.v_head, w0: d.qk_nope, ldy: heads * d.v_head, yh: d.v_head, m: t, n: d.v_head, k: lora, heads };
-            return self.span(ATTN_PROJ, || self.heads_gemm(&g, out));
+        let g = HeadsGemm { x: lat, ldx: heads * lora, xh: lora, w: kv_b, wh: d.qk_nope + d.v_head, w0: d.qk_nope, ldy: heads * d.v_head, yh: d.v_head, m: t, n: d.v_head, k: lora, heads };
+        if self.heads_product(&g, out)? {
+            return Ok(());
         }
         let f = self.mla_func(ModelDims::of_mla(d), &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
         self.span(ATTN_PROJ, || {
@@ -82,6 +97,41 @@ impl<V: GpuVendor> GpuBackend<V> {
         b.arg(g.x).arg(&ldx).arg(&xh).arg(&w.data).arg(&w.scales).arg(&wh).arg(&w0).arg(y).arg(&ldy).arg(&yh);
         b.arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk).arg(&v);
         b.run(launch((g.n.div_ceil(TILE) as u32, g.m.div_ceil(TILE) as u32, g.heads as u32))).map_err(err("linear_mma_heads"))
+    }
+}
+
+impl<V: GpuVendor> GpuBackend<V> {
+    /// The GEMVs: x in slices of up to 8 rows (`gemv8`; one FP8 row: `gemv1`, four outputs a warp).
+    fn heads_gemv(&self, g: &HeadsGemm, y: &mut DevBuf<f32>) -> Result<(), BackendError> {
+        let (w, per_warp) = (g.w, gemv_rows(g));
+        let kind = if per_warp == 4 { "gemv1" } else { "gemv8" };
+        let f = self.func(LIN, &format!("{kind}_{}_heads", wdt_suffix(w.wdt)))?;
+        let rows = g.heads * g.n;
+        let split = gemv_split(rows.div_ceil(per_warp), g.k, if w.wdt == 2 { 16 } else { 8 }, self.warp as usize);
+        let (ldx, ldy) = (g.ldx as i64, g.ldy as i64);
+        let [n, k, sp, xh, nh, wh, w0, yh] = [rows, g.k, split, g.xh, g.n, g.wh, g.w0, g.yh].map(|x| x as i32);
+        for r0 in (0..g.m).step_by(8) {
+            let m = (g.m - r0).min(8) as i32;
+            let mut b = self.launch(&f);
+            b.arg(&g.x.at(r0 * g.ldx)).arg(&w.data).arg(&w.scales).arg(&y.at(r0 * g.ldy)).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk).arg(&sp);
+            b.arg(&ldx).arg(&xh).arg(&nh).arg(&wh).arg(&w0).arg(&ldy).arg(&yh);
+            b.run(cfg(((rows.div_ceil(per_warp) * split).div_ceil(self.warps_per_block()) as u32, 1), 256, 0)).map_err(err("linear gemv heads"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Output rows a warp of the GEMV takes for `g` (4 for one row of FP8 weights, else 2), or 0
+/// where the GEMV cannot: rows of 16-byte chunks (FP8: and scale blocks whole chunks), x rows and
+/// head offsets on 4-float boundaries, a warp's rows inside one head.
+fn gemv_rows(g: &HeadsGemm) -> usize {
+    let w = g.w;
+    let per_warp = if g.m == 1 && w.wdt == 2 { 4 } else { 2 };
+    let chunks = if w.wdt == 2 { g.k.is_multiple_of(16) && w.bk % 16 == 0 } else { g.k.is_multiple_of(8) };
+    if chunks && g.ldx.is_multiple_of(4) && g.xh.is_multiple_of(4) && g.n.is_multiple_of(per_warp) {
+        per_warp
+    } else {
+        0
     }
 }
 

@@ -29,7 +29,7 @@ pub struct GpuLinear {
     pub bn: i32,
     pub bk: i32,
     /// An MLA kv_b's W_UK transposed (`weights::wuk_transposed`), for the query → latent
-    /// projection on the matrix units; kept where the device has them
+    /// projection as per-head GEMMs or GEMVs (mla_proj.rs)
     pub wuk_t: Option<Box<GpuLinear>>,
 }
 
@@ -170,6 +170,10 @@ impl<V: GpuVendor> GpuBackend<V> {
         if splits <= 1 {
             return Ok(());
         }
+        // mla.hip's MERGE_MAX_SPLITS (both split policies stay within it)
+        if splits > 64 {
+            return Err(self.op_err("mla_merge", format!("{splits} context splits (at most 64)")));
+        }
         let f = self.mla_func(dims, "mla_merge")?;
         let (h, sp) = (heads as i32, splits as i32);
         self.launch(&f).arg(part).arg(lat).arg(&h).arg(&sp).run(cfg((t as u32, heads as u32), 256, 0)).map_err(err("mla_merge"))
@@ -283,10 +287,8 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
 
     fn upload_mla_kv_b(&self, w: &HostLinear, nope: usize, v_head: usize) -> Result<GpuLinear, BackendError> {
         let mut l = self.upload_linear(w)?;
-        if self.mma_gemm {
-            let heads = w.out / (nope + v_head);
-            l.wuk_t = Some(Box::new(self.upload_linear(&crate::weights::wuk_transposed(w, heads, nope, v_head))?));
-        }
+        let heads = w.out / (nope + v_head);
+        l.wuk_t = Some(Box::new(self.upload_linear(&crate::weights::wuk_transposed(w, heads, nope, v_head))?));
         Ok(l)
     }
 

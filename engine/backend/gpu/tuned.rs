@@ -40,13 +40,13 @@ pub struct Tuned {
     #[serde(default = "default_linear_tc_min_rows")]
     pub linear_tc_min_rows: usize,
     /// MLA's absorbed projections (q → latent, latent → v) as per-head GEMMs on the matrix units
-    /// from this many tokens (below: the CUDA-core kernels)
+    /// from this many tokens (below: per-head GEMVs)
     #[serde(default = "default_mla_proj_mma_min_rows")]
     pub mla_proj_mma_min_rows: usize,
 }
 
 fn default_mla_proj_mma_min_rows() -> usize {
-    16
+    8
 }
 
 fn default_linear_tc_max_rows() -> usize {
