@@ -220,7 +220,8 @@ MLA_ATTENTION(mla_attention4_bf16c, 4, uint16_t)
 // are found once by the first warp (into shared memory; the host keeps splits ≤ MERGE_MAX_SPLITS);
 // then each thread takes a pair of columns
 // (8-byte loads: the rows start 2 floats in) with 16 splits' loads in flight (one
-// dependent load a split made it latency-bound: 27 µs for 64 splits of V3's 128 heads).
+// dependent load a split made it latency-bound: 27 µs for 64 splits of V3's 128 heads). Launch:
+// grid (T, heads, column chunks), any block size of whole warps.
 #define MERGE_MAX_SPLITS 64
 extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __restrict__ lat_out, int heads, int splits) {
     __shared__ float ez[MERGE_MAX_SPLITS], gsum;
@@ -244,21 +245,21 @@ extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __re
     const float gs = gsum;
     float* out = lat_out + ((int64_t)t * heads + h) * KV_LORA;
     if (KV_LORA % 2 == 0) {
-        for (int c = 2 * threadIdx.x; c < KV_LORA; c += 2 * blockDim.x) {
+        for (int c = 2 * (blockIdx.z * blockDim.x + threadIdx.x); c < KV_LORA; c += 2 * blockDim.x * gridDim.z) {
             float v0 = 0.f, v1 = 0.f;
+            // every split's columns loaded (an empty one's are allocated but unwritten: selected
+            // away, never multiplied), so that the unrolled loads need no branch
 #pragma unroll 16
             for (int z = 0; z < splits; ++z) {
                 const float e = ez[z];
-                if (e >= 0.f) {
-                    const float2 x = *(const float2*)(p + z * R + 2 + c);
-                    v0 += x.x * e;
-                    v1 += x.y * e;
-                }
+                const float2 x = *(const float2*)(p + z * R + 2 + c);
+                v0 += e >= 0.f ? x.x * e : 0.f;
+                v1 += e >= 0.f ? x.y * e : 0.f;
             }
             *(float2*)(out + c) = make_float2(v0 / gs, v1 / gs);
         }
     } else {
-        for (int c = threadIdx.x; c < KV_LORA; c += blockDim.x) {
+        for (int c = blockIdx.z * blockDim.x + threadIdx.x; c < KV_LORA; c += blockDim.x * gridDim.z) {
             float v = 0.f;
 #pragma unroll 16
             for (int z = 0; z < splits; ++z)

@@ -176,7 +176,10 @@ impl<V: GpuVendor> GpuBackend<V> {
         }
         let f = self.mla_func(dims, "mla_merge")?;
         let (h, sp) = (heads as i32, splits as i32);
-        self.launch(&f).arg(part).arg(lat).arg(&h).arg(&sp).run(cfg((t as u32, heads as u32), 256, 0)).map_err(err("mla_merge"))
+        // 128 threads a block, a column pair each: V3's 512 latents in 2 chunks (more blocks in flight)
+        let chunks = dims.kv_lora_rank.div_ceil(256).max(1) as u32;
+        let launch = LaunchConfig { grid_dim: (t as u32, heads as u32, chunks), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        self.launch(&f).arg(part).arg(lat).arg(&h).arg(&sp).run(launch).map_err(err("mla_merge"))
     }
 
     fn scatter_rows(&self, x: &GpuTensor, rows: &[u32], out: &mut DevBuf<f32>) -> Result<(), BackendError> {
