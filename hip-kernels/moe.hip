@@ -115,6 +115,42 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     }
 }
 
+// acc[r] += rows[r] · x over K for R weight rows, each lane a 16-byte chunk of every row per step:
+// the R loads in flight together, and each x chunk (64 bytes for 16 FP8 weights) read once for
+// the R rows instead of once per row (the L1 traffic that bounded one row at a time). The same
+// arithmetic, in the same order, as VecDot per row. Needs K % VE == 0 (and FP8: bk % VE == 0).
+template <int WDT, int R>
+__device__ __forceinline__ void moe_rows_dot(const uint8_t* const (&rows)[R], const float* const (&srows)[R], const float* __restrict__ x, int K, int bk, float (&acc)[R]) {
+    const int lane = threadIdx.x % WARP, es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1, VE = VecDot<WDT>::ELEMS;
+    for (int k0 = lane * VE; k0 < K; k0 += WARP * VE) {
+        Chunk16 c[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) c[r] = load_chunk<WDT>(rows[r] + (int64_t)k0 * es);
+        float4 xv[VE / 4];
+#pragma unroll
+        for (int q = 0; q < VE / 4; ++q) xv[q] = ((const float4*)(x + k0))[q];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float w[VE];
+            unpack_chunk<WDT>(c[r], w);
+            float d;
+            if (WDT == WDT_FP8) {
+                d = 0.f;
+#pragma unroll
+                for (int q = 0; q < 4; ++q) d += w[4 * q] * xv[q].x + w[4 * q + 1] * xv[q].y + w[4 * q + 2] * xv[q].z + w[4 * q + 3] * xv[q].w;
+                d *= srows[r][k0 / bk];
+            } else {
+                d = w[0] * xv[0].x + w[1] * xv[0].y + w[2] * xv[0].z + w[3] * xv[0].w + w[4] * xv[1].x + w[5] * xv[1].y + w[6] * xv[1].z + w[7] * xv[1].w;
+            }
+            acc[r] += d;
+        }
+    }
+}
+
+// gate/up rows per warp pass (2: four weight rows in flight), down rows per pass (4)
+#define MOE_GU_ROWS 2
+#define MOE_DOWN_ROWS 4
+
 // h[p, i] = silu(x[t] · Wg[e, i]) · (x[t] · Wu[e, i]) for pair p = t·top_k + k with expert e = ids[p].
 // Weights of this rank's experts e0 .. e0+ne are stacked: [ne, I, H] (+ FP8 scales [E, ceil(I/bn), ceil(H/bk)]).
 template <int WDT>
@@ -135,16 +171,32 @@ __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
     const int VE = VecDot<WDT>::ELEMS;
     bool vec = H % VE == 0 && (WDT != WDT_FP8 || bk % VE == 0);
+    if (vec) {
+        const int RG = MOE_GU_ROWS;
+        for (int i0 = (blockIdx.y * nw + w) * RG; i0 < I; i0 += gridDim.y * nw * RG) {
+            // rows i0 .. i0+RG-1 of gate, then of up (past I: row i0 again, not written)
+            const uint8_t* rows[2 * RG];
+            const float* srows[2 * RG];
+            float acc[2 * RG];
+#pragma unroll
+            for (int r = 0; r < RG; ++r) {
+                const int i = i0 + r < I ? i0 + r : i0;
+                rows[r] = g + (int64_t)i * H * es, rows[RG + r] = u + (int64_t)i * H * es;
+                srows[r] = gs + (WDT == WDT_FP8 ? (i / bn) * kb : 0), srows[RG + r] = us + (WDT == WDT_FP8 ? (i / bn) * kb : 0);
+                acc[r] = acc[RG + r] = 0.f;
+            }
+            moe_rows_dot<WDT, 2 * RG>(rows, srows, xt, H, bk, acc);
+#pragma unroll
+            for (int r = 0; r < RG; ++r) {
+                const float a = warp_sum(acc[r]), b = warp_sum(acc[RG + r]);
+                if (lane == 0 && i0 + r < I) h[(int64_t)p * I + i0 + r] = a / (1.0f + expf(-a)) * b;
+            }
+        }
+        return;
+    }
     for (int i = blockIdx.y * nw + w; i < I; i += gridDim.y * nw) {
         float a = 0.f, b = 0.f;
-        if (vec) {
-            const float* gsr = gs + (WDT == WDT_FP8 ? (i / bn) * kb : 0);
-            const float* usr = us + (WDT == WDT_FP8 ? (i / bn) * kb : 0);
-            for (int k0 = lane * VE; k0 < H; k0 += WARP * VE) {
-                a += VecDot<WDT>::dot(g + (int64_t)i * H * es, gsr, k0, bk, xt);
-                b += VecDot<WDT>::dot(u + (int64_t)i * H * es, usr, k0, bk, xt);
-            }
-        } else {
+        {
             for (int c = lane; c < H; c += WARP) {
                 a += xt[c] * load_w<WDT>(g, gs, i, c, H, bn, bk, kb);
                 b += xt[c] * load_w<WDT>(u, us, i, c, H, bn, bk, kb);
@@ -174,12 +226,31 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
     const int VE = VecDot<WDT>::ELEMS;
     bool vec = I % VE == 0 && (WDT != WDT_FP8 || bk % VE == 0);
+    if (vec) {
+        const int RD = MOE_DOWN_ROWS;
+        for (int r0 = (blockIdx.y * nw + w) * RD; r0 < H; r0 += gridDim.y * nw * RD) {
+            const uint8_t* rows[RD];
+            const float* srows[RD];
+            float acc[RD];
+#pragma unroll
+            for (int q = 0; q < RD; ++q) {
+                const int r = r0 + q < H ? r0 + q : r0;
+                rows[q] = d + (int64_t)r * I * es;
+                srows[q] = ds + (WDT == WDT_FP8 ? (r / bn) * kb : 0);
+                acc[q] = 0.f;
+            }
+            moe_rows_dot<WDT, RD>(rows, srows, hp, I, bk, acc);
+#pragma unroll
+            for (int q = 0; q < RD; ++q) {
+                const float a = warp_sum(acc[q]);
+                if (lane == 0 && r0 + q < H) atomicAdd(&out[(int64_t)t * H + r0 + q], wt * a);
+            }
+        }
+        return;
+    }
     for (int r = blockIdx.y * nw + w; r < H; r += gridDim.y * nw) {
         float a = 0.f;
-        if (vec) {
-            const float* dsr = ds + (WDT == WDT_FP8 ? (r / bn) * kb : 0);
-            for (int k0 = lane * VE; k0 < I; k0 += WARP * VE) a += VecDot<WDT>::dot(d + (int64_t)r * I * es, dsr, k0, bk, hp);
-        } else {
+        {
             for (int c = lane; c < I; c += WARP) a += hp[c] * load_w<WDT>(d, ds, r, c, I, bn, bk, kb);
         }
         a = warp_sum(a);
