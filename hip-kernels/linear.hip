@@ -189,7 +189,9 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
     extern "C" __global__ void __launch_bounds__(256) NAME(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, \
                                                            int split) {                                                                           \
         gemv8_impl<WDT, MAXM, R, false>(X, W, S, Y, M, N, K, bn, bk, split, GemvHeads{});                                                   \
-    }                                                                                                                                         \
+    }
+// ... and its per-head form (mla_proj.rs: MLA's absorbed projections below the GEMM threshold)
+#define GEMV8_HEADS(NAME, WDT, MAXM, R)                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) NAME##_heads(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, \
                                                                    int bk, int split, int64_t ldx, int xh, int nh, int wh, int w0, int64_t ldy, int yh) { \
         gemv8_impl<WDT, MAXM, R, true>(X, W, S, Y, M, N, K, bn, bk, split, GemvHeads{ldx, ldy, xh, nh, wh, w0, yh});                        \
@@ -199,6 +201,9 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
 GEMV8(gemv8_f32w, WDT_F32, 8, 2)
 GEMV8(gemv8_bf16w, WDT_BF16, 8, 2)
 GEMV8(gemv8_fp8w, WDT_FP8, 8, 2)
+GEMV8_HEADS(gemv8_f32w, WDT_F32, 8, 2)
+GEMV8_HEADS(gemv8_bf16w, WDT_BF16, 8, 2)
+GEMV8_HEADS(gemv8_fp8w, WDT_FP8, 8, 2)
 GEMV8(gemv16_f32w, WDT_F32, 16, 1)
 GEMV8(gemv16_bf16w, WDT_BF16, 16, 1)
 GEMV8(gemv16_fp8w, WDT_FP8, 16, 1)
@@ -207,3 +212,6 @@ GEMV8(gemv16_fp8w, WDT_FP8, 16, 1)
 GEMV8(gemv1_f32w, WDT_F32, 1, 4)
 GEMV8(gemv1_bf16w, WDT_BF16, 1, 4)
 GEMV8(gemv1_fp8w, WDT_FP8, 1, 4)
+GEMV8_HEADS(gemv1_f32w, WDT_F32, 1, 4)
+GEMV8_HEADS(gemv1_bf16w, WDT_BF16, 1, 4)
+GEMV8_HEADS(gemv1_fp8w, WDT_FP8, 1, 4)
