@@ -47,7 +47,7 @@ fn linear_layers_pick_their_kernel_by_rows_and_dtype() {
     assert_eq!(run(65)[0], "linear_mma_fp8w", "65+: the 128-row tiles");
     // bf16 (the lm_head) without a GEMM library: the GEMV up to 8 rows, then the tiles
     let wb = b.upload_linear(&bf16(256, 512)).unwrap();
-    for (rows, want) in [(1, "gemv8_bf16w"), (8, "gemv8_bf16w"), (9, "linear_mma_bf16w")] {
+    for (rows, want) in [(1, "gemv1_bf16w"), (2, "gemv8_bf16w"), (8, "gemv8_bf16w"), (9, "linear_mma_bf16w")] {
         rt.take_launched();
         b.linear(&x(&b, rows, 512), &wb).unwrap();
         assert_eq!(names(&rt)[0], want, "{rows} rows of bf16");

@@ -26,8 +26,9 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// where the row length allows them and the scalar ones otherwise.
     pub(super) fn gemv_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>, vec8: bool) -> Result<(), BackendError> {
         let (kind, slice) = match (x.rows, vec8) {
-            // one row of FP8 weights: four output rows per warp share each x load
-            (1, true) if w.wdt == 2 => ("gemv1", 1),
+            // one row of FP8 or bf16 weights: four output rows per warp share each x load (V3's
+            // bf16 lm_head, 1.85 GB: 470 → 420 µs under ncu on the H200 against two rows a warp)
+            (1, true) if w.wdt != 0 => ("gemv1", 1),
             (0..=8, true) => ("gemv8", 8),
             (_, true) => ("gemv16", 16),
             _ => ("gemv", 8),
