@@ -121,8 +121,8 @@ pub trait Backend: Send + Sync + 'static {
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
     fn upload_linear(&self, w: &HostLinear) -> Result<Self::Linear, BackendError>;
     /// An MLA layer's kv_b (`[heads·(nope + v), kv_lora]`, this rank's heads); a backend may keep
-    /// another layout of it for the absorbed attention (the GPU backends: W_UK transposed, for the
-    /// query projection on the matrix units).
+    /// another layout of it for the absorbed attention (the GPU backends: W_UK transposed, so that
+    /// the query projection runs as per-head GEMVs / GEMMs over `[N, K]` weight rows).
     fn upload_mla_kv_b(&self, w: &HostLinear, _nope: usize, _v_head: usize) -> Result<Self::Linear, BackendError> {
         self.upload_linear(w)
     }
