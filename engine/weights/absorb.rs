@@ -70,18 +70,6 @@ fn permute(src: &[u8], es: usize, heads: usize, nope: usize, per_head: usize, lo
 mod tests {
     use super::*;
 
-    /// Random FP8 bytes (finite e4m3fn: never 0x7f / 0xff) and scales.
-    fn fp8(out: usize, inp: usize, bn: usize, bk: usize, seed: u64) -> HostLinear {
-        let mut s = seed;
-        let mut next = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 33) as u32
-        };
-        let w = (0..out * inp).map(|_| (next() % 0x7f) as u8 | (next() % 2 * 0x80) as u8).collect();
-        let scales = (0..out.div_ceil(bn) * inp.div_ceil(bk)).map(|_| 0.5 + (next() % 1000) as f32 / 1000.0).collect();
-        HostLinear { name: "kv_b".into(), out, inp, data: LinearData::Fp8 { w: MmapSlice::from_vec(w), scale_inv: scales, block_n: bn, block_k: bk } }
-    }
-
     /// Every element of the transposed weight against the dequantised original.
     fn check(kv_b: &HostLinear, heads: usize, nope: usize, v: usize) -> HostLinear {
         let t = wuk_transposed(kv_b, heads, nope, v);
@@ -101,7 +89,7 @@ mod tests {
     #[test]
     fn fp8_with_whole_blocks_keeps_its_bytes_and_moves_its_scales() {
         // DeepSeek's layout scaled down: 2 heads of 8 + 8 rows, 16 latents, 8 × 4 blocks
-        let t = check(&fp8(2 * 16, 16, 8, 4, 1), 2, 8, 8);
+        let t = check(&HostLinear::random_fp8(2 * 16, 16, 8, 4, 1), 2, 8, 8);
         match t.data {
             LinearData::Fp8 { block_n, block_k, ref scale_inv, .. } => {
                 assert_eq!((block_n, block_k), (4, 8));
@@ -110,13 +98,13 @@ mod tests {
             _ => panic!("aligned FP8 should stay FP8"),
         }
         // nope spanning two row blocks, v of one
-        check(&fp8(3 * 24, 32, 8, 16, 2), 3, 16, 8);
+        check(&HostLinear::random_fp8(3 * 24, 32, 8, 16, 2), 3, 16, 8);
     }
 
     #[test]
     fn fp8_with_blocks_across_heads_is_dequantised() {
         // 20 rows a head with 8-row blocks: head 1 starts inside a block
-        let t = check(&fp8(2 * 20, 12, 8, 8, 3), 2, 12, 8);
+        let t = check(&HostLinear::random_fp8(2 * 20, 12, 8, 8, 3), 2, 12, 8);
         assert!(matches!(t.data, LinearData::F32(_)));
     }
 

@@ -67,6 +67,20 @@ impl HostLinear {
         out
     }
 
+    /// A weight of random finite e4m3fn codes (never 0x7f / 0xff, the NaNs) and block scales in
+    /// [0.5, 2.5), reproducible from `seed` (unit tests of the layout transforms).
+    #[cfg(test)]
+    pub(crate) fn random_fp8(out: usize, inp: usize, bn: usize, bk: usize, seed: u64) -> HostLinear {
+        let mut s = seed;
+        let mut next = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        let w: Vec<u8> = (0..out * inp).map(|_| (next() % 0x7e) as u8 | if next() % 2 == 0 { 0x80 } else { 0 }).collect();
+        let scale_inv = (0..out.div_ceil(bn) * inp.div_ceil(bk)).map(|_| 0.5 + (next() % 100) as f32 / 50.0).collect();
+        HostLinear { name: "t".into(), out, inp, data: LinearData::Fp8 { w: super::MmapSlice::from_vec(w), scale_inv, block_n: bn, block_k: bk } }
+    }
+
     pub fn bytes(&self) -> usize {
         match &self.data {
             LinearData::F32(b) | LinearData::BF16(b) | LinearData::F16(b) => b.len(),

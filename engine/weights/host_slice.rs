@@ -118,18 +118,6 @@ impl HostLinear {
 mod tests {
     use super::*;
 
-    fn fp8(out: usize, inp: usize, bn: usize, bk: usize, seed: u64) -> HostLinear {
-        let mut s = seed;
-        let mut next = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 33) as u32
-        };
-        // finite e4m3fn codes only (exponent/mantissa 0x7f is NaN)
-        let w: Vec<u8> = (0..out * inp).map(|_| (next() % 0x7e) as u8 | if next() % 2 == 0 { 0x80 } else { 0 }).collect();
-        let scale_inv = (0..out.div_ceil(bn) * inp.div_ceil(bk)).map(|_| 0.5 + (next() % 100) as f32 / 50.0).collect();
-        HostLinear { name: "t".into(), out, inp, data: LinearData::Fp8 { w: MmapSlice::from_vec(w), scale_inv, block_n: bn, block_k: bk } }
-    }
-
     fn check_rows(l: &HostLinear, rows: Range<usize>) {
         let full = l.to_f32();
         let s = l.slice_rows(rows.clone());
@@ -145,7 +133,7 @@ mod tests {
 
     #[test]
     fn fp8_slices_equal_the_dequantised_weight_aligned_or_not() {
-        let l = fp8(10, 13, 4, 4, 7); // partial edge blocks both ways
+        let l = HostLinear::random_fp8(10, 13, 4, 4, 7); // partial edge blocks both ways
         for r in [0..4, 4..10, 8..10, 3..7, 0..10] {
             check_rows(&l, r);
         }
