@@ -23,21 +23,41 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     __shared__ int picked[64];
     int t = blockIdx.x, lane = threadIdx.x;
     const float* l = logits + (int64_t)t * E;
+    // the logits into scores[] and the bias into choice[], eight loads of a lane in flight at a
+    // time (a lane's loads one after another cost ~10 µs a token); each lane reads back only the
+    // entries it wrote, so no barrier
+    for (int e0 = 0; e0 < E; e0 += 8 * WARP) {
+        float lv[8], bv[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            int e = e0 + j * WARP + lane;
+            lv[j] = e < E ? l[e] : 0.f;
+            bv[j] = has_bias && e < E ? bias[e] : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            int e = e0 + j * WARP + lane;
+            if (e < E) {
+                scores[e] = lv[j];
+                choice[e] = bv[j];
+            }
+        }
+    }
     if (softmax_scoring) {
         float m = -ENGINE_INF;
-        for (int e = lane; e < E; e += WARP) m = fmaxf(m, l[e]);
+        for (int e = lane; e < E; e += WARP) m = fmaxf(m, scores[e]);
         m = warp_max(m);
         float z = 0.f;
         for (int e = lane; e < E; e += WARP) {
-            scores[e] = expf(l[e] - m);
+            scores[e] = expf(scores[e] - m);
             z += scores[e];
         }
         z = warp_sum(z);
         for (int e = lane; e < E; e += WARP) scores[e] /= z;
     } else {
-        for (int e = lane; e < E; e += WARP) scores[e] = 1.0f / (1.0f + expf(-l[e]));
+        for (int e = lane; e < E; e += WARP) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
     }
-    for (int e = lane; e < E; e += WARP) choice[e] = scores[e] + (has_bias ? bias[e] : 0.f);
+    for (int e = lane; e < E; e += WARP) choice[e] = scores[e] + choice[e];
     __syncthreads();
     int per = E / n_group;
     if (method != METHOD_GREEDY) {

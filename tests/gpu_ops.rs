@@ -232,7 +232,10 @@ fn linear_fp8_dynamic_activations_on<V: GpuVendor>() {
     }
     assert!(g.blaslt.as_ref().is_some_and(|l| l.supports_fp8_block(256, 576, 7168)), "no block-scaled FP8 GEMM in the vendor library (cuBLASLt 12.9+ on Hopper is needed)");
     g.fp8_act = true;
-    for (m, n, k) in [(256, 576, 7168), (300, 7168, 2048), (136, 24576, 1536), (200, 32768, 512), (513, 7168, 16384)] {
+    // up to 8 rows on sm_89+: linear_f8.hip's FP8 × FP8 MMA (split-K at V3's shapes; 48 rows: a
+    // half fragment; K 448: a last scale block of 64 columns); the rest through cuBLASLt
+    let small = [(1, 576, 7168), (1, 7168, 16384), (3, 24576, 1536), (8, 2048, 7168), (5, 7168, 2048), (1, 48, 512), (2, 64, 448)];
+    for (m, n, k) in small.into_iter().chain([(256, 576, 7168), (300, 7168, 2048), (136, 24576, 1536), (200, 32768, 512), (513, 7168, 16384)]) {
         let v = randn(&mut rng, n * k, (k as f32).powf(-0.5));
         let w = host_fp8(&mut rng, n, k, &v, 128);
         let x = randn(&mut rng, m * k, 1.0);
@@ -254,7 +257,9 @@ fn norms_elementwise_embedding_gather_rope_on<V: GpuVendor>() {
     let g = gpu::<V>();
     let c = CpuBackend::new();
     let mut rng = Rng::new(2);
-    for (rows, cols) in [(3, 7168), (17, 513), (1, 64)] {
+    // 7,168 and 64: rows held in registers (16-byte loads); 513 and 8,196 (wider than the
+    // registers hold): the scalar loops
+    for (rows, cols) in [(3, 7168), (17, 513), (1, 64), (2, 8196)] {
         let x = randn(&mut rng, rows * cols, 1.0);
         let y = randn(&mut rng, rows * cols, 1.0);
         let w = randn(&mut rng, cols, 1.0);
@@ -272,12 +277,14 @@ fn norms_elementwise_embedding_gather_rope_on<V: GpuVendor>() {
         c.add(&mut ca, &cy).unwrap();
         g.add(&mut ga, &gy).unwrap();
         check("add", &g.download(&ga).unwrap(), &c.download(&ca).unwrap(), F32_TOL);
-        let sub = (cols / 3).max(1);
-        let ws = randn(&mut rng, sub, 1.0);
-        let (mut cc, mut gc) = (c.upload(rows, cols, &x).unwrap(), g.upload(rows, cols, &x).unwrap());
-        c.rms_norm_cols(&mut cc, 1, &c.upload(1, sub, &ws).unwrap(), 1e-6).unwrap();
-        g.rms_norm_cols(&mut gc, 1, &g.upload(1, sub, &ws).unwrap(), 1e-6).unwrap();
-        check("rms_norm_cols", &g.download(&gc).unwrap(), &c.download(&cc).unwrap(), F32_TOL);
+        // from column 1 (the scalar loop) and from column 0 over a multiple of 4 (16-byte loads)
+        for (start, sub) in [(1, (cols / 3).max(1)), (0, (cols / 3 / 4 * 4).max(4))] {
+            let ws = randn(&mut rng, sub, 1.0);
+            let (mut cc, mut gc) = (c.upload(rows, cols, &x).unwrap(), g.upload(rows, cols, &x).unwrap());
+            c.rms_norm_cols(&mut cc, start, &c.upload(1, sub, &ws).unwrap(), 1e-6).unwrap();
+            g.rms_norm_cols(&mut gc, start, &g.upload(1, sub, &ws).unwrap(), 1e-6).unwrap();
+            check(&format!("rms_norm_cols from {start}"), &g.download(&gc).unwrap(), &c.download(&cc).unwrap(), F32_TOL);
+        }
         let rowsel: Vec<u32> = (0..5).map(|i| (i * 7 % rows) as u32).collect();
         check("gather_rows", &g.download(&g.gather_rows(&gx, &rowsel).unwrap()).unwrap(), &c.download(&c.gather_rows(&cx, &rowsel).unwrap()).unwrap(), 0.0);
     }
@@ -295,7 +302,8 @@ fn norms_elementwise_embedding_gather_rope_on<V: GpuVendor>() {
         }
         let f = engine::config::Fields::new("t", &cfg).unwrap();
         let rope = RopeTables::new(&RopeConfig::parse(&f, dim, 163840, interleaved).unwrap());
-        let (rows, heads, stride, off) = (9, 5, 192, 128);
+        // 21 heads: more pairs a row than one block's threads (the grid's y blocks)
+        let (rows, heads, stride, off) = (9, 21, 192, 128);
         let cols = heads * stride;
         let x = randn(&mut rng, rows * cols, 1.0);
         let pos: Vec<u32> = (0..rows as u32).map(|i| i * 4099 + 3).collect();

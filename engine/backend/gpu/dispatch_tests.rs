@@ -54,6 +54,36 @@ fn linear_layers_pick_their_kernel_by_rows_and_dtype() {
     }
 }
 
+/// `--fp8-activations dynamic` on an sm_89+ device: up to 8 rows quantise x and take the FP8 × FP8
+/// swap-AB kernel, split over K where its 128-row blocks would not fill the GPU; elsewhere (an
+/// sm_80 device, 9+ rows, the threshold at 0) the f32-activation kernels stay.
+#[test]
+fn fp8_activations_take_the_fp8_mma_kernel_up_to_8_rows_on_sm89() {
+    let (mut b, rt) = nvidia_like();
+    b.fp8_act = true;
+    b.arch = "sm_90a".into();
+    let w = b.upload_linear(&fp8(1536, 7168)).unwrap();
+    let launched = |b: &GpuBackend<HostVendor>, rows: usize| {
+        rt.take_launched();
+        b.linear(&x(b, rows, 7168), &w).unwrap();
+        rt.take_launched()
+    };
+    for rows in [1, 3, 8] {
+        let l = launched(&b, rows);
+        let n: Vec<&str> = l.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(n, ["quant_fp8_act", "linear_f8_fp8w", "linear_split_sum"], "{rows} rows");
+        // 12 blocks of 128 rows on 4 "SMs" × 4: K 7168 in 2 ranges of 3584
+        assert_eq!((l[1].1, l[1].2), ((1, 12, 2), 128), "{rows} rows: grid and block");
+        assert_eq!(l[0].1, (rows as u32, 7, 1), "{rows} rows: the quantiser's grid");
+    }
+    assert_eq!(launched(&b, 9)[0].0, "linear_tc_fp8w", "9 rows: f32 activations on the swap-AB kernel");
+    b.tuned.linear_f8_max_rows = 0;
+    assert_eq!(launched(&b, 1)[0].0, "gemv1_fp8w", "threshold 0: never");
+    b.tuned.linear_f8_max_rows = 8;
+    b.arch = "sm_80".into();
+    assert_eq!(launched(&b, 1)[0].0, "gemv1_fp8w", "no e4m3 MMA before sm_89");
+}
+
 #[test]
 fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
     let (b, rt) = nvidia_like();

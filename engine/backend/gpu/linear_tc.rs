@@ -8,6 +8,9 @@ use super::ops::GpuLinear;
 use crate::backend::BackendError;
 
 const LIN_TC: &str = "hip-kernels/linear_tc.hip";
+const LIN_F8: &str = "hip-kernels/linear_f8.hip";
+/// Output rows per block of linear_f8.hip (4 warps × 2 fragments of 16)
+const F8_ROWS: usize = 128;
 const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
 /// Output rows per block (4 warps × 32) and tokens per block (TC_T)
 const ROWS: usize = 128;
@@ -32,6 +35,48 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.linear_tc && self.mma_gemm && w.wdt == 2 && (t.linear_tc_min_rows..=t.linear_tc_max_rows).contains(&x.rows) && w.inp.is_multiple_of(KCHUNK) && w.bk % KCHUNK as i32 == 0 && w.out.is_multiple_of(64)
     }
 
+    /// Whether this layer at this batch quantises x to FP8 and takes linear_f8.hip: FP8
+    /// activations on (`--fp8-activations dynamic`, a shape with 128 × 128 weight blocks), fewer
+    /// rows than the GEMM library takes and at most `linear_f8_max_rows` (≤ 8: one MMA
+    /// n-fragment), on NVIDIA sm_89+ (the e4m3 MMA).
+    pub(super) fn linear_f8_for(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
+        let t = &self.tuned;
+        self.fp8_act
+            && self.mma_gemm
+            && e4m3_mma(&self.arch)
+            && w.wdt == 2
+            && super::blas::fp8_block_ok(w.out, w.inp, w.bn, w.bk)
+            && x.rows <= t.linear_f8_max_rows.min(8)
+            && x.rows < t.blaslt_fp8_act_min_rows
+            && w.inp.is_multiple_of(KCHUNK)
+    }
+
+    /// y = quant(x) · Wᵀ on linear_f8.hip: x quantised per token and 128 channels, split-K where
+    /// the 128-row blocks alone would not fill the GPU (fixed-order sum).
+    pub(super) fn linear_f8(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<(), BackendError> {
+        let (m, n, k) = (x.rows, w.out, w.inp);
+        let (q, s) = self.quantize_act_fp8(x, m)?;
+        let blocks = n.div_ceil(F8_ROWS);
+        let (splits, ksplit) = tc_splits(blocks, k, self.sms, self.tuned.mma_split_fill);
+        let f = self.func(LIN_F8, "linear_f8_fp8w")?;
+        let (mi, ni, ki, ks) = (m as i32, n as i32, k as i32, ksplit as i32);
+        let cfg = LaunchConfig { grid_dim: (1, blocks as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        if splits == 1 {
+            return self.launch(&f).arg(&q).arg(&s).arg(&mi).arg(&w.data).arg(&w.scales).arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&ks).run(cfg).map_err(err("linear_f8"));
+        }
+        let part = self.scratch::<f32>(splits * m * n)?;
+        self.launch(&f).arg(&q).arg(&s).arg(&mi).arg(&w.data).arg(&w.scales).arg(&part).arg(&mi).arg(&ni).arg(&ki).arg(&ks).run(cfg).map_err(err("linear_f8"))?;
+        self.split_sum(&part, y, m * n, splits)
+    }
+
+    /// y[i] = Σ_z part[z·len + i], z in order (linear_mma.hip).
+    fn split_sum(&self, part: &DevBuf<f32>, y: &mut DevBuf<f32>, len: usize, splits: usize) -> Result<(), BackendError> {
+        let f = self.func(LIN_MMA, "linear_split_sum")?;
+        let (total, sp) = (len as i64, splits as i32);
+        let sum = LaunchConfig { grid_dim: (len.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        self.launch(&f).arg(part).arg(y).arg(&total).arg(&sp).run(sum).map_err(err("linear_split_sum"))
+    }
+
     pub(super) fn linear_tc(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (m, n, k) = (x.rows, w.out, w.inp);
         let grid = (m.div_ceil(TOKENS), n.div_ceil(ROWS));
@@ -44,16 +89,24 @@ impl<V: GpuVendor> GpuBackend<V> {
         }
         let part = self.zeros::<f32>(splits * m * n)?;
         self.launch(&f).arg(&x.buf).arg(&w.data).arg(&w.scales).arg(&part).arg(&mi).arg(&ni).arg(&ki).arg(&w.bn).arg(&w.bk).arg(&ks).run(cfg).map_err(err("linear_tc"))?;
-        let f = self.func(LIN_MMA, "linear_split_sum")?;
-        let (total, sp) = ((m * n) as i64, splits as i32);
-        let sum = LaunchConfig { grid_dim: ((m * n).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        self.launch(&f).arg(&part).arg(y).arg(&total).arg(&sp).run(sum).map_err(err("linear_split_sum"))
+        self.split_sum(&part, y, m * n, splits)
     }
+}
+
+/// Whether an NVRTC arch name (`sm_90a`) has the e4m3 MMA (sm_89+).
+fn e4m3_mma(arch: &str) -> bool {
+    arch.strip_prefix("sm_").and_then(|a| a.trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse::<u32>().ok()).is_some_and(|v| v >= 89)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::tc_splits;
+    use super::{e4m3_mma, tc_splits};
+
+    #[test]
+    fn the_e4m3_mma_is_sm89_and_later() {
+        assert!(e4m3_mma("sm_90a") && e4m3_mma("sm_89") && e4m3_mma("sm_100a") && e4m3_mma("sm_120"));
+        assert!(!e4m3_mma("sm_80") && !e4m3_mma("sm_86") && !e4m3_mma("gfx942") && !e4m3_mma("gfx950") && !e4m3_mma("sm_"));
+    }
 
     #[test]
     fn splits_cover_k_in_whole_chunks_and_fill_the_gpu() {

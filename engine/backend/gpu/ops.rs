@@ -216,6 +216,9 @@ impl<V: GpuVendor> GpuBackend<V> {
         if mma && self.blaslt_for(x, w) && self.linear_blaslt(x, w, y)? {
             return Ok(());
         }
+        if mma && self.linear_f8_for(x, w) {
+            return self.linear_f8(x, w, y);
+        }
         if mma && self.linear_tc_for(x, w) {
             return self.linear_tc(x, w, y);
         }
@@ -424,7 +427,8 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             let (cols, h, hs, off, half, il, scale) = (x.cols as i32, heads as i32, head_stride as i32, offset as i32, rope.half as i32, rope.interleaved as i32, rope.scale());
             let mut b = self.launch(&f);
             b.arg(&mut x.buf).arg(&pos.0).arg(&inv).arg(&cols).arg(&h).arg(&hs).arg(&off).arg(&half).arg(&il).arg(&scale);
-            b.run(cfg((x.rows as u32, 1), 256, 0)).map_err(err("rope"))?;
+            let pairs = (heads * rope.half).div_ceil(256).clamp(1, 65535) as u32;
+            b.run(cfg((x.rows as u32, pairs), 256, 0)).map_err(err("rope"))?;
             Ok(())
         })
     }

@@ -39,6 +39,11 @@ pub struct Tuned {
     /// ... from this many rows (below: the GEMV)
     #[serde(default = "default_linear_tc_min_rows")]
     pub linear_tc_min_rows: usize,
+    /// With `--fp8-activations dynamic`, FP8 linear layers of up to this many rows (at most 8;
+    /// fewer than `blaslt_fp8_act_min_rows`) quantise x too and take the FP8 × FP8 swap-AB
+    /// kernel (linear_f8.hip; NVIDIA sm_89+); 0: never (f32 activations below the GEMM library)
+    #[serde(default = "default_linear_f8_max_rows")]
+    pub linear_f8_max_rows: usize,
     /// MLA's absorbed projections (q → latent, latent → v) as per-head GEMMs on the matrix units
     /// from this many tokens (below: per-head GEMVs)
     #[serde(default = "default_mla_proj_mma_min_rows")]
@@ -46,6 +51,10 @@ pub struct Tuned {
 }
 
 fn default_mla_proj_mma_min_rows() -> usize {
+    8
+}
+
+fn default_linear_f8_max_rows() -> usize {
     8
 }
 
@@ -80,6 +89,7 @@ impl Default for Tuned {
             blaslt_fp8_min_rows: default_blaslt_fp8_min_rows(),
             blaslt_fp8_act_min_rows: default_blaslt_fp8_act_min_rows(),
             linear_tc_max_rows: default_linear_tc_max_rows(),
+            linear_f8_max_rows: default_linear_f8_max_rows(),
             linear_tc_min_rows: default_linear_tc_min_rows(),
             mla_proj_mma_min_rows: default_mla_proj_mma_min_rows(),
         }
@@ -106,6 +116,9 @@ pub fn parse(text: &str, origin: &str) -> Result<Tuned, String> {
     let t: Tuned = toml::from_str(text).map_err(|e| format!("tuned kernel config {origin}: {e}"))?;
     if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 || t.mma_split_fill == 0 || t.cublaslt_min_rows == 0 || t.blaslt_fp8_min_rows == 0 || t.blaslt_fp8_act_min_rows == 0 || t.linear_tc_min_rows == 0 || t.mla_proj_mma_min_rows == 0 {
         return Err(format!("tuned kernel config {origin}: thresholds must be at least 1"));
+    }
+    if t.linear_f8_max_rows > 8 {
+        return Err(format!("tuned kernel config {origin}: linear_f8_max_rows {} exceeds the kernel's 8 tokens", t.linear_f8_max_rows));
     }
     Ok(t)
 }
