@@ -9,113 +9,89 @@
 #define METHOD_GREEDY 1
 #define METHOD_GROUP_LIMITED 2
 
-// One warp per token (blockDim.x == WARP; E <= 1024 scores in shared memory, top_k and n_group
-// <= 64): scores, group limits and the top-k picks spread over the
-// lanes; each pick is a warp arg-max that keeps the lowest expert id among equal scores (the
-// order a sequential scan gives, as the CPU reference does).
+// One block per token, a thread per expert (blockDim.x = E rounded up to whole warps; E <= 1024,
+// top_k and n_group <= 64): scores, then the group limit and the top-k picks by rank — an
+// expert's (or group's) rank is how many others beat it, a higher value or an equal one with a
+// lower id, so rank k is the k-th pick of a sequential scan that keeps the lowest id among equal
+// scores (as the CPU reference, backend/routing.rs, does). The single warp this replaced walked
+// the experts lane by lane and picked one at a time: ~15 µs a token at batch 1.
+__device__ __forceinline__ float route_block_reduce(float v, bool is_max, float* sh) {
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = (blockDim.x + WARP - 1) / WARP;
+    v = is_max ? warp_max(v) : warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    float t = is_max ? -ENGINE_INF : 0.f;
+    for (int i = 0; i < nw; ++i) t = is_max ? fmaxf(t, sh[i]) : t + sh[i];
+    return t;
+}
+
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int has_bias, int E, int top_k,
                                      int n_group, int topk_group, int method, int softmax_scoring, int norm_topk_prob, float scaling,
                                      int32_t* __restrict__ ids, float* __restrict__ weights) {
     __shared__ float scores[1024];
     __shared__ float choice[1024];
     __shared__ float gscore[64];
-    __shared__ int keep[64];
     __shared__ int picked[64];
-    int t = blockIdx.x, lane = threadIdx.x;
-    const float* l = logits + (int64_t)t * E;
-    // the logits into scores[] and the bias into choice[], eight loads of a lane in flight at a
-    // time (a lane's loads one after another cost ~10 µs a token); each lane reads back only the
-    // entries it wrote, so no barrier
-    for (int e0 = 0; e0 < E; e0 += 8 * WARP) {
-        float lv[8], bv[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            int e = e0 + j * WARP + lane;
-            lv[j] = e < E ? l[e] : 0.f;
-            bv[j] = has_bias && e < E ? bias[e] : 0.f;
-        }
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            int e = e0 + j * WARP + lane;
-            if (e < E) {
-                scores[e] = lv[j];
-                choice[e] = bv[j];
-            }
-        }
-    }
+    __shared__ float red[1024 / 32];
+    const int t = blockIdx.x, e = threadIdx.x;
+    const bool live = e < E;
+    const float l = live ? logits[(int64_t)t * E + e] : -ENGINE_INF;
+    const float b = live && has_bias ? bias[e] : 0.f;
+    float sc;
     if (softmax_scoring) {
-        float m = -ENGINE_INF;
-        for (int e = lane; e < E; e += WARP) m = fmaxf(m, scores[e]);
-        m = warp_max(m);
-        float z = 0.f;
-        for (int e = lane; e < E; e += WARP) {
-            scores[e] = expf(scores[e] - m);
-            z += scores[e];
-        }
-        z = warp_sum(z);
-        for (int e = lane; e < E; e += WARP) scores[e] /= z;
+        float m = route_block_reduce(l, true, red);
+        float p = live ? expf(l - m) : 0.f;
+        sc = p / route_block_reduce(p, false, red);
     } else {
-        for (int e = lane; e < E; e += WARP) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
+        sc = 1.0f / (1.0f + expf(-l));
     }
-    for (int e = lane; e < E; e += WARP) choice[e] = scores[e] + choice[e];
+    if (live) {
+        scores[e] = sc;
+        choice[e] = sc + b;
+    }
+    if (e < top_k) picked[e] = 0; // unreachable for valid configs: fewer valid experts than top_k
     __syncthreads();
-    int per = E / n_group;
     if (method != METHOD_GREEDY) {
-        for (int g = lane; g < n_group; g += WARP) {
-            const float* c = choice + g * per;
+        const int per = E / n_group;
+        if (e < n_group) {
+            const float* c = choice + e * per;
             if (method == METHOD_NOAUX_TC) {
                 float b1 = -ENGINE_INF, b2 = -ENGINE_INF;
                 for (int i = 0; i < per; ++i) {
                     if (c[i] > b1) { b2 = b1; b1 = c[i]; } else if (c[i] > b2) { b2 = c[i]; }
                 }
-                gscore[g] = b1 + b2;
+                gscore[e] = b1 + b2;
             } else {
-                float b = -ENGINE_INF;
-                for (int i = 0; i < per; ++i) b = fmaxf(b, c[i]);
-                gscore[g] = b;
-            }
-            keep[g] = 0;
-        }
-        __syncthreads();
-        if (lane == 0) {
-            for (int k = 0; k < topk_group; ++k) {
-                int best = -1;
-                for (int g = 0; g < n_group; ++g)
-                    if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
-                keep[best] = 1;
+                float bm = -ENGINE_INF;
+                for (int i = 0; i < per; ++i) bm = fmaxf(bm, c[i]);
+                gscore[e] = bm;
             }
         }
         __syncthreads();
-        for (int e = lane; e < E; e += WARP)
-            if (!keep[e / per]) choice[e] = -ENGINE_INF;
-        __syncthreads();
-    }
-    for (int k = 0; k < top_k; ++k) {
-        float bv = -ENGINE_INF;
-        int bi = -1;
-        for (int e = lane; e < E; e += WARP)
-            if (choice[e] > -ENGINE_INF && (bi < 0 || choice[e] > bv)) {
-                bv = choice[e];
-                bi = e;
-            }
-#pragma unroll
-        for (int o = WARP / 2; o > 0; o >>= 1) {
-            float ov = __shfl_xor(bv, o, WARP);
-            int oi = __shfl_xor(bi, o, WARP);
-            if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
-                bv = ov;
-                bi = oi;
-            }
-        }
-        if (bi < 0) bi = 0; // unreachable for valid configs
-        __syncthreads();
-        if (lane == 0) {
-            choice[bi] = -ENGINE_INF;
-            picked[k] = bi;
+        // an expert of a group with topk_group or more groups ranked above it is dropped
+        if (live) {
+            const int g = e / per;
+            const float gs = gscore[g];
+            int above = 0;
+            for (int h = 0; h < n_group; ++h) above += gscore[h] > gs || (gscore[h] == gs && h < g);
+            if (above >= topk_group) choice[e] = -ENGINE_INF;
         }
         __syncthreads();
     }
-    if (lane == 0) {
+    if (live) {
+        const float c = choice[e];
+        if (c > -ENGINE_INF) {
+            int rank = 0;
+            for (int f = 0; f < E && rank < top_k; ++f) {
+                float d = choice[f];
+                rank += d > c || (d == c && f < e);
+            }
+            if (rank < top_k) picked[rank] = e;
+        }
+    }
+    __syncthreads();
+    if (e == 0) {
         // weights in pick order, summed in that order (as the reference does)
         float wsum = 0.f;
         for (int k = 0; k < top_k; ++k) wsum += scores[picked[k]];

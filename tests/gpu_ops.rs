@@ -232,6 +232,7 @@ fn linear_fp8_dynamic_activations_on<V: GpuVendor>() {
     }
     assert!(g.blaslt.as_ref().is_some_and(|l| l.supports_fp8_block(256, 576, 7168)), "no block-scaled FP8 GEMM in the vendor library (cuBLASLt 12.9+ on Hopper is needed)");
     g.fp8_act = true;
+    g.tuned.linear_f8_min_rows = 1;
     // up to 8 rows on sm_89+: linear_f8.hip's FP8 × FP8 MMA (split-K at V3's shapes; 48 rows: a
     // half fragment; K 448: a last scale block of 64 columns); the rest through cuBLASLt
     let small = [(1, 576, 7168), (1, 7168, 16384), (3, 24576, 1536), (8, 2048, 7168), (5, 7168, 2048), (1, 48, 512), (2, 64, 448)];
@@ -537,49 +538,53 @@ fn moe_experts_fp8_dynamic_activations_on<V: GpuVendor>() {
     g.fp8_act = true;
     let c = CpuBackend::new();
     let mut rng = Rng::new(51);
-    let (t, hidden, inter, n_exp) = (600, 512, 512, 64);
+    let (hidden, inter, n_exp) = (512, 512, 64);
     let p = RouteParams { n_experts: n_exp, top_k: 6, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: false, routed_scaling_factor: 1.0 };
     let gate = host_linear(&mut rng, n_exp, hidden, WType::F32);
-    let x = randn(&mut rng, t * hidden, 1.0);
-    let gx = g.upload(t, hidden, &x).unwrap();
-    let gr = g.moe_route(&gx, &g.upload_linear(&gate).unwrap(), None, &p).unwrap();
-    let (ids, w): (Vec<i32>, Vec<f32>) = (gr.ids.to_host().unwrap(), gr.weights.to_host().unwrap());
     let experts: Vec<[HostLinear; 3]> = (0..n_exp).map(|_| [host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, hidden, inter, WType::Fp8)]).collect();
-    let xq = ActFp8::quantize(&x, t, hidden).dequantize();
-    for (first, n) in [(0, n_exp), (n_exp / 4, n_exp / 4)] {
-        // the reference: each local expert over its pairs' rows, in pair order
-        let mut per_pair = vec![Vec::<f32>::new(); t * p.top_k];
-        for (e, ex) in experts.iter().enumerate().skip(first).take(n) {
-            let pairs: Vec<usize> = (0..t * p.top_k).filter(|&q| ids[q] as usize == e).collect();
-            if pairs.is_empty() {
-                continue;
+    // 600 tokens: cuBLASLt's block-scaled GEMM per expert segment; 200 and 20 (sm_89+): the FP8 ×
+    // FP8 grouped kernels of moe_f8.hip, with tiles of 9-16 tokens (two n-fragments) and of ≤ 8
+    for t in [600, 200, 20] {
+        let x = randn(&mut rng, t * hidden, 1.0);
+        let gx = g.upload(t, hidden, &x).unwrap();
+        let gr = g.moe_route(&gx, &g.upload_linear(&gate).unwrap(), None, &p).unwrap();
+        let (ids, w): (Vec<i32>, Vec<f32>) = (gr.ids.to_host().unwrap(), gr.weights.to_host().unwrap());
+        let xq = ActFp8::quantize(&x, t, hidden).dequantize();
+        for (first, n) in [(0, n_exp), (n_exp / 4, n_exp / 4)] {
+            // the reference: each local expert over its pairs' rows, in pair order
+            let mut per_pair = vec![Vec::<f32>::new(); t * p.top_k];
+            for (e, ex) in experts.iter().enumerate().skip(first).take(n) {
+                let pairs: Vec<usize> = (0..t * p.top_k).filter(|&q| ids[q] as usize == e).collect();
+                if pairs.is_empty() {
+                    continue;
+                }
+                let xe: Vec<f32> = pairs.iter().flat_map(|&q| xq[(q / p.top_k) * hidden..(q / p.top_k + 1) * hidden].to_vec()).collect();
+                let ce = |i: usize| c.upload_linear(&ex[i]).unwrap();
+                let xt = c.upload(pairs.len(), hidden, &xe).unwrap();
+                let h = c.download(&c.silu_mul(&c.linear(&xt, &ce(0)).unwrap(), &c.linear(&xt, &ce(1)).unwrap()).unwrap()).unwrap();
+                let hq = ActFp8::quantize(&h, pairs.len(), inter).dequantize();
+                let d = c.download(&c.linear(&c.upload(pairs.len(), inter, &hq).unwrap(), &ce(2)).unwrap()).unwrap();
+                for (i, &q) in pairs.iter().enumerate() {
+                    per_pair[q] = d[i * hidden..(i + 1) * hidden].to_vec();
+                }
             }
-            let xe: Vec<f32> = pairs.iter().flat_map(|&q| xq[(q / p.top_k) * hidden..(q / p.top_k + 1) * hidden].to_vec()).collect();
-            let ce = |i: usize| c.upload_linear(&ex[i]).unwrap();
-            let xt = c.upload(pairs.len(), hidden, &xe).unwrap();
-            let h = c.download(&c.silu_mul(&c.linear(&xt, &ce(0)).unwrap(), &c.linear(&xt, &ce(1)).unwrap()).unwrap()).unwrap();
-            let hq = ActFp8::quantize(&h, pairs.len(), inter).dequantize();
-            let d = c.download(&c.linear(&c.upload(pairs.len(), inter, &hq).unwrap(), &ce(2)).unwrap()).unwrap();
-            for (i, &q) in pairs.iter().enumerate() {
-                per_pair[q] = d[i * hidden..(i + 1) * hidden].to_vec();
+            let mut want = vec![0f32; t * hidden];
+            for q in 0..t * p.top_k {
+                for (o, v) in want[(q / p.top_k) * hidden..(q / p.top_k + 1) * hidden].iter_mut().zip(&per_pair[q]) {
+                    *o += w[q] * v;
+                }
             }
+            assert!(want.iter().any(|&v| v != 0.0), "some token routes to experts {first}..{}", first + n);
+            let got = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts[first..first + n].to_vec(), first).unwrap()).unwrap()).unwrap();
+            // SiLU·up is requantised from the GPU's own gate/up products, ~1e-4 from the reference's,
+            // so a few of its codes round the other way (one e4m3 step, 6-12%): ~3e-3 in all. A wrong
+            // row, segment or scale would be O(1) (the distance to f32 activations is printed).
+            check(&format!("moe_experts fp8 activations, experts {first}..{} of {n_exp}, {t} tokens", first + n), &got, &want, 6e-3);
+            g.fp8_act = false;
+            let f32_acts = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts[first..first + n].to_vec(), first).unwrap()).unwrap()).unwrap();
+            eprintln!("  (f32 activations against this reference: rel err {:.2e})", rel_err(&f32_acts, &want));
+            g.fp8_act = true;
         }
-        let mut want = vec![0f32; t * hidden];
-        for q in 0..t * p.top_k {
-            for (o, v) in want[(q / p.top_k) * hidden..(q / p.top_k + 1) * hidden].iter_mut().zip(&per_pair[q]) {
-                *o += w[q] * v;
-            }
-        }
-        assert!(want.iter().any(|&v| v != 0.0), "some token routes to experts {first}..{}", first + n);
-        let got = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts[first..first + n].to_vec(), first).unwrap()).unwrap()).unwrap();
-        // SiLU·up is requantised from the GPU's own gate/up products, ~1e-4 from the reference's,
-        // so a few of its codes round the other way (one e4m3 step, 6-12%): ~3e-3 in all. A wrong
-        // row, segment or scale would be O(1) (the distance to f32 activations is printed).
-        check(&format!("moe_experts fp8 activations, experts {first}..{} of {n_exp}, {t} tokens", first + n), &got, &want, 6e-3);
-        g.fp8_act = false;
-        let f32_acts = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts[first..first + n].to_vec(), first).unwrap()).unwrap()).unwrap();
-        eprintln!("  (f32 activations against this reference: rel err {:.2e})", rel_err(&f32_acts, &want));
-        g.fp8_act = true;
     }
 }
 
@@ -663,6 +668,19 @@ fn sampling_on_the_gpu_on<V: GpuVendor>() {
         apply_penalties(&mut l, &p, &counts);
         let want = l.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
         assert_eq!(*id, want, "greedy row {r}");
+    }
+    // greedy ties go to the lower id, over a vocabulary of 16-byte rows and an odd one (scalar loads)
+    for vt in [129280usize, 50001] {
+        let mut l = randn(&mut rng, 2 * vt, 1.0);
+        for (r, (a, b)) in [(70001usize.min(vt - 7), vt - 5), (3, vt - 1)].into_iter().enumerate() {
+            l[r * vt + a] = 9.0;
+            l[r * vt + b] = 9.0;
+        }
+        let mut t = g.upload(2, vt, &l).unwrap();
+        let p0 = SamplingParams { temperature: 0.0, ..Default::default() };
+        let rows: Vec<SampleRow> = (0..2).map(|_| SampleRow { params: &p0, penalties: vec![], uniform: 0.5 }).collect();
+        let ids = g.sample(&mut t, &rows).unwrap().unwrap();
+        assert_eq!(ids, [70001.min(vt as u32 - 7), 3], "greedy ties, vocabulary {vt}");
     }
     // inverse CDF over a known distribution (p = 0.1, 0.2, 0.7) on a grid of u
     let probs = [0.1f32, 0.2, 0.7];

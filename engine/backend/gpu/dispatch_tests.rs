@@ -54,8 +54,8 @@ fn linear_layers_pick_their_kernel_by_rows_and_dtype() {
     }
 }
 
-/// `--fp8-activations dynamic` on an sm_89+ device: up to 8 rows quantise x and take the FP8 × FP8
-/// swap-AB kernel, split over K where its 128-row blocks would not fill the GPU; elsewhere (an
+/// `--fp8-activations dynamic` on an sm_89+ device: 2 (or as tuned, 1) to 8 rows quantise x and
+/// take the FP8 × FP8 swap-AB kernel, split over K where its 128-row blocks would not fill the GPU; elsewhere (an
 /// sm_80 device, 9+ rows, the threshold at 0) the f32-activation kernels stay.
 #[test]
 fn fp8_activations_take_the_fp8_mma_kernel_up_to_8_rows_on_sm89() {
@@ -68,6 +68,8 @@ fn fp8_activations_take_the_fp8_mma_kernel_up_to_8_rows_on_sm89() {
         b.linear(&x(b, rows, 7168), &w).unwrap();
         rt.take_launched()
     };
+    assert_eq!(launched(&b, 1)[0].0, "gemv1_fp8w", "one row: the f32-activation GEMV (linear_f8_min_rows 2)");
+    b.tuned.linear_f8_min_rows = 1;
     for rows in [1, 3, 8] {
         let l = launched(&b, rows);
         let n: Vec<&str> = l.iter().map(|(n, _, _)| n.as_str()).collect();
@@ -79,9 +81,42 @@ fn fp8_activations_take_the_fp8_mma_kernel_up_to_8_rows_on_sm89() {
     assert_eq!(launched(&b, 9)[0].0, "linear_tc_fp8w", "9 rows: f32 activations on the swap-AB kernel");
     b.tuned.linear_f8_max_rows = 0;
     assert_eq!(launched(&b, 1)[0].0, "gemv1_fp8w", "threshold 0: never");
+    assert_eq!(launched(&b, 4)[0].0, "linear_tc_fp8w", "threshold 0: never");
     b.tuned.linear_f8_max_rows = 8;
     b.arch = "sm_80".into();
     assert_eq!(launched(&b, 1)[0].0, "gemv1_fp8w", "no e4m3 MMA before sm_89");
+}
+
+/// `--fp8-activations dynamic` on sm_89+: grouped decode batches (8-511 tokens) quantise x, run
+/// the FP8 × FP8 gate_up, quantise SiLU·up and run the FP8 × FP8 down; below 8 tokens the per-pair
+/// kernels stay, and with `moe_f8_max_rows` 0 or on sm_80 the bf16 swap-AB kernels.
+#[test]
+fn moe_fp8_activations_take_the_fp8_mma_kernels() {
+    let (mut b, rt) = nvidia_like();
+    (b.fp8_act, b.arch) = (true, "sm_90a".into());
+    let (hidden, inter, n) = (512, 512, 16);
+    let experts = b.upload_experts((0..n).map(|_| [fp8(inter, hidden), fp8(inter, hidden), fp8(hidden, inter)]).collect(), 0).unwrap();
+    let gate = b.upload_linear(&HostLinear::from_f32("gate", n, hidden, &vec![0.1; n * hidden])).unwrap();
+    let p = RouteParams { n_experts: n, top_k: 4, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
+    let run = |b: &GpuBackend<HostVendor>, tokens: usize| {
+        let xt = x(b, tokens, hidden);
+        let r = b.moe_route(&xt, &gate, None, &p).unwrap();
+        rt.take_launched();
+        b.moe_experts(&xt, &r, &experts).unwrap();
+        rt.take_launched()
+    };
+    let l = run(&b, 20);
+    let names: Vec<&str> = l.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(names, ["moe_group", "quant_fp8_act", "moe_gate_up_f8_fp8w", "quant_fp8_act", "moe_down_f8_fp8w"]);
+    // 80 pairs: at most 5 full tiles + one partial per expert; x's 20 rows, then the 80 positions
+    let tiles = 80usize.div_ceil(16) as u32 + 16;
+    assert_eq!((l[1].1, l[2].1, l[3].1, l[4].1), ((20, 1, 1), (8, tiles, 1), (80, 1, 1), (4, tiles, 1)));
+    assert_eq!(run(&b, 7)[0].0, "moe_gate_up_fp8w", "below 8 tokens: the per-pair kernels");
+    b.tuned.moe_f8_max_rows = 0;
+    assert_eq!(run(&b, 20)[1].0, "moe_gate_up_tc_fp8w", "threshold 0: f32 activations");
+    b.tuned.moe_f8_max_rows = 511;
+    b.arch = "sm_80".into();
+    assert_eq!(run(&b, 20)[1].0, "moe_gate_up_tc_fp8w", "no e4m3 MMA before sm_89");
 }
 
 #[test]
@@ -128,13 +163,15 @@ fn launch_geometry_follows_the_warp_width() {
         assert_eq!(l[0].0, "gemv1_fp8w");
         // 144 row groups × split warps, (256 / warp) warps per block
         assert_eq!(l[0].1 .0, blocks, "warp {warp}: split {split}");
-        // routing: one warp per token
-        let gate = b.upload_linear(&HostLinear::from_f32("gate", 16, 7168, &vec![0.1; 16 * 7168])).unwrap();
-        let p = RouteParams { n_experts: 16, top_k: 2, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
-        rt.take_launched();
-        b.moe_route(&x(&b, 3, 7168), &gate, None, &p).unwrap();
-        let route = rt.take_launched().pop().unwrap();
-        assert_eq!((route.0.as_str(), route.1, route.2), ("moe_route", (3, 1, 1), warp as u32));
+        // routing: a block per token, a thread per expert in whole warps
+        for (experts, threads) in [(16, warp), (100, 128), (256, 256)] {
+            let gate = b.upload_linear(&HostLinear::from_f32("gate", experts, 7168, &vec![0.1; experts * 7168])).unwrap();
+            let p = RouteParams { n_experts: experts, top_k: 2, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
+            rt.take_launched();
+            b.moe_route(&x(&b, 3, 7168), &gate, None, &p).unwrap();
+            let route = rt.take_launched().pop().unwrap();
+            assert_eq!((route.0.as_str(), route.1, route.2), ("moe_route", (3, 1, 1), threads as u32), "{experts} experts, warp {warp}");
+        }
     }
 }
 

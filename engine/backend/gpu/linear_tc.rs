@@ -37,8 +37,8 @@ impl<V: GpuVendor> GpuBackend<V> {
 
     /// Whether this layer at this batch quantises x to FP8 and takes linear_f8.hip: FP8
     /// activations on (`--fp8-activations dynamic`, a shape with 128 × 128 weight blocks), fewer
-    /// rows than the GEMM library takes and at most `linear_f8_max_rows` (≤ 8: one MMA
-    /// n-fragment), on NVIDIA sm_89+ (the e4m3 MMA).
+    /// rows than the GEMM library takes, `linear_f8_min_rows` to `linear_f8_max_rows` (≤ 8: one
+    /// MMA n-fragment), on NVIDIA sm_89+ (the e4m3 MMA).
     pub(super) fn linear_f8_for(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
         let t = &self.tuned;
         self.fp8_act
@@ -46,7 +46,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             && e4m3_mma(&self.arch)
             && w.wdt == 2
             && super::blas::fp8_block_ok(w.out, w.inp, w.bn, w.bk)
-            && x.rows <= t.linear_f8_max_rows.min(8)
+            && (t.linear_f8_min_rows..=t.linear_f8_max_rows.min(8)).contains(&x.rows)
             && x.rows < t.blaslt_fp8_act_min_rows
             && w.inp.is_multiple_of(KCHUNK)
     }
@@ -94,7 +94,7 @@ impl<V: GpuVendor> GpuBackend<V> {
 }
 
 /// Whether an NVRTC arch name (`sm_90a`) has the e4m3 MMA (sm_89+).
-fn e4m3_mma(arch: &str) -> bool {
+pub(super) fn e4m3_mma(arch: &str) -> bool {
     arch.strip_prefix("sm_").and_then(|a| a.trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse::<u32>().ok()).is_some_and(|v| v >= 89)
 }
 

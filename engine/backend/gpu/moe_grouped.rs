@@ -9,6 +9,7 @@ use crate::backend::BackendError;
 
 const MOE_GROUPED: &str = "hip-kernels/moe_grouped.hip";
 const MOE_TC: &str = "hip-kernels/moe_tc.hip";
+const MOE_F8: &str = "hip-kernels/moe_f8.hip";
 /// Tokens of one expert per grouped-GEMV tile (GV_T in moe_grouped.hip).
 const GV_TOKENS: usize = 16;
 /// The grouping kernel keeps one counter per expert in shared memory.
@@ -19,6 +20,21 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// (moe_tc.hip): FP8 weights, 64-wide K chunks inside one scale block, whole row fragments.
     fn moe_tc_for(&self, e: &GpuExperts) -> bool {
         self.moe_tc && self.mma_gemm && e.wdt == 2 && e.bk % 64 == 0 && e.hidden.is_multiple_of(64) && e.inter.is_multiple_of(64)
+    }
+
+    /// Whether decode-sized batches of these experts quantise their activations and take the FP8 ×
+    /// FP8 grouped kernels (moe_f8.hip): `--fp8-activations dynamic`, 128 × 128 weight blocks,
+    /// 64-wide K chunks, NVIDIA sm_89+ (the e4m3 MMA), up to `moe_f8_max_rows` tokens.
+    fn moe_f8_for(&self, x: &GpuTensor, e: &GpuExperts) -> bool {
+        self.fp8_act
+            && self.mma_gemm
+            && super::linear_tc::e4m3_mma(&self.arch)
+            && e.wdt == 2
+            && x.rows <= self.tuned.moe_f8_max_rows
+            && super::blas::fp8_block_ok(e.inter, e.hidden, e.bn, e.bk)
+            && super::blas::fp8_block_ok(e.hidden, e.inter, e.bn, e.bk)
+            && e.hidden.is_multiple_of(64)
+            && e.inter.is_multiple_of(64)
     }
 
     /// Whether the grouped kernels can take these experts: 16-byte loads along both K dimensions.
@@ -45,6 +61,22 @@ impl<V: GpuVendor> GpuBackend<V> {
 
         let (inter, hidden) = (e.inter, e.hidden);
         let (ii, hi) = (inter as i32, hidden as i32);
+        if !mma && self.moe_f8_for(x, e) {
+            // x per token and 128 channels to e4m3; gate_up 4 warps × 16 rows a block; SiLU·up per
+            // position to e4m3; down 4 warps × 32 rows
+            let (q, s) = self.quantize_act_fp8(x, x.rows)?;
+            let ti = x.rows as i32;
+            let h = GpuTensor { rows: pairs, cols: inter, buf: self.alloc_out(pairs * inter)? };
+            let f = self.func(MOE_F8, "moe_gate_up_f8_fp8w")?;
+            let mut b = self.launch(&f);
+            b.arg(&q).arg(&s).arg(&ti).arg(&tok).arg(&tiles).arg(&ntiles).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&h.buf).arg(&ii).arg(&hi);
+            b.run(LaunchConfig { grid_dim: (inter.div_ceil(64) as u32, max_tiles as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }).map_err(err("moe_gate_up_f8"))?;
+            let (qh, sh) = self.quantize_act_fp8(&h, pairs)?;
+            let f = self.func(MOE_F8, "moe_down_f8_fp8w")?;
+            let mut b = self.launch(&f);
+            b.arg(&qh).arg(&sh).arg(&p).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi);
+            return b.run(LaunchConfig { grid_dim: (hidden.div_ceil(128) as u32, max_tiles as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }).map_err(err("moe_down_f8"));
+        }
         if !mma && self.moe_tc_for(e) {
             // tensor-core grouped GEMV: gate_up 4 warps × 16 rows per block, down 4 warps × 32
             let mut h = self.alloc_out(pairs * inter)?;

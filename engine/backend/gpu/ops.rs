@@ -492,8 +492,9 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             let (hb, e, k, ng, tg, sm, norm, sc) = (bias.is_some() as i32, p.n_experts as i32, p.top_k as i32, p.n_group as i32, p.topk_group as i32, (p.scoring == ScoringFunc::Softmax) as i32, p.norm_topk_prob as i32, p.routed_scaling_factor);
             let mut b = self.launch(&f);
             b.arg(&logits.buf).arg(&d_bias).arg(&hb).arg(&e).arg(&k).arg(&ng).arg(&tg).arg(&method).arg(&sm).arg(&norm).arg(&sc).arg(&mut ids).arg(&mut weights);
-            // one warp per token
-            b.run(cfg((x.rows as u32, 1), self.warp, 0)).map_err(err("moe_route"))?;
+            // one block per token, a thread per expert
+            let threads = p.n_experts.next_multiple_of(self.warp as usize).max(self.warp as usize) as u32;
+            b.run(cfg((x.rows as u32, 1), threads, 0)).map_err(err("moe_route"))?;
             Ok(GpuRouting { top_k: p.top_k, ids, weights })
         })
     }

@@ -44,6 +44,15 @@ pub struct Tuned {
     /// kernel (linear_f8.hip; NVIDIA sm_89+); 0: never (f32 activations below the GEMM library)
     #[serde(default = "default_linear_f8_max_rows")]
     pub linear_f8_max_rows: usize,
+    /// ... from this many rows (below: the f32-activation GEMV, whose single launch beats the
+    /// quantiser, the MMA kernel and its split-K sum at one row)
+    #[serde(default = "default_linear_f8_min_rows")]
+    pub linear_f8_min_rows: usize,
+    /// With `--fp8-activations dynamic`, MoE batches of up to this many tokens on the grouped decode
+    /// path (below `moe_mma_min_rows`) quantise x and SiLU·up and take the FP8 × FP8 grouped
+    /// kernels (moe_f8.hip; NVIDIA sm_89+); 0: never (f32 activations on moe_tc.hip)
+    #[serde(default = "default_moe_f8_max_rows")]
+    pub moe_f8_max_rows: usize,
     /// MLA's absorbed projections (q → latent, latent → v) as per-head GEMMs on the matrix units
     /// from this many tokens (below: per-head GEMVs)
     #[serde(default = "default_mla_proj_mma_min_rows")]
@@ -56,6 +65,14 @@ fn default_mla_proj_mma_min_rows() -> usize {
 
 fn default_linear_f8_max_rows() -> usize {
     8
+}
+
+fn default_linear_f8_min_rows() -> usize {
+    2
+}
+
+fn default_moe_f8_max_rows() -> usize {
+    511
 }
 
 fn default_linear_tc_max_rows() -> usize {
@@ -90,6 +107,8 @@ impl Default for Tuned {
             blaslt_fp8_act_min_rows: default_blaslt_fp8_act_min_rows(),
             linear_tc_max_rows: default_linear_tc_max_rows(),
             linear_f8_max_rows: default_linear_f8_max_rows(),
+            linear_f8_min_rows: default_linear_f8_min_rows(),
+            moe_f8_max_rows: default_moe_f8_max_rows(),
             linear_tc_min_rows: default_linear_tc_min_rows(),
             mla_proj_mma_min_rows: default_mla_proj_mma_min_rows(),
         }
@@ -114,7 +133,7 @@ pub fn device_key(name: &str) -> String {
 
 pub fn parse(text: &str, origin: &str) -> Result<Tuned, String> {
     let t: Tuned = toml::from_str(text).map_err(|e| format!("tuned kernel config {origin}: {e}"))?;
-    if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 || t.mma_split_fill == 0 || t.cublaslt_min_rows == 0 || t.blaslt_fp8_min_rows == 0 || t.blaslt_fp8_act_min_rows == 0 || t.linear_tc_min_rows == 0 || t.mla_proj_mma_min_rows == 0 {
+    if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 || t.mma_split_fill == 0 || t.cublaslt_min_rows == 0 || t.blaslt_fp8_min_rows == 0 || t.blaslt_fp8_act_min_rows == 0 || t.linear_tc_min_rows == 0 || t.linear_f8_min_rows == 0 || t.mla_proj_mma_min_rows == 0 {
         return Err(format!("tuned kernel config {origin}: thresholds must be at least 1"));
     }
     if t.linear_f8_max_rows > 8 {
