@@ -477,8 +477,8 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
     fn moe_route(&self, x: &GpuTensor, gate: &GpuLinear, bias: Option<&[f32]>, p: &RouteParams) -> Result<GpuRouting, BackendError> {
         self.span("routing", || {
             let logits = self.linear_with(x, gate, false)?;
-            if p.n_experts > 1024 || p.top_k > 64 || p.n_group > 64 || p.n_group == 0 {
-                return Err(self.op_err("moe_route", format!("{} experts, top-k {}, {} groups: the routing kernel takes at most 1024 experts, top-k 64 and 64 groups", p.n_experts, p.top_k, p.n_group)));
+            if p.n_experts > 1024 || p.top_k > 64 || p.top_k > p.n_experts || p.n_group > 64 || p.n_group == 0 {
+                return Err(self.op_err("moe_route", format!("{} experts, top-k {}, {} groups: the routing kernel takes at most 1024 experts, top-k 64 (and no more than the experts) and 64 groups", p.n_experts, p.top_k, p.n_group)));
             }
             let f = self.func(MOE, "moe_route")?;
             let d_bias = self.constant(bias.unwrap_or(&[0.0]))?;
