@@ -89,8 +89,9 @@ pub struct BackendArgs {
     pub disable_cuda_graph: bool,
     /// Inputs of FP8 linear layers and MoE experts from 16 / 512 rows (GPU backends): dynamic
     /// quantises them per token and 128 channels to e4m3 and runs the GEMM library's
-    /// block-scaled FP8 GEMM (CUDA: cuBLASLt 12.9+ on Hopper; other layers and vendors keep f32
-    /// inputs), keeps the latent KV cache in bf16 and runs attention on bf16 operands (flash
+    /// block-scaled FP8 GEMM (CUDA: cuBLASLt 12.9+ on Hopper), and FP8 layers of 2-8 rows and
+    /// MoE batches of 8-511 tokens the engine's FP8 × FP8 kernels (NVIDIA sm_89+; other layers
+    /// and vendors keep f32 inputs), keeps the latent KV cache in bf16 and runs attention on bf16 operands (flash
     /// prefill, matrix-unit decode), as SGLang and vLLM run block-FP8 checkpoints; f32 keeps
     /// every activation and the KV cache in f32 (bf16 hi + lo operands: ~1e-5 from the f32 reference,
     /// 2-3x slower prefill); auto follows the checkpoint's quantization_config.activation_scheme

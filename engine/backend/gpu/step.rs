@@ -172,7 +172,13 @@ impl<V: GpuVendor> GpuBackend<V> {
         let has = on && self.blaslt.as_ref().is_some_and(|l| l.supports_fp8_block(128, 128, 512));
         (self.fp8_act, self.attn_bf16) = (on && has, on);
         if on && has {
-            log::info!("{} op paths: FP8 activations (--fp8-activations): FP8 linear layers from {} rows and MoE experts from {} tokens quantise their input per token and 128 channels to e4m3 and run {lib}'s block-scaled FP8 GEMM where it takes the shape; attention takes bf16 operands", V::NAME, self.tuned.blaslt_fp8_act_min_rows, self.tuned.moe_mma_min_rows);
+            let t = &self.tuned;
+            let mma = if super::linear_tc::e4m3_mma(&self.arch) && self.mma_gemm {
+                format!("; FP8 linear layers of {}-{} rows and MoE batches up to {} tokens (grouped, from {}) quantise it too for the FP8 x FP8 matrix-unit kernels", t.linear_f8_min_rows, t.linear_f8_max_rows.min(8), t.moe_f8_max_rows, t.moe_grouped_min_rows)
+            } else {
+                String::new()
+            };
+            log::info!("{} op paths: FP8 activations (--fp8-activations): FP8 linear layers from {} rows and MoE experts from {} tokens quantise their input per token and 128 channels to e4m3 and run {lib}'s block-scaled FP8 GEMM where it takes the shape{mma}; attention takes bf16 operands", V::NAME, t.blaslt_fp8_act_min_rows, t.moe_mma_min_rows);
         } else if on {
             log::info!("{} op paths: FP8 activations asked for, but {lib} has no block-scaled FP8 GEMM here: GEMM inputs stay f32; attention takes bf16 operands", V::NAME);
         }
