@@ -48,16 +48,21 @@ impl<B: Backend> DecoderLayer<B> {
         Ok(())
     }
 
-    /// Advances the residual stream `resid` [T, hidden] through this layer.
-    pub fn forward(&self, b: &B, resid: &mut B::Tensor, kv: &mut B::KvCache, layer: usize, a: &AttnInputs) -> Result<(), ModelError> {
-        let x = b.rms_norm(resid, &self.input_norm, a.eps)?;
+    /// Advances the residual stream `resid` [T, hidden] through this layer, except for the MLP's
+    /// output, which is returned instead of added: the next layer (or the final norm) adds it in
+    /// its own norm (`pending`, the previous layer's output; None for the first layer), one
+    /// `add_rms_norm` instead of an add and a norm.
+    pub fn forward(&self, b: &B, resid: &mut B::Tensor, pending: Option<B::Tensor>, kv: &mut B::KvCache, layer: usize, a: &AttnInputs) -> Result<B::Tensor, ModelError> {
+        let x = match pending {
+            Some(y) => b.add_rms_norm(&y, resid, &self.input_norm, a.eps)?,
+            None => b.rms_norm(resid, &self.input_norm, a.eps)?,
+        };
         // each rank holds a share of the heads / intermediate columns: sum the partial outputs
         let mut attn = self.attn.forward(b, &x, kv, layer, a)?;
         b.all_reduce(&mut attn)?;
         let x = b.add_rms_norm(&attn, resid, &self.post_attn_norm, a.eps)?;
         let mut y = self.ffn.forward(b, &x)?;
         b.all_reduce(&mut y)?;
-        b.add(resid, &y)?;
-        Ok(())
+        Ok(y)
     }
 }

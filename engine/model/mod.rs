@@ -309,8 +309,14 @@ impl<B: Backend> Model<B> {
         if self.embed_slice.is_some() {
             b.all_reduce(&mut resid)?;
         }
+        // each layer's MLP output is added to the residual stream by the next layer's input norm
+        let mut pending = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            layer.forward(b, &mut resid, kv, i, &inputs)?;
+            pending = Some(layer.forward(b, &mut resid, pending.take(), kv, i, &inputs)?);
+        }
+        // ... and the last one here, before the rows that get logits are gathered and normed
+        if let Some(y) = pending {
+            b.add(&mut resid, &y)?;
         }
         let last = b.gather_rows(&resid, step.logit_rows)?;
         let x = b.rms_norm(&last, &self.norm, inputs.eps)?;
