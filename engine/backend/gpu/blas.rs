@@ -16,7 +16,6 @@ use super::ops::{cfg, GpuLinear};
 use crate::backend::BackendError;
 
 const EW: &str = "hip-kernels/elementwise.hip";
-const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
 const ACT_QUANT: &str = "hip-kernels/act_quant.hip";
 
 /// A vendor GEMM library as the backend uses it.
@@ -137,9 +136,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         } else {
             gemm(2 * m, w.data.ptr(), d.ptr())?;
         }
-        let f = self.func(LIN_MMA, "linear_split_sum")?;
-        let (total, p) = ((m * n) as i64, parts as i32);
-        self.launch(&f).arg(&d).arg(y).arg(&total).arg(&p).run(cfg(((m * n).div_ceil(256) as u32, 1), 256, 0)).map_err(err("linear_split_sum"))?;
+        self.split_sum(&d, y, m * n, parts)?;
         Ok(true)
     }
 }

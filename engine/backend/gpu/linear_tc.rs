@@ -11,7 +11,6 @@ const LIN_TC: &str = "hip-kernels/linear_tc.hip";
 const LIN_F8: &str = "hip-kernels/linear_f8.hip";
 /// Output rows per block of linear_f8.hip (4 warps × 2 fragments of 16)
 const F8_ROWS: usize = 128;
-const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
 /// Output rows per block (4 warps × 32) and tokens per block (TC_T)
 const ROWS: usize = 128;
 const TOKENS: usize = 16;
@@ -67,14 +66,6 @@ impl<V: GpuVendor> GpuBackend<V> {
         let part = self.scratch::<f32>(splits * m * n)?;
         self.launch(&f).arg(&q).arg(&s).arg(&mi).arg(&w.data).arg(&w.scales).arg(&part).arg(&mi).arg(&ni).arg(&ki).arg(&ks).run(cfg).map_err(err("linear_f8"))?;
         self.split_sum(&part, y, m * n, splits)
-    }
-
-    /// y[i] = Σ_z part[z·len + i], z in order (linear_mma.hip).
-    fn split_sum(&self, part: &DevBuf<f32>, y: &mut DevBuf<f32>, len: usize, splits: usize) -> Result<(), BackendError> {
-        let f = self.func(LIN_MMA, "linear_split_sum")?;
-        let (total, sp) = (len as i64, splits as i32);
-        let sum = LaunchConfig { grid_dim: (len.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        self.launch(&f).arg(part).arg(y).arg(&total).arg(&sp).run(sum).map_err(err("linear_split_sum"))
     }
 
     pub(super) fn linear_tc(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<(), BackendError> {

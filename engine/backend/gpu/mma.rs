@@ -45,11 +45,15 @@ impl<V: GpuVendor> GpuBackend<V> {
         let mut b = self.launch(&f);
         b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(&mut part).arg(&mi).arg(&ni).arg(&ki).arg(&w.bn).arg(&w.bk).arg(&ks).arg(&v);
         b.run(launch(grid)).map_err(err("linear_mma"))?;
+        self.split_sum(&part, y, m * n, splits)
+    }
+
+    /// y[i] = Σ_z part[z·len + i] over the `splits` partials, z in order (linear_mma.hip's
+    /// `linear_split_sum`: deterministic split-K and hi/lo product sums).
+    pub(super) fn split_sum(&self, part: &DevBuf<f32>, y: &mut DevBuf<f32>, len: usize, splits: usize) -> Result<(), BackendError> {
         let f = self.func(LIN_MMA, "linear_split_sum")?;
-        let (total, sp) = ((m * n) as i64, splits as i32);
-        let mut b = self.launch(&f);
-        b.arg(&part).arg(y).arg(&total).arg(&sp);
-        b.run(launch(((m * n).div_ceil(256) as u32, 1, 1))).map_err(err("linear_split_sum"))
+        let (total, sp) = (len as i64, splits as i32);
+        self.launch(&f).arg(part).arg(y).arg(&total).arg(&sp).run(launch((len.div_ceil(256) as u32, 1, 1))).map_err(err("linear_split_sum"))
     }
 }
 
