@@ -111,3 +111,19 @@ __device__ __forceinline__ float block_sum(float v) {
     for (int i = 0; i < nw; ++i) t += part[i];
     return t;
 }
+
+// Max over the block (as block_sum).
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float part[1024 / 32];
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) part[w] = v;
+    __syncthreads();
+    float t = -ENGINE_INF;
+    for (int i = 0; i < nw; ++i) t = fmaxf(t, part[i]);
+    return t;
+}
+
+// 32-bit word j (0-3) of a 16-byte load.
+__device__ __forceinline__ uint32_t u4_word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }

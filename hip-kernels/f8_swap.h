@@ -24,8 +24,6 @@ __device__ __forceinline__ void mma_e4m3_16832(float* c, const uint32_t* a, uint
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t f8_word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
-
 // The operands of one warp: NF fragments of 16 weight rows and NT fragments of 8 tokens.
 template <int NF, int NT>
 struct F8Operands {
@@ -41,6 +39,16 @@ struct F8Operands {
     int xs_stride;
     int xc[NT][2];
 };
+
+// Fragment f of `o`: the 16 rows of W [.., K] from row r0 (the lane's rows g and g + 8 at its 16t
+// bytes) and their weight scales (S with kb blocks a row; the 16 rows share one 128-row block).
+template <int NF, int NT>
+__device__ __forceinline__ void f8_set_rows(F8Operands<NF, NT>& o, int f, const uint8_t* W, const float* S, int r0, int K, int kb) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    o.w[f][0] = W + (int64_t)(r0 + g) * K + 16 * t;
+    o.w[f][1] = W + (int64_t)(r0 + g + 8) * K + 16 * t;
+    o.ws[f] = S + (int64_t)(r0 / 128) * kb;
+}
 
 // acc[f][n][q] += the scaled products over columns [k_lo, k_hi) (multiples of 64): q = 0, 1 row g
 // × tokens 2t, 2t + 1 of n-fragment n; q = 2, 3 row g + 8.
@@ -77,9 +85,9 @@ __device__ __forceinline__ void f8_gemm(const F8Operands<NF, NT>& o, int k_lo, i
                 for (int q = 0; q < 4; ++q) part[n][q] = 0.f;
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-                uint32_t a[4] = {f8_word(w[f][0], 2 * j), f8_word(w[f][1], 2 * j), f8_word(w[f][0], 2 * j + 1), f8_word(w[f][1], 2 * j + 1)};
+                uint32_t a[4] = {u4_word(w[f][0], 2 * j), u4_word(w[f][1], 2 * j), u4_word(w[f][0], 2 * j + 1), u4_word(w[f][1], 2 * j + 1)};
 #pragma unroll
-                for (int n = 0; n < NT; ++n) mma_e4m3_16832(part[n], a, f8_word(xv[n], 2 * j), f8_word(xv[n], 2 * j + 1));
+                for (int n = 0; n < NT; ++n) mma_e4m3_16832(part[n], a, u4_word(xv[n], 2 * j), u4_word(xv[n], 2 * j + 1));
             }
 #pragma unroll
             for (int n = 0; n < NT; ++n) {

@@ -23,10 +23,7 @@ extern "C" __global__ void __launch_bounds__(128) linear_f8_fp8w(const uint8_t* 
 #pragma unroll
     for (int f = 0; f < F8_FRAGS; ++f) {
         // fragments past N (N % 32 == 16) read fragment 0's rows and drop their sums
-        int r0 = n0 + 16 * f < N ? n0 + 16 * f : n0;
-        o.w[f][0] = W + (int64_t)(r0 + g) * K + 16 * t;
-        o.w[f][1] = W + (int64_t)(r0 + g + 8) * K + 16 * t;
-        o.ws[f] = S + (int64_t)(r0 / 128) * kb;
+        f8_set_rows(o, f, W, S, n0 + 16 * f < N ? n0 + 16 * f : n0, K, kb);
     }
     o.x[0] = g < M ? q + (int64_t)g * K + 16 * t : nullptr;
     o.xs = sx;

@@ -15,17 +15,6 @@
 // lower id, so rank k is the k-th pick of a sequential scan that keeps the lowest id among equal
 // scores (as the CPU reference, backend/routing.rs, does). The single warp this replaced walked
 // the experts lane by lane and picked one at a time: ~15 µs a token at batch 1.
-__device__ __forceinline__ float route_block_reduce(float v, bool is_max, float* sh) {
-    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = (blockDim.x + WARP - 1) / WARP;
-    v = is_max ? warp_max(v) : warp_sum(v);
-    __syncthreads();
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    float t = is_max ? -ENGINE_INF : 0.f;
-    for (int i = 0; i < nw; ++i) t = is_max ? fmaxf(t, sh[i]) : t + sh[i];
-    return t;
-}
-
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int has_bias, int E, int top_k,
                                      int n_group, int topk_group, int method, int softmax_scoring, int norm_topk_prob, float scaling,
                                      int32_t* __restrict__ ids, float* __restrict__ weights) {
@@ -33,16 +22,15 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     __shared__ float choice[1024];
     __shared__ float gscore[64];
     __shared__ int picked[64];
-    __shared__ float red[1024 / 32];
     const int t = blockIdx.x, e = threadIdx.x;
     const bool live = e < E;
     const float l = live ? logits[(int64_t)t * E + e] : -ENGINE_INF;
     const float b = live && has_bias ? bias[e] : 0.f;
     float sc;
     if (softmax_scoring) {
-        float m = route_block_reduce(l, true, red);
+        float m = block_max(l);
         float p = live ? expf(l - m) : 0.f;
-        sc = p / route_block_reduce(p, false, red);
+        sc = p / block_sum(p);
     } else {
         sc = 1.0f / (1.0f + expf(-l));
     }

@@ -25,12 +25,8 @@ __device__ void moe_gate_up_f8_tile(const uint8_t* q, const float* sx, int T, co
     const int i0 = (blockIdx.x * 4 + threadIdx.x / 32) * 16;
     if (i0 >= I) return;
     F8Operands<2, NT> o;
-    o.w[0][0] = G + (int64_t)(i0 + g) * H + 16 * t;
-    o.w[0][1] = G + (int64_t)(i0 + g + 8) * H + 16 * t;
-    o.w[1][0] = U + (int64_t)(i0 + g) * H + 16 * t;
-    o.w[1][1] = U + (int64_t)(i0 + g + 8) * H + 16 * t;
-    o.ws[0] = GS + (int64_t)(i0 / 128) * kb;
-    o.ws[1] = US + (int64_t)(i0 / 128) * kb;
+    f8_set_rows(o, 0, G, GS, i0, H, kb);
+    f8_set_rows(o, 1, U, US, i0, H, kb);
     o.xs = sx;
     o.xs_stride = T;
 #pragma unroll
@@ -63,10 +59,7 @@ __device__ void moe_down_f8_tile(const uint8_t* qh, const float* sh, int P, cons
 #pragma unroll
     for (int f = 0; f < 2; ++f) {
         // a fragment past H (H % 32 == 16) reads fragment 0's rows and drops its sums
-        int r0 = n0 + 16 * f < H ? n0 + 16 * f : n0;
-        o.w[f][0] = D + (int64_t)(r0 + g) * I + 16 * t;
-        o.w[f][1] = D + (int64_t)(r0 + g + 8) * I + 16 * t;
-        o.ws[f] = DS + (int64_t)(r0 / 128) * kb;
+        f8_set_rows(o, f, D, DS, n0 + 16 * f < H ? n0 + 16 * f : n0, I, kb);
     }
     o.xs = sh;
     o.xs_stride = P;

@@ -79,7 +79,6 @@ __device__ __forceinline__ void tc_a_fp8(uint32_t w0, uint32_t w1, uint32_t* a) 
     a[3] = (__float_as_uint(f1[2]) >> 16) | (__float_as_uint(f1[3]) & 0xffff0000u);
 }
 
-__device__ __forceinline__ uint32_t tc_word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
 // The operands of one warp: NP m-fragments of 16 weight rows (row r of fragment p at W[p] + r·K,
 // its scales at S[p] for rows row0[p] + r), sharing the B fragments of the tile's tokens.
@@ -134,7 +133,7 @@ __device__ __forceinline__ void tc_gemm(const TcRows<NP>& o, const float* const*
 #pragma unroll
             for (int p = 0; p < NP; ++p) {
                 uint32_t a[4];
-                tc_a_fp8(tc_word(w[p][0], j), tc_word(w[p][1], j), a);
+                tc_a_fp8(u4_word(w[p][0], j), u4_word(w[p][1], j), a);
 #pragma unroll
                 for (int n = 0; n < NT; ++n) {
                     mma_bf16_16816(part[p][n], a, bh[n][0], bh[n][1]);
@@ -207,7 +206,7 @@ __device__ __forceinline__ void tc_gemm(const TcRows<NP>& o, const float* const*
             tc_short4 bh = {(short)h[0], (short)h[1], (short)h[2], (short)h[3]}, bl = {(short)l[0], (short)l[1], (short)l[2], (short)l[3]};
 #pragma unroll
             for (int p = 0; p < NP; ++p) {
-                tc_short4 a = tc_a4(tc_word(w[p], j));
+                tc_short4 a = tc_a4(u4_word(w[p], j));
                 part[p] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(a, bh, part[p], 0, 0, 0);
                 part[p] = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(a, bl, part[p], 0, 0, 0);
             }
