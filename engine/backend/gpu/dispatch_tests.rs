@@ -2,6 +2,7 @@
 //! configs/tuned/nvidia-h200.toml, which are also the defaults), and the launch geometry for
 //! 32- and 64-wide warps — on the host runtime, which records launches instead of running them.
 use super::backend::{GpuBackend, GpuTensor};
+use super::ops::{GpuExperts, GpuLinear};
 use super::host_runtime::{host_backend, HostRuntime, HostVendor};
 use crate::backend::{Backend, RouteParams};
 use crate::config::{ScoringFunc, TopkMethod};
@@ -30,6 +31,32 @@ fn x(b: &GpuBackend<HostVendor>, rows: usize, cols: usize) -> GpuTensor {
 
 fn names(rt: &HostRuntime) -> Vec<String> {
     rt.take_launched().into_iter().map(|(n, _, _)| n).collect()
+}
+
+/// `n` FP8 experts of (hidden, inter) behind an f32 router, greedy softmax top-4 routing.
+struct MoeCase {
+    experts: GpuExperts,
+    gate: GpuLinear,
+    p: RouteParams,
+    hidden: usize,
+}
+
+impl MoeCase {
+    fn new(b: &GpuBackend<HostVendor>, hidden: usize, inter: usize, n: usize) -> Self {
+        let experts = b.upload_experts((0..n).map(|_| [fp8(inter, hidden), fp8(inter, hidden), fp8(hidden, inter)]).collect(), 0).unwrap();
+        let gate = b.upload_linear(&HostLinear::from_f32("gate", n, hidden, &vec![0.1; n * hidden])).unwrap();
+        let p = RouteParams { n_experts: n, top_k: 4, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
+        MoeCase { experts, gate, p, hidden }
+    }
+
+    /// The launches of the experts (after routing) for `tokens` tokens.
+    fn expert_launches(&self, b: &GpuBackend<HostVendor>, rt: &HostRuntime, tokens: usize) -> Vec<(String, (u32, u32, u32), u32)> {
+        let xt = x(b, tokens, self.hidden);
+        let r = b.moe_route(&xt, &self.gate, None, &self.p).unwrap();
+        rt.take_launched();
+        b.moe_experts(&xt, &r, &self.experts).unwrap();
+        rt.take_launched()
+    }
 }
 
 #[test]
@@ -94,17 +121,8 @@ fn fp8_activations_take_the_fp8_mma_kernel_up_to_8_rows_on_sm89() {
 fn moe_fp8_activations_take_the_fp8_mma_kernels() {
     let (mut b, rt) = nvidia_like();
     (b.fp8_act, b.arch) = (true, "sm_90a".into());
-    let (hidden, inter, n) = (512, 512, 16);
-    let experts = b.upload_experts((0..n).map(|_| [fp8(inter, hidden), fp8(inter, hidden), fp8(hidden, inter)]).collect(), 0).unwrap();
-    let gate = b.upload_linear(&HostLinear::from_f32("gate", n, hidden, &vec![0.1; n * hidden])).unwrap();
-    let p = RouteParams { n_experts: n, top_k: 4, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
-    let run = |b: &GpuBackend<HostVendor>, tokens: usize| {
-        let xt = x(b, tokens, hidden);
-        let r = b.moe_route(&xt, &gate, None, &p).unwrap();
-        rt.take_launched();
-        b.moe_experts(&xt, &r, &experts).unwrap();
-        rt.take_launched()
-    };
+    let c = MoeCase::new(&b, 512, 512, 16);
+    let run = |b: &GpuBackend<HostVendor>, tokens: usize| c.expert_launches(b, &rt, tokens);
     let l = run(&b, 20);
     let names: Vec<&str> = l.iter().map(|(n, _, _)| n.as_str()).collect();
     assert_eq!(names, ["moe_group", "quant_fp8_act", "moe_gate_up_f8_fp8w", "quant_fp8_act", "moe_down_f8_fp8w"]);
@@ -122,29 +140,21 @@ fn moe_fp8_activations_take_the_fp8_mma_kernels() {
 #[test]
 fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
     let (b, rt) = nvidia_like();
-    let (hidden, inter, n) = (256, 128, 16);
-    let experts = b.upload_experts((0..n).map(|_| [fp8(inter, hidden), fp8(inter, hidden), fp8(hidden, inter)]).collect(), 0).unwrap();
-    let gate = b.upload_linear(&HostLinear::from_f32("gate", n, hidden, &vec![0.1; n * hidden])).unwrap();
-    let p = RouteParams { n_experts: n, top_k: 4, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
-    let run = |tokens: usize| {
-        let xt = x(&b, tokens, hidden);
-        let r = b.moe_route(&xt, &gate, None, &p).unwrap();
-        rt.take_launched();
-        b.moe_experts(&xt, &r, &experts).unwrap();
-        names(&rt)
-    };
+    let c = MoeCase::new(&b, 256, 128, 16);
+    let (hidden, gate, p) = (c.hidden, &c.gate, &c.p);
+    let run = |tokens: usize| c.expert_launches(&b, &rt, tokens).into_iter().map(|(n, _, _)| n).collect::<Vec<_>>();
     assert_eq!(run(7), ["moe_gate_up_fp8w", "moe_down_fp8w"], "below 8 tokens: a block per (token, expert)");
     assert_eq!(run(8), ["moe_group", "moe_gate_up_tc_fp8w", "moe_down_tc_fp8w"], "8-511: grouped, swap-AB");
     assert_eq!(run(512), ["moe_group", "moe_gate_up_mma_fp8w", "moe_silu_mul_halves", "moe_down_mma_fp8w"], "512+: 128-token tiles");
     // the f32 router beyond 32 tokens: 16-row GEMV slices (not the CUDA-core tile), then routing
     rt.take_launched();
-    b.moe_route(&x(&b, 64, hidden), &gate, None, &p).unwrap();
+    b.moe_route(&x(&b, 64, hidden), gate, None, p).unwrap();
     assert_eq!(names(&rt), ["gemv16_f32w", "gemv16_f32w", "gemv16_f32w", "gemv16_f32w", "moe_route"]);
     // ... until the 64×64 tiles alone fill the SMs (a prompt: one launch, not a slice per 16 rows)
     let fill = 64 * b.sms;
     for (tokens, first, launches) in [(fill - 64, "gemv16_f32w", (fill - 64) / 16 + 1), (fill, "linear_f32w", 2)] {
         rt.take_launched();
-        b.moe_route(&x(&b, tokens, hidden), &gate, None, &p).unwrap();
+        b.moe_route(&x(&b, tokens, hidden), gate, None, p).unwrap();
         let l = names(&rt);
         assert_eq!((l[0].as_str(), l.len()), (first, launches), "router at {tokens} tokens");
     }
