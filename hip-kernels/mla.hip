@@ -222,7 +222,7 @@ MLA_ATTENTION(mla_attention4_bf16c, 4, uint16_t)
 // (8-byte loads: the rows start 2 floats in) with 16 splits' loads in flight (one
 // dependent load a split made it latency-bound: 27 µs for 64 splits of V3's 128 heads). Launch:
 // grid (T, heads, column chunks), any block size of whole warps.
-#define MERGE_MAX_SPLITS 64
+#define MERGE_MAX_SPLITS 128
 extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __restrict__ lat_out, int heads, int splits) {
     __shared__ float ez[MERGE_MAX_SPLITS], gsum;
     const int t = blockIdx.x, h = blockIdx.y, R = 2 + KV_LORA;

@@ -23,13 +23,7 @@
 // Splits of the context (blockIdx.z) write unnormalised partials for mla.hip's mla_merge, in
 // its layout [T, heads, splits, 2 + KV_LORA]. Launch: grid (tokens, ceil(heads / MD_H), splits),
 // block MD_THREADS, dynamic shared memory sizeof(MdShared) (passed, and checked, as `smem`).
-#include "bf16.h"
-
-#ifndef KV_LORA
-#error "KV_LORA must be defined"
-#endif
-#define ENTRY (KV_LORA + ROPE)
-#define QK (NOPE + ROPE)
+#include "mla_decode_stage.h"
 
 #if !defined(MD_PORTABLE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define MD_MMA_SYNC 1
@@ -50,7 +44,7 @@ typedef float md_float4 __attribute__((ext_vector_type(4)));
 #define MD_KT 32
 #define MD_THREADS 512
 #define MD_SP 4
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && ENTRY % 8 == 0
+#ifdef MD_CP_ASYNC
 #define MD_ASYNC 1
 #endif
 #endif
@@ -59,8 +53,6 @@ typedef float md_float4 __attribute__((ext_vector_type(4)));
 #define MD_DP (MD_D + 8)                                  // padded bf16 row: conflict-free fragment reads
 #define MD_VW ((KV_LORA + MD_PAD - 1) / MD_PAD * MD_PAD)  // value columns computed (those past KV_LORA dropped)
 #define MD_RT (MD_H / 16)                                 // row tiles
-// 16-byte query loads: q_lat rows and the q_pe parts of q rows on 16-byte boundaries
-#define MD_QVEC (KV_LORA % 8 == 0 && QK % 4 == 0 && NOPE % 4 == 0)
 #define MD_TPK (MD_THREADS / MD_KT)                       // staging threads per key
 #define MD_TPR (MD_THREADS / MD_H) // softmax threads per row
 #define MD_KPT (MD_KT / MD_TPR)    // ... and keys per thread
@@ -82,7 +74,7 @@ struct MdShared {
     float s[MD_SP][MD_H][MD_KT + 4]; // the contraction parts' scores
     uint16_t p[MD_H][MD_KT + 8];  // probabilities, bf16
     float corr[MD_H];             // the rows' rescale of the accumulator for this tile
-    float ml[MD_H][2];            // the rows' final max and sum
+    float ml[MD_H][2];            // the rows' final max and output scale (1 / sum, or 1 for a partial)
 };
 
 #if defined(MD_MMA_SYNC)
@@ -246,31 +238,9 @@ __device__ __forceinline__ void md_pv(const MdShared& sh, const MdKeys& k, MdAcc
 #endif
 }
 
-// The entries of keys key0 .. key0 + MD_KT - 1 of the token's context into key tile `k`: MD_TPK
-// threads a key, each every MD_TPK-th 16-byte chunk of it (8 bf16), zero-filled for keys past n;
-// `slot` is the thread's key's cache slot, looked up a tile ahead (md_slot) so that the copies
-// need not wait for it.
-#ifdef MD_ASYNC
-__device__ __forceinline__ uint32_t md_slot(const uint32_t* __restrict__ sl, int key0, int n) {
-    const int key = key0 + threadIdx.x / MD_TPK;
-    return key < n ? sl[key] : 0u;
-}
-
-__device__ __forceinline__ void md_fetch(MdKeys& k, const uint16_t* __restrict__ base, uint32_t slot, int key0, int n) {
-    const int key = threadIdx.x / MD_TPK, part = threadIdx.x % MD_TPK;
-    const int bytes = key0 + key < n ? 16 : 0; // 0: the copy writes zeros
-    const uint16_t* e = base + (int64_t)slot * ENTRY;
-#pragma unroll
-    for (int c = 8 * part; c < ENTRY; c += 8 * MD_TPK) {
-        unsigned d = (unsigned)__cvta_generic_to_shared(&k[key][c]);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(e + c), "r"(bytes));
-    }
-    asm volatile("cp.async.commit_group;\n" ::);
-}
-#endif
-
-// ... straight from the cache with plain loads (no cp.async: CDNA, or entries that are not
-// whole 16-byte chunks), zero past n and in the padding columns.
+// The entries of keys key0 .. key0 + MD_KT - 1 of the token's context into key tile `k` straight
+// from the cache with plain loads (no cp.async: CDNA, or entries that are not whole 16-byte
+// chunks), zero past n and in the padding columns.
 __device__ __forceinline__ void md_stage(MdKeys& k, const uint16_t* __restrict__ base, const uint32_t* __restrict__ sl, int key0, int n) {
     for (int i = threadIdx.x; i < MD_KT * (MD_D / 2); i += MD_THREADS) {
         const int key = i / (MD_D / 2), c = 2 * (i % (MD_D / 2));
@@ -306,46 +276,16 @@ extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
     // softmax rows: thread tid keeps the state of row tid / MD_TPR (all MD_TPR threads of a row alike)
     const int row = tid / MD_TPR, part_i = tid % MD_TPR;
     if (j0 >= n) { // an empty split (graph steps launch a fixed number): an empty partial
-        if (splits > 1 && part_i == 0 && h0 + row < heads) {
-            float* pz = part + (((int64_t)t * heads + h0 + row) * splits + z) * (2 + KV_LORA);
-            pz[0] = -ENGINE_INF;
-            pz[1] = 0.f;
-        }
+        if (splits > 1 && part_i == 0 && h0 + row < heads) md_header(part, t, heads, h0 + row, splits, z, -ENGINE_INF, 0.f);
         return;
     }
 #ifdef MD_ASYNC
-    md_fetch(sh.k[0], base, md_slot(sl, j0, n), j0, n);
-    uint32_t slot_next = md_slot(sl, j0 + MD_KT, n);
-    // the padding columns, which no copy writes
-    for (int i = tid; i < MD_KB * MD_KT * (MD_D - ENTRY); i += MD_THREADS) {
-        const int b = i / (MD_KT * (MD_D - ENTRY)), r = i % (MD_KT * (MD_D - ENTRY));
-        sh.k[b][r / (MD_D - ENTRY)][ENTRY + r % (MD_D - ENTRY)] = 0;
-    }
+    md_fetch<MD_KT, MD_DP, MD_THREADS>(sh.k[0], base, md_slot<MD_KT, MD_THREADS>(sl, j0, n), j0, n);
+    uint32_t slot_next = md_slot<MD_KT, MD_THREADS>(sl, j0 + MD_KT, n);
+#pragma unroll
+    for (int b = 0; b < MD_KB; ++b) md_zero_pad<MD_DP, MD_D, MD_THREADS>(sh.k[b], MD_KT);
 #endif
-    // the heads' queries as bf16 rows [q_lat | q_pe | 0 ..] (unrolled: every load in flight at once;
-    // two 16-byte loads per 8 columns where the rows allow: scalar loads, 8 a thread and each warp
-    // instruction over 32 sectors, kept the LG queue full for most of a short context's time)
-#pragma unroll
-    for (int i = tid; i < MD_H * (MD_D / 8); i += MD_THREADS) {
-        const int r = i / (MD_D / 8), c = 8 * (i % (MD_D / 8)), h = h0 + r;
-        const float* ql = q_lat + ((int64_t)t * heads + h) * KV_LORA;
-        const float* qp = q + ((int64_t)t * heads + h) * QK + NOPE - KV_LORA; // indexed by the column
-        float v[8];
-        if (MD_QVEC && h < heads && (c + 8 <= KV_LORA || (c >= KV_LORA && c + 8 <= ENTRY))) {
-            const float4* src = (const float4*)(c < KV_LORA ? ql + c : qp + c);
-            const float4 a = src[0], b = src[1];
-            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-        } else {
-#pragma unroll
-            for (int u = 0; u < 8; ++u) {
-                const int d = c + u;
-                v[u] = 0.f;
-                if (h < heads && d < KV_LORA) v[u] = ql[d];
-                else if (h < heads && d < ENTRY) v[u] = qp[d];
-            }
-        }
-        *(uint4*)&sh.q[r][c] = make_uint4(bf16_pack(v[0], v[1]), bf16_pack(v[2], v[3]), bf16_pack(v[4], v[5]), bf16_pack(v[6], v[7]));
-    }
+    md_stage_queries<MD_H, MD_D, MD_DP, MD_THREADS>(sh.q, q, q_lat, t, h0, heads);
     MdAcc acc;
     md_each(acc, [](int, int, float& v) { v = 0.f; });
     float m = -ENGINE_INF, l = 0.f;
@@ -355,8 +295,8 @@ extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
         asm volatile("cp.async.wait_group 0;\n" ::);
         __syncthreads(); // every thread's copies of this tile landed; the last tile's work is done
         if (key0 + MD_KT < n) { // into the other tile, free since the barrier
-            md_fetch(sh.k[(it + 1) % 2], base, slot_next, key0 + MD_KT, n);
-            slot_next = md_slot(sl, key0 + 2 * MD_KT, n); // lands while this tile is worked on
+            md_fetch<MD_KT, MD_DP, MD_THREADS>(sh.k[(it + 1) % 2], base, slot_next, key0 + MD_KT, n);
+            slot_next = md_slot<MD_KT, MD_THREADS>(sl, key0 + 2 * MD_KT, n); // lands while this tile is worked on
         }
 #else
         MdKeys& k = sh.k[0];
@@ -398,32 +338,25 @@ extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
     }
     if (part_i == 0) {
         sh.ml[row][0] = m;
-        sh.ml[row][1] = l;
-        if (splits > 1 && h0 + row < heads) {
-            float* pz = part + (((int64_t)t * heads + h0 + row) * splits + z) * (2 + KV_LORA);
-            pz[0] = m;
-            pz[1] = l;
-        }
+        sh.ml[row][1] = splits > 1 ? 1.f : 1.f / l; // the output's scale (one division a row: one
+        // a column unrolled the epilogue into kilobytes of code, a fixed cost of cold fetches)
+        if (splits > 1 && h0 + row < heads) md_header(part, t, heads, h0 + row, splits, z, m, l);
     }
     __syncthreads();
     // the unnormalised partial, or the output: where element (r, c) goes
-    auto dst = [&](int r, int c) {
-        const int64_t th = (int64_t)t * heads + h0 + r;
-        return splits > 1 ? part + (th * splits + z) * (2 + KV_LORA) + 2 + c : lat_out + th * KV_LORA + c;
-    };
+    auto dst = [&](int r, int c) { return md_dst(part, lat_out, t, heads, h0, r, c, splits, z); };
 #if defined(MD_MMA_SYNC)
     if (KV_LORA % 2 == 0) { // a thread's column pairs as one 8-byte store (the rows start on 8 bytes)
         md_pairs(acc, [&](int r, int c, float v0, float v1) {
             if (h0 + r >= heads || c >= KV_LORA) return;
-            // divided, not multiplied by a reciprocal: the same bits as mla_merge's one split
-            const float l = splits > 1 ? 1.f : sh.ml[r][1];
-            *(float2*)dst(r, c) = make_float2(v0 / l, v1 / l);
+            const float f = sh.ml[r][1];
+            *(float2*)dst(r, c) = make_float2(v0 * f, v1 * f);
         });
         return;
     }
 #endif
     md_each(acc, [&](int r, int c, float& v) {
         if (h0 + r >= heads || c >= KV_LORA) return;
-        *dst(r, c) = splits > 1 ? v : v / sh.ml[r][1];
+        *dst(r, c) = v * sh.ml[r][1];
     });
 }

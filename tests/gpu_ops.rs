@@ -400,13 +400,18 @@ fn mla_decode_matrix_units_bf16_on<V: GpuVendor>() {
     let odd = MlaDims { num_heads: 3, qk_nope: 20, qk_rope: 8, v_head: 24, kv_lora_rank: 40, scale: 0.3 };
     // 46-float entries: no 16-byte copies, the entries are read straight from the cache
     let unaligned = MlaDims { qk_rope: 6, ..odd };
-    // the matrix units, the portable product, and the CUDA-core kernel over the same bf16 cache
-    // (what runs where the matrix-unit kernel does not: no matrix units, or too little shared memory)
-    for (portable, matrix_units) in [(false, true), (true, true), (false, false)] {
+    // a rank of V3 under TP8 (16 heads) and of a narrower model (8 heads, 128-wide entries)
+    let tp8 = MlaDims { num_heads: 16, ..v3 };
+    let rank8 = MlaDims { num_heads: 8, ..partial };
+    // the matrix units (16-head register kernel for ≤ 16 heads with whole 16-byte entries on NVIDIA,
+    // 64-head tiles above; then the register kernel for every head count, V3's 128 in 8 groups), the
+    // portable product, and the CUDA-core kernel over the same bf16 cache (what runs where the
+    // matrix-unit kernel does not: no matrix units, or too little shared memory)
+    for (portable, matrix_units, rows_max_heads) in [(false, true, 16), (false, true, 128), (true, true, 16), (false, false, 16)] {
         let mut g = gpu::<V>();
-        (g.attn_bf16, g.flash_portable, g.flash_prefill) = (true, portable, false);
+        (g.attn_bf16, g.flash_portable, g.flash_prefill, g.tuned.mla_decode_rows_max_heads) = (true, portable, false, rows_max_heads);
         g.mma_gemm &= matrix_units;
-        for (d, kvt) in [(v3, WType::Fp8), (partial, WType::Bf16), (odd, WType::F32), (unaligned, WType::F32)] {
+        for (d, kvt) in [(v3, WType::Fp8), (tp8, WType::Fp8), (partial, WType::Bf16), (rank8, WType::Bf16), (odd, WType::F32), (unaligned, WType::F32)] {
             // the decode of a 5000-token context alone too (split-K, merged)
             mla_case(&g, &c, &mut rng, &d, kvt, &[(5000, 1), (300, 37), (21, 21), (64, 1), (1, 1)], BF16_TOL, true);
         }

@@ -218,6 +218,30 @@ fn decode_attention_over_a_bf16_cache_takes_the_matrix_unit_kernel() {
 }
 
 #[test]
+fn decode_attention_of_a_rank_s_16_heads_takes_the_register_kernel() {
+    use crate::backend::{AttnSeq, MlaDims};
+    let d = MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
+    let slots: Vec<u32> = (0..1000).rev().collect();
+    // (max heads for the 16-head kernel, heads, expected kernel, grid, threads): V3's rank of 8 and
+    // 128 heads in 8 groups when the threshold allows; 17 heads or threshold 0 keep the 64-head tiles
+    for (max_heads, heads, kernel, grid, threads) in [(16, 16, "mla_decode_rows", (1, 1, 4), 256), (128, 128, "mla_decode_rows", (1, 8, 1), 256), (16, 17, "mla_decode_mma", (1, 1, 4), 512), (0, 16, "mla_decode_mma", (1, 1, 4), 512)] {
+        let (mut b, rt) = nvidia_like();
+        (b.attn_bf16, b.matrix_units, b.tuned.mla_decode_rows_max_heads) = (true, true, max_heads);
+        let d = MlaDims { num_heads: heads, ..d };
+        let kv = b.alloc_kv_cache(2, 1000, d.kv_entry()).unwrap();
+        let kv_b = b.upload_mla_kv_b(&fp8(heads * 256, 512), d.qk_nope, d.v_head).unwrap();
+        let q = x(&b, 1, heads * d.qk_head());
+        rt.take_launched();
+        b.mla_attention(&q, &kv, 1, &[AttnSeq { q_start: 0, q_len: 1, slots: &slots }], &kv_b, &d).unwrap();
+        let l = rt.take_launched();
+        let attn: Vec<_> = l.iter().filter(|x| x.0.starts_with("mla_decode")).map(|x| (x.0.as_str(), x.1, x.2)).collect();
+        // one token's 1000 keys: 4 splits of 250 fill the host runtime's 4 SMs in one wave
+        assert_eq!(attn, vec![(kernel, grid, threads)], "max heads {max_heads}, {heads} heads");
+        assert_eq!(l.iter().any(|x| x.0 == "mla_merge"), grid.2 > 1, "{l:?}");
+    }
+}
+
+#[test]
 fn absorbed_projections_take_per_head_gemvs_then_gemms() {
     use crate::backend::{AttnSeq, MlaDims};
     let d = MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };

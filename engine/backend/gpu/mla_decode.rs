@@ -16,6 +16,11 @@ use crate::backend::{BackendError, MlaDims};
 pub(super) const MMA_SPLIT_MIN_KEYS: usize = 64;
 /// The most splits of one token's context.
 pub(super) const MMA_MAX_SPLITS: usize = 64;
+/// ... for the 16-head kernel, whose one head group leaves a batch-1 step a block per split
+/// (at most mla.hip's MERGE_MAX_SPLITS)
+pub(super) const ROWS_MAX_SPLITS: usize = 128;
+/// mla.hip's MERGE_MAX_SPLITS
+pub(super) const MERGE_MAX_SPLITS: usize = 128;
 
 /// The kernel's tile shape on one vendor (MD_* in mla_decode.hip): heads per block, keys per
 /// tile, threads, the ways a row tile's warps split the contraction and the value columns, and
@@ -51,6 +56,34 @@ impl DecodeTile {
     }
 }
 
+/// The 16-head kernel (mla_decode_rows.hip, MR_* there): heads a block, keys a tile (two key
+/// groups of 32), threads (2 key groups × 2 value splits of a warp each).
+pub(super) const ROWS_HEADS: usize = 16;
+const ROWS_KEY_GROUPS: usize = 4;
+const ROWS_KEYS: usize = 64;
+const ROWS_STAGES: usize = 2;
+const ROWS_THREADS: u32 = 256;
+
+/// sizeof(MrShared) in mla_decode_rows.hip: the queries and two key tiles as bf16 rows of the
+/// contraction (padded to 16) or the value columns (padded to 32), whichever is wider, plus 8;
+/// the two key groups' (max, sum) per head.
+pub(super) fn rows_shared_bytes(d: &MlaDims) -> usize {
+    let row = d.kv_entry().next_multiple_of(16).max(d.kv_lora_rank.next_multiple_of(32)) + 8;
+    ROWS_HEADS * row * 2 + ROWS_STAGES * ROWS_KEYS * row * 2 + ROWS_KEY_GROUPS * ROWS_HEADS * 2 * 4 + ROWS_STAGES * 8
+}
+
+/// Splits of each token's context for the 16-head kernel (`slots`: the blocks all SMs hold at
+/// once): for a graph step (lengths unknown) as many as fit one wave; otherwise the count that
+/// minimises waves × (keys a split + a tile's worth of fixed cost), at most one split per tile.
+pub(super) fn rows_splits(blocks: usize, slots: usize, max_len: usize, graph: bool) -> usize {
+    let blocks = blocks.max(1);
+    if graph {
+        return (slots / blocks).clamp(1, ROWS_MAX_SPLITS);
+    }
+    let cap = max_len.div_ceil(ROWS_KEYS).clamp(1, ROWS_MAX_SPLITS);
+    (1..=cap).min_by_key(|&s| (blocks * s).div_ceil(slots) * (max_len.div_ceil(s) + ROWS_KEYS)).unwrap_or(1)
+}
+
 /// Splits of each token's context: enough blocks for every SM (`blocks` = tokens × head groups),
 /// each split at least MMA_SPLIT_MIN_KEYS keys of the longest context; a graph step does not know
 /// the context lengths of its replays, so it takes the SM-filling count (empty splits cost one
@@ -73,6 +106,13 @@ impl<V: GpuVendor> GpuBackend<V> {
         kv.bf16 && self.attn_bf16 && (self.mma_gemm || self.flash_portable) && tile.shared_bytes(d) + 1024 <= self.dev.max_shared_per_block()
     }
 
+    /// Whether that kernel is the 16-head one (mla_decode_rows.hip): few heads (a tensor-parallel
+    /// rank's share), NVIDIA sm_80+ with entries of whole 16-byte chunks, not the tests' portable
+    /// product, and its shared memory within a block's.
+    fn rows_decode(&self, d: &MlaDims) -> bool {
+        d.num_heads <= self.tuned.mla_decode_rows_max_heads && self.decode_tile(d).async_stage && !self.flash_portable && rows_shared_bytes(d) + 1024 <= self.dev.max_shared_per_block()
+    }
+
     /// The kernel's tile on this device (cp.async staging on NVIDIA sm_80+).
     fn decode_tile(&self, d: &MlaDims) -> DecodeTile {
         DecodeTile::for_target(self.warp, self.warp == 32 && self.matrix_units, d)
@@ -83,19 +123,29 @@ impl<V: GpuVendor> GpuBackend<V> {
     pub(super) fn mla_decode_mma(&self, q: &GpuTensor, q_lat: &DevBuf<f32>, kv: &GpuKvCache, layer: usize, a: &AttnDev, d: &MlaDims, lat: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (t, dims) = (q.rows, ModelDims::of_mla(d));
         let tile = self.decode_tile(d);
-        let groups = d.num_heads.div_ceil(tile.heads);
-        let splits = mma_splits(t * groups, self.sms, a.max_len, self.in_graph_step());
-        let smem = tile.shared_bytes(d);
+        let rows = self.rows_decode(d);
+        let (heads_per_block, threads) = if rows { (ROWS_HEADS, ROWS_THREADS) } else { (tile.heads, tile.threads as u32) };
+        let groups = d.num_heads.div_ceil(heads_per_block);
+        let splits = if rows {
+            // blocks an SM holds: by shared memory (an SM has 1 KB more than a block may take) and
+            // by registers (at most 255 a thread)
+            let smem = rows_shared_bytes(d) + 1024;
+            let bps = ((self.dev.max_shared_per_block() + 1024) / smem).min(65536 / (threads as usize * 256)).max(1);
+            rows_splits(t * groups, self.sms * bps, a.max_len, self.in_graph_step())
+        } else {
+            mma_splits(t * groups, self.sms, a.max_len, self.in_graph_step())
+        };
+        let smem = if rows { rows_shared_bytes(d) } else { tile.shared_bytes(d) };
         // every (token, head, split) header is written by the kernel, every value row of a
         // non-empty split too (mla_merge reads no values of an empty one)
         let mut part = if splits > 1 { self.scratch::<f32>(t * d.num_heads * splits * (2 + d.kv_lora_rank))? } else { self.scratch::<f32>(1)? };
-        let f = self.mla_decode_func(dims)?;
+        let f = if rows { self.mla_decode_rows_func(dims)? } else { self.mla_decode_func(dims)? };
         let (heads, l, ns, scale, sp, min_chunk, sm) = (d.num_heads as i32, layer as i32, kv.slots as i32, d.scale, splits as i32, MMA_SPLIT_MIN_KEYS as i32, smem as i32);
         self.span("attention", || {
             let mut b = self.launch(&f);
             b.arg(&q.buf).arg(q_lat).arg(&kv.buf).arg(&a.flat).arg(&a.off).arg(&a.len).arg(&mut *lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part).arg(&sm);
-            let launch = LaunchConfig { grid_dim: (t as u32, groups as u32, splits as u32), block_dim: (tile.threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
-            b.run(launch).map_err(err("mla_decode_mma"))?;
+            let launch = LaunchConfig { grid_dim: (t as u32, groups as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
+            b.run(launch).map_err(err(if rows { "mla_decode_rows" } else { "mla_decode_mma" }))?;
             self.mla_merge_splits(dims, &part, lat, t, d.num_heads, splits)
         })
     }
@@ -126,6 +176,31 @@ mod tests {
         let t = DecodeTile::for_target(32, true, &odd);
         assert!(!t.async_stage);
         assert_eq!(t.shared_bytes(&odd), 64 * 72 * 2 + 32 * 72 * 2 + 4 * 64 * 36 * 4 + 64 * 40 * 2 + 64 * 12);
+    }
+
+    #[test]
+    fn rows_kernel_layout_and_splits() {
+        // V3's rank of 8: 16 heads; rows of 576 + 8 bf16: the queries, two 64-key tiles, four key
+        // groups' (max, sum) and two transaction barriers, within the 227 KB of a block
+        let tp8 = MlaDims { num_heads: 16, ..v3() };
+        assert_eq!(rows_shared_bytes(&tp8), 16 * 584 * 2 + 2 * 64 * 584 * 2 + 4 * 16 * 8 + 16);
+        assert!(rows_shared_bytes(&tp8) + 1024 <= 227 * 1024);
+        // value columns wider than the padded contraction (40 latents + 8 rope: 48 → 64 + 8)
+        let narrow = MlaDims { num_heads: 3, qk_nope: 20, qk_rope: 8, v_head: 24, kv_lora_rank: 40, scale: 0.3 };
+        assert_eq!(rows_shared_bytes(&narrow), 16 * 72 * 2 + 2 * 64 * 72 * 2 + 4 * 16 * 8 + 16);
+        // batch 1: 128 splits (128 keys each at 16K, one block a split on 128 of the 132 SMs); a
+        // graph step the same
+        assert_eq!(rows_splits(1, 132, 16384, false), 128);
+        assert_eq!(rows_splits(1, 132, 16384, true), 128);
+        // batch 32 at 4K: 4 splits, 128 blocks in one wave (5 would spill into a second)
+        assert_eq!(rows_splits(32, 132, 4096, false), 4);
+        assert_eq!(rows_splits(32, 132, 4096, true), 4);
+        // batch 128: one wave already; batch 200: one split (two waves whatever the count)
+        assert_eq!(rows_splits(128, 132, 4096, false), 1);
+        assert_eq!(rows_splits(200, 132, 4096, true), 1);
+        // short contexts: no more splits than 64-key tiles
+        assert_eq!(rows_splits(1, 132, 100, false), 2);
+        assert_eq!(rows_splits(1, 132, 1, false), 1);
     }
 
     #[test]

@@ -171,14 +171,18 @@ impl<V: GpuVendor> GpuBackend<V> {
             return Ok(());
         }
         // mla.hip's MERGE_MAX_SPLITS (both split policies stay within it)
-        if splits > 64 {
-            return Err(self.op_err("mla_merge", format!("{splits} context splits (at most 64)")));
+        use super::mla_decode::MERGE_MAX_SPLITS;
+        if splits > MERGE_MAX_SPLITS {
+            return Err(self.op_err("mla_merge", format!("{splits} context splits (at most {MERGE_MAX_SPLITS})")));
         }
         let f = self.mla_func(dims, "mla_merge")?;
         let (h, sp) = (heads as i32, splits as i32);
-        // 128 threads a block, a column pair each: V3's 512 latents in 2 chunks (more blocks in flight)
-        let chunks = dims.kv_lora_rank.div_ceil(256).max(1) as u32;
-        let launch = LaunchConfig { grid_dim: (t as u32, heads as u32, chunks), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // 128 threads a block, a column pair each: V3's 512 latents in 2 chunks (more blocks in
+        // flight); where that leaves fewer blocks than SMs (a batch-1 step of 16 heads: 32 blocks
+        // each walking up to 128 splits took 18 µs), a warp a block, still a column pair a thread
+        let wide = dims.kv_lora_rank.div_ceil(256).max(1);
+        let (threads, chunks) = if t * heads * wide < self.sms { (32, dims.kv_lora_rank.div_ceil(64).max(1)) } else { (128, wide) };
+        let launch = LaunchConfig { grid_dim: (t as u32, heads as u32, chunks as u32), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         self.launch(&f).arg(part).arg(lat).arg(&h).arg(&sp).run(launch).map_err(err("mla_merge"))
     }
 

@@ -94,7 +94,13 @@ pub fn mla_decode_module(d: ModelDims, vendor: Vendor) -> KernelModule {
     KernelModule { file: "hip-kernels/mla_decode.hip", functions: vec!["mla_decode_mma"], ..mla_module(d, vendor) }
 }
 
-/// Every module a model with these shapes runs (both forms of the flash prefill, both decode
+/// MLA decode attention for groups of 16 heads, scores in registers (NVIDIA sm_80+), same shape
+/// defines.
+pub fn mla_decode_rows_module(d: ModelDims, vendor: Vendor) -> KernelModule {
+    KernelModule { file: "hip-kernels/mla_decode_rows.hip", functions: vec!["mla_decode_rows"], ..mla_module(d, vendor) }
+}
+
+/// Every module a model with these shapes runs (both forms of the flash prefill, the three decode
 /// attentions).
 pub fn modules_for(d: ModelDims, vendor: Vendor) -> Vec<KernelModule> {
     let mut v: Vec<KernelModule> = GENERIC.iter().map(|(f, _)| generic_module(f, vendor)).collect();
@@ -102,5 +108,6 @@ pub fn modules_for(d: ModelDims, vendor: Vendor) -> Vec<KernelModule> {
     v.push(mla_prefill_module(d, vendor));
     v.push(mla_prefill_bf16_module(d, vendor));
     v.push(mla_decode_module(d, vendor));
+    v.push(mla_decode_rows_module(d, vendor));
     v
 }

@@ -57,6 +57,15 @@ pub struct Tuned {
     /// from this many tokens (below: per-head GEMVs)
     #[serde(default = "default_mla_proj_mma_min_rows")]
     pub mla_proj_mma_min_rows: usize,
+    /// MLA decode attention of models with at most this many heads (per rank) takes the 16-head
+    /// kernel with the scores in registers (mla_decode_rows.hip; NVIDIA sm_80+, bf16 cache), more
+    /// heads the 64-head tiles (mla_decode.hip); 0: never
+    #[serde(default = "default_mla_decode_rows_max_heads")]
+    pub mla_decode_rows_max_heads: usize,
+}
+
+fn default_mla_decode_rows_max_heads() -> usize {
+    16
 }
 
 fn default_mla_proj_mma_min_rows() -> usize {
@@ -111,6 +120,7 @@ impl Default for Tuned {
             moe_f8_max_rows: default_moe_f8_max_rows(),
             linear_tc_min_rows: default_linear_tc_min_rows(),
             mla_proj_mma_min_rows: default_mla_proj_mma_min_rows(),
+            mla_decode_rows_max_heads: default_mla_decode_rows_max_heads(),
         }
     }
 }

@@ -1,0 +1,330 @@
+// MLA decode attention for narrow head groups (16 heads a block: a tensor-parallel rank's share of
+// V3's 128, or V2-Lite's 16), bf16 operands, scores and probabilities in registers. The absorbed
+// (MQA) form as in mla_decode.hip:
+//   scores  S[h][j] = [q_lat | q_pe](h) · [c | k_pe](j)
+//   output  O[h][:] = Σ_j softmax_j(scale · S[h][j]) c(j)
+// With 16 heads the work per cache byte is an eighth of 128 heads': the kernel must stream the
+// cache at bandwidth, and mla_decode.hip's 64-row tiles would leave three quarters of their rows
+// empty and round-trip the scores through shared memory with four barriers a tile. Here each warp
+// keeps the online softmax of its keys in registers (FlashAttention-2's form: the m16n8k16 score
+// fragments are, packed to bf16, the A fragments of P·V):
+//   - a block is MR_KG × MR_VS warps: key group kg takes keys kg·MR_KW .. of each MR_KT-key tile,
+//     value split vs takes columns vs·MR_VW/MR_VS .. of the output (both splits of a key group
+//     compute its scores: the accumulator of 16 rows × 512 columns would not fit one warp);
+//   - the next MR_ST - 1 tiles' entries are in flight while the current one is worked on: on sm_90
+//     bulk copies (one a key, completing on the tile's transaction barrier), on sm_80-89 16-byte
+//     cp.async (mla_decode_stage.h); one barrier a tile;
+//   - fragments come by ldmatrix (the queries and keys as row-major rows, the values transposed);
+//   - at the end the key groups' (max, sum, accumulator) are combined through shared memory.
+// NVIDIA sm_80+ (mma.sync, cp.async: entries of whole 16-byte chunks) only: the host takes it
+// there and mla_decode.hip elsewhere; other targets compile a trap.
+// Splits of the context (blockIdx.z) write unnormalised partials for mla.hip's mla_merge, in its
+// layout [T, heads, splits, 2 + KV_LORA]. Launch: grid (tokens, ceil(heads / 16), splits), block
+// MR_THREADS, dynamic shared memory sizeof(MrShared) (passed, and checked, as `smem`).
+#include "mla_decode_stage.h"
+
+#define MR_H 16  // heads a block: one m16 row tile
+#ifndef MR_KW
+#define MR_KW 16 // keys a warp takes of each tile
+#endif
+#ifndef MR_KG
+#define MR_KG 4  // key groups
+#endif
+#ifndef MR_VS
+#define MR_VS 2  // value splits
+#endif
+#define MR_SA 4 // partial score sums (independent accumulator chains)
+#if MR_SA % 2 != 0
+#error "the fragment double buffer alternates with the contraction step"
+#endif
+#ifndef MR_ST
+#define MR_ST 2  // key tiles in shared memory: MR_ST - 1 in flight while one is worked on
+#endif
+#define MR_THREADS (32 * MR_KG * MR_VS)
+#define MR_KT (MR_KG * MR_KW)                                       // keys a tile
+#define MR_D ((ENTRY + 15) / 16 * 16)                               // score contraction, zero-padded
+#define MR_VW ((KV_LORA + 16 * MR_VS - 1) / (16 * MR_VS) * (16 * MR_VS)) // value columns computed
+#define MR_W (MR_D > MR_VW ? MR_D : MR_VW)                          // columns read
+#define MR_DP (MR_W + 8) // bf16 row pitch: an odd number of 16-byte chunks, conflict-free ldmatrix
+#define MR_XP (MR_VW + 4) // f32 row pitch of the key groups' exchange
+#define MR_NT (MR_VW / MR_VS / 8) // n8 tiles of a warp's value columns
+
+struct MrShared {
+    uint16_t q[MR_H][MR_DP];         // the heads' [q_lat | q_pe], bf16
+    uint16_t k[MR_ST][MR_KT][MR_DP]; // key tiles (zero past the range's end and in the padding)
+    float ml[MR_KG][MR_H][2];        // the key groups' max and sum per row
+    uint64_t bar[MR_ST];             // sm_90: the key tiles' transaction barriers (bulk copies)
+};
+// after the loop the key tiles hold the accumulators of key groups 1 .. MR_KG - 1
+static_assert((MR_KG - 1) * MR_H * MR_XP * 4 <= MR_ST * MR_KT * MR_DP * 2, "exchange fits the key tiles");
+
+#if defined(MD_CP_ASYNC) && __CUDA_ARCH__ >= 900
+// sm_90: a tile's entries arrive by bulk copies (one instruction a key, the copy engine moving its
+// ENTRY · 2 contiguous bytes), completing on the tile's transaction barrier; 16-byte cp.async per
+// thread streamed at ~2.8 TB/s with no arithmetic at all
+#define MR_TMA 1
+__device__ __forceinline__ unsigned mr_smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ bool mr_try_wait(const uint64_t* bar, unsigned parity) {
+    unsigned ok;
+    asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}" : "=r"(ok) : "r"(mr_smem(bar)), "r"(parity) : "memory");
+    return ok;
+}
+#endif
+
+#ifdef MD_CP_ASYNC
+__device__ __forceinline__ void mr_ldmatrix(uint32_t* r, const void* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+
+__device__ __forceinline__ void mr_ldmatrix_t(uint32_t* r, const void* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
+    mla_decode_rows(const float* __restrict__ q, const float* __restrict__ q_lat, const uint16_t* __restrict__ kv, const uint32_t* __restrict__ slots,
+                    const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len, float* __restrict__ lat_out, int heads, int layer,
+                    int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part, int smem) {
+#ifndef MD_CP_ASYNC
+#if defined(__AMDGCN__)
+    __builtin_trap(); // the host takes mla_decode.hip on targets without cp.async and mma.sync
+#else
+    __trap();
+#endif
+#else
+    extern __shared__ __align__(16) unsigned char mr_raw_shared[];
+    MrShared& sh = *(MrShared*)mr_raw_shared;
+    if (smem < (int)sizeof(MrShared)) __trap(); // the host's layout and this one disagree
+    const int t = blockIdx.x, h0 = blockIdx.y * MR_H, z = blockIdx.z, tid = threadIdx.x;
+    const int lane = tid % 32, w = tid / 32, kg = w / MR_VS, vs = w % MR_VS, g = lane / 4, tq = lane % 4;
+    const uint32_t* sl = slots + ctx_off[t];
+    const int total = ctx_len[t];
+    const int chunk = max((total + splits - 1) / splits, min_chunk);
+    const int j0 = z * chunk, n = min(total, j0 + chunk);
+    const uint16_t* base = kv + (int64_t)layer * num_slots * ENTRY;
+    if (j0 >= n) { // an empty split (graph steps launch a fixed number): an empty partial
+        if (splits > 1 && tid < MR_H && h0 + tid < heads) md_header(part, t, heads, h0 + tid, splits, z, -ENGINE_INF, 0.f);
+        return;
+    }
+    // The fetch of key tile `buf` from key key0 (`slot`: this thread's key's slot, looked up a tile
+    // ahead), and the wait for tile `it`.
+#ifdef MR_TMA
+    // thread i < MR_KT copies key i of the tile; keys past n copy the range's last entry (a written,
+    // finite entry: their scores are masked, their probabilities 0, so P·V gains exactly 0)
+    auto slot_of = [&](int key0) { return tid < MR_KT ? sl[min(key0 + tid, n - 1)] : 0u; };
+    auto fetch = [&](int buf, uint32_t slot, int) {
+        if (tid == 0)
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(mr_smem(&sh.bar[buf])), "r"(MR_KT * ENTRY * 2) : "memory");
+        if (tid < MR_KT) {
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); // after the generic reads of this buffer
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(mr_smem(&sh.k[buf][tid][0])),
+                         "l"(base + (int64_t)slot * ENTRY), "r"(ENTRY * 2), "r"(mr_smem(&sh.bar[buf]))
+                         : "memory");
+        }
+    };
+    auto skip = [] {};
+    auto wait = [&](int it) {
+        while (!mr_try_wait(&sh.bar[it % MR_ST], (it / MR_ST) & 1)) {
+        }
+    };
+    if (tid < MR_ST) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(mr_smem(&sh.bar[tid])) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    __syncthreads();
+#else
+    auto slot_of = [&](int key0) { return md_slot<MR_KT, MR_THREADS>(sl, key0, n); };
+    auto fetch = [&](int buf, uint32_t slot, int key0) { md_fetch<MR_KT, MR_DP, MR_THREADS>(sh.k[buf], base, slot, key0, n); };
+    auto skip = [] { asm volatile("cp.async.commit_group;\n" ::); }; // a group either way: the count below stays right
+    auto wait = [](int) { asm volatile("cp.async.wait_group %0;\n" ::"n"(MR_ST - 2)); }; // all but the newest MR_ST - 2 groups
+#endif
+    // tiles 0 .. MR_ST - 2 in flight
+#pragma unroll
+    for (int b = 0; b < MR_ST - 1; ++b) {
+        if (j0 + b * MR_KT < n) fetch(b, slot_of(j0 + b * MR_KT), j0 + b * MR_KT);
+        else skip();
+    }
+    uint32_t slot_next = slot_of(j0 + (MR_ST - 1) * MR_KT);
+#pragma unroll
+    for (int b = 0; b < MR_ST; ++b) md_zero_pad<MR_DP, MR_W, MR_THREADS>(sh.k[b], MR_KT);
+    md_stage_queries<MR_H, MR_D, MR_DP, MR_THREADS>(sh.q, q, q_lat, t, h0, heads);
+
+    const int kb = kg * MR_KW, v0 = vs * (MR_VW / MR_VS);
+    const float scale2 = scale * 1.4426950408889634f; // log2 e
+    float acc[MR_NT][4];
+#pragma unroll
+    for (int j = 0; j < MR_NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[j][c] = 0.f;
+    float m[2] = {-ENGINE_INF, -ENGINE_INF}, l[2] = {0.f, 0.f}; // rows g and g + 8; l this thread's keys only
+    for (int key0 = j0, it = 0; key0 < n; key0 += MR_KT, ++it) {
+        uint16_t(*k)[MR_DP] = sh.k[it % MR_ST];
+        wait(it);
+        __syncthreads(); // this tile landed (every thread's copies); the last tile's reads are done
+        // tile it + MR_ST - 1 into the buffer the last tile used (free since the barrier)
+        if (key0 + (MR_ST - 1) * MR_KT < n) {
+            fetch((it + MR_ST - 1) % MR_ST, slot_next, key0 + (MR_ST - 1) * MR_KT);
+            slot_next = slot_of(key0 + MR_ST * MR_KT);
+        } else {
+            skip();
+        }
+        // S over the warp's MR_KW keys: n8 tiles j = keys kb + 8j ..; ldmatrix.x4 gives the query
+        // rows' A fragment and the B fragments of two key tiles (rows = keys, contiguous columns).
+        // MR_SA partial sums per tile (contraction steps kk % MR_SA): one accumulator per tile
+        // made a chain of MR_D / 16 dependent products, latency-bound at ~2 warps a scheduler.
+        // Software-pipelined: the fragments of step kk + 1 are loaded before step kk's products.
+        float sp[MR_SA][MR_KW / 8][4];
+#pragma unroll
+        for (int u = 0; u < MR_SA; ++u)
+#pragma unroll
+            for (int j = 0; j < MR_KW / 8; ++j)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) sp[u][j][c] = 0.f;
+        uint32_t fa[2][4], fb[2][MR_KW / 16][4];
+        const uint16_t* qrow = &sh.q[lane % 16][8 * (lane / 16)];
+        const uint16_t* krow = &k[kb + lane % 8 + 8 * (lane / 16)][8 * ((lane / 8) % 2)];
+        auto load_s = [&](int kk, int buf) {
+            mr_ldmatrix(fa[buf], qrow + 16 * kk);
+#pragma unroll
+            for (int jp = 0; jp < MR_KW / 16; ++jp) mr_ldmatrix(fb[buf][jp], krow + 16 * jp * MR_DP + 16 * kk);
+        };
+        load_s(0, 0);
+        for (int k0 = 0; k0 < MR_D / 16; k0 += MR_SA) {
+#pragma unroll
+            for (int u = 0; u < MR_SA; ++u) {
+                const int kk = k0 + u;
+                if (MR_D / 16 % MR_SA != 0 && kk >= MR_D / 16) break;
+                if (kk + 1 < MR_D / 16) load_s(kk + 1, (u + 1) % 2);
+#pragma unroll
+                for (int jp = 0; jp < MR_KW / 16; ++jp) {
+                    mma_bf16_16816(sp[u][2 * jp], fa[u % 2], fb[u % 2][jp][0], fb[u % 2][jp][1]);
+                    mma_bf16_16816(sp[u][2 * jp + 1], fa[u % 2], fb[u % 2][jp][2], fb[u % 2][jp][3]);
+                }
+            }
+        }
+        // online softmax of rows g (c 0, 1) and g + 8 (c 2, 3) in base 2 (scores × scale ·
+        // log2 e; m and l stay in those units until the end); keys past n masked to -inf, whose
+        // exp2 is 0 (m is -inf only while no key of this warp was seen: then 0 is subtracted)
+        float s[MR_KW / 8][4], mx[2] = {-ENGINE_INF, -ENGINE_INF};
+#pragma unroll
+        for (int j = 0; j < MR_KW / 8; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                float x = 0.f;
+#pragma unroll
+                for (int u = 0; u < MR_SA; ++u) x += sp[u][j][c];
+                x = key0 + kb + 8 * j + 2 * tq + c % 2 < n ? x * scale2 : -ENGINE_INF;
+                s[j][c] = x;
+                mx[c / 2] = fmaxf(mx[c / 2], x);
+            }
+        float corr[2], mref[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float mn = fmaxf(m[r], mx[r]);
+            mref[r] = mn == -ENGINE_INF ? 0.f : mn;
+            corr[r] = exp2f(m[r] - mref[r]); // 0 the first time (nothing to keep), 1 once the maximum settles
+            m[r] = mn;
+            l[r] *= corr[r];
+        }
+#pragma unroll
+        for (int j = 0; j < MR_KW / 8; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const float p = exp2f(s[j][c] - mref[c / 2]);
+                s[j][c] = p;
+                l[c / 2] += p;
+            }
+        if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) { // settled maxima: skipped
+#pragma unroll
+            for (int j = 0; j < MR_NT; ++j) {
+                acc[j][0] *= corr[0];
+                acc[j][1] *= corr[0];
+                acc[j][2] *= corr[1];
+                acc[j][3] *= corr[1];
+            }
+        }
+        // O += P·V: P's A fragment of keys 16c .. is the score tiles 2c and 2c + 1 as bf16 pairs;
+        // ldmatrix.x4.trans gives the B fragments of two value n8 tiles (mla_decode.hip's md_pv)
+#pragma unroll
+        for (int c = 0; c < MR_KW / 16; ++c) {
+            const uint32_t a[4] = {bf16_pack(s[2 * c][0], s[2 * c][1]), bf16_pack(s[2 * c][2], s[2 * c][3]), bf16_pack(s[2 * c + 1][0], s[2 * c + 1][1]),
+                                   bf16_pack(s[2 * c + 1][2], s[2 * c + 1][3])};
+            const uint16_t* vrow = &k[kb + 16 * c + lane % 8 + 8 * ((lane / 8) % 2)][v0 + 8 * (lane / 16)];
+            uint32_t fv[2][4];
+            mr_ldmatrix_t(fv[0], vrow);
+#pragma unroll
+            for (int jp = 0; jp < MR_NT / 2; ++jp) {
+                if (jp + 1 < MR_NT / 2) mr_ldmatrix_t(fv[(jp + 1) % 2], vrow + 16 * (jp + 1));
+                mma_bf16_16816(acc[2 * jp], a, fv[jp % 2][0], fv[jp % 2][1]);
+                mma_bf16_16816(acc[2 * jp + 1], a, fv[jp % 2][2], fv[jp % 2][3]);
+            }
+        }
+    }
+    // the rows' sums over the quad's keys; the key groups' (max, sum) for all
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+    if (vs == 0 && tq == 0) {
+        sh.ml[kg][g][0] = m[0], sh.ml[kg][g][1] = l[0];
+        sh.ml[kg][g + 8][0] = m[1], sh.ml[kg][g + 8][1] = l[1];
+    }
+#ifndef MR_TMA
+    asm volatile("cp.async.wait_group 0;\n" ::); // (only empty groups are left)
+#endif
+    __syncthreads(); // the key tiles are free too
+    float f[2], gm[2], gl[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = g + 8 * r;
+        gm[r] = -ENGINE_INF;
+#pragma unroll
+        for (int x = 0; x < MR_KG; ++x) gm[r] = fmaxf(gm[r], sh.ml[x][row][0]); // finite: key group 0 has the range's first key
+        gl[r] = 0.f;
+#pragma unroll
+        for (int x = 0; x < MR_KG; ++x) gl[r] += sh.ml[x][row][1] * exp2f(sh.ml[x][row][0] - gm[r]); // a group without keys: 0 · 0
+        f[r] = exp2f(m[r] - gm[r]);
+    }
+    float* xs = (float*)&sh.k[0][0][0]; // [MR_KG - 1][MR_H][MR_XP]
+    const int col0 = v0 + 2 * tq;
+    if (kg > 0) {
+#pragma unroll
+        for (int j = 0; j < MR_NT; ++j)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) *(float2*)&xs[((kg - 1) * MR_H + g + 8 * r) * MR_XP + col0 + 8 * j] = make_float2(acc[j][2 * r] * f[r], acc[j][2 * r + 1] * f[r]);
+    }
+    __syncthreads();
+    if (kg > 0) return;
+    // the output's scale per row: 1 / sum, or 1 for a partial (one division a row: one a column
+    // unrolled the epilogue into kilobytes of code, a fixed cost of cold instruction fetches)
+    const float scale_out[2] = {splits > 1 ? 1.f : 1.f / gl[0], splits > 1 ? 1.f : 1.f / gl[1]};
+    if (splits > 1 && vs == 0 && tq == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+            if (h0 + g + 8 * r < heads) md_header(part, t, heads, h0 + g + 8 * r, splits, z, gm[r] * 0.6931471805599453f, gl[r]); // max in natural units
+    }
+#pragma unroll
+    for (int j = 0; j < MR_NT; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = g + 8 * r, c = col0 + 8 * j;
+            float v[2] = {acc[j][2 * r] * f[r], acc[j][2 * r + 1] * f[r]};
+#pragma unroll
+            for (int x = 1; x < MR_KG; ++x) {
+                const float2 o = *(const float2*)&xs[((x - 1) * MR_H + row) * MR_XP + c];
+                v[0] += o.x, v[1] += o.y;
+            }
+            if (h0 + row >= heads) continue;
+            float* d = md_dst(part, lat_out, t, heads, h0, row, c, splits, z);
+            if (KV_LORA % 2 == 0 && c + 1 < KV_LORA) *(float2*)d = make_float2(v[0] * scale_out[r], v[1] * scale_out[r]); // rows start on 8 bytes
+            else
+#pragma unroll
+                for (int u = 0; u < 2; ++u)
+                    if (c + u < KV_LORA) d[u] = v[u] * scale_out[r];
+        }
+#endif
+}

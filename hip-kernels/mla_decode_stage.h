@@ -1,0 +1,96 @@
+// The staging both MLA decode kernels share (mla_decode.hip's 64-head tiles, mla_decode_rows.hip's
+// 16-head rows): the heads' queries as bf16 rows [q_lat | q_pe | 0 ..] and, on NVIDIA sm_80+, a
+// tile of cache entries landing by cp.async straight into shared memory. Shapes come from the
+// module's defines (KV_LORA, ROPE, NOPE); row pitches and tile sizes from the kernel.
+#pragma once
+#include "bf16.h"
+
+#ifndef KV_LORA
+#error "KV_LORA must be defined"
+#endif
+#define ENTRY (KV_LORA + ROPE)
+#define QK (NOPE + ROPE)
+// 16-byte query loads: q_lat rows and the q_pe parts of q rows on 16-byte boundaries
+#define MD_QVEC (KV_LORA % 8 == 0 && QK % 4 == 0 && NOPE % 4 == 0)
+
+// Heads h0 .. h0 + ROWS - 1 of token t into sq[ROWS][DP] as bf16, D columns (a multiple of 8; zero
+// past ENTRY and for heads past `heads`). Unrolled so that every load is in flight at once; two
+// 16-byte loads per 8 columns where the rows allow (scalar loads, 8 a thread and each warp
+// instruction over 32 sectors, kept the LG queue full for most of a short context's time).
+template <int ROWS, int D, int DP, int THREADS>
+__device__ __forceinline__ void md_stage_queries(uint16_t (*sq)[DP], const float* __restrict__ q, const float* __restrict__ q_lat, int t, int h0, int heads) {
+#pragma unroll
+    for (int i = threadIdx.x; i < ROWS * (D / 8); i += THREADS) {
+        const int r = i / (D / 8), c = 8 * (i % (D / 8)), h = h0 + r;
+        const float* ql = q_lat + ((int64_t)t * heads + h) * KV_LORA;
+        const float* qp = q + ((int64_t)t * heads + h) * QK + NOPE - KV_LORA; // indexed by the column
+        float v[8];
+        if (MD_QVEC && h < heads && (c + 8 <= KV_LORA || (c >= KV_LORA && c + 8 <= ENTRY))) {
+            const float4* src = (const float4*)(c < KV_LORA ? ql + c : qp + c);
+            const float4 a = src[0], b = src[1];
+            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+        } else {
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const int d = c + u;
+                v[u] = 0.f;
+                if (h < heads && d < KV_LORA) v[u] = ql[d];
+                else if (h < heads && d < ENTRY) v[u] = qp[d];
+            }
+        }
+        *(uint4*)&sq[r][c] = make_uint4(bf16_pack(v[0], v[1]), bf16_pack(v[2], v[3]), bf16_pack(v[4], v[5]), bf16_pack(v[6], v[7]));
+    }
+}
+
+// Zeroes columns ENTRY .. W - 1 of `rows` rows (the padding no copy writes; stale shared memory
+// could hold NaN patterns, and 0 · NaN is NaN in the products).
+template <int DP, int W, int THREADS>
+__device__ __forceinline__ void md_zero_pad(uint16_t (*k)[DP], int rows) {
+    if constexpr (W > ENTRY)
+        for (int i = threadIdx.x; i < rows * (W - ENTRY); i += THREADS) k[i / (W - ENTRY)][ENTRY + i % (W - ENTRY)] = 0;
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && ENTRY % 8 == 0
+#define MD_CP_ASYNC 1
+// The cache slot of this thread's key in a tile of KT keys from key0 (THREADS / KT threads a key),
+// looked up a tile ahead so that the copies need not wait for it; 0 past n.
+template <int KT, int THREADS>
+__device__ __forceinline__ uint32_t md_slot(const uint32_t* __restrict__ sl, int key0, int n) {
+    const int key = key0 + threadIdx.x / (THREADS / KT);
+    return key < n ? sl[key] : 0u;
+}
+
+// The entries of keys key0 .. key0 + KT - 1 into k[KT][DP] by cp.async: THREADS / KT threads a key,
+// each every (THREADS / KT)-th 16-byte chunk of it (8 bf16), zero-filled for keys past n; one
+// commit group.
+template <int KT, int DP, int THREADS>
+__device__ __forceinline__ void md_fetch(uint16_t (*k)[DP], const uint16_t* __restrict__ base, uint32_t slot, int key0, int n) {
+    constexpr int TPK = THREADS / KT;
+    const int key = threadIdx.x / TPK, part = threadIdx.x % TPK;
+    const int bytes = key0 + key < n ? 16 : 0; // 0: the copy writes zeros
+    // one base address each, the chunks at constant offsets from it (per-chunk 64-bit address
+    // arithmetic was three or four instructions a copy)
+    const uint16_t* e = base + (int64_t)slot * ENTRY + 8 * part;
+    const unsigned d = (unsigned)__cvta_generic_to_shared(&k[key][8 * part]);
+#pragma unroll
+    for (int c = 0; c < ENTRY; c += 8 * TPK) {
+        if ((ENTRY / 8) % TPK == 0 || c + 8 * part < ENTRY)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d + 2 * c), "l"(e + c), "r"(bytes));
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+#endif
+
+// Where element (r, c) of head row h0 + r's result goes: its split's unnormalised partial
+// ([T, heads, splits, 2 + KV_LORA], after the max and sum) or, with one split, the output.
+__device__ __forceinline__ float* md_dst(float* part, float* lat_out, int t, int heads, int h0, int r, int c, int splits, int z) {
+    const int64_t th = (int64_t)t * heads + h0 + r;
+    return splits > 1 ? part + (th * splits + z) * (2 + KV_LORA) + 2 + c : lat_out + th * KV_LORA + c;
+}
+
+// The (max, sum) header of head h's partial for split z.
+__device__ __forceinline__ void md_header(float* part, int t, int heads, int h, int splits, int z, float m, float l) {
+    float* pz = part + (((int64_t)t * heads + h) * splits + z) * (2 + KV_LORA);
+    pz[0] = m;
+    pz[1] = l;
+}
