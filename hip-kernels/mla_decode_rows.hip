@@ -23,23 +23,14 @@
 // MR_THREADS, dynamic shared memory sizeof(MrShared) (passed, and checked, as `smem`).
 #include "mla_decode_stage.h"
 
+// The tile shape (mla_decode.rs mirrors it: ROWS_*). Measured on the H200 against 2 key groups of
+// 32 keys (4 warps), 2 × 16 keys with 3-5 stages, and 4 value splits: this one was fastest.
 #define MR_H 16  // heads a block: one m16 row tile
-#ifndef MR_KW
 #define MR_KW 16 // keys a warp takes of each tile
-#endif
-#ifndef MR_KG
 #define MR_KG 4  // key groups
-#endif
-#ifndef MR_VS
 #define MR_VS 2  // value splits
-#endif
-#define MR_SA 4 // partial score sums (independent accumulator chains)
-#if MR_SA % 2 != 0
-#error "the fragment double buffer alternates with the contraction step"
-#endif
-#ifndef MR_ST
+#define MR_SA 4  // partial score sums (independent accumulator chains; even: the fragment double buffer alternates with it)
 #define MR_ST 2  // key tiles in shared memory: MR_ST - 1 in flight while one is worked on
-#endif
 #define MR_THREADS (32 * MR_KG * MR_VS)
 #define MR_KT (MR_KG * MR_KW)                                       // keys a tile
 #define MR_D ((ENTRY + 15) / 16 * 16)                               // score contraction, zero-padded
@@ -51,7 +42,8 @@
 
 struct MrShared {
     uint16_t q[MR_H][MR_DP];         // the heads' [q_lat | q_pe], bf16
-    uint16_t k[MR_ST][MR_KT][MR_DP]; // key tiles (zero past the range's end and in the padding)
+    uint16_t k[MR_ST][MR_KT][MR_DP]; // key tiles (zero in the padding; past the range's end zero
+                                     // (cp.async) or the range's last entry (bulk copies))
     float ml[MR_KG][MR_H][2];        // the key groups' max and sum per row
     uint64_t bar[MR_ST];             // sm_90: the key tiles' transaction barriers (bulk copies)
 };
