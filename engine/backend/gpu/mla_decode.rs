@@ -3,7 +3,10 @@
 //! entry once for the whole head group; split partials are combined by mla.hip's `mla_merge`.
 //! Taken with `--fp8-activations dynamic` (`attn_bf16`, whose KV caches hold bf16 latents) where
 //! the device has matrix units (or the tests ask for the portable product); the CUDA-core kernel
-//! stays for the f32 mode and for devices without this path.
+//! stays for the f32 mode and for devices without this path. Two kernels: 64 heads a block
+//! (mla_decode.hip; 128-head V3 is compute-bound there) and, for at most
+//! `mla_decode_rows_max_heads` heads (a tensor-parallel rank's 16), 16 heads a block with the
+//! softmax in registers (mla_decode_rows.hip; NVIDIA sm_80+), which must stream the cache.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, LaunchConfig};
 use super::ops::GpuKvCache;
@@ -56,8 +59,8 @@ impl DecodeTile {
     }
 }
 
-/// The 16-head kernel (mla_decode_rows.hip, MR_* there): heads a block, keys a tile (two key
-/// groups of 32), threads (2 key groups × 2 value splits of a warp each).
+/// The 16-head kernel (mla_decode_rows.hip, MR_* there): heads a block, key groups (16 keys
+/// each), keys a tile, tile buffers, threads (4 key groups × 2 value halves, a warp each).
 pub(super) const ROWS_HEADS: usize = 16;
 const ROWS_KEY_GROUPS: usize = 4;
 const ROWS_KEYS: usize = 64;
@@ -66,7 +69,7 @@ const ROWS_THREADS: u32 = 256;
 
 /// sizeof(MrShared) in mla_decode_rows.hip: the queries and two key tiles as bf16 rows of the
 /// contraction (padded to 16) or the value columns (padded to 32), whichever is wider, plus 8;
-/// the two key groups' (max, sum) per head.
+/// the four key groups' (max, sum) per head; a transaction barrier (8 bytes) per tile buffer.
 pub(super) fn rows_shared_bytes(d: &MlaDims) -> usize {
     let row = d.kv_entry().next_multiple_of(16).max(d.kv_lora_rank.next_multiple_of(32)) + 8;
     ROWS_HEADS * row * 2 + ROWS_STAGES * ROWS_KEYS * row * 2 + ROWS_KEY_GROUPS * ROWS_HEADS * 2 * 4 + ROWS_STAGES * 8
