@@ -87,42 +87,48 @@ __device__ __forceinline__ float load_w(const uint8_t* __restrict__ w, const flo
     return fp8e4m3_to_f32(w[row * K + col]) * scales[(row / bn) * kblocks + col / bk];
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+struct EngineSum {
+    __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct EngineMax {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// op over the warp (xor-shuffles: right for 32- and 64-wide warps); every lane gets the result.
+template <class Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
 #pragma unroll
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor(v, o, WARP);
+    for (int o = WARP / 2; o > 0; o >>= 1) v = op(v, __shfl_xor(v, o, WARP));
     return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor(v, o, WARP));
-    return v;
-}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, EngineSum{}); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, EngineMax{}); }
 
-// Sum over the block (blockDim.x a multiple of WARP, at most 1024); every thread gets the result.
-__device__ __forceinline__ float block_sum(float v) {
-    __shared__ float part[1024 / 32];
+// op over the block (blockDim.x a multiple of WARP, at most 1024), starting from `init`, through
+// `part` (shared, a float per warp); every thread gets the result.
+template <class Op>
+__device__ __forceinline__ float block_reduce(float v, float* part, Op op, float init) {
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    v = warp_sum(v);
+    v = warp_reduce(v, op);
     __syncthreads();
     if (lane == 0) part[w] = v;
     __syncthreads();
-    float t = 0.f;
-    for (int i = 0; i < nw; ++i) t += part[i];
+    float t = init;
+    for (int i = 0; i < nw; ++i) t = op(t, part[i]);
     return t;
+}
+
+// Sum over the block (as block_reduce, through its own shared memory).
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float part[1024 / 32];
+    return block_reduce(v, part, EngineSum{}, 0.f);
 }
 
 // Max over the block (as block_sum).
 __device__ __forceinline__ float block_max(float v) {
     __shared__ float part[1024 / 32];
-    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) part[w] = v;
-    __syncthreads();
-    float t = -ENGINE_INF;
-    for (int i = 0; i < nw; ++i) t = fmaxf(t, part[i]);
-    return t;
+    return block_reduce(v, part, EngineMax{}, -ENGINE_INF);
 }
 
 // 32-bit word j (0-3) of a 16-byte load.

@@ -66,28 +66,6 @@ __device__ __forceinline__ void range_walk(const float* l, int a, int b, F f) {
     }
 }
 
-__device__ float block_reduce_sum(float v, float* sh) {
-    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    float t = 0.f;
-    for (int i = 0; i < nw; ++i) t += sh[i];
-    return t;
-}
-
-__device__ float block_reduce_max(float v, float* sh) {
-    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    float t = -ENGINE_INF;
-    for (int i = 0; i < nw; ++i) t = fmaxf(t, sh[i]);
-    return t;
-}
-
 extern "C" __global__ void sample_rows(float* logits, int V, const float* temperature, const int* top_k, const float* top_p,
                                        const float* min_p, const float* rep, const float* freq, const float* pres,
                                        const int* pen_off, const int* pen_tok, const int* pen_cnt, const uint8_t* pen_prompt,
@@ -114,7 +92,7 @@ extern "C" __global__ void sample_rows(float* logits, int V, const float* temper
         row_walk(l, V, [&](float x, int i) {
             if (x > best) { best = x; bi = i; }
         });
-        float m = block_reduce_max(best, sh);
+        float m = block_reduce(best, sh, EngineMax{}, -ENGINE_INF);
         int cand = best == m ? bi : 0x7fffffff;
         // lowest index among the maxima
         int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
@@ -132,7 +110,7 @@ extern "C" __global__ void sample_rows(float* logits, int V, const float* temper
     // 3. weights relative to the max
     float mx = -ENGINE_INF;
     row_walk(l, V, [&](float x, int) { mx = fmaxf(mx, x); });
-    mx = block_reduce_max(mx, sh);
+    mx = block_reduce(mx, sh, EngineMax{}, -ENGINE_INF);
     float invT = 1.0f / T;
     row_walk(l, V, [&](float x, int i) { l[i] = expf((x - mx) * invT); });
     __syncthreads();
@@ -144,7 +122,7 @@ extern "C" __global__ void sample_rows(float* logits, int V, const float* temper
             float mid = 0.5f * (lo + hi);
             float c = 0.f;
             row_walk(l, V, [&](float x, int) { c += x >= mid ? 1.f : 0.f; });
-            c = block_reduce_sum(c, sh);
+            c = block_reduce(c, sh, EngineSum{}, 0.f);
             if (c >= (float)k) lo = mid; else hi = mid;
         }
         thr = lo;
@@ -152,13 +130,13 @@ extern "C" __global__ void sample_rows(float* logits, int V, const float* temper
     if (top_p[r] < 1.0f) {
         float z = 0.f;
         row_walk(l, V, [&](float x, int) { z += x >= thr ? x : 0.f; });
-        z = block_reduce_sum(z, sh);
+        z = block_reduce(z, sh, EngineSum{}, 0.f);
         float lo = thr, hi = 1.0f; // mass(w >= lo) >= p z
         for (int it = 0; it < 40; ++it) {
             float mid = 0.5f * (lo + hi);
             float s = 0.f;
             row_walk(l, V, [&](float x, int) { s += x >= mid ? x : 0.f; });
-            s = block_reduce_sum(s, sh);
+            s = block_reduce(s, sh, EngineSum{}, 0.f);
             if (s >= top_p[r] * z) lo = mid; else hi = mid;
         }
         thr = lo;
