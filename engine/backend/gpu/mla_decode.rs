@@ -126,29 +126,29 @@ impl<V: GpuVendor> GpuBackend<V> {
     pub(super) fn mla_decode_mma(&self, q: &GpuTensor, q_lat: &DevBuf<f32>, kv: &GpuKvCache, layer: usize, a: &AttnDev, d: &MlaDims, lat: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (t, dims) = (q.rows, ModelDims::of_mla(d));
         let tile = self.decode_tile(d);
-        let rows = self.rows_decode(d);
-        let (heads_per_block, threads) = if rows { (ROWS_HEADS, ROWS_THREADS) } else { (tile.heads, tile.threads as u32) };
-        let groups = d.num_heads.div_ceil(heads_per_block);
-        let splits = if rows {
-            // blocks an SM holds: by shared memory (an SM has 1 KB more than a block may take) and
-            // by registers (at most 255 a thread)
-            let smem = rows_shared_bytes(d) + 1024;
-            let bps = ((self.dev.max_shared_per_block() + 1024) / smem).min(65536 / (threads as usize * 256)).max(1);
-            rows_splits(t * groups, self.sms * bps, a.max_len, self.in_graph_step())
+        // the kernel, its block and shared memory, and how many blocks an SM holds
+        let (f, name, heads_per_block, threads, smem, bps) = if self.rows_decode(d) {
+            let smem = rows_shared_bytes(d);
+            // by shared memory (an SM has 1 KB more than a block may take) and registers (≤ 255 a thread)
+            let bps = ((self.dev.max_shared_per_block() + 1024) / (smem + 1024)).min(65536 / (ROWS_THREADS as usize * 256)).max(1);
+            (self.mla_decode_rows_func(dims)?, "mla_decode_rows", ROWS_HEADS, ROWS_THREADS, smem, Some(bps))
         } else {
-            mma_splits(t * groups, self.sms, a.max_len, self.in_graph_step())
+            (self.mla_decode_func(dims)?, "mla_decode_mma", tile.heads, tile.threads as u32, tile.shared_bytes(d), None)
         };
-        let smem = if rows { rows_shared_bytes(d) } else { tile.shared_bytes(d) };
+        let groups = d.num_heads.div_ceil(heads_per_block);
+        let splits = match bps {
+            Some(bps) => rows_splits(t * groups, self.sms * bps, a.max_len, self.in_graph_step()),
+            None => mma_splits(t * groups, self.sms, a.max_len, self.in_graph_step()),
+        };
         // every (token, head, split) header is written by the kernel, every value row of a
         // non-empty split too (mla_merge reads no values of an empty one)
         let mut part = if splits > 1 { self.scratch::<f32>(t * d.num_heads * splits * (2 + d.kv_lora_rank))? } else { self.scratch::<f32>(1)? };
-        let f = if rows { self.mla_decode_rows_func(dims)? } else { self.mla_decode_func(dims)? };
         let (heads, l, ns, scale, sp, min_chunk, sm) = (d.num_heads as i32, layer as i32, kv.slots as i32, d.scale, splits as i32, MMA_SPLIT_MIN_KEYS as i32, smem as i32);
         self.span("attention", || {
             let mut b = self.launch(&f);
             b.arg(&q.buf).arg(q_lat).arg(&kv.buf).arg(&a.flat).arg(&a.off).arg(&a.len).arg(&mut *lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part).arg(&sm);
             let launch = LaunchConfig { grid_dim: (t as u32, groups as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
-            b.run(launch).map_err(err(if rows { "mla_decode_rows" } else { "mla_decode_mma" }))?;
+            b.run(launch).map_err(err(name))?;
             self.mla_merge_splits(dims, &part, lat, t, d.num_heads, splits)
         })
     }
