@@ -211,11 +211,10 @@ __device__ __forceinline__ void md_pv(const MdShared& sh, const MdKeys& k, MdAcc
         const int key = 16 * kc + (lane % 8) + 8 * ((lane / 8) % 2), coff = 8 * (lane / 16);
 #pragma unroll
         for (int jp = 0; jp < MD_VW / (16 * MD_SP); ++jp) {
-            unsigned addr = (unsigned)__cvta_generic_to_shared(&k[key][c0 + 16 * jp + coff]);
-            uint32_t b0, b1, b2, b3;
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(addr));
-            mma_bf16_16816(acc.c[2 * jp], a, b0, b1);
-            mma_bf16_16816(acc.c[2 * jp + 1], a, b2, b3);
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, &k[key][c0 + 16 * jp + coff]);
+            mma_bf16_16816(acc.c[2 * jp], a, b[0], b[1]);
+            mma_bf16_16816(acc.c[2 * jp + 1], a, b[2], b[3]);
         }
     }
 #elif defined(MD_MFMA)

@@ -64,17 +64,6 @@ __device__ __forceinline__ bool mr_try_wait(const uint64_t* bar, unsigned parity
 }
 #endif
 
-#ifdef MD_CP_ASYNC
-__device__ __forceinline__ void mr_ldmatrix(uint32_t* r, const void* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-
-__device__ __forceinline__ void mr_ldmatrix_t(uint32_t* r, const void* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-#endif
 
 extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
     mla_decode_rows(const float* __restrict__ q, const float* __restrict__ q_lat, const uint16_t* __restrict__ kv, const uint32_t* __restrict__ slots,
@@ -177,9 +166,9 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
         const uint16_t* qrow = &sh.q[lane % 16][8 * (lane / 16)];
         const uint16_t* krow = &k[kb + lane % 8 + 8 * (lane / 16)][8 * ((lane / 8) % 2)];
         auto load_s = [&](int kk, int buf) {
-            mr_ldmatrix(fa[buf], qrow + 16 * kk);
+            ldmatrix_x4(fa[buf], qrow + 16 * kk);
 #pragma unroll
-            for (int jp = 0; jp < MR_KW / 16; ++jp) mr_ldmatrix(fb[buf][jp], krow + 16 * jp * MR_DP + 16 * kk);
+            for (int jp = 0; jp < MR_KW / 16; ++jp) ldmatrix_x4(fb[buf][jp], krow + 16 * jp * MR_DP + 16 * kk);
         };
         load_s(0, 0);
         for (int k0 = 0; k0 < MR_D / 16; k0 += MR_SA) {
@@ -246,10 +235,10 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
                                    bf16_pack(s[2 * c + 1][2], s[2 * c + 1][3])};
             const uint16_t* vrow = &k[kb + 16 * c + lane % 8 + 8 * ((lane / 8) % 2)][v0 + 8 * (lane / 16)];
             uint32_t fv[2][4];
-            mr_ldmatrix_t(fv[0], vrow);
+            ldmatrix_x4_trans(fv[0], vrow);
 #pragma unroll
             for (int jp = 0; jp < MR_NT / 2; ++jp) {
-                if (jp + 1 < MR_NT / 2) mr_ldmatrix_t(fv[(jp + 1) % 2], vrow + 16 * (jp + 1));
+                if (jp + 1 < MR_NT / 2) ldmatrix_x4_trans(fv[(jp + 1) % 2], vrow + 16 * (jp + 1));
                 mma_bf16_16816(acc[2 * jp], a, fv[jp % 2][0], fv[jp % 2][1]);
                 mma_bf16_16816(acc[2 * jp + 1], a, fv[jp % 2][2], fv[jp % 2][3]);
             }
