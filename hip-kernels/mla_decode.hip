@@ -291,7 +291,7 @@ extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
     for (int key0 = j0, it = 0; key0 < n; key0 += MD_KT, ++it) {
 #ifdef MD_ASYNC
         MdKeys& k = sh.k[it % 2];
-        asm volatile("cp.async.wait_group 0;\n" ::);
+        cp_async_wait<0>();
         __syncthreads(); // every thread's copies of this tile landed; the last tile's work is done
         if (key0 + MD_KT < n) { // into the other tile, free since the barrier
             md_fetch<MD_KT, MD_DP, MD_THREADS>(sh.k[(it + 1) % 2], base, slot_next, key0 + MD_KT, n);

@@ -117,8 +117,8 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
 #else
     auto slot_of = [&](int key0) { return md_slot<MR_KT, MR_THREADS>(sl, key0, n); };
     auto fetch = [&](int buf, uint32_t slot, int key0) { md_fetch<MR_KT, MR_DP, MR_THREADS>(sh.k[buf], base, slot, key0, n); };
-    auto skip = [] { asm volatile("cp.async.commit_group;\n" ::); }; // a group either way: the count below stays right
-    auto wait = [](int) { asm volatile("cp.async.wait_group %0;\n" ::"n"(MR_ST - 2)); }; // all but the newest MR_ST - 2 groups
+    auto skip = [] { cp_async_commit(); }; // a group either way: the count below stays right
+    auto wait = [](int) { cp_async_wait<MR_ST - 2>(); }; // all but the newest MR_ST - 2 groups
 #endif
     // tiles 0 .. MR_ST - 2 in flight
 #pragma unroll
@@ -255,7 +255,7 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
         sh.ml[kg][g + 8][0] = m[1], sh.ml[kg][g + 8][1] = l[1];
     }
 #ifndef MR_TMA
-    asm volatile("cp.async.wait_group 0;\n" ::); // (only empty groups are left)
+    cp_async_wait<0>(); // (only empty groups are left)
 #endif
     __syncthreads(); // the key tiles are free too
     float f[2], gm[2], gl[2];

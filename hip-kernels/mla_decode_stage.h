@@ -77,7 +77,7 @@ __device__ __forceinline__ void md_fetch(uint16_t (*k)[DP], const uint16_t* __re
         if ((ENTRY / 8) % TPK == 0 || c + 8 * part < ENTRY)
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d + 2 * c), "l"(e + c), "r"(bytes));
     }
-    asm volatile("cp.async.commit_group;\n" ::);
+    cp_async_commit();
 }
 #endif
 

@@ -121,8 +121,7 @@ __device__ __forceinline__ fb_short4 fb_pack4(uint32_t a, uint32_t b) {
 // background until fb_wait), a plain copy elsewhere.
 __device__ __forceinline__ void fb_copy16(void* dst, const void* src) {
 #ifdef FB_ASYNC
-    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+    cp_async16(dst, src);
 #else
     *(uint4*)dst = *(const uint4*)src;
 #endif
@@ -132,13 +131,13 @@ __device__ __forceinline__ void fb_copy16(void* dst, const void* src) {
 // (each thread its own; a __syncthreads after it makes every thread's copies visible).
 __device__ __forceinline__ void fb_commit() {
 #ifdef FB_ASYNC
-    asm volatile("cp.async.commit_group;\n" ::);
+    cp_async_commit();
 #endif
 }
 template <int N>
 __device__ __forceinline__ void fb_wait() {
 #ifdef FB_ASYNC
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    cp_async_wait<N>();
 #endif
 }
 

@@ -12,7 +12,7 @@ use super::blas::GemmLib;
 use super::ccl::Ccl;
 use super::device::{err, DevBuf, DevEvent, DeviceApi, Elem, Kernel, Launch};
 use super::source::Vendor;
-use super::specs::{generic_module, mla_decode_module, mla_decode_rows_module, mla_module, mla_prefill_bf16_module, mla_prefill_module};
+use super::specs::{generic_module, mla_decode_module, mla_decode_rows_module, mla_flash_bf16_module, mla_module, mla_prefill_bf16_module, mla_prefill_module};
 use super::step::Graphs;
 use super::{Jit, KernelModule, ModelDims};
 use crate::backend::{BackendError, TensorShape};
@@ -291,6 +291,11 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// The decode attention for groups of 16 heads (NVIDIA sm_80+).
     pub(crate) fn mla_decode_rows_func(&self, dims: ModelDims) -> Result<Kernel, BackendError> {
         self.load(&mla_decode_rows_module(dims, V::SOURCE), "mla_decode_rows")
+    }
+
+    /// The flash prefill in FlashAttention-2's form (NVIDIA sm_80+, bf16 operands).
+    pub(crate) fn mla_flash_bf16_func(&self, dims: ModelDims) -> Result<Kernel, BackendError> {
+        self.load(&mla_flash_bf16_module(dims, V::SOURCE), "mla_flash_bf16")
     }
 
     pub(crate) fn mla_prefill_func(&self, dims: ModelDims, name: &str) -> Result<Kernel, BackendError> {

@@ -12,27 +12,40 @@ use crate::backend::{AttnSeq, BackendError, MlaDims};
 /// 1.25× that while both exist); longer contexts stay on the absorbed form, which reads the latent
 /// cache directly.
 const MAX_KVD_BYTES: usize = 4 << 30;
+
+/// Queries a block of mla_prefill.hip's flash kernel (FB_Q) and of mla_flash_bf16.hip's (FA_Q).
 const TILE_Q: usize = 64;
+const FA2_Q: usize = 128;
 
-/// Keys per staged tile of the flash kernel (FB_K): each sequence's context starts on a multiple
-/// of it in the flattened context, so a tile's keys are whole 16-byte runs of the transposed
-/// values, and the flattened context is a whole number of tiles.
-const TILE_K: usize = 32;
+/// Keys a block of mla_prefill_kv (FB_K, also the flash kernel's staged tile) and of
+/// mla_flash_bf16.hip's tile (FA_K): each sequence's context starts on a multiple of the larger
+/// in the flattened context, so a tile's keys are whole 16-byte runs of the transposed values and
+/// the flattened context is a whole number of either kernel's tiles.
+const KV_TILE: usize = 32;
+const FA2_K: usize = 64;
+const CTX_ALIGN: usize = FA2_K;
 
-/// The kernel's tile list: per 64 queries of a sequence, [first query row, queries, first context
-/// row in the flattened context, position of the first query in its sequence]; and that context,
-/// each sequence's part padded with its first slot (finite keys that the causal mask hides) to a
-/// multiple of TILE_K.
-fn flash_tiles(seqs: &[&AttnSeq]) -> (Vec<i32>, Vec<u32>) {
+/// mla_flash_bf16.hip: 8 warps, and its shared memory (FaShared: two key tiles of FA_K rows of
+/// QK + 8 bf16 and two transposed value tiles of VDIM rows of FA_K + 8).
+const FA2_THREADS: u32 = 256;
+fn fa2_shared_bytes(d: &MlaDims) -> usize {
+    2 * (FA2_K * (d.qk_head() + 8) + d.v_head * (FA2_K + 8)) * 2
+}
+
+/// The kernel's tile list: per `tile_q` queries of a sequence, [first query row, queries, first
+/// context row in the flattened context, position of the first query in its sequence]; and that
+/// context, each sequence's part padded with its first slot (finite keys that the causal mask
+/// hides) to a multiple of CTX_ALIGN.
+fn flash_tiles(seqs: &[&AttnSeq], tile_q: usize) -> (Vec<i32>, Vec<u32>) {
     let (mut tiles, mut flat) = (Vec::new(), Vec::new());
     for s in seqs {
         let ctx0 = flat.len();
-        let pad = s.slots.len().next_multiple_of(TILE_K) - s.slots.len();
+        let pad = s.slots.len().next_multiple_of(CTX_ALIGN) - s.slots.len();
         flat.extend_from_slice(s.slots);
         flat.extend(std::iter::repeat_n(s.slots[0], pad));
         let prefix = s.slots.len() - s.q_len;
-        for i0 in (0..s.q_len).step_by(TILE_Q) {
-            tiles.extend([(s.q_start + i0) as i32, (s.q_len - i0).min(TILE_Q) as i32, ctx0 as i32, (prefix + i0) as i32]);
+        for i0 in (0..s.q_len).step_by(tile_q) {
+            tiles.extend([(s.q_start + i0) as i32, (s.q_len - i0).min(tile_q) as i32, ctx0 as i32, (prefix + i0) as i32]);
         }
     }
     (tiles, flat)
@@ -49,11 +62,19 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.flash_prefill && s.q_len >= self.tuned.flash_min_q && d.qk_head().is_multiple_of(16) && d.v_head.is_multiple_of(v_frag) && kvd_bytes <= MAX_KVD_BYTES
     }
 
+    /// Whether the flash prefill runs mla_flash_bf16.hip (FlashAttention-2's form: 128 queries a
+    /// block, everything in registers): bf16 operands on NVIDIA's matrix units (sm_80+), value
+    /// heads of whole 16-column fragments, its shared memory within the device's.
+    pub(super) fn fa2_prefill(&self, d: &MlaDims) -> bool {
+        self.attn_bf16 && self.warp == 32 && self.matrix_units && !self.flash_portable && d.v_head.is_multiple_of(16) && fa2_shared_bytes(d) <= self.dev.max_shared_per_block()
+    }
+
     /// Writes the attention output rows of `seqs` into `out` ([T, heads·v_head]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn mla_flash(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[&AttnSeq], kv_b: &GpuLinear, d: &MlaDims, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let dims = ModelDims::of_mla(d);
-        let (tiles, flat) = flash_tiles(seqs);
+        let fa2 = self.fa2_prefill(d);
+        let (tiles, flat) = flash_tiles(seqs, if fa2 { FA2_Q } else { TILE_Q });
         let n = flat.len();
         let slots = self.idx(&flat)?;
         let mut c = self.alloc_out(n * d.kv_lora_rank)?;
@@ -78,13 +99,17 @@ impl<V: GpuVendor> GpuBackend<V> {
             let f = self.mla_prefill_func(dims, "mla_prefill_kv")?;
             let mut b = self.launch(&f);
             b.arg(&kvd.buf).arg(&pe).arg(&mut k).arg(&mut vt).arg(&ctx).arg(&heads);
-            b.run(LaunchConfig { grid_dim: ((n / TILE_K) as u32, d.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }).map_err(err("mla_prefill_kv"))?;
+            b.run(LaunchConfig { grid_dim: ((n / KV_TILE) as u32, d.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }).map_err(err("mla_prefill_kv"))?;
             drop(kvd);
-            let f = self.mla_prefill_func(dims, "mla_flash_prefill")?;
+            let (f, name, threads, smem) = if fa2 {
+                (self.mla_flash_bf16_func(dims)?, "mla_flash_bf16", FA2_THREADS, fa2_shared_bytes(d) as u32)
+            } else {
+                (self.mla_prefill_func(dims, "mla_flash_prefill")?, "mla_flash_prefill", 128, 0)
+            };
             let mut b = self.launch(&f);
             b.arg(&q.buf).arg(&k).arg(&vt).arg(&d_tiles).arg(out).arg(&ctx).arg(&heads).arg(&scale);
-            let launch = LaunchConfig { grid_dim: ((tiles.len() / 4) as u32, d.num_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            b.run(launch).map_err(err("mla_flash_prefill"))
+            let launch = LaunchConfig { grid_dim: ((tiles.len() / 4) as u32, d.num_heads as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
+            b.run(launch).map_err(err(name))
         })
     }
 }
@@ -98,12 +123,29 @@ mod tests {
         let a: Vec<u32> = (100..300).collect(); // 200 context, the last 150 new (prefix 50)
         let b: Vec<u32> = (0..64).collect(); // a fresh 64-token prompt
         let s = [AttnSeq { q_start: 0, q_len: 150, slots: &a }, AttnSeq { q_start: 150, q_len: 64, slots: &b }];
-        let (tiles, flat) = flash_tiles(&[&s[0], &s[1]]);
-        // a's context padded from 200 to 224 with its first slot; b's starts at 224
-        assert_eq!(flat.len(), 288);
+        let (tiles, flat) = flash_tiles(&[&s[0], &s[1]], TILE_Q);
+        // a's context padded from 200 to 256 with its first slot; b's starts at 256
+        assert_eq!(flat.len(), 320);
         assert_eq!(&flat[198..200], &[298, 299]);
-        assert!(flat[200..224].iter().all(|&s| s == 100));
-        assert_eq!(&flat[224..], &b[..]);
-        assert_eq!(tiles, vec![0, 64, 0, 50, 64, 64, 0, 114, 128, 22, 0, 178, 150, 64, 224, 0]);
+        assert!(flat[200..256].iter().all(|&s| s == 100));
+        assert_eq!(&flat[256..], &b[..]);
+        assert_eq!(tiles, vec![0, 64, 0, 50, 64, 64, 0, 114, 128, 22, 0, 178, 150, 64, 256, 0]);
+        // 128-query tiles over the same context
+        let (tiles, flat2) = flash_tiles(&[&s[0], &s[1]], FA2_Q);
+        assert_eq!(flat2, flat);
+        assert_eq!(tiles, vec![0, 128, 0, 50, 128, 22, 0, 178, 150, 64, 256, 0]);
+    }
+
+    #[test]
+    fn fa2_layout_mirrors_the_kernel() {
+        // the kernel's FaShared for V3 (QK 192, VDIM 128): 2 × (64 × 200 + 128 × 72) bf16
+        let d = MlaDims { num_heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
+        assert_eq!(fa2_shared_bytes(&d), 88_064);
+        assert!(CTX_ALIGN.is_multiple_of(KV_TILE) && CTX_ALIGN.is_multiple_of(FA2_K) && CTX_ALIGN.is_multiple_of(32));
+        let src = include_str!("../../../hip-kernels/mla_flash_bf16.hip");
+        for (name, v) in [("FA_Q", FA2_Q), ("FA_K", FA2_K)] {
+            assert!(src.contains(&format!("#define {name} {v} ")), "{name} {v}");
+        }
+        assert!(src.contains("#define FA_THREADS (32 * FA_WARPS)") && src.contains("#define FA_WARPS (FA_Q / 16)") && FA2_THREADS as usize == 32 * FA2_Q / 16);
     }
 }
