@@ -1,55 +1,86 @@
 // y[M, N] = x[M, K] · W[N, K]ᵀ with W in f32, bf16 or block-scaled FP8, dequantised while it is
-// staged in shared memory; float32 accumulation. A 64×64 output tile per block of 256 threads,
-// 4×4 outputs per thread, K in steps of 16. The portable path (vendor GEMMs come later).
+// staged in shared memory; float32 accumulation in K order (exact f32 products: the router, whose
+// expert choice must match the f32 reference, and every layer without a matrix-unit path).
+// A LT_BM × LT_BN output tile per block of 256 threads, 8 × 4 outputs per thread (three 16-byte
+// shared loads a 32 FMAs), K in steps of LT_KT: the next step's x and W are loaded into registers
+// while the current one is multiplied out of shared memory (two buffers, one barrier a step).
+// x rows load as float4 where K % 4 == 0, element by element otherwise.
 #include "common.h"
 #include "vec8.h"
 
-#define TILE 64
-#define KT 16
+#define LT_BM 128
+#define LT_BN 64
+#define LT_KT 16
+#define LT_XP (LT_BM + 4) // shared row pitches (floats): 16-byte aligned rows
+#define LT_WP (LT_BN + 4)
 
 template <int WDT>
 __device__ void linear_impl(const float* __restrict__ X, const uint8_t* __restrict__ W, const float* __restrict__ S, float* __restrict__ Y,
                             int M, int N, int K, int bn, int bk) {
-    __shared__ float xs[KT][TILE + 1];
-    __shared__ float ws[KT][TILE + 1];
-    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    int m0 = blockIdx.y * TILE, n0 = blockIdx.x * TILE;
-    int kblocks = (K + bk - 1) / bk;
-    float acc[4][4];
+    __shared__ __align__(16) float xs[2][LT_KT][LT_XP];
+    __shared__ __align__(16) float ws[2][LT_KT][LT_WP];
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16; // outputs: rows ty·8 .., columns tx·4 ..
+    const int m0 = blockIdx.y * LT_BM, n0 = blockIdx.x * LT_BN;
+    const int kblocks = (K + bk - 1) / bk;
+    const bool vec = K % 4 == 0;
+    // staging: x as 2 runs of 4 k a thread (rows xr, xr + 64; k 4·xc ..), W as 4 k of row wr
+    const int xr = tid / 4, xc = tid % 4, wr = tid / 4, wc = tid % 4;
+    float xv[2][4], wv[4];
+    auto load = [&](int k0) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+        for (int h = 0; h < 2; ++h) {
+            const int gm = m0 + xr + 64 * h, gk = k0 + 4 * xc;
+            if (vec && gm < M && gk + 3 < K) {
+                const float4 v = *(const float4*)&X[(int64_t)gm * K + gk];
+                xv[h][0] = v.x, xv[h][1] = v.y, xv[h][2] = v.z, xv[h][3] = v.w;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) xv[h][j] = (gm < M && gk + j < K) ? X[(int64_t)gm * K + gk + j] : 0.f;
+            }
+        }
+        const int gn = n0 + wr, gk = k0 + 4 * wc;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wv[j] = (gn < N && gk + j < K) ? load_w<WDT>(W, S, gn, gk + j, K, bn, bk, kblocks) : 0.f;
+    };
+    auto store = [&](int b) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            xs[b][4 * xc + j][xr] = xv[0][j];
+            xs[b][4 * xc + j][xr + 64] = xv[1][j];
+            ws[b][4 * wc + j][wr] = wv[j];
+        }
+    };
+    float acc[8][4];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-    for (int k0 = 0; k0 < K; k0 += KT) {
-        for (int i = threadIdx.x; i < TILE * KT; i += blockDim.x) {
-            int r = i / KT, c = i % KT;
-            int gk = k0 + c;
-            int gm = m0 + r, gn = n0 + r;
-            xs[c][r] = (gm < M && gk < K) ? X[(int64_t)gm * K + gk] : 0.f;
-            ws[c][r] = (gn < N && gk < K) ? load_w<WDT>(W, S, gn, gk, K, bn, bk, kblocks) : 0.f;
+    load(0);
+    store(0);
+    __syncthreads();
+    for (int k0 = 0, b = 0; k0 < K; k0 += LT_KT, b ^= 1) {
+        const bool more = k0 + LT_KT < K;
+        if (more) load(k0 + LT_KT); // in flight during the products below
+#pragma unroll
+        for (int kk = 0; kk < LT_KT; ++kk) {
+            const float4 a0 = *(const float4*)&xs[b][kk][ty * 8], a1 = *(const float4*)&xs[b][kk][ty * 8 + 4];
+            const float4 w4 = *(const float4*)&ws[b][kk][tx * 4];
+            const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w}, w[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * w[j];
         }
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < KT; ++kk) {
-            float a[4], b[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = xs[kk][ty * 4 + i];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = ws[kk][tx * 4 + j];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-        }
+        if (more) store(b ^ 1); // the other buffer: free since the last barrier
         __syncthreads();
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        int m = m0 + ty * 4 + i;
+    for (int i = 0; i < 8; ++i) {
+        const int m = m0 + ty * 8 + i;
         if (m >= M) continue;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            int n = n0 + tx * 4 + j;
+            const int n = n0 + tx * 4 + j;
             if (n < N) Y[(int64_t)m * N + n] = acc[i][j];
         }
     }

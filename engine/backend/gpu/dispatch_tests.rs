@@ -150,9 +150,11 @@ fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
     rt.take_launched();
     b.moe_route(&x(&b, 64, hidden), gate, None, p).unwrap();
     assert_eq!(names(&rt), ["gemv16_f32w", "gemv16_f32w", "gemv16_f32w", "gemv16_f32w", "moe_route"]);
-    // ... until the 64×64 tiles alone fill the SMs (a prompt: one launch, not a slice per 16 rows)
-    let fill = 64 * b.sms;
-    for (tokens, first, launches) in [(fill - 64, "gemv16_f32w", (fill - 64) / 16 + 1), (fill, "linear_f32w", 2)] {
+    // ... until the 128×64 tiles fill half the SMs (a prompt: one launch, not a slice per 16 rows)
+    let (tm, tn) = super::ops::LINEAR_TILE;
+    assert!(include_str!("../../../hip-kernels/linear.hip").contains(&format!("#define LT_BM {tm}\n#define LT_BN {tn}\n")));
+    let fill = (b.sms / 2).div_ceil(p.n_experts.div_ceil(tn)) * tm;
+    for (tokens, first, launches) in [(fill - tm, "gemv16_f32w", (fill - tm) / 16 + 1), (fill, "linear_f32w", 2)] {
         rt.take_launched();
         b.moe_route(&x(&b, tokens, hidden), gate, None, p).unwrap();
         let l = names(&rt);

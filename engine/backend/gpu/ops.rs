@@ -98,6 +98,10 @@ fn host_weight(w: &HostLinear, fnuz: bool) -> (u8, std::borrow::Cow<'_, [u8]>, V
     }
 }
 
+
+/// Rows and columns of linear.hip's CUDA-core output tile (LT_BM, LT_BN).
+pub(super) const LINEAR_TILE: (usize, usize) = (128, 64);
+
 impl<V: GpuVendor> GpuBackend<V> {
     pub(super) fn linear_with(&self, x: &GpuTensor, w: &GpuLinear, mma: bool) -> Result<GpuTensor, BackendError> {
         assert_eq!(x.cols, w.inp, "linear: input has {} columns, weight expects {}", x.cols, w.inp);
@@ -231,17 +235,18 @@ impl<V: GpuVendor> GpuBackend<V> {
         }
         // the GEMV up to 32 rows; beyond, for the f32 router (no tensor cores: expert choice must
         // match the f32 reference) in 16-row slices too, which spread over every SM where the
-        // 64×64 CUDA-core tile has a handful of blocks for its 256 rows (1 ms at 64 tokens),
-        // until the tiles alone fill the SMs (prefill: 4096 tokens took 256 slice launches)
-        let tiles = w.out.div_ceil(64) * x.rows.div_ceil(64);
-        if x.rows <= 8 || (vec8 && (x.rows <= 32 || (!mma && tiles < self.sms))) {
+        // CUDA-core tile has a handful of blocks for its 256 rows (1 ms at 64 tokens), until the
+        // tiles fill half the SMs (a block of 8 warps an SM; prefill: 4096 tokens took 256
+        // slice launches)
+        let tiles = w.out.div_ceil(LINEAR_TILE.1) * x.rows.div_ceil(LINEAR_TILE.0);
+        if x.rows <= 8 || (vec8 && (x.rows <= 32 || (!mma && 2 * tiles < self.sms))) {
             return self.gemv_into(x, w, y, vec8);
         }
         let f = self.func(LIN, &format!("linear_{}", wdt_suffix(w.wdt)))?;
         let (m, n, k) = (x.rows as i32, w.out as i32, w.inp as i32);
         let mut b = self.launch(&f);
         b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
-        b.run(cfg((w.out.div_ceil(64) as u32, x.rows.div_ceil(64) as u32), 256, 0)).map_err(err("linear"))
+        b.run(cfg((w.out.div_ceil(LINEAR_TILE.1) as u32, x.rows.div_ceil(LINEAR_TILE.0) as u32), 256, 0)).map_err(err("linear"))
     }
 }
 
