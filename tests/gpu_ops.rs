@@ -532,10 +532,11 @@ fn moe_on<V: GpuVendor>(g: &GpuBackend<V>, t: usize, tol: f64) {
     }
 }
 
-/// `--fp8-activations dynamic` MoE at prefill sizes (engine/backend/gpu/moe_blaslt.rs): per-expert
-/// row segments through the library's block-scaled FP8 GEMM, against an f32 reference on the CPU
-/// fed with the same quantisations (tokens per 128 channels, then SiLU·up per pair row); all
-/// experts on this rank, then a quarter of them (expert parallelism).
+/// `--fp8-activations dynamic` MoE at prefill sizes (engine/backend/gpu/moe_prefill.rs): per-expert
+/// row segments through the grouped FP8 GEMM (moe_f8_gemm.hip, sm_89+) and through the library's
+/// block-scaled FP8 GEMM, against an f32 reference on the CPU fed with the same quantisations
+/// (tokens per 128 channels, then SiLU·up per pair row); all experts on this rank, then a quarter
+/// of them (expert parallelism).
 #[test]
 #[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn moe_experts_fp8_dynamic_activations() {
@@ -543,19 +544,30 @@ fn moe_experts_fp8_dynamic_activations() {
 }
 
 fn moe_experts_fp8_dynamic_activations_on<V: GpuVendor>() {
-    use engine::weights::act_quant::ActFp8;
     let mut g = gpu::<V>();
     g.fp8_act = true;
     let c = CpuBackend::new();
     let mut rng = Rng::new(51);
-    let (hidden, inter, n_exp) = (512, 512, 64);
+    // then a TP8 rank's expert width (inter 256: two column blocks of gate and up, two K blocks of
+    // down), which only the grouped GEMM takes at prefill sizes
+    for (inter, cases) in [(512, &[(600, true), (2000, true), (600, false), (200, true), (20, true)][..]), (256, &[(700, true)][..])] {
+        moe_fp8_dynamic_case(&mut g, &c, &mut rng, inter, cases);
+    }
+}
+
+fn moe_fp8_dynamic_case<V: GpuVendor>(g: &mut GpuBackend<V>, c: &CpuBackend, rng: &mut Rng, inter: usize, cases: &[(usize, bool)]) {
+    use engine::weights::act_quant::ActFp8;
+    let (hidden, n_exp) = (512, 64);
     let p = RouteParams { n_experts: n_exp, top_k: 6, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: false, routed_scaling_factor: 1.0 };
-    let gate = host_linear(&mut rng, n_exp, hidden, WType::F32);
-    let experts: Vec<[HostLinear; 3]> = (0..n_exp).map(|_| [host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, hidden, inter, WType::Fp8)]).collect();
-    // 600 tokens: cuBLASLt's block-scaled GEMM per expert segment; 200 and 20 (sm_89+): the FP8 ×
-    // FP8 grouped kernels of moe_f8.hip, with tiles of 9-16 tokens (two n-fragments) and of ≤ 8
-    for t in [600, 200, 20] {
-        let x = randn(&mut rng, t * hidden, 1.0);
+    let gate = host_linear(rng, n_exp, hidden, WType::F32);
+    let experts: Vec<[HostLinear; 3]> = (0..n_exp).map(|_| [host_linear(rng, inter, hidden, WType::Fp8), host_linear(rng, inter, hidden, WType::Fp8), host_linear(rng, hidden, inter, WType::Fp8)]).collect();
+    // 600 and 2,000 tokens (segments of ~56 and ~190 rows: one partial 128-row tile, a whole and a
+    // partial one): the grouped FP8 GEMM, then cuBLASLt's block-scaled GEMM per expert segment;
+    // 200 and 20 (sm_89+): the FP8 × FP8 grouped kernels of moe_f8.hip, with tiles of 9-16 tokens
+    // (two n-fragments) and of ≤ 8
+    for &(t, grouped) in cases {
+        g.tuned.moe_f8_gemm = grouped;
+        let x = randn(rng, t * hidden, 1.0);
         let gx = g.upload(t, hidden, &x).unwrap();
         let gr = g.moe_route(&gx, &g.upload_linear(&gate).unwrap(), None, &p).unwrap();
         let (ids, w): (Vec<i32>, Vec<f32>) = (gr.ids.to_host().unwrap(), gr.weights.to_host().unwrap());
@@ -589,7 +601,7 @@ fn moe_experts_fp8_dynamic_activations_on<V: GpuVendor>() {
             // SiLU·up is requantised from the GPU's own gate/up products, ~1e-4 from the reference's,
             // so a few of its codes round the other way (one e4m3 step, 6-12%): ~3e-3 in all. A wrong
             // row, segment or scale would be O(1) (the distance to f32 activations is printed).
-            check(&format!("moe_experts fp8 activations, experts {first}..{} of {n_exp}, {t} tokens", first + n), &got, &want, 6e-3);
+            check(&format!("moe_experts fp8 activations, experts {first}..{} of {n_exp}, {t} tokens, grouped GEMM {grouped}", first + n), &got, &want, 6e-3);
             g.fp8_act = false;
             let f32_acts = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts[first..first + n].to_vec(), first).unwrap()).unwrap()).unwrap();
             eprintln!("  (f32 activations against this reference: rel err {:.2e})", rel_err(&f32_acts, &want));

@@ -515,7 +515,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             if pairs == 0 {
                 return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
             }
-            if self.moe_blaslt_for(x, e) && self.moe_experts_blaslt(x, r, e, &mut out)? {
+            if self.moe_prefill_f8_for(x, e) && self.moe_experts_prefill_f8(x, r, e, &mut out)? {
                 return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
             }
             if x.rows >= self.tuned.moe_grouped_min_rows && Self::moe_grouped_ok(e) {

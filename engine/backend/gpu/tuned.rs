@@ -62,6 +62,15 @@ pub struct Tuned {
     /// heads the 64-head tiles (mla_decode.hip); 0: never
     #[serde(default = "default_mla_decode_rows_max_heads")]
     pub mla_decode_rows_max_heads: usize,
+    /// With `--fp8-activations dynamic`, MoE batches from `moe_mma_min_rows` tokens (prefill)
+    /// multiply every expert's rows in one grouped FP8 GEMM a projection (moe_f8_gemm.hip; NVIDIA
+    /// sm_89+); false: the GEMM library's block-scaled FP8 GEMM per expert
+    #[serde(default = "default_true")]
+    pub moe_f8_gemm: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_mla_decode_rows_max_heads() -> usize {
@@ -121,6 +130,7 @@ impl Default for Tuned {
             linear_tc_min_rows: default_linear_tc_min_rows(),
             mla_proj_mma_min_rows: default_mla_proj_mma_min_rows(),
             mla_decode_rows_max_heads: default_mla_decode_rows_max_heads(),
+            moe_f8_gemm: true,
         }
     }
 }

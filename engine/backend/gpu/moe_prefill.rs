@@ -1,10 +1,11 @@
-//! MoE experts at prefill sizes through the GEMM library's block-scaled FP8 GEMM
-//! (`--fp8-activations dynamic`): the routed (token, expert) pairs are laid out as one segment of
-//! rows per expert (padded to a multiple of 8 rows, so few GEMM plans cover every count), the
-//! tokens gathered and quantised per 128 channels into that layout, then per expert gate and up
-//! GEMMs, SiLU·up, the product quantised again, the down GEMM, and each token's pairs summed in its
-//! top-k order. The layout needs the expert counts on the host: one copy of the routed ids, so
-//! this path is for op-by-op steps (prefill), never inside a graph capture.
+//! MoE experts at prefill sizes with FP8 activations (`--fp8-activations dynamic`): the routed
+//! (token, expert) pairs are laid out as one segment of rows per expert (padded to a multiple of 8
+//! rows), the tokens gathered and quantised per 128 channels into that layout, then the gate and
+//! up products, SiLU·up, the product quantised again, the down product, and each token's pairs
+//! summed in its top-k order. The products run as one grouped FP8 GEMM a projection over every
+//! expert's segment (moe_f8_gemm.rs, NVIDIA sm_89+), or else as the GEMM library's block-scaled
+//! FP8 GEMM per expert. The layout needs the expert counts on the host: one copy of the routed
+//! ids, so this path is for op-by-op steps (prefill), never inside a graph capture.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::blas::fp8_block_ok;
 use super::device::{err, DevBuf};
@@ -60,23 +61,23 @@ impl MoeLayout {
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
-    /// Whether these experts at this batch take the library path: FP8 activations on, FP8
-    /// experts in 128×128 blocks of library-friendly shapes, prefill-sized, not capturing.
-    pub(super) fn moe_blaslt_for(&self, x: &GpuTensor, e: &GpuExperts) -> bool {
-        self.fp8_act
-            && e.wdt == 2
-            && x.rows >= self.tuned.moe_mma_min_rows
-            && fp8_block_ok(e.inter, e.hidden, e.bn, e.bk)
+    /// Whether these experts at this batch take the FP8 prefill path: FP8 activations on, FP8
+    /// experts, prefill-sized, not capturing, and the grouped kernel or the library for their
+    /// shapes (128×128 blocks of library-friendly sizes).
+    pub(super) fn moe_prefill_f8_for(&self, x: &GpuTensor, e: &GpuExperts) -> bool {
+        self.fp8_act && e.wdt == 2 && x.rows >= self.tuned.moe_mma_min_rows && !self.capturing() && (self.moe_f8_gemm_for(e) || self.moe_blaslt_ok(e))
+    }
+
+    fn moe_blaslt_ok(&self, e: &GpuExperts) -> bool {
+        fp8_block_ok(e.inter, e.hidden, e.bn, e.bk)
             && fp8_block_ok(e.hidden, e.inter, e.bn, e.bk)
-            && !self.capturing()
             && self.blaslt.as_ref().is_some_and(|l| l.supports_fp8_block(PAD, e.inter, e.hidden) && l.supports_fp8_block(PAD, e.hidden, e.inter))
     }
 
     /// out [T, hidden] = Σ over this rank's routed pairs of weight · down_e(silu(gate_e x) · up_e x)
-    /// with FP8 activations (see the module); false (nothing launched) where the library has no
-    /// plan for one of the segment sizes.
-    pub(super) fn moe_experts_blaslt(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, out: &mut DevBuf<f32>) -> Result<bool, BackendError> {
-        let lt = self.blaslt.as_ref().expect("moe_blaslt_for checked");
+    /// with FP8 activations (see the module); false (nothing launched) where the library path has
+    /// no plan for one of the segment sizes.
+    pub(super) fn moe_experts_prefill_f8(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, out: &mut DevBuf<f32>) -> Result<bool, BackendError> {
         let (t, k, inter, hidden) = (x.rows, r.top_k, e.inter, e.hidden);
         let ids = r.ids.to_host().map_err(err("routed ids"))?;
         let l = MoeLayout::build(&ids[..t * k], k, e.first, e.n);
@@ -84,30 +85,27 @@ impl<V: GpuVendor> GpuBackend<V> {
         if rows == 0 {
             return Ok(true); // no pair on this rank's experts: out stays zero
         }
-        if !l.segments.iter().all(|&(_, _, len)| lt.supports_fp8_block(len, inter, hidden) && lt.supports_fp8_block(len, hidden, inter)) {
-            return Ok(false);
-        }
+        let grouped = self.moe_f8_gemm_for(e);
+        let lt = match &self.blaslt {
+            _ if grouped => None,
+            Some(lt) if l.segments.iter().all(|&(_, _, len)| lt.supports_fp8_block(len, inter, hidden) && lt.supports_fp8_block(len, hidden, inter)) => Some(lt.as_ref()),
+            _ => return Ok(false),
+        };
         let (src, seg, pair_row) = (self.htod(&l.src)?, self.htod(&l.seg)?, self.htod(&l.pair_row)?);
-        let (lh, li) = (hidden.div_ceil(128), inter.div_ceil(128));
-        let gemm_err = |msg| self.op_err("moe blaslt", format!("{}: {msg}", lt.name()));
-        // gate and up: [len, hidden] · [inter, hidden]ᵀ per expert
+        let host_tiles = if grouped { super::moe_f8_gemm::gemm_tiles(&l) } else { Vec::new() };
+        let n_tiles = host_tiles.len() / 8;
+        let tiles = if grouped { Some(self.htod(&host_tiles)?) } else { None };
         let enqueue = std::time::Instant::now();
+        // gate and up: [len, hidden] · [inter, hidden]ᵀ per expert
         let (qx, sx) = self.quant_fp8_rows(x, rows, src.ptr(), seg.ptr())?;
-        let (g, u) = (self.scratch::<f32>(rows * inter)?, self.scratch::<f32>(rows * inter)?);
-        // experts' GEMMs are small (a ~150-row GEMM has few tiles): several run at once on side
-        // streams, round robin
-        let side = self.side_streams(SIDE_STREAMS);
-        let on = |i: usize| if side.is_empty() { 0 } else { side[i % side.len()] };
-        self.fork(&side)?;
-        let wsz = (inter * hidden) as u64; // bytes per expert (FP8) in each of gate, up and down
-        let ssz = (4 * li * lh) as u64; // bytes of scales per expert
-        for (i, &(ex, off, len)) in l.segments.iter().enumerate() {
-            let x_ = (qx.ptr() + (off * hidden) as u64, sx.ptr() + (4 * off * lh) as u64);
-            for (w, ws, d) in [(&e.gate, &e.gs, &g), (&e.up, &e.us, &u)] {
-                lt.gemm_fp8_block((len, inter, hidden), (w.ptr() + ex as u64 * wsz, ws.ptr() + ex as u64 * ssz), x_, d.ptr() + (4 * off * inter) as u64, on(i)).map_err(gemm_err)?;
+        let (mut g, mut u) = (self.scratch::<f32>(rows * inter)?, self.scratch::<f32>(rows * inter)?);
+        for (w, ws, d) in [(&e.gate, &e.gs, &mut g), (&e.up, &e.us, &mut u)] {
+            match (&tiles, lt) {
+                (Some(tl), _) => self.moe_f8_gemm((&qx, &sx), (w, ws), &tl, n_tiles, d, inter, hidden)?,
+                (None, Some(lt)) => self.moe_blaslt_gemms(lt, &l, (&qx, &sx), (w, ws), d, inter, hidden)?,
+                (None, None) => unreachable!("one GEMM path was chosen above"),
             }
         }
-        self.join(&side)?;
         let mut h = self.scratch::<f32>(rows * inter)?;
         let n = (rows * inter) as i64;
         let f = self.func(EW, "silu_mul")?;
@@ -115,18 +113,35 @@ impl<V: GpuVendor> GpuBackend<V> {
         drop((g, u, qx, sx));
         // down: [len, inter] · [hidden, inter]ᵀ per expert
         let (qh, sh) = self.quant_fp8_rows(&GpuTensor { rows, cols: inter, buf: h }, rows, 0, seg.ptr())?;
-        let dn = self.scratch::<f32>(rows * hidden)?;
-        self.fork(&side)?;
-        for (i, &(ex, off, len)) in l.segments.iter().enumerate() {
-            let h_ = (qh.ptr() + (off * inter) as u64, sh.ptr() + (4 * off * li) as u64);
-            lt.gemm_fp8_block((len, hidden, inter), (e.down.ptr() + ex as u64 * wsz, e.ds.ptr() + ex as u64 * ssz), h_, dn.ptr() + (4 * off * hidden) as u64, on(i)).map_err(gemm_err)?;
+        let mut dn = self.scratch::<f32>(rows * hidden)?;
+        match (&tiles, lt) {
+            (Some(tl), _) => self.moe_f8_gemm((&qh, &sh), (&e.down, &e.ds), &tl, n_tiles, &mut dn, hidden, inter)?,
+            (None, Some(lt)) => self.moe_blaslt_gemms(lt, &l, (&qh, &sh), (&e.down, &e.ds), &mut dn, hidden, inter)?,
+            (None, None) => unreachable!("one GEMM path was chosen above"),
         }
-        self.join(&side)?;
         let f = self.func(COMBINE, "moe_combine")?;
         let (ki, hi) = (k as i32, hidden as i32);
         self.launch(&f).arg(&dn).arg(&pair_row).arg(&r.weights).arg(out).arg(&ki).arg(&hi).run(cfg((t as u32, 1), 256, 0)).map_err(err("moe_combine"))?;
-        log::debug!("moe blaslt: {t} tokens, {} experts, {rows} rows, {} GEMMs enqueued in {} us", l.segments.len(), 3 * l.segments.len(), enqueue.elapsed().as_micros());
+        let how = if grouped { format!("grouped FP8 GEMM, {n_tiles} tiles") } else { format!("{} library GEMMs", 3 * l.segments.len()) };
+        log::debug!("moe prefill: {t} tokens, {} experts, {rows} rows, {how}, enqueued in {} us", l.segments.len(), enqueue.elapsed().as_micros());
         Ok(true)
+    }
+
+    /// d [rows, n] = each segment's rows of `a` times its expert's `w`ᵀ, a library GEMM per expert;
+    /// the GEMMs are small (a ~150-row GEMM has few tiles): several run at once on side streams,
+    /// round robin.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_blaslt_gemms(&self, lt: &dyn super::blas::GemmLib, l: &MoeLayout, (a, sa): (&DevBuf<u8>, &DevBuf<f32>), (w, ws): (&DevBuf<u8>, &DevBuf<f32>), d: &mut DevBuf<f32>, n: usize, k: usize) -> Result<(), BackendError> {
+        let gemm_err = |msg| self.op_err("moe prefill", format!("{}: {msg}", lt.name()));
+        let side = self.side_streams(SIDE_STREAMS);
+        let on = |i: usize| if side.is_empty() { 0 } else { side[i % side.len()] };
+        let (wsz, ssz, lk) = ((n * k) as u64, (4 * n.div_ceil(128) * k.div_ceil(128)) as u64, k.div_ceil(128)); // bytes per expert of W, of its scales
+        self.fork(&side)?;
+        for (i, &(ex, off, len)) in l.segments.iter().enumerate() {
+            let a_ = (a.ptr() + (off * k) as u64, sa.ptr() + (4 * off * lk) as u64);
+            lt.gemm_fp8_block((len, n, k), (w.ptr() + ex as u64 * wsz, ws.ptr() + ex as u64 * ssz), a_, d.ptr() + (4 * off * n) as u64, on(i)).map_err(gemm_err)?;
+        }
+        self.join(&side)
     }
 }
 

@@ -1,0 +1,102 @@
+//! The MoE prefill's experts as one grouped FP8 GEMM a projection (hip-kernels/moe_f8_gemm.hip):
+//! every expert's row segment of the MoeLayout in ≤ 128-row tiles, one launch for all of them,
+//! instead of a GEMM library call per expert (~640 calls a layer at 4,096 tokens, each ~150 rows:
+//! too few tiles to fill the GPU, and ~10 µs of host time each).
+use super::backend::{GpuBackend, GpuVendor};
+use super::device::{err, DevBuf, LaunchConfig};
+use super::moe_prefill::MoeLayout;
+use super::ops::GpuExperts;
+use crate::backend::BackendError;
+
+const GEMM: &str = "hip-kernels/moe_f8_gemm.hip";
+
+/// The kernel's tile rows (MG_BM), columns a block (MG_BN), K a stage (MG_BK), stages (MG_ST)
+/// and threads.
+const MG_BM: usize = 128;
+const MG_BN: usize = 128;
+const MG_BK: usize = 128;
+const MG_ST: usize = 4;
+const MG_THREADS: u32 = 256;
+
+/// MG_SMEM: per stage 128 activation and 128 weight rows of MG_BK bytes and 128 scales, rounded
+/// up to 1024 bytes (the swizzled tiles' alignment), and 1024 bytes to align the first stage.
+fn mg_shared_bytes() -> usize {
+    MG_ST * ((MG_BM + MG_BN) * MG_BK + MG_BM * 4).next_multiple_of(1024) + 1024
+}
+
+/// Whether the device has Hopper's warpgroup MMA (the kernel is compiled for sm_90a only).
+fn wgmma(arch: &str) -> bool {
+    arch == "sm_90a"
+}
+
+/// 8 ints a tile: (expert, first row, rows, segment's first row, segment's rows, 0, 0, 0), each
+/// segment in MG_BM-row tiles.
+pub(super) fn gemm_tiles(l: &MoeLayout) -> Vec<i32> {
+    let mut t = Vec::new();
+    for &(ex, off, len) in &l.segments {
+        for r0 in (0..len).step_by(MG_BM) {
+            t.extend([ex, off + r0, (len - r0).min(MG_BM), off, len, 0, 0, 0].map(|v| v as i32));
+        }
+    }
+    t
+}
+
+impl<V: GpuVendor> GpuBackend<V> {
+    /// Whether these experts' prefill GEMMs take the grouped kernel: tuned on, NVIDIA sm_90a (the
+    /// warpgroup MMA), FP8 weights in 128 × 128 blocks, both dimensions whole blocks, the shared
+    /// memory available.
+    pub(super) fn moe_f8_gemm_for(&self, e: &GpuExperts) -> bool {
+        self.tuned.moe_f8_gemm
+            && self.mma_gemm
+            && wgmma(&self.arch)
+            && e.wdt == 2
+            && (e.bn, e.bk) == (128, 128)
+            && e.hidden.is_multiple_of(MG_BN)
+            && e.inter.is_multiple_of(MG_BN)
+            && mg_shared_bytes() <= self.dev.max_shared_per_block()
+    }
+
+    /// d [rows, n] f32 = each tile's rows of `a` (e4m3 [rows, k], per-segment scales `sx`) times
+    /// its expert's `w` ([experts, n, k] e4m3, scales `ws` [experts, n / 128, k / 128])ᵀ.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn moe_f8_gemm(&self, (a, sx): (&DevBuf<u8>, &DevBuf<f32>), (w, ws): (&DevBuf<u8>, &DevBuf<f32>), tiles: &DevBuf<i32>, n_tiles: usize, d: &mut DevBuf<f32>, n: usize, k: usize) -> Result<(), BackendError> {
+        let f = self.func(GEMM, "moe_gemm_f8")?;
+        let (nt, ni, ki) = (n_tiles as i32, n as i32, k as i32);
+        let blocks = n_tiles * (n / MG_BN);
+        self.launch(&f)
+            .arg(a)
+            .arg(sx)
+            .arg(w)
+            .arg(ws)
+            .arg(tiles)
+            .arg(&nt)
+            .arg(d)
+            .arg(&ni)
+            .arg(&ki)
+            .run(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (MG_THREADS, 1, 1), shared_mem_bytes: mg_shared_bytes() as u32 })
+            .map_err(err("moe_gemm_f8"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_become_tiles_and_the_layout_mirrors_the_kernel() {
+        // 3 tokens, top-2 over 4 experts: segments of 8 rows; a 300-row segment: 3 tiles
+        let l = MoeLayout::build(&[1, 2, 1, 3, 2, 1], 2, 0, 4);
+        assert_eq!(gemm_tiles(&l), vec![1, 0, 8, 0, 8, 0, 0, 0, 2, 8, 8, 8, 8, 0, 0, 0, 3, 16, 8, 16, 8, 0, 0, 0]);
+        let ids: Vec<i32> = (0..300).map(|i| if i % 2 == 0 { 0 } else { 5 }).collect();
+        let l = MoeLayout::build(&ids, 1, 0, 6);
+        let t = gemm_tiles(&l);
+        assert_eq!(t.len(), 8 * 4);
+        assert_eq!(&t[..24], &[0, 0, 128, 0, 152, 0, 0, 0, 0, 128, 24, 0, 152, 0, 0, 0, 5, 152, 128, 152, 152, 0, 0, 0]);
+        assert_eq!(mg_shared_bytes(), 4 * 33 * 1024 + 1024);
+        assert!(wgmma("sm_90a") && !wgmma("sm_90") && !wgmma("sm_89") && !wgmma("gfx942"));
+        let src = include_str!("../../../hip-kernels/moe_f8_gemm.hip");
+        for (name, v) in [("MG_BM", MG_BM), ("MG_BN", MG_BN), ("MG_BK", MG_BK), ("MG_ST", MG_ST), ("MG_THREADS", MG_THREADS as usize)] {
+            assert!([" ", "\n"].iter().any(|end| src.contains(&format!("#define {name} {v}{end}"))), "{name} {v}");
+        }
+    }
+}
