@@ -86,9 +86,11 @@ __device__ void linear_impl(const float* __restrict__ X, const uint8_t* __restri
     }
 }
 
-extern "C" __global__ void linear_f32w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_F32>(X, W, S, Y, M, N, K, bn, bk); }
-extern "C" __global__ void linear_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk); }
-extern "C" __global__ void linear_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk); }
+// (256 threads: launch bounds let CDNA's compiler give each lane the registers of a 256-thread
+// block instead of a 1024-thread one's, where the 8×4 tile spilled)
+extern "C" __global__ void __launch_bounds__(256) linear_f32w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_F32>(X, W, S, Y, M, N, K, bn, bk); }
+extern "C" __global__ void __launch_bounds__(256) linear_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk); }
+extern "C" __global__ void __launch_bounds__(256) linear_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk); }
 
 // Decode path (M <= GEMV_MAX_M rows of x): one warp per output row, lanes striding along K so the
 // weight row is read once, coalesced; every token's partial sum lives in registers. Memory-bound
