@@ -533,7 +533,7 @@ fn moe_on<V: GpuVendor>(g: &GpuBackend<V>, t: usize, tol: f64) {
 }
 
 /// `--fp8-activations dynamic` MoE at prefill sizes (engine/backend/gpu/moe_prefill.rs): per-expert
-/// row segments through the grouped FP8 GEMM (moe_f8_gemm.hip, sm_89+) and through the library's
+/// row segments through the grouped FP8 GEMM (moe_f8_gemm.hip, sm_90a) and through the library's
 /// block-scaled FP8 GEMM, against an f32 reference on the CPU fed with the same quantisations
 /// (tokens per 128 channels, then SiLU·up per pair row); all experts on this rank, then a quarter
 /// of them (expert parallelism).
@@ -562,7 +562,8 @@ fn moe_fp8_dynamic_case<V: GpuVendor>(g: &mut GpuBackend<V>, c: &CpuBackend, rng
     let gate = host_linear(rng, n_exp, hidden, WType::F32);
     let experts: Vec<[HostLinear; 3]> = (0..n_exp).map(|_| [host_linear(rng, inter, hidden, WType::Fp8), host_linear(rng, inter, hidden, WType::Fp8), host_linear(rng, hidden, inter, WType::Fp8)]).collect();
     // 600 and 2,000 tokens (segments of ~56 and ~190 rows: one partial 128-row tile, a whole and a
-    // partial one): the grouped FP8 GEMM, then cuBLASLt's block-scaled GEMM per expert segment;
+    // partial one): the grouped FP8 GEMM (sm_90a; elsewhere these run the library too), then
+    // cuBLASLt's block-scaled GEMM per expert segment;
     // 200 and 20 (sm_89+): the FP8 × FP8 grouped kernels of moe_f8.hip, with tiles of 9-16 tokens
     // (two n-fragments) and of ≤ 8
     for &(t, grouped) in cases {

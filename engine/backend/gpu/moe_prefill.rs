@@ -3,7 +3,7 @@
 //! rows), the tokens gathered and quantised per 128 channels into that layout, then the gate and
 //! up products, SiLU·up, the product quantised again, the down product, and each token's pairs
 //! summed in its top-k order. The products run as one grouped FP8 GEMM a projection over every
-//! expert's segment (moe_f8_gemm.rs, NVIDIA sm_89+), or else as the GEMM library's block-scaled
+//! expert's segment (moe_f8_gemm.rs, NVIDIA sm_90a), or else as the GEMM library's block-scaled
 //! FP8 GEMM per expert. The layout needs the expert counts on the host: one copy of the routed
 //! ids, so this path is for op-by-op steps (prefill), never inside a graph capture.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
@@ -98,14 +98,15 @@ impl<V: GpuVendor> GpuBackend<V> {
         let enqueue = std::time::Instant::now();
         // gate and up: [len, hidden] · [inter, hidden]ᵀ per expert
         let (qx, sx) = self.quant_fp8_rows(x, rows, src.ptr(), seg.ptr())?;
+        // d [rows, n] = the segments' rows of a times their experts' wᵀ (K = k), by the chosen path
+        let gemm = |a: (&DevBuf<u8>, &DevBuf<f32>), w: (&DevBuf<u8>, &DevBuf<f32>), d: &mut DevBuf<f32>, n: usize, k: usize| match (&tiles, lt) {
+            (Some(tl), _) => self.moe_f8_gemm(a, w, tl, n_tiles, d, n, k),
+            (None, Some(lt)) => self.moe_blaslt_gemms(lt, &l, a, w, d, n, k),
+            (None, None) => unreachable!("one GEMM path was chosen above"),
+        };
         let (mut g, mut u) = (self.scratch::<f32>(rows * inter)?, self.scratch::<f32>(rows * inter)?);
-        for (w, ws, d) in [(&e.gate, &e.gs, &mut g), (&e.up, &e.us, &mut u)] {
-            match (&tiles, lt) {
-                (Some(tl), _) => self.moe_f8_gemm((&qx, &sx), (w, ws), &tl, n_tiles, d, inter, hidden)?,
-                (None, Some(lt)) => self.moe_blaslt_gemms(lt, &l, (&qx, &sx), (w, ws), d, inter, hidden)?,
-                (None, None) => unreachable!("one GEMM path was chosen above"),
-            }
-        }
+        gemm((&qx, &sx), (&e.gate, &e.gs), &mut g, inter, hidden)?;
+        gemm((&qx, &sx), (&e.up, &e.us), &mut u, inter, hidden)?;
         let mut h = self.scratch::<f32>(rows * inter)?;
         let n = (rows * inter) as i64;
         let f = self.func(EW, "silu_mul")?;
@@ -114,11 +115,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         // down: [len, inter] · [hidden, inter]ᵀ per expert
         let (qh, sh) = self.quant_fp8_rows(&GpuTensor { rows, cols: inter, buf: h }, rows, 0, seg.ptr())?;
         let mut dn = self.scratch::<f32>(rows * hidden)?;
-        match (&tiles, lt) {
-            (Some(tl), _) => self.moe_f8_gemm((&qh, &sh), (&e.down, &e.ds), &tl, n_tiles, &mut dn, hidden, inter)?,
-            (None, Some(lt)) => self.moe_blaslt_gemms(lt, &l, (&qh, &sh), (&e.down, &e.ds), &mut dn, hidden, inter)?,
-            (None, None) => unreachable!("one GEMM path was chosen above"),
-        }
+        gemm((&qh, &sh), (&e.down, &e.ds), &mut dn, hidden, inter)?;
         let f = self.func(COMBINE, "moe_combine")?;
         let (ki, hi) = (k as i32, hidden as i32);
         self.launch(&f).arg(&dn).arg(&pair_row).arg(&r.weights).arg(out).arg(&ki).arg(&hi).run(cfg((t as u32, 1), 256, 0)).map_err(err("moe_combine"))?;
