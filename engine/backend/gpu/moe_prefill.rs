@@ -34,23 +34,36 @@ pub struct MoeLayout {
 
 impl MoeLayout {
     /// `ids` [tokens · top_k] global expert ids; this rank holds experts `first .. first + n`.
+    /// A counting sort (the stream waits for it: one pass to count, one to place).
     pub fn build(ids: &[i32], top_k: usize, first: usize, n: usize) -> MoeLayout {
-        let mut per: Vec<Vec<usize>> = vec![Vec::new(); n];
-        for (p, &id) in ids.iter().enumerate() {
-            if let Some(e) = (id as usize).checked_sub(first).filter(|&e| id >= 0 && e < n) {
-                per[e].push(p);
+        let local = |id: i32| (id as usize).checked_sub(first).filter(|&e| id >= 0 && e < n);
+        let mut count = vec![0usize; n];
+        for &id in ids {
+            if let Some(e) = local(id) {
+                count[e] += 1;
             }
         }
-        let mut l = MoeLayout { segments: Vec::new(), src: Vec::new(), seg: Vec::new(), pair_row: vec![-1; ids.len()] };
-        for (e, pairs) in per.iter().enumerate().filter(|(_, v)| !v.is_empty()) {
-            let (off, len) = (l.src.len(), pairs.len().next_multiple_of(PAD));
-            for (i, &p) in pairs.iter().enumerate() {
-                l.pair_row[p] = (off + i) as i32;
+        let (mut segments, mut next) = (Vec::new(), vec![0usize; n]);
+        let mut rows = 0;
+        for (e, &c) in count.iter().enumerate().filter(|(_, &c)| c > 0) {
+            let len = c.next_multiple_of(PAD);
+            segments.push((e, rows, len));
+            next[e] = rows;
+            rows += len;
+        }
+        let mut l = MoeLayout { segments, src: vec![-1; rows], seg: vec![0; 2 * rows], pair_row: vec![-1; ids.len()] };
+        for (p, &id) in ids.iter().enumerate() {
+            if let Some(e) = local(id) {
+                let r = next[e];
+                next[e] += 1;
+                l.src[r] = (p / top_k) as i32;
+                l.pair_row[p] = r as i32;
             }
-            l.src.extend(pairs.iter().map(|&p| (p / top_k) as i32));
-            l.src.resize(off + len, -1);
-            l.seg.extend([off as i32, len as i32].repeat(len));
-            l.segments.push((e, off, len));
+        }
+        for &(_, off, len) in &l.segments {
+            for r in off..off + len {
+                (l.seg[2 * r], l.seg[2 * r + 1]) = (off as i32, len as i32);
+            }
         }
         l
     }
@@ -156,7 +169,7 @@ impl<V: GpuVendor> GpuBackend<V> {
 
 #[cfg(test)]
 mod tests {
-    use super::MoeLayout;
+    use super::{MoeLayout, PAD};
 
     #[test]
     fn pairs_become_padded_expert_segments_in_pair_order() {
@@ -173,5 +186,26 @@ mod tests {
         assert_eq!(&l.seg[16..18], &[8, 8]);
         assert_eq!(&l.seg[46..48], &[16, 8]);
         assert!(MoeLayout::build(&[9, 9], 1, 0, 4).segments.is_empty());
+        // 500 tokens, top-6 over 64 experts, this rank holding 16..48: each segment is its
+        // expert's pairs in pair order, padded; every local pair has exactly one row
+        let mut x = 7u64;
+        let ids: Vec<i32> = (0..500 * 6).map(|_| { x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); ((x >> 33) % 64) as i32 }).collect();
+        let l = MoeLayout::build(&ids, 6, 16, 32);
+        let mut row = 0;
+        for e in 0..32 {
+            let pairs: Vec<usize> = (0..ids.len()).filter(|&p| ids[p] == 16 + e as i32).collect();
+            if pairs.is_empty() {
+                continue;
+            }
+            let len = pairs.len().next_multiple_of(PAD);
+            assert!(l.segments.contains(&(e, row, len)), "expert {e}");
+            for (i, &p) in pairs.iter().enumerate() {
+                assert_eq!((l.pair_row[p], l.src[row + i]), ((row + i) as i32, (p / 6) as i32));
+            }
+            assert!(l.src[row + pairs.len()..row + len].iter().all(|&s| s == -1));
+            assert!(l.seg[2 * row..2 * (row + len)].chunks(2).all(|c| c == [row as i32, len as i32]));
+            row += len;
+        }
+        assert_eq!((l.rows(), l.pair_row.iter().filter(|&&r| r >= 0).count()), (row, ids.iter().filter(|&&i| (16..48).contains(&i)).count()));
     }
 }
