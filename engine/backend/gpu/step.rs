@@ -50,16 +50,25 @@ pub(super) struct AttnIndex {
 
 pub(super) fn attn_index(seqs: &[AttnSeq], tokens: usize) -> AttnIndex {
     let (mut flat, mut off, mut len) = (Vec::new(), vec![0u32; tokens], vec![0u32; tokens]);
+    let max_len = attn_layout(seqs, &mut flat, &mut off, &mut len);
+    AttnIndex { flat, off, len, max_len }
+}
+
+/// Appends every sequence's slots to `flat` and fills each token's `off` (where its context starts,
+/// counted from `flat`'s length on entry) and causal `len`; returns the longest context.
+fn attn_layout(seqs: &[AttnSeq], flat: &mut Vec<u32>, off: &mut [u32], len: &mut [u32]) -> usize {
+    let start = flat.len();
+    let mut max_len = 0;
     for s in seqs {
-        let base = flat.len() as u32;
+        let base = (flat.len() - start) as u32;
         flat.extend_from_slice(s.slots);
         for i in 0..s.q_len {
-            off[s.q_start + i] = base;
-            len[s.q_start + i] = (s.slots.len() - s.q_len + i + 1) as u32;
+            let l = s.slots.len() - s.q_len + i + 1;
+            (off[s.q_start + i], len[s.q_start + i]) = (base, l as u32);
+            max_len = max_len.max(l);
         }
     }
-    let max_len = len.iter().copied().max().unwrap_or(0) as usize;
-    AttnIndex { flat, off, len, max_len }
+    max_len
 }
 
 /// How many splits the decode attention cuts each token's context into. A graph step always uses
@@ -111,20 +120,15 @@ fn pack(inputs: &StepInputs) -> Packed {
         host.extend_from_slice(v);
         host.resize(pad(host.len()), 0);
     }
-    // per token: where its context starts in the flattened lists, and its causal length
+    // per token: where its context starts in the flattened lists, and its causal length (written
+    // into their places once the lists are in)
     let (off, len) = (host.len(), host.len() + pad(t));
     host.resize(len + pad(t), 0);
     let flat = host.len();
-    let mut max_len = 0;
-    for s in inputs.seqs {
-        let base = (host.len() - flat) as u32;
-        host.extend_from_slice(s.slots);
-        for i in 0..s.q_len {
-            let l = (s.slots.len() - s.q_len + i + 1) as u32;
-            (host[off + s.q_start + i], host[len + s.q_start + i]) = (base, l);
-            max_len = max_len.max(l as usize);
-        }
-    }
+    let (mut offs, mut lens) = (vec![0u32; t], vec![0u32; t]);
+    let max_len = attn_layout(inputs.seqs, &mut host, &mut offs, &mut lens);
+    host[off..off + t].copy_from_slice(&offs);
+    host[len..len + t].copy_from_slice(&lens);
     host.resize(pad(host.len()), 0);
     Packed { host, index, off, len, flat, max_len }
 }
