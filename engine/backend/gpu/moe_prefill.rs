@@ -73,6 +73,13 @@ impl MoeLayout {
     }
 }
 
+/// How the prefill's expert products run: the grouped kernel over its tile list (uploaded) and
+/// the tiles' count, or the GEMM library once per expert.
+enum Products<'a> {
+    Grouped { tiles: DevBuf<i32>, count: usize },
+    Library(&'a dyn super::blas::GemmLib),
+}
+
 impl<V: GpuVendor> GpuBackend<V> {
     /// Whether these experts at this batch take the FP8 prefill path: FP8 activations on, FP8
     /// experts, prefill-sized, not capturing, and the grouped kernel or the library for their
@@ -98,24 +105,23 @@ impl<V: GpuVendor> GpuBackend<V> {
         if rows == 0 {
             return Ok(true); // no pair on this rank's experts: out stays zero
         }
-        let grouped = self.moe_f8_gemm_for(e);
-        let lt = match &self.blaslt {
-            _ if grouped => None,
-            Some(lt) if l.segments.iter().all(|&(_, _, len)| lt.supports_fp8_block(len, inter, hidden) && lt.supports_fp8_block(len, hidden, inter)) => Some(lt.as_ref()),
-            _ => return Ok(false),
+        let path = if self.moe_f8_gemm_for(e) {
+            let tiles = super::moe_f8_gemm::gemm_tiles(&l);
+            Products::Grouped { count: tiles.len() / 8, tiles: self.htod(&tiles)? }
+        } else {
+            match &self.blaslt {
+                Some(lt) if l.segments.iter().all(|&(_, _, len)| lt.supports_fp8_block(len, inter, hidden) && lt.supports_fp8_block(len, hidden, inter)) => Products::Library(lt.as_ref()),
+                _ => return Ok(false),
+            }
         };
         let (src, seg, pair_row) = (self.htod(&l.src)?, self.htod(&l.seg)?, self.htod(&l.pair_row)?);
-        let host_tiles = if grouped { super::moe_f8_gemm::gemm_tiles(&l) } else { Vec::new() };
-        let n_tiles = host_tiles.len() / 8;
-        let tiles = if grouped { Some(self.htod(&host_tiles)?) } else { None };
         let enqueue = std::time::Instant::now();
         // gate and up: [len, hidden] · [inter, hidden]ᵀ per expert
         let (qx, sx) = self.quant_fp8_rows(x, rows, src.ptr(), seg.ptr())?;
         // d [rows, n] = the segments' rows of a times their experts' wᵀ (K = k), by the chosen path
-        let gemm = |a: (&DevBuf<u8>, &DevBuf<f32>), w: (&DevBuf<u8>, &DevBuf<f32>), d: &mut DevBuf<f32>, n: usize, k: usize| match (&tiles, lt) {
-            (Some(tl), _) => self.moe_f8_gemm(a, w, tl, n_tiles, d, n, k),
-            (None, Some(lt)) => self.moe_blaslt_gemms(lt, &l, a, w, d, n, k),
-            (None, None) => unreachable!("one GEMM path was chosen above"),
+        let gemm = |a: (&DevBuf<u8>, &DevBuf<f32>), w: (&DevBuf<u8>, &DevBuf<f32>), d: &mut DevBuf<f32>, n: usize, k: usize| match &path {
+            Products::Grouped { tiles, count } => self.moe_f8_gemm(a, w, tiles, *count, d, n, k),
+            Products::Library(lt) => self.moe_blaslt_gemms(*lt, &l, a, w, d, n, k),
         };
         let (mut g, mut u) = (self.scratch::<f32>(rows * inter)?, self.scratch::<f32>(rows * inter)?);
         gemm((&qx, &sx), (&e.gate, &e.gs), &mut g, inter, hidden)?;
@@ -132,7 +138,10 @@ impl<V: GpuVendor> GpuBackend<V> {
         let f = self.func(COMBINE, "moe_combine")?;
         let (ki, hi) = (k as i32, hidden as i32);
         self.launch(&f).arg(&dn).arg(&pair_row).arg(&r.weights).arg(out).arg(&ki).arg(&hi).run(cfg((t as u32, 1), 256, 0)).map_err(err("moe_combine"))?;
-        let how = if grouped { format!("grouped FP8 GEMM, {n_tiles} tiles") } else { format!("{} library GEMMs", 3 * l.segments.len()) };
+        let how = match &path {
+            Products::Grouped { count, .. } => format!("grouped FP8 GEMM, {count} tiles"),
+            Products::Library(_) => format!("{} library GEMMs", 3 * l.segments.len()),
+        };
         log::debug!("moe prefill: {t} tokens, {} experts, {rows} rows, {how}, enqueued in {} us", l.segments.len(), enqueue.elapsed().as_micros());
         Ok(true)
     }
