@@ -23,13 +23,13 @@ __device__ void linear_impl(const float* __restrict__ X, const uint8_t* __restri
     const int m0 = blockIdx.y * LT_BM, n0 = blockIdx.x * LT_BN;
     const int kblocks = (K + bk - 1) / bk;
     const bool vec = K % 4 == 0;
-    // staging: x as 2 runs of 4 k a thread (rows xr, xr + 64; k 4·xc ..), W as 4 k of row wr
-    const int xr = tid / 4, xc = tid % 4, wr = tid / 4, wc = tid % 4;
+    // staging: 4 k a thread (k 4·sc ..) of x rows sr and sr + 64 and of W row sr
+    const int sr = tid / 4, sc = tid % 4;
     float xv[2][4], wv[4];
     auto load = [&](int k0) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int gm = m0 + xr + 64 * h, gk = k0 + 4 * xc;
+            const int gm = m0 + sr + 64 * h, gk = k0 + 4 * sc;
             if (vec && gm < M && gk + 3 < K) {
                 const float4 v = *(const float4*)&X[(int64_t)gm * K + gk];
                 xv[h][0] = v.x, xv[h][1] = v.y, xv[h][2] = v.z, xv[h][3] = v.w;
@@ -38,16 +38,16 @@ __device__ void linear_impl(const float* __restrict__ X, const uint8_t* __restri
                 for (int j = 0; j < 4; ++j) xv[h][j] = (gm < M && gk + j < K) ? X[(int64_t)gm * K + gk + j] : 0.f;
             }
         }
-        const int gn = n0 + wr, gk = k0 + 4 * wc;
+        const int gn = n0 + sr, gk = k0 + 4 * sc;
 #pragma unroll
         for (int j = 0; j < 4; ++j) wv[j] = (gn < N && gk + j < K) ? load_w<WDT>(W, S, gn, gk + j, K, bn, bk, kblocks) : 0.f;
     };
     auto store = [&](int b) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            xs[b][4 * xc + j][xr] = xv[0][j];
-            xs[b][4 * xc + j][xr + 64] = xv[1][j];
-            ws[b][4 * wc + j][wr] = wv[j];
+            xs[b][4 * sc + j][sr] = xv[0][j];
+            xs[b][4 * sc + j][sr + 64] = xv[1][j];
+            ws[b][4 * sc + j][sr] = wv[j];
         }
     };
     float acc[8][4];

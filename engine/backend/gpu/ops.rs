@@ -98,7 +98,6 @@ fn host_weight(w: &HostLinear, fnuz: bool) -> (u8, std::borrow::Cow<'_, [u8]>, V
     }
 }
 
-
 /// Rows and columns of linear.hip's CUDA-core output tile (LT_BM, LT_BN).
 pub(super) const LINEAR_TILE: (usize, usize) = (128, 64);
 

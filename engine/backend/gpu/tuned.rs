@@ -64,12 +64,12 @@ pub struct Tuned {
     pub mla_decode_rows_max_heads: usize,
     /// With `--fp8-activations dynamic`, MoE batches from `moe_mma_min_rows` tokens (prefill)
     /// multiply every expert's rows in one grouped FP8 GEMM a projection (moe_f8_gemm.hip; NVIDIA
-    /// sm_89+); false: the GEMM library's block-scaled FP8 GEMM per expert
-    #[serde(default = "default_true")]
+    /// sm_90a); false: the GEMM library's block-scaled FP8 GEMM per expert
+    #[serde(default = "default_moe_f8_gemm")]
     pub moe_f8_gemm: bool,
 }
 
-fn default_true() -> bool {
+fn default_moe_f8_gemm() -> bool {
     true
 }
 
@@ -130,7 +130,7 @@ impl Default for Tuned {
             linear_tc_min_rows: default_linear_tc_min_rows(),
             mla_proj_mma_min_rows: default_mla_proj_mma_min_rows(),
             mla_decode_rows_max_heads: default_mla_decode_rows_max_heads(),
-            moe_f8_gemm: true,
+            moe_f8_gemm: default_moe_f8_gemm(),
         }
     }
 }
