@@ -8,22 +8,24 @@
 //   - Hopper's warpgroup MMA (wgmma, sm_90a): the e4m3 products at the tensor cores' FP8 rate
 //     (sm_90's mma.sync on e4m3 is emulated: each fragment converted to f16 by the ALUs, then an
 //     f16 MMA; a version of this kernel on it ran at ~160 TFLOPS);
-//   - a block per (tile, 128 columns of N): two warpgroups of 64 rows each, one
-//     wgmma.m64n128k32 a 32-column step from shared memory (128-byte swizzled K-major rows, as the
-//     descriptors say); each 128-column K block's products land in registers (the first step
-//     overwrites them), then are scaled by the row's activation scale and the block's weight scale
-//     and added to the f32 accumulators (the promotion DeepSeek's FP8 GEMM does every 128).
-//     Both warpgroups always multiply (rows past the tile's are not written): a branch around
-//     the MMA makes ptxas serialise every MMA of the kernel;
-//   - K blocks in a ring of MG_ST shared stages filled by cp.async (written at their swizzled
-//     places), MG_ST - 2 in flight ahead of the one multiplied, one barrier a block; a block's
-//     MMA runs on across the next block's barrier and copies;
-//   - blocks walk the (tile, column) grid in groups of MG_GROUP tiles, columns outermost inside a
-//     group, so that a group's weight columns and rows stay in L2 while every block of the group
-//     uses them.
+//   - persistent blocks (one an SM) walk the work items (tile, 128 columns of N) with a stride of
+//     the grid; a block is three warpgroups: a producer that copies each item's K blocks (cp.async,
+//     written at their 128-byte swizzled places) into a ring of MG_ST shared stages, running ahead
+//     across items, and two consumers of 64 rows each that multiply (one wgmma.m64n128k32 a
+//     32-column step from shared memory, K-major swizzled rows, as the descriptors say). A stage
+//     is handed over by mbarriers: "full" completes when the producer's copies into it have landed
+//     (cp.async.mbarrier.arrive), "empty" when both consumers' MMAs have read it. The consumers
+//     never wait for each other: one's promotion and epilogue overlap the other's MMA;
+//   - each 128-column K block's products land in registers (the first step overwrites them), then
+//     are scaled by the row's activation scale and the block's weight scale and added to the f32
+//     accumulators (the promotion DeepSeek's FP8 GEMM does every 128). Both consumers always
+//     multiply (rows past the tile's are not written); the warpgroup index is broadcast from lane
+//     0 so that ptxas sees the role branch as warp-uniform and keeps the MMAs asynchronous;
+//   - items are ordered in groups of MG_GROUP tiles, columns outermost inside a group, so that a
+//     group's weight columns and rows stay in L2 while the blocks working on it at once use them.
 // sm_90a only; other targets compile a trap the host never selects. Needs N % 128 == 0,
 // K % 128 == 0 and 128 × 128 weight blocks (the host checks).
-// Launch: grid (tiles · N / 128), block MG_THREADS, dynamic shared memory MG_SMEM (moe_f8_gemm.rs
+// Launch: grid min(SMs, tiles · N / 128), block MG_THREADS, dynamic shared memory MG_SMEM (moe_f8_gemm.rs
 // mirrors MG_*). A tile is 8 ints: expert (of W's), first row, rows, its segment's first row and
 // rows (where the segment's scales are: [K / 128, rows] from index first · K / 128), 3 unused.
 #include "bf16.h"
@@ -31,9 +33,9 @@
 #define MG_BM 128     // rows a tile (two warpgroups of 64)
 #define MG_BN 128     // columns a block (one weight scale block)
 #define MG_BK 128     // K a stage (one scale block; one 128-byte swizzle row)
-#define MG_ST 4       // stages
+#define MG_ST 6       // stages
 #define MG_GROUP 8    // tiles a group of the launch order
-#define MG_THREADS 256
+#define MG_THREADS 384 // a producer and two consumer warpgroups
 #define MG_STAGE ((MG_BM * MG_BK + MG_BN * MG_BK + MG_BM * 4 + 1023) / 1024 * 1024) // bytes a stage: A, W, scales; 1024-aligned
 #define MG_SMEM (MG_ST * MG_STAGE + 1024) // + the alignment of the first stage
 
@@ -44,22 +46,48 @@
 // applies when the MMA reads it.
 __device__ __forceinline__ int mg_swz(int r, int c) { return r * 128 + 16 * (c ^ (r % 8)); }
 
-// K block kb of the tile into stage `st` (A rows < nrows, the block's 128 weight rows, the rows'
-// scales); one copy group.
-__device__ __forceinline__ void mg_stage(uint8_t* st, const uint8_t* __restrict__ A, const float* __restrict__ SX, const uint8_t* __restrict__ We, int row0, int nrows,
-                                         int sx0, int sx_stride, int n0, int K, int kb) {
-    const int tid = threadIdx.x;
+// K block kb of the item into stage `st` (A rows < nrows, the block's 128 weight rows, the rows'
+// scales) by the producer warpgroup's thread p; arrives on `full` when its copies have landed.
+__device__ __forceinline__ void mg_stage(uint8_t* st, uint64_t* full, int p, const uint8_t* __restrict__ A, const float* __restrict__ SX, const uint8_t* __restrict__ We, int row0,
+                                         int nrows, int sx0, int sx_stride, int n0, int K, int kb) {
     uint8_t* a = st;
     uint8_t* w = st + MG_BM * MG_BK;
     float* sx = (float*)(w + MG_BN * MG_BK);
+    const int c = p % 8;
 #pragma unroll
-    for (int i = tid; i < MG_BM * (MG_BK / 16); i += MG_THREADS) {
-        const int r = i / (MG_BK / 16), c = i % (MG_BK / 16);
+    for (int r = p / 8; r < MG_BM; r += 16) {
         if (r < nrows) cp_async16(a + mg_swz(r, c), A + (int64_t)(row0 + r) * K + kb * MG_BK + 16 * c);
         cp_async16(w + mg_swz(r, c), We + (int64_t)(n0 + r) * K + kb * MG_BK + 16 * c);
     }
-    if (tid < MG_BM / 4 && 4 * tid < nrows) cp_async16(sx + 4 * tid, SX + sx0 + (int64_t)kb * sx_stride + 4 * tid);
-    cp_async_commit();
+    if (p < MG_BM / 4 && 4 * p < nrows) cp_async16(sx + 4 * p, SX + sx0 + (int64_t)kb * sx_stride + 4 * p);
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"((uint32_t)__cvta_generic_to_shared(full)) : "memory");
+}
+
+__device__ __forceinline__ void mg_bar_init(uint64_t* b, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"((uint32_t)__cvta_generic_to_shared(b)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mg_bar_arrive(uint64_t* b) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"((uint32_t)__cvta_generic_to_shared(b)) : "memory");
+}
+
+// Returns once the barrier's phase of this parity has completed.
+__device__ __forceinline__ void mg_bar_wait(uint64_t* b, int parity) {
+    uint32_t done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"((uint32_t)__cvta_generic_to_shared(b)), "r"(parity)
+                     : "memory");
+    } while (!done);
+}
+
+// Work item i: its tile's 8 ints and first column (groups of MG_GROUP tiles, columns outermost).
+__device__ __forceinline__ const int32_t* mg_item(const int32_t* tiles, int n_tiles, int nb, int i, int& n0) {
+    const int per_group = MG_GROUP * nb, grp = i / per_group, in = i % per_group;
+    const int gtiles = min(MG_GROUP, n_tiles - grp * MG_GROUP);
+    n0 = (in / gtiles) * MG_BN;
+    return tiles + 8 * (grp * MG_GROUP + in % gtiles);
 }
 
 // A shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row groups
@@ -94,67 +122,81 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
                                                                       int K) {
 #if defined(MG_WGMMA)
     extern __shared__ __align__(16) unsigned char mg_smem[];
+    __shared__ __align__(8) uint64_t full[MG_ST], empty[MG_ST];
     uint8_t* smem = mg_smem + ((1024 - ((uint32_t)__cvta_generic_to_shared(mg_smem) & 1023)) & 1023); // 1024-aligned
-    // launch order: groups of MG_GROUP tiles; inside a group, column block outermost
-    const int nb = N / MG_BN, per_group = MG_GROUP * nb;
-    const int grp = blockIdx.x / per_group, in = blockIdx.x % per_group;
-    const int gtiles = min(MG_GROUP, n_tiles - grp * MG_GROUP);
-    const int tile = grp * MG_GROUP + in % gtiles, n0 = (in / gtiles) * MG_BN;
-    const int32_t* tl = tiles + 8 * tile;
-    const int kbs = K / MG_BK;
-    const int e = tl[0], row0 = tl[1], nrows = tl[2], sx0 = tl[3] * kbs + (row0 - tl[3]), sx_stride = tl[4];
-    const uint8_t* We = W + (int64_t)e * N * K;
-    const float* ws = WS + ((int64_t)e * nb + n0 / MG_BN) * kbs; // this column block's weight scales
-    const int wg = threadIdx.x / 128, w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    // MG_ST - 2 K blocks in flight ahead of the one multiplied: the stage of the block before it
-    // may still be read by that block's MMA until the wait below
-#pragma unroll
-    for (int s = 0; s < MG_ST - 2; ++s)
-        if (s < kbs) mg_stage(smem + s * MG_STAGE, A, SX, We, row0, nrows, sx0, sx_stride, n0, K, s);
-        else cp_async_commit();
-    float acc[64], p[64]; // p: only ever written by the MMA (its first step of a block overwrites)
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-    // promotion of block kb's products: × the row's activation scale × the weight scale; the
-    // lane's rows 16w + g and 16w + g + 8 of the warpgroup's 64, columns 8j + 2t, + 1
-    auto promote = [&](int kb) {
-        const float* sx = (const float*)(smem + (kb % MG_ST) * MG_STAGE + (MG_BM + MG_BN) * MG_BK);
-        const float sw = ws[kb], s0 = sx[64 * wg + 16 * w + g] * sw, s1 = sx[64 * wg + 16 * w + g + 8] * sw;
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-            acc[4 * j] += p[4 * j] * s0;
-            acc[4 * j + 1] += p[4 * j + 1] * s0;
-            acc[4 * j + 2] += p[4 * j + 2] * s1;
-            acc[4 * j + 3] += p[4 * j + 3] * s1;
+    const int nb = N / MG_BN, kbs = K / MG_BK, items = n_tiles * nb;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < MG_ST; ++s) {
+            mg_bar_init(&full[s], 128); // the producer's threads, once their copies land
+            mg_bar_init(&empty[s], 8);  // lane 0 of each consumer warp, once its MMA has read the stage
         }
-    };
-    // Block kb's MMA runs across the next block's barrier and copies; its products are promoted
-    // at the start of block kb + 1's turn, just before that block's MMA reuses the registers.
-    for (int kb = 0; kb < kbs; ++kb) {
-        const uint8_t* st = smem + (kb % MG_ST) * MG_STAGE;
-        cp_async_wait<MG_ST - 3>();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); // the copies, visible to the MMA's reads
-        __syncthreads(); // stage kb landed; every MMA of block kb - 2 is done (promoted)
-        if (kb + MG_ST - 2 < kbs) mg_stage(smem + ((kb + MG_ST - 2) % MG_ST) * MG_STAGE, A, SX, We, row0, nrows, sx0, sx_stride, n0, K, kb + MG_ST - 2);
-        else cp_async_commit(); // an empty group: the count above stays right
-        if (kb > 0) promote(kb - 1);
-        const uint8_t* a = st + wg * 64 * MG_BK;
-        const uint8_t* wt = st + MG_BM * MG_BK;
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-        for (int kk = 0; kk < MG_BK / 32; ++kk) mg_wgmma(p, mg_desc(a + 32 * kk), mg_desc(wt + 32 * kk), kk);
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     }
-    promote(kbs - 1);
-    cp_async_wait<0>(); // (only empty groups are left)
+    __syncthreads();
+    const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0); // warp-uniform, visibly to ptxas
+    if (wg == 0) {
+        // producer: stage use u of slot s waits for the consumers' release of use u - 1
+        int it = 0;
+        for (int i = blockIdx.x; i < items; i += gridDim.x) {
+            int n0;
+            const int32_t* tl = mg_item(tiles, n_tiles, nb, i, n0);
+            const int e = tl[0], row0 = tl[1], nrows = tl[2], sx0 = tl[3] * kbs + (row0 - tl[3]), sx_stride = tl[4];
+            const uint8_t* We = W + (int64_t)e * N * K;
+            for (int kb = 0; kb < kbs; ++kb, ++it) {
+                const int s = it % MG_ST;
+                if (it >= MG_ST) mg_bar_wait(&empty[s], (it / MG_ST - 1) & 1);
+                mg_stage(smem + s * MG_STAGE, &full[s], threadIdx.x, A, SX, We, row0, nrows, sx0, sx_stride, n0, K, kb);
+            }
+        }
+        cp_async_wait<0>();
+        return;
+    }
+    const int h = wg - 1, w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    int it = 0;
+    for (int i = blockIdx.x; i < items; i += gridDim.x) {
+        int n0;
+        const int32_t* tl = mg_item(tiles, n_tiles, nb, i, n0);
+        const int e = tl[0], row0 = tl[1], nrows = tl[2];
+        const bool mine = __shfl_sync(0xffffffff, 64 * h < nrows, 0); // rows of this item (else only hand the stages back)
+        const float* ws = WS + ((int64_t)e * nb + n0 / MG_BN) * kbs; // this column block's weight scales
+        float acc[64], p[64]; // p: only ever written by the MMA (its first step of a block overwrites)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = 64 * wg + 16 * w + g + 8 * h;
-        if (r >= nrows) continue;
-        float* d = D + (int64_t)(row0 + r) * N + n0 + 2 * t;
+        for (int j = 0; j < 64; ++j) acc[j] = 0.f;
+        for (int kb = 0; kb < kbs; ++kb, ++it) {
+            const int s = it % MG_ST;
+            const uint8_t* st = smem + s * MG_STAGE;
+            const float sw = ws[kb];
+            mg_bar_wait(&full[s], (it / MG_ST) & 1);
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); // the copies, visible to the MMA's reads
+            const float* sx = (const float*)(st + (MG_BM + MG_BN) * MG_BK);
+            const float s0 = sx[64 * h + 16 * w + g] * sw, s1 = sx[64 * h + 16 * w + g + 8] * sw;
+            const uint8_t* a = st + h * 64 * MG_BK;
+            const uint8_t* wt = st + MG_BM * MG_BK;
+            if (mine) {
+                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int j = 0; j < 16; ++j) *(float2*)(d + 8 * j) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+                for (int kk = 0; kk < MG_BK / 32; ++kk) mg_wgmma(p, mg_desc(a + 32 * kk), mg_desc(wt + 32 * kk), kk);
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            }
+            if (lane == 0) mg_bar_arrive(&empty[s]);
+            if (!mine) continue;
+            // promotion: the lane's rows 16w + g and 16w + g + 8 of the warpgroup's 64, columns 8j + 2t, + 1
+#pragma unroll
+            for (int j = 0; j < 16; ++j) {
+                acc[4 * j] += p[4 * j] * s0;
+                acc[4 * j + 1] += p[4 * j + 1] * s0;
+                acc[4 * j + 2] += p[4 * j + 2] * s1;
+                acc[4 * j + 3] += p[4 * j + 3] * s1;
+            }
+        }
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int r = 64 * h + 16 * w + g + 8 * hh;
+            if (r >= nrows) continue;
+            float* d = D + (int64_t)(row0 + r) * N + n0 + 2 * t;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) *(float2*)(d + 8 * j) = make_float2(acc[4 * j + 2 * hh], acc[4 * j + 2 * hh + 1]);
+        }
     }
 #else
     __builtin_trap(); // the host takes the GEMM library on targets without the warpgroup MMA

@@ -62,7 +62,8 @@ impl MoeCase {
 #[test]
 fn prefill_moe_with_fp8_activations_takes_the_grouped_gemm_on_sm90a() {
     // 600 tokens, top-4: the host runtime runs no kernel, so every routed id reads back 0 and all
-    // 2,400 pairs form expert 0's segment: 19 tiles of ≤ 128 rows, × 2 column blocks (256 wide)
+    // 2,400 pairs form expert 0's segment: 19 tiles of ≤ 128 rows, × 2 column blocks (256 wide):
+    // 38 work items
     for arch in ["sm_90a", "sm_89"] {
         let (mut b, rt) = nvidia_like();
         (b.arch, b.fp8_act) = (arch.into(), true);
@@ -71,7 +72,12 @@ fn prefill_moe_with_fp8_activations_takes_the_grouped_gemm_on_sm90a() {
         let names: Vec<&str> = l.iter().map(|x| x.0.as_str()).collect();
         if arch == "sm_90a" {
             assert_eq!(names, ["quant_fp8_act", "moe_gemm_f8", "moe_gemm_f8", "silu_mul", "quant_fp8_act", "moe_gemm_f8", "moe_combine"]);
-            assert!(l.iter().filter(|x| x.0 == "moe_gemm_f8").all(|x| x.1 == (19 * 2, 1, 1) && x.2 == 256), "{l:?}");
+            // persistent blocks: one an SM (4 on the host runtime) walk the 38 items; and a
+            // GPU with more SMs than items gets a block an item
+            assert!(l.iter().filter(|x| x.0 == "moe_gemm_f8").all(|x| x.1 == (4, 1, 1) && x.2 == 384), "{l:?}");
+            b.sms = 132;
+            let l = c.expert_launches(&b, &rt, 600);
+            assert!(l.iter().filter(|x| x.0 == "moe_gemm_f8").all(|x| x.1 == (19 * 2, 1, 1)), "{l:?}");
         } else {
             // no warpgroup MMA (and no GEMM library here): the bf16 tiles on f32 activations
             assert_eq!(names, ["moe_group", "moe_gate_up_mma_fp8w", "moe_silu_mul_halves", "moe_down_mma_fp8w"]);

@@ -10,13 +10,13 @@ use crate::backend::BackendError;
 
 const GEMM: &str = "hip-kernels/moe_f8_gemm.hip";
 
-/// The kernel's tile rows (MG_BM), columns a block (MG_BN), K a stage (MG_BK), stages (MG_ST)
-/// and threads.
+/// The kernel's tile rows (MG_BM), columns an item (MG_BN), K a stage (MG_BK), stages (MG_ST)
+/// and threads (a producer and two consumer warpgroups).
 const MG_BM: usize = 128;
 const MG_BN: usize = 128;
 const MG_BK: usize = 128;
-const MG_ST: usize = 4;
-const MG_THREADS: u32 = 256;
+const MG_ST: usize = 6;
+const MG_THREADS: u32 = 384;
 
 /// MG_SMEM: per stage 128 activation and 128 weight rows of MG_BK bytes and 128 scales, rounded
 /// up to 1024 bytes (the swizzled tiles' alignment), and 1024 bytes to align the first stage.
@@ -62,7 +62,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     pub(super) fn moe_f8_gemm(&self, (a, sx): (&DevBuf<u8>, &DevBuf<f32>), (w, ws): (&DevBuf<u8>, &DevBuf<f32>), tiles: &DevBuf<i32>, n_tiles: usize, d: &mut DevBuf<f32>, n: usize, k: usize) -> Result<(), BackendError> {
         let f = self.func(GEMM, "moe_gemm_f8")?;
         let (nt, ni, ki) = (n_tiles as i32, n as i32, k as i32);
-        let blocks = n_tiles * (n / MG_BN);
+        let blocks = (n_tiles * (n / MG_BN)).min(self.sms.max(1)); // persistent: a block an SM walks the items
         self.launch(&f)
             .arg(a)
             .arg(sx)
@@ -92,7 +92,7 @@ mod tests {
         let t = gemm_tiles(&l);
         assert_eq!(t.len(), 8 * 4);
         assert_eq!(&t[..24], &[0, 0, 128, 0, 152, 0, 0, 0, 0, 128, 24, 0, 152, 0, 0, 0, 5, 152, 128, 152, 152, 0, 0, 0]);
-        assert_eq!(mg_shared_bytes(), 4 * 33 * 1024 + 1024);
+        assert_eq!(mg_shared_bytes(), 6 * 33 * 1024 + 1024);
         assert!(wgmma("sm_90a") && !wgmma("sm_90") && !wgmma("sm_89") && !wgmma("gfx942"));
         let src = include_str!("../../../hip-kernels/moe_f8_gemm.hip");
         for (name, v) in [("MG_BM", MG_BM), ("MG_BN", MG_BN), ("MG_BK", MG_BK), ("MG_ST", MG_ST), ("MG_THREADS", MG_THREADS as usize)] {
