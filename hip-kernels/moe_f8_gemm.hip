@@ -41,26 +41,27 @@
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MG_WGMMA 1
-// The byte offset of 16-byte chunk c of row r in a 128-byte swizzled tile (1024-aligned): chunk
-// c ^ (r % 8) of the row — the address bits 4-6 XOR bits 7-9 that the descriptors' 128-byte mode
-// applies when the MMA reads it.
-__device__ __forceinline__ int mg_swz(int r, int c) { return r * 128 + 16 * (c ^ (r % 8)); }
+// Stage use: the producer's thread arrives on `full` expecting `bytes`; the copies below complete
+// them as they land.
+__device__ __forceinline__ void mg_bar_expect(uint64_t* b, int bytes) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"((uint32_t)__cvta_generic_to_shared(b)), "r"(bytes) : "memory");
+}
 
-// K block kb of the item into stage `st` (A rows < nrows, the block's 128 weight rows, the rows'
-// scales) by the producer warpgroup's thread p; arrives on `full` when its copies have landed.
-__device__ __forceinline__ void mg_stage(uint8_t* st, uint64_t* full, int p, const uint8_t* __restrict__ A, const float* __restrict__ SX, const uint8_t* __restrict__ We, int row0,
-                                         int nrows, int sx0, int sx_stride, int n0, int K, int kb) {
-    uint8_t* a = st;
-    uint8_t* w = st + MG_BM * MG_BK;
-    float* sx = (float*)(w + MG_BN * MG_BK);
-    const int c = p % 8;
-#pragma unroll
-    for (int r = p / 8; r < MG_BM; r += 16) {
-        if (r < nrows) cp_async16(a + mg_swz(r, c), A + (int64_t)(row0 + r) * K + kb * MG_BK + 16 * c);
-        cp_async16(w + mg_swz(r, c), We + (int64_t)(n0 + r) * K + kb * MG_BK + 16 * c);
-    }
-    if (p < MG_BM / 4 && 4 * p < nrows) cp_async16(sx + 4 * p, SX + sx0 + (int64_t)kb * sx_stride + 4 * p);
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"((uint32_t)__cvta_generic_to_shared(full)) : "memory");
+// A box of the tensor map at (column x in bytes, row y) into shared memory (written with the map's
+// 128-byte swizzle: 16-byte chunk c of row r at r · 128 + 16 · (c ^ r % 8) of a 1024-aligned
+// box, the layout the MMA descriptors below read); completes its bytes on `bar`.
+__device__ __forceinline__ void mg_tma(void* dst, const void* map, int x, int y, uint64_t* bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
+                 "l"((uint64_t)map), "r"(x), "r"(y), "r"((uint32_t)__cvta_generic_to_shared(bar))
+                 : "memory");
+}
+
+// `bytes` (a multiple of 16, both ends 16-byte aligned) from global to shared memory; completes
+// them on `bar`.
+__device__ __forceinline__ void mg_bulk(void* dst, const void* src, int bytes, uint64_t* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src), "r"(bytes),
+                 "r"((uint32_t)__cvta_generic_to_shared(bar))
+                 : "memory");
 }
 
 __device__ __forceinline__ void mg_bar_init(uint64_t* b, int count) {
@@ -117,7 +118,7 @@ __device__ __forceinline__ void mg_wgmma(float* d, uint64_t da, uint64_t db, int
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const uint8_t* __restrict__ A, const float* __restrict__ SX, const uint8_t* __restrict__ W,
+extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const uint64_t* __restrict__ maps, const float* __restrict__ SX,
                                                                       const float* __restrict__ WS, const int32_t* __restrict__ tiles, int n_tiles, float* __restrict__ D, int N,
                                                                       int K) {
 #if defined(MG_WGMMA)
@@ -127,60 +128,78 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
     const int nb = N / MG_BN, kbs = K / MG_BK, items = n_tiles * nb;
     if (threadIdx.x == 0) {
         for (int s = 0; s < MG_ST; ++s) {
-            mg_bar_init(&full[s], 128); // the producer's threads, once their copies land
+            mg_bar_init(&full[s], 1);  // the producer's expectation, completed by its copies' bytes
             mg_bar_init(&empty[s], 8);  // lane 0 of each consumer warp, once its MMA has read the stage
         }
     }
     __syncthreads();
     const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0); // warp-uniform, visibly to ptxas
     if (wg == 0) {
-        // producer: stage use u of slot s waits for the consumers' release of use u - 1
-        int it = 0;
-        for (int i = blockIdx.x; i < items; i += gridDim.x) {
-            int n0;
-            const int32_t* tl = mg_item(tiles, n_tiles, nb, i, n0);
-            const int e = tl[0], row0 = tl[1], nrows = tl[2], sx0 = tl[3] * kbs + (row0 - tl[3]), sx_stride = tl[4];
-            const uint8_t* We = W + (int64_t)e * N * K;
-            for (int kb = 0; kb < kbs; ++kb, ++it) {
-                const int s = it % MG_ST;
-                if (it >= MG_ST) mg_bar_wait(&empty[s], (it / MG_ST - 1) & 1);
-                mg_stage(smem + s * MG_STAGE, &full[s], threadIdx.x, A, SX, We, row0, nrows, sx0, sx_stride, n0, K, kb);
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory"); // (its registers go to the consumers: 128 · 40 + 256 · 232 = 384 · 168)
+        // producer, one thread: stage use u of slot s waits for the consumers' release of use u - 1
+        if (threadIdx.x == 0) {
+            const uint64_t* ma = maps;      // the activations [rows, K]
+            const uint64_t* mw = maps + 16; // the weights [experts · N, K]
+            asm volatile("prefetch.tensormap [%0];\nprefetch.tensormap [%1];\n" ::"l"((uint64_t)ma), "l"((uint64_t)mw) : "memory");
+            int it = 0;
+            for (int i = blockIdx.x; i < items; i += gridDim.x) {
+                int n0;
+                const int32_t* tl = mg_item(tiles, n_tiles, nb, i, n0);
+                const int e = tl[0], row0 = tl[1], nrows = tl[2], sx0 = tl[3] * kbs + (row0 - tl[3]), sx_stride = tl[4];
+                const int sxb = 4 * min(nrows, MG_BM); // the tile's rows' scales (rows a multiple of 8)
+                for (int kb = 0; kb < kbs; ++kb, ++it) {
+                    const int s = it % MG_ST;
+                    uint8_t* st = smem + s * MG_STAGE;
+                    if (it >= MG_ST) mg_bar_wait(&empty[s], (it / MG_ST - 1) & 1);
+                    mg_bar_expect(&full[s], (MG_BM + MG_BN) * MG_BK + sxb);
+                    mg_tma(st, ma, kb * MG_BK, row0, &full[s]);
+                    mg_tma(st + MG_BM * MG_BK, mw, kb * MG_BK, e * N + n0, &full[s]);
+                    mg_bulk(st + (MG_BM + MG_BN) * MG_BK, SX + sx0 + (int64_t)kb * sx_stride, sxb, &full[s]);
+                }
             }
         }
-        cp_async_wait<0>();
         return;
     }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory"); // two product buffers and the accumulators
     const int h = wg - 1, w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    int it = 0;
-    for (int i = blockIdx.x; i < items; i += gridDim.x) {
+    int it = 0; // stage uses before this item's
+    for (int i = blockIdx.x; i < items; i += gridDim.x, it += kbs) {
         int n0;
         const int32_t* tl = mg_item(tiles, n_tiles, nb, i, n0);
         const int e = tl[0], row0 = tl[1], nrows = tl[2];
-        const bool mine = __shfl_sync(0xffffffff, 64 * h < nrows, 0); // rows of this item (else only hand the stages back)
+        if (!__shfl_sync(0xffffffff, 64 * h < nrows, 0)) { // no rows of this item: only hand the stages back
+            for (int kb = 0; kb < kbs; ++kb) {
+                mg_bar_wait(&full[(it + kb) % MG_ST], ((it + kb) / MG_ST) & 1);
+                if (lane == 0) mg_bar_arrive(&empty[(it + kb) % MG_ST]);
+            }
+            continue;
+        }
         const float* ws = WS + ((int64_t)e * nb + n0 / MG_BN) * kbs; // this column block's weight scales
-        float acc[64], p[64]; // p: only ever written by the MMA (its first step of a block overwrites)
+        // two product buffers: K block kb + 1's MMA runs while block kb's products are promoted
+        float acc[64], pa[64], pb[64], sa0, sa1, sb0, sb1;
 #pragma unroll
         for (int j = 0; j < 64; ++j) acc[j] = 0.f;
-        for (int kb = 0; kb < kbs; ++kb, ++it) {
-            const int s = it % MG_ST;
+        // K block kb's MMA into p (its first step overwrites), once its stage has landed; (s0, s1):
+        // its promotion scales of the lane's rows 16w + g and 16w + g + 8 of the warpgroup's 64
+        auto issue = [&](float* p, int kb, float& s0, float& s1) {
+            const int u = it + kb, s = u % MG_ST;
             const uint8_t* st = smem + s * MG_STAGE;
             const float sw = ws[kb];
-            mg_bar_wait(&full[s], (it / MG_ST) & 1);
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); // the copies, visible to the MMA's reads
+            mg_bar_wait(&full[s], (u / MG_ST) & 1);
             const float* sx = (const float*)(st + (MG_BM + MG_BN) * MG_BK);
-            const float s0 = sx[64 * h + 16 * w + g] * sw, s1 = sx[64 * h + 16 * w + g + 8] * sw;
+            s0 = sx[64 * h + 16 * w + g] * sw;
+            s1 = sx[64 * h + 16 * w + g + 8] * sw;
             const uint8_t* a = st + h * 64 * MG_BK;
             const uint8_t* wt = st + MG_BM * MG_BK;
-            if (mine) {
-                asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-                for (int kk = 0; kk < MG_BK / 32; ++kk) mg_wgmma(p, mg_desc(a + 32 * kk), mg_desc(wt + 32 * kk), kk);
-                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-            }
-            if (lane == 0) mg_bar_arrive(&empty[s]);
-            if (!mine) continue;
-            // promotion: the lane's rows 16w + g and 16w + g + 8 of the warpgroup's 64, columns 8j + 2t, + 1
+            for (int kk = 0; kk < MG_BK / 32; ++kk) mg_wgmma(p, mg_desc(a + 32 * kk), mg_desc(wt + 32 * kk), kk);
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        };
+        // K block kb's MMA has completed: its stage back to the producer, its products promoted
+        // (columns 8j + 2t, + 1)
+        auto finish = [&](const float* p, int kb, float s0, float s1) {
+            if (lane == 0) mg_bar_arrive(&empty[(it + kb) % MG_ST]);
 #pragma unroll
             for (int j = 0; j < 16; ++j) {
                 acc[4 * j] += p[4 * j] * s0;
@@ -188,6 +207,27 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
                 acc[4 * j + 2] += p[4 * j + 2] * s1;
                 acc[4 * j + 3] += p[4 * j + 3] * s1;
             }
+        };
+        issue(pa, 0, sa0, sa1);
+        for (int kb = 0;; kb += 2) {
+            // block kb in flight in pa
+            if (kb + 1 == kbs) {
+                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+                finish(pa, kb, sa0, sa1);
+                break;
+            }
+            issue(pb, kb + 1, sb0, sb1);
+            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+            finish(pa, kb, sa0, sa1);
+            // block kb + 1 in flight in pb
+            if (kb + 2 == kbs) {
+                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+                finish(pb, kb + 1, sb0, sb1);
+                break;
+            }
+            issue(pa, kb + 2, sa0, sa1);
+            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+            finish(pb, kb + 1, sb0, sb1);
         }
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {

@@ -133,6 +133,19 @@ impl DeviceApi for CudaDriver {
         }
     }
 
+    fn tensor_map_u8_sw128(&self, p: DevPtr, cols: u64, rows: u64, stride: u64, box_rows: u32) -> Result<Option<[u64; 16]>, ApiError> {
+        use sys::{CUtensorMapDataType as T, CUtensorMapFloatOOBfill as F, CUtensorMapInterleave as I, CUtensorMapL2promotion as L, CUtensorMapSwizzle as S};
+        let mut m = sys::CUtensorMap { opaque: [0; 16] };
+        let (dims, strides, boxes, steps) = ([cols, rows], [stride], [128u32, box_rows], [1u32, 1]);
+        let r = unsafe {
+            sys::cuTensorMapEncodeTiled(&mut m, T::CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, p as *mut c_void, dims.as_ptr(), strides.as_ptr(), boxes.as_ptr(), steps.as_ptr(), I::CU_TENSOR_MAP_INTERLEAVE_NONE, S::CU_TENSOR_MAP_SWIZZLE_128B, L::CU_TENSOR_MAP_L2_PROMOTION_L2_256B, F::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+        };
+        match r {
+            sys::CUresult::CUDA_SUCCESS => Ok(Some(m.opaque)),
+            r => Err(ApiError { vendor: "cuda", call: "cuTensorMapEncodeTiled", msg: format!("{r:?} ({rows} rows of {cols} bytes, stride {stride}, box {box_rows} × 128)") }),
+        }
+    }
+
     unsafe fn launch(&self, f: Handle, c: LaunchConfig, params: &mut [*mut c_void]) -> Result<(), ApiError> {
         self.bind()?;
         result::launch_kernel(f as sys::CUfunction, c.grid_dim, c.block_dim, c.shared_mem_bytes, self.s(), params).map_err(e("cuLaunchKernel"))

@@ -73,6 +73,13 @@ pub trait DeviceApi: Send + Sync {
     fn max_shared_per_block(&self) -> usize {
         64 * 1024
     }
+    /// A tensor map (the 128-byte descriptor Hopper's tensor memory accelerator copies by) of a
+    /// byte matrix of `rows` rows of `cols` bytes, `stride` bytes apart, read in boxes of
+    /// `box_rows` rows × 128 bytes written with the 128-byte swizzle (rows past the matrix read as
+    /// zeros); None where the device has none.
+    fn tensor_map_u8_sw128(&self, _p: DevPtr, _cols: u64, _rows: u64, _stride: u64, _box_rows: u32) -> Result<Option<[u64; 16]>, ApiError> {
+        Ok(None)
+    }
     /// # Safety
     /// `params` must point to values matching the kernel's parameter list.
     unsafe fn launch(&self, f: Handle, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<(), ApiError>;

@@ -98,6 +98,13 @@ impl DeviceApi for HostRuntime {
     fn load_module(&self, _image: &[u8]) -> Result<Handle, ApiError> {
         Ok(1)
     }
+    /// The arguments in the descriptor's words (no kernel reads them here), so that the dispatch
+    /// tests see the NVIDIA paths that copy by tensor maps.
+    fn tensor_map_u8_sw128(&self, p: DevPtr, cols: u64, rows: u64, stride: u64, box_rows: u32) -> Result<Option<[u64; 16]>, ApiError> {
+        let mut m = [0u64; 16];
+        m[..5].copy_from_slice(&[p, cols, rows, stride, box_rows as u64]);
+        Ok(Some(m))
+    }
     /// A Hopper-sized block (227 KB), so that the dispatch tests see the NVIDIA paths.
     fn max_shared_per_block(&self) -> usize {
         227 * 1024

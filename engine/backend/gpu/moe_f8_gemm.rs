@@ -57,16 +57,22 @@ impl<V: GpuVendor> GpuBackend<V> {
     }
 
     /// d [rows, n] f32 = each tile's rows of `a` (e4m3 [rows, k], per-segment scales `sx`) times
-    /// its expert's `w` ([experts, n, k] e4m3, scales `ws` [experts, n / 128, k / 128])ᵀ.
+    /// its expert's `w` ([experts, n, k] e4m3, scales `ws` [experts, n / 128, k / 128])ᵀ. The
+    /// kernel copies `a` and `w` by tensor maps (uploaded with the call: `a` is a scratch buffer).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn moe_f8_gemm(&self, (a, sx): (&DevBuf<u8>, &DevBuf<f32>), (w, ws): (&DevBuf<u8>, &DevBuf<f32>), tiles: &DevBuf<i32>, n_tiles: usize, d: &mut DevBuf<f32>, n: usize, k: usize) -> Result<(), BackendError> {
         let f = self.func(GEMM, "moe_gemm_f8")?;
+        let map = |b: &DevBuf<u8>, box_rows: usize| -> Result<[u64; 16], BackendError> {
+            let (kk, rows) = (k as u64, (b.len() / k) as u64);
+            self.dev.tensor_map_u8_sw128(b.ptr(), kk, rows, kk, box_rows as u32).map_err(err("moe_gemm_f8 tensor map"))?.ok_or_else(|| self.op_err("moe_gemm_f8", "the device has no tensor maps".into()))
+        };
+        let maps: Vec<u8> = [map(a, MG_BM)?, map(w, MG_BN)?].iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+        let maps = self.htod(&maps)?;
         let (nt, ni, ki) = (n_tiles as i32, n as i32, k as i32);
         let blocks = (n_tiles * (n / MG_BN)).min(self.sms.max(1)); // persistent: a block an SM walks the items
         self.launch(&f)
-            .arg(a)
+            .arg(&maps)
             .arg(sx)
-            .arg(w)
             .arg(ws)
             .arg(tiles)
             .arg(&nt)
