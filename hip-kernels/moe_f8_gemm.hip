@@ -9,29 +9,35 @@
 //     (sm_90's mma.sync on e4m3 is emulated: each fragment converted to f16 by the ALUs, then an
 //     f16 MMA; a version of this kernel on it ran at ~160 TFLOPS);
 //   - persistent blocks (one an SM) walk the work items (tile, 128 columns of N) with a stride of
-//     the grid; a block is three warpgroups: a producer that copies each item's K blocks (cp.async,
-//     written at their 128-byte swizzled places) into a ring of MG_ST shared stages, running ahead
-//     across items, and two consumers of 64 rows each that multiply (one wgmma.m64n128k32 a
-//     32-column step from shared memory, K-major swizzled rows, as the descriptors say). A stage
-//     is handed over by mbarriers: "full" completes when the producer's copies into it have landed
-//     (cp.async.mbarrier.arrive), "empty" when both consumers' MMAs have read it. The consumers
-//     never wait for each other: one's promotion and epilogue overlap the other's MMA;
+//     the grid; a block is three warpgroups: a producer, one thread of which copies each item's K
+//     blocks by the tensor memory accelerator (a tensor map each for A and for the weights, boxes
+//     of 128 rows × 128 bytes written with the 128-byte swizzle; the rows' scales by a bulk copy)
+//     into a ring of MG_ST shared stages, running ahead across items, and two consumers of 64
+//     rows each that multiply (one wgmma.m64n128k32 a 32-column step from shared memory, K-major
+//     swizzled rows, as the descriptors say). A stage is handed over by mbarriers: "full"
+//     completes when the bytes the producer expects have landed, "empty" when both consumers'
+//     MMAs have read it. The consumers never wait for each other;
 //   - each 128-column K block's products land in registers (the first step overwrites them), then
 //     are scaled by the row's activation scale and the block's weight scale and added to the f32
-//     accumulators (the promotion DeepSeek's FP8 GEMM does every 128). Both consumers always
-//     multiply (rows past the tile's are not written); the warpgroup index is broadcast from lane
-//     0 so that ptxas sees the role branch as warp-uniform and keeps the MMAs asynchronous;
+//     accumulators (the promotion DeepSeek's FP8 GEMM does every 128). A consumer keeps two
+//     product buffers: block kb + 1's MMA is issued before block kb's products are promoted
+//     (setmaxnreg moves the producer's registers to the consumers for them). A consumer with no
+//     rows in a tile (≤ 64 rows) hands its stages back without multiplying; the warpgroup index
+//     and that test are broadcast from lane 0 so that ptxas sees the branches as warp-uniform and
+//     keeps the MMAs asynchronous;
 //   - items are ordered in groups of MG_GROUP tiles, columns outermost inside a group, so that a
 //     group's weight columns and rows stay in L2 while the blocks working on it at once use them.
 // sm_90a only; other targets compile a trap the host never selects. Needs N % 128 == 0,
 // K % 128 == 0 and 128 × 128 weight blocks (the host checks).
-// Launch: grid min(SMs, tiles · N / 128), block MG_THREADS, dynamic shared memory MG_SMEM (moe_f8_gemm.rs
-// mirrors MG_*). A tile is 8 ints: expert (of W's), first row, rows, its segment's first row and
-// rows (where the segment's scales are: [K / 128, rows] from index first · K / 128), 3 unused.
+// Launch: grid min(SMs, tiles · N / 128), block MG_THREADS, dynamic shared memory MG_SMEM
+// (moe_f8_gemm.rs mirrors MG_*). `maps`: the tensor maps of A ([rows, K], boxes of MG_BM rows)
+// and of W ([experts · N, K], boxes of MG_BN rows), 16 words each, in global memory. A tile is 8
+// ints: expert (of W's), first row, rows, its segment's first row and rows (where the segment's
+// scales are: [K / 128, rows] from index first · K / 128), 3 unused.
 #include "bf16.h"
 
 #define MG_BM 128     // rows a tile (two warpgroups of 64)
-#define MG_BN 128     // columns a block (one weight scale block)
+#define MG_BN 128     // columns an item (one weight scale block)
 #define MG_BK 128     // K a stage (one scale block; one 128-byte swizzle row)
 #define MG_ST 6       // stages
 #define MG_GROUP 8    // tiles a group of the launch order
