@@ -3,8 +3,10 @@
 // s = max(max|x|, 1e-10) / 448 and q = e4m3fn(x / s), rounded to nearest even. The scales are
 // written group-major, s[g·M + m] (every token of a group contiguous): the layout the vendor GEMM
 // library's 1×128 block scaling reads. engine/weights/act_quant.rs is the host twin (tests).
-// The codes are OCP e4m3fn (NVIDIA, gfx950); gfx942's e4m3fnuz would need its own encoder (not
-// used: the ROCm backend has no block-scaled GEMM wired and keeps f32 activations).
+// The codes are OCP e4m3fn (NVIDIA, gfx950). gfx942 reads e4m3fnuz, whose code c is worth half
+// of c's e4m3fn value (exponent bias 8, not 7) except 0x80 (NaN there, −0 in e4m3fn): there the
+// e4m3fn code is kept with −0 written as 0 and the scale doubled — the same values, so the same
+// numerics as the other targets (and the rule the ROCm backend converts FP8 checkpoints by).
 #include "common.h"
 
 #define ACT_GROUP 128
@@ -58,6 +60,13 @@ extern "C" __global__ void __launch_bounds__(256) quant_fp8_act(const float* __r
     float sc = fmaxf(amax, 1e-10f) / E4M3_MAX;
     if (!in) return;
     uint32_t packed = f32_to_e4m3fn(v.x / sc) | (f32_to_e4m3fn(v.y / sc) << 8) | (f32_to_e4m3fn(v.z / sc) << 16) | (f32_to_e4m3fn(v.w / sc) << 24);
+#if defined(__gfx942__)
+    // e4m3fnuz: −0 (0x80) bytes become 0; the scale doubles (below)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        if (((packed >> (8 * i)) & 0xff) == 0x80) packed &= ~(0xffu << (8 * i));
+    sc *= 2.f;
+#endif
     *(uint32_t*)(q + (int64_t)r * K + col) = packed;
     if (j == 0) {
         int off = seg ? seg[2 * r] : 0, len = seg ? seg[2 * r + 1] : R, L = (K + ACT_GROUP - 1) / ACT_GROUP;

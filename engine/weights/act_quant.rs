@@ -3,6 +3,7 @@
 //! of 128 channels, s = max(max|x|, 1e-10) / 448 and q = e4m3fn(x / s), rounded to nearest even.
 //! The host twin of hip-kernels/act_quant.hip: the GPU tests compare against it bit for bit.
 use crate::synth::f32_to_fp8_e4m3fn;
+use crate::weights::fnuz::{e4m3fn_to_e4m3fnuz, fnuz_scales, fp8_e4m3fnuz_to_f32};
 use crate::weights::fp8_e4m3fn_to_f32;
 
 /// Channels per activation scale
@@ -38,10 +39,28 @@ impl ActFp8 {
         ActFp8 { rows, cols, q, scales }
     }
 
+    /// The e4m3fnuz form gfx942's matrix cores read (act_quant.hip there): the e4m3fn codes with
+    /// −0 written as 0 and the scales doubled, worth exactly what the e4m3fn form is worth.
+    pub fn quantize_fnuz(x: &[f32], rows: usize, cols: usize) -> ActFp8 {
+        let mut a = ActFp8::quantize(x, rows, cols);
+        e4m3fn_to_e4m3fnuz(&mut a.q);
+        fnuz_scales(&mut a.scales);
+        a
+    }
+
+    /// The e4m3fnuz form's q · s in f32.
+    pub fn dequantize_fnuz(&self) -> Vec<f32> {
+        self.dequantize_by(fp8_e4m3fnuz_to_f32)
+    }
+
     /// q · s in f32: the values the block-scaled GEMM multiplies.
     pub fn dequantize(&self) -> Vec<f32> {
+        self.dequantize_by(fp8_e4m3fn_to_f32)
+    }
+
+    fn dequantize_by(&self, decode: fn(u8) -> f32) -> Vec<f32> {
         let groups = self.cols.div_ceil(ACT_GROUP);
-        (0..self.rows * self.cols).map(|i| fp8_e4m3fn_to_f32(self.q[i]) * self.scales[(i / self.cols) * groups + (i % self.cols) / ACT_GROUP]).collect()
+        (0..self.rows * self.cols).map(|i| decode(self.q[i]) * self.scales[(i / self.cols) * groups + (i % self.cols) / ACT_GROUP]).collect()
     }
 }
 
@@ -98,5 +117,28 @@ mod tests {
         let d = a.dequantize();
         let err = x.iter().zip(&d).map(|(u, v)| (u - v).abs() as f64).fold(0.0, f64::max);
         assert!(err > 0.0 && err <= 3.0 / 448.0 * 32.0 / 2.0, "dequantised error {err}");
+    }
+
+    #[test]
+    fn the_fnuz_form_is_worth_the_same_values_with_no_nan_code() {
+        // signed values incl. −0 and values that round to −0 (e4m3fn's 0x80, e4m3fnuz's NaN)
+        let (rows, cols) = (3, 256);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut x: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                ((seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * 5.0
+            })
+            .collect();
+        x[3] = -0.0;
+        x[4] = -1e-9; // rounds to −0 against the group's scale
+        let (fn_, fnuz) = (ActFp8::quantize(&x, rows, cols), ActFp8::quantize_fnuz(&x, rows, cols));
+        assert_eq!(fn_.q[4], 0x80, "the case is exercised");
+        assert!(fnuz.q.iter().all(|&b| b != 0x80));
+        assert!(fnuz.scales.iter().zip(&fn_.scales).all(|(a, b)| *a == 2.0 * b));
+        let (a, b) = (fn_.dequantize(), fnuz.dequantize_fnuz());
+        assert!(a.iter().zip(&b).all(|(u, v)| u == v), "values differ");
     }
 }

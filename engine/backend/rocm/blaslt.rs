@@ -1,13 +1,18 @@
 //! hipBLASLt (libhipblaslt, loaded at run time) as the ROCm backend's `GemmLib`: bf16 × bf16 → f32
 //! GEMMs for the linear layers with bf16 weights (backend/gpu/blas.rs splits x into bf16 hi/lo
-//! rows). The same column-major formulation as cuBLASLt: Dᵀ [n, m2] = op(W)ᵀ · X2ᵀ.
+//! rows), and the block-scaled FP8 GEMM of `--fp8-activations dynamic` (W one f32 scale per
+//! 128×128 block, x one per token and 128 columns: the same scale modes as cuBLASLt's, where the
+//! installed hipBLASLt has a kernel for them — its heuristic is asked once per shape, and without
+//! one the activations stay f32). FP8 operands are e4m3fnuz on gfx942 (weights converted at
+//! upload, activations quantised to it by act_quant.hip), OCP e4m3fn on gfx950. The same
+//! column-major formulation as cuBLASLt: Dᵀ [n, m2] = op(W)ᵀ · X2ᵀ.
 use std::ffi::c_void;
 
 use hip_sys::hipblaslt as lt;
 
 use super::RocmBackend;
 use crate::backend::gpu::blas::{GemmLib, PlanCache};
-use crate::backend::gpu::device::{DevBuf, DevPtr};
+use crate::backend::gpu::device::{DevBuf, DevPtr, Handle};
 
 const WORKSPACE: usize = 32 << 20;
 
@@ -26,6 +31,15 @@ pub struct HipBlasLt {
     workspace: DevBuf<u8>,
     stream: lt::hipStream_t,
     plans: PlanCache<Plan>,
+    fp8_plans: PlanCache<Plan>,
+    /// The FP8 operands' type: e4m3fnuz on gfx942, e4m3fn elsewhere
+    fp8: lt::hipDataType,
+}
+
+/// A descriptor attribute's value.
+enum Attr {
+    I32(i32),
+    Ptr(u64),
 }
 
 // SAFETY: the handle and descriptors are used from one stream at a time, under the backend's
@@ -64,7 +78,8 @@ impl HipBlasLt {
                 return None;
             }
         };
-        Some(HipBlasLt { api, handle, workspace, stream: b.dev.stream(), plans: PlanCache::default() })
+        let fp8 = if b.fp8_fnuz { lt::hipDataType_HIP_R_8F_E4M3_FNUZ } else { lt::hipDataType_HIP_R_8F_E4M3 };
+        Some(HipBlasLt { api, handle, workspace, stream: b.dev.stream(), plans: PlanCache::default(), fp8_plans: PlanCache::default(), fp8 })
     }
 
     fn destroy(&self, p: &Plan) {
@@ -79,6 +94,25 @@ impl HipBlasLt {
     /// D [m2, n] (row-major f32) = X2 [m2, k] (bf16) · W [n, k]ᵀ (bf16), in column-major terms
     /// Dᵀ = op(W) · X2ᵀ with W's stored K×N matrix transposed.
     fn plan(&self, m2: usize, n: usize, k: usize) -> Result<Plan, String> {
+        self.plan_typed(m2, n, k, lt::hipDataType_HIP_R_16BF, &[])
+    }
+
+    /// The block-scaled FP8 form: A = W (one scale per 128×128 block), B = x (one scale per
+    /// token and 128 columns); the heuristic sees scale pointers (the workspace's address), each
+    /// call sets its own.
+    fn plan_fp8_block(&self, m: usize, n: usize, k: usize) -> Result<Plan, String> {
+        let ws = self.workspace.ptr();
+        let attrs = [
+            (lt::hipblasLtMatmulDescAttributes_t_HIPBLASLT_MATMUL_DESC_A_SCALE_MODE, Attr::I32(lt::hipblasLtMatmulMatrixScale_t_HIPBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F as i32)),
+            (lt::hipblasLtMatmulDescAttributes_t_HIPBLASLT_MATMUL_DESC_B_SCALE_MODE, Attr::I32(lt::hipblasLtMatmulMatrixScale_t_HIPBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F as i32)),
+            (lt::hipblasLtMatmulDescAttributes_t_HIPBLASLT_MATMUL_DESC_A_SCALE_POINTER, Attr::Ptr(ws)),
+            (lt::hipblasLtMatmulDescAttributes_t_HIPBLASLT_MATMUL_DESC_B_SCALE_POINTER, Attr::Ptr(ws)),
+        ];
+        self.plan_typed(m, n, k, self.fp8, &attrs)
+    }
+
+    /// Dᵀ [n, m2] f32 = op(W)ᵀ · Xᵀ with W and X of type `ab`, and `attrs` set on the descriptor.
+    fn plan_typed(&self, m2: usize, n: usize, k: usize, ab: lt::hipDataType, attrs: &[(lt::hipblasLtMatmulDescAttributes_t, Attr)]) -> Result<Plan, String> {
         let a = &self.api;
         let mut p = Plan { desc: std::ptr::null_mut(), a: std::ptr::null_mut(), b: std::ptr::null_mut(), d: std::ptr::null_mut(), algo: unsafe { std::mem::zeroed() } };
         let made = (|| unsafe {
@@ -86,8 +120,15 @@ impl HipBlasLt {
             let trans = lt::hipblasOperation_t_HIPBLAS_OP_T;
             let attr = lt::hipblasLtMatmulDescAttributes_t_HIPBLASLT_MATMUL_DESC_TRANSA;
             check("hipblasLtMatmulDescSetAttribute", a.hipblasLtMatmulDescSetAttribute(p.desc, attr, &trans as *const _ as *const c_void, std::mem::size_of_val(&trans)))?;
-            check("hipblasLtMatrixLayoutCreate", a.hipblasLtMatrixLayoutCreate(&mut p.a, lt::hipDataType_HIP_R_16BF, k as u64, n as u64, k as i64))?;
-            check("hipblasLtMatrixLayoutCreate", a.hipblasLtMatrixLayoutCreate(&mut p.b, lt::hipDataType_HIP_R_16BF, k as u64, m2 as u64, k as i64))?;
+            for (attr, v) in attrs {
+                let (ptr, size) = match v {
+                    Attr::I32(x) => (x as *const i32 as *const c_void, 4),
+                    Attr::Ptr(x) => (x as *const u64 as *const c_void, 8),
+                };
+                check("hipblasLtMatmulDescSetAttribute", a.hipblasLtMatmulDescSetAttribute(p.desc, *attr, ptr, size))?;
+            }
+            check("hipblasLtMatrixLayoutCreate", a.hipblasLtMatrixLayoutCreate(&mut p.a, ab, k as u64, n as u64, k as i64))?;
+            check("hipblasLtMatrixLayoutCreate", a.hipblasLtMatrixLayoutCreate(&mut p.b, ab, k as u64, m2 as u64, k as i64))?;
             check("hipblasLtMatrixLayoutCreate", a.hipblasLtMatrixLayoutCreate(&mut p.d, lt::hipDataType_HIP_R_32F, n as u64, m2 as u64, n as i64))?;
             let mut pref: lt::hipblasLtMatmulPreference_t = std::ptr::null_mut();
             check("hipblasLtMatmulPreferenceCreate", a.hipblasLtMatmulPreferenceCreate(&mut pref))?;
@@ -100,7 +141,7 @@ impl HipBlasLt {
             a.hipblasLtMatmulPreferenceDestroy(pref);
             h?;
             if found == 0 {
-                return Err(format!("hipBLASLt has no algorithm for {m2}x{n}x{k} bf16"));
+                return Err(format!("hipBLASLt has no algorithm for {m2}x{n}x{k} of type {ab}"));
             }
             p.algo = result.algo;
             Ok(())
@@ -117,7 +158,7 @@ impl HipBlasLt {
 
 impl Drop for HipBlasLt {
     fn drop(&mut self) {
-        for p in self.plans.drain() {
+        for p in self.plans.drain().into_iter().chain(self.fp8_plans.drain()) {
             self.destroy(&p);
         }
         unsafe { self.api.hipblasLtDestroy(self.handle) };
@@ -134,15 +175,40 @@ impl GemmLib for HipBlasLt {
     }
 
     fn gemm_bf16(&self, m2: usize, n: usize, k: usize, w: DevPtr, x2: DevPtr, d: DevPtr) -> Result<(), String> {
+        self.plans.with((m2, n, k), |p| self.run(p, w, x2, d, self.stream))?
+    }
+
+    fn supports_fp8_block(&self, m: usize, n: usize, k: usize) -> bool {
+        self.fp8_plans.supports((m, n, k), || self.plan_fp8_block(m, n, k))
+    }
+
+    /// On the backend's stream (the ROCm backend has no side streams: `stream` is 0).
+    fn gemm_fp8_block(&self, shape: (usize, usize, usize), (w, ws): (DevPtr, DevPtr), (xq, xs): (DevPtr, DevPtr), d: DevPtr, stream: Handle) -> Result<(), String> {
+        if stream != 0 {
+            return Err("hipBLASLt runs on the backend's stream only".into());
+        }
+        // the scale pointers belong to this call: set under the plans' lock, right before the launch
+        self.fp8_plans.with(shape, |p| {
+            for (attr, ptr) in [(lt::hipblasLtMatmulDescAttributes_t_HIPBLASLT_MATMUL_DESC_A_SCALE_POINTER, ws), (lt::hipblasLtMatmulDescAttributes_t_HIPBLASLT_MATMUL_DESC_B_SCALE_POINTER, xs)] {
+                check("hipblasLtMatmulDescSetAttribute", unsafe { self.api.hipblasLtMatmulDescSetAttribute(p.desc, attr, &ptr as *const u64 as *const c_void, 8) })?;
+            }
+            self.run(p, w, xq, d, self.stream)
+        })?
+    }
+}
+
+impl HipBlasLt {
+    /// D = W-side A × x-side B with the plan's descriptors, on `stream`.
+    fn run(&self, p: &Plan, w: DevPtr, x: DevPtr, d: DevPtr, stream: lt::hipStream_t) -> Result<(), String> {
         let (alpha, beta) = (1.0f32, 0.0f32);
-        let r = self.plans.with((m2, n, k), |p| unsafe {
+        let r = unsafe {
             self.api.hipblasLtMatmul(
                 self.handle,
                 p.desc,
                 &alpha as *const f32 as *const c_void,
                 w as *const c_void,
                 p.a,
-                x2 as *const c_void,
+                x as *const c_void,
                 p.b,
                 &beta as *const f32 as *const c_void,
                 d as *const c_void,
@@ -152,9 +218,9 @@ impl GemmLib for HipBlasLt {
                 &p.algo,
                 self.workspace.ptr() as *mut c_void,
                 WORKSPACE,
-                self.stream,
+                stream,
             )
-        })?;
+        };
         check("hipblasLtMatmul", r)
     }
 }
