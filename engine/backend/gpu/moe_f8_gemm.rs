@@ -105,4 +105,22 @@ mod tests {
             assert!([" ", "\n"].iter().any(|end| src.contains(&format!("#define {name} {v}{end}"))), "{name} {v}");
         }
     }
+
+    #[test]
+    fn the_register_handover_fits_what_the_launch_allocates() {
+        // setmaxnreg moves registers inside the block's pool, which is what the launch allocated:
+        // MG_THREADS threads × the per-thread count ptxas gives a 1-block-an-SM kernel (64K
+        // registers, a multiple of 8). Asking for more than the pool holds hangs the consumers.
+        let src = include_str!("../../../hip-kernels/moe_f8_gemm.hip");
+        let regs = |dir: &str| -> usize {
+            let pat = format!("setmaxnreg.{dir}.sync.aligned.u32 ");
+            let at = src.find(&pat).unwrap_or_else(|| panic!("{pat}")) + pat.len();
+            src[at..].split(';').next().unwrap().trim().parse().unwrap()
+        };
+        let (producer, consumer) = (regs("dec"), regs("inc"));
+        let launched = 65536 / MG_THREADS as usize / 8 * 8;
+        assert_eq!(launched, 168);
+        assert!(producer % 8 == 0 && consumer % 8 == 0 && producer < launched && consumer > launched);
+        assert!(128 * producer + (MG_THREADS as usize - 128) * consumer <= MG_THREADS as usize * launched, "{producer} / {consumer}");
+    }
 }
