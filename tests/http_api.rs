@@ -163,6 +163,58 @@ async fn bad_input_gets_4xx_naming_the_problem() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn min_new_tokens_logit_bias_no_stop_trim_and_constrained_decoding_refused() {
+    let s = Server::start(&["--model-path", &golden(), "--context-length", "512"]);
+    let a = &s.addr;
+    let gen = |sp: Value| async move {
+        let r = post(a, "/generate", &json!({"input_ids": [5, 17, 42, 9], "sampling_params": sp})).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let ids = |v: &Value| -> Vec<u64> { v["output_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect() };
+    let free = gen(json!({"max_new_tokens": 8, "temperature": 0})).await;
+    let greedy = ids(&free);
+    // the greedy first token as a stop token: the request ends at once ...
+    let t0 = greedy[0];
+    let stopped = gen(json!({"max_new_tokens": 8, "temperature": 0, "stop_token_ids": [t0]})).await;
+    assert_eq!((ids(&stopped), stopped["meta_info"]["finish_reason"]["type"].as_str()), (vec![t0], Some("stop")));
+    // ... unless min_new_tokens masks it: 3 tokens without it, then it may end the request
+    let v = gen(json!({"max_new_tokens": 8, "temperature": 0, "stop_token_ids": [t0], "min_new_tokens": 3})).await;
+    let out = ids(&v);
+    assert!(out.len() >= 4 && !out[..3].contains(&t0), "{out:?}");
+    assert!(out[3..].iter().position(|&t| t == t0).is_none_or(|i| i + 4 == out.len()), "{out:?}");
+    // a +100 bias makes one token the greedy choice everywhere (sampled, and with top-k too)
+    let v = gen(json!({"max_new_tokens": 5, "temperature": 0, "logit_bias": {"77": 100}})).await;
+    assert_eq!(ids(&v), vec![77; 5]);
+    let v = post(a, "/v1/completions", &json!({"prompt": [5, 17, 42, 9], "max_tokens": 3, "temperature": 0.8, "top_k": 4, "logit_bias": {"77": 100}, "logprobs": 1})).await.json();
+    assert!(v["choices"][0]["logprobs"]["tokens"].as_array().is_some_and(|t| t.len() == 3), "{v}");
+    // a stop string from the greedy text: cut before it, or kept with no_stop_trim
+    let text = free["text"].as_str().unwrap();
+    let (i, c) = text.char_indices().skip(1).find(|(_, c)| c.is_ascii_graphic()).unwrap_or_else(|| panic!("no ASCII character in {text:?}"));
+    let stop = c.to_string();
+    let cut = gen(json!({"max_new_tokens": 8, "temperature": 0, "stop": [stop]})).await;
+    let kept = gen(json!({"max_new_tokens": 8, "temperature": 0, "stop": [stop], "no_stop_trim": true})).await;
+    let first = text.find(&stop).unwrap();
+    assert_eq!(cut["text"].as_str().unwrap(), &text[..first], "stop {stop:?} at {i} in {text:?}");
+    assert_eq!(kept["text"].as_str().unwrap(), &text[..first + stop.len()]);
+    // refused by name: constrained decoding, out-of-range or out-of-vocabulary biases, min > max
+    for (path, body, needle) in [
+        ("/generate", json!({"text": "x", "sampling_params": {"regex": "[a-z]+"}}), "regex"),
+        ("/generate", json!({"text": "x", "sampling_params": {"json_schema": "{}"}}), "json_schema"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}), "response_format"),
+        ("/v1/completions", json!({"prompt": "x", "logit_bias": {"5": 101}}), "logit_bias"),
+        ("/v1/completions", json!({"prompt": "x", "logit_bias": {"99999": 1}}), "99999"),
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": 2, "min_tokens": 3}), "min_new_tokens"),
+    ] {
+        let r = post(a, path, &body).await;
+        assert_eq!(r.status, 400, "{path} {body}");
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains(needle), "{path} {body}: {msg}");
+    }
+    assert_kv_whole(&wait_idle(a).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn api_key_guards_everything_but_health() {
     let s = Server::start(&["--model-path", &golden(), "--api-key", "sekret"]);
     assert_eq!(get(&s.addr, "/health").await.status, 200);

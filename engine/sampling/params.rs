@@ -27,6 +27,14 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     pub skip_special_tokens: bool,
     pub n: usize,
+    /// EOS and `stop_token_ids` are masked out of the sampling, and no stop (token or string)
+    /// ends the request, until this many tokens are out (SGLang's `min_new_tokens`, OpenAI
+    /// servers' `min_tokens`)
+    pub min_new_tokens: usize,
+    /// A matched stop string stays in the text (SGLang's `no_stop_trim`)
+    pub no_stop_trim: bool,
+    /// Added to the token's logit before sampling (OpenAI's `logit_bias`, in [-100, 100])
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -46,6 +54,9 @@ impl Default for SamplingParams {
             ignore_eos: false,
             skip_special_tokens: true,
             n: 1,
+            min_new_tokens: 0,
+            no_stop_trim: false,
+            logit_bias: vec![],
         }
     }
 }
@@ -84,7 +95,19 @@ impl SamplingParams {
         if self.stop.iter().any(String::is_empty) {
             return err("stop", "stop strings must not be empty".into());
         }
+        if self.min_new_tokens > self.max_new_tokens {
+            return err("min_new_tokens", format!("must be at most max_new_tokens ({}), got {}", self.max_new_tokens, self.min_new_tokens));
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return err("logit_bias", format!("token {t}: a bias must be in [-100, 100], got {b}"));
+        }
         Ok(())
+    }
+
+    /// Whether sampling this request's next token (after `generated` tokens) changes logits
+    /// beyond the penalties: a logit bias, or stop tokens still masked by `min_new_tokens`.
+    pub fn adjusts_logits(&self, generated: usize) -> bool {
+        !self.logit_bias.is_empty() || generated < self.min_new_tokens
     }
 }
 
@@ -101,8 +124,10 @@ mod tests {
             SamplingParams { top_k: -3, ..Default::default() },
             SamplingParams { min_p: 2.0, ..Default::default() },
             SamplingParams { n: 0, ..Default::default() },
+            SamplingParams { max_new_tokens: 4, min_new_tokens: 5, ..Default::default() },
+            SamplingParams { logit_bias: vec![(3, 1.0), (7, -100.5)], ..Default::default() },
         ];
-        let fields = ["temperature", "top_p", "top_p", "top_k", "min_p", "n"];
+        let fields = ["temperature", "top_p", "top_p", "top_k", "min_p", "n", "min_new_tokens", "logit_bias"];
         for (p, f) in bad.iter().zip(fields) {
             assert_eq!(p.validate().unwrap_err().field, f);
         }

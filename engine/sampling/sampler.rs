@@ -50,6 +50,23 @@ pub fn apply_penalties(logits: &mut [f32], p: &SamplingParams, counts: &TokenCou
     }
 }
 
+/// OpenAI's logit bias, and `min_new_tokens`: while fewer than that many tokens are out
+/// (`generated`), EOS (`eos`) and the request's stop token ids cannot be sampled.
+pub fn apply_bias_and_min_tokens(logits: &mut [f32], p: &SamplingParams, eos: &[u32], generated: usize) {
+    for &(t, b) in &p.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += b;
+        }
+    }
+    if generated < p.min_new_tokens {
+        for &t in eos.iter().chain(&p.stop_token_ids) {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
 /// log-softmax in f64 accumulation.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -125,6 +142,25 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logit_bias_and_min_new_tokens() {
+        // EOS 3 and stop id 1 lead; masked while fewer than 2 tokens are out; a bias moves token 0
+        let logits = [0.0f32, 5.0, 1.0, 9.0];
+        let p = SamplingParams { temperature: 0.0, stop_token_ids: vec![1], min_new_tokens: 2, logit_bias: vec![(0, 1.5), (99, 3.0)], ..Default::default() };
+        let mut l = logits.to_vec();
+        apply_bias_and_min_tokens(&mut l, &p, &[3], 1);
+        assert_eq!(l, [1.5, f32::NEG_INFINITY, 1.0, f32::NEG_INFINITY]);
+        assert_eq!(sample(&l, &p, &mut Rng::new(1)), 0);
+        let hot = SamplingParams { temperature: 1.0, ..p.clone() };
+        let mut rng = Rng::new(5);
+        assert!((0..300).all(|_| matches!(sample(&l, &hot, &mut rng), 0 | 2)));
+        let mut l = logits.to_vec();
+        apply_bias_and_min_tokens(&mut l, &p, &[3], 2);
+        assert_eq!(l, [1.5, 5.0, 1.0, 9.0]);
+        assert!(p.adjusts_logits(5) && SamplingParams { min_new_tokens: 2, ..Default::default() }.adjusts_logits(1));
+        assert!(!SamplingParams { min_new_tokens: 2, ..Default::default() }.adjusts_logits(2));
+    }
 
     #[test]
     fn greedy_and_filters() {

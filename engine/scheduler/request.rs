@@ -129,10 +129,12 @@ impl Request {
                 Err(e) => log::warn!("request {}: detokenize: {e}", self.id),
             }
         }
-        let finish = if (!p.ignore_eos && eos.contains(&t)) || p.stop_token_ids.contains(&t) {
+        // no stop before min_new_tokens tokens are out (their stop tokens were masked too)
+        let may_stop = self.output_ids.len() > p.min_new_tokens;
+        let finish = if may_stop && ((!p.ignore_eos && eos.contains(&t)) || p.stop_token_ids.contains(&t)) {
             Some(FinishReason::StopToken(t))
-        } else if let Some((pos, s)) = p.stop.iter().filter_map(|s| self.text[self.sent..].find(s.as_str()).map(|i| (self.sent + i, s))).min_by_key(|x| x.0) {
-            self.text.truncate(pos);
+        } else if let Some((pos, s)) = p.stop.iter().filter_map(|s| self.text[self.sent..].find(s.as_str()).map(|i| (self.sent + i, s))).filter(|_| may_stop).min_by_key(|x| x.0) {
+            self.text.truncate(if p.no_stop_trim { pos + s.len() } else { pos });
             Some(FinishReason::StopString(s.clone()))
         } else if self.output_ids.len() >= p.max_new_tokens {
             Some(FinishReason::Length(p.max_new_tokens))

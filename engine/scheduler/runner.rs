@@ -11,7 +11,7 @@ use crate::backend::{AttnSeq, Backend, SampleRow};
 use crate::kv_cache::KvStats;
 use crate::metrics::Metrics;
 use crate::model::{ForwardBatch, Model};
-use crate::sampling::{apply_penalties, log_softmax, sample, top_logprobs};
+use crate::sampling::{apply_bias_and_min_tokens, apply_penalties, log_softmax, sample, top_logprobs};
 use crate::tokenizer::Tokenizer;
 
 /// Facts about the served model the HTTP layer needs.
@@ -72,6 +72,10 @@ impl EngineHandle {
         }
         if let Some(&t) = spec.input_ids.iter().find(|&&t| t as usize >= info.vocab_size) {
             return Err(SubmitError::Invalid(format!("token id {t} is outside the vocabulary (size {})", info.vocab_size)));
+        }
+        let p = &spec.params;
+        if let Some(t) = p.stop_token_ids.iter().chain(p.logit_bias.iter().map(|b| &b.0)).find(|&&t| t as usize >= info.vocab_size) {
+            return Err(SubmitError::Invalid(format!("token id {t} (stop_token_ids / logit_bias) is outside the vocabulary (size {})", info.vocab_size)));
         }
         let n = spec.input_ids.len();
         if n >= info.context_length {
@@ -322,7 +326,12 @@ impl<B: Backend> Runner<B> {
         let num_tokens: usize = parts.iter().map(|p| p.0.len()).sum();
         drop(batches);
         // Sample on the device when the backend can and no row needs host-side logprobs.
-        let needs_host = flat.iter().any(|f| f.3 > 0) || flat.iter().any(|(rank, it, _, _, s)| s.is_some() && self.sched.0[*rank].running[it.idx].logprobs.is_some());
+        // (and no row's logits take a bias or the min_new_tokens mask, applied on the host)
+        let needs_host = flat.iter().any(|f| f.3 > 0)
+            || flat.iter().any(|(rank, it, _, _, s)| {
+                let r = &self.sched.0[*rank].running[it.idx];
+                s.is_some() && (r.logprobs.is_some() || r.spec.params.adjusts_logits(r.output_ids.len()))
+            });
         let mut device_ids = None;
         let mut out = out;
         if !needs_host && global_rows > 0 {
@@ -371,6 +380,7 @@ impl<B: Backend> Runner<B> {
                     let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
                     let lp = r.logprobs.is_some().then(|| log_softmax(&l));
                     apply_penalties(&mut l, &r.spec.params, &r.counts);
+                    apply_bias_and_min_tokens(&mut l, &r.spec.params, &self.eos, r.output_ids.len());
                     let t = sample(&l, &r.spec.params, &mut r.rng);
                     (t, lp.map(|ls| (ls[t as usize], top_logprobs(&ls, r.spec.top_logprobs_num))))
                 }

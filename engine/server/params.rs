@@ -74,16 +74,22 @@ pub fn ids(v: &Value) -> Option<Vec<u32>> {
 /// Where a sampling parameter comes from: its name in this API.
 pub struct SamplingNames {
     pub max_tokens: &'static [&'static str],
+    pub min_tokens: &'static str,
 }
 
-pub const OPENAI: SamplingNames = SamplingNames { max_tokens: &["max_tokens", "max_completion_tokens"] };
-pub const NATIVE: SamplingNames = SamplingNames { max_tokens: &["max_new_tokens"] };
+pub const OPENAI: SamplingNames = SamplingNames { max_tokens: &["max_tokens", "max_completion_tokens"], min_tokens: "min_tokens" };
+pub const NATIVE: SamplingNames = SamplingNames { max_tokens: &["max_new_tokens"], min_tokens: "min_new_tokens" };
+
+/// Fields asking for constrained decoding (SGLang's grammar backends), which this server does not
+/// have: refused by name rather than ignored, so that no client takes free text for a match.
+const CONSTRAINED: &[&str] = &["regex", "json_schema", "ebnf", "structural_tag"];
 
 /// Keys of SGLang's `sampling_params` object.
 pub const NATIVE_KEYS: &[&str] = &[
     "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
     "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens", "n", "seed",
     "min_new_tokens", "spaces_between_special_tokens", "no_stop_trim", "json_schema", "regex", "ebnf",
+    "structural_tag", "logit_bias",
 ];
 
 /// Sampling parameters from an object, with `default_max` when no max-tokens field is given.
@@ -141,6 +147,29 @@ pub fn sampling(o: &Obj, names: &SamplingNames, default_max: usize) -> Result<Sa
     }
     if let Some(x) = o.bool("skip_special_tokens")? {
         p.skip_special_tokens = x;
+    }
+    if let Some(x) = o.uint(names.min_tokens)? {
+        p.min_new_tokens = x;
+    }
+    if let Some(x) = o.bool("no_stop_trim")? {
+        p.no_stop_trim = x;
+    }
+    if let Some(b) = o.object("logit_bias")? {
+        for (k, v) in b.0 {
+            let t = k.parse::<u32>().map_err(|_| ApiError::param("logit_bias", format!("`logit_bias` keys must be token ids, got {k:?}")))?;
+            let x = v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| ApiError::param("logit_bias", format!("`logit_bias` values must be numbers, got {v} for token {t}")))?;
+            p.logit_bias.push((t, x as f32));
+        }
+        p.logit_bias.sort_by_key(|x| x.0);
+    }
+    if let Some(k) = CONSTRAINED.iter().find(|k| o.get(k).is_some()) {
+        return Err(ApiError::param(k, format!("`{k}`: constrained decoding is not supported by this server")));
+    }
+    if let Some(f) = o.object("response_format")? {
+        match f.str("type")? {
+            None | Some("text") => {}
+            Some(t) => return Err(ApiError::param("response_format", format!("`response_format` {t:?}: constrained decoding is not supported by this server (only \"text\")"))),
+        }
     }
     p.validate().map_err(|e| ApiError::param(e.field, e.to_string()))?;
     Ok(p)
