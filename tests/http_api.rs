@@ -205,12 +205,17 @@ async fn min_new_tokens_logit_bias_no_stop_trim_and_constrained_decoding_refused
         ("/v1/completions", json!({"prompt": "x", "logit_bias": {"5": 101}}), "logit_bias"),
         ("/v1/completions", json!({"prompt": "x", "logit_bias": {"99999": 1}}), "99999"),
         ("/v1/completions", json!({"prompt": "x", "max_tokens": 2, "min_tokens": 3}), "min_new_tokens"),
+        ("/v1/completions", json!({"prompt": "x", "suffix": "y"}), "suffix"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}), "tool"),
     ] {
         let r = post(a, path, &body).await;
         assert_eq!(r.status, 400, "{path} {body}");
         let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
         assert!(msg.contains(needle), "{path} {body}: {msg}");
     }
+    // tools the client asks not to be called are accepted
+    let r = post(a, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
     assert_kv_whole(&wait_idle(a).await);
 }
 

@@ -158,6 +158,9 @@ pub async fn completions(app: &App, body: Value) -> Result<Resp, ApiError> {
     if o.bool("echo")?.unwrap_or(false) {
         return Err(ApiError::param("echo", "`echo` is not supported"));
     }
+    if o.str("suffix")?.is_some_and(|x| !x.is_empty()) {
+        return Err(ApiError::param("suffix", "`suffix` (insertion) is not supported"));
+    }
     let n = params.n;
     let rxs = submit_all(app, &prompts, &params, &c)?;
     let id = format!("cmpl-{}", rxs[0].0);
@@ -261,6 +264,11 @@ pub async fn chat(app: &App, body: Value) -> Result<Resp, ApiError> {
     let o = Obj(body.as_object().unwrap());
     check_model(app, &o)?;
     let messages = parse_messages(&o)?;
+    // tools would reach neither the prompt nor a parser: refused unless the client asks for none
+    // of them to be called (vLLM's answer without a tool-call parser, too)
+    if o.get("tools").and_then(Value::as_array).is_some_and(|t| !t.is_empty()) && o.get("tool_choice").and_then(Value::as_str) != Some("none") {
+        return Err(ApiError::param("tools", "tool calling is not supported by this server (tool_choice \"none\" is)"));
+    }
     let tok = app.engine.tokenizer.as_ref().ok_or_else(|| ApiError::bad("this model has no tokenizer: use /v1/completions with token ids"))?;
     let prompt = tok.encode_chat(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
     let params = sampling(&o, &OPENAI, app.info().context_length.saturating_sub(prompt.len()).min(4096).max(1))?;
