@@ -68,6 +68,12 @@ impl ActFp8 {
 mod tests {
     use super::*;
 
+    /// `n` values uniform in (−scale, scale) from the project's seeded generator.
+    fn signed_uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut rng = crate::sampling::Rng::new(seed);
+        (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) as f32 * scale).collect()
+    }
+
     /// Every finite e4m3fn value, by code, decoded independently in f64.
     fn e4m3_values() -> Vec<(u8, f64)> {
         (0..=255u8)
@@ -84,15 +90,7 @@ mod tests {
     fn each_code_is_the_nearest_e4m3_value_and_the_group_max_is_448() {
         let table = e4m3_values();
         let (rows, cols) = (5, 300); // a partial third group
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut x: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                ((seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * 3.0
-            })
-            .collect();
+        let mut x = signed_uniform(rows * cols, 0x9e37_79b9_7f4a_7c15, 3.0);
         x[cols..cols + ACT_GROUP].fill(0.0); // an all-zero group: floor scale, zero codes
         x[7] = 1e-6; // tiny values land in the subnormals
         let a = ActFp8::quantize(&x, rows, cols);
@@ -123,15 +121,7 @@ mod tests {
     fn the_fnuz_form_is_worth_the_same_values_with_no_nan_code() {
         // signed values incl. −0 and values that round to −0 (e4m3fn's 0x80, e4m3fnuz's NaN)
         let (rows, cols) = (3, 256);
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut x: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                ((seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * 5.0
-            })
-            .collect();
+        let mut x = signed_uniform(rows * cols, 0x2545_f491_4f6c_dd1d, 5.0);
         x[3] = -0.0;
         x[4] = -1e-9; // rounds to −0 against the group's scale
         let (fn_, fnuz) = (ActFp8::quantize(&x, rows, cols), ActFp8::quantize_fnuz(&x, rows, cols));
