@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt::{result, sys};
 
-use crate::backend::gpu::blas::{GemmLib, PlanCache};
+use crate::backend::gpu::blas::{DescAttr as Attr, GemmLib, PlanCache};
 use crate::backend::gpu::device::{DevBuf, DevPtr, DeviceApi, Handle};
 use crate::backend::BackendError;
 
@@ -16,12 +16,6 @@ const WORKSPACE: usize = 32 << 20;
 
 fn blas_err(op: &'static str) -> impl Fn(result::CublasError) -> BackendError {
     move |e| BackendError::Op { backend: "cuda", op, msg: format!("cuBLASLt: {e:?}") }
-}
-
-/// A matmul descriptor attribute's value.
-enum Attr {
-    I32(i32),
-    Ptr(DevPtr),
 }
 
 /// One GEMM shape's descriptors and chosen algorithm (created once, reused, also inside graphs).
@@ -118,10 +112,7 @@ impl BlasLt {
         let trans: i32 = 1; // CUBLAS_OP_T
         unsafe { result::set_matmul_desc_attribute(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &trans as *const i32 as *const c_void, 4) }.map_err(&e)?;
         for (attr, v) in attrs {
-            let (p, size) = match v {
-                Attr::I32(x) => (x as *const i32 as *const c_void, 4),
-                Attr::Ptr(x) => (x as *const u64 as *const c_void, 8),
-            };
+            let (p, size) = v.raw();
             unsafe { result::set_matmul_desc_attribute(desc, *attr, p, size) }.map_err(&e)?;
         }
         let a = result::create_matrix_layout(ab, k as u64, n as u64, k as i64).map_err(&e)?;

@@ -18,6 +18,22 @@ use crate::backend::BackendError;
 const EW: &str = "hip-kernels/elementwise.hip";
 const ACT_QUANT: &str = "hip-kernels/act_quant.hip";
 
+/// A matmul descriptor attribute's value, as cuBLASLt's and hipBLASLt's `...MatmulDescSetAttribute`
+/// take it: a pointer to the value and its size.
+pub enum DescAttr {
+    I32(i32),
+    Ptr(DevPtr),
+}
+
+impl DescAttr {
+    pub fn raw(&self) -> (*const std::ffi::c_void, usize) {
+        match self {
+            DescAttr::I32(x) => (x as *const i32 as *const std::ffi::c_void, 4),
+            DescAttr::Ptr(x) => (x as *const u64 as *const std::ffi::c_void, 8),
+        }
+    }
+}
+
 /// A vendor GEMM library as the backend uses it.
 pub trait GemmLib: Send + Sync {
     /// "cuBLASLt", "hipBLASLt"

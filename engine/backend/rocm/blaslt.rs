@@ -11,7 +11,7 @@ use std::ffi::c_void;
 use hip_sys::hipblaslt as lt;
 
 use super::RocmBackend;
-use crate::backend::gpu::blas::{GemmLib, PlanCache};
+use crate::backend::gpu::blas::{DescAttr as Attr, GemmLib, PlanCache};
 use crate::backend::gpu::device::{DevBuf, DevPtr, Handle};
 
 const WORKSPACE: usize = 32 << 20;
@@ -34,12 +34,6 @@ pub struct HipBlasLt {
     fp8_plans: PlanCache<Plan>,
     /// The FP8 operands' type: e4m3fnuz on gfx942, e4m3fn elsewhere
     fp8: lt::hipDataType,
-}
-
-/// A descriptor attribute's value.
-enum Attr {
-    I32(i32),
-    Ptr(u64),
 }
 
 // SAFETY: the handle and descriptors are used from one stream at a time, under the backend's
@@ -121,10 +115,7 @@ impl HipBlasLt {
             let attr = lt::hipblasLtMatmulDescAttributes_t_HIPBLASLT_MATMUL_DESC_TRANSA;
             check("hipblasLtMatmulDescSetAttribute", a.hipblasLtMatmulDescSetAttribute(p.desc, attr, &trans as *const _ as *const c_void, std::mem::size_of_val(&trans)))?;
             for (attr, v) in attrs {
-                let (ptr, size) = match v {
-                    Attr::I32(x) => (x as *const i32 as *const c_void, 4),
-                    Attr::Ptr(x) => (x as *const u64 as *const c_void, 8),
-                };
+                let (ptr, size) = v.raw();
                 check("hipblasLtMatmulDescSetAttribute", a.hipblasLtMatmulDescSetAttribute(p.desc, *attr, ptr, size))?;
             }
             check("hipblasLtMatrixLayoutCreate", a.hipblasLtMatrixLayoutCreate(&mut p.a, ab, k as u64, n as u64, k as i64))?;
