@@ -34,7 +34,7 @@
 // and of W ([experts · N, K], boxes of MG_BN rows), 16 words each, in global memory. A tile is 8
 // ints: expert (of W's), first row, rows, its segment's first row and rows (where the segment's
 // scales are: [K / 128, rows] from index first · K / 128), 3 unused.
-#include "bf16.h"
+#include "common.h"
 
 #define MG_BM 128     // rows a tile (two warpgroups of 64)
 #define MG_BN 128     // columns an item (one weight scale block)
