@@ -34,7 +34,7 @@
 // and of W ([experts · N, K], boxes of MG_BN rows), 16 words each, in global memory. A tile is 8
 // ints: expert (of W's), first row, rows, its segment's first row and rows (where the segment's
 // scales are: [K / 128, rows] from index first · K / 128), 3 unused.
-#include "common.h"
+#include "sm90.h"
 
 #define MG_BM 128     // rows a tile (two warpgroups of 64)
 #define MG_BN 128     // columns an item (one weight scale block)
@@ -45,63 +45,14 @@
 #define MG_STAGE ((MG_BM * MG_BK + MG_BN * MG_BK + MG_BM * 4 + 1023) / 1024 * 1024) // bytes a stage: A, W, scales; 1024-aligned
 #define MG_SMEM (MG_ST * MG_STAGE + 1024) // + the alignment of the first stage
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#ifdef SM90_WGMMA
 #define MG_WGMMA 1
-// Stage use: the producer's thread arrives on `full` expecting `bytes`; the copies below complete
-// them as they land.
-__device__ __forceinline__ void mg_bar_expect(uint64_t* b, int bytes) {
-    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"((uint32_t)__cvta_generic_to_shared(b)), "r"(bytes) : "memory");
-}
-
-// A box of the tensor map at (column x in bytes, row y) into shared memory (written with the map's
-// 128-byte swizzle: 16-byte chunk c of row r at r · 128 + 16 · (c ^ r % 8) of a 1024-aligned
-// box, the layout the MMA descriptors below read); completes its bytes on `bar`.
-__device__ __forceinline__ void mg_tma(void* dst, const void* map, int x, int y, uint64_t* bar) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
-                 "l"((uint64_t)map), "r"(x), "r"(y), "r"((uint32_t)__cvta_generic_to_shared(bar))
-                 : "memory");
-}
-
-// `bytes` (a multiple of 16, both ends 16-byte aligned) from global to shared memory; completes
-// them on `bar`.
-__device__ __forceinline__ void mg_bulk(void* dst, const void* src, int bytes, uint64_t* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src), "r"(bytes),
-                 "r"((uint32_t)__cvta_generic_to_shared(bar))
-                 : "memory");
-}
-
-__device__ __forceinline__ void mg_bar_init(uint64_t* b, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"((uint32_t)__cvta_generic_to_shared(b)), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void mg_bar_arrive(uint64_t* b) {
-    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"((uint32_t)__cvta_generic_to_shared(b)) : "memory");
-}
-
-// Returns once the barrier's phase of this parity has completed.
-__device__ __forceinline__ void mg_bar_wait(uint64_t* b, int parity) {
-    uint32_t done;
-    do {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done)
-                     : "r"((uint32_t)__cvta_generic_to_shared(b)), "r"(parity)
-                     : "memory");
-    } while (!done);
-}
-
 // Work item i: its tile's 8 ints and first column (groups of MG_GROUP tiles, columns outermost).
 __device__ __forceinline__ const int32_t* mg_item(const int32_t* tiles, int n_tiles, int nb, int i, int& n0) {
     const int per_group = MG_GROUP * nb, grp = i / per_group, in = i % per_group;
     const int gtiles = min(MG_GROUP, n_tiles - grp * MG_GROUP);
     n0 = (in / gtiles) * MG_BN;
     return tiles + 8 * (grp * MG_GROUP + in % gtiles);
-}
-
-// A shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row groups
-// 1024 bytes apart.
-__device__ __forceinline__ uint64_t mg_desc(const void* p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
 }
 
 // d (64 rows × 128 columns a warpgroup, 64 floats a thread) = (acc ? d : 0) + A · Bᵀ over 32 K.
@@ -134,8 +85,8 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
     const int nb = N / MG_BN, kbs = K / MG_BK, items = n_tiles * nb;
     if (threadIdx.x == 0) {
         for (int s = 0; s < MG_ST; ++s) {
-            mg_bar_init(&full[s], 1);  // the producer's expectation, completed by its copies' bytes
-            mg_bar_init(&empty[s], 8);  // lane 0 of each consumer warp, once its MMA has read the stage
+            sm90_bar_init(&full[s], 1);  // the producer's expectation, completed by its copies' bytes
+            sm90_bar_init(&empty[s], 8);  // lane 0 of each consumer warp, once its MMA has read the stage
         }
     }
     __syncthreads();
@@ -156,11 +107,11 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
                 for (int kb = 0; kb < kbs; ++kb, ++it) {
                     const int s = it % MG_ST;
                     uint8_t* st = smem + s * MG_STAGE;
-                    if (it >= MG_ST) mg_bar_wait(&empty[s], (it / MG_ST - 1) & 1);
-                    mg_bar_expect(&full[s], (MG_BM + MG_BN) * MG_BK + sxb);
-                    mg_tma(st, ma, kb * MG_BK, row0, &full[s]);
-                    mg_tma(st + MG_BM * MG_BK, mw, kb * MG_BK, e * N + n0, &full[s]);
-                    mg_bulk(st + (MG_BM + MG_BN) * MG_BK, SX + sx0 + (int64_t)kb * sx_stride, sxb, &full[s]);
+                    if (it >= MG_ST) sm90_bar_wait(&empty[s], (it / MG_ST - 1) & 1);
+                    sm90_bar_expect(&full[s], (MG_BM + MG_BN) * MG_BK + sxb);
+                    sm90_tma(st, ma, kb * MG_BK, row0, &full[s]);
+                    sm90_tma(st + MG_BM * MG_BK, mw, kb * MG_BK, e * N + n0, &full[s]);
+                    sm90_bulk(st + (MG_BM + MG_BN) * MG_BK, SX + sx0 + (int64_t)kb * sx_stride, sxb, &full[s]);
                 }
             }
         }
@@ -175,8 +126,8 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
         const int e = tl[0], row0 = tl[1], nrows = tl[2];
         if (!__shfl_sync(0xffffffff, 64 * h < nrows, 0)) { // no rows of this item: only hand the stages back
             for (int kb = 0; kb < kbs; ++kb) {
-                mg_bar_wait(&full[(it + kb) % MG_ST], ((it + kb) / MG_ST) & 1);
-                if (lane == 0) mg_bar_arrive(&empty[(it + kb) % MG_ST]);
+                sm90_bar_wait(&full[(it + kb) % MG_ST], ((it + kb) / MG_ST) & 1);
+                if (lane == 0) sm90_bar_arrive(&empty[(it + kb) % MG_ST]);
             }
             continue;
         }
@@ -191,7 +142,7 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
             const int u = it + kb, s = u % MG_ST;
             const uint8_t* st = smem + s * MG_STAGE;
             const float sw = ws[kb];
-            mg_bar_wait(&full[s], (u / MG_ST) & 1);
+            sm90_bar_wait(&full[s], (u / MG_ST) & 1);
             const float* sx = (const float*)(st + (MG_BM + MG_BN) * MG_BK);
             s0 = sx[64 * h + 16 * w + g] * sw;
             s1 = sx[64 * h + 16 * w + g + 8] * sw;
@@ -199,13 +150,13 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
             const uint8_t* wt = st + MG_BM * MG_BK;
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-            for (int kk = 0; kk < MG_BK / 32; ++kk) mg_wgmma(p, mg_desc(a + 32 * kk), mg_desc(wt + 32 * kk), kk);
+            for (int kk = 0; kk < MG_BK / 32; ++kk) mg_wgmma(p, sm90_desc(a + 32 * kk), sm90_desc(wt + 32 * kk), kk);
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         };
         // K block kb's MMA has completed: its stage back to the producer, its products promoted
         // (columns 8j + 2t, + 1)
         auto finish = [&](const float* p, int kb, float s0, float s1) {
-            if (lane == 0) mg_bar_arrive(&empty[(it + kb) % MG_ST]);
+            if (lane == 0) sm90_bar_arrive(&empty[(it + kb) % MG_ST]);
 #pragma unroll
             for (int j = 0; j < 16; ++j) {
                 acc[4 * j] += p[4 * j] * s0;

@@ -12,7 +12,7 @@ use super::blas::GemmLib;
 use super::ccl::Ccl;
 use super::device::{err, DevBuf, DevEvent, DeviceApi, Elem, Kernel, Launch};
 use super::source::Vendor;
-use super::specs::{generic_module, mla_decode_module, mla_decode_rows_module, mla_flash_bf16_module, mla_module, mla_prefill_bf16_module, mla_prefill_module};
+use super::specs::{generic_module, mla_decode_module, mla_decode_rows_module, mla_flash_bf16_module, mla_flash_wg_module, mla_module, mla_prefill_bf16_module, mla_prefill_module};
 use super::step::Graphs;
 use super::{Jit, KernelModule, ModelDims};
 use crate::backend::{BackendError, TensorShape};
@@ -296,6 +296,14 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// The flash prefill in FlashAttention-2's form (NVIDIA sm_80+, bf16 operands).
     pub(crate) fn mla_flash_bf16_func(&self, dims: ModelDims) -> Result<Kernel, BackendError> {
         self.load(&mla_flash_bf16_module(dims, V::SOURCE), "mla_flash_bf16")
+    }
+
+    pub(crate) fn mla_flash_wg_func(&self, dims: ModelDims) -> Result<Kernel, BackendError> {
+        let mut m = mla_flash_wg_module(dims, V::SOURCE);
+        if !self.tuned.flash_wgmma_pingpong {
+            m.defines.push(("FW_PINGPONG".into(), "0".into()));
+        }
+        self.load(&m, "mla_flash_wg")
     }
 
     pub(crate) fn mla_prefill_func(&self, dims: ModelDims, name: &str) -> Result<Kernel, BackendError> {

@@ -276,9 +276,17 @@ fn prompts_take_the_flash_kernel_of_their_operands_and_head_size() {
     // (bf16 operands, value head, kernel, grid, threads): bf16 with 16-column value fragments takes
     // the FlashAttention-2 form's 128-query blocks (300 queries: 3), hi + lo operands or 24-column
     // value heads mla_prefill.hip's 64-query blocks (5)
-    for (bf16, v_head, kernel, grid, threads) in [(true, 128, "mla_flash_bf16", (3, 16, 1), 256), (false, 128, "mla_flash_prefill", (5, 16, 1), 128), (true, 24, "mla_flash_prefill", (5, 16, 1), 128)] {
+    // value heads of 128 on sm_90a take FlashAttention-3's form (same 128-query blocks, 3 warpgroups)
+    // unless it is tuned off
+    for (arch, wg, bf16, v_head, kernel, grid, threads) in [
+        ("sm_90", true, true, 128, "mla_flash_bf16", (3, 16, 1), 256),
+        ("sm_90a", true, true, 128, "mla_flash_wg", (3, 16, 1), 384),
+        ("sm_90a", false, true, 128, "mla_flash_bf16", (3, 16, 1), 256),
+        ("sm_90a", true, false, 128, "mla_flash_prefill", (5, 16, 1), 128),
+        ("sm_90a", true, true, 24, "mla_flash_prefill", (5, 16, 1), 128),
+    ] {
         let (mut b, rt) = nvidia_like();
-        (b.attn_bf16, b.matrix_units, b.flash_prefill) = (bf16, true, true);
+        (b.attn_bf16, b.matrix_units, b.flash_prefill, b.arch, b.tuned.flash_wgmma) = (bf16, true, true, arch.into(), wg);
         let d = MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head, kv_lora_rank: 512, scale: 0.1 };
         let kv = b.alloc_kv_cache(2, 300, d.kv_entry()).unwrap();
         let kv_b = b.upload_mla_kv_b(&fp8(16 * (128 + v_head), 512), d.qk_nope, d.v_head).unwrap();
@@ -287,7 +295,7 @@ fn prompts_take_the_flash_kernel_of_their_operands_and_head_size() {
         b.mla_attention(&q, &kv, 1, &[AttnSeq { q_start: 0, q_len: 300, slots: &slots }], &kv_b, &d).unwrap();
         let l = rt.take_launched();
         let attn: Vec<_> = l.iter().filter(|x| x.0.starts_with("mla_flash")).map(|x| (x.0.as_str(), x.1, x.2)).collect();
-        assert_eq!(attn, vec![(kernel, grid, threads)], "bf16 {bf16}, v_head {v_head}");
+        assert_eq!(attn, vec![(kernel, grid, threads)], "{arch} wg {wg} bf16 {bf16}, v_head {v_head}");
         // the context padded to 320 keys: 10 blocks of 32 lay out the per-head keys and values
         assert!(l.iter().any(|x| x.0 == "mla_prefill_kv" && x.1 == (10, 16, 1)), "{l:?}");
     }

@@ -32,6 +32,16 @@ fn fa2_shared_bytes(d: &MlaDims) -> usize {
     2 * (FA2_K * (d.qk_head() + 8) + d.v_head * (FA2_K + 8)) * 2
 }
 
+/// mla_flash_wg.hip: a producer and two consumer warpgroups, 64-key stages (FW_K, one
+/// 128-byte swizzle row of transposed values), FW_ST of them; its shared memory FW_SMEM: the
+/// stages' keys and transposed values, + 1024 to align them.
+const FW_THREADS: u32 = 384;
+const FW_K: usize = 64;
+const FW_ST: usize = 4;
+fn fw_shared_bytes(d: &MlaDims) -> usize {
+    FW_ST * (FW_K * d.qk_head() * 2 + d.v_head * FW_K * 2) + 1024
+}
+
 /// The kernel's tile list: per `tile_q` queries of a sequence, [first query row, queries, first
 /// context row in the flattened context, position of the first query in its sequence]; and that
 /// context, each sequence's part padded with its first slot (finite keys that the causal mask
@@ -69,6 +79,26 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.attn_bf16 && self.warp == 32 && self.matrix_units && !self.flash_portable && d.v_head.is_multiple_of(16) && fa2_shared_bytes(d) <= self.dev.max_shared_per_block()
     }
 
+    /// Whether that flash prefill takes mla_flash_wg.hip instead (FlashAttention-3's form, same
+    /// tiles and operands): tuned on, sm_90a (the warpgroup MMA and tensor maps), whole 64-column
+    /// chunks of query / key rows and 128-column value heads (V2 / V3: 192 / 128).
+    pub(super) fn fa3_prefill(&self, d: &MlaDims) -> bool {
+        self.tuned.flash_wgmma && self.arch == "sm_90a" && self.fa2_prefill(d) && d.qk_head().is_multiple_of(64) && d.v_head == 128 && fw_shared_bytes(d) <= self.dev.max_shared_per_block()
+    }
+
+    /// The tensor maps mla_flash_wg.hip copies by, 16 words each: the per-head keys as bytes
+    /// [heads · ctx, 2 · qk] in boxes of FW_K rows, the transposed values as bytes [heads · v,
+    /// 2 · ctx] in boxes of v rows.
+    fn fw_maps(&self, k: &DevBuf<u16>, vt: &DevBuf<u16>, d: &MlaDims, ctx: usize) -> Result<DevBuf<u8>, BackendError> {
+        let map = |b: &DevBuf<u16>, cols: usize, rows: usize, box_rows: usize| -> Result<[u64; 16], BackendError> {
+            let (cols, rows) = ((2 * cols) as u64, rows as u64);
+            self.dev.tensor_map_u8_sw128(b.ptr(), cols, rows, cols, box_rows as u32).map_err(err("mla_flash_wg tensor map"))?.ok_or_else(|| self.op_err("mla_flash_wg", "the device has no tensor maps".into()))
+        };
+        let maps = [map(k, d.qk_head(), d.num_heads * ctx, FW_K)?, map(vt, ctx, d.num_heads * d.v_head, d.v_head)?];
+        let bytes: Vec<u8> = maps.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+        self.htod(&bytes)
+    }
+
     /// Writes the attention output rows of `seqs` into `out` ([T, heads·v_head]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn mla_flash(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[&AttnSeq], kv_b: &GpuLinear, d: &MlaDims, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
@@ -101,6 +131,14 @@ impl<V: GpuVendor> GpuBackend<V> {
             b.arg(&kvd.buf).arg(&pe).arg(&mut k).arg(&mut vt).arg(&ctx).arg(&heads);
             b.run(LaunchConfig { grid_dim: ((n / KV_TILE) as u32, d.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }).map_err(err("mla_prefill_kv"))?;
             drop(kvd);
+            if self.fa3_prefill(d) {
+                let maps = self.fw_maps(&k, &vt, d, n)?;
+                let f = self.mla_flash_wg_func(dims)?;
+                let mut b = self.launch(&f);
+                b.arg(&maps).arg(&q.buf).arg(&d_tiles).arg(out).arg(&ctx).arg(&heads).arg(&scale);
+                let launch = LaunchConfig { grid_dim: ((tiles.len() / 4) as u32, d.num_heads as u32, 1), block_dim: (FW_THREADS, 1, 1), shared_mem_bytes: fw_shared_bytes(d) as u32 };
+                return b.run(launch).map_err(err("mla_flash_wg"));
+            }
             let (f, name, threads, smem) = if fa2 {
                 (self.mla_flash_bf16_func(dims)?, "mla_flash_bf16", FA2_THREADS, fa2_shared_bytes(d) as u32)
             } else {
@@ -147,5 +185,21 @@ mod tests {
             assert!(src.contains(&format!("#define {name} {v} ")), "{name} {v}");
         }
         assert!(src.contains("#define FA_THREADS (32 * FA_WARPS)") && src.contains("#define FA_WARPS (FA_Q / 16)") && FA2_THREADS as usize == 32 * FA2_Q / 16);
+    }
+
+    #[test]
+    fn fa3_layout_mirrors_the_kernel() {
+        // FW_SMEM for V3: 4 stages × (64 × 192 + 128 × 64) bf16 + 1024, within an H200's 227 KB
+        let d = MlaDims { num_heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
+        assert_eq!(fw_shared_bytes(&d), 164_864);
+        assert!(fw_shared_bytes(&d) <= 232_448);
+        let src = include_str!("../../../hip-kernels/mla_flash_wg.hip");
+        for (name, v) in [("FW_Q", FA2_Q), ("FW_K", FW_K), ("FW_ST", FW_ST), ("FW_THREADS", FW_THREADS as usize)] {
+            assert!(src.contains(&format!("#define {name} {v} ")), "{name} {v}");
+        }
+        assert!(src.contains("#define FW_SMEM (FW_ST * FW_STAGE + 1024)") && src.contains("#define FW_STAGE (FW_KBYTES + FW_VBYTES)"));
+        super::super::moe_f8_gemm::tests::check_register_handover(src, FW_THREADS as usize);
+        // the context padding keeps every tile's keys inside its sequence's part
+        assert!(CTX_ALIGN.is_multiple_of(FW_K));
     }
 }

@@ -85,7 +85,7 @@ impl<V: GpuVendor> GpuBackend<V> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -106,21 +106,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_register_handover_fits_what_the_launch_allocates() {
-        // setmaxnreg moves registers inside the block's pool, which is what the launch allocated:
-        // MG_THREADS threads × the per-thread count ptxas gives a 1-block-an-SM kernel (64K
-        // registers, a multiple of 8). Asking for more than the pool holds hangs the consumers.
-        let src = include_str!("../../../hip-kernels/moe_f8_gemm.hip");
+    /// setmaxnreg moves registers inside the block's pool, which is what the launch allocated:
+    /// `threads` × the per-thread count ptxas gives a 1-block-an-SM kernel (64K registers, a
+    /// multiple of 8). Asking for more than the pool holds hangs the consumers. Checks the values
+    /// in `src` (a producer warpgroup's `dec`, the consumers' `inc`).
+    pub(in crate::backend::gpu) fn check_register_handover(src: &str, threads: usize) {
         let regs = |dir: &str| -> usize {
             let pat = format!("setmaxnreg.{dir}.sync.aligned.u32 ");
             let at = src.find(&pat).unwrap_or_else(|| panic!("{pat}")) + pat.len();
             src[at..].split(';').next().unwrap().trim().parse().unwrap()
         };
         let (producer, consumer) = (regs("dec"), regs("inc"));
-        let launched = 65536 / MG_THREADS as usize / 8 * 8;
-        assert_eq!(launched, 168);
+        let launched = 65536 / threads / 8 * 8;
         assert!(producer % 8 == 0 && consumer % 8 == 0 && producer < launched && consumer > launched);
-        assert!(128 * producer + (MG_THREADS as usize - 128) * consumer <= MG_THREADS as usize * launched, "{producer} / {consumer}");
+        assert!(128 * producer + (threads - 128) * consumer <= threads * launched, "{producer} / {consumer}");
+    }
+
+    #[test]
+    fn the_register_handover_fits_what_the_launch_allocates() {
+        assert_eq!(65536 / MG_THREADS as usize / 8 * 8, 168);
+        check_register_handover(include_str!("../../../hip-kernels/moe_f8_gemm.hip"), MG_THREADS as usize);
+        // the check fails on the pair that hung an H200 (48 / 232)
+        let hung = "setmaxnreg.dec.sync.aligned.u32 48;\nsetmaxnreg.inc.sync.aligned.u32 232;";
+        assert!(std::panic::catch_unwind(|| check_register_handover(hung, 384)).is_err());
     }
 }

@@ -96,6 +96,12 @@ pub fn mla_flash_bf16_module(d: ModelDims, vendor: Vendor) -> KernelModule {
     KernelModule { file: "hip-kernels/mla_flash_bf16.hip", functions: vec!["mla_flash_bf16"], ..mla_module(d, vendor) }
 }
 
+/// The flash prefill in FlashAttention-3's form on the warpgroup MMA (NVIDIA sm_90a), same shape
+/// defines.
+pub fn mla_flash_wg_module(d: ModelDims, vendor: Vendor) -> KernelModule {
+    KernelModule { file: "hip-kernels/mla_flash_wg.hip", functions: vec!["mla_flash_wg"], ..mla_module(d, vendor) }
+}
+
 /// MLA decode attention on the matrix units (bf16 operands), same shape defines.
 pub fn mla_decode_module(d: ModelDims, vendor: Vendor) -> KernelModule {
     KernelModule { file: "hip-kernels/mla_decode.hip", functions: vec!["mla_decode_mma"], ..mla_module(d, vendor) }
@@ -107,7 +113,7 @@ pub fn mla_decode_rows_module(d: ModelDims, vendor: Vendor) -> KernelModule {
     KernelModule { file: "hip-kernels/mla_decode_rows.hip", functions: vec!["mla_decode_rows"], ..mla_module(d, vendor) }
 }
 
-/// Every module a model with these shapes runs (the three flash prefills, the three decode
+/// Every module a model with these shapes runs (the four flash prefills, the three decode
 /// attentions).
 pub fn modules_for(d: ModelDims, vendor: Vendor) -> Vec<KernelModule> {
     let mut v: Vec<KernelModule> = GENERIC.iter().map(|(f, _)| generic_module(f, vendor)).collect();
@@ -115,6 +121,7 @@ pub fn modules_for(d: ModelDims, vendor: Vendor) -> Vec<KernelModule> {
     v.push(mla_prefill_module(d, vendor));
     v.push(mla_prefill_bf16_module(d, vendor));
     v.push(mla_flash_bf16_module(d, vendor));
+    v.push(mla_flash_wg_module(d, vendor));
     v.push(mla_decode_module(d, vendor));
     v.push(mla_decode_rows_module(d, vendor));
     v

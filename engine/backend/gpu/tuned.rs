@@ -67,6 +67,19 @@ pub struct Tuned {
     /// sm_90a); false: the GEMM library's block-scaled FP8 GEMM per expert
     #[serde(default = "default_moe_f8_gemm")]
     pub moe_f8_gemm: bool,
+    /// With bf16 attention operands, the flash prefill of V2 / V3 head sizes runs in
+    /// FlashAttention-3's form on the warpgroup MMA (mla_flash_wg.hip; NVIDIA sm_90a); false:
+    /// FlashAttention-2's form on mma.sync (mla_flash_bf16.hip)
+    #[serde(default = "default_true")]
+    pub flash_wgmma: bool,
+    /// mla_flash_wg.hip's two consumer warpgroups take turns to issue their MMAs (FW_PINGPONG),
+    /// FlashAttention-3's ping-pong schedule; false: each issues as soon as its tile has landed
+    #[serde(default)]
+    pub flash_wgmma_pingpong: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_moe_f8_gemm() -> bool {
@@ -131,6 +144,8 @@ impl Default for Tuned {
             mla_proj_mma_min_rows: default_mla_proj_mma_min_rows(),
             mla_decode_rows_max_heads: default_mla_decode_rows_max_heads(),
             moe_f8_gemm: default_moe_f8_gemm(),
+            flash_wgmma: default_true(),
+            flash_wgmma_pingpong: false,
         }
     }
 }

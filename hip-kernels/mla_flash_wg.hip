@@ -1,0 +1,293 @@
+// Causal flash attention of the MLA prefill on Hopper's warpgroup MMA (sm_90a), FlashAttention-3's
+// form, over the same operands as mla_flash_bf16.hip (mla_prefill_kv's per-head bf16 keys
+// [ctx][NOPE + ROPE] and transposed values [VDIM][ctx]; queries f32 [T, heads, NOPE + ROPE],
+// output f32 [T, heads, VDIM]) and its tiles (128 queries of one sequence a block, per head):
+//   - a block is three warpgroups: a producer, one thread of which copies each 64-key tile by the
+//     tensor memory accelerator (the keys as NOPE + ROPE / 64 boxes of 64 rows × 128 bytes, the
+//     transposed values as one box of VDIM rows × 128 bytes, all 128-byte swizzled) into a ring of
+//     FW_ST stages handed over by full / empty mbarriers (as moe_f8_gemm.hip), and two consumers of
+//     64 queries each, which hold their queries as bf16 A fragments in registers for the whole loop
+//     (setmaxnreg moves the producer's registers to them);
+//   - S = Q·Kᵀ by wgmma.m64n64k16 (Q from registers, K from shared memory: from shared memory
+//     too, Q's reads and K's would fill its bandwidth as the MMAs run), the online softmax in
+//     registers in base 2, then O += P·V by wgmma.m64n128k16 with P from registers (the score
+//     accumulators, packed to bf16, are its A fragments) and Vᵀ from shared memory;
+//   - tile t's S is issued before tile t - 1's P·V, so the softmax of t runs while the tensor
+//     cores do t - 1's P·V; O is rescaled once that completes, and its stage is handed back;
+//   - the causal mask only where a tile crosses a warp's diagonal; a consumer stops at its last
+//     query's position (it hands the block's later tiles back unread); heaviest tiles first (block
+//     x takes the tile list from its end).
+// sm_90a, QK % 64 == 0 and VDIM == 128 (the host checks; DeepSeek V2 / V3 are 192 / 128);
+// elsewhere it compiles a trap the host never selects.
+// Launch: grid (tiles, heads), block FW_THREADS, dynamic shared memory FW_SMEM (mla_flash_wg.rs
+// mirrors FW_*). `maps`: tensor maps (16 words each, in global memory) of the keys as bytes
+// [heads · ctx rows, 2 · QK] (boxes of FW_K rows) and of the transposed values as bytes
+// [heads · VDIM rows, 2 · ctx] (boxes of VDIM rows). A tile is 4 ints as mla_flash_bf16.hip's.
+#include "bf16.h"
+#include "sm90.h"
+
+#ifndef KV_LORA
+#error "KV_LORA must be defined"
+#endif
+#define QK (NOPE + ROPE)
+#define FW_Q 128         // queries a block (two consumer warpgroups of 64)
+#define FW_K 64          // keys a stage
+#define FW_ST 4          // stages
+#define FW_THREADS 384   // a producer and two consumer warpgroups
+#ifndef FW_PINGPONG
+#define FW_PINGPONG 1    // the consumers take turns to issue their MMAs (below)
+#endif
+#define FW_QC (QK / 64)  // 128-byte (64 bf16) chunks of a query or key row
+#define FW_KBYTES (FW_K * QK * 2)    // a stage's keys: FW_QC chunks of FW_K rows × 128 bytes
+#define FW_VBYTES (VDIM * FW_K * 2)  // a stage's transposed values: VDIM rows × 128 bytes
+#define FW_STAGE (FW_KBYTES + FW_VBYTES)
+#define FW_SMEM (FW_ST * FW_STAGE + 1024) // + the alignment of the first stage
+
+#if defined(SM90_WGMMA) && QK % 64 == 0 && VDIM == 128
+#define FW_ON 1
+// s (64 queries × 64 keys a warpgroup, 32 floats a thread) = (acc ? s : 0) + Q · Kᵀ over 16 of QK: Q
+// from registers (the m16n8k16 A fragment of each warp's 16 rows), K K-major in shared memory.
+__device__ __forceinline__ void fw_qk(float* d, const uint32_t* a, uint64_t db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),
+          "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+}
+
+// o (64 queries × 128 value columns, 64 floats a thread) = (acc ? o : 0) + P · V over 16 keys: P from
+// registers (the m16n8k16 A fragment of each warp's 16 rows), Vᵀ K-major in shared memory.
+__device__ __forceinline__ void fw_pv(float* d, const uint32_t* a, uint64_t db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "
+        "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),
+          "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]),
+          "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]),
+          "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const uint64_t* __restrict__ maps, const float* __restrict__ q, const int32_t* __restrict__ tiles,
+                                                                       float* __restrict__ out, int ctx, int heads, float scale) {
+#ifdef FW_ON
+    extern __shared__ __align__(16) unsigned char fw_smem[];
+    __shared__ __align__(8) uint64_t full[FW_ST], empty[FW_ST];
+    uint8_t* smem = fw_smem + ((1024 - ((uint32_t)__cvta_generic_to_shared(fw_smem) & 1023)) & 1023); // 1024-aligned
+    uint8_t* stages = smem;
+    const int* tl = tiles + (gridDim.x - 1 - blockIdx.x) * 4;
+    const int q_row0 = tl[0], nq = tl[1], ctx0 = tl[2], pos0 = tl[3];
+    const int h = blockIdx.y, n_kt = (pos0 + nq + FW_K - 1) / FW_K; // key tiles the block's last query sees
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < FW_ST; ++s) {
+            sm90_bar_init(&full[s], 1);  // the producer's expectation, completed by its copies' bytes
+            sm90_bar_init(&empty[s], 8); // lane 0 of each consumer warp, once its P·V has read the stage
+        }
+    }
+    __syncthreads();
+    const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0); // warp-uniform, visibly to ptxas
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory"); // (its registers go to the consumers: 128 · 40 + 256 · 232 = 384 · 168)
+        // producer, one thread: stage use it of slot it % FW_ST waits for the release of use it - FW_ST
+        if (threadIdx.x == 0) {
+            const uint64_t* mk = maps;      // keys
+            const uint64_t* mv = maps + 16; // transposed values
+            asm volatile("prefetch.tensormap [%0];\nprefetch.tensormap [%1];\n" ::"l"((uint64_t)mk), "l"((uint64_t)mv) : "memory");
+            for (int it = 0; it < n_kt; ++it) {
+                const int s = it % FW_ST;
+                uint8_t* st = stages + s * FW_STAGE;
+                if (it >= FW_ST) sm90_bar_wait(&empty[s], (it / FW_ST - 1) & 1);
+                sm90_bar_expect(&full[s], FW_STAGE);
+                const int key = ctx0 + it * FW_K;
+#pragma unroll
+                for (int c = 0; c < FW_QC; ++c) sm90_tma(st + c * FW_K * 128, mk, 128 * c, h * ctx + key, &full[s]);
+                sm90_tma(st + FW_KBYTES, mv, 2 * key, h * VDIM, &full[s]);
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory"); // the queries' fragments, two probability buffers, the output
+    const int c = wg - 1, w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int rows = min(64, nq - 64 * c);
+    // tiles through consumer cc's last query (its MMA issues: one more)
+    auto tiles_of = [&](int cc) { return nq > 64 * cc ? (pos0 + 64 * cc + min(64, nq - 64 * cc) - 1) / FW_K + 1 : 0; };
+    const int mine = tiles_of(c);
+    // ping-pong (FW_PINGPONG): the two consumers take turns to issue their MMAs (named barriers 8
+    // and 9: consumer c waits on 8 + c, which the other arrives on once it has issued), so that
+    // one's softmax runs while the other's products do. Both take the same number of turns (the
+    // one with fewer issues passes its remaining ones); consumer 0 goes first, so consumer 1's
+    // last turn does not pass.
+    const int events = max(tiles_of(0) ? tiles_of(0) + 1 : 0, tiles_of(1) ? tiles_of(1) + 1 : 0);
+    int ev = 0;
+    auto turn = [&]() {
+        if (FW_PINGPONG) asm volatile("bar.sync %0, 256;\n" ::"r"(8 + c) : "memory");
+    };
+    auto pass = [&]() {
+        if (FW_PINGPONG && !(c == 1 && ev == events - 1)) asm volatile("bar.arrive %0, 256;\n" ::"r"(9 - c) : "memory");
+        ++ev;
+    };
+    const int rw = 64 * c + 16 * w; // the warp's first row in the tile; this thread's rows rw + g, rw + g + 8
+    const float scale2 = scale * 1.4426950408889634f;
+    // this warp's 16 queries as bf16 A fragments for the whole loop (QK / 16 steps: (row g, k 2t),
+    // (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8)); rows past the tile's queries are 0
+    uint32_t qa[QK / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < QK / 16; ++kk)
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {
+            const int r = rw + g + 8 * (f % 2);
+            float2 x = make_float2(0.f, 0.f);
+            if (r < nq) x = *(const float2*)(q + ((int64_t)(q_row0 + r) * heads + h) * QK + 16 * kk + 2 * t + 8 * (f / 2));
+            qa[kk][f] = bf16_pack(x.x, x.y);
+        }
+    // s: scores (row g + 8(e / 2), key 8j + 2t + e % 2 at 4j + e); P's A fragments (keys 16kc ..
+    // at 4kc: (g, 2t), (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8)); o: the output (column 8j + 2t + e % 2)
+    float s[32], o[64];
+#pragma unroll
+    for (int j = 0; j < 64; ++j) o[j] = 0.f;
+    // rows g and g + 8, in base-2 units; l this thread's keys only until the end. Every row sees
+    // key 0 in the first tile, so m is finite from then on and masked scores' exp2 is 0.
+    float m[2] = {-ENGINE_INF, -ENGINE_INF}, l[2] = {0.f, 0.f};
+    auto issue_qk = [&](int it) {
+        const int st = it % FW_ST;
+        sm90_bar_wait(&full[st], (it / FW_ST) & 1);
+        const uint8_t* ks = stages + st * FW_STAGE;
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < QK / 16; ++kk) fw_qk(s, qa[kk], sm90_desc(ks + (kk / 4) * (FW_K * 128) + 32 * (kk % 4)), kk);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    };
+    auto issue_pv = [&](int it, const uint32_t* p) {
+        const uint8_t* vs = stages + (it % FW_ST) * FW_STAGE + FW_KBYTES;
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int kc = 0; kc < FW_K / 16; ++kc) fw_pv(o, p + 4 * kc, sm90_desc(vs + 32 * kc), 1);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    };
+    // tile it's scores → probabilities pn (bf16 A fragments), m and l updated; corr: the factor
+    // the output so far takes
+    auto softmax = [&](int it, uint32_t* pn, float* corr) {
+        const int key0 = it * FW_K;
+        const bool diag = key0 + FW_K - 1 > pos0 + rw; // a key past the warp's first row
+        // (s is only read: writing an accumulator while the P·V MMA is in flight would make ptxas
+        // serialise every wgmma)
+        auto masked = [&](int j, int e) { return diag && key0 + 8 * j + 2 * t + e % 2 > pos0 + rw + g + 8 * (e / 2); };
+        float mx[2] = {-ENGINE_INF, -ENGINE_INF};
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                if (!masked(j, e)) mx[e / 2] = fmaxf(mx[e / 2], s[4 * j + e] * scale2);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float mn = fmaxf(m[r], mx[r]); // finite (see above)
+            corr[r] = exp2f(m[r] - mn);          // 0 the first time, 1 once the maximum settles
+            m[r] = mn;
+            l[r] *= corr[r];
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            float e4[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                e4[e] = masked(j, e) ? 0.f : exp2f(s[4 * j + e] * scale2 - m[e / 2]);
+                l[e / 2] += e4[e];
+            }
+            pn[2 * j] = bf16_pack(e4[0], e4[1]);
+            pn[2 * j + 1] = bf16_pack(e4[2], e4[3]);
+        }
+    };
+    // tile it: its S is issued, then tile it - 1's P·V (probabilities pc); the softmax of it writes
+    // pn while that runs (two probability buffers in turn: registers a wgmma in flight reads are
+    // never written, or ptxas serialises every wgmma); then the output is rescaled
+    auto step = [&](int it, const uint32_t* pc, uint32_t* pn) {
+        float corr[2];
+        turn();
+        issue_qk(it);
+        issue_pv(it - 1, pc);
+        pass();
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); // S of tile it
+        softmax(it, pn, corr);
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); // P·V of tile it - 1
+        if (lane == 0) sm90_bar_arrive(&empty[(it - 1) % FW_ST]);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            o[4 * j] *= corr[0];
+            o[4 * j + 1] *= corr[0];
+            o[4 * j + 2] *= corr[1];
+            o[4 * j + 3] *= corr[1];
+        }
+    };
+    auto last = [&](const uint32_t* pc) { // P·V of the last tile
+        turn();
+        issue_pv(mine - 1, pc);
+        pass();
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        if (lane == 0) sm90_bar_arrive(&empty[(mine - 1) % FW_ST]);
+    };
+    if (FW_PINGPONG && c == 1 && events > 0) asm volatile("bar.arrive 8, 256;\n" ::: "memory"); // consumer 0 issues first (not a turn)
+    if (mine > 0) {
+        uint32_t pa[16], pb[16];
+        float corr[2];
+        turn();
+        issue_qk(0);
+        pass();
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        softmax(0, pa, corr); // the output is still 0
+        for (int it = 1;; it += 2) {
+            if (it == mine) {
+                last(pa);
+                break;
+            }
+            step(it, pa, pb);
+            if (it + 1 == mine) {
+                last(pb);
+                break;
+            }
+            step(it + 1, pb, pa);
+        }
+    }
+    while (ev < events) { // the other consumer's remaining turns
+        turn();
+        pass();
+    }
+    for (int it = mine; it < n_kt; ++it) { // keys past every query of this consumer: hand them back
+        sm90_bar_wait(&full[it % FW_ST], (it / FW_ST) & 1);
+        if (lane == 0) sm90_bar_arrive(&empty[it % FW_ST]);
+    }
+    if (rows <= 0) return;
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        inv[r] = 1.f / l[r];
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = rw + g + 8 * r;
+        if (row >= nq) continue;
+        float* d = out + ((int64_t)(q_row0 + row) * heads + h) * VDIM + 2 * t;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) *(float2*)(d + 8 * j) = make_float2(o[4 * j + 2 * r] * inv[r], o[4 * j + 2 * r + 1] * inv[r]);
+    }
+#else
+    __builtin_trap(); // the host takes mla_flash_bf16.hip on targets without the warpgroup MMA
+#endif
+}
