@@ -34,9 +34,6 @@
 #define FW_K 64          // keys a stage
 #define FW_ST 4          // stages
 #define FW_THREADS 384   // a producer and two consumer warpgroups
-#ifndef FW_PINGPONG
-#define FW_PINGPONG 1    // the consumers take turns to issue their MMAs (below)
-#endif
 #define FW_QC (QK / 64)  // 128-byte (64 bf16) chunks of a query or key row
 #define FW_KBYTES (FW_K * QK * 2)    // a stage's keys: FW_QC chunks of FW_K rows × 128 bytes
 #define FW_VBYTES (VDIM * FW_K * 2)  // a stage's transposed values: VDIM rows × 128 bytes
@@ -123,23 +120,7 @@ extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const u
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory"); // the queries' fragments, two probability buffers, the output
     const int c = wg - 1, w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int rows = min(64, nq - 64 * c);
-    // tiles through consumer cc's last query (its MMA issues: one more)
-    auto tiles_of = [&](int cc) { return nq > 64 * cc ? (pos0 + 64 * cc + min(64, nq - 64 * cc) - 1) / FW_K + 1 : 0; };
-    const int mine = tiles_of(c);
-    // ping-pong (FW_PINGPONG): the two consumers take turns to issue their MMAs (named barriers 8
-    // and 9: consumer c waits on 8 + c, which the other arrives on once it has issued), so that
-    // one's softmax runs while the other's products do. Both take the same number of turns (the
-    // one with fewer issues passes its remaining ones); consumer 0 goes first, so consumer 1's
-    // last turn does not pass.
-    const int events = max(tiles_of(0) ? tiles_of(0) + 1 : 0, tiles_of(1) ? tiles_of(1) + 1 : 0);
-    int ev = 0;
-    auto turn = [&]() {
-        if (FW_PINGPONG) asm volatile("bar.sync %0, 256;\n" ::"r"(8 + c) : "memory");
-    };
-    auto pass = [&]() {
-        if (FW_PINGPONG && !(c == 1 && ev == events - 1)) asm volatile("bar.arrive %0, 256;\n" ::"r"(9 - c) : "memory");
-        ++ev;
-    };
+    const int mine = rows > 0 ? (pos0 + 64 * c + rows - 1) / FW_K + 1 : 0; // tiles through this consumer's last query
     const int rw = 64 * c + 16 * w; // the warp's first row in the tile; this thread's rows rw + g, rw + g + 8
     const float scale2 = scale * 1.4426950408889634f;
     // this warp's 16 queries as bf16 A fragments for the whole loop (QK / 16 steps: (row g, k 2t),
@@ -218,10 +199,8 @@ extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const u
     // never written, or ptxas serialises every wgmma); then the output is rescaled
     auto step = [&](int it, const uint32_t* pc, uint32_t* pn) {
         float corr[2];
-        turn();
         issue_qk(it);
         issue_pv(it - 1, pc);
-        pass();
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); // S of tile it
         softmax(it, pn, corr);
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); // P·V of tile it - 1
@@ -235,19 +214,14 @@ extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const u
         }
     };
     auto last = [&](const uint32_t* pc) { // P·V of the last tile
-        turn();
         issue_pv(mine - 1, pc);
-        pass();
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         if (lane == 0) sm90_bar_arrive(&empty[(mine - 1) % FW_ST]);
     };
-    if (FW_PINGPONG && c == 1 && events > 0) asm volatile("bar.arrive 8, 256;\n" ::: "memory"); // consumer 0 issues first (not a turn)
     if (mine > 0) {
         uint32_t pa[16], pb[16];
         float corr[2];
-        turn();
         issue_qk(0);
-        pass();
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         softmax(0, pa, corr); // the output is still 0
         for (int it = 1;; it += 2) {
@@ -262,10 +236,6 @@ extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const u
             }
             step(it + 1, pb, pa);
         }
-    }
-    while (ev < events) { // the other consumer's remaining turns
-        turn();
-        pass();
     }
     for (int it = mine; it < n_kt; ++it) { // keys past every query of this consumer: hand them back
         sm90_bar_wait(&full[it % FW_ST], (it / FW_ST) & 1);

@@ -372,14 +372,13 @@ fn mla_flash_prefill_mixed_batches_on<V: GpuVendor>() {
         mla_case(&p, &c, &mut rng, &d, WType::Bf16, &[(500, 1), (400, 137), (64, 64), (333, 333)], MMA_TOL, false);
     }
     // bf16 operands, one product (`--fp8-activations dynamic`): q, k, v and P rounded to bf16
-    // (~2e-3 each), on the matrix units (NVIDIA: mla_flash_wg.hip's warpgroup MMA on sm_90a, with
-    // and without its ping-pong schedule, and mla_flash_bf16.hip's mma.sync with that tuned off,
-    // all 128-query blocks; value heads of 24 columns: mla_prefill.hip's kernel) and in the
-    // portable form; prompts over a prefix that is not a multiple of a tile, several tiles and a
-    // partial one
-    for (portable, wgmma, pingpong) in [(false, true, true), (false, true, false), (false, false, true), (true, true, true)] {
+    // (~2e-3 each), on the matrix units (NVIDIA: mla_flash_wg.hip's warpgroup MMA on sm_90a, and
+    // mla_flash_bf16.hip's mma.sync with that tuned off, both 128-query blocks; value heads of 24
+    // columns: mla_prefill.hip's kernel) and in the portable form; prompts over a prefix that is
+    // not a multiple of a tile, several tiles and a partial one
+    for (portable, wgmma) in [(false, true), (false, false), (true, true)] {
         let mut b = gpu::<V>();
-        (b.attn_bf16, b.flash_portable, b.tuned.flash_wgmma, b.tuned.flash_wgmma_pingpong) = (true, portable, wgmma, pingpong);
+        (b.attn_bf16, b.flash_portable, b.tuned.flash_wgmma) = (true, portable, wgmma);
         let v3 = MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
         mla_case(&b, &c, &mut rng, &v3, WType::Bf16, &[(500, 1), (400, 137), (64, 64), (333, 333), (1100, 700)], BF16_TOL, false);
         for d in [MlaDims { num_heads: 3, qk_nope: 16, qk_rope: 16, v_head: 32, kv_lora_rank: 40, scale: 0.3 }, MlaDims { num_heads: 3, qk_nope: 16, qk_rope: 16, v_head: 24, kv_lora_rank: 40, scale: 0.3 }] {

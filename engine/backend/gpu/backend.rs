@@ -299,11 +299,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     }
 
     pub(crate) fn mla_flash_wg_func(&self, dims: ModelDims) -> Result<Kernel, BackendError> {
-        let mut m = mla_flash_wg_module(dims, V::SOURCE);
-        if !self.tuned.flash_wgmma_pingpong {
-            m.defines.push(("FW_PINGPONG".into(), "0".into()));
-        }
-        self.load(&m, "mla_flash_wg")
+        self.load(&mla_flash_wg_module(dims, V::SOURCE), "mla_flash_wg")
     }
 
     pub(crate) fn mla_prefill_func(&self, dims: ModelDims, name: &str) -> Result<Kernel, BackendError> {

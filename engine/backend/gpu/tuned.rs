@@ -72,10 +72,6 @@ pub struct Tuned {
     /// FlashAttention-2's form on mma.sync (mla_flash_bf16.hip)
     #[serde(default = "default_true")]
     pub flash_wgmma: bool,
-    /// mla_flash_wg.hip's two consumer warpgroups take turns to issue their MMAs (FW_PINGPONG),
-    /// FlashAttention-3's ping-pong schedule; false: each issues as soon as its tile has landed
-    #[serde(default)]
-    pub flash_wgmma_pingpong: bool,
 }
 
 fn default_true() -> bool {
@@ -145,7 +141,6 @@ impl Default for Tuned {
             mla_decode_rows_max_heads: default_mla_decode_rows_max_heads(),
             moe_f8_gemm: default_moe_f8_gemm(),
             flash_wgmma: default_true(),
-            flash_wgmma_pingpong: false,
         }
     }
 }
