@@ -7,6 +7,13 @@
 #endif
 #define WARP ENGINE_WARP_SIZE
 #define ENGINE_INF __int_as_float(0x7f800000)
+// Stops the kernel: a path its host never selects on this target or for these shapes (NVRTC has
+// __trap, HIP __builtin_trap).
+#if defined(__AMDGCN__)
+#define ENGINE_TRAP() __builtin_trap()
+#else
+#define ENGINE_TRAP() __trap()
+#endif
 
 // Weight element types (the host passes these as template arguments / kernel name suffixes).
 #define WDT_F32 0

@@ -258,6 +258,6 @@ extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const u
         for (int j = 0; j < 16; ++j) *(float2*)(d + 8 * j) = make_float2(o[4 * j + 2 * r] * inv[r], o[4 * j + 2 * r + 1] * inv[r]);
     }
 #else
-    __builtin_trap(); // the host takes mla_flash_bf16.hip on targets without the warpgroup MMA
+    ENGINE_TRAP(); // the host takes mla_flash_bf16.hip on targets without the warpgroup MMA
 #endif
 }

@@ -94,6 +94,45 @@ extern "C" __global__ void __launch_bounds__(256) mla_prefill_kv(const float* __
     }
 }
 
+// mla_prefill_kv's bf16 form (FB_PARTS 1: the operands of the bf16 flash kernels) in 16-byte
+// pieces: 8 channels a thread from two float4 reads to one 8-bf16 store; the values of a 64-key
+// tile transposed through shared memory and written as 8 keys a store (128 contiguous bytes of a
+// transposed row a tile). Needs NOPE, ROPE and VDIM multiples of 8 and ctx of KV8_K (the host
+// checks; the context is padded to 64).
+// Launch: grid (ctx / KV8_K, heads), block 256.
+#define KV8_K 64
+extern "C" __global__ void __launch_bounds__(256) mla_prefill_kv_bf16(const float* __restrict__ kvd, const float* __restrict__ pe, uint16_t* __restrict__ k,
+                                                                     uint16_t* __restrict__ vt, int ctx, int heads) {
+#if NOPE % 8 == 0 && ROPE % 8 == 0 && VDIM % 8 == 0
+    __shared__ float v[KV8_K][VDIM + 1];
+    const int j0 = blockIdx.x * KV8_K, h = blockIdx.y;
+    for (int i = threadIdx.x; i < KV8_K * (QK / 8); i += blockDim.x) {
+        const int key = i / (QK / 8), d = 8 * (i % (QK / 8)), j = j0 + key;
+        const float* src = d < NOPE ? kvd + (int64_t)j * heads * PER_HEAD + h * PER_HEAD + d : pe + (int64_t)j * ROPE + d - NOPE;
+        const float4 a = *(const float4*)src, b = *(const float4*)(src + 4);
+        *(uint4*)(k + ((int64_t)h * ctx + j) * QK + d) = make_uint4(bf16_pack(a.x, a.y), bf16_pack(a.z, a.w), bf16_pack(b.x, b.y), bf16_pack(b.z, b.w));
+    }
+    for (int i = threadIdx.x; i < KV8_K * (VDIM / 4); i += blockDim.x) {
+        const int key = i / (VDIM / 4), d = 4 * (i % (VDIM / 4));
+        const float4 a = *(const float4*)(kvd + (int64_t)(j0 + key) * heads * PER_HEAD + h * PER_HEAD + NOPE + d);
+        v[key][d] = a.x;
+        v[key][d + 1] = a.y;
+        v[key][d + 2] = a.z;
+        v[key][d + 3] = a.w;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < VDIM * (KV8_K / 8); i += blockDim.x) {
+        const int d = i / (KV8_K / 8), key = 8 * (i % (KV8_K / 8));
+        uint32_t w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) w[e] = bf16_pack(v[key + 2 * e][d], v[key + 2 * e + 1][d]);
+        *(uint4*)(vt + ((int64_t)h * VDIM + d) * ctx + j0 + key) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+#else
+    ENGINE_TRAP(); // the host keeps mla_prefill_kv for these shapes
+#endif
+}
+
 #define FB_KC (QK / 8)                // 16-byte chunks per key row
 #define FB_VC (FB_K / 8)              // ... per transposed value row
 #define FB_KN (FB_PARTS * FB_K * FB_KC) // chunks of a tile's keys, hi (and lo)

@@ -46,14 +46,16 @@ fn every_kernel_compiles_for_sm90a_and_the_cache_is_reused() {
         assert!(ok, "{log}");
     }
     let entries = std::fs::read_dir(&cache).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "bin")).count();
-    // the shape-independent modules + six MLA modules (decode on the CUDA cores, prefill, bf16
-    // prefill, its FlashAttention-2 form, decode on the matrix units in 64- and 16-head blocks)
+    // the shape-independent modules + seven MLA modules (decode on the CUDA cores, prefill, bf16
+    // prefill, its FlashAttention-2 and -3 forms, decode on the matrix units in 64- and 16-head
+    // blocks)
     // per distinct (kv_lora, rope, nope, v)
-    let generic = engine::backend::gpu::modules_for(engine::backend::gpu::ModelDims { kv_lora_rank: 1, qk_rope_head_dim: 2, qk_nope_head_dim: 1, v_head_dim: 1 }, engine::backend::gpu::source::Vendor::Nvidia).len() - 6;
-    assert_eq!(entries, generic + 6 * 3, "cache entries");
+    const MLA: usize = 7;
+    let generic = engine::backend::gpu::modules_for(engine::backend::gpu::ModelDims { kv_lora_rank: 1, qk_rope_head_dim: 2, qk_nope_head_dim: 1, v_head_dim: 1 }, engine::backend::gpu::source::Vendor::Nvidia).len() - MLA;
+    assert_eq!(entries, generic + MLA * 3, "cache entries");
     // a second start compiles nothing
     let (ok, log) = warmup(&cache, &v3);
-    assert!(ok && log.contains(&format!("0 compiled, {} already cached", generic + 6)), "{log}");
+    assert!(ok && log.contains(&format!("0 compiled, {} already cached", generic + MLA)), "{log}");
     // a corrupt entry is detected, logged and rebuilt
     // (a shape-independent module, so the next warmup of any model needs it)
     let victim = std::fs::read_dir(&cache)
@@ -70,9 +72,9 @@ fn every_kernel_compiles_for_sm90a_and_the_cache_is_reused() {
     assert!(both.contains("is corrupt") && both.contains("1 compiled"), "{both}");
     // `kernels list` and `kernels clear`
     let list = engine().env("ENGINE_KERNEL_CACHE_DIR", &cache).args(["kernels", "list"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&list.stdout).contains(&format!("{} entries", generic + 6 * 3)));
+    assert!(String::from_utf8_lossy(&list.stdout).contains(&format!("{} entries", generic + MLA * 3)));
     let clear = engine().env("ENGINE_KERNEL_CACHE_DIR", &cache).args(["kernels", "clear"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&clear.stdout).contains(&format!("removed {} entries", generic + 6 * 3)));
+    assert!(String::from_utf8_lossy(&clear.stdout).contains(&format!("removed {} entries", generic + MLA * 3)));
 }
 
 #[test]

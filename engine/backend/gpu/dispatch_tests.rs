@@ -296,8 +296,10 @@ fn prompts_take_the_flash_kernel_of_their_operands_and_head_size() {
         let l = rt.take_launched();
         let attn: Vec<_> = l.iter().filter(|x| x.0.starts_with("mla_flash")).map(|x| (x.0.as_str(), x.1, x.2)).collect();
         assert_eq!(attn, vec![(kernel, grid, threads)], "{arch} wg {wg} bf16 {bf16}, v_head {v_head}");
-        // the context padded to 320 keys: 10 blocks of 32 lay out the per-head keys and values
-        assert!(l.iter().any(|x| x.0 == "mla_prefill_kv" && x.1 == (10, 16, 1)), "{l:?}");
+        // the context padded to 320 keys: the per-head keys and values laid out by 10 blocks of
+        // 32 (hi + lo) or, bf16 alone, 5 of 64 in 16-byte pieces
+        let kv = if bf16 { ("mla_prefill_kv_bf16", (5, 16, 1)) } else { ("mla_prefill_kv", (10, 16, 1)) };
+        assert!(l.iter().any(|x| (x.0.as_str(), x.1) == kv), "{l:?}");
     }
 }
 

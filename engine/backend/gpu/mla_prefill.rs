@@ -22,6 +22,8 @@ const FA2_Q: usize = 128;
 /// in the flattened context, so a tile's keys are whole 16-byte runs of the transposed values and
 /// the flattened context is a whole number of either kernel's tiles.
 const KV_TILE: usize = 32;
+/// Keys a block of mla_prefill_kv_bf16 (KV8_K).
+const KV8_TILE: usize = 64;
 const FA2_K: usize = 64;
 const CTX_ALIGN: usize = FA2_K;
 
@@ -126,10 +128,13 @@ impl<V: GpuVendor> GpuBackend<V> {
             let parts = if self.attn_bf16 { 1 } else { 2 };
             let mut k = self.scratch::<u16>(parts * d.num_heads * n * d.qk_head())?;
             let mut vt = self.scratch::<u16>(parts * d.num_heads * d.v_head * n)?;
-            let f = self.mla_prefill_func(dims, "mla_prefill_kv")?;
+            // bf16 alone in 16-byte pieces where the head sizes allow (64-key tiles: the context
+            // is padded to CTX_ALIGN)
+            let (name, tile) = if parts == 1 && [d.qk_nope, d.qk_rope, d.v_head].iter().all(|x| x.is_multiple_of(8)) { ("mla_prefill_kv_bf16", KV8_TILE) } else { ("mla_prefill_kv", KV_TILE) };
+            let f = self.mla_prefill_func(dims, name)?;
             let mut b = self.launch(&f);
             b.arg(&kvd.buf).arg(&pe).arg(&mut k).arg(&mut vt).arg(&ctx).arg(&heads);
-            b.run(LaunchConfig { grid_dim: ((n / KV_TILE) as u32, d.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }).map_err(err("mla_prefill_kv"))?;
+            b.run(LaunchConfig { grid_dim: ((n / tile) as u32, d.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }).map_err(err(name))?;
             drop(kvd);
             if self.fa3_prefill(d) {
                 let maps = self.fw_maps(&k, &vt, d, n)?;
@@ -179,7 +184,8 @@ mod tests {
         // the kernel's FaShared for V3 (QK 192, VDIM 128): 2 × (64 × 200 + 128 × 72) bf16
         let d = MlaDims { num_heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
         assert_eq!(fa2_shared_bytes(&d), 88_064);
-        assert!(CTX_ALIGN.is_multiple_of(KV_TILE) && CTX_ALIGN.is_multiple_of(FA2_K) && CTX_ALIGN.is_multiple_of(32));
+        assert!(CTX_ALIGN.is_multiple_of(KV_TILE) && CTX_ALIGN.is_multiple_of(KV8_TILE) && CTX_ALIGN.is_multiple_of(FA2_K) && CTX_ALIGN.is_multiple_of(32));
+        assert!(include_str!("../../../hip-kernels/mla_prefill.hip").contains(&format!("#define KV8_K {KV8_TILE}\n")));
         let src = include_str!("../../../hip-kernels/mla_flash_bf16.hip");
         for (name, v) in [("FA_Q", FA2_Q), ("FA_K", FA2_K)] {
             assert!(src.contains(&format!("#define {name} {v} ")), "{name} {v}");

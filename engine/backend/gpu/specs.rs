@@ -80,7 +80,7 @@ pub fn mla_module(d: ModelDims, vendor: Vendor) -> KernelModule {
 
 /// MLA prefill in the MHA form (flash attention over decompressed K/V), same shape defines.
 pub fn mla_prefill_module(d: ModelDims, vendor: Vendor) -> KernelModule {
-    KernelModule { file: "hip-kernels/mla_prefill.hip", functions: vec!["mla_gather_ctx", "mla_gather_ctx_bf16c", "mla_prefill_kv", "mla_flash_prefill"], ..mla_module(d, vendor) }
+    KernelModule { file: "hip-kernels/mla_prefill.hip", functions: vec!["mla_gather_ctx", "mla_gather_ctx_bf16c", "mla_prefill_kv", "mla_prefill_kv_bf16", "mla_flash_prefill"], ..mla_module(d, vendor) }
 }
 
 /// The flash prefill on bf16 operands (FB_PARTS 1: `--fp8-activations dynamic`).
