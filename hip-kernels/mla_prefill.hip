@@ -15,7 +15,8 @@
 // FB_PARTS 1 (`--fp8-activations dynamic`, whose FP8 GEMM inputs leave ~1e-2 in q, k and v) keeps
 // the hi parts only: bf16 operands and one product per step, as SGLang's bf16 flash prefill (on
 // NVIDIA sm_80+ with value heads of whole 16-column fragments the host runs mla_flash_bf16.hip's
-// FlashAttention-2 form instead; this one is the CDNA, portable and odd-shape form there).
+// FlashAttention-2 form instead, on sm_90a with V2 / V3 head sizes mla_flash_wg.hip's
+// FlashAttention-3 form; this one is the CDNA, portable and odd-shape form there).
 // Launch: grid (tiles, heads), block 128. A tile is 4 ints: first query row in q / out, queries
 // (≤ 64), first context row (a multiple of 32) in the per-head K / Vᵀ, position of the tile's
 // first query in its sequence.
