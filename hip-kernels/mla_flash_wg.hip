@@ -1,5 +1,5 @@
 // Causal flash attention of the MLA prefill on Hopper's warpgroup MMA (sm_90a), FlashAttention-3's
-// form, over the same operands as mla_flash_bf16.hip (mla_prefill_kv's per-head bf16 keys
+// form, over the same operands as mla_flash_bf16.hip (mla_prefill_kv_bf16's per-head keys
 // [ctx][NOPE + ROPE] and transposed values [VDIM][ctx]; queries f32 [T, heads, NOPE + ROPE],
 // output f32 [T, heads, VDIM]) and its tiles (128 queries of one sequence a block, per head):
 //   - a block is three warpgroups: a producer, one thread of which copies each 64-key tile by the
@@ -19,7 +19,7 @@
 //     x takes the tile list from its end).
 // sm_90a, QK % 64 == 0 and VDIM == 128 (the host checks; DeepSeek V2 / V3 are 192 / 128);
 // elsewhere it compiles a trap the host never selects.
-// Launch: grid (tiles, heads), block FW_THREADS, dynamic shared memory FW_SMEM (mla_flash_wg.rs
+// Launch: grid (tiles, heads), block FW_THREADS, dynamic shared memory FW_SMEM (mla_prefill.rs
 // mirrors FW_*). `maps`: tensor maps (16 words each, in global memory) of the keys as bytes
 // [heads · ctx rows, 2 · QK] (boxes of FW_K rows) and of the transposed values as bytes
 // [heads · VDIM rows, 2 · ctx] (boxes of VDIM rows). A tile is 4 ints as mla_flash_bf16.hip's.
