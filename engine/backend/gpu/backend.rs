@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use super::blas::GemmLib;
 use super::ccl::Ccl;
-use super::device::{err, DevBuf, DevEvent, DeviceApi, Elem, Kernel, Launch};
+use super::device::{err, DevBuf, DevEvent, DevPtr, DeviceApi, Elem, Kernel, Launch};
 use super::source::Vendor;
 use super::specs::{generic_module, mla_decode_module, mla_decode_rows_module, mla_flash_bf16_module, mla_flash_wg_module, mla_module, mla_prefill_bf16_module, mla_prefill_module};
 use super::step::Graphs;
@@ -405,6 +405,19 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// A device copy of `v`.
     pub(crate) fn htod<T: Elem>(&self, v: &[T]) -> Result<DevBuf<T>, BackendError> {
         DevBuf::from_host(&self.dev, v).map_err(err("upload"))
+    }
+
+    /// For kernel `op`, which copies by the tensor memory accelerator: the tensor maps (16 words
+    /// each, in order) of row-major byte matrices given as (pointer, bytes a row, rows, rows a box;
+    /// boxes 128 bytes wide, 128-byte swizzled), uploaded in one buffer.
+    pub(crate) fn upload_tensor_maps(&self, op: &'static str, mats: &[(DevPtr, usize, usize, usize)]) -> Result<DevBuf<u8>, BackendError> {
+        let mut bytes = Vec::with_capacity(mats.len() * 128);
+        for &(p, cols, rows, box_rows) in mats {
+            let m = self.dev.tensor_map_u8_sw128(p, cols as u64, rows as u64, cols as u64, box_rows as u32).map_err(|e| BackendError::Op { backend: e.vendor, op, msg: format!("tensor map: {e}") })?;
+            let m = m.ok_or_else(|| self.op_err(op, "the device has no tensor maps".into()))?;
+            bytes.extend(m.iter().flat_map(|w| w.to_le_bytes()));
+        }
+        self.htod(&bytes)
     }
 
     /// A new f32 output buffer: zeroed, or NaN-poisoned when ENGINE_GPU_POISON=1 (a device

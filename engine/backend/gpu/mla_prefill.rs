@@ -88,19 +88,6 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.tuned.flash_wgmma && self.arch == "sm_90a" && self.fa2_prefill(d) && d.qk_head().is_multiple_of(64) && d.v_head == 128 && fw_shared_bytes(d) <= self.dev.max_shared_per_block()
     }
 
-    /// The tensor maps mla_flash_wg.hip copies by, 16 words each: the per-head keys as bytes
-    /// [heads · ctx, 2 · qk] in boxes of FW_K rows, the transposed values as bytes [heads · v,
-    /// 2 · ctx] in boxes of v rows.
-    fn fw_maps(&self, k: &DevBuf<u16>, vt: &DevBuf<u16>, d: &MlaDims, ctx: usize) -> Result<DevBuf<u8>, BackendError> {
-        let map = |b: &DevBuf<u16>, cols: usize, rows: usize, box_rows: usize| -> Result<[u64; 16], BackendError> {
-            let (cols, rows) = ((2 * cols) as u64, rows as u64);
-            self.dev.tensor_map_u8_sw128(b.ptr(), cols, rows, cols, box_rows as u32).map_err(err("mla_flash_wg tensor map"))?.ok_or_else(|| self.op_err("mla_flash_wg", "the device has no tensor maps".into()))
-        };
-        let maps = [map(k, d.qk_head(), d.num_heads * ctx, FW_K)?, map(vt, ctx, d.num_heads * d.v_head, d.v_head)?];
-        let bytes: Vec<u8> = maps.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
-        self.htod(&bytes)
-    }
-
     /// Writes the attention output rows of `seqs` into `out` ([T, heads·v_head]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn mla_flash(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[&AttnSeq], kv_b: &GpuLinear, d: &MlaDims, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
@@ -137,7 +124,9 @@ impl<V: GpuVendor> GpuBackend<V> {
             b.run(LaunchConfig { grid_dim: ((n / tile) as u32, d.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }).map_err(err(name))?;
             drop(kvd);
             if self.fa3_prefill(d) {
-                let maps = self.fw_maps(&k, &vt, d, n)?;
+                // the per-head keys as bytes [heads · ctx, 2 · qk] in boxes of FW_K rows, the
+                // transposed values as bytes [heads · v, 2 · ctx] in boxes of v rows
+                let maps = self.upload_tensor_maps("mla_flash_wg", &[(k.ptr(), 2 * d.qk_head(), d.num_heads * n, FW_K), (vt.ptr(), 2 * n, d.num_heads * d.v_head, d.v_head)])?;
                 let f = self.mla_flash_wg_func(dims)?;
                 let mut b = self.launch(&f);
                 b.arg(&maps).arg(&q.buf).arg(&d_tiles).arg(out).arg(&ctx).arg(&heads).arg(&scale);

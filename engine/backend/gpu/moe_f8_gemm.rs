@@ -62,12 +62,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn moe_f8_gemm(&self, (a, sx): (&DevBuf<u8>, &DevBuf<f32>), (w, ws): (&DevBuf<u8>, &DevBuf<f32>), tiles: &DevBuf<i32>, n_tiles: usize, d: &mut DevBuf<f32>, n: usize, k: usize) -> Result<(), BackendError> {
         let f = self.func(GEMM, "moe_gemm_f8")?;
-        let map = |b: &DevBuf<u8>, box_rows: usize| -> Result<[u64; 16], BackendError> {
-            let (kk, rows) = (k as u64, (b.len() / k) as u64);
-            self.dev.tensor_map_u8_sw128(b.ptr(), kk, rows, kk, box_rows as u32).map_err(err("moe_gemm_f8 tensor map"))?.ok_or_else(|| self.op_err("moe_gemm_f8", "the device has no tensor maps".into()))
-        };
-        let maps: Vec<u8> = [map(a, MG_BM)?, map(w, MG_BN)?].iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
-        let maps = self.htod(&maps)?;
+        let maps = self.upload_tensor_maps("moe_gemm_f8", &[(a.ptr(), k, a.len() / k, MG_BM), (w.ptr(), k, w.len() / k, MG_BN)])?;
         let (nt, ni, ki) = (n_tiles as i32, n as i32, k as i32);
         let blocks = (n_tiles * (n / MG_BN)).min(self.sms.max(1)); // persistent: a block an SM walks the items
         self.launch(&f)

@@ -65,7 +65,7 @@ pub struct Tuned {
     /// With `--fp8-activations dynamic`, MoE batches from `moe_mma_min_rows` tokens (prefill)
     /// multiply every expert's rows in one grouped FP8 GEMM a projection (moe_f8_gemm.hip; NVIDIA
     /// sm_90a); false: the GEMM library's block-scaled FP8 GEMM per expert
-    #[serde(default = "default_moe_f8_gemm")]
+    #[serde(default = "default_true")]
     pub moe_f8_gemm: bool,
     /// With bf16 attention operands, the flash prefill of V2 / V3 head sizes runs in
     /// FlashAttention-3's form on the warpgroup MMA (mla_flash_wg.hip; NVIDIA sm_90a); false:
@@ -78,9 +78,6 @@ fn default_true() -> bool {
     true
 }
 
-fn default_moe_f8_gemm() -> bool {
-    true
-}
 
 fn default_mla_decode_rows_max_heads() -> usize {
     16
@@ -139,7 +136,7 @@ impl Default for Tuned {
             linear_tc_min_rows: default_linear_tc_min_rows(),
             mla_proj_mma_min_rows: default_mla_proj_mma_min_rows(),
             mla_decode_rows_max_heads: default_mla_decode_rows_max_heads(),
-            moe_f8_gemm: default_moe_f8_gemm(),
+            moe_f8_gemm: default_true(),
             flash_wgmma: default_true(),
         }
     }
