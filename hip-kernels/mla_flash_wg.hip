@@ -34,7 +34,7 @@
 #define FW_K 64          // keys a stage
 #define FW_ST 4          // stages
 #define FW_THREADS 384   // a producer and two consumer warpgroups
-#define FW_QC (QK / 64)  // 128-byte (64 bf16) chunks of a query or key row
+#define FW_QC (QK / 64)  // 128-byte (64 bf16) chunks of a key row
 #define FW_KBYTES (FW_K * QK * 2)    // a stage's keys: FW_QC chunks of FW_K rows × 128 bytes
 #define FW_VBYTES (VDIM * FW_K * 2)  // a stage's transposed values: VDIM rows × 128 bytes
 #define FW_STAGE (FW_KBYTES + FW_VBYTES)
