@@ -127,15 +127,19 @@ extern "C" __global__ void gemv_bf16w(const float* X, const uint8_t* W, const fl
 extern "C" __global__ void gemv_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { gemv_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk); }
 
 // The same with 16 bytes of consecutive weights per lane per step (8 bf16 / 16 fp8; f32: 2×16
-// bytes), R output rows per warp sharing each load of x (up to 8 rows R = 2: two weight loads in
-// flight per lane and half the x traffic per weight byte, which bounds FP8 rows), and `split`
-// warps per row group (1, 2, 4 or 8): layers with few output rows (kv_a: 576) would otherwise have
-// too few warps to keep HBM busy. The split warps' sums are added in a fixed order
-// (deterministic). Requires K % 8 == 0 and, for FP8, K % 16 == 0 and bk % 16 == 0 (the host checks).
+// bytes), R output rows per row group sharing each load of x (up to 8 rows R = 2: half the x
+// traffic per weight byte, which bounds FP8 rows). A row group is read by `lanes` lanes (a power
+// of two up to the warp: rows of K = 128, MLA's absorbed q, fill a 32-lane warp with four groups
+// instead of leaving three quarters of it idle; 16 → 7 µs a layer on the H200) or, for layers
+// with few output rows (kv_a: 576), by `split` whole warps (1, 2, 4 or 8) whose sums are added in
+// a fixed order (deterministic). A block per `nw / split · WARP / lanes` row groups (one wave of
+// register-heavy blocks with two steps' loads in flight a lane ran slower than these, 2.7-2.9
+// TB/s on V3's layers against 2.8-3.2). Requires K % 8 == 0 and, for FP8,
+// K % 16 == 0 and bk % 16 == 0 (the host checks).
 //
 // HEADS (MLA's absorbed projections at decode sizes, one GEMV per head): output n of the N =
 // heads·nh is column j = n % nh of head h = n / nh, computed from W row h·wh + w0 + j (FP8 scales
-// by that absolute row) and x row m at X + m·ldx + h·xh, written to Y[m·ldy + h·yh + j]; a warp's
+// by that absolute row) and x row m at X + m·ldx + h·xh, written to Y[m·ldy + h·yh + j]; a group's
 // R rows stay in one head (nh % R == 0; the host checks, and X's offsets keep 16-byte loads).
 struct GemvHeads {
     int64_t ldx, ldy;
@@ -144,22 +148,24 @@ struct GemvHeads {
 
 template <int WDT, int MAXM, int R, bool HEADS>
 __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restrict__ W, const float* __restrict__ S, float* __restrict__ Y,
-                           int M, int N, int K, int bn, int bk, int split, GemvHeads hd) {
+                           int M, int N, int K, int bn, int bk, int split, int lanes, GemvHeads hd) {
     __shared__ float red[8][R][MAXM];
-    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    int n0 = (blockIdx.x * (nw / split) + w / split) * R, part = w % split;
-    bool live = n0 < N;
-    int kblocks = (K + bk - 1) / bk;
+    const int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    const int gl = lane % lanes, part = w % split;
+    // row groups a block covers: (warps / split) × (groups a warp holds)
+    const int per_block = nw / split * (WARP / lanes);
+    const int kblocks = (K + bk - 1) / bk;
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
     const int VE = WDT == WDT_FP8 ? 16 : 8;
-    // the warp's first weight row, where its x rows start and their stride, where its outputs go
-    int head = HEADS ? (live ? n0 / hd.nh : 0) : 0, j0 = HEADS ? n0 - head * hd.nh : n0;
-    int wrow = HEADS ? head * hd.wh + hd.w0 + j0 : n0;
-    if (HEADS) {
-        X += (int64_t)head * hd.xh;
-        Y += (int64_t)head * hd.yh;
-    }
     const int64_t ldx = HEADS ? hd.ldx : K, ldy = HEADS ? hd.ldy : N;
+    const int g0 = blockIdx.x * per_block;
+    const int n0 = (g0 + w / split * (WARP / lanes) + lane / lanes) * R;
+    const bool live = n0 < N;
+    // the group's first weight row, where its x rows start, where its outputs go
+    const int head = HEADS ? (live ? n0 / hd.nh : 0) : 0, j0 = HEADS ? n0 - head * hd.nh : n0;
+    const int wrow = HEADS ? head * hd.wh + hd.w0 + j0 : n0;
+    const float* Xg = X + (HEADS ? (int64_t)head * hd.xh : 0);
+    float* Yg = Y + (HEADS ? (int64_t)head * hd.yh : 0);
     const uint8_t* rows[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) rows[r] = W + (int64_t)(n0 + r < N ? wrow + r : 0) * K * es;
@@ -169,22 +175,22 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
 #pragma unroll
         for (int m = 0; m < MAXM; ++m) acc[r][m] = 0.f;
     if (live) {
-        const int stride = WARP * VE * split;
-        for (int k0 = (part * WARP + lane) * VE; k0 < K; k0 += stride) {
+        const int stride = lanes * VE * split;
+        for (int k0 = (part * lanes + gl) * VE; k0 < K; k0 += stride) {
             Chunk16 c[R];
 #pragma unroll
             for (int r = 0; r < R; ++r) c[r] = load_chunk<WDT>(rows[r] + (int64_t)k0 * es);
-            float wv[R][VE], s[R];
+            float wv[R][VE], sc[R];
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 unpack_chunk<WDT>(c[r], wv[r]);
                 // FP8: the chunk lies in one scale block; its scale multiplies the chunk's dot once
-                s[r] = WDT == WDT_FP8 ? S[((n0 + r < N ? wrow + r : 0) / bn) * kblocks + k0 / bk] : 1.f;
+                sc[r] = WDT == WDT_FP8 ? S[((n0 + r < N ? wrow + r : 0) / bn) * kblocks + k0 / bk] : 1.f;
             }
 #pragma unroll
             for (int m = 0; m < MAXM; ++m) {
                 if (m < M) {
-                    const float4* xp = (const float4*)(X + (int64_t)m * ldx + k0);
+                    const float4* xp = (const float4*)(Xg + (int64_t)m * ldx + k0);
                     float a[R];
 #pragma unroll
                     for (int r = 0; r < R; ++r) a[r] = 0.f;
@@ -195,7 +201,7 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
                         for (int r = 0; r < R; ++r) a[r] += wv[r][4 * q] * x.x + wv[r][4 * q + 1] * x.y + wv[r][4 * q + 2] * x.z + wv[r][4 * q + 3] * x.w;
                     }
 #pragma unroll
-                    for (int r = 0; r < R; ++r) acc[r][m] += WDT == WDT_FP8 ? a[r] * s[r] : a[r];
+                    for (int r = 0; r < R; ++r) acc[r][m] += WDT == WDT_FP8 ? a[r] * sc[r] : a[r];
                 }
             }
         }
@@ -204,30 +210,48 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int m = 0; m < MAXM; ++m) {
-            float v = warp_sum(acc[r][m]);
-            if (lane == 0 && m < M) red[w][r][m] = v;
+            float v = acc[r][m];
+            for (int o = lanes / 2; o > 0; o >>= 1) v += __shfl_xor(v, o, WARP);
+            acc[r][m] = v;
         }
+    if (split == 1) {
+        // each group's first lane writes its R × M outputs
+        if (live && gl == 0) {
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int m = 0; m < MAXM; ++m)
+                    if (m < M && n0 + r < N) Yg[(int64_t)m * ldy + j0 + r] = acc[r][m];
+        }
+        return;
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m)
+            if (lane == 0 && m < M) red[w][r][m] = acc[r][m];
     __syncthreads();
     if (live && part == 0 && lane < M * R) {
         int r = lane / M, m = lane % M;
         if (n0 + r < N) {
             float v = 0.f;
             for (int p = 0; p < split; ++p) v += red[w + p][r][m];
-            Y[(int64_t)m * ldy + j0 + r] = v;
+            Yg[(int64_t)m * ldy + j0 + r] = v;
         }
     }
 }
 
-#define GEMV8(NAME, WDT, MAXM, R)                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(256) NAME(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, \
-                                                           int split) {                                                                           \
-        gemv8_impl<WDT, MAXM, R, false>(X, W, S, Y, M, N, K, bn, bk, split, GemvHeads{});                                                   \
+#define GEMV8(NAME, WDT, MAXM, R)                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, \
+                                                                               int K, int bn, int bk, int split, int lanes) {              \
+        gemv8_impl<WDT, MAXM, R, false>(X, W, S, Y, M, N, K, bn, bk, split, lanes, GemvHeads{});                                        \
     }
 // ... and its per-head form (mla_proj.rs: MLA's absorbed projections below the GEMM threshold)
-#define GEMV8_HEADS(NAME, WDT, MAXM, R)                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(256) NAME##_heads(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, \
-                                                                   int bk, int split, int64_t ldx, int xh, int nh, int wh, int w0, int64_t ldy, int yh) { \
-        gemv8_impl<WDT, MAXM, R, true>(X, W, S, Y, M, N, K, bn, bk, split, GemvHeads{ldx, ldy, xh, nh, wh, w0, yh});                        \
+#define GEMV8_HEADS(NAME, WDT, MAXM, R)                                                                                                \
+    extern "C" __global__ void __launch_bounds__(256) NAME##_heads(const float* X, const uint8_t* W, const float* S, float* Y, int M, \
+                                                                                       int N, int K, int bn, int bk, int split, int lanes, \
+                                                                                       int64_t ldx, int xh, int nh, int wh, int w0, int64_t ldy, int yh) { \
+        gemv8_impl<WDT, MAXM, R, true>(X, W, S, Y, M, N, K, bn, bk, split, lanes, GemvHeads{ldx, ldy, xh, nh, wh, w0, yh});             \
     }
 // up to 8 rows (decode at small batch; 2 output rows per warp) and up to 16 rows per launch
 // (larger batches, in slices; one output row per warp: 16 rows' accumulators leave no room)

@@ -103,157 +103,170 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     }
 }
 
-// acc[r] += rows[r] · x over K for R weight rows, each lane a 16-byte chunk of every row per step:
-// the R loads in flight together, and each x chunk (64 bytes for 16 FP8 weights) read once for
-// the R rows instead of once per row (the L1 traffic that bounded one row at a time). The same
-// arithmetic, in the same order, as VecDot per row. Needs K % VE == 0 (and FP8: bk % VE == 0).
-template <int WDT, int R>
+// acc[r] += rows[r] · x over K for R weight rows, each lane a 16-byte chunk of every row per step
+// and U steps' chunks loaded before any is used (U·R loads in flight a lane: one step's R loads
+// left each warp waiting a whole memory latency per 2 KB), and each x chunk (64 bytes for 16 FP8
+// weights) read once for the R rows. The same arithmetic, in the same order, as VecDot per row.
+// Needs K % VE == 0 (and FP8: bk % VE == 0).
+template <int WDT, int R, int U>
 __device__ __forceinline__ void moe_rows_dot(const uint8_t* const (&rows)[R], const float* const (&srows)[R], const float* __restrict__ x, int K, int bk, float (&acc)[R]) {
     const int lane = threadIdx.x % WARP, es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1, VE = VecDot<WDT>::ELEMS;
-    for (int k0 = lane * VE; k0 < K; k0 += WARP * VE) {
-        Chunk16 c[R];
+    for (int kb = lane * VE; kb < K; kb += U * WARP * VE) {
+        Chunk16 c[U][R];
 #pragma unroll
-        for (int r = 0; r < R; ++r) c[r] = load_chunk<WDT>(rows[r] + (int64_t)k0 * es);
-        float4 xv[VE / 4];
+        for (int u = 0; u < U; ++u) {
+            const int k0 = kb + u * WARP * VE;
 #pragma unroll
-        for (int q = 0; q < VE / 4; ++q) xv[q] = ((const float4*)(x + k0))[q];
+            for (int r = 0; r < R; ++r) c[u][r] = k0 < K ? load_chunk<WDT>(rows[r] + (int64_t)k0 * es) : Chunk16{};
+        }
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            float w[VE];
-            unpack_chunk<WDT>(c[r], w);
-            float d;
-            if (WDT == WDT_FP8) {
-                d = 0.f;
+        for (int u = 0; u < U; ++u) {
+            const int k0 = kb + u * WARP * VE;
+            if (k0 >= K) break;
+            float4 xv[VE / 4];
 #pragma unroll
-                for (int q = 0; q < 4; ++q) d += w[4 * q] * xv[q].x + w[4 * q + 1] * xv[q].y + w[4 * q + 2] * xv[q].z + w[4 * q + 3] * xv[q].w;
-                d *= srows[r][k0 / bk];
-            } else {
-                d = w[0] * xv[0].x + w[1] * xv[0].y + w[2] * xv[0].z + w[3] * xv[0].w + w[4] * xv[1].x + w[5] * xv[1].y + w[6] * xv[1].z + w[7] * xv[1].w;
+            for (int q = 0; q < VE / 4; ++q) xv[q] = ((const float4*)(x + k0))[q];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                float w[VE];
+                unpack_chunk<WDT>(c[u][r], w);
+                float d;
+                if (WDT == WDT_FP8) {
+                    d = 0.f;
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) d += w[4 * q] * xv[q].x + w[4 * q + 1] * xv[q].y + w[4 * q + 2] * xv[q].z + w[4 * q + 3] * xv[q].w;
+                    d *= srows[r][k0 / bk];
+                } else {
+                    d = w[0] * xv[0].x + w[1] * xv[0].y + w[2] * xv[0].z + w[3] * xv[0].w + w[4] * xv[1].x + w[5] * xv[1].y + w[6] * xv[1].z + w[7] * xv[1].w;
+                }
+                acc[r] += d;
             }
-            acc[r] += d;
         }
     }
 }
 
-// gate/up rows per warp pass (2: four weight rows in flight), down rows per pass (4)
+// gate/up rows per warp pass (2: four weight rows), down rows per pass (4), and the steps of
+// chunks a lane loads ahead (two: eight 16-byte loads in flight; f32 weights' 32-byte chunks one)
 #define MOE_GU_ROWS 2
 #define MOE_DOWN_ROWS 4
+#define MOE_STEPS(WDT) ((WDT) == WDT_F32 ? 1 : 2)
+// Blocks a multiprocessor keeps resident (the launch bound the host sizes its grid by: one wave
+// of blocks, each warp striding over (pair, row group) items; a grid of a block column per pair
+// ran 1.3 waves at batch 1 on the H200, the last third of the time on a third of the SMs)
+#define MOE_PAIR_BLOCKS_PER_SM 2
 
-// h[p, i] = silu(x[t] · Wg[e, i]) · (x[t] · Wu[e, i]) for pair p = t·top_k + k with expert e = ids[p].
-// Weights of this rank's experts e0 .. e0+ne are stacked: [ne, I, H] (+ FP8 scales [E, ceil(I/bn), ceil(H/bk)]).
+// h[p, i] = silu(x[t] · Wg[e, i]) · (x[t] · Wu[e, i]) for pair p = t·top_k + k with expert e = ids[p]
+// of the `pairs`. Weights of this rank's experts e0 .. e0+ne are stacked: [ne, I, H] (+ FP8 scales
+// [E, ceil(I/bn), ceil(H/bk)]). Each warp of the grid takes (pair, row group) items in turn.
 template <int WDT>
 __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg, const uint8_t* wu,
-                                 const float* su, float* h, int top_k, int I, int H, int bn, int bk, int e0, int ne) {
-    int p = blockIdx.x;
-    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    int t = p / top_k, e = ids[p] - e0;
-    if (e < 0 || e >= ne) return; // another rank's expert (expert parallelism)
-    int kb = (H + bk - 1) / bk;
-    int64_t wstride = (int64_t)I * H * (WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1);
-    int64_t sstride = (int64_t)((I + bn - 1) / bn) * kb;
-    const uint8_t* g = wg + e * wstride;
-    const uint8_t* u = wu + e * wstride;
-    const float* gs = sg + (WDT == WDT_FP8 ? e * sstride : 0);
-    const float* us = su + (WDT == WDT_FP8 ? e * sstride : 0);
-    const float* xt = x + (int64_t)t * H;
+                                 const float* su, float* h, int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne) {
+    const int lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
+    const int gw = blockIdx.x * nw + threadIdx.x / WARP, warps = gridDim.x * nw;
+    const int kb = (H + bk - 1) / bk;
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
+    const int64_t wstride = (int64_t)I * H * es;
+    const int64_t sstride = (int64_t)((I + bn - 1) / bn) * kb;
     const int VE = VecDot<WDT>::ELEMS;
-    bool vec = H % VE == 0 && (WDT != WDT_FP8 || bk % VE == 0);
-    if (vec) {
-        const int RG = MOE_GU_ROWS;
-        for (int i0 = (blockIdx.y * nw + w) * RG; i0 < I; i0 += gridDim.y * nw * RG) {
+    const bool vec = H % VE == 0 && (WDT != WDT_FP8 || bk % VE == 0);
+    const int RG = vec ? MOE_GU_ROWS : 1, groups = (I + RG - 1) / RG;
+    for (int item = gw; item < pairs * groups; item += warps) {
+        const int p = item / groups, i0 = item % groups * RG;
+        const int t = p / top_k, e = ids[p] - e0;
+        if (e < 0 || e >= ne) continue; // another rank's expert (expert parallelism)
+        const uint8_t* g = wg + e * wstride;
+        const uint8_t* u = wu + e * wstride;
+        const float* gs = sg + (WDT == WDT_FP8 ? e * sstride : 0);
+        const float* us = su + (WDT == WDT_FP8 ? e * sstride : 0);
+        const float* xt = x + (int64_t)t * H;
+        if (vec) {
             // rows i0 .. i0+RG-1 of gate, then of up (past I: row i0 again, not written)
-            const uint8_t* rows[2 * RG];
-            const float* srows[2 * RG];
-            float acc[2 * RG];
+            const uint8_t* rows[2 * MOE_GU_ROWS];
+            const float* srows[2 * MOE_GU_ROWS];
+            float acc[2 * MOE_GU_ROWS];
 #pragma unroll
-            for (int r = 0; r < RG; ++r) {
+            for (int r = 0; r < MOE_GU_ROWS; ++r) {
                 const int i = i0 + r < I ? i0 + r : i0;
-                rows[r] = g + (int64_t)i * H * es, rows[RG + r] = u + (int64_t)i * H * es;
-                srows[r] = gs + (WDT == WDT_FP8 ? (i / bn) * kb : 0), srows[RG + r] = us + (WDT == WDT_FP8 ? (i / bn) * kb : 0);
-                acc[r] = acc[RG + r] = 0.f;
+                rows[r] = g + (int64_t)i * H * es, rows[MOE_GU_ROWS + r] = u + (int64_t)i * H * es;
+                srows[r] = gs + (WDT == WDT_FP8 ? (i / bn) * kb : 0), srows[MOE_GU_ROWS + r] = us + (WDT == WDT_FP8 ? (i / bn) * kb : 0);
+                acc[r] = acc[MOE_GU_ROWS + r] = 0.f;
             }
-            moe_rows_dot<WDT, 2 * RG>(rows, srows, xt, H, bk, acc);
+            moe_rows_dot<WDT, 2 * MOE_GU_ROWS, MOE_STEPS(WDT)>(rows, srows, xt, H, bk, acc);
 #pragma unroll
-            for (int r = 0; r < RG; ++r) {
-                const float a = warp_sum(acc[r]), b = warp_sum(acc[RG + r]);
+            for (int r = 0; r < MOE_GU_ROWS; ++r) {
+                const float a = warp_sum(acc[r]), b = warp_sum(acc[MOE_GU_ROWS + r]);
                 if (lane == 0 && i0 + r < I) h[(int64_t)p * I + i0 + r] = a / (1.0f + expf(-a)) * b;
             }
-        }
-        return;
-    }
-    for (int i = blockIdx.y * nw + w; i < I; i += gridDim.y * nw) {
-        float a = 0.f, b = 0.f;
-        {
+        } else {
+            float a = 0.f, b = 0.f;
             for (int c = lane; c < H; c += WARP) {
-                a += xt[c] * load_w<WDT>(g, gs, i, c, H, bn, bk, kb);
-                b += xt[c] * load_w<WDT>(u, us, i, c, H, bn, bk, kb);
+                a += xt[c] * load_w<WDT>(g, gs, i0, c, H, bn, bk, kb);
+                b += xt[c] * load_w<WDT>(u, us, i0, c, H, bn, bk, kb);
             }
+            a = warp_sum(a);
+            b = warp_sum(b);
+            if (lane == 0) h[(int64_t)p * I + i0] = a / (1.0f + expf(-a)) * b;
         }
-        a = warp_sum(a);
-        b = warp_sum(b);
-        if (lane == 0) h[(int64_t)p * I + i] = a / (1.0f + expf(-a)) * b;
     }
 }
 
-// out[t, r] += weight[p] · (Wd[e, r] · h[p])
+// out[t, r] += weight[p] · (Wd[e, r] · h[p]), items of (pair, row group) as above
 template <int WDT>
 __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* weights, const uint8_t* wd, const float* sd, float* out,
-                              int top_k, int I, int H, int bn, int bk, int e0, int ne) {
-    int p = blockIdx.x;
-    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    int t = p / top_k, e = ids[p] - e0;
-    if (e < 0 || e >= ne) return; // another rank's expert (expert parallelism)
-    int kb = (I + bk - 1) / bk;
-    int64_t wstride = (int64_t)I * H * (WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1);
-    int64_t sstride = (int64_t)((H + bn - 1) / bn) * kb;
-    const uint8_t* d = wd + e * wstride;
-    const float* ds = sd + (WDT == WDT_FP8 ? e * sstride : 0);
-    const float* hp = h + (int64_t)p * I;
-    float wt = weights[p];
+                              int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne) {
+    const int lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
+    const int gw = blockIdx.x * nw + threadIdx.x / WARP, warps = gridDim.x * nw;
+    const int kb = (I + bk - 1) / bk;
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
+    const int64_t wstride = (int64_t)I * H * es;
+    const int64_t sstride = (int64_t)((H + bn - 1) / bn) * kb;
     const int VE = VecDot<WDT>::ELEMS;
-    bool vec = I % VE == 0 && (WDT != WDT_FP8 || bk % VE == 0);
-    if (vec) {
-        const int RD = MOE_DOWN_ROWS;
-        for (int r0 = (blockIdx.y * nw + w) * RD; r0 < H; r0 += gridDim.y * nw * RD) {
-            const uint8_t* rows[RD];
-            const float* srows[RD];
-            float acc[RD];
+    const bool vec = I % VE == 0 && (WDT != WDT_FP8 || bk % VE == 0);
+    const int RD = vec ? MOE_DOWN_ROWS : 1, groups = (H + RD - 1) / RD;
+    for (int item = gw; item < pairs * groups; item += warps) {
+        const int p = item / groups, r0 = item % groups * RD;
+        const int t = p / top_k, e = ids[p] - e0;
+        if (e < 0 || e >= ne) continue; // another rank's expert (expert parallelism)
+        const uint8_t* d = wd + e * wstride;
+        const float* ds = sd + (WDT == WDT_FP8 ? e * sstride : 0);
+        const float* hp = h + (int64_t)p * I;
+        const float wt = weights[p];
+        if (vec) {
+            const uint8_t* rows[MOE_DOWN_ROWS];
+            const float* srows[MOE_DOWN_ROWS];
+            float acc[MOE_DOWN_ROWS];
 #pragma unroll
-            for (int q = 0; q < RD; ++q) {
+            for (int q = 0; q < MOE_DOWN_ROWS; ++q) {
                 const int r = r0 + q < H ? r0 + q : r0;
                 rows[q] = d + (int64_t)r * I * es;
                 srows[q] = ds + (WDT == WDT_FP8 ? (r / bn) * kb : 0);
                 acc[q] = 0.f;
             }
-            moe_rows_dot<WDT, RD>(rows, srows, hp, I, bk, acc);
+            moe_rows_dot<WDT, MOE_DOWN_ROWS, MOE_STEPS(WDT)>(rows, srows, hp, I, bk, acc);
 #pragma unroll
-            for (int q = 0; q < RD; ++q) {
+            for (int q = 0; q < MOE_DOWN_ROWS; ++q) {
                 const float a = warp_sum(acc[q]);
                 if (lane == 0 && r0 + q < H) atomicAdd(&out[(int64_t)t * H + r0 + q], wt * a);
             }
+        } else {
+            float a = 0.f;
+            for (int c = lane; c < I; c += WARP) a += hp[c] * load_w<WDT>(d, ds, r0, c, I, bn, bk, kb);
+            a = warp_sum(a);
+            if (lane == 0) atomicAdd(&out[(int64_t)t * H + r0], wt * a);
         }
-        return;
-    }
-    for (int r = blockIdx.y * nw + w; r < H; r += gridDim.y * nw) {
-        float a = 0.f;
-        {
-            for (int c = lane; c < I; c += WARP) a += hp[c] * load_w<WDT>(d, ds, r, c, I, bn, bk, kb);
-        }
-        a = warp_sum(a);
-        if (lane == 0) atomicAdd(&out[(int64_t)t * H + r], wt * a);
     }
 }
 
 #define MOE_KERNELS(SUF, WDT)                                                                                                          \
-    extern "C" __global__ void moe_gate_up_##SUF(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg,                \
-                                                 const uint8_t* wu, const float* su, float* h, int top_k, int I, int H, int bn, int bk, int e0, int ne) { \
-        moe_gate_up_impl<WDT>(x, ids, wg, sg, wu, su, h, top_k, I, H, bn, bk, e0, ne);                                                         \
+    extern "C" __global__ void __launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_gate_up_##SUF(                                          \
+        const float* x, const int32_t* ids, const uint8_t* wg, const float* sg, const uint8_t* wu, const float* su, float* h, int pairs,   \
+        int top_k, int I, int H, int bn, int bk, int e0, int ne) {                                                                         \
+        moe_gate_up_impl<WDT>(x, ids, wg, sg, wu, su, h, pairs, top_k, I, H, bn, bk, e0, ne);                                              \
     }                                                                                                                                  \
-    extern "C" __global__ void moe_down_##SUF(const float* h, const int32_t* ids, const float* weights, const uint8_t* wd,              \
-                                              const float* sd, float* out, int top_k, int I, int H, int bn, int bk, int e0, int ne) {  \
-        moe_down_impl<WDT>(h, ids, weights, wd, sd, out, top_k, I, H, bn, bk, e0, ne);                                                         \
+    extern "C" __global__ void __launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_down_##SUF(                                             \
+        const float* h, const int32_t* ids, const float* weights, const uint8_t* wd, const float* sd, float* out, int pairs, int top_k,    \
+        int I, int H, int bn, int bk, int e0, int ne) {                                                                                    \
+        moe_down_impl<WDT>(h, ids, weights, wd, sd, out, pairs, top_k, I, H, bn, bk, e0, ne);                                              \
     }
 MOE_KERNELS(f32w, WDT_F32)
 MOE_KERNELS(bf16w, WDT_BF16)

@@ -125,8 +125,10 @@ fn linear_all_dtypes_real_and_odd_shapes_on<V: GpuVendor>() {
     g.mma_gemm = false;
     g.blaslt = None;
     g.linear_tc = false;
-    // GEMV: 1-8 warps per row (576 rows: 8; 1536: 4; 24576: 1), odd row counts
-    let shapes = [(1, 1536, 7168), (7, 576, 7168), (1, 576, 7168), (2, 24576, 1536), (3, 4096, 7168), (20, 1000, 2048), (32, 576, 7168), (33, 7168, 2048), (5, 77, 100), (130, 129, 257)];
+    // GEMV: 1-8 warps per row (576 rows: 8; 1536: 4; 24576: 1), odd row counts; more row groups
+    // than the one-wave grid holds (7,168 × 2,048 at one row, 4,096 × 7,168 at three), rows of
+    // 128 and 64 (several row groups a warp)
+    let shapes = [(1, 1536, 7168), (7, 576, 7168), (1, 576, 7168), (2, 24576, 1536), (3, 4096, 7168), (1, 7168, 2048), (1, 999, 128), (4, 300, 64), (20, 1000, 2048), (32, 576, 7168), (33, 7168, 2048), (5, 77, 100), (130, 129, 257)];
     check_linears(&g, "linear", 1, &shapes, F32_TOL);
 }
 
@@ -486,6 +488,24 @@ fn moe_routing_and_experts_on<V: GpuVendor>() {
         g.mma_gemm = mma;
         g.moe_tc = g.moe_tc && tc;
         moe_on(&g, t, tol);
+    }
+    // the per-pair kernels on V3's expert shapes (hidden 7,168, inter 2,048, FP8 128 × 128
+    // blocks): rows of several load rounds, more (pair, row group) items than the grid's warps
+    let (g, c) = (gpu::<V>(), CpuBackend::new());
+    let mut rng = Rng::new(31);
+    let (hidden, inter) = (7168, 2048);
+    let p = RouteParams { n_experts: 8, top_k: 4, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
+    let gate = host_linear(&mut rng, p.n_experts, hidden, WType::F32);
+    let experts: Vec<[HostLinear; 3]> = (0..p.n_experts).map(|_| [host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, hidden, inter, WType::Fp8)]).collect();
+    let (ge, ce) = (g.upload_experts(experts.clone(), 0).unwrap(), c.upload_experts(experts, 0).unwrap());
+    for t in [1, 5] {
+        let x = randn(&mut rng, t * hidden, 1.0);
+        let (cx, gx) = (c.upload(t, hidden, &x).unwrap(), g.upload(t, hidden, &x).unwrap());
+        let cr = c.moe_route(&cx, &c.upload_linear(&gate).unwrap(), None, &p).unwrap();
+        let gr = g.moe_route(&gx, &g.upload_linear(&gate).unwrap(), None, &p).unwrap();
+        let a = g.download(&g.moe_experts(&gx, &gr, &ge).unwrap()).unwrap();
+        let b = c.download(&c.moe_experts(&cx, &cr, &ce).unwrap()).unwrap();
+        check(&format!("moe_experts V3 shapes {t} tokens"), &a, &b, F32_TOL);
     }
 }
 

@@ -169,7 +169,13 @@ fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
     let c = MoeCase::new(&b, 256, 128, 16);
     let (hidden, gate, p) = (c.hidden, &c.gate, &c.p);
     let run = |tokens: usize| c.expert_launches(&b, &rt, tokens).into_iter().map(|(n, _, _)| n).collect::<Vec<_>>();
-    assert_eq!(run(7), ["moe_gate_up_fp8w", "moe_down_fp8w"], "below 8 tokens: a block per (token, expert)");
+    assert_eq!(run(7), ["moe_gate_up_fp8w", "moe_down_fp8w"], "below 8 tokens: the per-pair kernels");
+    // their grid: one wave (2 blocks an SM, 4 SMs here) of 8-warp blocks over (pair, row group)
+    // items, fewer when the items run out (1 token of hidden 32, inter 16: 4 pairs × 16 / 2 gate/up
+    // rows and 4 pairs × 32 / 4 down rows, 32 warps each)
+    let grids = |c: &MoeCase, tokens: usize| c.expert_launches(&b, &rt, tokens).into_iter().map(|(_, g, _)| g).collect::<Vec<_>>();
+    assert_eq!(grids(&c, 7), [(8, 1, 1), (8, 1, 1)]);
+    assert_eq!(grids(&MoeCase::new(&b, 32, 16, 16), 1), [(4, 1, 1), (4, 1, 1)]);
     assert_eq!(run(8), ["moe_group", "moe_gate_up_tc_fp8w", "moe_down_tc_fp8w"], "8-511: grouped, swap-AB");
     assert_eq!(run(512), ["moe_group", "moe_gate_up_mma_fp8w", "moe_silu_mul_halves", "moe_down_mma_fp8w"], "512+: 128-token tiles");
     // the f32 router beyond 32 tokens: 16-row GEMV slices (not the CUDA-core tile), then routing
@@ -326,12 +332,14 @@ fn absorbed_projections_take_per_head_gemvs_then_gemms() {
             let want: Vec<(&str, (u32, u32, u32))> = match (matrix_units && t >= 8, t) {
                 // q → latent: 4 column tiles of 512 per head; latent → v: one 128-row tile per head
                 (true, _) => vec![("linear_mma_heads_fp8w", (4, 1, 16)), ("linear_mma_heads_fp8w", (1, 1, 16))],
-                // one token: four outputs a warp, 8 warps a block (16·512 / 32 and 16·128 / 32 blocks)
-                (false, 1) => vec![("gemv1_fp8w_heads", (256, 1, 1)), ("gemv1_fp8w_heads", (64, 1, 1))],
-                // up to 8 tokens a launch, two outputs a warp
+                // one token: four outputs a group; q → latent rows (K = 128) take 8 lanes a group,
+                // 32 groups a block (16·512 / 4 / 32 blocks), latent → v rows (K = 512) a warp each
+                // (16·128 / 4 / 8 blocks)
+                (false, 1) => vec![("gemv1_fp8w_heads", (64, 1, 1)), ("gemv1_fp8w_heads", (64, 1, 1))],
+                // up to 8 tokens a launch, two outputs a group
                 (false, _) => {
                     let slices = t.div_ceil(8);
-                    let mut v = vec![("gemv8_fp8w_heads", (512, 1, 1)); slices];
+                    let mut v = vec![("gemv8_fp8w_heads", (128, 1, 1)); slices];
                     v.extend(vec![("gemv8_fp8w_heads", (128, 1, 1)); slices]);
                     v
                 }

@@ -21,6 +21,27 @@ pub(super) fn gemv_split(n: usize, k: usize, ve: usize, warp: usize) -> usize {
     split
 }
 
+/// How a GEMV launch covers `n` groups of output rows of length `k` (`ve` weights a 16-byte chunk):
+/// lanes per group (the warp, or a power of two that covers short rows in one step: K = 128 FP8
+/// rows take 8 lanes, four groups a warp), whole warps per group (`gemv_split`, rows of a warp or
+/// more), and the 256-thread blocks that hold them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct GemvGeometry {
+    pub lanes: usize,
+    pub split: usize,
+    pub blocks: usize,
+}
+
+pub(super) fn gemv_geometry(n: usize, k: usize, ve: usize, warp: usize) -> GemvGeometry {
+    let mut lanes = warp;
+    while lanes > 1 && (lanes / 2) * ve >= k {
+        lanes /= 2;
+    }
+    let split = if lanes == warp { gemv_split(n, k, ve, warp) } else { 1 };
+    let per_block = 256 / warp / split * (warp / lanes);
+    GemvGeometry { lanes, split, blocks: n.div_ceil(per_block).max(1) }
+}
+
 impl<V: GpuVendor> GpuBackend<V> {
     /// y = x · Wᵀ for x of at most 32 rows (16-row slices beyond 8), with the 16-byte-load kernels
     /// where the row length allows them and the scalar ones otherwise.
@@ -41,17 +62,18 @@ impl<V: GpuVendor> GpuBackend<V> {
             "gemv8" => 2,
             _ => 1,
         };
-        let split = if vec8 { gemv_split(w.out.div_ceil(per_warp), w.inp, if w.wdt == 2 { 16 } else { 8 }, self.warp as usize) } else { 1 };
-        let sp = split as i32;
+        let geo = gemv_geometry(w.out.div_ceil(per_warp), w.inp, if w.wdt == 2 { 16 } else { 8 }, self.warp as usize);
+        let (sp, lanes) = (geo.split as i32, geo.lanes as i32);
+        let blocks = if vec8 { geo.blocks } else { w.out.div_ceil(self.warps_per_block()) };
         for r0 in (0..x.rows).step_by(slice) {
             let m = (x.rows - r0).min(slice) as i32;
             let (xs, ys) = (x.buf.at(r0 * w.inp), y.at(r0 * w.out));
             let mut b = self.launch(&f);
             b.arg(&xs).arg(&w.data).arg(&w.scales).arg(&ys).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
             if vec8 {
-                b.arg(&sp);
+                b.arg(&sp).arg(&lanes);
             }
-            b.run(cfg(((w.out.div_ceil(per_warp) * split).div_ceil(self.warps_per_block()) as u32, 1), 256, 0)).map_err(err("linear"))?;
+            b.run(cfg((blocks as u32, 1), 256, 0)).map_err(err("linear"))?;
         }
         Ok(())
     }
@@ -59,7 +81,24 @@ impl<V: GpuVendor> GpuBackend<V> {
 
 #[cfg(test)]
 mod tests {
-    use super::gemv_split;
+    use super::{gemv_geometry, gemv_split, GemvGeometry};
+
+    #[test]
+    fn narrow_row_groups_for_short_rows() {
+        let g = |n, k, ve, warp| gemv_geometry(n, k, ve, warp);
+        // V3 o_proj at batch 1 (7,168 rows of 16,384 FP8, 4 rows a group): 1,792 groups, split 4
+        assert_eq!(g(1792, 16384, 16, 32), GemvGeometry { lanes: 32, split: 4, blocks: 896 });
+        // MLA's absorbed q (128 heads × 512 rows of K = 128 FP8): 8 lanes a group, 4 groups a warp
+        assert_eq!(g(16384, 128, 16, 32), GemvGeometry { lanes: 8, split: 1, blocks: 512 });
+        // 64 groups of K = 64: 4 lanes, 64 groups a block
+        assert_eq!(g(64, 64, 16, 32), GemvGeometry { lanes: 4, split: 1, blocks: 1 });
+        // a 512-wide row keeps the whole warp (one 16-byte chunk a lane); 64-wide wavefronts too
+        assert_eq!(g(4096, 512, 16, 32), GemvGeometry { lanes: 32, split: 1, blocks: 512 });
+        assert_eq!(g(4096, 512, 8, 64), GemvGeometry { lanes: 64, split: 1, blocks: 1024 });
+        assert_eq!(g(4096, 128, 8, 64).lanes, 16);
+        // 576 kv_a rows of 7,168: split 8 (one row group a block)
+        assert_eq!(g(144, 7168, 16, 32), GemvGeometry { lanes: 32, split: 8, blocks: 144 });
+    }
 
     #[test]
     fn small_layers_get_more_warps_per_row_while_rows_stay_long() {

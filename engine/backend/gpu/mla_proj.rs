@@ -12,7 +12,7 @@
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, LaunchConfig};
 use super::mma::{launch, vec_ok, TILE};
-use super::gemv::gemv_split;
+use super::gemv::gemv_geometry;
 use super::ops::{cfg, wdt_suffix, GpuLinear, ATTN_PROJ};
 use crate::backend::{BackendError, MlaDims};
 use super::ModelDims;
@@ -107,15 +107,15 @@ impl<V: GpuVendor> GpuBackend<V> {
         let kind = if per_warp == 4 { "gemv1" } else { "gemv8" };
         let f = self.func(LIN, &format!("{kind}_{}_heads", wdt_suffix(w.wdt)))?;
         let rows = g.heads * g.n;
-        let split = gemv_split(rows.div_ceil(per_warp), g.k, if w.wdt == 2 { 16 } else { 8 }, self.warp as usize);
+        let geo = gemv_geometry(rows.div_ceil(per_warp), g.k, if w.wdt == 2 { 16 } else { 8 }, self.warp as usize);
         let (ldx, ldy) = (g.ldx as i64, g.ldy as i64);
-        let [n, k, sp, xh, nh, wh, w0, yh] = [rows, g.k, split, g.xh, g.n, g.wh, g.w0, g.yh].map(|x| x as i32);
+        let [n, k, sp, lanes, xh, nh, wh, w0, yh] = [rows, g.k, geo.split, geo.lanes, g.xh, g.n, g.wh, g.w0, g.yh].map(|x| x as i32);
         for r0 in (0..g.m).step_by(8) {
             let m = (g.m - r0).min(8) as i32;
             let mut b = self.launch(&f);
-            b.arg(&g.x.at(r0 * g.ldx)).arg(&w.data).arg(&w.scales).arg(&y.at(r0 * g.ldy)).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk).arg(&sp);
+            b.arg(&g.x.at(r0 * g.ldx)).arg(&w.data).arg(&w.scales).arg(&y.at(r0 * g.ldy)).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk).arg(&sp).arg(&lanes);
             b.arg(&ldx).arg(&xh).arg(&nh).arg(&wh).arg(&w0).arg(&ldy).arg(&yh);
-            b.run(cfg(((rows.div_ceil(per_warp) * split).div_ceil(self.warps_per_block()) as u32, 1), 256, 0)).map_err(err("linear gemv heads"))?;
+            b.run(cfg((geo.blocks as u32, 1), 256, 0)).map_err(err("linear gemv heads"))?;
         }
         Ok(())
     }

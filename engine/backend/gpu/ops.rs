@@ -12,6 +12,11 @@ const NORM: &str = "hip-kernels/norm.hip";
 const ROPE: &str = "hip-kernels/rope.hip";
 const LIN: &str = "hip-kernels/linear.hip";
 const MOE: &str = "hip-kernels/moe.hip";
+/// moe.hip's per-pair expert kernels: their launch bound (blocks resident per multiprocessor) and
+/// the gate/up and down rows a warp's item covers
+const MOE_PAIR_BLOCKS_PER_SM: usize = 2;
+const MOE_GU_ROWS: usize = 2;
+const MOE_DOWN_ROWS: usize = 4;
 const SAMPLE: &str = "hip-kernels/sampling.hip";
 /// Profile class of MLA's kv_b projections (q into the latent space, the latent out to v, and the
 /// prefill's K/V decompression)
@@ -526,12 +531,15 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             let (e0, ne) = (e.first as i32, e.n as i32);
             let f = self.func(MOE, &format!("moe_gate_up_{}", wdt_suffix(e.wdt)))?;
             let mut b = self.launch(&f);
-            b.arg(&x.buf).arg(&r.ids).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk).arg(&e0).arg(&ne);
-            b.run(cfg((pairs as u32, e.inter.div_ceil(8).min(64) as u32), 256, 0)).map_err(err("moe_gate_up"))?;
+            // one wave of blocks (moe.hip's launch bound), each warp taking (pair, row group) items
+            let grid = |rows: usize, per_item: usize| ((pairs * rows.div_ceil(per_item)).div_ceil(self.warps_per_block()).min(self.sms * MOE_PAIR_BLOCKS_PER_SM) as u32, 1);
+            let np = pairs as i32;
+            b.arg(&x.buf).arg(&r.ids).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&mut h).arg(&np).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk).arg(&e0).arg(&ne);
+            b.run(cfg(grid(e.inter, MOE_GU_ROWS), 256, 0)).map_err(err("moe_gate_up"))?;
             let f = self.func(MOE, &format!("moe_down_{}", wdt_suffix(e.wdt)))?;
             let mut b = self.launch(&f);
-            b.arg(&h).arg(&r.ids).arg(&r.weights).arg(&e.down).arg(&e.ds).arg(&mut out).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk).arg(&e0).arg(&ne);
-            b.run(cfg((pairs as u32, e.hidden.div_ceil(8).min(64) as u32), 256, 0)).map_err(err("moe_down"))?;
+            b.arg(&h).arg(&r.ids).arg(&r.weights).arg(&e.down).arg(&e.ds).arg(&mut out).arg(&np).arg(&k).arg(&i).arg(&hd).arg(&e.bn).arg(&e.bk).arg(&e0).arg(&ne);
+            b.run(cfg(grid(e.hidden, MOE_DOWN_ROWS), 256, 0)).map_err(err("moe_down"))?;
             Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out })
         })
     }
@@ -711,5 +719,16 @@ mod tests {
         let (_, same, s1, _, _) = host_weight(&hl, false);
         assert!(matches!(same, std::borrow::Cow::Borrowed(_)));
         assert_eq!(s1[3], 0.25 + 3.0 * 0.125);
+    }
+
+    /// The per-pair MoE grid is sized by the kernels' launch bound and item rows: the host's
+    /// constants are moe.hip's.
+    #[test]
+    fn moe_pair_grid_mirrors_the_kernel() {
+        let src = include_str!("../../../hip-kernels/moe.hip");
+        for (name, v) in [("MOE_PAIR_BLOCKS_PER_SM", MOE_PAIR_BLOCKS_PER_SM), ("MOE_GU_ROWS", MOE_GU_ROWS), ("MOE_DOWN_ROWS", MOE_DOWN_ROWS)] {
+            assert!(src.contains(&format!("#define {name} {v}\n")), "{name} {v}");
+        }
+        assert!(src.contains("__launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_gate_up_") && src.contains("__launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_down_"));
     }
 }
