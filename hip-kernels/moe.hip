@@ -157,7 +157,9 @@ __device__ __forceinline__ void moe_rows_dot(const uint8_t* const (&rows)[R], co
 
 // h[p, i] = silu(x[t] · Wg[e, i]) · (x[t] · Wu[e, i]) for pair p = t·top_k + k with expert e = ids[p]
 // of the `pairs`. Weights of this rank's experts e0 .. e0+ne are stacked: [ne, I, H] (+ FP8 scales
-// [E, ceil(I/bn), ceil(H/bk)]). Each warp of the grid takes (pair, row group) items in turn.
+// [E, ceil(I/bn), ceil(H/bk)]). Each warp of the grid takes (pair, row group) items in turn. With
+// no ids (null), every pair is expert 0: an MLP's own weights (a MoE layer's shared experts, one
+// row; moe_pairs.rs).
 template <int WDT>
 __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg, const uint8_t* wu,
                                  const float* su, float* h, int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne) {
@@ -172,7 +174,7 @@ __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8
     const int RG = vec ? MOE_GU_ROWS : 1, groups = (I + RG - 1) / RG;
     for (int item = gw; item < pairs * groups; item += warps) {
         const int p = item / groups, i0 = item % groups * RG;
-        const int t = p / top_k, e = ids[p] - e0;
+        const int t = p / top_k, e = (ids ? ids[p] : 0) - e0;
         if (e < 0 || e >= ne) continue; // another rank's expert (expert parallelism)
         const uint8_t* g = wg + e * wstride;
         const uint8_t* u = wu + e * wstride;
@@ -210,7 +212,8 @@ __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8
     }
 }
 
-// out[t, r] += weight[p] · (Wd[e, r] · h[p]), items of (pair, row group) as above
+// out[t, r] += weight[p] · (Wd[e, r] · h[p]), items of (pair, row group) as above (no ids: expert
+// 0 with weight 1)
 template <int WDT>
 __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* weights, const uint8_t* wd, const float* sd, float* out,
                               int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne) {
@@ -225,12 +228,12 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
     const int RD = vec ? MOE_DOWN_ROWS : 1, groups = (H + RD - 1) / RD;
     for (int item = gw; item < pairs * groups; item += warps) {
         const int p = item / groups, r0 = item % groups * RD;
-        const int t = p / top_k, e = ids[p] - e0;
+        const int t = p / top_k, e = (ids ? ids[p] : 0) - e0;
         if (e < 0 || e >= ne) continue; // another rank's expert (expert parallelism)
         const uint8_t* d = wd + e * wstride;
         const float* ds = sd + (WDT == WDT_FP8 ? e * sstride : 0);
         const float* hp = h + (int64_t)p * I;
-        const float wt = weights[p];
+        const float wt = ids ? weights[p] : 1.f;
         if (vec) {
             const uint8_t* rows[MOE_DOWN_ROWS];
             const float* srows[MOE_DOWN_ROWS];

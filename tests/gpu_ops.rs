@@ -553,6 +553,34 @@ fn moe_on<V: GpuVendor>(g: &GpuBackend<V>, t: usize, tol: f64) {
     }
 }
 
+/// A MoE layer's shared experts added into the routed sum (`mlp_add`): at one row the per-pair
+/// kernels on the MLP's own FP8 weights (moe_pairs.rs), at three rows the linear layers, SiLU·up
+/// and the add; V3's shared-expert shape (hidden 7,168, inter 2,048) and a bf16 MLP, into a
+/// random y, against the f32 CPU ops.
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn shared_experts_mlp_add() {
+    common::on_gpu!(shared_experts_mlp_add_on)
+}
+
+fn shared_experts_mlp_add_on<V: GpuVendor>() {
+    let (g, c) = (gpu::<V>(), CpuBackend::new());
+    let mut rng = Rng::new(77);
+    for (hidden, inter, wt) in [(7168, 2048, WType::Fp8), (512, 256, WType::Bf16)] {
+        let w = [host_linear(&mut rng, inter, hidden, wt), host_linear(&mut rng, inter, hidden, wt), host_linear(&mut rng, hidden, inter, wt)];
+        let gw: Vec<_> = w.iter().map(|l| g.upload_linear(l).unwrap()).collect();
+        let cw: Vec<_> = w.iter().map(|l| c.upload_linear(l).unwrap()).collect();
+        for rows in [1, 3] {
+            let (x, y0) = (randn(&mut rng, rows * hidden, 1.0), randn(&mut rng, rows * hidden, 1.0));
+            let mut gy = g.upload(rows, hidden, &y0).unwrap();
+            g.mlp_add(&g.upload(rows, hidden, &x).unwrap(), &gw[0], &gw[1], &gw[2], &mut gy).unwrap();
+            let mut cy = c.upload(rows, hidden, &y0).unwrap();
+            c.mlp_add(&c.upload(rows, hidden, &x).unwrap(), &cw[0], &cw[1], &cw[2], &mut cy).unwrap();
+            check(&format!("mlp_add {hidden}x{inter} {rows} rows"), &g.download(&gy).unwrap(), &c.download(&cy).unwrap(), F32_TOL);
+        }
+    }
+}
+
 /// `--fp8-activations dynamic` MoE at prefill sizes (engine/backend/gpu/moe_prefill.rs): per-expert
 /// row segments through the grouped FP8 GEMM (moe_f8_gemm.hip, sm_90a) and through the library's
 /// block-scaled FP8 GEMM, against an f32 reference on the CPU fed with the same quantisations

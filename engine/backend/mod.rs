@@ -145,6 +145,12 @@ pub trait Backend: Send + Sync + 'static {
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor, BackendError>;
     /// `x += y`.
     fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), BackendError>;
+    /// `y += down(silu(x·gateᵀ) · (x·upᵀ))`: an MLP (a MoE layer's shared experts) added into `y`.
+    /// Backends may fuse it (the GPU does at one row); by default the ops above in turn.
+    fn mlp_add(&self, x: &Self::Tensor, gate: &Self::Linear, up: &Self::Linear, down: &Self::Linear, y: &mut Self::Tensor) -> Result<(), BackendError> {
+        let h = self.silu_mul(&self.linear(x, gate)?, &self.linear(x, up)?)?;
+        self.add(y, &self.linear(&h, down)?)
+    }
     /// Rotary embedding in place on `heads` slices per row, each `rope.half*2` wide, starting at
     /// column `offset + h * head_stride`; row `i` has position `positions[i]`.
     fn rope(&self, x: &mut Self::Tensor, positions: &[u32], heads: usize, head_stride: usize, offset: usize, rope: &RopeTables) -> Result<(), BackendError>;

@@ -25,6 +25,11 @@ impl<B: Backend> Mlp<B> {
         let h = b.silu_mul(&b.linear(x, &self.gate)?, &b.linear(x, &self.up)?)?;
         Ok(b.linear(&h, &self.down)?)
     }
+
+    /// `y += forward(x)`, through the backend's (possibly fused) `mlp_add`.
+    pub fn forward_add(&self, b: &B, x: &B::Tensor, y: &mut B::Tensor) -> Result<(), ModelError> {
+        Ok(b.mlp_add(x, &self.gate, &self.up, &self.down, y)?)
+    }
 }
 
 pub struct Moe<B: Backend> {
@@ -88,7 +93,7 @@ impl<B: Backend> Moe<B> {
         let routing = b.moe_route(x, &self.router, self.bias.as_deref(), &self.params)?;
         let mut y = b.moe_experts(x, &routing, &self.experts)?;
         if let Some(s) = &self.shared {
-            b.add(&mut y, &s.forward(b, x)?)?;
+            s.forward_add(b, x, &mut y)?;
         }
         Ok(y)
     }

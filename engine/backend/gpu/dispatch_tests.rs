@@ -194,6 +194,32 @@ fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
     }
 }
 
+/// A MoE layer's shared experts at one row run the per-pair kernels on the MLP's own weights (no
+/// routing: null ids), adding into the routed sum; more rows, or weights that are not FP8, keep
+/// the linear layers, SiLU·up and the add.
+#[test]
+fn shared_experts_at_one_row_take_the_per_pair_kernels() {
+    let (b, rt) = nvidia_like();
+    let (h, i) = (64, 32);
+    let up = |l: HostLinear| b.upload_linear(&l).unwrap();
+    let fp8_mlp = [up(fp8(i, h)), up(fp8(i, h)), up(fp8(h, i))];
+    let bf16_mlp = [up(bf16(i, h)), up(bf16(i, h)), up(bf16(h, i))];
+    let run = |rows: usize, m: &[GpuLinear; 3]| {
+        let mut y = x(&b, rows, h);
+        rt.take_launched();
+        b.mlp_add(&x(&b, rows, h), &m[0], &m[1], &m[2], &mut y).unwrap();
+        rt.take_launched()
+    };
+    let l = run(1, &fp8_mlp);
+    // 1 pair: 16 gate/up row groups (2 rows) and 16 down row groups (4 rows): 2 blocks each
+    assert_eq!(l.iter().map(|(n, g, _)| (n.as_str(), *g)).collect::<Vec<_>>(), [("moe_gate_up_fp8w", (2, 1, 1)), ("moe_down_fp8w", (2, 1, 1))]);
+    let names2: Vec<String> = run(2, &fp8_mlp).into_iter().map(|(n, _, _)| n).collect();
+    assert_eq!(names2.last().map(String::as_str), Some("add_inplace"), "2 rows: {names2:?}");
+    assert!(names2.iter().any(|n| n == "silu_mul"));
+    let names_bf16: Vec<String> = run(1, &bf16_mlp).into_iter().map(|(n, _, _)| n).collect();
+    assert_eq!(names_bf16, ["gemv1_bf16w", "gemv1_bf16w", "silu_mul", "gemv1_bf16w", "add_inplace"]);
+}
+
 #[test]
 fn launch_geometry_follows_the_warp_width() {
     // kv_a-like (576 × 7168) at batch 1: 4 rows per warp, split over warps, 256-thread blocks

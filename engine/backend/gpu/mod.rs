@@ -25,6 +25,7 @@ pub(crate) mod mma;
 mod moe_f8_gemm;
 mod moe_prefill;
 mod moe_grouped;
+mod moe_pairs;
 pub mod nvrtc;
 pub mod ops;
 pub mod source;

@@ -1,0 +1,98 @@
+//! moe.hip's per-pair expert kernels: up to 7 tokens' (token, expert) pairs, each warp of one wave
+//! of blocks taking (pair, row group) items — gate/up with SiLU into `h`, then down times the
+//! routing weight added atomically into the output. At one row they also run a MoE layer's shared
+//! experts (`mlp_add`): one "pair" of an MLP's own weights added straight into the routed sum, two
+//! launches instead of the GEMVs' five (gate, up, SiLU·up, down, add).
+use super::backend::{GpuBackend, GpuTensor, GpuVendor};
+use super::device::{err, DevBuf};
+use super::ops::{cfg, wdt_suffix, GpuExperts, GpuLinear, GpuRouting};
+use crate::backend::BackendError;
+
+const MOE: &str = "hip-kernels/moe.hip";
+/// The kernels' launch bound (blocks resident per multiprocessor) and the gate/up and down rows a
+/// warp's item covers
+const MOE_PAIR_BLOCKS_PER_SM: usize = 2;
+const MOE_GU_ROWS: usize = 2;
+const MOE_DOWN_ROWS: usize = 4;
+
+/// One set of stacked expert weights as the kernels read them (experts `e0 .. e0 + ne`).
+struct PairWeights<'a> {
+    gate: (&'a DevBuf<u8>, &'a DevBuf<f32>),
+    up: (&'a DevBuf<u8>, &'a DevBuf<f32>),
+    down: (&'a DevBuf<u8>, &'a DevBuf<f32>),
+    wdt: u8,
+    inter: usize,
+    hidden: usize,
+    bn: i32,
+    bk: i32,
+    e0: i32,
+    ne: i32,
+}
+
+impl<V: GpuVendor> GpuBackend<V> {
+    /// The routed experts of `x`'s tokens into `out` (zeroed by the caller).
+    pub(super) fn moe_experts_pairs(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
+        let w = PairWeights { gate: (&e.gate, &e.gs), up: (&e.up, &e.us), down: (&e.down, &e.ds), wdt: e.wdt, inter: e.inter, hidden: e.hidden, bn: e.bn, bk: e.bk, e0: e.first as i32, ne: e.n as i32 };
+        self.pairs(x, Some(r), &w, out)
+    }
+
+    /// `y += down(silu(x·gateᵀ) · (x·upᵀ))` for one row of x and FP8 weights of one block shape
+    /// whose rows take the kernels' 16-byte loads; `Ok(false)` where it does not apply.
+    pub(super) fn mlp_add_pairs(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear, y: &mut GpuTensor) -> Result<bool, BackendError> {
+        let same_blocks = [up, down].iter().all(|l| (l.bn, l.bk) == (gate.bn, gate.bk));
+        let shapes = up.out == gate.out && up.inp == gate.inp && down.out == gate.inp && down.inp == gate.out && y.cols == gate.inp;
+        let vec = gate.inp % 16 == 0 && gate.out % 16 == 0 && gate.bk % 16 == 0;
+        if x.rows != 1 || [gate, up, down].iter().any(|l| l.wdt != 2) || !same_blocks || !shapes || !vec {
+            return Ok(false);
+        }
+        let w = PairWeights { gate: (&gate.data, &gate.scales), up: (&up.data, &up.scales), down: (&down.data, &down.scales), wdt: 2, inter: gate.out, hidden: gate.inp, bn: gate.bn, bk: gate.bk, e0: 0, ne: 1 };
+        self.span("MoE GEMM", || self.pairs(x, None, &w, &mut y.buf))?;
+        Ok(true)
+    }
+
+    /// The two launches over `x`'s pairs: routed (ids and weights from `r`) or, with no routing,
+    /// one pair per row of expert 0 with weight 1.
+    fn pairs(&self, x: &GpuTensor, r: Option<&GpuRouting>, w: &PairWeights, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
+        let top_k = r.map_or(1, |r| r.top_k);
+        let pairs = x.rows * top_k;
+        let mut h = self.alloc_out(pairs * w.inter)?;
+        let (k, i, hd, np) = (top_k as i32, w.inter as i32, w.hidden as i32, pairs as i32);
+        let null = 0u64;
+        // one wave of blocks (the launch bound), each warp taking (pair, row group) items
+        let grid = |rows: usize, per_item: usize| ((pairs * rows.div_ceil(per_item)).div_ceil(self.warps_per_block()).min(self.sms * MOE_PAIR_BLOCKS_PER_SM) as u32, 1);
+        let f = self.func(MOE, &format!("moe_gate_up_{}", wdt_suffix(w.wdt)))?;
+        let mut b = self.launch(&f);
+        b.arg(&x.buf);
+        match r {
+            Some(r) => b.arg(&r.ids),
+            None => b.arg(&null),
+        };
+        b.arg(w.gate.0).arg(w.gate.1).arg(w.up.0).arg(w.up.1).arg(&mut h).arg(&np).arg(&k).arg(&i).arg(&hd).arg(&w.bn).arg(&w.bk).arg(&w.e0).arg(&w.ne);
+        b.run(cfg(grid(w.inter, MOE_GU_ROWS), 256, 0)).map_err(err("moe_gate_up"))?;
+        let f = self.func(MOE, &format!("moe_down_{}", wdt_suffix(w.wdt)))?;
+        let mut b = self.launch(&f);
+        b.arg(&h);
+        match r {
+            Some(r) => b.arg(&r.ids).arg(&r.weights),
+            None => b.arg(&null).arg(&null),
+        };
+        b.arg(w.down.0).arg(w.down.1).arg(out).arg(&np).arg(&k).arg(&i).arg(&hd).arg(&w.bn).arg(&w.bk).arg(&w.e0).arg(&w.ne);
+        b.run(cfg(grid(w.hidden, MOE_DOWN_ROWS), 256, 0)).map_err(err("moe_down"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-pair MoE grid is sized by the kernels' launch bound and item rows: the host's
+    /// constants are moe.hip's.
+    #[test]
+    fn moe_pair_grid_mirrors_the_kernel() {
+        let src = include_str!("../../../hip-kernels/moe.hip");
+        for (name, v) in [("MOE_PAIR_BLOCKS_PER_SM", MOE_PAIR_BLOCKS_PER_SM), ("MOE_GU_ROWS", MOE_GU_ROWS), ("MOE_DOWN_ROWS", MOE_DOWN_ROWS)] {
+            assert!(src.contains(&format!("#define {name} {v}\n")), "{name} {v}");
+        }
+        assert!(src.contains("__launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_gate_up_") && src.contains("__launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_down_"));
+    }
+}
