@@ -93,6 +93,12 @@ pub trait TensorShape {
     fn cols(&self) -> usize;
 }
 
+/// `Backend::mlp_add` from the unfused ops: linear, linear, SiLU·up, linear, add.
+pub fn mlp_add_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, [gate, up, down]: [&B::Linear; 3], y: &mut B::Tensor) -> Result<(), BackendError> {
+    let h = b.silu_mul(&b.linear(x, gate)?, &b.linear(x, up)?)?;
+    b.add(y, &b.linear(&h, down)?)
+}
+
 pub trait Backend: Send + Sync + 'static {
     /// A 2-D activation buffer [rows, cols].
     type Tensor: TensorShape + Send + Sync;
@@ -148,8 +154,7 @@ pub trait Backend: Send + Sync + 'static {
     /// `y += down(silu(x·gateᵀ) · (x·upᵀ))`: an MLP (a MoE layer's shared experts) added into `y`.
     /// Backends may fuse it (the GPU does at one row); by default the ops above in turn.
     fn mlp_add(&self, x: &Self::Tensor, gate: &Self::Linear, up: &Self::Linear, down: &Self::Linear, y: &mut Self::Tensor) -> Result<(), BackendError> {
-        let h = self.silu_mul(&self.linear(x, gate)?, &self.linear(x, up)?)?;
-        self.add(y, &self.linear(&h, down)?)
+        mlp_add_by_ops(self, x, [gate, up, down], y)
     }
     /// Rotary embedding in place on `heads` slices per row, each `rope.half*2` wide, starting at
     /// column `offset + h * head_stride`; row `i` has position `positions[i]`.

@@ -420,8 +420,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
         if self.mlp_add_pairs(x, gate, up, down, y)? {
             return Ok(());
         }
-        let h = self.silu_mul(&self.linear(x, gate)?, &self.linear(x, up)?)?;
-        self.add(y, &self.linear(&h, down)?)
+        crate::backend::mlp_add_by_ops(self, x, [gate, up, down], y)
     }
 
     fn add(&self, x: &mut GpuTensor, y: &GpuTensor) -> Result<(), BackendError> {
