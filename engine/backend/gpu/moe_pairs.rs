@@ -41,7 +41,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     pub(super) fn mlp_add_pairs(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear, y: &mut GpuTensor) -> Result<bool, BackendError> {
         let same_blocks = [up, down].iter().all(|l| (l.bn, l.bk) == (gate.bn, gate.bk));
         let shapes = up.out == gate.out && up.inp == gate.inp && down.out == gate.inp && down.inp == gate.out && y.cols == gate.inp;
-        let vec = gate.inp % 16 == 0 && gate.out % 16 == 0 && gate.bk % 16 == 0;
+        let vec = gate.inp.is_multiple_of(16) && gate.out.is_multiple_of(16) && gate.bk % 16 == 0;
         if x.rows != 1 || [gate, up, down].iter().any(|l| l.wdt != 2) || !same_blocks || !shapes || !vec {
             return Ok(false);
         }
