@@ -93,10 +93,15 @@ pub trait TensorShape {
     fn cols(&self) -> usize;
 }
 
-/// `Backend::mlp_add` from the unfused ops: linear, linear, SiLU·up, linear, add.
-pub fn mlp_add_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, [gate, up, down]: [&B::Linear; 3], y: &mut B::Tensor) -> Result<(), BackendError> {
+/// `down(silu(x·gateᵀ) · (x·upᵀ))` from the unfused ops: linear, linear, SiLU·up, linear.
+pub fn mlp_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, [gate, up, down]: [&B::Linear; 3]) -> Result<B::Tensor, BackendError> {
     let h = b.silu_mul(&b.linear(x, gate)?, &b.linear(x, up)?)?;
-    b.add(y, &b.linear(&h, down)?)
+    b.linear(&h, down)
+}
+
+/// `Backend::mlp_add` from the unfused ops: `mlp_by_ops`, then the add.
+pub fn mlp_add_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, mlp: [&B::Linear; 3], y: &mut B::Tensor) -> Result<(), BackendError> {
+    b.add(y, &mlp_by_ops(b, x, mlp)?)
 }
 
 pub trait Backend: Send + Sync + 'static {

@@ -22,8 +22,7 @@ impl<B: Backend> Mlp<B> {
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor, ModelError> {
-        let h = b.silu_mul(&b.linear(x, &self.gate)?, &b.linear(x, &self.up)?)?;
-        Ok(b.linear(&h, &self.down)?)
+        Ok(crate::backend::mlp_by_ops(b, x, [&self.gate, &self.up, &self.down])?)
     }
 
     /// `y += forward(x)`, through the backend's (possibly fused) `mlp_add`.

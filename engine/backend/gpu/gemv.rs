@@ -21,7 +21,8 @@ pub(super) fn gemv_split(n: usize, k: usize, ve: usize, warp: usize) -> usize {
     split
 }
 
-/// How a GEMV launch covers `n` groups of output rows of length `k` (`ve` weights a 16-byte chunk):
+/// How a GEMV launch covers `n` groups of output rows of length `k` (weights of dtype `wdt`, the
+/// kernels' WDT_*: 16 FP8 or 8 others a 16-byte chunk):
 /// lanes per group (the warp, or a power of two that covers short rows in one step: K = 128 FP8
 /// rows take 8 lanes, four groups a warp), whole warps per group (`gemv_split`, rows of a warp or
 /// more), and the 256-thread blocks that hold them all.
@@ -32,7 +33,8 @@ pub(super) struct GemvGeometry {
     pub blocks: usize,
 }
 
-pub(super) fn gemv_geometry(n: usize, k: usize, ve: usize, warp: usize) -> GemvGeometry {
+pub(super) fn gemv_geometry(n: usize, k: usize, wdt: u8, warp: usize) -> GemvGeometry {
+    let ve = if wdt == 2 { 16 } else { 8 };
     let mut lanes = warp;
     while lanes > 1 && (lanes / 2) * ve >= k {
         lanes /= 2;
@@ -62,7 +64,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             "gemv8" => 2,
             _ => 1,
         };
-        let geo = gemv_geometry(w.out.div_ceil(per_warp), w.inp, if w.wdt == 2 { 16 } else { 8 }, self.warp as usize);
+        let geo = gemv_geometry(w.out.div_ceil(per_warp), w.inp, w.wdt, self.warp as usize);
         let (sp, lanes) = (geo.split as i32, geo.lanes as i32);
         let blocks = if vec8 { geo.blocks } else { w.out.div_ceil(self.warps_per_block()) };
         for r0 in (0..x.rows).step_by(slice) {
@@ -85,19 +87,20 @@ mod tests {
 
     #[test]
     fn narrow_row_groups_for_short_rows() {
-        let g = |n, k, ve, warp| gemv_geometry(n, k, ve, warp);
+        // weights FP8 (wdt 2: 16 a 16-byte chunk) or bf16 (wdt 1: 8)
+        let g = gemv_geometry;
         // V3 o_proj at batch 1 (7,168 rows of 16,384 FP8, 4 rows a group): 1,792 groups, split 4
-        assert_eq!(g(1792, 16384, 16, 32), GemvGeometry { lanes: 32, split: 4, blocks: 896 });
+        assert_eq!(g(1792, 16384, 2, 32), GemvGeometry { lanes: 32, split: 4, blocks: 896 });
         // MLA's absorbed q (128 heads × 512 rows of K = 128 FP8): 8 lanes a group, 4 groups a warp
-        assert_eq!(g(16384, 128, 16, 32), GemvGeometry { lanes: 8, split: 1, blocks: 512 });
+        assert_eq!(g(16384, 128, 2, 32), GemvGeometry { lanes: 8, split: 1, blocks: 512 });
         // 64 groups of K = 64: 4 lanes, 64 groups a block
-        assert_eq!(g(64, 64, 16, 32), GemvGeometry { lanes: 4, split: 1, blocks: 1 });
+        assert_eq!(g(64, 64, 2, 32), GemvGeometry { lanes: 4, split: 1, blocks: 1 });
         // a 512-wide row keeps the whole warp (one 16-byte chunk a lane); 64-wide wavefronts too
-        assert_eq!(g(4096, 512, 16, 32), GemvGeometry { lanes: 32, split: 1, blocks: 512 });
-        assert_eq!(g(4096, 512, 8, 64), GemvGeometry { lanes: 64, split: 1, blocks: 1024 });
-        assert_eq!(g(4096, 128, 8, 64).lanes, 16);
+        assert_eq!(g(4096, 512, 2, 32), GemvGeometry { lanes: 32, split: 1, blocks: 512 });
+        assert_eq!(g(4096, 512, 1, 64), GemvGeometry { lanes: 64, split: 1, blocks: 1024 });
+        assert_eq!(g(4096, 128, 1, 64).lanes, 16);
         // 576 kv_a rows of 7,168: split 8 (one row group a block)
-        assert_eq!(g(144, 7168, 16, 32), GemvGeometry { lanes: 32, split: 8, blocks: 144 });
+        assert_eq!(g(144, 7168, 2, 32), GemvGeometry { lanes: 32, split: 8, blocks: 144 });
     }
 
     #[test]

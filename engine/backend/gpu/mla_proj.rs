@@ -107,7 +107,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let kind = if per_warp == 4 { "gemv1" } else { "gemv8" };
         let f = self.func(LIN, &format!("{kind}_{}_heads", wdt_suffix(w.wdt)))?;
         let rows = g.heads * g.n;
-        let geo = gemv_geometry(rows.div_ceil(per_warp), g.k, if w.wdt == 2 { 16 } else { 8 }, self.warp as usize);
+        let geo = gemv_geometry(rows.div_ceil(per_warp), g.k, w.wdt, self.warp as usize);
         let (ldx, ldy) = (g.ldx as i64, g.ldy as i64);
         let [n, k, sp, lanes, xh, nh, wh, w0, yh] = [rows, g.k, geo.split, geo.lanes, g.xh, g.n, g.wh, g.w0, g.yh].map(|x| x as i32);
         for r0 in (0..g.m).step_by(8) {

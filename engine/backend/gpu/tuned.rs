@@ -78,7 +78,6 @@ fn default_true() -> bool {
     true
 }
 
-
 fn default_mla_decode_rows_max_heads() -> usize {
     16
 }
