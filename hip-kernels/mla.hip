@@ -216,16 +216,22 @@ MLA_ATTENTION(mla_attention4_bf16c, 4, uint16_t)
 
 // Combines the split partials [T, heads, splits, 2 + KV_LORA] (of mla_attention and of
 // mla_decode.hip) into the normalised latent output: out = Σ_z e_z·part_z / Σ_z e_z·l_z with
-// e_z = exp(m_z − max_z m_z), splits in order, empty ones (m = −inf) skipped. The e_z and the sum
-// are found once by the first warp (into shared memory; the host keeps splits ≤ MERGE_MAX_SPLITS);
-// then each thread takes a pair of columns
-// (8-byte loads: the rows start 2 floats in) with 16 splits' loads in flight (one
-// dependent load a split made it latency-bound: 27 µs for 64 splits of V3's 128 heads). Launch:
-// grid (T, heads, column chunks), any block size of whole warps.
+// e_z = exp(m_z − max_z m_z), empty splits (m = −inf) skipped. The e_z and the sum are found once
+// by the first warp (into shared memory; the host keeps splits ≤ MERGE_MAX_SPLITS); then each
+// thread takes a pair of columns (8-byte loads: the rows start 2 floats in) with 16 splits' loads
+// in flight (one dependent load a split made it latency-bound: 27 µs for 64 splits of V3's 128
+// heads). With `zw` > 1 (few blocks: a batch-1 step of 16 heads) the block's zw groups of a warp
+// each take every zw-th split of the same columns, added through shared memory in group order
+// (one warp walking 128 splits in 8 rounds of loads took 18 µs). Launch: grid (T, heads, column
+// chunks), zw groups of whole warps (zw > 1: of one warp each, zw ≤ MERGE_ZW).
 #define MERGE_MAX_SPLITS 128
-extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __restrict__ lat_out, int heads, int splits) {
-    __shared__ float ez[MERGE_MAX_SPLITS], gsum;
+#define MERGE_ZW 8
+#define MERGE_CW (KV_LORA % 2 == 0 ? 2 : 1) // columns a thread
+extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __restrict__ lat_out, int heads, int splits, int zw) {
+    __shared__ float ez[MERGE_MAX_SPLITS], gsum, red[MERGE_ZW - 1][WARP][MERGE_CW];
     const int t = blockIdx.x, h = blockIdx.y, R = 2 + KV_LORA;
+    const int ct = blockDim.x / zw, zi = threadIdx.x / ct, tc = threadIdx.x % ct; // column threads, this thread's group
+    if (zw > MERGE_ZW || (zw > 1 && ct > WARP)) ENGINE_TRAP(); // the host's launch and this layout disagree
     const float* p = part + ((int64_t)t * heads + h) * splits * R;
     if (threadIdx.x < WARP) {
         const int lane = threadIdx.x;
@@ -244,27 +250,37 @@ extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __re
     __syncthreads();
     const float gs = gsum;
     float* out = lat_out + ((int64_t)t * heads + h) * KV_LORA;
-    if (KV_LORA % 2 == 0) {
-        for (int c = 2 * (blockIdx.z * blockDim.x + threadIdx.x); c < KV_LORA; c += 2 * blockDim.x * gridDim.z) {
-            float v0 = 0.f, v1 = 0.f;
+    // the column loop's trip count is the block's (its barriers); c is this thread's first column
+    for (int cb = MERGE_CW * blockIdx.z * ct; cb < KV_LORA; cb += MERGE_CW * ct * gridDim.z) {
+        const int c = cb + MERGE_CW * tc;
+        float v[MERGE_CW] = {};
+        if (c < KV_LORA) {
             // every split's columns loaded (an empty one's are allocated but unwritten: selected
             // away, never multiplied), so that the unrolled loads need no branch
 #pragma unroll 16
-            for (int z = 0; z < splits; ++z) {
+            for (int z = zi; z < splits; z += zw) {
                 const float e = ez[z];
-                const float2 x = *(const float2*)(p + z * R + 2 + c);
-                v0 += e >= 0.f ? x.x * e : 0.f;
-                v1 += e >= 0.f ? x.y * e : 0.f;
+                if constexpr (MERGE_CW == 2) {
+                    const float2 x = *(const float2*)(p + z * R + 2 + c);
+                    v[0] += e >= 0.f ? x.x * e : 0.f;
+                    v[1] += e >= 0.f ? x.y * e : 0.f;
+                } else {
+                    v[0] += e >= 0.f ? p[z * R + 2 + c] * e : 0.f;
+                }
             }
-            *(float2*)(out + c) = make_float2(v0 / gs, v1 / gs);
         }
-    } else {
-        for (int c = blockIdx.z * blockDim.x + threadIdx.x; c < KV_LORA; c += blockDim.x * gridDim.z) {
-            float v = 0.f;
-#pragma unroll 16
-            for (int z = 0; z < splits; ++z)
-                if (ez[z] >= 0.f) v += p[z * R + 2 + c] * ez[z];
-            out[c] = v / gs;
+        if (zw > 1) {
+            if (zi > 0)
+                for (int u = 0; u < MERGE_CW; ++u) red[zi - 1][tc][u] = v[u];
+            __syncthreads();
+            if (zi == 0)
+                for (int g = 1; g < zw; ++g)
+                    for (int u = 0; u < MERGE_CW; ++u) v[u] += red[g - 1][tc][u];
+            __syncthreads(); // before the next columns' partials
+        }
+        if (zi == 0 && c < KV_LORA) {
+            if constexpr (MERGE_CW == 2) *(float2*)(out + c) = make_float2(v[0] / gs, v[1] / gs);
+            else out[c] = v[0] / gs;
         }
     }
 }

@@ -11,12 +11,9 @@
 //   - a block is MR_KG × MR_VS warps: key group kg takes keys kg·MR_KW .. of each MR_KT-key tile,
 //     value split vs takes columns vs·MR_VW/MR_VS .. of the output (both splits of a key group
 //     compute its scores: the accumulator of 16 rows × 512 columns would not fit one warp);
-//   - the entries land in a ring of MR_NS stages of MR_SK keys (MR_TS stages a tile), all but the
-//     current tile's in flight while it is worked on: on sm_90 bulk copies (one a key, completing
-//     on the stage's transaction barrier), on sm_80-89 16-byte cp.async (mla_decode_stage.h); one
-//     barrier a tile, after which the last tile's stages are fetched again. Stages smaller than a
-//     tile keep more of the shared memory in flight (two 64-key tiles left one tile, 74 KB, in
-//     flight an SM: the loop with no arithmetic streamed at ~3 TB/s);
+//   - the next MR_ST - 1 tiles' entries are in flight while the current one is worked on: on sm_90
+//     bulk copies (one a key, completing on the tile's transaction barrier), on sm_80-89 16-byte
+//     cp.async (mla_decode_stage.h); one barrier a tile;
 //   - fragments come by ldmatrix (the queries and keys as row-major rows, the values transposed);
 //   - at the end the key groups' (max, sum, accumulator) are combined through shared memory.
 // NVIDIA sm_80+ (mma.sync, cp.async: entries of whole 16-byte chunks) only: the host takes it
@@ -33,14 +30,7 @@
 #define MR_KG 4  // key groups
 #define MR_VS 2  // value splits
 #define MR_SA 4  // partial score sums (independent accumulator chains; even: the fragment double buffer alternates with it)
-// The staging (the host passes both: mla_decode.rs `rows_staging`): keys a stage, and stages (as
-// many as the device's shared memory holds, at most a key a thread for the prologue's copies)
-#ifndef MR_SK
-#define MR_SK 32
-#endif
-#ifndef MR_NS
-#define MR_NS 5
-#endif
+#define MR_ST 2  // key tiles in shared memory: MR_ST - 1 in flight while one is worked on
 #define MR_THREADS (32 * MR_KG * MR_VS)
 #define MR_KT (MR_KG * MR_KW)                                       // keys a tile
 #define MR_D ((ENTRY + 15) / 16 * 16)                               // score contraction, zero-padded
@@ -49,22 +39,16 @@
 #define MR_DP (MR_W + 8) // bf16 row pitch: an odd number of 16-byte chunks, conflict-free ldmatrix
 #define MR_XP (MR_VW + 4) // f32 row pitch of the key groups' exchange
 #define MR_NT (MR_VW / MR_VS / 8) // n8 tiles of a warp's value columns
-#define MR_TS (MR_KT / MR_SK)     // stages a tile
-#define MR_KP ((MR_D / 16 + MR_VS - 1) / MR_VS) // contraction steps a warp of a key group takes
-static_assert(MR_KT % MR_SK == 0 && MR_SK % MR_KW == 0, "a warp's keys lie in one stage");
-static_assert(MR_NS >= 2 * MR_TS, "a tile in flight while one is worked on");
-static_assert(MR_NS * MR_SK <= MR_THREADS, "the prologue copies a key a thread");
 
 struct MrShared {
     uint16_t q[MR_H][MR_DP];         // the heads' [q_lat | q_pe], bf16
-    uint16_t k[MR_NS][MR_SK][MR_DP]; // key stages (zero in the padding; past the range's end zero
+    uint16_t k[MR_ST][MR_KT][MR_DP]; // key tiles (zero in the padding; past the range's end zero
                                      // (cp.async) or the range's last entry (bulk copies))
     float ml[MR_KG][MR_H][2];        // the key groups' max and sum per row
-    float sx[MR_KG][MR_VS][MR_KW / 2][32]; // each warp's partial scores (its fragments by lane)
-    uint64_t bar[MR_NS];             // sm_90: the stages' transaction barriers (bulk copies)
+    uint64_t bar[MR_ST];             // sm_90: the key tiles' transaction barriers (bulk copies)
 };
-// after the loop the key stages hold the accumulators of key groups 1 .. MR_KG - 1
-static_assert((MR_KG - 1) * MR_H * MR_XP * 4 <= MR_NS * MR_SK * MR_DP * 2, "exchange fits the key stages");
+// after the loop the key tiles hold the accumulators of key groups 1 .. MR_KG - 1
+static_assert((MR_KG - 1) * MR_H * MR_XP * 4 <= MR_ST * MR_KT * MR_DP * 2, "exchange fits the key tiles");
 
 #if defined(MD_CP_ASYNC) && __CUDA_ARCH__ >= 900
 // sm_90: a tile's entries arrive by bulk copies (one instruction a key, the copy engine moving its
@@ -106,69 +90,48 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
         if (splits > 1 && tid < MR_H && h0 + tid < heads) md_header(part, t, heads, h0 + tid, splits, z, -ENGINE_INF, 0.f);
         return;
     }
-    // The fetch of stages s0 .. (`count` keys from stage s0's first, a whole number of stages;
-    // `slot`: this thread's key's slot, looked up ahead) and the wait for tile `it`'s stages.
+    // The fetch of key tile `buf` from key key0 (`slot`: this thread's key's slot, looked up a tile
+    // ahead), and the wait for tile `it`.
 #ifdef MR_TMA
-    // key i < count goes to stage s0 + i / MR_SK, copied by lane i % kpw of warp i / kpw (kpw =
-    // count / warps: a warp's copies issue one after another, so all warps share them); a stage of
-    // a tile past the range is not fetched (nor waited on); keys past n copy the range's last
-    // entry (a written, finite entry: their scores are masked, their probabilities 0, so P·V gains
-    // exactly 0)
-    auto key_of = [&](int count) {
-        const int kpw = (count + MR_THREADS / 32 - 1) / (MR_THREADS / 32);
-        return lane < kpw ? w * kpw + lane : count;
-    };
-    auto slot_of = [&](int key0, int count) {
-        const int i = key_of(count);
-        return i < count ? sl[min(key0 + i, n - 1)] : 0u;
-    };
-    auto fetch = [&](int s0, int count, uint32_t slot) {
-        const int i = key_of(count), s = s0 + i / MR_SK;
-        if (i < count && j0 + s / MR_TS * MR_KT < n) {
-            const unsigned bar = mr_smem(&sh.bar[s % MR_NS]);
-            if (i % MR_SK == 0) asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(MR_SK * ENTRY * 2) : "memory");
+    // thread i < MR_KT copies key i of the tile; keys past n copy the range's last entry (a written,
+    // finite entry: their scores are masked, their probabilities 0, so P·V gains exactly 0)
+    auto slot_of = [&](int key0) { return tid < MR_KT ? sl[min(key0 + tid, n - 1)] : 0u; };
+    auto fetch = [&](int buf, uint32_t slot, int) {
+        if (tid == 0)
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(mr_smem(&sh.bar[buf])), "r"(MR_KT * ENTRY * 2) : "memory");
+        if (tid < MR_KT) {
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); // after the generic reads of this buffer
-            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(mr_smem(&sh.k[s % MR_NS][i % MR_SK][0])),
-                         "l"(base + (int64_t)slot * ENTRY), "r"(ENTRY * 2), "r"(bar)
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(mr_smem(&sh.k[buf][tid][0])),
+                         "l"(base + (int64_t)slot * ENTRY), "r"(ENTRY * 2), "r"(mr_smem(&sh.bar[buf]))
                          : "memory");
         }
     };
+    auto skip = [] {};
     auto wait = [&](int it) {
-#pragma unroll
-        for (int i = 0; i < MR_TS; ++i) {
-            const int s = it * MR_TS + i;
-            while (!mr_try_wait(&sh.bar[s % MR_NS], (s / MR_NS) & 1)) {
-            }
+        while (!mr_try_wait(&sh.bar[it % MR_ST], (it / MR_ST) & 1)) {
         }
     };
-    if (tid < MR_NS) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(mr_smem(&sh.bar[tid])) : "memory");
+    if (tid < MR_ST) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(mr_smem(&sh.bar[tid])) : "memory");
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     __syncthreads();
 #else
-    // a commit group a stage (zeros past n), its slots looked up here
-    auto slot_of = [](int, int) { return 0u; };
-    auto fetch = [&](int s0, int count, uint32_t) {
-#pragma unroll 1
-        for (int s = s0; s < s0 + count / MR_SK; ++s)
-            md_fetch<MR_SK, MR_DP, MR_THREADS>(sh.k[s % MR_NS], base, md_slot<MR_SK, MR_THREADS>(sl, j0 + s * MR_SK, n), j0 + s * MR_SK, n);
-    };
-    // the prologue's MR_NS groups, then MR_TS a tile: all but the newest MR_NS - MR_TS (tile 0) or
-    // MR_NS - 2 · MR_TS (later tiles: the last tile's refetch) complete
-    auto wait = [](int it) {
-        if (it == 0) cp_async_wait<MR_NS - MR_TS>();
-        else cp_async_wait<MR_NS - 2 * MR_TS>();
-    };
+    auto slot_of = [&](int key0) { return md_slot<MR_KT, MR_THREADS>(sl, key0, n); };
+    auto fetch = [&](int buf, uint32_t slot, int key0) { md_fetch<MR_KT, MR_DP, MR_THREADS>(sh.k[buf], base, slot, key0, n); };
+    auto skip = [] { cp_async_commit(); }; // a group either way: the count below stays right
+    auto wait = [](int) { cp_async_wait<MR_ST - 2>(); }; // all but the newest MR_ST - 2 groups
 #endif
-    // every stage in flight; tile it (> 0) refetches the stages tile it - 1 used, for keys from
-    // key0 + (MR_NS - MR_TS) · MR_SK
-    fetch(0, MR_NS * MR_SK, slot_of(j0, MR_NS * MR_SK));
-    uint32_t slot_next = slot_of(j0 + MR_NS * MR_SK, MR_KT);
+    // tiles 0 .. MR_ST - 2 in flight
 #pragma unroll
-    for (int b = 0; b < MR_NS; ++b) md_zero_pad<MR_DP, MR_W, MR_THREADS>(sh.k[b], MR_SK);
+    for (int b = 0; b < MR_ST - 1; ++b) {
+        if (j0 + b * MR_KT < n) fetch(b, slot_of(j0 + b * MR_KT), j0 + b * MR_KT);
+        else skip();
+    }
+    uint32_t slot_next = slot_of(j0 + (MR_ST - 1) * MR_KT);
+#pragma unroll
+    for (int b = 0; b < MR_ST; ++b) md_zero_pad<MR_DP, MR_W, MR_THREADS>(sh.k[b], MR_KT);
     md_stage_queries<MR_H, MR_D, MR_DP, MR_THREADS>(sh.q, q, q_lat, t, h0, heads);
 
     const int kb = kg * MR_KW, v0 = vs * (MR_VW / MR_VS);
-    const int kbeg = vs * MR_KP, kn = min(MR_D / 16 - kbeg, MR_KP); // this warp's steps of the contraction
     const float scale2 = scale * 1.4426950408889634f; // log2 e
     float acc[MR_NT][4];
 #pragma unroll
@@ -177,23 +140,21 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
         for (int c = 0; c < 4; ++c) acc[j][c] = 0.f;
     float m[2] = {-ENGINE_INF, -ENGINE_INF}, l[2] = {0.f, 0.f}; // rows g and g + 8; l this thread's keys only
     for (int key0 = j0, it = 0; key0 < n; key0 += MR_KT, ++it) {
-        const uint16_t(*k)[MR_DP] = sh.k[(it * MR_TS + kb / MR_SK) % MR_NS] + kb % MR_SK; // this warp's keys
+        uint16_t(*k)[MR_DP] = sh.k[it % MR_ST];
         wait(it);
         __syncthreads(); // this tile landed (every thread's copies); the last tile's reads are done
-        // the stages the last tile used (free since the barrier) take the keys MR_NS stages on
-        if (it > 0) {
-            fetch(it * MR_TS + MR_NS - MR_TS, MR_KT, slot_next);
-            slot_next = slot_of(key0 + MR_KT + (MR_NS - MR_TS) * MR_SK, MR_KT);
+        // tile it + MR_ST - 1 into the buffer the last tile used (free since the barrier)
+        if (key0 + (MR_ST - 1) * MR_KT < n) {
+            fetch((it + MR_ST - 1) % MR_ST, slot_next, key0 + (MR_ST - 1) * MR_KT);
+            slot_next = slot_of(key0 + MR_ST * MR_KT);
+        } else {
+            skip();
         }
-        // S over the key group's MR_KW keys: n8 tiles j = keys kb + 8j ..; ldmatrix.x4 gives the
-        // query rows' A fragment and the B fragments of two key tiles (rows = keys, contiguous
-        // columns). The key group's MR_VS warps each take a part of the contraction (steps kbeg ..
-        // of MR_D / 16) and add their partial scores through shared memory: each warp computing
-        // all of S read the queries and keys MR_VS times over, and the shared memory's bandwidth,
-        // not the cache's, bounded a tile. MR_SA partial sums per tile (steps kk % MR_SA): one
-        // accumulator per tile made a chain of dependent products, latency-bound at ~2 warps a
-        // scheduler. Software-pipelined: the fragments of step kk + 1 are loaded before step kk's
-        // products.
+        // S over the warp's MR_KW keys: n8 tiles j = keys kb + 8j ..; ldmatrix.x4 gives the query
+        // rows' A fragment and the B fragments of two key tiles (rows = keys, contiguous columns).
+        // MR_SA partial sums per tile (contraction steps kk % MR_SA): one accumulator per tile
+        // made a chain of MR_D / 16 dependent products, latency-bound at ~2 warps a scheduler.
+        // Software-pipelined: the fragments of step kk + 1 are loaded before step kk's products.
         float sp[MR_SA][MR_KW / 8][4];
 #pragma unroll
         for (int u = 0; u < MR_SA; ++u)
@@ -203,19 +164,19 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
                 for (int c = 0; c < 4; ++c) sp[u][j][c] = 0.f;
         uint32_t fa[2][4], fb[2][MR_KW / 16][4];
         const uint16_t* qrow = &sh.q[lane % 16][8 * (lane / 16)];
-        const uint16_t* krow = &k[lane % 8 + 8 * (lane / 16)][8 * ((lane / 8) % 2)];
+        const uint16_t* krow = &k[kb + lane % 8 + 8 * (lane / 16)][8 * ((lane / 8) % 2)];
         auto load_s = [&](int kk, int buf) {
             ldmatrix_x4(fa[buf], qrow + 16 * kk);
 #pragma unroll
             for (int jp = 0; jp < MR_KW / 16; ++jp) ldmatrix_x4(fb[buf][jp], krow + 16 * jp * MR_DP + 16 * kk);
         };
-        load_s(kbeg, 0);
-        for (int k0 = 0; k0 < MR_KP; k0 += MR_SA) {
+        load_s(0, 0);
+        for (int k0 = 0; k0 < MR_D / 16; k0 += MR_SA) {
 #pragma unroll
             for (int u = 0; u < MR_SA; ++u) {
                 const int kk = k0 + u;
-                if (kk >= kn) break;
-                if (kk + 1 < kn) load_s(kbeg + kk + 1, (u + 1) % 2);
+                if (MR_D / 16 % MR_SA != 0 && kk >= MR_D / 16) break;
+                if (kk + 1 < MR_D / 16) load_s(kk + 1, (u + 1) % 2);
 #pragma unroll
                 for (int jp = 0; jp < MR_KW / 16; ++jp) {
                     mma_bf16_16816(sp[u][2 * jp], fa[u % 2], fb[u % 2][jp][0], fb[u % 2][jp][1]);
@@ -226,17 +187,6 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
         // online softmax of rows g (c 0, 1) and g + 8 (c 2, 3) in base 2 (scores × scale ·
         // log2 e; m and l stay in those units until the end); keys past n masked to -inf, whose
         // exp2 is 0 (m is -inf only while no key of this warp was seen: then 0 is subtracted)
-        // (the parts summed in one order by every warp of the key group: the same scores in each)
-#pragma unroll
-        for (int j = 0; j < MR_KW / 8; ++j)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                float x = 0.f;
-#pragma unroll
-                for (int u = 0; u < MR_SA; ++u) x += sp[u][j][c];
-                sh.sx[kg][vs][4 * j + c][lane] = x;
-            }
-        asm volatile("bar.sync %0, %1;\n" ::"r"(1 + kg), "r"(32 * MR_VS) : "memory"); // the key group's warps
         float s[MR_KW / 8][4], mx[2] = {-ENGINE_INF, -ENGINE_INF};
 #pragma unroll
         for (int j = 0; j < MR_KW / 8; ++j)
@@ -244,7 +194,7 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
             for (int c = 0; c < 4; ++c) {
                 float x = 0.f;
 #pragma unroll
-                for (int v = 0; v < MR_VS; ++v) x += sh.sx[kg][v][4 * j + c][lane];
+                for (int u = 0; u < MR_SA; ++u) x += sp[u][j][c];
                 x = key0 + kb + 8 * j + 2 * tq + c % 2 < n ? x * scale2 : -ENGINE_INF;
                 s[j][c] = x;
                 mx[c / 2] = fmaxf(mx[c / 2], x);
@@ -283,7 +233,7 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
         for (int c = 0; c < MR_KW / 16; ++c) {
             const uint32_t a[4] = {bf16_pack(s[2 * c][0], s[2 * c][1]), bf16_pack(s[2 * c][2], s[2 * c][3]), bf16_pack(s[2 * c + 1][0], s[2 * c + 1][1]),
                                    bf16_pack(s[2 * c + 1][2], s[2 * c + 1][3])};
-            const uint16_t* vrow = &k[16 * c + lane % 8 + 8 * ((lane / 8) % 2)][v0 + 8 * (lane / 16)];
+            const uint16_t* vrow = &k[kb + 16 * c + lane % 8 + 8 * ((lane / 8) % 2)][v0 + 8 * (lane / 16)];
             uint32_t fv[2][4];
             ldmatrix_x4_trans(fv[0], vrow);
 #pragma unroll

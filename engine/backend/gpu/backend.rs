@@ -12,7 +12,6 @@ use super::blas::GemmLib;
 use super::ccl::Ccl;
 use super::device::{err, DevBuf, DevEvent, DevPtr, DeviceApi, Elem, Kernel, Launch};
 use super::source::Vendor;
-use super::mla_decode::RowsStaging;
 use super::specs::{generic_module, mla_decode_module, mla_decode_rows_module, mla_flash_bf16_module, mla_flash_wg_module, mla_module, mla_prefill_bf16_module, mla_prefill_module};
 use super::step::Graphs;
 use super::{Jit, KernelModule, ModelDims};
@@ -290,8 +289,8 @@ impl<V: GpuVendor> GpuBackend<V> {
     }
 
     /// The decode attention for groups of 16 heads (NVIDIA sm_80+).
-    pub(crate) fn mla_decode_rows_func(&self, dims: ModelDims, st: RowsStaging) -> Result<Kernel, BackendError> {
-        self.load(&mla_decode_rows_module(dims, V::SOURCE, st), "mla_decode_rows")
+    pub(crate) fn mla_decode_rows_func(&self, dims: ModelDims) -> Result<Kernel, BackendError> {
+        self.load(&mla_decode_rows_module(dims, V::SOURCE), "mla_decode_rows")
     }
 
     /// The flash prefill in FlashAttention-2's form (NVIDIA sm_80+, bf16 operands).

@@ -24,6 +24,22 @@ pub(super) const MMA_MAX_SPLITS: usize = 64;
 pub(super) const ROWS_MAX_SPLITS: usize = 128;
 /// mla.hip's MERGE_MAX_SPLITS
 pub(super) const MERGE_MAX_SPLITS: usize = 128;
+/// mla.hip's MERGE_ZW: the most groups of a block that take every zw-th split
+const MERGE_ZW: usize = 8;
+
+/// mla_merge's launch for `rows` (token, head) rows: (threads a block, column chunks, split
+/// groups). 128 threads a block, a column pair each (V3's 512 latents in 2 chunks); where that
+/// leaves fewer blocks than SMs (a batch-1 step of 16 heads), a warp's column pairs a block and up
+/// to MERGE_ZW groups of a warp, each taking every zw-th split, so that a thread walks ~16 splits
+/// (one round of unrolled loads): one warp walking 128 splits took 18 µs.
+pub(super) fn merge_shape(rows: usize, kv_lora: usize, splits: usize, sms: usize, warp: u32) -> (u32, usize, usize) {
+    let wide = kv_lora.div_ceil(256).max(1);
+    if rows * wide >= sms {
+        return (128, wide, 1);
+    }
+    let zw = splits.div_ceil(16).clamp(1, MERGE_ZW);
+    (warp * zw as u32, kv_lora.div_ceil(2 * warp as usize).max(1), zw)
+}
 
 /// The kernel's tile shape on one vendor (MD_* in mla_decode.hip): heads per block, keys per
 /// tile, threads, the ways a row tile's warps split the contraction and the value columns, and
@@ -60,58 +76,19 @@ impl DecodeTile {
 }
 
 /// The 16-head kernel (mla_decode_rows.hip, MR_* there): heads a block, key groups (16 keys
-/// each), keys a tile, threads (4 key groups × 2 value halves, a warp each).
+/// each), keys a tile, tile buffers, threads (4 key groups × 2 value halves, a warp each).
 pub(super) const ROWS_HEADS: usize = 16;
 const ROWS_KEY_GROUPS: usize = 4;
-/// ... each of two warps (value halves), which add their parts of the key group's scores
-const ROWS_VALUE_SPLITS: usize = 2;
-const ROWS_WARP_KEYS: usize = 16;
 const ROWS_KEYS: usize = 64;
+const ROWS_STAGES: usize = 2;
 const ROWS_THREADS: u32 = 256;
-/// The shared memory a block may have on sm_90 (H100 / H200), which the precompiled module
-/// (`specs::modules_for`) assumes for its stage count.
-pub(crate) const ROWS_SM90_SHARED: usize = 227 * 1024;
 
-/// The 16-head kernel's staging of the cache entries (MR_SK, MR_NS): keys a stage (16, 32 or 64:
-/// a tuned choice) and how many stages the ring has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct RowsStaging {
-    pub keys: usize,
-    pub stages: usize,
-}
-
-impl RowsStaging {
-    /// As many stages of `keys` keys as a block's shared memory (`max_shared`, less the kernel's
-    /// 1 KB of static shared memory) holds beside the queries, at most a key a thread (the
-    /// prologue copies them all at once); None where fewer than two tiles' worth fit, where the
-    /// key groups' exchange would not fit the ring, or for a stage size the kernel does not take.
-    pub fn fit(kv_lora: usize, rope: usize, keys: usize, max_shared: usize) -> Option<RowsStaging> {
-        if ![16, 32, 64].contains(&keys) {
-            return None;
-        }
-        let row = rows_row(kv_lora, rope);
-        let fixed = ROWS_HEADS * row * 2 + ROWS_KEY_GROUPS * ROWS_HEADS * 2 * 4 + PARTIAL_SCORES;
-        let stages = (max_shared.checked_sub(1024 + fixed)? / (keys * row * 2 + 8)).min(ROWS_THREADS as usize / keys);
-        let exchange = (ROWS_KEY_GROUPS - 1) * ROWS_HEADS * (kv_lora.next_multiple_of(32) + 4) * 4;
-        (stages >= 2 * ROWS_KEYS / keys && exchange <= stages * keys * row * 2).then_some(RowsStaging { keys, stages })
-    }
-
-    /// sizeof(MrShared) in mla_decode_rows.hip: the queries and the stages as bf16 rows, the four
-    /// key groups' (max, sum) per head, each warp's partial scores, a transaction barrier (8
-    /// bytes) a stage.
-    pub fn shared_bytes(&self, kv_lora: usize, rope: usize) -> usize {
-        let row = rows_row(kv_lora, rope);
-        ROWS_HEADS * row * 2 + self.stages * self.keys * row * 2 + ROWS_KEY_GROUPS * ROWS_HEADS * 2 * 4 + PARTIAL_SCORES + self.stages * 8
-    }
-}
-
-/// Each warp's partial scores (MrShared::sx): its 16 heads × 16 keys as m16n8 fragments, f32.
-const PARTIAL_SCORES: usize = ROWS_KEY_GROUPS * ROWS_VALUE_SPLITS * ROWS_HEADS * ROWS_WARP_KEYS * 4;
-
-/// MR_DP: a bf16 row of the contraction (padded to 16) or the value columns (padded to 32),
-/// whichever is wider, plus 8.
-fn rows_row(kv_lora: usize, rope: usize) -> usize {
-    (kv_lora + rope).next_multiple_of(16).max(kv_lora.next_multiple_of(32)) + 8
+/// sizeof(MrShared) in mla_decode_rows.hip: the queries and two key tiles as bf16 rows of the
+/// contraction (padded to 16) or the value columns (padded to 32), whichever is wider, plus 8;
+/// the four key groups' (max, sum) per head; a transaction barrier (8 bytes) per tile buffer.
+pub(super) fn rows_shared_bytes(d: &MlaDims) -> usize {
+    let row = d.kv_entry().next_multiple_of(16).max(d.kv_lora_rank.next_multiple_of(32)) + 8;
+    ROWS_HEADS * row * 2 + ROWS_STAGES * ROWS_KEYS * row * 2 + ROWS_KEY_GROUPS * ROWS_HEADS * 2 * 4 + ROWS_STAGES * 8
 }
 
 /// Splits of each token's context for the 16-head kernel (`slots`: the blocks all SMs hold at
@@ -148,12 +125,11 @@ impl<V: GpuVendor> GpuBackend<V> {
         kv.bf16 && self.attn_bf16 && (self.mma_gemm || self.flash_portable) && tile.shared_bytes(d) + 1024 <= self.dev.max_shared_per_block()
     }
 
-    /// Whether that kernel is the 16-head one (mla_decode_rows.hip), and its staging: few heads (a
-    /// tensor-parallel rank's share), NVIDIA sm_80+ with entries of whole 16-byte chunks, not the
-    /// tests' portable product, and two tiles' stages within a block's shared memory.
-    fn rows_decode(&self, d: &MlaDims) -> Option<RowsStaging> {
-        let staged = RowsStaging::fit(d.kv_lora_rank, d.qk_rope, self.tuned.mla_decode_rows_stage_keys, self.dev.max_shared_per_block());
-        staged.filter(|_| d.num_heads <= self.tuned.mla_decode_rows_max_heads && self.decode_tile(d).async_stage && !self.flash_portable)
+    /// Whether that kernel is the 16-head one (mla_decode_rows.hip): few heads (a tensor-parallel
+    /// rank's share), NVIDIA sm_80+ with entries of whole 16-byte chunks, not the tests' portable
+    /// product, and its shared memory within a block's.
+    fn rows_decode(&self, d: &MlaDims) -> bool {
+        d.num_heads <= self.tuned.mla_decode_rows_max_heads && self.decode_tile(d).async_stage && !self.flash_portable && rows_shared_bytes(d) + 1024 <= self.dev.max_shared_per_block()
     }
 
     /// The kernel's tile on this device (cp.async staging on NVIDIA sm_80+).
@@ -167,11 +143,11 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (t, dims) = (q.rows, ModelDims::of_mla(d));
         let tile = self.decode_tile(d);
         // the kernel, its block and shared memory, and how many blocks an SM holds
-        let (f, name, heads_per_block, threads, smem, bps) = if let Some(st) = self.rows_decode(d) {
-            let smem = st.shared_bytes(d.kv_lora_rank, d.qk_rope);
+        let (f, name, heads_per_block, threads, smem, bps) = if self.rows_decode(d) {
+            let smem = rows_shared_bytes(d);
             // by shared memory (an SM has 1 KB more than a block may take) and registers (≤ 255 a thread)
             let bps = ((self.dev.max_shared_per_block() + 1024) / (smem + 1024)).min(65536 / (ROWS_THREADS as usize * 256)).max(1);
-            (self.mla_decode_rows_func(dims, st)?, "mla_decode_rows", ROWS_HEADS, ROWS_THREADS, smem, Some(bps))
+            (self.mla_decode_rows_func(dims)?, "mla_decode_rows", ROWS_HEADS, ROWS_THREADS, smem, Some(bps))
         } else {
             (self.mla_decode_func(dims)?, "mla_decode_mma", tile.heads, tile.threads as u32, tile.shared_bytes(d), None)
         };
@@ -223,31 +199,14 @@ mod tests {
 
     #[test]
     fn rows_kernel_layout_and_splits() {
-        // V3's rank of 8: 16 heads; rows of 576 + 8 bf16: the queries, the stages, four key
-        // groups' (max, sum), eight warps' partial scores and a transaction barrier a stage, within the 227 KB of an sm_90
-        // block less its 1 KB of static shared memory
+        // V3's rank of 8: 16 heads; rows of 576 + 8 bf16: the queries, two 64-key tiles, four key
+        // groups' (max, sum) and two transaction barriers, within the 227 KB of a block
         let tp8 = MlaDims { num_heads: 16, ..v3() };
-        let fit = |keys, shared| RowsStaging::fit(512, 64, keys, shared);
-        // 32-key stages: 5 (6 would need 251 KB); 16-key: 10; 64-key: 2 (the old two tiles)
-        assert_eq!(fit(32, ROWS_SM90_SHARED), Some(RowsStaging { keys: 32, stages: 5 }));
-        assert_eq!(fit(16, ROWS_SM90_SHARED), Some(RowsStaging { keys: 16, stages: 10 }));
-        assert_eq!(fit(64, ROWS_SM90_SHARED), Some(RowsStaging { keys: 64, stages: 2 }));
-        for keys in [16, 32, 64] {
-            let st = fit(keys, ROWS_SM90_SHARED).unwrap();
-            let bytes = st.shared_bytes(tp8.kv_lora_rank, tp8.qk_rope);
-            assert_eq!(bytes, 16 * 584 * 2 + st.stages * keys * 584 * 2 + 4 * 16 * 8 + 8 * 16 * 16 * 4 + 8 * st.stages);
-            assert!(bytes + 1024 <= ROWS_SM90_SHARED);
-        }
-        assert_eq!(RowsStaging::fit(512, 64, 64, 1024), None); // no room at all
-        // an sm_86 / sm_89 block (99 KB): not even two tiles' stages of V3's entries; a stage size
-        // the kernel does not take
-        assert_eq!(fit(32, 99 * 1024), None);
-        assert_eq!(fit(48, ROWS_SM90_SHARED), None);
-        // value columns wider than the padded contraction (40 latents + 8 rope: 48 → 64 + 8); the
-        // prologue's one key a thread caps the ring at 256 keys
-        let st = RowsStaging::fit(40, 8, 32, ROWS_SM90_SHARED).unwrap();
-        assert_eq!(st, RowsStaging { keys: 32, stages: 8 });
-        assert_eq!(st.shared_bytes(40, 8), 16 * 72 * 2 + 8 * 32 * 72 * 2 + 4 * 16 * 8 + 8 * 16 * 16 * 4 + 8 * 8);
+        assert_eq!(rows_shared_bytes(&tp8), 16 * 584 * 2 + 2 * 64 * 584 * 2 + 4 * 16 * 8 + 16);
+        assert!(rows_shared_bytes(&tp8) + 1024 <= 227 * 1024);
+        // value columns wider than the padded contraction (40 latents + 8 rope: 48 → 64 + 8)
+        let narrow = MlaDims { num_heads: 3, qk_nope: 20, qk_rope: 8, v_head: 24, kv_lora_rank: 40, scale: 0.3 };
+        assert_eq!(rows_shared_bytes(&narrow), 16 * 72 * 2 + 2 * 64 * 72 * 2 + 4 * 16 * 8 + 16);
         // batch 1: 128 splits (128 keys each at 16K, one block a split on 128 of the 132 SMs); a
         // graph step the same
         assert_eq!(rows_splits(1, 132, 16384, false), 128);
@@ -261,6 +220,19 @@ mod tests {
         // short contexts: no more splits than 64-key tiles
         assert_eq!(rows_splits(1, 132, 100, false), 2);
         assert_eq!(rows_splits(1, 132, 1, false), 1);
+    }
+
+    #[test]
+    fn merge_takes_split_groups_when_blocks_are_few() {
+        // batch 1, 16 heads, 128 splits: 8 chunks of 64 latents × 8 groups of 16 splits
+        assert_eq!(merge_shape(16, 512, 128, 132, 32), (256, 8, 8));
+        // 40 splits: 3 groups; 4 splits: one warp (the old batch-1 shape)
+        assert_eq!(merge_shape(16, 512, 40, 132, 32), (96, 8, 3));
+        assert_eq!(merge_shape(16, 512, 4, 132, 32), (32, 8, 1));
+        // CDNA's 64-wide waves: 4 chunks of 128 latents
+        assert_eq!(merge_shape(16, 512, 128, 304, 64), (512, 4, 8));
+        // enough rows for the SMs (batch 32 × 16 heads × 2 chunks): 128 threads, no groups
+        assert_eq!(merge_shape(512, 512, 4, 132, 32), (128, 2, 1));
     }
 
     #[test]

@@ -174,19 +174,16 @@ impl<V: GpuVendor> GpuBackend<V> {
             return Ok(());
         }
         // mla.hip's MERGE_MAX_SPLITS (both split policies stay within it)
-        use super::mla_decode::MERGE_MAX_SPLITS;
+        use super::mla_decode::{merge_shape, MERGE_MAX_SPLITS};
         if splits > MERGE_MAX_SPLITS {
             return Err(self.op_err("mla_merge", format!("{splits} context splits (at most {MERGE_MAX_SPLITS})")));
         }
         let f = self.mla_func(dims, "mla_merge")?;
         let (h, sp) = (heads as i32, splits as i32);
-        // 128 threads a block, a column pair each: V3's 512 latents in 2 chunks (more blocks in
-        // flight); where that leaves fewer blocks than SMs (a batch-1 step of 16 heads: 32 blocks
-        // each walking up to 128 splits took 18 µs), a warp a block, still a column pair a thread
-        let wide = dims.kv_lora_rank.div_ceil(256).max(1);
-        let (threads, chunks) = if t * heads * wide < self.sms { (32, dims.kv_lora_rank.div_ceil(64).max(1)) } else { (128, wide) };
+        let (threads, chunks, zw) = merge_shape(t * heads, dims.kv_lora_rank, splits, self.sms, self.warp);
         let launch = LaunchConfig { grid_dim: (t as u32, heads as u32, chunks as u32), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-        self.launch(&f).arg(part).arg(lat).arg(&h).arg(&sp).run(launch).map_err(err("mla_merge"))
+        let zw = zw as i32;
+        self.launch(&f).arg(part).arg(lat).arg(&h).arg(&sp).arg(&zw).run(launch).map_err(err("mla_merge"))
     }
 
     fn scatter_rows(&self, x: &GpuTensor, rows: &[u32], out: &mut DevBuf<f32>) -> Result<(), BackendError> {

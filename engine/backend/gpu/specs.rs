@@ -1,6 +1,5 @@
 //! The kernel modules a model needs, with the defines that specialise them for its shapes.
 use super::source::Vendor;
-use super::mla_decode::{RowsStaging, ROWS_SM90_SHARED};
 use crate::config::ModelConfig;
 
 /// Shapes that kernels are compiled for.
@@ -109,19 +108,9 @@ pub fn mla_decode_module(d: ModelDims, vendor: Vendor) -> KernelModule {
 }
 
 /// MLA decode attention for groups of 16 heads, scores in registers (NVIDIA sm_80+), same shape
-/// defines plus the staging of the cache entries (keys a stage, stages).
-pub(crate) fn mla_decode_rows_module(d: ModelDims, vendor: Vendor, st: RowsStaging) -> KernelModule {
-    let mut m = KernelModule { file: "hip-kernels/mla_decode_rows.hip", functions: vec!["mla_decode_rows"], ..mla_module(d, vendor) };
-    m.defines.push(("MR_SK".into(), st.keys.to_string()));
-    m.defines.push(("MR_NS".into(), st.stages.to_string()));
-    m
-}
-
-/// The staging an sm_90 device (H100 / H200) runs the 16-head decode with under the default
-/// tuning; two 64-key stages where nothing else fits (the kernel is not taken then).
-fn sm90_rows_staging(d: ModelDims) -> RowsStaging {
-    let keys = super::tuned::Tuned::default().mla_decode_rows_stage_keys;
-    RowsStaging::fit(d.kv_lora_rank, d.qk_rope_head_dim, keys, ROWS_SM90_SHARED).unwrap_or(RowsStaging { keys: 64, stages: 2 })
+/// defines.
+pub fn mla_decode_rows_module(d: ModelDims, vendor: Vendor) -> KernelModule {
+    KernelModule { file: "hip-kernels/mla_decode_rows.hip", functions: vec!["mla_decode_rows"], ..mla_module(d, vendor) }
 }
 
 /// Every module a model with these shapes runs (the four flash prefills, the three decode
@@ -134,6 +123,6 @@ pub fn modules_for(d: ModelDims, vendor: Vendor) -> Vec<KernelModule> {
     v.push(mla_flash_bf16_module(d, vendor));
     v.push(mla_flash_wg_module(d, vendor));
     v.push(mla_decode_module(d, vendor));
-    v.push(mla_decode_rows_module(d, vendor, sm90_rows_staging(d)));
+    v.push(mla_decode_rows_module(d, vendor));
     v
 }

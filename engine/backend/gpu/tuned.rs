@@ -62,10 +62,6 @@ pub struct Tuned {
     /// heads the 64-head tiles (mla_decode.hip); 0: never
     #[serde(default = "default_mla_decode_rows_max_heads")]
     pub mla_decode_rows_max_heads: usize,
-    /// ... whose cache entries land in a ring of stages of this many keys (16, 32 or 64), as many
-    /// as the shared memory holds
-    #[serde(default = "default_mla_decode_rows_stage_keys")]
-    pub mla_decode_rows_stage_keys: usize,
     /// With `--fp8-activations dynamic`, MoE batches from `moe_mma_min_rows` tokens (prefill)
     /// multiply every expert's rows in one grouped FP8 GEMM a projection (moe_f8_gemm.hip; NVIDIA
     /// sm_90a); false: the GEMM library's block-scaled FP8 GEMM per expert
@@ -84,10 +80,6 @@ fn default_true() -> bool {
 
 fn default_mla_decode_rows_max_heads() -> usize {
     16
-}
-
-fn default_mla_decode_rows_stage_keys() -> usize {
-    32
 }
 
 fn default_mla_proj_mma_min_rows() -> usize {
@@ -143,7 +135,6 @@ impl Default for Tuned {
             linear_tc_min_rows: default_linear_tc_min_rows(),
             mla_proj_mma_min_rows: default_mla_proj_mma_min_rows(),
             mla_decode_rows_max_heads: default_mla_decode_rows_max_heads(),
-            mla_decode_rows_stage_keys: default_mla_decode_rows_stage_keys(),
             moe_f8_gemm: default_true(),
             flash_wgmma: default_true(),
         }
@@ -170,9 +161,6 @@ pub fn parse(text: &str, origin: &str) -> Result<Tuned, String> {
     let t: Tuned = toml::from_str(text).map_err(|e| format!("tuned kernel config {origin}: {e}"))?;
     if t.mma_min_rows == 0 || t.moe_grouped_min_rows == 0 || t.flash_min_q == 0 || t.mma_split_fill == 0 || t.cublaslt_min_rows == 0 || t.blaslt_fp8_min_rows == 0 || t.blaslt_fp8_act_min_rows == 0 || t.linear_tc_min_rows == 0 || t.linear_f8_min_rows == 0 || t.mla_proj_mma_min_rows == 0 {
         return Err(format!("tuned kernel config {origin}: thresholds must be at least 1"));
-    }
-    if ![16, 32, 64].contains(&t.mla_decode_rows_stage_keys) {
-        return Err(format!("tuned kernel config {origin}: mla_decode_rows_stage_keys {} is not 16, 32 or 64", t.mla_decode_rows_stage_keys));
     }
     if t.linear_f8_max_rows > 8 {
         return Err(format!("tuned kernel config {origin}: linear_f8_max_rows {} exceeds the kernel's 8 tokens", t.linear_f8_max_rows));
@@ -230,8 +218,6 @@ mod tests {
         assert!(e.contains("x.toml") && e.contains("tile"), "{e}");
         let e = parse("mma_min_rows = 0\nmoe_grouped_min_rows = 9\nmoe_mma_min_rows = 512\nflash_min_q = 64\n", "y.toml").unwrap_err();
         assert!(e.contains("y.toml") && e.contains("at least 1"), "{e}");
-        let e = parse("mma_min_rows = 9\nmoe_grouped_min_rows = 9\nmoe_mma_min_rows = 512\nflash_min_q = 64\nmla_decode_rows_stage_keys = 48\n", "s.toml").unwrap_err();
-        assert!(e.contains("s.toml") && e.contains("mla_decode_rows_stage_keys 48"), "{e}");
         let e = parse("mma_min_rows = 9\n", "z.toml").unwrap_err();
         assert!(e.contains("z.toml") && e.contains("moe_grouped_min_rows"), "{e}");
     }
