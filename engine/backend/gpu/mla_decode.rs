@@ -233,6 +233,11 @@ mod tests {
         assert_eq!(merge_shape(16, 512, 128, 304, 64), (512, 4, 8));
         // enough rows for the SMs (batch 32 × 16 heads × 2 chunks): 128 threads, no groups
         assert_eq!(merge_shape(512, 512, 4, 132, 32), (128, 2, 1));
+        // the host's bounds are mla.hip's (the kernel traps on a launch past them)
+        let src = include_str!("../../../hip-kernels/mla.hip");
+        for (name, v) in [("MERGE_MAX_SPLITS", MERGE_MAX_SPLITS), ("MERGE_ZW", MERGE_ZW)] {
+            assert!(src.contains(&format!("#define {name} {v}\n")), "{name} {v}");
+        }
     }
 
     #[test]
