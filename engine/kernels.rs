@@ -18,4 +18,25 @@ mod tests {
             assert_eq!(super::source(path), Some(*src));
         }
     }
+
+    /// The CUDA backend launches every kernel as a programmatic dependent of the one before it
+    /// (common.h): a kernel that touched memory before ENGINE_GRID_DEP() could read its
+    /// predecessor's output early, and one whose blocks all exited without it could complete before
+    /// its predecessor, letting the next kernel through early. So it is the first statement of each.
+    #[test]
+    fn every_kernel_waits_for_its_predecessor_first() {
+        let mut kernels = 0;
+        for (path, _, src) in super::KERNEL_FILES.iter().filter(|(p, _, _)| p.ends_with(".hip")) {
+            for (at, _) in src.match_indices("__global__") {
+                let body = at + src[at..].find('{').unwrap() + 1;
+                let first = src[body..].trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+                let sig = &src[at..body];
+                let sig = sig.find("__launch_bounds__(").and_then(|b| sig[b..].find(')').map(|e| &sig[b + e + 1..])).unwrap_or(sig);
+                let name = sig.split('(').next().unwrap_or("").split_whitespace().last().unwrap_or("");
+                assert!(first.starts_with("ENGINE_GRID_DEP();"), "{path}: kernel {name} does not begin with ENGINE_GRID_DEP();");
+                kernels += 1;
+            }
+        }
+        assert!(kernels >= 60, "{kernels} kernels found");
+    }
 }

@@ -48,7 +48,7 @@ __device__ __forceinline__ uint32_t f32_to_e4m3fn(float x) {
 // channels each (K % 4 == 0), the group's max found by xor-shuffles within 32 lanes (right for
 // 32- and 64-wide warps).
 extern "C" __global__ void __launch_bounds__(256) quant_fp8_act(const float* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s, int M, int R, int K,
-                                                                const int* __restrict__ src, const int* __restrict__ seg) {
+                                                                const int* __restrict__ src, const int* __restrict__ seg) { ENGINE_GRID_DEP();
     int r = blockIdx.x, g = blockIdx.y * 8 + threadIdx.x / 32, j = threadIdx.x % 32;
     int m = src ? src[r] : r;
     int col = g * ACT_GROUP + j * 4;

@@ -15,6 +15,20 @@
 #define ENGINE_TRAP() __trap()
 #endif
 
+// Programmatic dependent launch (sm_90+): the CUDA backend launches every kernel so that it may
+// start while the kernel before it in the stream drains. ENGINE_GRID_DEP(), the first statement of
+// every kernel (kernels.rs tests this), waits until that kernel has completed and its writes are
+// visible, then lets the next kernel's blocks be scheduled (they in turn wait here), so the
+// launch latency of each kernel overlaps the tail of the one before. No-op elsewhere (CDNA has no
+// such launch; a kernel launched without the attribute passes the wait at once).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define ENGINE_GRID_DEP() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define ENGINE_GRID_DEP() \
+    do {                  \
+    } while (0)
+#endif
+
 // Weight element types (the host passes these as template arguments / kernel name suffixes).
 #define WDT_F32 0
 #define WDT_BF16 1

@@ -28,11 +28,11 @@ __device__ void embedding_impl(const uint8_t* table, const float* scales, const 
     int64_t id = ids[t];
     row_copy(out + (int64_t)t * H, H, [&](int c) { return load_w<WDT>(table, scales, id, c, H, bn, bk, kb); });
 }
-extern "C" __global__ void embedding_f32w(const uint8_t* t, const float* s, const uint32_t* ids, float* o, int T, int H, int bn, int bk) { embedding_impl<WDT_F32>(t, s, ids, o, T, H, bn, bk); }
-extern "C" __global__ void embedding_bf16w(const uint8_t* t, const float* s, const uint32_t* ids, float* o, int T, int H, int bn, int bk) { embedding_impl<WDT_BF16>(t, s, ids, o, T, H, bn, bk); }
-extern "C" __global__ void embedding_fp8w(const uint8_t* t, const float* s, const uint32_t* ids, float* o, int T, int H, int bn, int bk) { embedding_impl<WDT_FP8>(t, s, ids, o, T, H, bn, bk); }
+extern "C" __global__ void embedding_f32w(const uint8_t* t, const float* s, const uint32_t* ids, float* o, int T, int H, int bn, int bk) { ENGINE_GRID_DEP(); embedding_impl<WDT_F32>(t, s, ids, o, T, H, bn, bk); }
+extern "C" __global__ void embedding_bf16w(const uint8_t* t, const float* s, const uint32_t* ids, float* o, int T, int H, int bn, int bk) { ENGINE_GRID_DEP(); embedding_impl<WDT_BF16>(t, s, ids, o, T, H, bn, bk); }
+extern "C" __global__ void embedding_fp8w(const uint8_t* t, const float* s, const uint32_t* ids, float* o, int T, int H, int bn, int bk) { ENGINE_GRID_DEP(); embedding_impl<WDT_FP8>(t, s, ids, o, T, H, bn, bk); }
 
-extern "C" __global__ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+extern "C" __global__ void silu_mul(const float* gate, const float* up, float* out, int64_t n) { ENGINE_GRID_DEP();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
         float g = gate[i];
@@ -40,12 +40,12 @@ extern "C" __global__ void silu_mul(const float* gate, const float* up, float* o
     }
 }
 
-extern "C" __global__ void add_inplace(float* x, const float* y, int64_t n) {
+extern "C" __global__ void add_inplace(float* x, const float* y, int64_t n) { ENGINE_GRID_DEP();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] += y[i];
 }
 
-extern "C" __global__ void gather_rows(const float* x, const uint32_t* rows, float* out, int cols) {
+extern "C" __global__ void gather_rows(const float* x, const uint32_t* rows, float* out, int cols) { ENGINE_GRID_DEP();
     int r = blockIdx.x;
     const float* src = x + (int64_t)rows[r] * cols;
     row_copy(out + (int64_t)r * cols, cols, [&](int c) { return src[c]; });
@@ -54,12 +54,12 @@ extern "C" __global__ void gather_rows(const float* x, const uint32_t* rows, flo
 // all-gather output [size, rows, cols] (rank-major) → [rows, total] (columns in rank order,
 // trailing padding columns beyond `total` dropped).
 // out[rows[r]] = x[r]: the inverse of gather_rows.
-extern "C" __global__ void scatter_rows(const float* x, const uint32_t* rows, float* out, int cols) {
+extern "C" __global__ void scatter_rows(const float* x, const uint32_t* rows, float* out, int cols) { ENGINE_GRID_DEP();
     int r = blockIdx.x;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) out[(int64_t)rows[r] * cols + c] = x[(int64_t)r * cols + c];
 }
 
-extern "C" __global__ void concat_cols(const float* in, float* out, int rows, int cols, int size, int total) {
+extern "C" __global__ void concat_cols(const float* in, float* out, int rows, int cols, int size, int total) { ENGINE_GRID_DEP();
     int r = blockIdx.x;
     for (int c = threadIdx.x; c < total; c += blockDim.x) {
         int q = c / cols;
@@ -68,7 +68,7 @@ extern "C" __global__ void concat_cols(const float* in, float* out, int rows, in
 }
 
 // kv[layer][slot][e] = entries[i][e]; the pool is [layers, slots, entry].
-extern "C" __global__ void kv_write(float* kv, const float* entries, const uint32_t* slots, int layer, int num_slots, int entry) {
+extern "C" __global__ void kv_write(float* kv, const float* entries, const uint32_t* slots, int layer, int num_slots, int entry) { ENGINE_GRID_DEP();
     int i = blockIdx.x;
     float* dst = kv + ((int64_t)layer * num_slots + slots[i]) * entry;
     for (int e = threadIdx.x; e < entry; e += blockDim.x) dst[e] = entries[(int64_t)i * entry + e];
@@ -76,7 +76,7 @@ extern "C" __global__ void kv_write(float* kv, const float* entries, const uint3
 
 // The same into a bf16 pool (`--fp8-activations dynamic`: the attention reads bf16 operands, as
 // SGLang's bf16 KV cache), rounded to nearest even.
-extern "C" __global__ void kv_write_bf16(uint16_t* kv, const float* entries, const uint32_t* slots, int layer, int num_slots, int entry) {
+extern "C" __global__ void kv_write_bf16(uint16_t* kv, const float* entries, const uint32_t* slots, int layer, int num_slots, int entry) { ENGINE_GRID_DEP();
     int i = blockIdx.x;
     uint16_t* dst = kv + ((int64_t)layer * num_slots + slots[i]) * entry;
     for (int e = threadIdx.x; e < entry; e += blockDim.x) dst[e] = (uint16_t)bf16_rne(entries[(int64_t)i * entry + e]);
@@ -84,7 +84,7 @@ extern "C" __global__ void kv_write_bf16(uint16_t* kv, const float* entries, con
 
 // x [n] f32 → out [2n] bf16: the hi parts, then the lo parts (x ≈ hi + lo): cuBLASLt's stacked
 // operand for linear layers with bf16 weights.
-extern "C" __global__ void split_bf16_rows(const float* x, uint16_t* out, int64_t n) {
+extern "C" __global__ void split_bf16_rows(const float* x, uint16_t* out, int64_t n) { ENGINE_GRID_DEP();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
         uint16_t h, l;
@@ -98,7 +98,7 @@ extern "C" __global__ void split_bf16_rows(const float* x, uint16_t* out, int64_
 // (out[N·K .. 2·N·K]) for the vendor GEMM library: hi + lo carries W·s to ~16 bits, where W·s
 // rounded to bf16 alone would lose the scale's low bits (~4e-3). Four elements of a row per
 // thread (K % 4 == 0).
-extern "C" __global__ void dequant_fp8_hilo(const uint8_t* W, const float* S, uint16_t* out, int N, int K, int bn, int bk) {
+extern "C" __global__ void dequant_fp8_hilo(const uint8_t* W, const float* S, uint16_t* out, int N, int K, int bn, int bk) { ENGINE_GRID_DEP();
     int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * 4, n = (int64_t)N * K;
     if (i >= n) return;
     int64_t row = i / K;

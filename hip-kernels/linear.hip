@@ -88,9 +88,9 @@ __device__ void linear_impl(const float* __restrict__ X, const uint8_t* __restri
 
 // (256 threads: launch bounds let CDNA's compiler give each lane the registers of a 256-thread
 // block instead of a 1024-thread one's, where the 8×4 tile spilled)
-extern "C" __global__ void __launch_bounds__(256) linear_f32w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_F32>(X, W, S, Y, M, N, K, bn, bk); }
-extern "C" __global__ void __launch_bounds__(256) linear_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk); }
-extern "C" __global__ void __launch_bounds__(256) linear_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { linear_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk); }
+extern "C" __global__ void __launch_bounds__(256) linear_f32w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { ENGINE_GRID_DEP(); linear_impl<WDT_F32>(X, W, S, Y, M, N, K, bn, bk); }
+extern "C" __global__ void __launch_bounds__(256) linear_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { ENGINE_GRID_DEP(); linear_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk); }
+extern "C" __global__ void __launch_bounds__(256) linear_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { ENGINE_GRID_DEP(); linear_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk); }
 
 // Decode path (M <= GEMV_MAX_M rows of x): one warp per output row, lanes striding along K so the
 // weight row is read once, coalesced; every token's partial sum lives in registers. Memory-bound
@@ -122,9 +122,9 @@ __device__ void gemv_impl(const float* __restrict__ X, const uint8_t* __restrict
     }
 }
 
-extern "C" __global__ void gemv_f32w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { gemv_impl<WDT_F32>(X, W, S, Y, M, N, K, bn, bk); }
-extern "C" __global__ void gemv_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { gemv_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk); }
-extern "C" __global__ void gemv_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { gemv_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk); }
+extern "C" __global__ void gemv_f32w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { ENGINE_GRID_DEP(); gemv_impl<WDT_F32>(X, W, S, Y, M, N, K, bn, bk); }
+extern "C" __global__ void gemv_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { ENGINE_GRID_DEP(); gemv_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk); }
+extern "C" __global__ void gemv_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { ENGINE_GRID_DEP(); gemv_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk); }
 
 // The same with 16 bytes of consecutive weights per lane per step (8 bf16 / 16 fp8; f32: 2×16
 // bytes), R output rows per row group sharing each load of x (up to 8 rows R = 2: half the x
@@ -243,14 +243,14 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
 
 #define GEMV8(NAME, WDT, MAXM, R)                                                                                                      \
     extern "C" __global__ void __launch_bounds__(256) NAME(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, \
-                                                                               int K, int bn, int bk, int split, int lanes) {              \
+                                                                               int K, int bn, int bk, int split, int lanes) { ENGINE_GRID_DEP(); \
         gemv8_impl<WDT, MAXM, R, false>(X, W, S, Y, M, N, K, bn, bk, split, lanes, GemvHeads{});                                        \
     }
 // ... and its per-head form (mla_proj.rs: MLA's absorbed projections below the GEMM threshold)
 #define GEMV8_HEADS(NAME, WDT, MAXM, R)                                                                                                \
     extern "C" __global__ void __launch_bounds__(256) NAME##_heads(const float* X, const uint8_t* W, const float* S, float* Y, int M, \
                                                                                        int N, int K, int bn, int bk, int split, int lanes, \
-                                                                                       int64_t ldx, int xh, int nh, int wh, int w0, int64_t ldy, int yh) { \
+                                                                                       int64_t ldx, int xh, int nh, int wh, int w0, int64_t ldy, int yh) { ENGINE_GRID_DEP(); \
         gemv8_impl<WDT, MAXM, R, true>(X, W, S, Y, M, N, K, bn, bk, split, lanes, GemvHeads{ldx, ldy, xh, nh, wh, w0, yh});             \
     }
 // up to 8 rows (decode at small batch; 2 output rows per warp) and up to 16 rows per launch

@@ -12,7 +12,7 @@
 #define F8_BLOCK_ROWS (4 * F8_FRAGS * 16)
 
 extern "C" __global__ void __launch_bounds__(128) linear_f8_fp8w(const uint8_t* __restrict__ q, const float* __restrict__ sx, int R, const uint8_t* __restrict__ W,
-                                                                const float* __restrict__ S, float* y, int M, int N, int K, int ksplit) {
+                                                                const float* __restrict__ S, float* y, int M, int N, int K, int ksplit) { ENGINE_GRID_DEP();
     const int k_lo = blockIdx.z * ksplit, k_hi = min(K, k_lo + ksplit), kb = (K + 127) / 128;
     float* out = y + (int64_t)blockIdx.z * M * N;
 #ifdef F8_MMA

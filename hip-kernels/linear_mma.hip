@@ -21,9 +21,9 @@ __device__ void linear_mma_impl(const float* X, const uint8_t* W, const float* S
     });
 }
 
-extern "C" __global__ void __launch_bounds__(MT_THREADS) linear_mma_f32w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, int ksplit, int vec) { linear_mma_impl<WDT_F32>(X, W, S, Y, M, N, K, bn, bk, ksplit, vec); }
-extern "C" __global__ void __launch_bounds__(MT_THREADS) linear_mma_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, int ksplit, int vec) { linear_mma_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk, ksplit, vec); }
-extern "C" __global__ void __launch_bounds__(MT_THREADS) linear_mma_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, int ksplit, int vec) { linear_mma_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk, ksplit, vec); }
+extern "C" __global__ void __launch_bounds__(MT_THREADS) linear_mma_f32w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, int ksplit, int vec) { ENGINE_GRID_DEP(); linear_mma_impl<WDT_F32>(X, W, S, Y, M, N, K, bn, bk, ksplit, vec); }
+extern "C" __global__ void __launch_bounds__(MT_THREADS) linear_mma_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, int ksplit, int vec) { ENGINE_GRID_DEP(); linear_mma_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk, ksplit, vec); }
+extern "C" __global__ void __launch_bounds__(MT_THREADS) linear_mma_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, int ksplit, int vec) { ENGINE_GRID_DEP(); linear_mma_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk, ksplit, vec); }
 
 // Per-head GEMMs (MLA's absorbed projections around the decode attention): for head z = blockIdx.z,
 //   Y[m, z·yh + n] = Σ_k X[m, z·xh + k] · W[z·wh + w0 + n, k]     (m < M, n < N, k < K)
@@ -50,7 +50,7 @@ __device__ void linear_mma_heads_impl(const float* X, int64_t ldx, int xh, const
 #define LINEAR_MMA_HEADS(SUF, WDT)                                                                                                              \
     extern "C" __global__ void __launch_bounds__(MT_THREADS) linear_mma_heads_##SUF(const float* X, int64_t ldx, int xh, const uint8_t* W,      \
                                                                                       const float* S, int wh, int w0, float* Y, int64_t ldy, int yh, \
-                                                                                      int M, int N, int K, int bn, int bk, int vec) {            \
+                                                                                      int M, int N, int K, int bn, int bk, int vec) { ENGINE_GRID_DEP(); \
         linear_mma_heads_impl<WDT>(X, ldx, xh, W, S, wh, w0, Y, ldy, yh, M, N, K, bn, bk, vec);                                                \
     }
 LINEAR_MMA_HEADS(f32w, WDT_F32)
@@ -58,7 +58,7 @@ LINEAR_MMA_HEADS(bf16w, WDT_BF16)
 LINEAR_MMA_HEADS(fp8w, WDT_FP8)
 
 // Y[i] = Σ_z part[z][i] over the split-K partials, z in order.
-extern "C" __global__ void linear_split_sum(const float* part, float* Y, int64_t n, int splits) {
+extern "C" __global__ void linear_split_sum(const float* part, float* Y, int64_t n, int splits) { ENGINE_GRID_DEP();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float s = 0.f;

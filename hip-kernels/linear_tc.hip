@@ -42,7 +42,7 @@ __device__ void linear_tc_tile(const float* x, const uint8_t* W, const float* S,
 
 // y (or part + split·M·N when split-K) [M, N] = x [M, K] · W [N, K]ᵀ over K range blockIdx.z · ksplit ..
 extern "C" __global__ void __launch_bounds__(128) linear_tc_fp8w(const float* x, const uint8_t* W, const float* S, float* y, int M, int N, int K, int bn,
-                                                                int bk, int ksplit) {
+                                                                int bk, int ksplit) { ENGINE_GRID_DEP();
     const int m0 = blockIdx.x * TC_T, c = min(TC_T, M - m0);
     const int k_lo = blockIdx.z * ksplit, k_hi = min(K, k_lo + ksplit);
     float* out = y + (int64_t)blockIdx.z * M * N;

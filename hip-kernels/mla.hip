@@ -204,7 +204,7 @@ __device__ void mla_attention_impl(const float* __restrict__ q, const float* __r
 #define MLA_ATTENTION(NAME, HPB, CT)                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, 2) NAME(const float* q, const float* q_lat, const CT* kv, const uint32_t* slots, const uint32_t* ctx_off, \
                                     const uint32_t* ctx_len, float* lat_out, int heads, int layer, int num_slots, float scale, int splits,    \
-                                    int min_chunk, float* part) {                                                                        \
+                                    int min_chunk, float* part) { ENGINE_GRID_DEP();                                                     \
         mla_attention_impl<HPB, CT>(q, q_lat, kv, slots, ctx_off, ctx_len, lat_out, heads, layer, num_slots, scale, splits, min_chunk, part); \
     }
 // one head per block (any head count), or four (head counts divisible by 4, as in every DeepSeek);
@@ -227,7 +227,7 @@ MLA_ATTENTION(mla_attention4_bf16c, 4, uint16_t)
 #define MERGE_MAX_SPLITS 128
 #define MERGE_ZW 8
 #define MERGE_CW (KV_LORA % 2 == 0 ? 2 : 1) // columns a thread
-extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __restrict__ lat_out, int heads, int splits, int zw) {
+extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __restrict__ lat_out, int heads, int splits, int zw) { ENGINE_GRID_DEP();
     __shared__ float ez[MERGE_MAX_SPLITS], gsum, red[MERGE_ZW - 1][WARP][MERGE_CW];
     const int t = blockIdx.x, h = blockIdx.y, R = 2 + KV_LORA;
     const int ct = blockDim.x / zw, zi = threadIdx.x / ct, tc = threadIdx.x % ct; // column threads, this thread's group
@@ -340,11 +340,11 @@ __device__ void mla_out_impl(const float* __restrict__ lat, const uint8_t* __res
 
 #define MLA_KERNELS(SUF, WDT)                                                                                                   \
     extern "C" __global__ void __launch_bounds__(256) mla_q_latent_##SUF(const float* q, const uint8_t* kvb, const float* sc, float* q_lat, int T, int heads, \
-                                                  int bn, int bk) {                                                             \
+                                                  int bn, int bk) { ENGINE_GRID_DEP();                                          \
         mla_q_latent_impl<WDT>(q, kvb, sc, q_lat, T, heads, bn, bk);                                                            \
     }                                                                                                                           \
     extern "C" __global__ void __launch_bounds__(256) mla_out_##SUF(const float* lat, const uint8_t* kvb, const float* sc, float* out, int T, int heads,  \
-                                             int bn, int bk) {                                                                  \
+                                             int bn, int bk) { ENGINE_GRID_DEP();                                               \
         mla_out_impl<WDT>(lat, kvb, sc, out, T, heads, bn, bk);                                                                 \
     }
 MLA_KERNELS(f32w, WDT_F32)

@@ -256,7 +256,7 @@ __device__ __forceinline__ void md_stage(MdKeys& k, const uint16_t* __restrict__
 extern "C" __global__ void __launch_bounds__(MD_THREADS, 1)
     mla_decode_mma(const float* __restrict__ q, const float* __restrict__ q_lat, const uint16_t* __restrict__ kv, const uint32_t* __restrict__ slots,
                    const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len, float* __restrict__ lat_out, int heads, int layer,
-                   int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part, int smem) {
+                   int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part, int smem) { ENGINE_GRID_DEP();
     extern __shared__ __align__(16) unsigned char md_raw_shared[];
     MdShared& sh = *(MdShared*)md_raw_shared;
     if (smem < (int)sizeof(MdShared)) { // the host's layout and this one disagree

@@ -68,7 +68,7 @@ __device__ __forceinline__ bool mr_try_wait(const uint64_t* bar, unsigned parity
 extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
     mla_decode_rows(const float* __restrict__ q, const float* __restrict__ q_lat, const uint16_t* __restrict__ kv, const uint32_t* __restrict__ slots,
                     const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len, float* __restrict__ lat_out, int heads, int layer,
-                    int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part, int smem) {
+                    int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part, int smem) { ENGINE_GRID_DEP();
 #ifndef MD_CP_ASYNC
 #if defined(__AMDGCN__)
     __builtin_trap(); // the host takes mla_decode.hip on targets without cp.async and mma.sync
@@ -141,15 +141,28 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
     float m[2] = {-ENGINE_INF, -ENGINE_INF}, l[2] = {0.f, 0.f}; // rows g and g + 8; l this thread's keys only
     for (int key0 = j0, it = 0; key0 < n; key0 += MR_KT, ++it) {
         uint16_t(*k)[MR_DP] = sh.k[it % MR_ST];
+        // tile it + MR_ST - 1 into the buffer the last tile used (free once every warp is past it)
+        auto refill = [&] {
+            if (key0 + (MR_ST - 1) * MR_KT < n) {
+                fetch((it + MR_ST - 1) % MR_ST, slot_next, key0 + (MR_ST - 1) * MR_KT);
+                slot_next = slot_of(key0 + MR_ST * MR_KT);
+            } else {
+                skip();
+            }
+        };
+#ifdef MR_TMA
+        // the last tile's reads are done: its buffer is refilled before this tile is waited for
+        // (each thread waits on the tile's transaction barrier, which needs no block barrier), so
+        // that two tiles are in flight while the cache is the slower side; waiting first left
+        // one (the refill then started only after this tile had landed)
+        __syncthreads();
+        refill();
+        wait(it);
+#else
         wait(it);
         __syncthreads(); // this tile landed (every thread's copies); the last tile's reads are done
-        // tile it + MR_ST - 1 into the buffer the last tile used (free since the barrier)
-        if (key0 + (MR_ST - 1) * MR_KT < n) {
-            fetch((it + MR_ST - 1) % MR_ST, slot_next, key0 + (MR_ST - 1) * MR_KT);
-            slot_next = slot_of(key0 + MR_ST * MR_KT);
-        } else {
-            skip();
-        }
+        refill();
+#endif
         // S over the warp's MR_KW keys: n8 tiles j = keys kb + 8j ..; ldmatrix.x4 gives the query
         // rows' A fragment and the B fragments of two key tiles (rows = keys, contiguous columns).
         // MR_SA partial sums per tile (contraction steps kk % MR_SA): one accumulator per tile

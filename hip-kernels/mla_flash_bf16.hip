@@ -53,7 +53,7 @@ __device__ __forceinline__ void fa_stage(FaShared& sh, int b, const uint16_t* __
 #endif
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) mla_flash_bf16(const float* __restrict__ q, const uint16_t* __restrict__ k, const uint16_t* __restrict__ vt,
-                                                                         const int32_t* __restrict__ tiles, float* __restrict__ out, int ctx, int heads, float scale) {
+                                                                         const int32_t* __restrict__ tiles, float* __restrict__ out, int ctx, int heads, float scale) { ENGINE_GRID_DEP();
 #ifdef FA_MMA
     extern __shared__ __align__(16) unsigned char fa_smem[];
     FaShared& sh = *reinterpret_cast<FaShared*>(fa_smem);

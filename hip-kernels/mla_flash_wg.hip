@@ -80,7 +80,7 @@ __device__ __forceinline__ void fw_pv(float* d, const uint32_t* a, uint64_t db, 
 #endif
 
 extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const uint64_t* __restrict__ maps, const float* __restrict__ q, const int32_t* __restrict__ tiles,
-                                                                       float* __restrict__ out, int ctx, int heads, float scale) {
+                                                                       float* __restrict__ out, int ctx, int heads, float scale) { ENGINE_GRID_DEP();
 #ifdef FW_ON
     extern __shared__ __align__(16) unsigned char fw_smem[];
     __shared__ __align__(8) uint64_t full[FW_ST], empty[FW_ST];

@@ -47,10 +47,10 @@ __device__ void mla_gather_ctx_impl(const CT* __restrict__ kv, const uint32_t* _
     for (int i = threadIdx.x; i < ROPE; i += blockDim.x) pe_out[(int64_t)j * ROPE + i] = kv_elem(e, KV_LORA + i);
 }
 
-extern "C" __global__ void mla_gather_ctx(const float* kv, const uint32_t* slots, int layer, int num_slots, float* c_out, float* pe_out) {
+extern "C" __global__ void mla_gather_ctx(const float* kv, const uint32_t* slots, int layer, int num_slots, float* c_out, float* pe_out) { ENGINE_GRID_DEP();
     mla_gather_ctx_impl(kv, slots, layer, num_slots, c_out, pe_out);
 }
-extern "C" __global__ void mla_gather_ctx_bf16c(const uint16_t* kv, const uint32_t* slots, int layer, int num_slots, float* c_out, float* pe_out) {
+extern "C" __global__ void mla_gather_ctx_bf16c(const uint16_t* kv, const uint32_t* slots, int layer, int num_slots, float* c_out, float* pe_out) { ENGINE_GRID_DEP();
     mla_gather_ctx_impl(kv, slots, layer, num_slots, c_out, pe_out);
 }
 
@@ -67,7 +67,7 @@ struct FbShared {
 // Launch: grid (ctx / FB_K, heads), block 256; a 32-key tile of one head per block, transposed
 // through shared memory so that both outputs are written row by row.
 extern "C" __global__ void __launch_bounds__(256) mla_prefill_kv(const float* __restrict__ kvd, const float* __restrict__ pe, uint16_t* __restrict__ k,
-                                                                uint16_t* __restrict__ vt, int ctx, int heads) {
+                                                                uint16_t* __restrict__ vt, int ctx, int heads) { ENGINE_GRID_DEP();
     __shared__ float v[FB_K][VDIM + 1];
     const int j0 = blockIdx.x * FB_K, h = blockIdx.y;
     const int64_t kpart = (int64_t)heads * ctx * QK, vpart = (int64_t)heads * VDIM * ctx;
@@ -103,7 +103,7 @@ extern "C" __global__ void __launch_bounds__(256) mla_prefill_kv(const float* __
 // Launch: grid (ctx / KV8_K, heads), block 256.
 #define KV8_K 64
 extern "C" __global__ void __launch_bounds__(256) mla_prefill_kv_bf16(const float* __restrict__ kvd, const float* __restrict__ pe, uint16_t* __restrict__ k,
-                                                                     uint16_t* __restrict__ vt, int ctx, int heads) {
+                                                                     uint16_t* __restrict__ vt, int ctx, int heads) { ENGINE_GRID_DEP();
 #if NOPE % 8 == 0 && ROPE % 8 == 0 && VDIM % 8 == 0
     __shared__ float v[KV8_K][VDIM + 1];
     const int j0 = blockIdx.x * KV8_K, h = blockIdx.y;
@@ -201,7 +201,7 @@ __device__ __forceinline__ void fb_stage_v(FbShared& sh, const uint16_t* __restr
 }
 
 extern "C" __global__ void __launch_bounds__(FB_THREADS) mla_flash_prefill(const float* __restrict__ q, const uint16_t* __restrict__ k, const uint16_t* __restrict__ vt,
-                                                                          const int32_t* __restrict__ tiles, float* __restrict__ out, int ctx, int heads, float scale) {
+                                                                          const int32_t* __restrict__ tiles, float* __restrict__ out, int ctx, int heads, float scale) { ENGINE_GRID_DEP();
     __shared__ FbShared sh;
     const int* tl = tiles + blockIdx.x * 4;
     const int q_row0 = tl[0], nq = tl[1], ctx0 = tl[2], pos0 = tl[3];

@@ -17,7 +17,7 @@
 // the experts lane by lane and picked one at a time: ~15 µs a token at batch 1.
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int has_bias, int E, int top_k,
                                      int n_group, int topk_group, int method, int softmax_scoring, int norm_topk_prob, float scaling,
-                                     int32_t* __restrict__ ids, float* __restrict__ weights) {
+                                     int32_t* __restrict__ ids, float* __restrict__ weights) { ENGINE_GRID_DEP();
     __shared__ float scores[1024];
     __shared__ float choice[1024];
     __shared__ float gscore[64];
@@ -103,25 +103,28 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     }
 }
 
-// acc[r] += rows[r] · x over K for R weight rows, each lane a 16-byte chunk of every row per step
-// and U steps' chunks loaded before any is used (U·R loads in flight a lane: one step's R loads
-// left each warp waiting a whole memory latency per 2 KB), and each x chunk (64 bytes for 16 FP8
-// weights) read once for the R rows. The same arithmetic, in the same order, as VecDot per row.
-// Needs K % VE == 0 (and FP8: bk % VE == 0).
+// acc[r] += rows[r] · x over K for R weight rows, read by a group of `g` lanes (a power of two
+// dividing the warp): each lane a 16-byte chunk of every row per step and U steps' chunks loaded
+// before any is used (U·R loads in flight a lane: one step's R loads left each warp waiting a whole
+// memory latency per 2 KB), and each x chunk (64 bytes for 16 FP8 weights) read once for the R
+// rows. The same arithmetic, in the same order, as VecDot per row. Needs K % VE == 0 (and FP8:
+// bk % VE == 0).
+// With ks > 1 the group reads steps part, part + ks, .. only (a K part of ks interleaved ones).
 template <int WDT, int R, int U>
-__device__ __forceinline__ void moe_rows_dot(const uint8_t* const (&rows)[R], const float* const (&srows)[R], const float* __restrict__ x, int K, int bk, float (&acc)[R]) {
-    const int lane = threadIdx.x % WARP, es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1, VE = VecDot<WDT>::ELEMS;
-    for (int kb = lane * VE; kb < K; kb += U * WARP * VE) {
+__device__ __forceinline__ void moe_rows_dot(const uint8_t* const (&rows)[R], const float* const (&srows)[R], const float* __restrict__ x, int K, int bk, float (&acc)[R],
+                                             int g, int part, int ks) {
+    const int lane = threadIdx.x % g, es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1, VE = VecDot<WDT>::ELEMS;
+    for (int kb = (part * g + lane) * VE; kb < K; kb += U * ks * g * VE) {
         Chunk16 c[U][R];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int k0 = kb + u * WARP * VE;
+            const int k0 = kb + u * ks * g * VE;
 #pragma unroll
             for (int r = 0; r < R; ++r) c[u][r] = k0 < K ? load_chunk<WDT>(rows[r] + (int64_t)k0 * es) : Chunk16{};
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int k0 = kb + u * WARP * VE;
+            const int k0 = kb + u * ks * g * VE;
             if (k0 >= K) break;
             float4 xv[VE / 4];
 #pragma unroll
@@ -145,69 +148,137 @@ __device__ __forceinline__ void moe_rows_dot(const uint8_t* const (&rows)[R], co
     }
 }
 
-// gate/up rows per warp pass (2: four weight rows), down rows per pass (4), and the steps of
-// chunks a lane loads ahead (two: eight 16-byte loads in flight; f32 weights' 32-byte chunks one)
+// gate/up rows per lane group's pass (2: four weight rows), down rows per pass (4), and the steps
+// of chunks a lane loads ahead (two: eight 16-byte loads in flight; f32 weights' 32-byte chunks one)
 #define MOE_GU_ROWS 2
 #define MOE_DOWN_ROWS 4
-#define MOE_STEPS(WDT) ((WDT) == WDT_F32 ? 1 : 2)
+#ifndef MOE_GU_STEPS
+#define MOE_GU_STEPS 2
+#endif
+#ifndef MOE_DOWN_STEPS
+#define MOE_DOWN_STEPS 2
+#endif
+#define MOE_STEPS(WDT, U) ((WDT) == WDT_F32 ? 1 : (U))
+// Lanes that read a row of K weights (VE a 16-byte chunk): the fewest (a power of two) that cover
+// it in one step, at most the warp. A warp's item is then WARP / lanes such groups' rows: V3's
+// experts at a TP8 rank (down rows of K = 256 FP8: 16 lanes) had half of every warp idle and twice
+// the items in turn. moe_pairs.rs mirrors this.
+__device__ __forceinline__ int moe_lanes(int K, int VE) {
+    int g = 1;
+    while (g < WARP && g * VE < K) g *= 2;
+    return g;
+}
+// NVIDIA takes whole-warp rows through a second copy of the loops with the group size a constant
+// (unrolled as before lane groups: the generic copy measured ~3% slower on V3's shapes); CDNA
+// keeps the generic copy alone (the second overflowed gfx942's scalar registers).
+// The K split of moe_gate_up_impl is NVIDIA's too: with it the FP8 kernel spilled gfx942's scalar
+// registers (3), and CDNA is not measured here.
+#if defined(__AMDGCN__)
+#define MOE_CONST_WARP 0
+#define MOE_K_SPLIT 0
+#else
+#define MOE_CONST_WARP 1
+#define MOE_K_SPLIT 1
+#endif
+// v summed over each aligned group of g lanes (every lane of the group gets it)
+__device__ __forceinline__ float group_sum(float v, int g) {
+    for (int o = g / 2; o > 0; o >>= 1) v += __shfl_xor(v, o, WARP);
+    return v;
+}
 // Blocks a multiprocessor keeps resident (the launch bound the host sizes its grid by: one wave
 // of blocks, each warp striding over (pair, row group) items; a grid of a block column per pair
 // ran 1.3 waves at batch 1 on the H200, the last third of the time on a third of the SMs)
 #define MOE_PAIR_BLOCKS_PER_SM 2
 
+// The gate and up dot products of rows i0 .. i0+RG-1 (past I: row I - 1 again, not to be written)
+// of one expert into acc (gate rows, then up rows), lanes in groups of g, K part `part` of `ks`.
+template <int WDT>
+__device__ __forceinline__ void moe_gu_dot(const float* xt, const uint8_t* g, const uint8_t* u, const float* gs, const float* us, int i0, int I, int H,
+                                           int bn, int bk, int g_lanes, int part, int ks, float (&acc)[2 * MOE_GU_ROWS]) {
+    const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1, kb = (H + bk - 1) / bk;
+    const uint8_t* rows[2 * MOE_GU_ROWS];
+    const float* srows[2 * MOE_GU_ROWS];
+#pragma unroll
+    for (int r = 0; r < MOE_GU_ROWS; ++r) {
+        const int i = i0 + r < I ? i0 + r : I - 1;
+        rows[r] = g + (int64_t)i * H * es, rows[MOE_GU_ROWS + r] = u + (int64_t)i * H * es;
+        srows[r] = gs + (WDT == WDT_FP8 ? (i / bn) * kb : 0), srows[MOE_GU_ROWS + r] = us + (WDT == WDT_FP8 ? (i / bn) * kb : 0);
+        acc[r] = acc[MOE_GU_ROWS + r] = 0.f;
+    }
+    moe_rows_dot<WDT, 2 * MOE_GU_ROWS, MOE_STEPS(WDT, MOE_GU_STEPS)>(rows, srows, xt, H, bk, acc, g_lanes, part, ks);
+}
+
 // h[p, i] = silu(x[t] · Wg[e, i]) · (x[t] · Wu[e, i]) for pair p = t·top_k + k with expert e = ids[p]
 // of the `pairs`. Weights of this rank's experts e0 .. e0+ne are stacked: [ne, I, H] (+ FP8 scales
 // [E, ceil(I/bn), ceil(H/bk)]). Each warp of the grid takes (pair, row group) items in turn. With
 // no ids (null), every pair is expert 0: an MLP's own weights (a MoE layer's shared experts, one
-// row; moe_pairs.rs).
+// row; moe_pairs.rs). With fewer items than the grid has warps (a TP8 rank's experts of 256 rows,
+// a shared expert alone) teams of `ks` warps of a block take an item each, every warp a part of
+// K, the parts added in order through shared memory: each warp's chain of loads along K is 1/ks
+// as long (one warp an item left most warps idle and the rest 7 load rounds deep at H = 7,168).
 template <int WDT>
 __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg, const uint8_t* wu,
-                                 const float* su, float* h, int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne) {
-    const int lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
-    const int gw = blockIdx.x * nw + threadIdx.x / WARP, warps = gridDim.x * nw;
+                                 const float* su, float* h, int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne, int ks_arg) {
+    const int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    const int gw = blockIdx.x * nw + w, warps = gridDim.x * nw;
     const int kb = (H + bk - 1) / bk;
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
     const int64_t wstride = (int64_t)I * H * es;
     const int64_t sstride = (int64_t)((I + bn - 1) / bn) * kb;
     const int VE = VecDot<WDT>::ELEMS;
     const bool vec = H % VE == 0 && (WDT != WDT_FP8 || bk % VE == 0);
-    const int RG = vec ? MOE_GU_ROWS : 1, groups = (I + RG - 1) / RG;
-    for (int item = gw; item < pairs * groups; item += warps) {
-        const int p = item / groups, i0 = item % groups * RG;
-        const int t = p / top_k, e = (ids ? ids[p] : 0) - e0;
-        if (e < 0 || e >= ne) continue; // another rank's expert (expert parallelism)
-        const uint8_t* g = wg + e * wstride;
-        const uint8_t* u = wu + e * wstride;
-        const float* gs = sg + (WDT == WDT_FP8 ? e * sstride : 0);
-        const float* us = su + (WDT == WDT_FP8 ? e * sstride : 0);
-        const float* xt = x + (int64_t)t * H;
-        if (vec) {
-            // rows i0 .. i0+RG-1 of gate, then of up (past I: row i0 again, not written)
-            const uint8_t* rows[2 * MOE_GU_ROWS];
-            const float* srows[2 * MOE_GU_ROWS];
-            float acc[2 * MOE_GU_ROWS];
+    const int G = vec ? moe_lanes(H, VE) : WARP; // lanes a row
+    const int RG = vec ? MOE_GU_ROWS : 1, per = RG * (WARP / G), groups = (I + per - 1) / per, n = pairs * groups;
+    // (the host's split: only for whole-warp rows, at most a block's warps)
+    const int ks = MOE_K_SPLIT && vec && G == WARP && ks_arg > 1 && nw % ks_arg == 0 && nw <= 8 ? ks_arg : 1;
+    const int part = w % ks, team = gw / ks, teams = warps / ks;
+    __shared__ float red[8][2 * MOE_GU_ROWS]; // with ks > 1: each warp's sums of its item's rows
+    for (int it = 0, iters = (n + teams - 1) / teams; it < iters; ++it) { // the same count for every warp of a block
+        const int item = it * teams + team;
+        const int p = item / groups, i0 = item % groups * per + lane / G * RG; // this lane group's rows
+        const int e = item < n ? (ids ? ids[p] : 0) - e0 : -1;
+        const bool live = e >= 0 && e < ne; // (past the items, or another rank's expert: expert parallelism)
+        if (live) {
+            const uint8_t* g = wg + e * wstride;
+            const uint8_t* u = wu + e * wstride;
+            const float* gs = sg + (WDT == WDT_FP8 ? e * sstride : 0);
+            const float* us = su + (WDT == WDT_FP8 ? e * sstride : 0);
+            const float* xt = x + (int64_t)(p / top_k) * H;
+            if (vec) {
+                float acc[2 * MOE_GU_ROWS];
+                if (MOE_CONST_WARP && G == WARP) {
+                    moe_gu_dot<WDT>(xt, g, u, gs, us, i0, I, H, bn, bk, WARP, part, ks, acc);
 #pragma unroll
-            for (int r = 0; r < MOE_GU_ROWS; ++r) {
-                const int i = i0 + r < I ? i0 + r : i0;
-                rows[r] = g + (int64_t)i * H * es, rows[MOE_GU_ROWS + r] = u + (int64_t)i * H * es;
-                srows[r] = gs + (WDT == WDT_FP8 ? (i / bn) * kb : 0), srows[MOE_GU_ROWS + r] = us + (WDT == WDT_FP8 ? (i / bn) * kb : 0);
-                acc[r] = acc[MOE_GU_ROWS + r] = 0.f;
-            }
-            moe_rows_dot<WDT, 2 * MOE_GU_ROWS, MOE_STEPS(WDT)>(rows, srows, xt, H, bk, acc);
+                    for (int r = 0; r < 2 * MOE_GU_ROWS; ++r) acc[r] = warp_sum(acc[r]);
+                } else {
+                    moe_gu_dot<WDT>(xt, g, u, gs, us, i0, I, H, bn, bk, G, part, ks, acc);
 #pragma unroll
-            for (int r = 0; r < MOE_GU_ROWS; ++r) {
-                const float a = warp_sum(acc[r]), b = warp_sum(acc[MOE_GU_ROWS + r]);
-                if (lane == 0 && i0 + r < I) h[(int64_t)p * I + i0 + r] = a / (1.0f + expf(-a)) * b;
+                    for (int r = 0; r < 2 * MOE_GU_ROWS; ++r) acc[r] = group_sum(acc[r], G);
+                }
+#pragma unroll
+                for (int r = 0; r < MOE_GU_ROWS; ++r) {
+                    if (ks > 1 && lane == 0) red[w][r] = acc[r], red[w][MOE_GU_ROWS + r] = acc[MOE_GU_ROWS + r];
+                    if (ks == 1 && lane % G == 0 && i0 + r < I) h[(int64_t)p * I + i0 + r] = acc[r] / (1.0f + expf(-acc[r])) * acc[MOE_GU_ROWS + r];
+                }
+            } else {
+                float a = 0.f, b = 0.f;
+                for (int c = lane; c < H; c += WARP) {
+                    a += xt[c] * load_w<WDT>(g, gs, i0, c, H, bn, bk, kb);
+                    b += xt[c] * load_w<WDT>(u, us, i0, c, H, bn, bk, kb);
+                }
+                a = warp_sum(a);
+                b = warp_sum(b);
+                if (lane == 0) h[(int64_t)p * I + i0] = a / (1.0f + expf(-a)) * b;
             }
-        } else {
-            float a = 0.f, b = 0.f;
-            for (int c = lane; c < H; c += WARP) {
-                a += xt[c] * load_w<WDT>(g, gs, i0, c, H, bn, bk, kb);
-                b += xt[c] * load_w<WDT>(u, us, i0, c, H, bn, bk, kb);
+        }
+        if (ks > 1) { // the team's parts added in order by its first warp
+            __syncthreads();
+            if (live && part == 0 && lane < MOE_GU_ROWS && i0 + lane < I) {
+                float a = 0.f, b = 0.f;
+                for (int q = 0; q < ks; ++q) a += red[w + q][lane], b += red[w + q][MOE_GU_ROWS + lane];
+                h[(int64_t)p * I + i0 + lane] = a / (1.0f + expf(-a)) * b;
             }
-            a = warp_sum(a);
-            b = warp_sum(b);
-            if (lane == 0) h[(int64_t)p * I + i0] = a / (1.0f + expf(-a)) * b;
+            __syncthreads(); // red is rewritten by the next item
         }
     }
 }
@@ -225,9 +296,10 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
     const int64_t sstride = (int64_t)((H + bn - 1) / bn) * kb;
     const int VE = VecDot<WDT>::ELEMS;
     const bool vec = I % VE == 0 && (WDT != WDT_FP8 || bk % VE == 0);
-    const int RD = vec ? MOE_DOWN_ROWS : 1, groups = (H + RD - 1) / RD;
+    const int G = vec ? moe_lanes(I, VE) : WARP; // lanes a row
+    const int RD = vec ? MOE_DOWN_ROWS : 1, per = RD * (WARP / G), groups = (H + per - 1) / per;
     for (int item = gw; item < pairs * groups; item += warps) {
-        const int p = item / groups, r0 = item % groups * RD;
+        const int p = item / groups, r0 = item % groups * per + lane / G * RD; // this lane group's rows
         const int t = p / top_k, e = (ids ? ids[p] : 0) - e0;
         if (e < 0 || e >= ne) continue; // another rank's expert (expert parallelism)
         const uint8_t* d = wd + e * wstride;
@@ -240,16 +312,23 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
             float acc[MOE_DOWN_ROWS];
 #pragma unroll
             for (int q = 0; q < MOE_DOWN_ROWS; ++q) {
-                const int r = r0 + q < H ? r0 + q : r0;
+                const int r = r0 + q < H ? r0 + q : H - 1;
                 rows[q] = d + (int64_t)r * I * es;
                 srows[q] = ds + (WDT == WDT_FP8 ? (r / bn) * kb : 0);
                 acc[q] = 0.f;
             }
-            moe_rows_dot<WDT, MOE_DOWN_ROWS, MOE_STEPS(WDT)>(rows, srows, hp, I, bk, acc);
+            if (MOE_CONST_WARP && G == WARP) { // (constant group size, as in moe_gate_up_impl)
+                moe_rows_dot<WDT, MOE_DOWN_ROWS, MOE_STEPS(WDT, MOE_DOWN_STEPS)>(rows, srows, hp, I, bk, acc, WARP, 0, 1);
+#pragma unroll
+                for (int q = 0; q < MOE_DOWN_ROWS; ++q) acc[q] = warp_sum(acc[q]);
+            } else {
+                moe_rows_dot<WDT, MOE_DOWN_ROWS, MOE_STEPS(WDT, MOE_DOWN_STEPS)>(rows, srows, hp, I, bk, acc, G, 0, 1);
+#pragma unroll
+                for (int q = 0; q < MOE_DOWN_ROWS; ++q) acc[q] = group_sum(acc[q], G);
+            }
 #pragma unroll
             for (int q = 0; q < MOE_DOWN_ROWS; ++q) {
-                const float a = warp_sum(acc[q]);
-                if (lane == 0 && r0 + q < H) atomicAdd(&out[(int64_t)t * H + r0 + q], wt * a);
+                if (lane % G == 0 && r0 + q < H) atomicAdd(&out[(int64_t)t * H + r0 + q], wt * acc[q]);
             }
         } else {
             float a = 0.f;
@@ -263,12 +342,12 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
 #define MOE_KERNELS(SUF, WDT)                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_gate_up_##SUF(                                          \
         const float* x, const int32_t* ids, const uint8_t* wg, const float* sg, const uint8_t* wu, const float* su, float* h, int pairs,   \
-        int top_k, int I, int H, int bn, int bk, int e0, int ne) {                                                                         \
-        moe_gate_up_impl<WDT>(x, ids, wg, sg, wu, su, h, pairs, top_k, I, H, bn, bk, e0, ne);                                              \
+        int top_k, int I, int H, int bn, int bk, int e0, int ne, int ks) { ENGINE_GRID_DEP();                                              \
+        moe_gate_up_impl<WDT>(x, ids, wg, sg, wu, su, h, pairs, top_k, I, H, bn, bk, e0, ne, ks);                                          \
     }                                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_down_##SUF(                                             \
         const float* h, const int32_t* ids, const float* weights, const uint8_t* wd, const float* sd, float* out, int pairs, int top_k,    \
-        int I, int H, int bn, int bk, int e0, int ne) {                                                                                    \
+        int I, int H, int bn, int bk, int e0, int ne) { ENGINE_GRID_DEP();                                                                 \
         moe_down_impl<WDT>(h, ids, weights, wd, sd, out, pairs, top_k, I, H, bn, bk, e0, ne);                                              \
     }
 MOE_KERNELS(f32w, WDT_F32)

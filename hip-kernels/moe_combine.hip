@@ -5,7 +5,7 @@
 #include "common.h"
 
 extern "C" __global__ void __launch_bounds__(256) moe_combine(const float* __restrict__ rows, const int* __restrict__ pair_row, const float* __restrict__ w,
-                                                              float* __restrict__ out, int k, int hidden) {
+                                                              float* __restrict__ out, int k, int hidden) { ENGINE_GRID_DEP();
     int t = blockIdx.x;
     for (int c = threadIdx.x * 4; c < hidden; c += blockDim.x * 4) {
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);

@@ -92,7 +92,7 @@ __device__ void moe_down_f8_tile(const uint8_t* qh, const float* sh, int P, cons
 // Grid (I / 64, max_tiles), block 128.
 extern "C" __global__ void __launch_bounds__(128) moe_gate_up_f8_fp8w(const uint8_t* q, const float* sx, int T, const int32_t* tok, const int32_t* tiles,
                                                                     const int32_t* ntiles, const uint8_t* wg, const float* sg, const uint8_t* wu,
-                                                                    const float* su, float* h, int I, int H) {
+                                                                    const float* su, float* h, int I, int H) { ENGINE_GRID_DEP();
     if ((int)blockIdx.y >= *ntiles) return;
     const F8Tile tl = f8_tile(tiles, blockIdx.y);
     const int64_t wstride = (int64_t)I * H, sstride = (int64_t)((I + 127) / 128) * ((H + 127) / 128);
@@ -119,7 +119,7 @@ extern "C" __global__ void __launch_bounds__(128) moe_gate_up_f8_fp8w(const uint
 // Grid (H / 128, max_tiles), block 128.
 extern "C" __global__ void __launch_bounds__(128) moe_down_f8_fp8w(const uint8_t* qh, const float* sh, int P, const int32_t* pair_of, const float* weights,
                                                                  const int32_t* tiles, const int32_t* ntiles, const uint8_t* wd, const float* sd,
-                                                                 float* out, int top_k, int I, int H) {
+                                                                 float* out, int top_k, int I, int H) { ENGINE_GRID_DEP();
     if ((int)blockIdx.y >= *ntiles) return;
     const F8Tile tl = f8_tile(tiles, blockIdx.y);
     const int64_t wstride = (int64_t)I * H, sstride = (int64_t)((H + 127) / 128) * ((I + 127) / 128);

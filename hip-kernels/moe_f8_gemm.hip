@@ -77,7 +77,7 @@ __device__ __forceinline__ void mg_wgmma(float* d, uint64_t da, uint64_t db, int
 
 extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const uint64_t* __restrict__ maps, const float* __restrict__ SX,
                                                                       const float* __restrict__ WS, const int32_t* __restrict__ tiles, int n_tiles, float* __restrict__ D, int N,
-                                                                      int K) {
+                                                                      int K) { ENGINE_GRID_DEP();
 #if defined(MG_WGMMA)
     extern __shared__ __align__(16) unsigned char mg_smem[];
     __shared__ __align__(8) uint64_t full[MG_ST], empty[MG_ST];

@@ -14,7 +14,7 @@
 #define MOE_MAX_EXPERTS 1024
 
 extern "C" __global__ void moe_group(const int32_t* ids, int P, int top_k, int e0, int ne, int tile_m, int32_t* tok, int32_t* pair_of,
-                                     int32_t* tiles, int32_t* ntiles) {
+                                     int32_t* tiles, int32_t* ntiles) { ENGINE_GRID_DEP();
     __shared__ int cnt[MOE_MAX_EXPERTS];
     __shared__ int cur[MOE_MAX_EXPERTS];
     for (int e = threadIdx.x; e < ne; e += blockDim.x) cnt[e] = 0;
@@ -71,7 +71,7 @@ __device__ void moe_gate_up_mma_impl(const float* x, const int32_t* tok, const i
     });
 }
 
-extern "C" __global__ void moe_silu_mul_halves(const float* gu, float* h, int64_t n, int I) {
+extern "C" __global__ void moe_silu_mul_halves(const float* gu, float* h, int64_t n, int I) { ENGINE_GRID_DEP();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     int64_t pos = i / I, c = i % I;
@@ -104,12 +104,12 @@ __device__ void moe_down_mma_impl(const float* h, const int32_t* pair_of, const 
 #define MOE_MMA_KERNELS(SUF, WDT, MINB)                                                                                                          \
     extern "C" __global__ void __launch_bounds__(MT_THREADS, MINB) moe_gate_up_mma_##SUF(const float* x, const int32_t* tok, const int32_t* tiles, const int32_t* ntiles,       \
                                                      const uint8_t* wg, const float* sg, const uint8_t* wu, const float* su, float* gu, int I, \
-                                                     int H, int bn, int bk, int vec) {                                                       \
+                                                     int H, int bn, int bk, int vec) { ENGINE_GRID_DEP();                                    \
         moe_gate_up_mma_impl<WDT>(x, tok, tiles, ntiles, wg, sg, wu, su, gu, I, H, bn, bk, vec);                                            \
     }                                                                                                                                        \
     extern "C" __global__ void __launch_bounds__(MT_THREADS, MINB) moe_down_mma_##SUF(const float* h, const int32_t* pair_of, const float* weights, const int32_t* tiles,        \
                                                   const int32_t* ntiles, const uint8_t* wd, const float* sd, float* out, int top_k, int I,     \
-                                                  int H, int bn, int bk, int vec) {                                                          \
+                                                  int H, int bn, int bk, int vec) { ENGINE_GRID_DEP();                                       \
         moe_down_mma_impl<WDT>(h, pair_of, weights, tiles, ntiles, wd, sd, out, top_k, I, H, bn, bk, vec);                                  \
     }
 // FP8 experts (the checkpoints') cut registers for MT_MIN_BLOCKS blocks per SM; f32 and bf16
@@ -292,12 +292,12 @@ __device__ void moe_down_gv_impl(const float* h, const int32_t* pair_of, const f
     extern "C" __global__ void __launch_bounds__(256) moe_gate_up_gv_##SUF(const float* x, const int32_t* tok, const int32_t* tiles,          \
                                                                           const int32_t* ntiles, const uint8_t* wg, const float* sg,         \
                                                                           const uint8_t* wu, const float* su, float* h, int I, int H, int bn,  \
-                                                                          int bk) {                                                          \
+                                                                          int bk) { ENGINE_GRID_DEP();                                       \
         moe_gate_up_gv_impl<WDT>(x, tok, tiles, ntiles, wg, sg, wu, su, h, I, H, bn, bk);                                                    \
     }                                                                                                                                        \
     extern "C" __global__ void __launch_bounds__(256) moe_down_gv_##SUF(const float* h, const int32_t* pair_of, const float* weights,         \
                                                                        const int32_t* tiles, const int32_t* ntiles, const uint8_t* wd,       \
-                                                                       const float* sd, float* out, int top_k, int I, int H, int bn, int bk) { \
+                                                                       const float* sd, float* out, int top_k, int I, int H, int bn, int bk) { ENGINE_GRID_DEP(); \
         moe_down_gv_impl<WDT>(h, pair_of, weights, tiles, ntiles, wd, sd, out, top_k, I, H, bn, bk);                                        \
     }
 MOE_GV_KERNELS(f32w, WDT_F32)

@@ -77,7 +77,7 @@ __device__ void moe_down_tc_tile(const float* hbuf, const int32_t* pair_of, cons
 
 extern "C" __global__ void __launch_bounds__(128) moe_gate_up_tc_fp8w(const float* x, const int32_t* tok, const int32_t* tiles, const int32_t* ntiles,
                                                                     const uint8_t* wg, const float* sg, const uint8_t* wu, const float* su, float* h,
-                                                                    int I, int H, int bn, int bk) {
+                                                                    int I, int H, int bn, int bk) { ENGINE_GRID_DEP();
     int tile = blockIdx.y;
     if (tile >= *ntiles) return;
     int e = tiles[3 * tile], start = tiles[3 * tile + 1], c = tiles[3 * tile + 2] - start;
@@ -107,7 +107,7 @@ extern "C" __global__ void __launch_bounds__(128) moe_gate_up_tc_fp8w(const floa
 
 extern "C" __global__ void __launch_bounds__(128) moe_down_tc_fp8w(const float* hbuf, const int32_t* pair_of, const float* weights, const int32_t* tiles,
                                                                  const int32_t* ntiles, const uint8_t* wd, const float* sd, float* out, int top_k, int I,
-                                                                 int H, int bn, int bk) {
+                                                                 int H, int bn, int bk) { ENGINE_GRID_DEP();
     int tile = blockIdx.y;
     if (tile >= *ntiles) return;
     int e = tiles[3 * tile], start = tiles[3 * tile + 1], c = tiles[3 * tile + 2] - start;

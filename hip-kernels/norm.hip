@@ -64,13 +64,13 @@ __device__ void rms_norm_row(const float* x, const float* __restrict__ w, float*
     for (int c = threadIdx.x; c < n; c += blockDim.x) out[c] = w[c] * (x[c] * r);
 }
 
-extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int cols, float eps) {
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int cols, float eps) { ENGINE_GRID_DEP();
     int64_t r = blockIdx.x;
     rms_norm_row(x + r * cols, w, out + r * cols, cols, eps);
 }
 
 // residual += x; out = rmsnorm(residual)
-extern "C" __global__ void add_rms_norm(const float* x, float* residual, const float* w, float* out, int cols, float eps) {
+extern "C" __global__ void add_rms_norm(const float* x, float* residual, const float* w, float* out, int cols, float eps) { ENGINE_GRID_DEP();
     int64_t r = blockIdx.x;
     float* res = residual + r * cols;
     const float* xr = x + r * cols;
@@ -103,7 +103,7 @@ extern "C" __global__ void add_rms_norm(const float* x, float* residual, const f
 }
 
 // Columns [start, start + n) of each row, in place.
-extern "C" __global__ void rms_norm_cols(float* x, const float* w, int cols, int start, int n, float eps) {
+extern "C" __global__ void rms_norm_cols(float* x, const float* w, int cols, int start, int n, float eps) { ENGINE_GRID_DEP();
     float* row = x + (int64_t)blockIdx.x * cols + start;
     rms_norm_row(row, w, row, n, eps);
 }

@@ -4,7 +4,7 @@
 #include "common.h"
 
 extern "C" __global__ void rope(float* x, const uint32_t* positions, const float* inv_freq, int cols, int heads, int head_stride,
-                                int offset, int half, int interleaved, float scale) {
+                                int offset, int half, int interleaved, float scale) { ENGINE_GRID_DEP();
     // a row's heads × half pairs are spread over the grid's y blocks, one pair a thread: at batch
     // 1 a single block walking q's 4,096 pairs (each a sin and a cos) took ~14 µs
     int r = blockIdx.x;

@@ -69,7 +69,7 @@ __device__ __forceinline__ void range_walk(const float* l, int a, int b, F f) {
 extern "C" __global__ void sample_rows(float* logits, int V, const float* temperature, const int* top_k, const float* top_p,
                                        const float* min_p, const float* rep, const float* freq, const float* pres,
                                        const int* pen_off, const int* pen_tok, const int* pen_cnt, const uint8_t* pen_prompt,
-                                       const float* uniform, int* out) {
+                                       const float* uniform, int* out) { ENGINE_GRID_DEP();
     __shared__ float sh[SBLOCK / 32];
     __shared__ int shi[SBLOCK / 32];
     __shared__ float scan[SBLOCK];

@@ -491,21 +491,23 @@ fn moe_routing_and_experts_on<V: GpuVendor>() {
     }
     // the per-pair kernels on V3's expert shapes (hidden 7,168, inter 2,048, FP8 128 × 128
     // blocks): rows of several load rounds, more (pair, row group) items than the grid's warps
+    // (and a TP8 rank's: inter 256, so down rows of 16 lanes, two row groups a warp)
     let (g, c) = (gpu::<V>(), CpuBackend::new());
     let mut rng = Rng::new(31);
-    let (hidden, inter) = (7168, 2048);
-    let p = RouteParams { n_experts: 8, top_k: 4, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
-    let gate = host_linear(&mut rng, p.n_experts, hidden, WType::F32);
-    let experts: Vec<[HostLinear; 3]> = (0..p.n_experts).map(|_| [host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, hidden, inter, WType::Fp8)]).collect();
-    let (ge, ce) = (g.upload_experts(experts.clone(), 0).unwrap(), c.upload_experts(experts, 0).unwrap());
-    for t in [1, 5] {
-        let x = randn(&mut rng, t * hidden, 1.0);
-        let (cx, gx) = (c.upload(t, hidden, &x).unwrap(), g.upload(t, hidden, &x).unwrap());
-        let cr = c.moe_route(&cx, &c.upload_linear(&gate).unwrap(), None, &p).unwrap();
-        let gr = g.moe_route(&gx, &g.upload_linear(&gate).unwrap(), None, &p).unwrap();
-        let a = g.download(&g.moe_experts(&gx, &gr, &ge).unwrap()).unwrap();
-        let b = c.download(&c.moe_experts(&cx, &cr, &ce).unwrap()).unwrap();
-        check(&format!("moe_experts V3 shapes {t} tokens"), &a, &b, F32_TOL);
+    for (hidden, inter) in [(7168, 2048), (7168, 256)] {
+        let p = RouteParams { n_experts: 8, top_k: 4, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
+        let gate = host_linear(&mut rng, p.n_experts, hidden, WType::F32);
+        let experts: Vec<[HostLinear; 3]> = (0..p.n_experts).map(|_| [host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, hidden, inter, WType::Fp8)]).collect();
+        let (ge, ce) = (g.upload_experts(experts.clone(), 0).unwrap(), c.upload_experts(experts, 0).unwrap());
+        for t in [1, 5] {
+            let x = randn(&mut rng, t * hidden, 1.0);
+            let (cx, gx) = (c.upload(t, hidden, &x).unwrap(), g.upload(t, hidden, &x).unwrap());
+            let cr = c.moe_route(&cx, &c.upload_linear(&gate).unwrap(), None, &p).unwrap();
+            let gr = g.moe_route(&gx, &g.upload_linear(&gate).unwrap(), None, &p).unwrap();
+            let a = g.download(&g.moe_experts(&gx, &gr, &ge).unwrap()).unwrap();
+            let b = c.download(&c.moe_experts(&cx, &cr, &ce).unwrap()).unwrap();
+            check(&format!("moe_experts V3 shapes {hidden}x{inter} {t} tokens"), &a, &b, F32_TOL);
+        }
     }
 }
 
@@ -566,7 +568,7 @@ fn shared_experts_mlp_add() {
 fn shared_experts_mlp_add_on<V: GpuVendor>() {
     let (g, c) = (gpu::<V>(), CpuBackend::new());
     let mut rng = Rng::new(77);
-    for (hidden, inter, wt) in [(7168, 2048, WType::Fp8), (512, 256, WType::Bf16)] {
+    for (hidden, inter, wt) in [(7168, 2048, WType::Fp8), (7168, 256, WType::Fp8), (512, 256, WType::Bf16)] {
         let w = [host_linear(&mut rng, inter, hidden, wt), host_linear(&mut rng, inter, hidden, wt), host_linear(&mut rng, hidden, inter, wt)];
         let gw: Vec<_> = w.iter().map(|l| g.upload_linear(l).unwrap()).collect();
         let cw: Vec<_> = w.iter().map(|l| c.upload_linear(l).unwrap()).collect();

@@ -13,6 +13,9 @@ pub struct CudaDriver {
     pub stream: Arc<CudaStream>,
     /// The most shared memory a block may opt in to (bytes)
     max_shared: i32,
+    /// Kernels are launched as programmatic dependents of the kernel before them (sm_90+; every
+    /// kernel begins with ENGINE_GRID_DEP(), hip-kernels/common.h); `ENGINE_PDL=0` turns it off.
+    programmatic: bool,
 }
 
 fn e(call: &'static str) -> impl Fn(DriverError) -> ApiError {
@@ -26,7 +29,10 @@ impl CudaDriver {
         let stream = ctx.new_stream().map_err(e("cuStreamCreate"))?;
         keep_pool_memory(&ctx);
         let max_shared = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(e("cuDeviceGetAttribute"))?;
-        Ok(CudaDriver { ctx, stream, max_shared })
+        let major = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).map_err(e("cuDeviceGetAttribute"))?;
+        let programmatic = major >= 9 && std::env::var("ENGINE_PDL").map_or(true, |v| v != "0");
+        log::info!("cuda: programmatic dependent launch {}", if programmatic { "on" } else { "off (ENGINE_PDL=0 or before sm_90)" });
+        Ok(CudaDriver { ctx, stream, max_shared, programmatic })
     }
 
     fn s(&self) -> sys::CUstream {
@@ -148,7 +154,27 @@ impl DeviceApi for CudaDriver {
 
     unsafe fn launch(&self, f: Handle, c: LaunchConfig, params: &mut [*mut c_void]) -> Result<(), ApiError> {
         self.bind()?;
-        result::launch_kernel(f as sys::CUfunction, c.grid_dim, c.block_dim, c.shared_mem_bytes, self.s(), params).map_err(e("cuLaunchKernel"))
+        if !self.programmatic {
+            return result::launch_kernel(f as sys::CUfunction, c.grid_dim, c.block_dim, c.shared_mem_bytes, self.s(), params).map_err(e("cuLaunchKernel"));
+        }
+        // SAFETY: a zeroed attribute value is a valid union; only the flag is read for this id
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let (g, b) = (c.grid_dim, c.block_dim);
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: g.0,
+            gridDimY: g.1,
+            gridDimZ: g.2,
+            blockDimX: b.0,
+            blockDimY: b.1,
+            blockDimZ: b.2,
+            sharedMemBytes: c.shared_mem_bytes,
+            hStream: self.s(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        sys::cuLaunchKernelEx(&cfg, f as sys::CUfunction, params.as_mut_ptr(), std::ptr::null_mut()).result().map_err(e("cuLaunchKernelEx"))
     }
 
     fn event_record(&self, timing: bool) -> Result<Handle, ApiError> {

@@ -6,6 +6,7 @@
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf};
 use super::ops::{cfg, wdt_suffix, GpuExperts, GpuLinear, GpuRouting};
+use super::source::Vendor;
 use crate::backend::BackendError;
 
 const MOE: &str = "hip-kernels/moe.hip";
@@ -59,7 +60,18 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (k, i, hd, np) = (top_k as i32, w.inter as i32, w.hidden as i32, pairs as i32);
         let null = 0u64;
         // one wave of blocks (the launch bound), each warp taking (pair, row group) items
-        let grid = |rows: usize, per_item: usize| ((pairs * rows.div_ceil(per_item)).div_ceil(self.warps_per_block()).min(self.sms * MOE_PAIR_BLOCKS_PER_SM) as u32, 1);
+        let warp = self.warp as usize;
+        let ve = if w.wdt == 2 { 16 } else { 8 };
+        let vec = |k: usize| k.is_multiple_of(ve) && (w.wdt != 2 || w.bk as usize % ve == 0);
+        let per_item = |k: usize, rows: usize| if vec(k) { rows * (warp / pair_lanes(k, ve, warp)) } else { 1 };
+        let (wpb, most) = (self.warps_per_block(), self.sms * MOE_PAIR_BLOCKS_PER_SM);
+        let grid = |items: usize| (items.div_ceil(wpb).min(most) as u32, 1);
+        // gate/up items (pair, row group) and the warps that share each (a K part a warp)
+        let gu_items = pairs * w.inter.div_ceil(per_item(w.hidden, MOE_GU_ROWS));
+        // (moe.hip's MOE_K_SPLIT: NVIDIA only)
+        let split = V::SOURCE == Vendor::Nvidia && vec(w.hidden) && pair_lanes(w.hidden, ve, warp) == warp;
+        let ks = if split { k_split(gu_items, most * wpb, wpb) } else { 1 };
+        let ks_arg = ks as i32;
         let f = self.func(MOE, &format!("moe_gate_up_{}", wdt_suffix(w.wdt)))?;
         let mut b = self.launch(&f);
         b.arg(&x.buf);
@@ -67,8 +79,8 @@ impl<V: GpuVendor> GpuBackend<V> {
             Some(r) => b.arg(&r.ids),
             None => b.arg(&null),
         };
-        b.arg(w.gate.0).arg(w.gate.1).arg(w.up.0).arg(w.up.1).arg(&mut h).arg(&np).arg(&k).arg(&i).arg(&hd).arg(&w.bn).arg(&w.bk).arg(&w.e0).arg(&w.ne);
-        b.run(cfg(grid(w.inter, MOE_GU_ROWS), 256, 0)).map_err(err("moe_gate_up"))?;
+        b.arg(w.gate.0).arg(w.gate.1).arg(w.up.0).arg(w.up.1).arg(&mut h).arg(&np).arg(&k).arg(&i).arg(&hd).arg(&w.bn).arg(&w.bk).arg(&w.e0).arg(&w.ne).arg(&ks_arg);
+        b.run(cfg(grid(gu_items * ks), 256, 0)).map_err(err("moe_gate_up"))?;
         let f = self.func(MOE, &format!("moe_down_{}", wdt_suffix(w.wdt)))?;
         let mut b = self.launch(&f);
         b.arg(&h);
@@ -77,8 +89,29 @@ impl<V: GpuVendor> GpuBackend<V> {
             None => b.arg(&null).arg(&null),
         };
         b.arg(w.down.0).arg(w.down.1).arg(out).arg(&np).arg(&k).arg(&i).arg(&hd).arg(&w.bn).arg(&w.bk).arg(&w.e0).arg(&w.ne);
-        b.run(cfg(grid(w.hidden, MOE_DOWN_ROWS), 256, 0)).map_err(err("moe_down"))
+        b.run(cfg(grid(pairs * w.hidden.div_ceil(per_item(w.inter, MOE_DOWN_ROWS))), 256, 0)).map_err(err("moe_down"))
     }
+}
+
+/// The warps (a power of two, at most a block's `wpb`, at most 8) that share each of `items`
+/// gate/up items, each a part of K, so that the items fill the grid's `warps` (moe.hip's
+/// `moe_gate_up_impl`): 1 where there are items enough.
+fn k_split(items: usize, warps: usize, wpb: usize) -> usize {
+    let mut ks = 1;
+    while ks * 2 <= wpb.min(8) && items * ks * 2 <= warps {
+        ks *= 2;
+    }
+    ks
+}
+
+/// moe.hip's `moe_lanes`: the lanes that read a row of `k` weights (`ve` a 16-byte chunk), the
+/// fewest (a power of two) that cover it in one step, at most the warp.
+fn pair_lanes(k: usize, ve: usize, warp: usize) -> usize {
+    let mut g = 1;
+    while g < warp && g * ve < k {
+        g *= 2;
+    }
+    g
 }
 
 #[cfg(test)]
@@ -94,5 +127,33 @@ mod tests {
             assert!(src.contains(&format!("#define {name} {v}\n")), "{name} {v}");
         }
         assert!(src.contains("__launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_gate_up_") && src.contains("__launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_down_"));
+        assert!(src.contains("while (g < WARP && g * VE < K) g *= 2;"), "moe_lanes is pair_lanes");
+    }
+
+    #[test]
+    fn few_gate_up_items_split_k() {
+        // H200: 132 SMs × 2 blocks × 8 warps = 2,112 warps
+        // a TP8 rank's 8 routed pairs × 128 row groups (256 rows of 2): 2 warps an item
+        assert_eq!(k_split(1024, 2112, 8), 2);
+        // a TP8 rank's shared expert alone (128 items): 8; V3's shared expert (1,024 items): 2
+        assert_eq!(k_split(128, 2112, 8), 8);
+        // V3's 8 routed pairs at batch 1 (8,192 items): none
+        assert_eq!(k_split(8192, 2112, 8), 1);
+        // CDNA's 4 wavefronts a block bound it
+        assert_eq!(k_split(16, 304 * 2 * 4, 4), 4);
+    }
+
+    #[test]
+    fn short_rows_take_a_group_of_lanes() {
+        // V3's down rows at a TP8 rank (K = 256 FP8): 16 lanes, two groups a 32-wide warp
+        assert_eq!(pair_lanes(256, 16, 32), 16);
+        assert_eq!(pair_lanes(256, 16, 64), 16);
+        // full rows (7,168 hidden, 2,048 inter) keep the warp
+        assert_eq!(pair_lanes(7168, 16, 32), 32);
+        assert_eq!(pair_lanes(2048, 16, 64), 64);
+        // 96 FP8 weights: 6 chunks, 8 lanes; 96 bf16: 12 chunks, 16 lanes
+        assert_eq!(pair_lanes(96, 16, 32), 8);
+        assert_eq!(pair_lanes(96, 8, 32), 16);
+        assert_eq!(pair_lanes(16, 16, 32), 1);
     }
 }
