@@ -64,9 +64,13 @@ impl<V: GpuVendor> GpuBackend<V> {
             "gemv8" => 2,
             _ => 1,
         };
-        let geo = gemv_geometry(w.out.div_ceil(per_warp), w.inp, w.wdt, self.warp as usize);
-        let (sp, lanes) = (geo.split as i32, geo.lanes as i32);
-        let blocks = if vec8 { geo.blocks } else { w.out.div_ceil(self.warps_per_block()) };
+        // (the scalar kernels: a warp a row, no split or lane groups)
+        let (sp, lanes, blocks) = if vec8 {
+            let geo = gemv_geometry(w.out.div_ceil(per_warp), w.inp, w.wdt, self.warp as usize);
+            (geo.split as i32, geo.lanes as i32, geo.blocks)
+        } else {
+            (1, self.warp as i32, w.out.div_ceil(self.warps_per_block()))
+        };
         for r0 in (0..x.rows).step_by(slice) {
             let m = (x.rows - r0).min(slice) as i32;
             let (xs, ys) = (x.buf.at(r0 * w.inp), y.at(r0 * w.out));
