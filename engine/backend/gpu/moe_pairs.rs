@@ -62,7 +62,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         // one wave of blocks (the launch bound), each warp taking (pair, row group) items
         let warp = self.warp as usize;
         let ve = if w.wdt == 2 { 16 } else { 8 };
-        let vec = |k: usize| k.is_multiple_of(ve) && (w.wdt != 2 || w.bk as usize % ve == 0);
+        let vec = |k: usize| k.is_multiple_of(ve) && (w.wdt != 2 || (w.bk as usize).is_multiple_of(ve));
         let per_item = |k: usize, rows: usize| if vec(k) { rows * (warp / pair_lanes(k, ve, warp)) } else { 1 };
         let (wpb, most) = (self.warps_per_block(), self.sms * MOE_PAIR_BLOCKS_PER_SM);
         let grid = |items: usize| (items.div_ceil(wpb).min(most) as u32, 1);
