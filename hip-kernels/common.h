@@ -124,6 +124,12 @@ __device__ __forceinline__ float warp_reduce(float v, Op op) {
 }
 
 __device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, EngineSum{}); }
+// v summed over each aligned group of g lanes (g a power of two dividing the warp; every lane of
+// the group gets it)
+__device__ __forceinline__ float group_sum(float v, int g) {
+    for (int o = g / 2; o > 0; o >>= 1) v += __shfl_xor(v, o, WARP);
+    return v;
+}
 __device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, EngineMax{}); }
 
 // op over the block (blockDim.x a multiple of WARP, at most 1024), starting from `init`, through

@@ -209,11 +209,7 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int m = 0; m < MAXM; ++m) {
-            float v = acc[r][m];
-            for (int o = lanes / 2; o > 0; o >>= 1) v += __shfl_xor(v, o, WARP);
-            acc[r][m] = v;
-        }
+        for (int m = 0; m < MAXM; ++m) acc[r][m] = group_sum(acc[r][m], lanes);
     if (split == 1) {
         // each group's first lane writes its R × M outputs
         if (live && gl == 0) {

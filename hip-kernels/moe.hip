@@ -152,13 +152,7 @@ __device__ __forceinline__ void moe_rows_dot(const uint8_t* const (&rows)[R], co
 // of chunks a lane loads ahead (two: eight 16-byte loads in flight; f32 weights' 32-byte chunks one)
 #define MOE_GU_ROWS 2
 #define MOE_DOWN_ROWS 4
-#ifndef MOE_GU_STEPS
-#define MOE_GU_STEPS 2
-#endif
-#ifndef MOE_DOWN_STEPS
-#define MOE_DOWN_STEPS 2
-#endif
-#define MOE_STEPS(WDT, U) ((WDT) == WDT_F32 ? 1 : (U))
+#define MOE_STEPS(WDT) ((WDT) == WDT_F32 ? 1 : 2)
 // Lanes that read a row of K weights (VE a 16-byte chunk): the fewest (a power of two) that cover
 // it in one step, at most the warp. A warp's item is then WARP / lanes such groups' rows: V3's
 // experts at a TP8 rank (down rows of K = 256 FP8: 16 lanes) had half of every warp idle and twice
@@ -180,10 +174,19 @@ __device__ __forceinline__ int moe_lanes(int K, int VE) {
 #define MOE_CONST_WARP 1
 #define MOE_K_SPLIT 1
 #endif
-// v summed over each aligned group of g lanes (every lane of the group gets it)
-__device__ __forceinline__ float group_sum(float v, int g) {
-    for (int o = g / 2; o > 0; o >>= 1) v += __shfl_xor(v, o, WARP);
-    return v;
+// moe_rows_dot, then each row's sum over its lane group (every lane of the group gets it)
+template <int WDT, int R>
+__device__ __forceinline__ void moe_rows_sum(const uint8_t* const (&rows)[R], const float* const (&srows)[R], const float* __restrict__ x, int K, int bk, float (&acc)[R],
+                                             int g, int part, int ks) {
+    if (MOE_CONST_WARP && g == WARP) {
+        moe_rows_dot<WDT, R, MOE_STEPS(WDT)>(rows, srows, x, K, bk, acc, WARP, part, ks);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+    } else {
+        moe_rows_dot<WDT, R, MOE_STEPS(WDT)>(rows, srows, x, K, bk, acc, g, part, ks);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] = group_sum(acc[r], g);
+    }
 }
 // Blocks a multiprocessor keeps resident (the launch bound the host sizes its grid by: one wave
 // of blocks, each warp striding over (pair, row group) items; a grid of a block column per pair
@@ -191,7 +194,8 @@ __device__ __forceinline__ float group_sum(float v, int g) {
 #define MOE_PAIR_BLOCKS_PER_SM 2
 
 // The gate and up dot products of rows i0 .. i0+RG-1 (past I: row I - 1 again, not to be written)
-// of one expert into acc (gate rows, then up rows), lanes in groups of g, K part `part` of `ks`.
+// of one expert into acc (gate rows, then up rows), lanes in groups of g, K part `part` of `ks`,
+// summed over each lane group.
 template <int WDT>
 __device__ __forceinline__ void moe_gu_dot(const float* xt, const uint8_t* g, const uint8_t* u, const float* gs, const float* us, int i0, int I, int H,
                                            int bn, int bk, int g_lanes, int part, int ks, float (&acc)[2 * MOE_GU_ROWS]) {
@@ -205,7 +209,7 @@ __device__ __forceinline__ void moe_gu_dot(const float* xt, const uint8_t* g, co
         srows[r] = gs + (WDT == WDT_FP8 ? (i / bn) * kb : 0), srows[MOE_GU_ROWS + r] = us + (WDT == WDT_FP8 ? (i / bn) * kb : 0);
         acc[r] = acc[MOE_GU_ROWS + r] = 0.f;
     }
-    moe_rows_dot<WDT, 2 * MOE_GU_ROWS, MOE_STEPS(WDT, MOE_GU_STEPS)>(rows, srows, xt, H, bk, acc, g_lanes, part, ks);
+    moe_rows_sum<WDT, 2 * MOE_GU_ROWS>(rows, srows, xt, H, bk, acc, g_lanes, part, ks);
 }
 
 // h[p, i] = silu(x[t] · Wg[e, i]) · (x[t] · Wu[e, i]) for pair p = t·top_k + k with expert e = ids[p]
@@ -246,15 +250,7 @@ __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8
             const float* xt = x + (int64_t)(p / top_k) * H;
             if (vec) {
                 float acc[2 * MOE_GU_ROWS];
-                if (MOE_CONST_WARP && G == WARP) {
-                    moe_gu_dot<WDT>(xt, g, u, gs, us, i0, I, H, bn, bk, WARP, part, ks, acc);
-#pragma unroll
-                    for (int r = 0; r < 2 * MOE_GU_ROWS; ++r) acc[r] = warp_sum(acc[r]);
-                } else {
-                    moe_gu_dot<WDT>(xt, g, u, gs, us, i0, I, H, bn, bk, G, part, ks, acc);
-#pragma unroll
-                    for (int r = 0; r < 2 * MOE_GU_ROWS; ++r) acc[r] = group_sum(acc[r], G);
-                }
+                moe_gu_dot<WDT>(xt, g, u, gs, us, i0, I, H, bn, bk, G, part, ks, acc);
 #pragma unroll
                 for (int r = 0; r < MOE_GU_ROWS; ++r) {
                     if (ks > 1 && lane == 0) red[w][r] = acc[r], red[w][MOE_GU_ROWS + r] = acc[MOE_GU_ROWS + r];
@@ -317,15 +313,7 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
                 srows[q] = ds + (WDT == WDT_FP8 ? (r / bn) * kb : 0);
                 acc[q] = 0.f;
             }
-            if (MOE_CONST_WARP && G == WARP) { // (constant group size, as in moe_gate_up_impl)
-                moe_rows_dot<WDT, MOE_DOWN_ROWS, MOE_STEPS(WDT, MOE_DOWN_STEPS)>(rows, srows, hp, I, bk, acc, WARP, 0, 1);
-#pragma unroll
-                for (int q = 0; q < MOE_DOWN_ROWS; ++q) acc[q] = warp_sum(acc[q]);
-            } else {
-                moe_rows_dot<WDT, MOE_DOWN_ROWS, MOE_STEPS(WDT, MOE_DOWN_STEPS)>(rows, srows, hp, I, bk, acc, G, 0, 1);
-#pragma unroll
-                for (int q = 0; q < MOE_DOWN_ROWS; ++q) acc[q] = group_sum(acc[q], G);
-            }
+            moe_rows_sum<WDT, MOE_DOWN_ROWS>(rows, srows, hp, I, bk, acc, G, 0, 1);
 #pragma unroll
             for (int q = 0; q < MOE_DOWN_ROWS; ++q) {
                 if (lane % G == 0 && r0 + q < H) atomicAdd(&out[(int64_t)t * H + r0 + q], wt * acc[q]);
