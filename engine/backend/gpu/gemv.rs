@@ -34,14 +34,31 @@ pub(super) struct GemvGeometry {
 }
 
 pub(super) fn gemv_geometry(n: usize, k: usize, wdt: u8, warp: usize) -> GemvGeometry {
-    let ve = if wdt == 2 { 16 } else { 8 };
+    let ve = chunk_elems(wdt);
+    let lanes = row_lanes(k, ve, warp);
+    let split = if lanes == warp { gemv_split(n, k, ve, warp) } else { 1 };
+    let per_block = 256 / warp / split * (warp / lanes);
+    GemvGeometry { lanes, split, blocks: n.div_ceil(per_block).max(1) }
+}
+
+/// Weights of dtype `wdt` (the kernels' WDT_*) in a 16-byte chunk: 16 FP8, 8 others (f32 rows are
+/// read as 8-weight 32-byte chunks).
+pub(super) fn chunk_elems(wdt: u8) -> usize {
+    if wdt == 2 {
+        16
+    } else {
+        8
+    }
+}
+
+/// The lanes that read a row of `k` weights (`ve` a chunk): the fewest, a power of two, that
+/// cover it in one step, at most the warp (linear.hip's GEMV `lanes`, moe.hip's `moe_lanes`).
+pub(super) fn row_lanes(k: usize, ve: usize, warp: usize) -> usize {
     let mut lanes = warp;
     while lanes > 1 && (lanes / 2) * ve >= k {
         lanes /= 2;
     }
-    let split = if lanes == warp { gemv_split(n, k, ve, warp) } else { 1 };
-    let per_block = 256 / warp / split * (warp / lanes);
-    GemvGeometry { lanes, split, blocks: n.div_ceil(per_block).max(1) }
+    lanes
 }
 
 impl<V: GpuVendor> GpuBackend<V> {

@@ -5,6 +5,7 @@
 //! launches instead of the GEMVs' five (gate, up, SiLU·up, down, add).
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf};
+use super::gemv::{chunk_elems, row_lanes};
 use super::ops::{cfg, wdt_suffix, GpuExperts, GpuLinear, GpuRouting};
 use super::source::Vendor;
 use crate::backend::BackendError;
@@ -61,15 +62,15 @@ impl<V: GpuVendor> GpuBackend<V> {
         let null = 0u64;
         // one wave of blocks (the launch bound), each warp taking (pair, row group) items
         let warp = self.warp as usize;
-        let ve = if w.wdt == 2 { 16 } else { 8 };
+        let ve = chunk_elems(w.wdt);
         let vec = |k: usize| k.is_multiple_of(ve) && (w.wdt != 2 || (w.bk as usize).is_multiple_of(ve));
-        let per_item = |k: usize, rows: usize| if vec(k) { rows * (warp / pair_lanes(k, ve, warp)) } else { 1 };
+        let per_item = |k: usize, rows: usize| if vec(k) { rows * (warp / row_lanes(k, ve, warp)) } else { 1 };
         let (wpb, most) = (self.warps_per_block(), self.sms * MOE_PAIR_BLOCKS_PER_SM);
         let grid = |items: usize| (items.div_ceil(wpb).min(most) as u32, 1);
         // gate/up items (pair, row group) and the warps that share each (a K part a warp)
         let gu_items = pairs * w.inter.div_ceil(per_item(w.hidden, MOE_GU_ROWS));
         // (moe.hip's MOE_K_SPLIT: NVIDIA only)
-        let split = V::SOURCE == Vendor::Nvidia && vec(w.hidden) && pair_lanes(w.hidden, ve, warp) == warp;
+        let split = V::SOURCE == Vendor::Nvidia && vec(w.hidden) && row_lanes(w.hidden, ve, warp) == warp;
         let ks = if split { k_split(gu_items, most * wpb, wpb) } else { 1 };
         let ks_arg = ks as i32;
         let f = self.func(MOE, &format!("moe_gate_up_{}", wdt_suffix(w.wdt)))?;
@@ -104,16 +105,6 @@ fn k_split(items: usize, warps: usize, wpb: usize) -> usize {
     ks
 }
 
-/// moe.hip's `moe_lanes`: the lanes that read a row of `k` weights (`ve` a 16-byte chunk), the
-/// fewest (a power of two) that cover it in one step, at most the warp.
-fn pair_lanes(k: usize, ve: usize, warp: usize) -> usize {
-    let mut g = 1;
-    while g < warp && g * ve < k {
-        g *= 2;
-    }
-    g
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,7 +118,7 @@ mod tests {
             assert!(src.contains(&format!("#define {name} {v}\n")), "{name} {v}");
         }
         assert!(src.contains("__launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_gate_up_") && src.contains("__launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_down_"));
-        assert!(src.contains("while (g < WARP && g * VE < K) g *= 2;"), "moe_lanes is pair_lanes");
+        assert!(src.contains("while (g < WARP && g * VE < K) g *= 2;"), "moe_lanes is gemv.rs's row_lanes");
     }
 
     #[test]
@@ -146,14 +137,14 @@ mod tests {
     #[test]
     fn short_rows_take_a_group_of_lanes() {
         // V3's down rows at a TP8 rank (K = 256 FP8): 16 lanes, two groups a 32-wide warp
-        assert_eq!(pair_lanes(256, 16, 32), 16);
-        assert_eq!(pair_lanes(256, 16, 64), 16);
+        assert_eq!(row_lanes(256, 16, 32), 16);
+        assert_eq!(row_lanes(256, 16, 64), 16);
         // full rows (7,168 hidden, 2,048 inter) keep the warp
-        assert_eq!(pair_lanes(7168, 16, 32), 32);
-        assert_eq!(pair_lanes(2048, 16, 64), 64);
+        assert_eq!(row_lanes(7168, 16, 32), 32);
+        assert_eq!(row_lanes(2048, 16, 64), 64);
         // 96 FP8 weights: 6 chunks, 8 lanes; 96 bf16: 12 chunks, 16 lanes
-        assert_eq!(pair_lanes(96, 16, 32), 8);
-        assert_eq!(pair_lanes(96, 8, 32), 16);
-        assert_eq!(pair_lanes(16, 16, 32), 1);
+        assert_eq!(row_lanes(96, 16, 32), 8);
+        assert_eq!(row_lanes(96, 8, 32), 16);
+        assert_eq!(row_lanes(16, 16, 32), 1);
     }
 }
