@@ -7,10 +7,11 @@ previous kernel's 7,168-float vector), the weights' loads either after the wait 
 (PRE: what a kernel may do before its predecessor is done: read memory no earlier kernel writes).
 NVRTC + driver API (ctypes), torch for memory, events and graph capture. Usage on a CUDA machine:
 `python3 benches/launch_latency.py`. Results: docs/BENCHMARKS.md ("seventeenth session")."""
-import ctypes, os
+import ctypes, os, sys
 import torch
-nv = ctypes.CDLL(os.environ.get('NVRTC_LIB', '/usr/local/cuda-13.0/lib64/libnvrtc.so.13'))
-cu = ctypes.CDLL('libcuda.so.1')
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from nvrtc_module import Module, compile_cubin, driver  # noqa: E402
+cu = driver()
 SRC = r'''
 #define DEP() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
 extern "C" __global__ void tiny(const float* x, float* y) { DEP(); if (threadIdx.x == 0) y[0] = x[0] + 1.f; }
@@ -36,16 +37,9 @@ extern "C" __global__ void __launch_bounds__(256) gemv_after(const uint4* W, con
 extern "C" __global__ void __launch_bounds__(256) gemv_pre(const uint4* W, const float* x, float* y) { gv<true>(W, x, y); }
 '''
 src = SRC.encode()
-prog = ctypes.c_void_p(); assert nv.nvrtcCreateProgram(ctypes.byref(prog), src, b'll.cu', 0, None, None) == 0
-opts = [b'--gpu-architecture=sm_90a', b'-default-device', b'--std=c++17']
-rc = nv.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-n = ctypes.c_size_t(); nv.nvrtcGetProgramLogSize(prog, ctypes.byref(n)); log = ctypes.create_string_buffer(n.value); nv.nvrtcGetProgramLog(prog, log); print(log.value.decode()[:2000])
-assert rc == 0
-nv.nvrtcGetCUBINSize(prog, ctypes.byref(n)); cub = ctypes.create_string_buffer(n.value); nv.nvrtcGetCUBIN(prog, cub)
+cub = compile_cubin(src, b'll.cu')
 torch.zeros(1, device='cuda')
-mod = ctypes.c_void_p(); assert cu.cuModuleLoadData(ctypes.byref(mod), cub) == 0
-def fn(name):
-    f = ctypes.c_void_p(); assert cu.cuModuleGetFunction(ctypes.byref(f), mod, name) == 0; return f
+fn = Module(cub).fn
 class Attr(ctypes.Structure):
     _fields_ = [('id', ctypes.c_int), ('pad', ctypes.c_char * 4), ('val', ctypes.c_int), ('rest', ctypes.c_char * 60)]
 class Cfg(ctypes.Structure):

@@ -8,8 +8,9 @@ gpu__time_duration.sum,dram__bytes_read.sum python3 benches/stream_read.py`. Res
 docs/BENCHMARKS.md ("sixteenth session")."""
 import ctypes, os, sys
 import torch
-nv = ctypes.CDLL(os.environ.get('NVRTC_LIB', '/usr/local/cuda-13.0/lib64/libnvrtc.so.13'))
-cu = ctypes.CDLL('libcuda.so.1')
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from nvrtc_module import Module, compile_cubin, driver  # noqa: E402
+cu = driver()
 SRC = r'''
 #define ENTRY_B 1152
 extern "C" __device__ __forceinline__ unsigned sm(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
@@ -50,16 +51,9 @@ extern "C" __global__ void __launch_bounds__(256,1) ld(const uint4* kv, int per1
 }
 '''
 src = b'typedef unsigned long long uint64_t;\n' + SRC.encode()
-prog = ctypes.c_void_p(); assert nv.nvrtcCreateProgram(ctypes.byref(prog), src, b'mb.cu', 0, None, None) == 0
-opts = [b'--gpu-architecture=sm_90a', b'-default-device', b'--std=c++17']
-rc = nv.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-n = ctypes.c_size_t(); nv.nvrtcGetProgramLogSize(prog, ctypes.byref(n)); log = ctypes.create_string_buffer(n.value); nv.nvrtcGetProgramLog(prog, log); print(log.value.decode()[:2000])
-assert rc == 0
-nv.nvrtcGetCUBINSize(prog, ctypes.byref(n)); cub = ctypes.create_string_buffer(n.value); nv.nvrtcGetCUBIN(prog, cub)
+cub = compile_cubin(src, b'mb.cu')
 torch.zeros(1, device='cuda')
-mod = ctypes.c_void_p(); assert cu.cuModuleLoadData(ctypes.byref(mod), cub) == 0
-def fn(name):
-    f = ctypes.c_void_p(); assert cu.cuModuleGetFunction(ctypes.byref(f), mod, name) == 0; return f
+fn = Module(cub).fn
 fb, fl = fn(b'bulk'), fn(b'ld')
 assert cu.cuFuncSetAttribute(fb, 8, 227 * 1024) == 0  # MAX_DYNAMIC_SHARED_SIZE_BYTES
 def launch(f, grid, smem, args):
