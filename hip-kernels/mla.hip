@@ -229,6 +229,7 @@ MLA_ATTENTION(mla_attention4_bf16c, 4, uint16_t)
 #define MERGE_CW (KV_LORA % 2 == 0 ? 2 : 1) // columns a thread
 extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __restrict__ lat_out, int heads, int splits, int zw) { ENGINE_GRID_DEP();
     __shared__ float ez[MERGE_MAX_SPLITS], gsum, red[MERGE_ZW - 1][WARP][MERGE_CW];
+    __shared__ int nzs;
     const int t = blockIdx.x, h = blockIdx.y, R = 2 + KV_LORA;
     const int ct = blockDim.x / zw, zi = threadIdx.x / ct, tc = threadIdx.x % ct; // column threads, this thread's group
     if (zw > MERGE_ZW || (zw > 1 && ct > WARP)) ENGINE_TRAP(); // the host's launch and this layout disagree
@@ -238,27 +239,32 @@ extern "C" __global__ void mla_merge(const float* __restrict__ part, float* __re
         float gm = -ENGINE_INF;
         for (int z = lane; z < splits; z += WARP) gm = fmaxf(gm, p[z * R]);
         gm = warp_max(gm);
-        float gs = 0.f;
+        float gs = 0.f, last = -1.f;
         for (int z = lane; z < splits; z += WARP) {
             const float mz = p[z * R], e = mz > -ENGINE_INF ? expf(mz - gm) : -1.f; // -1: empty
             ez[z] = e;
-            if (e >= 0.f) gs += p[z * R + 1] * e;
+            if (e >= 0.f) gs += p[z * R + 1] * e, last = (float)z;
         }
         gs = warp_sum(gs); // exact where one split has keys (the rest add zeros)
-        if (lane == 0) gsum = gs;
+        last = warp_max(last);
+        if (lane == 0) gsum = gs, nzs = (int)last + 1;
     }
     __syncthreads();
+    // splits past the last one with keys are never read (a graph step launches the SM-filling
+    // count: at 512 tokens and 64-key splits, 8 of 128 have keys)
     const float gs = gsum;
+    const int nz = nzs;
     float* out = lat_out + ((int64_t)t * heads + h) * KV_LORA;
     // the column loop's trip count is the block's (its barriers); c is this thread's first column
     for (int cb = MERGE_CW * blockIdx.z * ct; cb < KV_LORA; cb += MERGE_CW * ct * gridDim.z) {
         const int c = cb + MERGE_CW * tc;
         float v[MERGE_CW] = {};
         if (c < KV_LORA) {
-            // every split's columns loaded (an empty one's are allocated but unwritten: selected
-            // away, never multiplied), so that the unrolled loads need no branch
+            // every split's columns up to the last with keys loaded (an empty one's are allocated
+            // but unwritten: selected away, never multiplied), so that the unrolled loads need no
+            // branch
 #pragma unroll 16
-            for (int z = zi; z < splits; z += zw) {
+            for (int z = zi; z < nz; z += zw) {
                 const float e = ez[z];
                 if constexpr (MERGE_CW == 2) {
                     const float2 x = *(const float2*)(p + z * R + 2 + c);
