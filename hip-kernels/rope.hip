@@ -1,7 +1,6 @@
 // Rotary embedding in place: `heads` slices per row starting at `offset + h * head_stride`, each
-// 2*half wide; pairs (2i, 2i+1) when interleaved (DeepSeek), else (i, i + half). The angle is formed
-// in float32 from the YaRN inverse frequencies, as the reference does.
-#include "common.h"
+// 2*half wide (rope.h: the pairs and the angle).
+#include "rope.h"
 
 extern "C" __global__ void rope(float* x, const uint32_t* positions, const float* inv_freq, int cols, int heads, int head_stride,
                                 int offset, int half, int interleaved, float scale) { ENGINE_GRID_DEP();
@@ -11,12 +10,6 @@ extern "C" __global__ void rope(float* x, const uint32_t* positions, const float
     float pos = (float)positions[r];
     for (int idx = blockIdx.y * blockDim.x + threadIdx.x; idx < heads * half; idx += gridDim.y * blockDim.x) {
         int h = idx / half, i = idx % half;
-        float angle = inv_freq[i] * pos;
-        float c = cosf(angle) * scale, s = sinf(angle) * scale;
-        float* seg = x + (int64_t)r * cols + offset + h * head_stride;
-        int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-        float x0 = seg[a], x1 = seg[b];
-        seg[a] = x0 * c - x1 * s;
-        seg[b] = x1 * c + x0 * s;
+        rope_pair(x + (int64_t)r * cols + offset + h * head_stride, i, half, interleaved, inv_freq[i], pos, scale);
     }
 }

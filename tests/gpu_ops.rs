@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use engine::backend::cpu::CpuBackend;
 use engine::backend::gpu::backend::{GpuBackend, GpuVendor};
-use engine::backend::{AttnSeq, Backend, MlaDims, RouteParams, TensorShape};
+use engine::backend::{AttnSeq, Backend, KvEntrySite, MlaDims, RouteParams, TensorShape};
 use engine::config::{RopeConfig, RopeTables, ScoringFunc, TopkMethod};
 use engine::model::{ForwardBatch, Model};
 use engine::sampling::{log_softmax, Rng};
@@ -314,6 +314,62 @@ fn norms_elementwise_embedding_gather_rope_on<V: GpuVendor>() {
         c.rope(&mut cx, &pos, heads, stride, off.min(stride - dim), &rope).unwrap();
         g.rope(&mut gx, &pos, heads, stride, off.min(stride - dim), &rope).unwrap();
         check(&format!("rope interleaved={interleaved} dim={dim} yarn={yarn}"), &g.download(&gx).unwrap(), &c.download(&cx).unwrap(), F32_TOL);
+    }
+}
+
+/// The new tokens' MLA cache entries in one launch (`mla_kv_entry`: norm, RoPE and cache write of
+/// kv_a's output) against the same three ops on the GPU — bit for bit, the latent and the whole
+/// cache, f32 and bf16 caches — and the latent against the f32 CPU ops; V3's entry (512 + 64,
+/// YaRN, interleaved) at 1 and 5 rows on random slots and positions.
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn mla_kv_entry_fused() {
+    common::on_gpu!(mla_kv_entry_fused_on)
+}
+
+fn mla_kv_entry_fused_on<V: GpuVendor>() {
+    let c = CpuBackend::new();
+    let mut rng = Rng::new(43);
+    let cfg = serde_json::json!({"rope_theta": 10000.0, "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}});
+    let f = engine::config::Fields::new("t", &cfg).unwrap();
+    let rope = RopeTables::new(&RopeConfig::parse(&f, 64, 163840, true).unwrap());
+    let (lora, entry, layers, slots_total, eps) = (512, 576, 2, 300, 1e-6f32);
+    for bf16 in [false, true] {
+        let mut g = gpu::<V>();
+        g.attn_bf16 = bf16;
+        for rows in [1, 5] {
+            let x = randn(&mut rng, rows * entry, 1.0);
+            let w: Vec<f32> = (0..lora).map(|_| 1.0 + 0.1 * rng.normal()).collect();
+            let mut slots: Vec<u32> = Vec::new();
+            while slots.len() < rows {
+                let s = (rng.next_u64() % slots_total as u64) as u32;
+                if !slots.contains(&s) {
+                    slots.push(s);
+                }
+            }
+            let pos: Vec<u32> = (0..rows).map(|_| (rng.next_u64() % 100_000) as u32).collect();
+            let site = KvEntrySite { layer: 1, slots: &slots, positions: &pos, rope: &rope, offset: lora };
+            let gw = g.upload(1, lora, &w).unwrap();
+            let (mut fx, mut ox) = (g.upload(rows, entry, &x).unwrap(), g.upload(rows, entry, &x).unwrap());
+            let (mut fkv, mut okv) = (g.alloc_kv_cache(layers, slots_total, entry).unwrap(), g.alloc_kv_cache(layers, slots_total, entry).unwrap());
+            g.mla_kv_entry(&mut fx, &gw, eps, &mut fkv, &site).unwrap();
+            engine::backend::mla_kv_entry_by_ops(&g, &mut ox, &gw, eps, &mut okv, &site).unwrap();
+            let (fl, ol) = (g.download(&fx).unwrap(), g.download(&ox).unwrap());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(&fl), bits(&ol), "bf16 cache {bf16}, {rows} rows: fused latent = the ops' latent");
+            let (fc, oc) = (fkv.buf.to_host().unwrap(), okv.buf.to_host().unwrap());
+            assert_eq!(bits(&fc), bits(&oc), "bf16 cache {bf16}, {rows} rows: fused cache = the ops' cache");
+            if !bf16 {
+                for (i, &s) in slots.iter().enumerate() {
+                    let at = (slots_total + s as usize) * entry;
+                    assert_eq!(bits(&fc[at..at + entry]), bits(&fl[i * entry..(i + 1) * entry]), "row {i} at slot {s}");
+                }
+            }
+            let mut cx = c.upload(rows, entry, &x).unwrap();
+            c.rms_norm_cols(&mut cx, 0, &c.upload(1, lora, &w).unwrap(), eps).unwrap();
+            c.rope(&mut cx, &pos, 1, entry, lora, &rope).unwrap();
+            check(&format!("mla_kv_entry bf16 cache {bf16} {rows} rows"), &fl, &c.download(&cx).unwrap(), F32_TOL);
+        }
     }
 }
 

@@ -56,6 +56,17 @@ pub struct AttnSeq<'a> {
     pub slots: &'a [u32],
 }
 
+/// Where a step's new MLA cache entries go and how they are rotated (`Backend::mla_kv_entry`):
+/// row i to slot `slots[i]` of `layer`, at position `positions[i]`, RoPE on the columns from
+/// `offset` (kv_lora_rank).
+pub struct KvEntrySite<'a> {
+    pub layer: usize,
+    pub slots: &'a [u32],
+    pub positions: &'a [u32],
+    pub rope: &'a RopeTables,
+    pub offset: usize,
+}
+
 /// One row of device-side sampling: the request's parameters, its penalty tokens
 /// (token, count in the output so far, whether it occurs in the prompt) and a uniform draw.
 pub struct SampleRow<'a> {
@@ -102,6 +113,14 @@ pub fn mlp_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, [gate, up, down]: [
 /// `Backend::mlp_add` from the unfused ops: `mlp_by_ops`, then the add.
 pub fn mlp_add_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, mlp: [&B::Linear; 3], y: &mut B::Tensor) -> Result<(), BackendError> {
     b.add(y, &mlp_by_ops(b, x, mlp)?)
+}
+
+/// `Backend::mla_kv_entry` as the norm, RoPE and cache-write ops in turn.
+pub fn mla_kv_entry_by_ops<B: Backend + ?Sized>(b: &B, latent: &mut B::Tensor, norm: &B::Tensor, eps: f32, kv: &mut B::KvCache, site: &KvEntrySite) -> Result<(), BackendError> {
+    b.rms_norm_cols(latent, 0, norm, eps)?;
+    let stride = latent.cols();
+    b.rope(latent, site.positions, 1, stride, site.offset, site.rope)?;
+    b.kv_write(kv, site.layer, site.slots, latent)
 }
 
 pub trait Backend: Send + Sync + 'static {
@@ -166,6 +185,12 @@ pub trait Backend: Send + Sync + 'static {
     fn rope(&self, x: &mut Self::Tensor, positions: &[u32], heads: usize, head_stride: usize, offset: usize, rope: &RopeTables) -> Result<(), BackendError>;
     /// Writes row `i` of `entries` ([T, kv_entry]) to `slots[i]` of layer `layer`.
     fn kv_write(&self, kv: &mut Self::KvCache, layer: usize, slots: &[u32], entries: &Self::Tensor) -> Result<(), BackendError>;
+    /// The new tokens' MLA cache entries: RMSNorm (`norm`) in place over the first `norm.cols()`
+    /// columns of `latent` (kv_a's output, [T, kv_entry]), RoPE in place on its rope columns, then
+    /// `kv_write` at `site`. Backends may fuse it (the GPU does); by default the three ops in turn.
+    fn mla_kv_entry(&self, latent: &mut Self::Tensor, norm: &Self::Tensor, eps: f32, kv: &mut Self::KvCache, site: &KvEntrySite) -> Result<(), BackendError> {
+        mla_kv_entry_by_ops(self, latent, norm, eps, kv, site)
+    }
     /// MLA attention over the latent cache. `q` is [T, heads·(qk_nope+qk_rope)] with RoPE applied;
     /// `kv_b` is the layer's kv_b_proj [heads·(qk_nope+v), kv_lora_rank]; returns [T, heads·v].
     fn mla_attention(&self, q: &Self::Tensor, kv: &Self::KvCache, layer: usize, seqs: &[AttnSeq], kv_b: &Self::Linear, dims: &MlaDims) -> Result<Self::Tensor, BackendError>;

@@ -1,6 +1,6 @@
 //! Multi-head latent attention (MLA), written against `Backend`.
 use super::{ModelError, WeightsCtx};
-use crate::backend::{AttnSeq, Backend, MlaDims};
+use crate::backend::{AttnSeq, Backend, KvEntrySite, MlaDims};
 use crate::config::RopeTables;
 
 enum QProj<B: Backend> {
@@ -70,9 +70,8 @@ impl<B: Backend> Mla<B> {
         };
         b.rope(&mut q, a.positions, d.num_heads, d.qk_head(), d.qk_nope, a.rope)?;
         let mut latent = b.linear(x, &self.kv_a)?;
-        b.rms_norm_cols(&mut latent, 0, &self.kv_a_norm, a.eps)?;
-        b.rope(&mut latent, a.positions, 1, d.kv_entry(), d.kv_lora_rank, a.rope)?;
-        b.kv_write(kv, layer, a.new_slots, &latent)?;
+        let site = KvEntrySite { layer, slots: a.new_slots, positions: a.positions, rope: a.rope, offset: d.kv_lora_rank };
+        b.mla_kv_entry(&mut latent, &self.kv_a_norm, a.eps, kv, &site)?;
         let attn = b.mla_attention(&q, kv, layer, a.seqs, &self.kv_b, d)?;
         Ok(b.linear(&attn, &self.o)?)
     }

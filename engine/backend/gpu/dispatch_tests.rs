@@ -284,6 +284,33 @@ fn decode_attention_over_a_bf16_cache_takes_the_matrix_unit_kernel() {
     }
 }
 
+/// The new tokens' MLA cache entries (norm, RoPE, cache write) are one launch where every row has
+/// its slot and position, the three ops otherwise (a slot list of another length).
+#[test]
+fn mla_kv_entries_are_one_launch() {
+    use crate::backend::KvEntrySite;
+    use crate::config::{Fields, RopeConfig, RopeTables};
+    let cfg = serde_json::json!({"rope_theta": 10000.0});
+    let rope = RopeTables::new(&RopeConfig::parse(&Fields::new("t", &cfg).unwrap(), 64, 4096, true).unwrap());
+    let slots: Vec<u32> = vec![7, 3, 9];
+    let pos: Vec<u32> = vec![1, 2, 3];
+    for bf16 in [false, true] {
+        let (mut b, rt) = nvidia_like();
+        b.attn_bf16 = bf16;
+        let mut kv = b.alloc_kv_cache(2, 16, 576).unwrap();
+        let norm = x(&b, 1, 512);
+        let site = KvEntrySite { layer: 1, slots: &slots, positions: &pos, rope: &rope, offset: 512 };
+        rt.take_launched();
+        b.mla_kv_entry(&mut x(&b, 3, 576), &norm, 1e-6, &mut kv, &site).unwrap();
+        let l = rt.take_launched();
+        let kernel = if bf16 { "mla_kv_entry_bf16" } else { "mla_kv_entry" };
+        assert_eq!(l.iter().map(|(n, g, t)| (n.as_str(), *g, *t)).collect::<Vec<_>>(), [(kernel, (3, 1, 1), 256)]);
+        let two = KvEntrySite { slots: &slots[..2], ..site };
+        b.mla_kv_entry(&mut x(&b, 3, 576), &norm, 1e-6, &mut kv, &two).unwrap();
+        assert_eq!(names(&rt), ["rms_norm_cols", "rope", if bf16 { "kv_write_bf16" } else { "kv_write" }]);
+    }
+}
+
 #[test]
 fn decode_attention_of_a_rank_s_16_heads_takes_the_register_kernel() {
     use crate::backend::{AttnSeq, MlaDims};

@@ -3,13 +3,14 @@ use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, LaunchConfig};
 use super::step;
 use crate::backend::gpu::ModelDims;
-use crate::backend::{AttnSeq, Backend, BackendError, GraphStep, MlaDims, RouteParams, SampleRow, StepInputs};
+use crate::backend::{AttnSeq, Backend, BackendError, GraphStep, KvEntrySite, MlaDims, RouteParams, SampleRow, StepInputs};
 use crate::config::{RopeTables, ScoringFunc, TopkMethod};
 use crate::weights::{HostLinear, LinearData};
 
 const EW: &str = "hip-kernels/elementwise.hip";
 const NORM: &str = "hip-kernels/norm.hip";
 const ROPE: &str = "hip-kernels/rope.hip";
+const KV_ENTRY: &str = "hip-kernels/mla_kv_entry.hip";
 const LIN: &str = "hip-kernels/linear.hip";
 const MOE: &str = "hip-kernels/moe.hip";
 const SAMPLE: &str = "hip-kernels/sampling.hip";
@@ -456,6 +457,26 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             let mut b = self.launch(&f);
             b.arg(&mut kv.buf).arg(&entries.buf).arg(&s.0).arg(&l).arg(&ns).arg(&e);
             b.run(cfg((slots.len() as u32, 1), 256, 0)).map_err(err("kv_write"))?;
+            Ok(())
+        })
+    }
+
+    fn mla_kv_entry(&self, latent: &mut GpuTensor, norm: &GpuTensor, eps: f32, kv: &mut GpuKvCache, site: &KvEntrySite) -> Result<(), BackendError> {
+        // one launch (mla_kv_entry.hip) where each row has its slot and position and is a whole entry
+        let (rows, r) = (latent.rows, site.rope);
+        if rows == 0 || site.slots.len() != rows || site.positions.len() != rows || latent.cols != kv.entry || site.offset + 2 * r.half > latent.cols {
+            return crate::backend::mla_kv_entry_by_ops(self, latent, norm, eps, kv, site);
+        }
+        self.span("attention", || {
+            let f = self.func(KV_ENTRY, if kv.bf16 { "mla_kv_entry_bf16" } else { "mla_kv_entry" })?;
+            let (pos, slots) = (self.idx(site.positions)?, self.idx(site.slots)?);
+            let inv = self.constant(r.inv_freq())?;
+            let (n, off, half, il, scale) = (norm.cols as i32, site.offset as i32, r.half as i32, r.interleaved as i32, r.scale());
+            let (l, ns, e) = (site.layer as i32, kv.slots as i32, kv.entry as i32);
+            let mut b = self.launch(&f);
+            b.arg(&mut latent.buf).arg(&norm.buf).arg(&n).arg(&eps).arg(&pos.0).arg(&inv).arg(&off).arg(&half).arg(&il).arg(&scale);
+            b.arg(&mut kv.buf).arg(&slots.0).arg(&l).arg(&ns).arg(&e);
+            b.run(cfg((rows as u32, 1), 256, 0)).map_err(err("mla_kv_entry"))?;
             Ok(())
         })
     }
