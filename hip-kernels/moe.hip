@@ -165,14 +165,17 @@ __device__ __forceinline__ int moe_lanes(int K, int VE) {
 // NVIDIA takes whole-warp rows through a second copy of the loops with the group size a constant
 // (unrolled as before lane groups: the generic copy measured ~3% slower on V3's shapes); CDNA
 // keeps the generic copy alone (the second overflowed gfx942's scalar registers).
-// The K split of moe_gate_up_impl is NVIDIA's too: with it the FP8 kernel spilled gfx942's scalar
-// registers (3), and CDNA is not measured here.
+// The K split of moe_gate_up_impl and pairs of a second weight set (a MoE layer's shared experts
+// folded into the routed launch) are NVIDIA's only: with the split the FP8 kernel spilled gfx942's
+// scalar registers (3), and CDNA is not measured here.
 #if defined(__AMDGCN__)
 #define MOE_CONST_WARP 0
 #define MOE_K_SPLIT 0
+#define MOE_FOLD_SHARED 0
 #else
 #define MOE_CONST_WARP 1
 #define MOE_K_SPLIT 1
+#define MOE_FOLD_SHARED 1
 #endif
 // moe_rows_dot, then each row's sum over its lane group (every lane of the group gets it)
 template <int WDT, int R>
@@ -222,7 +225,8 @@ __device__ __forceinline__ void moe_gu_dot(const float* xt, const uint8_t* g, co
 // as long (one warp an item left most warps idle and the rest 7 load rounds deep at H = 7,168).
 template <int WDT>
 __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg, const uint8_t* wu,
-                                 const float* su, float* h, int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne, int ks_arg) {
+                                 const float* su, float* h, int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne, int ks_arg,
+                                 const uint8_t* wg2, const float* sg2, const uint8_t* wu2, const float* su2, int from2) {
     const int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
     const int gw = blockIdx.x * nw + w, warps = gridDim.x * nw;
     const int kb = (H + bk - 1) / bk;
@@ -240,14 +244,15 @@ __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8
     for (int it = 0, iters = (n + teams - 1) / teams; it < iters; ++it) { // the same count for every warp of a block
         const int item = it * teams + team;
         const int p = item / groups, i0 = item % groups * per + lane / G * RG; // this lane group's rows
-        const int e = item < n ? (ids ? ids[p] : 0) - e0 : -1;
-        const bool live = e >= 0 && e < ne; // (past the items, or another rank's expert: expert parallelism)
+        const bool sh = MOE_FOLD_SHARED && p >= from2; // token p - from2's pair of the second set (its expert 0)
+        const int e = item >= n ? -1 : sh ? 0 : (ids ? ids[p] : 0) - e0;
+        const bool live = e >= 0 && (sh || e < ne); // (past the items, or another rank's expert: expert parallelism)
         if (live) {
-            const uint8_t* g = wg + e * wstride;
-            const uint8_t* u = wu + e * wstride;
-            const float* gs = sg + (WDT == WDT_FP8 ? e * sstride : 0);
-            const float* us = su + (WDT == WDT_FP8 ? e * sstride : 0);
-            const float* xt = x + (int64_t)(p / top_k) * H;
+            const uint8_t* g = (sh ? wg2 : wg) + e * wstride;
+            const uint8_t* u = (sh ? wu2 : wu) + e * wstride;
+            const float* gs = (sh ? sg2 : sg) + (WDT == WDT_FP8 ? e * sstride : 0);
+            const float* us = (sh ? su2 : su) + (WDT == WDT_FP8 ? e * sstride : 0);
+            const float* xt = x + (int64_t)(sh ? p - from2 : p / top_k) * H;
             if (vec) {
                 float acc[2 * MOE_GU_ROWS];
                 moe_gu_dot<WDT>(xt, g, u, gs, us, i0, I, H, bn, bk, G, part, ks, acc);
@@ -279,11 +284,11 @@ __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8
     }
 }
 
-// out[t, r] += weight[p] · (Wd[e, r] · h[p]), items of (pair, row group) as above (no ids: expert
-// 0 with weight 1)
+// out[t, r] += weight[p] · (Wd[e, r] · h[p]), items of (pair, row group) as above (no ids, or a
+// pair of the second set from from2: expert 0 with weight 1)
 template <int WDT>
 __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* weights, const uint8_t* wd, const float* sd, float* out,
-                              int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne) {
+                              int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne, const uint8_t* wd2, const float* sd2, int from2) {
     const int lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
     const int gw = blockIdx.x * nw + threadIdx.x / WARP, warps = gridDim.x * nw;
     const int kb = (I + bk - 1) / bk;
@@ -296,12 +301,13 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
     const int RD = vec ? MOE_DOWN_ROWS : 1, per = RD * (WARP / G), groups = (H + per - 1) / per;
     for (int item = gw; item < pairs * groups; item += warps) {
         const int p = item / groups, r0 = item % groups * per + lane / G * RD; // this lane group's rows
-        const int t = p / top_k, e = (ids ? ids[p] : 0) - e0;
-        if (e < 0 || e >= ne) continue; // another rank's expert (expert parallelism)
-        const uint8_t* d = wd + e * wstride;
-        const float* ds = sd + (WDT == WDT_FP8 ? e * sstride : 0);
+        const bool sh = MOE_FOLD_SHARED && p >= from2;
+        const int t = sh ? p - from2 : p / top_k, e = sh ? 0 : (ids ? ids[p] : 0) - e0;
+        if (!sh && (e < 0 || e >= ne)) continue; // another rank's expert (expert parallelism)
+        const uint8_t* d = (sh ? wd2 : wd) + e * wstride;
+        const float* ds = (sh ? sd2 : sd) + (WDT == WDT_FP8 ? e * sstride : 0);
         const float* hp = h + (int64_t)p * I;
-        const float wt = ids ? weights[p] : 1.f;
+        const float wt = sh || !ids ? 1.f : weights[p];
         if (vec) {
             const uint8_t* rows[MOE_DOWN_ROWS];
             const float* srows[MOE_DOWN_ROWS];
@@ -330,13 +336,14 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
 #define MOE_KERNELS(SUF, WDT)                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_gate_up_##SUF(                                          \
         const float* x, const int32_t* ids, const uint8_t* wg, const float* sg, const uint8_t* wu, const float* su, float* h, int pairs,   \
-        int top_k, int I, int H, int bn, int bk, int e0, int ne, int ks) { ENGINE_GRID_DEP();                                              \
-        moe_gate_up_impl<WDT>(x, ids, wg, sg, wu, su, h, pairs, top_k, I, H, bn, bk, e0, ne, ks);                                          \
+        int top_k, int I, int H, int bn, int bk, int e0, int ne, int ks, const uint8_t* wg2, const float* sg2, const uint8_t* wu2,         \
+        const float* su2, int from2) { ENGINE_GRID_DEP();                                                                              \
+        moe_gate_up_impl<WDT>(x, ids, wg, sg, wu, su, h, pairs, top_k, I, H, bn, bk, e0, ne, ks, wg2, sg2, wu2, su2, from2);               \
     }                                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_down_##SUF(                                             \
         const float* h, const int32_t* ids, const float* weights, const uint8_t* wd, const float* sd, float* out, int pairs, int top_k,    \
-        int I, int H, int bn, int bk, int e0, int ne) { ENGINE_GRID_DEP();                                                                 \
-        moe_down_impl<WDT>(h, ids, weights, wd, sd, out, pairs, top_k, I, H, bn, bk, e0, ne);                                              \
+        int I, int H, int bn, int bk, int e0, int ne, const uint8_t* wd2, const float* sd2, int from2) { ENGINE_GRID_DEP();                 \
+        moe_down_impl<WDT>(h, ids, weights, wd, sd, out, pairs, top_k, I, H, bn, bk, e0, ne, wd2, sd2, from2);                             \
     }
 MOE_KERNELS(f32w, WDT_F32)
 MOE_KERNELS(bf16w, WDT_BF16)

@@ -639,6 +639,42 @@ fn shared_experts_mlp_add_on<V: GpuVendor>() {
     }
 }
 
+/// Routed and shared experts together (`moe_experts_shared`): at one row the shared MLP is one more
+/// pair of the routed per-pair launches (NVIDIA); V3's shapes (7,168 × 2,048) and a TP8 rank's
+/// (7,168 × 256), FP8, 1 and 3 tokens, top-8 of 16 experts, against the f32 CPU ops; and a
+/// quarter of the experts on this rank (expert parallelism: the shared pair is always computed).
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn moe_experts_with_shared_folded() {
+    common::on_gpu!(moe_experts_with_shared_folded_on)
+}
+
+fn moe_experts_with_shared_folded_on<V: GpuVendor>() {
+    let (g, c) = (gpu::<V>(), CpuBackend::new());
+    let mut rng = Rng::new(79);
+    let p = RouteParams { n_experts: 16, top_k: 8, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
+    for (hidden, inter) in [(7168, 2048), (7168, 256)] {
+        let gate = host_linear(&mut rng, p.n_experts, hidden, WType::F32);
+        let experts: Vec<[HostLinear; 3]> = (0..p.n_experts).map(|_| [host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, hidden, inter, WType::Fp8)]).collect();
+        let sw = [host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, hidden, inter, WType::Fp8)];
+        let gs: Vec<_> = sw.iter().map(|l| g.upload_linear(l).unwrap()).collect();
+        let cs: Vec<_> = sw.iter().map(|l| c.upload_linear(l).unwrap()).collect();
+        for first in [0, p.n_experts / 4] {
+            let part = if first == 0 { experts.clone() } else { experts[first..2 * first].to_vec() };
+            let (ge, ce) = (g.upload_experts(part.clone(), first).unwrap(), c.upload_experts(part, first).unwrap());
+            for t in [1, 3] {
+                let x = randn(&mut rng, t * hidden, 1.0);
+                let (cx, gx) = (c.upload(t, hidden, &x).unwrap(), g.upload(t, hidden, &x).unwrap());
+                let cr = c.moe_route(&cx, &c.upload_linear(&gate).unwrap(), None, &p).unwrap();
+                let gr = g.moe_route(&gx, &g.upload_linear(&gate).unwrap(), None, &p).unwrap();
+                let a = g.download(&g.moe_experts_shared(&gx, &gr, &ge, Some([&gs[0], &gs[1], &gs[2]])).unwrap()).unwrap();
+                let b = c.download(&c.moe_experts_shared(&cx, &cr, &ce, Some([&cs[0], &cs[1], &cs[2]])).unwrap()).unwrap();
+                check(&format!("moe_experts_shared {hidden}x{inter} experts from {first}, {t} tokens"), &a, &b, F32_TOL);
+            }
+        }
+    }
+}
+
 /// `--fp8-activations dynamic` MoE at prefill sizes (engine/backend/gpu/moe_prefill.rs): per-expert
 /// row segments through the grouped FP8 GEMM (moe_f8_gemm.hip, sm_90a) and through the library's
 /// block-scaled FP8 GEMM, against an f32 reference on the CPU fed with the same quantisations

@@ -123,6 +123,15 @@ pub fn mla_kv_entry_by_ops<B: Backend + ?Sized>(b: &B, latent: &mut B::Tensor, n
     b.kv_write(kv, site.layer, site.slots, latent)
 }
 
+/// `Backend::moe_experts_shared` as `moe_experts`, then `mlp_add`.
+pub fn moe_experts_shared_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, routing: &B::Routing, experts: &B::Experts, shared: Option<[&B::Linear; 3]>) -> Result<B::Tensor, BackendError> {
+    let mut y = b.moe_experts(x, routing, experts)?;
+    if let Some([g, u, d]) = shared {
+        b.mlp_add(x, g, u, d, &mut y)?;
+    }
+    Ok(y)
+}
+
 pub trait Backend: Send + Sync + 'static {
     /// A 2-D activation buffer [rows, cols].
     type Tensor: TensorShape + Send + Sync;
@@ -198,6 +207,12 @@ pub trait Backend: Send + Sync + 'static {
     fn moe_route(&self, x: &Self::Tensor, gate: &Self::Linear, bias: Option<&[f32]>, p: &RouteParams) -> Result<Self::Routing, BackendError>;
     /// Σ_k w_k · expert_k(x) per token.
     fn moe_experts(&self, x: &Self::Tensor, routing: &Self::Routing, experts: &Self::Experts) -> Result<Self::Tensor, BackendError>;
+    /// `moe_experts`, plus a MoE layer's shared experts' MLP (`shared`: gate, up, down) where
+    /// given. Backends may fuse the two (the GPU does at one row: the shared experts as one more
+    /// pair of the routed kernels); by default `moe_experts`, then `mlp_add`.
+    fn moe_experts_shared(&self, x: &Self::Tensor, routing: &Self::Routing, experts: &Self::Experts, shared: Option<[&Self::Linear; 3]>) -> Result<Self::Tensor, BackendError> {
+        moe_experts_shared_by_ops(self, x, routing, experts, shared)
+    }
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor, BackendError>;
 

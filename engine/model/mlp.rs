@@ -25,9 +25,9 @@ impl<B: Backend> Mlp<B> {
         Ok(crate::backend::mlp_by_ops(b, x, [&self.gate, &self.up, &self.down])?)
     }
 
-    /// `y += forward(x)`, through the backend's (possibly fused) `mlp_add`.
-    pub fn forward_add(&self, b: &B, x: &B::Tensor, y: &mut B::Tensor) -> Result<(), ModelError> {
-        Ok(b.mlp_add(x, &self.gate, &self.up, &self.down, y)?)
+    /// (gate, up, down)
+    pub fn weights(&self) -> [&B::Linear; 3] {
+        [&self.gate, &self.up, &self.down]
     }
 }
 
@@ -90,11 +90,7 @@ impl<B: Backend> Moe<B> {
     /// This rank's partial sum of routed and shared experts (the layer all-reduces it).
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor, ModelError> {
         let routing = b.moe_route(x, &self.router, self.bias.as_deref(), &self.params)?;
-        let mut y = b.moe_experts(x, &routing, &self.experts)?;
-        if let Some(s) = &self.shared {
-            s.forward_add(b, x, &mut y)?;
-        }
-        Ok(y)
+        Ok(b.moe_experts_shared(x, &routing, &self.experts, self.shared.as_ref().map(Mlp::weights))?)
     }
 }
 

@@ -200,6 +200,34 @@ fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
     }
 }
 
+/// At one row a MoE layer's shared experts of the routed experts' shape are one more pair of the
+/// routed launches (pairs top_k + 1, the second weight set from pair top_k); other shapes, or more
+/// rows, keep their own launches.
+#[test]
+fn shared_experts_of_one_row_fold_into_the_routed_launches() {
+    let (b, rt) = nvidia_like();
+    let c = MoeCase::new(&b, 512, 64, 16);
+    let up = |l: HostLinear| b.upload_linear(&l).unwrap();
+    let same = [up(fp8(64, 512)), up(fp8(64, 512)), up(fp8(512, 64))];
+    let other = [up(fp8(128, 512)), up(fp8(128, 512)), up(fp8(512, 128))];
+    let run = |tokens: usize, s: &[GpuLinear; 3]| {
+        let xt = x(&b, tokens, c.hidden);
+        let r = b.moe_route(&xt, &c.gate, None, &c.p).unwrap();
+        rt.take_launched();
+        b.moe_experts_shared(&xt, &r, &c.experts, Some([&s[0], &s[1], &s[2]])).unwrap();
+        let args: Vec<Vec<u64>> = rt.launches.lock().unwrap().iter().map(|l| l.3.clone()).collect();
+        (names(&rt), args)
+    };
+    let (n, args) = run(1, &same);
+    assert_eq!(n, ["moe_gate_up_fp8w", "moe_down_fp8w"]);
+    // gate/up: pairs (argument 7) 4 routed + 1 shared, the second set from pair 4 (argument 20);
+    // down: the same pairs (6), from pair 4 (16)
+    assert_eq!((args[0][7], args[0][20], args[1][6], args[1][16]), (5, 4, 5, 4));
+    assert_eq!(run(1, &other).0, ["moe_gate_up_fp8w", "moe_down_fp8w", "moe_gate_up_fp8w", "moe_down_fp8w"]);
+    let (n2, _) = run(2, &same);
+    assert_eq!((n2[0].as_str(), n2.last().map(String::as_str)), ("moe_gate_up_fp8w", Some("add_inplace")), "{n2:?}");
+}
+
 /// A MoE layer's shared experts at one row run the per-pair kernels on the MLP's own weights (no
 /// routing: null ids), adding into the routed sum; more rows, or weights that are not FP8, keep
 /// the linear layers, SiLU·up and the add.

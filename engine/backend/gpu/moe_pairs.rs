@@ -35,30 +35,45 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// The routed experts of `x`'s tokens into `out` (zeroed by the caller).
     pub(super) fn moe_experts_pairs(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let w = PairWeights { gate: (&e.gate, &e.gs), up: (&e.up, &e.us), down: (&e.down, &e.ds), wdt: e.wdt, inter: e.inter, hidden: e.hidden, bn: e.bn, bk: e.bk, e0: e.first as i32, ne: e.n as i32 };
-        self.pairs(x, Some(r), &w, out)
+        self.pairs(x, Some(r), &w, None, out)
     }
 
     /// `y += down(silu(x·gateᵀ) · (x·upᵀ))` for one row of x and FP8 weights of one block shape
     /// whose rows take the kernels' 16-byte loads; `Ok(false)` where it does not apply.
     pub(super) fn mlp_add_pairs(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear, y: &mut GpuTensor) -> Result<bool, BackendError> {
-        let same_blocks = [up, down].iter().all(|l| (l.bn, l.bk) == (gate.bn, gate.bk));
-        let shapes = up.out == gate.out && up.inp == gate.inp && down.out == gate.inp && down.inp == gate.out && y.cols == gate.inp;
-        let vec = gate.inp.is_multiple_of(16) && gate.out.is_multiple_of(16) && gate.bk % 16 == 0;
-        if x.rows != 1 || [gate, up, down].iter().any(|l| l.wdt != 2) || !same_blocks || !shapes || !vec {
+        let Some(w) = mlp_pair_weights(x, [gate, up, down], y.cols) else {
+            return Ok(false);
+        };
+        self.span("MoE GEMM", || self.pairs(x, None, &w, None, &mut y.buf))?;
+        Ok(true)
+    }
+
+    /// The routed experts and a MoE layer's shared experts (`shared`: gate, up, down) of one row
+    /// in the same two launches, the shared MLP one more pair (NVIDIA; moe.hip's
+    /// MOE_FOLD_SHARED): `Ok(false)` where it does not apply (more rows, another vendor, shared
+    /// weights of another dtype or shape than the experts').
+    pub(super) fn moe_experts_pairs_shared(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, shared: [&GpuLinear; 3], out: &mut DevBuf<f32>) -> Result<bool, BackendError> {
+        let Some(s) = mlp_pair_weights(x, shared, x.cols) else {
+            return Ok(false);
+        };
+        if V::SOURCE != Vendor::Nvidia || e.wdt != 2 || (s.inter, s.hidden, s.bn, s.bk) != (e.inter, e.hidden, e.bn, e.bk) {
             return Ok(false);
         }
-        let w = PairWeights { gate: (&gate.data, &gate.scales), up: (&up.data, &up.scales), down: (&down.data, &down.scales), wdt: 2, inter: gate.out, hidden: gate.inp, bn: gate.bn, bk: gate.bk, e0: 0, ne: 1 };
-        self.span("MoE GEMM", || self.pairs(x, None, &w, &mut y.buf))?;
+        let w = PairWeights { gate: (&e.gate, &e.gs), up: (&e.up, &e.us), down: (&e.down, &e.ds), wdt: e.wdt, inter: e.inter, hidden: e.hidden, bn: e.bn, bk: e.bk, e0: e.first as i32, ne: e.n as i32 };
+        self.pairs(x, Some(r), &w, Some(&s), out)?;
         Ok(true)
     }
 
     /// The two launches over `x`'s pairs: routed (ids and weights from `r`) or, with no routing,
-    /// one pair per row of expert 0 with weight 1.
-    fn pairs(&self, x: &GpuTensor, r: Option<&GpuRouting>, w: &PairWeights, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
+    /// one pair per row of expert 0 with weight 1; then, with `second` (of `w`'s shapes), one pair
+    /// per row of its expert 0 with weight 1.
+    fn pairs(&self, x: &GpuTensor, r: Option<&GpuRouting>, w: &PairWeights, second: Option<&PairWeights>, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let top_k = r.map_or(1, |r| r.top_k);
-        let pairs = x.rows * top_k;
+        let from2 = x.rows * top_k;
+        let pairs = from2 + second.map_or(0, |_| x.rows);
+        let s = second.unwrap_or(w);
         let mut h = self.alloc_out(pairs * w.inter)?;
-        let (k, i, hd, np) = (top_k as i32, w.inter as i32, w.hidden as i32, pairs as i32);
+        let (k, i, hd, np, f2) = (top_k as i32, w.inter as i32, w.hidden as i32, pairs as i32, from2 as i32);
         let null = 0u64;
         // one wave of blocks (the launch bound), each warp taking (pair, row group) items
         let warp = self.warp as usize;
@@ -81,6 +96,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             None => b.arg(&null),
         };
         b.arg(w.gate.0).arg(w.gate.1).arg(w.up.0).arg(w.up.1).arg(&mut h).arg(&np).arg(&k).arg(&i).arg(&hd).arg(&w.bn).arg(&w.bk).arg(&w.e0).arg(&w.ne).arg(&ks_arg);
+        b.arg(s.gate.0).arg(s.gate.1).arg(s.up.0).arg(s.up.1).arg(&f2);
         b.run(cfg(grid(gu_items * ks), 256, 0)).map_err(err("moe_gate_up"))?;
         let f = self.func(MOE, &format!("moe_down_{}", wdt_suffix(w.wdt)))?;
         let mut b = self.launch(&f);
@@ -90,8 +106,21 @@ impl<V: GpuVendor> GpuBackend<V> {
             None => b.arg(&null).arg(&null),
         };
         b.arg(w.down.0).arg(w.down.1).arg(out).arg(&np).arg(&k).arg(&i).arg(&hd).arg(&w.bn).arg(&w.bk).arg(&w.e0).arg(&w.ne);
+        b.arg(s.down.0).arg(s.down.1).arg(&f2);
         b.run(cfg(grid(pairs * w.hidden.div_ceil(per_item(w.inter, MOE_DOWN_ROWS))), 256, 0)).map_err(err("moe_down"))
     }
+}
+
+/// An MLP's FP8 weights (gate, up, down) as one pair's, for one row of `x` into `out_cols`
+/// columns: one block shape, rows that take the kernels' 16-byte loads; None otherwise.
+fn mlp_pair_weights<'a>(x: &GpuTensor, [gate, up, down]: [&'a GpuLinear; 3], out_cols: usize) -> Option<PairWeights<'a>> {
+    let same_blocks = [up, down].iter().all(|l| (l.bn, l.bk) == (gate.bn, gate.bk));
+    let shapes = up.out == gate.out && up.inp == gate.inp && down.out == gate.inp && down.inp == gate.out && out_cols == gate.inp;
+    let vec = gate.inp.is_multiple_of(16) && gate.out.is_multiple_of(16) && gate.bk % 16 == 0;
+    if x.rows != 1 || [gate, up, down].iter().any(|l| l.wdt != 2) || !same_blocks || !shapes || !vec {
+        return None;
+    }
+    Some(PairWeights { gate: (&gate.data, &gate.scales), up: (&up.data, &up.scales), down: (&down.data, &down.scales), wdt: 2, inter: gate.out, hidden: gate.inp, bn: gate.bn, bk: gate.bk, e0: 0, ne: 1 })
 }
 
 /// The warps (a power of two, at most a block's `wpb`, at most 8) that share each of `items`
