@@ -6,6 +6,7 @@
 // while the current one is multiplied out of shared memory (two buffers, one barrier a step).
 // x rows load as float4 where K % 4 == 0, element by element otherwise.
 #include "common.h"
+#include "rope.h"
 #include "vec8.h"
 
 #define LT_BM 128
@@ -146,10 +147,44 @@ struct GemvHeads {
     int xh, nh, wh, w0, yh;
 };
 
-template <int WDT, int MAXM, int R, bool HEADS>
+// Fusions of a neighbouring op (gemv_fused.rs on the host), each a template flag:
+// PAIR: rows N1 .. N − 1 come from a second matrix of the same K, format and scale blocks (row
+// n − N1 of W2, scales S2, written to Y2[m·(N − N1) + n − N1]; rows below N1 go to Y[m·N1 + n]):
+// two linears of one x (MLA's q_a and kv_a) in one launch. N1 % R == 0, so a group stays in one
+// matrix.
+// NORM: x is RMS-normed on the fly: the products take G·x and each group also sums x² over the
+// row, so that y = rsqrt(mean(x²) + eps) · Σ_k W·(G·x) (the norm's scale factors out of the
+// dot): MLA's q_a_layernorm folded into q_b. With `pos` (not null), interleaved RoPE on the
+// outputs too (rope.h; row m at position pos[m]): output columns n, n + 1 (n even) that lie in a
+// head's rope columns [off, off + 2·half) of each hs-wide head are a rotary pair, both in one row
+// group (R even, hs and off even; the host checks): q_b's query RoPE in its epilogue.
+struct GemvFuse {
+    const uint8_t* w2;
+    const float* s2;
+    float* y2;
+    int n1;
+    const float* g;
+    float eps;
+    const uint32_t* pos;
+    const float* inv_freq;
+    int hs, off, half;
+    float scale;
+};
+
+// The rotary pair (y0, y1) of output columns n, n + 1 of row m, where they are rope columns.
+__device__ __forceinline__ void gemv_rope_pair(float& y0, float& y1, int n, int m, const GemvFuse& fz) {
+    const int j = n % fz.hs - fz.off;
+    if (j < 0 || j >= 2 * fz.half) return;
+    float seg[2] = {y0, y1};
+    rope_pair(seg, 0, 1, 1, fz.inv_freq[j / 2], (float)fz.pos[m], fz.scale);
+    y0 = seg[0], y1 = seg[1];
+}
+
+template <int WDT, int MAXM, int R, bool HEADS, bool PAIR = false, bool NORM = false>
 __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restrict__ W, const float* __restrict__ S, float* __restrict__ Y,
-                           int M, int N, int K, int bn, int bk, int split, int lanes, GemvHeads hd) {
+                           int M, int N, int K, int bn, int bk, int split, int lanes, GemvHeads hd, GemvFuse fz = {}) {
     __shared__ float red[8][R][MAXM];
+    __shared__ float red_ss[NORM ? 8 : 1][MAXM];
     const int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
     const int gl = lane % lanes, part = w % split;
     // row groups a block covers: (warps / split) × (groups a warp holds)
@@ -157,35 +192,45 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
     const int kblocks = (K + bk - 1) / bk;
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
     const int VE = WDT == WDT_FP8 ? 16 : 8;
-    const int64_t ldx = HEADS ? hd.ldx : K, ldy = HEADS ? hd.ldy : N;
     const int g0 = blockIdx.x * per_block;
     const int n0 = (g0 + w / split * (WARP / lanes) + lane / lanes) * R;
-    const bool live = n0 < N;
+    const bool live = n0 < N, second = PAIR && n0 >= fz.n1;
+    const int64_t ldx = HEADS ? hd.ldx : K, ldy = HEADS ? hd.ldy : PAIR ? (second ? N - fz.n1 : fz.n1) : N;
     // the group's first weight row, where its x rows start, where its outputs go
-    const int head = HEADS ? (live ? n0 / hd.nh : 0) : 0, j0 = HEADS ? n0 - head * hd.nh : n0;
-    const int wrow = HEADS ? head * hd.wh + hd.w0 + j0 : n0;
+    const int head = HEADS ? (live ? n0 / hd.nh : 0) : 0, j0 = HEADS ? n0 - head * hd.nh : second ? n0 - fz.n1 : n0;
+    const int wrow = HEADS ? head * hd.wh + hd.w0 + j0 : j0;
+    const uint8_t* __restrict__ Wm = W;
+    const float* __restrict__ Sm = S;
+    float* __restrict__ Yg = Y + (HEADS ? (int64_t)head * hd.yh : 0);
+    if constexpr (PAIR)
+        if (second) Wm = fz.w2, Sm = fz.s2, Yg = fz.y2;
     const float* Xg = X + (HEADS ? (int64_t)head * hd.xh : 0);
-    float* Yg = Y + (HEADS ? (int64_t)head * hd.yh : 0);
     const uint8_t* rows[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) rows[r] = W + (int64_t)(n0 + r < N ? wrow + r : 0) * K * es;
-    float acc[R][MAXM];
+    for (int r = 0; r < R; ++r) rows[r] = Wm + (int64_t)(n0 + r < N ? wrow + r : 0) * K * es;
+    float acc[R][MAXM], ss[MAXM];
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int m = 0; m < MAXM; ++m) acc[r][m] = 0.f;
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) ss[m] = 0.f;
     if (live) {
         const int stride = lanes * VE * split;
         for (int k0 = (part * lanes + gl) * VE; k0 < K; k0 += stride) {
             Chunk16 c[R];
 #pragma unroll
             for (int r = 0; r < R; ++r) c[r] = load_chunk<WDT>(rows[r] + (int64_t)k0 * es);
+            float4 gv[NORM ? VE / 4 : 1];
+            if constexpr (NORM)
+#pragma unroll
+                for (int q = 0; q < VE / 4; ++q) gv[q] = ((const float4*)(fz.g + k0))[q];
             float wv[R][VE], sc[R];
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 unpack_chunk<WDT>(c[r], wv[r]);
                 // FP8: the chunk lies in one scale block; its scale multiplies the chunk's dot once
-                sc[r] = WDT == WDT_FP8 ? S[((n0 + r < N ? wrow + r : 0) / bn) * kblocks + k0 / bk] : 1.f;
+                sc[r] = WDT == WDT_FP8 ? Sm[((n0 + r < N ? wrow + r : 0) / bn) * kblocks + k0 / bk] : 1.f;
             }
 #pragma unroll
             for (int m = 0; m < MAXM; ++m) {
@@ -197,6 +242,10 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
 #pragma unroll
                     for (int q = 0; q < VE / 4; ++q) {
                         float4 x = xp[q];
+                        if constexpr (NORM) {
+                            ss[m] += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
+                            x = make_float4(x.x * gv[q].x, x.y * gv[q].y, x.z * gv[q].z, x.w * gv[q].w);
+                        }
 #pragma unroll
                         for (int r = 0; r < R; ++r) a[r] += wv[r][4 * q] * x.x + wv[r][4 * q + 1] * x.y + wv[r][4 * q + 2] * x.z + wv[r][4 * q + 3] * x.w;
                     }
@@ -210,9 +259,26 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int m = 0; m < MAXM; ++m) acc[r][m] = group_sum(acc[r][m], lanes);
+    if constexpr (NORM)
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m) ss[m] = group_sum(ss[m], lanes);
     if (split == 1) {
         // each group's first lane writes its R × M outputs
         if (live && gl == 0) {
+            if constexpr (NORM) {
+#pragma unroll
+                for (int m = 0; m < MAXM; ++m) {
+                    const float rs = rsqrtf(ss[m] / (float)K + fz.eps);
+#pragma unroll
+                    for (int r = 0; r < R; ++r) acc[r][m] *= rs;
+                }
+                if (fz.pos)
+#pragma unroll
+                    for (int m = 0; m < MAXM; ++m)
+#pragma unroll
+                        for (int r = 0; r + 1 < R; r += 2)
+                            if (m < M && n0 + r + 1 < N) gemv_rope_pair(acc[r][m], acc[r + 1][m], n0 + r, m, fz);
+            }
 #pragma unroll
             for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -226,7 +292,34 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
 #pragma unroll
         for (int m = 0; m < MAXM; ++m)
             if (lane == 0 && m < M) red[w][r][m] = acc[r][m];
+    if constexpr (NORM)
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m)
+            if (lane == 0 && m < M) red_ss[w][m] = ss[m];
     __syncthreads();
+    if constexpr (NORM) {
+        // the group's whole first warp (live and part are uniform in a warp when split > 1): the
+        // rotary partner of output r is lane (r ^ 1)·M + m's
+        if (live && part == 0) {
+            const int r = lane / M, m = lane % M;
+            const bool mine = lane < M * R && n0 + r < N;
+            float v = 0.f, sq = 0.f;
+            if (mine) {
+                for (int p = 0; p < split; ++p) v += red[w + p][r][m], sq += red_ss[w + p][m];
+                v *= rsqrtf(sq / (float)K + fz.eps);
+            }
+            if (fz.pos) {
+                const float pv = __shfl(v, ((r ^ 1) * M + m) & (WARP - 1), WARP);
+                if (mine && n0 + (r | 1) < N) {
+                    float y0 = r % 2 ? pv : v, y1 = r % 2 ? v : pv;
+                    gemv_rope_pair(y0, y1, n0 + (r & ~1), m, fz);
+                    v = r % 2 ? y1 : y0;
+                }
+            }
+            if (mine) Yg[(int64_t)m * ldy + j0 + r] = v;
+        }
+        return;
+    }
     if (live && part == 0 && lane < M * R) {
         int r = lane / M, m = lane % M;
         if (n0 + r < N) {
@@ -249,6 +342,20 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
                                                                                        int64_t ldx, int xh, int nh, int wh, int w0, int64_t ldy, int yh) { ENGINE_GRID_DEP(); \
         gemv8_impl<WDT, MAXM, R, true>(X, W, S, Y, M, N, K, bn, bk, split, lanes, GemvHeads{ldx, ldy, xh, nh, wh, w0, yh});             \
     }
+// ... and its fused forms (the GemvFuse flags above)
+#define GEMV8_FUSED(NAME, WDT, MAXM, R)                                                                                                \
+    extern "C" __global__ void __launch_bounds__(256) NAME##_pair(const float* X, const uint8_t* W, const float* S, float* Y, int M, \
+                                                                                      int N, int K, int bn, int bk, int split, int lanes, \
+                                                                                      const uint8_t* W2, const float* S2, float* Y2, int n1) { ENGINE_GRID_DEP(); \
+        gemv8_impl<WDT, MAXM, R, false, true, false>(X, W, S, Y, M, N, K, bn, bk, split, lanes, GemvHeads{}, GemvFuse{W2, S2, Y2, n1, nullptr, 0.f, nullptr, nullptr, 0, 0, 0, 0.f}); \
+    }                                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) NAME##_norm(const float* X, const uint8_t* W, const float* S, float* Y, int M, \
+                                                                                      int N, int K, int bn, int bk, int split, int lanes, \
+                                                                                      const float* G, float eps, const uint32_t* pos, const float* inv_freq, \
+                                                                                      int hs, int off, int half, float scale) { ENGINE_GRID_DEP(); \
+        gemv8_impl<WDT, MAXM, R, false, false, true>(X, W, S, Y, M, N, K, bn, bk, split, lanes, GemvHeads{},                           \
+                                                     GemvFuse{nullptr, nullptr, nullptr, 0, G, eps, pos, inv_freq, hs, off, half, scale}); \
+    }
 // up to 8 rows (decode at small batch; 2 output rows per warp) and up to 16 rows per launch
 // (larger batches, in slices; one output row per warp: 16 rows' accumulators leave no room)
 GEMV8(gemv8_f32w, WDT_F32, 8, 2)
@@ -268,3 +375,9 @@ GEMV8(gemv1_fp8w, WDT_FP8, 1, 4)
 GEMV8_HEADS(gemv1_f32w, WDT_F32, 1, 4)
 GEMV8_HEADS(gemv1_bf16w, WDT_BF16, 1, 4)
 GEMV8_HEADS(gemv1_fp8w, WDT_FP8, 1, 4)
+GEMV8_FUSED(gemv8_f32w, WDT_F32, 8, 2)
+GEMV8_FUSED(gemv8_bf16w, WDT_BF16, 8, 2)
+GEMV8_FUSED(gemv8_fp8w, WDT_FP8, 8, 2)
+GEMV8_FUSED(gemv1_f32w, WDT_F32, 1, 4)
+GEMV8_FUSED(gemv1_bf16w, WDT_BF16, 1, 4)
+GEMV8_FUSED(gemv1_fp8w, WDT_FP8, 1, 4)

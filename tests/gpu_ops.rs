@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use engine::backend::cpu::CpuBackend;
 use engine::backend::gpu::backend::{GpuBackend, GpuVendor};
-use engine::backend::{AttnSeq, Backend, KvEntrySite, MlaDims, RouteParams, TensorShape};
+use engine::backend::{AttnSeq, Backend, KvEntrySite, MlaDims, RopeSite, RouteParams, TensorShape};
 use engine::config::{RopeConfig, RopeTables, ScoringFunc, TopkMethod};
 use engine::model::{ForwardBatch, Model};
 use engine::sampling::{log_softmax, Rng};
@@ -314,6 +314,64 @@ fn norms_elementwise_embedding_gather_rope_on<V: GpuVendor>() {
         c.rope(&mut cx, &pos, heads, stride, off.min(stride - dim), &rope).unwrap();
         g.rope(&mut gx, &pos, heads, stride, off.min(stride - dim), &rope).unwrap();
         check(&format!("rope interleaved={interleaved} dim={dim} yarn={yarn}"), &g.download(&gx).unwrap(), &c.download(&cx).unwrap(), F32_TOL);
+    }
+}
+
+/// `linear_pair` (one launch for two weights of one input: MLA's q_a and kv_a) and `norm_linear`
+/// (the RMSNorm folded into the GEMV: q_a_layernorm and q_b) against the CPU's unfused ops, every
+/// weight dtype, at 1, 3 and 8 rows (the fused GEMVs) and 12 (the ops in turn); V3's shapes
+/// (1,536 + 576 rows of 7,168; 3,072 rows of 1,536) and short odd ones, and a pair of mixed dtypes
+/// (not fusable: two linears); `norm_linear` with no RoPE, the interleaved one (the GEMV's
+/// epilogue) and the rotate-half one (the rope op after), YaRN, at random positions.
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn linear_pair_and_norm_linear() {
+    common::on_gpu!(linear_pair_and_norm_linear_on)
+}
+
+fn linear_pair_and_norm_linear_on<V: GpuVendor>() {
+    let (g, c) = (gpu::<V>(), CpuBackend::new());
+    let mut rng = Rng::new(71);
+    let tag = |t: WType| match t { WType::F32 => "f32", WType::Bf16 => "bf16", WType::Fp8 => "fp8" };
+    for (n1, n2, k, types) in [(1536, 576, 7168, [WType::F32, WType::Bf16, WType::Fp8]), (40, 24, 256, [WType::F32, WType::Bf16, WType::Fp8]), (64, 32, 384, [WType::Bf16, WType::Fp8, WType::F32])] {
+        for (ta, tb) in types.iter().zip(types.iter().cycle().skip(if n1 == 64 { 1 } else { 0 })) {
+            let (a, b) = (host_linear(&mut rng, n1, k, *ta), host_linear(&mut rng, n2, k, *tb));
+            let (ga, gb, ca, cb) = (g.upload_linear(&a).unwrap(), g.upload_linear(&b).unwrap(), c.upload_linear(&a).unwrap(), c.upload_linear(&b).unwrap());
+            for m in [1, 3, 8, 12] {
+                let x = randn(&mut rng, m * k, 1.0);
+                let (y1, y2) = g.linear_pair(&g.upload(m, k, &x).unwrap(), &ga, &gb).unwrap();
+                let (r1, r2) = engine::backend::linear_pair_by_ops(&c, &c.upload(m, k, &x).unwrap(), &ca, &cb).unwrap();
+                assert_eq!((y1.rows(), y1.cols(), y2.rows(), y2.cols()), (m, n1, m, n2));
+                let name = format!("linear_pair {}+{} {m}x({n1}+{n2})x{k}", tag(*ta), tag(*tb));
+                check(&format!("{name} first"), &g.download(&y1).unwrap(), &c.download(&r1).unwrap(), F32_TOL);
+                check(&format!("{name} second"), &g.download(&y2).unwrap(), &c.download(&r2).unwrap(), F32_TOL);
+            }
+        }
+    }
+    // (rows, K, heads, head width, rope offset, rope dim): V3's q_b (K split over 2 warps at one
+    // row), short rows of 8 lanes, K split 8 ways, and FP8 rows not of whole 16-byte chunks
+    let yarn = serde_json::json!({"rope_theta": 10000.0, "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}});
+    let f = engine::config::Fields::new("t", &yarn).unwrap();
+    for (n, k, heads, hs, off, dim) in [(3072, 1536, 16, 192, 128, 64), (40, 128, 2, 20, 12, 8), (128, 4096, 2, 64, 32, 32), (64, 264, 4, 16, 8, 8)] {
+        let tables: Vec<RopeTables> = [true, false].map(|il| RopeTables::new(&RopeConfig::parse(&f, dim, 163840, il).unwrap())).into();
+        for t in [WType::F32, WType::Bf16, WType::Fp8] {
+            let w = host_linear(&mut rng, n, k, t);
+            let (gw, cw) = (g.upload_linear(&w).unwrap(), c.upload_linear(&w).unwrap());
+            let norm: Vec<f32> = (0..k).map(|_| 1.0 + 0.2 * rng.normal()).collect();
+            let (gn, cn) = (g.upload(1, k, &norm).unwrap(), c.upload(1, k, &norm).unwrap());
+            for m in [1, 3, 8, 12] {
+                // rows of different scales: each row's own norm
+                let x: Vec<f32> = (0..m * k).map(|i| rng.normal() * (1.0 + (i / k) as f32)).collect();
+                let pos: Vec<u32> = (0..m).map(|_| (rng.next_u64() % 100_000) as u32).collect();
+                for rope in [None, Some(&tables[0]), Some(&tables[1])] {
+                    let site = rope.map(|tables| RopeSite { positions: &pos, heads, head_stride: hs, offset: off, tables });
+                    let y = g.norm_linear(&g.upload(m, k, &x).unwrap(), &gn, 1e-6, &gw, site.as_ref()).unwrap();
+                    let r = engine::backend::norm_linear_by_ops(&c, &c.upload(m, k, &x).unwrap(), &cn, 1e-6, &cw, site.as_ref()).unwrap();
+                    let kind = rope.map_or("no rope", |t| if t.interleaved { "interleaved rope" } else { "rotate-half rope" });
+                    check(&format!("norm_linear {} {m}x{n}x{k} {kind}", tag(t)), &g.download(&y).unwrap(), &c.download(&r).unwrap(), F32_TOL);
+                }
+            }
+        }
     }
 }
 

@@ -67,6 +67,16 @@ pub struct KvEntrySite<'a> {
     pub offset: usize,
 }
 
+/// The `rope` op's arguments: `heads` slices per row, `tables.half*2` wide, starting at column
+/// `offset + h * head_stride`; row `i` at position `positions[i]`.
+pub struct RopeSite<'a> {
+    pub positions: &'a [u32],
+    pub heads: usize,
+    pub head_stride: usize,
+    pub offset: usize,
+    pub tables: &'a RopeTables,
+}
+
 /// One row of device-side sampling: the request's parameters, its penalty tokens
 /// (token, count in the output so far, whether it occurs in the prompt) and a uniform draw.
 pub struct SampleRow<'a> {
@@ -113,6 +123,20 @@ pub fn mlp_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, [gate, up, down]: [
 /// `Backend::mlp_add` from the unfused ops: `mlp_by_ops`, then the add.
 pub fn mlp_add_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, mlp: [&B::Linear; 3], y: &mut B::Tensor) -> Result<(), BackendError> {
     b.add(y, &mlp_by_ops(b, x, mlp)?)
+}
+
+/// `Backend::linear_pair` as two `linear`s.
+pub fn linear_pair_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, first: &B::Linear, second: &B::Linear) -> Result<(B::Tensor, B::Tensor), BackendError> {
+    Ok((b.linear(x, first)?, b.linear(x, second)?))
+}
+
+/// `Backend::norm_linear` as `rms_norm`, `linear`, then `rope` where given.
+pub fn norm_linear_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, norm: &B::Tensor, eps: f32, w: &B::Linear, rope: Option<&RopeSite>) -> Result<B::Tensor, BackendError> {
+    let mut y = b.linear(&b.rms_norm(x, norm, eps)?, w)?;
+    if let Some(r) = rope {
+        b.rope(&mut y, r.positions, r.heads, r.head_stride, r.offset, r.tables)?;
+    }
+    Ok(y)
 }
 
 /// `Backend::mla_kv_entry` as the norm, RoPE and cache-write ops in turn.
@@ -180,6 +204,17 @@ pub trait Backend: Send + Sync + 'static {
     fn rms_norm_cols(&self, x: &mut Self::Tensor, start: usize, w: &Self::Tensor, eps: f32) -> Result<(), BackendError>;
     /// `x · Wᵀ`.
     fn linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor, BackendError>;
+    /// `(x · firstᵀ, x · secondᵀ)`: two linears of one input (MLA's q_a and kv_a). Backends may
+    /// run both in one launch (the GPU does at decode sizes); by default two `linear`s.
+    fn linear_pair(&self, x: &Self::Tensor, first: &Self::Linear, second: &Self::Linear) -> Result<(Self::Tensor, Self::Tensor), BackendError> {
+        linear_pair_by_ops(self, x, first, second)
+    }
+    /// `rms_norm(x, norm, eps) · Wᵀ`, then RoPE at `rope` where given (MLA's q_a_layernorm, q_b
+    /// and the query's RoPE). Backends may fold the norm and the rotation into the product (the
+    /// GPU does at decode sizes); by default the ops in turn.
+    fn norm_linear(&self, x: &Self::Tensor, norm: &Self::Tensor, eps: f32, w: &Self::Linear, rope: Option<&RopeSite>) -> Result<Self::Tensor, BackendError> {
+        norm_linear_by_ops(self, x, norm, eps, w, rope)
+    }
     /// silu(gate) · up, elementwise.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor, BackendError>;
     /// `x += y`.

@@ -1,6 +1,6 @@
 //! Multi-head latent attention (MLA), written against `Backend`.
 use super::{ModelError, WeightsCtx};
-use crate::backend::{AttnSeq, Backend, KvEntrySite, MlaDims};
+use crate::backend::{AttnSeq, Backend, KvEntrySite, MlaDims, RopeSite};
 use crate::config::RopeTables;
 
 enum QProj<B: Backend> {
@@ -60,16 +60,20 @@ impl<B: Backend> Mla<B> {
     /// attention output after o_proj (this rank's partial sum under tensor parallelism).
     pub fn forward(&self, b: &B, x: &B::Tensor, kv: &mut B::KvCache, layer: usize, a: &AttnInputs) -> Result<B::Tensor, ModelError> {
         let d = a.dims;
-        let mut q = match &self.q {
+        // the query's first projection and kv_a read the same x (one launch where the backend
+        // can); the query's RoPE on each head's last qk_rope columns
+        let rope = RopeSite { positions: a.positions, heads: d.num_heads, head_stride: d.qk_head(), offset: d.qk_nope, tables: a.rope };
+        let (q, mut latent) = match &self.q {
             QProj::Lora { a: qa, norm, b: qb } => {
-                let t = b.linear(x, qa)?;
-                let t = b.rms_norm(&t, norm, a.eps)?;
-                b.linear(&t, qb)?
+                let (t, latent) = b.linear_pair(x, qa, &self.kv_a)?;
+                (b.norm_linear(&t, norm, a.eps, qb, Some(&rope))?, latent)
             }
-            QProj::Plain(p) => b.linear(x, p)?,
+            QProj::Plain(p) => {
+                let (mut q, latent) = b.linear_pair(x, p, &self.kv_a)?;
+                b.rope(&mut q, a.positions, d.num_heads, d.qk_head(), d.qk_nope, a.rope)?;
+                (q, latent)
+            }
         };
-        b.rope(&mut q, a.positions, d.num_heads, d.qk_head(), d.qk_nope, a.rope)?;
-        let mut latent = b.linear(x, &self.kv_a)?;
         let site = KvEntrySite { layer, slots: a.new_slots, positions: a.positions, rope: a.rope, offset: d.kv_lora_rank };
         b.mla_kv_entry(&mut latent, &self.kv_a_norm, a.eps, kv, &site)?;
         let attn = b.mla_attention(&q, kv, layer, a.seqs, &self.kv_b, d)?;

@@ -312,6 +312,49 @@ fn decode_attention_over_a_bf16_cache_takes_the_matrix_unit_kernel() {
     }
 }
 
+/// MLA's first projections at decode sizes: q_a and kv_a of one row are one GEMV launch
+/// (`linear_pair`: 2,112 rows in 528 groups of 4, a block each with K split over 8 warps), and
+/// q_a_layernorm folds into q_b's GEMV (`norm_linear`); at 2+ rows of FP8 the swap-AB kernel takes
+/// each linear (the ops in turn), as it does weights of two formats; bf16 pairs up to 8 rows.
+#[test]
+fn decode_projections_pair_and_fold_the_norm() {
+    use crate::backend::RopeSite;
+    use crate::config::{Fields, RopeConfig, RopeTables};
+    let (b, rt) = nvidia_like();
+    let up = |w: HostLinear| b.upload_linear(&w).unwrap();
+    let (qa, kva, qb) = (up(fp8(1536, 7168)), up(fp8(576, 7168)), up(fp8(3072, 1536)));
+    let norm = x(&b, 1, 1536);
+    rt.take_launched();
+    let (q, kv) = b.linear_pair(&x(&b, 1, 7168), &qa, &kva).unwrap();
+    assert_eq!((q.rows, q.cols, kv.rows, kv.cols), (1, 1536, 1, 576));
+    let l = rt.take_launched();
+    assert_eq!(l.iter().map(|(n, g, t)| (n.as_str(), *g, *t)).collect::<Vec<_>>(), [("gemv1_fp8w_pair", (528, 1, 1), 256)]);
+    // the query's RoPE (3,072 rows: 16 heads of 192, the last 64 columns rotary) in the epilogue where interleaved, as its own launch otherwise
+    let cfg = serde_json::json!({"rope_theta": 10000.0});
+    for interleaved in [true, false] {
+        let tables = RopeTables::new(&RopeConfig::parse(&Fields::new("t", &cfg).unwrap(), 64, 4096, interleaved).unwrap());
+        let site = RopeSite { positions: &[5], heads: 16, head_stride: 192, offset: 128, tables: &tables };
+        b.norm_linear(&q, &norm, 1e-6, &qb, Some(&site)).unwrap();
+        assert_eq!(names(&rt), if interleaved { vec!["gemv1_fp8w_norm"] } else { vec!["gemv1_fp8w_norm", "rope"] }, "interleaved {interleaved}");
+    }
+    b.norm_linear(&q, &norm, 1e-6, &qb, None).unwrap();
+    assert_eq!(names(&rt), ["gemv1_fp8w_norm"]);
+    b.linear_pair(&x(&b, 2, 7168), &qa, &kva).unwrap();
+    // (K split over the host runtime's 4 SMs, summed after)
+    assert_eq!(names(&rt), ["linear_tc_fp8w", "linear_split_sum", "linear_tc_fp8w", "linear_split_sum"], "2 rows: swap-AB, one a weight");
+    b.norm_linear(&x(&b, 2, 1536), &norm, 1e-6, &qb, None).unwrap();
+    assert_eq!(names(&rt)[..2], ["rms_norm", "linear_tc_fp8w"]);
+    let (ab, bb, fb) = (up(bf16(256, 512)), up(bf16(64, 512)), up(fp8(64, 512)));
+    for (rows, want) in [(1, "gemv1_bf16w_pair"), (8, "gemv8_bf16w_pair")] {
+        b.linear_pair(&x(&b, rows, 512), &ab, &bb).unwrap();
+        assert_eq!(names(&rt), [want], "{rows} rows of bf16");
+    }
+    b.linear_pair(&x(&b, 9, 512), &ab, &bb).unwrap();
+    assert_eq!(names(&rt), ["linear_mma_bf16w", "linear_split_sum", "linear_mma_bf16w", "linear_split_sum"], "9 rows: the tiles");
+    b.linear_pair(&x(&b, 1, 512), &ab, &fb).unwrap();
+    assert_eq!(names(&rt), ["gemv1_bf16w", "gemv1_fp8w"], "bf16 and FP8: two GEMVs");
+}
+
 /// The new tokens' MLA cache entries (norm, RoPE, cache write) are one launch where every row has
 /// its slot and position, the three ops otherwise (a slot list of another length).
 #[test]

@@ -41,6 +41,28 @@ pub(super) fn gemv_geometry(n: usize, k: usize, wdt: u8, warp: usize) -> GemvGeo
     GemvGeometry { lanes, split, blocks: n.div_ceil(per_block).max(1) }
 }
 
+/// The 8-row GEMV family for `rows` (≤ 8) rows of x and weights of dtype `wdt`, and its output
+/// rows a warp: `gemv1` (four) for one row of bf16/FP8 weights, whose four rows a warp share each x
+/// load (V3's bf16 lm_head, 1.85 GB: 470 → 420 µs under ncu on the H200 against two), else
+/// `gemv8` (two).
+pub(super) fn gemv_kind(rows: usize, wdt: u8) -> (&'static str, usize) {
+    if rows == 1 && wdt != 0 {
+        ("gemv1", 4)
+    } else {
+        ("gemv8", 2)
+    }
+}
+
+/// Whether `w`'s rows take the 16-byte-load kernels: rows of a multiple of 8 elements (FP8: 16,
+/// and scale blocks too).
+pub(super) fn chunked_rows(w: &GpuLinear) -> bool {
+    if w.wdt == 2 {
+        w.inp.is_multiple_of(16) && w.bk % 16 == 0
+    } else {
+        w.inp.is_multiple_of(8)
+    }
+}
+
 /// Weights of dtype `wdt` (the kernels' WDT_*) in a 16-byte chunk: 16 FP8, 8 others (f32 rows are
 /// read as 8-weight 32-byte chunks).
 pub(super) fn chunk_elems(wdt: u8) -> usize {
@@ -65,22 +87,17 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// y = x · Wᵀ for x of at most 32 rows (16-row slices beyond 8), with the 16-byte-load kernels
     /// where the row length allows them and the scalar ones otherwise.
     pub(super) fn gemv_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>, vec8: bool) -> Result<(), BackendError> {
-        let (kind, slice) = match (x.rows, vec8) {
-            // one row of FP8 or bf16 weights: four output rows per warp share each x load (V3's
-            // bf16 lm_head, 1.85 GB: 470 → 420 µs under ncu on the H200 against two rows a warp)
-            (1, true) if w.wdt != 0 => ("gemv1", 1),
-            (0..=8, true) => ("gemv8", 8),
-            (_, true) => ("gemv16", 16),
-            _ => ("gemv", 8),
+        // the kernel, its output rows a warp (GEMV8's R in linear.hip) and x rows a launch
+        let (kind, per_warp, slice) = match (x.rows, vec8) {
+            (0..=8, true) => {
+                let (kind, per_warp) = gemv_kind(x.rows, w.wdt);
+                (kind, per_warp, 8)
+            }
+            (_, true) => ("gemv16", 1, 16),
+            _ => ("gemv", 1, 8),
         };
         let f = self.func(LIN, &format!("{kind}_{}", wdt_suffix(w.wdt)))?;
         let (n, k) = (w.out as i32, w.inp as i32);
-        // output rows per warp (GEMV8's R in linear.hip)
-        let per_warp = match kind {
-            "gemv1" => 4,
-            "gemv8" => 2,
-            _ => 1,
-        };
         // (the scalar kernels: a warp a row, no split or lane groups)
         let (sp, lanes, blocks) = if vec8 {
             let geo = gemv_geometry(w.out.div_ceil(per_warp), w.inp, w.wdt, self.warp as usize);
@@ -105,6 +122,16 @@ impl<V: GpuVendor> GpuBackend<V> {
 #[cfg(test)]
 mod tests {
     use super::{gemv_geometry, gemv_split, GemvGeometry};
+
+    #[test]
+    fn one_row_of_narrow_weights_takes_four_rows_a_warp() {
+        use super::gemv_kind;
+        assert_eq!(gemv_kind(1, 2), ("gemv1", 4));
+        assert_eq!(gemv_kind(1, 1), ("gemv1", 4));
+        // f32 weights and several rows: the 8-row kernel, two rows a warp
+        assert_eq!(gemv_kind(1, 0), ("gemv8", 2));
+        assert_eq!(gemv_kind(5, 2), ("gemv8", 2));
+    }
 
     #[test]
     fn narrow_row_groups_for_short_rows() {

@@ -10,6 +10,7 @@ pub mod device;
 #[cfg(test)]
 mod dispatch_tests;
 mod gemv;
+mod gemv_fused;
 #[cfg(test)]
 mod graph_tests;
 pub mod hiprtc;

@@ -216,8 +216,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// `mma`: whether batches beyond the GEMV sizes may take the tensor cores (bf16 hi/lo operands); the
     /// router keeps f32 so that expert choice matches the reference (DeepSeek's gate is f32).
     fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>, mma: bool) -> Result<(), BackendError> {
-        // 16-byte loads need rows of a multiple of 8 elements (FP8: 16, and scale blocks too)
-        let vec8 = if w.wdt == 2 { w.inp.is_multiple_of(16) && w.bk % 16 == 0 } else { w.inp.is_multiple_of(8) };
+        let vec8 = super::gemv::chunked_rows(w);
         if mma && self.blaslt_for(x, w) && self.linear_blaslt(x, w, y)? {
             return Ok(());
         }
@@ -400,6 +399,20 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
 
     fn linear(&self, x: &GpuTensor, w: &GpuLinear) -> Result<GpuTensor, BackendError> {
         self.span(self.gemm_class(x.rows, w.out, w.inp), || self.linear_with(x, w, true))
+    }
+
+    fn linear_pair(&self, x: &GpuTensor, first: &GpuLinear, second: &GpuLinear) -> Result<(GpuTensor, GpuTensor), BackendError> {
+        match self.linear_pair_gemv(x, first, second)? {
+            Some(ys) => Ok(ys),
+            None => crate::backend::linear_pair_by_ops(self, x, first, second),
+        }
+    }
+
+    fn norm_linear(&self, x: &GpuTensor, norm: &GpuTensor, eps: f32, w: &GpuLinear, rope: Option<&crate::backend::RopeSite>) -> Result<GpuTensor, BackendError> {
+        match self.norm_linear_gemv(x, norm, eps, w, rope)? {
+            Some(y) => Ok(y),
+            None => crate::backend::norm_linear_by_ops(self, x, norm, eps, w, rope),
+        }
     }
 
     fn silu_mul(&self, gate: &GpuTensor, up: &GpuTensor) -> Result<GpuTensor, BackendError> {

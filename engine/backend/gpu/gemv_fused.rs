@@ -1,0 +1,95 @@
+//! The decode GEMVs fused with a neighbouring op (linear.hip's `…_pair` and `…_norm` kernels):
+//! - `Backend::linear_pair`: two linears of one input in one launch (MLA's q_a and kv_a): the
+//!   second matrix's rows follow the first's in the row groups, each written to its own output;
+//! - `Backend::norm_linear`: a linear of an RMS-normed input, the norm folded into the products
+//!   (MLA's q_a_layernorm and q_b): y = rsqrt(mean(x²) + eps) · Σ W·(g·x), x² summed by the same
+//!   lanes that read x.
+//!
+//! Taken where `linear` would run the 8-row GEMV for every weight involved (at most 8 rows, rows of
+//! 16-byte chunks, no BLAS / FP8 / tensor-core path at these rows); elsewhere the ops in turn.
+//! At batch 1 each saves a launch a layer (a GEMV of kv_a's 576 rows and a norm of 1,536
+//! columns cost ~7 and ~3 µs of a TP8 rank's ~140 µs MoE layer on the H200).
+use super::backend::{GpuBackend, GpuTensor, GpuVendor};
+use super::device::err;
+use super::gemv::{chunked_rows, gemv_geometry, gemv_kind};
+use super::ops::{cfg, wdt_suffix, GpuLinear};
+use crate::backend::{Backend, BackendError, RopeSite};
+
+const LIN: &str = "hip-kernels/linear.hip";
+
+/// Whether two weights can share a pair launch: one format, one K, the same scale blocks (FP8),
+/// and the first's rows whole row groups (`per_warp`).
+pub(super) fn pairable(a: &GpuLinear, b: &GpuLinear, per_warp: usize) -> bool {
+    a.wdt == b.wdt && a.inp == b.inp && (a.wdt != 2 || (a.bn == b.bn && a.bk == b.bk)) && a.out.is_multiple_of(per_warp)
+}
+
+/// Whether the fused GEMV's epilogue can rotate `r` in an output of `n` columns and `rows` rows:
+/// interleaved pairs (an even column and the next, both in one row group: even head stride and
+/// offset), every head's rope columns inside the row, one position a row.
+pub(super) fn epilogue_rope(r: &RopeSite, n: usize, rows: usize) -> bool {
+    let t = r.tables;
+    t.interleaved && r.head_stride.is_multiple_of(2) && r.offset.is_multiple_of(2) && r.heads * r.head_stride <= n && r.offset + 2 * t.half <= r.head_stride && r.positions.len() == rows
+}
+
+impl<V: GpuVendor> GpuBackend<V> {
+    /// Whether `linear(x, w)` runs the 8-row GEMV (linear_into's choices, in its order).
+    fn takes_gemv8(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
+        (1..=8).contains(&x.rows)
+            && x.cols == w.inp
+            && chunked_rows(w)
+            && !self.blaslt_for(x, w)
+            && !self.linear_f8_for(x, w)
+            && !self.linear_tc_for(x, w)
+            && !(self.mma_gemm && x.rows >= self.tuned.mma_min_rows)
+    }
+
+    /// (x · aᵀ, x · bᵀ) in one launch, or None where the fused kernel does not apply.
+    pub(super) fn linear_pair_gemv(&self, x: &GpuTensor, a: &GpuLinear, b: &GpuLinear) -> Result<Option<(GpuTensor, GpuTensor)>, BackendError> {
+        let (kind, per_warp) = gemv_kind(x.rows, a.wdt);
+        if !(self.takes_gemv8(x, a) && self.takes_gemv8(x, b) && pairable(a, b, per_warp)) {
+            return Ok(None);
+        }
+        let n = a.out + b.out;
+        let (mut ya, mut yb) = (self.alloc_out(x.rows * a.out)?, self.alloc_out(x.rows * b.out)?);
+        self.span(self.gemm_class(x.rows, n, a.inp), || {
+            let f = self.func(LIN, &format!("{kind}_{}_pair", wdt_suffix(a.wdt)))?;
+            let geo = gemv_geometry(n.div_ceil(per_warp), a.inp, a.wdt, self.warp as usize);
+            let [m, n, k, sp, lanes, n1] = [x.rows, n, a.inp, geo.split, geo.lanes, a.out].map(|v| v as i32);
+            let mut l = self.launch(&f);
+            l.arg(&x.buf).arg(&a.data).arg(&a.scales).arg(&mut ya).arg(&m).arg(&n).arg(&k).arg(&a.bn).arg(&a.bk).arg(&sp).arg(&lanes);
+            l.arg(&b.data).arg(&b.scales).arg(&mut yb).arg(&n1);
+            l.run(cfg((geo.blocks as u32, 1), 256, 0)).map_err(err("linear pair"))
+        })?;
+        Ok(Some((GpuTensor { rows: x.rows, cols: a.out, buf: ya }, GpuTensor { rows: x.rows, cols: b.out, buf: yb })))
+    }
+
+    /// rms_norm(x, g, eps) · wᵀ, then RoPE at `rope`, in one launch, or None where the fused
+    /// kernel does not apply (the rotation: interleaved pairs of one row group, every head inside
+    /// the output row; otherwise it stays the `rope` op, after the fused product).
+    pub(super) fn norm_linear_gemv(&self, x: &GpuTensor, g: &GpuTensor, eps: f32, w: &GpuLinear, rope: Option<&RopeSite>) -> Result<Option<GpuTensor>, BackendError> {
+        if !(self.takes_gemv8(x, w) && g.cols == x.cols && g.rows == 1) {
+            return Ok(None);
+        }
+        let (kind, per_warp) = gemv_kind(x.rows, w.wdt);
+        let fold = rope.filter(|r| epilogue_rope(r, w.out, x.rows));
+        let mut y = GpuTensor { rows: x.rows, cols: w.out, buf: self.alloc_out(x.rows * w.out)? };
+        self.span(self.gemm_class(x.rows, w.out, w.inp), || {
+            let f = self.func(LIN, &format!("{kind}_{}_norm", wdt_suffix(w.wdt)))?;
+            let geo = gemv_geometry(w.out.div_ceil(per_warp), w.inp, w.wdt, self.warp as usize);
+            let [m, n, k, sp, lanes] = [x.rows, w.out, w.inp, geo.split, geo.lanes].map(|v| v as i32);
+            // the rotation's positions and inverse frequencies (null positions: none)
+            let (pos, inv, [hs, off, half], scale) = match fold {
+                Some(r) => (self.idx(r.positions)?, self.constant(r.tables.inv_freq())?, [r.head_stride, r.offset, r.tables.half].map(|v| v as i32), r.tables.scale()),
+                None => ((0, None), 0, [0; 3], 0.0),
+            };
+            let mut l = self.launch(&f);
+            l.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(&mut y.buf).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk).arg(&sp).arg(&lanes);
+            l.arg(&g.buf).arg(&eps).arg(&pos.0).arg(&inv).arg(&hs).arg(&off).arg(&half).arg(&scale);
+            l.run(cfg((geo.blocks as u32, 1), 256, 0)).map_err(err("norm linear"))
+        })?;
+        if let (Some(r), None) = (rope, fold) {
+            self.rope(&mut y, r.positions, r.heads, r.head_stride, r.offset, r.tables)?;
+        }
+        Ok(Some(y))
+    }
+}
