@@ -172,12 +172,10 @@ __device__ __forceinline__ int moe_lanes(int K, int VE) {
 #define MOE_CONST_WARP 0
 #define MOE_K_SPLIT 0
 #define MOE_FOLD_SHARED 0
-#define MOE_DOWN_ROWS_SHORT 4
 #else
 #define MOE_CONST_WARP 1
 #define MOE_K_SPLIT 1
 #define MOE_FOLD_SHARED 1
-#define MOE_DOWN_ROWS_SHORT 8
 #endif
 // moe_rows_dot, then each row's sum over its lane group (every lane of the group gets it)
 template <int WDT, int R>
@@ -287,18 +285,20 @@ __device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8
 }
 
 // out[t, r] += weight[p] · (Wd[e, r] · h[p]), items of (pair, row group) as above (no ids, or a
-// pair of the second set from from2: expert 0 with weight 1); RD rows a lane group's item
-template <int WDT, int RD>
-__device__ void moe_down_items(const float* h, const int32_t* ids, const float* weights, const uint8_t* wd, const float* sd, float* out,
-                               int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne, const uint8_t* wd2, const float* sd2, int from2,
-                               bool vec, int G) {
+// pair of the second set from from2: expert 0 with weight 1)
+template <int WDT>
+__device__ void moe_down_impl(const float* h, const int32_t* ids, const float* weights, const uint8_t* wd, const float* sd, float* out,
+                              int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne, const uint8_t* wd2, const float* sd2, int from2) {
     const int lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
     const int gw = blockIdx.x * nw + threadIdx.x / WARP, warps = gridDim.x * nw;
     const int kb = (I + bk - 1) / bk;
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
     const int64_t wstride = (int64_t)I * H * es;
     const int64_t sstride = (int64_t)((H + bn - 1) / bn) * kb;
-    const int per = (vec ? RD : 1) * (WARP / G), groups = (H + per - 1) / per;
+    const int VE = VecDot<WDT>::ELEMS;
+    const bool vec = I % VE == 0 && (WDT != WDT_FP8 || bk % VE == 0);
+    const int G = vec ? moe_lanes(I, VE) : WARP; // lanes a row
+    const int RD = vec ? MOE_DOWN_ROWS : 1, per = RD * (WARP / G), groups = (H + per - 1) / per;
     for (int item = gw; item < pairs * groups; item += warps) {
         const int p = item / groups, r0 = item % groups * per + lane / G * RD; // this lane group's rows
         const bool sh = MOE_FOLD_SHARED && p >= from2;
@@ -309,19 +309,19 @@ __device__ void moe_down_items(const float* h, const int32_t* ids, const float* 
         const float* hp = h + (int64_t)p * I;
         const float wt = sh || !ids ? 1.f : weights[p];
         if (vec) {
-            const uint8_t* rows[RD];
-            const float* srows[RD];
-            float acc[RD];
+            const uint8_t* rows[MOE_DOWN_ROWS];
+            const float* srows[MOE_DOWN_ROWS];
+            float acc[MOE_DOWN_ROWS];
 #pragma unroll
-            for (int q = 0; q < RD; ++q) {
+            for (int q = 0; q < MOE_DOWN_ROWS; ++q) {
                 const int r = r0 + q < H ? r0 + q : H - 1;
                 rows[q] = d + (int64_t)r * I * es;
                 srows[q] = ds + (WDT == WDT_FP8 ? (r / bn) * kb : 0);
                 acc[q] = 0.f;
             }
-            moe_rows_sum<WDT, RD>(rows, srows, hp, I, bk, acc, G, 0, 1);
+            moe_rows_sum<WDT, MOE_DOWN_ROWS>(rows, srows, hp, I, bk, acc, G, 0, 1);
 #pragma unroll
-            for (int q = 0; q < RD; ++q) {
+            for (int q = 0; q < MOE_DOWN_ROWS; ++q) {
                 if (lane % G == 0 && r0 + q < H) atomicAdd(&out[(int64_t)t * H + r0 + q], wt * acc[q]);
             }
         } else {
@@ -331,80 +331,6 @@ __device__ void moe_down_items(const float* h, const int32_t* ids, const float* 
             if (lane == 0) atomicAdd(&out[(int64_t)t * H + r0], wt * a);
         }
     }
-}
-
-// Down items of short rows (one 16-byte chunk a lane covers a row: a TP8 rank's K = 256 FP8, 16
-// lanes a row): RD rows a lane group's item, each lane's chunk of every row loaded before any is
-// used, then moe_rows_dot's arithmetic for its one step (the same sums, in the same order).
-template <int WDT, int RD>
-__device__ void moe_down_short(const float* h, const int32_t* ids, const float* weights, const uint8_t* wd, const float* sd, float* out,
-                               int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne, const uint8_t* wd2, const float* sd2, int from2, int G) {
-    const int lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
-    const int gw = blockIdx.x * nw + threadIdx.x / WARP, warps = gridDim.x * nw;
-    const int kb = (I + bk - 1) / bk, VE = VecDot<WDT>::ELEMS;
-    const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1;
-    const int64_t wstride = (int64_t)I * H * es;
-    const int64_t sstride = (int64_t)((H + bn - 1) / bn) * kb;
-    const int per = RD * (WARP / G), groups = (H + per - 1) / per;
-    const int k0 = lane % G * VE; // this lane's chunk of every row
-    for (int item = gw; item < pairs * groups; item += warps) {
-        const int p = item / groups, r0 = item % groups * per + lane / G * RD;
-        const bool sh = MOE_FOLD_SHARED && p >= from2;
-        const int t = sh ? p - from2 : p / top_k, e = sh ? 0 : (ids ? ids[p] : 0) - e0;
-        if (!sh && (e < 0 || e >= ne)) continue;
-        const uint8_t* d = (sh ? wd2 : wd) + e * wstride;
-        const float* ds = (sh ? sd2 : sd) + (WDT == WDT_FP8 ? e * sstride : 0);
-        const float* hp = h + (int64_t)p * I;
-        const float wt = sh || !ids ? 1.f : weights[p];
-        const bool in = k0 < I;
-        Chunk16 c[RD];
-        float sc[RD];
-#pragma unroll
-        for (int q = 0; q < RD; ++q) {
-            const int r = r0 + q < H ? r0 + q : H - 1;
-            c[q] = in ? load_chunk<WDT>(d + ((int64_t)r * I + k0) * es) : Chunk16{};
-            sc[q] = WDT == WDT_FP8 && in ? ds[(r / bn) * kb + k0 / bk] : 1.f;
-        }
-        float4 xv[VE / 4];
-#pragma unroll
-        for (int q = 0; q < VE / 4; ++q) xv[q] = in ? ((const float4*)(hp + k0))[q] : make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-        for (int q = 0; q < RD; ++q) {
-            float w[VE], a = 0.f;
-            unpack_chunk<WDT>(c[q], w);
-            if (in) {
-                float dq;
-                if (WDT == WDT_FP8) {
-                    dq = 0.f;
-#pragma unroll
-                    for (int u = 0; u < 4; ++u) dq += w[4 * u] * xv[u].x + w[4 * u + 1] * xv[u].y + w[4 * u + 2] * xv[u].z + w[4 * u + 3] * xv[u].w;
-                    dq *= sc[q];
-                } else {
-                    dq = w[0] * xv[0].x + w[1] * xv[0].y + w[2] * xv[0].z + w[3] * xv[0].w + w[4] * xv[1].x + w[5] * xv[1].y + w[6] * xv[1].z + w[7] * xv[1].w;
-                }
-                a += dq;
-            }
-            a = group_sum(a, G);
-            if (lane % G == 0 && r0 + q < H) atomicAdd(&out[(int64_t)t * H + r0 + q], wt * a);
-        }
-    }
-}
-
-// Rows a lane group's down item takes: MOE_DOWN_ROWS, or on NVIDIA for short rows (one chunk a
-// lane) MOE_DOWN_ROWS_SHORT through moe_down_short, so that each lane has that many loads in
-// flight instead of walking four items of one load round each (moe_pairs.rs mirrors the rule).
-template <int WDT>
-__device__ void moe_down_impl(const float* h, const int32_t* ids, const float* weights, const uint8_t* wd, const float* sd, float* out,
-                              int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne, const uint8_t* wd2, const float* sd2, int from2) {
-    const int VE = VecDot<WDT>::ELEMS;
-    const bool vec = I % VE == 0 && (WDT != WDT_FP8 || bk % VE == 0);
-    const int G = vec ? moe_lanes(I, VE) : WARP; // lanes a row
-    if constexpr (MOE_DOWN_ROWS_SHORT > MOE_DOWN_ROWS)
-        if (vec && G * VE >= I) {
-            moe_down_short<WDT, MOE_DOWN_ROWS_SHORT>(h, ids, weights, wd, sd, out, pairs, top_k, I, H, bn, bk, e0, ne, wd2, sd2, from2, G);
-            return;
-        }
-    moe_down_items<WDT, MOE_DOWN_ROWS>(h, ids, weights, wd, sd, out, pairs, top_k, I, H, bn, bk, e0, ne, wd2, sd2, from2, vec, G);
 }
 
 #define MOE_KERNELS(SUF, WDT)                                                                                                          \

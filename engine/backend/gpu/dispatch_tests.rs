@@ -173,16 +173,15 @@ fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
     // their grid: one wave (2 blocks an SM, 4 SMs here) of 8-warp blocks over (pair, row group)
     // items, fewer when the items run out (1 token of hidden 32, inter 16: short rows take groups
     // of lanes — gate/up rows of 32 FP8 weights 2 lanes, so 16 groups × 2 rows a warp, all 16
-    // rows of a pair in one item; down rows of 16 one lane, 8 rows a lane (short rows), 256 rows
-    // a warp — so 4 pairs are 4 items, one block each launch)
+    // rows of a pair in one item; down rows of 16 one lane, 128 rows a warp — so 4 pairs are 4
+    // items, one block each launch)
     let grids = |c: &MoeCase, tokens: usize| c.expert_launches(&b, &rt, tokens).into_iter().map(|(_, g, _)| g).collect::<Vec<_>>();
     assert_eq!(grids(&c, 7), [(8, 1, 1), (8, 1, 1)]);
     assert_eq!(grids(&MoeCase::new(&b, 32, 16, 16), 1), [(1, 1, 1), (1, 1, 1)]);
     // rows of a warp or more whose items do not fill the grid: warps share an item, each a part
     // of K (gate/up only; 1 token of hidden 512, inter 16: 4 pairs × 8 items in 64 warps, 2
-    // warps each: 8 blocks; down rows of 16, a lane each and, short, 8 rows a lane: 2 items a
-    // pair, 1 block)
-    assert_eq!(grids(&MoeCase::new(&b, 512, 16, 16), 1), [(8, 1, 1), (1, 1, 1)]);
+    // warps each: 8 blocks; down rows of 16, a lane each: 4 items a pair, 2 blocks)
+    assert_eq!(grids(&MoeCase::new(&b, 512, 16, 16), 1), [(8, 1, 1), (2, 1, 1)]);
     assert_eq!(run(8), ["moe_group", "moe_gate_up_tc_fp8w", "moe_down_tc_fp8w"], "8-511: grouped, swap-AB");
     assert_eq!(run(512), ["moe_group", "moe_gate_up_mma_fp8w", "moe_silu_mul_halves", "moe_down_mma_fp8w"], "512+: 128-token tiles");
     // the f32 router beyond 32 tokens: 16-row GEMV slices (not the CUDA-core tile), then routing

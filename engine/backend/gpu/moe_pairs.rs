@@ -16,8 +16,6 @@ const MOE: &str = "hip-kernels/moe.hip";
 const MOE_PAIR_BLOCKS_PER_SM: usize = 2;
 const MOE_GU_ROWS: usize = 2;
 const MOE_DOWN_ROWS: usize = 4;
-/// ... down rows where one chunk a lane covers a row (NVIDIA; moe.hip's moe_down_short)
-const MOE_DOWN_ROWS_SHORT: usize = 8;
 
 /// One set of stacked expert weights as the kernels read them (experts `e0 .. e0 + ne`).
 struct PairWeights<'a> {
@@ -109,9 +107,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         };
         b.arg(w.down.0).arg(w.down.1).arg(out).arg(&np).arg(&k).arg(&i).arg(&hd).arg(&w.bn).arg(&w.bk).arg(&w.e0).arg(&w.ne);
         b.arg(s.down.0).arg(s.down.1).arg(&f2);
-        let short = V::SOURCE == Vendor::Nvidia && vec(w.inter) && row_lanes(w.inter, ve, warp) * ve >= w.inter;
-        let down_rows = if short { MOE_DOWN_ROWS_SHORT } else { MOE_DOWN_ROWS };
-        b.run(cfg(grid(pairs * w.hidden.div_ceil(per_item(w.inter, down_rows))), 256, 0)).map_err(err("moe_down"))
+        b.run(cfg(grid(pairs * w.hidden.div_ceil(per_item(w.inter, MOE_DOWN_ROWS))), 256, 0)).map_err(err("moe_down"))
     }
 }
 
@@ -150,8 +146,6 @@ mod tests {
         for (name, v) in [("MOE_PAIR_BLOCKS_PER_SM", MOE_PAIR_BLOCKS_PER_SM), ("MOE_GU_ROWS", MOE_GU_ROWS), ("MOE_DOWN_ROWS", MOE_DOWN_ROWS)] {
             assert!(src.contains(&format!("#define {name} {v}\n")), "{name} {v}");
         }
-        assert!(src.contains(&format!("#define MOE_DOWN_ROWS_SHORT {MOE_DOWN_ROWS_SHORT}\n#endif")), "NVIDIA's short down rows");
-        assert!(src.contains("if constexpr (MOE_DOWN_ROWS_SHORT > MOE_DOWN_ROWS)\n        if (vec && G * VE >= I) {"), "the short-row rule");
         assert!(src.contains("__launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_gate_up_") && src.contains("__launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_down_"));
         assert!(src.contains("while (g < WARP && g * VE < K) g *= 2;"), "moe_lanes is gemv.rs's row_lanes");
     }
