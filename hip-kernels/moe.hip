@@ -11,16 +11,30 @@
 
 // One block per token, a thread per expert (blockDim.x = E rounded up to whole warps; E <= 1024,
 // top_k and n_group <= 64): scores, then the group limit and the top-k picks by rank — an
-// expert's (or group's) rank is how many others beat it, a higher value or an equal one with a
-// lower id, so rank k is the k-th pick of a sequential scan that keeps the lowest id among equal
-// scores (as the CPU reference, backend/routing.rs, does). The single warp this replaced walked
-// the experts lane by lane and picked one at a time: ~15 µs a token at batch 1.
+// expert's rank is how many others beat it, a higher value or an equal one with a lower id, so
+// rank k is the k-th pick of a sequential scan that keeps the lowest id among equal scores (as the
+// CPU reference, backend/routing.rs, does). Ranks are found in two levels: each expert's rank in
+// its part (its group, or for greedy routing a run of WARP experts), whose first two give the
+// group's score; then the picks among the parts' first top_k only (whatever beats a pick beats it
+// in its own part too, so the picks and their ranks are those over all experts): V3's 256 experts
+// compare 32 + 64 values each instead of 256 (one pass over all E: ~6 µs of a batch-1 MoE layer
+// on the H200; the single warp before it, picking one at a time: ~15 µs).
+#define ROUTE_CAND (1024 + 64)
+// the in-part rank's eight loads a round unrolled on NVIDIA; CDNA keeps the loop (unrolled, it
+// spilled 47 of gfx942's scalar registers)
+#if defined(__AMDGCN__)
+#define ROUTE_UNROLL _Pragma("unroll 1")
+#else
+#define ROUTE_UNROLL _Pragma("unroll")
+#endif
 extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int has_bias, int E, int top_k,
                                      int n_group, int topk_group, int method, int softmax_scoring, int norm_topk_prob, float scaling,
                                      int32_t* __restrict__ ids, float* __restrict__ weights) { ENGINE_GRID_DEP();
     __shared__ float scores[1024];
     __shared__ float choice[1024];
-    __shared__ float gscore[64];
+    __shared__ float cand_v[ROUTE_CAND]; // part q's in-part rank r at q·kk + r
+    __shared__ int cand_e[ROUTE_CAND];
+    __shared__ float gtop[65][2]; // each group's best two choices (a short last group: the 65th)
     __shared__ int picked[64];
     const int t = blockIdx.x, e = threadIdx.x;
     const bool live = e < E;
@@ -34,54 +48,63 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     } else {
         sc = 1.0f / (1.0f + expf(-l));
     }
+    const bool grouped = method != METHOD_GREEDY;
+    const int per = grouped ? E / n_group : min(E, WARP), kk = min(top_k, per), nc = (E + per - 1) / per * kk;
     if (live) {
         scores[e] = sc;
         choice[e] = sc + b;
     }
+    for (int i = e; i < nc; i += blockDim.x) cand_v[i] = -ENGINE_INF, cand_e[i] = i; // (slots of a short last part)
+    if (e < 65) gtop[e][0] = -ENGINE_INF, gtop[e][1] = 0.f; // (a group of one: its best alone, as the reference's sum)
     if (e < top_k) picked[e] = 0; // unreachable for valid configs: fewer valid experts than top_k
     __syncthreads();
-    if (method != METHOD_GREEDY) {
-        const int per = E / n_group;
-        if (e < n_group) {
-            const float* c = choice + e * per;
-            if (method == METHOD_NOAUX_TC) {
-                float b1 = -ENGINE_INF, b2 = -ENGINE_INF;
-                for (int i = 0; i < per; ++i) {
-                    if (c[i] > b1) { b2 = b1; b1 = c[i]; } else if (c[i] > b2) { b2 = c[i]; }
-                }
-                gscore[e] = b1 + b2;
-            } else {
-                float bm = -ENGINE_INF;
-                for (int i = 0; i < per; ++i) bm = fmaxf(bm, c[i]);
-                gscore[e] = bm;
-            }
-        }
-        __syncthreads();
-        // an expert of a group with topk_group or more groups ranked above it is dropped
-        if (live) {
-            const int g = e / per;
-            const float gs = gscore[g];
-            int above = 0;
-            for (int h = 0; h < n_group; ++h) above += gscore[h] > gs || (gscore[h] == gs && h < g);
-            if (above >= topk_group) choice[e] = -ENGINE_INF;
-        }
-        __syncthreads();
-    }
-    // every expert's rank, over all E with no early exit, eight shared-memory loads in flight (a
-    // loop that stopped at rank top_k waited on each load in turn: ~6 µs)
+    // this expert's rank in its part, eight shared-memory loads in flight
+    float c = -ENGINE_INF;
+    int prank = 0;
     if (live) {
-        const float c = choice[e];
-        int rank = 0;
-        int f0 = 0;
-        for (; f0 + 8 <= E; f0 += 8) {
+        c = choice[e];
+        const int p0 = e / per * per, p1 = min(p0 + per, E);
+        int f = p0;
+        for (; f + 8 <= p1; f += 8) {
             float d[8];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) d[j] = choice[f0 + j];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) rank += d[j] > c || (d[j] == c && f0 + j < e);
+            ROUTE_UNROLL
+            for (int j = 0; j < 8; ++j) d[j] = choice[f + j];
+            ROUTE_UNROLL
+            for (int j = 0; j < 8; ++j) prank += d[j] > c || (d[j] == c && f + j < e);
         }
-        for (; f0 < E; ++f0) rank += choice[f0] > c || (choice[f0] == c && f0 < e);
-        if (c > -ENGINE_INF && rank < top_k) picked[rank] = e;
+        for (; f < p1; ++f) prank += choice[f] > c || (choice[f] == c && f < e);
+    }
+    if (grouped) {
+        const int g = e / per;
+        if (live && prank < 2) gtop[g][prank] = c;
+        __syncthreads();
+        // an expert of a group with topk_group or more groups ranked above it is dropped (group
+        // score: the best two choices' sum, noaux_tc; the best, group_limited_greedy)
+        if (live) {
+            const float gs = method == METHOD_NOAUX_TC ? gtop[g][0] + gtop[g][1] : gtop[g][0];
+            int above = 0;
+            for (int h = 0; h < n_group; ++h) {
+                const float o = method == METHOD_NOAUX_TC ? gtop[h][0] + gtop[h][1] : gtop[h][0];
+                above += o > gs || (o == gs && h < g);
+            }
+            if (above >= topk_group) c = -ENGINE_INF;
+        }
+    }
+    const bool cand = live && c > -ENGINE_INF && prank < kk;
+    if (cand) cand_v[e / per * kk + prank] = c, cand_e[e / per * kk + prank] = e;
+    __syncthreads();
+    if (cand) {
+        int rank = 0, j = 0;
+        for (; j + 8 <= nc; j += 8) {
+            float d[8];
+            int f[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) d[u] = cand_v[j + u], f[u] = cand_e[j + u];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) rank += d[u] > c || (d[u] == c && f[u] < e);
+        }
+        for (; j < nc; ++j) rank += cand_v[j] > c || (cand_v[j] == c && cand_e[j] < e);
+        if (rank < top_k) picked[rank] = e;
     }
     __syncthreads();
     if (e < top_k) {

@@ -669,6 +669,43 @@ fn moe_on<V: GpuVendor>(g: &GpuBackend<V>, t: usize, tol: f64) {
     }
 }
 
+/// Routing alone, against the CPU's rules exactly (ids) on 48 tokens: router rows repeated in
+/// runs (tied logits, so that ties inside and across groups are broken by the lower id), V3's
+/// noaux_tc with tied bias, greedy over 256 and over 72 experts (runs of a warp, a short last
+/// run), group-limited greedy, and groups of one expert.
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn moe_route_ties_and_groups() {
+    common::on_gpu!(moe_route_ties_and_groups_on)
+}
+
+fn moe_route_ties_and_groups_on<V: GpuVendor>() {
+    let (g, c) = (gpu::<V>(), CpuBackend::new());
+    let mut rng = Rng::new(19);
+    let (t, hidden) = (48, 64);
+    let rp = |n_experts, top_k, n_group, topk_group, method, scoring| RouteParams { n_experts, top_k, n_group, topk_group, method, scoring, norm_topk_prob: true, routed_scaling_factor: 2.5 };
+    for p in [
+        rp(256, 8, 8, 4, TopkMethod::NoauxTc, ScoringFunc::Sigmoid),
+        rp(256, 8, 1, 1, TopkMethod::Greedy, ScoringFunc::Softmax),
+        rp(72, 6, 1, 1, TopkMethod::Greedy, ScoringFunc::Sigmoid),
+        rp(160, 6, 8, 3, TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax),
+        rp(8, 4, 8, 3, TopkMethod::NoauxTc, ScoringFunc::Sigmoid),
+    ] {
+        // each distinct router row repeated 1-4 times at random places: equal logits
+        let distinct: Vec<Vec<f32>> = (0..p.n_experts / 2).map(|_| randn(&mut rng, hidden, 0.3)).collect();
+        let rows: Vec<f32> = (0..p.n_experts).flat_map(|_| distinct[(rng.next_u64() % distinct.len() as u64) as usize].clone()).collect();
+        let gate = HostLinear::from_f32("gate", p.n_experts, hidden, &rows);
+        let bias = (p.method == TopkMethod::NoauxTc).then(|| (0..p.n_experts).map(|_| [0.0, 0.05, -0.05][(rng.next_u64() % 3) as usize]).collect::<Vec<f32>>());
+        let x = randn(&mut rng, t * hidden, 1.0);
+        let cr = c.moe_route(&c.upload(t, hidden, &x).unwrap(), &c.upload_linear(&gate).unwrap(), bias.as_deref(), &p).unwrap();
+        let gr = g.moe_route(&g.upload(t, hidden, &x).unwrap(), &g.upload_linear(&gate).unwrap(), bias.as_deref(), &p).unwrap();
+        let gids: Vec<u32> = gr.ids.to_host().unwrap().iter().map(|&i: &i32| i as u32).collect();
+        assert_eq!(gids, cr.ids, "{} experts, {:?}: routed experts", p.n_experts, p.method);
+        let gw: Vec<f32> = gr.weights.to_host().unwrap();
+        check(&format!("moe_route {} experts {:?} weights", p.n_experts, p.method), &gw[..t * p.top_k], &cr.weights, F32_TOL);
+    }
+}
+
 /// A MoE layer's shared experts added into the routed sum (`mlp_add`): at one row the per-pair
 /// kernels on the MLP's own FP8 weights (moe_pairs.rs), at three rows the linear layers, SiLU·up
 /// and the add; V3's shared-expert shape (hidden 7,168, inter 2,048) and a bf16 MLP, into a
