@@ -14,7 +14,10 @@ pub struct CudaDriver {
     /// The most shared memory a block may opt in to (bytes)
     max_shared: i32,
     /// Kernels are launched as programmatic dependents of the kernel before them (sm_90+; every
-    /// kernel begins with ENGINE_GRID_DEP(), hip-kernels/common.h); `ENGINE_PDL=0` turns it off.
+    /// kernel begins with ENGINE_GRID_DEP(), hip-kernels/common.h) where `ENGINE_PDL=1`: off by
+    /// default, as the dependents' blocks, scheduled early, hold SM slots that multi-wave kernels'
+    /// later blocks need (V3 4-layer steps at batch 128/256: 12.47/16.82 ms with, 12.22/16.37
+    /// without; batch 1 unchanged; docs/BENCHMARKS.md, eighteenth session).
     programmatic: bool,
 }
 
@@ -30,8 +33,8 @@ impl CudaDriver {
         keep_pool_memory(&ctx);
         let max_shared = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(e("cuDeviceGetAttribute"))?;
         let major = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).map_err(e("cuDeviceGetAttribute"))?;
-        let programmatic = major >= 9 && std::env::var("ENGINE_PDL").map_or(true, |v| v != "0");
-        log::info!("cuda: programmatic dependent launch {}", if programmatic { "on" } else { "off (ENGINE_PDL=0 or before sm_90)" });
+        let programmatic = major >= 9 && std::env::var("ENGINE_PDL").is_ok_and(|v| v == "1");
+        log::info!("cuda: programmatic dependent launch {}", if programmatic { "on (ENGINE_PDL=1)" } else { "off (ENGINE_PDL=1 turns it on from sm_90)" });
         Ok(CudaDriver { ctx, stream, max_shared, programmatic })
     }
 
