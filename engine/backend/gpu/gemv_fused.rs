@@ -25,10 +25,11 @@ pub(super) fn pairable(a: &GpuLinear, b: &GpuLinear, per_warp: usize) -> bool {
 
 /// Whether the fused GEMV's epilogue can rotate `r` in an output of `n` columns and `rows` rows:
 /// interleaved pairs (an even column and the next, both in one row group: even head stride and
-/// offset), every head's rope columns inside the row, one position a row.
+/// offset), the row exactly the heads (the epilogue rotates every head-stride period's rope
+/// columns), each head's rope columns inside it, one position a row.
 pub(super) fn epilogue_rope(r: &RopeSite, n: usize, rows: usize) -> bool {
     let t = r.tables;
-    t.interleaved && r.head_stride.is_multiple_of(2) && r.offset.is_multiple_of(2) && r.heads * r.head_stride <= n && r.offset + 2 * t.half <= r.head_stride && r.positions.len() == rows
+    t.interleaved && r.head_stride.is_multiple_of(2) && r.offset.is_multiple_of(2) && r.heads * r.head_stride == n && r.offset + 2 * t.half <= r.head_stride && r.positions.len() == rows
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
@@ -91,5 +92,32 @@ impl<V: GpuVendor> GpuBackend<V> {
             self.rope(&mut y, r.positions, r.heads, r.head_stride, r.offset, r.tables)?;
         }
         Ok(Some(y))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::epilogue_rope;
+    use crate::backend::RopeSite;
+    use crate::config::{Fields, RopeConfig, RopeTables};
+
+    #[test]
+    fn the_epilogue_rotates_interleaved_pairs_of_whole_heads_only() {
+        let cfg = serde_json::json!({"rope_theta": 10000.0});
+        let tables = |il| RopeTables::new(&RopeConfig::parse(&Fields::new("t", &cfg).unwrap(), 64, 4096, il).unwrap());
+        let (il, half) = (tables(true), tables(false));
+        let pos = [3u32, 9];
+        let site = |t, heads, hs, off| RopeSite { positions: &pos, heads, head_stride: hs, offset: off, tables: t };
+        // V3's q_b at a TP8 rank: 16 heads of 192, the last 64 rotary
+        assert!(epilogue_rope(&site(&il, 16, 192, 128), 3072, 2));
+        // rotate-half pairs lie 32 columns apart: the rope op
+        assert!(!epilogue_rope(&site(&half, 16, 192, 128), 3072, 2));
+        // an output wider than the heads, an odd offset or head stride, rope columns past the head,
+        // a position count other than the rows: the rope op
+        assert!(!epilogue_rope(&site(&il, 15, 192, 128), 3072, 2));
+        assert!(!epilogue_rope(&site(&il, 16, 192, 127), 3072, 2));
+        assert!(!epilogue_rope(&site(&il, 16, 191, 126), 3056, 2));
+        assert!(!epilogue_rope(&site(&il, 16, 192, 130), 3072, 2));
+        assert!(!epilogue_rope(&site(&il, 16, 192, 128), 3072, 1));
     }
 }
