@@ -1,5 +1,6 @@
 //! Helpers shared by the end-to-end tests.
 #![allow(dead_code)]
+pub mod gpu;
 pub mod server;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
