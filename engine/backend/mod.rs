@@ -130,11 +130,16 @@ pub fn linear_pair_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, first: &B::
     Ok((b.linear(x, first)?, b.linear(x, second)?))
 }
 
+/// The `rope` op at `site`.
+pub fn rope_at<B: Backend + ?Sized>(b: &B, x: &mut B::Tensor, site: &RopeSite) -> Result<(), BackendError> {
+    b.rope(x, site.positions, site.heads, site.head_stride, site.offset, site.tables)
+}
+
 /// `Backend::norm_linear` as `rms_norm`, `linear`, then `rope` where given.
 pub fn norm_linear_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, norm: &B::Tensor, eps: f32, w: &B::Linear, rope: Option<&RopeSite>) -> Result<B::Tensor, BackendError> {
     let mut y = b.linear(&b.rms_norm(x, norm, eps)?, w)?;
     if let Some(r) = rope {
-        b.rope(&mut y, r.positions, r.heads, r.head_stride, r.offset, r.tables)?;
+        rope_at(b, &mut y, r)?;
     }
     Ok(y)
 }

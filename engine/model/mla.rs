@@ -1,6 +1,6 @@
 //! Multi-head latent attention (MLA), written against `Backend`.
 use super::{ModelError, WeightsCtx};
-use crate::backend::{AttnSeq, Backend, KvEntrySite, MlaDims, RopeSite};
+use crate::backend::{rope_at, AttnSeq, Backend, KvEntrySite, MlaDims, RopeSite};
 use crate::config::RopeTables;
 
 enum QProj<B: Backend> {
@@ -70,7 +70,7 @@ impl<B: Backend> Mla<B> {
             }
             QProj::Plain(p) => {
                 let (mut q, latent) = b.linear_pair(x, p, &self.kv_a)?;
-                b.rope(&mut q, a.positions, d.num_heads, d.qk_head(), d.qk_nope, a.rope)?;
+                rope_at(b, &mut q, &rope)?;
                 (q, latent)
             }
         };

@@ -13,7 +13,7 @@ use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::err;
 use super::gemv::{chunked_rows, gemv_geometry, gemv_kind};
 use super::ops::{cfg, wdt_suffix, GpuLinear};
-use crate::backend::{Backend, BackendError, RopeSite};
+use crate::backend::{BackendError, RopeSite};
 
 const LIN: &str = "hip-kernels/linear.hip";
 
@@ -89,7 +89,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             l.run(cfg((geo.blocks as u32, 1), 256, 0)).map_err(err("norm linear"))
         })?;
         if let (Some(r), None) = (rope, fold) {
-            self.rope(&mut y, r.positions, r.heads, r.head_stride, r.offset, r.tables)?;
+            crate::backend::rope_at(self, &mut y, r)?;
         }
         Ok(Some(y))
     }

@@ -37,6 +37,12 @@ impl<V: GpuVendor> GpuBackend<V> {
             && e.inter.is_multiple_of(64)
     }
 
+    /// Whether `moe_experts` takes the grouped kernels for `x`'s tokens (from
+    /// `moe_grouped_min_rows`, experts they apply to).
+    pub(super) fn moe_grouped_for(&self, x: &GpuTensor, e: &GpuExperts) -> bool {
+        x.rows >= self.tuned.moe_grouped_min_rows && Self::moe_grouped_ok(e)
+    }
+
     /// Whether the grouped kernels can take these experts: 16-byte loads along both K dimensions.
     pub(super) fn moe_grouped_ok(e: &GpuExperts) -> bool {
         e.n <= MAX_EXPERTS && vec_ok(e.hidden, e.wdt, e.bk) == 1 && vec_ok(e.inter, e.wdt, e.bk) == 1

@@ -555,7 +555,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             if self.moe_prefill_f8_for(x, e) && self.moe_experts_prefill_f8(x, r, e, &mut out)? {
                 return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
             }
-            if x.rows >= self.tuned.moe_grouped_min_rows && Self::moe_grouped_ok(e) {
+            if self.moe_grouped_for(x, e) {
                 self.moe_experts_grouped(x, r, e, &mut out)?;
                 return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
             }
@@ -566,7 +566,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
 
     fn moe_experts_shared(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, shared: Option<[&GpuLinear; 3]>) -> Result<GpuTensor, BackendError> {
         // one row on the per-pair kernels: the shared experts as one more pair of the same launches
-        if let Some(s) = shared.filter(|_| x.rows == 1 && r.top_k > 0 && !self.moe_prefill_f8_for(x, e) && !(x.rows >= self.tuned.moe_grouped_min_rows && Self::moe_grouped_ok(e))) {
+        if let Some(s) = shared.filter(|_| x.rows == 1 && r.top_k > 0 && !self.moe_prefill_f8_for(x, e) && !self.moe_grouped_for(x, e)) {
             let folded = self.span("MoE GEMM", || {
                 let mut out = self.zeros::<f32>(x.cols.max(1))?;
                 Ok(self.moe_experts_pairs_shared(x, r, e, s, &mut out)?.then_some(out))
