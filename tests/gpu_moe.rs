@@ -40,7 +40,7 @@ fn moe_routing_and_experts_on<V: GpuVendor>() {
     for (hidden, inter) in [(7168, 2048), (7168, 256)] {
         let p = RouteParams { n_experts: 8, top_k: 4, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
         let gate = host_linear(&mut rng, p.n_experts, hidden, WType::F32);
-        let experts: Vec<[HostLinear; 3]> = (0..p.n_experts).map(|_| [host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, hidden, inter, WType::Fp8)]).collect();
+        let experts: Vec<[HostLinear; 3]> = (0..p.n_experts).map(|_| host_mlp(&mut rng, hidden, inter, WType::Fp8)).collect();
         let (ge, ce) = (g.upload_experts(experts.clone(), 0).unwrap(), c.upload_experts(experts, 0).unwrap());
         for t in [1, 5] {
             let x = randn(&mut rng, t * hidden, 1.0);
@@ -77,13 +77,7 @@ fn moe_on<V: GpuVendor>(g: &GpuBackend<V>, t: usize, tol: f64) {
         assert_eq!(gids.iter().map(|&i| i as u32).collect::<Vec<_>>(), cr.ids, "{:?}: routed experts", p.method);
         check(&format!("moe_route {:?} weights", p.method), &gw[..t * p.top_k], &cr.weights, F32_TOL);
         for wt in [WType::Bf16, WType::Fp8, WType::F32] {
-            let experts: Vec<[HostLinear; 3]> = (0..p.n_experts)
-                .map(|_| {
-                    let k = match wt { WType::Bf16 => 1, WType::Fp8 => 2, WType::F32 => 0 };
-                    let mk = |o, i, rng: &mut Rng| host_linear(rng, o, i, match k { 1 => WType::Bf16, 2 => WType::Fp8, _ => WType::F32 });
-                    [mk(inter, hidden, &mut rng), mk(inter, hidden, &mut rng), mk(hidden, inter, &mut rng)]
-                })
-                .collect();
+            let experts: Vec<[HostLinear; 3]> = (0..p.n_experts).map(|_| host_mlp(&mut rng, hidden, inter, wt)).collect();
             let a = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts.clone(), 0).unwrap()).unwrap()).unwrap();
             let b = c.download(&c.moe_experts(&cx, &cr, &c.upload_experts(experts.clone(), 0).unwrap()).unwrap()).unwrap();
             check(&format!("moe_experts {:?} {hidden}x{inter} {t} tokens", p.method), &a, &b, tol);
@@ -151,7 +145,7 @@ fn shared_experts_mlp_add_on<V: GpuVendor>() {
     let (g, c) = (gpu::<V>(), CpuBackend::new());
     let mut rng = Rng::new(77);
     for (hidden, inter, wt) in [(7168, 2048, WType::Fp8), (7168, 256, WType::Fp8), (512, 256, WType::Bf16)] {
-        let w = [host_linear(&mut rng, inter, hidden, wt), host_linear(&mut rng, inter, hidden, wt), host_linear(&mut rng, hidden, inter, wt)];
+        let w = host_mlp(&mut rng, hidden, inter, wt);
         let gw: Vec<_> = w.iter().map(|l| g.upload_linear(l).unwrap()).collect();
         let cw: Vec<_> = w.iter().map(|l| c.upload_linear(l).unwrap()).collect();
         for rows in [1, 3] {
@@ -181,8 +175,8 @@ fn moe_experts_with_shared_folded_on<V: GpuVendor>() {
     let p = RouteParams { n_experts: 16, top_k: 8, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: true, routed_scaling_factor: 1.0 };
     for (hidden, inter) in [(7168, 2048), (7168, 256)] {
         let gate = host_linear(&mut rng, p.n_experts, hidden, WType::F32);
-        let experts: Vec<[HostLinear; 3]> = (0..p.n_experts).map(|_| [host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, hidden, inter, WType::Fp8)]).collect();
-        let sw = [host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, inter, hidden, WType::Fp8), host_linear(&mut rng, hidden, inter, WType::Fp8)];
+        let experts: Vec<[HostLinear; 3]> = (0..p.n_experts).map(|_| host_mlp(&mut rng, hidden, inter, WType::Fp8)).collect();
+        let sw = host_mlp(&mut rng, hidden, inter, WType::Fp8);
         let gs: Vec<_> = sw.iter().map(|l| g.upload_linear(l).unwrap()).collect();
         let cs: Vec<_> = sw.iter().map(|l| c.upload_linear(l).unwrap()).collect();
         for first in [0, p.n_experts / 4] {
@@ -229,7 +223,7 @@ fn moe_fp8_dynamic_case<V: GpuVendor>(g: &mut GpuBackend<V>, c: &CpuBackend, rng
     let (hidden, n_exp) = (512, 64);
     let p = RouteParams { n_experts: n_exp, top_k: 6, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: false, routed_scaling_factor: 1.0 };
     let gate = host_linear(rng, n_exp, hidden, WType::F32);
-    let experts: Vec<[HostLinear; 3]> = (0..n_exp).map(|_| [host_linear(rng, inter, hidden, WType::Fp8), host_linear(rng, inter, hidden, WType::Fp8), host_linear(rng, hidden, inter, WType::Fp8)]).collect();
+    let experts: Vec<[HostLinear; 3]> = (0..n_exp).map(|_| host_mlp(rng, hidden, inter, WType::Fp8)).collect();
     // 600 and 2,000 tokens (segments of ~56 and ~190 rows: one partial 128-row tile, a whole and a
     // partial one): the grouped FP8 GEMM (sm_90a; elsewhere these run the library too), then
     // cuBLASLt's block-scaled GEMM per expert segment;

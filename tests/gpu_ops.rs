@@ -235,7 +235,6 @@ fn linear_pair_and_norm_linear() {
 fn linear_pair_and_norm_linear_on<V: GpuVendor>() {
     let (g, c) = (gpu::<V>(), CpuBackend::new());
     let mut rng = Rng::new(71);
-    let tag = |t: WType| match t { WType::F32 => "f32", WType::Bf16 => "bf16", WType::Fp8 => "fp8" };
     for (n1, n2, k, types) in [(1536, 576, 7168, [WType::F32, WType::Bf16, WType::Fp8]), (40, 24, 256, [WType::F32, WType::Bf16, WType::Fp8]), (64, 32, 384, [WType::Bf16, WType::Fp8, WType::F32])] {
         for (ta, tb) in types.iter().zip(types.iter().cycle().skip(if n1 == 64 { 1 } else { 0 })) {
             let (a, b) = (host_linear(&mut rng, n1, k, *ta), host_linear(&mut rng, n2, k, *tb));
@@ -245,7 +244,7 @@ fn linear_pair_and_norm_linear_on<V: GpuVendor>() {
                 let (y1, y2) = g.linear_pair(&g.upload(m, k, &x).unwrap(), &ga, &gb).unwrap();
                 let (r1, r2) = engine::backend::linear_pair_by_ops(&c, &c.upload(m, k, &x).unwrap(), &ca, &cb).unwrap();
                 assert_eq!((y1.rows(), y1.cols(), y2.rows(), y2.cols()), (m, n1, m, n2));
-                let name = format!("linear_pair {}+{} {m}x({n1}+{n2})x{k}", tag(*ta), tag(*tb));
+                let name = format!("linear_pair {}+{} {m}x({n1}+{n2})x{k}", ta.name(), tb.name());
                 check(&format!("{name} first"), &g.download(&y1).unwrap(), &c.download(&r1).unwrap(), F32_TOL);
                 check(&format!("{name} second"), &g.download(&y2).unwrap(), &c.download(&r2).unwrap(), F32_TOL);
             }
@@ -271,7 +270,7 @@ fn linear_pair_and_norm_linear_on<V: GpuVendor>() {
                     let y = g.norm_linear(&g.upload(m, k, &x).unwrap(), &gn, 1e-6, &gw, site.as_ref()).unwrap();
                     let r = engine::backend::norm_linear_by_ops(&c, &c.upload(m, k, &x).unwrap(), &cn, 1e-6, &cw, site.as_ref()).unwrap();
                     let kind = rope.map_or("no rope", |t| if t.interleaved { "interleaved rope" } else { "rotate-half rope" });
-                    check(&format!("norm_linear {} {m}x{n}x{k} {kind}", tag(t)), &g.download(&y).unwrap(), &c.download(&r).unwrap(), F32_TOL);
+                    check(&format!("norm_linear {} {m}x{n}x{k} {kind}", t.name()), &g.download(&y).unwrap(), &c.download(&r).unwrap(), F32_TOL);
                 }
             }
         }

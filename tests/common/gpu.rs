@@ -51,6 +51,21 @@ pub enum WType {
     Fp8,
 }
 
+impl WType {
+    pub fn name(self) -> &'static str {
+        match self {
+            WType::F32 => "f32",
+            WType::Bf16 => "bf16",
+            WType::Fp8 => "fp8",
+        }
+    }
+}
+
+/// An MLP's (gate, up, down) of `wt` between `hidden` and `inter` columns.
+pub fn host_mlp(rng: &mut Rng, hidden: usize, inter: usize, wt: WType) -> [HostLinear; 3] {
+    [host_linear(rng, inter, hidden, wt), host_linear(rng, inter, hidden, wt), host_linear(rng, hidden, inter, wt)]
+}
+
 pub fn host_linear(rng: &mut Rng, out: usize, inp: usize, t: WType) -> HostLinear {
     let w = randn(rng, out * inp, (inp as f32).powf(-0.5));
     match t {
@@ -94,7 +109,7 @@ pub fn check_linears<V: GpuVendor>(g: &GpuBackend<V>, name: &str, seed: u64, sha
     let mut rng = Rng::new(seed);
     for &(m, n, k) in shapes {
         for t in [WType::F32, WType::Bf16, WType::Fp8] {
-            let tag = match t { WType::F32 => "f32", WType::Bf16 => "bf16", WType::Fp8 => "fp8" };
+            let tag = t.name();
             let w = host_linear(&mut rng, n, k, t);
             let x = randn(&mut rng, m * k, 1.0);
             let (got, want) = linear_both(g, &c, &w, m, k, &x);
