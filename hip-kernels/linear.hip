@@ -6,6 +6,7 @@
 // while the current one is multiplied out of shared memory (two buffers, one barrier a step).
 // x rows load as float4 where K % 4 == 0, element by element otherwise.
 #include "common.h"
+#include "mla_kv_entry.h"
 #include "rope.h"
 #include "vec8.h"
 
@@ -356,6 +357,26 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
         gemv8_impl<WDT, MAXM, R, false, false, true>(X, W, S, Y, M, N, K, bn, bk, split, lanes, GemvHeads{},                           \
                                                      GemvFuse{nullptr, nullptr, nullptr, 0, G, eps, pos, inv_freq, hs, off, half, scale}); \
     }
+// ... and the `_norm` form with blocks past `gemv_blocks` writing MLA's new cache entries (one a
+// block, row blockIdx.x − gemv_blocks of kx; mla_kv_entry.h, the cache f32 or, with kbf16, bf16):
+// q_b and the entries are both of the first projections' outputs, so one launch takes both
+#define GEMV8_NORM_KV(NAME, WDT, MAXM, R)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) NAME##_norm_kv(                                                                   \
+        const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, int split, int lanes,          \
+        const float* G, float eps, const uint32_t* pos, const float* inv_freq, int hs, int off, int half, float scale, float* kx,     \
+        const float* kw, int kn, float keps, const uint32_t* kpos, const float* kinv, int koff, int khalf, int kil, float kscale,      \
+        void* kv, int kbf16, const uint32_t* kslots, int klayer, int knum_slots, int kentry, int gemv_blocks) { ENGINE_GRID_DEP();      \
+        if ((int)blockIdx.x >= gemv_blocks) {                                                                                          \
+            const int r = blockIdx.x - gemv_blocks;                                                                                    \
+            if (kbf16)                                                                                                                 \
+                mla_kv_entry_row(r, kx, kw, kn, keps, kpos, kinv, koff, khalf, kil, kscale, (uint16_t*)kv, kslots, klayer, knum_slots, kentry); \
+            else                                                                                                                       \
+                mla_kv_entry_row(r, kx, kw, kn, keps, kpos, kinv, koff, khalf, kil, kscale, (float*)kv, kslots, klayer, knum_slots, kentry); \
+            return;                                                                                                                    \
+        }                                                                                                                              \
+        gemv8_impl<WDT, MAXM, R, false, false, true>(X, W, S, Y, M, N, K, bn, bk, split, lanes, GemvHeads{},                           \
+                                                     GemvFuse{nullptr, nullptr, nullptr, 0, G, eps, pos, inv_freq, hs, off, half, scale}); \
+    }
 // up to 8 rows (decode at small batch; 2 output rows per warp) and up to 16 rows per launch
 // (larger batches, in slices; one output row per warp: 16 rows' accumulators leave no room)
 GEMV8(gemv8_f32w, WDT_F32, 8, 2)
@@ -381,3 +402,9 @@ GEMV8_FUSED(gemv8_fp8w, WDT_FP8, 8, 2)
 GEMV8_FUSED(gemv1_f32w, WDT_F32, 1, 4)
 GEMV8_FUSED(gemv1_bf16w, WDT_BF16, 1, 4)
 GEMV8_FUSED(gemv1_fp8w, WDT_FP8, 1, 4)
+GEMV8_NORM_KV(gemv8_f32w, WDT_F32, 8, 2)
+GEMV8_NORM_KV(gemv8_bf16w, WDT_BF16, 8, 2)
+GEMV8_NORM_KV(gemv8_fp8w, WDT_FP8, 8, 2)
+GEMV8_NORM_KV(gemv1_f32w, WDT_F32, 1, 4)
+GEMV8_NORM_KV(gemv1_bf16w, WDT_BF16, 1, 4)
+GEMV8_NORM_KV(gemv1_fp8w, WDT_FP8, 1, 4)

@@ -3,35 +3,16 @@
 // H200). Row r of `x` (kv_a's output, [T, entry] = [latent n | rope 2·half from `offset`]) gets
 // the norm over its first n columns and the rotary embedding, both in place with rms_norm_cols' and
 // rope's arithmetic (norm_row.h, rope.h), then goes to cache slot slots[r] of `layer` as kv_write
-// (f32) or kv_write_bf16 (rounded to nearest even) writes it. One block a row.
-#include "norm_row.h"
-#include "rope.h"
-#include "bf16.h"
-
-__device__ __forceinline__ void kv_store(float* d, float v) { *d = v; }
-__device__ __forceinline__ void kv_store(uint16_t* d, float v) { *d = (uint16_t)bf16_rne(v); }
-
-template <typename CT>
-__device__ void mla_kv_entry_impl(float* x, const float* w, int n, float eps, const uint32_t* positions, const float* inv_freq, int offset, int half,
-                                  int interleaved, float scale, CT* kv, const uint32_t* slots, int layer, int num_slots, int entry) {
-    const int r = blockIdx.x;
-    float* row = x + (int64_t)r * entry;
-    rms_norm_row(row, w, row, n, eps);
-    __syncthreads(); // the normed columns written by every thread before any thread reads the row
-    const float pos = (float)positions[r];
-    for (int i = threadIdx.x; i < half; i += blockDim.x) rope_pair(row + offset, i, half, interleaved, inv_freq[i], pos, scale);
-    __syncthreads();
-    CT* dst = kv + ((int64_t)layer * num_slots + slots[r]) * entry;
-    for (int e = threadIdx.x; e < entry; e += blockDim.x) kv_store(dst + e, row[e]);
-}
+// (f32) or kv_write_bf16 (rounded to nearest even) writes it (mla_kv_entry.h). One block a row.
+#include "mla_kv_entry.h"
 
 extern "C" __global__ void __launch_bounds__(256) mla_kv_entry(float* x, const float* w, int n, float eps, const uint32_t* positions, const float* inv_freq, int offset,
                                                                int half, int interleaved, float scale, float* kv, const uint32_t* slots, int layer,
                                                                int num_slots, int entry) { ENGINE_GRID_DEP();
-    mla_kv_entry_impl(x, w, n, eps, positions, inv_freq, offset, half, interleaved, scale, kv, slots, layer, num_slots, entry);
+    mla_kv_entry_row(blockIdx.x, x, w, n, eps, positions, inv_freq, offset, half, interleaved, scale, kv, slots, layer, num_slots, entry);
 }
 extern "C" __global__ void __launch_bounds__(256) mla_kv_entry_bf16(float* x, const float* w, int n, float eps, const uint32_t* positions, const float* inv_freq,
                                                                     int offset, int half, int interleaved, float scale, uint16_t* kv, const uint32_t* slots,
                                                                     int layer, int num_slots, int entry) { ENGINE_GRID_DEP();
-    mla_kv_entry_impl(x, w, n, eps, positions, inv_freq, offset, half, interleaved, scale, kv, slots, layer, num_slots, entry);
+    mla_kv_entry_row(blockIdx.x, x, w, n, eps, positions, inv_freq, offset, half, interleaved, scale, kv, slots, layer, num_slots, entry);
 }

@@ -486,6 +486,61 @@ fn mla_case<V: GpuVendor>(g: &GpuBackend<V>, c: &CpuBackend, rng: &mut Rng, d: &
     }
 }
 
+/// `norm_linear_kv_entry` (q_b's fused GEMV with the new cache entries in its tail blocks) against
+/// the two ops on the GPU — bit for bit, the query, the latent and the whole cache — at one row of
+/// FP8 (V3's q_b: `gemv1`) and 3 rows of bf16 (`gemv8`), f32 and bf16 caches, YaRN RoPE on both,
+/// random slots and positions; and the query against the f32 CPU ops.
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn norm_linear_with_cache_entries() {
+    common::on_gpu!(norm_linear_with_cache_entries_on)
+}
+
+fn norm_linear_with_cache_entries_on<V: GpuVendor>() {
+    use engine::backend::KvEntryOp;
+    let c = CpuBackend::new();
+    let mut rng = Rng::new(97);
+    let cfg = serde_json::json!({"rope_theta": 10000.0, "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}});
+    let f = engine::config::Fields::new("t", &cfg).unwrap();
+    let tables = RopeTables::new(&RopeConfig::parse(&f, 64, 163840, true).unwrap());
+    let (lora, entry, slots_total, eps, heads, k) = (512, 576, 300, 1e-6f32, 16, 1536);
+    for (rows, wt) in [(1, WType::Fp8), (3, WType::Bf16)] {
+        let w = host_linear(&mut rng, heads * 192, k, wt);
+        for bf16 in [false, true] {
+            let mut g = gpu::<V>();
+            g.attn_bf16 = bf16;
+            let gw = g.upload_linear(&w).unwrap();
+            let qn: Vec<f32> = (0..k).map(|_| 1.0 + 0.2 * rng.normal()).collect();
+            let kn: Vec<f32> = (0..lora).map(|_| 1.0 + 0.1 * rng.normal()).collect();
+            let (gqn, gkn) = (g.upload(1, k, &qn).unwrap(), g.upload(1, lora, &kn).unwrap());
+            let x = randn(&mut rng, rows * k, 1.0);
+            let lat = randn(&mut rng, rows * entry, 1.0);
+            let mut slots: Vec<u32> = Vec::new();
+            while slots.len() < rows {
+                let s = (rng.next_u64() % slots_total as u64) as u32;
+                if !slots.contains(&s) {
+                    slots.push(s);
+                }
+            }
+            let pos: Vec<u32> = (0..rows).map(|_| (rng.next_u64() % 100_000) as u32).collect();
+            let rope = RopeSite { positions: &pos, heads, head_stride: 192, offset: 128, tables: &tables };
+            let site = KvEntrySite { layer: 1, slots: &slots, positions: &pos, rope: &tables, offset: lora };
+            let gx = g.upload(rows, k, &x).unwrap();
+            let (mut fl, mut ol) = (g.upload(rows, entry, &lat).unwrap(), g.upload(rows, entry, &lat).unwrap());
+            let (mut fkv, mut okv) = (g.alloc_kv_cache(2, slots_total, entry).unwrap(), g.alloc_kv_cache(2, slots_total, entry).unwrap());
+            let fq = g.norm_linear_kv_entry(&gx, &gqn, eps, &gw, Some(&rope), KvEntryOp { latent: &mut fl, norm: &gkn, eps, kv: &mut fkv, site: &site }).unwrap();
+            let oq = engine::backend::norm_linear_kv_entry_by_ops(&g, &gx, &gqn, eps, &gw, Some(&rope), KvEntryOp { latent: &mut ol, norm: &gkn, eps, kv: &mut okv, site: &site }).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            let tag = format!("{rows} rows, bf16 cache {bf16}");
+            assert_eq!(bits(&g.download(&fq).unwrap()), bits(&g.download(&oq).unwrap()), "{tag}: fused query = the ops' query");
+            assert_eq!(bits(&g.download(&fl).unwrap()), bits(&g.download(&ol).unwrap()), "{tag}: fused latent = the ops' latent");
+            assert_eq!(bits(&fkv.buf.to_host().unwrap()), bits(&okv.buf.to_host().unwrap()), "{tag}: fused cache = the ops' cache");
+            let r = engine::backend::norm_linear_by_ops(&c, &c.upload(rows, k, &x).unwrap(), &c.upload(1, k, &qn).unwrap(), eps, &c.upload_linear(&w).unwrap(), Some(&rope)).unwrap();
+            check(&format!("norm_linear_kv_entry {tag}"), &g.download(&fq).unwrap(), &c.download(&r).unwrap(), F32_TOL);
+        }
+    }
+}
+
 /// The golden checkpoints through the whole model on the GPU: teacher-forced logprobs against
 /// transformers, prefill and decode.
 #[test]

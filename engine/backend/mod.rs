@@ -144,6 +144,22 @@ pub fn norm_linear_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, norm: &B::T
     Ok(y)
 }
 
+/// `Backend::norm_linear_kv_entry` as `norm_linear`, then `mla_kv_entry`.
+pub fn norm_linear_kv_entry_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, norm: &B::Tensor, eps: f32, w: &B::Linear, rope: Option<&RopeSite>, entry: KvEntryOp<B>) -> Result<B::Tensor, BackendError> {
+    let y = b.norm_linear(x, norm, eps, w, rope)?;
+    b.mla_kv_entry(entry.latent, entry.norm, entry.eps, entry.kv, entry.site)?;
+    Ok(y)
+}
+
+/// `Backend::mla_kv_entry`'s arguments, for an op that runs it alongside another.
+pub struct KvEntryOp<'a, B: Backend + ?Sized> {
+    pub latent: &'a mut B::Tensor,
+    pub norm: &'a B::Tensor,
+    pub eps: f32,
+    pub kv: &'a mut B::KvCache,
+    pub site: &'a KvEntrySite<'a>,
+}
+
 /// `Backend::mla_kv_entry` as the norm, RoPE and cache-write ops in turn.
 pub fn mla_kv_entry_by_ops<B: Backend + ?Sized>(b: &B, latent: &mut B::Tensor, norm: &B::Tensor, eps: f32, kv: &mut B::KvCache, site: &KvEntrySite) -> Result<(), BackendError> {
     b.rms_norm_cols(latent, 0, norm, eps)?;
@@ -219,6 +235,13 @@ pub trait Backend: Send + Sync + 'static {
     /// GPU does at decode sizes); by default the ops in turn.
     fn norm_linear(&self, x: &Self::Tensor, norm: &Self::Tensor, eps: f32, w: &Self::Linear, rope: Option<&RopeSite>) -> Result<Self::Tensor, BackendError> {
         norm_linear_by_ops(self, x, norm, eps, w, rope)
+    }
+    /// `norm_linear(x, norm, eps, w, rope)` and `mla_kv_entry` of `entry`: MLA's query (q_b of
+    /// q_a's normed output) and the new cache entries (of kv_a's output), both from the first
+    /// projections. Backends may run the two in one launch (the GPU does at decode sizes); by
+    /// default the two ops.
+    fn norm_linear_kv_entry(&self, x: &Self::Tensor, norm: &Self::Tensor, eps: f32, w: &Self::Linear, rope: Option<&RopeSite>, entry: KvEntryOp<Self>) -> Result<Self::Tensor, BackendError> {
+        norm_linear_kv_entry_by_ops(self, x, norm, eps, w, rope, entry)
     }
     /// silu(gate) · up, elementwise.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor, BackendError>;

@@ -1,6 +1,6 @@
 //! Multi-head latent attention (MLA), written against `Backend`.
 use super::{ModelError, WeightsCtx};
-use crate::backend::{rope_at, AttnSeq, Backend, KvEntrySite, MlaDims, RopeSite};
+use crate::backend::{rope_at, AttnSeq, Backend, KvEntryOp, KvEntrySite, MlaDims, RopeSite};
 use crate::config::RopeTables;
 
 enum QProj<B: Backend> {
@@ -61,21 +61,23 @@ impl<B: Backend> Mla<B> {
     pub fn forward(&self, b: &B, x: &B::Tensor, kv: &mut B::KvCache, layer: usize, a: &AttnInputs) -> Result<B::Tensor, ModelError> {
         let d = a.dims;
         // the query's first projection and kv_a read the same x (one launch where the backend
-        // can); the query's RoPE on each head's last qk_rope columns
+        // can); the query's RoPE on each head's last qk_rope columns; the new cache entries
+        // (kv_a's latent normed, rotated, written) alongside q_b where the backend can
         let rope = RopeSite { positions: a.positions, heads: d.num_heads, head_stride: d.qk_head(), offset: d.qk_nope, tables: a.rope };
-        let (q, mut latent) = match &self.q {
+        let site = KvEntrySite { layer, slots: a.new_slots, positions: a.positions, rope: a.rope, offset: d.kv_lora_rank };
+        let q = match &self.q {
             QProj::Lora { a: qa, norm, b: qb } => {
-                let (t, latent) = b.linear_pair(x, qa, &self.kv_a)?;
-                (b.norm_linear(&t, norm, a.eps, qb, Some(&rope))?, latent)
+                let (t, mut latent) = b.linear_pair(x, qa, &self.kv_a)?;
+                let entry = KvEntryOp { latent: &mut latent, norm: &self.kv_a_norm, eps: a.eps, kv: &mut *kv, site: &site };
+                b.norm_linear_kv_entry(&t, norm, a.eps, qb, Some(&rope), entry)?
             }
             QProj::Plain(p) => {
-                let (mut q, latent) = b.linear_pair(x, p, &self.kv_a)?;
+                let (mut q, mut latent) = b.linear_pair(x, p, &self.kv_a)?;
                 rope_at(b, &mut q, &rope)?;
-                (q, latent)
+                b.mla_kv_entry(&mut latent, &self.kv_a_norm, a.eps, kv, &site)?;
+                q
             }
         };
-        let site = KvEntrySite { layer, slots: a.new_slots, positions: a.positions, rope: a.rope, offset: d.kv_lora_rank };
-        b.mla_kv_entry(&mut latent, &self.kv_a_norm, a.eps, kv, &site)?;
         let attn = b.mla_attention(&q, kv, layer, a.seqs, &self.kv_b, d)?;
         Ok(b.linear(&attn, &self.o)?)
     }

@@ -339,6 +339,22 @@ fn decode_projections_pair_and_fold_the_norm() {
     }
     b.norm_linear(&q, &norm, 1e-6, &qb, None).unwrap();
     assert_eq!(names(&rt), ["gemv1_fp8w_norm"]);
+    // with the new cache entries: the same launch, one tail block a row past q_b's 192 (768 groups
+    // of 4 rows, K split over 2 warps: 4 groups a block); a slot list of another length (none: no
+    // cache write): the ops
+    {
+        use crate::backend::{KvEntryOp, KvEntrySite};
+        let tables = RopeTables::new(&RopeConfig::parse(&Fields::new("t", &cfg).unwrap(), 64, 4096, true).unwrap());
+        let rope = RopeSite { positions: &[5], heads: 16, head_stride: 192, offset: 128, tables: &tables };
+        let (mut kv, kv_norm) = (b.alloc_kv_cache(2, 16, 576).unwrap(), x(&b, 1, 512));
+        for (slots, want) in [(&[3u32][..], vec![("gemv1_fp8w_norm_kv", (192 + 1, 1, 1))]), (&[][..], vec![("gemv1_fp8w_norm", (192, 1, 1)), ("rms_norm_cols", (1, 1, 1)), ("rope", (1, 1, 1))])] {
+            let site = KvEntrySite { layer: 1, slots, positions: &[5], rope: &tables, offset: 512 };
+            let mut latent = x(&b, 1, 576);
+            let entry = KvEntryOp { latent: &mut latent, norm: &kv_norm, eps: 1e-6, kv: &mut kv, site: &site };
+            b.norm_linear_kv_entry(&q, &norm, 1e-6, &qb, Some(&rope), entry).unwrap();
+            assert_eq!(rt.take_launched().iter().map(|(n, g, _)| (n.as_str(), *g)).collect::<Vec<_>>(), want, "{} slots", slots.len());
+        }
+    }
     b.linear_pair(&x(&b, 2, 7168), &qa, &kva).unwrap();
     // (K split over the host runtime's 4 SMs, summed after)
     assert_eq!(names(&rt), ["linear_tc_fp8w", "linear_split_sum", "linear_tc_fp8w", "linear_split_sum"], "2 rows: swap-AB, one a weight");

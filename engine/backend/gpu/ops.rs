@@ -34,6 +34,13 @@ pub struct GpuLinear {
     pub wuk_t: Option<Box<GpuLinear>>,
 }
 
+/// Whether the new cache entries of `latent` take one launch (mla_kv_entry.hip, or the tail of
+/// q_b's fused GEMV): each row has its slot and position and is a whole entry.
+pub(super) fn kv_entry_one_launch(latent: &GpuTensor, kv: &GpuKvCache, site: &KvEntrySite) -> bool {
+    let rows = latent.rows;
+    rows > 0 && site.slots.len() == rows && site.positions.len() == rows && latent.cols == kv.entry && site.offset + 2 * site.rope.half <= latent.cols
+}
+
 pub(super) fn wdt_suffix(w: u8) -> &'static str {
     match w {
         0 => "f32w",
@@ -415,6 +422,13 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
         }
     }
 
+    fn norm_linear_kv_entry(&self, x: &GpuTensor, norm: &GpuTensor, eps: f32, w: &GpuLinear, rope: Option<&crate::backend::RopeSite>, mut entry: crate::backend::KvEntryOp<Self>) -> Result<GpuTensor, BackendError> {
+        match self.norm_linear_kv_entry_gemv(x, norm, eps, w, rope, &mut entry)? {
+            Some(y) => Ok(y),
+            None => crate::backend::norm_linear_kv_entry_by_ops(self, x, norm, eps, w, rope, entry),
+        }
+    }
+
     fn silu_mul(&self, gate: &GpuTensor, up: &GpuTensor) -> Result<GpuTensor, BackendError> {
         self.span("activation", || {
             let f = self.func(EW, "silu_mul")?;
@@ -475,11 +489,10 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
     }
 
     fn mla_kv_entry(&self, latent: &mut GpuTensor, norm: &GpuTensor, eps: f32, kv: &mut GpuKvCache, site: &KvEntrySite) -> Result<(), BackendError> {
-        // one launch (mla_kv_entry.hip) where each row has its slot and position and is a whole entry
-        let (rows, r) = (latent.rows, site.rope);
-        if rows == 0 || site.slots.len() != rows || site.positions.len() != rows || latent.cols != kv.entry || site.offset + 2 * r.half > latent.cols {
+        if !kv_entry_one_launch(latent, kv, site) {
             return crate::backend::mla_kv_entry_by_ops(self, latent, norm, eps, kv, site);
         }
+        let (rows, r) = (latent.rows, site.rope);
         self.span("attention", || {
             let f = self.func(KV_ENTRY, if kv.bf16 { "mla_kv_entry_bf16" } else { "mla_kv_entry" })?;
             let (pos, slots) = (self.idx(site.positions)?, self.idx(site.slots)?);
