@@ -218,6 +218,16 @@ __device__ __forceinline__ void moe_rows_sum(const uint8_t* const (&rows)[R], co
 // of blocks, each warp striding over (pair, row group) items; a grid of a block column per pair
 // ran 1.3 waves at batch 1 on the H200, the last third of the time on a third of the SMs)
 #define MOE_PAIR_BLOCKS_PER_SM 2
+// ... and of gate/up's second copy (`_wide`), for launches of at least two waves' items at two
+// (V3's experts whole: 1,024 row groups a pair): three on NVIDIA (80 registers, no spills on
+// sm_90a; down would spill), more warps resident in turn. H200 steps, 4-layer V3 batch 1 / 4:
+// 1.488-1.491 / 2.699-2.753 ms -> 1.461-1.464 / 2.648; a TP8 rank's fewer items lost at batch 4
+// (0.475 -> 0.479-0.487: the register cap) and keep the first copy. CDNA: the same bound (unmeasured).
+#if defined(__AMDGCN__)
+#define MOE_GU_WIDE_BLOCKS_PER_SM MOE_PAIR_BLOCKS_PER_SM
+#else
+#define MOE_GU_WIDE_BLOCKS_PER_SM 3
+#endif
 
 // The gate and up dot products of rows i0 .. i0+RG-1 (past I: row I - 1 again, not to be written)
 // of one expert into acc (gate rows, then up rows), lanes in groups of g, K part `part` of `ks`,
@@ -356,13 +366,17 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
     }
 }
 
-#define MOE_KERNELS(SUF, WDT)                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_gate_up_##SUF(                                          \
-        const float* x, const int32_t* ids, const uint8_t* wg, const float* sg, const uint8_t* wu, const float* su, float* h, int pairs,   \
-        int top_k, int I, int H, int bn, int bk, int e0, int ne, int ks, const uint8_t* wg2, const float* sg2, const uint8_t* wu2,         \
-        const float* su2, int from2) { ENGINE_GRID_DEP();                                                                              \
+#define MOE_GATE_UP(NAME, BOUND, WDT)                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256, BOUND) NAME(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg,    \
+                                                                  const uint8_t* wu, const float* su, float* h, int pairs, int top_k, int I,  \
+                                                                  int H, int bn, int bk, int e0, int ne, int ks, const uint8_t* wg2,         \
+                                                                  const float* sg2, const uint8_t* wu2, const float* su2, int from2) {       \
+        ENGINE_GRID_DEP();                                                                                                             \
         moe_gate_up_impl<WDT>(x, ids, wg, sg, wu, su, h, pairs, top_k, I, H, bn, bk, e0, ne, ks, wg2, sg2, wu2, su2, from2);               \
-    }                                                                                                                                  \
+    }
+#define MOE_KERNELS(SUF, WDT)                                                                                                          \
+    MOE_GATE_UP(moe_gate_up_##SUF, MOE_PAIR_BLOCKS_PER_SM, WDT)                                                                        \
+    MOE_GATE_UP(moe_gate_up_wide_##SUF, MOE_GU_WIDE_BLOCKS_PER_SM, WDT)                                                                \
     extern "C" __global__ void __launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_down_##SUF(                                             \
         const float* h, const int32_t* ids, const float* weights, const uint8_t* wd, const float* sd, float* out, int pairs, int top_k,    \
         int I, int H, int bn, int bk, int e0, int ne, const uint8_t* wd2, const float* sd2, int from2) { ENGINE_GRID_DEP();                 \

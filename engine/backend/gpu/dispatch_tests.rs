@@ -155,7 +155,8 @@ fn moe_fp8_activations_take_the_fp8_mma_kernels() {
     // 80 pairs: at most 5 full tiles + one partial per expert; x's 20 rows, then the 80 positions
     let tiles = 80usize.div_ceil(16) as u32 + 16;
     assert_eq!((l[1].1, l[2].1, l[3].1, l[4].1), ((20, 1, 1), (8, tiles, 1), (80, 1, 1), (4, tiles, 1)));
-    assert_eq!(run(&b, 7)[0].0, "moe_gate_up_fp8w", "below 8 tokens: the per-pair kernels");
+    // (28 pairs × 256 row groups: two waves' worth on the host runtime's 4 SMs, gate/up's second copy)
+    assert_eq!(run(&b, 7)[0].0, "moe_gate_up_wide_fp8w", "below 8 tokens: the per-pair kernels");
     b.tuned.moe_f8_max_rows = 0;
     assert_eq!(run(&b, 20)[1].0, "moe_gate_up_tc_fp8w", "threshold 0: f32 activations");
     b.tuned.moe_f8_max_rows = 511;
@@ -169,14 +170,15 @@ fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
     let c = MoeCase::new(&b, 256, 128, 16);
     let (hidden, gate, p) = (c.hidden, &c.gate, &c.p);
     let run = |tokens: usize| c.expert_launches(&b, &rt, tokens).into_iter().map(|(n, _, _)| n).collect::<Vec<_>>();
-    assert_eq!(run(7), ["moe_gate_up_fp8w", "moe_down_fp8w"], "below 8 tokens: the per-pair kernels");
-    // their grid: one wave (2 blocks an SM, 4 SMs here) of 8-warp blocks over (pair, row group)
-    // items, fewer when the items run out (1 token of hidden 32, inter 16: short rows take groups
+    assert_eq!(run(7), ["moe_gate_up_wide_fp8w", "moe_down_fp8w"], "below 8 tokens: the per-pair kernels");
+    // their grid: one wave (2 blocks an SM, 4 SMs here; gate/up's second copy, taken from two
+    // waves' items (7 tokens: 896), 3) of 8-warp blocks over (pair, row group) items, fewer when
+    // the items run out (1 token of hidden 32, inter 16: short rows take groups
     // of lanes — gate/up rows of 32 FP8 weights 2 lanes, so 16 groups × 2 rows a warp, all 16
     // rows of a pair in one item; down rows of 16 one lane, 128 rows a warp — so 4 pairs are 4
     // items, one block each launch)
     let grids = |c: &MoeCase, tokens: usize| c.expert_launches(&b, &rt, tokens).into_iter().map(|(_, g, _)| g).collect::<Vec<_>>();
-    assert_eq!(grids(&c, 7), [(8, 1, 1), (8, 1, 1)]);
+    assert_eq!(grids(&c, 7), [(12, 1, 1), (8, 1, 1)]);
     assert_eq!(grids(&MoeCase::new(&b, 32, 16, 16), 1), [(1, 1, 1), (1, 1, 1)]);
     // rows of a warp or more whose items do not fill the grid: warps share an item, each a part
     // of K (gate/up only; 1 token of hidden 512, inter 16: 4 pairs × 8 items in 64 warps, 2
@@ -219,13 +221,14 @@ fn shared_experts_of_one_row_fold_into_the_routed_launches() {
         (names(&rt), args)
     };
     let (n, args) = run(1, &same);
-    assert_eq!(n, ["moe_gate_up_fp8w", "moe_down_fp8w"]);
+    // (5 pairs × 32 row groups: two waves' worth on 4 SMs, gate/up's second copy)
+    assert_eq!(n, ["moe_gate_up_wide_fp8w", "moe_down_fp8w"]);
     // gate/up: pairs (argument 7) 4 routed + 1 shared, the second set from pair 4 (argument 20);
     // down: the same pairs (6), from pair 4 (16)
     assert_eq!((args[0][7], args[0][20], args[1][6], args[1][16]), (5, 4, 5, 4));
-    assert_eq!(run(1, &other).0, ["moe_gate_up_fp8w", "moe_down_fp8w", "moe_gate_up_fp8w", "moe_down_fp8w"]);
+    assert_eq!(run(1, &other).0, ["moe_gate_up_wide_fp8w", "moe_down_fp8w", "moe_gate_up_fp8w", "moe_down_fp8w"]);
     let (n2, _) = run(2, &same);
-    assert_eq!((n2[0].as_str(), n2.last().map(String::as_str)), ("moe_gate_up_fp8w", Some("add_inplace")), "{n2:?}");
+    assert_eq!((n2[0].as_str(), n2.last().map(String::as_str)), ("moe_gate_up_wide_fp8w", Some("add_inplace")), "{n2:?}");
 }
 
 /// A MoE layer's shared experts at one row run the per-pair kernels on the MLP's own weights (no

@@ -14,6 +14,15 @@ const MOE: &str = "hip-kernels/moe.hip";
 /// The kernels' launch bound (blocks resident per multiprocessor) and the gate/up and down rows a
 /// warp's item covers
 const MOE_PAIR_BLOCKS_PER_SM: usize = 2;
+/// ... gate/up's second copy's on NVIDIA (moe.hip's MOE_GU_WIDE_BLOCKS_PER_SM; CDNA: the above)
+const MOE_GU_WIDE_BLOCKS_PER_SM_NVIDIA: usize = 3;
+
+/// Whether gate/up's `items` take its second copy (`_wide`: more blocks resident, fewer registers
+/// a thread): at least two waves' items at the first copy's bound (`wave_warps`), where more warps
+/// in flight pay (V3's whole experts) and the register cap does not (a TP8 rank's few items).
+fn gate_up_wide(items: usize, wave_warps: usize) -> bool {
+    items >= 2 * wave_warps
+}
 const MOE_GU_ROWS: usize = 2;
 const MOE_DOWN_ROWS: usize = 4;
 
@@ -80,15 +89,18 @@ impl<V: GpuVendor> GpuBackend<V> {
         let ve = chunk_elems(w.wdt);
         let vec = |k: usize| k.is_multiple_of(ve) && (w.wdt != 2 || (w.bk as usize).is_multiple_of(ve));
         let per_item = |k: usize, rows: usize| if vec(k) { rows * (warp / row_lanes(k, ve, warp)) } else { 1 };
-        let (wpb, most) = (self.warps_per_block(), self.sms * MOE_PAIR_BLOCKS_PER_SM);
-        let grid = |items: usize| (items.div_ceil(wpb).min(most) as u32, 1);
+        let wpb = self.warps_per_block();
+        let most = self.sms * MOE_PAIR_BLOCKS_PER_SM;
+        let grid = |items: usize, most: usize| (items.div_ceil(wpb).min(most) as u32, 1);
         // gate/up items (pair, row group) and the warps that share each (a K part a warp)
         let gu_items = pairs * w.inter.div_ceil(per_item(w.hidden, MOE_GU_ROWS));
         // (moe.hip's MOE_K_SPLIT: NVIDIA only)
         let split = V::SOURCE == Vendor::Nvidia && vec(w.hidden) && row_lanes(w.hidden, ve, warp) == warp;
-        let ks = if split { k_split(gu_items, most * wpb, wpb) } else { 1 };
+        let wide = gate_up_wide(gu_items, most * wpb);
+        let gu_most = if wide { self.sms * if V::SOURCE == Vendor::Nvidia { MOE_GU_WIDE_BLOCKS_PER_SM_NVIDIA } else { MOE_PAIR_BLOCKS_PER_SM } } else { most };
+        let ks = if split { k_split(gu_items, gu_most * wpb, wpb) } else { 1 };
         let ks_arg = ks as i32;
-        let f = self.func(MOE, &format!("moe_gate_up_{}", wdt_suffix(w.wdt)))?;
+        let f = self.func(MOE, &format!("moe_gate_up{}_{}", if wide { "_wide" } else { "" }, wdt_suffix(w.wdt)))?;
         let mut b = self.launch(&f);
         b.arg(&x.buf);
         match r {
@@ -97,7 +109,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         };
         b.arg(w.gate.0).arg(w.gate.1).arg(w.up.0).arg(w.up.1).arg(&mut h).arg(&np).arg(&k).arg(&i).arg(&hd).arg(&w.bn).arg(&w.bk).arg(&w.e0).arg(&w.ne).arg(&ks_arg);
         b.arg(s.gate.0).arg(s.gate.1).arg(s.up.0).arg(s.up.1).arg(&f2);
-        b.run(cfg(grid(gu_items * ks), 256, 0)).map_err(err("moe_gate_up"))?;
+        b.run(cfg(grid(gu_items * ks, gu_most), 256, 0)).map_err(err("moe_gate_up"))?;
         let f = self.func(MOE, &format!("moe_down_{}", wdt_suffix(w.wdt)))?;
         let mut b = self.launch(&f);
         b.arg(&h);
@@ -107,7 +119,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         };
         b.arg(w.down.0).arg(w.down.1).arg(out).arg(&np).arg(&k).arg(&i).arg(&hd).arg(&w.bn).arg(&w.bk).arg(&w.e0).arg(&w.ne);
         b.arg(s.down.0).arg(s.down.1).arg(&f2);
-        b.run(cfg(grid(pairs * w.hidden.div_ceil(per_item(w.inter, MOE_DOWN_ROWS))), 256, 0)).map_err(err("moe_down"))
+        b.run(cfg(grid(pairs * w.hidden.div_ceil(per_item(w.inter, MOE_DOWN_ROWS)), most), 256, 0)).map_err(err("moe_down"))
     }
 }
 
@@ -143,11 +155,20 @@ mod tests {
     #[test]
     fn moe_pair_grid_mirrors_the_kernel() {
         let src = include_str!("../../../hip-kernels/moe.hip");
-        for (name, v) in [("MOE_PAIR_BLOCKS_PER_SM", MOE_PAIR_BLOCKS_PER_SM), ("MOE_GU_ROWS", MOE_GU_ROWS), ("MOE_DOWN_ROWS", MOE_DOWN_ROWS)] {
+        for (name, v) in [("MOE_PAIR_BLOCKS_PER_SM", MOE_PAIR_BLOCKS_PER_SM), ("MOE_GU_WIDE_BLOCKS_PER_SM", MOE_GU_WIDE_BLOCKS_PER_SM_NVIDIA), ("MOE_GU_ROWS", MOE_GU_ROWS), ("MOE_DOWN_ROWS", MOE_DOWN_ROWS)] {
             assert!(src.contains(&format!("#define {name} {v}\n")), "{name} {v}");
         }
-        assert!(src.contains("__launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_gate_up_") && src.contains("__launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_down_"));
+        assert!(src.contains("MOE_GATE_UP(moe_gate_up_##SUF, MOE_PAIR_BLOCKS_PER_SM, WDT)") && src.contains("MOE_GATE_UP(moe_gate_up_wide_##SUF, MOE_GU_WIDE_BLOCKS_PER_SM, WDT)"));
+        assert!(src.contains("__launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_down_"));
         assert!(src.contains("while (g < WARP && g * VE < K) g *= 2;"), "moe_lanes is gemv.rs's row_lanes");
+    }
+
+    #[test]
+    fn gate_up_copy_by_items() {
+        // H200 at two blocks an SM: 2,112 warps. A TP8 rank's 9 pairs at batch 1 (1,152 items) and
+        // 32 at batch 4 (4,096) keep the first copy; V3's 9 pairs of 1,024 row groups take the second
+        assert!(!gate_up_wide(1152, 2112) && !gate_up_wide(4096, 2112));
+        assert!(gate_up_wide(9216, 2112) && gate_up_wide(4224, 2112));
     }
 
     #[test]
