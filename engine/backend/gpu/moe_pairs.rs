@@ -14,7 +14,10 @@ const MOE: &str = "hip-kernels/moe.hip";
 /// The kernels' launch bound (blocks resident per multiprocessor) and the gate/up and down rows a
 /// warp's item covers
 const MOE_PAIR_BLOCKS_PER_SM: usize = 2;
-/// ... gate/up's second copy's on NVIDIA (moe.hip's MOE_GU_WIDE_BLOCKS_PER_SM; CDNA: the above)
+const MOE_GU_ROWS: usize = 2;
+const MOE_DOWN_ROWS: usize = 4;
+/// The launch bound of gate/up's second copy on NVIDIA (moe.hip's MOE_GU_WIDE_BLOCKS_PER_SM;
+/// CDNA: MOE_PAIR_BLOCKS_PER_SM)
 const MOE_GU_WIDE_BLOCKS_PER_SM_NVIDIA: usize = 3;
 
 /// Whether gate/up's `items` take its second copy (`_wide`: more blocks resident, fewer registers
@@ -23,8 +26,6 @@ const MOE_GU_WIDE_BLOCKS_PER_SM_NVIDIA: usize = 3;
 fn gate_up_wide(items: usize, wave_warps: usize) -> bool {
     items >= 2 * wave_warps
 }
-const MOE_GU_ROWS: usize = 2;
-const MOE_DOWN_ROWS: usize = 4;
 
 /// One set of stacked expert weights as the kernels read them (experts `e0 .. e0 + ne`).
 struct PairWeights<'a> {
