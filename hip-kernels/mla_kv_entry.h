@@ -13,8 +13,8 @@ __device__ __forceinline__ void kv_store(float* d, float v) { *d = v; }
 __device__ __forceinline__ void kv_store(uint16_t* d, float v) { *d = (uint16_t)bf16_rne(v); }
 
 template <typename CT>
-__device__ void mla_kv_entry_row(int r, float* x, const float* w, int n, float eps, const uint32_t* positions, const float* inv_freq, int offset, int half,
-                                 int interleaved, float scale, CT* kv, const uint32_t* slots, int layer, int num_slots, int entry) {
+__device__ __forceinline__ void mla_kv_entry_row(int r, float* x, const float* w, int n, float eps, const uint32_t* positions, const float* inv_freq, int offset, int half,
+                                                 int interleaved, float scale, CT* kv, const uint32_t* slots, int layer, int num_slots, int entry) {
     float* row = x + (int64_t)r * entry;
     rms_norm_row(row, w, row, n, eps);
     __syncthreads(); // the normed columns written by every thread before any thread reads the row

@@ -257,7 +257,7 @@ __device__ __forceinline__ void moe_gu_dot(const float* xt, const uint8_t* g, co
 // K, the parts added in order through shared memory: each warp's chain of loads along K is 1/ks
 // as long (one warp an item left most warps idle and the rest 7 load rounds deep at H = 7,168).
 template <int WDT>
-__device__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg, const uint8_t* wu,
+__device__ __forceinline__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg, const uint8_t* wu,
                                  const float* su, float* h, int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne, int ks_arg,
                                  const uint8_t* wg2, const float* sg2, const uint8_t* wu2, const float* su2, int from2) {
     const int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
