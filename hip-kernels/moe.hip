@@ -221,8 +221,9 @@ __device__ __forceinline__ void moe_rows_sum(const uint8_t* const (&rows)[R], co
 // ... and of gate/up's second copy (`_wide`), for launches of at least two waves' items at two
 // (V3's experts whole: 1,024 row groups a pair): three on NVIDIA (80 registers, no spills on
 // sm_90a; down would spill), more warps resident in turn. H200 steps, 4-layer V3 batch 1 / 4:
-// 1.488-1.491 / 2.699-2.753 ms -> 1.461-1.464 / 2.648; a TP8 rank's fewer items lost at batch 4
-// (0.475 -> 0.479-0.487: the register cap) and keep the first copy. CDNA: the same bound (unmeasured).
+// 1.501-1.515 / 2.752-2.759 ms -> 1.472-1.475 / 2.703-2.704; a TP8 rank's fewer items lost at
+// batch 4 with it (0.475 -> 0.479-0.487: the register cap) and keep the first copy (docs/
+// BENCHMARKS.md, nineteenth session). CDNA: the same bound as the first (unmeasured).
 #if defined(__AMDGCN__)
 #define MOE_GU_WIDE_BLOCKS_PER_SM MOE_PAIR_BLOCKS_PER_SM
 #else
@@ -258,8 +259,8 @@ __device__ __forceinline__ void moe_gu_dot(const float* xt, const uint8_t* g, co
 // as long (one warp an item left most warps idle and the rest 7 load rounds deep at H = 7,168).
 template <int WDT>
 __device__ __forceinline__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg, const uint8_t* wu,
-                                 const float* su, float* h, int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne, int ks_arg,
-                                 const uint8_t* wg2, const float* sg2, const uint8_t* wu2, const float* su2, int from2) {
+                                                 const float* su, float* h, int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne,
+                                                 int ks_arg, const uint8_t* wg2, const float* sg2, const uint8_t* wu2, const float* su2, int from2) {
     const int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
     const int gw = blockIdx.x * nw + w, warps = gridDim.x * nw;
     const int kb = (H + bk - 1) / bk;
