@@ -264,7 +264,7 @@ fn linear_pair_and_norm_linear_on<V: GpuVendor>() {
             for m in [1, 3, 8, 12] {
                 // rows of different scales: each row's own norm
                 let x: Vec<f32> = (0..m * k).map(|i| rng.normal() * (1.0 + (i / k) as f32)).collect();
-                let pos: Vec<u32> = (0..m).map(|_| (rng.next_u64() % 100_000) as u32).collect();
+                let pos = positions(&mut rng, m);
                 for rope in [None, Some(&tables[0]), Some(&tables[1])] {
                     let site = rope.map(|tables| RopeSite { positions: &pos, heads, head_stride: hs, offset: off, tables });
                     let y = g.norm_linear(&g.upload(m, k, &x).unwrap(), &gn, 1e-6, &gw, site.as_ref()).unwrap();
@@ -300,14 +300,8 @@ fn mla_kv_entry_fused_on<V: GpuVendor>() {
         for rows in [1, 5] {
             let x = randn(&mut rng, rows * entry, 1.0);
             let w: Vec<f32> = (0..lora).map(|_| 1.0 + 0.1 * rng.normal()).collect();
-            let mut slots: Vec<u32> = Vec::new();
-            while slots.len() < rows {
-                let s = (rng.next_u64() % slots_total as u64) as u32;
-                if !slots.contains(&s) {
-                    slots.push(s);
-                }
-            }
-            let pos: Vec<u32> = (0..rows).map(|_| (rng.next_u64() % 100_000) as u32).collect();
+            let slots = distinct_slots(&mut rng, rows, slots_total);
+            let pos = positions(&mut rng, rows);
             let site = KvEntrySite { layer: 1, slots: &slots, positions: &pos, rope: &rope, offset: lora };
             let gw = g.upload(1, lora, &w).unwrap();
             let (mut fx, mut ox) = (g.upload(rows, entry, &x).unwrap(), g.upload(rows, entry, &x).unwrap());
@@ -515,14 +509,8 @@ fn norm_linear_with_cache_entries_on<V: GpuVendor>() {
             let (gqn, gkn) = (g.upload(1, k, &qn).unwrap(), g.upload(1, lora, &kn).unwrap());
             let x = randn(&mut rng, rows * k, 1.0);
             let lat = randn(&mut rng, rows * entry, 1.0);
-            let mut slots: Vec<u32> = Vec::new();
-            while slots.len() < rows {
-                let s = (rng.next_u64() % slots_total as u64) as u32;
-                if !slots.contains(&s) {
-                    slots.push(s);
-                }
-            }
-            let pos: Vec<u32> = (0..rows).map(|_| (rng.next_u64() % 100_000) as u32).collect();
+            let slots = distinct_slots(&mut rng, rows, slots_total);
+            let pos = positions(&mut rng, rows);
             let rope = RopeSite { positions: &pos, heads, head_stride: 192, offset: 128, tables: &tables };
             let site = KvEntrySite { layer: 1, slots: &slots, positions: &pos, rope: &tables, offset: lora };
             let gx = g.upload(rows, k, &x).unwrap();

@@ -26,6 +26,23 @@ pub fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.normal() * scale).collect()
 }
 
+/// `n` distinct cache slots below `total`, drawn in turn.
+pub fn distinct_slots(rng: &mut Rng, n: usize, total: usize) -> Vec<u32> {
+    let mut slots: Vec<u32> = Vec::new();
+    while slots.len() < n {
+        let s = (rng.next_u64() % total as u64) as u32;
+        if !slots.contains(&s) {
+            slots.push(s);
+        }
+    }
+    slots
+}
+
+/// `n` token positions below 100,000.
+pub fn positions(rng: &mut Rng, n: usize) -> Vec<u32> {
+    (0..n).map(|_| (rng.next_u64() % 100_000) as u32).collect()
+}
+
 /// ‖a − b‖ / ‖b‖ in f64; NaN anywhere fails.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "length");
