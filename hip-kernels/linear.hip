@@ -4,7 +4,9 @@
 // A LT_BM × LT_BN output tile per block of 256 threads, 8 × 4 outputs per thread (three 16-byte
 // shared loads a 32 FMAs), K in steps of LT_KT: the next step's x and W are loaded into registers
 // while the current one is multiplied out of shared memory (two buffers, one barrier a step).
-// x rows load as float4 where K % 4 == 0, element by element otherwise.
+// x rows load as float4 where K % 4 == 0, element by element otherwise. Split K (the router's
+// few output tiles): block z sums K [z · kc, (z + 1) · kc) into its own [M, N] of Y (kc a
+// multiple of LT_KT), and the reader adds the parts in z order (moe_route); kc = K: no split.
 #include "common.h"
 #include "mla_kv_entry.h"
 #include "rope.h"
@@ -18,11 +20,12 @@
 
 template <int WDT>
 __device__ void linear_impl(const float* __restrict__ X, const uint8_t* __restrict__ W, const float* __restrict__ S, float* __restrict__ Y,
-                            int M, int N, int K, int bn, int bk) {
+                            int M, int N, int K, int bn, int bk, int kc) {
     __shared__ __align__(16) float xs[2][LT_KT][LT_XP];
     __shared__ __align__(16) float ws[2][LT_KT][LT_WP];
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16; // outputs: rows ty·8 .., columns tx·4 ..
-    const int m0 = blockIdx.y * LT_BM, n0 = blockIdx.x * LT_BN;
+    const int m0 = blockIdx.y * LT_BM, n0 = blockIdx.x * LT_BN, kbeg = blockIdx.z * kc, kend = min(K, kbeg + kc);
+    Y += (int64_t)blockIdx.z * M * N;
     const int kblocks = (K + bk - 1) / bk;
     const bool vec = K % 4 == 0;
     // staging: 4 k a thread (k 4·sc ..) of x rows sr and sr + 64 and of W row sr
@@ -32,17 +35,17 @@ __device__ void linear_impl(const float* __restrict__ X, const uint8_t* __restri
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int gm = m0 + sr + 64 * h, gk = k0 + 4 * sc;
-            if (vec && gm < M && gk + 3 < K) {
+            if (vec && gm < M && gk + 3 < kend) {
                 const float4 v = *(const float4*)&X[(int64_t)gm * K + gk];
                 xv[h][0] = v.x, xv[h][1] = v.y, xv[h][2] = v.z, xv[h][3] = v.w;
             } else {
 #pragma unroll
-                for (int j = 0; j < 4; ++j) xv[h][j] = (gm < M && gk + j < K) ? X[(int64_t)gm * K + gk + j] : 0.f;
+                for (int j = 0; j < 4; ++j) xv[h][j] = (gm < M && gk + j < kend) ? X[(int64_t)gm * K + gk + j] : 0.f;
             }
         }
         const int gn = n0 + sr, gk = k0 + 4 * sc;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) wv[j] = (gn < N && gk + j < K) ? load_w<WDT>(W, S, gn, gk + j, K, bn, bk, kblocks) : 0.f;
+        for (int j = 0; j < 4; ++j) wv[j] = (gn < N && gk + j < kend) ? load_w<WDT>(W, S, gn, gk + j, K, bn, bk, kblocks) : 0.f;
     };
     auto store = [&](int b) {
 #pragma unroll
@@ -57,11 +60,11 @@ __device__ void linear_impl(const float* __restrict__ X, const uint8_t* __restri
     for (int i = 0; i < 8; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-    load(0);
+    load(kbeg);
     store(0);
     __syncthreads();
-    for (int k0 = 0, b = 0; k0 < K; k0 += LT_KT, b ^= 1) {
-        const bool more = k0 + LT_KT < K;
+    for (int k0 = kbeg, b = 0; k0 < kend; k0 += LT_KT, b ^= 1) {
+        const bool more = k0 + LT_KT < kend;
         if (more) load(k0 + LT_KT); // in flight during the products below
 #pragma unroll
         for (int kk = 0; kk < LT_KT; ++kk) {
@@ -90,9 +93,9 @@ __device__ void linear_impl(const float* __restrict__ X, const uint8_t* __restri
 
 // (256 threads: launch bounds let CDNA's compiler give each lane the registers of a 256-thread
 // block instead of a 1024-thread one's, where the 8×4 tile spilled)
-extern "C" __global__ void __launch_bounds__(256) linear_f32w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { ENGINE_GRID_DEP(); linear_impl<WDT_F32>(X, W, S, Y, M, N, K, bn, bk); }
-extern "C" __global__ void __launch_bounds__(256) linear_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { ENGINE_GRID_DEP(); linear_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk); }
-extern "C" __global__ void __launch_bounds__(256) linear_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk) { ENGINE_GRID_DEP(); linear_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk); }
+extern "C" __global__ void __launch_bounds__(256) linear_f32w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, int kc) { ENGINE_GRID_DEP(); linear_impl<WDT_F32>(X, W, S, Y, M, N, K, bn, bk, kc); }
+extern "C" __global__ void __launch_bounds__(256) linear_bf16w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, int kc) { ENGINE_GRID_DEP(); linear_impl<WDT_BF16>(X, W, S, Y, M, N, K, bn, bk, kc); }
+extern "C" __global__ void __launch_bounds__(256) linear_fp8w(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, int kc) { ENGINE_GRID_DEP(); linear_impl<WDT_FP8>(X, W, S, Y, M, N, K, bn, bk, kc); }
 
 // Decode path (M <= GEMV_MAX_M rows of x): one warp per output row, lanes striding along K so the
 // weight row is read once, coalesced; every token's partial sum lives in registers. Memory-bound

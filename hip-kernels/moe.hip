@@ -18,7 +18,8 @@
 // group's score; then the picks among the parts' first top_k only (whatever beats a pick beats it
 // in its own part too, so the picks and their ranks are those over all experts): V3's 256 experts
 // compare 32 + 64 values each instead of 256 (one pass over all E: ~6 µs of a batch-1 MoE layer
-// on the H200; the single warp before it, picking one at a time: ~15 µs).
+// on the H200; the single warp before it, picking one at a time: ~15 µs). The logits come in
+// `parts` K parts of [tokens, E] each (the router's split-K tiles, linear.hip), added in order.
 #define ROUTE_CAND (1024 + 64)
 // the in-part rank's eight loads a round unrolled on NVIDIA; CDNA keeps the loop (unrolled, it
 // spilled 47 of gfx942's scalar registers)
@@ -27,7 +28,7 @@
 #else
 #define ROUTE_UNROLL _Pragma("unroll")
 #endif
-extern "C" __global__ void moe_route(const float* __restrict__ logits, const float* __restrict__ bias, int has_bias, int E, int top_k,
+extern "C" __global__ void moe_route(const float* __restrict__ logits, int parts, const float* __restrict__ bias, int has_bias, int E, int top_k,
                                      int n_group, int topk_group, int method, int softmax_scoring, int norm_topk_prob, float scaling,
                                      int32_t* __restrict__ ids, float* __restrict__ weights) { ENGINE_GRID_DEP();
     __shared__ float scores[1024];
@@ -38,7 +39,11 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, const flo
     __shared__ int picked[64];
     const int t = blockIdx.x, e = threadIdx.x;
     const bool live = e < E;
-    const float l = live ? logits[(int64_t)t * E + e] : -ENGINE_INF;
+    float l = -ENGINE_INF;
+    if (live) {
+        l = logits[(int64_t)t * E + e];
+        for (int p = 1; p < parts; ++p) l += logits[((int64_t)p * gridDim.x + t) * E + e];
+    }
     const float b = live && has_bias ? bias[e] : 0.f;
     float sc;
     if (softmax_scoring) {

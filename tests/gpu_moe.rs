@@ -95,7 +95,8 @@ fn moe_on<V: GpuVendor>(g: &GpuBackend<V>, t: usize, tol: f64) {
 /// Routing alone, against the CPU's rules exactly (ids) on 48 tokens: router rows repeated in
 /// runs (tied logits, so that ties inside and across groups are broken by the lower id), V3's
 /// noaux_tc with tied bias, greedy over 256 and over 72 experts (runs of a warp, a short last
-/// run), group-limited greedy, and groups of one expert.
+/// run), group-limited greedy, and groups of one expert; then V3's router (256 experts of
+/// hidden 7,168, bf16) at 9 and 256 tokens, whose CUDA-core tiles are split over K (router.rs).
 #[test]
 #[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn moe_route_ties_and_groups() {
@@ -128,6 +129,18 @@ fn moe_route_ties_and_groups_on<V: GpuVendor>() {
         assert_eq!(gids, cr.ids, "{} experts, {:?}: routed experts", p.n_experts, p.method);
         let gw: Vec<f32> = gr.weights.to_host().unwrap();
         check(&format!("moe_route {} experts {:?} weights", p.n_experts, p.method), &gw[..t * p.top_k], &cr.weights, F32_TOL);
+    }
+    let p = rp(256, 8, 8, 4, TopkMethod::NoauxTc, ScoringFunc::Sigmoid);
+    let gate = host_linear(&mut rng, 256, 7168, WType::Bf16);
+    let bias = randn(&mut rng, 256, 0.1);
+    for t in [9, 256] {
+        let x = randn(&mut rng, t * 7168, 1.0);
+        let cr = c.moe_route(&c.upload(t, 7168, &x).unwrap(), &c.upload_linear(&gate).unwrap(), Some(&bias), &p).unwrap();
+        let gr = g.moe_route(&g.upload(t, 7168, &x).unwrap(), &g.upload_linear(&gate).unwrap(), Some(&bias), &p).unwrap();
+        let gids: Vec<u32> = gr.ids.to_host().unwrap().iter().map(|&i: &i32| i as u32).collect();
+        assert_eq!(gids, cr.ids, "V3 router, {t} tokens: routed experts");
+        let gw: Vec<f32> = gr.weights.to_host().unwrap();
+        check(&format!("moe_route V3 router {t} tokens weights"), &gw[..t * p.top_k], &cr.weights, F32_TOL);
     }
 }
 

@@ -151,6 +151,20 @@ fn linear_fp8_dynamic_activations_on<V: GpuVendor>() {
         eprintln!("  (FP8 activations against f32 ones: rel err {:.2e})", rel_err(&got, &f32_ref));
         check(&format!("block-scaled fp8 gemm {m}x{n}x{k}"), &got, &want, FP8_ACC_TOL);
     }
+    // bf16 weights (V3's lm_head) through the GEMM library take x rounded to bf16, one product:
+    // against the CPU fed the rounded x, and visibly off the f32 input's result
+    g.bf16_act = true;
+    for (m, n, k) in [(2, 1000, 7168), (256, 4096, 7168), (37, 132, 512)] {
+        let w = host_linear(&mut rng, n, k, WType::Bf16);
+        let x = randn(&mut rng, m * k, 1.0);
+        let (got, f32_ref) = linear_both(&g, &c, &w, m, k, &x);
+        let xb: Vec<f32> = x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        let want = c.download(&c.linear(&c.upload(m, k, &xb).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
+        let off = rel_err(&got, &f32_ref);
+        eprintln!("  (bf16 input against f32: rel err {off:.2e})");
+        check(&format!("bf16 weights, bf16 input {m}x{n}x{k}"), &got, &want, MMA_TOL);
+        assert!(off > 1e-4, "bf16 weights {m}x{n}x{k}: {off:.2e} from the f32 input's result: x was not rounded to bf16");
+    }
 }
 
 #[test]

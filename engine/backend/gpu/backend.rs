@@ -126,6 +126,10 @@ pub struct GpuBackend<V: GpuVendor> {
     /// their input per token and 128 channels and run its block-scaled FP8 GEMM (SGLang's
     /// numerics); off, activations stay f32 (bf16 hi + lo operands, ~1e-5)
     pub fp8_act: bool,
+    /// `--fp8-activations dynamic` too: bf16-weight layers through the GEMM library (V3's
+    /// lm_head) take x rounded to bf16, one product (SGLang's bf16 hidden states), instead of
+    /// x as bf16 hi + lo (two: the batch-256 lm_head is compute-bound, 1.3 ms against ~0.65)
+    pub bf16_act: bool,
     /// Streams beside the main one (made on first use; empty where the runtime has none)
     side: Mutex<Option<Vec<super::device::Handle>>>,
     _v: PhantomData<V>,
@@ -203,6 +207,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             constants: Mutex::new(HashMap::new()),
             blaslt: None,
             fp8_act: false,
+            bf16_act: false,
             side: Mutex::new(None),
             _v: PhantomData,
         };

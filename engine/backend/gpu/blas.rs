@@ -6,7 +6,8 @@
 //! scratch of 4 bytes per weight) and a second GEMM adds x_hi · W_loᵀ. A fixed-order sum of the
 //! products gives y with ~16 bits of x and W like the own tensor-core path (~1e-5 relative), not
 //! bf16's ~4e-3. With `--fp8-activations dynamic` FP8 layers instead quantise x per token and 128
-//! channels (SGLang's numerics) and run the library's block-scaled FP8 GEMM where it has one.
+//! channels (SGLang's numerics) and run the library's block-scaled FP8 GEMM where it has one, and
+//! bf16 layers take x_hi alone (SGLang's bf16 hidden states).
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -129,7 +130,9 @@ impl<V: GpuVendor> GpuBackend<V> {
             }
             return Ok(true);
         }
-        if !lt.supports(2 * m, n, k) || (fp8 && !lt.supports(m, n, k)) {
+        // bf16 weights under `--fp8-activations dynamic`: x_hi alone, straight into y
+        let hi_only = !fp8 && self.bf16_act;
+        if !lt.supports(if hi_only { m } else { 2 * m }, n, k) || (fp8 && !lt.supports(m, n, k)) {
             return Ok(false);
         }
         // x → [hi rows; lo rows] in bf16
@@ -137,10 +140,14 @@ impl<V: GpuVendor> GpuBackend<V> {
         let f = self.func(EW, "split_bf16_rows")?;
         let total = (m * k) as i64;
         self.launch(&f).arg(&x.buf).arg(&mut x2).arg(&total).run(cfg(((m * k).div_ceil(256) as u32, 1), 256, 0)).map_err(err("split_bf16_rows"))?;
+        let gemm = |rows: usize, w: DevPtr, d: DevPtr| lt.gemm_bf16(rows, n, k, w, x2.ptr(), d).map_err(|msg| self.op_err("blaslt", format!("{}: {msg}", lt.name())));
+        if hi_only {
+            gemm(m, w.data.ptr(), y.ptr())?;
+            return Ok(true);
+        }
         // products: [x_hi · Wᵀ; x_lo · Wᵀ] (+ x_hi · W_loᵀ for FP8), each [m, n]
         let parts = if fp8 { 3 } else { 2 };
         let d = self.scratch::<f32>(parts * m * n)?;
-        let gemm = |rows: usize, w: DevPtr, d: DevPtr| lt.gemm_bf16(rows, n, k, w, x2.ptr(), d).map_err(|msg| self.op_err("blaslt", format!("{}: {msg}", lt.name())));
         if fp8 {
             let mut whl = self.scratch::<u16>(2 * n * k)?;
             let f = self.func(EW, "dequant_fp8_hilo")?;

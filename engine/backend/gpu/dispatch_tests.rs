@@ -186,19 +186,24 @@ fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
     assert_eq!(grids(&MoeCase::new(&b, 512, 16, 16), 1), [(8, 1, 1), (2, 1, 1)]);
     assert_eq!(run(8), ["moe_group", "moe_gate_up_tc_fp8w", "moe_down_tc_fp8w"], "8-511: grouped, swap-AB");
     assert_eq!(run(512), ["moe_group", "moe_gate_up_mma_fp8w", "moe_silu_mul_halves", "moe_down_mma_fp8w"], "512+: 128-token tiles");
-    // the f32 router beyond 32 tokens: 16-row GEMV slices (not the CUDA-core tile), then routing
-    rt.take_launched();
-    b.moe_route(&x(&b, 64, hidden), gate, None, p).unwrap();
-    assert_eq!(names(&rt), ["gemv16_f32w", "gemv16_f32w", "gemv16_f32w", "gemv16_f32w", "moe_route"]);
-    // ... until the 128×64 tiles fill half the SMs (a prompt: one launch, not a slice per 16 rows)
+    // the f32 router: the GEMV up to 8 tokens; beyond, one launch of the CUDA-core tiles split
+    // over K (grid z), whose parts moe_route adds (its second argument)
     let (tm, tn) = super::ops::LINEAR_TILE;
-    assert!(include_str!("../../../hip-kernels/linear.hip").contains(&format!("#define LT_BM {tm}\n#define LT_BN {tn}\n")));
-    let fill = (b.sms / 2).div_ceil(p.n_experts.div_ceil(tn)) * tm;
-    for (tokens, first, launches) in [(fill - tm, "gemv16_f32w", (fill - tm) / 16 + 1), (fill, "linear_f32w", 2)] {
-        rt.take_launched();
+    let src = include_str!("../../../hip-kernels/linear.hip");
+    assert!(src.contains(&format!("#define LT_BM {tm}\n#define LT_BN {tn}\n#define LT_KT {}\n", super::router::LINEAR_TILE_K)));
+    rt.take_launched();
+    b.moe_route(&x(&b, 8, hidden), gate, None, p).unwrap();
+    assert_eq!(names(&rt), ["gemv8_f32w", "moe_route"]);
+    for tokens in [9, 64, 600] {
+        rt.launches.lock().unwrap().clear();
         b.moe_route(&x(&b, tokens, hidden), gate, None, p).unwrap();
-        let l = names(&rt);
-        assert_eq!((l[0].as_str(), l.len()), (first, launches), "router at {tokens} tokens");
+        let (parts, kc) = super::router::router_split(tokens, p.n_experts, hidden, b.sms);
+        assert!(parts > 1 || tokens == 600, "{tokens} tokens on {} SMs: {parts} parts", b.sms);
+        let args: Vec<Vec<u64>> = rt.launches.lock().unwrap().iter().map(|l| l.3.clone()).collect();
+        let l = rt.take_launched();
+        let grid = ((p.n_experts.div_ceil(tn)) as u32, tokens.div_ceil(tm) as u32, parts as u32);
+        assert_eq!((l[0].0.as_str(), l[0].1, l.len()), ("linear_f32w", grid, 2), "router at {tokens} tokens");
+        assert_eq!((args[0][9], args[1][1]), (kc as u64, parts as u64), "K a part, parts added");
     }
 }
 

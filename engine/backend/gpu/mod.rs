@@ -29,6 +29,7 @@ mod moe_grouped;
 mod moe_pairs;
 pub mod nvrtc;
 pub mod ops;
+mod router;
 pub mod source;
 pub mod specs;
 mod staging;

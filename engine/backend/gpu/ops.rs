@@ -236,19 +236,15 @@ impl<V: GpuVendor> GpuBackend<V> {
         if mma && self.mma_gemm && x.rows >= self.tuned.mma_min_rows {
             return self.linear_mma(x, w, y);
         }
-        // the GEMV up to 32 rows; beyond, for the f32 router (no tensor cores: expert choice must
-        // match the f32 reference) in 16-row slices too, which spread over every SM where the
-        // CUDA-core tile has a handful of blocks for its 256 rows (1 ms at 64 tokens), until the
-        // tiles fill half the SMs (a block of 8 warps an SM; prefill: 4096 tokens took 256
-        // slice launches)
-        let tiles = w.out.div_ceil(LINEAR_TILE.1) * x.rows.div_ceil(LINEAR_TILE.0);
-        if x.rows <= 8 || (vec8 && (x.rows <= 32 || (!mma && 2 * tiles < self.sms))) {
+        // the GEMV up to 32 rows (the f32 router, `mma` false, comes here up to 8: router.rs)
+        if x.rows <= 8 || (vec8 && x.rows <= 32) {
             return self.gemv_into(x, w, y, vec8);
         }
         let f = self.func(LIN, &format!("linear_{}", wdt_suffix(w.wdt)))?;
         let (m, n, k) = (x.rows as i32, w.out as i32, w.inp as i32);
         let mut b = self.launch(&f);
-        b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
+        // (kc = K: one K part)
+        b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk).arg(&k);
         b.run(cfg((w.out.div_ceil(LINEAR_TILE.1) as u32, x.rows.div_ceil(LINEAR_TILE.0) as u32), 256, 0)).map_err(err("linear"))
     }
 }
@@ -535,7 +531,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
 
     fn moe_route(&self, x: &GpuTensor, gate: &GpuLinear, bias: Option<&[f32]>, p: &RouteParams) -> Result<GpuRouting, BackendError> {
         self.span("routing", || {
-            let logits = self.linear_with(x, gate, false)?;
+            let (logits, parts) = self.router_logits(x, gate)?;
             if p.n_experts > 1024 || p.top_k > 64 || p.top_k > p.n_experts || p.n_group > 64 || p.n_group == 0 {
                 return Err(self.op_err("moe_route", format!("{} experts, top-k {}, {} groups: the routing kernel takes at most 1024 experts, top-k 64 (and no more than the experts) and 64 groups", p.n_experts, p.top_k, p.n_group)));
             }
@@ -550,7 +546,8 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             };
             let (hb, e, k, ng, tg, sm, norm, sc) = (bias.is_some() as i32, p.n_experts as i32, p.top_k as i32, p.n_group as i32, p.topk_group as i32, (p.scoring == ScoringFunc::Softmax) as i32, p.norm_topk_prob as i32, p.routed_scaling_factor);
             let mut b = self.launch(&f);
-            b.arg(&logits.buf).arg(&d_bias).arg(&hb).arg(&e).arg(&k).arg(&ng).arg(&tg).arg(&method).arg(&sm).arg(&norm).arg(&sc).arg(&mut ids).arg(&mut weights);
+            let parts = parts as i32;
+            b.arg(&logits).arg(&parts).arg(&d_bias).arg(&hb).arg(&e).arg(&k).arg(&ng).arg(&tg).arg(&method).arg(&sm).arg(&norm).arg(&sc).arg(&mut ids).arg(&mut weights);
             // one block per token, a thread per expert
             let threads = p.n_experts.next_multiple_of(self.warp as usize).max(self.warp as usize) as u32;
             b.run(cfg((x.rows as u32, 1), threads, 0)).map_err(err("moe_route"))?;

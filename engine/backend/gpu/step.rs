@@ -186,7 +186,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     pub fn set_fp8_activations(&mut self, on: bool) {
         let lib = self.blaslt.as_ref().map(|l| l.name()).unwrap_or("no GEMM library");
         let has = on && self.blaslt.as_ref().is_some_and(|l| l.supports_fp8_block(128, 128, 512));
-        (self.fp8_act, self.attn_bf16) = (on && has, on);
+        (self.fp8_act, self.attn_bf16, self.bf16_act) = (on && has, on, on);
         if on && has {
             let t = &self.tuned;
             let mma = if super::linear_tc::e4m3_mma(&self.arch) && self.mma_gemm {
@@ -194,9 +194,9 @@ impl<V: GpuVendor> GpuBackend<V> {
             } else {
                 String::new()
             };
-            log::info!("{} op paths: FP8 activations (--fp8-activations): FP8 linear layers from {} rows and MoE experts from {} tokens quantise their input per token and 128 channels to e4m3 and run {lib}'s block-scaled FP8 GEMM where it takes the shape{mma}; attention takes bf16 operands", V::NAME, t.blaslt_fp8_act_min_rows, t.moe_mma_min_rows);
+            log::info!("{} op paths: FP8 activations (--fp8-activations): FP8 linear layers from {} rows and MoE experts from {} tokens quantise their input per token and 128 channels to e4m3 and run {lib}'s block-scaled FP8 GEMM where it takes the shape{mma}; attention takes bf16 operands, and bf16-weight layers from {} rows (lm_head) a bf16 input", V::NAME, t.blaslt_fp8_act_min_rows, t.moe_mma_min_rows, t.cublaslt_min_rows);
         } else if on {
-            log::info!("{} op paths: FP8 activations asked for, but {lib} has no block-scaled FP8 GEMM here: GEMM inputs stay f32; attention takes bf16 operands", V::NAME);
+            log::info!("{} op paths: FP8 activations asked for, but {lib} has no block-scaled FP8 GEMM here: GEMM inputs stay f32; attention takes bf16 operands, and bf16-weight layers from {} rows (lm_head) a bf16 input", V::NAME, self.tuned.cublaslt_min_rows);
         }
     }
 

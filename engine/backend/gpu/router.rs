@@ -1,0 +1,69 @@
+//! The MoE router's logits, f32 on the CUDA cores (expert choice must match the f32 reference:
+//! no tensor cores): the GEMV up to `ROUTER_GEMV_MAX_ROWS` tokens, beyond it linear.hip's
+//! 128 × 64 tiles split over K. The router has few outputs (V3: 256 experts), so its tiles alone
+//! are a handful of blocks (8 at 256 tokens) and the GEMV's 16-row slices each re-read the
+//! weights on a few blocks (16 launches of ~18 µs at 256 tokens on the H200); K parts give every
+//! SM two blocks. Each part writes its own [tokens, experts] and moe_route adds them in order.
+use super::backend::{GpuBackend, GpuTensor, GpuVendor};
+use super::device::{err, DevBuf, LaunchConfig};
+use super::ops::{wdt_suffix, GpuLinear, LINEAR_TILE};
+use crate::backend::BackendError;
+
+const LIN: &str = "hip-kernels/linear.hip";
+
+/// Tokens up to which the router runs on the GEMV (its batch-1 latency kernels).
+pub(super) const ROUTER_GEMV_MAX_ROWS: usize = 8;
+/// The tiles' K step (linear.hip's LT_KT); a part is a whole number of them.
+pub(super) const LINEAR_TILE_K: usize = 16;
+/// The least K a part sums (8 of the tile's steps: fewer leave each block mostly waiting).
+const ROUTER_MIN_PART_K: usize = 128;
+
+/// The K split of the router's tiles for `rows` tokens, `n` experts and hidden size `k` on `sms`
+/// SMs: (parts, K a part), parts × tiles reaching two blocks an SM where K allows.
+pub(super) fn router_split(rows: usize, n: usize, k: usize, sms: usize) -> (usize, usize) {
+    let tiles = n.div_ceil(LINEAR_TILE.1) * rows.div_ceil(LINEAR_TILE.0);
+    let want = (2 * sms).div_ceil(tiles.max(1)).min(k / ROUTER_MIN_PART_K).max(1);
+    let kc = k.div_ceil(want).next_multiple_of(LINEAR_TILE_K);
+    (k.div_ceil(kc), kc)
+}
+
+impl<V: GpuVendor> GpuBackend<V> {
+    /// The router's logits as (buffer, parts): `parts` [x.rows, gate.out] K parts in a row.
+    pub(super) fn router_logits(&self, x: &GpuTensor, gate: &GpuLinear) -> Result<(DevBuf<f32>, usize), BackendError> {
+        if x.rows <= ROUTER_GEMV_MAX_ROWS {
+            return Ok((self.linear_with(x, gate, false)?.buf, 1));
+        }
+        let (parts, kc) = router_split(x.rows, gate.out, gate.inp, self.sms);
+        let mut y = self.alloc_out(parts * x.rows * gate.out)?;
+        let f = self.func(LIN, &format!("linear_{}", wdt_suffix(gate.wdt)))?;
+        let (m, n, k, kci) = (x.rows as i32, gate.out as i32, gate.inp as i32, kc as i32);
+        let mut b = self.launch(&f);
+        b.arg(&x.buf).arg(&gate.data).arg(&gate.scales).arg(&mut y).arg(&m).arg(&n).arg(&k).arg(&gate.bn).arg(&gate.bk).arg(&kci);
+        let grid = (gate.out.div_ceil(LINEAR_TILE.1) as u32, x.rows.div_ceil(LINEAR_TILE.0) as u32, parts as u32);
+        b.run(LaunchConfig { grid_dim: grid, block_dim: (256, 1, 1), shared_mem_bytes: 0 }).map_err(err("router"))?;
+        Ok((y, parts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::router_split;
+
+    #[test]
+    fn router_tiles_split_k_to_fill_the_gpu() {
+        // V3's router (256 experts, hidden 7168) on 132 SMs: 256 tokens are 8 tiles, so 33 parts
+        // wanted, 224 of K a part (14 steps): 32 parts
+        assert_eq!(router_split(256, 256, 7168, 132), (32, 224));
+        // 4096 tokens: 128 tiles, 3 parts
+        assert_eq!(router_split(4096, 256, 7168, 132), (3, 2400));
+        // enough tiles alone: one part, all of K
+        assert_eq!(router_split(16384, 256, 7168, 132), (1, 7168));
+        // a small hidden size keeps parts of at least 128 (and K not a multiple of the step)
+        assert_eq!(router_split(200, 256, 256, 132), (2, 128));
+        assert_eq!(router_split(20, 12, 100, 4), (1, 112));
+        for (rows, n, k, sms) in [(9, 256, 7168, 132), (300, 160, 5120, 80), (64, 64, 2000, 304)] {
+            let (parts, kc) = router_split(rows, n, k, sms);
+            assert!(kc % 16 == 0 && (parts - 1) * kc < k && parts * kc >= k, "{rows} {n} {k}: {parts} x {kc}");
+        }
+    }
+}
