@@ -91,8 +91,9 @@ pub struct BackendArgs {
     /// quantises them per token and 128 channels to e4m3 and runs the GEMM library's
     /// block-scaled FP8 GEMM (CUDA: cuBLASLt 12.9+ on Hopper), and FP8 layers of 2-8 rows and
     /// MoE batches of 8-511 tokens the engine's FP8 × FP8 kernels (NVIDIA sm_89+; other layers
-    /// and vendors keep f32 inputs), keeps the latent KV cache in bf16 and runs attention on bf16 operands (flash
-    /// prefill, matrix-unit decode), as SGLang and vLLM run block-FP8 checkpoints; f32 keeps
+    /// and vendors keep f32 inputs), keeps the latent KV cache in bf16, runs attention on bf16 operands (flash
+    /// prefill, matrix-unit decode) and gives bf16-weight layers through the GEMM library (the
+    /// lm_head from 2 rows) a bf16 input, as SGLang and vLLM run block-FP8 checkpoints; f32 keeps
     /// every activation and the KV cache in f32 (bf16 hi + lo operands: ~1e-5 from the f32 reference,
     /// 2-3x slower prefill); auto follows the checkpoint's quantization_config.activation_scheme
     /// (FP8 checkpoints: dynamic; others: f32)
