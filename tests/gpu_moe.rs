@@ -225,23 +225,28 @@ fn moe_experts_fp8_dynamic_activations_on<V: GpuVendor>() {
     let c = CpuBackend::new();
     let mut rng = Rng::new(51);
     // then a TP8 rank's expert width (inter 256: two column blocks of gate and up, two K blocks of
-    // down), which only the grouped GEMM takes at prefill sizes
-    for (inter, cases) in [(512, &[(600, true), (2000, true), (600, false), (200, true), (20, true)][..]), (256, &[(700, true)][..])] {
-        moe_fp8_dynamic_case(&mut g, &c, &mut rng, inter, cases);
+    // down), which only the grouped GEMM takes at prefill sizes; then hidden and inter 1024 at
+    // decode sizes (moe_f8s.hip's ring of 4 stages goes round twice), staged and not; then 8 of
+    // V3's experts (7,168 × 2,048) at 40 and 10 tokens (tiles of 9-16 and of ≤ 8), staged
+    for (hidden, inter, cases) in [(512, 512, &[(600, true), (2000, true), (600, false), (200, true), (20, true)][..]), (512, 256, &[(700, true)][..]), (1024, 1024, &[(200, true), (20, true)][..])] {
+        moe_fp8_dynamic_case(&mut g, &c, &mut rng, (hidden, inter, 64), cases);
     }
+    moe_fp8_dynamic_case(&mut g, &c, &mut rng, (7168, 2048, 8), &[(40, true), (10, true)]);
+    g.moe_f8s = false;
+    moe_fp8_dynamic_case(&mut g, &c, &mut rng, (1024, 1024, 64), &[(200, true), (20, true)]);
 }
 
-fn moe_fp8_dynamic_case<V: GpuVendor>(g: &mut GpuBackend<V>, c: &CpuBackend, rng: &mut Rng, inter: usize, cases: &[(usize, bool)]) {
+fn moe_fp8_dynamic_case<V: GpuVendor>(g: &mut GpuBackend<V>, c: &CpuBackend, rng: &mut Rng, (hidden, inter, n_exp): (usize, usize, usize), cases: &[(usize, bool)]) {
     use engine::weights::act_quant::ActFp8;
-    let (hidden, n_exp) = (512, 64);
     let p = RouteParams { n_experts: n_exp, top_k: 6, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: false, routed_scaling_factor: 1.0 };
     let gate = host_linear(rng, n_exp, hidden, WType::F32);
     let experts: Vec<[HostLinear; 3]> = (0..n_exp).map(|_| host_mlp(rng, hidden, inter, WType::Fp8)).collect();
     // 600 and 2,000 tokens (segments of ~56 and ~190 rows: one partial 128-row tile, a whole and a
     // partial one): the grouped FP8 GEMM (sm_90a; elsewhere these run the library too), then
     // cuBLASLt's block-scaled GEMM per expert segment;
-    // 200 and 20 (sm_89+): the FP8 × FP8 grouped kernels of moe_f8.hip, with tiles of 9-16 tokens
-    // (two n-fragments) and of ≤ 8
+    // 200 and 20 (sm_89+): the FP8 × FP8 grouped kernels (moe_f8s.hip where H and I are whole
+    // 128-column blocks and `moe_f8s`, else moe_f8.hip), with tiles of 9-16 tokens (two
+    // n-fragments) and of ≤ 8
     for &(t, grouped) in cases {
         g.tuned.moe_f8_gemm = grouped;
         let x = randn(rng, t * hidden, 1.0);
@@ -278,7 +283,7 @@ fn moe_fp8_dynamic_case<V: GpuVendor>(g: &mut GpuBackend<V>, c: &CpuBackend, rng
             // SiLU·up is requantised from the GPU's own gate/up products, ~1e-4 from the reference's,
             // so a few of its codes round the other way (one e4m3 step, 6-12%): ~3e-3 in all. A wrong
             // row, segment or scale would be O(1) (the distance to f32 activations is printed).
-            check(&format!("moe_experts fp8 activations, experts {first}..{} of {n_exp}, {t} tokens, grouped GEMM {grouped}", first + n), &got, &want, 6e-3);
+            check(&format!("moe_experts fp8 activations {hidden}x{inter}, experts {first}..{} of {n_exp}, {t} tokens, grouped GEMM {grouped}, staged {}", first + n, g.moe_f8s), &got, &want, 6e-3);
             g.fp8_act = false;
             let f32_acts = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts[first..first + n].to_vec(), first).unwrap()).unwrap()).unwrap();
             eprintln!("  (f32 activations against this reference: rel err {:.2e})", rel_err(&f32_acts, &want));

@@ -107,6 +107,9 @@ pub struct GpuBackend<V: GpuVendor> {
     /// Decode-sized linear layers with FP8 weights on the matrix units (linear_tc.hip; NVIDIA
     /// sm_80+, CDNA; ENGINE_LINEAR_TC=0 keeps the GEMV and the 128-row tiles)
     pub linear_tc: bool,
+    /// The staged FP8 × FP8 MoE kernels for decode batches (moe_f8s.hip: weights by cp.async into
+    /// shared memory) where the shapes allow; ENGINE_MOE_F8S=0 keeps moe_f8.hip's
+    pub moe_f8s: bool,
     /// Streaming multiprocessors (split-K sizing)
     pub sms: usize,
     /// The arch has matrix units the kernels use (NVIDIA sm_80+, CDNA gfx942/gfx950)
@@ -199,6 +202,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             attn_bf16: false,
             moe_tc: p.swap_ab && mma_gemm && !std::env::var("ENGINE_MOE_TC").is_ok_and(|v| v == "0"),
             linear_tc: p.swap_ab && mma_gemm && !std::env::var("ENGINE_LINEAR_TC").is_ok_and(|v| v == "0"),
+            moe_f8s: !std::env::var("ENGINE_MOE_F8S").is_ok_and(|v| v == "0"),
             sms: p.sms,
             matrix_units: p.matrix_units,
             fp8_fnuz: p.fp8_fnuz,

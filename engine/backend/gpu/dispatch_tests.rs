@@ -141,8 +141,9 @@ fn fp8_activations_take_the_fp8_mma_kernel_up_to_8_rows_on_sm89() {
 }
 
 /// `--fp8-activations dynamic` on sm_89+: grouped decode batches (8-511 tokens) quantise x, run
-/// the FP8 × FP8 gate_up, quantise SiLU·up and run the FP8 × FP8 down; below 8 tokens the per-pair
-/// kernels stay, and with `moe_f8_max_rows` 0 or on sm_80 the bf16 swap-AB kernels.
+/// the FP8 × FP8 gate_up, quantise SiLU·up and run the FP8 × FP8 down (the staged form where H
+/// and I are whole 128-column blocks); below 8 tokens the per-pair kernels stay, and with
+/// `moe_f8_max_rows` 0 or on sm_80 the bf16 swap-AB kernels.
 #[test]
 fn moe_fp8_activations_take_the_fp8_mma_kernels() {
     let (mut b, rt) = nvidia_like();
@@ -151,10 +152,24 @@ fn moe_fp8_activations_take_the_fp8_mma_kernels() {
     let run = |b: &GpuBackend<HostVendor>, tokens: usize| c.expert_launches(b, &rt, tokens);
     let l = run(&b, 20);
     let names: Vec<&str> = l.iter().map(|(n, _, _)| n.as_str()).collect();
-    assert_eq!(names, ["moe_group", "quant_fp8_act", "moe_gate_up_f8_fp8w", "quant_fp8_act", "moe_down_f8_fp8w"]);
+    assert_eq!(names, ["moe_group", "quant_fp8_act", "moe_gate_up_f8s_fp8w", "quant_fp8_act", "moe_down_f8s_fp8w"]);
     // 80 pairs: at most 5 full tiles + one partial per expert; x's 20 rows, then the 80 positions
     let tiles = 80usize.div_ceil(16) as u32 + 16;
     assert_eq!((l[1].1, l[2].1, l[3].1, l[4].1), ((20, 1, 1), (8, tiles, 1), (80, 1, 1), (4, tiles, 1)));
+    // the staged kernels' shared memory as moe_f8s.hip sizes it: 4 stages of 128 weight rows and
+    // 16 token rows of 128 bytes, 16 + 2 scales, 8 bytes spare, rounded up to 128
+    let src = include_str!("../../../hip-kernels/moe_f8s.hip");
+    for d in ["#define MS_BK 128 ", "#define MS_ROWS 128 ", "#define MS_TOK 16 ", "#define MS_ST 4 ", "#define MS_STAGE ((MS_SW + 8 + 127) / 128 * 128)"] {
+        assert!(src.contains(d), "moe_f8s.hip: {d}");
+    }
+    assert_eq!(super::moe_grouped::MOE_F8S_SMEM, 4 * (128 * 128 + 16 * 128 + 16 * 4 + 8usize).div_ceil(128) * 128);
+    // off, or H not whole 128-column blocks (448: 3.5): moe_f8.hip's
+    b.moe_f8s = false;
+    assert_eq!(run(&b, 20)[2].0, "moe_gate_up_f8_fp8w");
+    b.moe_f8s = true;
+    let c448 = MoeCase::new(&b, 448, 512, 16);
+    let l = c448.expert_launches(&b, &rt, 20);
+    assert_eq!((l[2].0.as_str(), l[4].0.as_str()), ("moe_gate_up_f8_fp8w", "moe_down_f8_fp8w"));
     // (28 pairs × 256 row groups: two waves' worth on the host runtime's 4 SMs, gate/up's second copy)
     assert_eq!(run(&b, 7)[0].0, "moe_gate_up_wide_fp8w", "below 8 tokens: the per-pair kernels");
     b.tuned.moe_f8_max_rows = 0;

@@ -10,6 +10,10 @@ use crate::backend::BackendError;
 const MOE_GROUPED: &str = "hip-kernels/moe_grouped.hip";
 const MOE_TC: &str = "hip-kernels/moe_tc.hip";
 const MOE_F8: &str = "hip-kernels/moe_f8.hip";
+const MOE_F8S: &str = "hip-kernels/moe_f8s.hip";
+/// moe_f8s.hip's dynamic shared memory (MS_SMEM: 4 stages of 128 weight rows and 16 token rows
+/// of 128 bytes, 16 token scales and 2 weight scales, each stage rounded up to 128 bytes)
+pub(super) const MOE_F8S_SMEM: usize = 4 * 18560;
 /// Tokens of one expert per grouped-GEMV tile (GV_T in moe_grouped.hip).
 const GV_TOKENS: usize = 16;
 /// The grouping kernel keeps one counter per expert in shared memory.
@@ -69,19 +73,22 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (ii, hi) = (inter as i32, hidden as i32);
         if !mma && self.moe_f8_for(x, e) {
             // x per token and 128 channels to e4m3; gate_up 4 warps × 16 rows a block; SiLU·up per
-            // position to e4m3; down 4 warps × 32 rows
+            // position to e4m3; down 4 warps × 32 rows. The staged form (moe_f8s.hip) where H and
+            // I are whole 128-column blocks, the same arguments and grids
+            let staged = self.moe_f8s && hidden.is_multiple_of(128) && inter.is_multiple_of(128);
+            let (file, form, smem) = if staged { (MOE_F8S, "f8s", MOE_F8S_SMEM as u32) } else { (MOE_F8, "f8", 0) };
             let (q, s) = self.quantize_act_fp8(x, x.rows)?;
             let ti = x.rows as i32;
             let h = GpuTensor { rows: pairs, cols: inter, buf: self.alloc_out(pairs * inter)? };
-            let f = self.func(MOE_F8, "moe_gate_up_f8_fp8w")?;
+            let f = self.func(file, &format!("moe_gate_up_{form}_fp8w"))?;
             let mut b = self.launch(&f);
             b.arg(&q).arg(&s).arg(&ti).arg(&tok).arg(&tiles).arg(&ntiles).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&h.buf).arg(&ii).arg(&hi);
-            b.run(LaunchConfig { grid_dim: (inter.div_ceil(64) as u32, max_tiles as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }).map_err(err("moe_gate_up_f8"))?;
+            b.run(LaunchConfig { grid_dim: (inter.div_ceil(64) as u32, max_tiles as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem }).map_err(err("moe_gate_up_f8"))?;
             let (qh, sh) = self.quantize_act_fp8(&h, pairs)?;
-            let f = self.func(MOE_F8, "moe_down_f8_fp8w")?;
+            let f = self.func(file, &format!("moe_down_{form}_fp8w"))?;
             let mut b = self.launch(&f);
             b.arg(&qh).arg(&sh).arg(&p).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi);
-            return b.run(LaunchConfig { grid_dim: (hidden.div_ceil(128) as u32, max_tiles as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }).map_err(err("moe_down_f8"));
+            return b.run(LaunchConfig { grid_dim: (hidden.div_ceil(128) as u32, max_tiles as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem }).map_err(err("moe_down_f8"));
         }
         if !mma && self.moe_tc_for(e) {
             // tensor-core grouped GEMV: gate_up 4 warps × 16 rows per block, down 4 warps × 32
