@@ -77,11 +77,13 @@ def checkpoint_bytes(path):
     return sizes
 
 
-def roofline(cfg, sizes, batch, context, copy_bw):
-    """Bytes a decode step must read (weights as stored, the experts the step touches under uniform
-    routing, a bf16 latent KV of `context` tokens per sequence) and its time at `copy_bw`."""
+def roofline(cfg, sizes, batch, context, copy_bw, measured=None):
+    """Bytes a decode step must read (weights as stored, the experts the step touches: `measured`
+    distinct experts a MoE layer (the engine's routing, read back in its profiled steps), else as
+    uniform routing would touch; a bf16 latent KV of `context` tokens per sequence) and its time
+    at `copy_bw`."""
     L, E, k = cfg["num_hidden_layers"], cfg["n_routed_experts"], cfg["num_experts_per_tok"]
-    distinct = E * (1 - (1 - k / E) ** batch)
+    distinct = measured if measured is not None else E * (1 - (1 - k / E) ** batch)
     per_layer = []
     for i in range(L):
         p = f"model.layers.{i}."
@@ -95,7 +97,7 @@ def roofline(cfg, sizes, batch, context, copy_bw):
         per_layer.append({"layer": i, "moe": moe, "attn_bytes": attn, "mlp_bytes": other + touched, "kv_bytes": kv, "bytes": attn + other + touched + kv})
     head = sizes.get("lm_head.weight", sizes.get("model.embed_tokens.weight", 0))
     total = sum(x["bytes"] for x in per_layer) + head
-    return {"distinct_experts": distinct, "bytes": total, "ms": total / copy_bw * 1e3, "per_layer_ms": [x["bytes"] / copy_bw * 1e3 for x in per_layer]}
+    return {"distinct_experts": distinct, "distinct_measured": measured is not None, "bytes": total, "ms": total / copy_bw * 1e3, "per_layer_ms": [x["bytes"] / copy_bw * 1e3 for x in per_layer]}
 
 
 def prefill_flops(cfg, tokens):
@@ -113,15 +115,17 @@ def prefill_flops(cfg, tokens):
 
 
 def run_engine(engine, path, batches, context, steps, prefill, extra=()):
-    def bench(bs, inp, out):
-        cmd = [engine, "bench", "--backend", "cuda", "--model-path", path, "--batch-size", ",".join(map(str, bs)), "--input-len", str(inp), "--output-len", str(out), "--json", *extra]
+    def bench(bs, inp, out, *more):
+        cmd = [engine, "bench", "--backend", "cuda", "--model-path", path, "--batch-size", ",".join(map(str, bs)), "--input-len", str(inp), "--output-len", str(out), "--json", *more, *extra]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out = json.loads(r.stdout)
         return out["results"], out.get("kernels", {}).get("fp8_activations", "?")
-    rows, mode = bench(batches, context, steps)
+    # (--profile: after the timed steps, a re-run that also reads back each routing call's experts)
+    rows, mode = bench(batches, context, steps, "--profile")
     decode = {r["batch_size"]: r["decode_step_median_ms"] for r in rows}
+    distinct = {r["batch_size"]: r.get("moe_distinct_experts") for r in rows}
     pre = bench([1], prefill, 2)[0][0]
-    return decode, pre["prefill_s"] * 1e3, mode
+    return decode, pre["prefill_s"] * 1e3, mode, distinct
 
 
 def load_transformers(path, dtype=torch.bfloat16):
@@ -261,8 +265,8 @@ def main():
     cfg = json.load(open(os.path.join(path, "config.json")))
     sizes = checkpoint_bytes(path)
 
-    eng_decode, eng_prefill, mode = run_engine(a.engine, path, batches, a.context, a.decode_steps, a.prefill, shlex.split(a.engine_args))
-    report["engine"] = {"decode_ms": eng_decode, "prefill_ms": eng_prefill, "args": a.engine_args, "fp8_activations": mode}
+    eng_decode, eng_prefill, mode, eng_distinct = run_engine(a.engine, path, batches, a.context, a.decode_steps, a.prefill, shlex.split(a.engine_args))
+    report["engine"] = {"decode_ms": eng_decode, "prefill_ms": eng_prefill, "args": a.engine_args, "fp8_activations": mode, "moe_distinct_experts": eng_distinct}
     print("engine:", json.dumps(report["engine"]), flush=True)
     save()
 
@@ -275,14 +279,15 @@ def main():
 
     bw = ceil["copy_GB_s"] * 1e9
     rows = []
-    print(f"\n{cfg['num_hidden_layers']} layers ({cfg['first_k_dense_replace']} dense), context {a.context}; roofline = bytes / {ceil['copy_GB_s']:.0f} GB/s")
+    print(f"\n{cfg['num_hidden_layers']} layers ({cfg['first_k_dense_replace']} dense), context {a.context}; roofline = bytes / {ceil['copy_GB_s']:.0f} GB/s;"
+          " distinct experts a MoE layer: m = measured (the engine's routing), u = uniform routing's expectation")
     print(f"{'batch':>5} {'engine ms':>10} {'hf ms':>8} {'roofline ms':>11} {'distinct exp':>12} {'engine/roof':>11} {'hf/engine':>9}  per-layer roofline ms")
     for b in batches:
-        r = roofline(cfg, sizes, b, a.context, bw)
+        r = roofline(cfg, sizes, b, a.context, bw, eng_distinct.get(b))
         e, h = eng_decode.get(b), tf["decode_ms"].get(b)
         rows.append({"batch": b, "engine_ms": e, "transformers_ms": h, **r})
         hs, ratio = (f"{h:>8.3f}", f"{h / e:>9.2f}") if h is not None else (f"{'oom':>8}", f"{'-':>9}")
-        print(f"{b:>5} {e:>10.3f} {hs} {r['ms']:>11.3f} {r['distinct_experts']:>12.1f} {e / r['ms']:>11.2f} {ratio}  " + " ".join(f"{x:.3f}" for x in r["per_layer_ms"]))
+        print(f"{b:>5} {e:>10.3f} {hs} {r['ms']:>11.3f} {r['distinct_experts']:>11.1f}{'m' if r['distinct_measured'] else 'u'} {e / r['ms']:>11.2f} {ratio}  " + " ".join(f"{x:.3f}" for x in r["per_layer_ms"]))
     fl = prefill_flops(cfg, a.prefill)
     roof_pre = fl / (ceil.get("fp8_TFLOPS", ceil["bf16_TFLOPS"]) * 1e12) * 1e3
     tp = tf["prefill_ms"]

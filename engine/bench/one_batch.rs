@@ -46,11 +46,13 @@ pub struct BenchOneBatchArgs {
     pub dist: crate::dist::DistArgs,
 }
 
-/// Profiling hooks around the decode loop: start, then per-class milliseconds at the end.
+/// Profiling hooks around the decode loop: start, then per-class milliseconds at the end, and the
+/// distinct experts of each routing call while profiling (MoE checkpoints on the GPU).
 pub struct ProfileHooks<'a> {
     pub profiling: bool,
     pub start: &'a dyn Fn(),
     pub finish: &'a dyn Fn() -> Option<Vec<(&'static str, f64)>>,
+    pub routed: &'a dyn Fn() -> Vec<usize>,
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -115,7 +117,9 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
         let prefill_profile = if hooks.profiling {
             (hooks.start)();
             step(&mut kv, &prompt, 0)?;
-            (hooks.finish)().map(|v| json!(v.iter().map(|(k, ms)| (k.to_string(), json!(ms))).collect::<serde_json::Map<_, _>>()))
+            let p = (hooks.finish)().map(|v| json!(v.iter().map(|(k, ms)| (k.to_string(), json!(ms))).collect::<serde_json::Map<_, _>>()));
+            (hooks.routed)(); // (the prompt's routing: not a decode step's)
+            p
         } else {
             None
         };
@@ -146,6 +150,9 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
             let per_step: serde_json::Map<String, serde_json::Value> = v.iter().map(|(k, ms)| (k.to_string(), json!(ms / a.output_len.max(1) as f64))).collect();
             serde_json::Value::Object(per_step)
         });
+        // the experts a MoE layer's decode step touched, measured (mean over layers and steps)
+        let routed = (hooks.routed)();
+        let distinct = (!routed.is_empty()).then(|| routed.iter().sum::<usize>() as f64 / routed.len() as f64);
         let mut s: Vec<f64> = steps.iter().skip(a.warmup_steps.min(steps.len().saturating_sub(1))).copied().collect();
         s.sort_by(|x, y| x.partial_cmp(y).unwrap());
         let med = pct(&s, 0.5);
@@ -168,6 +175,7 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
             "decode_step_median_ms": med * 1e3, "decode_step_p90_ms": pct(&s, 0.9) * 1e3,
             "decode_tok_s": bs as f64 / med.max(1e-12), "decode_steps_measured": s.len(),
             "decode_profile_ms_per_step": profile, "prefill_profile_ms": prefill_profile,
+            "moe_distinct_experts": distinct,
         }));
     }
     Ok(rows)
@@ -197,7 +205,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
                 Role::FollowerDone => return Ok(()),
             };
             let load_s = t.elapsed().as_secs_f64();
-            let rows = bench_model(&model, &a, &ProfileHooks { profiling: false, start: &|| {}, finish: &|| None });
+            let rows = bench_model(&model, &a, &ProfileHooks { profiling: false, start: &|| {}, finish: &|| None, routed: &Vec::new });
             model.stop_followers();
             (rows?, "cpu", json!(null), load_s, model.checkpoint_bytes, json!(null))
         }
@@ -225,6 +233,9 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
                 );
             }
             print_profile("decode ms/step by op class (the steps re-run op by op, profiled)", &r["decode_profile_ms_per_step"]);
+            if let Some(d) = r["moe_distinct_experts"].as_f64() {
+                println!("        MoE experts a layer's decode step touched (measured in the profiled steps): {d:.1}");
+            }
             print_profile("prefill ms by op class (another prefill, profiled)", &r["prefill_profile_ms"]);
         }
     }
@@ -263,7 +274,8 @@ fn bench_gpu<V: GpuVendor>(a: &BenchOneBatchArgs, path: &std::path::Path, par: &
         b.profile.enabled.store(false, std::sync::atomic::Ordering::Relaxed);
         if a.profile { b.take_profile().ok() } else { None }
     };
-    let rows = bench_model(&model, a, &ProfileHooks { profiling: a.profile, start: &start, finish: &finish });
+    let routed = || b.take_routed_experts();
+    let rows = bench_model(&model, a, &ProfileHooks { profiling: a.profile, start: &start, finish: &finish, routed: &routed });
     model.stop_followers();
     let (captured, replays, failed) = b.graph_stats();
     let graphs = json!({"max_bs": graph_max_bs, "captured": captured, "replays": replays, "capture_failed": failed, "graph_mem_mib": b.graph_mem_reserved() >> 20});

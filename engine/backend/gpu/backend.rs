@@ -158,6 +158,8 @@ pub struct OpProfile {
     shape_names: Mutex<HashMap<(usize, usize, usize), &'static str>>,
     depth: std::sync::atomic::AtomicUsize,
     spans: Mutex<Vec<(&'static str, DevEvent, DevEvent)>>,
+    /// While enabled: the distinct experts each routing call picked (its ids read back)
+    pub(super) routed: Mutex<Vec<usize>>,
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
@@ -387,6 +389,11 @@ impl<V: GpuVendor> GpuBackend<V> {
     }
 
     /// Milliseconds per op class since the last call (synchronises the stream).
+    /// The distinct experts of each routing call since the profile was enabled (or last taken).
+    pub fn take_routed_experts(&self) -> Vec<usize> {
+        std::mem::take(&mut *self.profile.routed.lock().unwrap())
+    }
+
     pub fn take_profile(&self) -> Result<Vec<(&'static str, f64)>, BackendError> {
         self.dev.synchronize().map_err(err("synchronize"))?;
         let spans = std::mem::take(&mut *self.profile.spans.lock().unwrap());

@@ -220,6 +220,15 @@ fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
         assert_eq!((l[0].0.as_str(), l[0].1, l.len()), ("linear_f32w", grid, 2), "router at {tokens} tokens");
         assert_eq!((args[0][9], args[1][1]), (kc as u64, parts as u64), "K a part, parts added");
     }
+    // while profiling, each routing call's ids are read back and their distinct experts kept (the
+    // host runtime runs no kernel: the zeroed ids name expert 0 alone)
+    assert!(b.take_routed_experts().is_empty(), "not profiling: nothing read back");
+    b.profile.enabled.store(true, std::sync::atomic::Ordering::Relaxed);
+    b.moe_route(&x(&b, 9, hidden), gate, None, p).unwrap();
+    b.moe_route(&x(&b, 2, hidden), gate, None, p).unwrap();
+    b.profile.enabled.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(b.take_routed_experts(), [1, 1]);
+    b.take_profile().unwrap();
 }
 
 /// At one row a MoE layer's shared experts of the routed experts' shape are one more pair of the

@@ -551,6 +551,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             // one block per token, a thread per expert
             let threads = p.n_experts.next_multiple_of(self.warp as usize).max(self.warp as usize) as u32;
             b.run(cfg((x.rows as u32, 1), threads, 0)).map_err(err("moe_route"))?;
+            self.record_routed(&ids, x.rows * p.top_k)?;
             Ok(GpuRouting { top_k: p.top_k, ids, weights })
         })
     }

@@ -27,7 +27,25 @@ pub(super) fn router_split(rows: usize, n: usize, k: usize, sms: usize) -> (usiz
     (k.div_ceil(kc), kc)
 }
 
+/// How many distinct experts `ids` name (the routed pairs of one call; negative: none).
+pub(super) fn distinct_experts(ids: &[i32]) -> usize {
+    let mut seen: Vec<i32> = ids.iter().copied().filter(|&e| e >= 0).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    seen.len()
+}
+
 impl<V: GpuVendor> GpuBackend<V> {
+    /// While profiling (eager steps: `engine bench --profile`'s re-run), the distinct experts of
+    /// this routing call, read back: what the decode step's expert bytes are.
+    pub(super) fn record_routed(&self, ids: &DevBuf<i32>, pairs: usize) -> Result<(), BackendError> {
+        if self.profile.enabled.load(std::sync::atomic::Ordering::Relaxed) && pairs > 0 {
+            let v: Vec<i32> = ids.to_host().map_err(err("routed ids"))?;
+            self.profile.routed.lock().unwrap().push(distinct_experts(&v[..pairs.min(v.len())]));
+        }
+        Ok(())
+    }
+
     /// The router's logits as (buffer, parts): `parts` [x.rows, gate.out] K parts in a row.
     pub(super) fn router_logits(&self, x: &GpuTensor, gate: &GpuLinear) -> Result<(DevBuf<f32>, usize), BackendError> {
         if x.rows <= ROUTER_GEMV_MAX_ROWS {
@@ -47,7 +65,14 @@ impl<V: GpuVendor> GpuBackend<V> {
 
 #[cfg(test)]
 mod tests {
-    use super::router_split;
+    use super::{distinct_experts, router_split};
+
+    #[test]
+    fn distinct_experts_counts_each_id_once() {
+        assert_eq!(distinct_experts(&[3, 1, 3, 7, 1, 0]), 4);
+        assert_eq!(distinct_experts(&[-1, 2, 2]), 1);
+        assert_eq!(distinct_experts(&[]), 0);
+    }
 
     #[test]
     fn router_tiles_split_k_to_fill_the_gpu() {
