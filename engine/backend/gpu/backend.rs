@@ -388,12 +388,12 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.profile.shape_names.lock().unwrap().entry((m, n, k)).or_insert_with(|| Box::leak(format!("dense GEMM {m}x{n}x{k}").into_boxed_str()))
     }
 
-    /// Milliseconds per op class since the last call (synchronises the stream).
     /// The distinct experts of each routing call since the profile was enabled (or last taken).
     pub fn take_routed_experts(&self) -> Vec<usize> {
         std::mem::take(&mut *self.profile.routed.lock().unwrap())
     }
 
+    /// Milliseconds per op class since the last call (synchronises the stream).
     pub fn take_profile(&self) -> Result<Vec<(&'static str, f64)>, BackendError> {
         self.dev.synchronize().map_err(err("synchronize"))?;
         let spans = std::mem::take(&mut *self.profile.spans.lock().unwrap());

@@ -205,7 +205,7 @@ fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
     // over K (grid z), whose parts moe_route adds (its second argument)
     let (tm, tn) = super::ops::LINEAR_TILE;
     let src = include_str!("../../../hip-kernels/linear.hip");
-    assert!(src.contains(&format!("#define LT_BM {tm}\n#define LT_BN {tn}\n#define LT_KT {}\n", super::router::LINEAR_TILE_K)));
+    assert!(src.contains(&format!("#define LT_BM {tm}\n#define LT_BN {tn}\n#define LT_KT {}\n", super::ops::LINEAR_TILE_K)));
     rt.take_launched();
     b.moe_route(&x(&b, 8, hidden), gate, None, p).unwrap();
     assert_eq!(names(&rt), ["gemv8_f32w", "moe_route"]);

@@ -108,6 +108,8 @@ fn host_weight(w: &HostLinear, fnuz: bool) -> (u8, std::borrow::Cow<'_, [u8]>, V
 
 /// Rows and columns of linear.hip's CUDA-core output tile (LT_BM, LT_BN).
 pub(super) const LINEAR_TILE: (usize, usize) = (128, 64);
+/// The tile's K step (linear.hip's LT_KT): a K part of a split tile is a whole number of them.
+pub(super) const LINEAR_TILE_K: usize = 16;
 
 impl<V: GpuVendor> GpuBackend<V> {
     pub(super) fn linear_with(&self, x: &GpuTensor, w: &GpuLinear, mma: bool) -> Result<GpuTensor, BackendError> {
@@ -240,12 +242,18 @@ impl<V: GpuVendor> GpuBackend<V> {
         if x.rows <= 8 || (vec8 && x.rows <= 32) {
             return self.gemv_into(x, w, y, vec8);
         }
+        self.linear_tiles(x, w, y, (1, w.inp))
+    }
+
+    /// linear.hip's CUDA-core tiles over K split in `parts` of `kc` (grid z): part z writes its own
+    /// [x.rows, w.out] from `y`'s element z · rows · out (one part: y itself).
+    pub(super) fn linear_tiles(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>, (parts, kc): (usize, usize)) -> Result<(), BackendError> {
         let f = self.func(LIN, &format!("linear_{}", wdt_suffix(w.wdt)))?;
-        let (m, n, k) = (x.rows as i32, w.out as i32, w.inp as i32);
+        let (m, n, k, kci) = (x.rows as i32, w.out as i32, w.inp as i32, kc as i32);
         let mut b = self.launch(&f);
-        // (kc = K: one K part)
-        b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk).arg(&k);
-        b.run(cfg((w.out.div_ceil(LINEAR_TILE.1) as u32, x.rows.div_ceil(LINEAR_TILE.0) as u32), 256, 0)).map_err(err("linear"))
+        b.arg(&x.buf).arg(&w.data).arg(&w.scales).arg(y).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk).arg(&kci);
+        let grid = (w.out.div_ceil(LINEAR_TILE.1) as u32, x.rows.div_ceil(LINEAR_TILE.0) as u32, parts as u32);
+        b.run(LaunchConfig { grid_dim: grid, block_dim: (256, 1, 1), shared_mem_bytes: 0 }).map_err(err("linear"))
     }
 }
 

@@ -5,16 +5,12 @@
 //! weights on a few blocks (16 launches of ~18 µs at 256 tokens on the H200); K parts give every
 //! SM two blocks. Each part writes its own [tokens, experts] and moe_route adds them in order.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
-use super::device::{err, DevBuf, LaunchConfig};
-use super::ops::{wdt_suffix, GpuLinear, LINEAR_TILE};
+use super::device::{err, DevBuf};
+use super::ops::{GpuLinear, LINEAR_TILE, LINEAR_TILE_K};
 use crate::backend::BackendError;
-
-const LIN: &str = "hip-kernels/linear.hip";
 
 /// Tokens up to which the router runs on the GEMV (its batch-1 latency kernels).
 pub(super) const ROUTER_GEMV_MAX_ROWS: usize = 8;
-/// The tiles' K step (linear.hip's LT_KT); a part is a whole number of them.
-pub(super) const LINEAR_TILE_K: usize = 16;
 /// The least K a part sums (8 of the tile's steps: fewer leave each block mostly waiting).
 const ROUTER_MIN_PART_K: usize = 128;
 
@@ -51,15 +47,10 @@ impl<V: GpuVendor> GpuBackend<V> {
         if x.rows <= ROUTER_GEMV_MAX_ROWS {
             return Ok((self.linear_with(x, gate, false)?.buf, 1));
         }
-        let (parts, kc) = router_split(x.rows, gate.out, gate.inp, self.sms);
-        let mut y = self.alloc_out(parts * x.rows * gate.out)?;
-        let f = self.func(LIN, &format!("linear_{}", wdt_suffix(gate.wdt)))?;
-        let (m, n, k, kci) = (x.rows as i32, gate.out as i32, gate.inp as i32, kc as i32);
-        let mut b = self.launch(&f);
-        b.arg(&x.buf).arg(&gate.data).arg(&gate.scales).arg(&mut y).arg(&m).arg(&n).arg(&k).arg(&gate.bn).arg(&gate.bk).arg(&kci);
-        let grid = (gate.out.div_ceil(LINEAR_TILE.1) as u32, x.rows.div_ceil(LINEAR_TILE.0) as u32, parts as u32);
-        b.run(LaunchConfig { grid_dim: grid, block_dim: (256, 1, 1), shared_mem_bytes: 0 }).map_err(err("router"))?;
-        Ok((y, parts))
+        let split = router_split(x.rows, gate.out, gate.inp, self.sms);
+        let mut y = self.alloc_out(split.0 * x.rows * gate.out)?;
+        self.linear_tiles(x, gate, &mut y, split)?;
+        Ok((y, split.0))
     }
 }
 
