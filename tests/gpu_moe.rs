@@ -227,13 +227,17 @@ fn moe_experts_fp8_dynamic_activations_on<V: GpuVendor>() {
     // then a TP8 rank's expert width (inter 256: two column blocks of gate and up, two K blocks of
     // down), which only the grouped GEMM takes at prefill sizes; then hidden and inter 1024 at
     // decode sizes (moe_f8s.hip's ring of 4 stages goes round twice), staged and not; then 8 of
-    // V3's experts (7,168 × 2,048) at 40 and 10 tokens (tiles of 9-16 and of ≤ 8), staged
+    // V3's experts (7,168 × 2,048) at 40 and 10 tokens (tiles of 9-16 and of ≤ 8), staged; then
+    // 16 of a TP8 rank's (7,168 × 256: down's K two blocks, fewer than the ring's stages), staged
+    // and not
     for (hidden, inter, cases) in [(512, 512, &[(600, true), (2000, true), (600, false), (200, true), (20, true)][..]), (512, 256, &[(700, true)][..]), (1024, 1024, &[(200, true), (20, true)][..])] {
         moe_fp8_dynamic_case(&mut g, &c, &mut rng, (hidden, inter, 64), cases);
     }
     moe_fp8_dynamic_case(&mut g, &c, &mut rng, (7168, 2048, 8), &[(40, true), (10, true)]);
+    moe_fp8_dynamic_case(&mut g, &c, &mut rng, (7168, 256, 16), &[(40, true), (10, true)]);
     g.moe_f8s = false;
     moe_fp8_dynamic_case(&mut g, &c, &mut rng, (1024, 1024, 64), &[(200, true), (20, true)]);
+    moe_fp8_dynamic_case(&mut g, &c, &mut rng, (7168, 256, 16), &[(40, true)]);
 }
 
 fn moe_fp8_dynamic_case<V: GpuVendor>(g: &mut GpuBackend<V>, c: &CpuBackend, rng: &mut Rng, (hidden, inter, n_exp): (usize, usize, usize), cases: &[(usize, bool)]) {

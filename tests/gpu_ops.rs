@@ -151,6 +151,22 @@ fn linear_fp8_dynamic_activations_on<V: GpuVendor>() {
         eprintln!("  (FP8 activations against f32 ones: rel err {:.2e})", rel_err(&got, &f32_ref));
         check(&format!("block-scaled fp8 gemm {m}x{n}x{k}"), &got, &want, FP8_ACC_TOL);
     }
+    // 9-64 rows (the threshold raised to 64): the staged kernel (moe_f8s.hip's linear_f8s_fp8w)
+    // at V3's q_a, kv_a (576 rows: a last block of 64), q_b, o_proj and shared-expert shapes, one
+    // and two tiles of ≤ 16 and 17-32 tokens, split over K and not
+    let staged_rows = g.tuned.linear_f8s_max_rows;
+    g.tuned.linear_f8s_max_rows = 64;
+    for (m, n, k) in [(32, 1536, 7168), (32, 576, 7168), (17, 24576, 1536), (64, 7168, 16384), (9, 2048, 7168), (44, 7168, 2048)] {
+        let v = randn(&mut rng, n * k, (k as f32).powf(-0.5));
+        let w = host_fp8(&mut rng, n, k, &v, 128);
+        let x = randn(&mut rng, m * k, 1.0);
+        assert!(g.linear_f8s_for(&g.upload(m, k, &x).unwrap(), &g.upload_linear(&w).unwrap()), "{m}x{n}x{k} takes the staged kernel");
+        let (got, _) = linear_both(&g, &c, &w, m, k, &x);
+        let xq = ActFp8::quantize(&x, m, k).dequantize();
+        let want = c.download(&c.linear(&c.upload(m, k, &xq).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
+        check(&format!("staged fp8 linear {m}x{n}x{k}"), &got, &want, FP8_ACC_TOL);
+    }
+    g.tuned.linear_f8s_max_rows = staged_rows;
     // bf16 weights (V3's lm_head) through the GEMM library take x rounded to bf16, one product:
     // against the CPU fed the rounded x, and visibly off the f32 input's result
     g.bf16_act = true;

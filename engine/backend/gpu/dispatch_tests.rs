@@ -131,7 +131,23 @@ fn fp8_activations_take_the_fp8_mma_kernel_up_to_8_rows_on_sm89() {
         assert_eq!((l[1].1, l[1].2), ((1, 12, 2), 128), "{rows} rows: grid and block");
         assert_eq!(l[0].1, (rows as u32, 7, 1), "{rows} rows: the quantiser's grid");
     }
-    assert_eq!(launched(&b, 9)[0].0, "linear_tc_fp8w", "9 rows: f32 activations on the swap-AB kernel");
+    // 9-32 rows (`linear_f8s_max_rows`): the staged FP8 × FP8 kernel, 32 tokens a block, split
+    // over K where the blocks would not fill the GPU (12 × 1 blocks on 4 "SMs" × 4: 2 splits of 28
+    // K blocks); with the threshold raised, 33-64 rows in two token tiles (24 blocks fill the 16
+    // wanted: no split)
+    for (rows, tiles) in [(9, 1), (32, 1), (33, 2), (64, 2)] {
+        b.tuned.linear_f8s_max_rows = if rows > 32 { 64 } else { 32 };
+        let l = launched(&b, rows);
+        let n: Vec<&str> = l.iter().map(|(n, _, _)| n.as_str()).collect();
+        let split = tiles == 1; // 24 blocks already fill the 16 wanted
+        assert_eq!(n, ["quant_fp8_act", "linear_f8s_fp8w", "linear_split_sum"][..if split { 3 } else { 2 }], "{rows} rows");
+        assert_eq!((l[1].1, l[1].2), ((12, tiles, if split { 2 } else { 1 }), 128), "{rows} rows: grid and block");
+    }
+    b.tuned.linear_f8s_max_rows = 32;
+    assert!(b.linear_f8s_for(&x(&b, 32, 7168), &w) && !b.linear_f8s_for(&x(&b, 33, 7168), &w), "past linear_f8s_max_rows: the library");
+    b.tuned.linear_f8s_max_rows = 0;
+    assert_eq!(launched(&b, 9)[0].0, "linear_tc_fp8w", "9 rows, staged kernel off: f32 activations on the swap-AB kernel");
+    b.tuned.linear_f8s_max_rows = 32;
     b.tuned.linear_f8_max_rows = 0;
     assert_eq!(launched(&b, 1)[0].0, "gemv1_fp8w", "threshold 0: never");
     assert_eq!(launched(&b, 4)[0].0, "linear_tc_fp8w", "threshold 0: never");
@@ -159,10 +175,12 @@ fn moe_fp8_activations_take_the_fp8_mma_kernels() {
     // the staged kernels' shared memory as moe_f8s.hip sizes it: 4 stages of 128 weight rows and
     // 16 token rows of 128 bytes, 16 + 2 scales, 8 bytes spare, rounded up to 128
     let src = include_str!("../../../hip-kernels/moe_f8s.hip");
-    for d in ["#define MS_BK 128 ", "#define MS_ROWS 128 ", "#define MS_TOK 16 ", "#define MS_ST 4 ", "#define MS_STAGE ((MS_SW + 8 + 127) / 128 * 128)"] {
+    for d in ["#define MS_BK 128 ", "#define MS_ROWS 128 ", "#define MS_TOK 16 ", "#define ML_TOK 32 ", "#define MS_ST 4 ", "#define MS_STAGE(TOK) ((MS_SW(TOK) + 8 + 127) / 128 * 128)"] {
         assert!(src.contains(d), "moe_f8s.hip: {d}");
     }
     assert_eq!(super::moe_grouped::MOE_F8S_SMEM, 4 * (128 * 128 + 16 * 128 + 16 * 4 + 8usize).div_ceil(128) * 128);
+    // the dense linear's: 32 token rows and scales
+    assert_eq!(super::linear_tc::LINEAR_F8S_SMEM, 4 * (128 * 128 + 32 * 128 + 32 * 4 + 8usize).div_ceil(128) * 128);
     // off, or H not whole 128-column blocks (448: 3.5): moe_f8.hip's
     b.moe_f8s = false;
     assert_eq!(run(&b, 20)[2].0, "moe_gate_up_f8_fp8w");

@@ -16,6 +16,11 @@ const ROWS: usize = 128;
 const TOKENS: usize = 16;
 /// K chunk of the kernel
 const KCHUNK: usize = 64;
+/// Tokens a block of the staged linear kernel (ML_TOK in moe_f8s.hip)
+const F8S_TOKENS: usize = 32;
+/// Its dynamic shared memory (ML_SMEM: 4 stages of 128 weight rows and 32 token rows of 128
+/// bytes, 32 token scales and 2 weight scales, each stage rounded up to 128 bytes)
+pub(super) const LINEAR_F8S_SMEM: usize = 4 * 20736;
 
 /// K split so that blocks fill the GPU's `sms` about `fill` times over, each range at least 8
 /// chunks (512 columns): (splits, columns per split).
@@ -25,6 +30,15 @@ pub(super) fn tc_splits(blocks: usize, k: usize, sms: usize, fill: usize) -> (us
     let splits = want.min(most);
     let ksplit = k.div_ceil(splits).div_ceil(KCHUNK) * KCHUNK;
     (k.div_ceil(ksplit), ksplit)
+}
+
+/// The staged kernel's K split over `kbs` 128-column blocks: blocks fill the GPU's `sms` about
+/// `fill` times over, each split at least 4 blocks (the ring's stages): (splits, blocks a split).
+pub(super) fn f8s_splits(blocks: usize, kbs: usize, sms: usize, fill: usize) -> (usize, usize) {
+    let want = (fill * sms).div_ceil(blocks.max(1)).max(1);
+    let splits = want.min((kbs / 4).max(1));
+    let kps = kbs.div_ceil(splits);
+    (kbs.div_ceil(kps), kps)
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
@@ -68,6 +82,43 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.split_sum(&part, y, m * n, splits)
     }
 
+    /// Whether this layer at this batch quantises x to FP8 and takes the staged FP8 × FP8 kernel
+    /// (moe_f8s.hip's `linear_f8s_fp8w`), ahead of the GEMM library: FP8 activations on, more
+    /// rows than linear_f8.hip can take (9) up to `linear_f8s_max_rows`, 128 × 128 weight
+    /// blocks, whole K blocks, NVIDIA sm_89+. cuBLASLt's block-scaled GEMM has one algorithm for
+    /// V3's q_a and kv_a at these sizes (12 and 5 output tiles over K 7,168).
+    pub fn linear_f8s_for(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
+        let t = &self.tuned;
+        self.fp8_act
+            && self.mma_gemm
+            && e4m3_mma(&self.arch)
+            && w.wdt == 2
+            && w.bn == 128
+            && w.bk == 128
+            && (9..=t.linear_f8s_max_rows).contains(&x.rows)
+            && w.inp.is_multiple_of(128)
+            && w.out.is_multiple_of(16)
+    }
+
+    /// y = quant(x) · Wᵀ on the staged kernel: 128 output rows × 32 tokens a block, split over K
+    /// (whole 128-column blocks, at least 4 a split: the ring's stages) until the blocks fill the
+    /// GPU `mma_split_fill` times over; the splits summed in a fixed order.
+    pub(super) fn linear_f8s(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<(), BackendError> {
+        let (m, n, k) = (x.rows, w.out, w.inp);
+        let (q, s) = self.quantize_act_fp8(x, m)?;
+        let grid = (n.div_ceil(F8_ROWS), m.div_ceil(F8S_TOKENS));
+        let (splits, kps) = f8s_splits(grid.0 * grid.1, k / 128, self.sms, self.tuned.mma_split_fill);
+        let f = self.func(super::moe_grouped::MOE_F8S, "linear_f8s_fp8w")?;
+        let (mi, ni, ki, kp) = (m as i32, n as i32, k as i32, kps as i32);
+        let cfg = LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: LINEAR_F8S_SMEM as u32 };
+        if splits == 1 {
+            return self.launch(&f).arg(&q).arg(&s).arg(&mi).arg(&w.data).arg(&w.scales).arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&kp).run(cfg).map_err(err("linear_f8s"));
+        }
+        let part = self.scratch::<f32>(splits * m * n)?;
+        self.launch(&f).arg(&q).arg(&s).arg(&mi).arg(&w.data).arg(&w.scales).arg(&part).arg(&mi).arg(&ni).arg(&ki).arg(&kp).run(cfg).map_err(err("linear_f8s"))?;
+        self.split_sum(&part, y, m * n, splits)
+    }
+
     pub(super) fn linear_tc(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (m, n, k) = (x.rows, w.out, w.inp);
         let grid = (m.div_ceil(TOKENS), n.div_ceil(ROWS));
@@ -91,7 +142,20 @@ pub(super) fn e4m3_mma(arch: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{e4m3_mma, tc_splits};
+    use super::{e4m3_mma, f8s_splits, tc_splits};
+
+    #[test]
+    fn staged_splits_cover_the_k_blocks() {
+        for (blocks, kbs) in [(24, 56), (10, 56), (2, 12), (896, 128), (1, 3), (112, 16), (400, 144)] {
+            let (s, kps) = f8s_splits(blocks, kbs, 132, 4);
+            assert!(s >= 1 && s * kps >= kbs && (s - 1) * kps < kbs, "{blocks} {kbs}: {s} x {kps}");
+            assert!(kps >= 4.min(kbs), "{blocks} {kbs}: splits of at least 4 blocks");
+        }
+        // V3's q_a at batch 32 (12 n-blocks × 1 token tile) over K 7,168: 14 splits of 4 blocks
+        assert_eq!(f8s_splits(12, 56, 132, 4), (14, 4));
+        // o_proj at batch 256 (56 × 16 blocks): no split
+        assert_eq!(f8s_splits(896, 128, 132, 4), (1, 128));
+    }
 
     #[test]
     fn the_e4m3_mma_is_sm89_and_later() {

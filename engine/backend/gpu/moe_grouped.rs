@@ -10,7 +10,7 @@ use crate::backend::BackendError;
 const MOE_GROUPED: &str = "hip-kernels/moe_grouped.hip";
 const MOE_TC: &str = "hip-kernels/moe_tc.hip";
 const MOE_F8: &str = "hip-kernels/moe_f8.hip";
-const MOE_F8S: &str = "hip-kernels/moe_f8s.hip";
+pub(super) const MOE_F8S: &str = "hip-kernels/moe_f8s.hip";
 /// moe_f8s.hip's dynamic shared memory (MS_SMEM: 4 stages of 128 weight rows and 16 token rows
 /// of 128 bytes, 16 token scales and 2 weight scales, each stage rounded up to 128 bytes)
 pub(super) const MOE_F8S_SMEM: usize = 4 * 18560;
@@ -28,15 +28,17 @@ impl<V: GpuVendor> GpuBackend<V> {
 
     /// Whether decode-sized batches of these experts quantise their activations and take the FP8 ×
     /// FP8 grouped kernels (moe_f8.hip): `--fp8-activations dynamic`, 128 × 128 weight blocks,
-    /// 64-wide K chunks, NVIDIA sm_89+ (the e4m3 MMA), up to `moe_f8_max_rows` tokens.
+    /// 64-wide K chunks, NVIDIA sm_89+ (the e4m3 MMA), up to `moe_f8_max_rows` tokens. The
+    /// kernels read the weight scales themselves, so a TP8 rank's experts (inter 256, which
+    /// cuBLASLt's scale pitch refuses) take them too.
     fn moe_f8_for(&self, x: &GpuTensor, e: &GpuExperts) -> bool {
         self.fp8_act
             && self.mma_gemm
             && super::linear_tc::e4m3_mma(&self.arch)
             && e.wdt == 2
             && x.rows <= self.tuned.moe_f8_max_rows
-            && super::blas::fp8_block_ok(e.inter, e.hidden, e.bn, e.bk)
-            && super::blas::fp8_block_ok(e.hidden, e.inter, e.bn, e.bk)
+            && e.bn == 128
+            && e.bk == 128
             && e.hidden.is_multiple_of(64)
             && e.inter.is_multiple_of(64)
     }

@@ -226,6 +226,9 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// router keeps f32 so that expert choice matches the reference (DeepSeek's gate is f32).
     fn linear_into(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>, mma: bool) -> Result<(), BackendError> {
         let vec8 = super::gemv::chunked_rows(w);
+        if mma && self.linear_f8s_for(x, w) {
+            return self.linear_f8s(x, w, y);
+        }
         if mma && self.blaslt_for(x, w) && self.linear_blaslt(x, w, y)? {
             return Ok(());
         }

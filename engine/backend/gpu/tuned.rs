@@ -48,6 +48,11 @@ pub struct Tuned {
     /// quantiser, the MMA kernel and its split-K sum at one row)
     #[serde(default = "default_linear_f8_min_rows")]
     pub linear_f8_min_rows: usize,
+    /// With `--fp8-activations dynamic`, FP8 linear layers of more rows than linear_f8.hip takes
+    /// and up to this many quantise x and take the staged FP8 × FP8 kernel (moe_f8s.hip's
+    /// `linear_f8s_fp8w`, split over K; NVIDIA sm_89+), ahead of the GEMM library; 0: never
+    #[serde(default = "default_linear_f8s_max_rows")]
+    pub linear_f8s_max_rows: usize,
     /// With `--fp8-activations dynamic`, MoE batches of up to this many tokens on the grouped decode
     /// path (below `moe_mma_min_rows`) quantise x and SiLU·up and take the FP8 × FP8 grouped
     /// kernels (moe_f8.hip; NVIDIA sm_89+); 0: never (f32 activations on moe_tc.hip)
@@ -94,6 +99,10 @@ fn default_linear_f8_min_rows() -> usize {
     2
 }
 
+fn default_linear_f8s_max_rows() -> usize {
+    32
+}
+
 fn default_moe_f8_max_rows() -> usize {
     511
 }
@@ -131,6 +140,7 @@ impl Default for Tuned {
             linear_tc_max_rows: default_linear_tc_max_rows(),
             linear_f8_max_rows: default_linear_f8_max_rows(),
             linear_f8_min_rows: default_linear_f8_min_rows(),
+            linear_f8s_max_rows: default_linear_f8s_max_rows(),
             moe_f8_max_rows: default_moe_f8_max_rows(),
             linear_tc_min_rows: default_linear_tc_min_rows(),
             mla_proj_mma_min_rows: default_mla_proj_mma_min_rows(),
