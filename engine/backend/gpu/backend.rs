@@ -12,7 +12,7 @@ use super::blas::GemmLib;
 use super::ccl::Ccl;
 use super::device::{err, DevBuf, DevEvent, DevPtr, DeviceApi, Elem, Kernel, Launch};
 use super::source::Vendor;
-use super::specs::{generic_module, mla_decode_module, mla_decode_rows_module, mla_flash_bf16_module, mla_flash_wg_module, mla_module, mla_prefill_bf16_module, mla_prefill_module};
+use super::specs::{generic_module, mla_decode_module, mla_decode_rows_module, mla_decode_wg_module, mla_flash_bf16_module, mla_flash_wg_module, mla_module, mla_prefill_bf16_module, mla_prefill_module};
 use super::step::Graphs;
 use super::{Jit, KernelModule, ModelDims};
 use crate::backend::{BackendError, TensorShape};
@@ -297,6 +297,11 @@ impl<V: GpuVendor> GpuBackend<V> {
             m.defines.push(("MD_PORTABLE".into(), "1".into()));
         }
         self.load(&m, "mla_decode_mma")
+    }
+
+    /// The decode attention for groups of 64 heads on the warpgroup MMA (NVIDIA sm_90a).
+    pub(crate) fn mla_decode_wg_func(&self, dims: ModelDims) -> Result<Kernel, BackendError> {
+        self.load(&mla_decode_wg_module(dims, V::SOURCE), "mla_decode_wg")
     }
 
     /// The decode attention for groups of 16 heads (NVIDIA sm_80+).

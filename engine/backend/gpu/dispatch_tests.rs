@@ -454,10 +454,21 @@ fn decode_attention_of_a_rank_s_16_heads_takes_the_register_kernel() {
     let d = MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
     let slots: Vec<u32> = (0..1000).rev().collect();
     // (max heads for the 16-head kernel, heads, expected kernel, grid, threads): V3's rank of 8 and
-    // 128 heads in 8 groups when the threshold allows; 17 heads or threshold 0 keep the 64-head tiles
-    for (max_heads, heads, kernel, grid, threads) in [(16, 16, "mla_decode_rows", (1, 1, 4), 256), (128, 128, "mla_decode_rows", (1, 8, 1), 256), (16, 17, "mla_decode_mma", (1, 1, 4), 512), (0, 16, "mla_decode_mma", (1, 1, 4), 512)] {
+    // 128 heads in 8 groups when the threshold allows; 17 heads or threshold 0 keep the 64-head
+    // tiles; on sm_90a V3's 128 heads take the warpgroup-MMA kernel (two groups, 2 splits), and
+    // the 64-head tiles with it tuned off
+    let cases = [
+        (16, 16, "mla_decode_rows", (1, 1, 4), 256, true),
+        (128, 128, "mla_decode_rows", (1, 8, 1), 256, true),
+        (16, 17, "mla_decode_mma", (1, 1, 4), 512, true),
+        (0, 16, "mla_decode_mma", (1, 1, 4), 512, true),
+        (16, 128, "mla_decode_wg", (1, 2, 2), 256, true),
+        (16, 128, "mla_decode_mma", (1, 2, 2), 512, false),
+    ];
+    for (max_heads, heads, kernel, grid, threads, wg) in cases {
         let (mut b, rt) = nvidia_like();
-        (b.attn_bf16, b.matrix_units, b.tuned.mla_decode_rows_max_heads) = (true, true, max_heads);
+        (b.attn_bf16, b.matrix_units, b.tuned.mla_decode_rows_max_heads, b.tuned.mla_decode_wgmma) = (true, true, max_heads, wg);
+        b.arch = "sm_90a".into();
         let d = MlaDims { num_heads: heads, ..d };
         let kv = b.alloc_kv_cache(2, 1000, d.kv_entry()).unwrap();
         let kv_b = b.upload_mla_kv_b(&fp8(heads * 256, 512), d.qk_nope, d.v_head).unwrap();

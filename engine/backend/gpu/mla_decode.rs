@@ -75,6 +75,13 @@ impl DecodeTile {
     }
 }
 
+/// The warpgroup-MMA kernel (mla_decode_wg.hip, WD_* there): 64 heads a block, 256 threads, and
+/// its shared memory: the queries and two 64-key tiles as 9 chunks of 64 rows × 128 bytes, a
+/// chunk of probabilities, 64 rescales and 64 (max, scale) pairs, and 1 KB to align the chunks.
+const WG_HEADS: usize = 64;
+const WG_THREADS: u32 = 256;
+pub(super) const WG_SHARED: usize = 3 * 9 * 8192 + 8192 + 64 * 4 + 64 * 8 + 1024;
+
 /// The 16-head kernel (mla_decode_rows.hip, MR_* there): heads a block, key groups (16 keys
 /// each), keys a tile, tile buffers, threads (4 key groups × 2 value halves, a warp each).
 pub(super) const ROWS_HEADS: usize = 16;
@@ -132,6 +139,12 @@ impl<V: GpuVendor> GpuBackend<V> {
         d.num_heads <= self.tuned.mla_decode_rows_max_heads && self.decode_tile(d).async_stage && !self.flash_portable && rows_shared_bytes(d) + 1024 <= self.dev.max_shared_per_block()
     }
 
+    /// Whether decode attention takes the warpgroup-MMA kernel: tuned on, sm_90a, V2 / V3's entries
+    /// (512 latents + 64 rope), whole 64-head groups, and its shared memory within a block's.
+    fn wg_decode(&self, d: &MlaDims) -> bool {
+        self.tuned.mla_decode_wgmma && self.arch == "sm_90a" && !self.flash_portable && d.kv_lora_rank == 512 && d.qk_rope == 64 && d.qk_nope.is_multiple_of(4) && d.num_heads.is_multiple_of(WG_HEADS) && WG_SHARED <= self.dev.max_shared_per_block()
+    }
+
     /// The kernel's tile on this device (cp.async staging on NVIDIA sm_80+).
     fn decode_tile(&self, d: &MlaDims) -> DecodeTile {
         DecodeTile::for_target(self.warp, self.warp == 32 && self.matrix_units, d)
@@ -143,7 +156,9 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (t, dims) = (q.rows, ModelDims::of_mla(d));
         let tile = self.decode_tile(d);
         // the kernel, its block and shared memory, and how many blocks an SM holds
-        let (f, name, heads_per_block, threads, smem, bps) = if self.rows_decode(d) {
+        let (f, name, heads_per_block, threads, smem, bps) = if self.wg_decode(d) && !self.rows_decode(d) {
+            (self.mla_decode_wg_func(dims)?, "mla_decode_wg", WG_HEADS, WG_THREADS, WG_SHARED, None)
+        } else if self.rows_decode(d) {
             let smem = rows_shared_bytes(d);
             // by shared memory (an SM has 1 KB more than a block may take) and registers (≤ 255 a thread)
             let bps = ((self.dev.max_shared_per_block() + 1024) / (smem + 1024)).min(65536 / (ROWS_THREADS as usize * 256)).max(1);

@@ -109,13 +109,19 @@ pub fn mla_decode_module(d: ModelDims, vendor: Vendor) -> KernelModule {
     KernelModule { file: "hip-kernels/mla_decode.hip", functions: vec!["mla_decode_mma"], ..mla_module(d, vendor) }
 }
 
+/// MLA decode attention for groups of 64 heads on the warpgroup MMA (NVIDIA sm_90a), same shape
+/// defines.
+pub fn mla_decode_wg_module(d: ModelDims, vendor: Vendor) -> KernelModule {
+    KernelModule { file: "hip-kernels/mla_decode_wg.hip", functions: vec!["mla_decode_wg"], ..mla_module(d, vendor) }
+}
+
 /// MLA decode attention for groups of 16 heads, scores in registers (NVIDIA sm_80+), same shape
 /// defines.
 pub fn mla_decode_rows_module(d: ModelDims, vendor: Vendor) -> KernelModule {
     KernelModule { file: "hip-kernels/mla_decode_rows.hip", functions: vec!["mla_decode_rows"], ..mla_module(d, vendor) }
 }
 
-/// Every module a model with these shapes runs (the four flash prefills, the three decode
+/// Every module a model with these shapes runs (the four flash prefills, the four decode
 /// attentions).
 pub fn modules_for(d: ModelDims, vendor: Vendor) -> Vec<KernelModule> {
     let mut v: Vec<KernelModule> = GENERIC.iter().map(|(f, _)| generic_module(f, vendor)).collect();
@@ -126,5 +132,6 @@ pub fn modules_for(d: ModelDims, vendor: Vendor) -> Vec<KernelModule> {
     v.push(mla_flash_wg_module(d, vendor));
     v.push(mla_decode_module(d, vendor));
     v.push(mla_decode_rows_module(d, vendor));
+    v.push(mla_decode_wg_module(d, vendor));
     v
 }

@@ -77,6 +77,11 @@ pub struct Tuned {
     /// FlashAttention-2's form on mma.sync (mla_flash_bf16.hip)
     #[serde(default = "default_true")]
     pub flash_wgmma: bool,
+    /// With bf16 attention operands, the decode attention of 64-head groups with V2 / V3's
+    /// 512 + 64 latent entries runs on the warpgroup MMA (mla_decode_wg.hip; NVIDIA sm_90a);
+    /// false: mma.sync (mla_decode.hip)
+    #[serde(default = "default_true")]
+    pub mla_decode_wgmma: bool,
 }
 
 fn default_true() -> bool {
@@ -147,6 +152,7 @@ impl Default for Tuned {
             mla_decode_rows_max_heads: default_mla_decode_rows_max_heads(),
             moe_f8_gemm: default_true(),
             flash_wgmma: default_true(),
+            mla_decode_wgmma: default_true(),
         }
     }
 }

@@ -1,0 +1,262 @@
+// MLA decode attention in the absorbed (MQA) form on Hopper's warpgroup MMA (sm_90a), for head
+// groups of 64 (V3's 128 heads: two groups) with bf16 operands, the layout of FlashMLA:
+//   scores  S[h][j] = [q_lat | q_pe](h) · [c | k_pe](j)    (ENTRY = KV_LORA + ROPE = 576 wide)
+//   output  O[h][:] = Σ_j softmax_j(scale · S[h][j]) c(j)  (the first KV_LORA = 512 columns)
+// mla_decode.hip's mma.sync form round-trips the scores through shared memory and loads every
+// fragment by 32-bit reads (132 TFLOP/s at batch 256: a third of its issue slots, a third of the
+// stalls on the MIO queue). Here a block is two warpgroups over one token's 64 heads and a range
+// of its context, in tiles of 64 keys:
+//   - the queries as bf16 in shared memory, 9 chunks of [64 rows × 128 bytes] with the 128-byte
+//     swizzle (16-byte piece p of row r at r · 128 + 16 · (p ^ r % 8)), staged once; each key
+//     tile the same way by cp.async from the cache (two tiles: the next lands while one is used);
+//   - warpgroup 0: S = Q·Kᵀ by wgmma.m64n64k16 (both operands from shared memory, 36 steps), the
+//     online softmax in registers in base 2, P as bf16 kept in registers (its own P·V's A
+//     fragments) and written to shared memory (swizzled, for warpgroup 1) with each row's rescale;
+//   - both: O[:, 256 w ..] = O · corr + P·V by wgmma.m64n256k16 over the tile's 64 keys (4 steps),
+//     V the same key tile read transposed (MN-major: 64-column atoms 8 KB apart, 8-key groups 1 KB
+//     apart), 128 accumulators a thread;
+//   - one block barrier a tile (the tile landed, the other tile and P free again) and one named
+//     barrier (P ready for warpgroup 1); shared memory written by threads is fenced to the async
+//     proxy before a wgmma reads it.
+// Splits of the context (blockIdx.z) write unnormalised partials for mla.hip's mla_merge, as
+// mla_decode.hip does. sm_90a with KV_LORA 512 and ROPE 64 only (the host checks); elsewhere the
+// kernel is a trap the host never selects.
+// Launch: grid (tokens, heads / 64, splits), block 256, dynamic shared memory WD_SMEM (passed,
+// and checked, as `smem`; mla_decode.rs mirrors it).
+#include "mla_decode_stage.h"
+#include "sm90.h"
+
+#define WD_H 64       // heads a block
+#define WD_KT 64      // keys a tile
+#define WD_THREADS 256
+#define WD_CH 8192    // a chunk: 64 rows × 128 bytes
+#define WD_NC (ENTRY / 64) // chunks of a row (9)
+#define WD_TILE (WD_NC * WD_CH)
+#define WD_Q 0
+#define WD_K (WD_Q + WD_TILE)          // two key tiles
+#define WD_P (WD_K + 2 * WD_TILE)       // probabilities, one chunk
+#define WD_CORR (WD_P + WD_CH)          // 64 rescales
+#define WD_ML (WD_CORR + 4 * WD_H)      // 64 (max, scale) pairs
+#define WD_SMEM (WD_ML + 8 * WD_H + 1024) // + the alignment of the first chunk
+
+#if defined(SM90_WGMMA) && KV_LORA == 512 && ROPE == 64
+#define WD_ON 1
+
+// The 128-byte-swizzled MN-major descriptor of B for P·V: rows of 128 bytes (64 value columns)
+// indexed by key, 8-key groups 1024 bytes apart (SBO), 64-column atoms WD_CH apart (LBO).
+__device__ __forceinline__ uint64_t wd_desc_mn(const void* p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)(WD_CH >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+
+// s (64 heads × 64 keys, 32 floats a thread) = (acc ? s : 0) + Q · Kᵀ over 16 of ENTRY, both from
+// shared memory (K-major).
+__device__ __forceinline__ void wd_qk(float* d, uint64_t da, uint64_t db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),
+          "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(acc));
+}
+
+#define WD_O128                                                                                                                                          \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, " \
+    "%31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, "  \
+    "%60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, "  \
+    "%89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, " \
+    "%115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
+#define WD_F8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define WD_OUTS                                                                                                                                          \
+    WD_F8(0), WD_F8(8), WD_F8(16), WD_F8(24), WD_F8(32), WD_F8(40), WD_F8(48), WD_F8(56), WD_F8(64), WD_F8(72), WD_F8(80), WD_F8(88), WD_F8(96),        \
+        WD_F8(104), WD_F8(112), WD_F8(120)
+
+// o (64 heads × 256 value columns, 128 floats a thread) += P · V over 16 keys: P from registers
+// (each warp's m16n8k16 A fragment), V MN-major in shared memory.
+__device__ __forceinline__ void wd_pv_reg(float* d, const uint32_t* a, uint64_t db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " WD_O128 ", {%128, %129, %130, %131}, %132, 1, 1, 1, 1;\n"
+                 : WD_OUTS
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+
+// The same with P from shared memory (K-major).
+__device__ __forceinline__ void wd_pv_smem(float* d, uint64_t da, uint64_t db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " WD_O128 ", %128, %129, 1, 1, 1, 0, 1;\n" : WD_OUTS : "l"(da), "l"(db));
+}
+
+// 16-byte piece p (0-7) of row r of a swizzled chunk.
+__device__ __forceinline__ int wd_sw(int r, int p) { return r * 128 + ((p ^ (r & 7)) << 4); }
+
+// Keys key0 .. key0 + 63 of the context (slots sl) into the swizzled key tile `kt` by cp.async, zero
+// past n; 4 threads a key, each every 4th of its 72 pieces; one commit group.
+__device__ __forceinline__ void wd_fetch(uint8_t* kt, const uint16_t* __restrict__ base, const uint32_t* __restrict__ sl, int key0, int n) {
+    const int key = threadIdx.x / 4, part = threadIdx.x % 4;
+    const bool live = key0 + key < n;
+    const uint16_t* e = base + (int64_t)(live ? sl[key0 + key] : 0u) * ENTRY;
+    const unsigned d = (unsigned)__cvta_generic_to_shared(kt);
+#pragma unroll
+    for (int i = 0; i < 18; ++i) {
+        const int p = part + 4 * i; // 0..71
+        const unsigned dst = d + (p / 8) * WD_CH + wd_sw(key, p % 8);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(e + 8 * p), "r"(live ? 16 : 0));
+    }
+    cp_async_commit();
+}
+
+__device__ __forceinline__ void wd_fence_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#endif
+
+extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
+    mla_decode_wg(const float* __restrict__ q, const float* __restrict__ q_lat, const uint16_t* __restrict__ kv, const uint32_t* __restrict__ slots,
+                  const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len, float* __restrict__ lat_out, int heads, int layer,
+                  int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part, int smem) { ENGINE_GRID_DEP();
+#ifdef WD_ON
+    extern __shared__ __align__(16) unsigned char wd_raw[];
+    if (smem < WD_SMEM) __trap(); // the host's layout and this one disagree
+    uint8_t* sm = wd_raw + ((1024 - ((uint32_t)__cvta_generic_to_shared(wd_raw) & 1023)) & 1023); // 1024-aligned
+    float* corr_s = (float*)(sm + WD_CORR);
+    float* ml_s = (float*)(sm + WD_ML);
+    const int t = blockIdx.x, h0 = blockIdx.y * WD_H, z = blockIdx.z, tid = threadIdx.x;
+    const uint32_t* sl = slots + ctx_off[t];
+    const int total = ctx_len[t];
+    const int chunk = max((total + splits - 1) / splits, min_chunk);
+    const int j0 = z * chunk, n = min(total, j0 + chunk);
+    const uint16_t* base = kv + (int64_t)layer * num_slots * ENTRY;
+    const int wg = __shfl_sync(0xffffffffu, tid / 128, 0), w = (tid / 32) % 4, lane = tid % 32, g = lane / 4, tq = lane % 4;
+    const int r0 = 16 * w + g; // this thread's rows r0, r0 + 8 (of the block's 64 heads)
+    if (j0 >= n) { // an empty split (graph steps launch a fixed number): an empty partial
+        if (splits > 1 && tid < WD_H && h0 + tid < heads) md_header(part, t, heads, h0 + tid, splits, z, -ENGINE_INF, 0.f);
+        return;
+    }
+    wd_fetch(sm + WD_K, base, sl, j0, n);
+    // the queries [q_lat | q_pe] as bf16, swizzled: 64 rows × 72 pieces of 8 columns
+    for (int i = tid; i < WD_H * (ENTRY / 8); i += WD_THREADS) {
+        const int r = i / (ENTRY / 8), p = i % (ENTRY / 8), c = 8 * p, h = h0 + r;
+        const float* src = c < KV_LORA ? q_lat + ((int64_t)t * heads + h) * KV_LORA + c : q + ((int64_t)t * heads + h) * QK + NOPE + (c - KV_LORA);
+        const float4 a = ((const float4*)src)[0], b = ((const float4*)src)[1];
+        *(uint4*)(sm + WD_Q + (p / 8) * WD_CH + wd_sw(r, p % 8)) = make_uint4(bf16_pack(a.x, a.y), bf16_pack(a.z, a.w), bf16_pack(b.x, b.y), bf16_pack(b.z, b.w));
+    }
+    const float scale2 = scale * 1.4426950408889634f;
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float m[2] = {-ENGINE_INF, -ENGINE_INF}, l[2] = {0.f, 0.f}; // warpgroup 0: rows r0, r0 + 8, base 2
+    const int ntiles = (n - j0 + WD_KT - 1) / WD_KT;
+    for (int it = 0; it < ntiles; ++it) {
+        const int key0 = j0 + it * WD_KT;
+        uint8_t* kt = sm + WD_K + (it % 2) * WD_TILE;
+        cp_async_wait<0>();
+        wd_fence_async(); // this thread's copies (and query stores) to the MMA's proxy
+        __syncthreads();  // every thread's; both warpgroups done with the other tile and with P
+        if (it + 1 < ntiles) wd_fetch(sm + WD_K + ((it + 1) % 2) * WD_TILE, base, sl, key0 + WD_KT, n);
+        uint32_t pa[16]; // warpgroup 0: P's A fragments (keys 16kc .. at 4kc)
+        if (wg == 0) {
+            float s[32];
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int kk = 0; kk < ENTRY / 16; ++kk) {
+                const int off = (kk / 4) * WD_CH + 32 * (kk % 4);
+                wd_qk(s, sm90_desc(sm + WD_Q + off), sm90_desc(kt + off), kk);
+            }
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            // online softmax of rows r0 (e < 2) and r0 + 8 (e ≥ 2): key key0 + 8j + 2tq + e % 2
+            float mx[2] = {-ENGINE_INF, -ENGINE_INF};
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const bool live = key0 + 8 * j + 2 * tq + (e & 1) < n;
+                    s[4 * j + e] = live ? s[4 * j + e] * scale2 : -ENGINE_INF;
+                    mx[e / 2] = fmaxf(mx[e / 2], s[4 * j + e]);
+                }
+            float cr[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                const float mn = fmaxf(m[r], mx[r]); // finite: the tile has a live key
+                cr[r] = exp2f(m[r] - mn);
+                m[r] = mn;
+                l[r] *= cr[r];
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                float e4[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    e4[e] = exp2f(s[4 * j + e] - m[e / 2]); // masked: exp2(-inf) = 0
+                    l[e / 2] += e4[e];
+                }
+                pa[2 * j] = bf16_pack(e4[0], e4[1]);
+                pa[2 * j + 1] = bf16_pack(e4[2], e4[3]);
+                // P for warpgroup 1: rows r0 / r0 + 8, keys 8j + 2tq (piece j, bytes 4tq)
+                *(uint32_t*)(sm + WD_P + wd_sw(r0, j) + 4 * tq) = pa[2 * j];
+                *(uint32_t*)(sm + WD_P + wd_sw(r0 + 8, j) + 4 * tq) = pa[2 * j + 1];
+            }
+            if (tq == 0) {
+                corr_s[r0] = cr[0];
+                corr_s[r0 + 8] = cr[1];
+            }
+            wd_fence_async();
+            asm volatile("bar.arrive 1, 256;\n" ::: "memory"); // P and the rescales are ready
+#pragma unroll
+            for (int j = 0; j < 32; ++j) {
+                o[4 * j] *= cr[0];
+                o[4 * j + 1] *= cr[0];
+                o[4 * j + 2] *= cr[1];
+                o[4 * j + 3] *= cr[1];
+            }
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int kc = 0; kc < WD_KT / 16; ++kc) wd_pv_reg(o, pa + 4 * kc, wd_desc_mn(kt + kc * 16 * 128));
+        } else {
+            asm volatile("bar.sync 1, 256;\n" ::: "memory");
+            const float c0 = corr_s[r0], c1 = corr_s[r0 + 8];
+#pragma unroll
+            for (int j = 0; j < 32; ++j) {
+                o[4 * j] *= c0;
+                o[4 * j + 1] *= c0;
+                o[4 * j + 2] *= c1;
+                o[4 * j + 3] *= c1;
+            }
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int kc = 0; kc < WD_KT / 16; ++kc) wd_pv_smem(o, sm90_desc(sm + WD_P + 32 * kc), wd_desc_mn(kt + 4 * WD_CH + kc * 16 * 128));
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    }
+    if (wg == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        }
+        if (tq == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int row = r0 + 8 * r;
+                const float mnat = m[r] * 0.6931471805599453f; // base 2 → natural, as mla_merge reads it
+                ml_s[2 * row] = mnat;
+                ml_s[2 * row + 1] = splits > 1 ? 1.f : 1.f / l[r];
+                if (splits > 1 && h0 + row < heads) md_header(part, t, heads, h0 + row, splits, z, mnat, l[r]);
+            }
+        }
+    }
+    __syncthreads();
+    // this warpgroup's 256 columns: element (row r0 + 8(e / 2), column 256 wg + 8j + 2tq + e % 2)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = r0 + 8 * r;
+        const float f = ml_s[2 * row + 1];
+#pragma unroll
+        for (int j = 0; j < 32; ++j) *(float2*)md_dst(part, lat_out, t, heads, h0, row, 256 * wg + 8 * j + 2 * tq, splits, z) = make_float2(o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
+    }
+#else
+    ENGINE_TRAP(); // the host takes mla_decode.hip on targets without the warpgroup MMA
+#endif
+}
