@@ -1,7 +1,8 @@
 //! Decode-sized linear layers with FP8 weights on the matrix units (hip-kernels/linear_tc.hip:
 //! mma.sync on NVIDIA sm_80+, MFMA on CDNA; whole 64-row groups so no warp reads past W): W's rows on the MMA's M side and x's few rows on its N side, so the weights
 //! stream at full width whatever the batch; split-K when the row groups alone would not fill
-//! the GPU, summed in a fixed order.
+//! the GPU, summed in a fixed order. With FP8 activations: 2-8 rows on linear_f8.hip (FP8 × FP8,
+//! registers), 9-32 on the staged FP8 × FP8 form of moe_f8s.hip (`linear_f8s`).
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, LaunchConfig};
 use super::ops::GpuLinear;

@@ -3,9 +3,10 @@
 //! entry once for the whole head group; split partials are combined by mla.hip's `mla_merge`.
 //! Taken with `--fp8-activations dynamic` (`attn_bf16`, whose KV caches hold bf16 latents) where
 //! the device has matrix units (or the tests ask for the portable product); the CUDA-core kernel
-//! stays for the f32 mode and for devices without this path. Two kernels: 64 heads a block
-//! (mla_decode.hip; 128-head V3 is compute-bound there) and, for at most
-//! `mla_decode_rows_max_heads` heads (a tensor-parallel rank's 16), 16 heads a block with the
+//! stays for the f32 mode and for devices without this path. Three kernels: 64 heads a block
+//! (mla_decode.hip, mma.sync / MFMA; 128-head V3 is compute-bound there), the same groups on
+//! Hopper's warpgroup MMA (mla_decode_wg.hip; sm_90a, V2 / V3's 512 + 64 entries) and, for at
+//! most `mla_decode_rows_max_heads` heads (a tensor-parallel rank's 16), 16 heads a block with the
 //! softmax in registers (mla_decode_rows.hip; NVIDIA sm_80+), which must stream the cache.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, LaunchConfig};
