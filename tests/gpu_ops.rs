@@ -462,6 +462,10 @@ fn mla_decode_matrix_units_bf16_on<V: GpuVendor>() {
         for (d, kvt) in [(v3, WType::Fp8), (tp8, WType::Fp8), (partial, WType::Bf16), (rank8, WType::Bf16), (odd, WType::F32), (unaligned, WType::F32)] {
             // the decode of a 5000-token context alone too (split-K, merged)
             mla_case(&g, &c, &mut rng, &d, kvt, &[(5000, 1), (300, 37), (21, 21), (64, 1), (1, 1)], BF16_TOL, true);
+            if d.num_heads == 128 {
+                // 71 tokens × 2 head groups: a block an SM, where sm_90a takes mla_decode_wg.hip
+                mla_case(&g, &c, &mut rng, &d, kvt, &[(700, 70), (90, 1)], BF16_TOL, false);
+            }
         }
     }
 }

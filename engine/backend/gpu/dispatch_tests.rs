@@ -455,19 +455,12 @@ fn decode_attention_of_a_rank_s_16_heads_takes_the_register_kernel() {
     let slots: Vec<u32> = (0..1000).rev().collect();
     // (max heads for the 16-head kernel, heads, expected kernel, grid, threads): V3's rank of 8 and
     // 128 heads in 8 groups when the threshold allows; 17 heads or threshold 0 keep the 64-head
-    // tiles; on sm_90a V3's 128 heads take the warpgroup-MMA kernel (two groups, 2 splits), and
-    // the 64-head tiles with it tuned off
-    let cases = [
-        (16, 16, "mla_decode_rows", (1, 1, 4), 256, true),
-        (128, 128, "mla_decode_rows", (1, 8, 1), 256, true),
-        (16, 17, "mla_decode_mma", (1, 1, 4), 512, true),
-        (0, 16, "mla_decode_mma", (1, 1, 4), 512, true),
-        (16, 128, "mla_decode_wg", (1, 2, 2), 256, true),
-        (16, 128, "mla_decode_mma", (1, 2, 2), 512, false),
-    ];
-    for (max_heads, heads, kernel, grid, threads, wg) in cases {
+    // tiles, and so does one token of V3's 128 heads on sm_90a (2 blocks before splits, fewer than
+    // the 4 SMs: the warpgroup-MMA kernel is for batches of a block an SM, below)
+    let cases = [(16, 16, "mla_decode_rows", (1, 1, 4), 256), (128, 128, "mla_decode_rows", (1, 8, 1), 256), (16, 17, "mla_decode_mma", (1, 1, 4), 512), (0, 16, "mla_decode_mma", (1, 1, 4), 512), (16, 128, "mla_decode_mma", (1, 2, 2), 512)];
+    for (max_heads, heads, kernel, grid, threads) in cases {
         let (mut b, rt) = nvidia_like();
-        (b.attn_bf16, b.matrix_units, b.tuned.mla_decode_rows_max_heads, b.tuned.mla_decode_wgmma) = (true, true, max_heads, wg);
+        (b.attn_bf16, b.matrix_units, b.tuned.mla_decode_rows_max_heads) = (true, true, max_heads);
         b.arch = "sm_90a".into();
         let d = MlaDims { num_heads: heads, ..d };
         let kv = b.alloc_kv_cache(2, 1000, d.kv_entry()).unwrap();
@@ -480,6 +473,33 @@ fn decode_attention_of_a_rank_s_16_heads_takes_the_register_kernel() {
         // one token's 1000 keys: 4 splits of 250 fill the host runtime's 4 SMs in one wave
         assert_eq!(attn, vec![(kernel, grid, threads)], "max heads {max_heads}, {heads} heads");
         assert_eq!(l.iter().any(|x| x.0 == "mla_merge"), grid.2 > 1, "{l:?}");
+    }
+}
+
+/// V3's 128 heads on sm_90a: batches of at least a block an SM (2 tokens × 2 groups on the host
+/// runtime's 4 SMs) take the warpgroup-MMA kernel, 256 threads and its shared memory, no split;
+/// tuned off, the 64-head mma.sync tiles.
+#[test]
+fn decode_attention_batches_of_128_heads_take_the_warpgroup_kernel_on_sm90a() {
+    use crate::backend::{AttnSeq, MlaDims};
+    let d = MlaDims { num_heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
+    let slots: Vec<u32> = (0..1000).rev().collect();
+    for (wg, kernel, threads, smem) in [(true, "mla_decode_wg", 256, super::mla_decode::WG_SHARED), (false, "mla_decode_mma", 512, 0)] {
+        let (mut b, rt) = nvidia_like();
+        (b.attn_bf16, b.matrix_units, b.tuned.mla_decode_wgmma) = (true, true, wg);
+        b.arch = "sm_90a".into();
+        let kv = b.alloc_kv_cache(2, 1000, d.kv_entry()).unwrap();
+        let kv_b = b.upload_mla_kv_b(&fp8(128 * 256, 512), d.qk_nope, d.v_head).unwrap();
+        let q = x(&b, 2, 128 * d.qk_head());
+        let seqs = [AttnSeq { q_start: 0, q_len: 1, slots: &slots }, AttnSeq { q_start: 1, q_len: 1, slots: &slots[..300] }];
+        rt.take_launched();
+        b.mla_attention(&q, &kv, 1, &seqs, &kv_b, &d).unwrap();
+        let l = rt.take_launched();
+        let attn: Vec<_> = l.iter().filter(|x| x.0.starts_with("mla_decode")).map(|x| (x.0.as_str(), x.1, x.2)).collect();
+        assert_eq!(attn, vec![(kernel, (2, 2, 1), threads)], "wgmma {wg}");
+        if wg {
+            assert!(smem <= b.dev.max_shared_per_block(), "{smem} bytes of shared memory");
+        }
     }
 }
 

@@ -140,10 +140,12 @@ impl<V: GpuVendor> GpuBackend<V> {
         d.num_heads <= self.tuned.mla_decode_rows_max_heads && self.decode_tile(d).async_stage && !self.flash_portable && rows_shared_bytes(d) + 1024 <= self.dev.max_shared_per_block()
     }
 
-    /// Whether decode attention takes the warpgroup-MMA kernel: tuned on, sm_90a, V2 / V3's entries
-    /// (512 latents + 64 rope), whole 64-head groups, and its shared memory within a block's.
-    fn wg_decode(&self, d: &MlaDims) -> bool {
-        self.tuned.mla_decode_wgmma && self.arch == "sm_90a" && !self.flash_portable && d.kv_lora_rank == 512 && d.qk_rope == 64 && d.qk_nope.is_multiple_of(4) && d.num_heads.is_multiple_of(WG_HEADS) && WG_SHARED <= self.dev.max_shared_per_block()
+    /// Whether decode attention of `t` tokens takes the warpgroup-MMA kernel: tuned on, sm_90a, V2 /
+    /// V3's entries (512 latents + 64 rope), whole 64-head groups, its shared memory within a
+    /// block's, and at least a block an SM before any split (the compute-bound batches it was
+    /// measured at: V3's 128 and 256; smaller batches keep mla_decode.hip until measured).
+    fn wg_decode(&self, d: &MlaDims, t: usize) -> bool {
+        t * d.num_heads.div_ceil(WG_HEADS) >= self.sms && self.tuned.mla_decode_wgmma && self.arch == "sm_90a" && !self.flash_portable && d.kv_lora_rank == 512 && d.qk_rope == 64 && d.qk_nope.is_multiple_of(4) && d.num_heads.is_multiple_of(WG_HEADS) && WG_SHARED <= self.dev.max_shared_per_block()
     }
 
     /// The kernel's tile on this device (cp.async staging on NVIDIA sm_80+).
@@ -157,7 +159,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (t, dims) = (q.rows, ModelDims::of_mla(d));
         let tile = self.decode_tile(d);
         // the kernel, its block and shared memory, and how many blocks an SM holds
-        let (f, name, heads_per_block, threads, smem, bps) = if self.wg_decode(d) && !self.rows_decode(d) {
+        let (f, name, heads_per_block, threads, smem, bps) = if self.wg_decode(d, t) && !self.rows_decode(d) {
             (self.mla_decode_wg_func(dims)?, "mla_decode_wg", WG_HEADS, WG_THREADS, WG_SHARED, None)
         } else if self.rows_decode(d) {
             let smem = rows_shared_bytes(d);
