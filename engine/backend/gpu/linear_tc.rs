@@ -4,7 +4,7 @@
 //! the GPU, summed in a fixed order. With FP8 activations: 2-8 rows on linear_f8.hip (FP8 × FP8,
 //! registers), 9-32 on the staged FP8 × FP8 form of moe_f8s.hip (`linear_f8s`).
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
-use super::device::{err, DevBuf, LaunchConfig};
+use super::device::{err, DevBuf, Kernel, LaunchConfig};
 use super::ops::GpuLinear;
 use crate::backend::BackendError;
 
@@ -19,27 +19,24 @@ const TOKENS: usize = 16;
 const KCHUNK: usize = 64;
 /// Tokens a block of the staged linear kernel (ML_TOK in moe_f8s.hip)
 const F8S_TOKENS: usize = 32;
+/// Its K step (MS_BK: a stage, one scale block)
+const F8S_KBLOCK: usize = 128;
 /// Its dynamic shared memory (ML_SMEM: 4 stages of 128 weight rows and 32 token rows of 128
 /// bytes, 32 token scales and 2 weight scales, each stage rounded up to 128 bytes)
 pub(super) const LINEAR_F8S_SMEM: usize = 4 * 20736;
 
-/// K split so that blocks fill the GPU's `sms` about `fill` times over, each range at least 8
-/// chunks (512 columns): (splits, columns per split).
-pub(super) fn tc_splits(blocks: usize, k: usize, sms: usize, fill: usize) -> (usize, usize) {
-    let want = (fill * sms).div_ceil(blocks.max(1)).max(1);
-    let most = (k / (8 * KCHUNK)).max(1);
-    let splits = want.min(most);
-    let ksplit = k.div_ceil(splits).div_ceil(KCHUNK) * KCHUNK;
-    (k.div_ceil(ksplit), ksplit)
-}
+/// The least K a split takes: 8 of the swap-AB kernels' 64-column chunks, 4 of the staged
+/// kernel's 128-column stages (its ring).
+const MIN_SPLIT_K: usize = 512;
 
-/// The staged kernel's K split over `kbs` 128-column blocks: blocks fill the GPU's `sms` about
-/// `fill` times over, each split at least 4 blocks (the ring's stages): (splits, blocks a split).
-pub(super) fn f8s_splits(blocks: usize, kbs: usize, sms: usize, fill: usize) -> (usize, usize) {
+/// K split so that blocks fill the GPU's `sms` about `fill` times over, each range whole `chunk`s
+/// (the kernel's K step) and at least MIN_SPLIT_K columns: (splits, columns per split).
+pub(super) fn tc_splits(blocks: usize, k: usize, chunk: usize, sms: usize, fill: usize) -> (usize, usize) {
     let want = (fill * sms).div_ceil(blocks.max(1)).max(1);
-    let splits = want.min((kbs / 4).max(1));
-    let kps = kbs.div_ceil(splits);
-    (kbs.div_ceil(kps), kps)
+    let most = (k / MIN_SPLIT_K).max(1);
+    let splits = want.min(most);
+    let ksplit = k.div_ceil(splits).div_ceil(chunk) * chunk;
+    (k.div_ceil(ksplit), ksplit)
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
@@ -71,15 +68,24 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (m, n, k) = (x.rows, w.out, w.inp);
         let (q, s) = self.quantize_act_fp8(x, m)?;
         let blocks = n.div_ceil(F8_ROWS);
-        let (splits, ksplit) = tc_splits(blocks, k, self.sms, self.tuned.mma_split_fill);
+        let (splits, ksplit) = tc_splits(blocks, k, KCHUNK, self.sms, self.tuned.mma_split_fill);
         let f = self.func(LIN_F8, "linear_f8_fp8w")?;
-        let (mi, ni, ki, ks) = (m as i32, n as i32, k as i32, ksplit as i32);
         let cfg = LaunchConfig { grid_dim: (1, blocks as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        self.f8_split_launch(&f, cfg, (&q, &s), w, (m, ksplit), y, "linear_f8")
+    }
+
+    /// One launch of an FP8 × FP8 linear kernel (linear_f8.hip's and the staged kernel's common
+    /// arguments: q, scales, rows, W, S, out, M, N, K, the K step of a split `ks`) over grid z =
+    /// splits: straight into y, or into partials summed in a fixed order.
+    #[allow(clippy::too_many_arguments)]
+    fn f8_split_launch(&self, f: &Kernel, cfg: LaunchConfig, (q, s): (&DevBuf<u8>, &DevBuf<f32>), w: &GpuLinear, (m, ks): (usize, usize), y: &mut DevBuf<f32>, name: &'static str) -> Result<(), BackendError> {
+        let (n, splits) = (w.out, cfg.grid_dim.2 as usize);
+        let (mi, ni, ki, ksi) = (m as i32, n as i32, w.inp as i32, ks as i32);
         if splits == 1 {
-            return self.launch(&f).arg(&q).arg(&s).arg(&mi).arg(&w.data).arg(&w.scales).arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&ks).run(cfg).map_err(err("linear_f8"));
+            return self.launch(f).arg(q).arg(s).arg(&mi).arg(&w.data).arg(&w.scales).arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&ksi).run(cfg).map_err(err(name));
         }
         let part = self.scratch::<f32>(splits * m * n)?;
-        self.launch(&f).arg(&q).arg(&s).arg(&mi).arg(&w.data).arg(&w.scales).arg(&part).arg(&mi).arg(&ni).arg(&ki).arg(&ks).run(cfg).map_err(err("linear_f8"))?;
+        self.launch(f).arg(q).arg(s).arg(&mi).arg(&w.data).arg(&w.scales).arg(&part).arg(&mi).arg(&ni).arg(&ki).arg(&ksi).run(cfg).map_err(err(name))?;
         self.split_sum(&part, y, m * n, splits)
     }
 
@@ -108,22 +114,17 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (m, n, k) = (x.rows, w.out, w.inp);
         let (q, s) = self.quantize_act_fp8(x, m)?;
         let grid = (n.div_ceil(F8_ROWS), m.div_ceil(F8S_TOKENS));
-        let (splits, kps) = f8s_splits(grid.0 * grid.1, k / 128, self.sms, self.tuned.mma_split_fill);
+        let (splits, ksplit) = tc_splits(grid.0 * grid.1, k, F8S_KBLOCK, self.sms, self.tuned.mma_split_fill);
         let f = self.func(super::moe_grouped::MOE_F8S, "linear_f8s_fp8w")?;
-        let (mi, ni, ki, kp) = (m as i32, n as i32, k as i32, kps as i32);
         let cfg = LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: LINEAR_F8S_SMEM as u32 };
-        if splits == 1 {
-            return self.launch(&f).arg(&q).arg(&s).arg(&mi).arg(&w.data).arg(&w.scales).arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&kp).run(cfg).map_err(err("linear_f8s"));
-        }
-        let part = self.scratch::<f32>(splits * m * n)?;
-        self.launch(&f).arg(&q).arg(&s).arg(&mi).arg(&w.data).arg(&w.scales).arg(&part).arg(&mi).arg(&ni).arg(&ki).arg(&kp).run(cfg).map_err(err("linear_f8s"))?;
-        self.split_sum(&part, y, m * n, splits)
+        // (the kernel takes a split's K in 128-column blocks)
+        self.f8_split_launch(&f, cfg, (&q, &s), w, (m, ksplit / F8S_KBLOCK), y, "linear_f8s")
     }
 
     pub(super) fn linear_tc(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (m, n, k) = (x.rows, w.out, w.inp);
         let grid = (m.div_ceil(TOKENS), n.div_ceil(ROWS));
-        let (splits, ksplit) = tc_splits(grid.0 * grid.1, k, self.sms, self.tuned.mma_split_fill);
+        let (splits, ksplit) = tc_splits(grid.0 * grid.1, k, KCHUNK, self.sms, self.tuned.mma_split_fill);
         let f = self.func(LIN_TC, "linear_tc_fp8w")?;
         let (mi, ni, ki, ks) = (m as i32, n as i32, k as i32, ksplit as i32);
         let cfg = LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
@@ -143,19 +144,22 @@ pub(super) fn e4m3_mma(arch: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{e4m3_mma, f8s_splits, tc_splits};
+    use super::{e4m3_mma, tc_splits, F8S_KBLOCK};
 
     #[test]
     fn staged_splits_cover_the_k_blocks() {
+        // (blocks, K blocks of 128): splits of whole K blocks, at least 4 of them
         for (blocks, kbs) in [(24, 56), (10, 56), (2, 12), (896, 128), (1, 3), (112, 16), (400, 144)] {
-            let (s, kps) = f8s_splits(blocks, kbs, 132, 4);
-            assert!(s >= 1 && s * kps >= kbs && (s - 1) * kps < kbs, "{blocks} {kbs}: {s} x {kps}");
+            let k = kbs * F8S_KBLOCK;
+            let (s, ks) = tc_splits(blocks, k, F8S_KBLOCK, 132, 4);
+            let kps = ks / F8S_KBLOCK;
+            assert!(ks % F8S_KBLOCK == 0 && s >= 1 && s * kps >= kbs && (s - 1) * kps < kbs, "{blocks} {kbs}: {s} x {kps}");
             assert!(kps >= 4.min(kbs), "{blocks} {kbs}: splits of at least 4 blocks");
         }
         // V3's q_a at batch 32 (12 n-blocks × 1 token tile) over K 7,168: 14 splits of 4 blocks
-        assert_eq!(f8s_splits(12, 56, 132, 4), (14, 4));
+        assert_eq!(tc_splits(12, 7168, F8S_KBLOCK, 132, 4), (14, 4 * F8S_KBLOCK));
         // o_proj at batch 256 (56 × 16 blocks): no split
-        assert_eq!(f8s_splits(896, 128, 132, 4), (1, 128));
+        assert_eq!(tc_splits(896, 16384, F8S_KBLOCK, 132, 4), (1, 128 * F8S_KBLOCK));
     }
 
     #[test]
@@ -167,16 +171,16 @@ mod tests {
     #[test]
     fn splits_cover_k_in_whole_chunks_and_fill_the_gpu() {
         for (blocks, k, sms) in [(1, 7168, 132), (5, 7168, 132), (192, 1536, 132), (1, 64, 132), (56, 18432, 132), (600, 7168, 132)] {
-            let (s, ks) = tc_splits(blocks, k, sms, 4);
+            let (s, ks) = tc_splits(blocks, k, super::KCHUNK, sms, 4);
             assert!(s >= 1 && ks % super::KCHUNK == 0, "{blocks} {k}: {s} x {ks}");
             assert!(s * ks >= k && (s - 1) * ks < k, "{blocks} {k}: ranges {s} x {ks} do not tile K exactly");
             assert!(ks >= 512.min(k) || s == 1, "{blocks} {k}: ranges of at least 8 chunks");
         }
         // V3's kv_a at batch 1 (576 rows: 5 blocks) splits K 7168 into 14 ranges of 512
-        assert_eq!(tc_splits(5, 7168, 132, 4), (14, 512));
+        assert_eq!(tc_splits(5, 7168, super::KCHUNK, 132, 4), (14, 512));
         // o_proj (7168 rows: 56 blocks) over K 16384: 10 ranges fill 528 blocks
-        assert_eq!(tc_splits(56, 16384, 132, 4), (10, 1664));
+        assert_eq!(tc_splits(56, 16384, super::KCHUNK, 132, 4), (10, 1664));
         // enough blocks: no split
-        assert_eq!(tc_splits(600, 7168, 132, 4), (1, 7168));
+        assert_eq!(tc_splits(600, 7168, super::KCHUNK, 132, 4), (1, 7168));
     }
 }
