@@ -47,13 +47,18 @@ __device__ __forceinline__ uint32_t f32_to_e4m3fn(float x) {
 // threads covers 8 groups of one row (grid: R × ceil(K/1024), rows on x: more than 65535 of them); 32 threads a group, 4 consecutive
 // channels each (K % 4 == 0), the group's max found by xor-shuffles within 32 lanes (right for
 // 32- and 64-wide warps).
-extern "C" __global__ void __launch_bounds__(256) quant_fp8_act(const float* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s, int M, int R, int K,
-                                                                const int* __restrict__ src, const int* __restrict__ seg) { ENGINE_GRID_DEP();
+// With `up` (quant_fp8_silu_act): the rows are SiLU(x) · up, elementwise as silu_mul computes them.
+__device__ __forceinline__ void quant_fp8_rows(const float* __restrict__ x, const float* __restrict__ up, uint8_t* __restrict__ q, float* __restrict__ s, int M, int R, int K,
+                                               const int* __restrict__ src, const int* __restrict__ seg) {
     int r = blockIdx.x, g = blockIdx.y * 8 + threadIdx.x / 32, j = threadIdx.x % 32;
     int m = src ? src[r] : r;
     int col = g * ACT_GROUP + j * 4;
     bool in = col < K;
     float4 v = in && m >= 0 && m < M ? *(const float4*)(x + (int64_t)m * K + col) : make_float4(0.f, 0.f, 0.f, 0.f);
+    if (up && in && m >= 0 && m < M) {
+        const float4 u = *(const float4*)(up + (int64_t)m * K + col);
+        v = make_float4(v.x / (1.0f + expf(-v.x)) * u.x, v.y / (1.0f + expf(-v.y)) * u.y, v.z / (1.0f + expf(-v.z)) * u.z, v.w / (1.0f + expf(-v.w)) * u.w);
+    }
     float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor(amax, o, WARP));
@@ -72,4 +77,16 @@ extern "C" __global__ void __launch_bounds__(256) quant_fp8_act(const float* __r
         int off = seg ? seg[2 * r] : 0, len = seg ? seg[2 * r + 1] : R, L = (K + ACT_GROUP - 1) / ACT_GROUP;
         s[(int64_t)off * L + (int64_t)g * len + (r - off)] = sc;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256) quant_fp8_act(const float* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s, int M, int R, int K,
+                                                                const int* __restrict__ src, const int* __restrict__ seg) { ENGINE_GRID_DEP();
+    quant_fp8_rows(x, nullptr, q, s, M, R, K, src, seg);
+}
+
+// x = SiLU(gate) · up ([M, K] each), quantised as quant_fp8_act does (the MoE prefill's
+// intermediate, without its f32 copy).
+extern "C" __global__ void __launch_bounds__(256) quant_fp8_silu_act(const float* __restrict__ gate, const float* __restrict__ up, uint8_t* __restrict__ q, float* __restrict__ s, int M,
+                                                                     int R, int K, const int* __restrict__ src, const int* __restrict__ seg) { ENGINE_GRID_DEP();
+    quant_fp8_rows(gate, up, q, s, M, R, K, src, seg);
 }

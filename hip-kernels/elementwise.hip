@@ -82,6 +82,12 @@ extern "C" __global__ void kv_write_bf16(uint16_t* kv, const float* entries, con
     for (int e = threadIdx.x; e < entry; e += blockDim.x) dst[e] = (uint16_t)bf16_rne(entries[(int64_t)i * entry + e]);
 }
 
+// bf16 [n] → f32 (exact): a bf16 weight for the vendor library's f32 GEMM.
+extern "C" __global__ void bf16_to_f32(const uint16_t* x, float* out, int64_t n) { ENGINE_GRID_DEP();
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __uint_as_float((uint32_t)x[i] << 16);
+}
+
 // x [n] f32 → out [2n] bf16: the hi parts, then the lo parts (x ≈ hi + lo): cuBLASLt's stacked
 // operand for linear layers with bf16 weights.
 extern "C" __global__ void split_bf16_rows(const float* x, uint16_t* out, int64_t n) { ENGINE_GRID_DEP();

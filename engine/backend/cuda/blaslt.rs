@@ -1,5 +1,6 @@
 //! cuBLASLt (dynamically loaded) as the CUDA backend's `GemmLib`: bf16 × bf16 → f32 GEMMs for the
-//! linear layers (backend/gpu/blas.rs splits x into bf16 hi/lo rows), and block-scaled FP8 ×
+//! linear layers (backend/gpu/blas.rs splits x into bf16 hi/lo rows), f32 × f32 → f32 for the
+//! MoE router at prefill sizes (backend/gpu/router.rs), and block-scaled FP8 ×
 //! FP8 → f32 (cuBLASLt 12.9+ on Hopper: 128×128 weight blocks, 1×128 activation groups) for
 //! `--fp8-activations dynamic`.
 use std::collections::HashMap;
@@ -34,6 +35,8 @@ pub struct BlasLt {
     plans: PlanCache<Plan>,
     /// Block-scaled FP8 plans, per (m, n, k)
     fp8_plans: PlanCache<Plan>,
+    /// f32 plans, per (m, n, k)
+    f32_plans: PlanCache<Plan>,
     /// A workspace per side stream (GEMMs that overlap must not share one), made on first use
     side_ws: Mutex<HashMap<Handle, DevBuf<u8>>>,
     dev: Arc<dyn DeviceApi>,
@@ -46,7 +49,7 @@ unsafe impl Sync for BlasLt {}
 
 impl Drop for BlasLt {
     fn drop(&mut self) {
-        for p in self.plans.drain().into_iter().chain(self.fp8_plans.drain()) {
+        for p in self.plans.drain().into_iter().chain(self.fp8_plans.drain()).chain(self.f32_plans.drain()) {
             unsafe {
                 let _ = result::destroy_matrix_layout(p.a);
                 let _ = result::destroy_matrix_layout(p.b);
@@ -79,7 +82,7 @@ impl BlasLt {
                 return None;
             }
         };
-        Some(BlasLt { handle, workspace, stream: b.dev.stream() as sys::cudaStream_t, plans: PlanCache::default(), fp8_plans: PlanCache::default(), side_ws: Mutex::new(HashMap::new()), dev: b.dev.clone() })
+        Some(BlasLt { handle, workspace, stream: b.dev.stream() as sys::cudaStream_t, plans: PlanCache::default(), fp8_plans: PlanCache::default(), f32_plans: PlanCache::default(), side_ws: Mutex::new(HashMap::new()), dev: b.dev.clone() })
     }
 
     /// D [m2, n] (row-major f32) = X2 [m2, k] (bf16) · W [n, k]ᵀ (bf16), in column-major terms
@@ -149,6 +152,15 @@ impl GemmLib for BlasLt {
 
     fn gemm_bf16(&self, m2: usize, n: usize, k: usize, w: DevPtr, x2: DevPtr, d: DevPtr) -> Result<(), String> {
         self.plans.with((m2, n, k), |p| self.run(p, w, x2, d, self.stream, self.workspace.ptr()))?
+    }
+
+    fn supports_f32(&self, m: usize, n: usize, k: usize) -> bool {
+        // CUBLAS_COMPUTE_32F with f32 operands: FFMA products and sums (TF32 only under _FAST_TF32)
+        self.f32_plans.supports((m, n, k), || self.plan_typed(m, n, k, sys::cudaDataType::CUDA_R_32F, &[]).map_err(|e| e.to_string()))
+    }
+
+    fn gemm_f32(&self, m: usize, n: usize, k: usize, w: DevPtr, x: DevPtr, d: DevPtr) -> Result<(), String> {
+        self.f32_plans.with((m, n, k), |p| self.run(p, w, x, d, self.stream, self.workspace.ptr()))?
     }
 
     fn supports_fp8_block(&self, m: usize, n: usize, k: usize) -> bool {

@@ -45,6 +45,16 @@ pub trait GemmLib: Send + Sync {
     /// D [m2, n] (row-major f32) = X2 [m2, k] (row-major bf16) · W [n, k]ᵀ (row-major bf16), on
     /// the backend's stream, with the plan `supports` made.
     fn gemm_bf16(&self, m2: usize, n: usize, k: usize, w: DevPtr, x2: DevPtr, d: DevPtr) -> Result<(), String>;
+    /// Whether the library has an f32 × f32 → f32 GEMM (f32 products and sums, no TF32) for
+    /// this shape (`gemm_f32`; the plan is made on the first call, as for `supports`).
+    fn supports_f32(&self, _m: usize, _n: usize, _k: usize) -> bool {
+        false
+    }
+    /// D [m, n] (row-major f32) = X [m, k] (row-major f32) · W [n, k]ᵀ (row-major f32), on the
+    /// backend's stream, with the plan `supports_f32` made.
+    fn gemm_f32(&self, _m: usize, _n: usize, _k: usize, _w: DevPtr, _x: DevPtr, _d: DevPtr) -> Result<(), String> {
+        Err(format!("{} has no f32 GEMM here", self.name()))
+    }
     /// Whether the library has a block-scaled FP8 GEMM for this shape (`gemm_fp8_block`; the
     /// plan is made on the first call, as for `supports`).
     fn supports_fp8_block(&self, _m: usize, _n: usize, _k: usize) -> bool {
@@ -185,15 +195,31 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// zeros), in segments seg[2r], seg[2r + 1] (0: one segment) that each get their own [L, len]
     /// block of scales (act_quant.hip).
     pub(super) fn quant_fp8_rows(&self, x: &GpuTensor, rows: usize, src: DevPtr, seg: DevPtr) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
+        self.quant_fp8_launch(x, None, rows, src, seg)
+    }
+
+    /// The quantiser of SiLU(gate) · up (both [rows, cols] f32; act_quant.hip's
+    /// quant_fp8_silu_act), in segments as `quant_fp8_rows`.
+    pub(super) fn quant_fp8_silu_rows(&self, gate: &GpuTensor, up: &DevBuf<f32>, seg: DevPtr) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
+        self.quant_fp8_launch(gate, Some(up), gate.rows, 0, seg)
+    }
+
+    fn quant_fp8_launch(&self, x: &GpuTensor, up: Option<&DevBuf<f32>>, rows: usize, src: DevPtr, seg: DevPtr) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
         let (m, k) = (x.rows, x.cols);
         if !k.is_multiple_of(4) {
             return Err(self.op_err("quant_fp8_act", format!("{m}x{k}: the columns must be a multiple of 4")));
         }
         let mut q = self.scratch::<u8>(rows * k)?;
         let mut s = self.scratch::<f32>(k.div_ceil(crate::weights::act_quant::ACT_GROUP) * rows)?;
-        let f = self.func(ACT_QUANT, "quant_fp8_act")?;
+        let name = if up.is_some() { "quant_fp8_silu_act" } else { "quant_fp8_act" };
+        let f = self.func(ACT_QUANT, name)?;
         let (mi, ri, ki) = (m as i32, rows as i32, k as i32);
-        self.launch(&f).arg(&x.buf).arg(&mut q).arg(&mut s).arg(&mi).arg(&ri).arg(&ki).arg(&src).arg(&seg).run(cfg((rows as u32, k.div_ceil(1024) as u32), 256, 0)).map_err(err("quant_fp8_act"))?;
+        let mut b = self.launch(&f);
+        b.arg(&x.buf);
+        if let Some(u) = up {
+            b.arg(u);
+        }
+        b.arg(&mut q).arg(&mut s).arg(&mi).arg(&ri).arg(&ki).arg(&src).arg(&seg).run(cfg((rows as u32, k.div_ceil(1024) as u32), 256, 0)).map_err(err(name))?;
         Ok((q, s))
     }
 }

@@ -71,7 +71,7 @@ fn prefill_moe_with_fp8_activations_takes_the_grouped_gemm_on_sm90a() {
         let l = c.expert_launches(&b, &rt, 600);
         let names: Vec<&str> = l.iter().map(|x| x.0.as_str()).collect();
         if arch == "sm_90a" {
-            assert_eq!(names, ["quant_fp8_act", "moe_gemm_f8", "moe_gemm_f8", "silu_mul", "quant_fp8_act", "moe_gemm_f8", "moe_combine"]);
+            assert_eq!(names, ["quant_fp8_act", "moe_gemm_f8", "moe_gemm_f8", "quant_fp8_silu_act", "moe_gemm_f8", "moe_combine"]);
             // persistent blocks: one an SM (4 on the host runtime) walk the 38 items; and a
             // GPU with more SMs than items gets a block an item
             assert!(l.iter().filter(|x| x.0 == "moe_gemm_f8").all(|x| x.1 == (4, 1, 1) && x.2 == 384), "{l:?}");

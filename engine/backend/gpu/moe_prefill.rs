@@ -1,7 +1,7 @@
 //! MoE experts at prefill sizes with FP8 activations (`--fp8-activations dynamic`): the routed
 //! (token, expert) pairs are laid out as one segment of rows per expert (padded to a multiple of 8
 //! rows), the tokens gathered and quantised per 128 channels into that layout, then the gate and
-//! up products, SiLU·up, the product quantised again, the down product, and each token's pairs
+//! up products, SiLU·up quantised again (one pass), the down product, and each token's pairs
 //! summed in its top-k order. The products run as one grouped FP8 GEMM a projection over every
 //! expert's segment (moe_f8_gemm.rs, NVIDIA sm_90a), or else as the GEMM library's block-scaled
 //! FP8 GEMM per expert. The layout needs the expert counts on the host: one copy of the routed
@@ -12,7 +12,6 @@ use super::device::{err, DevBuf};
 use super::ops::{cfg, GpuExperts, GpuRouting};
 use crate::backend::BackendError;
 
-const EW: &str = "hip-kernels/elementwise.hip";
 const COMBINE: &str = "hip-kernels/moe_combine.hip";
 /// Rows of an expert's segment are padded to a multiple of this
 const PAD: usize = 8;
@@ -126,13 +125,10 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (mut g, mut u) = (self.scratch::<f32>(rows * inter)?, self.scratch::<f32>(rows * inter)?);
         gemm((&qx, &sx), (&e.gate, &e.gs), &mut g, inter, hidden)?;
         gemm((&qx, &sx), (&e.up, &e.us), &mut u, inter, hidden)?;
-        let mut h = self.scratch::<f32>(rows * inter)?;
-        let n = (rows * inter) as i64;
-        let f = self.func(EW, "silu_mul")?;
-        self.launch(&f).arg(&g).arg(&u).arg(&mut h).arg(&n).run(cfg(((rows * inter).div_ceil(256) as u32, 1), 256, 0)).map_err(err("silu_mul"))?;
-        drop((g, u, qx, sx));
-        // down: [len, inter] · [hidden, inter]ᵀ per expert
-        let (qh, sh) = self.quant_fp8_rows(&GpuTensor { rows, cols: inter, buf: h }, rows, 0, seg.ptr())?;
+        drop((qx, sx));
+        // down: [len, inter] · [hidden, inter]ᵀ per expert, on SiLU(g) · u quantised
+        let (qh, sh) = self.quant_fp8_silu_rows(&GpuTensor { rows, cols: inter, buf: g }, &u, seg.ptr())?;
+        drop(u);
         let mut dn = self.scratch::<f32>(rows * hidden)?;
         gemm((&qh, &sh), (&e.down, &e.ds), &mut dn, hidden, inter)?;
         let f = self.func(COMBINE, "moe_combine")?;

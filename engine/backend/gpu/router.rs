@@ -1,13 +1,17 @@
 //! The MoE router's logits, f32 on the CUDA cores (expert choice must match the f32 reference:
-//! no tensor cores): the GEMV up to `ROUTER_GEMV_MAX_ROWS` tokens, beyond it linear.hip's
-//! 128 × 64 tiles split over K. The router has few outputs (V3: 256 experts), so its tiles alone
+//! no tensor cores): the GEMV up to `ROUTER_GEMV_MAX_ROWS` tokens, from tuned
+//! `router_blas_min_rows` the GEMM library's f32 GEMM (FFMA, no TF32; a bf16 router converted to
+//! f32 first: ~7 MB for V3), else linear.hip's 128 × 64 tiles split over K (~11 TFLOPS at 4,096
+//! tokens on the H200, 0.66 ms a V3 layer). The router has few outputs (V3: 256 experts), so its tiles alone
 //! are a handful of blocks (8 at 256 tokens) and the GEMV's 16-row slices each re-read the
 //! weights on a few blocks (16 launches of ~18 µs at 256 tokens on the H200); K parts give every
 //! SM two blocks. Each part writes its own [tokens, experts] and moe_route adds them in order.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf};
-use super::ops::{GpuLinear, LINEAR_TILE, LINEAR_TILE_K};
+use super::ops::{cfg, GpuLinear, LINEAR_TILE, LINEAR_TILE_K};
 use crate::backend::BackendError;
+
+const EW: &str = "hip-kernels/elementwise.hip";
 
 /// Tokens up to which the router runs on the GEMV (its batch-1 latency kernels).
 pub(super) const ROUTER_GEMV_MAX_ROWS: usize = 8;
@@ -47,10 +51,39 @@ impl<V: GpuVendor> GpuBackend<V> {
         if x.rows <= ROUTER_GEMV_MAX_ROWS {
             return Ok((self.linear_with(x, gate, false)?.buf, 1));
         }
+        if let Some(y) = self.router_blas(x, gate)? {
+            return Ok((y, 1));
+        }
         let split = router_split(x.rows, gate.out, gate.inp, self.sms);
         let mut y = self.alloc_out(split.0 * x.rows * gate.out)?;
         self.linear_tiles(x, gate, &mut y, split)?;
         Ok((y, split.0))
+    }
+}
+
+impl<V: GpuVendor> GpuBackend<V> {
+    /// The logits by the GEMM library's f32 GEMM where tuned and available (f32 or bf16 router
+    /// weights); None: the own kernels.
+    fn router_blas(&self, x: &GpuTensor, gate: &GpuLinear) -> Result<Option<DevBuf<f32>>, BackendError> {
+        let (m, n, k) = (x.rows, gate.out, gate.inp);
+        let min = self.tuned.router_blas_min_rows;
+        let Some(lt) = self.blaslt.as_ref().filter(|lt| min > 0 && m >= min && gate.wdt <= 1 && lt.supports_f32(m, n, k)) else {
+            return Ok(None);
+        };
+        let w32 = match gate.wdt {
+            0 => None,
+            _ => {
+                let mut w = self.scratch::<f32>(n * k)?;
+                let f = self.func(EW, "bf16_to_f32")?;
+                let total = (n * k) as i64;
+                self.launch(&f).arg(&gate.data).arg(&mut w).arg(&total).run(cfg(((n * k).div_ceil(256) as u32, 1), 256, 0)).map_err(err("bf16_to_f32"))?;
+                Some(w)
+            }
+        };
+        let wp = w32.as_ref().map_or(gate.data.ptr(), |w| w.ptr());
+        let y = self.scratch::<f32>(m * n)?;
+        lt.gemm_f32(m, n, k, wp, x.buf.ptr(), y.ptr()).map_err(|msg| self.op_err("router", format!("{}: {msg}", lt.name())))?;
+        Ok(Some(y))
     }
 }
 

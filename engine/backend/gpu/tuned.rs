@@ -72,6 +72,10 @@ pub struct Tuned {
     /// sm_90a); false: the GEMM library's block-scaled FP8 GEMM per expert
     #[serde(default = "default_true")]
     pub moe_f8_gemm: bool,
+    /// The MoE router's f32 logits from this many tokens through the GEMM library's f32 GEMM
+    /// (router.rs); 0: never (the own CUDA-core tiles)
+    #[serde(default = "default_router_blas_min_rows")]
+    pub router_blas_min_rows: usize,
     /// With bf16 attention operands, the flash prefill of V2 / V3 head sizes runs in
     /// FlashAttention-3's form on the warpgroup MMA (mla_flash_wg.hip; NVIDIA sm_90a); false:
     /// FlashAttention-2's form on mma.sync (mla_flash_bf16.hip)
@@ -86,6 +90,10 @@ pub struct Tuned {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_router_blas_min_rows() -> usize {
+    512
 }
 
 fn default_mla_decode_rows_max_heads() -> usize {
@@ -151,6 +159,7 @@ impl Default for Tuned {
             mla_proj_mma_min_rows: default_mla_proj_mma_min_rows(),
             mla_decode_rows_max_heads: default_mla_decode_rows_max_heads(),
             moe_f8_gemm: default_true(),
+            router_blas_min_rows: default_router_blas_min_rows(),
             flash_wgmma: default_true(),
             mla_decode_wgmma: default_true(),
         }
