@@ -25,37 +25,34 @@
 //     rows in a tile (≤ 64 rows) hands its stages back without multiplying; the warpgroup index
 //     and that test are broadcast from lane 0 so that ptxas sees the branches as warp-uniform and
 //     keeps the MMAs asynchronous;
-//   - items are ordered in groups of tiles, columns outermost inside a group, so that a group's
-//     weight columns and rows stay in L2 while the blocks working on it at once use them; the host
-//     makes the groups (~8 tiles) of whole experts, so that an expert's tiles read each weight
-//     column block from memory once (moe_f8_gemm.rs gemm_tiles).
+//   - items are ordered in groups of MG_GROUP tiles, columns outermost inside a group, so that a
+//     group's weight columns and rows stay in L2 while the blocks working on it at once use them.
 // sm_90a only; other targets compile a trap the host never selects. Needs N % 128 == 0,
 // K % 128 == 0 and 128 × 128 weight blocks (the host checks).
 // Launch: grid min(SMs, tiles · N / 128), block MG_THREADS, dynamic shared memory MG_SMEM
 // (moe_f8_gemm.rs mirrors MG_*). `maps`: the tensor maps of A ([rows, K], boxes of MG_BM rows)
 // and of W ([experts · N, K], boxes of MG_BN rows), 16 words each, in global memory. A tile is 8
 // ints: expert (of W's), first row, rows, its segment's first row and rows (where the segment's
-// scales are: [K / 128, rows] from index first · K / 128), its group's first tile and tiles, 1
-// unused.
+// scales are: [K / 128, rows] from index first · K / 128), 3 unused.
 #include "sm90.h"
 
 #define MG_BM 128     // rows a tile (two warpgroups of 64)
 #define MG_BN 128     // columns an item (one weight scale block)
 #define MG_BK 128     // K a stage (one scale block; one 128-byte swizzle row)
 #define MG_ST 6       // stages
+#define MG_GROUP 8    // tiles a group of the launch order
 #define MG_THREADS 384 // a producer and two consumer warpgroups
 #define MG_STAGE ((MG_BM * MG_BK + MG_BN * MG_BK + MG_BM * 4 + 1023) / 1024 * 1024) // bytes a stage: A, W, scales; 1024-aligned
 #define MG_SMEM (MG_ST * MG_STAGE + 1024) // + the alignment of the first stage
 
 #ifdef SM90_WGMMA
 #define MG_WGMMA 1
-// Work item i: its tile's 8 ints and first column (columns outermost inside a group). A group of
-// G tiles from tile f has the items f · nb .. (f + G) · nb − 1, so tile i / nb is in i's group.
-__device__ __forceinline__ const int32_t* mg_item(const int32_t* tiles, int nb, int i, int& n0) {
-    const int32_t* in_group = tiles + 8 * (i / nb);
-    const int first = in_group[5], gtiles = in_group[6], in = i - first * nb;
+// Work item i: its tile's 8 ints and first column (groups of MG_GROUP tiles, columns outermost).
+__device__ __forceinline__ const int32_t* mg_item(const int32_t* tiles, int n_tiles, int nb, int i, int& n0) {
+    const int per_group = MG_GROUP * nb, grp = i / per_group, in = i % per_group;
+    const int gtiles = min(MG_GROUP, n_tiles - grp * MG_GROUP);
     n0 = (in / gtiles) * MG_BN;
-    return tiles + 8 * (first + in % gtiles);
+    return tiles + 8 * (grp * MG_GROUP + in % gtiles);
 }
 
 // d (64 rows × 128 columns a warpgroup, 64 floats a thread) = (acc ? d : 0) + A · Bᵀ over 32 K.
@@ -104,7 +101,7 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
             int it = 0;
             for (int i = blockIdx.x; i < items; i += gridDim.x) {
                 int n0;
-                const int32_t* tl = mg_item(tiles, nb, i, n0);
+                const int32_t* tl = mg_item(tiles, n_tiles, nb, i, n0);
                 const int e = tl[0], row0 = tl[1], nrows = tl[2], sx0 = tl[3] * kbs + (row0 - tl[3]), sx_stride = tl[4];
                 const int sxb = 4 * min(nrows, MG_BM); // the tile's rows' scales (rows a multiple of 8)
                 for (int kb = 0; kb < kbs; ++kb, ++it) {
@@ -125,7 +122,7 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
     int it = 0; // stage uses before this item's
     for (int i = blockIdx.x; i < items; i += gridDim.x, it += kbs) {
         int n0;
-        const int32_t* tl = mg_item(tiles, nb, i, n0);
+        const int32_t* tl = mg_item(tiles, n_tiles, nb, i, n0);
         const int e = tl[0], row0 = tl[1], nrows = tl[2];
         if (!__shfl_sync(0xffffffff, 64 * h < nrows, 0)) { // no rows of this item: only hand the stages back
             for (int kb = 0; kb < kbs; ++kb) {

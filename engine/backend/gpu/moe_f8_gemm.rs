@@ -29,38 +29,15 @@ fn wgmma(arch: &str) -> bool {
     arch == "sm_90a"
 }
 
-/// Tiles a group of the kernel's item order holds at most, unless one expert has more: its
-/// weight columns are read once for the group's tiles while they sit in L2.
-const MG_GROUP: usize = 8;
-
-/// 8 ints a tile: (expert, first row, rows, segment's first row, segment's rows, group's first
-/// tile, group's tiles, 0), each segment in MG_BM-row tiles. Groups are runs of whole segments
-/// of up to MG_GROUP tiles (a longer segment: groups of MG_GROUP of its tiles), so that no expert
-/// straddles two groups whose items run at different times and read its weights twice.
+/// 8 ints a tile: (expert, first row, rows, segment's first row, segment's rows, 0, 0, 0), each
+/// segment in MG_BM-row tiles.
 pub(super) fn gemm_tiles(l: &MoeLayout) -> Vec<i32> {
-    let mut t: Vec<i32> = Vec::new();
-    let (mut first, mut count) = (0, 0); // the open group
-    let close = |t: &mut Vec<i32>, first: usize, count: usize| {
-        for tile in first..first + count {
-            (t[8 * tile + 5], t[8 * tile + 6]) = (first as i32, count as i32);
-        }
-    };
+    let mut t = Vec::new();
     for &(ex, off, len) in &l.segments {
-        let n = len.div_ceil(MG_BM);
-        if count > 0 && count + n > MG_GROUP {
-            close(&mut t, first, count);
-            (first, count) = (first + count, 0);
-        }
         for r0 in (0..len).step_by(MG_BM) {
             t.extend([ex, off + r0, (len - r0).min(MG_BM), off, len, 0, 0, 0].map(|v| v as i32));
-            count += 1;
-            if count == MG_GROUP && n > MG_GROUP {
-                close(&mut t, first, count);
-                (first, count) = (first + count, 0);
-            }
         }
     }
-    close(&mut t, first, count);
     t
 }
 
@@ -110,35 +87,13 @@ pub(super) mod tests {
     fn segments_become_tiles_and_the_layout_mirrors_the_kernel() {
         // 3 tokens, top-2 over 4 experts: segments of 8 rows; a 300-row segment: 3 tiles
         let l = MoeLayout::build(&[1, 2, 1, 3, 2, 1], 2, 0, 4);
-        assert_eq!(gemm_tiles(&l), vec![1, 0, 8, 0, 8, 0, 3, 0, 2, 8, 8, 8, 8, 0, 3, 0, 3, 16, 8, 16, 8, 0, 3, 0]);
+        assert_eq!(gemm_tiles(&l), vec![1, 0, 8, 0, 8, 0, 0, 0, 2, 8, 8, 8, 8, 0, 0, 0, 3, 16, 8, 16, 8, 0, 0, 0]);
         let ids: Vec<i32> = (0..300).map(|i| if i % 2 == 0 { 0 } else { 5 }).collect();
         let l = MoeLayout::build(&ids, 1, 0, 6);
         let t = gemm_tiles(&l);
         assert_eq!(t.len(), 8 * 4);
-        assert_eq!(&t[..24], &[0, 0, 128, 0, 152, 0, 4, 0, 0, 128, 24, 0, 152, 0, 4, 0, 5, 152, 128, 152, 152, 0, 4, 0]);
+        assert_eq!(&t[..24], &[0, 0, 128, 0, 152, 0, 0, 0, 0, 128, 24, 0, 152, 0, 0, 0, 5, 152, 128, 152, 152, 0, 0, 0]);
         assert_eq!(mg_shared_bytes(), 6 * 33 * 1024 + 1024);
-        // groups of whole experts: segments of 3, 4, 2, 12 and 1 tiles → groups [3 + 4], [2],
-        // the 12-tile expert as [8] and [4 + 1]; each item (group-major, columns outermost) is
-        // one (tile, column) once, and a tile's group holds it
-        let segs: Vec<(usize, usize, usize)> = [3, 4, 2, 12, 1].iter().enumerate().scan(0, |off, (e, &n)| {
-            let s = (e, *off, 128 * n - 8);
-            *off += 128 * n - 8;
-            Some(s)
-        }).collect();
-        let l = MoeLayout { segments: segs, src: vec![], seg: vec![], pair_row: vec![] };
-        let t = gemm_tiles(&l);
-        let groups: Vec<(i32, i32)> = t.chunks(8).map(|c| (c[5], c[6])).collect();
-        let want: Vec<(i32, i32)> = [(0, 7); 7].into_iter().chain([(7, 2); 2]).chain([(9, 8); 8]).chain([(17, 5); 5]).collect();
-        assert_eq!(groups, want);
-        let nb = 3;
-        let mut seen = std::collections::HashSet::new();
-        for i in 0..groups.len() * nb {
-            let (first, g) = groups[i / nb];
-            let inside = i as i32 - first * nb as i32;
-            let (tile, col) = (first + inside % g, inside / g);
-            assert!(tile >= first && tile < first + g && col < nb as i32 && seen.insert((tile, col)), "item {i}");
-        }
-        assert_eq!(seen.len(), groups.len() * nb);
         assert!(wgmma("sm_90a") && !wgmma("sm_90") && !wgmma("sm_89") && !wgmma("gfx942"));
         let src = include_str!("../../../hip-kernels/moe_f8_gemm.hip");
         for (name, v) in [("MG_BM", MG_BM), ("MG_BN", MG_BN), ("MG_BK", MG_BK), ("MG_ST", MG_ST), ("MG_THREADS", MG_THREADS as usize)] {
