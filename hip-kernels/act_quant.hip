@@ -44,49 +44,60 @@ __device__ __forceinline__ uint32_t f32_to_e4m3fn(float x) {
 // 4). Rows are cut into segments, one GEMM each (MoE experts): seg[2r], seg[2r + 1] give r's
 // segment start and length, and its scales sit at s[off·L + g·len + (r − off)] (L = ceil(K/128)),
 // i.e. [L, len] per segment; seg == nullptr is one segment of R rows, s [L, R]. A block of 256
-// threads covers 8 groups of one row (grid: R × ceil(K/1024), rows on x: more than 65535 of them); 32 threads a group, 4 consecutive
-// channels each (K % 4 == 0), the group's max found by xor-shuffles within 32 lanes (right for
-// 32- and 64-wide warps).
+// threads covers 8 groups of `rpb` rows (grid: ceil(R / rpb) × ceil(K/1024), rows on x: more
+// than 65535 of them): 32 threads a group, 4 consecutive channels each (K % 4 == 0), every row's
+// loads issued before any is used (rpb ≤ QUANT_MAX_RPB; many rows, as the MoE prefill's gather,
+// are bound by the loads in flight, not by bytes), the group's max found by xor-shuffles within
+// 32 lanes (right for 32- and 64-wide warps).
 // With `up` (quant_fp8_silu_act): the rows are SiLU(x) · up, elementwise as silu_mul computes them.
+#define QUANT_MAX_RPB 4
 __device__ __forceinline__ void quant_fp8_rows(const float* __restrict__ x, const float* __restrict__ up, uint8_t* __restrict__ q, float* __restrict__ s, int M, int R, int K,
-                                               const int* __restrict__ src, const int* __restrict__ seg) {
-    int r = blockIdx.x, g = blockIdx.y * 8 + threadIdx.x / 32, j = threadIdx.x % 32;
-    int m = src ? src[r] : r;
-    int col = g * ACT_GROUP + j * 4;
-    bool in = col < K;
-    float4 v = in && m >= 0 && m < M ? *(const float4*)(x + (int64_t)m * K + col) : make_float4(0.f, 0.f, 0.f, 0.f);
-    if (up && in && m >= 0 && m < M) {
-        const float4 u = *(const float4*)(up + (int64_t)m * K + col);
-        v = make_float4(v.x / (1.0f + expf(-v.x)) * u.x, v.y / (1.0f + expf(-v.y)) * u.y, v.z / (1.0f + expf(-v.z)) * u.z, v.w / (1.0f + expf(-v.w)) * u.w);
+                                               const int* __restrict__ src, const int* __restrict__ seg, int rpb) {
+    const int g = blockIdx.y * 8 + threadIdx.x / 32, j = threadIdx.x % 32, col = g * ACT_GROUP + j * 4;
+    const bool in = col < K;
+    float4 v[QUANT_MAX_RPB], u[QUANT_MAX_RPB];
+#pragma unroll
+    for (int i = 0; i < QUANT_MAX_RPB; ++i) {
+        const int r = blockIdx.x * rpb + i, m = i < rpb && r < R ? (src ? src[r] : r) : -1;
+        const bool load = in && m >= 0 && m < M;
+        v[i] = load ? *(const float4*)(x + (int64_t)m * K + col) : make_float4(0.f, 0.f, 0.f, 0.f);
+        u[i] = load && up ? *(const float4*)(up + (int64_t)m * K + col) : make_float4(1.f, 1.f, 1.f, 1.f);
     }
-    float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor(amax, o, WARP));
-    float sc = fmaxf(amax, 1e-10f) / E4M3_MAX;
-    if (!in) return;
-    uint32_t packed = f32_to_e4m3fn(v.x / sc) | (f32_to_e4m3fn(v.y / sc) << 8) | (f32_to_e4m3fn(v.z / sc) << 16) | (f32_to_e4m3fn(v.w / sc) << 24);
+    for (int i = 0; i < QUANT_MAX_RPB; ++i) {
+        const int r = blockIdx.x * rpb + i;
+        if (i >= rpb || r >= R) break; // block-uniform
+        float4 w = v[i];
+        if (up) w = make_float4(w.x / (1.0f + expf(-w.x)) * u[i].x, w.y / (1.0f + expf(-w.y)) * u[i].y, w.z / (1.0f + expf(-w.z)) * u[i].z, w.w / (1.0f + expf(-w.w)) * u[i].w);
+        float amax = fmaxf(fmaxf(fabsf(w.x), fabsf(w.y)), fmaxf(fabsf(w.z), fabsf(w.w)));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor(amax, o, WARP));
+        float sc = fmaxf(amax, 1e-10f) / E4M3_MAX;
+        if (!in) continue;
+        uint32_t packed = f32_to_e4m3fn(w.x / sc) | (f32_to_e4m3fn(w.y / sc) << 8) | (f32_to_e4m3fn(w.z / sc) << 16) | (f32_to_e4m3fn(w.w / sc) << 24);
 #if defined(__gfx942__)
-    // e4m3fnuz: −0 (0x80) bytes become 0; the scale doubles (below)
+        // e4m3fnuz: −0 (0x80) bytes become 0; the scale doubles (below)
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-        if (((packed >> (8 * i)) & 0xff) == 0x80) packed &= ~(0xffu << (8 * i));
-    sc *= 2.f;
+        for (int b = 0; b < 4; ++b)
+            if (((packed >> (8 * b)) & 0xff) == 0x80) packed &= ~(0xffu << (8 * b));
+        sc *= 2.f;
 #endif
-    *(uint32_t*)(q + (int64_t)r * K + col) = packed;
-    if (j == 0) {
-        int off = seg ? seg[2 * r] : 0, len = seg ? seg[2 * r + 1] : R, L = (K + ACT_GROUP - 1) / ACT_GROUP;
-        s[(int64_t)off * L + (int64_t)g * len + (r - off)] = sc;
+        *(uint32_t*)(q + (int64_t)r * K + col) = packed;
+        if (j == 0) {
+            int off = seg ? seg[2 * r] : 0, len = seg ? seg[2 * r + 1] : R, L = (K + ACT_GROUP - 1) / ACT_GROUP;
+            s[(int64_t)off * L + (int64_t)g * len + (r - off)] = sc;
+        }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(256) quant_fp8_act(const float* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s, int M, int R, int K,
-                                                                const int* __restrict__ src, const int* __restrict__ seg) { ENGINE_GRID_DEP();
-    quant_fp8_rows(x, nullptr, q, s, M, R, K, src, seg);
+                                                                const int* __restrict__ src, const int* __restrict__ seg, int rpb) { ENGINE_GRID_DEP();
+    quant_fp8_rows(x, nullptr, q, s, M, R, K, src, seg, rpb);
 }
 
 // x = SiLU(gate) · up ([M, K] each), quantised as quant_fp8_act does (the MoE prefill's
 // intermediate, without its f32 copy).
 extern "C" __global__ void __launch_bounds__(256) quant_fp8_silu_act(const float* __restrict__ gate, const float* __restrict__ up, uint8_t* __restrict__ q, float* __restrict__ s, int M,
-                                                                     int R, int K, const int* __restrict__ src, const int* __restrict__ seg) { ENGINE_GRID_DEP();
-    quant_fp8_rows(gate, up, q, s, M, R, K, src, seg);
+                                                                     int R, int K, const int* __restrict__ src, const int* __restrict__ seg, int rpb) { ENGINE_GRID_DEP();
+    quant_fp8_rows(gate, up, q, s, M, R, K, src, seg, rpb);
 }

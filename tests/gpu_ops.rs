@@ -119,7 +119,8 @@ fn linear_fp8_dynamic_activations_on<V: GpuVendor>() {
     let mut g = gpu::<V>();
     let c = CpuBackend::new();
     let mut rng = Rng::new(41);
-    for (rows, cols, padded) in [(3, 7168, 4), (130, 300, 132), (1, 2048, 1)] {
+    // (1,100 rows into 1,105: four rows a block, a last block of one)
+    for (rows, cols, padded) in [(3, 7168, 4), (130, 300, 132), (1, 2048, 1), (1100, 1024, 1105)] {
         let mut x = randn(&mut rng, rows * cols, 2.0);
         x[cols - ACT_GROUP..cols].fill(0.0); // an all-zero group
         let (q, s) = g.quantize_act_fp8(&g.upload(rows, cols, &x).unwrap(), padded).unwrap();

@@ -18,6 +18,10 @@ use crate::backend::BackendError;
 
 const EW: &str = "hip-kernels/elementwise.hip";
 const ACT_QUANT: &str = "hip-kernels/act_quant.hip";
+/// Rows a block of the activation quantiser takes from QUANT_RPB_MIN_ROWS rows (act_quant.hip's
+/// QUANT_MAX_RPB at most)
+const QUANT_RPB: usize = 4;
+const QUANT_RPB_MIN_ROWS: usize = 1024;
 
 /// A matmul descriptor attribute's value, as cuBLASLt's and hipBLASLt's `...MatmulDescSetAttribute`
 /// take it: a pointer to the value and its size.
@@ -214,12 +218,16 @@ impl<V: GpuVendor> GpuBackend<V> {
         let name = if up.is_some() { "quant_fp8_silu_act" } else { "quant_fp8_act" };
         let f = self.func(ACT_QUANT, name)?;
         let (mi, ri, ki) = (m as i32, rows as i32, k as i32);
+        // rows a block: one for decode sizes (the most blocks for the few rows), several from
+        // QUANT_RPB_MIN_ROWS (more loads in flight: the MoE prefill's gather of ~33K rows)
+        let rpb = if rows >= QUANT_RPB_MIN_ROWS { QUANT_RPB } else { 1 };
+        let rpb_i = rpb as i32;
         let mut b = self.launch(&f);
         b.arg(&x.buf);
         if let Some(u) = up {
             b.arg(u);
         }
-        b.arg(&mut q).arg(&mut s).arg(&mi).arg(&ri).arg(&ki).arg(&src).arg(&seg).run(cfg((rows as u32, k.div_ceil(1024) as u32), 256, 0)).map_err(err(name))?;
+        b.arg(&mut q).arg(&mut s).arg(&mi).arg(&ri).arg(&ki).arg(&src).arg(&seg).arg(&rpb_i).run(cfg((rows.div_ceil(rpb) as u32, k.div_ceil(1024) as u32), 256, 0)).map_err(err(name))?;
         Ok((q, s))
     }
 }
@@ -240,6 +248,14 @@ mod tests {
         assert!(!fp8_block_ok(7168, 256, 128, 128));
         assert!(!fp8_block_ok(1536, 7168, 64, 128));
         assert!(fp8_block_ok(3072, 1536, 128, 128));
+    }
+
+    #[test]
+    fn the_quantiser_s_rows_a_block_fit_its_kernel() {
+        let src = include_str!("../../../hip-kernels/act_quant.hip");
+        let at = src.find("#define QUANT_MAX_RPB ").unwrap() + "#define QUANT_MAX_RPB ".len();
+        let max: usize = src[at..].split_whitespace().next().unwrap().parse().unwrap();
+        assert!((1..=max).contains(&super::QUANT_RPB));
     }
 
     #[test]
