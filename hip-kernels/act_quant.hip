@@ -68,7 +68,7 @@ __device__ __forceinline__ void quant_fp8_rows(const float* __restrict__ x, cons
         const int r = blockIdx.x * rpb + i;
         if (i >= rpb || r >= R) break; // block-uniform
         float4 w = v[i];
-        if (up) w = make_float4(w.x / (1.0f + expf(-w.x)) * u[i].x, w.y / (1.0f + expf(-w.y)) * u[i].y, w.z / (1.0f + expf(-w.z)) * u[i].z, w.w / (1.0f + expf(-w.w)) * u[i].w);
+        if (up) w = make_float4(silu_mul1(w.x, u[i].x), silu_mul1(w.y, u[i].y), silu_mul1(w.z, u[i].z), silu_mul1(w.w, u[i].w));
         float amax = fmaxf(fmaxf(fabsf(w.x), fabsf(w.y)), fmaxf(fabsf(w.z), fabsf(w.w)));
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor(amax, o, WARP));

@@ -36,6 +36,10 @@
 
 __device__ __forceinline__ float bf16_to_f32(uint16_t b) { return __uint_as_float(((uint32_t)b) << 16); }
 
+// SiLU(g) · u, as every MLP / expert epilogue and the SiLU·up quantiser compute it (one
+// expression, so that fused and unfused paths round alike).
+__device__ __forceinline__ float silu_mul1(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 // Element i of a latent KV cache entry: f32, or bf16 (`--fp8-activations dynamic`).
 __device__ __forceinline__ float kv_elem(const float* e, int i) { return e[i]; }
 __device__ __forceinline__ float kv_elem(const uint16_t* e, int i) { return bf16_to_f32(e[i]); }

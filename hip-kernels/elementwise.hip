@@ -35,8 +35,7 @@ extern "C" __global__ void embedding_fp8w(const uint8_t* t, const float* s, cons
 extern "C" __global__ void silu_mul(const float* gate, const float* up, float* out, int64_t n) { ENGINE_GRID_DEP();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
-        float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
+        out[i] = silu_mul1(gate[i], up[i]);
     }
 }
 
@@ -83,9 +82,9 @@ extern "C" __global__ void kv_write_bf16(uint16_t* kv, const float* entries, con
 }
 
 // bf16 [n] → f32 (exact): a bf16 weight for the vendor library's f32 GEMM.
-extern "C" __global__ void bf16_to_f32(const uint16_t* x, float* out, int64_t n) { ENGINE_GRID_DEP();
+extern "C" __global__ void widen_bf16(const uint16_t* x, float* out, int64_t n) { ENGINE_GRID_DEP();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = __uint_as_float((uint32_t)x[i] << 16);
+    if (i < n) out[i] = bf16_to_f32(x[i]);
 }
 
 // x [n] f32 → out [2n] bf16: the hi parts, then the lo parts (x ≈ hi + lo): cuBLASLt's stacked

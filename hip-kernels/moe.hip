@@ -298,7 +298,7 @@ __device__ __forceinline__ void moe_gate_up_impl(const float* x, const int32_t* 
 #pragma unroll
                 for (int r = 0; r < MOE_GU_ROWS; ++r) {
                     if (ks > 1 && lane == 0) red[w][r] = acc[r], red[w][MOE_GU_ROWS + r] = acc[MOE_GU_ROWS + r];
-                    if (ks == 1 && lane % G == 0 && i0 + r < I) h[(int64_t)p * I + i0 + r] = acc[r] / (1.0f + expf(-acc[r])) * acc[MOE_GU_ROWS + r];
+                    if (ks == 1 && lane % G == 0 && i0 + r < I) h[(int64_t)p * I + i0 + r] = silu_mul1(acc[r], acc[MOE_GU_ROWS + r]);
                 }
             } else {
                 float a = 0.f, b = 0.f;
@@ -308,7 +308,7 @@ __device__ __forceinline__ void moe_gate_up_impl(const float* x, const int32_t* 
                 }
                 a = warp_sum(a);
                 b = warp_sum(b);
-                if (lane == 0) h[(int64_t)p * I + i0] = a / (1.0f + expf(-a)) * b;
+                if (lane == 0) h[(int64_t)p * I + i0] = silu_mul1(a, b);
             }
         }
         if (ks > 1) { // the team's parts added in order by its first warp
@@ -316,7 +316,7 @@ __device__ __forceinline__ void moe_gate_up_impl(const float* x, const int32_t* 
             if (live && part == 0 && lane < MOE_GU_ROWS && i0 + lane < I) {
                 float a = 0.f, b = 0.f;
                 for (int q = 0; q < ks; ++q) a += red[w + q][lane], b += red[w + q][MOE_GU_ROWS + lane];
-                h[(int64_t)p * I + i0 + lane] = a / (1.0f + expf(-a)) * b;
+                h[(int64_t)p * I + i0 + lane] = silu_mul1(a, b);
             }
             __syncthreads(); // red is rewritten by the next item
         }

@@ -44,7 +44,7 @@ __device__ void moe_gate_up_f8_tile(const uint8_t* q, const float* sx, int T, co
         for (int q4 = 0; q4 < 4; ++q4) {
             int tt = 8 * n + 2 * t + (q4 & 1), row = i0 + g + (q4 >= 2 ? 8 : 0);
             float gv = acc[0][n][q4], uv = acc[1][n][q4];
-            if (tt < tl.c) h[(int64_t)(tl.start + tt) * I + row] = gv / (1.0f + expf(-gv)) * uv;
+            if (tt < tl.c) h[(int64_t)(tl.start + tt) * I + row] = silu_mul1(gv, uv);
         }
 }
 
@@ -111,7 +111,7 @@ extern "C" __global__ void __launch_bounds__(128) moe_gate_up_f8_fp8w(const uint
         int x = tok[tl.start + tt];
         float gv = f8_dot_scalar(G, GS, kb, i, q + (int64_t)x * H, sx, T, x, H, 0, H);
         float uv = f8_dot_scalar(U, US, kb, i, q + (int64_t)x * H, sx, T, x, H, 0, H);
-        h[(int64_t)(tl.start + tt) * I + i] = gv / (1.0f + expf(-gv)) * uv;
+        h[(int64_t)(tl.start + tt) * I + i] = silu_mul1(gv, uv);
     }
 #endif
 }

@@ -174,7 +174,7 @@ __device__ __forceinline__ void ms_gate_up(uint8_t* smem, const MsSrc& s, int kb
         for (int q4 = 0; q4 < 4; ++q4) {
             const int tt = 8 * n + 2 * t + (q4 & 1), row = i0 + 16 * w + g + (q4 >= 2 ? 8 : 0);
             const float gv = acc[0][n][q4], uv = acc[1][n][q4];
-            if (tt < cnt) h[(int64_t)(start + tt) * I + row] = gv / (1.0f + expf(-gv)) * uv;
+            if (tt < cnt) h[(int64_t)(start + tt) * I + row] = silu_mul1(gv, uv);
         }
 }
 

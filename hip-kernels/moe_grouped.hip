@@ -76,7 +76,7 @@ extern "C" __global__ void moe_silu_mul_halves(const float* gu, float* h, int64_
     if (i >= n) return;
     int64_t pos = i / I, c = i % I;
     float g = gu[pos * 2 * I + c];
-    h[i] = g / (1.0f + expf(-g)) * gu[pos * 2 * I + I + c];
+    h[i] = silu_mul1(g, gu[pos * 2 * I + I + c]);
 }
 
 template <int WDT>
@@ -232,7 +232,7 @@ __device__ void moe_gate_up_gv_impl(const float* x, const int32_t* tok, const in
 #pragma unroll
     for (int tt = 0; tt < GV_T; ++tt) {
         float g = warp_sum(acc[0][tt]), u = warp_sum(acc[1][tt]);
-        if (lane == 0 && i < I && tt < c) h[(int64_t)(start + tt) * I + i] = g / (1.0f + expf(-g)) * u;
+        if (lane == 0 && i < I && tt < c) h[(int64_t)(start + tt) * I + i] = silu_mul1(g, u);
     }
 }
 

@@ -37,7 +37,7 @@ __device__ void moe_gate_up_tc_tile(const float* x, const int32_t* tok, int star
             for (int q = 0; q < 4; ++q) {
                 int tt = tc_tok(n, q), row = i0 + 16 * f + tc_row(q);
                 float gv = acc[f][n][q], uv = acc[MF + f][n][q];
-                if (tt < c && row < I) h[(int64_t)(start + tt) * I + row] = gv / (1.0f + expf(-gv)) * uv;
+                if (tt < c && row < I) h[(int64_t)(start + tt) * I + row] = silu_mul1(gv, uv);
             }
 }
 
@@ -100,7 +100,7 @@ extern "C" __global__ void __launch_bounds__(128) moe_gate_up_tc_fp8w(const floa
             gs += fp8e4m3_to_f32(G[(int64_t)i * H + k]) * GS[(i / bn) * kb + k / bk] * s;
             us += fp8e4m3_to_f32(U[(int64_t)i * H + k]) * US[(i / bn) * kb + k / bk] * s;
         }
-        h[(int64_t)(start + tt) * I + i] = gs / (1.0f + expf(-gs)) * us;
+        h[(int64_t)(start + tt) * I + i] = silu_mul1(gs, us);
     }
 #endif
 }

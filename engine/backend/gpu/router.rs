@@ -1,7 +1,7 @@
 //! The MoE router's logits, f32 on the CUDA cores (expert choice must match the f32 reference:
 //! no tensor cores): the GEMV up to `ROUTER_GEMV_MAX_ROWS` tokens, from tuned
 //! `router_blas_min_rows` the GEMM library's f32 GEMM (FFMA, no TF32; a bf16 router converted to
-//! f32 first: ~7 MB for V3), else linear.hip's 128 × 64 tiles split over K (~11 TFLOPS at 4,096
+//! f32 first by `widen_bf16` each call: ~7 MB for V3, ~11 µs), else linear.hip's 128 × 64 tiles split over K (~11 TFLOPS at 4,096
 //! tokens on the H200, 0.66 ms a V3 layer). The router has few outputs (V3: 256 experts), so its tiles alone
 //! are a handful of blocks (8 at 256 tokens) and the GEMV's 16-row slices each re-read the
 //! weights on a few blocks (16 launches of ~18 µs at 256 tokens on the H200); K parts give every
@@ -59,9 +59,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.linear_tiles(x, gate, &mut y, split)?;
         Ok((y, split.0))
     }
-}
 
-impl<V: GpuVendor> GpuBackend<V> {
     /// The logits by the GEMM library's f32 GEMM where tuned and available (f32 or bf16 router
     /// weights); None: the own kernels.
     fn router_blas(&self, x: &GpuTensor, gate: &GpuLinear) -> Result<Option<DevBuf<f32>>, BackendError> {
@@ -74,9 +72,9 @@ impl<V: GpuVendor> GpuBackend<V> {
             0 => None,
             _ => {
                 let mut w = self.scratch::<f32>(n * k)?;
-                let f = self.func(EW, "bf16_to_f32")?;
+                let f = self.func(EW, "widen_bf16")?;
                 let total = (n * k) as i64;
-                self.launch(&f).arg(&gate.data).arg(&mut w).arg(&total).run(cfg(((n * k).div_ceil(256) as u32, 1), 256, 0)).map_err(err("bf16_to_f32"))?;
+                self.launch(&f).arg(&gate.data).arg(&mut w).arg(&total).run(cfg(((n * k).div_ceil(256) as u32, 1), 256, 0)).map_err(err("widen_bf16"))?;
                 Some(w)
             }
         };
