@@ -37,7 +37,7 @@
 #define MR_VW ((KV_LORA + 16 * MR_VS - 1) / (16 * MR_VS) * (16 * MR_VS)) // value columns computed
 #define MR_W (MR_D > MR_VW ? MR_D : MR_VW)                          // columns read
 #define MR_DP (MR_W + 8) // bf16 row pitch: an odd number of 16-byte chunks, conflict-free ldmatrix
-#define MR_XP (MR_VW + 4) // f32 row pitch of the key groups' exchange
+#define MR_XP (MR_VW + 8) // f32 row pitch of the key groups' exchange (8-byte writes of a fragment's rows conflict-free)
 #define MR_NT (MR_VW / MR_VS / 8) // n8 tiles of a warp's value columns
 
 struct MrShared {
@@ -45,10 +45,11 @@ struct MrShared {
     uint16_t k[MR_ST][MR_KT][MR_DP]; // key tiles (zero in the padding; past the range's end zero
                                      // (cp.async) or the range's last entry (bulk copies))
     float ml[MR_KG][MR_H][2];        // the key groups' max and sum per row
+    float den[MR_H];                 // the rows' output divisors (the sum, or 1 for a partial)
     uint64_t bar[MR_ST];             // sm_90: the key tiles' transaction barriers (bulk copies)
 };
-// after the loop the key tiles hold the accumulators of key groups 1 .. MR_KG - 1
-static_assert((MR_KG - 1) * MR_H * MR_XP * 4 <= MR_ST * MR_KT * MR_DP * 2, "exchange fits the key tiles");
+// after the loop the key tiles hold the key groups' accumulators
+static_assert(MR_KG * MR_H * MR_XP * 4 <= MR_ST * MR_KT * MR_DP * 2, "exchange fits the key tiles");
 
 #if defined(MD_CP_ASYNC) && __CUDA_ARCH__ >= 900
 // sm_90: a tile's entries arrive by bulk copies (one instruction a key, the copy engine moving its
@@ -81,7 +82,7 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
     if (smem < (int)sizeof(MrShared)) __trap(); // the host's layout and this one disagree
     const int t = blockIdx.x, h0 = blockIdx.y * MR_H, z = blockIdx.z, tid = threadIdx.x;
     const int lane = tid % 32, w = tid / 32, kg = w / MR_VS, vs = w % MR_VS, g = lane / 4, tq = lane % 4;
-    const uint32_t* sl = slots + ctx_off[t];
+    const uint32_t off = ctx_off[t];
     const int total = ctx_len[t];
     const int chunk = max((total + splits - 1) / splits, min_chunk);
     const int j0 = z * chunk, n = min(total, j0 + chunk);
@@ -90,11 +91,17 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
         if (splits > 1 && tid < MR_H && h0 + tid < heads) md_header(part, t, heads, h0 + tid, splits, z, -ENGINE_INF, 0.f);
         return;
     }
+    // the queries' loads first: in flight while the slots are looked up and the copies start
+    // (staged after them, they were the longest wait of a short context's block)
+    MdQueries<MR_H, MR_D, MR_THREADS> qr;
+    md_load_queries(qr, q, q_lat, t, h0, heads);
+    const uint32_t* sl = slots + off;
     // The fetch of key tile `buf` from key key0 (`slot`: this thread's key's slot, looked up a tile
     // ahead), and the wait for tile `it`.
 #ifdef MR_TMA
-    // thread i < MR_KT copies key i of the tile; keys past n copy the range's last entry (a written,
-    // finite entry: their scores are masked, their probabilities 0, so P·V gains exactly 0)
+    // thread i < MR_KT copies key i of the tile (measured against 8 keys from each warp's first
+    // lanes: slower with 8 warps, faster with 4); keys past n copy the range's last entry (a
+    // written, finite entry: their scores are masked, their probabilities 0, so P·V gains 0)
     auto slot_of = [&](int key0) { return tid < MR_KT ? sl[min(key0 + tid, n - 1)] : 0u; };
     auto fetch = [&](int buf, uint32_t slot, int) {
         if (tid == 0)
@@ -120,7 +127,7 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
     auto skip = [] { cp_async_commit(); }; // a group either way: the count below stays right
     auto wait = [](int) { cp_async_wait<MR_ST - 2>(); }; // all but the newest MR_ST - 2 groups
 #endif
-    // tiles 0 .. MR_ST - 2 in flight
+    // tiles 0 .. MR_ST - 2 in flight (all of them before the loop measured no faster)
 #pragma unroll
     for (int b = 0; b < MR_ST - 1; ++b) {
         if (j0 + b * MR_KT < n) fetch(b, slot_of(j0 + b * MR_KT), j0 + b * MR_KT);
@@ -129,7 +136,7 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
     uint32_t slot_next = slot_of(j0 + (MR_ST - 1) * MR_KT);
 #pragma unroll
     for (int b = 0; b < MR_ST; ++b) md_zero_pad<MR_DP, MR_W, MR_THREADS>(sh.k[b], MR_KT);
-    md_stage_queries<MR_H, MR_D, MR_DP, MR_THREADS>(sh.q, q, q_lat, t, h0, heads);
+    md_store_queries<MR_H, MR_D, MR_DP, MR_THREADS>(sh.q, qr);
 
     const int kb = kg * MR_KW, v0 = vs * (MR_VW / MR_VS);
     const float scale2 = scale * 1.4426950408889634f; // log2 e
@@ -283,42 +290,47 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
         for (int x = 0; x < MR_KG; ++x) gl[r] += sh.ml[x][row][1] * exp2f(sh.ml[x][row][0] - gm[r]); // a group without keys: 0 · 0
         f[r] = exp2f(m[r] - gm[r]);
     }
-    float* xs = (float*)&sh.k[0][0][0]; // [MR_KG - 1][MR_H][MR_XP]
+    // every warp's accumulator, scaled to its rows' common maximum, into the exchange; then each
+    // thread adds the key groups' 4-column pieces of its share of the output and stores them
+    float* xs = (float*)&sh.k[0][0][0]; // [MR_KG][MR_H][MR_XP]
     const int col0 = v0 + 2 * tq;
-    if (kg > 0) {
-#pragma unroll
-        for (int j = 0; j < MR_NT; ++j)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) *(float2*)&xs[((kg - 1) * MR_H + g + 8 * r) * MR_XP + col0 + 8 * j] = make_float2(acc[j][2 * r] * f[r], acc[j][2 * r + 1] * f[r]);
-    }
-    __syncthreads();
-    if (kg > 0) return;
-    // the output's scale per row: 1 / sum, or 1 for a partial (one division a row: one a column
-    // unrolled the epilogue into kilobytes of code, a fixed cost of cold instruction fetches)
-    const float scale_out[2] = {splits > 1 ? 1.f : 1.f / gl[0], splits > 1 ? 1.f : 1.f / gl[1]};
-    if (splits > 1 && vs == 0 && tq == 0) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-            if (h0 + g + 8 * r < heads) md_header(part, t, heads, h0 + g + 8 * r, splits, z, gm[r] * 0.6931471805599453f, gl[r]); // max in natural units
-    }
 #pragma unroll
     for (int j = 0; j < MR_NT; ++j)
 #pragma unroll
+        for (int r = 0; r < 2; ++r) *(float2*)&xs[(kg * MR_H + g + 8 * r) * MR_XP + col0 + 8 * j] = make_float2(acc[j][2 * r] * f[r], acc[j][2 * r + 1] * f[r]);
+    if (w == 0 && tq == 0) { // rows g and g + 8: the partial's header, the output's divisor
+#pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const int row = g + 8 * r, c = col0 + 8 * j;
-            float v[2] = {acc[j][2 * r] * f[r], acc[j][2 * r + 1] * f[r]};
-#pragma unroll
-            for (int x = 1; x < MR_KG; ++x) {
-                const float2 o = *(const float2*)&xs[((x - 1) * MR_H + row) * MR_XP + c];
-                v[0] += o.x, v[1] += o.y;
-            }
-            if (h0 + row >= heads) continue;
-            float* d = md_dst(part, lat_out, t, heads, h0, row, c, splits, z);
-            if (KV_LORA % 2 == 0 && c + 1 < KV_LORA) *(float2*)d = make_float2(v[0] * scale_out[r], v[1] * scale_out[r]); // rows start on 8 bytes
-            else
-#pragma unroll
-                for (int u = 0; u < 2; ++u)
-                    if (c + u < KV_LORA) d[u] = v[u] * scale_out[r];
+            sh.den[g + 8 * r] = splits > 1 ? 1.f : gl[r];
+            if (splits > 1 && h0 + g + 8 * r < heads) md_header(part, t, heads, h0 + g + 8 * r, splits, z, gm[r] * 0.6931471805599453f, gl[r]); // max in natural units
         }
+    }
+    __syncthreads();
+    // divided by the sum, not multiplied by its reciprocal: with one split the output is then
+    // bit for bit what mla_merge makes of a graph step's one partial (v / sum)
+#pragma unroll 2
+    for (int u = 0; u < (MR_H * (MR_VW / 4) + MR_THREADS - 1) / MR_THREADS; ++u) {
+        const int i = tid + u * MR_THREADS;
+        if (i >= MR_H * (MR_VW / 4)) break;
+        const int row = i / (MR_VW / 4), c = 4 * (i % (MR_VW / 4));
+        float4 v = *(const float4*)&xs[row * MR_XP + c];
+#pragma unroll
+        for (int x = 1; x < MR_KG; ++x) {
+            const float4 o = *(const float4*)&xs[(x * MR_H + row) * MR_XP + c];
+            v.x += o.x, v.y += o.y, v.z += o.z, v.w += o.w;
+        }
+        if (h0 + row >= heads || c >= KV_LORA) continue;
+        const float den = sh.den[row];
+        float* d = md_dst(part, lat_out, t, heads, h0, row, c, splits, z);
+        if (KV_LORA % 4 == 0) { // 8-byte aligned rows (a partial's values start 2 floats in)
+            *(float2*)d = make_float2(v.x / den, v.y / den);
+            *(float2*)(d + 2) = make_float2(v.z / den, v.w / den);
+        } else {
+            const float e[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int k4 = 0; k4 < 4; ++k4)
+                if (c + k4 < KV_LORA) d[k4] = e[k4] / den;
+        }
+    }
 #endif
 }

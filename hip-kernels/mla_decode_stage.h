@@ -13,32 +13,65 @@
 // 16-byte query loads: q_lat rows and the q_pe parts of q rows on 16-byte boundaries
 #define MD_QVEC (KV_LORA % 8 == 0 && QK % 4 == 0 && NOPE % 4 == 0)
 
-// Heads h0 .. h0 + ROWS - 1 of token t into sq[ROWS][DP] as bf16, D columns (a multiple of 8; zero
-// past ENTRY and for heads past `heads`). Unrolled so that every load is in flight at once; two
+// Heads h0 .. h0 + ROWS - 1 of token t as bf16 rows sq[ROWS][DP], D columns (a multiple of 8; zero
+// past ENTRY and for heads past `heads`), in two steps: md_load_queries issues every load of the
+// thread's share into registers (so that a kernel can start them first and have them in flight
+// while it looks up slots and starts its copies), md_store_queries converts and stores them. Two
 // 16-byte loads per 8 columns where the rows allow (scalar loads, 8 a thread and each warp
 // instruction over 32 sectors, kept the LG queue full for most of a short context's time).
+template <int ROWS, int D, int THREADS>
+struct MdQueries {
+    float v[(ROWS * (D / 8) + THREADS - 1) / THREADS][8];
+};
+
+// Item i of the queries (row i / (D / 8), 8 columns from 8 · (i % (D / 8))) into v.
+template <int D>
+__device__ __forceinline__ void md_query_item(float* v, int i, const float* __restrict__ q, const float* __restrict__ q_lat, int t, int h0, int heads) {
+    const int c = 8 * (i % (D / 8)), h = h0 + i / (D / 8);
+    const float* ql = q_lat + ((int64_t)t * heads + h) * KV_LORA;
+    const float* qp = q + ((int64_t)t * heads + h) * QK + NOPE - KV_LORA; // indexed by the column
+    if (MD_QVEC && h < heads && (c + 8 <= KV_LORA || (c >= KV_LORA && c + 8 <= ENTRY))) {
+        const float4* src = (const float4*)(c < KV_LORA ? ql + c : qp + c);
+        const float4 a = src[0], b = src[1];
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const int d = c + e;
+            v[e] = 0.f;
+            if (h < heads && d < KV_LORA) v[e] = ql[d];
+            else if (h < heads && d < ENTRY) v[e] = qp[d];
+        }
+    }
+}
+
+template <int D, int DP>
+__device__ __forceinline__ void md_query_store(uint16_t (*sq)[DP], int i, const float* v) {
+    *(uint4*)&sq[i / (D / 8)][8 * (i % (D / 8))] = make_uint4(bf16_pack(v[0], v[1]), bf16_pack(v[2], v[3]), bf16_pack(v[4], v[5]), bf16_pack(v[6], v[7]));
+}
+
+template <int ROWS, int D, int THREADS>
+__device__ __forceinline__ void md_load_queries(MdQueries<ROWS, D, THREADS>& r, const float* __restrict__ q, const float* __restrict__ q_lat, int t, int h0, int heads) {
+#pragma unroll
+    for (int u = 0; u < (ROWS * (D / 8) + THREADS - 1) / THREADS; ++u)
+        if (threadIdx.x + u * THREADS < ROWS * (D / 8)) md_query_item<D>(r.v[u], threadIdx.x + u * THREADS, q, q_lat, t, h0, heads);
+}
+
+template <int ROWS, int D, int DP, int THREADS>
+__device__ __forceinline__ void md_store_queries(uint16_t (*sq)[DP], const MdQueries<ROWS, D, THREADS>& r) {
+#pragma unroll
+    for (int u = 0; u < (ROWS * (D / 8) + THREADS - 1) / THREADS; ++u)
+        if (threadIdx.x + u * THREADS < ROWS * (D / 8)) md_query_store<D, DP>(sq, threadIdx.x + u * THREADS, r.v[u]);
+}
+
+// Both steps in one loop (the 64-head kernel: its share is 18 items a thread).
 template <int ROWS, int D, int DP, int THREADS>
 __device__ __forceinline__ void md_stage_queries(uint16_t (*sq)[DP], const float* __restrict__ q, const float* __restrict__ q_lat, int t, int h0, int heads) {
 #pragma unroll
     for (int i = threadIdx.x; i < ROWS * (D / 8); i += THREADS) {
-        const int r = i / (D / 8), c = 8 * (i % (D / 8)), h = h0 + r;
-        const float* ql = q_lat + ((int64_t)t * heads + h) * KV_LORA;
-        const float* qp = q + ((int64_t)t * heads + h) * QK + NOPE - KV_LORA; // indexed by the column
         float v[8];
-        if (MD_QVEC && h < heads && (c + 8 <= KV_LORA || (c >= KV_LORA && c + 8 <= ENTRY))) {
-            const float4* src = (const float4*)(c < KV_LORA ? ql + c : qp + c);
-            const float4 a = src[0], b = src[1];
-            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-        } else {
-#pragma unroll
-            for (int u = 0; u < 8; ++u) {
-                const int d = c + u;
-                v[u] = 0.f;
-                if (h < heads && d < KV_LORA) v[u] = ql[d];
-                else if (h < heads && d < ENTRY) v[u] = qp[d];
-            }
-        }
-        *(uint4*)&sq[r][c] = make_uint4(bf16_pack(v[0], v[1]), bf16_pack(v[2], v[3]), bf16_pack(v[4], v[5]), bf16_pack(v[6], v[7]));
+        md_query_item<D>(v, i, q, q_lat, t, h0, heads);
+        md_query_store<D, DP>(sq, i, v);
     }
 }
 

@@ -93,21 +93,23 @@ const ROWS_THREADS: u32 = 256;
 
 /// sizeof(MrShared) in mla_decode_rows.hip: the queries and two key tiles as bf16 rows of the
 /// contraction (padded to 16) or the value columns (padded to 32), whichever is wider, plus 8;
-/// the four key groups' (max, sum) per head; a transaction barrier (8 bytes) per tile buffer.
+/// the four key groups' (max, sum) per head; each head's output scale; a transaction barrier (8
+/// bytes) per tile buffer.
 pub(super) fn rows_shared_bytes(d: &MlaDims) -> usize {
     let row = d.kv_entry().next_multiple_of(16).max(d.kv_lora_rank.next_multiple_of(32)) + 8;
-    ROWS_HEADS * row * 2 + ROWS_STAGES * ROWS_KEYS * row * 2 + ROWS_KEY_GROUPS * ROWS_HEADS * 2 * 4 + ROWS_STAGES * 8
+    ROWS_HEADS * row * 2 + ROWS_STAGES * ROWS_KEYS * row * 2 + ROWS_KEY_GROUPS * ROWS_HEADS * 2 * 4 + ROWS_HEADS * 4 + ROWS_STAGES * 8
 }
 
 /// Splits of each token's context for the 16-head kernel (`slots`: the blocks all SMs hold at
 /// once): for a graph step (lengths unknown) as many as fit one wave; otherwise the count that
-/// minimises waves × (keys a split + a tile's worth of fixed cost), at most one split per tile.
+/// minimises waves × (keys a split + a tile's worth of fixed cost), at most one split per
+/// MMA_SPLIT_MIN_KEYS keys (the kernel's least chunk: more splits would be empty).
 pub(super) fn rows_splits(blocks: usize, slots: usize, max_len: usize, graph: bool) -> usize {
     let blocks = blocks.max(1);
     if graph {
         return (slots / blocks).clamp(1, ROWS_MAX_SPLITS);
     }
-    let cap = max_len.div_ceil(ROWS_KEYS).clamp(1, ROWS_MAX_SPLITS);
+    let cap = max_len.div_ceil(MMA_SPLIT_MIN_KEYS).clamp(1, ROWS_MAX_SPLITS);
     (1..=cap).min_by_key(|&s| (blocks * s).div_ceil(slots) * (max_len.div_ceil(s) + ROWS_KEYS)).unwrap_or(1)
 }
 
@@ -220,11 +222,11 @@ mod tests {
         // V3's rank of 8: 16 heads; rows of 576 + 8 bf16: the queries, two 64-key tiles, four key
         // groups' (max, sum) and two transaction barriers, within the 227 KB of a block
         let tp8 = MlaDims { num_heads: 16, ..v3() };
-        assert_eq!(rows_shared_bytes(&tp8), 16 * 584 * 2 + 2 * 64 * 584 * 2 + 4 * 16 * 8 + 16);
+        assert_eq!(rows_shared_bytes(&tp8), 16 * 584 * 2 + 2 * 64 * 584 * 2 + 4 * 16 * 8 + 16 * 4 + 16);
         assert!(rows_shared_bytes(&tp8) + 1024 <= 227 * 1024);
         // value columns wider than the padded contraction (40 latents + 8 rope: 48 → 64 + 8)
         let narrow = MlaDims { num_heads: 3, qk_nope: 20, qk_rope: 8, v_head: 24, kv_lora_rank: 40, scale: 0.3 };
-        assert_eq!(rows_shared_bytes(&narrow), 16 * 72 * 2 + 2 * 64 * 72 * 2 + 4 * 16 * 8 + 16);
+        assert_eq!(rows_shared_bytes(&narrow), 16 * 72 * 2 + 2 * 64 * 72 * 2 + 4 * 16 * 8 + 16 * 4 + 16);
         // batch 1: 128 splits (128 keys each at 16K, one block a split on 128 of the 132 SMs); a
         // graph step the same
         assert_eq!(rows_splits(1, 132, 16384, false), 128);
