@@ -103,6 +103,68 @@ fn linear_fp8_through_gemm_library_on<V: GpuVendor>() {
     }
 }
 
+/// The FP8 layers that read one input at prefill sizes under `--fp8-activations dynamic`
+/// (`linear_pair`: MLA's q_a + kv_a; `mlp` and `mlp_add`: a dense MLP, a MoE layer's shared
+/// experts) quantise it once, and SiLU·up is quantised in the pass that computes it: their
+/// results equal the ops' in turn bit for bit (the same quantiser on the same values, the same
+/// GEMMs), and the CPU's on the quantised inputs. 256 and 260 rows take the shared codes, 258
+/// (not a multiple of 4) the ops.
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn prefill_fp8_layers_share_one_quantisation() {
+    common::on_gpu!(prefill_fp8_layers_share_one_quantisation_on)
+}
+
+fn prefill_fp8_layers_share_one_quantisation_on<V: GpuVendor>() {
+    use engine::weights::act_quant::ActFp8;
+    let mut g = gpu::<V>();
+    let c = CpuBackend::new();
+    let mut rng = Rng::new(43);
+    assert!(g.blaslt.as_ref().is_some_and(|l| l.supports_fp8_block(256, 576, 7168)), "no block-scaled FP8 GEMM in the vendor library (cuBLASLt 12.9+ on Hopper is needed)");
+    g.fp8_act = true;
+    let fp8 = |rng: &mut Rng, n: usize, k: usize| {
+        let v = randn(rng, n * k, (k as f32).powf(-0.5));
+        host_fp8(rng, n, k, &v, 128)
+    };
+    let quantised = |x: &[f32], m: usize, k: usize| ActFp8::quantize(x, m, k).dequantize();
+    let cpu_linear = |x: &[f32], m: usize, k: usize, w: &engine::weights::HostLinear| c.download(&c.linear(&c.upload(m, k, x).unwrap(), &c.upload_linear(w).unwrap()).unwrap()).unwrap();
+    // V3's q_a and kv_a
+    let (qa, kva) = (fp8(&mut rng, 1536, 7168), fp8(&mut rng, 576, 7168));
+    let (gqa, gkva) = (g.upload_linear(&qa).unwrap(), g.upload_linear(&kva).unwrap());
+    // an MLP of 2,048 hidden and 1,024 intermediate columns
+    let (hid, inter) = (2048, 1024);
+    let (gate, up, down) = (fp8(&mut rng, inter, hid), fp8(&mut rng, inter, hid), fp8(&mut rng, hid, inter));
+    let (gg, gu, gd) = (g.upload_linear(&gate).unwrap(), g.upload_linear(&up).unwrap(), g.upload_linear(&down).unwrap());
+    for m in [256, 258, 260] {
+        let x = randn(&mut rng, m * 7168, 1.0);
+        let gx = g.upload(m, 7168, &x).unwrap();
+        assert_eq!(g.shares_fp8_codes(&gx, &gqa) && g.shares_fp8_codes(&gx, &gkva), m % 4 == 0, "{m} rows: the shared path where the rows are a multiple of 4");
+        let (a, b) = g.linear_pair(&gx, &gqa, &gkva).unwrap();
+        let (a, b) = (g.download(&a).unwrap(), g.download(&b).unwrap());
+        assert_eq!(a, g.download(&g.linear(&gx, &gqa).unwrap()).unwrap(), "q_a of the pair, {m} rows, equals the linear op's");
+        assert_eq!(b, g.download(&g.linear(&gx, &gkva).unwrap()).unwrap(), "kv_a of the pair, {m} rows, equals the linear op's");
+        let xq = quantised(&x, m, 7168);
+        check(&format!("q_a of the pair, {m} rows, against the CPU"), &a, &cpu_linear(&xq, m, 7168, &qa), FP8_ACC_TOL);
+        check(&format!("kv_a of the pair, {m} rows, against the CPU"), &b, &cpu_linear(&xq, m, 7168, &kva), FP8_ACC_TOL);
+
+        let x = randn(&mut rng, m * hid, 1.0);
+        let gx = g.upload(m, hid, &x).unwrap();
+        assert_eq!(g.shares_fp8_codes(&gx, &gg) && g.shares_fp8_codes(&g.upload(m, inter, &vec![0.0; m * inter]).unwrap(), &gd), m % 4 == 0, "{m} rows: the MLP's shared path");
+        let y = g.download(&g.mlp(&gx, &gg, &gu, &gd).unwrap()).unwrap();
+        let by_ops = g.download(&engine::backend::mlp_by_ops(&g, &gx, [&gg, &gu, &gd]).unwrap()).unwrap();
+        assert_eq!(y, by_ops, "mlp, {m} rows, equals the ops in turn");
+        let y0 = randn(&mut rng, m * hid, 1.0);
+        let mut gy = g.upload(m, hid, &y0).unwrap();
+        g.mlp_add(&gx, &gg, &gu, &gd, &mut gy).unwrap();
+        let added: Vec<f32> = y0.iter().zip(&by_ops).map(|(a, b)| a + b).collect();
+        assert_eq!(g.download(&gy).unwrap(), added, "mlp_add, {m} rows, equals y + the ops in turn");
+        // the CPU on the quantised x, then on the quantised SiLU·up
+        let xq = quantised(&x, m, hid);
+        let h = c.download(&c.silu_mul(&c.upload(m, inter, &cpu_linear(&xq, m, hid, &gate)).unwrap(), &c.upload(m, inter, &cpu_linear(&xq, m, hid, &up)).unwrap()).unwrap()).unwrap();
+        check(&format!("mlp, {m} rows, against the CPU"), &y, &cpu_linear(&quantised(&h, m, inter), m, inter, &down), 1e-2);
+    }
+}
+
 /// `--fp8-activations dynamic`: the activation quantiser (hip-kernels/act_quant.hip) bit for bit
 /// against its host twin (engine/weights/act_quant.rs), then FP8 layers through the library's
 /// block-scaled FP8 GEMM against the f32 CPU reference fed with the same quantised activations

@@ -120,9 +120,9 @@ pub fn mlp_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, [gate, up, down]: [
     b.linear(&h, down)
 }
 
-/// `Backend::mlp_add` from the unfused ops: `mlp_by_ops`, then the add.
-pub fn mlp_add_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, mlp: [&B::Linear; 3], y: &mut B::Tensor) -> Result<(), BackendError> {
-    b.add(y, &mlp_by_ops(b, x, mlp)?)
+/// `Backend::mlp_add` as `Backend::mlp`, then the add.
+pub fn mlp_add_by_ops<B: Backend + ?Sized>(b: &B, x: &B::Tensor, [gate, up, down]: [&B::Linear; 3], y: &mut B::Tensor) -> Result<(), BackendError> {
+    b.add(y, &b.mlp(x, gate, up, down)?)
 }
 
 /// `Backend::linear_pair` as two `linear`s.
@@ -247,8 +247,14 @@ pub trait Backend: Send + Sync + 'static {
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor, BackendError>;
     /// `x += y`.
     fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<(), BackendError>;
+    /// `down(silu(x·gateᵀ) · (x·upᵀ))`: a dense layer's MLP. Backends may share work between its
+    /// linears (the GPU quantises x once for gate and up at prefill sizes); by default the ops
+    /// above in turn.
+    fn mlp(&self, x: &Self::Tensor, gate: &Self::Linear, up: &Self::Linear, down: &Self::Linear) -> Result<Self::Tensor, BackendError> {
+        mlp_by_ops(self, x, [gate, up, down])
+    }
     /// `y += down(silu(x·gateᵀ) · (x·upᵀ))`: an MLP (a MoE layer's shared experts) added into `y`.
-    /// Backends may fuse it (the GPU does at one row); by default the ops above in turn.
+    /// Backends may fuse it (the GPU does at one row); by default `mlp`, then the add.
     fn mlp_add(&self, x: &Self::Tensor, gate: &Self::Linear, up: &Self::Linear, down: &Self::Linear, y: &mut Self::Tensor) -> Result<(), BackendError> {
         mlp_add_by_ops(self, x, [gate, up, down], y)
     }

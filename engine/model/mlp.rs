@@ -22,7 +22,7 @@ impl<B: Backend> Mlp<B> {
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor, ModelError> {
-        Ok(crate::backend::mlp_by_ops(b, x, [&self.gate, &self.up, &self.down])?)
+        Ok(b.mlp(x, &self.gate, &self.up, &self.down)?)
     }
 
     /// (gate, up, down)

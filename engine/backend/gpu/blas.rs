@@ -120,7 +120,7 @@ impl<V: GpuVendor> GpuBackend<V> {
 
     /// Whether this FP8 layer's input is quantised to FP8 (`--fp8-activations dynamic` and a
     /// shape the block-scaled GEMM takes).
-    fn fp8_act_for(&self, w: &GpuLinear) -> bool {
+    pub(super) fn fp8_act_for(&self, w: &GpuLinear) -> bool {
         self.fp8_act && fp8_block_ok(w.out, w.inp, w.bn, w.bk)
     }
 

@@ -27,6 +27,7 @@ mod moe_f8_gemm;
 mod moe_prefill;
 mod moe_grouped;
 mod moe_pairs;
+mod prefill_fused;
 pub mod nvrtc;
 pub mod ops;
 mod router;

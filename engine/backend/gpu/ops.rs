@@ -416,7 +416,10 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
     }
 
     fn linear_pair(&self, x: &GpuTensor, first: &GpuLinear, second: &GpuLinear) -> Result<(GpuTensor, GpuTensor), BackendError> {
-        match self.linear_pair_gemv(x, first, second)? {
+        if let Some(ys) = self.linear_pair_gemv(x, first, second)? {
+            return Ok(ys);
+        }
+        match self.linear_pair_codes(x, first, second)? {
             Some(ys) => Ok(ys),
             None => crate::backend::linear_pair_by_ops(self, x, first, second),
         }
@@ -446,6 +449,13 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             b.run(cfg(((n as usize).div_ceil(256) as u32, 1), 256, 0)).map_err(err("silu_mul"))?;
             Ok(GpuTensor { rows: gate.rows, cols: gate.cols, buf: out })
         })
+    }
+
+    fn mlp(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear) -> Result<GpuTensor, BackendError> {
+        match self.mlp_codes(x, gate, up, down)? {
+            Some(y) => Ok(y),
+            None => crate::backend::mlp_by_ops(self, x, [gate, up, down]),
+        }
     }
 
     fn mlp_add(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear, y: &mut GpuTensor) -> Result<(), BackendError> {

@@ -1,0 +1,58 @@
+//! FP8 layers at prefill sizes that read one input: quantised once. Under `--fp8-activations
+//! dynamic` each FP8 linear quantises its input (per token and 128 channels, act_quant.hip)
+//! before cuBLASLt's block-scaled GEMM; MLA's q_a and kv_a read the same normed x, an MLP's gate
+//! and up the same x, and the MLP's down projection SiLU(gate) · up, which the quantiser can
+//! compute itself (`quant_fp8_silu_act`: the same expression as silu_mul, so the codes are the
+//! same). Here those inputs are quantised once and the GEMMs read the codes; the results are the
+//! ops' results bit for bit (the same quantiser on the same values, the same GEMMs).
+use super::backend::{GpuBackend, GpuTensor, GpuVendor};
+use super::ops::GpuLinear;
+use super::device::DevBuf;
+use crate::backend::BackendError;
+
+impl<V: GpuVendor> GpuBackend<V> {
+    /// Whether `linear(x, w)` would quantise x and run the block-scaled FP8 GEMM on exactly x's
+    /// rows (no padding: a multiple of 4, the library's step), the path that can share codes.
+    pub fn shares_fp8_codes(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
+        w.wdt == 2
+            && x.rows.is_multiple_of(4)
+            && x.cols == w.inp
+            && !self.linear_f8s_for(x, w)
+            && self.blaslt_for(x, w)
+            && self.fp8_act_for(w)
+            && self.blaslt.as_ref().is_some_and(|lt| lt.supports_fp8_block(x.rows, w.out, w.inp))
+    }
+
+    /// codes · wᵀ for `rows` quantised rows (`quantize_act_fp8`'s codes and scales).
+    fn gemm_codes(&self, (q, s): (&DevBuf<u8>, &DevBuf<f32>), rows: usize, w: &GpuLinear) -> Result<GpuTensor, BackendError> {
+        let lt = self.blaslt.as_ref().expect("shares_fp8_codes checked");
+        let y = self.alloc_out(rows * w.out)?;
+        self.span(self.gemm_class(rows, w.out, w.inp), || {
+            lt.gemm_fp8_block((rows, w.out, w.inp), (w.data.ptr(), w.scales.ptr()), (q.ptr(), s.ptr()), y.ptr(), 0).map_err(|msg| self.op_err("blaslt", format!("{}: {msg}", lt.name())))
+        })?;
+        Ok(GpuTensor { rows, cols: w.out, buf: y })
+    }
+
+    /// (x · firstᵀ, x · secondᵀ) from one quantisation of x, where both take the shared path.
+    pub(super) fn linear_pair_codes(&self, x: &GpuTensor, first: &GpuLinear, second: &GpuLinear) -> Result<Option<(GpuTensor, GpuTensor)>, BackendError> {
+        if !self.shares_fp8_codes(x, first) || !self.shares_fp8_codes(x, second) {
+            return Ok(None);
+        }
+        let (q, s) = self.span(self.gemm_class(x.rows, first.out, first.inp), || self.quantize_act_fp8(x, x.rows))?;
+        Ok(Some((self.gemm_codes((&q, &s), x.rows, first)?, self.gemm_codes((&q, &s), x.rows, second)?)))
+    }
+
+    /// down(SiLU(x · gateᵀ) · (x · upᵀ)) with x quantised once for gate and up, and the product
+    /// quantised in the pass that computes it where down takes the shared path too.
+    pub(super) fn mlp_codes(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear) -> Result<Option<GpuTensor>, BackendError> {
+        let Some((g, u)) = self.linear_pair_codes(x, gate, up)? else {
+            return Ok(None);
+        };
+        if !self.shares_fp8_codes(&g, down) {
+            let h = crate::backend::Backend::silu_mul(self, &g, &u)?;
+            return Ok(Some(crate::backend::Backend::linear(self, &h, down)?));
+        }
+        let (q, s) = self.span("activation", || self.quant_fp8_silu_rows(&g, &u.buf, 0))?;
+        Ok(Some(self.gemm_codes((&q, &s), g.rows, down)?))
+    }
+}
