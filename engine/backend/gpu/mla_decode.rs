@@ -93,7 +93,7 @@ const ROWS_THREADS: u32 = 256;
 
 /// sizeof(MrShared) in mla_decode_rows.hip: the queries and two key tiles as bf16 rows of the
 /// contraction (padded to 16) or the value columns (padded to 32), whichever is wider, plus 8;
-/// the four key groups' (max, sum) per head; each head's output scale; a transaction barrier (8
+/// the four key groups' (max, sum) per head; each head's output divisor; a transaction barrier (8
 /// bytes) per tile buffer.
 pub(super) fn rows_shared_bytes(d: &MlaDims) -> usize {
     let row = d.kv_entry().next_multiple_of(16).max(d.kv_lora_rank.next_multiple_of(32)) + 8;
