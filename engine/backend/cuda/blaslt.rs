@@ -151,7 +151,7 @@ impl GemmLib for BlasLt {
     }
 
     fn gemm_bf16(&self, m2: usize, n: usize, k: usize, w: DevPtr, x2: DevPtr, d: DevPtr) -> Result<(), String> {
-        self.plans.with((m2, n, k), |p| self.run(p, w, x2, d, self.stream, self.workspace.ptr()))?
+        self.plans.with((m2, n, k), |p| self.run(p, w, x2, d, self.stream, self.workspace.ptr(), 0.0))?
     }
 
     fn supports_f32(&self, m: usize, n: usize, k: usize) -> bool {
@@ -160,14 +160,26 @@ impl GemmLib for BlasLt {
     }
 
     fn gemm_f32(&self, m: usize, n: usize, k: usize, w: DevPtr, x: DevPtr, d: DevPtr) -> Result<(), String> {
-        self.f32_plans.with((m, n, k), |p| self.run(p, w, x, d, self.stream, self.workspace.ptr()))?
+        self.f32_plans.with((m, n, k), |p| self.run(p, w, x, d, self.stream, self.workspace.ptr(), 0.0))?
     }
 
     fn supports_fp8_block(&self, m: usize, n: usize, k: usize) -> bool {
         self.fp8_plans.supports((m, n, k), || self.plan_fp8_block(m, n, k).map_err(|e| e.to_string()))
     }
 
-    fn gemm_fp8_block(&self, shape: (usize, usize, usize), (w, ws): (DevPtr, DevPtr), (xq, xs): (DevPtr, DevPtr), d: DevPtr, stream: Handle) -> Result<(), String> {
+    fn gemm_fp8_block(&self, shape: (usize, usize, usize), w: (DevPtr, DevPtr), x: (DevPtr, DevPtr), d: DevPtr, stream: Handle) -> Result<(), String> {
+        self.fp8_block(shape, w, x, d, stream, 0.0)
+    }
+
+    fn gemm_fp8_block_add(&self, shape: (usize, usize, usize), w: (DevPtr, DevPtr), x: (DevPtr, DevPtr), d: DevPtr) -> Result<(), String> {
+        self.fp8_block(shape, w, x, d, 0, 1.0)
+    }
+}
+
+impl BlasLt {
+    /// D = beta · D + the block-scaled FP8 product (`GemmLib::gemm_fp8_block`).
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_block(&self, shape: (usize, usize, usize), (w, ws): (DevPtr, DevPtr), (xq, xs): (DevPtr, DevPtr), d: DevPtr, stream: Handle, beta: f32) -> Result<(), String> {
         use sys::cublasLtMatmulDescAttributes_t::{CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER};
         let (st, work) = if stream == 0 {
             (self.stream, self.workspace.ptr())
@@ -184,15 +196,15 @@ impl GemmLib for BlasLt {
             for (attr, ptr) in [(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, ws), (CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, xs)] {
                 unsafe { result::set_matmul_desc_attribute(p.desc, attr, &ptr as *const u64 as *const c_void, 8) }.map_err(|e| format!("cublasLtMatmulDescSetAttribute: {e:?}"))?;
             }
-            self.run(p, w, xq, d, st, work)
+            self.run(p, w, xq, d, st, work, beta)
         })?
     }
-}
 
-impl BlasLt {
-    /// D = W-side A × x-side B with the plan's descriptors, on `stream` with `workspace`.
-    fn run(&self, p: &Plan, w: DevPtr, x: DevPtr, d: DevPtr, stream: sys::cudaStream_t, workspace: DevPtr) -> Result<(), String> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
+    /// D = W-side A × x-side B + beta · D with the plan's descriptors (C is D), on `stream` with
+    /// `workspace`.
+    #[allow(clippy::too_many_arguments)]
+    fn run(&self, p: &Plan, w: DevPtr, x: DevPtr, d: DevPtr, stream: sys::cudaStream_t, workspace: DevPtr, beta: f32) -> Result<(), String> {
+        let alpha = 1.0f32;
         unsafe {
             result::matmul(
                 self.handle,

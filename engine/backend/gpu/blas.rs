@@ -71,6 +71,11 @@ pub trait GemmLib: Send + Sync {
     fn gemm_fp8_block(&self, _shape: (usize, usize, usize), _w: (DevPtr, DevPtr), _x: (DevPtr, DevPtr), _d: DevPtr, _stream: super::device::Handle) -> Result<(), String> {
         Err(format!("{} has no block-scaled FP8 GEMM here", self.name()))
     }
+    /// D += the product of `gemm_fp8_block` (D read as C, beta 1), on the backend's stream; an
+    /// error (nothing launched) where the library does not offer it, and the caller adds.
+    fn gemm_fp8_block_add(&self, _shape: (usize, usize, usize), _w: (DevPtr, DevPtr), _x: (DevPtr, DevPtr), _d: DevPtr) -> Result<(), String> {
+        Err(format!("{} adds no block-scaled FP8 product into D here", self.name()))
+    }
 }
 
 /// A GEMM library's plans per shape (2M, N, K): made on a shape's first use (outside any graph

@@ -459,7 +459,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
     }
 
     fn mlp_add(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear, y: &mut GpuTensor) -> Result<(), BackendError> {
-        if self.mlp_add_pairs(x, gate, up, down, y)? {
+        if self.mlp_add_pairs(x, gate, up, down, y)? || self.mlp_add_codes(x, gate, up, down, y)? {
             return Ok(());
         }
         crate::backend::mlp_add_by_ops(self, x, [gate, up, down], y)

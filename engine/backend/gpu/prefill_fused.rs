@@ -4,7 +4,9 @@
 //! and up the same x, and the MLP's down projection SiLU(gate) · up, which the quantiser can
 //! compute itself (`quant_fp8_silu_act`: the same expression as silu_mul, so the codes are the
 //! same). Here those inputs are quantised once and the GEMMs read the codes; the results are the
-//! ops' results bit for bit (the same quantiser on the same values, the same GEMMs).
+//! ops' results bit for bit (the same quantiser on the same values, the same GEMMs). A MoE
+//! layer's shared experts add their down projection into y as the GEMM's C (beta 1) where the
+//! library offers it, instead of a separate add.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::ops::GpuLinear;
 use super::device::DevBuf;
@@ -45,14 +47,55 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// down(SiLU(x · gateᵀ) · (x · upᵀ)) with x quantised once for gate and up, and the product
     /// quantised in the pass that computes it where down takes the shared path too.
     pub(super) fn mlp_codes(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear) -> Result<Option<GpuTensor>, BackendError> {
+        Ok(match self.mlp_down_codes(x, gate, up, down)? {
+            None => None,
+            Some(Down::Codes(q, s, rows)) => Some(self.gemm_codes((&q, &s), rows, down)?),
+            Some(Down::Done(y)) => Some(y),
+        })
+    }
+
+    /// `y += mlp_codes(x, ..)`, the down projection added as the GEMM's C where the library
+    /// offers it; false (nothing done) where gate and up do not share codes.
+    pub(super) fn mlp_add_codes(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear, y: &mut GpuTensor) -> Result<bool, BackendError> {
+        if (y.rows, y.cols) != (x.rows, down.out) {
+            return Ok(false);
+        }
+        let h = match self.mlp_down_codes(x, gate, up, down)? {
+            None => return Ok(false),
+            Some(Down::Done(h)) => h,
+            Some(Down::Codes(q, s, rows)) => {
+                let lt = self.blaslt.as_ref().expect("shares_fp8_codes checked");
+                let added = self.span(self.gemm_class(rows, down.out, down.inp), || Ok(lt.gemm_fp8_block_add((rows, down.out, down.inp), (down.data.ptr(), down.scales.ptr()), (q.ptr(), s.ptr()), y.buf.ptr())))?;
+                match added {
+                    Ok(()) => return Ok(true),
+                    Err(e) => log::debug!("{e}: the shared experts' down projection is added separately"),
+                }
+                self.gemm_codes((&q, &s), rows, down)?
+            }
+        };
+        crate::backend::Backend::add(self, y, &h)?;
+        Ok(true)
+    }
+
+    /// The MLP up to its down projection: that projection's input codes where it shares the path,
+    /// else its output by the ops; None where gate and up do not share codes.
+    fn mlp_down_codes(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear) -> Result<Option<Down>, BackendError> {
         let Some((g, u)) = self.linear_pair_codes(x, gate, up)? else {
             return Ok(None);
         };
         if !self.shares_fp8_codes(&g, down) {
             let h = crate::backend::Backend::silu_mul(self, &g, &u)?;
-            return Ok(Some(crate::backend::Backend::linear(self, &h, down)?));
+            return Ok(Some(Down::Done(crate::backend::Backend::linear(self, &h, down)?)));
         }
         let (q, s) = self.span("activation", || self.quant_fp8_silu_rows(&g, &u.buf, 0))?;
-        Ok(Some(self.gemm_codes((&q, &s), g.rows, down)?))
+        Ok(Some(Down::Codes(q, s, g.rows)))
     }
+}
+
+/// Where `mlp_down_codes` left the down projection.
+enum Down {
+    /// its input's codes and scales, and the rows
+    Codes(DevBuf<u8>, DevBuf<f32>, usize),
+    /// its output (the ops ran it)
+    Done(GpuTensor),
 }
