@@ -129,6 +129,13 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.fp8_act && fp8_block_ok(w.out, w.inp, w.bn, w.bk)
     }
 
+    /// D [rows, w.out] = codes · Wᵀ for `rows` quantised rows (`quantize_act_fp8`'s codes and
+    /// scales) by the library's block-scaled FP8 GEMM, on the backend's stream.
+    pub(super) fn gemm_fp8_codes(&self, (q, s): (&DevBuf<u8>, &DevBuf<f32>), rows: usize, w: &GpuLinear, d: DevPtr) -> Result<(), BackendError> {
+        let lt = self.blaslt.as_ref().expect("the caller checked supports_fp8_block");
+        lt.gemm_fp8_block((rows, w.out, w.inp), (w.data.ptr(), w.scales.ptr()), (q.ptr(), s.ptr()), d, 0).map_err(|msg| self.op_err("blaslt", format!("{}: {msg}", lt.name())))
+    }
+
     /// y = x · Wᵀ through the GEMM library; false (nothing launched) where it has no algorithm
     /// for the shape.
     pub(super) fn linear_blaslt(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<bool, BackendError> {
@@ -139,12 +146,11 @@ impl<V: GpuVendor> GpuBackend<V> {
         let m4 = m.next_multiple_of(4);
         if fp8 && self.fp8_act_for(w) && lt.supports_fp8_block(m4, n, k) {
             let (q, s) = self.quantize_act_fp8(x, m4)?;
-            let e = |msg| self.op_err("blaslt", format!("{}: {msg}", lt.name()));
             if m4 == m {
-                lt.gemm_fp8_block((m, n, k), (w.data.ptr(), w.scales.ptr()), (q.ptr(), s.ptr()), y.ptr(), 0).map_err(e)?;
+                self.gemm_fp8_codes((&q, &s), m, w, y.ptr())?;
             } else {
                 let d = self.scratch::<f32>(m4 * n)?;
-                lt.gemm_fp8_block((m4, n, k), (w.data.ptr(), w.scales.ptr()), (q.ptr(), s.ptr()), d.ptr(), 0).map_err(e)?;
+                self.gemm_fp8_codes((&q, &s), m4, w, d.ptr())?;
                 self.dev.dtod(y.ptr(), d.ptr(), 4 * m * n).map_err(err("copy"))?;
             }
             return Ok(true);

@@ -26,12 +26,9 @@ impl<V: GpuVendor> GpuBackend<V> {
     }
 
     /// codes · wᵀ for `rows` quantised rows (`quantize_act_fp8`'s codes and scales).
-    fn gemm_codes(&self, (q, s): (&DevBuf<u8>, &DevBuf<f32>), rows: usize, w: &GpuLinear) -> Result<GpuTensor, BackendError> {
-        let lt = self.blaslt.as_ref().expect("shares_fp8_codes checked");
+    fn gemm_codes(&self, codes: (&DevBuf<u8>, &DevBuf<f32>), rows: usize, w: &GpuLinear) -> Result<GpuTensor, BackendError> {
         let y = self.alloc_out(rows * w.out)?;
-        self.span(self.gemm_class(rows, w.out, w.inp), || {
-            lt.gemm_fp8_block((rows, w.out, w.inp), (w.data.ptr(), w.scales.ptr()), (q.ptr(), s.ptr()), y.ptr(), 0).map_err(|msg| self.op_err("blaslt", format!("{}: {msg}", lt.name())))
-        })?;
+        self.span(self.gemm_class(rows, w.out, w.inp), || self.gemm_fp8_codes(codes, rows, w, y.ptr()))?;
         Ok(GpuTensor { rows, cols: w.out, buf: y })
     }
 
