@@ -1,11 +1,12 @@
 //! The MoE router's logits, f32 on the CUDA cores (expert choice must match the f32 reference:
 //! no tensor cores): the GEMV up to `ROUTER_GEMV_MAX_ROWS` tokens, from tuned
 //! `router_blas_min_rows` the GEMM library's f32 GEMM (FFMA, no TF32; a bf16 router converted to
-//! f32 first by `widen_bf16` each call: ~7 MB for V3, ~11 µs), else linear.hip's 128 × 64 tiles split over K (~11 TFLOPS at 4,096
-//! tokens on the H200, 0.66 ms a V3 layer). The router has few outputs (V3: 256 experts), so its tiles alone
-//! are a handful of blocks (8 at 256 tokens) and the GEMV's 16-row slices each re-read the
-//! weights on a few blocks (16 launches of ~18 µs at 256 tokens on the H200); K parts give every
-//! SM two blocks. Each part writes its own [tokens, experts] and moe_route adds them in order.
+//! f32 first by `widen_bf16` each call: ~7 MB for V3, ~11 µs), else linear.hip's 128 × 64 tiles
+//! split over K (~11 TFLOPS at 4,096 tokens on the H200, 0.66 ms a V3 layer). The router has few
+//! outputs (V3: 256 experts), so its tiles alone are a handful of blocks (8 at 256 tokens) and
+//! the GEMV's 16-row slices each re-read the weights on a few blocks (16 launches of ~18 µs at
+//! 256 tokens on the H200); K parts give every SM two blocks. Each part writes its own [tokens,
+//! experts] and moe_route adds them in order.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf};
 use super::ops::{cfg, GpuLinear, LINEAR_TILE, LINEAR_TILE_K};
