@@ -13,7 +13,7 @@ Results: docs/BENCHMARKS.md ("twenty-third session")."""
 import ctypes, math, os, re, sys
 import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nvrtc_module import Module, compile_cubin, driver  # noqa: E402
+from nvrtc_module import Module, compile_cubin, driver, event_median_us  # noqa: E402
 
 VARIANTS = {
     'base': {},
@@ -118,13 +118,7 @@ def main():
             out = torch.zeros(t, HEADS, LORA, device='cuda')
             part = torch.empty(t * HEADS * splits * (2 + LORA) if splits > 1 else 1, device='cuda')
             go, keep = launch(t, [ln] * t, splits, sl, out, part)
-            go(); torch.cuda.synchronize()
-            ts = []
-            for _ in range(reps):
-                flush.zero_()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record(); go(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b) * 1e3)
-            ts.sort(); med = ts[len(ts) // 2]
+            med = event_median_us(go, reps, flush)
             mb = t * ln * ENTRY * 2 / 1e6
             rows.append((name, t, ln, splits, med, mb))
             print(f'  {t} x {ln}: splits {splits}, {med:.1f} us (event), {mb:.1f} MB, {mb / med:.2f} TB/s', flush=True)

@@ -1,6 +1,7 @@
 """NVRTC and the CUDA driver API through ctypes, for the microbenchmarks in benches/
-(stream_read.py, launch_latency.py): a CUDA source compiled for sm_90a, its cubin loaded as a
-module (in the current context: create one first, e.g. with torch), and its functions by name."""
+(stream_read.py, launch_latency.py, mla_decode_variants.py): a CUDA source compiled for sm_90a,
+its cubin loaded as a module (in the current context: create one first, e.g. with torch), its
+functions by name, and a launch's median event time."""
 import ctypes, os
 
 nv = ctypes.CDLL(os.environ.get('NVRTC_LIB', '/usr/local/cuda-13.0/lib64/libnvrtc.so.13'))
@@ -24,6 +25,20 @@ def compile_cubin(src: bytes, name: bytes) -> bytes:
     assert rc == 0
     nv.nvrtcGetCUBINSize(prog, ctypes.byref(n)); cub = ctypes.create_string_buffer(n.value); nv.nvrtcGetCUBIN(prog, cub)
     return cub.raw
+
+
+def event_median_us(go, reps, flush):
+    """Median µs of `reps` runs of `go` (torch CUDA events around each) after an untimed warm-up,
+    `flush` (a device tensor larger than L2) zeroed before each run."""
+    import torch
+    go(); torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); go(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b) * 1e3)
+    ts.sort()
+    return ts[len(ts) // 2]
 
 
 class Module:

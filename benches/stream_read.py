@@ -9,7 +9,7 @@ docs/BENCHMARKS.md ("sixteenth session")."""
 import ctypes, os, sys
 import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nvrtc_module import Module, compile_cubin, driver  # noqa: E402
+from nvrtc_module import Module, compile_cubin, driver, event_median_us  # noqa: E402
 cu = driver()
 SRC = r'''
 #define ENTRY_B 1152
@@ -66,15 +66,7 @@ out = torch.zeros(4, device='cuda')
 REPS = int(os.environ.get('REPS', '50'))
 def timeit(go, nbytes, reps=None):
     """median µs of `reps` runs after a warm-up, L2 flushed before each; and TB/s"""
-    reps = reps or REPS
-    go(); torch.cuda.synchronize()
-    flush = torch.empty(200 << 20, dtype=torch.uint8, device='cuda')
-    ts = []
-    for _ in range(reps):
-        flush.zero_()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); go(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b) * 1e3)
-    ts.sort(); m = ts[len(ts) // 2]
+    m = event_median_us(go, reps or REPS, torch.empty(200 << 20, dtype=torch.uint8, device='cuda'))
     return m, nbytes / m / 1e6
 def run_bulk(blocks, per, SK, NS, KPC, order):
     slots = torch.arange(blocks * per, dtype=torch.int32, device='cuda')
