@@ -122,18 +122,13 @@ fn prefill_fp8_layers_share_one_quantisation_on<V: GpuVendor>() {
     let mut rng = Rng::new(43);
     assert!(g.blaslt.as_ref().is_some_and(|l| l.supports_fp8_block(256, 576, 7168)), "no block-scaled FP8 GEMM in the vendor library (cuBLASLt 12.9+ on Hopper is needed)");
     g.fp8_act = true;
-    let fp8 = |rng: &mut Rng, n: usize, k: usize| {
-        let v = randn(rng, n * k, (k as f32).powf(-0.5));
-        host_fp8(rng, n, k, &v, 128)
-    };
     let quantised = |x: &[f32], m: usize, k: usize| ActFp8::quantize(x, m, k).dequantize();
-    let cpu_linear = |x: &[f32], m: usize, k: usize, w: &engine::weights::HostLinear| c.download(&c.linear(&c.upload(m, k, x).unwrap(), &c.upload_linear(w).unwrap()).unwrap()).unwrap();
     // V3's q_a and kv_a
-    let (qa, kva) = (fp8(&mut rng, 1536, 7168), fp8(&mut rng, 576, 7168));
+    let (qa, kva) = (host_linear(&mut rng, 1536, 7168, WType::Fp8), host_linear(&mut rng, 576, 7168, WType::Fp8));
     let (gqa, gkva) = (g.upload_linear(&qa).unwrap(), g.upload_linear(&kva).unwrap());
     // an MLP of 2,048 hidden and 1,024 intermediate columns
     let (hid, inter) = (2048, 1024);
-    let (gate, up, down) = (fp8(&mut rng, inter, hid), fp8(&mut rng, inter, hid), fp8(&mut rng, hid, inter));
+    let [gate, up, down] = host_mlp(&mut rng, hid, inter, WType::Fp8);
     let (gg, gu, gd) = (g.upload_linear(&gate).unwrap(), g.upload_linear(&up).unwrap(), g.upload_linear(&down).unwrap());
     for m in [256, 258, 260] {
         let x = randn(&mut rng, m * 7168, 1.0);
@@ -144,8 +139,8 @@ fn prefill_fp8_layers_share_one_quantisation_on<V: GpuVendor>() {
         assert_eq!(a, g.download(&g.linear(&gx, &gqa).unwrap()).unwrap(), "q_a of the pair, {m} rows, equals the linear op's");
         assert_eq!(b, g.download(&g.linear(&gx, &gkva).unwrap()).unwrap(), "kv_a of the pair, {m} rows, equals the linear op's");
         let xq = quantised(&x, m, 7168);
-        check(&format!("q_a of the pair, {m} rows, against the CPU"), &a, &cpu_linear(&xq, m, 7168, &qa), FP8_ACC_TOL);
-        check(&format!("kv_a of the pair, {m} rows, against the CPU"), &b, &cpu_linear(&xq, m, 7168, &kva), FP8_ACC_TOL);
+        check(&format!("q_a of the pair, {m} rows, against the CPU"), &a, &cpu_linear(&c, &qa, m, 7168, &xq), FP8_ACC_TOL);
+        check(&format!("kv_a of the pair, {m} rows, against the CPU"), &b, &cpu_linear(&c, &kva, m, 7168, &xq), FP8_ACC_TOL);
 
         let x = randn(&mut rng, m * hid, 1.0);
         let gx = g.upload(m, hid, &x).unwrap();
@@ -161,8 +156,8 @@ fn prefill_fp8_layers_share_one_quantisation_on<V: GpuVendor>() {
         check(&format!("mlp_add, {m} rows, against y + the ops in turn"), &g.download(&gy).unwrap(), &added, 1e-6);
         // the CPU on the quantised x, then on the quantised SiLU·up
         let xq = quantised(&x, m, hid);
-        let h = c.download(&c.silu_mul(&c.upload(m, inter, &cpu_linear(&xq, m, hid, &gate)).unwrap(), &c.upload(m, inter, &cpu_linear(&xq, m, hid, &up)).unwrap()).unwrap()).unwrap();
-        check(&format!("mlp, {m} rows, against the CPU"), &y, &cpu_linear(&quantised(&h, m, inter), m, inter, &down), 1e-2);
+        let h = c.download(&c.silu_mul(&c.upload(m, inter, &cpu_linear(&c, &gate, m, hid, &xq)).unwrap(), &c.upload(m, inter, &cpu_linear(&c, &up, m, hid, &xq)).unwrap()).unwrap()).unwrap();
+        check(&format!("mlp, {m} rows, against the CPU"), &y, &cpu_linear(&c, &down, m, inter, &quantised(&h, m, inter)), 1e-2);
     }
 }
 
@@ -206,12 +201,11 @@ fn linear_fp8_dynamic_activations_on<V: GpuVendor>() {
     // half fragment; K 448: a last scale block of 64 columns); the rest through cuBLASLt
     let small = [(1, 576, 7168), (1, 7168, 16384), (3, 24576, 1536), (8, 2048, 7168), (5, 7168, 2048), (1, 48, 512), (2, 64, 448)];
     for (m, n, k) in small.into_iter().chain([(256, 576, 7168), (300, 7168, 2048), (136, 24576, 1536), (200, 32768, 512), (513, 7168, 16384)]) {
-        let v = randn(&mut rng, n * k, (k as f32).powf(-0.5));
-        let w = host_fp8(&mut rng, n, k, &v, 128);
+        let w = host_linear(&mut rng, n, k, WType::Fp8);
         let x = randn(&mut rng, m * k, 1.0);
         let (got, f32_ref) = linear_both(&g, &c, &w, m, k, &x);
         let xq = ActFp8::quantize(&x, m, k).dequantize();
-        let want = c.download(&c.linear(&c.upload(m, k, &xq).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
+        let want = cpu_linear(&c, &w, m, k, &xq);
         eprintln!("  (FP8 activations against f32 ones: rel err {:.2e})", rel_err(&got, &f32_ref));
         check(&format!("block-scaled fp8 gemm {m}x{n}x{k}"), &got, &want, FP8_ACC_TOL);
     }
@@ -221,13 +215,12 @@ fn linear_fp8_dynamic_activations_on<V: GpuVendor>() {
     let staged_rows = g.tuned.linear_f8s_max_rows;
     g.tuned.linear_f8s_max_rows = 64;
     for (m, n, k) in [(32, 1536, 7168), (32, 576, 7168), (17, 24576, 1536), (64, 7168, 16384), (9, 2048, 7168), (44, 7168, 2048)] {
-        let v = randn(&mut rng, n * k, (k as f32).powf(-0.5));
-        let w = host_fp8(&mut rng, n, k, &v, 128);
+        let w = host_linear(&mut rng, n, k, WType::Fp8);
         let x = randn(&mut rng, m * k, 1.0);
         assert!(g.linear_f8s_for(&g.upload(m, k, &x).unwrap(), &g.upload_linear(&w).unwrap()), "{m}x{n}x{k} takes the staged kernel");
         let (got, _) = linear_both(&g, &c, &w, m, k, &x);
         let xq = ActFp8::quantize(&x, m, k).dequantize();
-        let want = c.download(&c.linear(&c.upload(m, k, &xq).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
+        let want = cpu_linear(&c, &w, m, k, &xq);
         check(&format!("staged fp8 linear {m}x{n}x{k}"), &got, &want, FP8_ACC_TOL);
     }
     g.tuned.linear_f8s_max_rows = staged_rows;
@@ -239,7 +232,7 @@ fn linear_fp8_dynamic_activations_on<V: GpuVendor>() {
         let x = randn(&mut rng, m * k, 1.0);
         let (got, f32_ref) = linear_both(&g, &c, &w, m, k, &x);
         let xb: Vec<f32> = x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
-        let want = c.download(&c.linear(&c.upload(m, k, &xb).unwrap(), &c.upload_linear(&w).unwrap()).unwrap()).unwrap();
+        let want = cpu_linear(&c, &w, m, k, &xb);
         let off = rel_err(&got, &f32_ref);
         eprintln!("  (bf16 input against f32: rel err {off:.2e})");
         check(&format!("bf16 weights, bf16 input {m}x{n}x{k}"), &got, &want, MMA_TOL);

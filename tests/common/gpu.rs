@@ -103,11 +103,15 @@ pub fn host_fp8(rng: &mut Rng, out: usize, inp: usize, w: &[f32], bn: usize) -> 
     HostLinear { name: "w".into(), out, inp, data: LinearData::Fp8 { w: MmapSlice::from_vec(q), scale_inv: scale, block_n: bn, block_k: bk } }
 }
 
+/// x [m, k] · wᵀ on the CPU reference.
+pub fn cpu_linear(c: &CpuBackend, w: &HostLinear, m: usize, k: usize, x: &[f32]) -> Vec<f32> {
+    c.download(&c.linear(&c.upload(m, k, x).unwrap(), &c.upload_linear(w).unwrap()).unwrap()).unwrap()
+}
+
 /// x [m, k] · wᵀ on the GPU and on the CPU reference: (GPU, CPU).
 pub fn linear_both<V: GpuVendor>(g: &GpuBackend<V>, c: &CpuBackend, w: &HostLinear, m: usize, k: usize, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let got = g.download(&g.linear(&g.upload(m, k, x).unwrap(), &g.upload_linear(w).unwrap()).unwrap()).unwrap();
-    let want = c.download(&c.linear(&c.upload(m, k, x).unwrap(), &c.upload_linear(w).unwrap()).unwrap()).unwrap();
-    (got, want)
+    (got, cpu_linear(c, w, m, k, x))
 }
 
 /// A random FP8 layer [n, k] (scale blocks of `bn` rows, 128 columns) on m random rows, on the GPU
