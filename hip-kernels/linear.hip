@@ -362,9 +362,12 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
     }
 // ... and the `_norm` form with blocks past `gemv_blocks` writing MLA's new cache entries (one a
 // block, row blockIdx.x − gemv_blocks of kx; mla_kv_entry.h, the cache f32 or, with kbf16, bf16):
-// q_b and the entries are both of the first projections' outputs, so one launch takes both
-#define GEMV8_NORM_KV(NAME, WDT, MAXM, R)                                                                                              \
-    extern "C" __global__ void __launch_bounds__(256) NAME##_norm_kv(                                                                   \
+// q_b and the entries are both of the first projections' outputs, so one launch takes both.
+// MINB: blocks an SM the kernel keeps its registers for: the one-row form at 4 (64 registers on
+// sm_90a, no spills; it took 112 before the entry's norm kept fewer float4s, two blocks an SM,
+// and V3's q_b, 769 blocks, ran in three waves); the 8-row form needs its ~116 (1: no bound)
+#define GEMV8_NORM_KV(NAME, WDT, MAXM, R, MINB)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, MINB) NAME##_norm_kv(                                                                   \
         const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, int split, int lanes,          \
         const float* G, float eps, const uint32_t* pos, const float* inv_freq, int hs, int off, int half, float scale, float* kx,     \
         const float* kw, int kn, float keps, const uint32_t* kpos, const float* kinv, int koff, int khalf, int kil, float kscale,      \
@@ -405,9 +408,9 @@ GEMV8_FUSED(gemv8_fp8w, WDT_FP8, 8, 2)
 GEMV8_FUSED(gemv1_f32w, WDT_F32, 1, 4)
 GEMV8_FUSED(gemv1_bf16w, WDT_BF16, 1, 4)
 GEMV8_FUSED(gemv1_fp8w, WDT_FP8, 1, 4)
-GEMV8_NORM_KV(gemv8_f32w, WDT_F32, 8, 2)
-GEMV8_NORM_KV(gemv8_bf16w, WDT_BF16, 8, 2)
-GEMV8_NORM_KV(gemv8_fp8w, WDT_FP8, 8, 2)
-GEMV8_NORM_KV(gemv1_f32w, WDT_F32, 1, 4)
-GEMV8_NORM_KV(gemv1_bf16w, WDT_BF16, 1, 4)
-GEMV8_NORM_KV(gemv1_fp8w, WDT_FP8, 1, 4)
+GEMV8_NORM_KV(gemv8_f32w, WDT_F32, 8, 2, 1)
+GEMV8_NORM_KV(gemv8_bf16w, WDT_BF16, 8, 2, 1)
+GEMV8_NORM_KV(gemv8_fp8w, WDT_FP8, 8, 2, 1)
+GEMV8_NORM_KV(gemv1_f32w, WDT_F32, 1, 4, 4)
+GEMV8_NORM_KV(gemv1_bf16w, WDT_BF16, 1, 4, 4)
+GEMV8_NORM_KV(gemv1_fp8w, WDT_FP8, 1, 4, 4)

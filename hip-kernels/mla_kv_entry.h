@@ -16,7 +16,7 @@ template <typename CT>
 __device__ __forceinline__ void mla_kv_entry_row(int r, float* x, const float* w, int n, float eps, const uint32_t* positions, const float* inv_freq, int offset, int half,
                                                  int interleaved, float scale, CT* kv, const uint32_t* slots, int layer, int num_slots, int entry) {
     float* row = x + (int64_t)r * entry;
-    rms_norm_row(row, w, row, n, eps);
+    rms_norm_row<2>(row, w, row, n, eps); // two float4s a thread at most (512 latents: one), wider rows the scalar loop
     __syncthreads(); // the normed columns written by every thread before any thread reads the row
     const float pos = (float)positions[r];
     for (int i = threadIdx.x; i < half; i += blockDim.x) rope_pair(row + offset, i, half, interleaved, inv_freq[i], pos, scale);

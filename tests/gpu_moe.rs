@@ -149,7 +149,8 @@ fn moe_route_ties_and_groups_on<V: GpuVendor>() {
 /// A MoE layer's shared experts added into the routed sum (`mlp_add`): at one row the per-pair
 /// kernels on the MLP's own FP8 weights (moe_pairs.rs), at three rows the linear layers, SiLU·up
 /// and the add; V3's shared-expert shape (hidden 7,168, inter 2,048) and a bf16 MLP, into a
-/// random y, against the f32 CPU ops.
+/// random y, against the f32 CPU ops. And a dense layer's MLP (`mlp`: at one row the same
+/// kernels into a zeroed output).
 #[test]
 #[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn shared_experts_mlp_add() {
@@ -170,6 +171,9 @@ fn shared_experts_mlp_add_on<V: GpuVendor>() {
             let mut cy = c.upload(rows, hidden, &y0).unwrap();
             c.mlp_add(&c.upload(rows, hidden, &x).unwrap(), &cw[0], &cw[1], &cw[2], &mut cy).unwrap();
             check(&format!("mlp_add {hidden}x{inter} {rows} rows"), &g.download(&gy).unwrap(), &c.download(&cy).unwrap(), F32_TOL);
+            let gm = g.mlp(&g.upload(rows, hidden, &x).unwrap(), &gw[0], &gw[1], &gw[2]).unwrap();
+            let cm = c.mlp(&c.upload(rows, hidden, &x).unwrap(), &cw[0], &cw[1], &cw[2]).unwrap();
+            check(&format!("mlp {hidden}x{inter} {rows} rows"), &g.download(&gm).unwrap(), &c.download(&cm).unwrap(), F32_TOL);
         }
     }
 }

@@ -78,8 +78,10 @@ pub struct GpuBackend<V: GpuVendor> {
     modules: Mutex<HashMap<KernelModule, usize>>,
     /// Loaded functions by (name, its module's defines: shapes and variants)
     functions: Mutex<HashMap<FnKey, Kernel>>,
-    /// Fill new outputs with NaN (ENGINE_GPU_POISON=1) so unwritten elements show in tests.
-    poison: bool,
+    /// What new op outputs are filled with (`alloc_out`): NaN with ENGINE_GPU_POISON=1 (the GPU
+    /// tests: an element a kernel leaves unwritten shows), zero with ENGINE_GPU_ZERO_OUTPUTS=1,
+    /// else nothing.
+    out_fill: Option<u32>,
     pub profile: OpProfile,
     /// The tensor-parallel communicator (None alone)
     pub(super) ccl: Option<Arc<Ccl>>,
@@ -167,7 +169,12 @@ impl<V: GpuVendor> GpuBackend<V> {
     pub fn new(ordinal: usize) -> Result<Self, BackendError> {
         let p = V::open(ordinal)?;
         let unavailable = |reason: String| BackendError::Unavailable(crate::backend::BackendUnavailable { backend: V::NAME, reason });
-        let poison = std::env::var("ENGINE_GPU_POISON").is_ok_and(|v| v == "1");
+        let env_on = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
+        let out_fill = if env_on("ENGINE_GPU_POISON") {
+            Some(f32::NAN.to_bits())
+        } else {
+            env_on("ENGINE_GPU_ZERO_OUTPUTS").then_some(0)
+        };
         let mma_gemm = p.matrix_units && !std::env::var("ENGINE_MMA_GEMM").is_ok_and(|v| v == "0");
         let tuned = super::tuned::for_device(&p.device_name).map_err(unavailable)?;
         log::info!("{} backend: {} ({}, {}-wide warps); kernels: portable HIP-dialect sources, cache {}", V::NAME, p.device_name, p.arch, p.warp, p.jit.cache.dir.display());
@@ -194,7 +201,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             warp: p.warp,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
-            poison,
+            out_fill,
             profile: OpProfile::default(),
             ccl: None,
             staging: Mutex::new(None),
@@ -441,12 +448,16 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.htod(&bytes)
     }
 
-    /// A new f32 output buffer: zeroed, or NaN-poisoned when ENGINE_GPU_POISON=1 (a device
-    /// memset either way, so it is captured into graphs too).
+    /// A new f32 output buffer for a kernel that writes every element (outputs that kernels add
+    /// into come from `zeros`): unfilled, so that a decode step's graph holds no memset between
+    /// its kernels (a V3 layer made ~12 of them), or NaN-poisoned (ENGINE_GPU_POISON=1, set by
+    /// every GPU test: an element left unwritten fails the test) or zeroed
+    /// (ENGINE_GPU_ZERO_OUTPUTS=1), by a device memset, captured into graphs too.
     pub(crate) fn alloc_out(&self, n: usize) -> Result<DevBuf<f32>, BackendError> {
         let b = DevBuf::<f32>::alloc(&self.dev, n).map_err(err("alloc"))?;
-        let fill = if self.poison { f32::NAN.to_bits() } else { 0 };
-        self.dev.memset_d32(b.ptr(), fill, b.len()).map_err(err("alloc"))?;
+        if let Some(fill) = self.out_fill {
+            self.dev.memset_d32(b.ptr(), fill, b.len()).map_err(err("alloc"))?;
+        }
         Ok(b)
     }
 

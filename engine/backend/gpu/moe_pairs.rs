@@ -58,6 +58,20 @@ impl<V: GpuVendor> GpuBackend<V> {
         Ok(true)
     }
 
+    /// `down(silu(x·gateᵀ) · (x·upᵀ))` of one row on the same two launches (a dense layer's MLP at
+    /// batch 1: gate and up in one launch, no SiLU·up launch), into a zeroed output (down adds);
+    /// `Ok(None)` where `mlp_add_pairs` would not apply.
+    pub(super) fn mlp_pairs(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear) -> Result<Option<GpuTensor>, BackendError> {
+        let Some(w) = mlp_pair_weights(x, [gate, up, down], down.out) else {
+            return Ok(None);
+        };
+        self.span("dense GEMM", || {
+            let mut y = GpuTensor { rows: 1, cols: down.out, buf: self.zeros(down.out)? };
+            self.pairs(x, None, &w, None, &mut y.buf)?;
+            Ok(Some(y))
+        })
+    }
+
     /// The routed experts and a MoE layer's shared experts (`shared`: gate, up, down) of one row
     /// in the same two launches, the shared MLP one more pair (NVIDIA; moe.hip's
     /// MOE_FOLD_SHARED): `Ok(false)` where it does not apply (more rows, another vendor, shared

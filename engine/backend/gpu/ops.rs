@@ -452,6 +452,9 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
     }
 
     fn mlp(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear) -> Result<GpuTensor, BackendError> {
+        if let Some(y) = self.mlp_pairs(x, gate, up, down)? {
+            return Ok(y);
+        }
         match self.mlp_codes(x, gate, up, down)? {
             Some(y) => Ok(y),
             None => crate::backend::mlp_by_ops(self, x, [gate, up, down]),
