@@ -477,16 +477,17 @@ fn decode_attention_of_a_rank_s_16_heads_takes_the_register_kernel() {
 }
 
 /// V3's 128 heads on sm_90a: batches of at least a block an SM (2 tokens × 2 groups on the host
-/// runtime's 4 SMs) take the warpgroup-MMA kernel, 256 threads and its shared memory, no split;
-/// tuned off, the 64-head mma.sync tiles.
+/// runtime's 4 SMs) take the warpgroup-MMA kernel, 256 threads and its shared memory, no split,
+/// also where the 16-head kernel would take 128 heads (it goes first); tuned off, the 64-head
+/// mma.sync tiles.
 #[test]
 fn decode_attention_batches_of_128_heads_take_the_warpgroup_kernel_on_sm90a() {
     use crate::backend::{AttnSeq, MlaDims};
     let d = MlaDims { num_heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
     let slots: Vec<u32> = (0..1000).rev().collect();
-    for (wg, kernel, threads, smem) in [(true, "mla_decode_wg", 256, super::mla_decode::WG_SHARED), (false, "mla_decode_mma", 512, 0)] {
+    for (wg, rows_max_heads, kernel, threads, smem) in [(true, 16, "mla_decode_wg", 256, super::mla_decode::WG_SHARED), (true, 128, "mla_decode_wg", 256, super::mla_decode::WG_SHARED), (false, 16, "mla_decode_mma", 512, 0)] {
         let (mut b, rt) = nvidia_like();
-        (b.attn_bf16, b.matrix_units, b.tuned.mla_decode_wgmma) = (true, true, wg);
+        (b.attn_bf16, b.matrix_units, b.tuned.mla_decode_wgmma, b.tuned.mla_decode_rows_max_heads) = (true, true, wg, rows_max_heads);
         b.arch = "sm_90a".into();
         let kv = b.alloc_kv_cache(2, 1000, d.kv_entry()).unwrap();
         let kv_b = b.upload_mla_kv_b(&fp8(128 * 256, 512), d.qk_nope, d.v_head).unwrap();
@@ -496,7 +497,7 @@ fn decode_attention_batches_of_128_heads_take_the_warpgroup_kernel_on_sm90a() {
         b.mla_attention(&q, &kv, 1, &seqs, &kv_b, &d).unwrap();
         let l = rt.take_launched();
         let attn: Vec<_> = l.iter().filter(|x| x.0.starts_with("mla_decode")).map(|x| (x.0.as_str(), x.1, x.2)).collect();
-        assert_eq!(attn, vec![(kernel, (2, 2, 1), threads)], "wgmma {wg}");
+        assert_eq!(attn, vec![(kernel, (2, 2, 1), threads)], "wgmma {wg}, 16-head kernel up to {rows_max_heads} heads");
         if wg {
             assert!(smem <= b.dev.max_shared_per_block(), "{smem} bytes of shared memory");
         }

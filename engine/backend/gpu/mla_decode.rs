@@ -5,9 +5,10 @@
 //! the device has matrix units (or the tests ask for the portable product); the CUDA-core kernel
 //! stays for the f32 mode and for devices without this path. Three kernels: 64 heads a block
 //! (mla_decode.hip, mma.sync / MFMA; 128-head V3 is compute-bound there), the same groups on
-//! Hopper's warpgroup MMA (mla_decode_wg.hip; sm_90a, V2 / V3's 512 + 64 entries) and, for at
-//! most `mla_decode_rows_max_heads` heads (a tensor-parallel rank's 16), 16 heads a block with the
-//! softmax in registers (mla_decode_rows.hip; NVIDIA sm_80+), which must stream the cache.
+//! Hopper's warpgroup MMA (mla_decode_wg.hip; sm_90a, V2 / V3's 512 + 64 entries; batches of a
+//! block an SM) and, for at most `mla_decode_rows_max_heads` heads (on the H200 128: V3's heads in
+//! 8 groups, and a tensor-parallel rank's 16), 16 heads a block with the softmax in registers
+//! (mla_decode_rows.hip; NVIDIA sm_80+), which must stream the cache once a head group.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, LaunchConfig};
 use super::ops::GpuKvCache;
@@ -145,7 +146,8 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// Whether decode attention of `t` tokens takes the warpgroup-MMA kernel: tuned on, sm_90a, V2 /
     /// V3's entries (512 latents + 64 rope), whole 64-head groups, its shared memory within a
     /// block's, and at least a block an SM before any split (the compute-bound batches it was
-    /// measured at: V3's 128 and 256; smaller batches keep mla_decode.hip until measured).
+    /// measured at: V3's 128 and 256; smaller batches take the 16-head kernel where the heads
+    /// are within `mla_decode_rows_max_heads`, else mla_decode.hip).
     fn wg_decode(&self, d: &MlaDims, t: usize) -> bool {
         t * d.num_heads.div_ceil(WG_HEADS) >= self.sms && self.tuned.mla_decode_wgmma && self.arch == "sm_90a" && !self.flash_portable && d.kv_lora_rank == 512 && d.qk_rope == 64 && d.qk_nope.is_multiple_of(4) && d.num_heads.is_multiple_of(WG_HEADS) && WG_SHARED <= self.dev.max_shared_per_block()
     }
@@ -161,7 +163,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (t, dims) = (q.rows, ModelDims::of_mla(d));
         let tile = self.decode_tile(d);
         // the kernel, its block and shared memory, and how many blocks an SM holds
-        let (f, name, heads_per_block, threads, smem, bps) = if self.wg_decode(d, t) && !self.rows_decode(d) {
+        let (f, name, heads_per_block, threads, smem, bps) = if self.wg_decode(d, t) {
             (self.mla_decode_wg_func(dims)?, "mla_decode_wg", WG_HEADS, WG_THREADS, WG_SHARED, None)
         } else if self.rows_decode(d) {
             let smem = rows_shared_bytes(d);

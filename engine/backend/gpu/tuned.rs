@@ -63,8 +63,9 @@ pub struct Tuned {
     #[serde(default = "default_mla_proj_mma_min_rows")]
     pub mla_proj_mma_min_rows: usize,
     /// MLA decode attention of models with at most this many heads (per rank) takes the 16-head
-    /// kernel with the scores in registers (mla_decode_rows.hip; NVIDIA sm_80+, bf16 cache), more
-    /// heads the 64-head tiles (mla_decode.hip); 0: never
+    /// kernel with the scores in registers (mla_decode_rows.hip; NVIDIA sm_80+, bf16 cache; in
+    /// groups of 16 heads), more heads the 64-head tiles (mla_decode.hip); batches the
+    /// warpgroup-MMA kernel takes (`mla_decode_wgmma`) go there first; 0: never
     #[serde(default = "default_mla_decode_rows_max_heads")]
     pub mla_decode_rows_max_heads: usize,
     /// With `--fp8-activations dynamic`, MoE batches from `moe_mma_min_rows` tokens (prefill)
