@@ -367,7 +367,7 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
 // sm_90a, no spills; it took 112 before the entry's norm kept fewer float4s, two blocks an SM,
 // and V3's q_b, 769 blocks, ran in three waves); the 8-row form needs its ~116 (1: no bound)
 #define GEMV8_NORM_KV(NAME, WDT, MAXM, R, MINB)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(256, MINB) NAME##_norm_kv(                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, MINB) NAME##_norm_kv(                                                             \
         const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, int K, int bn, int bk, int split, int lanes,          \
         const float* G, float eps, const uint32_t* pos, const float* inv_freq, int hs, int off, int half, float scale, float* kx,     \
         const float* kw, int kn, float keps, const uint32_t* kpos, const float* kinv, int koff, int khalf, int kil, float kscale,      \
