@@ -6,7 +6,9 @@ streaming read of the same bytes in the same one-wave form (the ceiling). Each o
 against a float64 product first.
 
 Usage on a CUDA machine: `python3 benches/gemv_variants.py` from the repository root (assembles
-hip-kernels/ sources itself; NVRTC_LIB as in nvrtc_module.py). Results: docs/BENCHMARKS.md."""
+hip-kernels/ sources itself; NVRTC_LIB as in nvrtc_module.py). ONLY=substring picks shapes, GEMV_ONLY=1
+skips the experimental kernels, OLD_ROOT=DIR (a tree with hip-kernels/ and cuda-kernels/) adds that
+tree's gemv1_fp8w as `gemv1 old`. Results: docs/BENCHMARKS.md ("twenty-fifth session")."""
 import ctypes, os, re, sys
 import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +87,6 @@ def main():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     lin = Module(compile_cubin(source('linear.hip').encode(), b'linear.cu'))
     # OLD_ROOT: another tree's linear.hip (its gemv1 timed as `gemv1 old`)
-    b5 = Module(compile_cubin(('#define GEMV1_FP8_MINB 5\n' + source('linear.hip')).encode(), b'linear5.cu'))
     old = Module(compile_cubin(source('linear.hip', os.environ['OLD_ROOT']).encode(), b'old.cu')) if os.environ.get('OLD_ROOT') else None
     sk = {cv: Module(compile_cubin((f'#define SKM_INT_CVT {cv}\n' + source('gemv_sk.hip')).encode(), b'linear_sk.cu')) for cv in (0, 1)}
     rd = Module(compile_cubin(READ.encode(), b'read.cu'))
@@ -158,9 +159,6 @@ def main():
             gos_old = [launcher(fo, blocks, [P(x.data_ptr()), P(ws[i].data_ptr()), P(ss[i].data_ptr()), P(ys[i].data_ptr()), ctypes.c_int(1), ctypes.c_int(n),
                                              ctypes.c_int(k), ctypes.c_int(128), ctypes.c_int(128), ctypes.c_int(split), ctypes.c_int(lanes)]) for i in range(copies)]
             row['gemv1 old'] = graph_us(gos_old)
-            f5 = b5.fn(b'gemv1_fp8w')
-            row['gemv1 b5'] = graph_us([launcher(f5, blocks, [P(x.data_ptr()), P(ws[i].data_ptr()), P(ss[i].data_ptr()), P(ys[i].data_ptr()), ctypes.c_int(1), ctypes.c_int(n),
-                                             ctypes.c_int(k), ctypes.c_int(128), ctypes.c_int(128), ctypes.c_int(split), ctypes.c_int(lanes)]) for i in range(copies)])
             row['gemv1'] = graph_us(gos)
         print(f'{name}: {nbytes / 1e6:.1f} MB, {copies} copies; gemv1 split {split} lanes {lanes} {blocks} blocks ({bps} an SM, {regs} regs): {row["gemv1"]:.2f} us', flush=True)
         for cv, d, b in sk_names:

@@ -12,9 +12,6 @@
 #include "rope.h"
 #include "vec8.h"
 
-#ifndef GEMV1_FP8_MINB
-#define GEMV1_FP8_MINB 4
-#endif
 #define LT_BM 128
 #define LT_BN 64
 #define LT_KT 16
@@ -213,14 +210,8 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
         if (second) Wm = fz.w2, Sm = fz.s2, Yg = fz.y2;
     const float* Xg = X + (HEADS ? (int64_t)head * hd.xh : 0);
     const uint8_t* rows[R];
-    int srows[R]; // FP8: where each row's scales start in Sm (one row of blocks for all R where they share it)
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-        rows[r] = Wm + (int64_t)(n0 + r < N ? wrow + r : 0) * K * es;
-        srows[r] = (n0 + r < N ? wrow + r : 0) / bn * kblocks;
-    }
-    const bool one_srow = srows[0] == srows[R - 1];
-    const BlockDiv kdiv(bk);
+    for (int r = 0; r < R; ++r) rows[r] = Wm + (int64_t)(n0 + r < N ? wrow + r : 0) * K * es;
     float acc[R][MAXM], ss[MAXM];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -239,12 +230,11 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
 #pragma unroll
                 for (int q = 0; q < VE / 4; ++q) gv[q] = ((const float4*)(fz.g + k0))[q];
             float wv[R][VE], sc[R];
-            // FP8: the chunk lies in one scale block; its scale multiplies the chunk's dot once
-            const int kbi = WDT == WDT_FP8 ? kdiv(k0) : 0;
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 unpack_chunk<WDT>(c[r], wv[r]);
-                sc[r] = WDT == WDT_FP8 ? (r > 0 && one_srow ? sc[0] : Sm[srows[r] + kbi]) : 1.f;
+                // FP8: the chunk lies in one scale block; its scale multiplies the chunk's dot once
+                sc[r] = WDT == WDT_FP8 ? Sm[((n0 + r < N ? wrow + r : 0) / bn) * kblocks + k0 / bk] : 1.f;
             }
 #pragma unroll
             for (int m = 0; m < MAXM; ++m) {
@@ -344,8 +334,8 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
     }
 }
 
-#define GEMV8(NAME, WDT, MAXM, R, MINB)                                                                                                \
-    extern "C" __global__ void __launch_bounds__(256, MINB) NAME(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, \
+#define GEMV8(NAME, WDT, MAXM, R)                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const float* X, const uint8_t* W, const float* S, float* Y, int M, int N, \
                                                                                int K, int bn, int bk, int split, int lanes) { ENGINE_GRID_DEP(); \
         gemv8_impl<WDT, MAXM, R, false>(X, W, S, Y, M, N, K, bn, bk, split, lanes, GemvHeads{});                                        \
     }
@@ -395,20 +385,20 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
     }
 // up to 8 rows (decode at small batch; 2 output rows per warp) and up to 16 rows per launch
 // (larger batches, in slices; one output row per warp: 16 rows' accumulators leave no room)
-GEMV8(gemv8_f32w, WDT_F32, 8, 2, 1)
-GEMV8(gemv8_bf16w, WDT_BF16, 8, 2, 1)
-GEMV8(gemv8_fp8w, WDT_FP8, 8, 2, 1)
+GEMV8(gemv8_f32w, WDT_F32, 8, 2)
+GEMV8(gemv8_bf16w, WDT_BF16, 8, 2)
+GEMV8(gemv8_fp8w, WDT_FP8, 8, 2)
 GEMV8_HEADS(gemv8_f32w, WDT_F32, 8, 2)
 GEMV8_HEADS(gemv8_bf16w, WDT_BF16, 8, 2)
 GEMV8_HEADS(gemv8_fp8w, WDT_FP8, 8, 2)
-GEMV8(gemv16_f32w, WDT_F32, 16, 1, 1)
-GEMV8(gemv16_bf16w, WDT_BF16, 16, 1, 1)
-GEMV8(gemv16_fp8w, WDT_FP8, 16, 1, 1)
+GEMV8(gemv16_f32w, WDT_F32, 16, 1)
+GEMV8(gemv16_bf16w, WDT_BF16, 16, 1)
+GEMV8(gemv16_fp8w, WDT_FP8, 16, 1)
 // one row of x (batch-1 decode): four output rows per warp share each x load, so the x traffic
 // per weight byte halves again (FP8's 16-weight chunks otherwise read 4x their bytes of x)
-GEMV8(gemv1_f32w, WDT_F32, 1, 4, 1)
-GEMV8(gemv1_bf16w, WDT_BF16, 1, 4, 1)
-GEMV8(gemv1_fp8w, WDT_FP8, 1, 4, GEMV1_FP8_MINB)
+GEMV8(gemv1_f32w, WDT_F32, 1, 4)
+GEMV8(gemv1_bf16w, WDT_BF16, 1, 4)
+GEMV8(gemv1_fp8w, WDT_FP8, 1, 4)
 GEMV8_HEADS(gemv1_f32w, WDT_F32, 1, 4)
 GEMV8_HEADS(gemv1_bf16w, WDT_BF16, 1, 4)
 GEMV8_HEADS(gemv1_fp8w, WDT_FP8, 1, 4)

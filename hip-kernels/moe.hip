@@ -142,7 +142,6 @@ template <int WDT, int R, int U>
 __device__ __forceinline__ void moe_rows_dot(const uint8_t* const (&rows)[R], const float* const (&srows)[R], const float* __restrict__ x, int K, int bk, float (&acc)[R],
                                              int g, int part, int ks) {
     const int lane = threadIdx.x % g, es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1, VE = VecDot<WDT>::ELEMS;
-    const BlockDiv kdiv(bk);
     for (int kb = (part * g + lane) * VE; kb < K; kb += U * ks * g * VE) {
         Chunk16 c[U][R];
 #pragma unroll
@@ -167,7 +166,7 @@ __device__ __forceinline__ void moe_rows_dot(const uint8_t* const (&rows)[R], co
                     d = 0.f;
 #pragma unroll
                     for (int q = 0; q < 4; ++q) d += w[4 * q] * xv[q].x + w[4 * q + 1] * xv[q].y + w[4 * q + 2] * xv[q].z + w[4 * q + 3] * xv[q].w;
-                    d *= srows[r][kdiv(k0)];
+                    d *= srows[r][k0 / bk];
                 } else {
                     d = w[0] * xv[0].x + w[1] * xv[0].y + w[2] * xv[0].z + w[3] * xv[0].w + w[4] * xv[1].x + w[5] * xv[1].y + w[6] * xv[1].z + w[7] * xv[1].w;
                 }

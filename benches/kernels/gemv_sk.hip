@@ -1,3 +1,6 @@
+// EXPERIMENT, not used by the engine (benches/gemv_variants.py compiles and times it against
+// linear.hip's gemv1_fp8w; results in docs/BENCHMARKS.md, twenty-fifth session: every form here
+// was slower than gemv1_fp8w at V3's batch-1 shapes, so none went into hip-kernels/).
 // y[N] = W[N, K] · x[K] for one row of x and block-scaled FP8 weights, as a "stream-K" GEMV: one
 // wave of blocks (the host launches exactly the resident count) whose warps each take an equal,
 // contiguous share of the whole (row group, K step) work, so that every warp streams the same
@@ -13,9 +16,6 @@
 //     warp that completes the count adds the parts in warp order, writes y and resets the count
 //     (so cnt stays zero between launches; the host zeroes it once). Results are deterministic
 //     for a given grid (the SM count fixes where the cuts fall).
-// The NORM form multiplies x by the RMSNorm weight g and the outputs by rsqrt(mean(x²) + eps),
-// every block finding the mean itself (K ≤ the block's registers: x is K floats from L2), and
-// applies the interleaved RoPE of linear.hip's gemv_rope_pair to the outputs (pos non-null).
 #include "common.h"
 #include "vec8.h"
 #include "bf16.h"
