@@ -112,6 +112,16 @@ __device__ __forceinline__ float load_w(const uint8_t* __restrict__ w, const flo
     return fp8e4m3_to_f32(w[row * K + col]) * scales[(row / bn) * kblocks + col / bk];
 }
 
+// k / d for the FP8 scale-block lookups inside weight loops: a shift where d is a power of two
+// (every checkpoint's 128-wide blocks), the division otherwise — an integer division is ~20
+// instructions, and a one-row GEMV that divided once a row and step spent a third of its issue
+// slots on it (o_proj at batch 1).
+struct BlockDiv {
+    int d, shift;
+    __device__ __forceinline__ explicit BlockDiv(int d_) : d(d_), shift((d_ & (d_ - 1)) == 0 ? __ffs(d_) - 1 : -1) {}
+    __device__ __forceinline__ int operator()(int k) const { return shift >= 0 ? k >> shift : k / d; }
+};
+
 struct EngineSum {
     __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
 };

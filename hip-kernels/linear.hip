@@ -210,8 +210,14 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
         if (second) Wm = fz.w2, Sm = fz.s2, Yg = fz.y2;
     const float* Xg = X + (HEADS ? (int64_t)head * hd.xh : 0);
     const uint8_t* rows[R];
+    int srows[R]; // FP8: where each row's scales start in Sm (one row of blocks for all R where they share it)
 #pragma unroll
-    for (int r = 0; r < R; ++r) rows[r] = Wm + (int64_t)(n0 + r < N ? wrow + r : 0) * K * es;
+    for (int r = 0; r < R; ++r) {
+        rows[r] = Wm + (int64_t)(n0 + r < N ? wrow + r : 0) * K * es;
+        srows[r] = (n0 + r < N ? wrow + r : 0) / bn * kblocks;
+    }
+    const bool one_srow = srows[0] == srows[R - 1];
+    const BlockDiv kdiv(bk);
     float acc[R][MAXM], ss[MAXM];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -230,11 +236,15 @@ __device__ void gemv8_impl(const float* __restrict__ X, const uint8_t* __restric
 #pragma unroll
                 for (int q = 0; q < VE / 4; ++q) gv[q] = ((const float4*)(fz.g + k0))[q];
             float wv[R][VE], sc[R];
+            // FP8: the chunk lies in one scale block; its scale multiplies the chunk's dot once
+            const int kbi = WDT == WDT_FP8 ? kdiv(k0) : 0;
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 unpack_chunk<WDT>(c[r], wv[r]);
-                // FP8: the chunk lies in one scale block; its scale multiplies the chunk's dot once
-                sc[r] = WDT == WDT_FP8 ? Sm[((n0 + r < N ? wrow + r : 0) / bn) * kblocks + k0 / bk] : 1.f;
+                // (the norm forms keep the division: their 64 registers hold no more)
+                sc[r] = WDT != WDT_FP8 ? 1.f
+                        : NORM         ? Sm[((n0 + r < N ? wrow + r : 0) / bn) * kblocks + k0 / bk]
+                                       : (r > 0 && one_srow ? sc[0] : Sm[srows[r] + kbi]);
             }
 #pragma unroll
             for (int m = 0; m < MAXM; ++m) {
