@@ -138,13 +138,10 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int parts
 // rows. The same arithmetic, in the same order, as VecDot per row. Needs K % VE == 0 (and FP8:
 // bk % VE == 0).
 // With ks > 1 the group reads steps part, part + ks, .. only (a K part of ks interleaved ones).
-template <int WDT, int R, int U, bool SH>
+template <int WDT, int R, int U>
 __device__ __forceinline__ void moe_rows_dot(const uint8_t* const (&rows)[R], const float* const (&srows)[R], const float* __restrict__ x, int K, int bk, float (&acc)[R],
                                              int g, int part, int ks) {
     const int lane = threadIdx.x % g, es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1, VE = VecDot<WDT>::ELEMS;
-    // SH: scale blocks by a shift where bk is a power of two (BlockDiv's; one register more, which
-    // the 80-register wide gate/up kernel cannot spare: it keeps the division)
-    const int bsh = SH && (bk & (bk - 1)) == 0 ? __ffs(bk) - 1 : -1;
     for (int kb = (part * g + lane) * VE; kb < K; kb += U * ks * g * VE) {
         Chunk16 c[U][R];
 #pragma unroll
@@ -169,7 +166,7 @@ __device__ __forceinline__ void moe_rows_dot(const uint8_t* const (&rows)[R], co
                     d = 0.f;
 #pragma unroll
                     for (int q = 0; q < 4; ++q) d += w[4 * q] * xv[q].x + w[4 * q + 1] * xv[q].y + w[4 * q + 2] * xv[q].z + w[4 * q + 3] * xv[q].w;
-                    d *= srows[r][bsh >= 0 ? k0 >> bsh : k0 / bk];
+                    d *= srows[r][k0 / bk];
                 } else {
                     d = w[0] * xv[0].x + w[1] * xv[0].y + w[2] * xv[0].z + w[3] * xv[0].w + w[4] * xv[1].x + w[5] * xv[1].y + w[6] * xv[1].z + w[7] * xv[1].w;
                 }
@@ -209,15 +206,15 @@ __device__ __forceinline__ int moe_lanes(int K, int VE) {
 #define MOE_FOLD_SHARED 1
 #endif
 // moe_rows_dot, then each row's sum over its lane group (every lane of the group gets it)
-template <int WDT, int R, bool SH = true>
+template <int WDT, int R>
 __device__ __forceinline__ void moe_rows_sum(const uint8_t* const (&rows)[R], const float* const (&srows)[R], const float* __restrict__ x, int K, int bk, float (&acc)[R],
                                              int g, int part, int ks) {
     if (MOE_CONST_WARP && g == WARP) {
-        moe_rows_dot<WDT, R, MOE_STEPS(WDT), SH>(rows, srows, x, K, bk, acc, WARP, part, ks);
+        moe_rows_dot<WDT, R, MOE_STEPS(WDT)>(rows, srows, x, K, bk, acc, WARP, part, ks);
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
     } else {
-        moe_rows_dot<WDT, R, MOE_STEPS(WDT), SH>(rows, srows, x, K, bk, acc, g, part, ks);
+        moe_rows_dot<WDT, R, MOE_STEPS(WDT)>(rows, srows, x, K, bk, acc, g, part, ks);
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[r] = group_sum(acc[r], g);
     }
@@ -241,7 +238,7 @@ __device__ __forceinline__ void moe_rows_sum(const uint8_t* const (&rows)[R], co
 // The gate and up dot products of rows i0 .. i0+RG-1 (past I: row I - 1 again, not to be written)
 // of one expert into acc (gate rows, then up rows), lanes in groups of g, K part `part` of `ks`,
 // summed over each lane group.
-template <int WDT, bool SH>
+template <int WDT>
 __device__ __forceinline__ void moe_gu_dot(const float* xt, const uint8_t* g, const uint8_t* u, const float* gs, const float* us, int i0, int I, int H,
                                            int bn, int bk, int g_lanes, int part, int ks, float (&acc)[2 * MOE_GU_ROWS]) {
     const int es = WDT == WDT_F32 ? 4 : WDT == WDT_BF16 ? 2 : 1, kb = (H + bk - 1) / bk;
@@ -254,7 +251,7 @@ __device__ __forceinline__ void moe_gu_dot(const float* xt, const uint8_t* g, co
         srows[r] = gs + (WDT == WDT_FP8 ? (i / bn) * kb : 0), srows[MOE_GU_ROWS + r] = us + (WDT == WDT_FP8 ? (i / bn) * kb : 0);
         acc[r] = acc[MOE_GU_ROWS + r] = 0.f;
     }
-    moe_rows_sum<WDT, 2 * MOE_GU_ROWS, SH>(rows, srows, xt, H, bk, acc, g_lanes, part, ks);
+    moe_rows_sum<WDT, 2 * MOE_GU_ROWS>(rows, srows, xt, H, bk, acc, g_lanes, part, ks);
 }
 
 // h[p, i] = silu(x[t] · Wg[e, i]) · (x[t] · Wu[e, i]) for pair p = t·top_k + k with expert e = ids[p]
@@ -265,7 +262,7 @@ __device__ __forceinline__ void moe_gu_dot(const float* xt, const uint8_t* g, co
 // a shared expert alone) teams of `ks` warps of a block take an item each, every warp a part of
 // K, the parts added in order through shared memory: each warp's chain of loads along K is 1/ks
 // as long (one warp an item left most warps idle and the rest 7 load rounds deep at H = 7,168).
-template <int WDT, bool SH>
+template <int WDT>
 __device__ __forceinline__ void moe_gate_up_impl(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg, const uint8_t* wu,
                                                  const float* su, float* h, int pairs, int top_k, int I, int H, int bn, int bk, int e0, int ne,
                                                  int ks_arg, const uint8_t* wg2, const float* sg2, const uint8_t* wu2, const float* su2, int from2) {
@@ -297,7 +294,7 @@ __device__ __forceinline__ void moe_gate_up_impl(const float* x, const int32_t* 
             const float* xt = x + (int64_t)(sh ? p - from2 : p / top_k) * H;
             if (vec) {
                 float acc[2 * MOE_GU_ROWS];
-                moe_gu_dot<WDT, SH>(xt, g, u, gs, us, i0, I, H, bn, bk, G, part, ks, acc);
+                moe_gu_dot<WDT>(xt, g, u, gs, us, i0, I, H, bn, bk, G, part, ks, acc);
 #pragma unroll
                 for (int r = 0; r < MOE_GU_ROWS; ++r) {
                     if (ks > 1 && lane == 0) red[w][r] = acc[r], red[w][MOE_GU_ROWS + r] = acc[MOE_GU_ROWS + r];
@@ -375,17 +372,17 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
     }
 }
 
-#define MOE_GATE_UP(NAME, BOUND, WDT, SH)                                                                                              \
+#define MOE_GATE_UP(NAME, BOUND, WDT)                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256, BOUND) NAME(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg,    \
                                                                   const uint8_t* wu, const float* su, float* h, int pairs, int top_k, int I,  \
                                                                   int H, int bn, int bk, int e0, int ne, int ks, const uint8_t* wg2,         \
                                                                   const float* sg2, const uint8_t* wu2, const float* su2, int from2) {       \
         ENGINE_GRID_DEP();                                                                                                             \
-        moe_gate_up_impl<WDT, SH>(x, ids, wg, sg, wu, su, h, pairs, top_k, I, H, bn, bk, e0, ne, ks, wg2, sg2, wu2, su2, from2);               \
+        moe_gate_up_impl<WDT>(x, ids, wg, sg, wu, su, h, pairs, top_k, I, H, bn, bk, e0, ne, ks, wg2, sg2, wu2, su2, from2);               \
     }
 #define MOE_KERNELS(SUF, WDT)                                                                                                          \
-    MOE_GATE_UP(moe_gate_up_##SUF, MOE_PAIR_BLOCKS_PER_SM, WDT, true)                                                                  \
-    MOE_GATE_UP(moe_gate_up_wide_##SUF, MOE_GU_WIDE_BLOCKS_PER_SM, WDT, false)                                                         \
+    MOE_GATE_UP(moe_gate_up_##SUF, MOE_PAIR_BLOCKS_PER_SM, WDT)                                                                        \
+    MOE_GATE_UP(moe_gate_up_wide_##SUF, MOE_GU_WIDE_BLOCKS_PER_SM, WDT)                                                                \
     extern "C" __global__ void __launch_bounds__(256, MOE_PAIR_BLOCKS_PER_SM) moe_down_##SUF(                                             \
         const float* h, const int32_t* ids, const float* weights, const uint8_t* wd, const float* sd, float* out, int pairs, int top_k,    \
         int I, int H, int bn, int bk, int e0, int ne, const uint8_t* wd2, const float* sd2, int from2) { ENGINE_GRID_DEP();                 \
