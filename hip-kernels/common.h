@@ -113,9 +113,11 @@ __device__ __forceinline__ float load_w(const uint8_t* __restrict__ w, const flo
 }
 
 // k / d for the FP8 scale-block lookups inside weight loops: a shift where d is a power of two
-// (every checkpoint's 128-wide blocks), the division otherwise — an integer division is ~20
-// instructions, and a one-row GEMV that divided once a row and step spent a third of its issue
-// slots on it (o_proj at batch 1).
+// (every checkpoint's 128-wide blocks), the division otherwise. An integer division is ~20
+// instructions: linear.hip's one-row GEMV divided once a row and step, ~100 of the ~320
+// instructions of its loop (V3's o_proj at batch 1 issued in 57% of its cycles; ncu 39.4 → 37.1 µs
+// without them). The per-pair MoE kernels measured slower with it (moe_down 44.6 → 46.5 µs) and
+// keep their division.
 struct BlockDiv {
     int d, shift;
     __device__ __forceinline__ explicit BlockDiv(int d_) : d(d_), shift((d_ & (d_ - 1)) == 0 ? __ffs(d_) - 1 : -1) {}
