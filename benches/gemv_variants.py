@@ -1,8 +1,10 @@
 """One-row FP8 GEMV kernels at DeepSeek-V3's batch-1 decode shapes, timed the way a decode graph
 runs them: C launches on C weight copies (together past the 50 MB L2) captured into one CUDA graph,
 µs a launch = the replay's event time ÷ C (median of REPS replays). Compares linear.hip's
-`gemv1_fp8w` (the engine's geometry, gemv.rs) with benches/kernels/gemv_sk.hip's stream-K forms and a plain
-streaming read of the same bytes in the same one-wave form (the ceiling). Each output is checked
+`gemv1_fp8w` (the engine's geometry, gemv.rs) with benches/kernels/gemv_sk.hip's stream-K forms (`skm`:
+matrix units, x split a unit; `skc`: the same fed by cp.async stages; `skx`: matrix units, x split
+once a launch into shared memory — not yet measured) and a plain streaming read of the same bytes in
+the same one-wave form (the ceiling). Each output is checked
 against a float64 product first.
 
 Usage on a CUDA machine: `python3 benches/gemv_variants.py` from the repository root (assembles
@@ -92,6 +94,7 @@ def main():
     rd = Module(compile_cubin(READ.encode(), b'read.cu'))
     sk_names = [] if os.environ.get('GEMV_ONLY') else [(cv, d, b) for d, b in re.findall(r'^GEMV_SKM\((\d+), (\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M) for cv in (0, 1)][:1]
     skc_rings = [] if os.environ.get('GEMV_ONLY') else re.findall(r'^GEMV_SKC\((\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M)
+    skx_depths = [] if os.environ.get('GEMV_ONLY') else re.findall(r'^GEMV_SKX\((\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M)
     gen = torch.Generator(device='cuda').manual_seed(int.from_bytes(os.urandom(4), 'little'))
 
     def occupancy(f, smem=0):
@@ -193,6 +196,25 @@ def main():
             gos = [launcher(f, grid, [P(x.data_ptr()), P(ws[i].data_ptr()), P(ss[i].data_ptr()), P(ys[i].data_ptr()), ctypes.c_int(n), ctypes.c_int(k),
                                       ctypes.c_int(128), ctypes.c_int(128), P(part.data_ptr()), P(cnt.data_ptr())], smem) for i in range(copies)]
             key = f'skc r{ring}'
+            gos[0](); e1 = check(key)
+            gos[0](); e2 = check(key + ' (again)')
+            assert int(cnt.abs().sum()) == 0, 'counts left set'
+            row[key] = graph_us(gos)
+            print(f'  {key}: {grid} blocks ({bps} an SM, {regs} regs, {smem} B shared): {row[key]:.2f} us, relative error {e1:.2e} / {e2:.2e}', flush=True)
+        for dd in skx_depths:
+            f = sk[0].fn(f'gemv_skx_fp8w_d{dd}'.encode())
+            smem = 3 * (k + 8) * 2
+            assert cu.cuFuncSetAttribute(f, 8, smem) == 0
+            bps, regs = occupancy(f, smem)
+            steps, g16 = k // 128, -(-n // 16)
+            grid = min(sms * bps, max(1, g16 * steps // 8))
+            part = torch.empty(2 * grid * 8 * 16, device='cuda')
+            cnt = torch.zeros(g16, dtype=torch.int32, device='cuda')
+            for y in ys:
+                y.fill_(float('nan'))
+            gos = [launcher(f, grid, [P(x.data_ptr()), P(ws[i].data_ptr()), P(ss[i].data_ptr()), P(ys[i].data_ptr()), ctypes.c_int(n), ctypes.c_int(k),
+                                      ctypes.c_int(128), ctypes.c_int(128), P(part.data_ptr()), P(cnt.data_ptr())], smem) for i in range(copies)]
+            key = f'skx d{dd}'
             gos[0](); e1 = check(key)
             gos[0](); e2 = check(key + ' (again)')
             assert int(cnt.abs().sum()) == 0, 'counts left set'

@@ -450,6 +450,106 @@ __device__ void gemv_skc_fp8(const SkArgs a, float rs, unsigned char* sh) {
 GEMV_SKC(2)
 GEMV_SKC(3)
 
+// ---- Matrix-unit form with x prepared once a launch: each block writes x · 2^σ (σ from the
+// largest |x| of the whole row, one block reduction) as three f16 planes hi, mid, lo into shared
+// memory, while its first D units' weight loads are in flight; a unit (16 rows × 128 K) is then
+// four B-fragment loads, 32 conversions and 8 MMAs, with no per-unit x work (forms above: a warp
+// maximum, shuffles and the split every unit). Not yet measured (the session's device time ran
+// out): benches/gemv_variants.py runs it as `skx dD`.
+#define SKX_PLANE_PAD 8 // f16 elements after each plane: the three planes' reads fall on other banks
+
+template <int D>
+__device__ void gemv_skx_fp8(const SkArgs a, float rs, uint16_t* xs) {
+#ifdef SKM_MMA
+    const int lane = threadIdx.x % WARP, g8 = lane / 4, t = lane % 4;
+    const int tw = gridDim.x * (blockDim.x / WARP), w = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    const int steps = a.k / SKM_K, groups = (a.n + SKM_ROWS - 1) / SKM_ROWS, kblocks = (a.k + a.bk - 1) / a.bk;
+    const int U = groups * steps, ubeg = sk_start(w, U, tw), uend = sk_start(w + 1, U, tw);
+    const int plane = a.k + SKX_PLANE_PAD;
+    int ui = ubeg, gi = ubeg / steps, si = ubeg - gi * steps;
+    int gc = gi, sc = si;
+    uint4 ring[D][4];
+    float rsc[D];
+    auto issue = [&](int d) {
+        if (ui >= uend) return;
+        const int k0 = si * SKM_K;
+        const int r0 = min(gi * SKM_ROWS + g8, a.n - 1), r1 = min(gi * SKM_ROWS + g8 + 8, a.n - 1);
+        const uint8_t* p0 = a.w + (int64_t)r0 * a.k + k0 + 32 * t;
+        const uint8_t* p1 = a.w + (int64_t)r1 * a.k + k0 + 32 * t;
+        ring[d][0] = *(const uint4*)p0, ring[d][1] = *(const uint4*)(p0 + 16);
+        ring[d][2] = *(const uint4*)p1, ring[d][3] = *(const uint4*)(p1 + 16);
+        rsc[d] = a.s[(gi * SKM_ROWS / a.bn) * kblocks + k0 / a.bk];
+        ++ui;
+        if (++si == steps) si = 0, ++gi;
+    };
+#pragma unroll
+    for (int d = 0; d < D; ++d) issue(d);
+    // x's planes (every block, the whole row; K a multiple of 4)
+    float m = 0.f;
+    for (int i = threadIdx.x; i < a.k / 4; i += blockDim.x) {
+        const float4 v = ((const float4*)a.x)[i];
+        m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+    }
+    m = block_max(m);
+    const int sg = m > 0.f ? 14 - ilogbf(m) : 0; // |x| · 2^sg < 2^15
+    for (int i = threadIdx.x; i < a.k / 4; i += blockDim.x) {
+        const float4 v = ((const float4*)a.x)[i];
+        const float x0 = ldexpf(v.x, sg), x1 = ldexpf(v.y, sg), x2 = ldexpf(v.z, sg), x3 = ldexpf(v.w, sg);
+        const uint32_t h01 = skm_pack(x0, x1), h23 = skm_pack(x2, x3);
+        const float r0 = x0 - skm_h(h01, 0), r1 = x1 - skm_h(h01, 1), r2 = x2 - skm_h(h23, 0), r3 = x3 - skm_h(h23, 1);
+        const uint32_t m01 = skm_pack(r0, r1), m23 = skm_pack(r2, r3);
+        const uint32_t l01 = skm_pack(r0 - skm_h(m01, 0), r1 - skm_h(m01, 1)), l23 = skm_pack(r2 - skm_h(m23, 0), r3 - skm_h(m23, 1));
+        *(uint2*)(xs + 4 * i) = make_uint2(h01, h23);
+        *(uint2*)(xs + plane + 4 * i) = make_uint2(m01, m23);
+        *(uint2*)(xs + 2 * plane + 4 * i) = make_uint2(l01, l23);
+    }
+    __syncthreads();
+    const float unscale = ldexpf(1.f, -sg);
+    float acc0 = 0.f, acc1 = 0.f;
+    int cur = gc;
+    for (int u0 = ubeg; u0 < uend; u0 += D) {
+#pragma unroll
+        for (int d = 0; d < D; ++d) {
+            if (u0 + d < uend) {
+                if (gc != cur) {
+                    skm_flush(a, cur, steps, U, tw, w, ubeg, uend, rs, acc0, acc1);
+                    acc0 = acc1 = 0.f;
+                    cur = gc;
+                }
+                // lane (g8 < 3, t): plane g8 of x[k0 + 32t .. + 32) (k16 step j: x[k0 + 32t + 4j ..])
+                uint4 xb[4];
+                const uint16_t* xp = xs + g8 * plane + sc * SKM_K + 32 * t;
+#pragma unroll
+                for (int q = 0; q < 4; ++q) xb[q] = g8 < 3 ? ((const uint4*)xp)[q] : make_uint4(0, 0, 0, 0);
+                float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const uint32_t w0 = u4_word(ring[d][j / 4], j % 4), w1 = u4_word(ring[d][2 + j / 4], j % 4);
+                    const uint32_t b0 = u4_word(xb[j / 2], 2 * (j % 2)), b1 = u4_word(xb[j / 2], 2 * (j % 2) + 1);
+                    skm_mma(c, skm_f16x2_e4m3(w0), skm_f16x2_e4m3(w1), skm_f16x2_e4m3(w0 >> 16), skm_f16x2_e4m3(w1 >> 16), b0, b1);
+                }
+                const float f = rsc[d] * unscale * (SKM_INT_CVT ? 256.f : 1.f);
+                acc0 += (c[0] + c[1]) * f;
+                acc1 += (c[2] + c[3]) * f;
+                if (++sc == steps) sc = 0, ++gc;
+                issue(d);
+            }
+        }
+    }
+    if (ubeg < uend) skm_flush(a, cur, steps, U, tw, w, ubeg, uend, rs, acc0, acc1);
+#endif
+}
+
+#define GEMV_SKX(D)                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2) gemv_skx_fp8w_d##D(const float* x, const uint8_t* w, const float* s, float* y, \
+                                                                            int n, int k, int bn, int bk, float* part, uint32_t* cnt) { \
+        ENGINE_GRID_DEP();                                                                                                             \
+        extern __shared__ __align__(16) uint16_t skx_sh[];                                                                             \
+        gemv_skx_fp8<D>(SkArgs{x, w, s, y, n, k, bn, bk, part, cnt}, 1.f, skx_sh);                                                    \
+    }
+GEMV_SKX(2)
+GEMV_SKX(3)
+
 #define GEMV_SK(D, MINB)                                                                                                               \
     extern "C" __global__ void __launch_bounds__(256, MINB) gemv_sk_fp8w_d##D##_b##MINB(const float* x, const uint8_t* w, const float* s, \
                                                                                          float* y, int n, int k, int bn, int bk, float* part, \
