@@ -94,6 +94,7 @@ def main():
     rd = Module(compile_cubin(READ.encode(), b'read.cu'))
     sk_names = [] if os.environ.get('GEMV_ONLY') else [(cv, d, b) for d, b in re.findall(r'^GEMV_SKM\((\d+), (\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M) for cv in (0, 1)][:1]
     skc_rings = [] if os.environ.get('GEMV_ONLY') else re.findall(r'^GEMV_SKC\((\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M)
+    sk4_names = [] if os.environ.get('GEMV_ONLY') else re.findall(r'^GEMV_SK\((\d+), (\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M)
     skx_depths = [] if os.environ.get('GEMV_ONLY') else re.findall(r'^GEMV_SKX\((\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M)
     gen = torch.Generator(device='cuda').manual_seed(int.from_bytes(os.urandom(4), 'little'))
 
@@ -164,6 +165,23 @@ def main():
             row['gemv1 old'] = graph_us(gos_old)
             row['gemv1'] = graph_us(gos)
         print(f'{name}: {nbytes / 1e6:.1f} MB, {copies} copies; gemv1 split {split} lanes {lanes} {blocks} blocks ({bps} an SM, {regs} regs): {row["gemv1"]:.2f} us', flush=True)
+        for d, b in sk4_names:  # stream-K on the CUDA cores: 4-row groups, 512-K steps
+            f = sk[0].fn(f'gemv_sk_fp8w_d{d}_b{b}'.encode())
+            bps, regs = occupancy(f)
+            steps, g4 = -(-k // 512), -(-n // 4)
+            grid = min(sms * bps, max(1, g4 * steps // 8))
+            part = torch.empty(2 * grid * 8 * 4, device='cuda')
+            cnt = torch.zeros(g4, dtype=torch.int32, device='cuda')
+            for y in ys:
+                y.fill_(float('nan'))
+            gos = [launcher(f, grid, [P(x.data_ptr()), P(ws[i].data_ptr()), P(ss[i].data_ptr()), P(ys[i].data_ptr()), ctypes.c_int(n), ctypes.c_int(k),
+                                      ctypes.c_int(128), ctypes.c_int(128), P(part.data_ptr()), P(cnt.data_ptr())]) for i in range(copies)]
+            key = f'sk d{d} b{b}'
+            gos[0](); e1 = check(key)
+            gos[0](); e2 = check(key + ' (again)')
+            assert int(cnt.abs().sum()) == 0, 'counts left set'
+            row[key] = graph_us(gos)
+            print(f'  {key}: {grid} blocks ({bps} an SM, {regs} regs): {row[key]:.2f} us, relative error {e1:.2e} / {e2:.2e}', flush=True)
         for cv, d, b in sk_names:
             f = sk[cv].fn(f'gemv_skm_fp8w_d{d}_b{b}'.encode())
             bps, regs = occupancy(f)
