@@ -92,7 +92,7 @@ def main():
     old = Module(compile_cubin(source('linear.hip', os.environ['OLD_ROOT']).encode(), b'old.cu')) if os.environ.get('OLD_ROOT') else None
     sk = {cv: Module(compile_cubin((f'#define SKM_INT_CVT {cv}\n' + source('gemv_sk.hip')).encode(), b'linear_sk.cu')) for cv in (0, 1)}
     rd = Module(compile_cubin(READ.encode(), b'read.cu'))
-    sk_names = [] if os.environ.get('GEMV_ONLY') else [(cv, d, b) for d, b in re.findall(r'^GEMV_SKM\((\d+), (\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M) for cv in (0, 1)][:1]
+    sk_names = [] if os.environ.get('GEMV_ONLY') else [(cv, d, b) for d, b in re.findall(r'^GEMV_SKM\((\d+), (\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M) for cv in (0, 1)]
     skc_rings = [] if os.environ.get('GEMV_ONLY') else re.findall(r'^GEMV_SKC\((\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M)
     sk4_names = [] if os.environ.get('GEMV_ONLY') else re.findall(r'^GEMV_SK\((\d+), (\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M)
     skx_depths = [] if os.environ.get('GEMV_ONLY') else re.findall(r'^GEMV_SKX\((\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M)
