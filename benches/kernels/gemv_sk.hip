@@ -471,6 +471,7 @@ __device__ void gemv_skx_fp8(const SkArgs a, float rs, uint16_t* xs) {
     int gc = gi, sc = si;
     uint4 ring[D][4];
     float rsc[D];
+    const BlockDiv rdiv(a.bn), kdiv(a.bk); // scale blocks without divisions (common.h)
     auto issue = [&](int d) {
         if (ui >= uend) return;
         const int k0 = si * SKM_K;
@@ -479,7 +480,7 @@ __device__ void gemv_skx_fp8(const SkArgs a, float rs, uint16_t* xs) {
         const uint8_t* p1 = a.w + (int64_t)r1 * a.k + k0 + 32 * t;
         ring[d][0] = *(const uint4*)p0, ring[d][1] = *(const uint4*)(p0 + 16);
         ring[d][2] = *(const uint4*)p1, ring[d][3] = *(const uint4*)(p1 + 16);
-        rsc[d] = a.s[(gi * SKM_ROWS / a.bn) * kblocks + k0 / a.bk];
+        rsc[d] = a.s[rdiv(gi * SKM_ROWS) * kblocks + kdiv(k0)];
         ++ui;
         if (++si == steps) si = 0, ++gi;
     };
