@@ -92,10 +92,13 @@ def main():
     old = Module(compile_cubin(source('linear.hip', os.environ['OLD_ROOT']).encode(), b'old.cu')) if os.environ.get('OLD_ROOT') else None
     sk = {cv: Module(compile_cubin((f'#define SKM_INT_CVT {cv}\n' + source('gemv_sk.hip')).encode(), b'linear_sk.cu')) for cv in (0, 1)}
     rd = Module(compile_cubin(READ.encode(), b'read.cu'))
-    sk_names = [] if os.environ.get('GEMV_ONLY') else [(cv, d, b) for d, b in re.findall(r'^GEMV_SKM\((\d+), (\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M) for cv in (0, 1)]
-    skc_rings = [] if os.environ.get('GEMV_ONLY') else re.findall(r'^GEMV_SKC\((\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M)
-    sk4_names = [] if os.environ.get('GEMV_ONLY') else re.findall(r'^GEMV_SK\((\d+), (\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M)
-    skx_depths = [] if os.environ.get('GEMV_ONLY') else re.findall(r'^GEMV_SKX\((\d+)\)', open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read(), re.M)
+    # the experimental forms: (key, module, kernel, rows a work group, K a step, dynamic shared bytes for K)
+    skf = '' if os.environ.get('GEMV_ONLY') else open(os.path.join(ROOT, 'benches/kernels/gemv_sk.hip')).read()
+    variants = [(f'sk d{d} b{b}', sk[0], f'gemv_sk_fp8w_d{d}_b{b}', 4, 512, lambda k: 0) for d, b in re.findall(r'^GEMV_SK\((\d+), (\d+)\)', skf, re.M)]
+    variants += [(f'skm{"i" if cv else "f"} d{d} b{b}', sk[cv], f'gemv_skm_fp8w_d{d}_b{b}', 16, 128, lambda k: 0)
+                 for d, b in re.findall(r'^GEMV_SKM\((\d+), (\d+)\)', skf, re.M) for cv in (0, 1)]
+    variants += [(f'skc r{r}', sk[0], f'gemv_skc_fp8w_r{r}', 64, 128, lambda k, r=int(r): 8 * r * 8192 + 8 * 768) for r in re.findall(r'^GEMV_SKC\((\d+)\)', skf, re.M)]
+    variants += [(f'skx d{d}', sk[0], f'gemv_skx_fp8w_d{d}', 16, 128, lambda k: 3 * (k + 8) * 2) for d in re.findall(r'^GEMV_SKX\((\d+)\)', skf, re.M)]
     gen = torch.Generator(device='cuda').manual_seed(int.from_bytes(os.urandom(4), 'little'))
 
     def occupancy(f, smem=0):
@@ -148,91 +151,38 @@ def main():
             assert err < 1e-5, f'{name} {label}: relative error {err}'
             return err
         # linear.hip's gemv1_fp8w with the engine's geometry
-        f = lin.fn(b'gemv1_fp8w')
         groups = -(-n // 4)
         lanes = row_lanes(k)
         split = gemv_split(groups, k) if lanes == 32 else 1
         blocks = -(-groups // (8 // split * (32 // lanes)))
-        gos = [launcher(f, blocks, [P(x.data_ptr()), P(ws[i].data_ptr()), P(ss[i].data_ptr()), P(ys[i].data_ptr()), ctypes.c_int(1), ctypes.c_int(n),
-                                    ctypes.c_int(k), ctypes.c_int(128), ctypes.c_int(128), ctypes.c_int(split), ctypes.c_int(lanes)]) for i in range(copies)]
+
+        def gemv1_launches(f):
+            return [launcher(f, blocks, [P(x.data_ptr()), P(ws[i].data_ptr()), P(ss[i].data_ptr()), P(ys[i].data_ptr()), ctypes.c_int(1), ctypes.c_int(n),
+                                         ctypes.c_int(k), ctypes.c_int(128), ctypes.c_int(128), ctypes.c_int(split), ctypes.c_int(lanes)]) for i in range(copies)]
+        f = lin.fn(b'gemv1_fp8w')
+        gos = gemv1_launches(f)
         gos[0](); print(f'  gemv1: relative error {check("gemv1"):.2e}')
         bps, regs = occupancy(f)
         row['gemv1'] = graph_us(gos)
         if old:
-            fo = old.fn(b'gemv1_fp8w')
-            gos_old = [launcher(fo, blocks, [P(x.data_ptr()), P(ws[i].data_ptr()), P(ss[i].data_ptr()), P(ys[i].data_ptr()), ctypes.c_int(1), ctypes.c_int(n),
-                                             ctypes.c_int(k), ctypes.c_int(128), ctypes.c_int(128), ctypes.c_int(split), ctypes.c_int(lanes)]) for i in range(copies)]
-            row['gemv1 old'] = graph_us(gos_old)
+            row['gemv1 old'] = graph_us(gemv1_launches(old.fn(b'gemv1_fp8w')))
             row['gemv1'] = graph_us(gos)
         print(f'{name}: {nbytes / 1e6:.1f} MB, {copies} copies; gemv1 split {split} lanes {lanes} {blocks} blocks ({bps} an SM, {regs} regs): {row["gemv1"]:.2f} us', flush=True)
-        for d, b in sk4_names:  # stream-K on the CUDA cores: 4-row groups, 512-K steps
-            f = sk[0].fn(f'gemv_sk_fp8w_d{d}_b{b}'.encode())
-            bps, regs = occupancy(f)
-            steps, g4 = -(-k // 512), -(-n // 4)
-            grid = min(sms * bps, max(1, g4 * steps // 8))
-            part = torch.empty(2 * grid * 8 * 4, device='cuda')
-            cnt = torch.zeros(g4, dtype=torch.int32, device='cuda')
-            for y in ys:
-                y.fill_(float('nan'))
-            gos = [launcher(f, grid, [P(x.data_ptr()), P(ws[i].data_ptr()), P(ss[i].data_ptr()), P(ys[i].data_ptr()), ctypes.c_int(n), ctypes.c_int(k),
-                                      ctypes.c_int(128), ctypes.c_int(128), P(part.data_ptr()), P(cnt.data_ptr())]) for i in range(copies)]
-            key = f'sk d{d} b{b}'
-            gos[0](); e1 = check(key)
-            gos[0](); e2 = check(key + ' (again)')
-            assert int(cnt.abs().sum()) == 0, 'counts left set'
-            row[key] = graph_us(gos)
-            print(f'  {key}: {grid} blocks ({bps} an SM, {regs} regs): {row[key]:.2f} us, relative error {e1:.2e} / {e2:.2e}', flush=True)
-        for cv, d, b in sk_names:
-            f = sk[cv].fn(f'gemv_skm_fp8w_d{d}_b{b}'.encode())
-            bps, regs = occupancy(f)
-            steps, g16 = k // 128, -(-n // 16)
-            grid = min(sms * bps, max(1, g16 * steps // 8))
-            part = torch.empty(2 * grid * 8 * 16, device='cuda')
-            cnt = torch.zeros(g16, dtype=torch.int32, device='cuda')
-            for y in ys:
-                y.fill_(float('nan'))
-            gos = [launcher(f, grid, [P(x.data_ptr()), P(ws[i].data_ptr()), P(ss[i].data_ptr()), P(ys[i].data_ptr()), ctypes.c_int(n), ctypes.c_int(k),
-                                      ctypes.c_int(128), ctypes.c_int(128), P(part.data_ptr()), P(cnt.data_ptr())]) for i in range(copies)]
-            key = f'skm{"i" if cv else "f"} d{d} b{b}'
-            gos[0](); e1 = check(key)
-            gos[0](); e2 = check(key + ' (again)')
-            print(f'  {key}: relative error {e1:.2e} / {e2:.2e}', flush=True)
-            assert int(cnt.abs().sum()) == 0, 'counts left set'
-            row[key] = graph_us(gos)
-            print(f'  {key}: {grid} blocks ({bps} an SM, {regs} regs): {row[key]:.2f} us', flush=True)
-        for ring in skc_rings:
-            f = sk[0].fn(f'gemv_skc_fp8w_r{ring}'.encode())
-            smem = 8 * int(ring) * 8192 + 8 * 768
-            assert cu.cuFuncSetAttribute(f, 8, smem) == 0
+        # the stream-K forms: one wave, parts of cut groups and their counts (zero between launches)
+        for key, mod, fname, rows, kstep, smem_of in variants:
+            f = mod.fn(fname.encode())
+            smem = smem_of(k)
+            if smem:
+                assert cu.cuFuncSetAttribute(f, 8, smem) == 0  # MAX_DYNAMIC_SHARED_SIZE_BYTES
             bps, regs = occupancy(f, smem)
-            steps, g64 = k // 128, -(-n // 64)
-            grid = min(sms * bps, max(1, g64 * steps // 8))
-            part = torch.empty(2 * grid * 8 * 64, device='cuda')
-            cnt = torch.zeros(g64, dtype=torch.int32, device='cuda')
+            steps, ngroups = -(-k // kstep), -(-n // rows)
+            grid = min(sms * bps, max(1, ngroups * steps // 8))
+            part = torch.empty(2 * grid * 8 * rows, device='cuda')
+            cnt = torch.zeros(ngroups, dtype=torch.int32, device='cuda')
             for y in ys:
                 y.fill_(float('nan'))
             gos = [launcher(f, grid, [P(x.data_ptr()), P(ws[i].data_ptr()), P(ss[i].data_ptr()), P(ys[i].data_ptr()), ctypes.c_int(n), ctypes.c_int(k),
                                       ctypes.c_int(128), ctypes.c_int(128), P(part.data_ptr()), P(cnt.data_ptr())], smem) for i in range(copies)]
-            key = f'skc r{ring}'
-            gos[0](); e1 = check(key)
-            gos[0](); e2 = check(key + ' (again)')
-            assert int(cnt.abs().sum()) == 0, 'counts left set'
-            row[key] = graph_us(gos)
-            print(f'  {key}: {grid} blocks ({bps} an SM, {regs} regs, {smem} B shared): {row[key]:.2f} us, relative error {e1:.2e} / {e2:.2e}', flush=True)
-        for dd in skx_depths:
-            f = sk[0].fn(f'gemv_skx_fp8w_d{dd}'.encode())
-            smem = 3 * (k + 8) * 2
-            assert cu.cuFuncSetAttribute(f, 8, smem) == 0
-            bps, regs = occupancy(f, smem)
-            steps, g16 = k // 128, -(-n // 16)
-            grid = min(sms * bps, max(1, g16 * steps // 8))
-            part = torch.empty(2 * grid * 8 * 16, device='cuda')
-            cnt = torch.zeros(g16, dtype=torch.int32, device='cuda')
-            for y in ys:
-                y.fill_(float('nan'))
-            gos = [launcher(f, grid, [P(x.data_ptr()), P(ws[i].data_ptr()), P(ss[i].data_ptr()), P(ys[i].data_ptr()), ctypes.c_int(n), ctypes.c_int(k),
-                                      ctypes.c_int(128), ctypes.c_int(128), P(part.data_ptr()), P(cnt.data_ptr())], smem) for i in range(copies)]
-            key = f'skx d{dd}'
             gos[0](); e1 = check(key)
             gos[0](); e2 = check(key + ' (again)')
             assert int(cnt.abs().sum()) == 0, 'counts left set'
@@ -245,7 +195,7 @@ def main():
             row[rn.decode()] = graph_us(gos)
             print(f'  read {rn.decode()}: {row[rn.decode()]:.2f} us', flush=True)
         table.append(row)
-        del ws, ss, ys
+        ws = ss = ys = None  # this shape's copies freed before the next one's
         torch.cuda.empty_cache()
     keys = [k for k in table[0] if k not in ('shape', 'MB')]
     print('\nshape | MB | ' + ' | '.join(keys) + '   (us a launch; TB/s in brackets)')
