@@ -31,7 +31,13 @@ extern "C" __global__ void __launch_bounds__(MT_THREADS) linear_mma_fp8w(const f
 // count its rows from the first (a head's rows need not start a scale block). No split K: the heads
 // fill the GPU. Launch: grid (ceil(N/128), ceil(M/128), heads), block 256; `vec` as above, plus
 // X rows and head offsets of a multiple of 4 floats.
-template <int WDT>
+// `_fold_fp8w`: for weights whose every tile lies inside one row of scale blocks (the host checks:
+// 128-row multiples for wh, w0 and bn — DeepSeek's kv_b and its transposed W_UK), so the scales
+// fold into X and the split-weight path is left out: two blocks an SM on NVIDIA instead of one
+// (166 registers with the split path; a decode step's heads run few K steps, so a second block
+// hides one's loads and epilogue behind the other's products). bf16 weights never split: two
+// blocks an SM as well.
+template <int WDT, bool SPLIT>
 __device__ void linear_mma_heads_impl(const float* X, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, float* Y, int64_t ldy, int yh,
                                       int M, int N, int K, int bn, int bk, int vec) {
     __shared__ MmaShared sh;
@@ -39,7 +45,7 @@ __device__ void linear_mma_heads_impl(const float* X, int64_t ldx, int xh, const
     MtOperands o = {X + (int64_t)z * xh, nullptr, (int)blockIdx.y * MT_M, M, W, S, wr + N, wr + nt, K, bn, bk, ldx};
     MmaAcc acc;
     mt_zero(acc);
-    mt_run<WDT, true>(sh, acc, o, 0, K, vec != 0);
+    mt_run<WDT, SPLIT>(sh, acc, o, 0, K, vec != 0);
     float* out = Y + (int64_t)z * yh;
     mt_each(acc, [&](int r, int c, float v) {
         int m = o.m0 + r, n = nt + c;
@@ -47,15 +53,17 @@ __device__ void linear_mma_heads_impl(const float* X, int64_t ldx, int xh, const
     });
 }
 
-#define LINEAR_MMA_HEADS(SUF, WDT)                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(MT_THREADS) linear_mma_heads_##SUF(const float* X, int64_t ldx, int xh, const uint8_t* W,      \
-                                                                                      const float* S, int wh, int w0, float* Y, int64_t ldy, int yh, \
-                                                                                      int M, int N, int K, int bn, int bk, int vec) { ENGINE_GRID_DEP(); \
-        linear_mma_heads_impl<WDT>(X, ldx, xh, W, S, wh, w0, Y, ldy, yh, M, N, K, bn, bk, vec);                                                \
+#define LINEAR_MMA_HEADS(SUF, WDT, SPLIT, ...)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(__VA_ARGS__) linear_mma_heads_##SUF(const float* X, int64_t ldx, int xh, const uint8_t* W, \
+                                                                                     const float* S, int wh, int w0, float* Y, int64_t ldy,  \
+                                                                                     int yh, int M, int N, int K, int bn, int bk, int vec) { \
+        ENGINE_GRID_DEP();                                                                                                                  \
+        linear_mma_heads_impl<WDT, SPLIT>(X, ldx, xh, W, S, wh, w0, Y, ldy, yh, M, N, K, bn, bk, vec);                                      \
     }
-LINEAR_MMA_HEADS(f32w, WDT_F32)
-LINEAR_MMA_HEADS(bf16w, WDT_BF16)
-LINEAR_MMA_HEADS(fp8w, WDT_FP8)
+LINEAR_MMA_HEADS(f32w, WDT_F32, true, MT_THREADS)
+LINEAR_MMA_HEADS(bf16w, WDT_BF16, false, MT_THREADS, MT_MIN_BLOCKS)
+LINEAR_MMA_HEADS(fp8w, WDT_FP8, true, MT_THREADS)
+LINEAR_MMA_HEADS(fold_fp8w, WDT_FP8, false, MT_THREADS, MT_MIN_BLOCKS)
 
 // Y[i] = Σ_z part[z][i] over the split-K partials, z in order.
 extern "C" __global__ void linear_split_sum(const float* part, float* Y, int64_t n, int splits) { ENGINE_GRID_DEP();

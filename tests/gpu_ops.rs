@@ -438,6 +438,12 @@ fn mla_attention_paged_causal_real_and_odd_dims_on<V: GpuVendor>() {
         mla_case(&g, &c, &mut rng, &d, kvt, &[(4000, 1), (300, 37), (21, 21)], F32_TOL, true);
         // a decode batch of three (the projections as per-head GEMVs where the rows allow it)
         mla_case(&g, &c, &mut rng, &d, kvt, &[(300, 1), (200, 1), (50, 1)], F32_TOL, false);
+        // decode batches of 20 and 70 (per-head GEMMs: on NVIDIA sm_80+ with V3's FP8 kv_b
+        // mla_heads.hip's 32-row, then 64-row blocks, two of them and a part one)
+        for n in [20, 70] {
+            let lens: Vec<(usize, usize)> = (0..n).map(|i| (17 + 5 * i, 1)).collect();
+            mla_case(&g, &c, &mut rng, &d, kvt, &lens, F32_TOL, false);
+        }
     }
 }
 

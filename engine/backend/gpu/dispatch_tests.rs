@@ -543,24 +543,31 @@ fn absorbed_projections_take_per_head_gemvs_then_gemms() {
     use crate::backend::{AttnSeq, MlaDims};
     let d = MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
     assert_eq!(host_backend().0.tuned.mla_proj_mma_min_rows, super::tuned::Tuned::default().mla_proj_mma_min_rows);
-    for matrix_units in [true, false] {
+    // (the GEMM kernels on, the device an NVIDIA sm_80+ one: mla_heads.hip's kernel)
+    for (matrix_units, sm80) in [(true, true), (true, false), (false, false)] {
         let (mut b, rt) = nvidia_like();
-        b.mma_gemm = matrix_units;
+        (b.mma_gemm, b.matrix_units) = (matrix_units, sm80);
         // W_UK transposed: [16·512, 128] FP8 with 128 × 128 blocks
         let kv_b = b.upload_mla_kv_b(&fp8(16 * 256, 512), d.qk_nope, d.v_head).unwrap();
         assert_eq!(kv_b.wuk_t.as_ref().map(|w| (w.out, w.inp, w.wdt, w.bn, w.bk)), Some((16 * 512, 128, 2, 128, 128)));
         let kv = b.alloc_kv_cache(1, 64, d.kv_entry()).unwrap();
         let slots: Vec<u32> = (0..64).collect();
         b.tuned.mla_proj_mma_min_rows = 8;
-        for t in [1, 7, 8, 20] {
+        for t in [1, 7, 8, 20, 40] {
             let seqs: Vec<AttnSeq> = (0..t).map(|i| AttnSeq { q_start: i, q_len: 1, slots: &slots[..i + 1] }).collect();
             rt.take_launched();
             b.mla_attention(&x(&b, t, 16 * d.qk_head()), &kv, 0, &seqs, &kv_b, &d).unwrap();
             let l = rt.take_launched();
             let proj: Vec<_> = l.iter().filter(|x| x.0.starts_with("mla_q_latent") || x.0.starts_with("mla_out") || x.0.contains("heads")).map(|x| (x.0.as_str(), x.1)).collect();
             let want: Vec<(&str, (u32, u32, u32))> = match (matrix_units && t >= 8, t) {
-                // q → latent: 4 column tiles of 512 per head; latent → v: one 128-row tile per head
-                (true, _) => vec![("linear_mma_heads_fp8w", (4, 1, 16)), ("linear_mma_heads_fp8w", (1, 1, 16))],
+                // 32-row blocks up to 32 tokens, then 64-row ones
+                (true, _) if sm80 => {
+                    let k = if t <= 32 { "heads_mma_fp8w_m32" } else { "heads_mma_fp8w_m64" };
+                    vec![(k, (4, 1, 16)), (k, (1, 1, 16))]
+                }
+                // q → latent: 4 column tiles of 512 per head; latent → v: one 128-row tile per head;
+                // 128-row scale blocks at 128-row heads: the folded-scale kernel
+                (true, _) => vec![("linear_mma_heads_fold_fp8w", (4, 1, 16)), ("linear_mma_heads_fold_fp8w", (1, 1, 16))],
                 // one token: four outputs a group; q → latent rows (K = 128) take 8 lanes a group,
                 // 32 groups a block (16·512 / 4 / 32 blocks), latent → v rows (K = 512) a warp each
                 // (16·128 / 4 / 8 blocks)
@@ -573,7 +580,7 @@ fn absorbed_projections_take_per_head_gemvs_then_gemms() {
                     v
                 }
             };
-            assert_eq!(proj, want, "{t} tokens, matrix units {matrix_units}");
+            assert_eq!(proj, want, "{t} tokens, matrix units {matrix_units}, sm_80+ {sm80}");
         }
     }
 }

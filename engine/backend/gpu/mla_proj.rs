@@ -5,7 +5,11 @@
 //! Both read W_UV from kv_b as it is and W_UK from the transposed copy made at load
 //! (`weights::wuk_transposed`), as `[N, K]` rows per head:
 //! - from `mla_proj_mma_min_rows` tokens, one GEMM per head on the matrix units (linear_mma.hip's
-//!   `linear_mma_heads`: the dense GEMM's 128 × 128 tile with its near-f32 numerics);
+//!   `linear_mma_heads`: the dense GEMM's 128 × 128 tile with its near-f32 numerics; `_fold_fp8w`
+//!   where every tile lies in one row of scale blocks, as for DeepSeek's kv_b: two blocks an SM);
+//!   On NVIDIA sm_80+ with such FP8 weights, mla_heads.hip's kernel instead: X and W by cp.async
+//!   in a ring of 64-column K chunks, the hi + lo split and the FP8 widening done as fragments are
+//!   read (`mla_proj_async`);
 //! - below, one GEMV per head (linear.hip's `gemv1/gemv8 …_heads`: the decode GEMVs, 16-byte
 //!   weight loads streamed once per 8 tokens, f32 accumulation), where the rows allow 16-byte loads;
 //! - otherwise (odd shapes without matrix units) the CUDA-core kernels of mla.hip.
@@ -19,6 +23,15 @@ use super::ModelDims;
 
 const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
 const LIN: &str = "hip-kernels/linear.hip";
+const HEADS: &str = "hip-kernels/mla_heads.hip";
+/// mla_heads.hip's ring (HM_ST stages of HM_KC K columns), block and a stage's bytes for BM rows:
+/// X as f32 rows of HM_KC + 8, the tile's 128 W rows of HM_KC + 16 bytes
+const HM_STAGES: usize = 3;
+const HM_KC: usize = 64;
+const HM_THREADS: u32 = 128;
+fn hm_stage_bytes(bm: usize) -> usize {
+    bm * (HM_KC + 8) * 4 + TILE * (HM_KC + 16)
+}
 
 /// One product per head: for head z, Y[m, z·yh + n] = Σ_k X[m, z·xh + k] · W[z·wh + w0 + n, k].
 struct HeadsGemm<'a> {
@@ -43,7 +56,9 @@ impl<V: GpuVendor> GpuBackend<V> {
         let mma = self.mma_gemm && g.m >= self.tuned.mla_proj_mma_min_rows;
         if !mma && gemv_rows(g) > 0 {
             self.span(ATTN_PROJ, || self.heads_gemv(g, y))?;
-        } else if self.mma_gemm {
+        } else if self.mma_gemm && self.heads_async_ok(g) {
+            self.span(ATTN_PROJ, || self.heads_async(g, y))?;
+      } else if self.mma_gemm {
             self.span(ATTN_PROJ, || self.heads_gemm(g, y))?;
         } else {
             return Ok(false);
@@ -85,9 +100,34 @@ impl<V: GpuVendor> GpuBackend<V> {
         })
     }
 
+    /// Whether mla_heads.hip's kernel takes `g`: NVIDIA sm_80+ (32-wide warps with matrix
+    /// units), FP8 weights whose tiles fold their scales, K chunks of 64 inside scale blocks,
+    /// X rows in 16-byte chunks, Y written as float pairs.
+    fn heads_async_ok(&self, g: &HeadsGemm) -> bool {
+        let w = g.w;
+        let shapes = g.k.is_multiple_of(HM_KC) && (w.bk.max(1) as usize).is_multiple_of(HM_KC) && g.ldx.is_multiple_of(4) && g.xh.is_multiple_of(4);
+        let out = g.ldy.is_multiple_of(2) && g.yh.is_multiple_of(2) && g.n.is_multiple_of(2);
+        self.tuned.mla_proj_async && self.warp == 32 && self.matrix_units && w.wdt == 2 && scales_fold(g.wh, g.w0, w.bn) && shapes && out
+    }
+
+    fn heads_async(&self, g: &HeadsGemm, y: &mut DevBuf<f32>) -> Result<(), BackendError> {
+        let w = g.w;
+        let bm = if g.m <= 32 { 32 } else { 64 };
+        let f = self.func(HEADS, &format!("heads_mma_fp8w_m{bm}"))?;
+        let smem = HM_STAGES.min(g.k / HM_KC) * hm_stage_bytes(bm);
+        let (ldx, ldy) = (g.ldx as i64, g.ldy as i64);
+        let [xh, wh, w0, yh, m, n, k] = [g.xh, g.wh, g.w0, g.yh, g.m, g.n, g.k].map(|x| x as i32);
+        let mut b = self.launch(&f);
+        b.arg(g.x).arg(&ldx).arg(&xh).arg(&w.data).arg(&w.scales).arg(&wh).arg(&w0).arg(y).arg(&ldy).arg(&yh);
+        b.arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
+        let grid = (g.n.div_ceil(TILE) as u32, g.m.div_ceil(bm) as u32, g.heads as u32);
+        b.run(LaunchConfig { grid_dim: grid, block_dim: (HM_THREADS, 1, 1), shared_mem_bytes: smem as u32 }).map_err(err("heads_mma"))
+    }
+
     fn heads_gemm(&self, g: &HeadsGemm, y: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let w = g.w;
-        let f = self.func(LIN_MMA, &format!("linear_mma_heads_{}", wdt_suffix(w.wdt)))?;
+        let fold = if w.wdt == 2 && scales_fold(g.wh, g.w0, w.bn) { "fold_" } else { "" };
+        let f = self.func(LIN_MMA, &format!("linear_mma_heads_{fold}{}", wdt_suffix(w.wdt)))?;
         // 16-byte X loads also need X's rows and head offsets on 4-float boundaries
         let v = vec_ok(g.k, w.wdt, w.bk) & (g.ldx.is_multiple_of(4) && g.xh.is_multiple_of(4)) as i32;
         let (ldx, ldy) = (g.ldx as i64, g.ldy as i64);
@@ -135,7 +175,28 @@ fn gemv_rows(g: &HeadsGemm) -> usize {
     }
 }
 
+/// Whether every 128-row tile of every head of an FP8 weight lies inside one row of scale blocks
+/// (tiles start at z·wh + w0 + 128·i), so that linear_mma.hip's `_fold_fp8w` kernel applies.
+fn scales_fold(wh: usize, w0: usize, bn: i32) -> bool {
+    let bn = bn.max(1) as usize;
+    wh.is_multiple_of(TILE) && w0.is_multiple_of(TILE) && bn.is_multiple_of(TILE)
+}
+
 /// The CUDA-core projections: 8 tokens a block (MLA_TB), a head per grid row, `z` chunks.
 fn cuda_core_grid(t: usize, heads: usize, z: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (t.div_ceil(8) as u32, heads as u32, z as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scales_fold;
+
+    #[test]
+    fn folded_scales_need_every_tile_in_one_block_row() {
+        // DeepSeek's kv_b: 256 rows a head (W_UK then W_UV at 128), 128-row blocks; W_UK transposed:
+        // 512 rows a head
+        assert!(scales_fold(256, 128, 128) && scales_fold(512, 0, 128) && scales_fold(256, 0, 256));
+        // a head or its rows starting inside a block, blocks smaller than a tile
+        assert!(!scales_fold(44, 20, 128) && !scales_fold(256, 64, 128) && !scales_fold(256, 128, 64));
+    }
 }

@@ -62,6 +62,10 @@ pub struct Tuned {
     /// from this many tokens (below: per-head GEMVs)
     #[serde(default = "default_mla_proj_mma_min_rows")]
     pub mla_proj_mma_min_rows: usize,
+    /// Those GEMMs, for FP8 weights whose tiles fold their scales (V3's kv_b), on mla_heads.hip's
+    /// cp.async-fed kernel (NVIDIA sm_80+); false: linear_mma.hip's 128 × 128 register-staged tile
+    #[serde(default = "default_true")]
+    pub mla_proj_async: bool,
     /// MLA decode attention of models with at most this many heads (per rank) takes the 16-head
     /// kernel with the scores in registers (mla_decode_rows.hip; NVIDIA sm_80+, bf16 cache; in
     /// groups of 16 heads), more heads the 64-head tiles (mla_decode.hip); batches the
@@ -158,6 +162,7 @@ impl Default for Tuned {
             moe_f8_max_rows: default_moe_f8_max_rows(),
             linear_tc_min_rows: default_linear_tc_min_rows(),
             mla_proj_mma_min_rows: default_mla_proj_mma_min_rows(),
+            mla_proj_async: default_true(),
             mla_decode_rows_max_heads: default_mla_decode_rows_max_heads(),
             moe_f8_gemm: default_true(),
             router_blas_min_rows: default_router_blas_min_rows(),

@@ -1,0 +1,149 @@
+// MLA's absorbed projections around the decode attention as per-head GEMMs on mma.sync, fed by
+// cp.async (NVIDIA sm_80+): for head z = blockIdx.z,
+//   Y[m, z·yh + n] = Σ_k X[m, z·xh + k] · W[z·wh + w0 + n, k]     (m < M, n < N, k < K)
+// with FP8 weights whose 128-row tiles each lie in one row of scale blocks (the host checks; V3's
+// kv_b and its transposed W_UK), so a K chunk's scale multiplies X. The numerics of mma_tile.h's
+// tile: X·s split into bf16 hi + lo, the e4m3 weights exact in bf16, f32 accumulators.
+// linear_mma.hip's `linear_mma_heads` stages each 32-column K step through registers into bf16
+// shared tiles and waits on it (a q → latent head has K = 128: four steps, each a full load
+// latency; 86 µs a V3 layer at batch 256 where its 92 MB move in ~22). Here:
+//   - a block is BM rows × 128 columns of one head, four warps (each all BM rows × 32 columns);
+//   - X (f32, as stored) and W (FP8, as stored) land by 16-byte cp.async in a ring of HM_ST
+//     stages of 64 K columns, up to HM_ST - 1 chunks in flight ahead of the products (K = 128:
+//     both chunks at once);
+//   - X·s is split into hi + lo and the weights widened to bf16 as each fragment is read from
+//     shared memory (no converted copy, no second pass);
+//   - one block barrier a chunk; results stored from the accumulators as float2;
+//   - BM 64: three blocks an SM (166 registers), BM 32 (batches of up to 32 tokens): four.
+// Launch: grid (ceil(N/128), ceil(M/BM), heads), block 128, dynamic shared memory
+// min(HM_ST, K/64) · hm_stage_bytes(BM) (mla_proj.rs mirrors it). Needs K % 64 == 0, bk % 64 == 0,
+// X rows and head offsets in whole 16-byte chunks, ldy, yh and N even. Elsewhere than NVIDIA
+// sm_80+ the kernels are a trap the host never selects.
+#include "bf16.h"
+
+#define HM_N 128                 // columns (W rows) a block
+#define HM_KC 64                 // K columns a chunk (one scale: bk % 64 == 0)
+#define HM_XS (HM_KC + 8)        // floats a shared X row: 8-byte fragment reads conflict-free
+#define HM_WS (HM_KC + 16)       // bytes a shared W row
+#define HM_ST 3                  // stages in the ring
+#define HM_THREADS 128
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// 16 bytes global → shared, or zeros where `bytes` is 0
+__device__ __forceinline__ void hm_copy(void* dst, const void* src, int bytes) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
+}
+
+// two e4m3 bytes (low two of `two`) as a packed bf16 pair, exactly
+__device__ __forceinline__ uint32_t hm_w2(uint32_t two) {
+    float2 f = fp8x2_e4m3_to_f32(two);
+    return bf16_pack(f.x, f.y);
+}
+
+template <int BM>
+__device__ void heads_mma_impl(const float* X, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, float* Y, int64_t ldy, int yh, int M, int N,
+                               int K, int bn, int bk) {
+    constexpr int MI = BM / 16, XB = BM * HM_XS * 4, STAGE = XB + HM_N * HM_WS;
+    extern __shared__ __align__(16) unsigned char hm_smem[];
+    const int tid = threadIdx.x, lane = tid % 32, wid = tid / 32, g = lane / 4, t = lane % 4;
+    const int z = blockIdx.z, nt = (int)blockIdx.x * HM_N, m0 = (int)blockIdx.y * BM;
+    const int wrow = z * wh + w0 + nt; // the tile's first W row
+    const int nrows = min(HM_N, N - nt), chunks = K / HM_KC;
+    const float* Xz = X + (int64_t)z * xh;
+    const uint8_t* Wt = W + (int64_t)wrow * K;
+    const float* srow = S + (int64_t)(wrow / bn) * ((K + bk - 1) / bk);
+
+    auto fetch = [&](int c) {
+        unsigned char* st = hm_smem + (c % HM_ST) * STAGE;
+        const int k0 = c * HM_KC;
+#pragma unroll
+        for (int u = 0; u < BM * 16 / HM_THREADS; ++u) {
+            const int i = tid + u * HM_THREADS, r = i / 16, q = i % 16;
+            const bool in = m0 + r < M;
+            hm_copy(st + (r * HM_XS + 4 * q) * 4, Xz + (int64_t)(in ? m0 + r : m0) * ldx + k0 + 4 * q, in ? 16 : 0);
+        }
+#pragma unroll
+        for (int u = 0; u < HM_N * 4 / HM_THREADS; ++u) {
+            const int i = tid + u * HM_THREADS, r = i / 4, q = i % 4;
+            const bool in = r < nrows;
+            hm_copy(st + XB + r * HM_WS + 16 * q, Wt + (int64_t)(in ? r : 0) * K + k0 + 16 * q, in ? 16 : 0);
+        }
+    };
+
+    float acc[MI][4][4];
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
+
+#pragma unroll
+    for (int c = 0; c < HM_ST - 1; ++c) {
+        if (c < chunks) fetch(c);
+        cp_async_commit();
+    }
+    for (int c = 0; c < chunks; ++c) {
+        cp_async_wait<HM_ST - 2>(); // chunk c landed (this thread's copies)
+        __syncthreads();            // everyone's; and chunk c - 1's stage is free again
+        if (c + HM_ST - 1 < chunks) fetch(c + HM_ST - 1);
+        cp_async_commit();
+        const unsigned char* st = hm_smem + (c % HM_ST) * STAGE;
+        const float* xs = (const float*)st;
+        const uint8_t* ws = st + XB + (32 * wid) * HM_WS;
+        const float s = srow[c * HM_KC / bk];
+#pragma unroll
+        for (int kk = 0; kk < HM_KC; kk += 16) {
+            uint32_t b[4][2];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const uint8_t* wp = ws + (8 * j + g) * HM_WS + kk + 2 * t;
+                b[j][0] = hm_w2(*(const uint16_t*)wp);
+                b[j][1] = hm_w2(*(const uint16_t*)(wp + 8));
+            }
+            // all hi products, then all lo ones: an accumulator's two products MI · 4 MMAs apart
+            uint32_t hi[MI][4], lo[MI][4];
+#pragma unroll
+            for (int i = 0; i < MI; ++i) {
+                const float* xp = xs + (16 * i + g) * HM_XS + kk + 2 * t;
+                const float2 v[4] = {*(const float2*)xp, *(const float2*)(xp + 8 * HM_XS), *(const float2*)(xp + 8), *(const float2*)(xp + 8 * HM_XS + 8)};
+#pragma unroll
+                for (int q = 0; q < 4; ++q) bf16_split2(v[q].x * s, v[q].y * s, &hi[i][q], &lo[i][q]);
+            }
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) mma_bf16_16816(acc[i][j], hi[i], b[j][0], b[j][1]);
+#pragma unroll
+            for (int i = 0; i < MI; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) mma_bf16_16816(acc[i][j], lo[i], b[j][0], b[j][1]);
+        }
+    }
+
+    float* Yz = Y + (int64_t)z * yh;
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int r = m0 + 16 * i + g, n = nt + 32 * wid + 8 * j + 2 * t;
+            if (n >= N) continue;
+            if (r < M) *(float2*)&Yz[(int64_t)r * ldy + n] = make_float2(acc[i][j][0], acc[i][j][1]);
+            if (r + 8 < M) *(float2*)&Yz[(int64_t)(r + 8) * ldy + n] = make_float2(acc[i][j][2], acc[i][j][3]);
+        }
+}
+#define HM_BODY(BM) heads_mma_impl<BM>(X, ldx, xh, W, S, wh, w0, Y, ldy, yh, M, N, K, bn, bk)
+#else
+#define HM_BODY(BM) __trap()
+#endif
+
+#define HEADS_MMA(BM, MINB)                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(HM_THREADS, MINB)                                                                   \
+        heads_mma_fp8w_m##BM(const float* X, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, float* Y, int64_t ldy, \
+                             int yh, int M, int N, int K, int bn, int bk) {                                                                  \
+        ENGINE_GRID_DEP();                                                                                                                \
+        HM_BODY(BM);                                                                                                                      \
+    }
+HEADS_MMA(32, 4)
+HEADS_MMA(64, 3)
