@@ -6,19 +6,20 @@
 // tile: X·s split into bf16 hi + lo, the e4m3 weights exact in bf16, f32 accumulators.
 // linear_mma.hip's `linear_mma_heads` stages each 32-column K step through registers into bf16
 // shared tiles and waits on it (a q → latent head has K = 128: four steps, each a full load
-// latency; 86 µs a V3 layer at batch 256 where its 92 MB move in ~22). Here:
+// latency; 84 µs a V3 layer at batch 256 where its 92 MB move in ~22; here 51). Here:
 //   - a block is BM rows × 128 columns of one head, four warps (each all BM rows × 32 columns);
 //   - X (f32, as stored) and W (FP8, as stored) land by 16-byte cp.async in a ring of HM_ST
 //     stages of 64 K columns, up to HM_ST - 1 chunks in flight ahead of the products (K = 128:
 //     both chunks at once);
-//   - X·s is split into hi + lo and the weights widened to bf16 as each fragment is read from
-//     shared memory (no converted copy, no second pass);
-//   - one block barrier a chunk; results stored from the accumulators as float2;
-//   - BM 64: three blocks an SM (166 registers), BM 32 (batches of up to 32 tokens): four.
+//   - each chunk's X·s split once into bf16 hi and lo tiles in shared memory (A fragments by
+//     ldmatrix; splitting as fragments were read did it once per warp, four times over: latent → v
+//     at V3 batch 256 47 → 45 µs), the weights widened to bf16 as each fragment is read;
+//   - two block barriers a chunk (landed; split); results stored from the accumulators as float2;
+//   - BM 64: three blocks an SM by registers (168), BM 32 (batches of up to 32 tokens): four.
 // Launch: grid (ceil(N/128), ceil(M/BM), heads), block 128, dynamic shared memory
-// min(HM_ST, K/64) · hm_stage_bytes(BM) (mla_proj.rs mirrors it). Needs K % 64 == 0, bk % 64 == 0,
-// X rows and head offsets in whole 16-byte chunks, ldy, yh and N even. Elsewhere than NVIDIA
-// sm_80+ the kernels are a trap the host never selects.
+// min(HM_ST, K/64) · stage bytes + the split tiles (mla_proj.rs mirrors it). Needs K % 64 == 0,
+// bk % 64 == 0, X rows and head offsets in whole 16-byte chunks, ldy, yh and N even. Elsewhere
+// than NVIDIA sm_80+ the kernels are a trap the host never selects.
 #include "bf16.h"
 
 #define HM_N 128                 // columns (W rows) a block
@@ -26,6 +27,7 @@
 #define HM_XS (HM_KC + 8)        // floats a shared X row: 8-byte fragment reads conflict-free
 #define HM_WS (HM_KC + 16)       // bytes a shared W row
 #define HM_ST 3                  // stages in the ring
+#define HM_SS (HM_KC + 8)        // bf16 a row of the split tiles (ldmatrix rows conflict-free)
 #define HM_THREADS 128
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -53,6 +55,9 @@ __device__ void heads_mma_impl(const float* X, int64_t ldx, int xh, const uint8_
     const float* Xz = X + (int64_t)z * xh;
     const uint8_t* Wt = W + (int64_t)wrow * K;
     const float* srow = S + (int64_t)(wrow / bn) * ((K + bk - 1) / bk);
+    // the split tiles, after the ring's stages
+    uint16_t* sh_hi = (uint16_t*)(hm_smem + min(HM_ST, chunks) * STAGE);
+    uint16_t* sh_lo = sh_hi + BM * HM_SS;
 
     auto fetch = [&](int c) {
         unsigned char* st = hm_smem + (c % HM_ST) * STAGE;
@@ -93,7 +98,19 @@ __device__ void heads_mma_impl(const float* X, int64_t ldx, int xh, const uint8_
         const float* xs = (const float*)st;
         const uint8_t* ws = st + XB + (32 * wid) * HM_WS;
         const float s = srow[c * HM_KC / bk];
+        // X · s split once into the hi and lo tiles (the previous chunk's products are done)
 #pragma unroll
+        for (int u = 0; u < BM * 16 / HM_THREADS; ++u) {
+            const int i = tid + u * HM_THREADS, r = i / 16, q = i % 16;
+            const float4 v = *(const float4*)(xs + r * HM_XS + 4 * q);
+            uint32_t h0, l0, h1, l1;
+            bf16_split2(v.x * s, v.y * s, &h0, &l0);
+            bf16_split2(v.z * s, v.w * s, &h1, &l1);
+            *(uint2*)(sh_hi + r * HM_SS + 4 * q) = make_uint2(h0, h1);
+            *(uint2*)(sh_lo + r * HM_SS + 4 * q) = make_uint2(l0, l1);
+        }
+        __syncthreads();
+#pragma unroll 2 // (fully unrolled, BM 64 spilled 32 bytes at its 168 registers)
         for (int kk = 0; kk < HM_KC; kk += 16) {
             uint32_t b[4][2];
 #pragma unroll
@@ -102,23 +119,17 @@ __device__ void heads_mma_impl(const float* X, int64_t ldx, int xh, const uint8_
                 b[j][0] = hm_w2(*(const uint16_t*)wp);
                 b[j][1] = hm_w2(*(const uint16_t*)(wp + 8));
             }
-            // all hi products, then all lo ones: an accumulator's two products MI · 4 MMAs apart
-            uint32_t hi[MI][4], lo[MI][4];
 #pragma unroll
-            for (int i = 0; i < MI; ++i) {
-                const float* xp = xs + (16 * i + g) * HM_XS + kk + 2 * t;
-                const float2 v[4] = {*(const float2*)xp, *(const float2*)(xp + 8 * HM_XS), *(const float2*)(xp + 8), *(const float2*)(xp + 8 * HM_XS + 8)};
+            for (int i = 0; i < MI; ++i) { // a row block's fragments at a time (fewer registers live)
+                const int o = (16 * i + lane % 16) * HM_SS + kk + 8 * (lane / 16);
+                uint32_t hi[4], lo[4];
+                ldmatrix_x4(hi, sh_hi + o);
+                ldmatrix_x4(lo, sh_lo + o);
 #pragma unroll
-                for (int q = 0; q < 4; ++q) bf16_split2(v[q].x * s, v[q].y * s, &hi[i][q], &lo[i][q]);
+                for (int j = 0; j < 4; ++j) mma_bf16_16816(acc[i][j], hi, b[j][0], b[j][1]);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) mma_bf16_16816(acc[i][j], lo, b[j][0], b[j][1]);
             }
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) mma_bf16_16816(acc[i][j], hi[i], b[j][0], b[j][1]);
-#pragma unroll
-            for (int i = 0; i < MI; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) mma_bf16_16816(acc[i][j], lo[i], b[j][0], b[j][1]);
         }
     }
 
@@ -135,15 +146,15 @@ __device__ void heads_mma_impl(const float* X, int64_t ldx, int xh, const uint8_
 }
 #define HM_BODY(BM) heads_mma_impl<BM>(X, ldx, xh, W, S, wh, w0, Y, ldy, yh, M, N, K, bn, bk)
 #else
-#define HM_BODY(BM) __trap()
+#define HM_BODY(BM) ENGINE_TRAP()
 #endif
 
-#define HEADS_MMA(BM, MINB)                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(HM_THREADS, MINB)                                                                   \
+#define HEADS_MMA(BM, MINB)                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(HM_THREADS, MINB)                                                                     \
         heads_mma_fp8w_m##BM(const float* X, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, float* Y, int64_t ldy, \
-                             int yh, int M, int N, int K, int bn, int bk) {                                                                  \
-        ENGINE_GRID_DEP();                                                                                                                \
-        HM_BODY(BM);                                                                                                                      \
+                             int yh, int M, int N, int K, int bn, int bk) {                                                              \
+        ENGINE_GRID_DEP();                                                                                                            \
+        HM_BODY(BM);                                                                                                                  \
     }
 HEADS_MMA(32, 4)
 HEADS_MMA(64, 3)

@@ -8,8 +8,8 @@
 //!   `linear_mma_heads`: the dense GEMM's 128 × 128 tile with its near-f32 numerics; `_fold_fp8w`
 //!   where every tile lies in one row of scale blocks, as for DeepSeek's kv_b: two blocks an SM);
 //!   On NVIDIA sm_80+ with such FP8 weights, mla_heads.hip's kernel instead: X and W by cp.async
-//!   in a ring of 64-column K chunks, the hi + lo split and the FP8 widening done as fragments are
-//!   read (`mla_proj_async`);
+//!   in a ring of 64-column K chunks, X split into hi + lo once a chunk, the FP8 weights widened as
+//!   fragments are read (`mla_proj_async`);
 //! - below, one GEMV per head (linear.hip's `gemv1/gemv8 …_heads`: the decode GEMVs, 16-byte
 //!   weight loads streamed once per 8 tokens, f32 accumulation), where the rows allow 16-byte loads;
 //! - otherwise (odd shapes without matrix units) the CUDA-core kernels of mla.hip.
@@ -31,6 +31,10 @@ const HM_KC: usize = 64;
 const HM_THREADS: u32 = 128;
 fn hm_stage_bytes(bm: usize) -> usize {
     bm * (HM_KC + 8) * 4 + TILE * (HM_KC + 16)
+}
+/// ... and its chunk's X split into bf16 hi and lo tiles (rows of HM_KC + 8)
+fn hm_split_bytes(bm: usize) -> usize {
+    2 * bm * (HM_KC + 8) * 2
 }
 
 /// One product per head: for head z, Y[m, z·yh + n] = Σ_k X[m, z·xh + k] · W[z·wh + w0 + n, k].
@@ -114,7 +118,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let w = g.w;
         let bm = if g.m <= 32 { 32 } else { 64 };
         let f = self.func(HEADS, &format!("heads_mma_fp8w_m{bm}"))?;
-        let smem = HM_STAGES.min(g.k / HM_KC) * hm_stage_bytes(bm);
+        let smem = HM_STAGES.min(g.k / HM_KC) * hm_stage_bytes(bm) + hm_split_bytes(bm);
         let (ldx, ldy) = (g.ldx as i64, g.ldy as i64);
         let [xh, wh, w0, yh, m, n, k] = [g.xh, g.wh, g.w0, g.yh, g.m, g.n, g.k].map(|x| x as i32);
         let mut b = self.launch(&f);
