@@ -36,6 +36,20 @@ fn hm_stage_bytes(bm: usize) -> usize {
 fn hm_split_bytes(bm: usize) -> usize {
     2 * bm * (HM_KC + 8) * 2
 }
+/// Its block rows for M tokens (the `_m32` / `_m64` kernels)
+fn hm_rows(m: usize) -> usize {
+    if m <= 32 {
+        32
+    } else {
+        64
+    }
+}
+/// Its dynamic shared memory for M tokens and K columns: the ring's stages (no more than K's
+/// chunks) and the split tiles (104 KB at BM 64 and K 512: NVIDIA sm_80 / sm_90, not sm_86 / 89)
+fn hm_shared_bytes(m: usize, k: usize) -> usize {
+    let bm = hm_rows(m);
+    HM_STAGES.min(k / HM_KC) * hm_stage_bytes(bm) + hm_split_bytes(bm)
+}
 
 /// One product per head: for head z, Y[m, z·yh + n] = Σ_k X[m, z·xh + k] · W[z·wh + w0 + n, k].
 struct HeadsGemm<'a> {
@@ -62,7 +76,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             self.span(ATTN_PROJ, || self.heads_gemv(g, y))?;
         } else if self.mma_gemm && self.heads_async_ok(g) {
             self.span(ATTN_PROJ, || self.heads_async(g, y))?;
-      } else if self.mma_gemm {
+        } else if self.mma_gemm {
             self.span(ATTN_PROJ, || self.heads_gemm(g, y))?;
         } else {
             return Ok(false);
@@ -106,19 +120,20 @@ impl<V: GpuVendor> GpuBackend<V> {
 
     /// Whether mla_heads.hip's kernel takes `g`: NVIDIA sm_80+ (32-wide warps with matrix
     /// units), FP8 weights whose tiles fold their scales, K chunks of 64 inside scale blocks,
-    /// X rows in 16-byte chunks, Y written as float pairs.
+    /// X rows in 16-byte chunks, Y written as float pairs, its shared memory within a block's.
     fn heads_async_ok(&self, g: &HeadsGemm) -> bool {
         let w = g.w;
         let shapes = g.k.is_multiple_of(HM_KC) && (w.bk.max(1) as usize).is_multiple_of(HM_KC) && g.ldx.is_multiple_of(4) && g.xh.is_multiple_of(4);
         let out = g.ldy.is_multiple_of(2) && g.yh.is_multiple_of(2) && g.n.is_multiple_of(2);
-        self.tuned.mla_proj_async && self.warp == 32 && self.matrix_units && w.wdt == 2 && scales_fold(g.wh, g.w0, w.bn) && shapes && out
+        let fits = hm_shared_bytes(g.m, g.k) <= self.dev.max_shared_per_block();
+        self.tuned.mla_proj_async && self.warp == 32 && self.matrix_units && w.wdt == 2 && scales_fold(g.wh, g.w0, w.bn) && shapes && out && fits
     }
 
     fn heads_async(&self, g: &HeadsGemm, y: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let w = g.w;
-        let bm = if g.m <= 32 { 32 } else { 64 };
+        let bm = hm_rows(g.m);
         let f = self.func(HEADS, &format!("heads_mma_fp8w_m{bm}"))?;
-        let smem = HM_STAGES.min(g.k / HM_KC) * hm_stage_bytes(bm) + hm_split_bytes(bm);
+        let smem = hm_shared_bytes(g.m, g.k);
         let (ldx, ldy) = (g.ldx as i64, g.ldy as i64);
         let [xh, wh, w0, yh, m, n, k] = [g.xh, g.wh, g.w0, g.yh, g.m, g.n, g.k].map(|x| x as i32);
         let mut b = self.launch(&f);
