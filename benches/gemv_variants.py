@@ -3,14 +3,14 @@ runs them: C launches on C weight copies (together past the 50 MB L2) captured i
 µs a launch = the replay's event time ÷ C (median of REPS replays). Compares linear.hip's
 `gemv1_fp8w` (the engine's geometry, gemv.rs) with benches/kernels/gemv_sk.hip's stream-K forms (`skm`:
 matrix units, x split a unit; `skc`: the same fed by cp.async stages; `skx`: matrix units, x split
-once a launch into shared memory — not yet measured) and a plain streaming read of the same bytes in
+once a launch into shared memory) and a plain streaming read of the same bytes in
 the same one-wave form (the ceiling). Each output is checked
 against a float64 product first.
 
 Usage on a CUDA machine: `python3 benches/gemv_variants.py` from the repository root (assembles
 hip-kernels/ sources itself; NVRTC_LIB as in nvrtc_module.py). ONLY=substring picks shapes, GEMV_ONLY=1
 skips the experimental kernels, OLD_ROOT=DIR (a tree with hip-kernels/ and cuda-kernels/) adds that
-tree's gemv1_fp8w as `gemv1 old`. Results: docs/BENCHMARKS.md ("twenty-fifth session")."""
+tree's gemv1_fp8w as `gemv1 old`. Results: docs/BENCHMARKS.md ("twenty-fifth session"; skx: "twenty-sixth session")."""
 import ctypes, os, re, sys
 import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

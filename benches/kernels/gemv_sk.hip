@@ -1,7 +1,7 @@
 // EXPERIMENT, not used by the engine (benches/gemv_variants.py compiles and times it against
 // linear.hip's gemv1_fp8w; results in docs/BENCHMARKS.md, twenty-fifth session: the measured
 // forms, sk / skm / skc, were slower than gemv1_fp8w at V3's batch-1 shapes, so none went into
-// hip-kernels/; skx, the last, is compiled but not yet measured).
+// hip-kernels/; skx, the last, was slower too: twenty-sixth session).
 // y[N] = W[N, K] · x[K] for one row of x and block-scaled FP8 weights, as a "stream-K" GEMV: one
 // wave of blocks (the host launches exactly the resident count) whose warps each take an equal,
 // contiguous share of the whole (row group, K step) work, so that every warp streams the same
