@@ -35,8 +35,8 @@ extern "C" __global__ void __launch_bounds__(MT_THREADS) linear_mma_fp8w(const f
 // 128-row multiples for wh, w0 and bn — DeepSeek's kv_b and its transposed W_UK), so the scales
 // fold into X and the split-weight path is left out: two blocks an SM on NVIDIA instead of one
 // (166 registers with the split path; a decode step's heads run few K steps, so a second block
-// hides one's loads and epilogue behind the other's products). bf16 weights never split: two
-// blocks an SM as well.
+// hides one's loads and epilogue behind the other's products). (bf16 weights never take the split
+// path; bounded to two blocks an SM they spilled on sm_80, so they keep the compiler's choice.)
 template <int WDT, bool SPLIT>
 __device__ void linear_mma_heads_impl(const float* X, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, float* Y, int64_t ldy, int yh,
                                       int M, int N, int K, int bn, int bk, int vec) {
@@ -61,7 +61,7 @@ __device__ void linear_mma_heads_impl(const float* X, int64_t ldx, int xh, const
         linear_mma_heads_impl<WDT, SPLIT>(X, ldx, xh, W, S, wh, w0, Y, ldy, yh, M, N, K, bn, bk, vec);                                      \
     }
 LINEAR_MMA_HEADS(f32w, WDT_F32, true, MT_THREADS)
-LINEAR_MMA_HEADS(bf16w, WDT_BF16, false, MT_THREADS, MT_MIN_BLOCKS)
+LINEAR_MMA_HEADS(bf16w, WDT_BF16, false, MT_THREADS)
 LINEAR_MMA_HEADS(fp8w, WDT_FP8, true, MT_THREADS)
 LINEAR_MMA_HEADS(fold_fp8w, WDT_FP8, false, MT_THREADS, MT_MIN_BLOCKS)
 

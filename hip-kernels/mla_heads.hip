@@ -15,7 +15,8 @@
 //     ldmatrix; splitting as fragments were read did it once per warp, four times over: latent → v
 //     at V3 batch 256 47 → 45 µs), the weights widened to bf16 as each fragment is read;
 //   - two block barriers a chunk (landed; split); results stored from the accumulators as float2;
-//   - BM 64: three blocks an SM by registers (168), BM 32 (batches of up to 32 tokens): four.
+//   - BM 64: three blocks an SM by registers (168; NVRTC spills 20 bytes of it for sm_80, none
+//     for sm_90a), BM 32 (batches of up to 32 tokens): four.
 // Launch: grid (ceil(N/128), ceil(M/BM), heads), block 128, dynamic shared memory
 // min(HM_ST, K/64) · stage bytes + the split tiles (mla_proj.rs mirrors it). Needs K % 64 == 0,
 // bk % 64 == 0, X rows and head offsets in whole 16-byte chunks, ldy, yh and N even. Elsewhere
@@ -37,10 +38,15 @@ __device__ __forceinline__ void hm_copy(void* dst, const void* src, int bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
 }
 
-// two e4m3 bytes (low two of `two`) as a packed bf16 pair, exactly
+// two e4m3 bytes (low two of `two`) as a packed bf16 pair, exactly (sm_80 / sm_86: the portable
+// decoder, no e4m3 conversion instruction)
 __device__ __forceinline__ uint32_t hm_w2(uint32_t two) {
+#ifdef ENGINE_FP8_HW
     float2 f = fp8x2_e4m3_to_f32(two);
     return bf16_pack(f.x, f.y);
+#else
+    return bf16_pack(fp8e4m3_to_f32((uint8_t)(two & 0xff)), fp8e4m3_to_f32((uint8_t)((two >> 8) & 0xff)));
+#endif
 }
 
 template <int BM>
