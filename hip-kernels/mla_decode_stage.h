@@ -108,7 +108,7 @@ __device__ __forceinline__ void md_fetch(uint16_t (*k)[DP], const uint16_t* __re
 #pragma unroll
     for (int c = 0; c < ENTRY; c += 8 * TPK) {
         if ((ENTRY / 8) % TPK == 0 || c + 8 * part < ENTRY)
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d + 2 * c), "l"(e + c), "r"(bytes));
+            cp_async16_fill(d + 2 * c, e + c, bytes);
     }
     cp_async_commit();
 }

@@ -101,7 +101,7 @@ __device__ __forceinline__ void wd_fetch(uint8_t* kt, const uint16_t* __restrict
     for (int i = 0; i < 18; ++i) {
         const int p = part + 4 * i; // 0..71
         const unsigned dst = d + (p / 8) * WD_CH + wd_sw(key, p % 8);
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(e + 8 * p), "r"(live ? 16 : 0));
+        cp_async16_fill(dst, e + 8 * p, live ? 16 : 0);
     }
     cp_async_commit();
 }

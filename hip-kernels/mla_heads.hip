@@ -33,10 +33,7 @@
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 // 16 bytes global → shared, or zeros where `bytes` is 0
-__device__ __forceinline__ void hm_copy(void* dst, const void* src, int bytes) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
-}
+__device__ __forceinline__ void hm_copy(void* dst, const void* src, int bytes) { cp_async16_fill((unsigned)__cvta_generic_to_shared(dst), src, bytes); }
 
 // two e4m3 bytes (low two of `two`) as a packed bf16 pair, exactly (sm_80 / sm_86: the portable
 // decoder, no e4m3 conversion instruction)

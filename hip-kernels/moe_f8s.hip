@@ -72,7 +72,7 @@ __device__ __forceinline__ void ms_issue(uint8_t* st, const MsSrc& s, int kb) {
         const bool live = tt < s.cnt;
         const uint8_t* src = s.x + (live ? (int64_t)ms_xrow(s, tt) * s.ld : 0) + kb * MS_BK + 16 * c;
         const unsigned d = (unsigned)__cvta_generic_to_shared(st + MS_X + tt * MS_BK + ((c ^ ((tt & 1) << 2)) << 4));
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(live ? 16 : 0));
+        cp_async16_fill(d, src, live ? 16 : 0);
     }
     if (threadIdx.x < TOK + 2) {
         const int i = threadIdx.x;
