@@ -106,6 +106,31 @@ __device__ __forceinline__ void wd_fetch(uint8_t* kt, const uint16_t* __restrict
     cp_async_commit();
 }
 
+// The queries [q_lat | q_pe] as bf16, swizzled: 64 rows × 72 pieces of 8 columns, WD_QI pieces a
+// thread (piece tid + 256 i), loaded in batches of WD_QB (every load of a batch issued before any
+// is stored; the first batch before the slot lookups: one loop of load-then-store left a block
+// nine memory latencies in its prologue).
+#define WD_QI (WD_H * (ENTRY / 8) / WD_THREADS)
+#define WD_QB 9
+static_assert(WD_H * (ENTRY / 8) % WD_THREADS == 0 && WD_QI % WD_QB == 0, "whole batches of query pieces");
+__device__ __forceinline__ void wd_q_load(float4 (&v)[WD_QB][2], int b, const float* __restrict__ q, const float* __restrict__ q_lat, int t, int h0, int heads) {
+#pragma unroll
+    for (int u = 0; u < WD_QB; ++u) {
+        const int i = threadIdx.x + (b * WD_QB + u) * WD_THREADS, r = i / (ENTRY / 8), c = 8 * (i % (ENTRY / 8)), h = h0 + r;
+        const float* src = c < KV_LORA ? q_lat + ((int64_t)t * heads + h) * KV_LORA + c : q + ((int64_t)t * heads + h) * QK + NOPE + (c - KV_LORA);
+        v[u][0] = ((const float4*)src)[0];
+        v[u][1] = ((const float4*)src)[1];
+    }
+}
+__device__ __forceinline__ void wd_q_store(uint8_t* sm, const float4 (&v)[WD_QB][2], int b) {
+#pragma unroll
+    for (int u = 0; u < WD_QB; ++u) {
+        const int i = threadIdx.x + (b * WD_QB + u) * WD_THREADS, r = i / (ENTRY / 8), p = i % (ENTRY / 8);
+        const float4 a = v[u][0], c = v[u][1];
+        *(uint4*)(sm + WD_Q + (p / 8) * WD_CH + wd_sw(r, p % 8)) = make_uint4(bf16_pack(a.x, a.y), bf16_pack(a.z, a.w), bf16_pack(c.x, c.y), bf16_pack(c.z, c.w));
+    }
+}
+
 __device__ __forceinline__ void wd_fence_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #endif
 
@@ -120,6 +145,8 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
     float* corr_s = (float*)(sm + WD_CORR);
     float* ml_s = (float*)(sm + WD_ML);
     const int t = blockIdx.x, h0 = blockIdx.y * WD_H, z = blockIdx.z, tid = threadIdx.x;
+    float4 qv[WD_QB][2];
+    wd_q_load(qv, 0, q, q_lat, t, h0, heads); // in flight while the slots are looked up
     const uint32_t* sl = slots + ctx_off[t];
     const int total = ctx_len[t];
     const int chunk = max((total + splits - 1) / splits, min_chunk);
@@ -132,12 +159,11 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
         return;
     }
     wd_fetch(sm + WD_K, base, sl, j0, n);
-    // the queries [q_lat | q_pe] as bf16, swizzled: 64 rows × 72 pieces of 8 columns
-    for (int i = tid; i < WD_H * (ENTRY / 8); i += WD_THREADS) {
-        const int r = i / (ENTRY / 8), p = i % (ENTRY / 8), c = 8 * p, h = h0 + r;
-        const float* src = c < KV_LORA ? q_lat + ((int64_t)t * heads + h) * KV_LORA + c : q + ((int64_t)t * heads + h) * QK + NOPE + (c - KV_LORA);
-        const float4 a = ((const float4*)src)[0], b = ((const float4*)src)[1];
-        *(uint4*)(sm + WD_Q + (p / 8) * WD_CH + wd_sw(r, p % 8)) = make_uint4(bf16_pack(a.x, a.y), bf16_pack(a.z, a.w), bf16_pack(b.x, b.y), bf16_pack(b.z, b.w));
+    wd_q_store(sm, qv, 0);
+#pragma unroll
+    for (int b = 1; b < WD_QI / WD_QB; ++b) {
+        wd_q_load(qv, b, q, q_lat, t, h0, heads);
+        wd_q_store(sm, qv, b);
     }
     const float scale2 = scale * 1.4426950408889634f;
     float o[128];
