@@ -90,12 +90,14 @@ __device__ __forceinline__ void wd_pv_smem(float* d, uint64_t da, uint64_t db) {
 // 16-byte piece p (0-7) of row r of a swizzled chunk.
 __device__ __forceinline__ int wd_sw(int r, int p) { return r * 128 + ((p ^ (r & 7)) << 4); }
 
-// Keys key0 .. key0 + 63 of the context (slots sl) into the swizzled key tile `kt` by cp.async, zero
-// past n; 4 threads a key, each every 4th of its 72 pieces; one commit group.
-__device__ __forceinline__ void wd_fetch(uint8_t* kt, const uint16_t* __restrict__ base, const uint32_t* __restrict__ sl, int key0, int n) {
+// Keys key0 .. key0 + 63 of the context into the swizzled key tile `kt` by cp.async, zero past n;
+// 4 threads a key (`slot`: this thread's key's, md_slot's lookup a tile ahead, so that the copies
+// need not wait for it), each every 4th of its 72 pieces; one commit group.
+static_assert(WD_THREADS / WD_KT == 4, "wd_fetch: 4 threads a key, as md_slot looks them up");
+__device__ __forceinline__ void wd_fetch(uint8_t* kt, const uint16_t* __restrict__ base, uint32_t slot, int key0, int n) {
     const int key = threadIdx.x / 4, part = threadIdx.x % 4;
     const bool live = key0 + key < n;
-    const uint16_t* e = base + (int64_t)(live ? sl[key0 + key] : 0u) * ENTRY;
+    const uint16_t* e = base + (int64_t)slot * ENTRY;
     const unsigned d = (unsigned)__cvta_generic_to_shared(kt);
 #pragma unroll
     for (int i = 0; i < 18; ++i) {
@@ -158,7 +160,8 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
         if (splits > 1 && tid < WD_H && h0 + tid < heads) md_header(part, t, heads, h0 + tid, splits, z, -ENGINE_INF, 0.f);
         return;
     }
-    wd_fetch(sm + WD_K, base, sl, j0, n);
+    wd_fetch(sm + WD_K, base, md_slot<WD_KT, WD_THREADS>(sl, j0, n), j0, n);
+    uint32_t slot = md_slot<WD_KT, WD_THREADS>(sl, j0 + WD_KT, n); // the next tile's
     wd_q_store(sm, qv, 0);
 #pragma unroll
     for (int b = 1; b < WD_QI / WD_QB; ++b) {
@@ -177,7 +180,10 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
         cp_async_wait<0>();
         wd_fence_async(); // this thread's copies (and query stores) to the MMA's proxy
         __syncthreads();  // every thread's; both warpgroups done with the other tile and with P
-        if (it + 1 < ntiles) wd_fetch(sm + WD_K + ((it + 1) % 2) * WD_TILE, base, sl, key0 + WD_KT, n);
+        if (it + 1 < ntiles) {
+            wd_fetch(sm + WD_K + ((it + 1) % 2) * WD_TILE, base, slot, key0 + WD_KT, n);
+            slot = md_slot<WD_KT, WD_THREADS>(sl, key0 + 2 * WD_KT, n);
+        }
         uint32_t pa[16]; // warpgroup 0: P's A fragments (keys 16kc .. at 4kc)
         if (wg == 0) {
             float s[32];
