@@ -25,14 +25,22 @@
 //     rows in a tile (≤ 64 rows) hands its stages back without multiplying; the warpgroup index
 //     and that test are broadcast from lane 0 so that ptxas sees the branches as warp-uniform and
 //     keeps the MMAs asynchronous;
+//   - launched in clusters of two (`cluster` 2; the host's choice where the column blocks pair up
+//     and the device holds enough clusters at once), the blocks of a cluster take a tile's column
+//     blocks 2c and 2c + 1 and share its A: each copies 64 of the tile's rows into the stage of
+//     both (TMA multicast), and a consumer warp releases a stage to both producers (its "empty"
+//     counts the 16 warps of the cluster), so that L2 serves each A tile once for two column
+//     blocks (at 4,096 tokens the launch was bound by L2 throughput, ncu 92% of peak). Both blocks
+//     wait at a cluster barrier before exiting: a peer may still arrive on their barriers;
 //   - items are ordered in groups of MG_GROUP tiles, a tile's columns consecutive inside a group,
 //     so that the blocks sharing a tile's rows start together and the group's weight columns and
 //     rows stay in L2 while the blocks working on it at once use them (columns outermost read
 //     ~25% more from memory: ncu, V3's gate at 4,096 tokens, 5.0 GB against 4.15);
 // sm_90a only; other targets compile a trap the host never selects. Needs N % 128 == 0,
 // K % 128 == 0 and 128 × 128 weight blocks (the host checks).
-// Launch: grid min(SMs, tiles · N / 128), block MG_THREADS, dynamic shared memory MG_SMEM
-// (moe_f8_gemm.rs mirrors MG_*). `maps`: the tensor maps of A ([rows, K], boxes of MG_BM rows)
+// Launch: grid min(SMs, tiles · N / 128) (with clusters: 2 × min(clusters resident at once,
+// tiles · N / 256)), block MG_THREADS, dynamic shared memory MG_SMEM (moe_f8_gemm.rs mirrors
+// MG_*). `maps`: the tensor maps of A ([rows, K], boxes of MG_BM / cluster rows)
 // and of W ([experts · N, K], boxes of MG_BN rows), 16 words each, in global memory. A tile is 8
 // ints: expert (of W's), first row, rows, its segment's first row and rows (where the segment's
 // scales are: [K / 128, rows] from index first · K / 128), 3 unused.
@@ -78,19 +86,26 @@ __device__ __forceinline__ void mg_wgmma(float* d, uint64_t da, uint64_t db, int
 
 extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const uint64_t* __restrict__ maps, const float* __restrict__ SX,
                                                                       const float* __restrict__ WS, const int32_t* __restrict__ tiles, int n_tiles, float* __restrict__ D, int N,
-                                                                      int K) { ENGINE_GRID_DEP();
+                                                                      int K, int cluster) { ENGINE_GRID_DEP();
 #if defined(MG_WGMMA)
     extern __shared__ __align__(16) unsigned char mg_smem[];
     __shared__ __align__(8) uint64_t full[MG_ST], empty[MG_ST];
     uint8_t* smem = mg_smem + ((1024 - ((uint32_t)__cvta_generic_to_shared(mg_smem) & 1023)) & 1023); // 1024-aligned
-    const int nb = N / MG_BN, kbs = K / MG_BK, items = n_tiles * nb;
+    // with clusters of 2 (MG_CLUSTER), block cr of a cluster takes column blocks cr, cr + 2, ... of
+    // the cluster's tiles, and the two share each A tile: each copies its 64 rows of it into both
+    // blocks' stage (TMA multicast), so that L2 serves A once for two column blocks
+    const int cr = cluster > 1 ? sm90_cluster_rank() : 0, ci = blockIdx.x / cluster, clusters = gridDim.x / cluster;
+    const int nb = N / MG_BN, nbc = nb / cluster, kbs = K / MG_BK, items = n_tiles * nbc;
+    if ((cluster != 1 && cluster != 2) || nb % cluster != 0) __trap(); // the host's launch and this kernel disagree
     if (threadIdx.x == 0) {
         for (int s = 0; s < MG_ST; ++s) {
-            sm90_bar_init(&full[s], 1);  // the producer's expectation, completed by its copies' bytes
-            sm90_bar_init(&empty[s], 8);  // lane 0 of each consumer warp, once its MMA has read the stage
+            sm90_bar_init(&full[s], 1);           // the producer's expectation, completed by the copies' bytes
+            sm90_bar_init(&empty[s], 8 * cluster); // lane 0 of each consumer warp of the cluster, once its MMA has read the stage
         }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    __syncthreads();
+    if (cluster > 1) sm90_cluster_sync(); // the peer's barriers are initialised before any copy or arrival reaches them
+    else __syncthreads();
     const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0); // warp-uniform, visibly to ptxas
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory"); // (its registers go to the consumers: 128 · 40 + 256 · 232 = 384 · 168)
@@ -100,9 +115,10 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
             const uint64_t* mw = maps + 16; // the weights [experts · N, K]
             asm volatile("prefetch.tensormap [%0];\nprefetch.tensormap [%1];\n" ::"l"((uint64_t)ma), "l"((uint64_t)mw) : "memory");
             int it = 0;
-            for (int i = blockIdx.x; i < items; i += gridDim.x) {
+            for (int i = ci; i < items; i += clusters) {
                 int n0;
-                const int32_t* tl = mg_item(tiles, nb, i, n0);
+                const int32_t* tl = mg_item(tiles, nbc, i, n0);
+                n0 = n0 * cluster + cr * MG_BN;
                 const int e = tl[0], row0 = tl[1], nrows = tl[2], sx0 = tl[3] * kbs + (row0 - tl[3]), sx_stride = tl[4];
                 const int sxb = 4 * min(nrows, MG_BM); // the tile's rows' scales (rows a multiple of 8)
                 for (int kb = 0; kb < kbs; ++kb, ++it) {
@@ -110,25 +126,36 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
                     uint8_t* st = smem + s * MG_STAGE;
                     if (it >= MG_ST) sm90_bar_wait(&empty[s], (it / MG_ST - 1) & 1);
                     sm90_bar_expect(&full[s], (MG_BM + MG_BN) * MG_BK + sxb);
-                    sm90_tma(st, ma, kb * MG_BK, row0, &full[s]);
+                    if (cluster > 1) sm90_tma_multicast(st + cr * 64 * MG_BK, ma, kb * MG_BK, row0 + 64 * cr, &full[s], 3); // A's map: boxes of 64 rows
+                    else sm90_tma(st, ma, kb * MG_BK, row0, &full[s]);
                     sm90_tma(st + MG_BM * MG_BK, mw, kb * MG_BK, e * N + n0, &full[s]);
                     sm90_bulk(st + (MG_BM + MG_BN) * MG_BK, SX + sx0 + (int64_t)kb * sx_stride, sxb, &full[s]);
                 }
             }
         }
+        __syncwarp(); // (thread 0 rejoins its warp before the aligned cluster barrier)
+        if (cluster > 1) sm90_cluster_sync();
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory"); // two product buffers and the accumulators
     const int h = wg - 1, w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int it = 0; // stage uses before this item's
-    for (int i = blockIdx.x; i < items; i += gridDim.x, it += kbs) {
+    // a stage back to both producers of the cluster that copy into it
+    auto release = [&](int u) {
+        if (lane == 0) {
+            sm90_bar_arrive(&empty[u % MG_ST]);
+            if (cluster > 1) sm90_bar_arrive_remote(&empty[u % MG_ST], cr ^ 1);
+        }
+    };
+    for (int i = ci; i < items; i += clusters, it += kbs) {
         int n0;
-        const int32_t* tl = mg_item(tiles, nb, i, n0);
+        const int32_t* tl = mg_item(tiles, nbc, i, n0);
+        n0 = n0 * cluster + cr * MG_BN;
         const int e = tl[0], row0 = tl[1], nrows = tl[2];
         if (!__shfl_sync(0xffffffff, 64 * h < nrows, 0)) { // no rows of this item: only hand the stages back
             for (int kb = 0; kb < kbs; ++kb) {
                 sm90_bar_wait(&full[(it + kb) % MG_ST], ((it + kb) / MG_ST) & 1);
-                if (lane == 0) sm90_bar_arrive(&empty[(it + kb) % MG_ST]);
+                release(it + kb);
             }
             continue;
         }
@@ -157,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
         // K block kb's MMA has completed: its stage back to the producer, its products promoted
         // (columns 8j + 2t, + 1)
         auto finish = [&](const float* p, int kb, float s0, float s1) {
-            if (lane == 0) sm90_bar_arrive(&empty[(it + kb) % MG_ST]);
+            release(it + kb);
 #pragma unroll
             for (int j = 0; j < 16; ++j) {
                 acc[4 * j] += p[4 * j] * s0;
@@ -196,6 +223,7 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
             for (int j = 0; j < 16; ++j) *(float2*)(d + 8 * j) = make_float2(acc[4 * j + 2 * hh], acc[4 * j + 2 * hh + 1]);
         }
     }
+    if (cluster > 1) sm90_cluster_sync();
 #else
     __builtin_trap(); // the host takes the GEMM library on targets without the warpgroup MMA
 #endif

@@ -49,6 +49,35 @@ __device__ __forceinline__ void sm90_bar_wait(uint64_t* b, int parity) {
     } while (!done);
 }
 
+// Thread-block clusters (the kernels launched with a cluster dimension): this block's rank in its
+// cluster; a barrier of every thread of the cluster (a block must not exit while another may
+// still arrive on its mbarriers or copy into its shared memory).
+__device__ __forceinline__ int sm90_cluster_rank() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return (int)r;
+}
+
+__device__ __forceinline__ void sm90_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// Arrives on the mbarrier at b's offset in block `rank` of the cluster.
+__device__ __forceinline__ void sm90_bar_arrive_remote(uint64_t* b, int rank) {
+    asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\nmbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n" ::"r"((uint32_t)__cvta_generic_to_shared(b)),
+                 "r"(rank)
+                 : "memory");
+}
+
+// sm90_tma into the same offset of every block of the cluster in `mask`, completing its bytes on
+// the mbarrier at bar's offset in each.
+__device__ __forceinline__ void sm90_tma_multicast(void* dst, const void* map, int x, int y, uint64_t* bar, uint16_t mask) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(
+                     (uint32_t)__cvta_generic_to_shared(dst)),
+                 "l"((uint64_t)map), "r"(x), "r"(y), "r"((uint32_t)__cvta_generic_to_shared(bar)), "h"(mask)
+                 : "memory");
+}
+
 // A shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row groups
 // 1024 bytes apart. A K step of 32 bytes (32 e4m3 or 16 bf16) is the start plus 32 bytes.
 __device__ __forceinline__ uint64_t sm90_desc(const void* p) {

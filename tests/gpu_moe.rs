@@ -298,6 +298,16 @@ fn moe_fp8_dynamic_case<V: GpuVendor>(g: &mut GpuBackend<V>, c: &CpuBackend, rng
             let f32_acts = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts[first..first + n].to_vec(), first).unwrap()).unwrap()).unwrap();
             eprintln!("  (f32 activations against this reference: rel err {:.2e})", rel_err(&f32_acts, &want));
             g.fp8_act = true;
+            if grouped && t >= g.tuned.moe_mma_min_rows {
+                // the grouped GEMM's blocks alone (no clusters sharing the activation tiles): the
+                // same products in the same order, so the same result
+                g.tuned.moe_f8_gemm_cluster = false;
+                let alone = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts[first..first + n].to_vec(), first).unwrap()).unwrap()).unwrap();
+                g.tuned.moe_f8_gemm_cluster = true;
+                let d = rel_err(&alone, &got);
+                eprintln!("  (grouped GEMM in clusters against blocks alone: rel err {d:.2e})");
+                assert!(d <= 1e-6, "{hidden}x{inter}, {t} tokens: clusters {d:e} from blocks alone");
+            }
         }
     }
 }

@@ -41,6 +41,52 @@ impl CudaDriver {
     fn s(&self) -> sys::CUstream {
         self.stream.cu_stream()
     }
+
+    /// cuLaunchKernelEx with programmatic dependent launch (where on) and clusters of `cluster`
+    /// blocks along x (where > 1).
+    unsafe fn launch_ex(&self, f: Handle, c: LaunchConfig, cluster: u32, params: &mut [*mut c_void]) -> Result<(), ApiError> {
+        let mut attrs = launch_attrs(self.programmatic, cluster);
+        let cfg = launch_config(c, self.s(), &mut attrs);
+        sys::cuLaunchKernelEx(&cfg, f as sys::CUfunction, params.as_mut_ptr(), std::ptr::null_mut()).result().map_err(e("cuLaunchKernelEx"))
+    }
+}
+
+/// A launch's attributes: programmatic stream serialisation, a cluster dimension.
+fn launch_attrs(programmatic: bool, cluster: u32) -> Vec<sys::CUlaunchAttribute> {
+    let mut v = Vec::with_capacity(2);
+    if programmatic {
+        // SAFETY: a zeroed attribute value is a valid union; only the flag is read for this id
+        let mut a: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        a.value.programmaticStreamSerializationAllowed = 1;
+        v.push(a);
+    }
+    if cluster > 1 {
+        // SAFETY: as above; only the dimensions are read for this id
+        let mut a: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        a.value.clusterDim.x = cluster;
+        a.value.clusterDim.y = 1;
+        a.value.clusterDim.z = 1;
+        v.push(a);
+    }
+    v
+}
+
+fn launch_config(c: LaunchConfig, stream: sys::CUstream, attrs: &mut [sys::CUlaunchAttribute]) -> sys::CUlaunchConfig {
+    let (g, b) = (c.grid_dim, c.block_dim);
+    sys::CUlaunchConfig {
+        gridDimX: g.0,
+        gridDimY: g.1,
+        gridDimZ: g.2,
+        blockDimX: b.0,
+        blockDimY: b.1,
+        blockDimZ: b.2,
+        sharedMemBytes: c.shared_mem_bytes,
+        hStream: stream,
+        attrs: if attrs.is_empty() { std::ptr::null_mut() } else { attrs.as_mut_ptr() },
+        numAttrs: attrs.len() as u32,
+    }
 }
 
 /// Every op allocates its outputs stream-ordered (cuMemAllocAsync); by default the pool hands freed
@@ -160,24 +206,22 @@ impl DeviceApi for CudaDriver {
         if !self.programmatic {
             return result::launch_kernel(f as sys::CUfunction, c.grid_dim, c.block_dim, c.shared_mem_bytes, self.s(), params).map_err(e("cuLaunchKernel"));
         }
-        // SAFETY: a zeroed attribute value is a valid union; only the flag is read for this id
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let (g, b) = (c.grid_dim, c.block_dim);
-        let cfg = sys::CUlaunchConfig {
-            gridDimX: g.0,
-            gridDimY: g.1,
-            gridDimZ: g.2,
-            blockDimX: b.0,
-            blockDimY: b.1,
-            blockDimZ: b.2,
-            sharedMemBytes: c.shared_mem_bytes,
-            hStream: self.s(),
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
-        sys::cuLaunchKernelEx(&cfg, f as sys::CUfunction, params.as_mut_ptr(), std::ptr::null_mut()).result().map_err(e("cuLaunchKernelEx"))
+        self.launch_ex(f, c, 1, params)
+    }
+
+    fn max_active_clusters(&self, f: Handle, c: LaunchConfig, cluster: u32) -> Result<usize, ApiError> {
+        self.bind()?;
+        let mut attrs = launch_attrs(false, cluster);
+        let cfg = launch_config(c, self.s(), &mut attrs);
+        let mut n: std::ffi::c_int = 0;
+        // SAFETY: the config and its attributes outlive the call
+        unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f as sys::CUfunction, &cfg) }.result().map_err(e("cuOccupancyMaxActiveClusters"))?;
+        Ok(n.max(0) as usize)
+    }
+
+    unsafe fn launch_cluster(&self, f: Handle, c: LaunchConfig, cluster: u32, params: &mut [*mut c_void]) -> Result<(), ApiError> {
+        self.bind()?;
+        self.launch_ex(f, c, cluster, params)
     }
 
     fn event_record(&self, timing: bool) -> Result<Handle, ApiError> {

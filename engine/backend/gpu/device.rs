@@ -83,6 +83,20 @@ pub trait DeviceApi: Send + Sync {
     /// # Safety
     /// `params` must point to values matching the kernel's parameter list.
     unsafe fn launch(&self, f: Handle, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<(), ApiError>;
+    /// The most clusters of `cluster` blocks (along x) of this launch that can be resident at
+    /// once; 0 where the runtime has no thread-block clusters (then `launch_cluster` is not called).
+    fn max_active_clusters(&self, _f: Handle, _cfg: LaunchConfig, _cluster: u32) -> Result<usize, ApiError> {
+        Ok(0)
+    }
+    /// `launch` with thread-block clusters of `cluster` blocks along x (Hopper).
+    /// # Safety
+    /// As `launch`.
+    unsafe fn launch_cluster(&self, f: Handle, cfg: LaunchConfig, cluster: u32, params: &mut [*mut c_void]) -> Result<(), ApiError> {
+        if cluster == 1 {
+            return self.launch(f, cfg, params);
+        }
+        Err(ApiError { vendor: self.vendor(), call: "launch_cluster", msg: format!("clusters of {cluster} blocks: this runtime has no thread-block clusters") })
+    }
     /// An event recorded on the stream now (timing enabled when `timing`).
     fn event_record(&self, timing: bool) -> Result<Handle, ApiError>;
     fn event_wait(&self, e: Handle) -> Result<(), ApiError>;
@@ -274,6 +288,13 @@ impl<'a> Launch<'a> {
         let mut params: Vec<*mut c_void> = self.args.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
         // SAFETY: every parameter is a pointer, int, int64 or float, stored in its own slot
         unsafe { self.dev.launch(self.f.0, cfg, &mut params) }
+    }
+
+    /// `run` with thread-block clusters of `cluster` blocks along x (grid x a multiple of it).
+    pub fn run_cluster(&mut self, cfg: LaunchConfig, cluster: u32) -> Result<(), ApiError> {
+        let mut params: Vec<*mut c_void> = self.args.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
+        // SAFETY: as in `run`
+        unsafe { self.dev.launch_cluster(self.f.0, cfg, cluster, &mut params) }
     }
 }
 

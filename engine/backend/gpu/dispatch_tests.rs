@@ -57,6 +57,17 @@ impl MoeCase {
         b.moe_experts(&xt, &r, &self.experts).unwrap();
         rt.take_launched()
     }
+
+    /// The grouped GEMMs' grids and cluster sizes (their last argument) for `tokens` tokens.
+    fn gemm_grids_and_clusters(&self, b: &GpuBackend<HostVendor>, rt: &HostRuntime, tokens: usize) -> Vec<((u32, u32, u32), u64)> {
+        let xt = x(b, tokens, self.hidden);
+        let r = b.moe_route(&xt, &self.gate, None, &self.p).unwrap();
+        rt.take_launched();
+        b.moe_experts(&xt, &r, &self.experts).unwrap();
+        let names = rt.names.lock().unwrap().clone();
+        let l: Vec<_> = rt.launches.lock().unwrap().drain(..).collect();
+        l.into_iter().filter(|x| names[x.0] == "moe_gemm_f8").map(|x| (x.1, *x.3.last().unwrap())).collect()
+    }
 }
 
 #[test]
@@ -78,6 +89,15 @@ fn prefill_moe_with_fp8_activations_takes_the_grouped_gemm_on_sm90a() {
             b.sms = 132;
             let l = c.expert_launches(&b, &rt, 600);
             assert!(l.iter().filter(|x| x.0 == "moe_gemm_f8").all(|x| x.1 == (19 * 2, 1, 1)), "{l:?}");
+            // where the device holds clusters: pairs of blocks (the kernel's last argument 2), a
+            // pair a tile's two column blocks; 66 clusters of 132 SMs for 19 tiles: 38 blocks
+            *rt.clusters.lock().unwrap() = 66;
+            let g = c.gemm_grids_and_clusters(&b, &rt, 600);
+            assert!(g.len() == 3 && g.iter().all(|&x| x == ((19 * 2, 1, 1), 2)), "{g:?}");
+            // too few clusters at once for a persistent launch (fewer than a quarter of the SMs): blocks alone
+            *rt.clusters.lock().unwrap() = 20;
+            let g = c.gemm_grids_and_clusters(&b, &rt, 600);
+            assert!(g.len() == 3 && g.iter().all(|&x| x == ((19 * 2, 1, 1), 1)), "{g:?}");
         } else {
             // no warpgroup MMA (and no GEMM library here): the bf16 tiles on f32 activations
             assert_eq!(names, ["moe_group", "moe_gate_up_mma_fp8w", "moe_silu_mul_halves", "moe_down_mma_fp8w"]);

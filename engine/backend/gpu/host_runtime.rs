@@ -30,6 +30,8 @@ pub struct HostRuntime {
     host: Mutex<HashMap<usize, usize>>,
     /// kernel names; a function handle is an index here
     pub names: Mutex<Vec<String>>,
+    /// what `max_active_clusters` answers (0: no thread-block clusters, as by default)
+    pub clusters: Mutex<usize>,
 }
 
 impl HostRuntime {
@@ -113,6 +115,16 @@ impl DeviceApi for HostRuntime {
         let mut n = self.names.lock().unwrap();
         n.push(name.to_string());
         Ok(n.len() - 1)
+    }
+    fn max_active_clusters(&self, _f: Handle, _cfg: LaunchConfig, _cluster: u32) -> Result<usize, ApiError> {
+        Ok(*self.clusters.lock().unwrap())
+    }
+    /// Recorded as `launch` records (the kernels take the cluster size as an argument).
+    unsafe fn launch_cluster(&self, f: Handle, cfg: LaunchConfig, cluster: u32, params: &mut [*mut c_void]) -> Result<(), ApiError> {
+        if cluster > 1 && (*self.clusters.lock().unwrap() == 0 || cfg.grid_dim.0 % cluster != 0) {
+            return Err(ApiError { vendor: "host", call: "launch_cluster", msg: format!("grid {:?} in clusters of {cluster}", cfg.grid_dim) });
+        }
+        self.launch(f, cfg, params)
     }
     unsafe fn launch(&self, f: Handle, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<(), ApiError> {
         let vals = params.iter().map(|p| *(*p as *const u64)).collect();

@@ -62,9 +62,19 @@ impl<V: GpuVendor> GpuBackend<V> {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn moe_f8_gemm(&self, (a, sx): (&DevBuf<u8>, &DevBuf<f32>), (w, ws): (&DevBuf<u8>, &DevBuf<f32>), tiles: &DevBuf<i32>, n_tiles: usize, d: &mut DevBuf<f32>, n: usize, k: usize) -> Result<(), BackendError> {
         let f = self.func(GEMM, "moe_gemm_f8")?;
-        let maps = self.upload_tensor_maps("moe_gemm_f8", &[(a.ptr(), k, a.len() / k, MG_BM), (w.ptr(), k, w.len() / k, MG_BN)])?;
-        let (nt, ni, ki) = (n_tiles as i32, n as i32, k as i32);
-        let blocks = (n_tiles * (n / MG_BN)).min(self.sms.max(1)); // persistent: a block an SM walks the items
+        let items = n_tiles * (n / MG_BN);
+        let cfg = |blocks: usize| LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (MG_THREADS, 1, 1), shared_mem_bytes: mg_shared_bytes() as u32 };
+        // clusters of two where the columns pair up and the device holds enough of them at once
+        // (persistent blocks: a cluster left for a second wave would double the launch's time)
+        let clusters = if self.tuned.moe_f8_gemm_cluster && (n / MG_BN).is_multiple_of(2) {
+            self.dev.max_active_clusters(f.0, cfg(self.sms), 2).map_err(err("moe_gemm_f8"))?
+        } else {
+            0
+        };
+        let cluster = if clusters >= self.sms / 4 { 2 } else { 1 };
+        let blocks = if cluster == 2 { 2 * clusters.min(items / 2) } else { items.min(self.sms.max(1)) }; // persistent: a block an SM walks the items
+        let maps = self.upload_tensor_maps("moe_gemm_f8", &[(a.ptr(), k, a.len() / k, MG_BM / cluster), (w.ptr(), k, w.len() / k, MG_BN)])?;
+        let (nt, ni, ki, cl) = (n_tiles as i32, n as i32, k as i32, cluster as i32);
         self.launch(&f)
             .arg(&maps)
             .arg(sx)
@@ -74,7 +84,8 @@ impl<V: GpuVendor> GpuBackend<V> {
             .arg(d)
             .arg(&ni)
             .arg(&ki)
-            .run(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (MG_THREADS, 1, 1), shared_mem_bytes: mg_shared_bytes() as u32 })
+            .arg(&cl)
+            .run_cluster(cfg(blocks), cluster as u32)
             .map_err(err("moe_gemm_f8"))
     }
 }

@@ -77,6 +77,10 @@ pub struct Tuned {
     /// sm_90a); false: the GEMM library's block-scaled FP8 GEMM per expert
     #[serde(default = "default_true")]
     pub moe_f8_gemm: bool,
+    /// ... in clusters of two blocks that share each activation tile (TMA multicast: L2 serves it
+    /// once for two column blocks); false: a block alone
+    #[serde(default = "default_true")]
+    pub moe_f8_gemm_cluster: bool,
     /// The MoE router's f32 logits from this many tokens through the GEMM library's f32 GEMM
     /// (router.rs); 0: never (the own CUDA-core tiles)
     #[serde(default = "default_router_blas_min_rows")]
@@ -165,6 +169,7 @@ impl Default for Tuned {
             mla_proj_async: default_true(),
             mla_decode_rows_max_heads: default_mla_decode_rows_max_heads(),
             moe_f8_gemm: default_true(),
+            moe_f8_gemm_cluster: default_true(),
             router_blas_min_rows: default_router_blas_min_rows(),
             flash_wgmma: default_true(),
             mla_decode_wgmma: default_true(),
