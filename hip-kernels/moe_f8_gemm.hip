@@ -91,7 +91,7 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
     extern __shared__ __align__(16) unsigned char mg_smem[];
     __shared__ __align__(8) uint64_t full[MG_ST], empty[MG_ST];
     uint8_t* smem = mg_smem + ((1024 - ((uint32_t)__cvta_generic_to_shared(mg_smem) & 1023)) & 1023); // 1024-aligned
-    // with clusters of 2 (MG_CLUSTER), block cr of a cluster takes column blocks cr, cr + 2, ... of
+    // with clusters of 2 (`cluster` 2), block cr of a cluster takes column blocks cr, cr + 2, ... of
     // the cluster's tiles, and the two share each A tile: each copies its 64 rows of it into both
     // blocks' stage (TMA multicast), so that L2 serves A once for two column blocks
     const int cr = cluster > 1 ? sm90_cluster_rank() : 0, ci = blockIdx.x / cluster, clusters = gridDim.x / cluster;
