@@ -289,20 +289,21 @@ fn moe_fp8_dynamic_case<V: GpuVendor>(g: &mut GpuBackend<V>, c: &CpuBackend, rng
                 }
             }
             assert!(want.iter().any(|&v| v != 0.0), "some token routes to experts {first}..{}", first + n);
-            let got = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts[first..first + n].to_vec(), first).unwrap()).unwrap()).unwrap();
+            let ge = g.upload_experts(experts[first..first + n].to_vec(), first).unwrap();
+            let got = g.download(&g.moe_experts(&gx, &gr, &ge).unwrap()).unwrap();
             // SiLU·up is requantised from the GPU's own gate/up products, ~1e-4 from the reference's,
             // so a few of its codes round the other way (one e4m3 step, 6-12%): ~3e-3 in all. A wrong
             // row, segment or scale would be O(1) (the distance to f32 activations is printed).
             check(&format!("moe_experts fp8 activations {hidden}x{inter}, experts {first}..{} of {n_exp}, {t} tokens, grouped GEMM {grouped}, staged {}", first + n, g.moe_f8s), &got, &want, 6e-3);
             g.fp8_act = false;
-            let f32_acts = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts[first..first + n].to_vec(), first).unwrap()).unwrap()).unwrap();
+            let f32_acts = g.download(&g.moe_experts(&gx, &gr, &ge).unwrap()).unwrap();
             eprintln!("  (f32 activations against this reference: rel err {:.2e})", rel_err(&f32_acts, &want));
             g.fp8_act = true;
             if grouped && t >= g.tuned.moe_mma_min_rows {
                 // the grouped GEMM's blocks alone (no clusters sharing the activation tiles): the
                 // same products in the same order, so the same result
                 g.tuned.moe_f8_gemm_cluster = false;
-                let alone = g.download(&g.moe_experts(&gx, &gr, &g.upload_experts(experts[first..first + n].to_vec(), first).unwrap()).unwrap()).unwrap();
+                let alone = g.download(&g.moe_experts(&gx, &gr, &ge).unwrap()).unwrap();
                 g.tuned.moe_f8_gemm_cluster = true;
                 let d = rel_err(&alone, &got);
                 eprintln!("  (grouped GEMM in clusters against blocks alone: rel err {d:.2e})");

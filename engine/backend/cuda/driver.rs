@@ -45,32 +45,31 @@ impl CudaDriver {
     /// cuLaunchKernelEx with programmatic dependent launch (where on) and clusters of `cluster`
     /// blocks along x (where > 1).
     unsafe fn launch_ex(&self, f: Handle, c: LaunchConfig, cluster: u32, params: &mut [*mut c_void]) -> Result<(), ApiError> {
-        let mut attrs = launch_attrs(self.programmatic, cluster);
-        let cfg = launch_config(c, self.s(), &mut attrs);
+        let (mut attrs, n) = launch_attrs(self.programmatic, cluster);
+        let cfg = launch_config(c, self.s(), &mut attrs[..n]);
         sys::cuLaunchKernelEx(&cfg, f as sys::CUfunction, params.as_mut_ptr(), std::ptr::null_mut()).result().map_err(e("cuLaunchKernelEx"))
     }
 }
 
-/// A launch's attributes: programmatic stream serialisation, a cluster dimension.
-fn launch_attrs(programmatic: bool, cluster: u32) -> Vec<sys::CUlaunchAttribute> {
-    let mut v = Vec::with_capacity(2);
+/// A launch's attributes (programmatic stream serialisation, a cluster dimension) and how many
+/// of the two are set; on the stack: every launch with PDL on comes through here.
+fn launch_attrs(programmatic: bool, cluster: u32) -> ([sys::CUlaunchAttribute; 2], usize) {
+    // SAFETY: a zeroed attribute value is a valid union; only the field of each id is read
+    let mut a: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+    let mut n = 0;
     if programmatic {
-        // SAFETY: a zeroed attribute value is a valid union; only the flag is read for this id
-        let mut a: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        a.value.programmaticStreamSerializationAllowed = 1;
-        v.push(a);
+        a[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        a[n].value.programmaticStreamSerializationAllowed = 1;
+        n += 1;
     }
     if cluster > 1 {
-        // SAFETY: as above; only the dimensions are read for this id
-        let mut a: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-        a.value.clusterDim.x = cluster;
-        a.value.clusterDim.y = 1;
-        a.value.clusterDim.z = 1;
-        v.push(a);
+        a[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        a[n].value.clusterDim.x = cluster;
+        a[n].value.clusterDim.y = 1;
+        a[n].value.clusterDim.z = 1;
+        n += 1;
     }
-    v
+    (a, n)
 }
 
 fn launch_config(c: LaunchConfig, stream: sys::CUstream, attrs: &mut [sys::CUlaunchAttribute]) -> sys::CUlaunchConfig {
@@ -211,8 +210,8 @@ impl DeviceApi for CudaDriver {
 
     fn max_active_clusters(&self, f: Handle, c: LaunchConfig, cluster: u32) -> Result<usize, ApiError> {
         self.bind()?;
-        let mut attrs = launch_attrs(false, cluster);
-        let cfg = launch_config(c, self.s(), &mut attrs);
+        let (mut attrs, n) = launch_attrs(false, cluster);
+        let cfg = launch_config(c, self.s(), &mut attrs[..n]);
         let mut n: std::ffi::c_int = 0;
         // SAFETY: the config and its attributes outlive the call
         unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f as sys::CUfunction, &cfg) }.result().map_err(e("cuOccupancyMaxActiveClusters"))?;

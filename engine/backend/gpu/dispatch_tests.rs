@@ -49,24 +49,24 @@ impl MoeCase {
         MoeCase { experts, gate, p, hidden }
     }
 
-    /// The launches of the experts (after routing) for `tokens` tokens.
-    fn expert_launches(&self, b: &GpuBackend<HostVendor>, rt: &HostRuntime, tokens: usize) -> Vec<(String, (u32, u32, u32), u32)> {
+    /// Routes `tokens` tokens, then runs the experts: the runtime holds the experts' launches only.
+    fn run_experts(&self, b: &GpuBackend<HostVendor>, rt: &HostRuntime, tokens: usize) {
         let xt = x(b, tokens, self.hidden);
         let r = b.moe_route(&xt, &self.gate, None, &self.p).unwrap();
         rt.take_launched();
         b.moe_experts(&xt, &r, &self.experts).unwrap();
+    }
+
+    /// The launches of the experts (after routing) for `tokens` tokens.
+    fn expert_launches(&self, b: &GpuBackend<HostVendor>, rt: &HostRuntime, tokens: usize) -> Vec<(String, (u32, u32, u32), u32)> {
+        self.run_experts(b, rt, tokens);
         rt.take_launched()
     }
 
     /// The grouped GEMMs' grids and cluster sizes (their last argument) for `tokens` tokens.
     fn gemm_grids_and_clusters(&self, b: &GpuBackend<HostVendor>, rt: &HostRuntime, tokens: usize) -> Vec<((u32, u32, u32), u64)> {
-        let xt = x(b, tokens, self.hidden);
-        let r = b.moe_route(&xt, &self.gate, None, &self.p).unwrap();
-        rt.take_launched();
-        b.moe_experts(&xt, &r, &self.experts).unwrap();
-        let names = rt.names.lock().unwrap().clone();
-        let l: Vec<_> = rt.launches.lock().unwrap().drain(..).collect();
-        l.into_iter().filter(|x| names[x.0] == "moe_gemm_f8").map(|x| (x.1, *x.3.last().unwrap())).collect()
+        self.run_experts(b, rt, tokens);
+        rt.take_launched_args().into_iter().filter(|x| x.0 == "moe_gemm_f8").map(|x| (x.1, *x.3.last().unwrap())).collect()
     }
 }
 

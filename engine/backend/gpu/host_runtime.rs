@@ -15,6 +15,8 @@ use crate::backend::BackendError;
 
 /// A recorded launch: kernel, grid, threads per block, argument values as u64 slots.
 pub type Recorded = (Handle, (u32, u32, u32), u32, Vec<u64>);
+/// ... with the kernel's name for its handle.
+pub type Named = (String, (u32, u32, u32), u32, Vec<u64>);
 
 #[derive(Default)]
 pub struct HostRuntime {
@@ -37,8 +39,13 @@ pub struct HostRuntime {
 impl HostRuntime {
     /// The kernels launched since the last call, in order, with their grids and block sizes.
     pub fn take_launched(&self) -> Vec<(String, (u32, u32, u32), u32)> {
+        self.take_launched_args().into_iter().map(|(n, g, t, _)| (n, g, t)).collect()
+    }
+
+    /// As `take_launched`, with each launch's argument slots.
+    pub fn take_launched_args(&self) -> Vec<Named> {
         let names = self.names.lock().unwrap();
-        self.launches.lock().unwrap().drain(..).map(|(f, g, t, _)| (names.get(f).cloned().unwrap_or_default(), g, t)).collect()
+        self.launches.lock().unwrap().drain(..).map(|(f, g, t, a)| (names.get(f).cloned().unwrap_or_default(), g, t, a)).collect()
     }
 
     /// (base, offset) of the allocation holding `p` with `len` bytes after it.
@@ -121,7 +128,7 @@ impl DeviceApi for HostRuntime {
     }
     /// Recorded as `launch` records (the kernels take the cluster size as an argument).
     unsafe fn launch_cluster(&self, f: Handle, cfg: LaunchConfig, cluster: u32, params: &mut [*mut c_void]) -> Result<(), ApiError> {
-        if cluster > 1 && (*self.clusters.lock().unwrap() == 0 || cfg.grid_dim.0 % cluster != 0) {
+        if cluster > 1 && (*self.clusters.lock().unwrap() == 0 || !cfg.grid_dim.0.is_multiple_of(cluster)) {
             return Err(ApiError { vendor: "host", call: "launch_cluster", msg: format!("grid {:?} in clusters of {cluster}", cfg.grid_dim) });
         }
         self.launch(f, cfg, params)
