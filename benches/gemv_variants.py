@@ -99,6 +99,12 @@ def main():
                  for d, b in re.findall(r'^GEMV_SKM\((\d+), (\d+)\)', skf, re.M) for cv in (0, 1)]
     variants += [(f'skc r{r}', sk[0], f'gemv_skc_fp8w_r{r}', 64, 128, lambda k, r=int(r): 8 * r * 8192 + 8 * 768) for r in re.findall(r'^GEMV_SKC\((\d+)\)', skf, re.M)]
     variants += [(f'skx d{d}', sk[0], f'gemv_skx_fp8w_d{d}', 16, 128, lambda k: 3 * (k + 8) * 2) for d in re.findall(r'^GEMV_SKX\((\d+)\)', skf, re.M)]
+    # TB=1: only the bulk-copy-fed forms of benches/kernels/gemv_tb.hip (8 warps × NS stages of 4 rows × KC bytes)
+    if os.environ.get('TB'):
+        tb = Module(compile_cubin(source('gemv_tb.hip').encode(), b'gemv_tb.cu'))
+        tbf = open(os.path.join(ROOT, 'benches/kernels/gemv_tb.hip')).read()
+        variants = [(f'tb s{s} c{c} b{b}', tb, f'gemv_tb_fp8w_s{s}_c{c}_b{b}', 4, 512, lambda k, s=int(s), c=int(c): 8 * s * 4 * c)
+                    for s, c, b in re.findall(r'^GEMV_TB\((\d+), (\d+), (\d+)\)', tbf, re.M)]
     gen = torch.Generator(device='cuda').manual_seed(int.from_bytes(os.urandom(4), 'little'))
 
     def occupancy(f, smem=0):

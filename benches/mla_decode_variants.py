@@ -18,6 +18,10 @@ from nvrtc_module import Module, compile_cubin, driver, event_median_us  # noqa:
 VARIANTS = {
     'base': {},
     'kg2': {'MR_KG': 2},  # 32-key tiles, 4 warps, two blocks an SM (twice the splits)
+    'spread': {'MR_SPREAD': 1},  # a tile's copies from 8 lanes of each warp
+    'kg2s': {'MR_KG': 2, 'MR_SPREAD': 1},
+    'kg3st3': {'MR_KG': 3, 'MR_ST': 3},  # 48-key tiles three deep (two in flight while one is worked on), 6 warps
+    'kg3st3s': {'MR_KG': 3, 'MR_ST': 3, 'MR_SPREAD': 1},
 }
 CASES = [(32, 4096), (16, 8192), (8, 32768), (4, 32768), (1, 32768), (128, 64), (128, 1024), (128, 0)]
 if os.environ.get('CASES'):  # e.g. CASES=32x4096,128x64

@@ -31,6 +31,7 @@
 #define MR_VS 2  // value splits
 #define MR_SA 4  // partial score sums (independent accumulator chains; even: the fragment double buffer alternates with it)
 #define MR_ST 2  // key tiles in shared memory: MR_ST - 1 in flight while one is worked on
+#define MR_SPREAD 0 // sm_90 copies: key i of a tile by thread i (0), or by lane i % 8 of warp i / 8 (1)
 #define MR_THREADS (32 * MR_KG * MR_VS)
 #define MR_KT (MR_KG * MR_KW)                                       // keys a tile
 #define MR_D ((ENTRY + 15) / 16 * 16)                               // score contraction, zero-padded
@@ -102,13 +103,14 @@ extern "C" __global__ void __launch_bounds__(MR_THREADS, 1)
     // thread i < MR_KT copies key i of the tile (measured against 8 keys from each warp's first
     // lanes: slower with 8 warps, faster with 4); keys past n copy the range's last entry (a
     // written, finite entry: their scores are masked, their probabilities 0, so P·V gains 0)
-    auto slot_of = [&](int key0) { return tid < MR_KT ? sl[min(key0 + tid, n - 1)] : 0u; };
+    const int ci = MR_SPREAD ? (lane < 8 ? 8 * w + lane : MR_KT) : tid; // this thread's key of a tile's copies (none from MR_KT)
+    auto slot_of = [&](int key0) { return ci < MR_KT ? sl[min(key0 + ci, n - 1)] : 0u; };
     auto fetch = [&](int buf, uint32_t slot, int) {
         if (tid == 0)
             asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(mr_smem(&sh.bar[buf])), "r"(MR_KT * ENTRY * 2) : "memory");
-        if (tid < MR_KT) {
+        if (ci < MR_KT) {
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); // after the generic reads of this buffer
-            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(mr_smem(&sh.k[buf][tid][0])),
+            asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(mr_smem(&sh.k[buf][ci][0])),
                          "l"(base + (int64_t)slot * ENTRY), "r"(ENTRY * 2), "r"(mr_smem(&sh.bar[buf]))
                          : "memory");
         }
