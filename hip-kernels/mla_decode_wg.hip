@@ -115,21 +115,16 @@ __device__ __forceinline__ void wd_fetch(uint8_t* kt, const uint16_t* __restrict
 #define WD_QI (WD_H * (ENTRY / 8) / WD_THREADS)
 #define WD_QB 9
 static_assert(WD_H * (ENTRY / 8) % WD_THREADS == 0 && WD_QI % WD_QB == 0, "whole batches of query pieces");
-__device__ __forceinline__ void wd_q_load(float4 (&v)[WD_QB][2], int b, const float* __restrict__ q, const float* __restrict__ q_lat, int t, int h0, int heads) {
+__device__ __forceinline__ void wd_q_load(float (&v)[WD_QB][8], int b, const float* __restrict__ q, const float* __restrict__ q_lat, int t, int h0, int heads) {
 #pragma unroll
-    for (int u = 0; u < WD_QB; ++u) {
-        const int i = threadIdx.x + (b * WD_QB + u) * WD_THREADS, r = i / (ENTRY / 8), c = 8 * (i % (ENTRY / 8)), h = h0 + r;
-        const float* src = c < KV_LORA ? q_lat + ((int64_t)t * heads + h) * KV_LORA + c : q + ((int64_t)t * heads + h) * QK + NOPE + (c - KV_LORA);
-        v[u][0] = ((const float4*)src)[0];
-        v[u][1] = ((const float4*)src)[1];
-    }
+    for (int u = 0; u < WD_QB; ++u) md_query_item<ENTRY>(v[u], threadIdx.x + (b * WD_QB + u) * WD_THREADS, q, q_lat, t, h0, heads);
 }
-__device__ __forceinline__ void wd_q_store(uint8_t* sm, const float4 (&v)[WD_QB][2], int b) {
+__device__ __forceinline__ void wd_q_store(uint8_t* sm, const float (&v)[WD_QB][8], int b) {
 #pragma unroll
     for (int u = 0; u < WD_QB; ++u) {
         const int i = threadIdx.x + (b * WD_QB + u) * WD_THREADS, r = i / (ENTRY / 8), p = i % (ENTRY / 8);
-        const float4 a = v[u][0], c = v[u][1];
-        *(uint4*)(sm + WD_Q + (p / 8) * WD_CH + wd_sw(r, p % 8)) = make_uint4(bf16_pack(a.x, a.y), bf16_pack(a.z, a.w), bf16_pack(c.x, c.y), bf16_pack(c.z, c.w));
+        const float* a = v[u];
+        *(uint4*)(sm + WD_Q + (p / 8) * WD_CH + wd_sw(r, p % 8)) = make_uint4(bf16_pack(a[0], a[1]), bf16_pack(a[2], a[3]), bf16_pack(a[4], a[5]), bf16_pack(a[6], a[7]));
     }
 }
 
@@ -147,7 +142,7 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
     float* corr_s = (float*)(sm + WD_CORR);
     float* ml_s = (float*)(sm + WD_ML);
     const int t = blockIdx.x, h0 = blockIdx.y * WD_H, z = blockIdx.z, tid = threadIdx.x;
-    float4 qv[WD_QB][2];
+    float qv[WD_QB][8];
     wd_q_load(qv, 0, q, q_lat, t, h0, heads); // in flight while the slots are looked up
     const uint32_t* sl = slots + ctx_off[t];
     const int total = ctx_len[t];

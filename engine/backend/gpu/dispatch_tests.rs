@@ -90,14 +90,19 @@ fn prefill_moe_with_fp8_activations_takes_the_grouped_gemm_on_sm90a() {
             let l = c.expert_launches(&b, &rt, 600);
             assert!(l.iter().filter(|x| x.0 == "moe_gemm_f8").all(|x| x.1 == (19 * 2, 1, 1)), "{l:?}");
             // where the device holds clusters: pairs of blocks (the kernel's last argument 2), a
-            // pair a tile's two column blocks; 66 clusters of 132 SMs for 19 tiles: 38 blocks
-            *rt.clusters.lock().unwrap() = 66;
-            let g = c.gemm_grids_and_clusters(&b, &rt, 600);
-            assert!(g.len() == 3 && g.iter().all(|&x| x == ((19 * 2, 1, 1), 2)), "{g:?}");
-            // too few clusters at once for a persistent launch (fewer than a quarter of the SMs): blocks alone
-            *rt.clusters.lock().unwrap() = 20;
-            let g = c.gemm_grids_and_clusters(&b, &rt, 600);
-            assert!(g.len() == 3 && g.iter().all(|&x| x == ((19 * 2, 1, 1), 1)), "{g:?}");
+            // pair a tile's two column blocks; 66 clusters of 132 SMs for 19 tiles: 38 blocks.
+            // Too few clusters at once for a persistent launch (fewer than a quarter of the
+            // SMs): blocks alone. The runtime is asked once a backend (a fresh one per answer)
+            for (held, cluster) in [(66, 2), (20, 1)] {
+                let (mut b, rt) = nvidia_like();
+                (b.arch, b.fp8_act, b.sms) = (arch.into(), true, 132);
+                *rt.clusters.lock().unwrap() = held;
+                let c = MoeCase::new(&b, 256, 256, 16);
+                let g = c.gemm_grids_and_clusters(&b, &rt, 600);
+                assert!(g.len() == 3 && g.iter().all(|&x| x == ((19 * 2, 1, 1), cluster)), "{held}: {g:?}");
+                *rt.clusters.lock().unwrap() = 86 - held; // the other answer: not asked for
+                assert_eq!(c.gemm_grids_and_clusters(&b, &rt, 600), g);
+            }
         } else {
             // no warpgroup MMA (and no GEMM library here): the bf16 tiles on f32 activations
             assert_eq!(names, ["moe_group", "moe_gate_up_mma_fp8w", "moe_silu_mul_halves", "moe_down_mma_fp8w"]);

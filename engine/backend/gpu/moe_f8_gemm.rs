@@ -66,9 +66,10 @@ impl<V: GpuVendor> GpuBackend<V> {
         let cfg = |blocks: usize| LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (MG_THREADS, 1, 1), shared_mem_bytes: mg_shared_bytes() as u32 };
         // clusters of two where the columns pair up and the device holds enough of them at once
         // (persistent blocks: a cluster left for a second wave would double the launch's time);
-        // where the runtime cannot say, blocks alone
+        // where the runtime cannot say, blocks alone. Asked once: the kernel's block and shared
+        // memory are fixed.
         let clusters = if self.tuned.moe_f8_gemm_cluster && (n / MG_BN).is_multiple_of(2) {
-            self.dev.max_active_clusters(f.0, cfg(self.sms), 2).unwrap_or(0)
+            *self.moe_gemm_clusters.get_or_init(|| self.dev.max_active_clusters(f.0, cfg(self.sms), 2).unwrap_or(0))
         } else {
             0
         };
