@@ -20,6 +20,7 @@
 // compare 32 + 64 values each instead of 256 (one pass over all E: ~6 µs of a batch-1 MoE layer
 // on the H200; the single warp before it, picking one at a time: ~15 µs). The logits come in
 // `parts` K parts of [tokens, E] each (the router's split-K tiles, linear.hip), added in order.
+// Each block also zeroes its token's row of `zero` ([tokens, zero_cols]: the experts' output).
 #define ROUTE_CAND (1024 + 64)
 // the in-part rank's eight loads a round unrolled on NVIDIA; CDNA keeps the loop (unrolled, it
 // spilled 47 of gfx942's scalar registers)
@@ -30,7 +31,10 @@
 #endif
 extern "C" __global__ void moe_route(const float* __restrict__ logits, int parts, const float* __restrict__ bias, int has_bias, int E, int top_k,
                                      int n_group, int topk_group, int method, int softmax_scoring, int norm_topk_prob, float scaling,
-                                     int32_t* __restrict__ ids, float* __restrict__ weights) { ENGINE_GRID_DEP();
+                                     int32_t* __restrict__ ids, float* __restrict__ weights, float* __restrict__ zero, int zero_cols) { ENGINE_GRID_DEP();
+    // the experts' output row of this token zeroed (they add into it), so that no memset of its own
+    // sits between a step's kernels
+    for (int i = threadIdx.x; i < zero_cols; i += blockDim.x) zero[(int64_t)blockIdx.x * zero_cols + i] = 0.f;
     __shared__ float scores[1024];
     __shared__ float choice[1024];
     __shared__ float cand_v[ROUTE_CAND]; // part q's in-part rank r at q·kk + r

@@ -52,7 +52,10 @@ impl MoeCase {
     /// Routes `tokens` tokens, then runs the experts: the runtime holds the experts' launches only.
     fn run_experts(&self, b: &GpuBackend<HostVendor>, rt: &HostRuntime, tokens: usize) {
         let xt = x(b, tokens, self.hidden);
-        let r = b.moe_route(&xt, &self.gate, None, &self.p).unwrap();
+        let mut r = b.moe_route(&xt, &self.gate, None, &self.p).unwrap();
+        // the host runtime runs no kernel: every pair routed to expert 0, as the routing kernel
+        // would have written them
+        r.ids = b.htod(&vec![0i32; tokens * self.p.top_k]).unwrap();
         rt.take_launched();
         b.moe_experts(&xt, &r, &self.experts).unwrap();
     }
@@ -264,8 +267,9 @@ fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
         assert_eq!((args[0][9], args[1][1]), (kc as u64, parts as u64), "K a part, parts added");
     }
     // while profiling, each routing call's ids are read back and their distinct experts kept (the
-    // host runtime runs no kernel: the zeroed ids name expert 0 alone)
+    // host runtime runs no kernel: with new memory reading as zeros, the ids name expert 0 alone)
     assert!(b.take_routed_experts().is_empty(), "not profiling: nothing read back");
+    *rt.zero_fill.lock().unwrap() = true;
     b.profile.enabled.store(true, std::sync::atomic::Ordering::Relaxed);
     b.moe_route(&x(&b, 9, hidden), gate, None, p).unwrap();
     b.moe_route(&x(&b, 2, hidden), gate, None, p).unwrap();
@@ -286,9 +290,12 @@ fn shared_experts_of_one_row_fold_into_the_routed_launches() {
     let other = [up(fp8(128, 512)), up(fp8(128, 512)), up(fp8(512, 128))];
     let run = |tokens: usize, s: &[GpuLinear; 3]| {
         let xt = x(&b, tokens, c.hidden);
+        *rt.memsets.lock().unwrap() = 0;
         let r = b.moe_route(&xt, &c.gate, None, &c.p).unwrap();
         rt.take_launched();
         b.moe_experts_shared(&xt, &r, &c.experts, Some([&s[0], &s[1], &s[2]])).unwrap();
+        // no memset between the kernels: the routing kernel zeroes the output the experts add into
+        assert_eq!(*rt.memsets.lock().unwrap(), 0, "{tokens} tokens");
         let args: Vec<Vec<u64>> = rt.launches.lock().unwrap().iter().map(|l| l.3.clone()).collect();
         (names(&rt), args)
     };

@@ -34,6 +34,10 @@ pub struct HostRuntime {
     pub names: Mutex<Vec<String>>,
     /// what `max_active_clusters` answers (0: no thread-block clusters, as by default)
     pub clusters: Mutex<usize>,
+    /// new memory reads as zeros (else a 0xAB pattern, so that a missing fill shows)
+    pub zero_fill: Mutex<bool>,
+    /// device memsets so far
+    pub memsets: Mutex<usize>,
 }
 
 impl HostRuntime {
@@ -70,8 +74,8 @@ impl DeviceApi for HostRuntime {
         let p = 0x1000 + *next;
         // allocations 256-byte aligned, with a gap so overruns do not land in a neighbour
         *next += (bytes as u64).div_ceil(256) * 256 + 256;
-        // filled with a pattern, so a missing fill shows
-        self.mem.lock().unwrap().insert(p, vec![0xAB; bytes]);
+        let fill = if *self.zero_fill.lock().unwrap() { 0 } else { 0xAB };
+        self.mem.lock().unwrap().insert(p, vec![fill; bytes]);
         Ok(p)
     }
     fn free(&self, p: DevPtr) {
@@ -79,6 +83,7 @@ impl DeviceApi for HostRuntime {
         self.freed.lock().unwrap().push(p);
     }
     fn memset_d32(&self, p: DevPtr, value: u32, count: usize) -> Result<(), ApiError> {
+        *self.memsets.lock().unwrap() += 1;
         let (b, off) = self.find(p, count * 4)?;
         let mut mem = self.mem.lock().unwrap();
         for w in mem.get_mut(&b).unwrap()[off..off + count * 4].chunks_mut(4) {

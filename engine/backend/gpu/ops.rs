@@ -70,6 +70,21 @@ pub struct GpuRouting {
     pub top_k: usize,
     pub ids: DevBuf<i32>,
     pub weights: DevBuf<f32>,
+    /// The experts' output [tokens, hidden], zeroed by the routing kernel; taken by the first
+    /// expert call (a later one zeroes its own)
+    zeroed: std::sync::Mutex<Option<DevBuf<f32>>>,
+}
+
+impl GpuRouting {
+    /// The zeroed output where it is still there and holds `n` floats.
+    fn take_zeroed(&self, n: usize) -> Option<DevBuf<f32>> {
+        self.zeroed.lock().unwrap().take().filter(|b| b.len() == n)
+    }
+
+    /// ... given back unwritten (the call that took it launched nothing).
+    fn give_back_zeroed(&self, b: DevBuf<f32>) {
+        *self.zeroed.lock().unwrap() = Some(b);
+    }
 }
 
 pub struct GpuKvCache {
@@ -561,8 +576,10 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             }
             let f = self.func(MOE, "moe_route")?;
             let d_bias = self.constant(bias.unwrap_or(&[0.0]))?;
-            let mut ids = self.zeros::<i32>((x.rows * p.top_k).max(1))?;
+            // every token's top_k ids and weights are written, and its output row zeroed
+            let mut ids = self.scratch::<i32>((x.rows * p.top_k).max(1))?;
             let mut weights = self.alloc_out(x.rows * p.top_k)?;
+            let mut zeroed = self.scratch::<f32>((x.rows * x.cols).max(1))?;
             let method = match p.method {
                 TopkMethod::NoauxTc => 0i32,
                 TopkMethod::Greedy => 1,
@@ -572,18 +589,23 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             let mut b = self.launch(&f);
             let parts = parts as i32;
             b.arg(&logits).arg(&parts).arg(&d_bias).arg(&hb).arg(&e).arg(&k).arg(&ng).arg(&tg).arg(&method).arg(&sm).arg(&norm).arg(&sc).arg(&mut ids).arg(&mut weights);
+            b.arg(&mut zeroed).arg(&(x.cols as i32));
             // one block per token, a thread per expert
             let threads = p.n_experts.next_multiple_of(self.warp as usize).max(self.warp as usize) as u32;
             b.run(cfg((x.rows as u32, 1), threads, 0)).map_err(err("moe_route"))?;
             self.record_routed(&ids, x.rows * p.top_k)?;
-            Ok(GpuRouting { top_k: p.top_k, ids, weights })
+            Ok(GpuRouting { top_k: p.top_k, ids, weights, zeroed: std::sync::Mutex::new(Some(zeroed)) })
         })
     }
 
     fn moe_experts(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts) -> Result<GpuTensor, BackendError> {
         self.span("MoE GEMM", || {
             let pairs = x.rows * r.top_k;
-            let mut out = self.zeros::<f32>((x.rows * x.cols).max(1))?;
+            let n = (x.rows * x.cols).max(1);
+            let mut out = match r.take_zeroed(n) {
+                Some(z) => z,
+                None => self.zeros::<f32>(n)?,
+            };
             if pairs == 0 {
                 return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
             }
@@ -603,8 +625,17 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
         // one row on the per-pair kernels: the shared experts as one more pair of the same launches
         if let Some(s) = shared.filter(|_| x.rows == 1 && r.top_k > 0 && !self.moe_prefill_f8_for(x, e) && !self.moe_grouped_for(x, e)) {
             let folded = self.span("MoE GEMM", || {
-                let mut out = self.zeros::<f32>(x.cols.max(1))?;
-                Ok(self.moe_experts_pairs_shared(x, r, e, s, &mut out)?.then_some(out))
+                let (mut out, taken) = match r.take_zeroed(x.cols.max(1)) {
+                    Some(z) => (z, true),
+                    None => (self.zeros::<f32>(x.cols.max(1))?, false),
+                };
+                if self.moe_experts_pairs_shared(x, r, e, s, &mut out)? {
+                    return Ok(Some(out));
+                }
+                if taken {
+                    r.give_back_zeroed(out); // nothing launched: the experts below take it
+                }
+                Ok(None)
             })?;
             if let Some(buf) = folded {
                 return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf });
