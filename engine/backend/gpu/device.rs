@@ -285,16 +285,21 @@ impl<'a> Launch<'a> {
     /// Enqueues the kernel; the arguments must match its parameter list in order and size (the
     /// kernels take pointers, int, int64 and float parameters).
     pub fn run(&mut self, cfg: LaunchConfig) -> Result<(), ApiError> {
-        let mut params: Vec<*mut c_void> = self.args.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
+        let mut params = self.params();
         // SAFETY: every parameter is a pointer, int, int64 or float, stored in its own slot
         unsafe { self.dev.launch(self.f.0, cfg, &mut params) }
     }
 
     /// `run` with thread-block clusters of `cluster` blocks along x (grid x a multiple of it).
     pub fn run_cluster(&mut self, cfg: LaunchConfig, cluster: u32) -> Result<(), ApiError> {
-        let mut params: Vec<*mut c_void> = self.args.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
+        let mut params = self.params();
         // SAFETY: as in `run`
         unsafe { self.dev.launch_cluster(self.f.0, cfg, cluster, &mut params) }
+    }
+
+    /// The kernel's parameter pointers: one to each argument slot.
+    fn params(&mut self) -> Vec<*mut c_void> {
+        self.args.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect()
     }
 }
 

@@ -106,6 +106,12 @@ fn prefill_moe_with_fp8_activations_takes_the_grouped_gemm_on_sm90a() {
                 *rt.clusters.lock().unwrap() = 86 - held; // the other answer: not asked for
                 assert_eq!(c.gemm_grids_and_clusters(&b, &rt, 600), g);
             }
+            // no clusters at all on a device of fewer than 4 SMs (a quarter of its SMs is 0): blocks alone
+            let (mut b, rt) = nvidia_like();
+            (b.arch, b.fp8_act, b.sms) = (arch.into(), true, 2);
+            let c = MoeCase::new(&b, 256, 256, 16);
+            let g = c.gemm_grids_and_clusters(&b, &rt, 600);
+            assert!(g.len() == 3 && g.iter().all(|&x| x == ((2, 1, 1), 1)), "{g:?}");
         } else {
             // no warpgroup MMA (and no GEMM library here): the bf16 tiles on f32 activations
             assert_eq!(names, ["moe_group", "moe_gate_up_mma_fp8w", "moe_silu_mul_halves", "moe_down_mma_fp8w"]);

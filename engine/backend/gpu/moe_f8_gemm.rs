@@ -73,7 +73,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         } else {
             0
         };
-        let cluster = if clusters >= self.sms / 4 { 2 } else { 1 };
+        let cluster = if clusters > 0 && clusters >= self.sms / 4 { 2 } else { 1 };
         let blocks = if cluster == 2 { 2 * clusters.min(items / 2) } else { items.min(self.sms.max(1)) }; // persistent: a block an SM walks the items
         let maps = self.upload_tensor_maps("moe_gemm_f8", &[(a.ptr(), k, a.len() / k, MG_BM / cluster), (w.ptr(), k, w.len() / k, MG_BN)])?;
         let (nt, ni, ki, cl) = (n_tiles as i32, n as i32, k as i32, cluster as i32);

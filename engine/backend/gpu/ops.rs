@@ -127,6 +127,14 @@ pub(super) const LINEAR_TILE: (usize, usize) = (128, 64);
 pub(super) const LINEAR_TILE_K: usize = 16;
 
 impl<V: GpuVendor> GpuBackend<V> {
+    /// The experts' output of `n` floats, zero: the routing's (true: taken from `r`), else zeroed here.
+    fn experts_out(&self, r: &GpuRouting, n: usize) -> Result<(DevBuf<f32>, bool), BackendError> {
+        match r.take_zeroed(n) {
+            Some(z) => Ok((z, true)),
+            None => Ok((self.zeros::<f32>(n)?, false)),
+        }
+    }
+
     pub(super) fn linear_with(&self, x: &GpuTensor, w: &GpuLinear, mma: bool) -> Result<GpuTensor, BackendError> {
         assert_eq!(x.cols, w.inp, "linear: input has {} columns, weight expects {}", x.cols, w.inp);
         let mut y = self.alloc_out(x.rows * w.out)?;
@@ -601,11 +609,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
     fn moe_experts(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts) -> Result<GpuTensor, BackendError> {
         self.span("MoE GEMM", || {
             let pairs = x.rows * r.top_k;
-            let n = (x.rows * x.cols).max(1);
-            let mut out = match r.take_zeroed(n) {
-                Some(z) => z,
-                None => self.zeros::<f32>(n)?,
-            };
+            let (mut out, _) = self.experts_out(r, (x.rows * x.cols).max(1))?;
             if pairs == 0 {
                 return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf: out });
             }
@@ -625,10 +629,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
         // one row on the per-pair kernels: the shared experts as one more pair of the same launches
         if let Some(s) = shared.filter(|_| x.rows == 1 && r.top_k > 0 && !self.moe_prefill_f8_for(x, e) && !self.moe_grouped_for(x, e)) {
             let folded = self.span("MoE GEMM", || {
-                let (mut out, taken) = match r.take_zeroed(x.cols.max(1)) {
-                    Some(z) => (z, true),
-                    None => (self.zeros::<f32>(x.cols.max(1))?, false),
-                };
+                let (mut out, taken) = self.experts_out(r, x.cols.max(1))?;
                 if self.moe_experts_pairs_shared(x, r, e, s, &mut out)? {
                     return Ok(Some(out));
                 }
