@@ -380,8 +380,11 @@ __device__ void moe_down_impl(const float* h, const int32_t* ids, const float* w
     extern "C" __global__ void __launch_bounds__(256, BOUND) NAME(const float* x, const int32_t* ids, const uint8_t* wg, const float* sg,    \
                                                                   const uint8_t* wu, const float* su, float* h, int pairs, int top_k, int I,  \
                                                                   int H, int bn, int bk, int e0, int ne, int ks, const uint8_t* wg2,         \
-                                                                  const float* sg2, const uint8_t* wu2, const float* su2, int from2) {       \
+                                                                  const float* sg2, const uint8_t* wu2, const float* su2, int from2,       \
+                                                                  float* zero, int zero_n) {                                                \
         ENGINE_GRID_DEP();                                                                                                             \
+        /* the output down adds into, zeroed here (moe_pairs.rs: no memset node between a step's kernels) */                         \
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < zero_n; i += gridDim.x * blockDim.x) zero[i] = 0.f;                   \
         moe_gate_up_impl<WDT>(x, ids, wg, sg, wu, su, h, pairs, top_k, I, H, bn, bk, e0, ne, ks, wg2, sg2, wu2, su2, from2);               \
     }
 #define MOE_KERNELS(SUF, WDT)                                                                                                          \

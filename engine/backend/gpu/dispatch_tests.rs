@@ -316,6 +316,23 @@ fn shared_experts_of_one_row_fold_into_the_routed_launches() {
     assert_eq!((n2[0].as_str(), n2.last().map(String::as_str)), ("moe_gate_up_wide_fp8w", Some("add_inplace")), "{n2:?}");
 }
 
+/// A dense MLP of one row on the per-pair kernels: gate/up zeroes the output down adds into (no
+/// memset node).
+#[test]
+fn dense_mlp_of_one_row_has_its_output_zeroed_by_gate_up() {
+    let (b, rt) = nvidia_like();
+    let up = |l: HostLinear| b.upload_linear(&l).unwrap();
+    let m = [up(fp8(64, 512)), up(fp8(64, 512)), up(fp8(512, 64))];
+    let xt = x(&b, 1, 512);
+    (rt.take_launched(), *rt.memsets.lock().unwrap() = 0);
+    let y = b.mlp(&xt, &m[0], &m[1], &m[2]).unwrap();
+    assert_eq!(*rt.memsets.lock().unwrap(), 0);
+    let l = rt.take_launched_args();
+    assert_eq!(l.iter().map(|l| l.0.as_str()).collect::<Vec<_>>(), ["moe_gate_up_fp8w", "moe_down_fp8w"]);
+    // gate/up's arguments 21, 22 (the buffer it zeroes, its floats); down's 5 (where it adds)
+    assert_eq!((l[0].3[21], l[0].3[22], l[1].3[5]), (y.buf.ptr(), 512, y.buf.ptr()));
+}
+
 /// A MoE layer's shared experts at one row run the per-pair kernels on the MLP's own weights (no
 /// routing: null ids), adding into the routed sum; more rows, or weights that are not FP8, keep
 /// the linear layers, SiLU·up and the add.

@@ -45,7 +45,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// The routed experts of `x`'s tokens into `out` (zeroed by the caller).
     pub(super) fn moe_experts_pairs(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let w = PairWeights { gate: (&e.gate, &e.gs), up: (&e.up, &e.us), down: (&e.down, &e.ds), wdt: e.wdt, inter: e.inter, hidden: e.hidden, bn: e.bn, bk: e.bk, e0: e.first as i32, ne: e.n as i32 };
-        self.pairs(x, Some(r), &w, None, out)
+        self.pairs(x, Some(r), &w, None, out, false)
     }
 
     /// `y += down(silu(x·gateᵀ) · (x·upᵀ))` for one row of x and FP8 weights of one block shape
@@ -54,20 +54,21 @@ impl<V: GpuVendor> GpuBackend<V> {
         let Some(w) = mlp_pair_weights(x, [gate, up, down], y.cols) else {
             return Ok(false);
         };
-        self.span("MoE GEMM", || self.pairs(x, None, &w, None, &mut y.buf))?;
+        self.span("MoE GEMM", || self.pairs(x, None, &w, None, &mut y.buf, false))?;
         Ok(true)
     }
 
     /// `down(silu(x·gateᵀ) · (x·upᵀ))` of one row on the same two launches (a dense layer's MLP at
-    /// batch 1: gate and up in one launch, no SiLU·up launch), into a zeroed output (down adds);
+    /// batch 1: gate and up in one launch, no SiLU·up launch), the output zeroed by gate/up (down
+    /// adds into it; no memset node between a step's kernels);
     /// `Ok(None)` where `mlp_add_pairs` would not apply.
     pub(super) fn mlp_pairs(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear) -> Result<Option<GpuTensor>, BackendError> {
         let Some(w) = mlp_pair_weights(x, [gate, up, down], down.out) else {
             return Ok(None);
         };
         self.span("dense GEMM", || {
-            let mut y = GpuTensor { rows: 1, cols: down.out, buf: self.zeros(down.out)? };
-            self.pairs(x, None, &w, None, &mut y.buf)?;
+            let mut y = GpuTensor { rows: 1, cols: down.out, buf: self.alloc_out(down.out)? };
+            self.pairs(x, None, &w, None, &mut y.buf, true)?;
             Ok(Some(y))
         })
     }
@@ -84,14 +85,15 @@ impl<V: GpuVendor> GpuBackend<V> {
             return Ok(false);
         }
         let w = PairWeights { gate: (&e.gate, &e.gs), up: (&e.up, &e.us), down: (&e.down, &e.ds), wdt: e.wdt, inter: e.inter, hidden: e.hidden, bn: e.bn, bk: e.bk, e0: e.first as i32, ne: e.n as i32 };
-        self.pairs(x, Some(r), &w, Some(&s), out)?;
+        self.pairs(x, Some(r), &w, Some(&s), out, false)?;
         Ok(true)
     }
 
     /// The two launches over `x`'s pairs: routed (ids and weights from `r`) or, with no routing,
     /// one pair per row of expert 0 with weight 1; then, with `second` (of `w`'s shapes), one pair
-    /// per row of its expert 0 with weight 1.
-    fn pairs(&self, x: &GpuTensor, r: Option<&GpuRouting>, w: &PairWeights, second: Option<&PairWeights>, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
+    /// per row of its expert 0 with weight 1. `zero_out`: gate/up zeroes `out` first (else the
+    /// caller has).
+    fn pairs(&self, x: &GpuTensor, r: Option<&GpuRouting>, w: &PairWeights, second: Option<&PairWeights>, out: &mut DevBuf<f32>, zero_out: bool) -> Result<(), BackendError> {
         let top_k = r.map_or(1, |r| r.top_k);
         let from2 = x.rows * top_k;
         let pairs = from2 + second.map_or(0, |_| x.rows);
@@ -124,6 +126,12 @@ impl<V: GpuVendor> GpuBackend<V> {
         };
         b.arg(w.gate.0).arg(w.gate.1).arg(w.up.0).arg(w.up.1).arg(&mut h).arg(&np).arg(&k).arg(&i).arg(&hd).arg(&w.bn).arg(&w.bk).arg(&w.e0).arg(&w.ne).arg(&ks_arg);
         b.arg(s.gate.0).arg(s.gate.1).arg(s.up.0).arg(s.up.1).arg(&f2);
+        let zero_n = if zero_out { out.len() as i32 } else { 0 };
+        match zero_out {
+            true => b.arg(&mut *out),
+            false => b.arg(&null),
+        };
+        b.arg(&zero_n);
         b.run(cfg(grid(gu_items * ks, gu_most), 256, 0)).map_err(err("moe_gate_up"))?;
         let f = self.func(MOE, &format!("moe_down_{}", wdt_suffix(w.wdt)))?;
         let mut b = self.launch(&f);
