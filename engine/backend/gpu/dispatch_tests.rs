@@ -324,7 +324,8 @@ fn dense_mlp_of_one_row_has_its_output_zeroed_by_gate_up() {
     let up = |l: HostLinear| b.upload_linear(&l).unwrap();
     let m = [up(fp8(64, 512)), up(fp8(64, 512)), up(fp8(512, 64))];
     let xt = x(&b, 1, 512);
-    (rt.take_launched(), *rt.memsets.lock().unwrap() = 0);
+    rt.take_launched();
+    *rt.memsets.lock().unwrap() = 0;
     let y = b.mlp(&xt, &m[0], &m[1], &m[2]).unwrap();
     assert_eq!(*rt.memsets.lock().unwrap(), 0);
     let l = rt.take_launched_args();

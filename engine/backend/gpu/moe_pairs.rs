@@ -126,12 +126,11 @@ impl<V: GpuVendor> GpuBackend<V> {
         };
         b.arg(w.gate.0).arg(w.gate.1).arg(w.up.0).arg(w.up.1).arg(&mut h).arg(&np).arg(&k).arg(&i).arg(&hd).arg(&w.bn).arg(&w.bk).arg(&w.e0).arg(&w.ne).arg(&ks_arg);
         b.arg(s.gate.0).arg(s.gate.1).arg(s.up.0).arg(s.up.1).arg(&f2);
-        let zero_n = if zero_out { out.len() as i32 } else { 0 };
-        match zero_out {
-            true => b.arg(&mut *out),
-            false => b.arg(&null),
-        };
-        b.arg(&zero_n);
+        if zero_out {
+            b.arg(&mut *out).arg(&(out.len() as i32));
+        } else {
+            b.arg(&null).arg(&0i32);
+        }
         b.run(cfg(grid(gu_items * ks, gu_most), 256, 0)).map_err(err("moe_gate_up"))?;
         let f = self.func(MOE, &format!("moe_down_{}", wdt_suffix(w.wdt)))?;
         let mut b = self.launch(&f);
