@@ -7,7 +7,10 @@
 4. transformers (bf16, the same weights dequantised, eager, torch.cuda.Event timing) on the same
    batches; `--compile` also tries its static cache + torch.compile;
 5. one table: per batch size, engine and transformers step time, the roofline time (bytes the
-   step must read / copy bandwidth for decode; FLOPs / FP8 rate for prefill) and the ratios.
+   step must read / copy bandwidth for decode; FLOPs / FP8 rate for prefill) and the ratios; then
+   per layer and batch size: the engine's layer time (its op-by-op re-run with events at the layer
+   boundaries: `engine bench --profile`'s `decode_layer_ms_per_step`), transformers' (events recorded by forward hooks on
+   each decoder layer), the layer's roofline and the ratios.
 
 Usage: benches/side_by_side.py --engine target/release/engine --out OUT [--layers 4]
        [--batch-sizes 1,32,128] [--context 512] [--decode-steps 12] [--prefill 4096] [--compile]
@@ -124,8 +127,11 @@ def run_engine(engine, path, batches, context, steps, prefill, extra=()):
     rows, mode = bench(batches, context, steps, "--profile")
     decode = {r["batch_size"]: r["decode_step_median_ms"] for r in rows}
     distinct = {r["batch_size"]: r.get("moe_distinct_experts") for r in rows}
+    # each layer's ms a step in the re-run with the layers timed (op by op, events at the layer
+    # boundaries only: a little above the graph's share)
+    layers = {r["batch_size"]: r.get("decode_layer_ms_per_step") for r in rows}
     pre = bench([1], prefill, 2)[0][0]
-    return decode, pre["prefill_s"] * 1e3, mode, distinct
+    return decode, pre["prefill_s"] * 1e3, mode, distinct, layers
 
 
 def load_transformers(path, dtype=torch.bfloat16):
@@ -190,7 +196,25 @@ def run_transformers(model, vocab, batches, context, steps, prefill, compile_=Fa
     # a batch transformers cannot fit (its grouped experts at batch 256 want 28 GiB more on an
     # H200) is reported as out of memory and the run goes on: the engine's numbers and the
     # roofline do not depend on it
-    res = {"decode_ms": {}, "compile": None, "errors": {}}
+    res = {"decode_ms": {}, "layer_ms": {}, "compile": None, "errors": {}}
+    layers = model.model.layers
+
+    def layer_ms(step, n):
+        """each decoder layer's median ms over n calls of step(), timed by events its forward hooks record"""
+        cur, times = {}, [[] for _ in layers]
+        pre = lambda i: lambda m, a: cur.__setitem__(i, [torch.cuda.Event(enable_timing=True)]) or cur[i][0].record()  # noqa: E731
+        post = lambda i: lambda m, a, o: cur[i].append(torch.cuda.Event(enable_timing=True)) or cur[i][1].record()  # noqa: E731
+        hooks = [l.register_forward_pre_hook(pre(i)) for i, l in enumerate(layers)] + [l.register_forward_hook(post(i)) for i, l in enumerate(layers)]
+        try:
+            for _ in range(n):
+                step()
+                torch.cuda.synchronize()
+                for i in range(len(layers)):
+                    times[i].append(cur[i][0].elapsed_time(cur[i][1]))
+        finally:
+            for h in hooks:
+                h.remove()
+        return [sorted(t)[len(t) // 2] for t in times]
 
     def decode(b):
         ids = torch.randint(3, vocab, (b, context), device="cuda")
@@ -207,6 +231,13 @@ def run_transformers(model, vocab, batches, context, steps, prefill, compile_=Fa
             times.append(a.elapsed_time(e))
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         times = sorted(times[2:])
+
+        def more():
+            nonlocal out, nxt
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        # then per layer, in further steps with the hooks on (the steps above ran without them)
+        res["layer_ms"][b] = layer_ms(more, max(3, steps // 2))
         return times[len(times) // 2]
 
     def guarded(key, fn):
@@ -265,8 +296,9 @@ def main():
     cfg = json.load(open(os.path.join(path, "config.json")))
     sizes = checkpoint_bytes(path)
 
-    eng_decode, eng_prefill, mode, eng_distinct = run_engine(a.engine, path, batches, a.context, a.decode_steps, a.prefill, shlex.split(a.engine_args))
-    report["engine"] = {"decode_ms": eng_decode, "prefill_ms": eng_prefill, "args": a.engine_args, "fp8_activations": mode, "moe_distinct_experts": eng_distinct}
+    eng_decode, eng_prefill, mode, eng_distinct, eng_layers = run_engine(a.engine, path, batches, a.context, a.decode_steps, a.prefill, shlex.split(a.engine_args))
+    report["engine"] = {"decode_ms": eng_decode, "prefill_ms": eng_prefill, "args": a.engine_args, "fp8_activations": mode, "moe_distinct_experts": eng_distinct,
+                        "layer_ms": eng_layers}
     print("engine:", json.dumps(report["engine"]), flush=True)
     save()
 
@@ -288,6 +320,23 @@ def main():
         rows.append({"batch": b, "engine_ms": e, "transformers_ms": h, **r})
         hs, ratio = (f"{h:>8.3f}", f"{h / e:>9.2f}") if h is not None else (f"{'oom':>8}", f"{'-':>9}")
         print(f"{b:>5} {e:>10.3f} {hs} {r['ms']:>11.3f} {r['distinct_experts']:>11.1f}{'m' if r['distinct_measured'] else 'u'} {e / r['ms']:>11.2f} {ratio}  " + " ".join(f"{x:.3f}" for x in r["per_layer_ms"]))
+    # per layer: the engine's layer spans (its op-by-op re-run), transformers' decoder layers
+    # timed by forward hooks, each layer's roofline
+    print("\nper layer (ms a decode step; engine: its op-by-op re-run with events at the layer boundaries, a layer from its"
+          " input norm's add to its MLP; transformers: events from forward hooks on each decoder layer, eager)")
+    print(f"{'batch':>5} {'layer':>5} {'engine ms':>10} {'hf ms':>8} {'roofline ms':>11} {'engine/roof':>11} {'hf/engine':>9}")
+    for row in rows:
+        b = row["batch"]
+        el, hl = eng_layers.get(b) or [], tf["layer_ms"].get(b) or []
+        row["engine_layer_ms"], row["transformers_layer_ms"] = el, hl
+        for i, roof in enumerate(row["per_layer_ms"]):
+            e = el[i] if i < len(el) else None
+            h = hl[i] if i < len(hl) else None
+            es = f"{e:>10.3f}" if e is not None else f"{'-':>10}"
+            hs = f"{h:>8.3f}" if h is not None else f"{'-':>8}"
+            er = f"{e / roof:>11.2f}" if e is not None else f"{'-':>11}"
+            hr = f"{h / e:>9.2f}" if e is not None and h is not None else f"{'-':>9}"
+            print(f"{b:>5} {i:>5} {es} {hs} {roof:>11.3f} {er} {hr}")
     fl = prefill_flops(cfg, a.prefill)
     roof_pre = fl / (ceil.get("fp8_TFLOPS", ceil["bf16_TFLOPS"]) * 1e12) * 1e3
     tp = tf["prefill_ms"]

@@ -285,6 +285,13 @@ pub trait Backend: Send + Sync + 'static {
     /// The given rows of `x`, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[u32]) -> Result<Self::Tensor, BackendError>;
 
+    /// Profiling mark of a forward pass: layer `layer` begins (None: the layers are done). GPU
+    /// backends time the spans between marks while profiling (`engine bench --profile`'s per-layer
+    /// times); by default nothing.
+    fn mark_layer(&self, _layer: Option<usize>) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Waits for all queued device work (no-op on the CPU).
     fn synchronize(&self) -> Result<(), BackendError> {
         Ok(())

@@ -4,7 +4,8 @@
 //! prefill tok/s, decode tok/s and per-step latency (median and p90 after warm-up). As SGLang's
 //! bench_one_batch does, CUDA graphs are captured up to the largest batch size benchmarked (unless
 //! --cuda-graph-max-bs or --disable-cuda-graph says otherwise); `--profile` re-runs the decode steps op by op with GPU events, after the
-//! timed ones, so the timings are not those of profiled steps.
+//! timed ones, so the timings are not those of profiled steps: once with events around every op
+//! (time per op class), once with events at the layer boundaries only (time per layer).
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,7 +37,8 @@ pub struct BenchOneBatchArgs {
     pub seed: u64,
     #[arg(long)]
     pub json: bool,
-    /// Time per op class over the decode steps, from GPU events (CUDA backend)
+    /// Time per op class and per layer over the decode steps (and a prefill), from GPU events
+    /// (CUDA / ROCm backends)
     #[arg(long)]
     pub profile: bool,
     /// With --profile: time each linear layer shape on its own ("dense GEMM MxNxK")
@@ -53,6 +55,10 @@ pub struct ProfileHooks<'a> {
     pub start: &'a dyn Fn(),
     pub finish: &'a dyn Fn() -> Option<Vec<(&'static str, f64)>>,
     pub routed: &'a dyn Fn() -> Vec<usize>,
+    /// Starts timing layers alone (`Backend::mark_layer`'s spans, steps op by op, no op events)
+    pub start_layers: &'a dyn Fn(),
+    /// ... stops, and the milliseconds per layer since `start_layers`
+    pub layers: &'a dyn Fn() -> Vec<f64>,
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -119,10 +125,14 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
             step(&mut kv, &prompt, 0)?;
             let p = (hooks.finish)().map(|v| json!(v.iter().map(|(k, ms)| (k.to_string(), json!(ms))).collect::<serde_json::Map<_, _>>()));
             (hooks.routed)(); // (the prompt's routing: not a decode step's)
-            p
+            // and once more with only the layers timed
+            (hooks.start_layers)();
+            step(&mut kv, &prompt, 0)?;
+            p.map(|p| (p, (hooks.layers)()))
         } else {
             None
         };
+        let (prefill_profile, prefill_layers) = prefill_profile.unzip();
         // one decode step: each sequence's last token (`l`, in rank order) at position input_len + i
         let decode = |kv: &mut B::KvCache, l: &[u32], i: usize| {
             let mut next = vec![Vec::new(); bs];
@@ -141,7 +151,7 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
         // the same decode steps again, profiled (they rewrite the same KV slots)
         if hooks.profiling {
             (hooks.start)();
-            let mut l = first;
+            let mut l = first.clone();
             for i in 0..a.output_len {
                 l = decode(&mut kv, &l, i)?;
             }
@@ -150,6 +160,19 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
             let per_step: serde_json::Map<String, serde_json::Value> = v.iter().map(|(k, ms)| (k.to_string(), json!(ms / a.output_len.max(1) as f64))).collect();
             serde_json::Value::Object(per_step)
         });
+        // then the same steps once more with only the layers timed: each layer's time a step (its
+        // span from its mark to the next: add + norm of the previous MLP output, attention, MLP),
+        // op by op without the op events
+        let layers: Option<Vec<f64>> = if hooks.profiling {
+            (hooks.start_layers)();
+            let mut l = first.clone();
+            for i in 0..a.output_len {
+                l = decode(&mut kv, &l, i)?;
+            }
+            Some((hooks.layers)().iter().map(|ms| ms / a.output_len.max(1) as f64).collect())
+        } else {
+            None
+        };
         // the experts a MoE layer's decode step touched, measured (mean over layers and steps)
         let routed = (hooks.routed)();
         let distinct = (!routed.is_empty()).then(|| routed.iter().sum::<usize>() as f64 / routed.len() as f64);
@@ -175,6 +198,7 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
             "decode_step_median_ms": med * 1e3, "decode_step_p90_ms": pct(&s, 0.9) * 1e3,
             "decode_tok_s": bs as f64 / med.max(1e-12), "decode_steps_measured": s.len(),
             "decode_profile_ms_per_step": profile, "prefill_profile_ms": prefill_profile,
+            "decode_layer_ms_per_step": layers, "prefill_layer_ms": prefill_layers,
             "moe_distinct_experts": distinct,
         }));
     }
@@ -205,7 +229,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
                 Role::FollowerDone => return Ok(()),
             };
             let load_s = t.elapsed().as_secs_f64();
-            let rows = bench_model(&model, &a, &ProfileHooks { profiling: false, start: &|| {}, finish: &|| None, routed: &Vec::new });
+            let rows = bench_model(&model, &a, &ProfileHooks { profiling: false, start: &|| {}, finish: &|| None, routed: &Vec::new, start_layers: &|| {}, layers: &Vec::new });
             model.stop_followers();
             (rows?, "cpu", json!(null), load_s, model.checkpoint_bytes, json!(null))
         }
@@ -233,6 +257,7 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
                 );
             }
             print_profile("decode ms/step by op class (the steps re-run op by op, profiled)", &r["decode_profile_ms_per_step"]);
+            print_layers("decode ms/step by layer (the steps re-run op by op, layers timed)", &r["decode_layer_ms_per_step"]);
             if let Some(d) = r["moe_distinct_experts"].as_f64() {
                 println!("        MoE experts a layer's decode step touched (measured in the profiled steps): {d:.1}");
             }
@@ -240,6 +265,13 @@ pub fn run(a: BenchOneBatchArgs) -> Result<(), Box<dyn std::error::Error + Send 
         }
     }
     Ok(())
+}
+
+/// One line of "layer ms" pairs, in layer order.
+fn print_layers(title: &str, p: &serde_json::Value) {
+    let Some(v) = p.as_array().filter(|v| !v.is_empty()) else { return };
+    let parts: Vec<String> = v.iter().enumerate().map(|(i, ms)| format!("{i} {:.3}", ms.as_f64().unwrap_or(0.0))).collect();
+    println!("        {title}: {}", parts.join(", "));
 }
 
 /// One line of "op class ms" pairs, largest first.
@@ -275,7 +307,12 @@ fn bench_gpu<V: GpuVendor>(a: &BenchOneBatchArgs, path: &std::path::Path, par: &
         if a.profile { b.take_profile().ok() } else { None }
     };
     let routed = || b.take_routed_experts();
-    let rows = bench_model(&model, a, &ProfileHooks { profiling: a.profile, start: &start, finish: &finish, routed: &routed });
+    let start_layers = || b.profile.layers.store(true, std::sync::atomic::Ordering::Relaxed);
+    let layers = || {
+        b.profile.layers.store(false, std::sync::atomic::Ordering::Relaxed);
+        b.take_layer_profile().unwrap_or_default()
+    };
+    let rows = bench_model(&model, a, &ProfileHooks { profiling: a.profile, start: &start, finish: &finish, routed: &routed, start_layers: &start_layers, layers: &layers });
     model.stop_followers();
     let (captured, replays, failed) = b.graph_stats();
     let graphs = json!({"max_bs": graph_max_bs, "captured": captured, "replays": replays, "capture_failed": failed, "graph_mem_mib": b.graph_mem_reserved() >> 20});

@@ -312,12 +312,14 @@ impl<B: Backend> Model<B> {
         // each layer's MLP output is added to the residual stream by the next layer's input norm
         let mut pending = None;
         for (i, layer) in self.layers.iter().enumerate() {
+            b.mark_layer(Some(i))?;
             pending = Some(layer.forward(b, &mut resid, pending.take(), kv, i, &inputs)?);
         }
         // ... and the last one here, before the rows that get logits are gathered and normed
         if let Some(y) = pending {
             b.add(&mut resid, &y)?;
         }
+        b.mark_layer(None)?;
         let last = b.gather_rows(&resid, step.logit_rows)?;
         let x = b.rms_norm(&last, &self.norm, inputs.eps)?;
         let logits = b.all_gather_cols(b.linear(&x, &self.lm_head)?, self.cfg.vocab_size)?;

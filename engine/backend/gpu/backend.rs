@@ -163,6 +163,11 @@ pub struct OpProfile {
     shape_names: Mutex<HashMap<(usize, usize, usize), &'static str>>,
     depth: std::sync::atomic::AtomicUsize,
     spans: Mutex<Vec<(&'static str, DevEvent, DevEvent)>>,
+    /// `Backend::mark_layer` records events (steps run op by op, as while `enabled`, but no op
+    /// spans: each layer's time as the step's own, not inflated by events between ops)
+    pub layers: std::sync::atomic::AtomicBool,
+    /// ... its marks: (the layer that begins, None: the layers end)
+    layer_marks: Mutex<Vec<(Option<usize>, DevEvent)>>,
     /// While enabled: the distinct experts each routing call picked (its ids read back)
     pub(super) routed: Mutex<Vec<usize>>,
 }
@@ -424,6 +429,24 @@ impl<V: GpuVendor> GpuBackend<V> {
         Ok(acc)
     }
 
+    /// `Backend::mark_layer`: an event at the mark while timing layers (`profile.layers`; not
+    /// while capturing a graph).
+    pub(crate) fn layer_mark(&self, layer: Option<usize>) -> Result<(), BackendError> {
+        if self.profile.layers.load(std::sync::atomic::Ordering::Relaxed) && !self.capturing() {
+            let e = DevEvent::record(&self.dev, true).map_err(err("event"))?;
+            self.profile.layer_marks.lock().unwrap().push((layer, e));
+        }
+        Ok(())
+    }
+
+    /// Milliseconds per layer (index: the layer) since the last call, summed over the forward
+    /// passes: each layer from its mark to the next one (synchronises the stream).
+    pub fn take_layer_profile(&self) -> Result<Vec<f64>, BackendError> {
+        self.dev.synchronize().map_err(err("synchronize"))?;
+        let marks = std::mem::take(&mut *self.profile.layer_marks.lock().unwrap());
+        Ok(layer_spans(&marks, |a, b| a.elapsed_ms(b).map(f64::from)).map_err(err("elapsed_ms"))?)
+    }
+
     /// `n` zeroed elements on the device.
     pub(crate) fn zeros<T: Elem>(&self, n: usize) -> Result<DevBuf<T>, BackendError> {
         DevBuf::zeros(&self.dev, n).map_err(err("alloc"))
@@ -482,3 +505,32 @@ impl<V: GpuVendor> GpuBackend<V> {
     }
 }
 
+/// Per-layer sums of the spans between consecutive marks (`elapsed` of two marks' events): a
+/// layer's span runs from its mark to the next mark of the same pass (the next layer's, or the
+/// end's).
+fn layer_spans<E, X>(marks: &[(Option<usize>, E)], elapsed: impl Fn(&E, &E) -> Result<f64, X>) -> Result<Vec<f64>, X> {
+    let mut ms: Vec<f64> = Vec::new();
+    for w in marks.windows(2) {
+        if let (Some(i), _) = &w[0] {
+            if ms.len() <= *i {
+                ms.resize(i + 1, 0.0);
+            }
+            ms[*i] += elapsed(&w[0].1, &w[1].1)?;
+        }
+    }
+    Ok(ms)
+}
+
+#[cfg(test)]
+mod layer_span_tests {
+    /// Layer spans run from a layer's mark to the next mark, summed over passes; the end mark
+    /// closes a pass and opens nothing.
+    #[test]
+    fn layer_spans_sum_mark_to_mark_over_passes() {
+        let t = |v: f64| v; // an "event" is its time stamp
+        let marks = [(Some(0), t(1.0)), (Some(1), t(3.0)), (None, t(7.0)), (Some(0), t(10.0)), (Some(1), t(10.5)), (None, t(12.0))];
+        let ms = super::layer_spans(&marks, |a: &f64, b: &f64| Ok::<f64, ()>(b - a)).unwrap();
+        assert_eq!(ms, vec![2.0 + 0.5, 4.0 + 1.5]);
+        assert!(super::layer_spans::<f64, ()>(&[], |a, b| Ok(b - a)).unwrap().is_empty());
+    }
+}

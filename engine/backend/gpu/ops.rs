@@ -645,6 +645,10 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
         crate::backend::moe_experts_shared_by_ops(self, x, r, e, shared)
     }
 
+    fn mark_layer(&self, layer: Option<usize>) -> Result<(), BackendError> {
+        self.layer_mark(layer)
+    }
+
     fn synchronize(&self) -> Result<(), BackendError> {
         self.dev.synchronize().map_err(err("synchronize"))
     }

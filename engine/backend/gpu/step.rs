@@ -208,7 +208,7 @@ impl<V: GpuVendor> GpuBackend<V> {
 
     pub(super) fn graph_batch_size(&self, t: usize) -> Option<usize> {
         use std::sync::atomic::Ordering;
-        if self.profile.enabled.load(Ordering::Relaxed) || self.graphs.state.lock().unwrap().failed.is_some() {
+        if self.profile.enabled.load(Ordering::Relaxed) || self.profile.layers.load(Ordering::Relaxed) || self.graphs.state.lock().unwrap().failed.is_some() {
             return None;
         }
         capture_bucket(&self.graphs.sizes, t)
