@@ -62,7 +62,7 @@ impl RopeConfig {
                         Some(x) => x,
                         None => max_pos as f64 / original as f64,
                     };
-                    if !(factor >= 1.0) {
+                    if factor.is_nan() || factor < 1.0 {
                         return Err(ConfigError::invalid(f.origin, &format!("{}factor", p.prefix), format!("YaRN factor must be >= 1, got {factor}")));
                     }
                     // transformers treats 0/absent beta as the paper's defaults (`x or 32`).
@@ -89,7 +89,7 @@ impl RopeConfig {
             }
         }
         let theta = theta.unwrap_or(10000.0);
-        if !(theta > 0.0) {
+        if theta.is_nan() || theta <= 0.0 {
             return Err(ConfigError::invalid(f.origin, "rope_theta", format!("must be positive, got {theta}")));
         }
         Ok(RopeConfig { theta, dim, interleaved, scaling })

@@ -405,7 +405,7 @@ impl<B: Backend> Runner<B> {
             }
         }
         // remove from the back so indices stay valid
-        finished.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)));
+        finished.sort_by_key(|x| std::cmp::Reverse((x.0, x.1)));
         for (rank, idx, completed) in finished {
             let r = self.sched.0[rank].finish(idx);
             if completed {

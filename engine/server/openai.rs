@@ -271,7 +271,7 @@ pub async fn chat(app: &App, body: Value) -> Result<Resp, ApiError> {
     }
     let tok = app.engine.tokenizer.as_ref().ok_or_else(|| ApiError::bad("this model has no tokenizer: use /v1/completions with token ids"))?;
     let prompt = tok.encode_chat(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
-    let params = sampling(&o, &OPENAI, app.info().context_length.saturating_sub(prompt.len()).min(4096).max(1))?;
+    let params = sampling(&o, &OPENAI, app.info().context_length.saturating_sub(prompt.len()).clamp(1, 4096))?;
     let c = common(&o, true)?;
     let n = params.n;
     let prompts = vec![prompt];

@@ -2,6 +2,7 @@
 //! - absorbed (MQA) form: the query mapped into latent space (W_UK), scores against the cached
 //!   [c_kv | k_pe], the latent output mapped back (W_UV); the cache is read once and never expanded;
 //! - MHA form: K/V decompressed from the latents through kv_b_proj.
+//!
 //! The CPU backend runs the absorbed form for prefill and decode alike: each query's arithmetic is
 //! then the same whatever the batch, the chunking or the prefix-cache hit, so results are bitwise
 //! independent of scheduling. The MHA form is kept as the cross-check (the GPU backends use it for
@@ -57,16 +58,15 @@ pub fn prefill_mha(q: &CpuTensor, kv: &CpuKvCache, layer: usize, s: &AttnSeq, kv
                 let qrow = q.row(s.q_start + i);
                 let qh = &qrow[h * d.qk_head()..(h + 1) * d.qk_head()];
                 let limit = ctx - s.q_len + i + 1;
-                for j in 0..limit {
+                for (j, sc) in scores[..limit].iter_mut().enumerate() {
                     let k_nope = &kvd.row(j)[h * per_head..h * per_head + d.qk_nope];
                     let k_pe = &kv.entry(layer, s.slots[j])[lora..];
-                    scores[j] = (dot(&qh[..d.qk_nope], k_nope) + dot(&qh[d.qk_nope..], k_pe)) * d.scale;
+                    *sc = (dot(&qh[..d.qk_nope], k_nope) + dot(&qh[d.qk_nope..], k_pe)) * d.scale;
                 }
                 softmax_in_place(&mut scores[..limit]);
                 let oi = &mut o[i * d.v_head..(i + 1) * d.v_head];
-                for j in 0..limit {
+                for (j, &p) in scores[..limit].iter().enumerate() {
                     let v = &kvd.row(j)[h * per_head + d.qk_nope..(h + 1) * per_head];
-                    let p = scores[j];
                     oi.iter_mut().zip(v).for_each(|(a, b)| *a += p * b);
                 }
             }

@@ -97,6 +97,10 @@ pub struct GpuKvCache {
     pub buf: DevBuf<f32>,
 }
 
+/// One projection of a layer's experts as uploaded: every expert's bytes (borrowed from the
+/// checkpoint's mmap where they need no conversion) and its scales, in expert order.
+type ProjectionParts<'a> = (Vec<std::borrow::Cow<'a, [u8]>>, Vec<f32>);
+
 pub(super) fn cfg(grid: (u32, u32), block: u32, shared: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (grid.0.max(1), grid.1.max(1), 1), block_dim: (block, 1, 1), shared_mem_bytes: shared }
 }
@@ -344,7 +348,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
         let e0 = &experts[0];
         let (wdt, _, _, bn, bk) = host_weight(&e0[0], self.fp8_fnuz);
         // per projection: every expert's bytes (borrowed from the mmap) and scales, in expert order
-        let mut parts: [(Vec<std::borrow::Cow<[u8]>>, Vec<f32>); 3] = Default::default();
+        let mut parts: [ProjectionParts; 3] = Default::default();
         for (e, ex) in experts.iter().enumerate() {
             for (p, w) in ex.iter().enumerate() {
                 let (d, bytes, scales, wbn, wbk) = host_weight(w, self.fp8_fnuz);
