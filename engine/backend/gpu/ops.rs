@@ -4,7 +4,7 @@ use super::device::{err, DevBuf, LaunchConfig};
 use super::step;
 use crate::backend::gpu::ModelDims;
 use crate::backend::{AttnSeq, Backend, BackendError, GraphStep, KvEntrySite, MlaDims, RouteParams, SampleRow, StepInputs};
-use crate::config::{RopeTables, ScoringFunc, TopkMethod};
+use crate::config::RopeTables;
 use crate::weights::{HostLinear, LinearData};
 
 const EW: &str = "hip-kernels/elementwise.hip";
@@ -12,7 +12,6 @@ const NORM: &str = "hip-kernels/norm.hip";
 const ROPE: &str = "hip-kernels/rope.hip";
 const KV_ENTRY: &str = "hip-kernels/mla_kv_entry.hip";
 const LIN: &str = "hip-kernels/linear.hip";
-const MOE: &str = "hip-kernels/moe.hip";
 const SAMPLE: &str = "hip-kernels/sampling.hip";
 /// Profile class of MLA's kv_b projections (q into the latent space, the latent out to v, and the
 /// prefill's K/V decompression)
@@ -66,26 +65,7 @@ pub struct GpuExperts {
     pub bk: i32,
 }
 
-pub struct GpuRouting {
-    pub top_k: usize,
-    pub ids: DevBuf<i32>,
-    pub weights: DevBuf<f32>,
-    /// The experts' output [tokens, hidden], zeroed by the routing kernel; taken by the first
-    /// expert call (a later one zeroes its own)
-    zeroed: std::sync::Mutex<Option<DevBuf<f32>>>,
-}
-
-impl GpuRouting {
-    /// The zeroed output where it is still there and holds `n` floats.
-    fn take_zeroed(&self, n: usize) -> Option<DevBuf<f32>> {
-        self.zeroed.lock().unwrap().take().filter(|b| b.len() == n)
-    }
-
-    /// ... given back unwritten (the call that took it launched nothing).
-    fn give_back_zeroed(&self, b: DevBuf<f32>) {
-        *self.zeroed.lock().unwrap() = Some(b);
-    }
-}
+pub use super::router::GpuRouting;
 
 pub struct GpuKvCache {
     pub layers: usize,
@@ -581,33 +561,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
     }
 
     fn moe_route(&self, x: &GpuTensor, gate: &GpuLinear, bias: Option<&[f32]>, p: &RouteParams) -> Result<GpuRouting, BackendError> {
-        self.span("routing", || {
-            let (logits, parts) = self.router_logits(x, gate)?;
-            if p.n_experts > 1024 || p.top_k > 64 || p.top_k > p.n_experts || p.n_group > 64 || p.n_group == 0 {
-                return Err(self.op_err("moe_route", format!("{} experts, top-k {}, {} groups: the routing kernel takes at most 1024 experts, top-k 64 (and no more than the experts) and 64 groups", p.n_experts, p.top_k, p.n_group)));
-            }
-            let f = self.func(MOE, "moe_route")?;
-            let d_bias = self.constant(bias.unwrap_or(&[0.0]))?;
-            // every token's top_k ids and weights are written, and its output row zeroed
-            let mut ids = self.scratch::<i32>((x.rows * p.top_k).max(1))?;
-            let mut weights = self.alloc_out(x.rows * p.top_k)?;
-            let mut zeroed = self.scratch::<f32>((x.rows * x.cols).max(1))?;
-            let method = match p.method {
-                TopkMethod::NoauxTc => 0i32,
-                TopkMethod::Greedy => 1,
-                TopkMethod::GroupLimitedGreedy => 2,
-            };
-            let (hb, e, k, ng, tg, sm, norm, sc) = (bias.is_some() as i32, p.n_experts as i32, p.top_k as i32, p.n_group as i32, p.topk_group as i32, (p.scoring == ScoringFunc::Softmax) as i32, p.norm_topk_prob as i32, p.routed_scaling_factor);
-            let mut b = self.launch(&f);
-            let parts = parts as i32;
-            b.arg(&logits).arg(&parts).arg(&d_bias).arg(&hb).arg(&e).arg(&k).arg(&ng).arg(&tg).arg(&method).arg(&sm).arg(&norm).arg(&sc).arg(&mut ids).arg(&mut weights);
-            b.arg(&mut zeroed).arg(&(x.cols as i32));
-            // one block per token, a thread per expert
-            let threads = p.n_experts.next_multiple_of(self.warp as usize).max(self.warp as usize) as u32;
-            b.run(cfg((x.rows as u32, 1), threads, 0)).map_err(err("moe_route"))?;
-            self.record_routed(&ids, x.rows * p.top_k)?;
-            Ok(GpuRouting { top_k: p.top_k, ids, weights, zeroed: std::sync::Mutex::new(Some(zeroed)) })
-        })
+        self.route(x, gate, bias, p)
     }
 
     fn moe_experts(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts) -> Result<GpuTensor, BackendError> {

@@ -6,13 +6,16 @@
 //! outputs (V3: 256 experts), so its tiles alone are a handful of blocks (8 at 256 tokens) and
 //! the GEMV's 16-row slices each re-read the weights on a few blocks (16 launches of ~18 µs at
 //! 256 tokens on the H200); K parts give every SM two blocks. Each part writes its own [tokens,
-//! experts] and moe_route adds them in order.
+//! experts] and moe_route adds them in order. Then moe.hip's routing kernel (`route`): each
+//! token's top-k experts and weights (`GpuRouting`), and its row of the experts' output zeroed.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf};
 use super::ops::{cfg, GpuLinear, LINEAR_TILE, LINEAR_TILE_K};
-use crate::backend::BackendError;
+use crate::backend::{BackendError, RouteParams};
+use crate::config::{ScoringFunc, TopkMethod};
 
 const EW: &str = "hip-kernels/elementwise.hip";
+const MOE: &str = "hip-kernels/moe.hip";
 
 /// Tokens up to which the router runs on the GEMV (its batch-1 latency kernels).
 pub(super) const ROUTER_GEMV_MAX_ROWS: usize = 8;
@@ -36,6 +39,32 @@ pub(super) fn distinct_experts(ids: &[i32]) -> usize {
     seen.len()
 }
 
+pub struct GpuRouting {
+    pub top_k: usize,
+    pub ids: DevBuf<i32>,
+    pub weights: DevBuf<f32>,
+    /// The experts' output [tokens, hidden], zeroed by the routing kernel; taken by the first
+    /// expert call (a later one zeroes its own)
+    zeroed: std::sync::Mutex<Option<DevBuf<f32>>>,
+}
+
+impl GpuRouting {
+    /// The routing kernel's ids and weights, with the experts' output it zeroed.
+    fn new(top_k: usize, ids: DevBuf<i32>, weights: DevBuf<f32>, zeroed: DevBuf<f32>) -> Self {
+        GpuRouting { top_k, ids, weights, zeroed: std::sync::Mutex::new(Some(zeroed)) }
+    }
+
+    /// The zeroed output where it is still there and holds `n` floats.
+    pub(super) fn take_zeroed(&self, n: usize) -> Option<DevBuf<f32>> {
+        self.zeroed.lock().unwrap().take().filter(|b| b.len() == n)
+    }
+
+    /// ... given back unwritten (the call that took it launched nothing).
+    pub(super) fn give_back_zeroed(&self, b: DevBuf<f32>) {
+        *self.zeroed.lock().unwrap() = Some(b);
+    }
+}
+
 impl<V: GpuVendor> GpuBackend<V> {
     /// While profiling (eager steps: `engine bench --profile`'s re-run), the distinct experts of
     /// this routing call, read back: what the decode step's expert bytes are.
@@ -45,6 +74,39 @@ impl<V: GpuVendor> GpuBackend<V> {
             self.profile.routed.lock().unwrap().push(distinct_experts(&v[..pairs.min(v.len())]));
         }
         Ok(())
+    }
+
+    /// `Backend::moe_route`: the logits, then moe.hip's routing kernel, which also zeroes each
+    /// token's row of the experts' output they add into (carried by the routing to the first
+    /// expert call).
+    pub(super) fn route(&self, x: &GpuTensor, gate: &GpuLinear, bias: Option<&[f32]>, p: &RouteParams) -> Result<GpuRouting, BackendError> {
+        self.span("routing", || {
+            let (logits, parts) = self.router_logits(x, gate)?;
+            if p.n_experts > 1024 || p.top_k > 64 || p.top_k > p.n_experts || p.n_group > 64 || p.n_group == 0 {
+                return Err(self.op_err("moe_route", format!("{} experts, top-k {}, {} groups: the routing kernel takes at most 1024 experts, top-k 64 (and no more than the experts) and 64 groups", p.n_experts, p.top_k, p.n_group)));
+            }
+            let f = self.func(MOE, "moe_route")?;
+            let d_bias = self.constant(bias.unwrap_or(&[0.0]))?;
+            // every token's top_k ids and weights are written, and its output row zeroed
+            let mut ids = self.scratch::<i32>((x.rows * p.top_k).max(1))?;
+            let mut weights = self.alloc_out(x.rows * p.top_k)?;
+            let mut zeroed = self.scratch::<f32>((x.rows * x.cols).max(1))?;
+            let method = match p.method {
+                TopkMethod::NoauxTc => 0i32,
+                TopkMethod::Greedy => 1,
+                TopkMethod::GroupLimitedGreedy => 2,
+            };
+            let (hb, e, k, ng, tg, sm, norm, sc) = (bias.is_some() as i32, p.n_experts as i32, p.top_k as i32, p.n_group as i32, p.topk_group as i32, (p.scoring == ScoringFunc::Softmax) as i32, p.norm_topk_prob as i32, p.routed_scaling_factor);
+            let mut b = self.launch(&f);
+            let parts = parts as i32;
+            b.arg(&logits).arg(&parts).arg(&d_bias).arg(&hb).arg(&e).arg(&k).arg(&ng).arg(&tg).arg(&method).arg(&sm).arg(&norm).arg(&sc).arg(&mut ids).arg(&mut weights);
+            b.arg(&mut zeroed).arg(&(x.cols as i32));
+            // one block per token, a thread per expert
+            let threads = p.n_experts.next_multiple_of(self.warp as usize).max(self.warp as usize) as u32;
+            b.run(cfg((x.rows as u32, 1), threads, 0)).map_err(err("moe_route"))?;
+            self.record_routed(&ids, x.rows * p.top_k)?;
+            Ok(GpuRouting::new(p.top_k, ids, weights, zeroed))
+        })
     }
 
     /// The router's logits as (buffer, parts): `parts` [x.rows, gate.out] K parts in a row.
