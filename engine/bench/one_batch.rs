@@ -148,13 +148,18 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
             l = decode(&mut kv, &l, i)?;
             steps.push(t.elapsed().as_secs_f64());
         }
-        // the same decode steps again, profiled (they rewrite the same KV slots)
-        if hooks.profiling {
-            (hooks.start)();
+        // the same decode steps again from the first step's tokens (they rewrite the same KV slots)
+        let replay = |kv: &mut B::KvCache| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             let mut l = first.clone();
             for i in 0..a.output_len {
-                l = decode(&mut kv, &l, i)?;
+                l = decode(kv, &l, i)?;
             }
+            Ok(())
+        };
+        // ... profiled
+        if hooks.profiling {
+            (hooks.start)();
+            replay(&mut kv)?;
         }
         let profile = (hooks.finish)().map(|v| {
             let per_step: serde_json::Map<String, serde_json::Value> = v.iter().map(|(k, ms)| (k.to_string(), json!(ms / a.output_len.max(1) as f64))).collect();
@@ -165,10 +170,7 @@ fn bench_model<B: Backend>(model: &Model<B>, a: &BenchOneBatchArgs, hooks: &Prof
         // op by op without the op events
         let layers: Option<Vec<f64>> = if hooks.profiling {
             (hooks.start_layers)();
-            let mut l = first.clone();
-            for i in 0..a.output_len {
-                l = decode(&mut kv, &l, i)?;
-            }
+            replay(&mut kv)?;
             Some((hooks.layers)().iter().map(|ms| ms / a.output_len.max(1) as f64).collect())
         } else {
             None
