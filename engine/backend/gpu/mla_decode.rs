@@ -163,7 +163,8 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (t, dims) = (q.rows, ModelDims::of_mla(d));
         let tile = self.decode_tile(d);
         // the kernel, its block and shared memory, and how many blocks an SM holds
-        let (f, name, heads_per_block, threads, smem, bps) = if self.wg_decode(d, t) {
+        let wg = self.wg_decode(d, t);
+        let (f, name, heads_per_block, threads, smem, bps) = if wg {
             (self.mla_decode_wg_func(dims)?, "mla_decode_wg", WG_HEADS, WG_THREADS, WG_SHARED, None)
         } else if self.rows_decode(d) {
             let smem = rows_shared_bytes(d);
@@ -185,7 +186,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.span("attention", || {
             let mut b = self.launch(&f);
             b.arg(&q.buf).arg(q_lat).arg(&kv.buf).arg(&a.flat).arg(&a.off).arg(&a.len).arg(&mut *lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part).arg(&sm);
-            let launch = LaunchConfig { grid_dim: (t as u32, groups as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
+            let launch = LaunchConfig { grid_dim: if wg { ((t * groups) as u32, 1, splits as u32) } else { (t as u32, groups as u32, splits as u32) }, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
             b.run(launch).map_err(err(name))?;
             self.mla_merge_splits(dims, &part, lat, t, d.num_heads, splits)
         })
