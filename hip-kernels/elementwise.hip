@@ -81,10 +81,50 @@ extern "C" __global__ void kv_write_bf16(uint16_t* kv, const float* entries, con
     for (int e = threadIdx.x; e < entry; e += blockDim.x) dst[e] = (uint16_t)bf16_rne(entries[(int64_t)i * entry + e]);
 }
 
-// bf16 [n] → f32 (exact): a bf16 weight for the vendor library's f32 GEMM.
-extern "C" __global__ void widen_bf16(const uint16_t* x, float* out, int64_t n) { ENGINE_GRID_DEP();
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = bf16_to_f32(x[i]);
+// x [n] f32 → out [3n] bf16: the hi parts, then the mid, then the lo (x = hi + mid + lo to f32's
+// 24 bits: each part the nearest bf16 of what the parts before it left, exactly representable):
+// the MoE router's stacked operand (router.rs), whose three products with bf16 weights are an f32
+// GEMM's products.
+extern "C" __global__ void split3_bf16_rows(const float* x, uint16_t* out, int64_t n) { ENGINE_GRID_DEP();
+    // 8 elements a thread (two 16-byte loads, a 16-byte store a part) where n allows; one a
+    // thread the 2-byte stores of three parts took 19 µs for V3's 256 × 7,168 on the H200
+    const int64_t i = 8 * ((int64_t)blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= n) return;
+    const int w = n % 8 == 0 ? 8 : (int)min((int64_t)8, n - i);
+    float v8[8];
+    if (w == 8) {
+        *(float4*)&v8[0] = *(const float4*)&x[i];
+        *(float4*)&v8[4] = *(const float4*)&x[i + 4];
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v8[e] = e < w ? x[i + e] : 0.f;
+    }
+    uint32_t p[3][4]; // each part's 8 bf16, packed in pairs (constant indices: registers)
+#pragma unroll
+    for (int e = 0; e < 8; e += 2) {
+        uint32_t h[2], m[2], l[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const float v = v8[e + u];
+            h[u] = bf16_rne(v);
+            const float r = v - __uint_as_float(h[u] << 16);
+            m[u] = bf16_rne(r);
+            l[u] = bf16_rne(r - __uint_as_float(m[u] << 16));
+        }
+        p[0][e / 2] = h[0] | h[1] << 16;
+        p[1][e / 2] = m[0] | m[1] << 16;
+        p[2][e / 2] = l[0] | l[1] << 16;
+    }
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+        if (w == 8) {
+            *(uint4*)&out[k * n + i] = make_uint4(p[k][0], p[k][1], p[k][2], p[k][3]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                if (e < w) out[k * n + i + e] = (uint16_t)(p[k][e / 2] >> (16 * (e % 2)));
+        }
+    }
 }
 
 // x [n] f32 → out [2n] bf16: the hi parts, then the lo parts (x ≈ hi + lo): cuBLASLt's stacked

@@ -97,7 +97,7 @@ fn moe_on<V: GpuVendor>(g: &GpuBackend<V>, t: usize, tol: f64) {
 /// noaux_tc with tied bias, greedy over 256 and over 72 experts (runs of a warp, a short last
 /// run), group-limited greedy, and groups of one expert; then V3's router (256 experts of
 /// hidden 7,168, bf16) at 9 and 256 tokens, whose CUDA-core tiles are split over K (router.rs),
-/// and at 600 through the GEMM library's f32 GEMM.
+/// and at 600 through the GEMM library (x in three bf16 terms: router.rs).
 #[test]
 #[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn moe_route_ties_and_groups() {
@@ -134,7 +134,8 @@ fn moe_route_ties_and_groups_on<V: GpuVendor>() {
     let p = rp(256, 8, 8, 4, TopkMethod::NoauxTc, ScoringFunc::Sigmoid);
     let gate = host_linear(&mut rng, 256, 7168, WType::Bf16);
     let bias = randn(&mut rng, 256, 0.1);
-    // 600 tokens: past router_blas_min_rows (512), the GEMM library's f32 GEMM where it has one
+    // 600 tokens: past router_blas_min_rows (512), the GEMM library's bf16 GEMM on x in three
+    // bf16 terms where it has one
     for t in [9, 256, 600] {
         let x = randn(&mut rng, t * 7168, 1.0);
         let cr = c.moe_route(&c.upload(t, 7168, &x).unwrap(), &c.upload_linear(&gate).unwrap(), Some(&bias), &p).unwrap();

@@ -1,7 +1,7 @@
-//! The MoE router's logits, f32 on the CUDA cores (expert choice must match the f32 reference:
-//! no tensor cores): the GEMV up to `ROUTER_GEMV_MAX_ROWS` tokens, from tuned
-//! `router_blas_min_rows` the GEMM library's f32 GEMM (FFMA, no TF32; a bf16 router converted to
-//! f32 first by `widen_bf16` each call: ~7 MB for V3, ~11 µs), else linear.hip's 128 × 64 tiles
+//! The MoE router's logits in f32 (expert choice must match the f32 reference: no product rounded
+//! below f32): the GEMV up to `ROUTER_GEMV_MAX_ROWS` tokens, from tuned `router_blas_min_rows`
+//! the GEMM library (bf16 weights: its bf16 GEMM on x split into three bf16 terms, exact
+//! products; f32 weights: its f32 GEMM, FFMA, no TF32), else linear.hip's 128 × 64 tiles
 //! split over K (~11 TFLOPS at 4,096 tokens on the H200, 0.66 ms a V3 layer). The router has few
 //! outputs (V3: 256 experts), so its tiles alone are a handful of blocks (8 at 256 tokens) and
 //! the GEMV's 16-row slices each re-read the weights on a few blocks (16 launches of ~18 µs at
@@ -115,7 +115,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             return Ok((self.linear_with(x, gate, false)?.buf, 1));
         }
         if let Some(y) = self.router_blas(x, gate)? {
-            return Ok((y, 1));
+            return Ok(y);
         }
         let split = router_split(x.rows, gate.out, gate.inp, self.sms);
         let mut y = self.alloc_out(split.0 * x.rows * gate.out)?;
@@ -123,28 +123,36 @@ impl<V: GpuVendor> GpuBackend<V> {
         Ok((y, split.0))
     }
 
-    /// The logits by the GEMM library's f32 GEMM where tuned and available (f32 or bf16 router
-    /// weights); None: the own kernels.
-    fn router_blas(&self, x: &GpuTensor, gate: &GpuLinear) -> Result<Option<DevBuf<f32>>, BackendError> {
+    /// The logits by the GEMM library where tuned and available, as (buffer, parts): bf16 router
+    /// weights (V3's) on its bf16 GEMM with x split into three bf16 terms (`split3_bf16_rows`:
+    /// x = hi + mid + lo to f32's 24 bits; the weights are exact in bf16, so each product is an
+    /// f32 GEMM's, and moe_route adds the three parts in order), f32 weights on its f32 GEMM;
+    /// None: the own kernels. (The f32 GEMM on the CUDA cores, with the bf16 weights widened each
+    /// call, took ~53 µs a V3 layer at 256 tokens.)
+    fn router_blas(&self, x: &GpuTensor, gate: &GpuLinear) -> Result<Option<(DevBuf<f32>, usize)>, BackendError> {
         let (m, n, k) = (x.rows, gate.out, gate.inp);
         let min = self.tuned.router_blas_min_rows;
-        let Some(lt) = self.blaslt.as_ref().filter(|lt| min > 0 && m >= min && gate.wdt <= 1 && lt.supports_f32(m, n, k)) else {
+        let Some(lt) = self.blaslt.as_ref().filter(|_| min > 0 && m >= min) else {
             return Ok(None);
         };
-        let w32 = match gate.wdt {
-            0 => None,
-            _ => {
-                let mut w = self.scratch::<f32>(n * k)?;
-                let f = self.func(EW, "widen_bf16")?;
-                let total = (n * k) as i64;
-                self.launch(&f).arg(&gate.data).arg(&mut w).arg(&total).run(cfg(((n * k).div_ceil(256) as u32, 1), 256, 0)).map_err(err("widen_bf16"))?;
-                Some(w)
+        let fail = |msg: String| self.op_err("router", format!("{}: {msg}", lt.name()));
+        match gate.wdt {
+            1 if lt.supports(3 * m, n, k) => {
+                let mut x3 = self.scratch::<u16>(3 * m * k)?;
+                let f = self.func(EW, "split3_bf16_rows")?;
+                let total = (m * k) as i64;
+                self.launch(&f).arg(&x.buf).arg(&mut x3).arg(&total).run(cfg(((m * k).div_ceil(8 * 256) as u32, 1), 256, 0)).map_err(err("split3_bf16_rows"))?;
+                let y = self.scratch::<f32>(3 * m * n)?;
+                lt.gemm_bf16(3 * m, n, k, gate.data.ptr(), x3.ptr(), y.ptr()).map_err(fail)?;
+                Ok(Some((y, 3)))
             }
-        };
-        let wp = w32.as_ref().map_or(gate.data.ptr(), |w| w.ptr());
-        let y = self.scratch::<f32>(m * n)?;
-        lt.gemm_f32(m, n, k, wp, x.buf.ptr(), y.ptr()).map_err(|msg| self.op_err("router", format!("{}: {msg}", lt.name())))?;
-        Ok(Some(y))
+            0 if lt.supports_f32(m, n, k) => {
+                let y = self.scratch::<f32>(m * n)?;
+                lt.gemm_f32(m, n, k, gate.data.ptr(), x.buf.ptr(), y.ptr()).map_err(fail)?;
+                Ok(Some((y, 1)))
+            }
+            _ => Ok(None),
+        }
     }
 }
 

@@ -31,7 +31,7 @@ pub struct KernelModule {
 
 /// Modules that do not depend on the model's shapes.
 const GENERIC: &[(&str, &[&str])] = &[
-    ("hip-kernels/elementwise.hip", &["embedding_f32w", "embedding_bf16w", "embedding_fp8w", "silu_mul", "add_inplace", "gather_rows", "scatter_rows", "concat_cols", "kv_write", "kv_write_bf16", "split_bf16_rows", "dequant_fp8_hilo", "widen_bf16"]),
+    ("hip-kernels/elementwise.hip", &["embedding_f32w", "embedding_bf16w", "embedding_fp8w", "silu_mul", "add_inplace", "gather_rows", "scatter_rows", "concat_cols", "kv_write", "kv_write_bf16", "split_bf16_rows", "split3_bf16_rows", "dequant_fp8_hilo"]),
     ("hip-kernels/norm.hip", &["rms_norm", "add_rms_norm", "rms_norm_cols"]),
     ("hip-kernels/rope.hip", &["rope"]),
     ("hip-kernels/mla_kv_entry.hip", &["mla_kv_entry", "mla_kv_entry_bf16"]),
