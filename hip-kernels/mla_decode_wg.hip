@@ -18,6 +18,9 @@
 //   - one block barrier a tile (the tile landed, the other tile and P free again) and one named
 //     barrier (P ready for warpgroup 1); shared memory written by threads is fenced to the async
 //     proxy before a wgmma reads it.
+// The queries: q_pe from q (f32) and q_lat either f32 or, where `q_lat16` is given, bf16 as
+// mla_heads.hip's `_by` kernels write it (the same rounding this kernel applies: half the bytes,
+// copied by cp.async without registers, one memory latency instead of two batches of loads).
 // Splits of the context (blockIdx.z) write unnormalised partials for mla.hip's mla_merge, as
 // mla_decode.hip does. sm_90a with KV_LORA 512 and ROPE 64 only (the host checks); elsewhere the
 // kernel is a trap the host never selects.
@@ -128,13 +131,46 @@ __device__ __forceinline__ void wd_q_store(uint8_t* sm, const float (&v)[WD_QB][
     }
 }
 
+// With q_lat given as bf16 ([T, heads, KV_LORA], the heads kernel's `_by` output): its 64 rows ×
+// 64 pieces by 16-byte cp.async into the swizzled chunks 0-7 (16 a thread, no registers; the
+// first tile's wait covers them), and q_pe's 64 rows × 8 pieces (f32, in q) through registers,
+// 2 a thread, stored as bf16 into chunk 8.
+#define WD_QPE (WD_H * ROPE / 8 / WD_THREADS)
+static_assert(WD_H * (KV_LORA / 8) % WD_THREADS == 0 && WD_QPE <= WD_QB, "whole rounds of q_lat and q_pe pieces");
+__device__ __forceinline__ void wd_q16_copy(uint8_t* sm, const uint16_t* __restrict__ q_lat16, int t, int h0, int heads) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(sm + WD_Q);
+#pragma unroll
+    for (int u = 0; u < WD_H * (KV_LORA / 8) / WD_THREADS; ++u) {
+        const int i = threadIdx.x + u * WD_THREADS, r = i / (KV_LORA / 8), p = i % (KV_LORA / 8);
+        cp_async16_fill(d + (p / 8) * WD_CH + wd_sw(r, p % 8), q_lat16 + ((int64_t)t * heads + h0 + r) * KV_LORA + 8 * p, 16);
+    }
+    cp_async_commit();
+}
+__device__ __forceinline__ int wd_qpe_item(int u) { // item index (row · 72 + piece) of this thread's q_pe piece u
+    const int i = threadIdx.x + u * WD_THREADS;
+    return i / (ROPE / 8) * (ENTRY / 8) + KV_LORA / 8 + i % (ROPE / 8);
+}
+__device__ __forceinline__ void wd_qpe_load(float (&v)[WD_QB][8], const float* __restrict__ q, int t, int h0, int heads) {
+#pragma unroll
+    for (int u = 0; u < WD_QPE; ++u) md_query_item<ENTRY>(v[u], wd_qpe_item(u), q, q, t, h0, heads); // (q_lat unread: q_pe pieces only)
+}
+__device__ __forceinline__ void wd_qpe_store(uint8_t* sm, const float (&v)[WD_QB][8]) {
+#pragma unroll
+    for (int u = 0; u < WD_QPE; ++u) {
+        const int i = wd_qpe_item(u), r = i / (ENTRY / 8), p = i % (ENTRY / 8);
+        const float* a = v[u];
+        *(uint4*)(sm + WD_Q + (p / 8) * WD_CH + wd_sw(r, p % 8)) = make_uint4(bf16_pack(a[0], a[1]), bf16_pack(a[2], a[3]), bf16_pack(a[4], a[5]), bf16_pack(a[6], a[7]));
+    }
+}
+
 __device__ __forceinline__ void wd_fence_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #endif
 
 extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
     mla_decode_wg(const float* __restrict__ q, const float* __restrict__ q_lat, const uint16_t* __restrict__ kv, const uint32_t* __restrict__ slots,
                   const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len, float* __restrict__ lat_out, int heads, int layer,
-                  int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part, int smem) { ENGINE_GRID_DEP();
+                  int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part, int smem, const uint16_t* __restrict__ q_lat16) {
+    ENGINE_GRID_DEP();
 #ifdef WD_ON
     extern __shared__ __align__(16) unsigned char wd_raw[];
     if (smem < WD_SMEM) __trap(); // the host's layout and this one disagree
@@ -147,7 +183,12 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
     // 228 MB a launch, 4-5% slower)
     const int groups = heads / WD_H, t = blockIdx.x / groups, h0 = blockIdx.x % groups * WD_H, z = blockIdx.z, tid = threadIdx.x;
     float qv[WD_QB][8];
-    wd_q_load(qv, 0, q, q_lat, t, h0, heads); // in flight while the slots are looked up
+    if (q_lat16) { // q_lat as bf16: its pieces by cp.async straight to the swizzled chunks, q_pe's loaded
+        wd_q16_copy(sm, q_lat16, t, h0, heads);
+        wd_qpe_load(qv, q, t, h0, heads);
+    } else {
+        wd_q_load(qv, 0, q, q_lat, t, h0, heads); // in flight while the slots are looked up
+    }
     const uint32_t* sl = slots + ctx_off[t];
     const int total = ctx_len[t];
     const int chunk = max((total + splits - 1) / splits, min_chunk);
@@ -157,15 +198,20 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
     const int r0 = 16 * w + g; // this thread's rows r0, r0 + 8 (of the block's 64 heads)
     if (j0 >= n) { // an empty split (graph steps launch a fixed number): an empty partial
         if (splits > 1 && tid < WD_H && h0 + tid < heads) md_header(part, t, heads, h0 + tid, splits, z, -ENGINE_INF, 0.f);
+        cp_async_wait<0>(); // (the query copies land before the block's shared memory goes)
         return;
     }
     wd_fetch(sm + WD_K, base, md_slot<WD_KT, WD_THREADS>(sl, j0, n), j0, n);
     uint32_t slot = md_slot<WD_KT, WD_THREADS>(sl, j0 + WD_KT, n); // the next tile's
-    wd_q_store(sm, qv, 0);
+    if (q_lat16) {
+        wd_qpe_store(sm, qv);
+    } else {
+        wd_q_store(sm, qv, 0);
 #pragma unroll
-    for (int b = 1; b < WD_QI / WD_QB; ++b) {
-        wd_q_load(qv, b, q, q_lat, t, h0, heads);
-        wd_q_store(sm, qv, b);
+        for (int b = 1; b < WD_QI / WD_QB; ++b) {
+            wd_q_load(qv, b, q, q_lat, t, h0, heads);
+            wd_q_store(sm, qv, b);
+        }
     }
     const float scale2 = scale * 1.4426950408889634f;
     float o[128];

@@ -46,8 +46,8 @@ __device__ __forceinline__ uint32_t hm_w2(uint32_t two) {
 #endif
 }
 
-template <int BM>
-__device__ void heads_mma_impl(const float* X, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, float* Y, int64_t ldy, int yh, int M, int N,
+template <int BM, bool BY>
+__device__ void heads_mma_impl(const float* X, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, void* Yv, int64_t ldy, int yh, int M, int N,
                                int K, int bn, int bk) {
     constexpr int MI = BM / 16, XB = BM * HM_XS * 4, STAGE = XB + HM_N * HM_WS;
     extern __shared__ __align__(16) unsigned char hm_smem[];
@@ -136,28 +136,39 @@ __device__ void heads_mma_impl(const float* X, int64_t ldx, int xh, const uint8_
         }
     }
 
-    float* Yz = Y + (int64_t)z * yh;
+    // f32 pairs, or (BY) bf16 pairs rounded to nearest even: the warpgroup decode kernel's
+    // queries, which it would round so itself (half the bytes written and read back)
+    float* Yz = (float*)Yv + (int64_t)z * yh;
+    uint16_t* Yb = (uint16_t*)Yv + (int64_t)z * yh;
 #pragma unroll
     for (int i = 0; i < MI; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int r = m0 + 16 * i + g, n = nt + 32 * wid + 8 * j + 2 * t;
             if (n >= N) continue;
-            if (r < M) *(float2*)&Yz[(int64_t)r * ldy + n] = make_float2(acc[i][j][0], acc[i][j][1]);
-            if (r + 8 < M) *(float2*)&Yz[(int64_t)(r + 8) * ldy + n] = make_float2(acc[i][j][2], acc[i][j][3]);
+            if (BY) {
+                if (r < M) *(uint32_t*)&Yb[(int64_t)r * ldy + n] = bf16_pack(acc[i][j][0], acc[i][j][1]);
+                if (r + 8 < M) *(uint32_t*)&Yb[(int64_t)(r + 8) * ldy + n] = bf16_pack(acc[i][j][2], acc[i][j][3]);
+            } else {
+                if (r < M) *(float2*)&Yz[(int64_t)r * ldy + n] = make_float2(acc[i][j][0], acc[i][j][1]);
+                if (r + 8 < M) *(float2*)&Yz[(int64_t)(r + 8) * ldy + n] = make_float2(acc[i][j][2], acc[i][j][3]);
+            }
         }
 }
-#define HM_BODY(BM) heads_mma_impl<BM>(X, ldx, xh, W, S, wh, w0, Y, ldy, yh, M, N, K, bn, bk)
+#define HM_BODY(BM, BY) heads_mma_impl<BM, BY>(X, ldx, xh, W, S, wh, w0, Y, ldy, yh, M, N, K, bn, bk)
 #else
-#define HM_BODY(BM) ENGINE_TRAP()
+#define HM_BODY(BM, BY) ENGINE_TRAP()
 #endif
 
-#define HEADS_MMA(BM, MINB)                                                                                                            \
+// _by: Y as bf16 (ldy, yh in bf16 elements)
+#define HEADS_MMA(BM, MINB, SUF, BY)                                                                                                    \
     extern "C" __global__ void __launch_bounds__(HM_THREADS, MINB)                                                                     \
-        heads_mma_fp8w_m##BM(const float* X, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, float* Y, int64_t ldy, \
-                             int yh, int M, int N, int K, int bn, int bk) {                                                              \
+        heads_mma_fp8w_m##BM##SUF(const float* X, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, void* Y, int64_t ldy, \
+                                  int yh, int M, int N, int K, int bn, int bk) {                                                         \
         ENGINE_GRID_DEP();                                                                                                            \
-        HM_BODY(BM);                                                                                                                  \
+        HM_BODY(BM, BY);                                                                                                              \
     }
-HEADS_MMA(32, 4)
-HEADS_MMA(64, 3)
+HEADS_MMA(32, 4, , false)
+HEADS_MMA(64, 3, , false)
+HEADS_MMA(32, 4, _by, true)
+HEADS_MMA(64, 3, _by, true)

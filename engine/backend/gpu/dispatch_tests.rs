@@ -560,6 +560,41 @@ fn decode_attention_batches_of_128_heads_take_the_warpgroup_kernel_on_sm90a() {
     }
 }
 
+/// Where the warpgroup decode kernel runs and the heads kernel makes the queries' latents
+/// (mla_heads.hip on NVIDIA sm_80+), those come as bf16 (`_by`) and the decode kernel gets their
+/// buffer as its last argument; the latent → v projection stays f32. Other decode kernels (the
+/// warpgroup kernel tuned off) take f32 latents and have no such argument.
+#[test]
+fn warpgroup_decode_takes_bf16_query_latents_from_the_heads_kernel() {
+    use crate::backend::{AttnSeq, MlaDims};
+    let d = MlaDims { num_heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
+    let slots: Vec<u32> = (0..1000).rev().collect();
+    for wg in [true, false] {
+        let (mut b, rt) = nvidia_like();
+        (b.attn_bf16, b.matrix_units, b.mma_gemm, b.tuned.mla_decode_wgmma, b.tuned.mla_decode_rows_max_heads, b.tuned.mla_proj_mma_min_rows) = (true, true, true, wg, 16, 2);
+        b.arch = "sm_90a".into();
+        let kv = b.alloc_kv_cache(2, 1000, d.kv_entry()).unwrap();
+        let kv_b = b.upload_mla_kv_b(&fp8(128 * 256, 512), d.qk_nope, d.v_head).unwrap();
+        let q = x(&b, 2, 128 * d.qk_head());
+        let seqs = [AttnSeq { q_start: 0, q_len: 1, slots: &slots }, AttnSeq { q_start: 1, q_len: 1, slots: &slots[..300] }];
+        rt.take_launched();
+        b.mla_attention(&q, &kv, 1, &seqs, &kv_b, &d).unwrap();
+        let l = rt.take_launched_args();
+        let names: Vec<&str> = l.iter().map(|x| x.0.as_str()).filter(|n| n.starts_with("heads_mma") || n.starts_with("mla_decode")).collect();
+        let (q_proj, decode) = if wg { ("heads_mma_fp8w_m32_by", "mla_decode_wg") } else { ("heads_mma_fp8w_m32", "mla_decode_mma") };
+        assert_eq!(names, [q_proj, decode, "heads_mma_fp8w_m32"], "wgmma {wg}");
+        let args = |n: &str| l.iter().find(|x| x.0 == n).unwrap().3.clone();
+        // the projection's Y (argument 7) is what the decode kernel reads: its 16th argument
+        // (after `smem`) for the warpgroup kernel, none for the mma.sync tiles (15 arguments)
+        let dec = args(decode);
+        if wg {
+            assert_eq!((dec.len(), dec[15]), (16, args(q_proj)[7]));
+        } else {
+            assert_eq!(dec.len(), 15);
+        }
+    }
+}
+
 #[test]
 fn prompts_take_the_flash_kernel_of_their_operands_and_head_size() {
     use crate::backend::{AttnSeq, MlaDims};

@@ -148,7 +148,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// block's, and at least a block an SM before any split (the compute-bound batches it was
     /// measured at: V3's 128 and 256; smaller batches take the 16-head kernel where the heads
     /// are within `mla_decode_rows_max_heads`, else mla_decode.hip).
-    fn wg_decode(&self, d: &MlaDims, t: usize) -> bool {
+    pub(super) fn wg_decode(&self, d: &MlaDims, t: usize) -> bool {
         t * d.num_heads.div_ceil(WG_HEADS) >= self.sms && self.tuned.mla_decode_wgmma && self.arch == "sm_90a" && !self.flash_portable && d.kv_lora_rank == 512 && d.qk_rope == 64 && d.qk_nope.is_multiple_of(4) && d.num_heads.is_multiple_of(WG_HEADS) && WG_SHARED <= self.dev.max_shared_per_block()
     }
 
@@ -159,7 +159,7 @@ impl<V: GpuVendor> GpuBackend<V> {
 
     /// `lat` = each token's heads' attention-weighted latents ([T, heads, kv_lora]).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn mla_decode_mma(&self, q: &GpuTensor, q_lat: &DevBuf<f32>, kv: &GpuKvCache, layer: usize, a: &AttnDev, d: &MlaDims, lat: &mut DevBuf<f32>) -> Result<(), BackendError> {
+    pub(super) fn mla_decode_mma(&self, q: &GpuTensor, q_lat: &DevBuf<f32>, q_lat16: Option<&DevBuf<u16>>, kv: &GpuKvCache, layer: usize, a: &AttnDev, d: &MlaDims, lat: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (t, dims) = (q.rows, ModelDims::of_mla(d));
         let tile = self.decode_tile(d);
         // the kernel, its block and shared memory, and how many blocks an SM holds
@@ -186,6 +186,12 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.span("attention", || {
             let mut b = self.launch(&f);
             b.arg(&q.buf).arg(q_lat).arg(&kv.buf).arg(&a.flat).arg(&a.off).arg(&a.len).arg(&mut *lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part).arg(&sm);
+            if wg {
+                // q_lat as bf16 (null: the f32 q_lat)
+                b.arg(&q_lat16.map_or(0u64, |x| x.ptr()));
+            } else if q_lat16.is_some() {
+                return Err(self.op_err(name, "bf16 queries are the warpgroup kernel's only".into()));
+            }
             let launch = LaunchConfig { grid_dim: if wg { ((t * groups) as u32, 1, splits as u32) } else { (t as u32, groups as u32, splits as u32) }, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
             b.run(launch).map_err(err(name))?;
             self.mla_merge_splits(dims, &part, lat, t, d.num_heads, splits)

@@ -14,7 +14,7 @@
 //!   weight loads streamed once per 8 tokens, f32 accumulation), where the rows allow 16-byte loads;
 //! - otherwise (odd shapes without matrix units) the CUDA-core kernels of mla.hip.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
-use super::device::{err, DevBuf, LaunchConfig};
+use super::device::{err, DevBuf, Elem, LaunchConfig};
 use super::mma::{launch, vec_ok, TILE};
 use super::gemv::gemv_geometry;
 use super::ops::{cfg, wdt_suffix, GpuLinear, ATTN_PROJ};
@@ -75,7 +75,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         if !mma && gemv_rows(g) > 0 {
             self.span(ATTN_PROJ, || self.heads_gemv(g, y))?;
         } else if self.mma_gemm && self.heads_async_ok(g) {
-            self.span(ATTN_PROJ, || self.heads_async(g, y))?;
+            self.span(ATTN_PROJ, || self.heads_async(g, y, false))?;
         } else if self.mma_gemm {
             self.span(ATTN_PROJ, || self.heads_gemm(g, y))?;
         } else {
@@ -100,6 +100,23 @@ impl<V: GpuVendor> GpuBackend<V> {
             // grid.z: the latent columns in chunks of QL_COLS (128)
             b.run(cuda_core_grid(t, heads, lora.div_ceil(128))).map_err(err("mla_q_latent"))
         })
+    }
+
+    /// q_lat as bf16, rounded to nearest even as the warpgroup decode kernel rounds its queries
+    /// (half the bytes written here and read there), where mla_heads.hip's kernel takes the
+    /// product; None: the caller makes f32 q_lat (`mla_q_latent`).
+    pub(super) fn mla_q_latent_bf16(&self, q: &GpuTensor, kv_b: &GpuLinear, d: &MlaDims) -> Result<Option<DevBuf<u16>>, BackendError> {
+        let (t, heads, lora) = (q.rows, d.num_heads, d.kv_lora_rank);
+        let Some(wt) = &kv_b.wuk_t else {
+            return Ok(None);
+        };
+        let g = HeadsGemm { x: &q.buf, ldx: heads * d.qk_head(), xh: d.qk_head(), w: wt, wh: lora, w0: 0, ldy: heads * lora, yh: lora, m: t, n: lora, k: d.qk_nope, heads };
+        if !(self.mma_gemm && t >= self.tuned.mla_proj_mma_min_rows && self.heads_async_ok(&g)) {
+            return Ok(None);
+        }
+        let mut y = self.scratch::<u16>(t * heads * lora)?; // every element written
+        self.span(ATTN_PROJ, || self.heads_async(&g, &mut y, true))?;
+        Ok(Some(y))
     }
 
     /// out [T, heads·v] from the attention's latents `lat` [T, heads, kv_lora].
@@ -129,10 +146,11 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.tuned.mla_proj_async && self.warp == 32 && self.matrix_units && w.wdt == 2 && scales_fold(g.wh, g.w0, w.bn) && shapes && out && fits
     }
 
-    fn heads_async(&self, g: &HeadsGemm, y: &mut DevBuf<f32>) -> Result<(), BackendError> {
+    /// mla_heads.hip's kernel into f32 `y`, or (`bf16_y`) bf16 pairs (its `_by` form).
+    fn heads_async<T: Elem>(&self, g: &HeadsGemm, y: &mut DevBuf<T>, bf16_y: bool) -> Result<(), BackendError> {
         let w = g.w;
         let bm = hm_rows(g.m);
-        let f = self.func(HEADS, &format!("heads_mma_fp8w_m{bm}"))?;
+        let f = self.func(HEADS, &format!("heads_mma_fp8w_m{bm}{}", if bf16_y { "_by" } else { "" }))?;
         let smem = hm_shared_bytes(g.m, g.k);
         let (ldx, ldy) = (g.ldx as i64, g.ldy as i64);
         let [xh, wh, w0, yh, m, n, k] = [g.xh, g.wh, g.w0, g.yh, g.m, g.n, g.k].map(|x| x as i32);

@@ -145,11 +145,16 @@ impl<V: GpuVendor> GpuBackend<V> {
                 dev
             }
         };
-        let mut q_lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
-        self.mla_q_latent(q, kv_b, d, &mut q_lat)?;
+        // the warpgroup decode kernel takes q_lat as bf16 where the heads kernel makes it so
+        let mma = self.mma_decode(d, kv);
+        let q16 = if mma && self.wg_decode(d, t) { self.mla_q_latent_bf16(q, kv_b, d)? } else { None };
+        let mut q_lat = self.alloc_out(if q16.is_some() { 1 } else { t * d.num_heads * d.kv_lora_rank })?;
+        if q16.is_none() {
+            self.mla_q_latent(q, kv_b, d, &mut q_lat)?;
+        }
         let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
-        if self.mma_decode(d, kv) {
-            self.mla_decode_mma(q, &q_lat, kv, layer, &a, d, &mut lat)?;
+        if mma {
+            self.mla_decode_mma(q, &q_lat, q16.as_ref(), kv, layer, &a, d, &mut lat)?;
         } else {
             self.mla_decode_cuda_cores(q, &q_lat, kv, layer, &a, d, &mut lat)?;
         }
