@@ -80,7 +80,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// token's row of the experts' output they add into (carried by the routing to the first
     /// expert call).
     pub(super) fn route(&self, x: &GpuTensor, gate: &GpuLinear, bias: Option<&[f32]>, p: &RouteParams) -> Result<GpuRouting, BackendError> {
-        self.span("routing", || {
+        let r = self.span("routing", || {
             let (logits, parts) = self.router_logits(x, gate)?;
             if p.n_experts > 1024 || p.top_k > 64 || p.top_k > p.n_experts || p.n_group > 64 || p.n_group == 0 {
                 return Err(self.op_err("moe_route", format!("{} experts, top-k {}, {} groups: the routing kernel takes at most 1024 experts, top-k 64 (and no more than the experts) and 64 groups", p.n_experts, p.top_k, p.n_group)));
@@ -104,9 +104,12 @@ impl<V: GpuVendor> GpuBackend<V> {
             // one block per token, a thread per expert
             let threads = p.n_experts.next_multiple_of(self.warp as usize).max(self.warp as usize) as u32;
             b.run(cfg((x.rows as u32, 1), threads, 0)).map_err(err("moe_route"))?;
-            self.record_routed(&ids, x.rows * p.top_k)?;
             Ok(GpuRouting::new(p.top_k, ids, weights, zeroed))
-        })
+        })?;
+        // (outside the span: the profile's read-back waits for the host, which the routing
+        // class's events would otherwise time)
+        self.record_routed(&r.ids, x.rows * p.top_k)?;
+        Ok(r)
     }
 
     /// The router's logits as (buffer, parts): `parts` [x.rows, gate.out] K parts in a row.
