@@ -129,7 +129,8 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// The logits by the GEMM library where tuned and available, as (buffer, parts): bf16 router
     /// weights (V3's) on its bf16 GEMM with x split into three bf16 terms (`split3_bf16_rows`:
     /// x = hi + mid + lo to f32's 24 bits; the weights are exact in bf16, so each product is an
-    /// f32 GEMM's, and moe_route adds the three parts in order), f32 weights on its f32 GEMM;
+    /// f32 GEMM's, and moe_route adds the three parts in order; the stacked operand is transient
+    /// scratch of 1.5x x's f32 bytes), f32 weights on its f32 GEMM;
     /// None: the own kernels. (The f32 GEMM on the CUDA cores, with the bf16 weights widened each
     /// call, took ~53 µs a V3 layer at 256 tokens.)
     fn router_blas(&self, x: &GpuTensor, gate: &GpuLinear) -> Result<Option<(DevBuf<f32>, usize)>, BackendError> {
