@@ -532,26 +532,32 @@ fn decode_attention_of_a_rank_s_16_heads_takes_the_register_kernel() {
     }
 }
 
+/// V3's attention (128 heads, FP8 kv_b) for two decode tokens of 1,000 and 300 keys on sm_90a:
+/// the launches (with their arguments) of that call alone.
+fn v3_two_token_decode(b: &mut GpuBackend<HostVendor>, rt: &HostRuntime) -> Vec<super::host_runtime::Named> {
+    use crate::backend::{AttnSeq, MlaDims};
+    let d = MlaDims { num_heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
+    let slots: Vec<u32> = (0..1000).rev().collect();
+    b.arch = "sm_90a".into();
+    let kv = b.alloc_kv_cache(2, 1000, d.kv_entry()).unwrap();
+    let kv_b = b.upload_mla_kv_b(&fp8(128 * 256, 512), d.qk_nope, d.v_head).unwrap();
+    let q = x(b, 2, 128 * d.qk_head());
+    let seqs = [AttnSeq { q_start: 0, q_len: 1, slots: &slots }, AttnSeq { q_start: 1, q_len: 1, slots: &slots[..300] }];
+    rt.take_launched();
+    b.mla_attention(&q, &kv, 1, &seqs, &kv_b, &d).unwrap();
+    rt.take_launched_args()
+}
+
 /// V3's 128 heads on sm_90a: batches of at least a block an SM (2 tokens × 2 groups on the host
 /// runtime's 4 SMs) take the warpgroup-MMA kernel, 256 threads and its shared memory, no split,
 /// also where the 16-head kernel would take 128 heads (it goes first); tuned off, the 64-head
 /// mma.sync tiles.
 #[test]
 fn decode_attention_batches_of_128_heads_take_the_warpgroup_kernel_on_sm90a() {
-    use crate::backend::{AttnSeq, MlaDims};
-    let d = MlaDims { num_heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
-    let slots: Vec<u32> = (0..1000).rev().collect();
     for (wg, rows_max_heads, kernel, threads, smem) in [(true, 16, "mla_decode_wg", 256, super::mla_decode::WG_SHARED), (true, 128, "mla_decode_wg", 256, super::mla_decode::WG_SHARED), (false, 16, "mla_decode_mma", 512, 0)] {
         let (mut b, rt) = nvidia_like();
         (b.attn_bf16, b.matrix_units, b.tuned.mla_decode_wgmma, b.tuned.mla_decode_rows_max_heads) = (true, true, wg, rows_max_heads);
-        b.arch = "sm_90a".into();
-        let kv = b.alloc_kv_cache(2, 1000, d.kv_entry()).unwrap();
-        let kv_b = b.upload_mla_kv_b(&fp8(128 * 256, 512), d.qk_nope, d.v_head).unwrap();
-        let q = x(&b, 2, 128 * d.qk_head());
-        let seqs = [AttnSeq { q_start: 0, q_len: 1, slots: &slots }, AttnSeq { q_start: 1, q_len: 1, slots: &slots[..300] }];
-        rt.take_launched();
-        b.mla_attention(&q, &kv, 1, &seqs, &kv_b, &d).unwrap();
-        let l = rt.take_launched();
+        let l = v3_two_token_decode(&mut b, &rt);
         let attn: Vec<_> = l.iter().filter(|x| x.0.starts_with("mla_decode")).map(|x| (x.0.as_str(), x.1, x.2)).collect();
         assert_eq!(attn, vec![(kernel, if wg { (4, 1, 1) } else { (2, 2, 1) }, threads)], "wgmma {wg}, 16-head kernel up to {rows_max_heads} heads");
         if wg {
@@ -566,20 +572,10 @@ fn decode_attention_batches_of_128_heads_take_the_warpgroup_kernel_on_sm90a() {
 /// warpgroup kernel tuned off) take f32 latents and have no such argument.
 #[test]
 fn warpgroup_decode_takes_bf16_query_latents_from_the_heads_kernel() {
-    use crate::backend::{AttnSeq, MlaDims};
-    let d = MlaDims { num_heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
-    let slots: Vec<u32> = (0..1000).rev().collect();
     for wg in [true, false] {
         let (mut b, rt) = nvidia_like();
         (b.attn_bf16, b.matrix_units, b.mma_gemm, b.tuned.mla_decode_wgmma, b.tuned.mla_decode_rows_max_heads, b.tuned.mla_proj_mma_min_rows) = (true, true, true, wg, 16, 2);
-        b.arch = "sm_90a".into();
-        let kv = b.alloc_kv_cache(2, 1000, d.kv_entry()).unwrap();
-        let kv_b = b.upload_mla_kv_b(&fp8(128 * 256, 512), d.qk_nope, d.v_head).unwrap();
-        let q = x(&b, 2, 128 * d.qk_head());
-        let seqs = [AttnSeq { q_start: 0, q_len: 1, slots: &slots }, AttnSeq { q_start: 1, q_len: 1, slots: &slots[..300] }];
-        rt.take_launched();
-        b.mla_attention(&q, &kv, 1, &seqs, &kv_b, &d).unwrap();
-        let l = rt.take_launched_args();
+        let l = v3_two_token_decode(&mut b, &rt);
         let names: Vec<&str> = l.iter().map(|x| x.0.as_str()).filter(|n| n.starts_with("heads_mma") || n.starts_with("mla_decode")).collect();
         let (q_proj, decode) = if wg { ("heads_mma_fp8w_m32_by", "mla_decode_wg") } else { ("heads_mma_fp8w_m32", "mla_decode_mma") };
         assert_eq!(names, [q_proj, decode, "heads_mma_fp8w_m32"], "wgmma {wg}");
