@@ -71,10 +71,9 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// The matrix-unit GEMMs or the GEMVs for `g`, where one applies (else false: the caller
     /// runs the CUDA-core kernel).
     fn heads_product(&self, g: &HeadsGemm, y: &mut DevBuf<f32>) -> Result<bool, BackendError> {
-        let mma = self.mma_gemm && g.m >= self.tuned.mla_proj_mma_min_rows;
-        if !mma && gemv_rows(g) > 0 {
+        if self.heads_takes_gemv(g) {
             self.span(ATTN_PROJ, || self.heads_gemv(g, y))?;
-        } else if self.mma_gemm && self.heads_async_ok(g) {
+        } else if self.heads_takes_async(g) {
             self.span(ATTN_PROJ, || self.heads_async(g, y, false))?;
         } else if self.mma_gemm {
             self.span(ATTN_PROJ, || self.heads_gemm(g, y))?;
@@ -84,11 +83,22 @@ impl<V: GpuVendor> GpuBackend<V> {
         Ok(true)
     }
 
+    /// Whether `heads_product` takes the GEMVs for `g`: below `mla_proj_mma_min_rows` (or
+    /// without the GEMM kernels) where the GEMV can.
+    fn heads_takes_gemv(&self, g: &HeadsGemm) -> bool {
+        !(self.mma_gemm && g.m >= self.tuned.mla_proj_mma_min_rows) && gemv_rows(g) > 0
+    }
+
+    /// Whether `heads_product` takes mla_heads.hip's kernel for `g`.
+    fn heads_takes_async(&self, g: &HeadsGemm) -> bool {
+        !self.heads_takes_gemv(g) && self.mma_gemm && self.heads_async_ok(g)
+    }
+
     /// q_lat [T, heads, kv_lora] from the queries `q` [T, heads·(nope + rope)].
     pub(super) fn mla_q_latent(&self, q: &GpuTensor, kv_b: &GpuLinear, d: &MlaDims, q_lat: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (t, heads, lora) = (q.rows, d.num_heads, d.kv_lora_rank);
         if let Some(wt) = &kv_b.wuk_t {
-            let g = HeadsGemm { x: &q.buf, ldx: heads * d.qk_head(), xh: d.qk_head(), w: wt, wh: lora, w0: 0, ldy: heads * lora, yh: lora, m: t, n: lora, k: d.qk_nope, heads };
+            let g = q_latent_gemm(q, wt, d);
             if self.heads_product(&g, q_lat)? {
                 return Ok(());
             }
@@ -110,8 +120,8 @@ impl<V: GpuVendor> GpuBackend<V> {
         let Some(wt) = &kv_b.wuk_t else {
             return Ok(None);
         };
-        let g = HeadsGemm { x: &q.buf, ldx: heads * d.qk_head(), xh: d.qk_head(), w: wt, wh: lora, w0: 0, ldy: heads * lora, yh: lora, m: t, n: lora, k: d.qk_nope, heads };
-        if !(self.mma_gemm && t >= self.tuned.mla_proj_mma_min_rows && self.heads_async_ok(&g)) {
+        let g = q_latent_gemm(q, wt, d);
+        if !self.heads_takes_async(&g) {
             return Ok(None);
         }
         let mut y = self.scratch::<u16>(t * heads * lora)?; // every element written
@@ -196,6 +206,13 @@ impl<V: GpuVendor> GpuBackend<V> {
         }
         Ok(())
     }
+}
+
+/// q → latent as per-head products: head h's q_nope [T, nope] (inside q's rows) times W_UK(h)
+/// transposed ([kv_lora, nope] rows of `wuk_t`), into q_lat [T, heads, kv_lora].
+fn q_latent_gemm<'a>(q: &'a GpuTensor, wuk_t: &'a GpuLinear, d: &MlaDims) -> HeadsGemm<'a> {
+    let (t, heads, lora) = (q.rows, d.num_heads, d.kv_lora_rank);
+    HeadsGemm { x: &q.buf, ldx: heads * d.qk_head(), xh: d.qk_head(), w: wuk_t, wh: lora, w0: 0, ldy: heads * lora, yh: lora, m: t, n: lora, k: d.qk_nope, heads }
 }
 
 /// Output rows a warp of the GEMV takes for `g` (4 for one row of FP8 weights, else 2), or 0
