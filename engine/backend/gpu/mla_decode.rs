@@ -127,6 +127,13 @@ pub(super) fn mma_splits(blocks: usize, sms: usize, max_len: usize, graph: bool)
     }
 }
 
+/// The queries' latents a decode kernel reads: f32 (`mla_q_latent`), or bf16 for the warpgroup
+/// kernel (`mla_q_latent_bf16`), which takes either.
+pub(super) enum QueryLatents {
+    F32(DevBuf<f32>),
+    Bf16(DevBuf<u16>),
+}
+
 impl<V: GpuVendor> GpuBackend<V> {
     /// Whether decode attention takes the matrix-unit kernel: a bf16 cache (allocated so with
     /// bf16 attention), matrix units (or the tests' portable product), and the tile's shared
@@ -159,7 +166,7 @@ impl<V: GpuVendor> GpuBackend<V> {
 
     /// `lat` = each token's heads' attention-weighted latents ([T, heads, kv_lora]).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn mla_decode_mma(&self, q: &GpuTensor, q_lat: &DevBuf<f32>, q_lat16: Option<&DevBuf<u16>>, kv: &GpuKvCache, layer: usize, a: &AttnDev, d: &MlaDims, lat: &mut DevBuf<f32>) -> Result<(), BackendError> {
+    pub(super) fn mla_decode_mma(&self, q: &GpuTensor, q_lat: &QueryLatents, kv: &GpuKvCache, layer: usize, a: &AttnDev, d: &MlaDims, lat: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (t, dims) = (q.rows, ModelDims::of_mla(d));
         let tile = self.decode_tile(d);
         // the kernel, its block and shared memory, and how many blocks an SM holds
@@ -185,12 +192,15 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (heads, l, ns, scale, sp, min_chunk, sm) = (d.num_heads as i32, layer as i32, kv.slots as i32, d.scale, splits as i32, MMA_SPLIT_MIN_KEYS as i32, smem as i32);
         self.span("attention", || {
             let mut b = self.launch(&f);
-            b.arg(&q.buf).arg(q_lat).arg(&kv.buf).arg(&a.flat).arg(&a.off).arg(&a.len).arg(&mut *lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part).arg(&sm);
+            // (f32 q_lat, bf16 q_lat): the one given, the other null
+            let (q32, q16) = match q_lat {
+                QueryLatents::F32(b) => (b.ptr(), 0u64),
+                QueryLatents::Bf16(_) if !wg => return Err(self.op_err(name, "bf16 queries are the warpgroup kernel's only".into())),
+                QueryLatents::Bf16(b) => (0u64, b.ptr()),
+            };
+            b.arg(&q.buf).arg(&q32).arg(&kv.buf).arg(&a.flat).arg(&a.off).arg(&a.len).arg(&mut *lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part).arg(&sm);
             if wg {
-                // q_lat as bf16 (null: the f32 q_lat)
-                b.arg(&q_lat16.map_or(0u64, |x| x.ptr()));
-            } else if q_lat16.is_some() {
-                return Err(self.op_err(name, "bf16 queries are the warpgroup kernel's only".into()));
+                b.arg(&q16);
             }
             let launch = LaunchConfig { grid_dim: if wg { ((t * groups) as u32, 1, splits as u32) } else { (t as u32, groups as u32, splits as u32) }, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
             b.run(launch).map_err(err(name))?;

@@ -2,6 +2,7 @@
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, LaunchConfig};
 use super::step;
+use super::mla_decode::QueryLatents;
 use crate::backend::gpu::ModelDims;
 use crate::backend::{AttnSeq, Backend, BackendError, GraphStep, KvEntrySite, MlaDims, RouteParams, SampleRow, StepInputs};
 use crate::config::RopeTables;
@@ -148,15 +149,19 @@ impl<V: GpuVendor> GpuBackend<V> {
         // the warpgroup decode kernel takes q_lat as bf16 where the heads kernel makes it so
         let mma = self.mma_decode(d, kv);
         let q16 = if mma && self.wg_decode(d, t) { self.mla_q_latent_bf16(q, kv_b, d)? } else { None };
-        let mut q_lat = self.alloc_out(if q16.is_some() { 1 } else { t * d.num_heads * d.kv_lora_rank })?;
-        if q16.is_none() {
-            self.mla_q_latent(q, kv_b, d, &mut q_lat)?;
-        }
+        let q_lat = match q16 {
+            Some(b) => QueryLatents::Bf16(b),
+            None => {
+                let mut b = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
+                self.mla_q_latent(q, kv_b, d, &mut b)?;
+                QueryLatents::F32(b)
+            }
+        };
         let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
-        if mma {
-            self.mla_decode_mma(q, &q_lat, q16.as_ref(), kv, layer, &a, d, &mut lat)?;
-        } else {
-            self.mla_decode_cuda_cores(q, &q_lat, kv, layer, &a, d, &mut lat)?;
+        match &q_lat {
+            _ if mma => self.mla_decode_mma(q, &q_lat, kv, layer, &a, d, &mut lat)?,
+            QueryLatents::F32(b) => self.mla_decode_cuda_cores(q, b, kv, layer, &a, d, &mut lat)?,
+            QueryLatents::Bf16(_) => return Err(self.op_err("mla_attention", "bf16 query latents are the warpgroup kernel's only".into())),
         }
         let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
         self.mla_v_out(&lat, t, kv_b, d, &mut out)?;
