@@ -140,6 +140,8 @@ pub struct GpuBackend<V: GpuVendor> {
     /// The 2-block clusters of moe_f8_gemm.hip's launch the device holds at once (asked of the
     /// runtime on first use: fixed by the kernel and the device)
     pub(super) moe_gemm_clusters: std::sync::OnceLock<usize>,
+    /// The FP8 codes of the tensor `share_act_codes` shares (blas.rs)
+    pub(super) act_memo: super::blas::ActMemo,
     _v: PhantomData<V>,
 }
 
@@ -231,6 +233,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             bf16_act: false,
             side: Mutex::new(None),
             moe_gemm_clusters: std::sync::OnceLock::new(),
+            act_memo: Default::default(),
             _v: PhantomData,
         };
         b.blaslt = V::gemm_lib(&b);

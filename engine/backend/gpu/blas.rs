@@ -9,7 +9,7 @@
 //! channels (SGLang's numerics) and run the library's block-scaled FP8 GEMM where it has one, and
 //! bf16 layers take x_hi alone (SGLang's bf16 hidden states).
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, DevPtr};
@@ -22,6 +22,51 @@ const ACT_QUANT: &str = "hip-kernels/act_quant.hip";
 /// QUANT_MAX_RPB at most)
 const QUANT_RPB: usize = 4;
 const QUANT_RPB_MIN_ROWS: usize = 1024;
+
+/// An activation's FP8 codes [rows, cols] and per-token, per-128-channel scales
+/// [ceil(cols/128), rows] (`quantize_act_fp8`).
+pub struct ActCodes {
+    pub q: DevBuf<u8>,
+    pub s: DevBuf<f32>,
+}
+
+/// The tensor whose codes `share_act_codes` shares (its buffer, rows, columns) and the codes
+/// made for it so far, by rows.
+type MemoKey = (DevPtr, usize, usize);
+
+/// `share_act_codes`' memo: open for one tensor at a time.
+#[derive(Default)]
+pub struct ActMemo(Mutex<Option<(MemoKey, Vec<(usize, Arc<ActCodes>)>)>>);
+
+impl ActMemo {
+    /// Opens the memo for `key`; false where it is open already (an enclosing scope's).
+    fn open(&self, key: MemoKey) -> bool {
+        let mut m = self.0.lock().unwrap();
+        if m.is_some() {
+            return false;
+        }
+        *m = Some((key, Vec::new()));
+        true
+    }
+
+    fn close(&self) {
+        *self.0.lock().unwrap() = None;
+    }
+
+    fn lookup(&self, (p, r, c, rows): (DevPtr, usize, usize, usize)) -> Option<Arc<ActCodes>> {
+        let m = self.0.lock().unwrap();
+        let (key, kept) = m.as_ref()?;
+        (*key == (p, r, c)).then(|| kept.iter().find(|e| e.0 == rows).map(|e| e.1.clone()))?
+    }
+
+    fn keep(&self, (p, r, c, rows): (DevPtr, usize, usize, usize), codes: &Arc<ActCodes>) {
+        if let Some((key, kept)) = self.0.lock().unwrap().as_mut() {
+            if *key == (p, r, c) {
+                kept.push((rows, codes.clone()));
+            }
+        }
+    }
+}
 
 /// A matmul descriptor attribute's value, as cuBLASLt's and hipBLASLt's `...MatmulDescSetAttribute`
 /// take it: a pointer to the value and its size.
@@ -145,12 +190,13 @@ impl<V: GpuVendor> GpuBackend<V> {
         // the library wants a multiple of 4 tokens: padded rows are zeros, their products dropped
         let m4 = m.next_multiple_of(4);
         if fp8 && self.fp8_act_for(w) && lt.supports_fp8_block(m4, n, k) {
-            let (q, s) = self.quantize_act_fp8(x, m4)?;
+            let c = self.quantize_act_fp8(x, m4)?;
+            let (q, s) = (&c.q, &c.s);
             if m4 == m {
-                self.gemm_fp8_codes((&q, &s), m, w, y.ptr())?;
+                self.gemm_fp8_codes((q, s), m, w, y.ptr())?;
             } else {
                 let d = self.scratch::<f32>(m4 * n)?;
-                self.gemm_fp8_codes((&q, &s), m4, w, d.ptr())?;
+                self.gemm_fp8_codes((q, s), m4, w, d.ptr())?;
                 self.dev.dtod(y.ptr(), d.ptr(), 4 * m * n).map_err(err("copy"))?;
             }
             return Ok(true);
@@ -198,12 +244,33 @@ pub(super) fn fp8_block_ok(out: usize, inp: usize, bn: i32, bk: i32) -> bool {
 impl<V: GpuVendor> GpuBackend<V> {
     /// x → (q [rows, cols] e4m3fn, scales [ceil(cols/128), rows]): dynamic per-token, per-128
     /// channel activation quantisation (hip-kernels/act_quant.hip; cols % 4 == 0), `rows` ≥
-    /// x.rows of them (rows past x's are zeros with the floor scale).
-    pub fn quantize_act_fp8(&self, x: &GpuTensor, rows: usize) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
+    /// x.rows of them (rows past x's are zeros with the floor scale). Inside `share_act_codes(x,
+    /// ..)` the first quantisation of x to `rows` rows is kept and handed to later calls.
+    pub fn quantize_act_fp8(&self, x: &GpuTensor, rows: usize) -> Result<Arc<ActCodes>, BackendError> {
         if rows < x.rows {
             return Err(self.op_err("quant_fp8_act", format!("{} rows into {rows}", x.rows)));
         }
-        self.quant_fp8_rows(x, rows, 0, 0)
+        let key = (x.buf.ptr(), x.rows, x.cols, rows);
+        if let Some(c) = self.act_memo.lookup(key) {
+            return Ok(c);
+        }
+        let (q, s) = self.quant_fp8_rows(x, rows, 0, 0)?;
+        let c = Arc::new(ActCodes { q, s });
+        self.act_memo.keep(key, &c);
+        Ok(c)
+    }
+
+    /// `f()` with x's FP8 codes shared: every `quantize_act_fp8` of x inside it after the first
+    /// (to the same rows) returns the first's codes, which are the same values (the same
+    /// quantiser on the same x, which nothing writes while it is borrowed here). A MoE layer's
+    /// routed and shared experts both quantise the layer's input.
+    pub(super) fn share_act_codes<R>(&self, x: &GpuTensor, f: impl FnOnce() -> R) -> R {
+        let opened = self.act_memo.open((x.buf.ptr(), x.rows, x.cols));
+        let r = f();
+        if opened {
+            self.act_memo.close();
+        }
+        r
     }
 
     /// The quantiser with its row map: output row r is x's row src[r] (0: r itself; negative:

@@ -231,6 +231,33 @@ fn moe_fp8_activations_take_the_fp8_mma_kernels() {
     assert_eq!(run(&b, 20)[1].0, "moe_gate_up_tc_fp8w", "no e4m3 MMA before sm_89");
 }
 
+/// A MoE layer's input quantised once for its routed and shared experts (`share_act_codes`):
+/// the routed gate/up and the shared gate and up read the one quantisation's codes.
+#[test]
+fn moe_layer_quantises_its_input_once_for_routed_and_shared_experts() {
+    let (mut b, rt) = nvidia_like();
+    (b.fp8_act, b.arch) = (true, "sm_90a".into());
+    let c = MoeCase::new(&b, 512, 512, 16);
+    let up = |l: HostLinear| b.upload_linear(&l).unwrap();
+    let shared = [up(fp8(256, 512)), up(fp8(256, 512)), up(fp8(512, 256))];
+    let xt = x(&b, 20, c.hidden);
+    let r = b.moe_route(&xt, &c.gate, None, &c.p).unwrap();
+    rt.take_launched();
+    b.moe_experts_shared(&xt, &r, &c.experts, Some([&shared[0], &shared[1], &shared[2]])).unwrap();
+    let l = rt.take_launched_args();
+    // quant_fp8_act's arguments: x, codes, scales; the FP8 kernels' first: codes
+    let of_x: Vec<&super::host_runtime::Named> = l.iter().filter(|n| n.0 == "quant_fp8_act" && n.3[0] == xt.buf.ptr()).collect();
+    assert_eq!(of_x.len(), 1, "{:?}", l.iter().map(|n| &n.0).collect::<Vec<_>>());
+    let codes = of_x[0].3[1];
+    let readers: Vec<&str> = l.iter().filter(|n| n.0 != "quant_fp8_act" && n.3.first() == Some(&codes)).map(|n| n.0.as_str()).collect();
+    assert_eq!(readers, ["moe_gate_up_f8s_fp8w", "linear_f8s_fp8w", "linear_f8s_fp8w"]);
+    // outside the layer's scope each linear quantises its own input again
+    rt.take_launched();
+    b.linear(&xt, &shared[0]).unwrap();
+    b.linear(&xt, &shared[1]).unwrap();
+    assert_eq!(names(&rt).iter().filter(|n| *n == "quant_fp8_act").count(), 2);
+}
+
 #[test]
 fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
     let (b, rt) = nvidia_like();

@@ -66,12 +66,13 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// the 128-row blocks alone would not fill the GPU (fixed-order sum).
     pub(super) fn linear_f8(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (m, n, k) = (x.rows, w.out, w.inp);
-        let (q, s) = self.quantize_act_fp8(x, m)?;
+        let c = self.quantize_act_fp8(x, m)?;
+        let (q, s) = (&c.q, &c.s);
         let blocks = n.div_ceil(F8_ROWS);
         let (splits, ksplit) = tc_splits(blocks, k, KCHUNK, self.sms, self.tuned.mma_split_fill);
         let f = self.func(LIN_F8, "linear_f8_fp8w")?;
         let cfg = LaunchConfig { grid_dim: (1, blocks as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        self.f8_split_launch(&f, cfg, (&q, &s), w, (m, ksplit), y, "linear_f8")
+        self.f8_split_launch(&f, cfg, (q, s), w, (m, ksplit), y, "linear_f8")
     }
 
     /// One launch of an FP8 × FP8 linear kernel (linear_f8.hip's and the staged kernel's common
@@ -112,13 +113,14 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// GPU `mma_split_fill` times over; the splits summed in a fixed order.
     pub(super) fn linear_f8s(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let (m, n, k) = (x.rows, w.out, w.inp);
-        let (q, s) = self.quantize_act_fp8(x, m)?;
+        let c = self.quantize_act_fp8(x, m)?;
+        let (q, s) = (&c.q, &c.s);
         let grid = (n.div_ceil(F8_ROWS), m.div_ceil(F8S_TOKENS));
         let (splits, ksplit) = tc_splits(grid.0 * grid.1, k, F8S_KBLOCK, self.sms, self.tuned.mma_split_fill);
         let f = self.func(super::moe_grouped::MOE_F8S, "linear_f8s_fp8w")?;
         let cfg = LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: LINEAR_F8S_SMEM as u32 };
         // (the kernel takes a split's K in 128-column blocks)
-        self.f8_split_launch(&f, cfg, (&q, &s), w, (m, ksplit / F8S_KBLOCK), y, "linear_f8s")
+        self.f8_split_launch(&f, cfg, (q, s), w, (m, ksplit / F8S_KBLOCK), y, "linear_f8s")
     }
 
     pub(super) fn linear_tc(&self, x: &GpuTensor, w: &GpuLinear, y: &mut DevBuf<f32>) -> Result<(), BackendError> {

@@ -79,17 +79,19 @@ impl<V: GpuVendor> GpuBackend<V> {
             // I are whole 128-column blocks, the same arguments and grids
             let staged = self.moe_f8s && hidden.is_multiple_of(128) && inter.is_multiple_of(128);
             let (file, form, smem) = if staged { (MOE_F8S, "f8s", MOE_F8S_SMEM as u32) } else { (MOE_F8, "f8", 0) };
-            let (q, s) = self.quantize_act_fp8(x, x.rows)?;
+            let c = self.quantize_act_fp8(x, x.rows)?;
+            let (q, s) = (&c.q, &c.s);
             let ti = x.rows as i32;
             let h = GpuTensor { rows: pairs, cols: inter, buf: self.alloc_out(pairs * inter)? };
             let f = self.func(file, &format!("moe_gate_up_{form}_fp8w"))?;
             let mut b = self.launch(&f);
-            b.arg(&q).arg(&s).arg(&ti).arg(&tok).arg(&tiles).arg(&ntiles).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&h.buf).arg(&ii).arg(&hi);
+            b.arg(q).arg(s).arg(&ti).arg(&tok).arg(&tiles).arg(&ntiles).arg(&e.gate).arg(&e.gs).arg(&e.up).arg(&e.us).arg(&h.buf).arg(&ii).arg(&hi);
             b.run(LaunchConfig { grid_dim: (inter.div_ceil(64) as u32, max_tiles as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem }).map_err(err("moe_gate_up_f8"))?;
-            let (qh, sh) = self.quantize_act_fp8(&h, pairs)?;
+            let ch = self.quantize_act_fp8(&h, pairs)?;
+            let (qh, sh) = (&ch.q, &ch.s);
             let f = self.func(file, &format!("moe_down_{form}_fp8w"))?;
             let mut b = self.launch(&f);
-            b.arg(&qh).arg(&sh).arg(&p).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi);
+            b.arg(qh).arg(sh).arg(&p).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi);
             return b.run(LaunchConfig { grid_dim: (hidden.div_ceil(128) as u32, max_tiles as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem }).map_err(err("moe_down_f8"));
         }
         if !mma && self.moe_tc_for(e) {

@@ -42,6 +42,28 @@ struct PairWeights<'a> {
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
+    /// `Backend::moe_experts_shared` inside its scope of shared codes: one row on the per-pair
+    /// kernels folds the shared experts in as one more pair of the same launches; otherwise the
+    /// routed experts, then the shared ones added.
+    pub(super) fn moe_experts_shared_once(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, shared: Option<[&GpuLinear; 3]>) -> Result<GpuTensor, BackendError> {
+        if let Some(s) = shared.filter(|_| x.rows == 1 && r.top_k > 0 && !self.moe_prefill_f8_for(x, e) && !self.moe_grouped_for(x, e)) {
+            let folded = self.span("MoE GEMM", || {
+                let (mut out, taken) = self.experts_out(r, x.cols.max(1))?;
+                if self.moe_experts_pairs_shared(x, r, e, s, &mut out)? {
+                    return Ok(Some(out));
+                }
+                if taken {
+                    r.give_back_zeroed(out); // nothing launched: the experts below take it
+                }
+                Ok(None)
+            })?;
+            if let Some(buf) = folded {
+                return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf });
+            }
+        }
+        crate::backend::moe_experts_shared_by_ops(self, x, r, e, shared)
+    }
+
     /// The routed experts of `x`'s tokens into `out` (zeroed by the caller).
     pub(super) fn moe_experts_pairs(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
         let w = PairWeights { gate: (&e.gate, &e.gs), up: (&e.up, &e.us), down: (&e.down, &e.ds), wdt: e.wdt, inter: e.inter, hidden: e.hidden, bn: e.bn, bk: e.bk, e0: e.first as i32, ne: e.n as i32 };

@@ -113,7 +113,7 @@ pub(super) const LINEAR_TILE_K: usize = 16;
 
 impl<V: GpuVendor> GpuBackend<V> {
     /// The experts' output of `n` floats, zero: the routing's (true: taken from `r`), else zeroed here.
-    fn experts_out(&self, r: &GpuRouting, n: usize) -> Result<(DevBuf<f32>, bool), BackendError> {
+    pub(super) fn experts_out(&self, r: &GpuRouting, n: usize) -> Result<(DevBuf<f32>, bool), BackendError> {
         match r.take_zeroed(n) {
             Some(z) => Ok((z, true)),
             None => Ok((self.zeros::<f32>(n)?, false)),
@@ -594,23 +594,8 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
     }
 
     fn moe_experts_shared(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, shared: Option<[&GpuLinear; 3]>) -> Result<GpuTensor, BackendError> {
-        // one row on the per-pair kernels: the shared experts as one more pair of the same launches
-        if let Some(s) = shared.filter(|_| x.rows == 1 && r.top_k > 0 && !self.moe_prefill_f8_for(x, e) && !self.moe_grouped_for(x, e)) {
-            let folded = self.span("MoE GEMM", || {
-                let (mut out, taken) = self.experts_out(r, x.cols.max(1))?;
-                if self.moe_experts_pairs_shared(x, r, e, s, &mut out)? {
-                    return Ok(Some(out));
-                }
-                if taken {
-                    r.give_back_zeroed(out); // nothing launched: the experts below take it
-                }
-                Ok(None)
-            })?;
-            if let Some(buf) = folded {
-                return Ok(GpuTensor { rows: x.rows, cols: x.cols, buf });
-            }
-        }
-        crate::backend::moe_experts_shared_by_ops(self, x, r, e, shared)
+        // the routed and the shared experts quantise x once between them
+        self.share_act_codes(x, || self.moe_experts_shared_once(x, r, e, shared))
     }
 
     fn mark_layer(&self, layer: Option<usize>) -> Result<(), BackendError> {

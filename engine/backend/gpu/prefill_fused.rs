@@ -37,8 +37,8 @@ impl<V: GpuVendor> GpuBackend<V> {
         if !self.shares_fp8_codes(x, first) || !self.shares_fp8_codes(x, second) {
             return Ok(None);
         }
-        let (q, s) = self.span(self.gemm_class(x.rows, first.out, first.inp), || self.quantize_act_fp8(x, x.rows))?;
-        Ok(Some((self.gemm_codes((&q, &s), x.rows, first)?, self.gemm_codes((&q, &s), x.rows, second)?)))
+        let c = self.span(self.gemm_class(x.rows, first.out, first.inp), || self.quantize_act_fp8(x, x.rows))?;
+        Ok(Some((self.gemm_codes((&c.q, &c.s), x.rows, first)?, self.gemm_codes((&c.q, &c.s), x.rows, second)?)))
     }
 
     /// down(SiLU(x · gateᵀ) · (x · upᵀ)) with x quantised once for gate and up, and the product
