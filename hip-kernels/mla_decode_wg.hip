@@ -22,8 +22,9 @@
 // mla_heads.hip's `_by` kernels write it (the same rounding this kernel applies: half the bytes,
 // copied by cp.async without registers, one memory latency instead of two batches of loads).
 // Splits of the context (blockIdx.z) write unnormalised partials for mla.hip's mla_merge, as
-// mla_decode.hip does. sm_90a with KV_LORA 512 and ROPE 64 only (the host checks); elsewhere the
-// kernel is a trap the host never selects.
+// mla_decode.hip does; one split writes the output, f32 or (`lat16` given) bf16. sm_90a with
+// KV_LORA 512 and ROPE 64 only (the host checks); elsewhere the kernel is a trap the host never
+// selects.
 // Launch: grid (tokens × heads / 64, 1, splits) (a token's head groups adjacent), block 256, dynamic shared memory WD_SMEM (passed,
 // and checked, as `smem`; mla_decode.rs mirrors it).
 #include "mla_decode_stage.h"
@@ -169,7 +170,8 @@ __device__ __forceinline__ void wd_fence_async() { asm volatile("fence.proxy.asy
 extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
     mla_decode_wg(const float* __restrict__ q, const float* __restrict__ q_lat, const uint16_t* __restrict__ kv, const uint32_t* __restrict__ slots,
                   const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len, float* __restrict__ lat_out, int heads, int layer,
-                  int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part, int smem, const uint16_t* __restrict__ q_lat16) {
+                  int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part, int smem, const uint16_t* __restrict__ q_lat16,
+                  uint16_t* __restrict__ lat16) {
     ENGINE_GRID_DEP();
 #ifdef WD_ON
     extern __shared__ __align__(16) unsigned char wd_raw[];
@@ -325,7 +327,20 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
         }
     }
     __syncthreads();
-    // this warpgroup's 256 columns: element (row r0 + 8(e / 2), column 256 wg + 8j + 2tq + e % 2)
+    // this warpgroup's 256 columns: element (row r0 + 8(e / 2), column 256 wg + 8j + 2tq + e % 2);
+    // with one split and `lat16` given, as bf16 pairs rounded to nearest even (the value
+    // projection's input, mla_heads.hip's `_bx` kernels: half the bytes written and read back)
+    if (lat16 && splits == 1) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = r0 + 8 * r;
+            const float f = ml_s[2 * row + 1];
+            uint16_t* dst = lat16 + ((int64_t)t * heads + h0 + row) * KV_LORA + 256 * wg + 2 * tq;
+#pragma unroll
+            for (int j = 0; j < 32; ++j) *(uint32_t*)(dst + 8 * j) = bf16_pack(o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
+        }
+        return;
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = r0 + 8 * r;

@@ -18,7 +18,8 @@
 //   - BM 64: three blocks an SM by registers (168; NVRTC spills 20 bytes of it for sm_80, none
 //     for sm_90a), BM 32 (batches of up to 32 tokens): four.
 // Launch: grid (ceil(N/128), ceil(M/BM), heads), block 128, dynamic shared memory
-// min(HM_ST, K/64) · stage bytes + the split tiles (mla_proj.rs mirrors it). Needs K % 64 == 0,
+// min(HM_ST, K/64) · stage bytes + the split tiles (mla_proj.rs mirrors it). The `_bx` forms read
+// X as bf16 (the warpgroup decode kernel's latents), widened exactly before the split. Needs K % 64 == 0,
 // bk % 64 == 0, X rows and head offsets in whole 16-byte chunks, ldy, yh and N even. Elsewhere
 // than NVIDIA sm_80+ the kernels are a trap the host never selects.
 #include "bf16.h"
@@ -46,8 +47,8 @@ __device__ __forceinline__ uint32_t hm_w2(uint32_t two) {
 #endif
 }
 
-template <int BM, bool BY>
-__device__ void heads_mma_impl(const float* X, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, void* Yv, int64_t ldy, int yh, int M, int N,
+template <int BM, bool BY, bool BX>
+__device__ void heads_mma_impl(const void* Xv, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, void* Yv, int64_t ldy, int yh, int M, int N,
                                int K, int bn, int bk) {
     constexpr int MI = BM / 16, XB = BM * HM_XS * 4, STAGE = XB + HM_N * HM_WS;
     extern __shared__ __align__(16) unsigned char hm_smem[];
@@ -55,7 +56,8 @@ __device__ void heads_mma_impl(const float* X, int64_t ldx, int xh, const uint8_
     const int z = blockIdx.z, nt = (int)blockIdx.x * HM_N, m0 = (int)blockIdx.y * BM;
     const int wrow = z * wh + w0 + nt; // the tile's first W row
     const int nrows = min(HM_N, N - nt), chunks = K / HM_KC;
-    const float* Xz = X + (int64_t)z * xh;
+    const float* Xz = (const float*)Xv + (int64_t)z * xh;
+    const uint16_t* Xbz = (const uint16_t*)Xv + (int64_t)z * xh; // (BX)
     const uint8_t* Wt = W + (int64_t)wrow * K;
     const float* srow = S + (int64_t)(wrow / bn) * ((K + bk - 1) / bk);
     // the split tiles, after the ring's stages
@@ -65,11 +67,20 @@ __device__ void heads_mma_impl(const float* X, int64_t ldx, int xh, const uint8_
     auto fetch = [&](int c) {
         unsigned char* st = hm_smem + (c % HM_ST) * STAGE;
         const int k0 = c * HM_KC;
+        if (BX) { // bf16 rows: 8 pieces of 8 columns, at the f32 rows' offsets
 #pragma unroll
-        for (int u = 0; u < BM * 16 / HM_THREADS; ++u) {
-            const int i = tid + u * HM_THREADS, r = i / 16, q = i % 16;
-            const bool in = m0 + r < M;
-            hm_copy(st + (r * HM_XS + 4 * q) * 4, Xz + (int64_t)(in ? m0 + r : m0) * ldx + k0 + 4 * q, in ? 16 : 0);
+            for (int u = 0; u < BM * 8 / HM_THREADS; ++u) {
+                const int i = tid + u * HM_THREADS, r = i / 8, q = i % 8;
+                const bool in = m0 + r < M;
+                hm_copy(st + r * HM_XS * 4 + 16 * q, Xbz + (int64_t)(in ? m0 + r : m0) * ldx + k0 + 8 * q, in ? 16 : 0);
+            }
+        } else {
+#pragma unroll
+            for (int u = 0; u < BM * 16 / HM_THREADS; ++u) {
+                const int i = tid + u * HM_THREADS, r = i / 16, q = i % 16;
+                const bool in = m0 + r < M;
+                hm_copy(st + (r * HM_XS + 4 * q) * 4, Xz + (int64_t)(in ? m0 + r : m0) * ldx + k0 + 4 * q, in ? 16 : 0);
+            }
         }
 #pragma unroll
         for (int u = 0; u < HM_N * 4 / HM_THREADS; ++u) {
@@ -105,7 +116,13 @@ __device__ void heads_mma_impl(const float* X, int64_t ldx, int xh, const uint8_
 #pragma unroll
         for (int u = 0; u < BM * 16 / HM_THREADS; ++u) {
             const int i = tid + u * HM_THREADS, r = i / 16, q = i % 16;
-            const float4 v = *(const float4*)(xs + r * HM_XS + 4 * q);
+            float4 v;
+            if (BX) {
+                const uint2 b = *(const uint2*)((const unsigned char*)xs + r * HM_XS * 4 + 8 * q);
+                v = make_float4(__uint_as_float(b.x << 16), __uint_as_float(b.x & 0xffff0000u), __uint_as_float(b.y << 16), __uint_as_float(b.y & 0xffff0000u));
+            } else {
+                v = *(const float4*)(xs + r * HM_XS + 4 * q);
+            }
             uint32_t h0, l0, h1, l1;
             bf16_split2(v.x * s, v.y * s, &h0, &l0);
             bf16_split2(v.z * s, v.w * s, &h1, &l1);
@@ -155,20 +172,22 @@ __device__ void heads_mma_impl(const float* X, int64_t ldx, int xh, const uint8_
             }
         }
 }
-#define HM_BODY(BM, BY) heads_mma_impl<BM, BY>(X, ldx, xh, W, S, wh, w0, Y, ldy, yh, M, N, K, bn, bk)
+#define HM_BODY(BM, BY, BX) heads_mma_impl<BM, BY, BX>(X, ldx, xh, W, S, wh, w0, Y, ldy, yh, M, N, K, bn, bk)
 #else
-#define HM_BODY(BM, BY) ENGINE_TRAP()
+#define HM_BODY(BM, BY, BX) ENGINE_TRAP()
 #endif
 
-// _by: Y as bf16 (ldy, yh in bf16 elements)
-#define HEADS_MMA(BM, MINB, SUF, BY)                                                                                                    \
+// _by: Y as bf16 (ldy, yh in bf16 elements); _bx: X as bf16 (ldx, xh in bf16 elements)
+#define HEADS_MMA(BM, MINB, SUF, BY, BX)                                                                                               \
     extern "C" __global__ void __launch_bounds__(HM_THREADS, MINB)                                                                     \
-        heads_mma_fp8w_m##BM##SUF(const float* X, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, void* Y, int64_t ldy, \
+        heads_mma_fp8w_m##BM##SUF(const void* X, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, void* Y, int64_t ldy, \
                                   int yh, int M, int N, int K, int bn, int bk) {                                                         \
         ENGINE_GRID_DEP();                                                                                                            \
-        HM_BODY(BM, BY);                                                                                                              \
+        HM_BODY(BM, BY, BX);                                                                                                          \
     }
-HEADS_MMA(32, 4, , false)
-HEADS_MMA(64, 3, , false)
-HEADS_MMA(32, 4, _by, true)
-HEADS_MMA(64, 3, _by, true)
+HEADS_MMA(32, 4, , false, false)
+HEADS_MMA(64, 3, , false, false)
+HEADS_MMA(32, 4, _by, true, false)
+HEADS_MMA(64, 3, _by, true, false)
+HEADS_MMA(32, 4, _bx, false, true)
+HEADS_MMA(64, 3, _bx, false, true)

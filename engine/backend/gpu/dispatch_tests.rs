@@ -595,25 +595,30 @@ fn decode_attention_batches_of_128_heads_take_the_warpgroup_kernel_on_sm90a() {
 
 /// Where the warpgroup decode kernel runs and the heads kernel makes the queries' latents
 /// (mla_heads.hip on NVIDIA sm_80+), those come as bf16 (`_by`) and the decode kernel gets their
-/// buffer as its last argument; the latent → v projection stays f32. Other decode kernels (the
-/// warpgroup kernel tuned off) take f32 latents and have no such argument.
+/// buffer as its 16th argument; it writes its latents as bf16 (the 17th argument; the f32 output,
+/// the 7th, null) for the latent → v projection's `_bx` form. Other decode kernels (the warpgroup
+/// kernel tuned off) take and write f32 latents and have neither argument.
 #[test]
-fn warpgroup_decode_takes_bf16_query_latents_from_the_heads_kernel() {
+fn warpgroup_decode_takes_and_writes_bf16_latents_around_the_heads_kernels() {
     for wg in [true, false] {
         let (mut b, rt) = nvidia_like();
         (b.attn_bf16, b.matrix_units, b.mma_gemm, b.tuned.mla_decode_wgmma, b.tuned.mla_decode_rows_max_heads, b.tuned.mla_proj_mma_min_rows) = (true, true, true, wg, 16, 2);
         let l = v3_two_token_decode(&mut b, &rt);
         let names: Vec<&str> = l.iter().map(|x| x.0.as_str()).filter(|n| n.starts_with("heads_mma") || n.starts_with("mla_decode")).collect();
-        let (q_proj, decode) = if wg { ("heads_mma_fp8w_m32_by", "mla_decode_wg") } else { ("heads_mma_fp8w_m32", "mla_decode_mma") };
-        assert_eq!(names, [q_proj, decode, "heads_mma_fp8w_m32"], "wgmma {wg}");
+        let (q_proj, decode, v_proj) = if wg { ("heads_mma_fp8w_m32_by", "mla_decode_wg", "heads_mma_fp8w_m32_bx") } else { ("heads_mma_fp8w_m32", "mla_decode_mma", "heads_mma_fp8w_m32") };
+        assert_eq!(names, [q_proj, decode, v_proj], "wgmma {wg}");
         let args = |n: &str| l.iter().find(|x| x.0 == n).unwrap().3.clone();
-        // the projection's Y (argument 7) is what the decode kernel reads: its 16th argument
-        // (after `smem`) for the warpgroup kernel, none for the mma.sync tiles (15 arguments)
+        // the q projection's Y (argument 7) is what the decode kernel reads: its 16th argument
+        // (after `smem`) for the warpgroup kernel, none for the mma.sync tiles (15 arguments);
+        // the decode kernel's output (the 17th, bf16, or the 7th, f32) is the v projection's X
         let dec = args(decode);
         if wg {
-            assert_eq!((dec.len(), dec[15]), (16, args(q_proj)[7]));
+            assert_eq!((dec.len(), dec[15], dec[6]), (17, args(q_proj)[7], 0));
+            assert_eq!(dec[16], args(v_proj)[0]);
         } else {
-            assert_eq!(dec.len(), 15);
+            // (the two projections have one name here: the v projection is the last launch)
+            let last = l.iter().rev().find(|x| x.0 == v_proj).unwrap();
+            assert_eq!((dec.len(), dec[6]), (15, last.3[0]));
         }
     }
 }

@@ -127,9 +127,10 @@ pub(super) fn mma_splits(blocks: usize, sms: usize, max_len: usize, graph: bool)
     }
 }
 
-/// The queries' latents a decode kernel reads: f32 (`mla_q_latent`), or bf16 for the warpgroup
-/// kernel (`mla_q_latent_bf16`), which takes either.
-pub(super) enum QueryLatents {
+/// Latents a decode kernel reads or writes ([T, heads, kv_lora]): f32, or bf16 for the warpgroup
+/// kernel, which takes either as its queries (`mla_q_latent` / `mla_q_latent_bf16`) and writes
+/// either as its output (bf16 where the value projection reads it so: `mla_v_out`).
+pub(super) enum Latents {
     F32(DevBuf<f32>),
     Bf16(DevBuf<u16>),
 }
@@ -166,7 +167,7 @@ impl<V: GpuVendor> GpuBackend<V> {
 
     /// `lat` = each token's heads' attention-weighted latents ([T, heads, kv_lora]).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn mla_decode_mma(&self, q: &GpuTensor, q_lat: &QueryLatents, kv: &GpuKvCache, layer: usize, a: &AttnDev, d: &MlaDims, lat: &mut DevBuf<f32>) -> Result<(), BackendError> {
+    pub(super) fn mla_decode_mma(&self, q: &GpuTensor, q_lat: &Latents, kv: &GpuKvCache, layer: usize, a: &AttnDev, d: &MlaDims, lat: &mut Latents) -> Result<(), BackendError> {
         let (t, dims) = (q.rows, ModelDims::of_mla(d));
         let tile = self.decode_tile(d);
         // the kernel, its block and shared memory, and how many blocks an SM holds
@@ -191,20 +192,27 @@ impl<V: GpuVendor> GpuBackend<V> {
         let mut part = if splits > 1 { self.scratch::<f32>(t * d.num_heads * splits * (2 + d.kv_lora_rank))? } else { self.scratch::<f32>(1)? };
         let (heads, l, ns, scale, sp, min_chunk, sm) = (d.num_heads as i32, layer as i32, kv.slots as i32, d.scale, splits as i32, MMA_SPLIT_MIN_KEYS as i32, smem as i32);
         self.span("attention", || {
-            let mut b = self.launch(&f);
-            // (f32 q_lat, bf16 q_lat): the one given, the other null
-            let (q32, q16) = match q_lat {
-                QueryLatents::F32(b) => (b.ptr(), 0u64),
-                QueryLatents::Bf16(_) if !wg => return Err(self.op_err(name, "bf16 queries are the warpgroup kernel's only".into())),
-                QueryLatents::Bf16(b) => (0u64, b.ptr()),
+            // (f32, bf16) pointers of the query latents and of the output: the one given, the
+            // other null; bf16 is the warpgroup kernel's only, and its output so needs one split
+            let ptrs = |x: &Latents| match x {
+                Latents::F32(b) => (b.ptr(), 0u64),
+                Latents::Bf16(b) => (0u64, b.ptr()),
             };
-            b.arg(&q.buf).arg(&q32).arg(&kv.buf).arg(&a.flat).arg(&a.off).arg(&a.len).arg(&mut *lat).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part).arg(&sm);
+            let ((q32, q16), (o32, o16)) = (ptrs(q_lat), ptrs(lat));
+            if (q16 != 0 || o16 != 0) && !wg || o16 != 0 && splits > 1 {
+                return Err(self.op_err(name, format!("bf16 latents need the warpgroup kernel and one split ({splits})")));
+            }
+            let mut b = self.launch(&f);
+            b.arg(&q.buf).arg(&q32).arg(&kv.buf).arg(&a.flat).arg(&a.off).arg(&a.len).arg(&o32).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part).arg(&sm);
             if wg {
-                b.arg(&q16);
+                b.arg(&q16).arg(&o16);
             }
             let launch = LaunchConfig { grid_dim: if wg { ((t * groups) as u32, 1, splits as u32) } else { (t as u32, groups as u32, splits as u32) }, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
             b.run(launch).map_err(err(name))?;
-            self.mla_merge_splits(dims, &part, lat, t, d.num_heads, splits)
+            match lat {
+                Latents::F32(lat) => self.mla_merge_splits(dims, &part, lat, t, d.num_heads, splits),
+                Latents::Bf16(_) => Ok(()), // one split (checked above)
+            }
         })
     }
 }

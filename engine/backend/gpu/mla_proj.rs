@@ -14,7 +14,8 @@
 //!   weight loads streamed once per 8 tokens, f32 accumulation), where the rows allow 16-byte loads;
 //! - otherwise (odd shapes without matrix units) the CUDA-core kernels of mla.hip.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
-use super::device::{err, DevBuf, Elem, LaunchConfig};
+use super::device::{err, DevBuf, DevPtr, Elem, LaunchConfig};
+use super::mla_decode::Latents;
 use super::mma::{launch, vec_ok, TILE};
 use super::gemv::gemv_geometry;
 use super::ops::{cfg, wdt_suffix, GpuLinear, ATTN_PROJ};
@@ -52,8 +53,10 @@ fn hm_shared_bytes(m: usize, k: usize) -> usize {
 }
 
 /// One product per head: for head z, Y[m, z·yh + n] = Σ_k X[m, z·xh + k] · W[z·wh + w0 + n, k].
+/// X is f32, or (`xb`) bf16 (mla_heads.hip's `_bx` kernels only).
 struct HeadsGemm<'a> {
-    x: &'a DevBuf<f32>,
+    x: DevPtr,
+    xb: bool,
     ldx: usize,
     xh: usize,
     w: &'a GpuLinear,
@@ -75,7 +78,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             self.span(ATTN_PROJ, || self.heads_gemv(g, y))?;
         } else if self.heads_takes_async(g) {
             self.span(ATTN_PROJ, || self.heads_async(g, y, false))?;
-        } else if self.mma_gemm {
+        } else if self.mma_gemm && !g.xb {
             self.span(ATTN_PROJ, || self.heads_gemm(g, y))?;
         } else {
             return Ok(false);
@@ -86,7 +89,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// Whether `heads_product` takes the GEMVs for `g`: below `mla_proj_mma_min_rows` (or
     /// without the GEMM kernels) where the GEMV can.
     fn heads_takes_gemv(&self, g: &HeadsGemm) -> bool {
-        !(self.mma_gemm && g.m >= self.tuned.mla_proj_mma_min_rows) && gemv_rows(g) > 0
+        !(self.mma_gemm && g.m >= self.tuned.mla_proj_mma_min_rows) && gemv_rows(g) > 0 && !g.xb
     }
 
     /// Whether `heads_product` takes mla_heads.hip's kernel for `g`.
@@ -129,11 +132,27 @@ impl<V: GpuVendor> GpuBackend<V> {
         Ok(Some(y))
     }
 
-    /// out [T, heads·v] from the attention's latents `lat` [T, heads, kv_lora].
-    pub(super) fn mla_v_out(&self, lat: &DevBuf<f32>, t: usize, kv_b: &GpuLinear, d: &MlaDims, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
-        let (heads, lora) = (d.num_heads, d.kv_lora_rank);
-        let g = HeadsGemm { x: lat, ldx: heads * lora, xh: lora, w: kv_b, wh: d.qk_nope + d.v_head, w0: d.qk_nope, ldy: heads * d.v_head, yh: d.v_head, m: t, n: d.v_head, k: lora, heads };
-        if self.heads_product(&g, out)? {
+    /// Whether `mla_v_out` takes bf16 latents for `t` tokens: where mla_heads.hip's kernel
+    /// takes the product (its `_bx` form).
+    pub(super) fn mla_v_out_bf16(&self, t: usize, kv_b: &GpuLinear, d: &MlaDims) -> bool {
+        self.heads_takes_async(&v_out_gemm(0, true, t, kv_b, d))
+    }
+
+    /// out [T, heads·v] from the attention's latents `lat` [T, heads, kv_lora] (bf16 where
+    /// `mla_v_out_bf16`).
+    pub(super) fn mla_v_out(&self, lat: &Latents, t: usize, kv_b: &GpuLinear, d: &MlaDims, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
+        let heads = d.num_heads;
+        let lat = match lat {
+            Latents::Bf16(b) => {
+                let g = v_out_gemm(b.ptr(), true, t, kv_b, d);
+                if !self.heads_takes_async(&g) {
+                    return Err(self.op_err("mla_v_out", "bf16 latents are mla_heads.hip's only".into()));
+                }
+                return self.span(ATTN_PROJ, || self.heads_async(&g, out, false));
+            }
+            Latents::F32(b) => b,
+        };
+        if self.heads_product(&v_out_gemm(lat.ptr(), false, t, kv_b, d), out)? {
             return Ok(());
         }
         let f = self.mla_func(ModelDims::of_mla(d), &format!("mla_out_{}", wdt_suffix(kv_b.wdt)))?;
@@ -147,10 +166,11 @@ impl<V: GpuVendor> GpuBackend<V> {
 
     /// Whether mla_heads.hip's kernel takes `g`: NVIDIA sm_80+ (32-wide warps with matrix
     /// units), FP8 weights whose tiles fold their scales, K chunks of 64 inside scale blocks,
-    /// X rows in 16-byte chunks, Y written as float pairs, its shared memory within a block's.
+    /// X rows (f32 or bf16) in 16-byte chunks, Y written as float pairs, its shared memory within a block's.
     fn heads_async_ok(&self, g: &HeadsGemm) -> bool {
         let w = g.w;
-        let shapes = g.k.is_multiple_of(HM_KC) && (w.bk.max(1) as usize).is_multiple_of(HM_KC) && g.ldx.is_multiple_of(4) && g.xh.is_multiple_of(4);
+        let piece = if g.xb { 8 } else { 4 }; // X elements in 16 bytes
+        let shapes = g.k.is_multiple_of(HM_KC) && (w.bk.max(1) as usize).is_multiple_of(HM_KC) && g.ldx.is_multiple_of(piece) && g.xh.is_multiple_of(piece);
         let out = g.ldy.is_multiple_of(2) && g.yh.is_multiple_of(2) && g.n.is_multiple_of(2);
         let fits = hm_shared_bytes(g.m, g.k) <= self.dev.max_shared_per_block();
         self.tuned.mla_proj_async && self.warp == 32 && self.matrix_units && w.wdt == 2 && scales_fold(g.wh, g.w0, w.bn) && shapes && out && fits
@@ -160,12 +180,18 @@ impl<V: GpuVendor> GpuBackend<V> {
     fn heads_async<T: Elem>(&self, g: &HeadsGemm, y: &mut DevBuf<T>, bf16_y: bool) -> Result<(), BackendError> {
         let w = g.w;
         let bm = hm_rows(g.m);
-        let f = self.func(HEADS, &format!("heads_mma_fp8w_m{bm}{}", if bf16_y { "_by" } else { "" }))?;
+        let form = match (bf16_y, g.xb) {
+            (true, false) => "_by",
+            (false, true) => "_bx",
+            (false, false) => "",
+            (true, true) => return Err(self.op_err("heads_mma", "bf16 X and Y together: no such kernel".into())),
+        };
+        let f = self.func(HEADS, &format!("heads_mma_fp8w_m{bm}{form}"))?;
         let smem = hm_shared_bytes(g.m, g.k);
         let (ldx, ldy) = (g.ldx as i64, g.ldy as i64);
         let [xh, wh, w0, yh, m, n, k] = [g.xh, g.wh, g.w0, g.yh, g.m, g.n, g.k].map(|x| x as i32);
         let mut b = self.launch(&f);
-        b.arg(g.x).arg(&ldx).arg(&xh).arg(&w.data).arg(&w.scales).arg(&wh).arg(&w0).arg(y).arg(&ldy).arg(&yh);
+        b.arg(&g.x).arg(&ldx).arg(&xh).arg(&w.data).arg(&w.scales).arg(&wh).arg(&w0).arg(y).arg(&ldy).arg(&yh);
         b.arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
         let grid = (g.n.div_ceil(TILE) as u32, g.m.div_ceil(bm) as u32, g.heads as u32);
         b.run(LaunchConfig { grid_dim: grid, block_dim: (HM_THREADS, 1, 1), shared_mem_bytes: smem as u32 }).map_err(err("heads_mma"))
@@ -181,7 +207,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let ints = [g.xh, g.wh, g.w0, g.yh, g.m, g.n, g.k].map(|x| x as i32);
         let [xh, wh, w0, yh, m, n, k] = ints;
         let mut b = self.launch(&f);
-        b.arg(g.x).arg(&ldx).arg(&xh).arg(&w.data).arg(&w.scales).arg(&wh).arg(&w0).arg(y).arg(&ldy).arg(&yh);
+        b.arg(&g.x).arg(&ldx).arg(&xh).arg(&w.data).arg(&w.scales).arg(&wh).arg(&w0).arg(y).arg(&ldy).arg(&yh);
         b.arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk).arg(&v);
         b.run(launch((g.n.div_ceil(TILE) as u32, g.m.div_ceil(TILE) as u32, g.heads as u32))).map_err(err("linear_mma_heads"))
     }
@@ -200,7 +226,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         for r0 in (0..g.m).step_by(8) {
             let m = (g.m - r0).min(8) as i32;
             let mut b = self.launch(&f);
-            b.arg(&g.x.at(r0 * g.ldx)).arg(&w.data).arg(&w.scales).arg(&y.at(r0 * g.ldy)).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk).arg(&sp).arg(&lanes);
+            b.arg(&(g.x + (4 * r0 * g.ldx) as u64)).arg(&w.data).arg(&w.scales).arg(&y.at(r0 * g.ldy)).arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk).arg(&sp).arg(&lanes);
             b.arg(&ldx).arg(&xh).arg(&nh).arg(&wh).arg(&w0).arg(&ldy).arg(&yh);
             b.run(cfg((geo.blocks as u32, 1), 256, 0)).map_err(err("linear gemv heads"))?;
         }
@@ -212,7 +238,14 @@ impl<V: GpuVendor> GpuBackend<V> {
 /// transposed ([kv_lora, nope] rows of `wuk_t`), into q_lat [T, heads, kv_lora].
 fn q_latent_gemm<'a>(q: &'a GpuTensor, wuk_t: &'a GpuLinear, d: &MlaDims) -> HeadsGemm<'a> {
     let (t, heads, lora) = (q.rows, d.num_heads, d.kv_lora_rank);
-    HeadsGemm { x: &q.buf, ldx: heads * d.qk_head(), xh: d.qk_head(), w: wuk_t, wh: lora, w0: 0, ldy: heads * lora, yh: lora, m: t, n: lora, k: d.qk_nope, heads }
+    HeadsGemm { x: q.buf.ptr(), xb: false, ldx: heads * d.qk_head(), xh: d.qk_head(), w: wuk_t, wh: lora, w0: 0, ldy: heads * lora, yh: lora, m: t, n: lora, k: d.qk_nope, heads }
+}
+
+/// latent → v as per-head products: head h's latents [T, kv_lora] (f32, or `xb` bf16, at `x`)
+/// times W_UV(h) (kv_b's value rows of the head), into out [T, heads·v].
+fn v_out_gemm<'a>(x: DevPtr, xb: bool, t: usize, kv_b: &'a GpuLinear, d: &MlaDims) -> HeadsGemm<'a> {
+    let (heads, lora) = (d.num_heads, d.kv_lora_rank);
+    HeadsGemm { x, xb, ldx: heads * lora, xh: lora, w: kv_b, wh: d.qk_nope + d.v_head, w0: d.qk_nope, ldy: heads * d.v_head, yh: d.v_head, m: t, n: d.v_head, k: lora, heads }
 }
 
 /// Output rows a warp of the GEMV takes for `g` (4 for one row of FP8 weights, else 2), or 0

@@ -2,7 +2,7 @@
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, LaunchConfig};
 use super::step;
-use super::mla_decode::QueryLatents;
+use super::mla_decode::Latents;
 use crate::backend::gpu::ModelDims;
 use crate::backend::{AttnSeq, Backend, BackendError, GraphStep, KvEntrySite, MlaDims, RouteParams, SampleRow, StepInputs};
 use crate::config::RopeTables;
@@ -146,22 +146,24 @@ impl<V: GpuVendor> GpuBackend<V> {
                 dev
             }
         };
-        // the warpgroup decode kernel takes q_lat as bf16 where the heads kernel makes it so
+        // the warpgroup decode kernel takes q_lat as bf16 where the heads kernel makes it so, and
+        // writes its latents as bf16 where the value projection's heads kernel reads them so
         let mma = self.mma_decode(d, kv);
+        let n = t * d.num_heads * d.kv_lora_rank;
         let q16 = if mma && self.wg_decode(d, t) { self.mla_q_latent_bf16(q, kv_b, d)? } else { None };
-        let q_lat = match q16 {
-            Some(b) => QueryLatents::Bf16(b),
+        let (q_lat, mut lat) = match q16 {
+            Some(b) if self.mla_v_out_bf16(t, kv_b, d) => (Latents::Bf16(b), Latents::Bf16(self.scratch::<u16>(n)?)), // every element written
+            Some(b) => (Latents::Bf16(b), Latents::F32(self.alloc_out(n)?)),
             None => {
-                let mut b = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
+                let mut b = self.alloc_out(n)?;
                 self.mla_q_latent(q, kv_b, d, &mut b)?;
-                QueryLatents::F32(b)
+                (Latents::F32(b), Latents::F32(self.alloc_out(n)?))
             }
         };
-        let mut lat = self.alloc_out(t * d.num_heads * d.kv_lora_rank)?;
-        match &q_lat {
+        match (&q_lat, &mut lat) {
             _ if mma => self.mla_decode_mma(q, &q_lat, kv, layer, &a, d, &mut lat)?,
-            QueryLatents::F32(b) => self.mla_decode_cuda_cores(q, b, kv, layer, &a, d, &mut lat)?,
-            QueryLatents::Bf16(_) => return Err(self.op_err("mla_attention", "bf16 query latents are the warpgroup kernel's only".into())),
+            (Latents::F32(b), Latents::F32(lat)) => self.mla_decode_cuda_cores(q, b, kv, layer, &a, d, lat)?,
+            _ => return Err(self.op_err("mla_attention", "bf16 latents are the warpgroup kernel's only".into())),
         }
         let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
         self.mla_v_out(&lat, t, kv_b, d, &mut out)?;

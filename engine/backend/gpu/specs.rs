@@ -37,7 +37,7 @@ const GENERIC: &[(&str, &[&str])] = &[
     ("hip-kernels/mla_kv_entry.hip", &["mla_kv_entry", "mla_kv_entry_bf16"]),
     ("hip-kernels/linear.hip", &["linear_f32w", "linear_bf16w", "linear_fp8w", "gemv_f32w", "gemv_bf16w", "gemv_fp8w", "gemv8_f32w", "gemv8_bf16w", "gemv8_fp8w", "gemv16_f32w", "gemv16_bf16w", "gemv16_fp8w", "gemv1_f32w", "gemv1_bf16w", "gemv1_fp8w", "gemv8_f32w_heads", "gemv8_bf16w_heads", "gemv8_fp8w_heads", "gemv1_f32w_heads", "gemv1_bf16w_heads", "gemv1_fp8w_heads", "gemv8_f32w_pair", "gemv8_bf16w_pair", "gemv8_fp8w_pair", "gemv1_f32w_pair", "gemv1_bf16w_pair", "gemv1_fp8w_pair", "gemv8_f32w_norm", "gemv8_bf16w_norm", "gemv8_fp8w_norm", "gemv1_f32w_norm", "gemv1_bf16w_norm", "gemv1_fp8w_norm", "gemv8_f32w_norm_kv", "gemv8_bf16w_norm_kv", "gemv8_fp8w_norm_kv", "gemv1_f32w_norm_kv", "gemv1_bf16w_norm_kv", "gemv1_fp8w_norm_kv"]),
     ("hip-kernels/linear_mma.hip", &["linear_mma_f32w", "linear_mma_bf16w", "linear_mma_fp8w", "linear_mma_heads_f32w", "linear_mma_heads_bf16w", "linear_mma_heads_fp8w", "linear_mma_heads_fold_fp8w", "linear_split_sum"]),
-    ("hip-kernels/mla_heads.hip", &["heads_mma_fp8w_m32", "heads_mma_fp8w_m64", "heads_mma_fp8w_m32_by", "heads_mma_fp8w_m64_by"]),
+    ("hip-kernels/mla_heads.hip", &["heads_mma_fp8w_m32", "heads_mma_fp8w_m64", "heads_mma_fp8w_m32_by", "heads_mma_fp8w_m64_by", "heads_mma_fp8w_m32_bx", "heads_mma_fp8w_m64_bx"]),
     (
         "hip-kernels/moe_grouped.hip",
         &["moe_group", "moe_silu_mul_halves", "moe_gate_up_mma_f32w", "moe_down_mma_f32w", "moe_gate_up_mma_bf16w", "moe_down_mma_bf16w", "moe_gate_up_mma_fp8w", "moe_down_mma_fp8w", "moe_gate_up_gv_f32w", "moe_down_gv_f32w", "moe_gate_up_gv_bf16w", "moe_down_gv_bf16w", "moe_gate_up_gv_fp8w", "moe_down_gv_fp8w"],
