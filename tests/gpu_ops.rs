@@ -181,8 +181,8 @@ fn linear_fp8_dynamic_activations_on<V: GpuVendor>() {
     for (rows, cols, padded) in [(3, 7168, 4), (130, 300, 132), (1, 2048, 1), (1100, 1024, 1105)] {
         let mut x = randn(&mut rng, rows * cols, 2.0);
         x[cols - ACT_GROUP..cols].fill(0.0); // an all-zero group
-        let (q, s) = g.quantize_act_fp8(&g.upload(rows, cols, &x).unwrap(), padded).unwrap();
-        let (q, s) = (q.to_host().unwrap(), s.to_host().unwrap());
+        let codes = g.quantize_act_fp8(&g.upload(rows, cols, &x).unwrap(), padded).unwrap();
+        let (q, s) = (codes.q.to_host().unwrap(), codes.s.to_host().unwrap());
         let want = ActFp8::quantize(&x, rows, cols);
         let groups = cols.div_ceil(ACT_GROUP);
         assert_eq!(&q[..rows * cols], &want.q[..], "quantised codes {rows}x{cols}");
