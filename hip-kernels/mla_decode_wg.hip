@@ -42,9 +42,11 @@
 #define WD_CORR (WD_P + WD_CH)          // 64 rescales
 #define WD_ML (WD_CORR + 4 * WD_H)      // 64 (max, scale) pairs
 #define WD_SMEM (WD_ML + 8 * WD_H + 1024) // + the alignment of the first chunk
+#define WD_OP (2 * KV_LORA + 16)          // bytes a staged bf16 output row (4-byte writes conflict-free)
 
 #if defined(SM90_WGMMA) && KV_LORA == 512 && ROPE == 64
 #define WD_ON 1
+static_assert(WD_H * WD_OP <= 2 * WD_TILE, "the staged bf16 output fits the two key tiles");
 
 // The 128-byte-swizzled MN-major descriptor of B for P·V: rows of 128 bytes (64 value columns)
 // indexed by key, 8-key groups 1024 bytes apart (SBO), 64-column atoms WD_CH apart (LBO).
@@ -328,16 +330,26 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
     }
     __syncthreads();
     // this warpgroup's 256 columns: element (row r0 + 8(e / 2), column 256 wg + 8j + 2tq + e % 2);
-    // with one split and `lat16` given, as bf16 pairs rounded to nearest even (the value
-    // projection's input, mla_heads.hip's `_bx` kernels: half the bytes written and read back)
+    // with one split and `lat16` given, as bf16 rounded to nearest even (the value projection's
+    // input, mla_heads.hip's `_bx` kernels: half the bytes written and read back), staged in the
+    // key tiles (free: every MMA is done) so that the block's 64 rows, one contiguous 64 KB
+    // range of the output, go out in 16-byte stores a warp's 512 contiguous bytes at a time (the
+    // fragments' own 4-byte stores, half sectors, made the kernel 4% slower than f32 pairs)
     if (lat16 && splits == 1) {
+        uint8_t* stage = sm + WD_K;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int row = r0 + 8 * r;
             const float f = ml_s[2 * row + 1];
-            uint16_t* dst = lat16 + ((int64_t)t * heads + h0 + row) * KV_LORA + 256 * wg + 2 * tq;
 #pragma unroll
-            for (int j = 0; j < 32; ++j) *(uint32_t*)(dst + 8 * j) = bf16_pack(o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
+            for (int j = 0; j < 32; ++j) *(uint32_t*)(stage + row * WD_OP + 2 * (256 * wg + 8 * j + 2 * tq)) = bf16_pack(o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
+        }
+        __syncthreads();
+        uint16_t* dst = lat16 + ((int64_t)t * heads + h0) * KV_LORA;
+#pragma unroll
+        for (int u = 0; u < WD_H * KV_LORA / 8 / WD_THREADS; ++u) {
+            const int i = tid + u * WD_THREADS, r = i / (KV_LORA / 8), p = i % (KV_LORA / 8);
+            *(uint4*)(dst + r * KV_LORA + 8 * p) = *(const uint4*)(stage + r * WD_OP + 16 * p);
         }
         return;
     }

@@ -19,7 +19,8 @@
 //     for sm_90a), BM 32 (batches of up to 32 tokens): four.
 // Launch: grid (ceil(N/128), ceil(M/BM), heads), block 128, dynamic shared memory
 // min(HM_ST, K/64) · stage bytes + the split tiles (mla_proj.rs mirrors it). The `_bx` forms read
-// X as bf16 (the warpgroup decode kernel's latents), widened exactly before the split. Needs K % 64 == 0,
+// X as bf16 (the warpgroup decode kernel's latents): exact operands, so one product a fragment
+// from the landed tile (no split), the K blocks' weight scales applied to the accumulators. Needs K % 64 == 0,
 // bk % 64 == 0, X rows and head offsets in whole 16-byte chunks, ldy, yh and N even. Elsewhere
 // than NVIDIA sm_80+ the kernels are a trap the host never selects.
 #include "bf16.h"
@@ -50,7 +51,8 @@ __device__ __forceinline__ uint32_t hm_w2(uint32_t two) {
 template <int BM, bool BY, bool BX>
 __device__ void heads_mma_impl(const void* Xv, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, void* Yv, int64_t ldy, int yh, int M, int N,
                                int K, int bn, int bk) {
-    constexpr int MI = BM / 16, XB = BM * HM_XS * 4, STAGE = XB + HM_N * HM_WS;
+    // a stage: X (f32 rows of HM_XS, or BX bf16 rows of HM_SS), then the tile's 128 W rows
+    constexpr int MI = BM / 16, XB = BX ? BM * HM_SS * 2 : BM * HM_XS * 4, STAGE = XB + HM_N * HM_WS;
     extern __shared__ __align__(16) unsigned char hm_smem[];
     const int tid = threadIdx.x, lane = tid % 32, wid = tid / 32, g = lane / 4, t = lane % 4;
     const int z = blockIdx.z, nt = (int)blockIdx.x * HM_N, m0 = (int)blockIdx.y * BM;
@@ -60,19 +62,19 @@ __device__ void heads_mma_impl(const void* Xv, int64_t ldx, int xh, const uint8_
     const uint16_t* Xbz = (const uint16_t*)Xv + (int64_t)z * xh; // (BX)
     const uint8_t* Wt = W + (int64_t)wrow * K;
     const float* srow = S + (int64_t)(wrow / bn) * ((K + bk - 1) / bk);
-    // the split tiles, after the ring's stages
+    // the split tiles, after the ring's stages (not BX's)
     uint16_t* sh_hi = (uint16_t*)(hm_smem + min(HM_ST, chunks) * STAGE);
     uint16_t* sh_lo = sh_hi + BM * HM_SS;
 
     auto fetch = [&](int c) {
         unsigned char* st = hm_smem + (c % HM_ST) * STAGE;
         const int k0 = c * HM_KC;
-        if (BX) { // bf16 rows: 8 pieces of 8 columns, at the f32 rows' offsets
+        if (BX) { // bf16 rows of HM_SS (ldmatrix rows conflict-free): 8 pieces of 8 columns
 #pragma unroll
             for (int u = 0; u < BM * 8 / HM_THREADS; ++u) {
                 const int i = tid + u * HM_THREADS, r = i / 8, q = i % 8;
                 const bool in = m0 + r < M;
-                hm_copy(st + r * HM_XS * 4 + 16 * q, Xbz + (int64_t)(in ? m0 + r : m0) * ldx + k0 + 8 * q, in ? 16 : 0);
+                hm_copy(st + r * HM_SS * 2 + 16 * q, Xbz + (int64_t)(in ? m0 + r : m0) * ldx + k0 + 8 * q, in ? 16 : 0);
             }
         } else {
 #pragma unroll
@@ -98,6 +100,7 @@ __device__ void heads_mma_impl(const void* Xv, int64_t ldx, int xh, const uint8_
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
 
+    float cur = 0.f; // (BX) the scale the accumulators are in units of
 #pragma unroll
     for (int c = 0; c < HM_ST - 1; ++c) {
         if (c < chunks) fetch(c);
@@ -112,17 +115,46 @@ __device__ void heads_mma_impl(const void* Xv, int64_t ldx, int xh, const uint8_
         const float* xs = (const float*)st;
         const uint8_t* ws = st + XB + (32 * wid) * HM_WS;
         const float s = srow[c * HM_KC / bk];
+        if (BX) {
+            // X exact in bf16: one product a fragment straight from the landed tile, the
+            // accumulators kept in units of the current K block's scale (rescaled where it
+            // changes, multiplied by it at the end); a zero scale's block adds nothing
+            if (s == 0.f) continue;
+            if (s != cur) {
+                const float ratio = cur / s; // (cur 0: nothing accumulated yet)
+#pragma unroll
+                for (int i = 0; i < MI; ++i)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) acc[i][j][e] *= ratio;
+                cur = s;
+            }
+            const uint16_t* xb = (const uint16_t*)st;
+#pragma unroll 2
+            for (int kk = 0; kk < HM_KC; kk += 16) {
+                uint32_t b[4][2];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const uint8_t* wp = ws + (8 * j + g) * HM_WS + kk + 2 * t;
+                    b[j][0] = hm_w2(*(const uint16_t*)wp);
+                    b[j][1] = hm_w2(*(const uint16_t*)(wp + 8));
+                }
+#pragma unroll
+                for (int i = 0; i < MI; ++i) {
+                    uint32_t a[4];
+                    ldmatrix_x4(a, xb + (16 * i + lane % 16) * HM_SS + kk + 8 * (lane / 16));
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) mma_bf16_16816(acc[i][j], a, b[j][0], b[j][1]);
+                }
+            }
+            continue;
+        }
         // X · s split once into the hi and lo tiles (the previous chunk's products are done)
 #pragma unroll
         for (int u = 0; u < BM * 16 / HM_THREADS; ++u) {
             const int i = tid + u * HM_THREADS, r = i / 16, q = i % 16;
-            float4 v;
-            if (BX) {
-                const uint2 b = *(const uint2*)((const unsigned char*)xs + r * HM_XS * 4 + 8 * q);
-                v = make_float4(__uint_as_float(b.x << 16), __uint_as_float(b.x & 0xffff0000u), __uint_as_float(b.y << 16), __uint_as_float(b.y & 0xffff0000u));
-            } else {
-                v = *(const float4*)(xs + r * HM_XS + 4 * q);
-            }
+            const float4 v = *(const float4*)(xs + r * HM_XS + 4 * q);
             uint32_t h0, l0, h1, l1;
             bf16_split2(v.x * s, v.y * s, &h0, &l0);
             bf16_split2(v.z * s, v.w * s, &h1, &l1);
@@ -151,6 +183,14 @@ __device__ void heads_mma_impl(const void* Xv, int64_t ldx, int xh, const uint8_
                 for (int j = 0; j < 4; ++j) mma_bf16_16816(acc[i][j], lo, b[j][0], b[j][1]);
             }
         }
+    }
+    if (BX) {
+#pragma unroll
+        for (int i = 0; i < MI; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[i][j][e] *= cur;
     }
 
     // f32 pairs, or (BY) bf16 pairs rounded to nearest even: the warpgroup decode kernel's

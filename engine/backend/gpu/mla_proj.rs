@@ -26,16 +26,21 @@ const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
 const LIN: &str = "hip-kernels/linear.hip";
 const HEADS: &str = "hip-kernels/mla_heads.hip";
 /// mla_heads.hip's ring (HM_ST stages of HM_KC K columns), block and a stage's bytes for BM rows:
-/// X as f32 rows of HM_KC + 8, the tile's 128 W rows of HM_KC + 16 bytes
+/// X as f32 rows of HM_KC + 8 (`_bx`: bf16 rows of HM_KC + 8), the tile's 128 W rows of HM_KC + 16
+/// bytes
 const HM_STAGES: usize = 3;
 const HM_KC: usize = 64;
 const HM_THREADS: u32 = 128;
-fn hm_stage_bytes(bm: usize) -> usize {
-    bm * (HM_KC + 8) * 4 + TILE * (HM_KC + 16)
+fn hm_stage_bytes(bm: usize, xb: bool) -> usize {
+    bm * (HM_KC + 8) * if xb { 2 } else { 4 } + TILE * (HM_KC + 16)
 }
-/// ... and its chunk's X split into bf16 hi and lo tiles (rows of HM_KC + 8)
-fn hm_split_bytes(bm: usize) -> usize {
-    2 * bm * (HM_KC + 8) * 2
+/// ... and its chunk's X split into bf16 hi and lo tiles (rows of HM_KC + 8; none for bf16 X)
+fn hm_split_bytes(bm: usize, xb: bool) -> usize {
+    if xb {
+        0
+    } else {
+        2 * bm * (HM_KC + 8) * 2
+    }
 }
 /// Its block rows for M tokens (the `_m32` / `_m64` kernels)
 fn hm_rows(m: usize) -> usize {
@@ -45,11 +50,12 @@ fn hm_rows(m: usize) -> usize {
         64
     }
 }
-/// Its dynamic shared memory for M tokens and K columns: the ring's stages (no more than K's
-/// chunks) and the split tiles (104 KB at BM 64 and K 512: NVIDIA sm_80 / sm_90, not sm_86 / 89)
-fn hm_shared_bytes(m: usize, k: usize) -> usize {
+/// Its dynamic shared memory for M tokens, K columns and X's type: the ring's stages (no more
+/// than K's chunks) and the split tiles (f32 X at BM 64 and K 512: 104 KB, NVIDIA sm_80 / sm_90,
+/// not sm_86 / 89; bf16 X: 58 KB, three blocks an SM)
+fn hm_shared_bytes(m: usize, k: usize, xb: bool) -> usize {
     let bm = hm_rows(m);
-    HM_STAGES.min(k / HM_KC) * hm_stage_bytes(bm) + hm_split_bytes(bm)
+    HM_STAGES.min(k / HM_KC) * hm_stage_bytes(bm, xb) + hm_split_bytes(bm, xb)
 }
 
 /// One product per head: for head z, Y[m, z·yh + n] = Σ_k X[m, z·xh + k] · W[z·wh + w0 + n, k].
@@ -172,7 +178,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let piece = if g.xb { 8 } else { 4 }; // X elements in 16 bytes
         let shapes = g.k.is_multiple_of(HM_KC) && (w.bk.max(1) as usize).is_multiple_of(HM_KC) && g.ldx.is_multiple_of(piece) && g.xh.is_multiple_of(piece);
         let out = g.ldy.is_multiple_of(2) && g.yh.is_multiple_of(2) && g.n.is_multiple_of(2);
-        let fits = hm_shared_bytes(g.m, g.k) <= self.dev.max_shared_per_block();
+        let fits = hm_shared_bytes(g.m, g.k, g.xb) <= self.dev.max_shared_per_block();
         self.tuned.mla_proj_async && self.warp == 32 && self.matrix_units && w.wdt == 2 && scales_fold(g.wh, g.w0, w.bn) && shapes && out && fits
     }
 
@@ -187,7 +193,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             (true, true) => return Err(self.op_err("heads_mma", "bf16 X and Y together: no such kernel".into())),
         };
         let f = self.func(HEADS, &format!("heads_mma_fp8w_m{bm}{form}"))?;
-        let smem = hm_shared_bytes(g.m, g.k);
+        let smem = hm_shared_bytes(g.m, g.k, g.xb);
         let (ldx, ldy) = (g.ldx as i64, g.ldy as i64);
         let [xh, wh, w0, yh, m, n, k] = [g.xh, g.wh, g.w0, g.yh, g.m, g.n, g.k].map(|x| x as i32);
         let mut b = self.launch(&f);
@@ -276,7 +282,23 @@ fn cuda_core_grid(t: usize, heads: usize, z: usize) -> LaunchConfig {
 
 #[cfg(test)]
 mod tests {
-    use super::scales_fold;
+    use super::{hm_shared_bytes, scales_fold};
+
+    #[test]
+    fn heads_kernel_shared_memory_mirrors_mla_heads() {
+        let src = include_str!("../../../hip-kernels/mla_heads.hip");
+        for d in ["#define HM_KC 64 ", "#define HM_XS (HM_KC + 8) ", "#define HM_WS (HM_KC + 16) ", "#define HM_ST 3 ", "#define HM_SS (HM_KC + 8) "] {
+            assert!(src.contains(d), "mla_heads.hip: {d}");
+        }
+        // V3's latent → v at batch 256 (BM 64, K 512): f32 X three stages of 64 × 72 floats and
+        // 128 × 80 weight bytes, plus the split tiles; bf16 X the stages alone (64 × 72 bf16),
+        // three blocks within an SM's 228 KB (1 KB each reserved)
+        assert_eq!(hm_shared_bytes(256, 512, false), 3 * (18432 + 10240) + 18432);
+        assert_eq!(hm_shared_bytes(256, 512, true), 3 * (9216 + 10240));
+        assert!(3 * (hm_shared_bytes(256, 512, true) + 1024) <= 228 * 1024);
+        // q → latent (K 128: two chunks, two stages)
+        assert_eq!(hm_shared_bytes(20, 128, false), 2 * (32 * 72 * 4 + 10240) + 2 * 32 * 72 * 2);
+    }
 
     #[test]
     fn folded_scales_need_every_tile_in_one_block_row() {
