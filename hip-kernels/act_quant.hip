@@ -52,7 +52,7 @@ __device__ __forceinline__ uint32_t f32_to_e4m3fn(float x) {
 // With `up` (quant_fp8_silu_act): the rows are SiLU(x) · up, elementwise as silu_mul computes them.
 #define QUANT_MAX_RPB 4
 __device__ __forceinline__ void quant_fp8_rows(const float* __restrict__ x, const float* __restrict__ up, uint8_t* __restrict__ q, float* __restrict__ s, int M, int R, int K,
-                                               const int* __restrict__ src, const int* __restrict__ seg, int rpb) {
+                                               const int* __restrict__ src, const int* __restrict__ seg, int rpb, int64_t ldx) {
     const int g = blockIdx.y * 8 + threadIdx.x / 32, j = threadIdx.x % 32, col = g * ACT_GROUP + j * 4;
     const bool in = col < K;
     float4 v[QUANT_MAX_RPB], u[QUANT_MAX_RPB];
@@ -60,8 +60,8 @@ __device__ __forceinline__ void quant_fp8_rows(const float* __restrict__ x, cons
     for (int i = 0; i < QUANT_MAX_RPB; ++i) {
         const int r = blockIdx.x * rpb + i, m = i < rpb && r < R ? (src ? src[r] : r) : -1;
         const bool load = in && m >= 0 && m < M;
-        v[i] = load ? *(const float4*)(x + (int64_t)m * K + col) : make_float4(0.f, 0.f, 0.f, 0.f);
-        u[i] = load && up ? *(const float4*)(up + (int64_t)m * K + col) : make_float4(1.f, 1.f, 1.f, 1.f);
+        v[i] = load ? *(const float4*)(x + (int64_t)m * ldx + col) : make_float4(0.f, 0.f, 0.f, 0.f);
+        u[i] = load && up ? *(const float4*)(up + (int64_t)m * ldx + col) : make_float4(1.f, 1.f, 1.f, 1.f);
     }
 #pragma unroll
     for (int i = 0; i < QUANT_MAX_RPB; ++i) {
@@ -92,12 +92,19 @@ __device__ __forceinline__ void quant_fp8_rows(const float* __restrict__ x, cons
 
 extern "C" __global__ void __launch_bounds__(256) quant_fp8_act(const float* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ s, int M, int R, int K,
                                                                 const int* __restrict__ src, const int* __restrict__ seg, int rpb) { ENGINE_GRID_DEP();
-    quant_fp8_rows(x, nullptr, q, s, M, R, K, src, seg, rpb);
+    quant_fp8_rows(x, nullptr, q, s, M, R, K, src, seg, rpb, K);
 }
 
 // x = SiLU(gate) · up ([M, K] each), quantised as quant_fp8_act does (the MoE prefill's
 // intermediate, without its f32 copy).
 extern "C" __global__ void __launch_bounds__(256) quant_fp8_silu_act(const float* __restrict__ gate, const float* __restrict__ up, uint8_t* __restrict__ q, float* __restrict__ s, int M,
                                                                      int R, int K, const int* __restrict__ src, const int* __restrict__ seg, int rpb) { ENGINE_GRID_DEP();
-    quant_fp8_rows(gate, up, q, s, M, R, K, src, seg, rpb);
+    quant_fp8_rows(gate, up, q, s, M, R, K, src, seg, rpb, K);
+}
+
+// The same with gate and up side by side in the rows of `gu` ([M, 2K]: an MLP's joint gate / up
+// GEMM, joint.rs).
+extern "C" __global__ void __launch_bounds__(256) quant_fp8_silu_halves(const float* __restrict__ gu, uint8_t* __restrict__ q, float* __restrict__ s, int M, int R, int K,
+                                                                        const int* __restrict__ src, const int* __restrict__ seg, int rpb) { ENGINE_GRID_DEP();
+    quant_fp8_rows(gu, gu + K, q, s, M, R, K, src, seg, rpb, 2 * (int64_t)K);
 }

@@ -66,6 +66,19 @@ extern "C" __global__ void concat_cols(const float* in, float* out, int rows, in
     }
 }
 
+// y [rows, c1 + c2] → a [rows, c1], b [rows, c2]: two linear layers' outputs from their joint
+// GEMM (joint.rs); a block a row.
+extern "C" __global__ void split_cols(const float* y, float* a, float* b, int rows, int c1, int c2) { ENGINE_GRID_DEP();
+    const int r = blockIdx.x, n = c1 + c2;
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+        const float v = y[(int64_t)r * n + c];
+        if (c < c1)
+            a[(int64_t)r * c1 + c] = v;
+        else
+            b[(int64_t)r * c2 + c - c1] = v;
+    }
+}
+
 // kv[layer][slot][e] = entries[i][e]; the pool is [layers, slots, entry].
 extern "C" __global__ void kv_write(float* kv, const float* entries, const uint32_t* slots, int layer, int num_slots, int entry) { ENGINE_GRID_DEP();
     int i = blockIdx.x;

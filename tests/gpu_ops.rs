@@ -130,6 +130,8 @@ fn prefill_fp8_layers_share_one_quantisation_on<V: GpuVendor>() {
     let (hid, inter) = (2048, 1024);
     let [gate, up, down] = host_mlp(&mut rng, hid, inter, WType::Fp8);
     let (gg, gu, gd) = (g.upload_linear(&gate).unwrap(), g.upload_linear(&up).unwrap(), g.upload_linear(&down).unwrap());
+    // the same uploaded as pairs (one joint GEMM where the shared path runs)
+    let ((pqa, pkva), (pg, pu)) = (g.upload_linear_pair(&qa, &kva).unwrap(), g.upload_linear_pair(&gate, &up).unwrap());
     for m in [256, 258, 260] {
         let x = randn(&mut rng, m * 7168, 1.0);
         let gx = g.upload(m, 7168, &x).unwrap();
@@ -141,6 +143,9 @@ fn prefill_fp8_layers_share_one_quantisation_on<V: GpuVendor>() {
         let xq = quantised(&x, m, 7168);
         check(&format!("q_a of the pair, {m} rows, against the CPU"), &a, &cpu_linear(&c, &qa, m, 7168, &xq), FP8_ACC_TOL);
         check(&format!("kv_a of the pair, {m} rows, against the CPU"), &b, &cpu_linear(&c, &kva, m, 7168, &xq), FP8_ACC_TOL);
+        let (ja, jb) = g.linear_pair(&gx, &pqa, &pkva).unwrap();
+        check(&format!("q_a of the joint pair, {m} rows, against the pair apart"), &g.download(&ja).unwrap(), &a, FP8_ACC_TOL);
+        check(&format!("kv_a of the joint pair, {m} rows, against the pair apart"), &g.download(&jb).unwrap(), &b, FP8_ACC_TOL);
 
         let x = randn(&mut rng, m * hid, 1.0);
         let gx = g.upload(m, hid, &x).unwrap();
@@ -157,7 +162,15 @@ fn prefill_fp8_layers_share_one_quantisation_on<V: GpuVendor>() {
         // the CPU on the quantised x, then on the quantised SiLU·up
         let xq = quantised(&x, m, hid);
         let h = c.download(&c.silu_mul(&c.upload(m, inter, &cpu_linear(&c, &gate, m, hid, &xq)).unwrap(), &c.upload(m, inter, &cpu_linear(&c, &up, m, hid, &xq)).unwrap()).unwrap()).unwrap();
-        check(&format!("mlp, {m} rows, against the CPU"), &y, &cpu_linear(&c, &down, m, inter, &quantised(&h, m, inter)), 1e-2);
+        let want = cpu_linear(&c, &down, m, inter, &quantised(&h, m, inter));
+        check(&format!("mlp, {m} rows, against the CPU"), &y, &want, 1e-2);
+        // gate and up uploaded as a pair: one GEMM, SiLU·up quantised from its halves
+        let yj = g.download(&g.mlp(&gx, &pg, &pu, &gd).unwrap()).unwrap();
+        check(&format!("mlp of the joint gate / up, {m} rows, against the CPU"), &yj, &want, 1e-2);
+        let mut gy = g.upload(m, hid, &y0).unwrap();
+        g.mlp_add(&gx, &pg, &pu, &gd, &mut gy).unwrap();
+        let added: Vec<f32> = y0.iter().zip(&yj).map(|(a, b)| a + b).collect();
+        check(&format!("mlp_add of the joint gate / up, {m} rows, against y + its mlp"), &g.download(&gy).unwrap(), &added, 1e-6);
     }
 }
 

@@ -204,6 +204,11 @@ pub trait Backend: Send + Sync + 'static {
     fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Tensor, BackendError>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>, BackendError>;
     fn upload_linear(&self, w: &HostLinear) -> Result<Self::Linear, BackendError>;
+    /// Two linear layers that read the same input (MLA's q_a and kv_a, an MLP's gate and up),
+    /// stored where the backend can run them as one product; by default apart.
+    fn upload_linear_pair(&self, first: &HostLinear, second: &HostLinear) -> Result<(Self::Linear, Self::Linear), BackendError> {
+        Ok((self.upload_linear(first)?, self.upload_linear(second)?))
+    }
     /// An MLA layer's kv_b (`[heads·(nope + v), kv_lora]`, this rank's heads); a backend may keep
     /// another layout of it for the absorbed attention (the GPU backends: W_UK transposed, so that
     /// the query projection runs as per-head GEMVs / GEMMs over `[N, K]` weight rows).

@@ -38,18 +38,23 @@ impl<B: Backend> Mla<B> {
         let hr = w.shard.heads(h)?;
         let rows = |per: usize| hr.start * per..hr.end * per;
         let qk = c.qk_head_dim();
-        let q = match c.q_lora_rank {
-            Some(r) => QProj::Lora {
-                a: w.linear(&format!("{prefix}.q_a_proj"), r, c.hidden_size)?,
-                norm: w.vector(&format!("{prefix}.q_a_layernorm.weight"), r)?,
-                b: w.linear_rows(&format!("{prefix}.q_b_proj"), h * qk, r, rows(qk))?,
-            },
-            None => QProj::Plain(w.linear_rows(&format!("{prefix}.q_proj"), h * qk, c.hidden_size, rows(qk))?),
+        // the query's first projection and kv_a read the same x: uploaded as a pair
+        let kv_a = w.host_linear(&format!("{prefix}.kv_a_proj_with_mqa"), c.kv_entry_dim(), c.hidden_size)?;
+        let (q, kv_a) = match c.q_lora_rank {
+            Some(r) => {
+                let (a, kv_a) = w.linear_pair(&w.host_linear(&format!("{prefix}.q_a_proj"), r, c.hidden_size)?, &kv_a)?;
+                let norm = w.vector(&format!("{prefix}.q_a_layernorm.weight"), r)?;
+                (QProj::Lora { a, norm, b: w.linear_rows(&format!("{prefix}.q_b_proj"), h * qk, r, rows(qk))? }, kv_a)
+            }
+            None => {
+                let (p, kv_a) = w.linear_pair(&w.host_linear(&format!("{prefix}.q_proj"), h * qk, c.hidden_size)?.slice_rows(rows(qk)), &kv_a)?;
+                (QProj::Plain(p), kv_a)
+            }
         };
         let kvb = c.qk_nope_head_dim + c.v_head_dim;
         Ok(Mla {
             q,
-            kv_a: w.linear(&format!("{prefix}.kv_a_proj_with_mqa"), c.kv_entry_dim(), c.hidden_size)?,
+            kv_a,
             kv_a_norm: w.vector(&format!("{prefix}.kv_a_layernorm.weight"), c.kv_lora_rank)?,
             kv_b: w.mla_kv_b(&format!("{prefix}.kv_b_proj"), h * kvb, rows(kvb))?,
             o: w.linear_cols(&format!("{prefix}.o_proj"), c.hidden_size, h * c.v_head_dim, rows(c.v_head_dim))?,

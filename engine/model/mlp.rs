@@ -14,11 +14,10 @@ impl<B: Backend> Mlp<B> {
     pub fn load(w: &WeightsCtx<B>, prefix: &str, inter: usize) -> Result<Self, ModelError> {
         let hs = w.cfg.hidden_size;
         let ir = w.shard.part(inter, &format!("the intermediate size of {prefix}"))?;
-        Ok(Mlp {
-            gate: w.linear_rows(&format!("{prefix}.gate_proj"), inter, hs, ir.clone())?,
-            up: w.linear_rows(&format!("{prefix}.up_proj"), inter, hs, ir.clone())?,
-            down: w.linear_cols(&format!("{prefix}.down_proj"), hs, inter, ir)?,
-        })
+        // gate and up read the same x: uploaded as a pair
+        let gate = w.host_linear(&format!("{prefix}.gate_proj"), inter, hs)?.slice_rows(ir.clone());
+        let (gate, up) = w.linear_pair(&gate, &w.host_linear(&format!("{prefix}.up_proj"), inter, hs)?.slice_rows(ir.clone()))?;
+        Ok(Mlp { gate, up, down: w.linear_cols(&format!("{prefix}.down_proj"), hs, inter, ir)? })
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor, ModelError> {

@@ -57,6 +57,10 @@ impl<B: Backend> WeightsCtx<'_, B> {
     pub fn linear_rows(&self, prefix: &str, out: usize, inp: usize, rows: std::ops::Range<usize>) -> Result<B::Linear, ModelError> {
         Ok(self.backend.upload_linear(&self.host_linear(prefix, out, inp)?.slice_rows(rows))?)
     }
+    /// Two layers that read the same input (`Backend::upload_linear_pair`).
+    pub fn linear_pair(&self, first: &HostLinear, second: &HostLinear) -> Result<(B::Linear, B::Linear), ModelError> {
+        Ok(self.backend.upload_linear_pair(first, second)?)
+    }
     /// An MLA layer's kv_b, rows `rows` (this rank's heads), for the absorbed attention.
     pub fn mla_kv_b(&self, prefix: &str, out: usize, rows: std::ops::Range<usize>) -> Result<B::Linear, ModelError> {
         let c = self.cfg;

@@ -23,6 +23,14 @@ const ACT_QUANT: &str = "hip-kernels/act_quant.hip";
 const QUANT_RPB: usize = 4;
 const QUANT_RPB_MIN_ROWS: usize = 1024;
 
+/// What the activation quantiser reads: x, SiLU(x) · up, or SiLU(gate) · up from one buffer's
+/// row halves.
+enum QuantIn<'a> {
+    X,
+    SiluMul(&'a DevBuf<f32>),
+    Halves,
+}
+
 /// An activation's FP8 codes [rows, cols] and per-token, per-128-channel scales
 /// [ceil(cols/128), rows] (`quantize_act_fp8`).
 pub struct ActCodes {
@@ -159,13 +167,18 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// ones from prefill sizes (where the GEMM's work outweighs the dequantised copy), and rows
     /// of W and D that start on 16-byte boundaries (odd shapes take the own kernel).
     pub(super) fn blaslt_for(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
+        self.blaslt_rows(x.rows, w)
+    }
+
+    /// The same for `rows` rows of input.
+    pub(super) fn blaslt_rows(&self, rows: usize, w: &GpuLinear) -> bool {
         let min_rows = match w.wdt {
             1 => self.tuned.cublaslt_min_rows,
             2 if self.fp8_act_for(w) => self.tuned.blaslt_fp8_act_min_rows,
             2 => self.tuned.blaslt_fp8_min_rows,
             _ => return false,
         };
-        self.blaslt.is_some() && x.rows >= min_rows && w.inp.is_multiple_of(8) && w.out.is_multiple_of(4)
+        self.blaslt.is_some() && rows >= min_rows && w.inp.is_multiple_of(8) && w.out.is_multiple_of(4)
     }
 
     /// Whether this FP8 layer's input is quantised to FP8 (`--fp8-activations dynamic` and a
@@ -277,23 +290,33 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// zeros), in segments seg[2r], seg[2r + 1] (0: one segment) that each get their own [L, len]
     /// block of scales (act_quant.hip).
     pub(super) fn quant_fp8_rows(&self, x: &GpuTensor, rows: usize, src: DevPtr, seg: DevPtr) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
-        self.quant_fp8_launch(x, None, rows, src, seg)
+        self.quant_fp8_launch(x, QuantIn::X, rows, src, seg)
     }
 
     /// The quantiser of SiLU(gate) · up (both [rows, cols] f32; act_quant.hip's
     /// quant_fp8_silu_act), in segments as `quant_fp8_rows`.
     pub(super) fn quant_fp8_silu_rows(&self, gate: &GpuTensor, up: &DevBuf<f32>, seg: DevPtr) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
-        self.quant_fp8_launch(gate, Some(up), gate.rows, 0, seg)
+        self.quant_fp8_launch(gate, QuantIn::SiluMul(up), gate.rows, 0, seg)
     }
 
-    fn quant_fp8_launch(&self, x: &GpuTensor, up: Option<&DevBuf<f32>>, rows: usize, src: DevPtr, seg: DevPtr) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
-        let (m, k) = (x.rows, x.cols);
+    /// The same of `gu` [rows, 2K] holding gate and up side by side (an MLP's joint GEMM):
+    /// codes [rows, K] (act_quant.hip's quant_fp8_silu_halves).
+    pub(super) fn quant_fp8_silu_halves(&self, gu: &GpuTensor) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
+        self.quant_fp8_launch(gu, QuantIn::Halves, gu.rows, 0, 0)
+    }
+
+    fn quant_fp8_launch(&self, x: &GpuTensor, input: QuantIn, rows: usize, src: DevPtr, seg: DevPtr) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
+        let (m, k) = (x.rows, if matches!(input, QuantIn::Halves) { x.cols / 2 } else { x.cols });
         if !k.is_multiple_of(4) {
             return Err(self.op_err("quant_fp8_act", format!("{m}x{k}: the columns must be a multiple of 4")));
         }
         let mut q = self.scratch::<u8>(rows * k)?;
         let mut s = self.scratch::<f32>(k.div_ceil(crate::weights::act_quant::ACT_GROUP) * rows)?;
-        let name = if up.is_some() { "quant_fp8_silu_act" } else { "quant_fp8_act" };
+        let name = match input {
+            QuantIn::X => "quant_fp8_act",
+            QuantIn::SiluMul(_) => "quant_fp8_silu_act",
+            QuantIn::Halves => "quant_fp8_silu_halves",
+        };
         let f = self.func(ACT_QUANT, name)?;
         let (mi, ri, ki) = (m as i32, rows as i32, k as i32);
         // rows a block: one for decode sizes (the most blocks for the few rows), several from
@@ -302,7 +325,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let rpb_i = rpb as i32;
         let mut b = self.launch(&f);
         b.arg(&x.buf);
-        if let Some(u) = up {
+        if let QuantIn::SiluMul(u) = input {
             b.arg(u);
         }
         b.arg(&mut q).arg(&mut s).arg(&mi).arg(&ri).arg(&ki).arg(&src).arg(&seg).arg(&rpb_i).run(cfg((rows.div_ceil(rpb) as u32, k.div_ceil(1024) as u32), 256, 0)).map_err(err(name))?;

@@ -145,11 +145,13 @@ pub fn bytes_of<T: Elem>(v: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-/// A device buffer of `len` elements, freed (stream-ordered) on drop.
+/// A device buffer of `len` elements, freed (stream-ordered) on drop; or a view of part of one,
+/// which keeps that buffer alive and frees nothing itself.
 pub struct DevBuf<T: Elem> {
     ptr: DevPtr,
     len: usize,
     dev: Arc<dyn DeviceApi>,
+    parent: Option<Arc<DevBuf<T>>>,
     _t: PhantomData<T>,
 }
 
@@ -158,7 +160,14 @@ impl<T: Elem> DevBuf<T> {
     pub fn alloc(dev: &Arc<dyn DeviceApi>, len: usize) -> Result<Self, ApiError> {
         // whole 32-bit words, so that any buffer can be filled by memset_d32
         let ptr = dev.alloc((len.max(1) * std::mem::size_of::<T>()).div_ceil(4) * 4)?;
-        Ok(DevBuf { ptr, len: len.max(1), dev: dev.clone(), _t: PhantomData })
+        Ok(DevBuf { ptr, len: len.max(1), dev: dev.clone(), parent: None, _t: PhantomData })
+    }
+
+    /// Elements `start .. start + len` of `parent` as a buffer of their own (a view: `parent`
+    /// stays allocated while it lives).
+    pub fn view(parent: &Arc<DevBuf<T>>, start: usize, len: usize) -> Self {
+        assert!(start + len <= parent.len && len > 0, "view of {start}..{} of a {}-element buffer", start + len, parent.len);
+        DevBuf { ptr: parent.at(start), len, dev: parent.dev.clone(), parent: Some(parent.clone()), _t: PhantomData }
     }
 
     /// `len` elements of zero bytes.
@@ -215,7 +224,9 @@ impl<T: Elem> DevBuf<T> {
 
 impl<T: Elem> Drop for DevBuf<T> {
     fn drop(&mut self) {
-        self.dev.free(self.ptr);
+        if self.parent.is_none() {
+            self.dev.free(self.ptr);
+        }
     }
 }
 

@@ -258,6 +258,62 @@ fn moe_layer_quantises_its_input_once_for_routed_and_shared_experts() {
     assert_eq!(names(&rt).iter().filter(|n| *n == "quant_fp8_act").count(), 2);
 }
 
+/// A GEMM library that records the block-scaled FP8 GEMMs' shapes (the host runtime has none).
+struct ShapeLib(std::sync::Arc<std::sync::Mutex<Vec<(usize, usize, usize)>>>);
+
+impl super::blas::GemmLib for ShapeLib {
+    fn name(&self) -> &'static str {
+        "shapes"
+    }
+    fn supports(&self, _: usize, _: usize, _: usize) -> bool {
+        false
+    }
+    fn gemm_bf16(&self, _: usize, _: usize, _: usize, _: u64, _: u64, _: u64) -> Result<(), String> {
+        Err("no bf16 GEMM".into())
+    }
+    fn supports_fp8_block(&self, _: usize, _: usize, _: usize) -> bool {
+        true
+    }
+    fn gemm_fp8_block(&self, shape: (usize, usize, usize), _: (u64, u64), _: (u64, u64), _: u64, _: super::device::Handle) -> Result<(), String> {
+        self.0.lock().unwrap().push(shape);
+        Ok(())
+    }
+}
+
+/// Two FP8 layers uploaded as a pair (joint.rs) lie back to back and, where the library's GEMM
+/// takes the shared codes, run as one GEMM: MLA's q_a + kv_a split after it, an MLP's SiLU·up
+/// quantised from its halves. Uploaded apart: a GEMM each.
+#[test]
+fn layers_uploaded_as_a_pair_take_one_gemm() {
+    let (mut b, rt) = nvidia_like();
+    (b.fp8_act, b.arch) = (true, "sm_90a".into());
+    let shapes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    b.blaslt = Some(Box::new(ShapeLib(shapes.clone())));
+    let taken = || std::mem::take(&mut *shapes.lock().unwrap());
+    let (qa, kva) = b.upload_linear_pair(&fp8(1536, 512), &fp8(576, 512)).unwrap();
+    // the second's bytes and its 5 × 4 scales follow the first's (12 × 4)
+    assert_eq!((kva.data.ptr(), kva.scales.ptr()), (qa.data.ptr() + 1536 * 512, qa.scales.ptr() + 4 * 48));
+    let xt = x(&b, 256, 512);
+    rt.take_launched();
+    let (q, kv) = b.linear_pair(&xt, &qa, &kva).unwrap();
+    assert_eq!((q.cols, kv.cols), (1536, 576));
+    assert_eq!((names(&rt), taken()), (vec!["quant_fp8_act".to_string(), "split_cols".into()], vec![(256, 2112, 512)]));
+    let (qa2, kva2) = (b.upload_linear(&fp8(1536, 512)).unwrap(), b.upload_linear(&fp8(576, 512)).unwrap());
+    b.linear_pair(&xt, &qa2, &kva2).unwrap();
+    assert_eq!((names(&rt), taken()), (vec!["quant_fp8_act".to_string()], vec![(256, 1536, 512), (256, 576, 512)]));
+    // 576 rows first are not whole 128-row blocks: uploaded apart
+    let (kv_first, qa_second) = b.upload_linear_pair(&fp8(576, 512), &fp8(1536, 512)).unwrap();
+    assert!(kv_first.joint.is_none() && qa_second.joint.is_none());
+    let (g, u) = b.upload_linear_pair(&fp8(512, 512), &fp8(512, 512)).unwrap();
+    b.mlp(&xt, &g, &u, &b.upload_linear(&fp8(512, 512)).unwrap()).unwrap();
+    assert_eq!((names(&rt), taken()), (vec!["quant_fp8_act".to_string(), "quant_fp8_silu_halves".into()], vec![(256, 1024, 512), (256, 512, 512)]));
+    // a down projection the library does not take (2 scale columns): gate and up split for the ops
+    let (g, u) = b.upload_linear_pair(&fp8(256, 512), &fp8(256, 512)).unwrap();
+    b.mlp(&xt, &g, &u, &b.upload_linear(&fp8(512, 256)).unwrap()).unwrap();
+    assert_eq!(names(&rt)[..3], ["quant_fp8_act", "split_cols", "silu_mul"]);
+    assert_eq!(taken(), [(256, 512, 512)]);
+}
+
 #[test]
 fn moe_batches_pick_per_pair_grouped_swap_ab_or_tiles() {
     let (b, rt) = nvidia_like();

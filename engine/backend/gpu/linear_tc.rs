@@ -96,6 +96,11 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// blocks, whole K blocks, NVIDIA sm_89+. cuBLASLt's block-scaled GEMM has one algorithm for
     /// V3's q_a and kv_a at these sizes (12 and 5 output tiles over K 7,168).
     pub fn linear_f8s_for(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
+        self.linear_f8s_rows(x.rows, w)
+    }
+
+    /// The same for `rows` rows of input.
+    pub(super) fn linear_f8s_rows(&self, rows: usize, w: &GpuLinear) -> bool {
         let t = &self.tuned;
         self.fp8_act
             && self.mma_gemm
@@ -103,7 +108,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             && w.wdt == 2
             && w.bn == 128
             && w.bk == 128
-            && (9..=t.linear_f8s_max_rows).contains(&x.rows)
+            && (9..=t.linear_f8s_max_rows).contains(&rows)
             && w.inp.is_multiple_of(128)
             && w.out.is_multiple_of(16)
     }

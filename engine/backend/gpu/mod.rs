@@ -17,6 +17,7 @@ pub mod hiprtc;
 #[cfg(test)]
 mod host_runtime;
 pub mod jit;
+mod joint;
 pub mod kernel_cache;
 mod linear_tc;
 mod mla_decode;

@@ -32,6 +32,8 @@ pub struct GpuLinear {
     /// An MLA kv_b's W_UK transposed (`weights::wuk_transposed`), for the query → latent
     /// projection as per-head GEMMs or GEMVs (mla_proj.rs)
     pub wuk_t: Option<Box<GpuLinear>>,
+    /// The layer this one and the next uploaded beside it form (joint.rs)
+    pub joint: Option<std::sync::Arc<GpuLinear>>,
 }
 
 /// Whether the new cache entries of `latent` take one launch (mla_kv_entry.hip, or the tail of
@@ -89,7 +91,7 @@ pub(super) fn cfg(grid: (u32, u32), block: u32, shared: u32) -> LaunchConfig {
 /// Host weight bytes in a dtype the kernels read (F16 becomes f32; the others stay borrowed
 /// from the checkpoint's memory map). `fnuz`: the device decodes FP8 as e4m3fnuz (gfx942), so
 /// FP8 weights are converted (bits kept, 0x80 → 0) and their block scales doubled.
-fn host_weight(w: &HostLinear, fnuz: bool) -> (u8, std::borrow::Cow<'_, [u8]>, Vec<f32>, i32, i32) {
+pub(super) fn host_weight(w: &HostLinear, fnuz: bool) -> (u8, std::borrow::Cow<'_, [u8]>, Vec<f32>, i32, i32) {
     use std::borrow::Cow;
     match &w.data {
         LinearData::F32(b) => (0, Cow::Borrowed(&b[..]), vec![0.0], 1, 1),
@@ -112,6 +114,12 @@ pub(super) const LINEAR_TILE: (usize, usize) = (128, 64);
 pub(super) const LINEAR_TILE_K: usize = 16;
 
 impl<V: GpuVendor> GpuBackend<V> {
+    /// One linear layer's weight and scales in their own buffers.
+    pub(super) fn upload_linear_one(&self, w: &HostLinear) -> Result<GpuLinear, BackendError> {
+        let (wdt, bytes, scales, bn, bk) = host_weight(w, self.fp8_fnuz);
+        Ok(GpuLinear { out: w.out, inp: w.inp, wdt, data: self.upload_parts(&[&bytes])?, scales: self.htod(&scales)?, bn, bk, wuk_t: None, joint: None })
+    }
+
     /// The experts' output of `n` floats, zero: the routing's (true: taken from `r`), else zeroed here.
     pub(super) fn experts_out(&self, r: &GpuRouting, n: usize) -> Result<(DevBuf<f32>, bool), BackendError> {
         match r.take_zeroed(n) {
@@ -316,17 +324,11 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
     }
 
     fn upload_linear(&self, w: &HostLinear) -> Result<GpuLinear, BackendError> {
-        let (wdt, bytes, scales, bn, bk) = host_weight(w, self.fp8_fnuz);
-        Ok(GpuLinear {
-            out: w.out,
-            inp: w.inp,
-            wdt,
-            data: self.upload_parts(&[&bytes])?,
-            scales: self.htod(&scales)?,
-            bn,
-            bk,
-            wuk_t: None,
-        })
+        self.upload_linear_one(w)
+    }
+
+    fn upload_linear_pair(&self, first: &HostLinear, second: &HostLinear) -> Result<(GpuLinear, GpuLinear), BackendError> {
+        self.upload_pair(first, second)
     }
 
     fn upload_mla_kv_b(&self, w: &HostLinear, nope: usize, v_head: usize) -> Result<GpuLinear, BackendError> {

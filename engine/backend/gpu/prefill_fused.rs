@@ -1,4 +1,5 @@
-//! FP8 layers at prefill sizes that read one input: quantised once. Under `--fp8-activations
+//! FP8 layers at prefill sizes that read one input: quantised once (and, where they were uploaded
+//! as one layer, one GEMM: joint.rs). Under `--fp8-activations
 //! dynamic` each FP8 linear quantises its input (per token and 128 channels, act_quant.hip)
 //! before cuBLASLt's block-scaled GEMM; MLA's q_a and kv_a read the same normed x, an MLP's gate
 //! and up the same x, and the MLP's down projection SiLU(gate) · up, which the quantiser can
@@ -16,13 +17,18 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// Whether `linear(x, w)` would quantise x and run the block-scaled FP8 GEMM on exactly x's
     /// rows (no padding: a multiple of 4, the library's step), the path that can share codes.
     pub fn shares_fp8_codes(&self, x: &GpuTensor, w: &GpuLinear) -> bool {
+        self.shares_fp8_rows(x.rows, x.cols, w)
+    }
+
+    /// The same for an input of `rows` × `cols`.
+    pub(super) fn shares_fp8_rows(&self, rows: usize, cols: usize, w: &GpuLinear) -> bool {
         w.wdt == 2
-            && x.rows.is_multiple_of(4)
-            && x.cols == w.inp
-            && !self.linear_f8s_for(x, w)
-            && self.blaslt_for(x, w)
+            && rows.is_multiple_of(4)
+            && cols == w.inp
+            && !self.linear_f8s_rows(rows, w)
+            && self.blaslt_rows(rows, w)
             && self.fp8_act_for(w)
-            && self.blaslt.as_ref().is_some_and(|lt| lt.supports_fp8_block(x.rows, w.out, w.inp))
+            && self.blaslt.as_ref().is_some_and(|lt| lt.supports_fp8_block(rows, w.out, w.inp))
     }
 
     /// codes · wᵀ for `rows` quantised rows (`quantize_act_fp8`'s codes and scales).
@@ -34,11 +40,24 @@ impl<V: GpuVendor> GpuBackend<V> {
 
     /// (x · firstᵀ, x · secondᵀ) from one quantisation of x, where both take the shared path.
     pub(super) fn linear_pair_codes(&self, x: &GpuTensor, first: &GpuLinear, second: &GpuLinear) -> Result<Option<(GpuTensor, GpuTensor)>, BackendError> {
+        Ok(match self.pair_codes(x, first, second)? {
+            None => None,
+            Some(Pair::Apart(a, b)) => Some((a, b)),
+            Some(Pair::Joint(y)) => Some(self.span("other", || self.split_cols(&y, first.out))?),
+        })
+    }
+
+    /// Both products from one quantisation of x: one GEMM of their joint layer (joint.rs) where
+    /// they were uploaded as one and it takes the shared path too, else a GEMM each.
+    fn pair_codes(&self, x: &GpuTensor, first: &GpuLinear, second: &GpuLinear) -> Result<Option<Pair>, BackendError> {
         if !self.shares_fp8_codes(x, first) || !self.shares_fp8_codes(x, second) {
             return Ok(None);
         }
         let c = self.span(self.gemm_class(x.rows, first.out, first.inp), || self.quantize_act_fp8(x, x.rows))?;
-        Ok(Some((self.gemm_codes((&c.q, &c.s), x.rows, first)?, self.gemm_codes((&c.q, &c.s), x.rows, second)?)))
+        if let Some(j) = Self::joint_of(first, second).filter(|j| self.shares_fp8_codes(x, j)) {
+            return Ok(Some(Pair::Joint(self.gemm_codes((&c.q, &c.s), x.rows, j)?)));
+        }
+        Ok(Some(Pair::Apart(self.gemm_codes((&c.q, &c.s), x.rows, first)?, self.gemm_codes((&c.q, &c.s), x.rows, second)?)))
     }
 
     /// down(SiLU(x · gateᵀ) · (x · upᵀ)) with x quantised once for gate and up, and the product
@@ -77,8 +96,15 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// The MLP up to its down projection: that projection's input codes where it shares the path,
     /// else its output by the ops; None where gate and up do not share codes.
     fn mlp_down_codes(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear) -> Result<Option<Down>, BackendError> {
-        let Some((g, u)) = self.linear_pair_codes(x, gate, up)? else {
-            return Ok(None);
+        let (g, u) = match self.pair_codes(x, gate, up)? {
+            None => return Ok(None),
+            Some(Pair::Apart(g, u)) => (g, u),
+            // gate and up side by side: quantised from there where down takes the codes
+            Some(Pair::Joint(gu)) if self.shares_fp8_rows(gu.rows, gate.out, down) => {
+                let (q, s) = self.span("activation", || self.quant_fp8_silu_halves(&gu))?;
+                return Ok(Some(Down::Codes(q, s, gu.rows)));
+            }
+            Some(Pair::Joint(gu)) => self.span("other", || self.split_cols(&gu, gate.out))?,
         };
         if !self.shares_fp8_codes(&g, down) {
             let h = crate::backend::Backend::silu_mul(self, &g, &u)?;
@@ -87,6 +113,12 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (q, s) = self.span("activation", || self.quant_fp8_silu_rows(&g, &u.buf, 0))?;
         Ok(Some(Down::Codes(q, s, g.rows)))
     }
+}
+
+/// `pair_codes`' products: apart, or side by side from the joint layer's GEMM.
+enum Pair {
+    Apart(GpuTensor, GpuTensor),
+    Joint(GpuTensor),
 }
 
 /// Where `mlp_down_codes` left the down projection.

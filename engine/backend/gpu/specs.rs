@@ -31,7 +31,7 @@ pub struct KernelModule {
 
 /// Modules that do not depend on the model's shapes.
 const GENERIC: &[(&str, &[&str])] = &[
-    ("hip-kernels/elementwise.hip", &["embedding_f32w", "embedding_bf16w", "embedding_fp8w", "silu_mul", "add_inplace", "gather_rows", "scatter_rows", "concat_cols", "kv_write", "kv_write_bf16", "split_bf16_rows", "split3_bf16_rows", "dequant_fp8_hilo"]),
+    ("hip-kernels/elementwise.hip", &["embedding_f32w", "embedding_bf16w", "embedding_fp8w", "silu_mul", "add_inplace", "gather_rows", "scatter_rows", "concat_cols", "split_cols", "kv_write", "kv_write_bf16", "split_bf16_rows", "split3_bf16_rows", "dequant_fp8_hilo"]),
     ("hip-kernels/norm.hip", &["rms_norm", "add_rms_norm", "rms_norm_cols"]),
     ("hip-kernels/rope.hip", &["rope"]),
     ("hip-kernels/mla_kv_entry.hip", &["mla_kv_entry", "mla_kv_entry_bf16"]),
@@ -49,7 +49,7 @@ const GENERIC: &[(&str, &[&str])] = &[
     ("hip-kernels/moe_f8s.hip", &["moe_gate_up_f8s_fp8w", "moe_down_f8s_fp8w", "linear_f8s_fp8w"]),
     ("hip-kernels/moe_f8_gemm.hip", &["moe_gemm_f8"]),
     ("hip-kernels/sampling.hip", &["sample_rows"]),
-    ("hip-kernels/act_quant.hip", &["quant_fp8_act", "quant_fp8_silu_act"]),
+    ("hip-kernels/act_quant.hip", &["quant_fp8_act", "quant_fp8_silu_act", "quant_fp8_silu_halves"]),
     ("hip-kernels/moe_combine.hip", &["moe_combine"]),
     ("hip-kernels/moe.hip", &["moe_route", "moe_gate_up_f32w", "moe_down_f32w", "moe_gate_up_bf16w", "moe_down_bf16w", "moe_gate_up_fp8w", "moe_down_fp8w"]),
 ];
