@@ -9,17 +9,15 @@
 //   - the queries as bf16 in shared memory, 9 chunks of [64 rows × 128 bytes] with the 128-byte
 //     swizzle (16-byte piece p of row r at r · 128 + 16 · (p ^ r % 8)), staged once; each key
 //     tile the same way by cp.async from the cache (two tiles: the next lands while one is used);
-//   - each warpgroup: S = Q·Kᵀ for its 32 of the tile's keys by wgmma.m64n32k16 (both operands
-//     from shared memory, 36 steps), the online softmax in registers in base 2 with the rows'
-//     maxima exchanged through shared memory (both keep the same running max, each its keys'
-//     sum), P as bf16 written to shared memory (swizzled); then O[:, 256 w ..] = O · corr + P·V
-//     by wgmma.m64n256k16 over the tile's 64 keys (4 steps), V the same key tile read transposed
-//     (MN-major: 64-column atoms 8 KB apart, 8-key groups 1 KB apart), 128 accumulators a
-//     thread. (Warpgroup 0 computing all 64 keys' scores while warpgroup 1 waited: a tile took
-//     ~2.7 µs a block at V3's batch 256.)
-//   - three block barriers a tile (the tile landed and the other tile and P free again; the
-//     maxima; P written); shared memory written by threads is fenced to the async proxy before a
-//     wgmma reads it.
+//   - warpgroup 0: S = Q·Kᵀ by wgmma.m64n64k16 (both operands from shared memory, 36 steps), the
+//     online softmax in registers in base 2, P as bf16 kept in registers (its own P·V's A
+//     fragments) and written to shared memory (swizzled, for warpgroup 1) with each row's rescale;
+//   - both: O[:, 256 w ..] = O · corr + P·V by wgmma.m64n256k16 over the tile's 64 keys (4 steps),
+//     V the same key tile read transposed (MN-major: 64-column atoms 8 KB apart, 8-key groups 1 KB
+//     apart), 128 accumulators a thread;
+//   - one block barrier a tile (the tile landed, the other tile and P free again) and one named
+//     barrier (P ready for warpgroup 1); shared memory written by threads is fenced to the async
+//     proxy before a wgmma reads it.
 // The queries: q_pe from q (f32) and q_lat either f32 or, where `q_lat16` is given, bf16 as
 // mla_heads.hip's `_by` kernels write it (the same rounding this kernel applies: half the bytes,
 // copied by cp.async without registers, one memory latency instead of two batches of loads).
@@ -41,8 +39,8 @@
 #define WD_Q 0
 #define WD_K (WD_Q + WD_TILE)          // two key tiles
 #define WD_P (WD_K + 2 * WD_TILE)       // probabilities, one chunk
-#define WD_MX (WD_P + WD_CH)            // each warpgroup's 64 row maxima (at the end: sums)
-#define WD_ML (WD_MX + 8 * WD_H)        // 64 (max, scale) pairs
+#define WD_CORR (WD_P + WD_CH)          // 64 rescales
+#define WD_ML (WD_CORR + 4 * WD_H)      // 64 (max, scale) pairs
 #define WD_SMEM (WD_ML + 8 * WD_H + 1024) // + the alignment of the first chunk
 #define WD_OP (2 * KV_LORA + 16)          // bytes a staged bf16 output row (4-byte writes conflict-free)
 
@@ -57,14 +55,17 @@ __device__ __forceinline__ uint64_t wd_desc_mn(const void* p) {
     return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)(WD_CH >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
 }
 
-// s (64 heads × 32 keys, 16 floats a thread) = (acc ? s : 0) + Q · Kᵀ over 16 of ENTRY.
-__device__ __forceinline__ void wd_qk32(float* d, uint64_t da, uint64_t db, int acc) {
+// s (64 heads × 64 keys, 32 floats a thread) = (acc ? s : 0) + Q · Kᵀ over 16 of ENTRY, both from
+// shared memory (K-major).
+__device__ __forceinline__ void wd_qk(float* d, uint64_t da, uint64_t db, int acc) {
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
+        "%24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+          "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),
+          "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "l"(da), "l"(db), "r"(acc));
 }
 
@@ -79,8 +80,15 @@ __device__ __forceinline__ void wd_qk32(float* d, uint64_t da, uint64_t db, int 
     WD_F8(0), WD_F8(8), WD_F8(16), WD_F8(24), WD_F8(32), WD_F8(40), WD_F8(48), WD_F8(56), WD_F8(64), WD_F8(72), WD_F8(80), WD_F8(88), WD_F8(96),        \
         WD_F8(104), WD_F8(112), WD_F8(120)
 
-// o (64 heads × 256 value columns, 128 floats a thread) += P · V over 16 keys: P from shared
-// memory (K-major), V MN-major in shared memory.
+// o (64 heads × 256 value columns, 128 floats a thread) += P · V over 16 keys: P from registers
+// (each warp's m16n8k16 A fragment), V MN-major in shared memory.
+__device__ __forceinline__ void wd_pv_reg(float* d, const uint32_t* a, uint64_t db) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " WD_O128 ", {%128, %129, %130, %131}, %132, 1, 1, 1, 1;\n"
+                 : WD_OUTS
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+
+// The same with P from shared memory (K-major).
 __device__ __forceinline__ void wd_pv_smem(float* d, uint64_t da, uint64_t db) {
     asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " WD_O128 ", %128, %129, 1, 1, 1, 0, 1;\n" : WD_OUTS : "l"(da), "l"(db));
 }
@@ -171,7 +179,7 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
     extern __shared__ __align__(16) unsigned char wd_raw[];
     if (smem < WD_SMEM) __trap(); // the host's layout and this one disagree
     uint8_t* sm = wd_raw + ((1024 - ((uint32_t)__cvta_generic_to_shared(wd_raw) & 1023)) & 1023); // 1024-aligned
-    float* mx_s = (float*)(sm + WD_MX);
+    float* corr_s = (float*)(sm + WD_CORR);
     float* ml_s = (float*)(sm + WD_ML);
     // a token's head groups adjacent in the grid: its blocks run in the same wave and share the
     // cache entries through L2 (with the token outermost, as the other decode kernels launch,
@@ -213,9 +221,7 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
-    // both warpgroups track the same running max of rows r0, r0 + 8 (base 2) and each the sum over
-    // its own keys
-    float m[2] = {-ENGINE_INF, -ENGINE_INF}, l[2] = {0.f, 0.f};
+    float m[2] = {-ENGINE_INF, -ENGINE_INF}, l[2] = {0.f, 0.f}; // warpgroup 0: rows r0, r0 + 8, base 2
     const int ntiles = (n - j0 + WD_KT - 1) / WD_KT;
     for (int it = 0; it < ntiles; ++it) {
         const int key0 = j0 + it * WD_KT;
@@ -227,94 +233,99 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
             wd_fetch(sm + WD_K + ((it + 1) % 2) * WD_TILE, base, slot, key0 + WD_KT, n);
             slot = md_slot<WD_KT, WD_THREADS>(sl, key0 + 2 * WD_KT, n);
         }
-        // S for this warpgroup's 32 keys of the tile (keys 32 wg ..: rows 32 wg .. of each chunk,
-        // whole 1 KB swizzle atoms)
-        float s[16];
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        uint32_t pa[16]; // warpgroup 0: P's A fragments (keys 16kc .. at 4kc)
+        if (wg == 0) {
+            float s[32];
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int kk = 0; kk < ENTRY / 16; ++kk) {
-            const int off = (kk / 4) * WD_CH + 32 * (kk % 4);
-            wd_qk32(s, sm90_desc(sm + WD_Q + off), sm90_desc(kt + off + 32 * wg * 128), kk);
+            for (int kk = 0; kk < ENTRY / 16; ++kk) {
+                const int off = (kk / 4) * WD_CH + 32 * (kk % 4);
+                wd_qk(s, sm90_desc(sm + WD_Q + off), sm90_desc(kt + off), kk);
+            }
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            // online softmax of rows r0 (e < 2) and r0 + 8 (e ≥ 2): key key0 + 8j + 2tq + e % 2
+            float mx[2] = {-ENGINE_INF, -ENGINE_INF};
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const bool live = key0 + 8 * j + 2 * tq + (e & 1) < n;
+                    s[4 * j + e] = live ? s[4 * j + e] * scale2 : -ENGINE_INF;
+                    mx[e / 2] = fmaxf(mx[e / 2], s[4 * j + e]);
+                }
+            float cr[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                const float mn = fmaxf(m[r], mx[r]); // finite: the tile has a live key
+                cr[r] = exp2f(m[r] - mn);
+                m[r] = mn;
+                l[r] *= cr[r];
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                float e4[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    e4[e] = exp2f(s[4 * j + e] - m[e / 2]); // masked: exp2(-inf) = 0
+                    l[e / 2] += e4[e];
+                }
+                pa[2 * j] = bf16_pack(e4[0], e4[1]);
+                pa[2 * j + 1] = bf16_pack(e4[2], e4[3]);
+                // P for warpgroup 1: rows r0 / r0 + 8, keys 8j + 2tq (piece j, bytes 4tq)
+                *(uint32_t*)(sm + WD_P + wd_sw(r0, j) + 4 * tq) = pa[2 * j];
+                *(uint32_t*)(sm + WD_P + wd_sw(r0 + 8, j) + 4 * tq) = pa[2 * j + 1];
+            }
+            if (tq == 0) {
+                corr_s[r0] = cr[0];
+                corr_s[r0 + 8] = cr[1];
+            }
+            wd_fence_async();
+            asm volatile("bar.arrive 1, 256;\n" ::: "memory"); // P and the rescales are ready
+#pragma unroll
+            for (int j = 0; j < 32; ++j) {
+                o[4 * j] *= cr[0];
+                o[4 * j + 1] *= cr[0];
+                o[4 * j + 2] *= cr[1];
+                o[4 * j + 3] *= cr[1];
+            }
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int kc = 0; kc < WD_KT / 16; ++kc) wd_pv_reg(o, pa + 4 * kc, wd_desc_mn(kt + kc * 16 * 128));
+        } else {
+            asm volatile("bar.sync 1, 256;\n" ::: "memory");
+            const float c0 = corr_s[r0], c1 = corr_s[r0 + 8];
+#pragma unroll
+            for (int j = 0; j < 32; ++j) {
+                o[4 * j] *= c0;
+                o[4 * j + 1] *= c0;
+                o[4 * j + 2] *= c1;
+                o[4 * j + 3] *= c1;
+            }
+            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+            for (int kc = 0; kc < WD_KT / 16; ++kc) wd_pv_smem(o, sm90_desc(sm + WD_P + 32 * kc), wd_desc_mn(kt + 4 * WD_CH + kc * 16 * 128));
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-        // online softmax of rows r0 (e < 2) and r0 + 8 (e ≥ 2): key key0 + 32 wg + 8j + 2tq + e % 2;
-        // the rows' maxima over both halves through shared memory
-        float mx[2] = {-ENGINE_INF, -ENGINE_INF};
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const bool live = key0 + 32 * wg + 8 * j + 2 * tq + (e & 1) < n;
-                s[4 * j + e] = live ? s[4 * j + e] * scale2 : -ENGINE_INF;
-                mx[e / 2] = fmaxf(mx[e / 2], s[4 * j + e]);
-            }
+    }
+    if (wg == 0) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
         }
         if (tq == 0) {
-            mx_s[wg * WD_H + r0] = mx[0];
-            mx_s[wg * WD_H + r0 + 8] = mx[1];
-        }
-        __syncthreads();
-        float cr[2];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const float mn = fmaxf(m[r], fmaxf(mx[r], mx_s[(1 - wg) * WD_H + r0 + 8 * r])); // finite: the tile has a live key
-            cr[r] = exp2f(m[r] - mn);
-            m[r] = mn;
-            l[r] *= cr[r];
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            float e4[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                e4[e] = exp2f(s[4 * j + e] - m[e / 2]); // masked: exp2(-inf) = 0
-                l[e / 2] += e4[e];
+            for (int r = 0; r < 2; ++r) {
+                const int row = r0 + 8 * r;
+                const float mnat = m[r] * 0.6931471805599453f; // base 2 → natural, as mla_merge reads it
+                ml_s[2 * row] = mnat;
+                ml_s[2 * row + 1] = splits > 1 ? 1.f : 1.f / l[r];
+                if (splits > 1 && h0 + row < heads) md_header(part, t, heads, h0 + row, splits, z, mnat, l[r]);
             }
-            // P: rows r0 / r0 + 8, keys 32 wg + 8j + 2tq (piece 4 wg + j, bytes 4tq)
-            *(uint32_t*)(sm + WD_P + wd_sw(r0, 4 * wg + j) + 4 * tq) = bf16_pack(e4[0], e4[1]);
-            *(uint32_t*)(sm + WD_P + wd_sw(r0 + 8, 4 * wg + j) + 4 * tq) = bf16_pack(e4[2], e4[3]);
-        }
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-            o[4 * j] *= cr[0];
-            o[4 * j + 1] *= cr[0];
-            o[4 * j + 2] *= cr[1];
-            o[4 * j + 3] *= cr[1];
-        }
-        wd_fence_async();
-        __syncthreads(); // P of both halves written
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-        for (int kc = 0; kc < WD_KT / 16; ++kc) wd_pv_smem(o, sm90_desc(sm + WD_P + 32 * kc), wd_desc_mn(kt + 4 * wg * WD_CH + kc * 16 * 128));
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    }
-    // the rows' sums: each warpgroup's keys, added through shared memory (the maxima's slots: every
-    // read of them was before the last tile's second barrier)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    }
-    if (tq == 0) {
-        mx_s[wg * WD_H + r0] = l[0];
-        mx_s[wg * WD_H + r0 + 8] = l[1];
-    }
-    __syncthreads();
-    if (wg == 0 && tq == 0) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = r0 + 8 * r;
-            const float lt = l[r] + mx_s[WD_H + row];
-            const float mnat = m[r] * 0.6931471805599453f; // base 2 → natural, as mla_merge reads it
-            ml_s[2 * row] = mnat;
-            ml_s[2 * row + 1] = splits > 1 ? 1.f : 1.f / lt;
-            if (splits > 1 && h0 + row < heads) md_header(part, t, heads, h0 + row, splits, z, mnat, lt);
         }
     }
     __syncthreads();

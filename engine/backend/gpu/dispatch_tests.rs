@@ -298,6 +298,9 @@ fn layers_uploaded_as_a_pair_take_one_gemm() {
     let (q, kv) = b.linear_pair(&xt, &qa, &kva).unwrap();
     assert_eq!((q.cols, kv.cols), (1536, 576));
     assert_eq!((names(&rt), taken()), (vec!["quant_fp8_act".to_string(), "split_cols".into()], vec![(256, 2112, 512)]));
+    // prefill sizes (past JOINT_SPLIT_MAX_ROWS): a GEMM each, no copy
+    b.linear_pair(&x(&b, 2048, 512), &qa, &kva).unwrap();
+    assert_eq!((names(&rt), taken()), (vec!["quant_fp8_act".to_string()], vec![(2048, 1536, 512), (2048, 576, 512)]));
     let (qa2, kva2) = (b.upload_linear(&fp8(1536, 512)).unwrap(), b.upload_linear(&fp8(576, 512)).unwrap());
     b.linear_pair(&xt, &qa2, &kva2).unwrap();
     assert_eq!((names(&rt), taken()), (vec!["quant_fp8_act".to_string()], vec![(256, 1536, 512), (256, 576, 512)]));

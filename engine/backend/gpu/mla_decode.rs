@@ -79,11 +79,10 @@ impl DecodeTile {
 
 /// The warpgroup-MMA kernel (mla_decode_wg.hip, WD_* there): 64 heads a block, 256 threads, and
 /// its shared memory: the queries and two 64-key tiles as 9 chunks of 64 rows × 128 bytes, a
-/// chunk of probabilities, two warpgroups' 64 row maxima, 64 (max, scale) pairs, and 1 KB to
-/// align the chunks.
+/// chunk of probabilities, 64 rescales and 64 (max, scale) pairs, and 1 KB to align the chunks.
 const WG_HEADS: usize = 64;
 const WG_THREADS: u32 = 256;
-pub(super) const WG_SHARED: usize = 3 * 9 * 8192 + 8192 + 2 * 64 * 4 + 64 * 8 + 1024;
+pub(super) const WG_SHARED: usize = 3 * 9 * 8192 + 8192 + 64 * 4 + 64 * 8 + 1024;
 
 /// The 16-head kernel (mla_decode_rows.hip, MR_* there): heads a block, key groups (16 keys
 /// each), keys a tile, tile buffers, threads (4 key groups × 2 value halves, a warp each).

@@ -40,7 +40,7 @@ impl<V: GpuVendor> GpuBackend<V> {
 
     /// (x · firstᵀ, x · secondᵀ) from one quantisation of x, where both take the shared path.
     pub(super) fn linear_pair_codes(&self, x: &GpuTensor, first: &GpuLinear, second: &GpuLinear) -> Result<Option<(GpuTensor, GpuTensor)>, BackendError> {
-        Ok(match self.pair_codes(x, first, second)? {
+        Ok(match self.pair_codes(x, first, second, x.rows <= JOINT_SPLIT_MAX_ROWS)? {
             None => None,
             Some(Pair::Apart(a, b)) => Some((a, b)),
             Some(Pair::Joint(y)) => Some(self.span("other", || self.split_cols(&y, first.out))?),
@@ -48,13 +48,14 @@ impl<V: GpuVendor> GpuBackend<V> {
     }
 
     /// Both products from one quantisation of x: one GEMM of their joint layer (joint.rs) where
-    /// they were uploaded as one and it takes the shared path too, else a GEMM each.
-    fn pair_codes(&self, x: &GpuTensor, first: &GpuLinear, second: &GpuLinear) -> Result<Option<Pair>, BackendError> {
+    /// they were uploaded as one, it takes the shared path too and `joint` allows, else a GEMM
+    /// each.
+    fn pair_codes(&self, x: &GpuTensor, first: &GpuLinear, second: &GpuLinear, joint: bool) -> Result<Option<Pair>, BackendError> {
         if !self.shares_fp8_codes(x, first) || !self.shares_fp8_codes(x, second) {
             return Ok(None);
         }
         let c = self.span(self.gemm_class(x.rows, first.out, first.inp), || self.quantize_act_fp8(x, x.rows))?;
-        if let Some(j) = Self::joint_of(first, second).filter(|j| self.shares_fp8_codes(x, j)) {
+        if let Some(j) = Self::joint_of(first, second).filter(|j| joint && self.shares_fp8_codes(x, j)) {
             return Ok(Some(Pair::Joint(self.gemm_codes((&c.q, &c.s), x.rows, j)?)));
         }
         Ok(Some(Pair::Apart(self.gemm_codes((&c.q, &c.s), x.rows, first)?, self.gemm_codes((&c.q, &c.s), x.rows, second)?)))
@@ -96,7 +97,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// The MLP up to its down projection: that projection's input codes where it shares the path,
     /// else its output by the ops; None where gate and up do not share codes.
     fn mlp_down_codes(&self, x: &GpuTensor, gate: &GpuLinear, up: &GpuLinear, down: &GpuLinear) -> Result<Option<Down>, BackendError> {
-        let (g, u) = match self.pair_codes(x, gate, up)? {
+        let (g, u) = match self.pair_codes(x, gate, up, true)? {
             None => return Ok(None),
             Some(Pair::Apart(g, u)) => (g, u),
             // gate and up side by side: quantised from there where down takes the codes
@@ -114,6 +115,12 @@ impl<V: GpuVendor> GpuBackend<V> {
         Ok(Some(Down::Codes(q, s, g.rows)))
     }
 }
+
+/// The most rows whose joint GEMM is split into two outputs (`linear_pair_codes`): the copy
+/// moves 2 × 4 × (out₁ + out₂) bytes a row, which at decode sizes costs less than the second
+/// GEMM's split-K reduction and tail (V3's q_a + kv_a at 256 rows: 24.7 µs against 40.4, the copy
+/// 3.6 of it) but at prefill sizes more than one GEMM saves (32,768 rows: the copy 261 µs).
+const JOINT_SPLIT_MAX_ROWS: usize = 1024;
 
 /// `pair_codes`' products: apart, or side by side from the joint layer's GEMM.
 enum Pair {
