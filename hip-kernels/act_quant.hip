@@ -8,37 +8,9 @@
 // e4m3fn code is kept with −0 written as 0 and the scale doubled — the same values, so the same
 // numerics as the other targets (and the rule the ROCm backend converts FP8 checkpoints by).
 #include "common.h"
+#include "e4m3.h"
 
 #define ACT_GROUP 128
-#define E4M3_MAX 448.f
-
-// f32 → e4m3fn, round to nearest even, saturating at ±448 (x / s never exceeds 448 by more than
-// rounding here). sm_89+ converts in hardware; elsewhere the bit manipulation below.
-__device__ __forceinline__ uint32_t f32_to_e4m3fn(float x) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    unsigned short two;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(two) : "f"(0.f), "f"(x));
-    return two & 0xff;
-#else
-    uint32_t bits = __float_as_uint(x), sign = (bits >> 24) & 0x80;
-    float a = fminf(fabsf(x), E4M3_MAX);
-    if (a < 0.015625f) return sign | (uint32_t)rintf(a * 512.f); // subnormal: m × 2^-9 (8 → 0x08)
-    uint32_t b = __float_as_uint(a);
-    int e = (int)((b >> 23) & 0xff) - 127 + 7;
-    uint32_t man = b & 0x7fffff, m3 = man >> 20, rem = man & 0xfffff;
-    if (rem > 0x80000 || (rem == 0x80000 && (m3 & 1))) ++m3;
-    if (m3 == 8) {
-        m3 = 0;
-        ++e;
-    }
-    if (e > 15 || (e == 15 && m3 > 6)) {
-        e = 15;
-        m3 = 6;
-    }
-    return sign | ((uint32_t)e << 3) | m3;
-#endif
-}
-
 // x [M, K] f32 → q [R, K] e4m3fn and s: output row r is x's row src[r] (src == nullptr: row r;
 // negative or ≥ M: zeros, e.g. the rows padding a token count to the GEMM library's multiple of
 // 4). Rows are cut into segments, one GEMM each (MoE experts): seg[2r], seg[2r + 1] give r's

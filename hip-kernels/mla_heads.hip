@@ -24,6 +24,7 @@
 // bk % 64 == 0, X rows and head offsets in whole 16-byte chunks, ldy, yh and N even. Elsewhere
 // than NVIDIA sm_80+ the kernels are a trap the host never selects.
 #include "bf16.h"
+#include "e4m3.h"
 
 #define HM_N 128                 // columns (W rows) a block
 #define HM_KC 64                 // K columns a chunk (one scale: bk % 64 == 0)
@@ -48,9 +49,56 @@ __device__ __forceinline__ uint32_t hm_w2(uint32_t two) {
 #endif
 }
 
-template <int BM, bool BY, bool BX>
+// The block's [BM rows × 128 columns] of f32 results as act_quant.hip's quant_fp8_act would write
+// them (one group of 128 channels: s = max(max|y|, 1e-10) / 448, codes e4m3fn(y / s)): each
+// row's maximum over the four warps' 32 columns through shared memory (the ring's, free once
+// every warp is past its last products), codes as byte pairs at Q[r · ldq + n], the scale at
+// Sg[r] (the group's scales, one a row).
+template <int MI>
+__device__ __forceinline__ void hm_store_codes(const float (&acc)[MI][4][4], uint8_t* Q, int64_t ldq, float* Sg, int m0, int M, int N) {
+    extern __shared__ __align__(16) unsigned char hm_smem[];
+    float* red = (float*)hm_smem; // [4 warps][16 MI rows]
+    const int tid = threadIdx.x, lane = tid % 32, wid = tid / 32, g = lane / 4, t = lane % 4;
+    float mx[MI][2];
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float v = 0.f;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) v = fmaxf(v, fmaxf(fabsf(acc[i][j][2 * h]), fabsf(acc[i][j][2 * h + 1])));
+            v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+            mx[i][h] = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+        }
+    __syncthreads(); // every warp past its products: the ring is free
+    if (t == 0)
+#pragma unroll
+        for (int i = 0; i < MI; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) red[wid * 16 * MI + 16 * i + 8 * h + g] = mx[i][h];
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int rr = 16 * i + 8 * h + g, r = m0 + rr;
+            float amax = 0.f;
+#pragma unroll
+            for (int w = 0; w < 4; ++w) amax = fmaxf(amax, red[w * 16 * MI + rr]);
+            const float sc = fmaxf(amax, 1e-10f) / E4M3_MAX;
+            if (r >= M) continue;
+            if (wid == 0 && t == 0) Sg[r] = sc;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int n = 32 * wid + 8 * j + 2 * t;
+                if (n < N) *(uint16_t*)(Q + (int64_t)r * ldq + n) = (uint16_t)(f32_to_e4m3fn(acc[i][j][2 * h] / sc) | (f32_to_e4m3fn(acc[i][j][2 * h + 1] / sc) << 8));
+            }
+        }
+}
+
+template <int BM, bool BY, bool BX, bool QY>
 __device__ void heads_mma_impl(const void* Xv, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, void* Yv, int64_t ldy, int yh, int M, int N,
-                               int K, int bn, int bk) {
+                               int K, int bn, int bk, float* Sy) {
     // a stage: X (f32 rows of HM_XS, or BX bf16 rows of HM_SS), then the tile's 128 W rows
     constexpr int MI = BM / 16, XB = BX ? BM * HM_SS * 2 : BM * HM_XS * 4, STAGE = XB + HM_N * HM_WS;
     extern __shared__ __align__(16) unsigned char hm_smem[];
@@ -193,6 +241,10 @@ __device__ void heads_mma_impl(const void* Xv, int64_t ldx, int xh, const uint8_
                 for (int e = 0; e < 4; ++e) acc[i][j][e] *= cur;
     }
 
+    if (QY) { // e4m3 codes of each row's 128 columns (one head: N == 128, the host checks)
+        hm_store_codes<MI>(acc, (uint8_t*)Yv + (int64_t)z * yh, ldy, Sy + (int64_t)z * M, m0, M, N);
+        return;
+    }
     // f32 pairs, or (BY) bf16 pairs rounded to nearest even: the warpgroup decode kernel's
     // queries, which it would round so itself (half the bytes written and read back)
     float* Yz = (float*)Yv + (int64_t)z * yh;
@@ -212,22 +264,26 @@ __device__ void heads_mma_impl(const void* Xv, int64_t ldx, int xh, const uint8_
             }
         }
 }
-#define HM_BODY(BM, BY, BX) heads_mma_impl<BM, BY, BX>(X, ldx, xh, W, S, wh, w0, Y, ldy, yh, M, N, K, bn, bk)
+#define HM_BODY(BM, BY, BX, QY) heads_mma_impl<BM, BY, BX, QY>(X, ldx, xh, W, S, wh, w0, Y, ldy, yh, M, N, K, bn, bk, Sy)
 #else
-#define HM_BODY(BM, BY, BX) ENGINE_TRAP()
+#define HM_BODY(BM, BY, BX, QY) ENGINE_TRAP()
 #endif
 
-// _by: Y as bf16 (ldy, yh in bf16 elements); _bx: X as bf16 (ldx, xh in bf16 elements)
-#define HEADS_MMA(BM, MINB, SUF, BY, BX)                                                                                               \
+// _by: Y as bf16 (ldy, yh in bf16 elements); _bx: X as bf16 (ldx, xh in bf16 elements); _bxq:
+// that, and Y as e4m3 codes (ldy, yh in bytes) with each row's scale at Sy[z · M + m] (the
+// activation quantiser's [groups, rows] layout, a head a group; Sy unread by the other forms)
+#define HEADS_MMA(BM, MINB, SUF, BY, BX, QY)                                                                                           \
     extern "C" __global__ void __launch_bounds__(HM_THREADS, MINB)                                                                     \
         heads_mma_fp8w_m##BM##SUF(const void* X, int64_t ldx, int xh, const uint8_t* W, const float* S, int wh, int w0, void* Y, int64_t ldy, \
-                                  int yh, int M, int N, int K, int bn, int bk) {                                                         \
+                                  int yh, int M, int N, int K, int bn, int bk, float* Sy) {                                              \
         ENGINE_GRID_DEP();                                                                                                            \
-        HM_BODY(BM, BY, BX);                                                                                                          \
+        HM_BODY(BM, BY, BX, QY);                                                                                                      \
     }
-HEADS_MMA(32, 4, , false, false)
-HEADS_MMA(64, 3, , false, false)
-HEADS_MMA(32, 4, _by, true, false)
-HEADS_MMA(64, 3, _by, true, false)
-HEADS_MMA(32, 4, _bx, false, true)
-HEADS_MMA(64, 3, _bx, false, true)
+HEADS_MMA(32, 4, , false, false, false)
+HEADS_MMA(64, 3, , false, false, false)
+HEADS_MMA(32, 4, _by, true, false, false)
+HEADS_MMA(64, 3, _by, true, false, false)
+HEADS_MMA(32, 4, _bx, false, true, false)
+HEADS_MMA(64, 3, _bx, false, true, false)
+HEADS_MMA(32, 4, _bxq, false, true, true)
+HEADS_MMA(64, 3, _bxq, false, true, true)

@@ -546,6 +546,41 @@ fn mla_decode_matrix_units_bf16_on<V: GpuVendor>() {
     }
 }
 
+/// `mla_attention_linear` where the warpgroup decode kernel runs with FP8 activations: the value
+/// projection writes o_proj's FP8 codes itself (mla_heads.hip's `_bxq`), which must equal the
+/// ops in turn bit for bit (`mla_attention`, then `linear`: the f32 projection, the activation
+/// quantiser, the same GEMM); 72 decode tokens of V3's 128 heads over random contexts, and 71
+/// (not a multiple of 4: the ops).
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn mla_attention_hands_o_proj_codes() {
+    common::on_gpu!(mla_attention_hands_o_proj_codes_on)
+}
+
+fn mla_attention_hands_o_proj_codes_on<V: GpuVendor>() {
+    let mut g = gpu::<V>();
+    (g.attn_bf16, g.fp8_act) = (true, true);
+    let mut rng = Rng::new(61);
+    let d = MlaDims { num_heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
+    let (slots_total, hidden) = (3000, 1024);
+    let kv_b = g.upload_mla_kv_b(&host_linear(&mut rng, 128 * 256, 512, WType::Fp8), d.qk_nope, d.v_head).unwrap();
+    let o = g.upload_linear(&host_linear(&mut rng, hidden, 128 * 128, WType::Fp8)).unwrap();
+    let mut kv = g.alloc_kv_cache(2, slots_total, d.kv_entry()).unwrap();
+    let all: Vec<u32> = (0..slots_total as u32).collect();
+    g.kv_write(&mut kv, 1, &all, &g.upload(slots_total, d.kv_entry(), &randn(&mut rng, slots_total * d.kv_entry(), 1.0)).unwrap()).unwrap();
+    for t in [72, 71] {
+        let lens: Vec<usize> = (0..t).map(|i| 1 + (i * 37) % 700).collect();
+        let starts: Vec<usize> = (0..t).map(|i| (i * 29) % (slots_total - 700)).collect();
+        let seqs: Vec<AttnSeq> = (0..t).map(|i| AttnSeq { q_start: i, q_len: 1, slots: &all[starts[i]..starts[i] + lens[i]] }).collect();
+        let q = g.upload(t, 128 * d.qk_head(), &randn(&mut rng, t * 128 * d.qk_head(), 1.0)).unwrap();
+        let fused = g.download(&g.mla_attention_linear(&q, &kv, 1, &seqs, &kv_b, &d, &o).unwrap()).unwrap();
+        let ops = g.download(&g.linear(&g.mla_attention(&q, &kv, 1, &seqs, &kv_b, &d).unwrap(), &o).unwrap()).unwrap();
+        assert!(fused.iter().all(|v| v.is_finite()) && fused.iter().any(|v| *v != 0.0), "{t} tokens: finite, not all zero");
+        assert_eq!(fused, ops, "{t} tokens: o_proj of the value projection's codes equals the ops in turn");
+        eprintln!("mla_attention_linear, {t} tokens: equal to mla_attention + linear");
+    }
+}
+
 /// One batched attention call on the GPU against the CPU: sequences of (context, new tokens) over
 /// shuffled cache slots of layer 1; with `split_decode`, the first sequence's last token alone too.
 #[allow(clippy::too_many_arguments)]

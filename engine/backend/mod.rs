@@ -277,6 +277,12 @@ pub trait Backend: Send + Sync + 'static {
     /// MLA attention over the latent cache. `q` is [T, heads·(qk_nope+qk_rope)] with RoPE applied;
     /// `kv_b` is the layer's kv_b_proj [heads·(qk_nope+v), kv_lora_rank]; returns [T, heads·v].
     fn mla_attention(&self, q: &Self::Tensor, kv: &Self::KvCache, layer: usize, seqs: &[AttnSeq], kv_b: &Self::Linear, dims: &MlaDims) -> Result<Self::Tensor, BackendError>;
+    /// `mla_attention`, then the output projection `o` (`linear`). Backends may hand the
+    /// attention's output to `o` in another form (the GPU: FP8 codes from the value projection).
+    #[allow(clippy::too_many_arguments)]
+    fn mla_attention_linear(&self, q: &Self::Tensor, kv: &Self::KvCache, layer: usize, seqs: &[AttnSeq], kv_b: &Self::Linear, dims: &MlaDims, o: &Self::Linear) -> Result<Self::Tensor, BackendError> {
+        self.linear(&self.mla_attention(q, kv, layer, seqs, kv_b, dims)?, o)
+    }
     /// Router: scores and top-k selection per token.
     fn moe_route(&self, x: &Self::Tensor, gate: &Self::Linear, bias: Option<&[f32]>, p: &RouteParams) -> Result<Self::Routing, BackendError>;
     /// Σ_k w_k · expert_k(x) per token.

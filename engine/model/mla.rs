@@ -83,7 +83,6 @@ impl<B: Backend> Mla<B> {
                 q
             }
         };
-        let attn = b.mla_attention(&q, kv, layer, a.seqs, &self.kv_b, d)?;
-        Ok(b.linear(&attn, &self.o)?)
+        Ok(b.mla_attention_linear(&q, kv, layer, a.seqs, &self.kv_b, d, &self.o)?)
     }
 }

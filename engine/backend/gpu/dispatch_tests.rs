@@ -258,8 +258,10 @@ fn moe_layer_quantises_its_input_once_for_routed_and_shared_experts() {
     assert_eq!(names(&rt).iter().filter(|n| *n == "quant_fp8_act").count(), 2);
 }
 
-/// A GEMM library that records the block-scaled FP8 GEMMs' shapes (the host runtime has none).
-struct ShapeLib(std::sync::Arc<std::sync::Mutex<Vec<(usize, usize, usize)>>>);
+/// A GEMM library that records the block-scaled FP8 GEMMs' shapes and input codes (the host
+/// runtime has none).
+type GemmLog = std::sync::Arc<std::sync::Mutex<Vec<((usize, usize, usize), u64)>>>;
+struct ShapeLib(GemmLog);
 
 impl super::blas::GemmLib for ShapeLib {
     fn name(&self) -> &'static str {
@@ -274,8 +276,8 @@ impl super::blas::GemmLib for ShapeLib {
     fn supports_fp8_block(&self, _: usize, _: usize, _: usize) -> bool {
         true
     }
-    fn gemm_fp8_block(&self, shape: (usize, usize, usize), _: (u64, u64), _: (u64, u64), _: u64, _: super::device::Handle) -> Result<(), String> {
-        self.0.lock().unwrap().push(shape);
+    fn gemm_fp8_block(&self, shape: (usize, usize, usize), _: (u64, u64), (xq, _): (u64, u64), _: u64, _: super::device::Handle) -> Result<(), String> {
+        self.0.lock().unwrap().push((shape, xq));
         Ok(())
     }
 }
@@ -289,7 +291,7 @@ fn layers_uploaded_as_a_pair_take_one_gemm() {
     (b.fp8_act, b.arch) = (true, "sm_90a".into());
     let shapes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     b.blaslt = Some(Box::new(ShapeLib(shapes.clone())));
-    let taken = || std::mem::take(&mut *shapes.lock().unwrap());
+    let taken = || std::mem::take(&mut *shapes.lock().unwrap()).into_iter().map(|x| x.0).collect::<Vec<_>>();
     let (qa, kva) = b.upload_linear_pair(&fp8(1536, 512), &fp8(576, 512)).unwrap();
     // the second's bytes and its 5 × 4 scales follow the first's (12 × 4)
     assert_eq!((kva.data.ptr(), kva.scales.ptr()), (qa.data.ptr() + 1536 * 512, qa.scales.ptr() + 4 * 48));
@@ -315,6 +317,41 @@ fn layers_uploaded_as_a_pair_take_one_gemm() {
     b.mlp(&xt, &g, &u, &b.upload_linear(&fp8(512, 256)).unwrap()).unwrap();
     assert_eq!(names(&rt)[..3], ["quant_fp8_act", "split_cols", "silu_mul"]);
     assert_eq!(taken(), [(256, 512, 512)]);
+}
+
+/// A decode batch on the warpgroup kernel hands o_proj the value projection's FP8 codes
+/// (`mla_attention_linear`: `_bxq` writes them, o's GEMM reads them: no f32 output, no
+/// quantiser); rows not a multiple of 4 take the f32 projection and o quantises it (padded).
+#[test]
+fn decode_attention_hands_o_proj_the_value_projections_codes() {
+    use crate::backend::{AttnSeq, MlaDims};
+    let (mut b, rt) = nvidia_like();
+    (b.attn_bf16, b.matrix_units, b.fp8_act, b.arch) = (true, true, true, "sm_90a".into());
+    let log: GemmLog = Default::default();
+    b.blaslt = Some(Box::new(ShapeLib(log.clone())));
+    let d = MlaDims { num_heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
+    let slots: Vec<u32> = (0..300).collect();
+    let kv = b.alloc_kv_cache(2, 300, d.kv_entry()).unwrap();
+    let kv_b = b.upload_mla_kv_b(&fp8(128 * 256, 512), d.qk_nope, d.v_head).unwrap();
+    let o = b.upload_linear(&fp8(512, 128 * 128)).unwrap();
+    // (36 tokens: o on the library's GEMM, past the staged FP8 kernel's 32)
+    for (t, codes) in [(36, true), (35, false)] {
+        let seqs: Vec<AttnSeq> = (0..t).map(|i| AttnSeq { q_start: i, q_len: 1, slots: &slots[..100 + i] }).collect();
+        let q = x(&b, t, 128 * d.qk_head());
+        rt.take_launched();
+        let y = b.mla_attention_linear(&q, &kv, 1, &seqs, &kv_b, &d, &o).unwrap();
+        assert_eq!((y.rows, y.cols), (t, 512));
+        let l = rt.take_launched_args();
+        let names: Vec<&str> = l.iter().map(|n| n.0.as_str()).collect();
+        let gemms = std::mem::take(&mut *log.lock().unwrap());
+        assert_eq!(gemms.iter().map(|g| g.0).collect::<Vec<_>>(), [(t.next_multiple_of(4), 512, 16384)]);
+        if codes {
+            assert_eq!(names, ["heads_mma_fp8w_m64_by", "mla_decode_wg", "heads_mma_fp8w_m64_bxq"]);
+            assert_eq!(l[2].3[7], gemms[0].1, "o's GEMM reads the projection's codes");
+        } else {
+            assert_eq!(names, ["heads_mma_fp8w_m64_by", "mla_decode_wg", "heads_mma_fp8w_m64_bx", "quant_fp8_act"]);
+        }
+    }
 }
 
 #[test]

@@ -19,7 +19,8 @@ use super::mla_decode::Latents;
 use super::mma::{launch, vec_ok, TILE};
 use super::gemv::gemv_geometry;
 use super::ops::{cfg, wdt_suffix, GpuLinear, ATTN_PROJ};
-use crate::backend::{BackendError, MlaDims};
+use super::ops::GpuKvCache;
+use crate::backend::{AttnSeq, BackendError, MlaDims};
 use super::ModelDims;
 
 const LIN_MMA: &str = "hip-kernels/linear_mma.hip";
@@ -58,6 +59,15 @@ fn hm_shared_bytes(m: usize, k: usize, xb: bool) -> usize {
     HM_STAGES.min(k / HM_KC) * hm_stage_bytes(bm, xb) + hm_split_bytes(bm, xb)
 }
 
+/// What mla_heads.hip's kernel writes: f32, bf16 pairs, or e4m3 codes with their scales (at the
+/// address given).
+#[derive(Debug, Clone, Copy)]
+enum HeadsY {
+    F32,
+    Bf16,
+    Codes(DevPtr),
+}
+
 /// One product per head: for head z, Y[m, z·yh + n] = Σ_k X[m, z·xh + k] · W[z·wh + w0 + n, k].
 /// X is f32, or (`xb`) bf16 (mla_heads.hip's `_bx` kernels only).
 struct HeadsGemm<'a> {
@@ -83,7 +93,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         if self.heads_takes_gemv(g) {
             self.span(ATTN_PROJ, || self.heads_gemv(g, y))?;
         } else if self.heads_takes_async(g) {
-            self.span(ATTN_PROJ, || self.heads_async(g, y, false))?;
+            self.span(ATTN_PROJ, || self.heads_async(g, y, HeadsY::F32))?;
         } else if self.mma_gemm && !g.xb {
             self.span(ATTN_PROJ, || self.heads_gemm(g, y))?;
         } else {
@@ -134,8 +144,46 @@ impl<V: GpuVendor> GpuBackend<V> {
             return Ok(None);
         }
         let mut y = self.scratch::<u16>(t * heads * lora)?; // every element written
-        self.span(ATTN_PROJ, || self.heads_async(&g, &mut y, true))?;
+        self.span(ATTN_PROJ, || self.heads_async(&g, &mut y, HeadsY::Bf16))?;
         Ok(Some(y))
+    }
+
+    /// `mla_v_out` of bf16 latents straight to the activation quantiser's codes and scales
+    /// ([T, heads·v] e4m3 and [heads, T]: a head's v_head = 128 values one group), as
+    /// `quantize_act_fp8` of its f32 output would give them (mla_heads.hip's `_bxq`); None where
+    /// that kernel does not take the product.
+    pub(super) fn mla_v_out_codes(&self, lat: &DevBuf<u16>, t: usize, kv_b: &GpuLinear, d: &MlaDims) -> Result<Option<super::blas::ActCodes>, BackendError> {
+        let g = v_out_gemm(lat.ptr(), true, t, kv_b, d);
+        if g.n != TILE || !self.heads_takes_async(&g) {
+            return Ok(None);
+        }
+        // every code and scale written
+        let (mut q, s) = (self.scratch::<u8>(t * d.num_heads * d.v_head)?, self.scratch::<f32>(d.num_heads * t)?);
+        self.span(ATTN_PROJ, || self.heads_async(&g, &mut q, HeadsY::Codes(s.ptr())))?;
+        Ok(Some(super::blas::ActCodes { q, s }))
+    }
+
+    /// `mla_attention` then `o` where the warpgroup decode kernel's bf16 latents go through the
+    /// value projection straight to the FP8 codes o's block-scaled GEMM reads (`mla_v_out_codes`:
+    /// the codes `quantize_act_fp8` of the f32 output would give, without that output's 4 bytes
+    /// a value written and read back); None (nothing run) where the batch does not take that
+    /// path: prompts on the flash kernel, rows not a multiple of 4, o not on the shared-codes GEMM,
+    /// another decode kernel.
+    pub(super) fn mla_attention_codes(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[AttnSeq], (kv_b, o): (&GpuLinear, &GpuLinear), d: &MlaDims) -> Result<Option<GpuTensor>, BackendError> {
+        let t = q.rows;
+        let takes = !seqs.iter().any(|s| self.flash_prefill_for(s, d)) && self.shares_fp8_rows(t, d.num_heads * d.v_head, o) && self.mma_decode(d, kv) && self.wg_decode(d, t);
+        if !takes {
+            return Ok(None);
+        }
+        let lat = self.mla_absorbed_latents(q, kv, layer, seqs, kv_b, d)?;
+        if let Latents::Bf16(b) = &lat {
+            if let Some(c) = self.mla_v_out_codes(b, t, kv_b, d)? {
+                return Ok(Some(self.gemm_codes((&c.q, &c.s), t, o)?));
+            }
+        }
+        let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
+        self.mla_v_out(&lat, t, kv_b, d, &mut out)?;
+        Ok(Some(crate::backend::Backend::linear(self, &GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out }, o)?))
     }
 
     /// Whether `mla_v_out` takes bf16 latents for `t` tokens: where mla_heads.hip's kernel
@@ -154,7 +202,7 @@ impl<V: GpuVendor> GpuBackend<V> {
                 if !self.heads_takes_async(&g) {
                     return Err(self.op_err("mla_v_out", "bf16 latents are mla_heads.hip's only".into()));
                 }
-                return self.span(ATTN_PROJ, || self.heads_async(&g, out, false));
+                return self.span(ATTN_PROJ, || self.heads_async(&g, out, HeadsY::F32));
             }
             Latents::F32(b) => b,
         };
@@ -182,15 +230,17 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.tuned.mla_proj_async && self.warp == 32 && self.matrix_units && w.wdt == 2 && scales_fold(g.wh, g.w0, w.bn) && shapes && out && fits
     }
 
-    /// mla_heads.hip's kernel into f32 `y`, or (`bf16_y`) bf16 pairs (its `_by` form).
-    fn heads_async<T: Elem>(&self, g: &HeadsGemm, y: &mut DevBuf<T>, bf16_y: bool) -> Result<(), BackendError> {
+    /// mla_heads.hip's kernel into `y`: f32, bf16 pairs (its `_by` form) or e4m3 codes with their
+    /// scales (`_bxq`).
+    fn heads_async<T: Elem>(&self, g: &HeadsGemm, y: &mut DevBuf<T>, kind: HeadsY) -> Result<(), BackendError> {
         let w = g.w;
         let bm = hm_rows(g.m);
-        let form = match (bf16_y, g.xb) {
-            (true, false) => "_by",
-            (false, true) => "_bx",
-            (false, false) => "",
-            (true, true) => return Err(self.op_err("heads_mma", "bf16 X and Y together: no such kernel".into())),
+        let (form, sy) = match (kind, g.xb) {
+            (HeadsY::Bf16, false) => ("_by", 0),
+            (HeadsY::F32, true) => ("_bx", 0),
+            (HeadsY::F32, false) => ("", 0),
+            (HeadsY::Codes(sy), true) if g.n == TILE => ("_bxq", sy),
+            _ => return Err(self.op_err("heads_mma", format!("no kernel for {kind:?} from {} X, {} columns", if g.xb { "bf16" } else { "f32" }, g.n))),
         };
         let f = self.func(HEADS, &format!("heads_mma_fp8w_m{bm}{form}"))?;
         let smem = hm_shared_bytes(g.m, g.k, g.xb);
@@ -198,7 +248,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let [xh, wh, w0, yh, m, n, k] = [g.xh, g.wh, g.w0, g.yh, g.m, g.n, g.k].map(|x| x as i32);
         let mut b = self.launch(&f);
         b.arg(&g.x).arg(&ldx).arg(&xh).arg(&w.data).arg(&w.scales).arg(&wh).arg(&w0).arg(y).arg(&ldy).arg(&yh);
-        b.arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk);
+        b.arg(&m).arg(&n).arg(&k).arg(&w.bn).arg(&w.bk).arg(&sy);
         let grid = (g.n.div_ceil(TILE) as u32, g.m.div_ceil(bm) as u32, g.heads as u32);
         b.run(LaunchConfig { grid_dim: grid, block_dim: (HM_THREADS, 1, 1), shared_mem_bytes: smem as u32 }).map_err(err("heads_mma"))
     }

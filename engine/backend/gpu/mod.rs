@@ -20,6 +20,7 @@ pub mod jit;
 mod joint;
 pub mod kernel_cache;
 mod linear_tc;
+mod mla_absorbed;
 mod mla_decode;
 mod mla_proj;
 mod mla_prefill;

@@ -32,7 +32,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     }
 
     /// codes · wᵀ for `rows` quantised rows (`quantize_act_fp8`'s codes and scales).
-    fn gemm_codes(&self, codes: (&DevBuf<u8>, &DevBuf<f32>), rows: usize, w: &GpuLinear) -> Result<GpuTensor, BackendError> {
+    pub(super) fn gemm_codes(&self, codes: (&DevBuf<u8>, &DevBuf<f32>), rows: usize, w: &GpuLinear) -> Result<GpuTensor, BackendError> {
         let y = self.alloc_out(rows * w.out)?;
         self.span(self.gemm_class(rows, w.out, w.inp), || self.gemm_fp8_codes(codes, rows, w, y.ptr()))?;
         Ok(GpuTensor { rows, cols: w.out, buf: y })
