@@ -141,7 +141,7 @@ pub struct GpuBackend<V: GpuVendor> {
     /// runtime on first use: fixed by the kernel and the device)
     pub(super) moe_gemm_clusters: std::sync::OnceLock<usize>,
     /// The FP8 codes of the tensor `share_act_codes` shares (blas.rs)
-    pub(super) act_memo: super::blas::ActMemo,
+    pub(super) act_memo: super::act_codes::ActMemo,
     _v: PhantomData<V>,
 }
 

@@ -9,7 +9,7 @@
 //! channels (SGLang's numerics) and run the library's block-scaled FP8 GEMM where it has one, and
 //! bf16 layers take x_hi alone (SGLang's bf16 hidden states).
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, DevPtr};
@@ -17,64 +17,6 @@ use super::ops::{cfg, GpuLinear};
 use crate::backend::BackendError;
 
 const EW: &str = "hip-kernels/elementwise.hip";
-const ACT_QUANT: &str = "hip-kernels/act_quant.hip";
-/// Rows a block of the activation quantiser takes from QUANT_RPB_MIN_ROWS rows (act_quant.hip's
-/// QUANT_MAX_RPB at most)
-const QUANT_RPB: usize = 4;
-const QUANT_RPB_MIN_ROWS: usize = 1024;
-
-/// What the activation quantiser reads: x, SiLU(x) · up, or SiLU(gate) · up from one buffer's
-/// row halves.
-enum QuantIn<'a> {
-    X,
-    SiluMul(&'a DevBuf<f32>),
-    Halves,
-}
-
-/// An activation's FP8 codes [rows, cols] and per-token, per-128-channel scales
-/// [ceil(cols/128), rows] (`quantize_act_fp8`).
-pub struct ActCodes {
-    pub q: DevBuf<u8>,
-    pub s: DevBuf<f32>,
-}
-
-/// The tensor whose codes `share_act_codes` shares (its buffer, rows, columns) and the codes
-/// made for it so far, by rows.
-type MemoKey = (DevPtr, usize, usize);
-
-/// `share_act_codes`' memo: open for one tensor at a time.
-#[derive(Default)]
-pub struct ActMemo(Mutex<Option<(MemoKey, Vec<(usize, Arc<ActCodes>)>)>>);
-
-impl ActMemo {
-    /// Opens the memo for `key`; false where it is open already (an enclosing scope's).
-    fn open(&self, key: MemoKey) -> bool {
-        let mut m = self.0.lock().unwrap();
-        if m.is_some() {
-            return false;
-        }
-        *m = Some((key, Vec::new()));
-        true
-    }
-
-    fn close(&self) {
-        *self.0.lock().unwrap() = None;
-    }
-
-    fn lookup(&self, (p, r, c, rows): (DevPtr, usize, usize, usize)) -> Option<Arc<ActCodes>> {
-        let m = self.0.lock().unwrap();
-        let (key, kept) = m.as_ref()?;
-        (*key == (p, r, c)).then(|| kept.iter().find(|e| e.0 == rows).map(|e| e.1.clone()))?
-    }
-
-    fn keep(&self, (p, r, c, rows): (DevPtr, usize, usize, usize), codes: &Arc<ActCodes>) {
-        if let Some((key, kept)) = self.0.lock().unwrap().as_mut() {
-            if *key == (p, r, c) {
-                kept.push((rows, codes.clone()));
-            }
-        }
-    }
-}
 
 /// A matmul descriptor attribute's value, as cuBLASLt's and hipBLASLt's `...MatmulDescSetAttribute`
 /// take it: a pointer to the value and its size.
@@ -254,84 +196,6 @@ pub(super) fn fp8_block_ok(out: usize, inp: usize, bn: i32, bk: i32) -> bool {
     bn == 128 && bk == 128 && inp.is_multiple_of(16) && out.is_multiple_of(16) && inp.div_ceil(128).is_multiple_of(4)
 }
 
-impl<V: GpuVendor> GpuBackend<V> {
-    /// x → (q [rows, cols] e4m3fn, scales [ceil(cols/128), rows]): dynamic per-token, per-128
-    /// channel activation quantisation (hip-kernels/act_quant.hip; cols % 4 == 0), `rows` ≥
-    /// x.rows of them (rows past x's are zeros with the floor scale). Inside `share_act_codes(x,
-    /// ..)` the first quantisation of x to `rows` rows is kept and handed to later calls.
-    pub fn quantize_act_fp8(&self, x: &GpuTensor, rows: usize) -> Result<Arc<ActCodes>, BackendError> {
-        if rows < x.rows {
-            return Err(self.op_err("quant_fp8_act", format!("{} rows into {rows}", x.rows)));
-        }
-        let key = (x.buf.ptr(), x.rows, x.cols, rows);
-        if let Some(c) = self.act_memo.lookup(key) {
-            return Ok(c);
-        }
-        let (q, s) = self.quant_fp8_rows(x, rows, 0, 0)?;
-        let c = Arc::new(ActCodes { q, s });
-        self.act_memo.keep(key, &c);
-        Ok(c)
-    }
-
-    /// `f()` with x's FP8 codes shared: every `quantize_act_fp8` of x inside it after the first
-    /// (to the same rows) returns the first's codes, which are the same values (the same
-    /// quantiser on the same x, which nothing writes while it is borrowed here). A MoE layer's
-    /// routed and shared experts both quantise the layer's input.
-    pub(super) fn share_act_codes<R>(&self, x: &GpuTensor, f: impl FnOnce() -> R) -> R {
-        let opened = self.act_memo.open((x.buf.ptr(), x.rows, x.cols));
-        let r = f();
-        if opened {
-            self.act_memo.close();
-        }
-        r
-    }
-
-    /// The quantiser with its row map: output row r is x's row src[r] (0: r itself; negative:
-    /// zeros), in segments seg[2r], seg[2r + 1] (0: one segment) that each get their own [L, len]
-    /// block of scales (act_quant.hip).
-    pub(super) fn quant_fp8_rows(&self, x: &GpuTensor, rows: usize, src: DevPtr, seg: DevPtr) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
-        self.quant_fp8_launch(x, QuantIn::X, rows, src, seg)
-    }
-
-    /// The quantiser of SiLU(gate) · up (both [rows, cols] f32; act_quant.hip's
-    /// quant_fp8_silu_act), in segments as `quant_fp8_rows`.
-    pub(super) fn quant_fp8_silu_rows(&self, gate: &GpuTensor, up: &DevBuf<f32>, seg: DevPtr) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
-        self.quant_fp8_launch(gate, QuantIn::SiluMul(up), gate.rows, 0, seg)
-    }
-
-    /// The same of `gu` [rows, 2K] holding gate and up side by side (an MLP's joint GEMM):
-    /// codes [rows, K] (act_quant.hip's quant_fp8_silu_halves).
-    pub(super) fn quant_fp8_silu_halves(&self, gu: &GpuTensor) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
-        self.quant_fp8_launch(gu, QuantIn::Halves, gu.rows, 0, 0)
-    }
-
-    fn quant_fp8_launch(&self, x: &GpuTensor, input: QuantIn, rows: usize, src: DevPtr, seg: DevPtr) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
-        let (m, k) = (x.rows, if matches!(input, QuantIn::Halves) { x.cols / 2 } else { x.cols });
-        if !k.is_multiple_of(4) {
-            return Err(self.op_err("quant_fp8_act", format!("{m}x{k}: the columns must be a multiple of 4")));
-        }
-        let mut q = self.scratch::<u8>(rows * k)?;
-        let mut s = self.scratch::<f32>(k.div_ceil(crate::weights::act_quant::ACT_GROUP) * rows)?;
-        let name = match input {
-            QuantIn::X => "quant_fp8_act",
-            QuantIn::SiluMul(_) => "quant_fp8_silu_act",
-            QuantIn::Halves => "quant_fp8_silu_halves",
-        };
-        let f = self.func(ACT_QUANT, name)?;
-        let (mi, ri, ki) = (m as i32, rows as i32, k as i32);
-        // rows a block: one for decode sizes (the most blocks for the few rows), several from
-        // QUANT_RPB_MIN_ROWS (more loads in flight: the MoE prefill's gather of ~33K rows)
-        let rpb = if rows >= QUANT_RPB_MIN_ROWS { QUANT_RPB } else { 1 };
-        let rpb_i = rpb as i32;
-        let mut b = self.launch(&f);
-        b.arg(&x.buf);
-        if let QuantIn::SiluMul(u) = input {
-            b.arg(u);
-        }
-        b.arg(&mut q).arg(&mut s).arg(&mi).arg(&ri).arg(&ki).arg(&src).arg(&seg).arg(&rpb_i).run(cfg((rows.div_ceil(rpb) as u32, k.div_ceil(1024) as u32), 256, 0)).map_err(err(name))?;
-        Ok((q, s))
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -351,13 +215,6 @@ mod tests {
         assert!(fp8_block_ok(3072, 1536, 128, 128));
     }
 
-    #[test]
-    fn the_quantiser_s_rows_a_block_fit_its_kernel() {
-        let src = include_str!("../../../hip-kernels/act_quant.hip");
-        let at = src.find("#define QUANT_MAX_RPB ").unwrap() + "#define QUANT_MAX_RPB ".len();
-        let max: usize = src[at..].split_whitespace().next().unwrap().parse().unwrap();
-        assert!((1..=max).contains(&super::QUANT_RPB));
-    }
 
     #[test]
     fn plans_are_made_once_per_shape_and_failures_are_remembered() {

@@ -152,7 +152,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// ([T, heads·v] e4m3 and [heads, T]: a head's v_head = 128 values one group), as
     /// `quantize_act_fp8` of its f32 output would give them (mla_heads.hip's `_bxq`); None where
     /// that kernel does not take the product.
-    pub(super) fn mla_v_out_codes(&self, lat: &DevBuf<u16>, t: usize, kv_b: &GpuLinear, d: &MlaDims) -> Result<Option<super::blas::ActCodes>, BackendError> {
+    pub(super) fn mla_v_out_codes(&self, lat: &DevBuf<u16>, t: usize, kv_b: &GpuLinear, d: &MlaDims) -> Result<Option<super::act_codes::ActCodes>, BackendError> {
         let g = v_out_gemm(lat.ptr(), true, t, kv_b, d);
         if g.n != TILE || !self.heads_takes_async(&g) {
             return Ok(None);
@@ -160,7 +160,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         // every code and scale written
         let (mut q, s) = (self.scratch::<u8>(t * d.num_heads * d.v_head)?, self.scratch::<f32>(d.num_heads * t)?);
         self.span(ATTN_PROJ, || self.heads_async(&g, &mut q, HeadsY::Codes(s.ptr())))?;
-        Ok(Some(super::blas::ActCodes { q, s }))
+        Ok(Some(super::act_codes::ActCodes { q, s }))
     }
 
     /// `mla_attention` then `o` where the warpgroup decode kernel's bf16 latents go through the

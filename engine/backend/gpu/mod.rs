@@ -2,6 +2,7 @@
 //! kernel list a model needs, the JIT compiler interface, the on-disk kernel cache, and the
 //! backend itself (`GpuBackend`: every op, graphs, weight upload, collectives) written once
 //! against the device runtime interface (`device::DeviceApi`) that CUDA and ROCm implement.
+pub mod act_codes;
 pub mod backend;
 pub mod blas;
 pub mod ccl;
