@@ -15,9 +15,7 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// flash kernel does not apply.
     pub(super) fn mla_absorbed(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[AttnSeq], kv_b: &GpuLinear, d: &MlaDims) -> Result<GpuTensor, BackendError> {
         let lat = self.mla_absorbed_latents(q, kv, layer, seqs, kv_b, d)?;
-        let mut out = self.alloc_out(q.rows * d.num_heads * d.v_head)?;
-        self.mla_v_out(&lat, q.rows, kv_b, d, &mut out)?;
-        Ok(GpuTensor { rows: q.rows, cols: d.num_heads * d.v_head, buf: out })
+        self.mla_values(&lat, q.rows, kv_b, d)
     }
 
     /// The absorbed attention up to its latents ([T, heads, kv_lora]: bf16 where the warpgroup

@@ -181,9 +181,14 @@ impl<V: GpuVendor> GpuBackend<V> {
                 return Ok(Some(self.gemm_codes((&c.q, &c.s), t, o)?));
             }
         }
+        Ok(Some(crate::backend::Backend::linear(self, &self.mla_values(&lat, t, kv_b, d)?, o)?))
+    }
+
+    /// The attention's output [T, heads·v] from its latents (`mla_v_out` into a new tensor).
+    pub(super) fn mla_values(&self, lat: &Latents, t: usize, kv_b: &GpuLinear, d: &MlaDims) -> Result<GpuTensor, BackendError> {
         let mut out = self.alloc_out(t * d.num_heads * d.v_head)?;
-        self.mla_v_out(&lat, t, kv_b, d, &mut out)?;
-        Ok(Some(crate::backend::Backend::linear(self, &GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out }, o)?))
+        self.mla_v_out(lat, t, kv_b, d, &mut out)?;
+        Ok(GpuTensor { rows: t, cols: d.num_heads * d.v_head, buf: out })
     }
 
     /// Whether `mla_v_out` takes bf16 latents for `t` tokens: where mla_heads.hip's kernel
