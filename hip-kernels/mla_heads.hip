@@ -54,6 +54,17 @@ __device__ __forceinline__ uint32_t hm_w2(uint32_t two) {
 // row's maximum over the four warps' 32 columns through shared memory (the ring's, free once
 // every warp is past its last products), codes as byte pairs at Q[r · ldq + n], the scale at
 // Sg[r] (the group's scales, one a row).
+// A warp's B fragments of K step kk: its 32 weight rows (4 groups of 8; row 8j + g) of the staged
+// tile `ws`, two e4m3 pairs each (columns kk + 2t, + 8), widened to bf16.
+__device__ __forceinline__ void hm_wfrags(uint32_t (&b)[4][2], const uint8_t* ws, int kk, int g, int t) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const uint8_t* wp = ws + (8 * j + g) * HM_WS + kk + 2 * t;
+        b[j][0] = hm_w2(*(const uint16_t*)wp);
+        b[j][1] = hm_w2(*(const uint16_t*)(wp + 8));
+    }
+}
+
 template <int MI>
 __device__ __forceinline__ void hm_store_codes(const float (&acc)[MI][4][4], uint8_t* Q, int64_t ldq, float* Sg, int m0, int M, int N) {
     extern __shared__ __align__(16) unsigned char hm_smem[];
@@ -182,12 +193,7 @@ __device__ void heads_mma_impl(const void* Xv, int64_t ldx, int xh, const uint8_
 #pragma unroll 2
             for (int kk = 0; kk < HM_KC; kk += 16) {
                 uint32_t b[4][2];
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const uint8_t* wp = ws + (8 * j + g) * HM_WS + kk + 2 * t;
-                    b[j][0] = hm_w2(*(const uint16_t*)wp);
-                    b[j][1] = hm_w2(*(const uint16_t*)(wp + 8));
-                }
+                hm_wfrags(b, ws, kk, g, t);
 #pragma unroll
                 for (int i = 0; i < MI; ++i) {
                     uint32_t a[4];
@@ -213,12 +219,7 @@ __device__ void heads_mma_impl(const void* Xv, int64_t ldx, int xh, const uint8_
 #pragma unroll 2 // (fully unrolled, BM 64 spilled 32 bytes at its 168 registers)
         for (int kk = 0; kk < HM_KC; kk += 16) {
             uint32_t b[4][2];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const uint8_t* wp = ws + (8 * j + g) * HM_WS + kk + 2 * t;
-                b[j][0] = hm_w2(*(const uint16_t*)wp);
-                b[j][1] = hm_w2(*(const uint16_t*)(wp + 8));
-            }
+            hm_wfrags(b, ws, kk, g, t);
 #pragma unroll
             for (int i = 0; i < MI; ++i) { // a row block's fragments at a time (fewer registers live)
                 const int o = (16 * i + lane % 16) * HM_SS + kk + 8 * (lane / 16);
