@@ -4,12 +4,8 @@
 //   output  O[h][:] = Σ_j softmax_j(scale · S[h][j]) c(j)  (the first KV_LORA = 512 columns)
 // mla_decode.hip's mma.sync form round-trips the scores through shared memory and loads every
 // fragment by 32-bit reads (132 TFLOP/s at batch 256: a third of its issue slots, a third of the
-// stalls on the MIO queue). Here a block is two warpgroups over items — a token's 64 heads and
-// a range of its context — in tiles of 64 keys, persistent: block b takes items b, b + P, ...
-// (one block an SM), its tiles one stream across them, so that the next item's queries and
-// first tile land while this item's last tile and its epilogue run (one item a block, the
-// queries' and first tile's loads and the output's stores were ~11 µs of each block at batch
-// 256 with nothing to overlap them):
+// stalls on the MIO queue). Here a block is two warpgroups over one token's 64 heads and a range
+// of its context, in tiles of 64 keys:
 //   - the queries as bf16 in shared memory, 9 chunks of [64 rows × 128 bytes] with the 128-byte
 //     swizzle (16-byte piece p of row r at r · 128 + 16 · (p ^ r % 8)), staged once; each key
 //     tile the same way by cp.async from the cache (two tiles: the next lands while one is used);
@@ -29,8 +25,8 @@
 // mla_decode.hip does; one split writes the output, f32 or (`lat16` given) bf16. sm_90a with
 // KV_LORA 512 and ROPE 64 only (the host checks); elsewhere the kernel is a trap the host never
 // selects.
-// Launch: grid (P ≤ items, 1, splits) with items = tokens × heads / 64, block 256, dynamic shared
-// memory WD_SMEM (passed, and checked, as `smem`; mla_decode.rs mirrors it).
+// Launch: grid (tokens × heads / 64, 1, splits) (a token's head groups adjacent), block 256, dynamic shared memory WD_SMEM (passed,
+// and checked, as `smem`; mla_decode.rs mirrors it).
 #include "mla_decode_stage.h"
 #include "sm90.h"
 
@@ -45,13 +41,12 @@
 #define WD_P (WD_K + 2 * WD_TILE)       // probabilities, one chunk
 #define WD_CORR (WD_P + WD_CH)          // 64 rescales
 #define WD_ML (WD_CORR + 4 * WD_H)      // 64 (max, scale) pairs
-#define WD_IT (WD_ML + 8 * WD_H)         // the three items at hand (WdItem, 32 bytes each)
-#define WD_SMEM (WD_IT + 3 * 32 + 1024)   // + the alignment of the first chunk
+#define WD_SMEM (WD_ML + 8 * WD_H + 1024) // + the alignment of the first chunk
 #define WD_OP (2 * KV_LORA + 16)          // bytes a staged bf16 output row (4-byte writes conflict-free)
 
 #if defined(SM90_WGMMA) && KV_LORA == 512 && ROPE == 64
 #define WD_ON 1
-static_assert(WD_H * WD_OP <= WD_TILE, "the staged bf16 output fits a key tile");
+static_assert(WD_H * WD_OP <= 2 * WD_TILE, "the staged bf16 output fits the two key tiles");
 
 // The 128-byte-swizzled MN-major descriptor of B for P·V: rows of 128 bytes (64 value columns)
 // indexed by key, 8-key groups 1024 bytes apart (SBO), 64-column atoms WD_CH apart (LBO).
@@ -140,17 +135,16 @@ __device__ __forceinline__ void wd_q_store(uint8_t* sm, const float (&v)[WD_QB][
 }
 
 // With q_lat given as bf16 ([T, heads, KV_LORA], the heads kernel's `_by` output): its 64 rows ×
-// 64 pieces by 16-byte cp.async into the swizzled chunks 0-7 (by NTH threads from index tix, no
-// registers; the first tile's wait covers them), and q_pe's 64 rows × 8 pieces (f32, in q) through registers,
+// 64 pieces by 16-byte cp.async into the swizzled chunks 0-7 (16 a thread, no registers; the
+// first tile's wait covers them), and q_pe's 64 rows × 8 pieces (f32, in q) through registers,
 // 2 a thread, stored as bf16 into chunk 8.
 #define WD_QPE (WD_H * ROPE / 8 / WD_THREADS)
 static_assert(WD_H * (KV_LORA / 8) % WD_THREADS == 0 && WD_QPE <= WD_QB, "whole rounds of q_lat and q_pe pieces");
-template <int NTH>
-__device__ __forceinline__ void wd_q16_copy(uint8_t* sm, const uint16_t* __restrict__ q_lat16, int t, int h0, int heads, int tix) {
+__device__ __forceinline__ void wd_q16_copy(uint8_t* sm, const uint16_t* __restrict__ q_lat16, int t, int h0, int heads) {
     const unsigned d = (unsigned)__cvta_generic_to_shared(sm + WD_Q);
-#pragma unroll 4 // (fully unrolled, warpgroup 1's 32 copies with its accumulators live spilled)
-    for (int u = 0; u < WD_H * (KV_LORA / 8) / NTH; ++u) {
-        const int i = tix + u * NTH, r = i / (KV_LORA / 8), p = i % (KV_LORA / 8);
+#pragma unroll
+    for (int u = 0; u < WD_H * (KV_LORA / 8) / WD_THREADS; ++u) {
+        const int i = threadIdx.x + u * WD_THREADS, r = i / (KV_LORA / 8), p = i % (KV_LORA / 8);
         cp_async16_fill(d + (p / 8) * WD_CH + wd_sw(r, p % 8), q_lat16 + ((int64_t)t * heads + h0 + r) * KV_LORA + 8 * p, 16);
     }
     cp_async_commit();
@@ -173,43 +167,13 @@ __device__ __forceinline__ void wd_qpe_store(uint8_t* sm, const float (&v)[WD_QB
 }
 
 __device__ __forceinline__ void wd_fence_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// One item of a block's work: a token's 64-head group over split z of its context.
-struct WdItem {
-    int i;              // item index (token · groups + group); ≥ items: none
-    int t, h0, j0, n;   // token, first head, keys j0 .. n - 1
-    const uint32_t* sl; // the token's slots
-};
-static_assert(sizeof(WdItem) == 32, "WD_IT's layout");
-
-// The first live item from i on, stepping by `step`: empty ones (j0 ≥ n: a split past a short
-// context, or no context) skipped, their partials' headers written (splits > 1).
-__device__ __forceinline__ WdItem wd_item(int i, int step, int items, int groups, int z, int splits, int min_chunk, const uint32_t* __restrict__ slots,
-                                          const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len, float* __restrict__ part, int heads) {
-    WdItem it;
-    for (;; i += step) {
-        it.i = i;
-        if (i >= items) return it;
-        it.t = i / groups;
-        it.h0 = i % groups * WD_H;
-        const int total = ctx_len[it.t];
-        const int chunk = max((total + splits - 1) / splits, min_chunk);
-        it.j0 = z * chunk;
-        it.n = min(total, it.j0 + chunk);
-        if (it.j0 < it.n) {
-            it.sl = slots + ctx_off[it.t];
-            return it;
-        }
-        if (splits > 1 && threadIdx.x < WD_H && it.h0 + threadIdx.x < heads) md_header(part, it.t, heads, it.h0 + threadIdx.x, splits, z, -ENGINE_INF, 0.f);
-    }
-}
 #endif
 
 extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
     mla_decode_wg(const float* __restrict__ q, const float* __restrict__ q_lat, const uint16_t* __restrict__ kv, const uint32_t* __restrict__ slots,
                   const uint32_t* __restrict__ ctx_off, const uint32_t* __restrict__ ctx_len, float* __restrict__ lat_out, int heads, int layer,
                   int num_slots, float scale, int splits, int min_chunk, float* __restrict__ part, int smem, const uint16_t* __restrict__ q_lat16,
-                  uint16_t* __restrict__ lat16, int items) {
+                  uint16_t* __restrict__ lat16) {
     ENGINE_GRID_DEP();
 #ifdef WD_ON
     extern __shared__ __align__(16) unsigned char wd_raw[];
@@ -217,57 +181,39 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
     uint8_t* sm = wd_raw + ((1024 - ((uint32_t)__cvta_generic_to_shared(wd_raw) & 1023)) & 1023); // 1024-aligned
     float* corr_s = (float*)(sm + WD_CORR);
     float* ml_s = (float*)(sm + WD_ML);
-    // items i = token · groups + group, block b taking b, b + P, ...: a token's head groups run
-    // side by side in one round and share the cache entries through L2 (with the token
-    // outermost, batch 256's second head group re-read every entry from DRAM a wave later)
-    const int groups = heads / WD_H, P = gridDim.x, z = blockIdx.z, tid = threadIdx.x;
+    // a token's head groups adjacent in the grid: its blocks run in the same wave and share the
+    // cache entries through L2 (with the token outermost, as the other decode kernels launch,
+    // batch 256's second head group re-read every entry from DRAM a wave later: 380 against
+    // 228 MB a launch, 4-5% slower)
+    const int groups = heads / WD_H, t = blockIdx.x / groups, h0 = blockIdx.x % groups * WD_H, z = blockIdx.z, tid = threadIdx.x;
+    float qv[WD_QB][8];
+    if (q_lat16) { // q_lat as bf16: its pieces by cp.async straight to the swizzled chunks, q_pe's loaded
+        wd_q16_copy(sm, q_lat16, t, h0, heads);
+        wd_qpe_load(qv, q, t, h0, heads);
+    } else {
+        wd_q_load(qv, 0, q, q_lat, t, h0, heads); // in flight while the slots are looked up
+    }
+    const uint32_t* sl = slots + ctx_off[t];
+    const int total = ctx_len[t];
+    const int chunk = max((total + splits - 1) / splits, min_chunk);
+    const int j0 = z * chunk, n = min(total, j0 + chunk);
     const uint16_t* base = kv + (int64_t)layer * num_slots * ENTRY;
     const int wg = __shfl_sync(0xffffffffu, tid / 128, 0), w = (tid / 32) % 4, lane = tid % 32, g = lane / 4, tq = lane % 4;
     const int r0 = 16 * w + g; // this thread's rows r0, r0 + 8 (of the block's 64 heads)
-    // the items at hand in shared memory (registers are full: 128 accumulators a thread and the
-    // scores): the current one, the next, and the one before, whose epilogue a slower thread may
-    // still be storing when a faster one moves on; every thread writes the same values
-    WdItem* wd_it = (WdItem*)(sm + WD_IT);
-    int ci = 0, ni = 1;
-    const WdItem first = wd_item(blockIdx.x, P, items, groups, z, splits, min_chunk, slots, ctx_off, ctx_len, part, heads);
-    if (first.i >= items) return;
-    wd_it[0] = first;
-    wd_it[1] = wd_item(first.i + P, P, items, groups, z, splits, min_chunk, slots, ctx_off, ctx_len, part, heads);
-    const WdItem& cur0 = first;
-    float qv[WD_QB][8];
-    if (q_lat16) { // q_lat as bf16: its pieces by cp.async straight to the swizzled chunks, q_pe's loaded
-        wd_q16_copy<WD_THREADS>(sm, q_lat16, cur0.t, cur0.h0, heads, tid);
-        wd_qpe_load(qv, q, cur0.t, cur0.h0, heads);
-    } else {
-        wd_q_load(qv, 0, q, q_lat, cur0.t, cur0.h0, heads); // in flight while the slots are looked up
+    if (j0 >= n) { // an empty split (graph steps launch a fixed number): an empty partial
+        if (splits > 1 && tid < WD_H && h0 + tid < heads) md_header(part, t, heads, h0 + tid, splits, z, -ENGINE_INF, 0.f);
+        cp_async_wait<0>(); // (the query copies land before the block's shared memory goes)
+        return;
     }
-    wd_fetch(sm + WD_K, base, md_slot<WD_KT, WD_THREADS>(cur0.sl, cur0.j0, cur0.n), cur0.j0, cur0.n);
-    // The tiles stream through the two key buffers across items: the next one to fetch is at key
-    // fkey of cur (fin 0) or of nxt (fin 1: the next item's first tiles land while this one's
-    // last tile and epilogue run); fin 2: past nxt, whose successor is not known yet; 3: none.
-    // `slot`: this thread's key's slot in it, looked up a tile ahead of its copies.
-    int fin = 0, fkey = cur0.j0;
-    uint32_t slot = 0;
-    auto fadvance = [&]() {
-        const int fn = fin == 0 ? wd_it[ci].n : wd_it[ni].n;
-        if (fkey + WD_KT < fn) {
-            fkey += WD_KT;
-        } else if (fin == 0 && wd_it[ni].i < items) {
-            fin = 1;
-            fkey = wd_it[ni].j0;
-        } else {
-            fin = fin == 0 ? 3 : 2;
-        }
-        if (fin <= 1) slot = md_slot<WD_KT, WD_THREADS>(fin == 0 ? wd_it[ci].sl : wd_it[ni].sl, fkey, fin == 0 ? wd_it[ci].n : wd_it[ni].n);
-    };
-    fadvance();
+    wd_fetch(sm + WD_K, base, md_slot<WD_KT, WD_THREADS>(sl, j0, n), j0, n);
+    uint32_t slot = md_slot<WD_KT, WD_THREADS>(sl, j0 + WD_KT, n); // the next tile's
     if (q_lat16) {
         wd_qpe_store(sm, qv);
     } else {
         wd_q_store(sm, qv, 0);
 #pragma unroll
         for (int b = 1; b < WD_QI / WD_QB; ++b) {
-            wd_q_load(qv, b, q, q_lat, cur0.t, cur0.h0, heads);
+            wd_q_load(qv, b, q, q_lat, t, h0, heads);
             wd_q_store(sm, qv, b);
         }
     }
@@ -276,16 +222,16 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
     float m[2] = {-ENGINE_INF, -ENGINE_INF}, l[2] = {0.f, 0.f}; // warpgroup 0: rows r0, r0 + 8, base 2
-    int key0 = cur0.j0;
-    for (int gt = 0;; ++gt) { // gt: tiles computed so far (the key buffer's parity)
-        uint8_t* kt = sm + WD_K + (gt % 2) * WD_TILE;
-        const bool last = key0 + WD_KT >= wd_it[ci].n, more = wd_it[ni].i < items;
+    const int ntiles = (n - j0 + WD_KT - 1) / WD_KT;
+    for (int it = 0; it < ntiles; ++it) {
+        const int key0 = j0 + it * WD_KT;
+        uint8_t* kt = sm + WD_K + (it % 2) * WD_TILE;
         cp_async_wait<0>();
         wd_fence_async(); // this thread's copies (and query stores) to the MMA's proxy
         __syncthreads();  // every thread's; both warpgroups done with the other tile and with P
-        if (fin <= 1) {
-            wd_fetch(sm + WD_K + ((gt + 1) % 2) * WD_TILE, base, slot, fkey, fin == 0 ? wd_it[ci].n : wd_it[ni].n);
-            fadvance();
+        if (it + 1 < ntiles) {
+            wd_fetch(sm + WD_K + ((it + 1) % 2) * WD_TILE, base, slot, key0 + WD_KT, n);
+            slot = md_slot<WD_KT, WD_THREADS>(sl, key0 + 2 * WD_KT, n);
         }
         uint32_t pa[16]; // warpgroup 0: P's A fragments (keys 16kc .. at 4kc)
         if (wg == 0) {
@@ -304,7 +250,7 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
             for (int j = 0; j < 8; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const bool live = key0 + 8 * j + 2 * tq + (e & 1) < wd_it[ci].n;
+                    const bool live = key0 + 8 * j + 2 * tq + (e & 1) < n;
                     s[4 * j + e] = live ? s[4 * j + e] * scale2 : -ENGINE_INF;
                     mx[e / 2] = fmaxf(mx[e / 2], s[4 * j + e]);
                 }
@@ -350,9 +296,6 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
             for (int kc = 0; kc < WD_KT / 16; ++kc) wd_pv_reg(o, pa + 4 * kc, wd_desc_mn(kt + kc * 16 * 128));
         } else {
             asm volatile("bar.sync 1, 256;\n" ::: "memory");
-            // the item's last scores are done, so the queries' buffer is free: the next item's
-            // bf16 latents go in now, behind this tile's products and the epilogue
-            if (last && more && q_lat16) wd_q16_copy<WD_THREADS / 2>(sm, q_lat16, wd_it[ni].t, wd_it[ni].h0, heads, tid - WD_THREADS / 2);
             const float c0 = corr_s[r0], c1 = corr_s[r0 + 8];
 #pragma unroll
             for (int j = 0; j < 32; ++j) {
@@ -367,97 +310,55 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-        if (!last) {
-            key0 += WD_KT;
-            continue;
-        }
-        // the item's epilogue
-        if (wg == 0) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-                l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-            }
-            if (tq == 0) {
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const int row = r0 + 8 * r;
-                    const float mnat = m[r] * 0.6931471805599453f; // base 2 → natural, as mla_merge reads it
-                    ml_s[2 * row] = mnat;
-                    ml_s[2 * row + 1] = splits > 1 ? 1.f : 1.f / l[r];
-                    if (splits > 1 && wd_it[ci].h0 + row < heads) md_header(part, wd_it[ci].t, heads, wd_it[ci].h0 + row, splits, z, mnat, l[r]);
-                }
-            }
-        }
-        __syncthreads();
-        // this warpgroup's 256 columns: element (row r0 + 8(e / 2), column 256 wg + 8j + 2tq + e % 2);
-        // with one split and `lat16` given, as bf16 rounded to nearest even (the value projection's
-        // input, mla_heads.hip's `_bx` kernels: half the bytes written and read back), staged in this
-        // tile's key buffer (free: its products are done, and the next tile lands in the other) so
-        // that the block's 64 rows, one contiguous 64 KB range of the output, go out in 16-byte
-        // stores a warp's 512 contiguous bytes at a time (the fragments' own 4-byte stores, half
-        // sectors, made the kernel 4% slower than f32 pairs)
-        if (lat16 && splits == 1) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int row = r0 + 8 * r;
-                const float f = ml_s[2 * row + 1];
-#pragma unroll
-                for (int j = 0; j < 32; ++j) *(uint32_t*)(kt + row * WD_OP + 2 * (256 * wg + 8 * j + 2 * tq)) = bf16_pack(o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
-            }
-            __syncthreads();
-            uint16_t* dst = lat16 + ((int64_t)wd_it[ci].t * heads + wd_it[ci].h0) * KV_LORA;
-#pragma unroll
-            for (int u = 0; u < WD_H * KV_LORA / 8 / WD_THREADS; ++u) {
-                const int i = tid + u * WD_THREADS, r = i / (KV_LORA / 8), p = i % (KV_LORA / 8);
-                *(uint4*)(dst + r * KV_LORA + 8 * p) = *(const uint4*)(kt + r * WD_OP + 16 * p);
-            }
-        } else {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int row = r0 + 8 * r;
-                const float f = ml_s[2 * row + 1];
-#pragma unroll
-                for (int j = 0; j < 32; ++j)
-                    *(float2*)md_dst(part, lat_out, wd_it[ci].t, heads, wd_it[ci].h0, row, 256 * wg + 8 * j + 2 * tq, splits, z) = make_float2(o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
-            }
-        }
-        if (!more) break;
-        // the next item: its queries' rest (the staged outputs' reads and ml_s are behind the next
-        // tile's block barrier, the queries' stores before it)
-        ci = ni;
-        ni = ni == 2 ? 0 : ni + 1;
-        const WdItem nx = wd_item(wd_it[ci].i + P, P, items, groups, z, splits, min_chunk, slots, ctx_off, ctx_len, part, heads);
-        wd_it[ni] = nx;
-        if (fin == 1) {
-            fin = 0;
-        } else if (fin == 2) {
-            fin = nx.i < items ? 1 : 3;
-            if (fin == 1) {
-                fkey = nx.j0;
-                slot = md_slot<WD_KT, WD_THREADS>(nx.sl, fkey, nx.n);
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    }
+    if (wg == 0) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            m[r] = -ENGINE_INF;
-            l[r] = 0.f;
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
         }
-        // (through registers, so only now, with the accumulators cleared: loaded any earlier,
-        // they spilled)
-        if (q_lat16) {
-            wd_qpe_load(qv, q, wd_it[ci].t, wd_it[ci].h0, heads);
-            wd_qpe_store(sm, qv);
-        } else {
+        if (tq == 0) {
 #pragma unroll
-            for (int b = 0; b < WD_QI / WD_QB; ++b) {
-                wd_q_load(qv, b, q, q_lat, wd_it[ci].t, wd_it[ci].h0, heads);
-                wd_q_store(sm, qv, b);
+            for (int r = 0; r < 2; ++r) {
+                const int row = r0 + 8 * r;
+                const float mnat = m[r] * 0.6931471805599453f; // base 2 → natural, as mla_merge reads it
+                ml_s[2 * row] = mnat;
+                ml_s[2 * row + 1] = splits > 1 ? 1.f : 1.f / l[r];
+                if (splits > 1 && h0 + row < heads) md_header(part, t, heads, h0 + row, splits, z, mnat, l[r]);
             }
         }
-        key0 = wd_it[ci].j0;
+    }
+    __syncthreads();
+    // this warpgroup's 256 columns: element (row r0 + 8(e / 2), column 256 wg + 8j + 2tq + e % 2);
+    // with one split and `lat16` given, as bf16 rounded to nearest even (the value projection's
+    // input, mla_heads.hip's `_bx` kernels: half the bytes written and read back), staged in the
+    // key tiles (free: every MMA is done) so that the block's 64 rows, one contiguous 64 KB
+    // range of the output, go out in 16-byte stores a warp's 512 contiguous bytes at a time (the
+    // fragments' own 4-byte stores, half sectors, made the kernel 4% slower than f32 pairs)
+    if (lat16 && splits == 1) {
+        uint8_t* stage = sm + WD_K;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = r0 + 8 * r;
+            const float f = ml_s[2 * row + 1];
+#pragma unroll
+            for (int j = 0; j < 32; ++j) *(uint32_t*)(stage + row * WD_OP + 2 * (256 * wg + 8 * j + 2 * tq)) = bf16_pack(o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
+        }
+        __syncthreads();
+        uint16_t* dst = lat16 + ((int64_t)t * heads + h0) * KV_LORA;
+#pragma unroll
+        for (int u = 0; u < WD_H * KV_LORA / 8 / WD_THREADS; ++u) {
+            const int i = tid + u * WD_THREADS, r = i / (KV_LORA / 8), p = i % (KV_LORA / 8);
+            *(uint4*)(dst + r * KV_LORA + 8 * p) = *(const uint4*)(stage + r * WD_OP + 16 * p);
+        }
+        return;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = r0 + 8 * r;
+        const float f = ml_s[2 * row + 1];
+#pragma unroll
+        for (int j = 0; j < 32; ++j) *(float2*)md_dst(part, lat_out, t, heads, h0, row, 256 * wg + 8 * j + 2 * tq, splits, z) = make_float2(o[4 * j + 2 * r] * f, o[4 * j + 2 * r + 1] * f);
     }
 #else
     ENGINE_TRAP(); // the host takes mla_decode.hip on targets without the warpgroup MMA

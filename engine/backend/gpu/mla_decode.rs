@@ -79,11 +79,10 @@ impl DecodeTile {
 
 /// The warpgroup-MMA kernel (mla_decode_wg.hip, WD_* there): 64 heads a block, 256 threads, and
 /// its shared memory: the queries and two 64-key tiles as 9 chunks of 64 rows × 128 bytes, a
-/// chunk of probabilities, 64 rescales and 64 (max, scale) pairs, the three work items at hand
-/// (32 bytes each), and 1 KB to align the chunks.
+/// chunk of probabilities, 64 rescales and 64 (max, scale) pairs, and 1 KB to align the chunks.
 const WG_HEADS: usize = 64;
 const WG_THREADS: u32 = 256;
-pub(super) const WG_SHARED: usize = 3 * 9 * 8192 + 8192 + 64 * 4 + 64 * 8 + 3 * 32 + 1024;
+pub(super) const WG_SHARED: usize = 3 * 9 * 8192 + 8192 + 64 * 4 + 64 * 8 + 1024;
 
 /// The 16-head kernel (mla_decode_rows.hip, MR_* there): heads a block, key groups (16 keys
 /// each), keys a tile, tile buffers, threads (4 key groups × 2 value halves, a warp each).
@@ -205,14 +204,10 @@ impl<V: GpuVendor> GpuBackend<V> {
             }
             let mut b = self.launch(&f);
             b.arg(&q.buf).arg(&q32).arg(&kv.buf).arg(&a.flat).arg(&a.off).arg(&a.len).arg(&o32).arg(&heads).arg(&l).arg(&ns).arg(&scale).arg(&sp).arg(&min_chunk).arg(&mut part).arg(&sm);
-            // the warpgroup kernel is persistent: a block an SM, each walking its share of the
-            // (token, head group) items
-            let items = (t * groups) as i32;
             if wg {
-                b.arg(&q16).arg(&o16).arg(&items);
+                b.arg(&q16).arg(&o16);
             }
-            let grid = if wg { ((t * groups).min(self.sms) as u32, 1, splits as u32) } else { (t as u32, groups as u32, splits as u32) };
-            let launch = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
+            let launch = LaunchConfig { grid_dim: if wg { ((t * groups) as u32, 1, splits as u32) } else { (t as u32, groups as u32, splits as u32) }, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
             b.run(launch).map_err(err(name))?;
             match lat {
                 Latents::F32(lat) => self.mla_merge_splits(dims, &part, lat, t, d.num_heads, splits),
