@@ -93,9 +93,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             let mut b = self.launch(&f);
             b.arg(qh).arg(sh).arg(&p).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi);
             // the staged down kernel: `nseg` 128-row segments a block through one stream of stages
-            // (from the tuned rows: fewer tokens a tile gain nothing by it)
-            let segs = if x.rows >= self.tuned.moe_down_segments_min_rows { self.tuned.moe_down_segments } else { 1 };
-            let nseg = if staged { down_segments(segs, hidden) } else { 1 };
+            let nseg = if staged { down_segments(self.tuned.moe_down_segments, hidden) } else { 1 };
             let ns = nseg as i32;
             if staged {
                 b.arg(&ns);

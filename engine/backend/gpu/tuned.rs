@@ -62,9 +62,6 @@ pub struct Tuned {
     /// block, their stages one stream through its ring (one pipeline fill a block); 1: a segment
     #[serde(default = "default_one")]
     pub moe_down_segments: usize,
-    /// ... from this many token rows (below: a segment a block)
-    #[serde(default)]
-    pub moe_down_segments_min_rows: usize,
     /// MLA's absorbed projections (q → latent, latent → v) as per-head GEMMs on the matrix units
     /// from this many tokens (below: per-head GEMVs)
     #[serde(default = "default_mla_proj_mma_min_rows")]
@@ -176,7 +173,6 @@ impl Default for Tuned {
             linear_f8s_max_rows: default_linear_f8s_max_rows(),
             moe_f8_max_rows: default_moe_f8_max_rows(),
             moe_down_segments: default_one(),
-            moe_down_segments_min_rows: 0,
             linear_tc_min_rows: default_linear_tc_min_rows(),
             mla_proj_mma_min_rows: default_mla_proj_mma_min_rows(),
             mla_proj_async: default_true(),
