@@ -14,14 +14,14 @@
 // block's scale and each token's (DeepSeek's promotion every 128).
 //   gate/up: a block 64 rows of gate (stage rows 0-63) and the same rows of up (64-127); warp w
 //            fragments rows 16w (gate) and 64 + 16w (up); h[pos] = silu(g) · u, f32.
-//   down:    a block nseg × 128 output rows, 128 at a time through one stream of stages, warp w
-//            fragments 32w and 32w + 16; out[tok] += weight · d (atomics, as moe_f8.hip).
+//   down:    a block 128 output rows, warp w fragments 32w and 32w + 16; out[tok] += weight · d
+//            (atomics, as moe_f8.hip).
 //   linear:  the down form's 128 rows of a dense FP8 layer over a 16-token tile of a decode batch,
 //            split over K (linear_f8s_fp8w, at the end).
 // Needs H % 128 == 0 and I % 128 == 0 and 128 × 128 weight blocks (the host checks). NVIDIA
 // sm_89+ only (F8_MMA); other targets compile a trap the host never selects.
 // Launch: block 128, dynamic shared memory MS_SMEM (moe_grouped.rs mirrors it); gate/up grid
-// (I / 64, max_tiles), down grid (H / (128 · nseg), max_tiles).
+// (I / 64, max_tiles), down grid (H / 128, max_tiles).
 #include "bf16.h"
 #include "f8_swap.h"
 
@@ -178,63 +178,26 @@ __device__ __forceinline__ void ms_gate_up(uint8_t* smem, const MsSrc& s, int kb
         }
 }
 
-// down: `nseg` segments of 128 output rows from row n0 (segment i: rows n0 + 128 i ..), their
-// K blocks one stream through the ring, so that the stages of segment i + 1 are in flight while
-// segment i's last products and its atomics (out[token] += weight · d) run: one block reads
-// nseg × 128 weight rows with one pipeline fill (V3's K of 2,048 is 16 stages a segment, three
-// of them the fill).
+// down: stage rows 0-127 from output row n0; out[token] += weight · d.
 template <int NT>
-__device__ __forceinline__ void ms_down(uint8_t* smem, const MsSrc& s, int kbs, int nseg, int n0, int start, int cnt, const int32_t* pair_of, const float* weights,
-                                        float* out, int top_k, int H) {
+__device__ __forceinline__ void ms_down(uint8_t* smem, const MsSrc& s, int kbs, int n0, int start, int cnt, const int32_t* pair_of, const float* weights, float* out,
+                                        int top_k, int H) {
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int rf[2] = {32 * w, 32 * w + 16};
-    const int total = nseg * kbs;
-    // stage p: segment p / kbs's rows (128 · ld bytes on), its K block p % kbs; the segments'
-    // scale rows follow each other, so the weight scale of stage p is s.sw[0][p]
-    auto issue = [&](int p) {
-        MsSrc q = s;
-        const int seg = p / kbs;
-        q.w[0] = s.w[0] + (int64_t)seg * MS_ROWS * s.ld;
-        q.w[1] = q.w[0];
-        q.sw[0] = s.sw[0] + seg * kbs;
-        q.sw[1] = q.sw[0];
-        ms_issue<MS_TOK>(smem + (p % MS_ST) * MS_STAGE(MS_TOK), q, p - seg * kbs);
-    };
     float acc[2][NT][4];
+    ms_run<MS_TOK, NT>(smem, s, kbs, rf, acc);
 #pragma unroll
     for (int f = 0; f < 2; ++f)
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
-            for (int q = 0; q < 4; ++q) acc[f][n][q] = 0.f;
-#pragma unroll
-    for (int p = 0; p < MS_ST - 1; ++p) {
-        if (p < total) issue(p);
-        else cp_async_commit(); // (empty groups keep the count)
-    }
-    for (int p = 0; p < total; ++p) {
-        cp_async_wait<MS_ST - 2>(); // this thread's copies of stage p have landed
-        __syncthreads();            // everyone's; and every warp is done with stage p - 1's buffer
-        if (p + MS_ST - 1 < total) issue(p + MS_ST - 1);
-        else cp_async_commit();
-        ms_mma<MS_TOK, NT>(smem + (p % MS_ST) * MS_STAGE(MS_TOK), rf, acc);
-        if ((p + 1) % kbs) continue;
-        const int seg0 = n0 + (p / kbs) * MS_ROWS;
-#pragma unroll
-        for (int f = 0; f < 2; ++f)
-#pragma unroll
-            for (int n = 0; n < NT; ++n)
-#pragma unroll
-                for (int q4 = 0; q4 < 4; ++q4) {
-                    const int tt = 8 * n + 2 * t + (q4 & 1), row = seg0 + rf[f] + g + (q4 >= 2 ? 8 : 0);
-                    if (tt < cnt) {
-                        const int pr = pair_of[start + tt];
-                        atomicAdd(&out[(int64_t)(pr / top_k) * H + row], weights[pr] * acc[f][n][q4]);
-                    }
-                    acc[f][n][q4] = 0.f;
+            for (int q4 = 0; q4 < 4; ++q4) {
+                const int tt = 8 * n + 2 * t + (q4 & 1), row = n0 + rf[f] + g + (q4 >= 2 ? 8 : 0);
+                if (tt < cnt) {
+                    const int pr = pair_of[start + tt];
+                    atomicAdd(&out[(int64_t)(pr / top_k) * H + row], weights[pr] * acc[f][n][q4]);
                 }
-    }
-    cp_async_wait<0>();
+            }
 }
 
 // linear: stage rows 0-127 from output row n0 (those past N read the last), tiles of ML_TOK
@@ -290,16 +253,15 @@ extern "C" __global__ void __launch_bounds__(128, 3) moe_gate_up_f8s_fp8w(const 
 #endif
 }
 
-// Grid (H / (128 · nseg), max_tiles), block 128, MS_SMEM bytes of dynamic shared memory; nseg
-// divides H / 128.
+// Grid (H / 128, max_tiles), block 128, MS_SMEM bytes of dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(128, 3) moe_down_f8s_fp8w(const uint8_t* qh, const float* sh, int P, const int32_t* pair_of, const float* weights,
                                                                   const int32_t* tiles, const int32_t* ntiles, const uint8_t* wd, const float* sd,
-                                                                  float* out, int top_k, int I, int H, int nseg) { ENGINE_GRID_DEP();
+                                                                  float* out, int top_k, int I, int H) { ENGINE_GRID_DEP();
 #ifdef F8_MMA
     extern __shared__ __align__(128) uint8_t ms_smem[];
     if ((int)blockIdx.y >= *ntiles) return;
     const int e = tiles[3 * blockIdx.y], start = tiles[3 * blockIdx.y + 1], cnt = tiles[3 * blockIdx.y + 2] - start;
-    const int n0 = blockIdx.x * 128 * nseg, kbs = I / MS_BK;
+    const int n0 = blockIdx.x * 128, kbs = I / MS_BK;
     const int64_t wstride = (int64_t)I * H, sstride = (int64_t)(H / 128) * kbs;
     MsSrc s;
     s.w[0] = wd + e * wstride + (int64_t)n0 * I;
@@ -316,9 +278,9 @@ extern "C" __global__ void __launch_bounds__(128, 3) moe_down_f8s_fp8w(const uin
     s.sw[0] = sd + e * sstride + (int64_t)(n0 / 128) * kbs;
     s.sw[1] = s.sw[0];
     if (cnt <= 8)
-        ms_down<1>(ms_smem, s, kbs, nseg, n0, start, cnt, pair_of, weights, out, top_k, H);
+        ms_down<1>(ms_smem, s, kbs, n0, start, cnt, pair_of, weights, out, top_k, H);
     else
-        ms_down<2>(ms_smem, s, kbs, nseg, n0, start, cnt, pair_of, weights, out, top_k, H);
+        ms_down<2>(ms_smem, s, kbs, n0, start, cnt, pair_of, weights, out, top_k, H);
 #else
     __builtin_trap(); // the host takes moe_f8.hip's kernels without the e4m3 MMA
 #endif

@@ -92,14 +92,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             let f = self.func(file, &format!("moe_down_{form}_fp8w"))?;
             let mut b = self.launch(&f);
             b.arg(qh).arg(sh).arg(&p).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi);
-            // the staged down kernel: `nseg` 128-row segments a block through one stream of stages
-            let nseg = if staged { down_segments(self.tuned.moe_down_segments, hidden) } else { 1 };
-            let ns = nseg as i32;
-            if staged {
-                b.arg(&ns);
-            }
-            let grid = (hidden.div_ceil(128 * nseg) as u32, max_tiles as u32, 1);
-            return b.run(LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: smem }).map_err(err("moe_down_f8"));
+            return b.run(LaunchConfig { grid_dim: (hidden.div_ceil(128) as u32, max_tiles as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem }).map_err(err("moe_down_f8"));
         }
         if !mma && self.moe_tc_for(e) {
             // tensor-core grouped GEMV: gate_up 4 warps × 16 rows per block, down 4 warps × 32
@@ -145,27 +138,5 @@ impl<V: GpuVendor> GpuBackend<V> {
         let mut b = self.launch(&f);
         b.arg(&h).arg(&pair_of).arg(&r.weights).arg(&tiles).arg(&ntiles).arg(&e.down).arg(&e.ds).arg(out).arg(&k).arg(&ii).arg(&hi).arg(&e.bn).arg(&e.bk).arg(&v);
         b.run(launch((hidden.div_ceil(TILE) as u32, max_tiles as u32, 1))).map_err(err("moe_down_mma"))
-    }
-}
-
-/// The 128-row segments a block of the staged down kernel takes: the tuned count where it divides
-/// the hidden size's 128-row blocks, else the largest count below it that does (1 at worst).
-pub(super) fn down_segments(tuned: usize, hidden: usize) -> usize {
-    let blocks = hidden / 128;
-    (1..=tuned.max(1)).rev().find(|n| blocks % n == 0).unwrap_or(1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::down_segments;
-
-    #[test]
-    fn down_segments_divide_the_hidden_sizes_blocks() {
-        // V3's 7,168 rows are 56 blocks of 128: 2, 4 and 7 divide them, 3 and 5 do not (2 and 4)
-        for (tuned, want) in [(0, 1), (1, 1), (2, 2), (3, 2), (4, 4), (5, 4), (7, 7), (9, 8), (56, 56), (100, 56)] {
-            assert_eq!(down_segments(tuned, 7168), want, "tuned {tuned}");
-        }
-        // 5 blocks (640 rows): only 1 and 5
-        assert_eq!((down_segments(4, 640), down_segments(5, 640)), (1, 5));
     }
 }

@@ -58,10 +58,6 @@ pub struct Tuned {
     /// kernels (moe_f8.hip; NVIDIA sm_89+); 0: never (f32 activations on moe_tc.hip)
     #[serde(default = "default_moe_f8_max_rows")]
     pub moe_f8_max_rows: usize,
-    /// The staged MoE down kernel (moe_f8s.hip) takes this many 128-row segments of the output a
-    /// block, their stages one stream through its ring (one pipeline fill a block); 1: a segment
-    #[serde(default = "default_one")]
-    pub moe_down_segments: usize,
     /// MLA's absorbed projections (q → latent, latent → v) as per-head GEMMs on the matrix units
     /// from this many tokens (below: per-head GEMVs)
     #[serde(default = "default_mla_proj_mma_min_rows")]
@@ -99,10 +95,6 @@ pub struct Tuned {
     /// false: mma.sync (mla_decode.hip)
     #[serde(default = "default_true")]
     pub mla_decode_wgmma: bool,
-}
-
-fn default_one() -> usize {
-    1
 }
 
 fn default_true() -> bool {
@@ -172,7 +164,6 @@ impl Default for Tuned {
             linear_f8_min_rows: default_linear_f8_min_rows(),
             linear_f8s_max_rows: default_linear_f8s_max_rows(),
             moe_f8_max_rows: default_moe_f8_max_rows(),
-            moe_down_segments: default_one(),
             linear_tc_min_rows: default_linear_tc_min_rows(),
             mla_proj_mma_min_rows: default_mla_proj_mma_min_rows(),
             mla_proj_async: default_true(),
