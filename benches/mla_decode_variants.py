@@ -22,6 +22,14 @@ VARIANTS = {
     'kg2s': {'MR_KG': 2, 'MR_SPREAD': 1},
     'kg3st3': {'MR_KG': 3, 'MR_ST': 3},  # 48-key tiles three deep (two in flight while one is worked on), 6 warps
     'kg3st3s': {'MR_KG': 3, 'MR_ST': 3, 'MR_SPREAD': 1},
+    'whole': {'MR_QKS': 0},  # each warp computes its key group's whole scores (before the split scores)
+    'sa2': {'MR_SA': 2},  # two partial score sums
+    'kg2sx': {'MR_KG': 2, 'MR_SPREAD': 1},  # kg2s with the split scores
+    'vs4': {'MR_VS': 4, 'MR_KG': 2, 'MR_ST': 4},  # 32-key tiles four deep, a key group's scores split over 4 warps
+    'vs4s3': {'MR_VS': 4, 'MR_KG': 2, 'MR_ST': 3},
+    'w32': {'MR_VS': 4, 'MR_KG': 2, 'MR_KW': 32},  # 64-key tiles over 2 key groups of 32 keys × 4 value quarters
+    'w32sa2': {'MR_VS': 4, 'MR_KG': 2, 'MR_KW': 32, 'MR_SA': 2},
+    'w32vs2': {'MR_VS': 2, 'MR_KG': 2, 'MR_KW': 32, 'MR_SA': 2},  # 4 warps
 }
 CASES = [(32, 4096), (16, 8192), (8, 32768), (4, 32768), (1, 32768), (128, 64), (128, 1024), (128, 0)]
 if os.environ.get('CASES'):  # e.g. CASES=32x4096,128x64
@@ -37,13 +45,18 @@ def variant_source(src: str, over: dict) -> str:
     return src
 
 
-def layout(over: dict):
+def define(src: str, name: str) -> int:
+    return int(re.search(rf'^#define {name} (\d+)', src, flags=re.M).group(1))
+
+
+def layout(src: str, over: dict):
     """(threads, keys a tile, sizeof(MrShared)) of a variant, as the kernel's defines give them"""
-    kg, vs, st = over.get('MR_KG', 4), over.get('MR_VS', 2), over.get('MR_ST', 2)
-    kt, d = kg * 16, (ENTRY + 15) // 16 * 16
+    kg, vs, st, kw = (over.get(k, define(src, k)) for k in ('MR_KG', 'MR_VS', 'MR_ST', 'MR_KW'))
+    kt, d = kg * kw, (ENTRY + 15) // 16 * 16
     vw = (LORA + 16 * vs - 1) // (16 * vs) * (16 * vs)
     dp = max(d, vw) + 8
     size = HEADS * dp * 2 + st * kt * dp * 2 + kg * HEADS * 2 * 4 + HEADS * 4
+    size += kg * vs * kw // 2 * 32 * 4 if over.get('MR_QKS', define(src, 'MR_QKS')) and vs > 1 and d // 16 % vs == 0 else 0  # split scores
     size = (size + 7) // 8 * 8 + st * 8
     return 32 * kg * vs, kt, size
 
@@ -67,7 +80,7 @@ def main():
     rows = []
     for name in names:
         over = VARIANTS[name]
-        threads, kt, smem = layout(over)
+        threads, kt, smem = layout(src, over)
         f = Module(compile_cubin(('typedef unsigned long long uint64_t;\n' if 'uint64_t' not in src[:200] else '').encode() + variant_source(src, over).encode(), name.encode() + b'.cu')).fn(b'mla_decode_rows')
         assert cu.cuFuncSetAttribute(f, 8, smem) == 0  # MAX_DYNAMIC_SHARED_SIZE_BYTES
         bps = ctypes.c_int()

@@ -91,14 +91,19 @@ const ROWS_KEY_GROUPS: usize = 4;
 const ROWS_KEYS: usize = 64;
 const ROWS_STAGES: usize = 2;
 const ROWS_THREADS: u32 = 256;
+/// MR_QKS: a key group's two value halves each take half of the score contraction and exchange
+/// their partial scores through shared memory (a warp's 16 × 16 f32 a tile, by lane); where the
+/// padded contraction is an odd number of 16-column steps the kernel keeps whole scores.
+const ROWS_SPLIT_SCORES: bool = true;
 
 /// sizeof(MrShared) in mla_decode_rows.hip: the queries and two key tiles as bf16 rows of the
 /// contraction (padded to 16) or the value columns (padded to 32), whichever is wider, plus 8;
 /// the four key groups' (max, sum) per head; each head's output divisor; a transaction barrier (8
-/// bytes) per tile buffer.
+/// bytes) per tile buffer; with split scores each warp's partial scores (16 × 16 f32).
 pub(super) fn rows_shared_bytes(d: &MlaDims) -> usize {
     let row = d.kv_entry().next_multiple_of(16).max(d.kv_lora_rank.next_multiple_of(32)) + 8;
-    ROWS_HEADS * row * 2 + ROWS_STAGES * ROWS_KEYS * row * 2 + ROWS_KEY_GROUPS * ROWS_HEADS * 2 * 4 + ROWS_HEADS * 4 + ROWS_STAGES * 8
+    let scores = if ROWS_SPLIT_SCORES && d.kv_entry().next_multiple_of(16) % 32 == 0 { ROWS_THREADS as usize / 32 * ROWS_HEADS * 16 * 4 } else { 0 };
+    ROWS_HEADS * row * 2 + ROWS_STAGES * ROWS_KEYS * row * 2 + ROWS_KEY_GROUPS * ROWS_HEADS * 2 * 4 + ROWS_HEADS * 4 + scores + ROWS_STAGES * 8
 }
 
 /// Splits of each token's context for the 16-head kernel (`slots`: the blocks all SMs hold at
@@ -248,12 +253,18 @@ mod tests {
     fn rows_kernel_layout_and_splits() {
         // V3's rank of 8: 16 heads; rows of 576 + 8 bf16: the queries, two 64-key tiles, four key
         // groups' (max, sum) and two transaction barriers, within the 227 KB of a block
+        // (and, with split scores, 8 warps' 16 × 16 f32 partial scores: 576 columns, 36 steps)
+        let scores = if ROWS_SPLIT_SCORES { 8 * 16 * 16 * 4 } else { 0 };
         let tp8 = MlaDims { num_heads: 16, ..v3() };
-        assert_eq!(rows_shared_bytes(&tp8), 16 * 584 * 2 + 2 * 64 * 584 * 2 + 4 * 16 * 8 + 16 * 4 + 16);
+        assert_eq!(rows_shared_bytes(&tp8), 16 * 584 * 2 + 2 * 64 * 584 * 2 + 4 * 16 * 8 + 16 * 4 + scores + 16);
         assert!(rows_shared_bytes(&tp8) + 1024 <= 227 * 1024);
         // value columns wider than the padded contraction (40 latents + 8 rope: 48 → 64 + 8)
         let narrow = MlaDims { num_heads: 3, qk_nope: 20, qk_rope: 8, v_head: 24, kv_lora_rank: 40, scale: 0.3 };
+        // (whole scores: 48 columns are three steps)
         assert_eq!(rows_shared_bytes(&narrow), 16 * 72 * 2 + 2 * 64 * 72 * 2 + 4 * 16 * 8 + 16 * 4 + 16);
+        // the host's switch is the kernel's
+        let src = include_str!("../../../hip-kernels/mla_decode_rows.hip");
+        assert!(src.contains(&format!("#define MR_QKS {}", ROWS_SPLIT_SCORES as u8)));
         // batch 1: 128 splits (128 keys each at 16K, one block a split on 128 of the 132 SMs); a
         // graph step the same
         assert_eq!(rows_splits(1, 132, 16384, false), 128);
