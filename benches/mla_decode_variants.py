@@ -22,9 +22,8 @@ VARIANTS = {
     'kg2s': {'MR_KG': 2, 'MR_SPREAD': 1},
     'kg3st3': {'MR_KG': 3, 'MR_ST': 3},  # 48-key tiles three deep (two in flight while one is worked on), 6 warps
     'kg3st3s': {'MR_KG': 3, 'MR_ST': 3, 'MR_SPREAD': 1},
-    'whole': {'MR_QKS': 0},  # each warp computes its key group's whole scores (before the split scores)
+    'whole': {'MR_QKS': 0},  # each warp computes its key group's whole scores (the other variants split them, the file's default)
     'sa2': {'MR_SA': 2},  # two partial score sums
-    'kg2sx': {'MR_KG': 2, 'MR_SPREAD': 1},  # kg2s with the split scores
     'vs4': {'MR_VS': 4, 'MR_KG': 2, 'MR_ST': 4},  # 32-key tiles four deep, a key group's scores split over 4 warps
     'vs4s3': {'MR_VS': 4, 'MR_KG': 2, 'MR_ST': 3},
     'w32': {'MR_VS': 4, 'MR_KG': 2, 'MR_KW': 32},  # 64-key tiles over 2 key groups of 32 keys × 4 value quarters

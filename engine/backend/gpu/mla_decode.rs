@@ -102,7 +102,7 @@ const ROWS_SPLIT_SCORES: bool = true;
 /// bytes) per tile buffer; with split scores each warp's partial scores (16 × 16 f32).
 pub(super) fn rows_shared_bytes(d: &MlaDims) -> usize {
     let row = d.kv_entry().next_multiple_of(16).max(d.kv_lora_rank.next_multiple_of(32)) + 8;
-    let scores = if ROWS_SPLIT_SCORES && d.kv_entry().next_multiple_of(16) % 32 == 0 { ROWS_THREADS as usize / 32 * ROWS_HEADS * 16 * 4 } else { 0 };
+    let scores = if ROWS_SPLIT_SCORES && d.kv_entry().next_multiple_of(16).is_multiple_of(32) { ROWS_THREADS as usize / 32 * ROWS_HEADS * 16 * 4 } else { 0 };
     ROWS_HEADS * row * 2 + ROWS_STAGES * ROWS_KEYS * row * 2 + ROWS_KEY_GROUPS * ROWS_HEADS * 2 * 4 + ROWS_HEADS * 4 + scores + ROWS_STAGES * 8
 }
 
