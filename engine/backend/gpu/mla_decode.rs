@@ -101,8 +101,10 @@ const ROWS_SPLIT_SCORES: bool = true;
 /// the four key groups' (max, sum) per head; each head's output divisor; a transaction barrier (8
 /// bytes) per tile buffer; with split scores each warp's partial scores (16 × 16 f32).
 pub(super) fn rows_shared_bytes(d: &MlaDims) -> usize {
-    let row = d.kv_entry().next_multiple_of(16).max(d.kv_lora_rank.next_multiple_of(32)) + 8;
-    let scores = if ROWS_SPLIT_SCORES && d.kv_entry().next_multiple_of(16).is_multiple_of(32) { ROWS_THREADS as usize / 32 * ROWS_HEADS * 16 * 4 } else { 0 };
+    let contraction = d.kv_entry().next_multiple_of(16);
+    let row = contraction.max(d.kv_lora_rank.next_multiple_of(32)) + 8;
+    // split over the two value halves: an even number of 16-column steps; a warp's heads × keys
+    let scores = if ROWS_SPLIT_SCORES && (contraction / 16).is_multiple_of(2) { ROWS_THREADS as usize / 32 * ROWS_HEADS * (ROWS_KEYS / ROWS_KEY_GROUPS) * 4 } else { 0 };
     ROWS_HEADS * row * 2 + ROWS_STAGES * ROWS_KEYS * row * 2 + ROWS_KEY_GROUPS * ROWS_HEADS * 2 * 4 + ROWS_HEADS * 4 + scores + ROWS_STAGES * 8
 }
 
