@@ -152,6 +152,18 @@ extern "C" __global__ void split3_bf16_rows(const float* x, uint16_t* out, int64
     }
 }
 
+// x [n] f32 → out [n] bf16 (nearest even), 8 elements a thread.
+extern "C" __global__ void to_bf16(const float* x, uint16_t* out, int64_t n) { ENGINE_GRID_DEP();
+    const int64_t i = 8 * ((int64_t)blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= n) return;
+    if (n % 8 == 0) {
+        const float4 a = *(const float4*)&x[i], b = *(const float4*)&x[i + 4];
+        *(uint4*)&out[i] = make_uint4(bf16_pack(a.x, a.y), bf16_pack(a.z, a.w), bf16_pack(b.x, b.y), bf16_pack(b.z, b.w));
+        return;
+    }
+    for (int64_t e = i; e < min(n, i + 8); ++e) out[e] = (uint16_t)bf16_rne(x[e]);
+}
+
 // x [n] f32 → out [2n] bf16: the hi parts, then the lo parts (x ≈ hi + lo): cuBLASLt's stacked
 // operand for linear layers with bf16 weights.
 extern "C" __global__ void split_bf16_rows(const float* x, uint16_t* out, int64_t n) { ENGINE_GRID_DEP();

@@ -48,13 +48,6 @@
 #define WD_ON 1
 static_assert(WD_H * WD_OP <= 2 * WD_TILE, "the staged bf16 output fits the two key tiles");
 
-// The 128-byte-swizzled MN-major descriptor of B for P·V: rows of 128 bytes (64 value columns)
-// indexed by key, 8-key groups 1024 bytes apart (SBO), 64-column atoms WD_CH apart (LBO).
-__device__ __forceinline__ uint64_t wd_desc_mn(const void* p) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)(WD_CH >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
-}
-
 // s (64 heads × 64 keys, 32 floats a thread) = (acc ? s : 0) + Q · Kᵀ over 16 of ENTRY, both from
 // shared memory (K-major).
 __device__ __forceinline__ void wd_qk(float* d, uint64_t da, uint64_t db, int acc) {
@@ -293,7 +286,7 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
             }
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-            for (int kc = 0; kc < WD_KT / 16; ++kc) wd_pv_reg(o, pa + 4 * kc, wd_desc_mn(kt + kc * 16 * 128));
+            for (int kc = 0; kc < WD_KT / 16; ++kc) wd_pv_reg(o, pa + 4 * kc, sm90_desc_mn(kt + kc * 16 * 128, WD_CH));
         } else {
             asm volatile("bar.sync 1, 256;\n" ::: "memory");
             const float c0 = corr_s[r0], c1 = corr_s[r0 + 8];
@@ -306,7 +299,7 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
             }
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-            for (int kc = 0; kc < WD_KT / 16; ++kc) wd_pv_smem(o, sm90_desc(sm + WD_P + 32 * kc), wd_desc_mn(kt + 4 * WD_CH + kc * 16 * 128));
+            for (int kc = 0; kc < WD_KT / 16; ++kc) wd_pv_smem(o, sm90_desc(sm + WD_P + 32 * kc), sm90_desc_mn(kt + 4 * WD_CH + kc * 16 * 128, WD_CH));
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");

@@ -1,28 +1,30 @@
 // Causal flash attention of the MLA prefill on Hopper's warpgroup MMA (sm_90a), FlashAttention-3's
-// form, over the same operands as mla_flash_bf16.hip (mla_prefill_kv_bf16's per-head keys
-// [ctx][NOPE + ROPE] and transposed values [VDIM][ctx]; queries f32 [T, heads, NOPE + ROPE],
-// output f32 [T, heads, VDIM]) and its tiles (128 queries of one sequence a block, per head):
+// form, straight from kv_b's bf16 output kvd [ctx, heads · (NOPE + VDIM)] (each head's k_nope,
+// then its value) and the rotated key parts pe [ctx, ROPE] (bf16, shared by the heads); queries
+// f32 [T, heads, NOPE + ROPE], output f32 [T, heads, VDIM]; mla_flash_bf16.hip's tiles (128
+// queries of one sequence a block, per head):
 //   - a block is three warpgroups: a producer, one thread of which copies each 64-key tile by the
-//     tensor memory accelerator (the keys as NOPE + ROPE / 64 boxes of 64 rows × 128 bytes, the
-//     transposed values as one box of VDIM rows × 128 bytes, all 128-byte swizzled) into a ring of
+//     tensor memory accelerator (the keys as NOPE / 64 boxes of kvd and ROPE / 64 of pe, the
+//     values as VDIM / 64 boxes of kvd, each 64 rows × 128 bytes, 128-byte swizzled) into a ring of
 //     FW_ST stages handed over by full / empty mbarriers (as moe_f8_gemm.hip), and two consumers of
 //     64 queries each, which hold their queries as bf16 A fragments in registers for the whole loop
 //     (setmaxnreg moves the producer's registers to them);
 //   - S = Q·Kᵀ by wgmma.m64n64k16 (Q from registers, K from shared memory: from shared memory
 //     too, Q's reads and K's would fill its bandwidth as the MMAs run), the online softmax in
 //     registers in base 2, then O += P·V by wgmma.m64n128k16 with P from registers (the score
-//     accumulators, packed to bf16, are its A fragments) and Vᵀ from shared memory;
+//     accumulators, packed to bf16, are its A fragments) and V from shared memory, read
+//     transposed (MN-major: the boxes are 64-column atoms, 8-key groups 1,024 bytes apart);
 //   - tile t's S is issued before tile t - 1's P·V, so the softmax of t runs while the tensor
 //     cores do t - 1's P·V; O is rescaled once that completes, and its stage is handed back;
 //   - the causal mask only where a tile crosses a warp's diagonal; a consumer stops at its last
 //     query's position (it hands the block's later tiles back unread); heaviest tiles first (block
 //     x takes the tile list from its end).
-// sm_90a, QK % 64 == 0 and VDIM == 128 (the host checks; DeepSeek V2 / V3 are 192 / 128);
-// elsewhere it compiles a trap the host never selects.
+// sm_90a, NOPE and ROPE multiples of 64 and VDIM == 128 (the host checks; DeepSeek V2 / V3 are
+// 128 + 64 / 128); elsewhere it compiles a trap the host never selects.
 // Launch: grid (tiles, heads), block FW_THREADS, dynamic shared memory FW_SMEM (mla_prefill.rs
-// mirrors FW_*). `maps`: tensor maps (16 words each, in global memory) of the keys as bytes
-// [heads · ctx rows, 2 · QK] (boxes of FW_K rows) and of the transposed values as bytes
-// [heads · VDIM rows, 2 · ctx] (boxes of VDIM rows). A tile is 4 ints as mla_flash_bf16.hip's.
+// mirrors FW_*). `maps`: tensor maps (16 words each, in global memory) of kvd as bytes [ctx rows,
+// 2 · heads · (NOPE + VDIM)] and of pe as bytes [ctx rows, 2 · ROPE], both in boxes of FW_K rows
+// × 128 bytes. A tile is 4 ints as mla_flash_bf16.hip's.
 #include "bf16.h"
 #include "sm90.h"
 
@@ -36,11 +38,11 @@
 #define FW_THREADS 384   // a producer and two consumer warpgroups
 #define FW_QC (QK / 64)  // 128-byte (64 bf16) chunks of a key row
 #define FW_KBYTES (FW_K * QK * 2)    // a stage's keys: FW_QC chunks of FW_K rows × 128 bytes
-#define FW_VBYTES (VDIM * FW_K * 2)  // a stage's transposed values: VDIM rows × 128 bytes
+#define FW_VBYTES (VDIM * FW_K * 2)  // a stage's values: VDIM / 64 boxes of FW_K rows × 128 bytes
 #define FW_STAGE (FW_KBYTES + FW_VBYTES)
 #define FW_SMEM (FW_ST * FW_STAGE + 1024) // + the alignment of the first stage
 
-#if defined(SM90_WGMMA) && QK % 64 == 0 && VDIM == 128
+#if defined(SM90_WGMMA) && NOPE % 64 == 0 && ROPE % 64 == 0 && VDIM == 128
 #define FW_ON 1
 // s (64 queries × 64 keys a warpgroup, 32 floats a thread) = (acc ? s : 0) + Q · Kᵀ over 16 of QK: Q
 // from registers (the m16n8k16 A fragment of each warp's 16 rows), K K-major in shared memory.
@@ -59,7 +61,7 @@ __device__ __forceinline__ void fw_qk(float* d, const uint32_t* a, uint64_t db, 
 }
 
 // o (64 queries × 128 value columns, 64 floats a thread) = (acc ? o : 0) + P · V over 16 keys: P from
-// registers (the m16n8k16 A fragment of each warp's 16 rows), Vᵀ K-major in shared memory.
+// registers (the m16n8k16 A fragment of each warp's 16 rows), V MN-major in shared memory.
 __device__ __forceinline__ void fw_pv(float* d, const uint32_t* a, uint64_t db, int acc) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
@@ -68,7 +70,7 @@ __device__ __forceinline__ void fw_pv(float* d, const uint32_t* a, uint64_t db, 
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
         "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "
         "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
           "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),
           "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]),
@@ -80,7 +82,7 @@ __device__ __forceinline__ void fw_pv(float* d, const uint32_t* a, uint64_t db, 
 #endif
 
 extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const uint64_t* __restrict__ maps, const float* __restrict__ q, const int32_t* __restrict__ tiles,
-                                                                       float* __restrict__ out, int ctx, int heads, float scale) { ENGINE_GRID_DEP();
+                                                                       float* __restrict__ out, int heads, float scale) { ENGINE_GRID_DEP();
 #ifdef FW_ON
     extern __shared__ __align__(16) unsigned char fw_smem[];
     __shared__ __align__(8) uint64_t full[FW_ST], empty[FW_ST];
@@ -101,8 +103,8 @@ extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const u
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory"); // (its registers go to the consumers: 128 · 40 + 256 · 232 = 384 · 168)
         // producer, one thread: stage use it of slot it % FW_ST waits for the release of use it - FW_ST
         if (threadIdx.x == 0) {
-            const uint64_t* mk = maps;      // keys
-            const uint64_t* mv = maps + 16; // transposed values
+            const uint64_t* mk = maps;      // kvd: keys' k_nope and values
+            const uint64_t* mv = maps + 16; // pe: keys' rotated parts
             asm volatile("prefetch.tensormap [%0];\nprefetch.tensormap [%1];\n" ::"l"((uint64_t)mk), "l"((uint64_t)mv) : "memory");
             for (int it = 0; it < n_kt; ++it) {
                 const int s = it % FW_ST;
@@ -110,9 +112,14 @@ extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const u
                 if (it >= FW_ST) sm90_bar_wait(&empty[s], (it / FW_ST - 1) & 1);
                 sm90_bar_expect(&full[s], FW_STAGE);
                 const int key = ctx0 + it * FW_K;
+                const int col = 2 * h * (NOPE + VDIM); // the head's bytes in a kvd row
 #pragma unroll
-                for (int c = 0; c < FW_QC; ++c) sm90_tma(st + c * FW_K * 128, mk, 128 * c, h * ctx + key, &full[s]);
-                sm90_tma(st + FW_KBYTES, mv, 2 * key, h * VDIM, &full[s]);
+                for (int c = 0; c < FW_QC; ++c) {
+                    if (c < NOPE / 64) sm90_tma(st + c * FW_K * 128, mk, col + 128 * c, key, &full[s]);
+                    else sm90_tma(st + c * FW_K * 128, mv, 128 * (c - NOPE / 64), key, &full[s]);
+                }
+#pragma unroll
+                for (int c = 0; c < VDIM / 64; ++c) sm90_tma(st + FW_KBYTES + c * FW_K * 128, mk, col + 2 * NOPE + 128 * c, key, &full[s]);
             }
         }
         return;
@@ -156,7 +163,7 @@ extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const u
         const uint8_t* vs = stages + (it % FW_ST) * FW_STAGE + FW_KBYTES;
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int kc = 0; kc < FW_K / 16; ++kc) fw_pv(o, p + 4 * kc, sm90_desc(vs + 32 * kc), 1);
+        for (int kc = 0; kc < FW_K / 16; ++kc) fw_pv(o, p + 4 * kc, sm90_desc_mn(vs + kc * 16 * 128, FW_K * 128), 1);
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     };
     // tile it's scores → probabilities pn (bf16 A fragments), m and l updated; corr: the factor

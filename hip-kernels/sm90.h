@@ -85,4 +85,12 @@ __device__ __forceinline__ uint64_t sm90_desc(const void* p) {
     const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
     return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
 }
+
+// The same for an MN-major operand (bf16 B read transposed, the MMA's transpose bit set): rows
+// of 128 bytes (64 N columns) indexed by K, 8-row (K) groups 1024 bytes apart, 64-column atoms
+// `lbo` bytes apart. A K step of 16 is the start plus 16 rows (2,048 bytes).
+__device__ __forceinline__ uint64_t sm90_desc_mn(const void* p, uint32_t lbo) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    return (uint64_t)((a & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
 #endif

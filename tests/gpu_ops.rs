@@ -503,6 +503,42 @@ fn mla_flash_prefill_mixed_batches_on<V: GpuVendor>() {
             mla_case(&b, &c, &mut rng, &d, WType::Bf16, &[(300, 1), (700, 259), (129, 129)], BF16_TOL, false);
         }
     }
+    // FP8 kv_b under `--fp8-activations dynamic`: on sm_90a the GEMM library's block-scaled GEMM
+    // writes kv_b's product as bf16 and the warpgroup kernel reads it in place (elsewhere the f32
+    // product rounded to bf16); the latents are drawn exact in FP8 (mla_case), so the CPU's f32
+    // kv_b is the reference
+    let mut b = gpu::<V>();
+    (b.attn_bf16, b.fp8_act) = (true, true);
+    let v3 = MlaDims { num_heads: 16, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora_rank: 512, scale: 0.1 };
+    if b.arch == "sm_90a" {
+        assert!(b.blaslt.as_ref().is_some_and(|l| l.supports_fp8_block_bf16(1536, 16 * 256, 512)), "no block-scaled FP8 GEMM into bf16 in the vendor library (cuBLASLt 12.9+ on Hopper)");
+    }
+    mla_case(&b, &c, &mut rng, &v3, WType::Fp8, &[(500, 1), (400, 137), (64, 64), (333, 333), (1100, 700)], BF16_TOL, false);
+}
+
+/// `rows` cache entries of `d` whose latents quantise exactly under `--fp8-activations dynamic`:
+/// each 128-column group e4m3 codes times a power of two, one of them ±448 (so the group's scale
+/// is that power of two and its codes are the drawn ones); the rotated part normal.
+fn fp8_exact_entries(rng: &mut Rng, rows: usize, d: &MlaDims) -> Vec<f32> {
+    let mut e = randn(rng, rows * d.kv_entry(), 1.0);
+    for r in 0..rows {
+        for g0 in (0..d.kv_lora_rank).step_by(128) {
+            let scale = (2f32).powi((rng.next_u64() % 8) as i32 - 10);
+            let span = g0..(g0 + 128).min(d.kv_lora_rank);
+            let top = span.start + (rng.next_u64() as usize) % span.len();
+            for i in span {
+                // finite e4m3fn codes (0x7f and 0xff are NaN; 0x7e is 448)
+                let mut code = rng.next_u64() as u8;
+                if i == top {
+                    code = 0x7e | (code & 0x80);
+                } else if code & 0x7f == 0x7f {
+                    code ^= 1;
+                }
+                e[r * d.kv_entry() + i] = engine::weights::fp8_e4m3fn_to_f32(code) * scale;
+            }
+        }
+    }
+    e
 }
 
 /// Decode attention on the matrix units (`--fp8-activations dynamic`: a bf16 latent cache, bf16
@@ -602,7 +638,8 @@ fn mla_case<V: GpuVendor>(g: &GpuBackend<V>, c: &CpuBackend, rng: &mut Rng, d: &
         used += ctx;
     }
     let all: Vec<u32> = perm[..used].to_vec();
-    let entries = randn(rng, used * d.kv_entry(), 1.0);
+    // latents the dynamic FP8 quantisation leaves as they are where the GPU quantises kv_b's input
+    let entries = if g.fp8_act { fp8_exact_entries(rng, used, d) } else { randn(rng, used * d.kv_entry(), 1.0) };
     c.kv_write(&mut ckv, 1, &all, &c.upload(used, d.kv_entry(), &entries).unwrap()).unwrap();
     g.kv_write(&mut gkv, 1, &all, &g.upload(used, d.kv_entry(), &entries).unwrap()).unwrap();
     let t: usize = lens.iter().map(|x| x.1).sum();

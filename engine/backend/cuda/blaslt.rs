@@ -2,7 +2,8 @@
 //! linear layers (backend/gpu/blas.rs splits x into bf16 hi/lo rows), f32 × f32 → f32 for the
 //! MoE router at prefill sizes (backend/gpu/router.rs), and block-scaled FP8 ×
 //! FP8 → f32 (cuBLASLt 12.9+ on Hopper: 128×128 weight blocks, 1×128 activation groups) for
-//! `--fp8-activations dynamic`.
+//! `--fp8-activations dynamic`, and the same into bf16 (MLA's kv_b at prefill, read by the flash
+//! attention as bf16).
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
@@ -35,6 +36,8 @@ pub struct BlasLt {
     plans: PlanCache<Plan>,
     /// Block-scaled FP8 plans, per (m, n, k)
     fp8_plans: PlanCache<Plan>,
+    /// ... with a bf16 D
+    fp8_bf16_plans: PlanCache<Plan>,
     /// f32 plans, per (m, n, k)
     f32_plans: PlanCache<Plan>,
     /// A workspace per side stream (GEMMs that overlap must not share one), made on first use
@@ -49,7 +52,7 @@ unsafe impl Sync for BlasLt {}
 
 impl Drop for BlasLt {
     fn drop(&mut self) {
-        for p in self.plans.drain().into_iter().chain(self.fp8_plans.drain()).chain(self.f32_plans.drain()) {
+        for p in self.plans.drain().into_iter().chain(self.fp8_plans.drain()).chain(self.fp8_bf16_plans.drain()).chain(self.f32_plans.drain()) {
             unsafe {
                 let _ = result::destroy_matrix_layout(p.a);
                 let _ = result::destroy_matrix_layout(p.b);
@@ -82,18 +85,18 @@ impl BlasLt {
                 return None;
             }
         };
-        Some(BlasLt { handle, workspace, stream: b.dev.stream() as sys::cudaStream_t, plans: PlanCache::default(), fp8_plans: PlanCache::default(), f32_plans: PlanCache::default(), side_ws: Mutex::new(HashMap::new()), dev: b.dev.clone() })
+        Some(BlasLt { handle, workspace, stream: b.dev.stream() as sys::cudaStream_t, plans: PlanCache::default(), fp8_plans: PlanCache::default(), fp8_bf16_plans: PlanCache::default(), f32_plans: PlanCache::default(), side_ws: Mutex::new(HashMap::new()), dev: b.dev.clone() })
     }
 
     /// D [m2, n] (row-major f32) = X2 [m2, k] (bf16) · W [n, k]ᵀ (bf16), in column-major terms
     /// Dᵀ = op(W) · X2ᵀ with W's stored K×N matrix transposed.
     fn plan(&self, m2: usize, n: usize, k: usize) -> Result<Plan, BackendError> {
-        self.plan_typed(m2, n, k, sys::cudaDataType::CUDA_R_16BF, &[])
+        self.plan_typed(m2, n, k, sys::cudaDataType::CUDA_R_16BF, sys::cudaDataType::CUDA_R_32F, &[])
     }
 
     /// The block-scaled FP8 form: A = W (e4m3, one scale per 128×128 block), B = x (e4m3, one
-    /// scale per token and 128 columns); the scale pointers are set per call.
-    fn plan_fp8_block(&self, m: usize, n: usize, k: usize) -> Result<Plan, BackendError> {
+    /// scale per token and 128 columns); the scale pointers are set per call; D of type `dt`.
+    fn plan_fp8_block(&self, m: usize, n: usize, k: usize, dt: sys::cudaDataType) -> Result<Plan, BackendError> {
         use sys::cublasLtMatmulDescAttributes_t::*;
         use sys::cublasLtMatmulMatrixScale_t::*;
         // the heuristic sees scale pointers (any 16-byte aligned device address: the workspace's);
@@ -105,11 +108,11 @@ impl BlasLt {
             (CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, Attr::Ptr(ws)),
             (CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, Attr::Ptr(ws)),
         ];
-        self.plan_typed(m, n, k, sys::cudaDataType::CUDA_R_8F_E4M3, &attrs)
+        self.plan_typed(m, n, k, sys::cudaDataType::CUDA_R_8F_E4M3, dt, &attrs)
     }
 
-    /// Dᵀ [n, rows] f32 = op(W)ᵀ · Xᵀ with W and X of type `ab`, and `attrs` set on the descriptor.
-    fn plan_typed(&self, m2: usize, n: usize, k: usize, ab: sys::cudaDataType, attrs: &[(sys::cublasLtMatmulDescAttributes_t, Attr)]) -> Result<Plan, BackendError> {
+    /// Dᵀ [n, rows] (type `dt`) = op(W)ᵀ · Xᵀ with W and X of type `ab`, and `attrs` set on the descriptor.
+    fn plan_typed(&self, m2: usize, n: usize, k: usize, ab: sys::cudaDataType, dt: sys::cudaDataType, attrs: &[(sys::cublasLtMatmulDescAttributes_t, Attr)]) -> Result<Plan, BackendError> {
         let e = blas_err("cublasLt plan");
         let desc = result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F).map_err(&e)?;
         let trans: i32 = 1; // CUBLAS_OP_T
@@ -120,7 +123,7 @@ impl BlasLt {
         }
         let a = result::create_matrix_layout(ab, k as u64, n as u64, k as i64).map_err(&e)?;
         let b = result::create_matrix_layout(ab, k as u64, m2 as u64, k as i64).map_err(&e)?;
-        let d = result::create_matrix_layout(sys::cudaDataType::CUDA_R_32F, n as u64, m2 as u64, n as i64).map_err(&e)?;
+        let d = result::create_matrix_layout(dt, n as u64, m2 as u64, n as i64).map_err(&e)?;
         let pref = result::create_matmul_pref().map_err(&e)?;
         let ws = WORKSPACE as u64;
         unsafe { result::set_matmul_pref_attribute(pref, sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const u64 as *const c_void, 8) }.map_err(&e)?;
@@ -156,7 +159,7 @@ impl GemmLib for BlasLt {
 
     fn supports_f32(&self, m: usize, n: usize, k: usize) -> bool {
         // CUBLAS_COMPUTE_32F with f32 operands: FFMA products and sums (TF32 only under _FAST_TF32)
-        self.f32_plans.supports((m, n, k), || self.plan_typed(m, n, k, sys::cudaDataType::CUDA_R_32F, &[]).map_err(|e| e.to_string()))
+        self.f32_plans.supports((m, n, k), || self.plan_typed(m, n, k, sys::cudaDataType::CUDA_R_32F, sys::cudaDataType::CUDA_R_32F, &[]).map_err(|e| e.to_string()))
     }
 
     fn gemm_f32(&self, m: usize, n: usize, k: usize, w: DevPtr, x: DevPtr, d: DevPtr) -> Result<(), String> {
@@ -164,7 +167,15 @@ impl GemmLib for BlasLt {
     }
 
     fn supports_fp8_block(&self, m: usize, n: usize, k: usize) -> bool {
-        self.fp8_plans.supports((m, n, k), || self.plan_fp8_block(m, n, k).map_err(|e| e.to_string()))
+        self.fp8_plans.supports((m, n, k), || self.plan_fp8_block(m, n, k, sys::cudaDataType::CUDA_R_32F).map_err(|e| e.to_string()))
+    }
+
+    fn supports_fp8_block_bf16(&self, m: usize, n: usize, k: usize) -> bool {
+        self.fp8_bf16_plans.supports((m, n, k), || self.plan_fp8_block(m, n, k, sys::cudaDataType::CUDA_R_16BF).map_err(|e| e.to_string()))
+    }
+
+    fn gemm_fp8_block_bf16(&self, shape: (usize, usize, usize), w: (DevPtr, DevPtr), x: (DevPtr, DevPtr), d: DevPtr) -> Result<(), String> {
+        self.scaled(&self.fp8_bf16_plans, shape, w, x, d, (self.stream, self.workspace.ptr()), 0.0)
     }
 
     fn gemm_fp8_block(&self, shape: (usize, usize, usize), w: (DevPtr, DevPtr), x: (DevPtr, DevPtr), d: DevPtr, stream: Handle) -> Result<(), String> {
@@ -180,7 +191,6 @@ impl BlasLt {
     /// D = beta · D + the block-scaled FP8 product (`GemmLib::gemm_fp8_block`).
     #[allow(clippy::too_many_arguments)]
     fn fp8_block(&self, shape: (usize, usize, usize), (w, ws): (DevPtr, DevPtr), (xq, xs): (DevPtr, DevPtr), d: DevPtr, stream: Handle, beta: f32) -> Result<(), String> {
-        use sys::cublasLtMatmulDescAttributes_t::{CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER};
         let (st, work) = if stream == 0 {
             (self.stream, self.workspace.ptr())
         } else {
@@ -191,8 +201,16 @@ impl BlasLt {
             };
             (stream as sys::cudaStream_t, w)
         };
-        // the scale pointers belong to this call: set under the plans' lock, right before the launch
-        self.fp8_plans.with(shape, |p| {
+        self.scaled(&self.fp8_plans, shape, (w, ws), (xq, xs), d, (st, work), beta)
+    }
+
+    /// D = beta · D + the block-scaled FP8 product by `plans`' plan for `shape`, on (stream,
+    /// workspace). The scale pointers belong to this call: set under the plans' lock, right
+    /// before the launch.
+    #[allow(clippy::too_many_arguments)]
+    fn scaled(&self, plans: &PlanCache<Plan>, shape: (usize, usize, usize), (w, ws): (DevPtr, DevPtr), (xq, xs): (DevPtr, DevPtr), d: DevPtr, (st, work): (sys::cudaStream_t, DevPtr), beta: f32) -> Result<(), String> {
+        use sys::cublasLtMatmulDescAttributes_t::{CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER};
+        plans.with(shape, |p| {
             for (attr, ptr) in [(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, ws), (CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, xs)] {
                 unsafe { result::set_matmul_desc_attribute(p.desc, attr, &ptr as *const u64 as *const c_void, 8) }.map_err(|e| format!("cublasLtMatmulDescSetAttribute: {e:?}"))?;
             }

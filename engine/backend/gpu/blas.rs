@@ -66,6 +66,16 @@ pub trait GemmLib: Send + Sync {
     fn gemm_fp8_block(&self, _shape: (usize, usize, usize), _w: (DevPtr, DevPtr), _x: (DevPtr, DevPtr), _d: DevPtr, _stream: super::device::Handle) -> Result<(), String> {
         Err(format!("{} has no block-scaled FP8 GEMM here", self.name()))
     }
+    /// Whether the library has the block-scaled FP8 GEMM with a bf16 D for this shape
+    /// (`gemm_fp8_block_bf16`; the plan is made on the first call, as for `supports`).
+    fn supports_fp8_block_bf16(&self, _m: usize, _n: usize, _k: usize) -> bool {
+        false
+    }
+    /// `gemm_fp8_block`'s product rounded to bf16 (nearest even): D [m, n] row-major bf16, on
+    /// the backend's stream.
+    fn gemm_fp8_block_bf16(&self, _shape: (usize, usize, usize), _w: (DevPtr, DevPtr), _x: (DevPtr, DevPtr), _d: DevPtr) -> Result<(), String> {
+        Err(format!("{} has no block-scaled FP8 GEMM into bf16 here", self.name()))
+    }
     /// D += the product of `gemm_fp8_block` (D read as C, beta 1), on the backend's stream; an
     /// error (nothing launched) where the library does not offer it, and the caller adds.
     fn gemm_fp8_block_add(&self, _shape: (usize, usize, usize), _w: (DevPtr, DevPtr), _x: (DevPtr, DevPtr), _d: DevPtr) -> Result<(), String> {
@@ -134,6 +144,34 @@ impl<V: GpuVendor> GpuBackend<V> {
     pub(super) fn gemm_fp8_codes(&self, (q, s): (&DevBuf<u8>, &DevBuf<f32>), rows: usize, w: &GpuLinear, d: DevPtr) -> Result<(), BackendError> {
         let lt = self.blaslt.as_ref().expect("the caller checked supports_fp8_block");
         lt.gemm_fp8_block((rows, w.out, w.inp), (w.data.ptr(), w.scales.ptr()), (q.ptr(), s.ptr()), d, 0).map_err(|msg| self.op_err("blaslt", format!("{}: {msg}", lt.name())))
+    }
+
+    /// y [rows, w.out] = x · Wᵀ rounded to bf16, for an FP8 layer under `--fp8-activations
+    /// dynamic`: the library's block-scaled GEMM writing bf16 where it has one (x quantised as
+    /// `linear` does), else `linear`'s f32 product rounded by `to_bf16`: the same codes and
+    /// products either way, one rounding.
+    pub(super) fn linear_bf16_out(&self, x: &GpuTensor, w: &GpuLinear) -> Result<DevBuf<u16>, BackendError> {
+        let (m, n, k) = (x.rows, w.out, w.inp);
+        let mut y = self.scratch::<u16>((m * n).max(1))?;
+        let lib = self.blaslt.as_ref().filter(|lt| w.wdt == 2 && self.blaslt_rows(m, w) && self.fp8_act_for(w) && m.is_multiple_of(4) && lt.supports_fp8_block_bf16(m, n, k));
+        if let Some(lt) = lib {
+            let c = self.quantize_act_fp8(x, m)?;
+            lt.gemm_fp8_block_bf16((m, n, k), (w.data.ptr(), w.scales.ptr()), (c.q.ptr(), c.s.ptr()), y.ptr()).map_err(|msg| self.op_err("blaslt", format!("{}: {msg}", lt.name())))?;
+            return Ok(y);
+        }
+        let f32_out = self.linear_with(x, w, true)?;
+        self.to_bf16(&f32_out.buf, &mut y, m * n)?;
+        Ok(y)
+    }
+
+    /// out[..n] = x[..n] rounded to bf16 (nearest even).
+    pub(super) fn to_bf16(&self, x: &DevBuf<f32>, out: &mut DevBuf<u16>, n: usize) -> Result<(), BackendError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.func(EW, "to_bf16")?;
+        let total = n as i64;
+        self.launch(&f).arg(x).arg(out).arg(&total).run(cfg((n.div_ceil(8 * 256) as u32, 1), 256, 0)).map_err(err("to_bf16"))
     }
 
     /// y = x · Wᵀ through the GEMM library; false (nothing launched) where it has no algorithm

@@ -82,10 +82,11 @@ impl<V: GpuVendor> GpuBackend<V> {
     }
 
     /// Whether that flash prefill takes mla_flash_wg.hip instead (FlashAttention-3's form, same
-    /// tiles and operands): tuned on, sm_90a (the warpgroup MMA and tensor maps), whole 64-column
-    /// chunks of query / key rows and 128-column value heads (V2 / V3: 192 / 128).
+    /// tiles, reading kv_b's bf16 product in place): tuned on, sm_90a (the warpgroup MMA and
+    /// tensor maps), whole 64-column chunks of k_nope and of the rotated part, and 128-column
+    /// value heads (V2 / V3: 128 + 64 / 128).
     pub(super) fn fa3_prefill(&self, d: &MlaDims) -> bool {
-        self.tuned.flash_wgmma && self.arch == "sm_90a" && self.fa2_prefill(d) && d.qk_head().is_multiple_of(64) && d.v_head == 128 && fw_shared_bytes(d) <= self.dev.max_shared_per_block()
+        self.tuned.flash_wgmma && self.arch == "sm_90a" && self.fa2_prefill(d) && d.qk_nope.is_multiple_of(64) && d.qk_rope.is_multiple_of(64) && d.v_head == 128 && fw_shared_bytes(d) <= self.dev.max_shared_per_block()
     }
 
     /// Writes the attention output rows of `seqs` into `out` ([T, heads·v_head]).
@@ -100,15 +101,37 @@ impl<V: GpuVendor> GpuBackend<V> {
         let mut pe = self.alloc_out(n * d.qk_rope)?;
         let f = self.mla_prefill_func(dims, if kv.bf16 { "mla_gather_ctx_bf16c" } else { "mla_gather_ctx" })?;
         let (l, ns) = (layer as i32, kv.slots as i32);
-        // [ctx, heads·(nope + v)]: every context token's k_nope and v for every head, once
-        let kvd = self.span(super::ops::ATTN_PROJ, || {
+        let gather = |c: &mut DevBuf<f32>, pe: &mut DevBuf<f32>| {
             let mut b = self.launch(&f);
-            b.arg(&kv.buf).arg(&slots.0).arg(&l).arg(&ns).arg(&mut c).arg(&mut pe);
-            b.run(super::ops::cfg((n as u32, 1), 128, 0)).map_err(err("mla_gather_ctx"))?;
-            self.linear_with(&GpuTensor { rows: n, cols: d.kv_lora_rank, buf: c }, kv_b, true)
-        })?;
+            b.arg(&kv.buf).arg(&slots.0).arg(&l).arg(&ns).arg(c).arg(pe);
+            b.run(super::ops::cfg((n as u32, 1), 128, 0)).map_err(err("mla_gather_ctx"))
+        };
         let d_tiles = self.htod(&tiles)?;
         let (heads, scale, ctx) = (d.num_heads as i32, d.scale, n as i32);
+        if self.fa3_prefill(d) {
+            // kv_b's product as bf16 [ctx, heads·(nope + v)] and the rotated key parts as bf16
+            // [ctx, rope], which the kernel's tensor maps read in place
+            let (kvd, pe16) = self.span(super::ops::ATTN_PROJ, || {
+                gather(&mut c, &mut pe)?;
+                let kvd = self.linear_bf16_out(&GpuTensor { rows: n, cols: d.kv_lora_rank, buf: c }, kv_b)?;
+                let mut pe16 = self.scratch::<u16>(n * d.qk_rope)?;
+                self.to_bf16(&pe, &mut pe16, n * d.qk_rope)?;
+                Ok((kvd, pe16))
+            })?;
+            return self.span("attention", || {
+                let maps = self.upload_tensor_maps("mla_flash_wg", &[(kvd.ptr(), 2 * d.num_heads * (d.qk_nope + d.v_head), n, FW_K), (pe16.ptr(), 2 * d.qk_rope, n, FW_K)])?;
+                let f = self.mla_flash_wg_func(dims)?;
+                let mut b = self.launch(&f);
+                b.arg(&maps).arg(&q.buf).arg(&d_tiles).arg(out).arg(&heads).arg(&scale);
+                let launch = LaunchConfig { grid_dim: ((tiles.len() / 4) as u32, d.num_heads as u32, 1), block_dim: (FW_THREADS, 1, 1), shared_mem_bytes: fw_shared_bytes(d) as u32 };
+                b.run(launch).map_err(err("mla_flash_wg"))
+            });
+        }
+        // [ctx, heads·(nope + v)]: every context token's k_nope and v for every head, once
+        let kvd = self.span(super::ops::ATTN_PROJ, || {
+            gather(&mut c, &mut pe)?;
+            self.linear_with(&GpuTensor { rows: n, cols: d.kv_lora_rank, buf: c }, kv_b, true)
+        })?;
         self.span("attention", || {
             // per head, bf16 hi + lo (hi alone with attn_bf16): keys [n][nope + rope] and values
             // transposed [v][n]
@@ -123,16 +146,6 @@ impl<V: GpuVendor> GpuBackend<V> {
             b.arg(&kvd.buf).arg(&pe).arg(&mut k).arg(&mut vt).arg(&ctx).arg(&heads);
             b.run(LaunchConfig { grid_dim: ((n / tile) as u32, d.num_heads as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }).map_err(err(name))?;
             drop(kvd);
-            if self.fa3_prefill(d) {
-                // the per-head keys as bytes [heads · ctx, 2 · qk] in boxes of FW_K rows, the
-                // transposed values as bytes [heads · v, 2 · ctx] in boxes of v rows
-                let maps = self.upload_tensor_maps("mla_flash_wg", &[(k.ptr(), 2 * d.qk_head(), d.num_heads * n, FW_K), (vt.ptr(), 2 * n, d.num_heads * d.v_head, d.v_head)])?;
-                let f = self.mla_flash_wg_func(dims)?;
-                let mut b = self.launch(&f);
-                b.arg(&maps).arg(&q.buf).arg(&d_tiles).arg(out).arg(&ctx).arg(&heads).arg(&scale);
-                let launch = LaunchConfig { grid_dim: ((tiles.len() / 4) as u32, d.num_heads as u32, 1), block_dim: (FW_THREADS, 1, 1), shared_mem_bytes: fw_shared_bytes(d) as u32 };
-                return b.run(launch).map_err(err("mla_flash_wg"));
-            }
             let (f, name, threads, smem) = if fa2 {
                 (self.mla_flash_bf16_func(dims)?, "mla_flash_bf16", FA2_THREADS, fa2_shared_bytes(d) as u32)
             } else {
