@@ -24,9 +24,13 @@
 // Launch: grid (tiles, heads), block FW_THREADS, dynamic shared memory FW_SMEM (mla_prefill.rs
 // mirrors FW_*). `maps`: tensor maps (16 words each, in global memory) of kvd as bytes [ctx rows,
 // 2 · heads · (NOPE + VDIM)] and of pe as bytes [ctx rows, 2 · ROPE], both in boxes of FW_K rows
-// × 128 bytes. A tile is 4 ints as mla_flash_bf16.hip's.
+// × 128 bytes. A tile is 4 ints as mla_flash_bf16.hip's. With `codes` given, the output rows go
+// out as o_proj's FP8 input instead of f32 (`out` unused): each (token, head) row of VDIM = 128
+// columns is one group of act_quant.hip's quantiser, whose codes and scale this writes as it
+// would (codes [tokens, heads · VDIM], scales [heads, tokens]: s[h · tokens + token]).
 #include "bf16.h"
 #include "sm90.h"
+#include "e4m3.h"
 
 #ifndef KV_LORA
 #error "KV_LORA must be defined"
@@ -82,7 +86,7 @@ __device__ __forceinline__ void fw_pv(float* d, const uint32_t* a, uint64_t db, 
 #endif
 
 extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const uint64_t* __restrict__ maps, const float* __restrict__ q, const int32_t* __restrict__ tiles,
-                                                                       float* __restrict__ out, int heads, float scale) { ENGINE_GRID_DEP();
+                                                                       float* __restrict__ out, int heads, float scale, uint8_t* __restrict__ codes, float* __restrict__ scales, int tokens) { ENGINE_GRID_DEP();
 #ifdef FW_ON
     extern __shared__ __align__(16) unsigned char fw_smem[];
     __shared__ __align__(8) uint64_t full[FW_ST], empty[FW_ST];
@@ -255,6 +259,26 @@ extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const u
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
         inv[r] = 1.f / l[r];
+    }
+    if (codes) {
+        // quant_fp8_act's numerics on the values the f32 output would hold: s = max(max|x|,
+        // 1e-10) / 448 over the row's 128 columns (a quad's), q = e4m3fn(x / s)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float amax = 0.f;
+#pragma unroll
+            for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(o[4 * (j / 2) + 2 * r + j % 2] * inv[r]));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+            const float sc = fmaxf(amax, 1e-10f) / E4M3_MAX;
+            const int row = rw + g + 8 * r;
+            if (row >= nq) continue;
+            uint8_t* d = codes + ((int64_t)(q_row0 + row) * heads + h) * VDIM + 2 * t;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) *(uint16_t*)(d + 8 * j) = (uint16_t)(f32_to_e4m3fn(o[4 * j + 2 * r] * inv[r] / sc) | f32_to_e4m3fn(o[4 * j + 2 * r + 1] * inv[r] / sc) << 8);
+            if (t == 0) scales[(int64_t)h * tokens + q_row0 + row] = sc;
+        }
+        return;
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {

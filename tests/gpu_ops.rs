@@ -586,7 +586,8 @@ fn mla_decode_matrix_units_bf16_on<V: GpuVendor>() {
 /// projection writes o_proj's FP8 codes itself (mla_heads.hip's `_bxq`), which must equal the
 /// ops in turn bit for bit (`mla_attention`, then `linear`: the f32 projection, the activation
 /// quantiser, the same GEMM); 72 decode tokens of V3's 128 heads over random contexts, and 71
-/// (not a multiple of 4: the ops).
+/// (not a multiple of 4: the ops). Then prompts, where the warpgroup flash kernel writes the
+/// codes, against the ops the same way.
 #[test]
 #[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn mla_attention_hands_o_proj_codes() {
@@ -614,6 +615,26 @@ fn mla_attention_hands_o_proj_codes_on<V: GpuVendor>() {
         assert!(fused.iter().all(|v| v.is_finite()) && fused.iter().any(|v| *v != 0.0), "{t} tokens: finite, not all zero");
         assert_eq!(fused, ops, "{t} tokens: o_proj of the value projection's codes equals the ops in turn");
         eprintln!("mla_attention_linear, {t} tokens: equal to mla_attention + linear");
+    }
+    // prompts: alone on the flash kernel (sm_90a: its warpgroup form writes o's codes; a prompt
+    // over a prefix and a fresh one, 1,032 rows), a row count not a multiple of 4, and a prompt
+    // batched with a decode token (the ops)
+    let prompts: [&[(usize, usize, usize)]; 3] = [&[(0, 700, 400), (1200, 332, 0)], &[(0, 333, 0)], &[(0, 300, 100), (1500, 1, 899)]];
+    for p in prompts {
+        let mut q0 = 0;
+        let seqs: Vec<AttnSeq> = p
+            .iter()
+            .map(|&(start, new, prefix)| {
+                q0 += new;
+                AttnSeq { q_start: q0 - new, q_len: new, slots: &all[start..start + prefix + new] }
+            })
+            .collect();
+        let q = g.upload(q0, 128 * d.qk_head(), &randn(&mut rng, q0 * 128 * d.qk_head(), 1.0)).unwrap();
+        let fused = g.download(&g.mla_attention_linear(&q, &kv, 1, &seqs, &kv_b, &d, &o).unwrap()).unwrap();
+        let ops = g.download(&g.linear(&g.mla_attention(&q, &kv, 1, &seqs, &kv_b, &d).unwrap(), &o).unwrap()).unwrap();
+        assert!(fused.iter().all(|v| v.is_finite()) && fused.iter().any(|v| *v != 0.0), "prompts {p:?}: finite, not all zero");
+        assert_eq!(fused, ops, "prompts {p:?}: o_proj of the flash kernel's codes equals the ops in turn");
+        eprintln!("mla_attention_linear, prompts {p:?}: equal to mla_attention + linear");
     }
 }
 

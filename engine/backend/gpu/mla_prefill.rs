@@ -44,6 +44,13 @@ fn fw_shared_bytes(d: &MlaDims) -> usize {
     FW_ST * (FW_K * d.qk_head() * 2 + d.v_head * FW_K * 2) + 1024
 }
 
+/// Where the flash attention writes its output rows (`GpuBackend::mla_flash`).
+pub(super) enum FlashOut<'a> {
+    F32(&'a mut DevBuf<f32>),
+    /// o_proj's FP8 input: codes and scales
+    Codes(&'a mut DevBuf<u8>, &'a mut DevBuf<f32>),
+}
+
 /// The kernel's tile list: per `tile_q` queries of a sequence, [first query row, queries, first
 /// context row in the flattened context, position of the first query in its sequence]; and that
 /// context, each sequence's part padded with its first slot (finite keys that the causal mask
@@ -89,9 +96,11 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.tuned.flash_wgmma && self.arch == "sm_90a" && self.fa2_prefill(d) && d.qk_nope.is_multiple_of(64) && d.qk_rope.is_multiple_of(64) && d.v_head == 128 && fw_shared_bytes(d) <= self.dev.max_shared_per_block()
     }
 
-    /// Writes the attention output rows of `seqs` into `out` ([T, heads·v_head]).
+    /// Writes the attention output rows of `seqs` into `out`: f32 [T, heads·v_head], or (on
+    /// `fa3_prefill`'s kernel only) o_proj's FP8 codes [T, heads·v_head] and scales [heads, T]
+    /// as `quantize_act_fp8` would make them of the f32 rows.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn mla_flash(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[&AttnSeq], kv_b: &GpuLinear, d: &MlaDims, out: &mut DevBuf<f32>) -> Result<(), BackendError> {
+    pub(super) fn mla_flash(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[&AttnSeq], kv_b: &GpuLinear, d: &MlaDims, out: FlashOut) -> Result<(), BackendError> {
         let dims = ModelDims::of_mla(d);
         let fa2 = self.fa2_prefill(d);
         let (tiles, flat) = flash_tiles(seqs, if fa2 { FA2_Q } else { TILE_Q });
@@ -122,11 +131,18 @@ impl<V: GpuVendor> GpuBackend<V> {
                 let maps = self.upload_tensor_maps("mla_flash_wg", &[(kvd.ptr(), 2 * d.num_heads * (d.qk_nope + d.v_head), n, FW_K), (pe16.ptr(), 2 * d.qk_rope, n, FW_K)])?;
                 let f = self.mla_flash_wg_func(dims)?;
                 let mut b = self.launch(&f);
-                b.arg(&maps).arg(&q.buf).arg(&d_tiles).arg(out).arg(&heads).arg(&scale);
+                let rows = q.rows as i32;
+                match out {
+                    FlashOut::F32(y) => b.arg(&maps).arg(&q.buf).arg(&d_tiles).arg(y).arg(&heads).arg(&scale).arg(&0u64).arg(&0u64).arg(&rows),
+                    FlashOut::Codes(c, s) => b.arg(&maps).arg(&q.buf).arg(&d_tiles).arg(&0u64).arg(&heads).arg(&scale).arg(c).arg(s).arg(&rows),
+                };
                 let launch = LaunchConfig { grid_dim: ((tiles.len() / 4) as u32, d.num_heads as u32, 1), block_dim: (FW_THREADS, 1, 1), shared_mem_bytes: fw_shared_bytes(d) as u32 };
                 b.run(launch).map_err(err("mla_flash_wg"))
             });
         }
+        let FlashOut::F32(out) = out else {
+            return Err(self.op_err("mla_flash", "FP8 codes out of the flash attention need its warpgroup kernel (sm_90a)".into()));
+        };
         // [ctx, heads·(nope + v)]: every context token's k_nope and v for every head, once
         let kvd = self.span(super::ops::ATTN_PROJ, || {
             gather(&mut c, &mut pe)?;

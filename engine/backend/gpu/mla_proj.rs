@@ -16,6 +16,8 @@
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::device::{err, DevBuf, DevPtr, Elem, LaunchConfig};
 use super::mla_decode::Latents;
+use super::mla_prefill::FlashOut;
+use crate::weights::act_quant::ACT_GROUP;
 use super::mma::{launch, vec_ok, TILE};
 use super::gemv::gemv_geometry;
 use super::ops::{cfg, wdt_suffix, GpuLinear, ATTN_PROJ};
@@ -163,14 +165,24 @@ impl<V: GpuVendor> GpuBackend<V> {
         Ok(Some(super::act_codes::ActCodes { q, s }))
     }
 
-    /// `mla_attention` then `o` where the warpgroup decode kernel's bf16 latents go through the
-    /// value projection straight to the FP8 codes o's block-scaled GEMM reads (`mla_v_out_codes`:
-    /// the codes `quantize_act_fp8` of the f32 output would give, without that output's 4 bytes
-    /// a value written and read back); None (nothing run) where the batch does not take that
-    /// path: prompts on the flash kernel, rows not a multiple of 4, o not on the shared-codes GEMM,
-    /// another decode kernel.
+    /// `mla_attention` then `o` where the attention's kernels hand o's block-scaled GEMM its FP8
+    /// codes (the codes `quantize_act_fp8` of the f32 output would give, without that output's
+    /// 4 bytes a value written and read back): a batch of prompts alone on the warpgroup flash
+    /// kernel (which quantises its own output rows), or decodes whose warpgroup decode kernel's
+    /// bf16 latents go through the value projection straight to codes (`mla_v_out_codes`); None
+    /// (nothing run) where the batch takes neither: prompts mixed with absorbed sequences, rows
+    /// not a multiple of 4, o not on the shared-codes GEMM, another decode kernel.
     pub(super) fn mla_attention_codes(&self, q: &GpuTensor, kv: &GpuKvCache, layer: usize, seqs: &[AttnSeq], (kv_b, o): (&GpuLinear, &GpuLinear), d: &MlaDims) -> Result<Option<GpuTensor>, BackendError> {
         let t = q.rows;
+        if self.fa3_prefill(d) && !seqs.is_empty() && seqs.iter().all(|s| self.flash_prefill_for(s, d)) && self.shares_fp8_rows(t, d.num_heads * d.v_head, o) && d.v_head == ACT_GROUP {
+            // prompts alone, on the warpgroup flash kernel: it writes o's codes itself (each
+            // head's 128 value columns one quantisation group)
+            let mut codes = self.scratch::<u8>(t * d.num_heads * d.v_head)?;
+            let mut scales = self.scratch::<f32>(t * d.num_heads)?;
+            let flash: Vec<&AttnSeq> = seqs.iter().collect();
+            self.mla_flash(q, kv, layer, &flash, kv_b, d, FlashOut::Codes(&mut codes, &mut scales))?;
+            return Ok(Some(self.gemm_codes((&codes, &scales), t, o)?));
+        }
         let takes = !seqs.iter().any(|s| self.flash_prefill_for(s, d)) && self.shares_fp8_rows(t, d.num_heads * d.v_head, o) && self.mma_decode(d, kv) && self.wg_decode(d, t);
         if !takes {
             return Ok(None);

@@ -466,7 +466,7 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             return self.mla_absorbed(q, kv, layer, seqs, kv_b, d);
         }
         let mut out = self.alloc_out(q.rows * d.num_heads * d.v_head)?;
-        self.mla_flash(q, kv, layer, &flash, kv_b, d, &mut out)?;
+        self.mla_flash(q, kv, layer, &flash, kv_b, d, super::mla_prefill::FlashOut::F32(&mut out))?;
         if !rest.is_empty() {
             // the other sequences (decode tokens, short prompts) in the absorbed form, on their rows
             let rows: Vec<u32> = rest.iter().flat_map(|s| (s.q_start..s.q_start + s.q_len).map(|r| r as u32)).collect();
