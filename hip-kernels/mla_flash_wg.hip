@@ -171,39 +171,44 @@ extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const u
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     };
     // tile it's scores → probabilities pn (bf16 A fragments), m and l updated; corr: the factor
-    // the output so far takes
+    // the output so far takes. The maximum is taken of the raw scores (scale2 > 0: the same as
+    // of the scaled ones), each probability one FFMA and one ex2; the causal mask only in the
+    // form for tiles with a key past the warp's first row (the others' body has none)
     auto softmax = [&](int it, uint32_t* pn, float* corr) {
         const int key0 = it * FW_K;
-        const bool diag = key0 + FW_K - 1 > pos0 + rw; // a key past the warp's first row
-        // (s is only read: writing an accumulator while the P·V MMA is in flight would make ptxas
-        // serialise every wgmma)
-        auto masked = [&](int j, int e) { return diag && key0 + 8 * j + 2 * t + e % 2 > pos0 + rw + g + 8 * (e / 2); };
-        float mx[2] = {-ENGINE_INF, -ENGINE_INF};
+        auto body = [&](auto diag) {
+            // (s is only read: writing an accumulator while the P·V MMA is in flight would make
+            // ptxas serialise every wgmma)
+            auto masked = [&](int j, int e) { return decltype(diag)::value && key0 + 8 * j + 2 * t + e % 2 > pos0 + rw + g + 8 * (e / 2); };
+            float mx[2] = {-ENGINE_INF, -ENGINE_INF};
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+            for (int j = 0; j < 8; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-                if (!masked(j, e)) mx[e / 2] = fmaxf(mx[e / 2], s[4 * j + e] * scale2);
+                for (int e = 0; e < 4; ++e)
+                    if (!masked(j, e)) mx[e / 2] = fmaxf(mx[e / 2], s[4 * j + e]);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            const float mn = fmaxf(m[r], mx[r]); // finite (see above)
-            corr[r] = exp2f(m[r] - mn);          // 0 the first time, 1 once the maximum settles
-            m[r] = mn;
-            l[r] *= corr[r];
-        }
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            float e4[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                e4[e] = masked(j, e) ? 0.f : exp2f(s[4 * j + e] * scale2 - m[e / 2]);
-                l[e / 2] += e4[e];
+            for (int r = 0; r < 2; ++r) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                const float mn = fmaxf(m[r], mx[r] * scale2); // finite (see above)
+                corr[r] = sm90_exp2(m[r] - mn);                // 0 the first time, 1 once the maximum settles
+                m[r] = mn;
+                l[r] *= corr[r];
             }
-            pn[2 * j] = bf16_pack(e4[0], e4[1]);
-            pn[2 * j + 1] = bf16_pack(e4[2], e4[3]);
-        }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                float e4[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    e4[e] = masked(j, e) ? 0.f : sm90_exp2(fmaf(s[4 * j + e], scale2, -m[e / 2]));
+                    l[e / 2] += e4[e];
+                }
+                pn[2 * j] = bf16_pack(e4[0], e4[1]);
+                pn[2 * j + 1] = bf16_pack(e4[2], e4[3]);
+            }
+        };
+        if (key0 + FW_K - 1 > pos0 + rw) body(sm90_flag<true>{}); // a key past the warp's first row
+        else body(sm90_flag<false>{});
     };
     // tile it: its S is issued, then tile it - 1's P·V (probabilities pc); the softmax of it writes
     // pn while that runs (two probability buffers in turn: registers a wgmma in flight reads are
@@ -216,12 +221,14 @@ extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const u
         softmax(it, pn, corr);
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); // P·V of tile it - 1
         if (lane == 0) sm90_bar_arrive(&empty[(it - 1) % FW_ST]);
+        if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) { // (once the maxima settle, mostly not)
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
-            o[4 * j] *= corr[0];
-            o[4 * j + 1] *= corr[0];
-            o[4 * j + 2] *= corr[1];
-            o[4 * j + 3] *= corr[1];
+            for (int j = 0; j < 16; ++j) {
+                o[4 * j] *= corr[0];
+                o[4 * j + 1] *= corr[0];
+                o[4 * j + 2] *= corr[1];
+                o[4 * j + 3] *= corr[1];
+            }
         }
     };
     auto last = [&](const uint32_t* pc) { // P·V of the last tile

@@ -79,6 +79,20 @@ __device__ __forceinline__ void sm90_tma_multicast(void* dst, const void* map, i
                  : "memory");
 }
 
+// 2^x, subnormal results flushed to 0 (one MUFU.EX2; exp2f's subnormal handling costs three more
+// instructions a value): the softmax of the warpgroup attention kernels, whose probabilities
+// below 2^-126 add nothing to an f32 sum of at least one.
+__device__ __forceinline__ float sm90_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// A compile-time bool for generic lambdas (`decltype(b)::value`): a loop body in two forms.
+template <bool B> struct sm90_flag {
+    static constexpr bool value = B;
+};
+
 // A shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row groups
 // 1024 bytes apart. A K step of 32 bytes (32 e4m3 or 16 bf16) is the start plus 32 bytes.
 __device__ __forceinline__ uint64_t sm90_desc(const void* p) {
