@@ -80,3 +80,22 @@ extern "C" __global__ void __launch_bounds__(256) quant_fp8_silu_halves(const fl
                                                                         const int* __restrict__ src, const int* __restrict__ seg, int rpb) { ENGINE_GRID_DEP();
     quant_fp8_rows(gu, gu + K, q, s, M, R, K, src, seg, rpb, 2 * (int64_t)K);
 }
+
+// quant_fp8_act's row map and segments applied to codes already made: q [M, K] and s [L, M]
+// (quant_fp8_act of x without a map) → qo [R, K], so (segments as above): output row r is row
+// src[r]'s codes and scales (negative or ≥ M: the zero row's, as quant_fp8_act writes it), the
+// same bytes quantising the gathered rows gives (the quantiser works row by row), for a quarter
+// of the f32 rows' reads (the MoE prefill's ~8 pairs a token). K % 16 == 0; a block a row.
+extern "C" __global__ void __launch_bounds__(256) gather_fp8_rows(const uint8_t* __restrict__ q, const float* __restrict__ s, uint8_t* __restrict__ qo, float* __restrict__ so, int M,
+                                                                  int R, int K, const int* __restrict__ src, const int* __restrict__ seg) { ENGINE_GRID_DEP();
+    const int r = blockIdx.x, m = src ? src[r] : r;
+    const bool in = m >= 0 && m < M;
+    for (int i = threadIdx.x; i < K / 16; i += blockDim.x)
+        *(uint4*)(qo + (int64_t)r * K + 16 * i) = in ? *(const uint4*)(q + (int64_t)m * K + 16 * i) : make_uint4(0u, 0u, 0u, 0u);
+    float zero_scale = fmaxf(0.f, 1e-10f) / E4M3_MAX; // an all-zero row's
+#if defined(__gfx942__)
+    zero_scale *= 2.f;
+#endif
+    const int off = seg ? seg[2 * r] : 0, len = seg ? seg[2 * r + 1] : R, L = (K + ACT_GROUP - 1) / ACT_GROUP;
+    for (int g = threadIdx.x; g < L; g += blockDim.x) so[(int64_t)off * L + (int64_t)g * len + (r - off)] = in ? s[(int64_t)g * M + m] : zero_scale;
+}

@@ -310,6 +310,15 @@ fn moe_fp8_dynamic_case<V: GpuVendor>(g: &mut GpuBackend<V>, c: &CpuBackend, rng
                 eprintln!("  (grouped GEMM in clusters against blocks alone: rel err {d:.2e})");
                 assert!(d <= 1e-6, "{hidden}x{inter}, {t} tokens: clusters {d:e} from blocks alone");
             }
+            if t >= g.tuned.moe_mma_min_rows {
+                // the routed rows as the gathered f32 rows quantised, where x's codes were
+                // gathered: the same codes and scales, so the same bits
+                g.tuned.moe_gather_codes = false;
+                let quantised = g.download(&g.moe_experts(&gx, &gr, &ge).unwrap()).unwrap();
+                g.tuned.moe_gather_codes = true;
+                assert!(quantised == got, "{hidden}x{inter}, {t} tokens: x's codes gathered differ from the gathered rows quantised");
+                eprintln!("  (x's codes gathered: equal bit for bit to the gathered rows quantised)");
+            }
         }
     }
 }

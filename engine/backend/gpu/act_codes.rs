@@ -124,6 +124,29 @@ impl<V: GpuVendor> GpuBackend<V> {
         self.quant_fp8_launch(x, QuantIn::X, rows, src, seg)
     }
 
+    /// `quant_fp8_rows` with a row map, from x's own codes gathered (act_quant.hip's
+    /// gather_fp8_rows): the same codes and scales for a quarter of the reads where rows repeat
+    /// x's (the MoE prefill's pairs), and x's codes, made by `quantize_act_fp8`, are those a
+    /// `share_act_codes` scope hands the layer's shared experts too. Tuned off, or columns not a
+    /// multiple of 16: `quant_fp8_rows`.
+    pub(super) fn quant_fp8_gather(&self, x: &GpuTensor, rows: usize, src: DevPtr, seg: DevPtr) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
+        let k = x.cols;
+        if !self.tuned.moe_gather_codes || !k.is_multiple_of(16) || x.rows == 0 {
+            return self.quant_fp8_rows(x, rows, src, seg);
+        }
+        // (the rows the GEMM library's shared-codes path quantises x to: the same codes)
+        let m = x.rows.next_multiple_of(4);
+        let c = self.quantize_act_fp8(x, m)?;
+        let mut q = self.scratch::<u8>(rows * k)?;
+        let mut s = self.scratch::<f32>(k.div_ceil(crate::weights::act_quant::ACT_GROUP) * rows)?;
+        let f = self.func(ACT_QUANT, "gather_fp8_rows")?;
+        let (mi, ri, ki) = (m as i32, rows as i32, k as i32);
+        let mut b = self.launch(&f);
+        b.arg(&c.q).arg(&c.s).arg(&mut q).arg(&mut s).arg(&mi).arg(&ri).arg(&ki).arg(&src).arg(&seg);
+        b.run(cfg((rows as u32, 1), 256, 0)).map_err(err("gather_fp8_rows"))?;
+        Ok((q, s))
+    }
+
     /// The quantiser of SiLU(gate) · up (both [rows, cols] f32; act_quant.hip's
     /// quant_fp8_silu_act), in segments as `quant_fp8_rows`.
     pub(super) fn quant_fp8_silu_rows(&self, gate: &GpuTensor, up: &DevBuf<f32>, seg: DevPtr) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {

@@ -1,6 +1,6 @@
 //! MoE experts at prefill sizes with FP8 activations (`--fp8-activations dynamic`): the routed
 //! (token, expert) pairs are laid out as one segment of rows per expert (padded to a multiple of 8
-//! rows), the tokens gathered and quantised per 128 channels into that layout, then the gate and
+//! rows), the tokens' FP8 codes (per 128 channels) gathered into that layout, then the gate and
 //! up products, SiLU·up quantised again (one pass), the down product, and each token's pairs
 //! summed in its top-k order. The products run as one grouped FP8 GEMM a projection over every
 //! expert's segment (moe_f8_gemm.rs, NVIDIA sm_90a), or else as the GEMM library's block-scaled
@@ -116,7 +116,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (src, seg, pair_row) = (self.htod(&l.src)?, self.htod(&l.seg)?, self.htod(&l.pair_row)?);
         let enqueue = std::time::Instant::now();
         // gate and up: [len, hidden] · [inter, hidden]ᵀ per expert
-        let (qx, sx) = self.quant_fp8_rows(x, rows, src.ptr(), seg.ptr())?;
+        let (qx, sx) = self.quant_fp8_gather(x, rows, src.ptr(), seg.ptr())?;
         // d [rows, n] = the segments' rows of a times their experts' wᵀ (K = k), by the chosen path
         let gemm = |a: (&DevBuf<u8>, &DevBuf<f32>), w: (&DevBuf<u8>, &DevBuf<f32>), d: &mut DevBuf<f32>, n: usize, k: usize| match &path {
             Products::Grouped { tiles, count } => self.moe_f8_gemm(a, w, tiles, *count, d, n, k),

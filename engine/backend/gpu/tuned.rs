@@ -81,6 +81,10 @@ pub struct Tuned {
     /// once for two column blocks); false: a block alone
     #[serde(default = "default_true")]
     pub moe_f8_gemm_cluster: bool,
+    /// The MoE prefill's routed rows as x's FP8 codes gathered (act_codes.rs's
+    /// `quant_fp8_gather`); false: the gathered f32 rows quantised (the same bytes)
+    #[serde(default = "default_true")]
+    pub moe_gather_codes: bool,
     /// The MoE router's f32 logits from this many tokens through the GEMM library's f32 GEMM
     /// (router.rs); 0: never (the own CUDA-core tiles)
     #[serde(default = "default_router_blas_min_rows")]
@@ -170,6 +174,7 @@ impl Default for Tuned {
             mla_decode_rows_max_heads: default_mla_decode_rows_max_heads(),
             moe_f8_gemm: default_true(),
             moe_f8_gemm_cluster: default_true(),
+            moe_gather_codes: default_true(),
             router_blas_min_rows: default_router_blas_min_rows(),
             flash_wgmma: default_true(),
             mla_decode_wgmma: default_true(),
