@@ -237,58 +237,52 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
             }
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-            // online softmax of rows r0 (e < 2) and r0 + 8 (e ≥ 2): key key0 + 8j + 2tq + e % 2,
-            // the maximum of the raw scores (scale2 > 0), each probability one FFMA and one ex2;
-            // keys past n masked in the form for the range's last, partial tile only
+            // online softmax of rows r0 (e < 2) and r0 + 8 (e ≥ 2): key key0 + 8j + 2tq + e % 2
+            float mx[2] = {-ENGINE_INF, -ENGINE_INF};
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const bool live = key0 + 8 * j + 2 * tq + (e & 1) < n;
+                    s[4 * j + e] = live ? s[4 * j + e] * scale2 : -ENGINE_INF;
+                    mx[e / 2] = fmaxf(mx[e / 2], s[4 * j + e]);
+                }
             float cr[2];
-            auto body = [&](auto part) {
-                auto live = [&](int j, int e) { return !decltype(part)::value || key0 + 8 * j + 2 * tq + (e & 1) < n; };
-                float mx[2] = {-ENGINE_INF, -ENGINE_INF};
 #pragma unroll
-                for (int j = 0; j < 8; ++j)
+            for (int r = 0; r < 2; ++r) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                const float mn = fmaxf(m[r], mx[r]); // finite: the tile has a live key
+                cr[r] = exp2f(m[r] - mn);
+                m[r] = mn;
+                l[r] *= cr[r];
+            }
 #pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        if (live(j, e)) mx[e / 2] = fmaxf(mx[e / 2], s[4 * j + e]);
+            for (int j = 0; j < 8; ++j) {
+                float e4[4];
 #pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-                    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-                    const float mn = fmaxf(m[r], mx[r] * scale2); // finite: the tile has a live key
-                    cr[r] = sm90_exp2(m[r] - mn);
-                    m[r] = mn;
-                    l[r] *= cr[r];
+                for (int e = 0; e < 4; ++e) {
+                    e4[e] = exp2f(s[4 * j + e] - m[e / 2]); // masked: exp2(-inf) = 0
+                    l[e / 2] += e4[e];
                 }
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    float e4[4];
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        e4[e] = live(j, e) ? sm90_exp2(fmaf(s[4 * j + e], scale2, -m[e / 2])) : 0.f;
-                        l[e / 2] += e4[e];
-                    }
-                    pa[2 * j] = bf16_pack(e4[0], e4[1]);
-                    pa[2 * j + 1] = bf16_pack(e4[2], e4[3]);
-                    // P for warpgroup 1: rows r0 / r0 + 8, keys 8j + 2tq (piece j, bytes 4tq)
-                    *(uint32_t*)(sm + WD_P + wd_sw(r0, j) + 4 * tq) = pa[2 * j];
-                    *(uint32_t*)(sm + WD_P + wd_sw(r0 + 8, j) + 4 * tq) = pa[2 * j + 1];
-                }
-            };
-            if (key0 + WD_KT > n) body(sm90_flag<true>{});
-            else body(sm90_flag<false>{});
+                pa[2 * j] = bf16_pack(e4[0], e4[1]);
+                pa[2 * j + 1] = bf16_pack(e4[2], e4[3]);
+                // P for warpgroup 1: rows r0 / r0 + 8, keys 8j + 2tq (piece j, bytes 4tq)
+                *(uint32_t*)(sm + WD_P + wd_sw(r0, j) + 4 * tq) = pa[2 * j];
+                *(uint32_t*)(sm + WD_P + wd_sw(r0 + 8, j) + 4 * tq) = pa[2 * j + 1];
+            }
             if (tq == 0) {
                 corr_s[r0] = cr[0];
                 corr_s[r0 + 8] = cr[1];
             }
             wd_fence_async();
             asm volatile("bar.arrive 1, 256;\n" ::: "memory"); // P and the rescales are ready
-            if (__any_sync(0xffffffffu, cr[0] != 1.f || cr[1] != 1.f)) { // (once the maxima settle, mostly not)
 #pragma unroll
-                for (int j = 0; j < 32; ++j) {
-                    o[4 * j] *= cr[0];
-                    o[4 * j + 1] *= cr[0];
-                    o[4 * j + 2] *= cr[1];
-                    o[4 * j + 3] *= cr[1];
-                }
+            for (int j = 0; j < 32; ++j) {
+                o[4 * j] *= cr[0];
+                o[4 * j + 1] *= cr[0];
+                o[4 * j + 2] *= cr[1];
+                o[4 * j + 3] *= cr[1];
             }
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
@@ -296,14 +290,12 @@ extern "C" __global__ void __launch_bounds__(WD_THREADS, 1)
         } else {
             asm volatile("bar.sync 1, 256;\n" ::: "memory");
             const float c0 = corr_s[r0], c1 = corr_s[r0 + 8];
-            if (__any_sync(0xffffffffu, c0 != 1.f || c1 != 1.f)) {
 #pragma unroll
-                for (int j = 0; j < 32; ++j) {
-                    o[4 * j] *= c0;
-                    o[4 * j + 1] *= c0;
-                    o[4 * j + 2] *= c1;
-                    o[4 * j + 3] *= c1;
-                }
+            for (int j = 0; j < 32; ++j) {
+                o[4 * j] *= c0;
+                o[4 * j + 1] *= c0;
+                o[4 * j + 2] *= c1;
+                o[4 * j + 3] *= c1;
             }
             asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
