@@ -215,11 +215,33 @@ fn moe_experts_with_shared_folded_on<V: GpuVendor>() {
     }
 }
 
-/// `--fp8-activations dynamic` MoE at prefill sizes (engine/backend/gpu/moe_prefill.rs): per-expert
-/// row segments through the grouped FP8 GEMM (moe_f8_gemm.hip, sm_90a) and through the library's
-/// block-scaled FP8 GEMM, against an f32 reference on the CPU fed with the same quantisations
-/// (tokens per 128 channels, then SiLU·up per pair row); all experts on this rank, then a quarter
-/// of them (expert parallelism).
+/// `--fp8-activations dynamic` MoE at prefill sizes (engine/backend/gpu/moe_prefill.rs) through
+/// the grouped FP8 GEMM (moe_f8_gemm.hip, sm_90a; elsewhere the library's), against an f32
+/// reference on the CPU fed with the same quantisations (tokens per 128 channels, then SiLU·up
+/// per pair row), and its forms against each other bit for bit (clusters and blocks alone, x's
+/// codes gathered and the gathered rows quantised); all
+/// experts on this rank, then a quarter of them (expert parallelism): 600 and 2,000 tokens
+/// (segments of ~56 and ~190 rows: one partial 128-row tile, a whole and a partial one), then a
+/// TP8 rank's expert width (inter 256: two column blocks of gate and up, two K blocks of down),
+/// which only the grouped GEMM takes at prefill sizes.
+#[test]
+#[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
+fn moe_experts_fp8_prefill_grouped() {
+    common::on_gpu!(moe_experts_fp8_prefill_grouped_on)
+}
+
+fn moe_experts_fp8_prefill_grouped_on<V: GpuVendor>() {
+    let mut g = gpu::<V>();
+    g.fp8_act = true;
+    let c = CpuBackend::new();
+    let mut rng = Rng::new(53);
+    for (hidden, inter, cases) in [(512, 512, &[(600, true), (2000, true)][..]), (512, 256, &[(700, true)][..])] {
+        moe_fp8_dynamic_case(&mut g, &c, &mut rng, (hidden, inter, 64), cases);
+    }
+}
+
+/// The same at the other sizes and paths: the library's block-scaled FP8 GEMM per expert segment
+/// at a prefill size, and the decode sizes' FP8 × FP8 kernels.
 #[test]
 #[ignore = "needs a GPU: ENGINE_TEST_BACKEND=cuda (or rocm) ... -- --ignored"]
 fn moe_experts_fp8_dynamic_activations() {
@@ -231,13 +253,11 @@ fn moe_experts_fp8_dynamic_activations_on<V: GpuVendor>() {
     g.fp8_act = true;
     let c = CpuBackend::new();
     let mut rng = Rng::new(51);
-    // then a TP8 rank's expert width (inter 256: two column blocks of gate and up, two K blocks of
-    // down), which only the grouped GEMM takes at prefill sizes; then hidden and inter 1024 at
-    // decode sizes (moe_f8s.hip's ring of 4 stages goes round twice), staged and not; then 8 of
-    // V3's experts (7,168 × 2,048) at 40 and 10 tokens (tiles of 9-16 and of ≤ 8), staged; then
-    // 16 of a TP8 rank's (7,168 × 256: down's K two blocks, fewer than the ring's stages), staged
-    // and not
-    for (hidden, inter, cases) in [(512, 512, &[(600, true), (2000, true), (600, false), (200, true), (20, true)][..]), (512, 256, &[(700, true)][..]), (1024, 1024, &[(200, true), (20, true)][..])] {
+    // the library at a prefill size; then hidden and inter 1024 at decode sizes (moe_f8s.hip's
+    // ring of 4 stages goes round twice), staged and not; then 8 of V3's experts (7,168 × 2,048)
+    // at 40 and 10 tokens (tiles of 9-16 and of ≤ 8), staged; then 16 of a TP8 rank's (7,168 ×
+    // 256: down's K two blocks, fewer than the ring's stages), staged and not
+    for (hidden, inter, cases) in [(512, 512, &[(600, false), (200, true), (20, true)][..]), (1024, 1024, &[(200, true), (20, true)][..])] {
         moe_fp8_dynamic_case(&mut g, &c, &mut rng, (hidden, inter, 64), cases);
     }
     moe_fp8_dynamic_case(&mut g, &c, &mut rng, (7168, 2048, 8), &[(40, true), (10, true)]);

@@ -308,15 +308,18 @@ fn norms_elementwise_embedding_gather_rope_on<V: GpuVendor>() {
         }
         let f = engine::config::Fields::new("t", &cfg).unwrap();
         let rope = RopeTables::new(&RopeConfig::parse(&f, dim, 163840, interleaved).unwrap());
-        // 21 heads: more pairs a row than one block's threads (the grid's y blocks)
-        let (rows, heads, stride, off) = (9, 21, 192, 128);
-        let cols = heads * stride;
-        let x = randn(&mut rng, rows * cols, 1.0);
-        let pos: Vec<u32> = (0..rows as u32).map(|i| i * 4099 + 3).collect();
-        let (mut cx, mut gx) = (c.upload(rows, cols, &x).unwrap(), g.upload(rows, cols, &x).unwrap());
-        c.rope(&mut cx, &pos, heads, stride, off.min(stride - dim), &rope).unwrap();
-        g.rope(&mut gx, &pos, heads, stride, off.min(stride - dim), &rope).unwrap();
-        check(&format!("rope interleaved={interleaved} dim={dim} yarn={yarn}"), &g.download(&gx).unwrap(), &c.download(&cx).unwrap(), F32_TOL);
+        // 21 heads: more pairs a row than one block's threads (the grid's y blocks); 200 rows: a
+        // block a row, each thread's angle made once for its heads
+        for rows in [9, 200] {
+            let (heads, stride, off) = (21, 192, 128);
+            let cols = heads * stride;
+            let x = randn(&mut rng, rows * cols, 1.0);
+            let pos: Vec<u32> = (0..rows as u32).map(|i| i * 4099 + 3).collect();
+            let (mut cx, mut gx) = (c.upload(rows, cols, &x).unwrap(), g.upload(rows, cols, &x).unwrap());
+            c.rope(&mut cx, &pos, heads, stride, off.min(stride - dim), &rope).unwrap();
+            g.rope(&mut gx, &pos, heads, stride, off.min(stride - dim), &rope).unwrap();
+            check(&format!("rope interleaved={interleaved} dim={dim} yarn={yarn}, {rows} rows"), &g.download(&gx).unwrap(), &c.download(&cx).unwrap(), F32_TOL);
+        }
     }
 }
 

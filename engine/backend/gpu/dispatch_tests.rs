@@ -85,7 +85,13 @@ fn prefill_moe_with_fp8_activations_takes_the_grouped_gemm_on_sm90a() {
         let l = c.expert_launches(&b, &rt, 600);
         let names: Vec<&str> = l.iter().map(|x| x.0.as_str()).collect();
         if arch == "sm_90a" {
-            assert_eq!(names, ["quant_fp8_act", "moe_gemm_f8", "moe_gemm_f8", "quant_fp8_silu_act", "moe_gemm_f8", "moe_combine"]);
+            // x quantised once and its codes gathered into the expert segments (tuned
+            // moe_gather_codes; off: the gathered rows quantised, the same bytes)
+            assert_eq!(names, ["quant_fp8_act", "gather_fp8_rows", "moe_gemm_f8", "moe_gemm_f8", "quant_fp8_silu_act", "moe_gemm_f8", "moe_combine"]);
+            b.tuned.moe_gather_codes = false;
+            let l = c.expert_launches(&b, &rt, 600);
+            assert_eq!(l.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["quant_fp8_act", "moe_gemm_f8", "moe_gemm_f8", "quant_fp8_silu_act", "moe_gemm_f8", "moe_combine"]);
+            b.tuned.moe_gather_codes = true;
             // persistent blocks: one an SM (4 on the host runtime) walk the 38 items; and a
             // GPU with more SMs than items gets a block an item
             assert!(l.iter().filter(|x| x.0 == "moe_gemm_f8").all(|x| x.1 == (4, 1, 1) && x.2 == 384), "{l:?}");
@@ -747,9 +753,17 @@ fn prompts_take_the_flash_kernel_of_their_operands_and_head_size() {
         let attn: Vec<_> = l.iter().filter(|x| x.0.starts_with("mla_flash")).map(|x| (x.0.as_str(), x.1, x.2)).collect();
         assert_eq!(attn, vec![(kernel, grid, threads)], "{arch} wg {wg} bf16 {bf16}, v_head {v_head}");
         // the context padded to 320 keys: the per-head keys and values laid out by 10 blocks of
-        // 32 (hi + lo) or, bf16 alone, 5 of 64 in 16-byte pieces
-        let kv = if bf16 { ("mla_prefill_kv_bf16", (5, 16, 1)) } else { ("mla_prefill_kv", (10, 16, 1)) };
-        assert!(l.iter().any(|x| (x.0.as_str(), x.1) == kv), "{l:?}");
+        // 32 (hi + lo) or, bf16 alone, 5 of 64 in 16-byte pieces; FlashAttention-3's form reads
+        // kv_b's product in place (no GEMM library here: its f32 product rounded to bf16, 320 ×
+        // 4,096 values, 8 a thread) and the rotated parts' bf16 copy (320 × 64)
+        if kernel == "mla_flash_wg" {
+            assert!(!l.iter().any(|x| x.0.starts_with("mla_prefill_kv")), "{l:?}");
+            let to_bf16: Vec<_> = l.iter().filter(|x| x.0 == "to_bf16").map(|x| x.1).collect();
+            assert_eq!(to_bf16, [(640, 1, 1), (10, 1, 1)], "{l:?}");
+        } else {
+            let kv = if bf16 { ("mla_prefill_kv_bf16", (5, 16, 1)) } else { ("mla_prefill_kv", (10, 16, 1)) };
+            assert!(l.iter().any(|x| (x.0.as_str(), x.1) == kv), "{l:?}");
+        }
     }
 }
 

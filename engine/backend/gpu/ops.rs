@@ -8,6 +8,8 @@ use crate::weights::{HostLinear, LinearData};
 const EW: &str = "hip-kernels/elementwise.hip";
 const NORM: &str = "hip-kernels/norm.hip";
 const ROPE: &str = "hip-kernels/rope.hip";
+/// Rows from which `rope` runs one block a row (enough blocks to fill the device)
+const ROPE_ROW_BLOCK_ROWS: usize = 128;
 const KV_ENTRY: &str = "hip-kernels/mla_kv_entry.hip";
 const LIN: &str = "hip-kernels/linear.hip";
 const SAMPLE: &str = "hip-kernels/sampling.hip";
@@ -419,7 +421,9 @@ impl<V: GpuVendor> Backend for GpuBackend<V> {
             let (cols, h, hs, off, half, il, scale) = (x.cols as i32, heads as i32, head_stride as i32, offset as i32, rope.half as i32, rope.interleaved as i32, rope.scale());
             let mut b = self.launch(&f);
             b.arg(&mut x.buf).arg(&pos.0).arg(&inv).arg(&cols).arg(&h).arg(&hs).arg(&off).arg(&half).arg(&il).arg(&scale);
-            let pairs = (heads * rope.half).div_ceil(256).clamp(1, 65535) as u32;
+            // a row's pairs over several blocks for few rows (latency); from ROPE_ROW_BLOCK_ROWS
+            // rows one block a row, whose threads each make one angle's cos and sin for their heads
+            let pairs = if x.rows >= ROPE_ROW_BLOCK_ROWS { 1 } else { (heads * rope.half).div_ceil(256).clamp(1, 65535) as u32 };
             b.run(cfg((x.rows as u32, pairs), 256, 0)).map_err(err("rope"))?;
             Ok(())
         })
