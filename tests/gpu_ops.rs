@@ -608,16 +608,21 @@ fn mla_attention_hands_o_proj_codes_on<V: GpuVendor>() {
     let mut kv = g.alloc_kv_cache(2, slots_total, d.kv_entry()).unwrap();
     let all: Vec<u32> = (0..slots_total as u32).collect();
     g.kv_write(&mut kv, 1, &all, &g.upload(slots_total, d.kv_entry(), &randn(&mut rng, slots_total * d.kv_entry(), 1.0)).unwrap()).unwrap();
+    // mla_attention_linear against the ops in turn for `seqs` (their rows q_start.. in order)
+    let fused_equals_ops = |rng: &mut Rng, seqs: &[AttnSeq], what: &str| {
+        let t: usize = seqs.iter().map(|s| s.q_len).sum();
+        let q = g.upload(t, 128 * d.qk_head(), &randn(rng, t * 128 * d.qk_head(), 1.0)).unwrap();
+        let fused = g.download(&g.mla_attention_linear(&q, &kv, 1, seqs, &kv_b, &d, &o).unwrap()).unwrap();
+        let ops = g.download(&g.linear(&g.mla_attention(&q, &kv, 1, seqs, &kv_b, &d).unwrap(), &o).unwrap()).unwrap();
+        assert!(fused.iter().all(|v| v.is_finite()) && fused.iter().any(|v| *v != 0.0), "{what}: finite, not all zero");
+        assert_eq!(fused, ops, "{what}: o_proj of the attention's codes equals the ops in turn");
+        eprintln!("mla_attention_linear, {what}: equal to mla_attention + linear");
+    };
     for t in [72, 71] {
         let lens: Vec<usize> = (0..t).map(|i| 1 + (i * 37) % 700).collect();
         let starts: Vec<usize> = (0..t).map(|i| (i * 29) % (slots_total - 700)).collect();
         let seqs: Vec<AttnSeq> = (0..t).map(|i| AttnSeq { q_start: i, q_len: 1, slots: &all[starts[i]..starts[i] + lens[i]] }).collect();
-        let q = g.upload(t, 128 * d.qk_head(), &randn(&mut rng, t * 128 * d.qk_head(), 1.0)).unwrap();
-        let fused = g.download(&g.mla_attention_linear(&q, &kv, 1, &seqs, &kv_b, &d, &o).unwrap()).unwrap();
-        let ops = g.download(&g.linear(&g.mla_attention(&q, &kv, 1, &seqs, &kv_b, &d).unwrap(), &o).unwrap()).unwrap();
-        assert!(fused.iter().all(|v| v.is_finite()) && fused.iter().any(|v| *v != 0.0), "{t} tokens: finite, not all zero");
-        assert_eq!(fused, ops, "{t} tokens: o_proj of the value projection's codes equals the ops in turn");
-        eprintln!("mla_attention_linear, {t} tokens: equal to mla_attention + linear");
+        fused_equals_ops(&mut rng, &seqs, &format!("{t} decode tokens"));
     }
     // prompts: alone on the flash kernel (sm_90a: its warpgroup form writes o's codes; a prompt
     // over a prefix and a fresh one, 1,032 rows), a row count not a multiple of 4, and a prompt
@@ -632,12 +637,7 @@ fn mla_attention_hands_o_proj_codes_on<V: GpuVendor>() {
                 AttnSeq { q_start: q0 - new, q_len: new, slots: &all[start..start + prefix + new] }
             })
             .collect();
-        let q = g.upload(q0, 128 * d.qk_head(), &randn(&mut rng, q0 * 128 * d.qk_head(), 1.0)).unwrap();
-        let fused = g.download(&g.mla_attention_linear(&q, &kv, 1, &seqs, &kv_b, &d, &o).unwrap()).unwrap();
-        let ops = g.download(&g.linear(&g.mla_attention(&q, &kv, 1, &seqs, &kv_b, &d).unwrap(), &o).unwrap()).unwrap();
-        assert!(fused.iter().all(|v| v.is_finite()) && fused.iter().any(|v| *v != 0.0), "prompts {p:?}: finite, not all zero");
-        assert_eq!(fused, ops, "prompts {p:?}: o_proj of the flash kernel's codes equals the ops in turn");
-        eprintln!("mla_attention_linear, prompts {p:?}: equal to mla_attention + linear");
+        fused_equals_ops(&mut rng, &seqs, &format!("prompts {p:?}"));
     }
 }
 
