@@ -44,7 +44,7 @@ __device__ __forceinline__ void quant_fp8_rows(const float* __restrict__ x, cons
         float amax = fmaxf(fmaxf(fabsf(w.x), fabsf(w.y)), fmaxf(fabsf(w.z), fabsf(w.w)));
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor(amax, o, WARP));
-        float sc = fmaxf(amax, 1e-10f) / E4M3_MAX;
+        float sc = e4m3_act_scale(amax);
         if (!in) continue;
         uint32_t packed = f32_to_e4m3fn(w.x / sc) | (f32_to_e4m3fn(w.y / sc) << 8) | (f32_to_e4m3fn(w.z / sc) << 16) | (f32_to_e4m3fn(w.w / sc) << 24);
 #if defined(__gfx942__)
@@ -92,7 +92,7 @@ extern "C" __global__ void __launch_bounds__(256) gather_fp8_rows(const uint8_t*
     const bool in = m >= 0 && m < M;
     for (int i = threadIdx.x; i < K / 16; i += blockDim.x)
         *(uint4*)(qo + (int64_t)r * K + 16 * i) = in ? *(const uint4*)(q + (int64_t)m * K + 16 * i) : make_uint4(0u, 0u, 0u, 0u);
-    float zero_scale = fmaxf(0.f, 1e-10f) / E4M3_MAX; // an all-zero row's
+    float zero_scale = e4m3_act_scale(0.f); // an all-zero row's
 #if defined(__gfx942__)
     zero_scale *= 2.f;
 #endif

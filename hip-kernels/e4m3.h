@@ -4,6 +4,10 @@
 
 #define E4M3_MAX 448.f
 
+// The activation quantiser's scale of a 128-channel group whose largest |x| is amax (s = max(amax,
+// 1e-10) / 448; q = e4m3fn(x / s)): act_quant.hip and the kernels that write its codes themselves.
+__device__ __forceinline__ float e4m3_act_scale(float amax) { return fmaxf(amax, 1e-10f) / E4M3_MAX; }
+
 // f32 → e4m3fn, round to nearest even, saturating at ±448 (x / s never exceeds 448 by more than
 // rounding here). sm_89+ converts in hardware; elsewhere the bit manipulation below.
 __device__ __forceinline__ uint32_t f32_to_e4m3fn(float x) {

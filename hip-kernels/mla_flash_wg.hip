@@ -277,7 +277,7 @@ extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) mla_flash_wg(const u
             for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(o[4 * (j / 2) + 2 * r + j % 2] * inv[r]));
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-            const float sc = fmaxf(amax, 1e-10f) / E4M3_MAX;
+            const float sc = e4m3_act_scale(amax);
             const int row = rw + g + 8 * r;
             if (row >= nq) continue;
             uint8_t* d = codes + ((int64_t)(q_row0 + row) * heads + h) * VDIM + 2 * t;

@@ -96,7 +96,7 @@ __device__ __forceinline__ void hm_store_codes(const float (&acc)[MI][4][4], uin
             float amax = 0.f;
 #pragma unroll
             for (int w = 0; w < 4; ++w) amax = fmaxf(amax, red[w * 16 * MI + rr]);
-            const float sc = fmaxf(amax, 1e-10f) / E4M3_MAX;
+            const float sc = e4m3_act_scale(amax);
             if (r >= M) continue;
             if (wid == 0 && t == 0) Sg[r] = sc;
 #pragma unroll
