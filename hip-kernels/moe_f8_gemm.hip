@@ -36,24 +36,37 @@
 //     so that the blocks sharing a tile's rows start together and the group's weight columns and
 //     rows stay in L2 while the blocks working on it at once use them (columns outermost read
 //     ~25% more from memory: ncu, V3's gate at 4,096 tokens, 5.0 GB against 4.15);
+//   - moe_gemm_f8_glu, the gate and up projections at once (NW 2: a stage holds the tile's A
+//     and both weights' column blocks, so that A is copied once for both): a consumer keeps both
+//     accumulators and one product buffer (gate's K block multiplied, promoted, then up's; the
+//     other consumer's MMAs fill the tensor cores meanwhile), and the item ends as
+//     quant_fp8_silu_act would: h = SiLU(gate) · up, its 128 columns (one activation group) a
+//     row's amax across the lane quad, and h's e4m3 codes Q [rows, N] and scales S, each
+//     segment's [N / 128, len] from S + first · N / 128: the down projection's A as the
+//     activation quantiser writes it (the same values), without the f32 gate and up in memory.
 // sm_90a only; other targets compile a trap the host never selects. Needs N % 128 == 0,
 // K % 128 == 0 and 128 × 128 weight blocks (the host checks).
 // Launch: grid min(SMs, tiles · N / 128) (with clusters: 2 × min(clusters resident at once,
-// tiles · N / 256)), block MG_THREADS, dynamic shared memory MG_SMEM (moe_f8_gemm.rs mirrors
-// MG_*). `maps`: the tensor maps of A ([rows, K], boxes of MG_BM / cluster rows)
-// and of W ([experts · N, K], boxes of MG_BN rows), 16 words each, in global memory. A tile is 8
+// tiles · N / 256)), block MG_THREADS, dynamic shared memory MG_SMEM (moe_gemm_f8_glu: MG_SMEM2;
+// moe_f8_gemm.rs mirrors MG_*). `maps`: the tensor maps of A ([rows, K], boxes of MG_BM / cluster
+// rows) and of W ([experts · N, K], boxes of MG_BN rows; glu: gate's, then up's), 16 words each,
+// in global memory. A tile is 8
 // ints: expert (of W's), first row, rows, its segment's first row and rows (where the segment's
 // scales are: [K / 128, rows] from index first · K / 128), 3 unused.
 #include "sm90.h"
+#include "e4m3.h"
 
 #define MG_BM 128     // rows a tile (two warpgroups of 64)
 #define MG_BN 128     // columns an item (one weight scale block)
 #define MG_BK 128     // K a stage (one scale block; one 128-byte swizzle row)
-#define MG_ST 6       // stages
+#define MG_ST 6       // stages (one weight a stage)
+#define MG_ST2 4      // stages (two weights a stage: moe_gemm_f8_glu)
 #define MG_GROUP 8    // tiles a group of the launch order
 #define MG_THREADS 384 // a producer and two consumer warpgroups
-#define MG_STAGE ((MG_BM * MG_BK + MG_BN * MG_BK + MG_BM * 4 + 1023) / 1024 * 1024) // bytes a stage: A, W, scales; 1024-aligned
-#define MG_SMEM (MG_ST * MG_STAGE + 1024) // + the alignment of the first stage
+// bytes a stage of NW weights: A, the weights' column blocks, scales; 1024-aligned
+#define MG_STAGE(NW) ((MG_BM * MG_BK + (NW) * MG_BN * MG_BK + MG_BM * 4 + 1023) / 1024 * 1024)
+#define MG_SMEM (MG_ST * MG_STAGE(1) + 1024) // + the alignment of the first stage
+#define MG_SMEM2 (MG_ST2 * MG_STAGE(2) + 1024)
 
 #ifdef SM90_WGMMA
 #define MG_WGMMA 1
@@ -84,12 +97,37 @@ __device__ __forceinline__ void mg_wgmma(float* d, uint64_t da, uint64_t db, int
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const uint64_t* __restrict__ maps, const float* __restrict__ SX,
-                                                                      const float* __restrict__ WS, const int32_t* __restrict__ tiles, int n_tiles, float* __restrict__ D, int N,
-                                                                      int K, int cluster) { ENGINE_GRID_DEP();
-#if defined(MG_WGMMA)
+#ifdef MG_WGMMA
+// acc (a warpgroup's 64 rows × 128 columns) += K block products p promoted: rows 16w + g by s0,
+// 16w + g + 8 by s1 (columns 8j + 2t, + 1)
+__device__ __forceinline__ void mg_promote(float* acc, const float* p, float s0, float s1) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        acc[4 * j] += p[4 * j] * s0;
+        acc[4 * j + 1] += p[4 * j + 1] * s0;
+        acc[4 * j + 2] += p[4 * j + 2] * s1;
+        acc[4 * j + 3] += p[4 * j + 3] * s1;
+    }
+}
+
+// p = the stage's A rows of warpgroup h times weight block wt (K-major, 128-byte swizzled) over
+// the stage's 128 K, issued and committed (not waited for)
+__device__ __forceinline__ void mg_issue(float* p, const uint8_t* a, const uint8_t* wt) {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int kk = 0; kk < MG_BK / 32; ++kk) mg_wgmma(p, sm90_desc(a + 32 * kk), sm90_desc(wt + 32 * kk), kk);
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+// The grouped GEMM of NW weights a stage (see the top): NW 1 writes D, NW 2 (gate W0, up W1)
+// writes SiLU(gate) · up's codes Q and scales S.
+template <int NW>
+__device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const float* __restrict__ SX, const float* __restrict__ WS0, const float* __restrict__ WS1,
+                                        const int32_t* __restrict__ tiles, int n_tiles, float* __restrict__ D, uint8_t* __restrict__ Q, float* __restrict__ S, int N, int K,
+                                        int cluster) {
+    constexpr int ST = NW == 1 ? MG_ST : MG_ST2, STAGE = MG_STAGE(NW);
     extern __shared__ __align__(16) unsigned char mg_smem[];
-    __shared__ __align__(8) uint64_t full[MG_ST], empty[MG_ST];
+    __shared__ __align__(8) uint64_t full[ST], empty[ST];
     uint8_t* smem = mg_smem + ((1024 - ((uint32_t)__cvta_generic_to_shared(mg_smem) & 1023)) & 1023); // 1024-aligned
     // with clusters of 2 (`cluster` 2), block cr of a cluster takes column blocks cr, cr + 2, ... of
     // the cluster's tiles, and the two share each A tile: each copies its 64 rows of it into both
@@ -98,7 +136,7 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
     const int nb = N / MG_BN, nbc = nb / cluster, kbs = K / MG_BK, items = n_tiles * nbc;
     if ((cluster != 1 && cluster != 2) || nb % cluster != 0) __trap(); // the host's launch and this kernel disagree
     if (threadIdx.x == 0) {
-        for (int s = 0; s < MG_ST; ++s) {
+        for (int s = 0; s < ST; ++s) {
             sm90_bar_init(&full[s], 1);           // the producer's expectation, completed by the copies' bytes
             sm90_bar_init(&empty[s], 8 * cluster); // lane 0 of each consumer warp of the cluster, once its MMA has read the stage
         }
@@ -108,12 +146,11 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
     else __syncthreads();
     const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0); // warp-uniform, visibly to ptxas
     if (wg == 0) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory"); // (its registers go to the consumers: 128 · 40 + 256 · 232 = 384 · 168)
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 48;\n" ::: "memory"); // (its registers go to the consumers: 128 · 48 + 256 · 224 ≤ 384 · 168)
         // producer, one thread: stage use u of slot s waits for the consumers' release of use u - 1
         if (threadIdx.x == 0) {
-            const uint64_t* ma = maps;      // the activations [rows, K]
-            const uint64_t* mw = maps + 16; // the weights [experts · N, K]
-            asm volatile("prefetch.tensormap [%0];\nprefetch.tensormap [%1];\n" ::"l"((uint64_t)ma), "l"((uint64_t)mw) : "memory");
+            const uint64_t* ma = maps; // the activations [rows, K]; then the weights [experts · N, K]
+            asm volatile("prefetch.tensormap [%0];\nprefetch.tensormap [%1];\n" ::"l"((uint64_t)ma), "l"((uint64_t)(maps + 16)) : "memory");
             int it = 0;
             for (int i = ci; i < items; i += clusters) {
                 int n0;
@@ -122,14 +159,15 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
                 const int e = tl[0], row0 = tl[1], nrows = tl[2], sx0 = tl[3] * kbs + (row0 - tl[3]), sx_stride = tl[4];
                 const int sxb = 4 * min(nrows, MG_BM); // the tile's rows' scales (rows a multiple of 8)
                 for (int kb = 0; kb < kbs; ++kb, ++it) {
-                    const int s = it % MG_ST;
-                    uint8_t* st = smem + s * MG_STAGE;
-                    if (it >= MG_ST) sm90_bar_wait(&empty[s], (it / MG_ST - 1) & 1);
-                    sm90_bar_expect(&full[s], (MG_BM + MG_BN) * MG_BK + sxb);
+                    const int s = it % ST;
+                    uint8_t* st = smem + s * STAGE;
+                    if (it >= ST) sm90_bar_wait(&empty[s], (it / ST - 1) & 1);
+                    sm90_bar_expect(&full[s], (MG_BM + NW * MG_BN) * MG_BK + sxb);
                     if (cluster > 1) sm90_tma_multicast(st + cr * 64 * MG_BK, ma, kb * MG_BK, row0 + 64 * cr, &full[s], 3); // A's map: boxes of 64 rows
                     else sm90_tma(st, ma, kb * MG_BK, row0, &full[s]);
-                    sm90_tma(st + MG_BM * MG_BK, mw, kb * MG_BK, e * N + n0, &full[s]);
-                    sm90_bulk(st + (MG_BM + MG_BN) * MG_BK, SX + sx0 + (int64_t)kb * sx_stride, sxb, &full[s]);
+#pragma unroll
+                    for (int w = 0; w < NW; ++w) sm90_tma(st + (MG_BM + w * MG_BN) * MG_BK, maps + 16 * (1 + w), kb * MG_BK, e * N + n0, &full[s]);
+                    sm90_bulk(st + (MG_BM + NW * MG_BN) * MG_BK, SX + sx0 + (int64_t)kb * sx_stride, sxb, &full[s]);
                 }
             }
         }
@@ -137,14 +175,14 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
         if (cluster > 1) sm90_cluster_sync();
         return;
     }
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory"); // two product buffers and the accumulators
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory"); // two product buffers (or accumulators) and the accumulators
     const int h = wg - 1, w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     int it = 0; // stage uses before this item's
     // a stage back to both producers of the cluster that copy into it
     auto release = [&](int u) {
         if (lane == 0) {
-            sm90_bar_arrive(&empty[u % MG_ST]);
-            if (cluster > 1) sm90_bar_arrive_remote(&empty[u % MG_ST], cr ^ 1);
+            sm90_bar_arrive(&empty[u % ST]);
+            if (cluster > 1) sm90_bar_arrive_remote(&empty[u % ST], cr ^ 1);
         }
     };
     for (int i = ci; i < items; i += clusters, it += kbs) {
@@ -154,77 +192,139 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
         const int e = tl[0], row0 = tl[1], nrows = tl[2];
         if (!__shfl_sync(0xffffffff, 64 * h < nrows, 0)) { // no rows of this item: only hand the stages back
             for (int kb = 0; kb < kbs; ++kb) {
-                sm90_bar_wait(&full[(it + kb) % MG_ST], ((it + kb) / MG_ST) & 1);
+                sm90_bar_wait(&full[(it + kb) % ST], ((it + kb) / ST) & 1);
                 release(it + kb);
             }
             continue;
         }
-        const float* ws = WS + ((int64_t)e * nb + n0 / MG_BN) * kbs; // this column block's weight scales
-        // two product buffers: K block kb + 1's MMA runs while block kb's products are promoted
-        float acc[64], pa[64], pb[64], sa0, sa1, sb0, sb1;
-#pragma unroll
-        for (int j = 0; j < 64; ++j) acc[j] = 0.f;
-        // K block kb's MMA into p (its first step overwrites), once its stage has landed; (s0, s1):
-        // its promotion scales of the lane's rows 16w + g and 16w + g + 8 of the warpgroup's 64
-        auto issue = [&](float* p, int kb, float& s0, float& s1) {
-            const int u = it + kb, s = u % MG_ST;
-            const uint8_t* st = smem + s * MG_STAGE;
-            const float sw = ws[kb];
-            sm90_bar_wait(&full[s], (u / MG_ST) & 1);
-            const float* sx = (const float*)(st + (MG_BM + MG_BN) * MG_BK);
-            s0 = sx[64 * h + 16 * w + g] * sw;
-            s1 = sx[64 * h + 16 * w + g + 8] * sw;
-            const uint8_t* a = st + h * 64 * MG_BK;
-            const uint8_t* wt = st + MG_BM * MG_BK;
-            asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-            for (int kk = 0; kk < MG_BK / 32; ++kk) mg_wgmma(p, sm90_desc(a + 32 * kk), sm90_desc(wt + 32 * kk), kk);
-            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        const int64_t wsb = ((int64_t)e * nb + n0 / MG_BN) * kbs; // this column block's weight scales
+        // stage use u landed: its A rows of this warpgroup, its weights, the promotion scales of
+        // the lane's rows 16w + g and 16w + g + 8 of the warpgroup's 64
+        auto stage = [&](int u, const uint8_t*& a, float& x0, float& x1) {
+            const uint8_t* st = smem + (u % ST) * STAGE;
+            sm90_bar_wait(&full[u % ST], (u / ST) & 1);
+            const float* sx = (const float*)(st + (MG_BM + NW * MG_BN) * MG_BK);
+            x0 = sx[64 * h + 16 * w + g];
+            x1 = sx[64 * h + 16 * w + g + 8];
+            a = st + h * 64 * MG_BK;
+            return st + MG_BM * MG_BK;
         };
-        // K block kb's MMA has completed: its stage back to the producer, its products promoted
-        // (columns 8j + 2t, + 1)
-        auto finish = [&](const float* p, int kb, float s0, float s1) {
-            release(it + kb);
+        if constexpr (NW == 1) {
+            const float* ws = WS0 + wsb;
+            // two product buffers: K block kb + 1's MMA runs while block kb's products are promoted
+            float acc[64], pa[64], pb[64], sa0, sa1, sb0, sb1;
 #pragma unroll
-            for (int j = 0; j < 16; ++j) {
-                acc[4 * j] += p[4 * j] * s0;
-                acc[4 * j + 1] += p[4 * j + 1] * s0;
-                acc[4 * j + 2] += p[4 * j + 2] * s1;
-                acc[4 * j + 3] += p[4 * j + 3] * s1;
-            }
-        };
-        issue(pa, 0, sa0, sa1);
-        for (int kb = 0;; kb += 2) {
-            // block kb in flight in pa
-            if (kb + 1 == kbs) {
-                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            for (int j = 0; j < 64; ++j) acc[j] = 0.f;
+            // K block kb's MMA into p (its first step overwrites), once its stage has landed; (s0, s1):
+            // its promotion scales
+            auto issue = [&](float* p, int kb, float& s0, float& s1) {
+                const uint8_t* a;
+                const uint8_t* wt = stage(it + kb, a, s0, s1);
+                const float sw = ws[kb];
+                s0 *= sw;
+                s1 *= sw;
+                mg_issue(p, a, wt);
+            };
+            // K block kb's MMA has completed: its stage back to the producer, its products promoted
+            auto finish = [&](const float* p, int kb, float s0, float s1) {
+                release(it + kb);
+                mg_promote(acc, p, s0, s1);
+            };
+            issue(pa, 0, sa0, sa1);
+            for (int kb = 0;; kb += 2) {
+                // block kb in flight in pa
+                if (kb + 1 == kbs) {
+                    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+                    finish(pa, kb, sa0, sa1);
+                    break;
+                }
+                issue(pb, kb + 1, sb0, sb1);
+                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
                 finish(pa, kb, sa0, sa1);
-                break;
-            }
-            issue(pb, kb + 1, sb0, sb1);
-            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-            finish(pa, kb, sa0, sa1);
-            // block kb + 1 in flight in pb
-            if (kb + 2 == kbs) {
-                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+                // block kb + 1 in flight in pb
+                if (kb + 2 == kbs) {
+                    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+                    finish(pb, kb + 1, sb0, sb1);
+                    break;
+                }
+                issue(pa, kb + 2, sa0, sa1);
+                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
                 finish(pb, kb + 1, sb0, sb1);
-                break;
             }
-            issue(pa, kb + 2, sa0, sa1);
-            asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-            finish(pb, kb + 1, sb0, sb1);
-        }
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int r = 64 * h + 16 * w + g + 8 * hh;
-            if (r >= nrows) continue;
-            float* d = D + (int64_t)(row0 + r) * N + n0 + 2 * t;
+            for (int hh = 0; hh < 2; ++hh) {
+                const int r = 64 * h + 16 * w + g + 8 * hh;
+                if (r >= nrows) continue;
+                float* d = D + (int64_t)(row0 + r) * N + n0 + 2 * t;
 #pragma unroll
-            for (int j = 0; j < 16; ++j) *(float2*)(d + 8 * j) = make_float2(acc[4 * j + 2 * hh], acc[4 * j + 2 * hh + 1]);
+                for (int j = 0; j < 16; ++j) *(float2*)(d + 8 * j) = make_float2(acc[4 * j + 2 * hh], acc[4 * j + 2 * hh + 1]);
+            }
+        } else {
+            // gate's and up's accumulators, one product buffer
+            float ag[64], au[64], p[64];
+#pragma unroll
+            for (int j = 0; j < 64; ++j) ag[j] = au[j] = 0.f;
+            for (int kb = 0; kb < kbs; ++kb) {
+                const uint8_t* a;
+                float x0, x1;
+                const uint8_t* wt = stage(it + kb, a, x0, x1);
+                const float sg = WS0[wsb + kb], su = WS1[wsb + kb];
+                mg_issue(p, a, wt);
+                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+                mg_promote(ag, p, x0 * sg, x1 * sg);
+                mg_issue(p, a, wt + MG_BN * MG_BK);
+                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+                release(it + kb);
+                mg_promote(au, p, x0 * su, x1 * su);
+            }
+            // h = SiLU(gate) · up into ag; a row's 128 columns are the lane quad's
+            const int soff = tl[3], slen = tl[4];
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                float amax = 0.f;
+#pragma unroll
+                for (int j = 0; j < 16; ++j)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int x = 4 * j + 2 * hh + c;
+                        ag[x] = silu_mul1(ag[x], au[x]);
+                        amax = fmaxf(amax, fabsf(ag[x]));
+                    }
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, 1));
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, 2));
+                const float sc = e4m3_act_scale(amax);
+                const int r = 64 * h + 16 * w + g + 8 * hh;
+                if (r >= nrows) continue;
+                uint8_t* q = Q + (int64_t)(row0 + r) * N + n0 + 2 * t;
+#pragma unroll
+                for (int j = 0; j < 16; ++j)
+                    *(uint16_t*)(q + 8 * j) = (uint16_t)(f32_to_e4m3fn(ag[4 * j + 2 * hh] / sc) | (f32_to_e4m3fn(ag[4 * j + 2 * hh + 1] / sc) << 8));
+                if (t == 0) S[(int64_t)soff * nb + (int64_t)(n0 / MG_BN) * slen + (row0 + r - soff)] = sc;
+            }
         }
     }
     if (cluster > 1) sm90_cluster_sync();
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const uint64_t* __restrict__ maps, const float* __restrict__ SX,
+                                                                      const float* __restrict__ WS, const int32_t* __restrict__ tiles, int n_tiles, float* __restrict__ D, int N,
+                                                                      int K, int cluster) { ENGINE_GRID_DEP();
+#if defined(MG_WGMMA)
+    mg_gemm<1>(maps, SX, WS, nullptr, tiles, n_tiles, D, nullptr, nullptr, N, K, cluster);
 #else
     __builtin_trap(); // the host takes the GEMM library on targets without the warpgroup MMA
+#endif
+}
+
+// `maps`: A's, gate's and up's; WSG, WSU their weight scales; Q [rows, N] e4m3 and S the scales of
+// SiLU(gate) · up.
+extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8_glu(const uint64_t* __restrict__ maps, const float* __restrict__ SX, const float* __restrict__ WSG,
+                                                                          const float* __restrict__ WSU, const int32_t* __restrict__ tiles, int n_tiles, uint8_t* __restrict__ Q,
+                                                                          float* __restrict__ S, int N, int K, int cluster) { ENGINE_GRID_DEP();
+#if defined(MG_WGMMA)
+    mg_gemm<2>(maps, SX, WSG, WSU, tiles, n_tiles, nullptr, Q, S, N, K, cluster);
+#else
+    __builtin_trap();
 #endif
 }

@@ -272,8 +272,8 @@ fn moe_fp8_dynamic_case<V: GpuVendor>(g: &mut GpuBackend<V>, c: &CpuBackend, rng
     let p = RouteParams { n_experts: n_exp, top_k: 6, n_group: 1, topk_group: 1, method: TopkMethod::Greedy, scoring: ScoringFunc::Softmax, norm_topk_prob: false, routed_scaling_factor: 1.0 };
     let gate = host_linear(rng, n_exp, hidden, WType::F32);
     let experts: Vec<[HostLinear; 3]> = (0..n_exp).map(|_| host_mlp(rng, hidden, inter, WType::Fp8)).collect();
-    // 600 and 2,000 tokens (segments of ~56 and ~190 rows: one partial 128-row tile, a whole and a
-    // partial one): the grouped FP8 GEMM (sm_90a; elsewhere these run the library too), then
+    // 600 and 2,000 tokens (segments of ~56 and ~190 rows: a tile of one 64-row box; tiles of three
+    // boxes, or a whole 192-row tile and a partial one): the grouped FP8 GEMM (sm_90a; elsewhere these run the library too), then
     // cuBLASLt's block-scaled GEMM per expert segment;
     // 200 and 20 (sm_89+): the FP8 × FP8 grouped kernels (moe_f8s.hip where H and I are whole
     // 128-column blocks and `moe_f8s`, else moe_f8.hip), with tiles of 9-16 tokens (two
@@ -329,6 +329,13 @@ fn moe_fp8_dynamic_case<V: GpuVendor>(g: &mut GpuBackend<V>, c: &CpuBackend, rng
                 let d = rel_err(&alone, &got);
                 eprintln!("  (grouped GEMM in clusters against blocks alone: rel err {d:.2e})");
                 assert!(d <= 1e-6, "{hidden}x{inter}, {t} tokens: clusters {d:e} from blocks alone");
+                // gate and up as two launches with f32 outputs, then the quantiser of SiLU(g) · u:
+                // the same products, promotions and rounding as the joint launch's own codes
+                g.tuned.moe_f8_gemm_glu = false;
+                let apart = g.download(&g.moe_experts(&gx, &gr, &ge).unwrap()).unwrap();
+                g.tuned.moe_f8_gemm_glu = true;
+                assert!(apart == got, "{hidden}x{inter}, {t} tokens: gate / up apart (rel err {:.2e}) differ from the joint launch", rel_err(&apart, &got));
+                eprintln!("  (gate and up in one launch: equal bit for bit to two launches and the quantiser)");
             }
             if t >= g.tuned.moe_mma_min_rows {
                 // the routed rows as the gathered f32 rows quantised, where x's codes were

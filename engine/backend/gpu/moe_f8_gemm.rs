@@ -3,7 +3,7 @@
 //! instead of a GEMM library call per expert (~640 calls a layer at 4,096 tokens, each ~150 rows:
 //! too few tiles to fill the GPU, and ~10 µs of host time each).
 use super::backend::{GpuBackend, GpuVendor};
-use super::device::{err, DevBuf, LaunchConfig};
+use super::device::{err, DevBuf, Kernel, LaunchConfig};
 use super::moe_prefill::MoeLayout;
 use super::ops::GpuExperts;
 use crate::backend::BackendError;
@@ -16,12 +16,15 @@ const MG_BM: usize = 128;
 const MG_BN: usize = 128;
 const MG_BK: usize = 128;
 const MG_ST: usize = 6;
+const MG_ST2: usize = 4;
 const MG_THREADS: u32 = 384;
 
-/// MG_SMEM: per stage 128 activation and 128 weight rows of MG_BK bytes and 128 scales, rounded
-/// up to 1024 bytes (the swizzled tiles' alignment), and 1024 bytes to align the first stage.
-fn mg_shared_bytes() -> usize {
-    MG_ST * ((MG_BM + MG_BN) * MG_BK + MG_BM * 4).next_multiple_of(1024) + 1024
+/// MG_SMEM (MG_SMEM2 with `nw` 2): per stage 128 activation and `nw` × 128 weight rows of MG_BK
+/// bytes and 128 scales, rounded up to 1024 bytes (the swizzled tiles' alignment), and 1024 bytes
+/// to align the first stage.
+fn mg_shared_bytes(nw: usize) -> usize {
+    let stages = if nw == 1 { MG_ST } else { MG_ST2 };
+    stages * ((MG_BM + nw * MG_BN) * MG_BK + MG_BM * 4).next_multiple_of(1024) + 1024
 }
 
 /// Whether the device has Hopper's warpgroup MMA (the kernel is compiled for sm_90a only).
@@ -53,7 +56,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             && (e.bn, e.bk) == (128, 128)
             && e.hidden.is_multiple_of(MG_BN)
             && e.inter.is_multiple_of(MG_BN)
-            && mg_shared_bytes() <= self.dev.max_shared_per_block()
+            && mg_shared_bytes(1).max(mg_shared_bytes(2)) <= self.dev.max_shared_per_block()
     }
 
     /// d [rows, n] f32 = each tile's rows of `a` (e4m3 [rows, k], per-segment scales `sx`) times
@@ -62,33 +65,42 @@ impl<V: GpuVendor> GpuBackend<V> {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn moe_f8_gemm(&self, (a, sx): (&DevBuf<u8>, &DevBuf<f32>), (w, ws): (&DevBuf<u8>, &DevBuf<f32>), tiles: &DevBuf<i32>, n_tiles: usize, d: &mut DevBuf<f32>, n: usize, k: usize) -> Result<(), BackendError> {
         let f = self.func(GEMM, "moe_gemm_f8")?;
+        let (cfg, cluster, maps) = self.mg_launch(&f, 1, (a, &[w]), n_tiles, n, k)?;
+        let (nt, ni, ki, cl) = (n_tiles as i32, n as i32, k as i32, cluster as i32);
+        self.launch(&f).arg(&maps).arg(sx).arg(ws).arg(tiles).arg(&nt).arg(d).arg(&ni).arg(&ki).arg(&cl).run_cluster(cfg, cluster as u32).map_err(err("moe_gemm_f8"))
+    }
+
+    /// The gate and up projections of the same tiles at once, ending as the activation
+    /// quantiser of SiLU(gate) · up: its e4m3 codes [rows, n] and scales, each segment's
+    /// [n / 128, len] block from index first · n / 128 (what `quant_fp8_silu_rows` writes).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn moe_f8_gemm_glu(&self, (a, sx): (&DevBuf<u8>, &DevBuf<f32>), (gate, gs): (&DevBuf<u8>, &DevBuf<f32>), (up, us): (&DevBuf<u8>, &DevBuf<f32>), tiles: &DevBuf<i32>, n_tiles: usize, rows: usize, n: usize, k: usize) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
+        let f = self.func(GEMM, "moe_gemm_f8_glu")?;
+        let (cfg, cluster, maps) = self.mg_launch(&f, 2, (a, &[gate, up]), n_tiles, n, k)?;
+        let (mut q, mut s) = (self.scratch::<u8>(rows * n)?, self.scratch::<f32>(rows * (n / MG_BN))?);
+        let (nt, ni, ki, cl) = (n_tiles as i32, n as i32, k as i32, cluster as i32);
+        self.launch(&f).arg(&maps).arg(sx).arg(gs).arg(us).arg(tiles).arg(&nt).arg(&mut q).arg(&mut s).arg(&ni).arg(&ki).arg(&cl).run_cluster(cfg, cluster as u32).map_err(err("moe_gemm_f8_glu"))?;
+        Ok((q, s))
+    }
+
+    /// The launch of `nw` weights a stage: its config, its cluster size and the tensor maps of
+    /// `a` and the weights. Clusters of two where the columns pair up and the device holds
+    /// enough of them at once (persistent blocks: a cluster left for a second wave would double
+    /// the launch's time); where the runtime cannot say, blocks alone. Asked once a kernel: its
+    /// block and shared memory are fixed.
+    fn mg_launch(&self, f: &Kernel, nw: usize, (a, ws): (&DevBuf<u8>, &[&DevBuf<u8>]), n_tiles: usize, n: usize, k: usize) -> Result<(LaunchConfig, usize, DevBuf<u8>), BackendError> {
         let items = n_tiles * (n / MG_BN);
-        let cfg = |blocks: usize| LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (MG_THREADS, 1, 1), shared_mem_bytes: mg_shared_bytes() as u32 };
-        // clusters of two where the columns pair up and the device holds enough of them at once
-        // (persistent blocks: a cluster left for a second wave would double the launch's time);
-        // where the runtime cannot say, blocks alone. Asked once: the kernel's block and shared
-        // memory are fixed.
+        let cfg = |blocks: usize| LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (MG_THREADS, 1, 1), shared_mem_bytes: mg_shared_bytes(nw) as u32 };
         let clusters = if self.tuned.moe_f8_gemm_cluster && (n / MG_BN).is_multiple_of(2) {
-            *self.moe_gemm_clusters.get_or_init(|| self.dev.max_active_clusters(f.0, cfg(self.sms), 2).unwrap_or(0))
+            *self.moe_gemm_clusters[nw - 1].get_or_init(|| self.dev.max_active_clusters(f.0, cfg(self.sms), 2).unwrap_or(0))
         } else {
             0
         };
         let cluster = if clusters > 0 && clusters >= self.sms / 4 { 2 } else { 1 };
         let blocks = if cluster == 2 { 2 * clusters.min(items / 2) } else { items.min(self.sms.max(1)) }; // persistent: a block an SM walks the items
-        let maps = self.upload_tensor_maps("moe_gemm_f8", &[(a.ptr(), k, a.len() / k, MG_BM / cluster), (w.ptr(), k, w.len() / k, MG_BN)])?;
-        let (nt, ni, ki, cl) = (n_tiles as i32, n as i32, k as i32, cluster as i32);
-        self.launch(&f)
-            .arg(&maps)
-            .arg(sx)
-            .arg(ws)
-            .arg(tiles)
-            .arg(&nt)
-            .arg(d)
-            .arg(&ni)
-            .arg(&ki)
-            .arg(&cl)
-            .run_cluster(cfg(blocks), cluster as u32)
-            .map_err(err("moe_gemm_f8"))
+        let mut mats = vec![(a.ptr(), k, a.len() / k, MG_BM / cluster)];
+        mats.extend(ws.iter().map(|w| (w.ptr(), k, w.len() / k, MG_BN)));
+        Ok((cfg(blocks), cluster, self.upload_tensor_maps("moe_gemm_f8", &mats)?))
     }
 }
 
@@ -106,10 +118,11 @@ pub(super) mod tests {
         let t = gemm_tiles(&l);
         assert_eq!(t.len(), 8 * 4);
         assert_eq!(&t[..24], &[0, 0, 128, 0, 152, 0, 0, 0, 0, 128, 24, 0, 152, 0, 0, 0, 5, 152, 128, 152, 152, 0, 0, 0]);
-        assert_eq!(mg_shared_bytes(), 6 * 33 * 1024 + 1024);
+        assert_eq!(mg_shared_bytes(1), 6 * 33 * 1024 + 1024);
+        assert_eq!(mg_shared_bytes(2), 4 * 49 * 1024 + 1024);
         assert!(wgmma("sm_90a") && !wgmma("sm_90") && !wgmma("sm_89") && !wgmma("gfx942"));
         let src = include_str!("../../../hip-kernels/moe_f8_gemm.hip");
-        for (name, v) in [("MG_BM", MG_BM), ("MG_BN", MG_BN), ("MG_BK", MG_BK), ("MG_ST", MG_ST), ("MG_THREADS", MG_THREADS as usize)] {
+        for (name, v) in [("MG_BM", MG_BM), ("MG_BN", MG_BN), ("MG_BK", MG_BK), ("MG_ST", MG_ST), ("MG_ST2", MG_ST2), ("MG_THREADS", MG_THREADS as usize)] {
             assert!([" ", "\n"].iter().any(|end| src.contains(&format!("#define {name} {v}{end}"))), "{name} {v}");
         }
     }

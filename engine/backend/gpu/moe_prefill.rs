@@ -122,13 +122,18 @@ impl<V: GpuVendor> GpuBackend<V> {
             Products::Grouped { tiles, count } => self.moe_f8_gemm(a, w, tiles, *count, d, n, k),
             Products::Library(lt) => self.moe_blaslt_gemms(*lt, &l, a, w, d, n, k),
         };
-        let (mut g, mut u) = (self.scratch::<f32>(rows * inter)?, self.scratch::<f32>(rows * inter)?);
-        gemm((&qx, &sx), (&e.gate, &e.gs), &mut g, inter, hidden)?;
-        gemm((&qx, &sx), (&e.up, &e.us), &mut u, inter, hidden)?;
+        // down's A: SiLU(g) · u quantised, from the gate / up launch itself or from its f32 outputs
+        let (qh, sh) = match &path {
+            Products::Grouped { tiles, count } if self.tuned.moe_f8_gemm_glu => self.moe_f8_gemm_glu((&qx, &sx), (&e.gate, &e.gs), (&e.up, &e.us), tiles, *count, rows, inter, hidden)?,
+            _ => {
+                let (mut g, mut u) = (self.scratch::<f32>(rows * inter)?, self.scratch::<f32>(rows * inter)?);
+                gemm((&qx, &sx), (&e.gate, &e.gs), &mut g, inter, hidden)?;
+                gemm((&qx, &sx), (&e.up, &e.us), &mut u, inter, hidden)?;
+                self.quant_fp8_silu_rows(&GpuTensor { rows, cols: inter, buf: g }, &u, seg.ptr())?
+            }
+        };
         drop((qx, sx));
-        // down: [len, inter] · [hidden, inter]ᵀ per expert, on SiLU(g) · u quantised
-        let (qh, sh) = self.quant_fp8_silu_rows(&GpuTensor { rows, cols: inter, buf: g }, &u, seg.ptr())?;
-        drop(u);
+        // down: [len, inter] · [hidden, inter]ᵀ per expert
         let mut dn = self.scratch::<f32>(rows * hidden)?;
         gemm((&qh, &sh), (&e.down, &e.ds), &mut dn, hidden, inter)?;
         let f = self.func(COMBINE, "moe_combine")?;

@@ -81,6 +81,10 @@ pub struct Tuned {
     /// once for two column blocks); false: a block alone
     #[serde(default = "default_true")]
     pub moe_f8_gemm_cluster: bool,
+    /// ... the gate and up projections in one launch that writes SiLU(gate) · up's FP8 codes
+    /// (moe_f8_gemm.hip's moe_gemm_f8_glu); false: two launches, f32 outputs, then the quantiser
+    #[serde(default = "default_true")]
+    pub moe_f8_gemm_glu: bool,
     /// The MoE prefill's routed rows as x's FP8 codes gathered (act_codes.rs's
     /// `quant_fp8_gather`); false: the gathered f32 rows quantised (the same bytes)
     #[serde(default = "default_true")]
@@ -174,6 +178,7 @@ impl Default for Tuned {
             mla_decode_rows_max_heads: default_mla_decode_rows_max_heads(),
             moe_f8_gemm: default_true(),
             moe_f8_gemm_cluster: default_true(),
+            moe_f8_gemm_glu: default_true(),
             moe_gather_codes: default_true(),
             router_blas_min_rows: default_router_blas_min_rows(),
             flash_wgmma: default_true(),
