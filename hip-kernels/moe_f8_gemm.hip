@@ -26,16 +26,20 @@
 //     and that test are broadcast from lane 0 so that ptxas sees the branches as warp-uniform and
 //     keeps the MMAs asynchronous;
 //   - launched in clusters of two (`cluster` 2; the host's choice where the column blocks pair up
-//     and the device holds enough clusters at once), the blocks of a cluster take a tile's column
-//     blocks 2c and 2c + 1 and share its A: each copies 64 of the tile's rows into the stage of
-//     both (TMA multicast), and a consumer warp releases a stage to both producers (its "empty"
-//     counts the 16 warps of the cluster), so that L2 serves each A tile once for two column
-//     blocks (at 4,096 tokens the launch was bound by L2 throughput, ncu 92% of peak). Both blocks
-//     wait at a cluster barrier before exiting: a peer may still arrive on their barriers;
-//   - items are ordered in groups of MG_GROUP tiles, a tile's columns consecutive inside a group,
-//     so that the blocks sharing a tile's rows start together and the group's weight columns and
-//     rows stay in L2 while the blocks working on it at once use them (columns outermost read
-//     ~25% more from memory: ncu, V3's gate at 4,096 tokens, 5.0 GB against 4.15);
+//     and the device holds enough clusters at once), the blocks of a cluster share one operand:
+//     the A tile of a tile's column blocks 2c and 2c + 1 (MG_PAIR_A), or the weights' column
+//     block c of an expert's two tiles (MG_PAIR_W: the expert's rows past 128, which would
+//     otherwise read its weights twice). Each block copies half of the shared operand (64 rows)
+//     into the stage of both (TMA multicast), and a consumer warp releases a stage to both
+//     producers (its "empty" counts the 16 warps of the cluster), so that L2 serves it once for
+//     both (at 4,096 tokens the launch is bound by L2: ncu, its fabric between the two L2
+//     halves ~90% busy). Both blocks wait at a cluster barrier before exiting: a peer may still
+//     arrive on their barriers. Only A's 64-row boxes that hold rows of the tile are copied;
+//   - the work is a list of units built on the host (moe_f8_gemm.rs), N / 128 items each, in
+//     expert order, so that the blocks working at once share the few experts' weights and tiles
+//     in L2: a pair of one expert's tiles (MG_PAIR_W), two tiles column pair by column pair
+//     (MG_PAIR_A: the first tile's N / 256 items, then the second's; an absent second tile's are
+//     skipped), or with blocks alone a tile (MG_SOLO);
 //   - moe_gemm_f8_glu, the gate and up projections at once (NW 2: a stage holds the tile's A
 //     and both weights' column blocks, so that A is copied once for both): a consumer keeps both
 //     accumulators and one product buffer (gate's K block multiplied, promoted, then up's; the
@@ -46,13 +50,15 @@
 //     activation quantiser writes it (the same values), without the f32 gate and up in memory.
 // sm_90a only; other targets compile a trap the host never selects. Needs N % 128 == 0,
 // K % 128 == 0 and 128 × 128 weight blocks (the host checks).
-// Launch: grid min(SMs, tiles · N / 128) (with clusters: 2 × min(clusters resident at once,
-// tiles · N / 256)), block MG_THREADS, dynamic shared memory MG_SMEM (moe_gemm_f8_glu: MG_SMEM2;
-// moe_f8_gemm.rs mirrors MG_*). `maps`: the tensor maps of A ([rows, K], boxes of MG_BM / cluster
-// rows) and of W ([experts · N, K], boxes of MG_BN rows; glu: gate's, then up's), 16 words each,
-// in global memory. A tile is 8
-// ints: expert (of W's), first row, rows, its segment's first row and rows (where the segment's
-// scales are: [K / 128, rows] from index first · K / 128), 3 unused.
+// Launch: grid min(SMs, units · N / 128) (with clusters: 2 × min(clusters resident at once,
+// units · N / 128)), block MG_THREADS, dynamic shared memory MG_SMEM (moe_gemm_f8_glu: MG_SMEM2;
+// moe_f8_gemm.rs mirrors MG_*). `maps`: the tensor maps of A ([rows, K]) and of W ([experts · N,
+// K]; glu: gate's, then up's) in boxes of 64 rows × 128 bytes, then W's again in boxes of 128
+// rows (one copy a column block where the weights are not shared), 16 words each, in global
+// memory. A
+// unit is MG_UNIT ints: its kind, then tiles t0 and t1 of 5 ints each: expert (of W's), first
+// row, rows (0: none), its segment's first row and rows (where the segment's scales are: [K /
+// 128, rows] from index first · K / 128).
 #include "sm90.h"
 #include "e4m3.h"
 
@@ -61,7 +67,6 @@
 #define MG_BK 128     // K a stage (one scale block; one 128-byte swizzle row)
 #define MG_ST 6       // stages (one weight a stage)
 #define MG_ST2 4      // stages (two weights a stage: moe_gemm_f8_glu)
-#define MG_GROUP 8    // tiles a group of the launch order
 #define MG_THREADS 384 // a producer and two consumer warpgroups
 // bytes a stage of NW weights: A, the weights' column blocks, scales; 1024-aligned
 #define MG_STAGE(NW) ((MG_BM * MG_BK + (NW) * MG_BN * MG_BK + MG_BM * 4 + 1023) / 1024 * 1024)
@@ -70,11 +75,33 @@
 
 #ifdef SM90_WGMMA
 #define MG_WGMMA 1
-// Work item i: its tile's 8 ints and first column (groups of MG_GROUP tiles, tiles outermost).
-__device__ __forceinline__ const int32_t* mg_item(const int32_t* tiles, int nb, int i, int& n0) {
-    const int per_group = MG_GROUP * nb, grp = i / per_group, in = i % per_group;
-    n0 = (in % nb) * MG_BN;
-    return tiles + 8 * (grp * MG_GROUP + in / nb);
+#define MG_UNIT 16 // ints a unit
+#define MG_PAIR_W 0 // a cluster's two blocks: tiles t0 and t1 of one expert, the same column (W multicast)
+#define MG_PAIR_A 1 // a cluster's two blocks: one tile, two columns (A multicast); tile t0's, then t1's
+#define MG_SOLO 2   // a block alone: tile t0, every column
+
+// A block's share of work item i (of unit i / nb, its item i % nb): expert e, the tile's first
+// row and rows, its segment's first row and rows, the first column n0, and which operand the
+// cluster's two blocks share (MG_PAIR_W: the weights; MG_PAIR_A: the activations; MG_SOLO:
+// none). False: nothing for this item (a MG_PAIR_A unit of one tile: its second half).
+struct MgItem {
+    int e, row0, rows, sf, sl, n0, share;
+};
+__device__ __forceinline__ bool mg_item(const int32_t* units, int nb, int i, int cr, MgItem& m) {
+    const int32_t* u = units + MG_UNIT * (i / nb);
+    int c = i % nb, t = 0;
+    m.share = u[0];
+    if (m.share == MG_PAIR_W) {
+        t = cr;
+        m.n0 = c * MG_BN;
+    } else if (m.share == MG_PAIR_A) {
+        t = c >= nb / 2;
+        m.n0 = (2 * (c - t * (nb / 2)) + cr) * MG_BN;
+    } else
+        m.n0 = c * MG_BN;
+    const int32_t* tl = u + 1 + 5 * t;
+    m.e = tl[0], m.row0 = tl[1], m.rows = tl[2], m.sf = tl[3], m.sl = tl[4];
+    return m.rows > 0;
 }
 
 // d (64 rows × 128 columns a warpgroup, 64 floats a thread) = (acc ? d : 0) + A · Bᵀ over 32 K.
@@ -123,17 +150,17 @@ __device__ __forceinline__ void mg_issue(float* p, const uint8_t* a, const uint8
 // writes SiLU(gate) · up's codes Q and scales S.
 template <int NW>
 __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const float* __restrict__ SX, const float* __restrict__ WS0, const float* __restrict__ WS1,
-                                        const int32_t* __restrict__ tiles, int n_tiles, float* __restrict__ D, uint8_t* __restrict__ Q, float* __restrict__ S, int N, int K,
+                                        const int32_t* __restrict__ units, int n_units, float* __restrict__ D, uint8_t* __restrict__ Q, float* __restrict__ S, int N, int K,
                                         int cluster) {
     constexpr int ST = NW == 1 ? MG_ST : MG_ST2, STAGE = MG_STAGE(NW);
     extern __shared__ __align__(16) unsigned char mg_smem[];
     __shared__ __align__(8) uint64_t full[ST], empty[ST];
     uint8_t* smem = mg_smem + ((1024 - ((uint32_t)__cvta_generic_to_shared(mg_smem) & 1023)) & 1023); // 1024-aligned
-    // with clusters of 2 (`cluster` 2), block cr of a cluster takes column blocks cr, cr + 2, ... of
-    // the cluster's tiles, and the two share each A tile: each copies its 64 rows of it into both
-    // blocks' stage (TMA multicast), so that L2 serves A once for two column blocks
+    // with clusters of 2 (`cluster` 2) the blocks of a cluster (rank cr) share the A tile of two
+    // column blocks or the weights of two tiles (mg_item): each copies half of it into both
+    // blocks' stage (TMA multicast), so that L2 serves it once for both
     const int cr = cluster > 1 ? sm90_cluster_rank() : 0, ci = blockIdx.x / cluster, clusters = gridDim.x / cluster;
-    const int nb = N / MG_BN, nbc = nb / cluster, kbs = K / MG_BK, items = n_tiles * nbc;
+    const int nb = N / MG_BN, kbs = K / MG_BK, items = n_units * nb;
     if ((cluster != 1 && cluster != 2) || nb % cluster != 0) __trap(); // the host's launch and this kernel disagree
     if (threadIdx.x == 0) {
         for (int s = 0; s < ST; ++s) {
@@ -153,21 +180,29 @@ __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const
             asm volatile("prefetch.tensormap [%0];\nprefetch.tensormap [%1];\n" ::"l"((uint64_t)ma), "l"((uint64_t)(maps + 16)) : "memory");
             int it = 0;
             for (int i = ci; i < items; i += clusters) {
-                int n0;
-                const int32_t* tl = mg_item(tiles, nbc, i, n0);
-                n0 = n0 * cluster + cr * MG_BN;
-                const int e = tl[0], row0 = tl[1], nrows = tl[2], sx0 = tl[3] * kbs + (row0 - tl[3]), sx_stride = tl[4];
-                const int sxb = 4 * min(nrows, MG_BM); // the tile's rows' scales (rows a multiple of 8)
+                MgItem m;
+                if (!mg_item(units, nb, i, cr, m)) continue;
+                const int sx0 = m.sf * kbs + (m.row0 - m.sf), sxb = 4 * min(m.rows, MG_BM); // the tile's rows' scales (rows a multiple of 8)
+                const int boxes = min((m.rows + 63) / 64, MG_BM / 64); // A's 64-row boxes that hold rows
                 for (int kb = 0; kb < kbs; ++kb, ++it) {
                     const int s = it % ST;
                     uint8_t* st = smem + s * STAGE;
                     if (it >= ST) sm90_bar_wait(&empty[s], (it / ST - 1) & 1);
-                    sm90_bar_expect(&full[s], (MG_BM + NW * MG_BN) * MG_BK + sxb);
-                    if (cluster > 1) sm90_tma_multicast(st + cr * 64 * MG_BK, ma, kb * MG_BK, row0 + 64 * cr, &full[s], 3); // A's map: boxes of 64 rows
-                    else sm90_tma(st, ma, kb * MG_BK, row0, &full[s]);
+                    sm90_bar_expect(&full[s], (64 * boxes + NW * MG_BN) * MG_BK + sxb);
+                    // A: box b by block b of the cluster into both (shared), else by this block
+                    for (int b = m.share == MG_PAIR_A ? cr : 0; b < boxes; b += m.share == MG_PAIR_A ? 2 : 1) {
+                        if (m.share == MG_PAIR_A) sm90_tma_multicast(st + b * 64 * MG_BK, ma, kb * MG_BK, m.row0 + 64 * b, &full[s], 3);
+                        else sm90_tma(st + b * 64 * MG_BK, ma, kb * MG_BK, m.row0 + 64 * b, &full[s]);
+                    }
+                    // the weights' 128 rows from n0: half by each block into both (shared), else all
 #pragma unroll
-                    for (int w = 0; w < NW; ++w) sm90_tma(st + (MG_BM + w * MG_BN) * MG_BK, maps + 16 * (1 + w), kb * MG_BK, e * N + n0, &full[s]);
-                    sm90_bulk(st + (MG_BM + NW * MG_BN) * MG_BK, SX + sx0 + (int64_t)kb * sx_stride, sxb, &full[s]);
+                    for (int w = 0; w < NW; ++w) {
+                        uint8_t* dw = st + (MG_BM + w * MG_BN) * MG_BK;
+                        const int wr = m.e * N + m.n0;
+                        if (m.share == MG_PAIR_W) sm90_tma_multicast(dw + cr * 64 * MG_BK, maps + 16 * (1 + w), kb * MG_BK, wr + 64 * cr, &full[s], 3);
+                        else sm90_tma(dw, maps + 16 * (1 + NW + w), kb * MG_BK, wr, &full[s]); // one 128-row box
+                    }
+                    sm90_bulk(st + (MG_BM + NW * MG_BN) * MG_BK, SX + sx0 + (int64_t)kb * m.sl, sxb, &full[s]);
                 }
             }
         }
@@ -185,16 +220,16 @@ __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const
             if (cluster > 1) sm90_bar_arrive_remote(&empty[u % ST], cr ^ 1);
         }
     };
-    for (int i = ci; i < items; i += clusters, it += kbs) {
-        int n0;
-        const int32_t* tl = mg_item(tiles, nbc, i, n0);
-        n0 = n0 * cluster + cr * MG_BN;
-        const int e = tl[0], row0 = tl[1], nrows = tl[2];
+    for (int i = ci; i < items; i += clusters) {
+        MgItem m;
+        if (!mg_item(units, nb, i, cr, m)) continue;
+        const int e = m.e, row0 = m.row0, nrows = m.rows, n0 = m.n0;
         if (!__shfl_sync(0xffffffff, 64 * h < nrows, 0)) { // no rows of this item: only hand the stages back
             for (int kb = 0; kb < kbs; ++kb) {
                 sm90_bar_wait(&full[(it + kb) % ST], ((it + kb) / ST) & 1);
                 release(it + kb);
             }
+            it += kbs;
             continue;
         }
         const int64_t wsb = ((int64_t)e * nb + n0 / MG_BN) * kbs; // this column block's weight scales
@@ -278,7 +313,7 @@ __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const
                 mg_promote(au, p, x0 * su, x1 * su);
             }
             // h = SiLU(gate) · up into ag; a row's 128 columns are the lane quad's
-            const int soff = tl[3], slen = tl[4];
+            const int soff = m.sf, slen = m.sl;
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 float amax = 0.f;
@@ -302,16 +337,17 @@ __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const
                 if (t == 0) S[(int64_t)soff * nb + (int64_t)(n0 / MG_BN) * slen + (row0 + r - soff)] = sc;
             }
         }
+        it += kbs;
     }
     if (cluster > 1) sm90_cluster_sync();
 }
 #endif
 
 extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const uint64_t* __restrict__ maps, const float* __restrict__ SX,
-                                                                      const float* __restrict__ WS, const int32_t* __restrict__ tiles, int n_tiles, float* __restrict__ D, int N,
+                                                                      const float* __restrict__ WS, const int32_t* __restrict__ units, int n_units, float* __restrict__ D, int N,
                                                                       int K, int cluster) { ENGINE_GRID_DEP();
 #if defined(MG_WGMMA)
-    mg_gemm<1>(maps, SX, WS, nullptr, tiles, n_tiles, D, nullptr, nullptr, N, K, cluster);
+    mg_gemm<1>(maps, SX, WS, nullptr, units, n_units, D, nullptr, nullptr, N, K, cluster);
 #else
     __builtin_trap(); // the host takes the GEMM library on targets without the warpgroup MMA
 #endif
@@ -320,10 +356,10 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
 // `maps`: A's, gate's and up's; WSG, WSU their weight scales; Q [rows, N] e4m3 and S the scales of
 // SiLU(gate) · up.
 extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8_glu(const uint64_t* __restrict__ maps, const float* __restrict__ SX, const float* __restrict__ WSG,
-                                                                          const float* __restrict__ WSU, const int32_t* __restrict__ tiles, int n_tiles, uint8_t* __restrict__ Q,
+                                                                          const float* __restrict__ WSU, const int32_t* __restrict__ units, int n_units, uint8_t* __restrict__ Q,
                                                                           float* __restrict__ S, int N, int K, int cluster) { ENGINE_GRID_DEP();
 #if defined(MG_WGMMA)
-    mg_gemm<2>(maps, SX, WSG, WSU, tiles, n_tiles, nullptr, Q, S, N, K, cluster);
+    mg_gemm<2>(maps, SX, WSG, WSU, units, n_units, nullptr, Q, S, N, K, cluster);
 #else
     __builtin_trap();
 #endif

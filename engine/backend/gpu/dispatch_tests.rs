@@ -105,16 +105,17 @@ fn prefill_moe_with_fp8_activations_takes_the_grouped_gemm_on_sm90a() {
             let l = c.expert_launches(&b, &rt, 600);
             assert!(l.iter().filter(|x| x.0.starts_with("moe_gemm_f8")).all(|x| x.1 == (19 * 2, 1, 1)), "{l:?}");
             // where the device holds clusters: pairs of blocks (the kernel's last argument 2), a
-            // pair a tile's two column blocks; 66 clusters of 132 SMs for 19 tiles: 38 blocks.
+            // pair the same column of two of the expert's tiles (9 pairs) or a tile's two column
+            // blocks (the 19th): 10 units of 2 items, 20 clusters of 132 SMs' 66: 40 blocks.
             // Too few clusters at once for a persistent launch (fewer than a quarter of the
-            // SMs): blocks alone. The runtime is asked once a backend (a fresh one per answer)
-            for (held, cluster) in [(66, 2), (20, 1)] {
+            // SMs): blocks alone, 38. The runtime is asked once a backend (a fresh one per answer)
+            for (held, cluster, blocks) in [(66, 2, 40), (20, 1, 38)] {
                 let (mut b, rt) = nvidia_like();
                 (b.arch, b.fp8_act, b.sms) = (arch.into(), true, 132);
                 *rt.clusters.lock().unwrap() = held;
                 let c = MoeCase::new(&b, 256, 256, 16);
                 let g = c.gemm_grids_and_clusters(&b, &rt, 600);
-                assert!(g.len() == 2 && g.iter().all(|&x| x == ((19 * 2, 1, 1), cluster)), "{held}: {g:?}");
+                assert!(g.len() == 2 && g.iter().all(|&x| x == ((blocks, 1, 1), cluster)), "{held}: {g:?}");
                 *rt.clusters.lock().unwrap() = 86 - held; // the other answer: not asked for
                 assert_eq!(c.gemm_grids_and_clusters(&b, &rt, 600), g);
             }

@@ -32,16 +32,48 @@ fn wgmma(arch: &str) -> bool {
     arch == "sm_90a"
 }
 
-/// 8 ints a tile: (expert, first row, rows, segment's first row, segment's rows, 0, 0, 0), each
-/// segment in MG_BM-row tiles.
-pub(super) fn gemm_tiles(l: &MoeLayout) -> Vec<i32> {
-    let mut t = Vec::new();
+/// The kernel's unit kinds (MG_PAIR_W, MG_PAIR_A, MG_SOLO) and ints a unit (MG_UNIT).
+const PAIR_W: usize = 0;
+const PAIR_A: usize = 1;
+const SOLO: usize = 2;
+const UNIT: usize = 16;
+
+/// The kernel's work for clusters of `cluster` blocks: each segment in MG_BM-row tiles of 5 ints
+/// (expert, first row, rows, segment's first row, segment's rows), as units of MG_UNIT ints
+/// (kind, tile t0, tile t1 or zeros, zeros) in segment order. Clusters of two: with `pair_w`, an
+/// expert's tiles in pairs that share its weights (MG_PAIR_W); a tile left over (every tile
+/// without `pair_w`) pairs with the next one left over, of any expert, the two sharing their rows
+/// between column pairs (MG_PAIR_A; the last alone). Blocks alone: a unit a tile (MG_SOLO).
+pub(super) fn gemm_units(l: &MoeLayout, cluster: usize, pair_w: bool) -> Vec<i32> {
+    let mut units = Vec::new();
+    let mut push = |kind: usize, t0: [usize; 5], t1: Option<[usize; 5]>| {
+        let mut u = [0i32; UNIT];
+        u[0] = kind as i32;
+        for (d, v) in u[1..11].iter_mut().zip(t0.into_iter().chain(t1.unwrap_or_default())) {
+            *d = v as i32;
+        }
+        units.extend(u);
+    };
+    let mut left: Option<[usize; 5]> = None;
     for &(ex, off, len) in &l.segments {
-        for r0 in (0..len).step_by(MG_BM) {
-            t.extend([ex, off + r0, (len - r0).min(MG_BM), off, len, 0, 0, 0].map(|v| v as i32));
+        let tiles: Vec<[usize; 5]> = (0..len).step_by(MG_BM).map(|r0| [ex, off + r0, (len - r0).min(MG_BM), off, len]).collect();
+        for pair in tiles.chunks(if cluster == 2 && pair_w { 2 } else { 1 }) {
+            match (pair, left.take()) {
+                ([t], _) if cluster == 1 => push(SOLO, *t, None),
+                ([t0, t1], l) => {
+                    push(PAIR_W, *t0, Some(*t1));
+                    left = l;
+                }
+                ([t], Some(l)) => push(PAIR_A, l, Some(*t)),
+                ([t], None) => left = Some(*t),
+                _ => unreachable!("chunks of one or two"),
+            }
         }
     }
-    t
+    if let Some(t) = left {
+        push(PAIR_A, t, None);
+    }
+    units
 }
 
 impl<V: GpuVendor> GpuBackend<V> {
@@ -59,37 +91,39 @@ impl<V: GpuVendor> GpuBackend<V> {
             && mg_shared_bytes(1).max(mg_shared_bytes(2)) <= self.dev.max_shared_per_block()
     }
 
-    /// d [rows, n] f32 = each tile's rows of `a` (e4m3 [rows, k], per-segment scales `sx`) times
-    /// its expert's `w` ([experts, n, k] e4m3, scales `ws` [experts, n / 128, k / 128])ᵀ. The
-    /// kernel copies `a` and `w` by tensor maps (uploaded with the call: `a` is a scratch buffer).
+    /// d [rows, n] f32 = the layout's segments of `a` (e4m3 [rows, k], per-segment scales `sx`)
+    /// times their experts' `w` ([experts, n, k] e4m3, scales `ws` [experts, n / 128, k / 128])ᵀ.
+    /// The kernel copies `a` and `w` by tensor maps (uploaded with the call: `a` is a scratch
+    /// buffer).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn moe_f8_gemm(&self, (a, sx): (&DevBuf<u8>, &DevBuf<f32>), (w, ws): (&DevBuf<u8>, &DevBuf<f32>), tiles: &DevBuf<i32>, n_tiles: usize, d: &mut DevBuf<f32>, n: usize, k: usize) -> Result<(), BackendError> {
+    pub(super) fn moe_f8_gemm(&self, (a, sx): (&DevBuf<u8>, &DevBuf<f32>), (w, ws): (&DevBuf<u8>, &DevBuf<f32>), l: &MoeLayout, d: &mut DevBuf<f32>, n: usize, k: usize) -> Result<(), BackendError> {
         let f = self.func(GEMM, "moe_gemm_f8")?;
-        let (cfg, cluster, maps) = self.mg_launch(&f, 1, (a, &[w]), n_tiles, n, k)?;
-        let (nt, ni, ki, cl) = (n_tiles as i32, n as i32, k as i32, cluster as i32);
-        self.launch(&f).arg(&maps).arg(sx).arg(ws).arg(tiles).arg(&nt).arg(d).arg(&ni).arg(&ki).arg(&cl).run_cluster(cfg, cluster as u32).map_err(err("moe_gemm_f8"))
+        let (cfg, cluster, maps, units, count) = self.mg_launch(&f, 1, (a, &[w]), l, n, k)?;
+        let (nu, ni, ki, cl) = (count as i32, n as i32, k as i32, cluster as i32);
+        self.launch(&f).arg(&maps).arg(sx).arg(ws).arg(&units).arg(&nu).arg(d).arg(&ni).arg(&ki).arg(&cl).run_cluster(cfg, cluster as u32).map_err(err("moe_gemm_f8"))
     }
 
-    /// The gate and up projections of the same tiles at once, ending as the activation
+    /// The gate and up projections of the same segments at once, ending as the activation
     /// quantiser of SiLU(gate) · up: its e4m3 codes [rows, n] and scales, each segment's
     /// [n / 128, len] block from index first · n / 128 (what `quant_fp8_silu_rows` writes).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn moe_f8_gemm_glu(&self, (a, sx): (&DevBuf<u8>, &DevBuf<f32>), (gate, gs): (&DevBuf<u8>, &DevBuf<f32>), (up, us): (&DevBuf<u8>, &DevBuf<f32>), tiles: &DevBuf<i32>, n_tiles: usize, rows: usize, n: usize, k: usize) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
+    pub(super) fn moe_f8_gemm_glu(&self, (a, sx): (&DevBuf<u8>, &DevBuf<f32>), (gate, gs): (&DevBuf<u8>, &DevBuf<f32>), (up, us): (&DevBuf<u8>, &DevBuf<f32>), l: &MoeLayout, n: usize, k: usize) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
         let f = self.func(GEMM, "moe_gemm_f8_glu")?;
-        let (cfg, cluster, maps) = self.mg_launch(&f, 2, (a, &[gate, up]), n_tiles, n, k)?;
+        let (cfg, cluster, maps, units, count) = self.mg_launch(&f, 2, (a, &[gate, up]), l, n, k)?;
+        let rows = l.rows();
         let (mut q, mut s) = (self.scratch::<u8>(rows * n)?, self.scratch::<f32>(rows * (n / MG_BN))?);
-        let (nt, ni, ki, cl) = (n_tiles as i32, n as i32, k as i32, cluster as i32);
-        self.launch(&f).arg(&maps).arg(sx).arg(gs).arg(us).arg(tiles).arg(&nt).arg(&mut q).arg(&mut s).arg(&ni).arg(&ki).arg(&cl).run_cluster(cfg, cluster as u32).map_err(err("moe_gemm_f8_glu"))?;
+        let (nu, ni, ki, cl) = (count as i32, n as i32, k as i32, cluster as i32);
+        self.launch(&f).arg(&maps).arg(sx).arg(gs).arg(us).arg(&units).arg(&nu).arg(&mut q).arg(&mut s).arg(&ni).arg(&ki).arg(&cl).run_cluster(cfg, cluster as u32).map_err(err("moe_gemm_f8_glu"))?;
         Ok((q, s))
     }
 
-    /// The launch of `nw` weights a stage: its config, its cluster size and the tensor maps of
-    /// `a` and the weights. Clusters of two where the columns pair up and the device holds
-    /// enough of them at once (persistent blocks: a cluster left for a second wave would double
-    /// the launch's time); where the runtime cannot say, blocks alone. Asked once a kernel: its
-    /// block and shared memory are fixed.
-    fn mg_launch(&self, f: &Kernel, nw: usize, (a, ws): (&DevBuf<u8>, &[&DevBuf<u8>]), n_tiles: usize, n: usize, k: usize) -> Result<(LaunchConfig, usize, DevBuf<u8>), BackendError> {
-        let items = n_tiles * (n / MG_BN);
+    /// The launch of `nw` weights a stage: its config, its cluster size, the tensor maps of `a`
+    /// and the weights, and its work units (uploaded) and their count. Clusters of two where the
+    /// columns pair up and the device holds enough of them at once (persistent blocks: a cluster
+    /// left for a second wave would double the launch's time); where the runtime cannot say,
+    /// blocks alone. Asked once a kernel: its block and shared memory are fixed.
+    #[allow(clippy::type_complexity)]
+    fn mg_launch(&self, f: &Kernel, nw: usize, (a, ws): (&DevBuf<u8>, &[&DevBuf<u8>]), l: &MoeLayout, n: usize, k: usize) -> Result<(LaunchConfig, usize, DevBuf<u8>, DevBuf<i32>, usize), BackendError> {
         let cfg = |blocks: usize| LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (MG_THREADS, 1, 1), shared_mem_bytes: mg_shared_bytes(nw) as u32 };
         let clusters = if self.tuned.moe_f8_gemm_cluster && (n / MG_BN).is_multiple_of(2) {
             *self.moe_gemm_clusters[nw - 1].get_or_init(|| self.dev.max_active_clusters(f.0, cfg(self.sms), 2).unwrap_or(0))
@@ -97,10 +131,12 @@ impl<V: GpuVendor> GpuBackend<V> {
             0
         };
         let cluster = if clusters > 0 && clusters >= self.sms / 4 { 2 } else { 1 };
-        let blocks = if cluster == 2 { 2 * clusters.min(items / 2) } else { items.min(self.sms.max(1)) }; // persistent: a block an SM walks the items
-        let mut mats = vec![(a.ptr(), k, a.len() / k, MG_BM / cluster)];
-        mats.extend(ws.iter().map(|w| (w.ptr(), k, w.len() / k, MG_BN)));
-        Ok((cfg(blocks), cluster, self.upload_tensor_maps("moe_gemm_f8", &mats)?))
+        let units = gemm_units(l, cluster, nw == 2 && self.tuned.moe_f8_gemm_glu_pair_tiles);
+        let (count, items) = (units.len() / UNIT, units.len() / UNIT * (n / MG_BN)); // items: a cluster's (or a block's)
+        let blocks = if cluster == 2 { 2 * clusters.min(items) } else { items.min(self.sms.max(1)) }; // persistent: a block (cluster) an SM (pair) walks the items
+        let mut mats = vec![(a.ptr(), k, a.len() / k, 64)];
+        mats.extend(ws.iter().map(|w| (w.ptr(), k, w.len() / k, 64)).chain(ws.iter().map(|w| (w.ptr(), k, w.len() / k, MG_BN))));
+        Ok((cfg(blocks), cluster, self.upload_tensor_maps("moe_gemm_f8", &mats)?, self.htod(&units)?, count))
     }
 }
 
@@ -109,15 +145,46 @@ pub(super) mod tests {
     use super::*;
 
     #[test]
-    fn segments_become_tiles_and_the_layout_mirrors_the_kernel() {
-        // 3 tokens, top-2 over 4 experts: segments of 8 rows; a 300-row segment: 3 tiles
+    fn segments_become_units_and_the_layout_mirrors_the_kernel() {
+        // unit u's kind and its two tiles (5 ints each)
+        let unit = |v: &[i32], u: usize| (v[UNIT * u], v[UNIT * u + 1..UNIT * u + 6].to_vec(), v[UNIT * u + 6..UNIT * u + 11].to_vec());
+        // 3 tokens, top-2 over 4 experts: segments of 8 rows, a tile each; in clusters, tiles
+        // of experts 1 and 2 share their rows' column pairs, expert 3's alone
         let l = MoeLayout::build(&[1, 2, 1, 3, 2, 1], 2, 0, 4);
-        assert_eq!(gemm_tiles(&l), vec![1, 0, 8, 0, 8, 0, 0, 0, 2, 8, 8, 8, 8, 0, 0, 0, 3, 16, 8, 16, 8, 0, 0, 0]);
-        let ids: Vec<i32> = (0..300).map(|i| if i % 2 == 0 { 0 } else { 5 }).collect();
+        let u = gemm_units(&l, 2, true);
+        assert_eq!(u.len(), 2 * UNIT);
+        assert_eq!(unit(&u, 0), (PAIR_A as i32, vec![1, 0, 8, 0, 8], vec![2, 8, 8, 8, 8]));
+        assert_eq!(unit(&u, 1), (PAIR_A as i32, vec![3, 16, 8, 16, 8], vec![0; 5]));
+        assert!(u.chunks(UNIT).all(|c| c[11..].iter().all(|&v| v == 0)));
+        // blocks alone: a unit a tile
+        let u = gemm_units(&l, 1, true);
+        assert_eq!(u.len(), 3 * UNIT);
+        assert_eq!(unit(&u, 2), (SOLO as i32, vec![3, 16, 8, 16, 8], vec![0; 5]));
+        // 300 tokens over experts 0 and 5: segments of 152 rows (150 padded), tiles of 128 and
+        // 24; then 700 over experts 2 and 4: 352 rows, tiles of 128, 128 and 96
+        let ids: Vec<i32> = (0..300).map(|i| if i % 2 == 0 { 0 } else { 5 }).chain((0..700).map(|i| if i % 2 == 0 { 2 } else { 4 })).collect();
         let l = MoeLayout::build(&ids, 1, 0, 6);
-        let t = gemm_tiles(&l);
-        assert_eq!(t.len(), 8 * 4);
-        assert_eq!(&t[..24], &[0, 0, 128, 0, 152, 0, 0, 0, 0, 128, 24, 0, 152, 0, 0, 0, 5, 152, 128, 152, 152, 0, 0, 0]);
+        let u = gemm_units(&l, 2, true);
+        let kinds: Vec<i32> = u.chunks(UNIT).map(|c| c[0]).collect();
+        assert_eq!(kinds, [PAIR_W, PAIR_W, PAIR_W, PAIR_A, PAIR_W].map(|k| k as i32));
+        assert_eq!(unit(&u, 0), (PAIR_W as i32, vec![0, 0, 128, 0, 152], vec![0, 128, 24, 0, 152]));
+        assert_eq!(unit(&u, 1), (PAIR_W as i32, vec![2, 152, 128, 152, 352], vec![2, 280, 128, 152, 352]));
+        // expert 2's third tile waits for the next one left over: expert 4's third
+        assert_eq!(unit(&u, 3), (PAIR_A as i32, vec![2, 408, 96, 152, 352], vec![4, 760, 96, 504, 352]));
+        assert_eq!(unit(&u, 4), (PAIR_W as i32, vec![5, 856, 128, 856, 152], vec![5, 984, 24, 856, 152]));
+        // without weight pairs: every tile pairs with the next, column pair by column pair
+        let u = gemm_units(&l, 2, false);
+        assert_eq!(u.len(), 5 * UNIT);
+        assert!(u.chunks(UNIT).all(|c| c[0] == PAIR_A as i32));
+        assert_eq!(unit(&u, 0), (PAIR_A as i32, vec![0, 0, 128, 0, 152], vec![0, 128, 24, 0, 152]));
+        assert_eq!(unit(&u, 2), (PAIR_A as i32, vec![2, 408, 96, 152, 352], vec![4, 504, 128, 504, 352]));
+        // every tile once, whatever the pairing
+        for (cluster, pair_w) in [(1, true), (2, true), (2, false)] {
+            let mut tiles: Vec<Vec<i32>> = gemm_units(&l, cluster, pair_w).chunks(UNIT).flat_map(|c| [c[1..6].to_vec(), c[6..11].to_vec()]).filter(|t| t[2] > 0).collect();
+            tiles.sort();
+            assert_eq!(tiles.len(), 2 * 2 + 2 * 3);
+            assert_eq!(tiles.iter().map(|t| t[2]).sum::<i32>(), l.rows() as i32);
+        }
         assert_eq!(mg_shared_bytes(1), 6 * 33 * 1024 + 1024);
         assert_eq!(mg_shared_bytes(2), 4 * 49 * 1024 + 1024);
         assert!(wgmma("sm_90a") && !wgmma("sm_90") && !wgmma("sm_89") && !wgmma("gfx942"));

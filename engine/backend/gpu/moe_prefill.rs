@@ -72,10 +72,10 @@ impl MoeLayout {
     }
 }
 
-/// How the prefill's expert products run: the grouped kernel over its tile list (uploaded) and
-/// the tiles' count, or the GEMM library once per expert.
+/// How the prefill's expert products run: the grouped kernel (its work built from the layout a
+/// launch), or the GEMM library once per expert.
 enum Products<'a> {
-    Grouped { tiles: DevBuf<i32>, count: usize },
+    Grouped,
     Library(&'a dyn super::blas::GemmLib),
 }
 
@@ -105,8 +105,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             return Ok(true); // no pair on this rank's experts: out stays zero
         }
         let path = if self.moe_f8_gemm_for(e) {
-            let tiles = super::moe_f8_gemm::gemm_tiles(&l);
-            Products::Grouped { count: tiles.len() / 8, tiles: self.htod(&tiles)? }
+            Products::Grouped
         } else {
             match &self.blaslt {
                 Some(lt) if l.segments.iter().all(|&(_, _, len)| lt.supports_fp8_block(len, inter, hidden) && lt.supports_fp8_block(len, hidden, inter)) => Products::Library(lt.as_ref()),
@@ -119,12 +118,12 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (qx, sx) = self.quant_fp8_gather(x, rows, src.ptr(), seg.ptr())?;
         // d [rows, n] = the segments' rows of a times their experts' wᵀ (K = k), by the chosen path
         let gemm = |a: (&DevBuf<u8>, &DevBuf<f32>), w: (&DevBuf<u8>, &DevBuf<f32>), d: &mut DevBuf<f32>, n: usize, k: usize| match &path {
-            Products::Grouped { tiles, count } => self.moe_f8_gemm(a, w, tiles, *count, d, n, k),
+            Products::Grouped => self.moe_f8_gemm(a, w, &l, d, n, k),
             Products::Library(lt) => self.moe_blaslt_gemms(*lt, &l, a, w, d, n, k),
         };
         // down's A: SiLU(g) · u quantised, from the gate / up launch itself or from its f32 outputs
         let (qh, sh) = match &path {
-            Products::Grouped { tiles, count } if self.tuned.moe_f8_gemm_glu => self.moe_f8_gemm_glu((&qx, &sx), (&e.gate, &e.gs), (&e.up, &e.us), tiles, *count, rows, inter, hidden)?,
+            Products::Grouped if self.tuned.moe_f8_gemm_glu => self.moe_f8_gemm_glu((&qx, &sx), (&e.gate, &e.gs), (&e.up, &e.us), &l, inter, hidden)?,
             _ => {
                 let (mut g, mut u) = (self.scratch::<f32>(rows * inter)?, self.scratch::<f32>(rows * inter)?);
                 gemm((&qx, &sx), (&e.gate, &e.gs), &mut g, inter, hidden)?;
@@ -140,7 +139,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let (ki, hi) = (k as i32, hidden as i32);
         self.launch(&f).arg(&dn).arg(&pair_row).arg(&r.weights).arg(out).arg(&ki).arg(&hi).run(cfg((t as u32, 1), 256, 0)).map_err(err("moe_combine"))?;
         let how = match &path {
-            Products::Grouped { count, .. } => format!("grouped FP8 GEMM, {count} tiles"),
+            Products::Grouped => "grouped FP8 GEMM".to_string(),
             Products::Library(_) => format!("{} library GEMMs", 3 * l.segments.len()),
         };
         log::debug!("moe prefill: {t} tokens, {} experts, {rows} rows, {how}, enqueued in {} us", l.segments.len(), enqueue.elapsed().as_micros());

@@ -85,6 +85,10 @@ pub struct Tuned {
     /// (moe_f8_gemm.hip's moe_gemm_f8_glu); false: two launches, f32 outputs, then the quantiser
     #[serde(default = "default_true")]
     pub moe_f8_gemm_glu: bool,
+    /// ... its clusters take an expert's tiles in pairs that share the weights (moe_f8_gemm.rs
+    /// `gemm_units`); false: every tile's column pairs share its rows
+    #[serde(default = "default_true")]
+    pub moe_f8_gemm_glu_pair_tiles: bool,
     /// The MoE prefill's routed rows as x's FP8 codes gathered (act_codes.rs's
     /// `quant_fp8_gather`); false: the gathered f32 rows quantised (the same bytes)
     #[serde(default = "default_true")]
@@ -179,6 +183,7 @@ impl Default for Tuned {
             moe_f8_gemm: default_true(),
             moe_f8_gemm_cluster: default_true(),
             moe_f8_gemm_glu: default_true(),
+            moe_f8_gemm_glu_pair_tiles: default_true(),
             moe_gather_codes: default_true(),
             router_blas_min_rows: default_router_blas_min_rows(),
             flash_wgmma: default_true(),
