@@ -189,7 +189,7 @@ pub(super) mod tests {
         assert_eq!(mg_shared_bytes(2), 4 * 49 * 1024 + 1024);
         assert!(wgmma("sm_90a") && !wgmma("sm_90") && !wgmma("sm_89") && !wgmma("gfx942"));
         let src = include_str!("../../../hip-kernels/moe_f8_gemm.hip");
-        for (name, v) in [("MG_BM", MG_BM), ("MG_BN", MG_BN), ("MG_BK", MG_BK), ("MG_ST", MG_ST), ("MG_ST2", MG_ST2), ("MG_THREADS", MG_THREADS as usize)] {
+        for (name, v) in [("MG_BM", MG_BM), ("MG_BN", MG_BN), ("MG_BK", MG_BK), ("MG_ST", MG_ST), ("MG_ST2", MG_ST2), ("MG_THREADS", MG_THREADS as usize), ("MG_UNIT", UNIT), ("MG_PAIR_W", PAIR_W), ("MG_PAIR_A", PAIR_A), ("MG_SOLO", SOLO)] {
             assert!([" ", "\n"].iter().any(|end| src.contains(&format!("#define {name} {v}{end}"))), "{name} {v}");
         }
     }
