@@ -48,6 +48,11 @@
 //     row's amax across the lane quad, and h's e4m3 codes Q [rows, N] and scales S, each
 //     segment's [N / 128, len] from S + first · N / 128: the down projection's A as the
 //     activation quantiser writes it (the same values), without the f32 gate and up in memory.
+//   - moe_gemm_f8_r2, moe_gemm_f8 in 256-row tiles (RB 2: a stage holds 256 rows of A, its
+//     boxes that hold rows copied): a consumer takes row blocks h and h + 2 with two
+//     accumulators and one product buffer, the second MMA only where block h + 2 holds rows, so
+//     an expert's ≤ 256 rows read a weight block once (128-row tiles read it once a tile: ~1.5
+//     times at 4,096 tokens). Tuned `moe_f8_gemm_rows256`, off until measured;
 // sm_90a only; other targets compile a trap the host never selects. Needs N % 128 == 0,
 // K % 128 == 0 and 128 × 128 weight blocks (the host checks).
 // Launch: grid min(SMs, units · N / 128) (with clusters: 2 × min(clusters resident at once,
@@ -68,10 +73,10 @@
 #define MG_ST 6       // stages (one weight a stage)
 #define MG_ST2 4      // stages (two weights a stage: moe_gemm_f8_glu)
 #define MG_THREADS 384 // a producer and two consumer warpgroups
-// bytes a stage of NW weights: A, the weights' column blocks, scales; 1024-aligned
-#define MG_STAGE(NW) ((MG_BM * MG_BK + (NW) * MG_BN * MG_BK + MG_BM * 4 + 1023) / 1024 * 1024)
-#define MG_SMEM (MG_ST * MG_STAGE(1) + 1024) // + the alignment of the first stage
-#define MG_SMEM2 (MG_ST2 * MG_STAGE(2) + 1024)
+// bytes a stage of NW weights and RB · MG_BM rows: A, the weights' column blocks, scales; 1024-aligned
+#define MG_STAGE(NW, RB) ((RB * MG_BM * MG_BK + (NW) * MG_BN * MG_BK + RB * MG_BM * 4 + 1023) / 1024 * 1024)
+#define MG_SMEM (MG_ST * MG_STAGE(1, 1) + 1024) // + the alignment of the first stage
+#define MG_SMEM2 (MG_ST2 * MG_STAGE(2, 1) + 1024) // (and MG_STAGE(1, 2): moe_gemm_f8_r2)
 
 #ifdef SM90_WGMMA
 #define MG_WGMMA 1
@@ -150,13 +155,16 @@ __device__ __forceinline__ void mg_issue(float* p, const uint8_t* a, const uint8
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 
-// The grouped GEMM of NW weights a stage (see the top): NW 1 writes D, NW 2 (gate W0, up W1)
-// writes SiLU(gate) · up's codes Q and scales S.
-template <int NW>
+// The grouped GEMM of NW weights a stage and tiles of RB · MG_BM rows (see the top): NW 1 writes
+// D, NW 2 (gate W0, up W1) writes SiLU(gate) · up's codes Q and scales S. NW · RB is a consumer's
+// MMAs a K block: 1 with two product buffers, 2 with one (two accumulators: gate's and up's, or
+// row blocks h and h + 2 of a 256-row tile).
+template <int NW, int RB>
 __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const float* __restrict__ SX, const float* __restrict__ WS0, const float* __restrict__ WS1,
                                         const int32_t* __restrict__ units, int n_units, float* __restrict__ D, uint8_t* __restrict__ Q, float* __restrict__ S, int N, int K,
                                         int cluster) {
-    constexpr int ST = NW == 1 ? MG_ST : MG_ST2, STAGE = MG_STAGE(NW);
+    static_assert(NW * RB == 1 || NW * RB == 2, "one or two MMAs a K block");
+    constexpr int ST = NW * RB == 1 ? MG_ST : MG_ST2, STAGE = MG_STAGE(NW, RB), BM = RB * MG_BM;
     extern __shared__ __align__(16) unsigned char mg_smem[];
     __shared__ __align__(8) uint64_t full[ST], empty[ST];
     uint8_t* smem = mg_smem + ((1024 - ((uint32_t)__cvta_generic_to_shared(mg_smem) & 1023)) & 1023); // 1024-aligned
@@ -186,8 +194,8 @@ __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const
             for (int i = ci; i < items; i += clusters) {
                 MgItem m;
                 if (!mg_item(units, nb, i, cr, m)) continue;
-                const int sx0 = m.sf * kbs + (m.row0 - m.sf), sxb = 4 * min(m.rows, MG_BM); // the tile's rows' scales (rows a multiple of 8)
-                const int boxes = min((m.rows + 63) / 64, MG_BM / 64); // A's 64-row boxes that hold rows
+                const int sx0 = m.sf * kbs + (m.row0 - m.sf), sxb = 4 * min(m.rows, BM); // the tile's rows' scales (rows a multiple of 8)
+                const int boxes = min((m.rows + 63) / 64, BM / 64);                        // A's 64-row boxes that hold rows
                 for (int kb = 0; kb < kbs; ++kb, ++it) {
                     const int s = it % ST;
                     uint8_t* st = smem + s * STAGE;
@@ -201,12 +209,12 @@ __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const
                     // the weights' 128 rows from n0: half by each block into both (shared), else all
 #pragma unroll
                     for (int w = 0; w < NW; ++w) {
-                        uint8_t* dw = st + (MG_BM + w * MG_BN) * MG_BK;
+                        uint8_t* dw = st + (BM + w * MG_BN) * MG_BK;
                         const int wr = m.e * N + m.n0;
                         if (m.share == MG_PAIR_W) sm90_tma_multicast(dw + cr * 64 * MG_BK, maps + 16 * (1 + w), kb * MG_BK, wr + 64 * cr, &full[s], 3);
                         else sm90_tma(dw, maps + 16 * (1 + NW + w), kb * MG_BK, wr, &full[s]); // one 128-row box
                     }
-                    sm90_bulk(st + (MG_BM + NW * MG_BN) * MG_BK, SX + sx0 + (int64_t)kb * m.sl, sxb, &full[s]);
+                    sm90_bulk(st + (BM + NW * MG_BN) * MG_BK, SX + sx0 + (int64_t)kb * m.sl, sxb, &full[s]);
                 }
             }
         }
@@ -237,18 +245,20 @@ __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const
             continue;
         }
         const int64_t wsb = ((int64_t)e * nb + n0 / MG_BN) * kbs; // this column block's weight scales
-        // stage use u landed: its A rows of this warpgroup, its weights, the promotion scales of
-        // the lane's rows 16w + g and 16w + g + 8 of the warpgroup's 64
-        auto stage = [&](int u, const uint8_t*& a, float& x0, float& x1) {
+        // stage use u landed (its weights returned); rows(st, rb, ...): A's 64-row block rb in it
+        // and the promotion scales of the lane's rows 16w + g and 16w + g + 8 of the block
+        auto stage = [&](int u) {
             const uint8_t* st = smem + (u % ST) * STAGE;
             sm90_bar_wait(&full[u % ST], (u / ST) & 1);
-            const float* sx = (const float*)(st + (MG_BM + NW * MG_BN) * MG_BK);
-            x0 = sx[64 * h + 16 * w + g];
-            x1 = sx[64 * h + 16 * w + g + 8];
-            a = st + h * 64 * MG_BK;
-            return st + MG_BM * MG_BK;
+            return st;
         };
-        if constexpr (NW == 1) {
+        auto rows = [&](const uint8_t* st, int rb, float& x0, float& x1) {
+            const float* sx = (const float*)(st + (BM + NW * MG_BN) * MG_BK);
+            x0 = sx[64 * rb + 16 * w + g];
+            x1 = sx[64 * rb + 16 * w + g + 8];
+            return st + rb * 64 * MG_BK;
+        };
+        if constexpr (NW * RB == 1) {
             const float* ws = WS0 + wsb;
             // two product buffers: K block kb + 1's MMA runs while block kb's products are promoted
             float acc[64], pa[64], pb[64], sa0, sa1, sb0, sb1;
@@ -257,12 +267,12 @@ __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const
             // K block kb's MMA into p (its first step overwrites), once its stage has landed; (s0, s1):
             // its promotion scales
             auto issue = [&](float* p, int kb, float& s0, float& s1) {
-                const uint8_t* a;
-                const uint8_t* wt = stage(it + kb, a, s0, s1);
+                const uint8_t* st = stage(it + kb);
+                const uint8_t* a = rows(st, h, s0, s1);
                 const float sw = ws[kb];
                 s0 *= sw;
                 s1 *= sw;
-                mg_issue(p, a, wt);
+                mg_issue(p, a, st + BM * MG_BK);
             };
             // K block kb's MMA has completed: its stage back to the producer, its products promoted
             auto finish = [&](const float* p, int kb, float s0, float s1) {
@@ -299,22 +309,46 @@ __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const
                 for (int j = 0; j < 16; ++j) *(float2*)(d + 8 * j) = make_float2(acc[4 * j + 2 * hh], acc[4 * j + 2 * hh + 1]);
             }
         } else {
-            // gate's and up's accumulators, one product buffer
+            // two accumulators (gate's and up's, or row blocks h and h + 2), one product buffer
+            // (while this warpgroup promotes, the other's MMAs keep the tensor cores busy); with
+            // RB 2 the second pass only where block h + 2 holds rows (warp-uniform)
+            const int rb1 = RB == 2 ? h + 2 : h;
+            const bool two = NW == 2 || __shfl_sync(0xffffffff, 64 * rb1 < nrows, 0);
             float ag[64], au[64], p[64];
 #pragma unroll
             for (int j = 0; j < 64; ++j) ag[j] = au[j] = 0.f;
             for (int kb = 0; kb < kbs; ++kb) {
-                const uint8_t* a;
+                const uint8_t* st = stage(it + kb);
+                const uint8_t* wt = st + BM * MG_BK;
                 float x0, x1;
-                const uint8_t* wt = stage(it + kb, a, x0, x1);
-                const float sg = WS0[wsb + kb], su = WS1[wsb + kb];
+                const uint8_t* a = rows(st, h, x0, x1);
+                const float sg = WS0[wsb + kb], su = NW == 2 ? WS1[wsb + kb] : sg;
                 mg_issue(p, a, wt);
                 asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
                 mg_promote(ag, p, x0 * sg, x1 * sg);
-                mg_issue(p, a, wt + MG_BN * MG_BK);
-                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+                if (two) {
+                    if (RB == 2) a = rows(st, rb1, x0, x1);
+                    mg_issue(p, a, NW == 2 ? wt + MG_BN * MG_BK : wt);
+                    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+                }
                 release(it + kb);
-                mg_promote(au, p, x0 * su, x1 * su);
+                if (two) mg_promote(au, p, x0 * su, x1 * su);
+            }
+            if constexpr (RB == 2) {
+                // D: row blocks h (ag) and h + 2 (au)
+#pragma unroll
+                for (int q = 0; q < 2; ++q)
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const int r = 64 * (q ? rb1 : h) + 16 * w + g + 8 * hh;
+                        if (r >= nrows) continue;
+                        float* d = D + (int64_t)(row0 + r) * N + n0 + 2 * t;
+                        const float* acc = q ? au : ag;
+#pragma unroll
+                        for (int j = 0; j < 16; ++j) *(float2*)(d + 8 * j) = make_float2(acc[4 * j + 2 * hh], acc[4 * j + 2 * hh + 1]);
+                    }
+                it += kbs;
+                continue;
             }
             // h = SiLU(gate) · up into ag; a row's 128 columns are the lane quad's
             const int soff = m.sf, slen = m.sl;
@@ -351,7 +385,7 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8(const ui
                                                                       const float* __restrict__ WS, const int32_t* __restrict__ units, int n_units, float* __restrict__ D, int N,
                                                                       int K, int cluster) { ENGINE_GRID_DEP();
 #if defined(MG_WGMMA)
-    mg_gemm<1>(maps, SX, WS, nullptr, units, n_units, D, nullptr, nullptr, N, K, cluster);
+    mg_gemm<1, 1>(maps, SX, WS, nullptr, units, n_units, D, nullptr, nullptr, N, K, cluster);
 #else
     __builtin_trap(); // the host takes the GEMM library on targets without the warpgroup MMA
 #endif
@@ -363,7 +397,20 @@ extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8_glu(cons
                                                                           const float* __restrict__ WSU, const int32_t* __restrict__ units, int n_units, uint8_t* __restrict__ Q,
                                                                           float* __restrict__ S, int N, int K, int cluster) { ENGINE_GRID_DEP();
 #if defined(MG_WGMMA)
-    mg_gemm<2>(maps, SX, WSG, WSU, units, n_units, nullptr, Q, S, N, K, cluster);
+    mg_gemm<2, 1>(maps, SX, WSG, WSU, units, n_units, nullptr, Q, S, N, K, cluster);
+#else
+    __builtin_trap();
+#endif
+}
+
+// moe_gemm_f8 in 256-row tiles (dynamic shared memory MG_ST2 · MG_STAGE(1, 2) + 1024): an
+// expert's ≤ 256 rows read its weights' column block once, where 128-row tiles read it once a
+// tile; the same products and promotions, so the same D.
+extern "C" __global__ void __launch_bounds__(MG_THREADS, 1) moe_gemm_f8_r2(const uint64_t* __restrict__ maps, const float* __restrict__ SX,
+                                                                         const float* __restrict__ WS, const int32_t* __restrict__ units, int n_units, float* __restrict__ D, int N,
+                                                                         int K, int cluster) { ENGINE_GRID_DEP();
+#if defined(MG_WGMMA)
+    mg_gemm<1, 2>(maps, SX, WS, nullptr, units, n_units, D, nullptr, nullptr, N, K, cluster);
 #else
     __builtin_trap();
 #endif

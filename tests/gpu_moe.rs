@@ -336,6 +336,12 @@ fn moe_fp8_dynamic_case<V: GpuVendor>(g: &mut GpuBackend<V>, c: &CpuBackend, rng
                 g.tuned.moe_f8_gemm_glu = true;
                 assert!(apart == got, "{hidden}x{inter}, {t} tokens: gate / up apart (rel err {:.2e}) differ from the joint launch", rel_err(&apart, &got));
                 eprintln!("  (gate and up in one launch: equal bit for bit to two launches and the quantiser)");
+                // the down projection in 256-row tiles: the same products and promotions a row
+                g.tuned.moe_f8_gemm_rows256 = true;
+                let rows256 = g.download(&g.moe_experts(&gx, &gr, &ge).unwrap()).unwrap();
+                g.tuned.moe_f8_gemm_rows256 = false;
+                assert!(rows256 == got, "{hidden}x{inter}, {t} tokens: 256-row tiles (rel err {:.2e}) differ from 128-row ones", rel_err(&rows256, &got));
+                eprintln!("  (256-row tiles: equal bit for bit to 128-row ones)");
             }
             if t >= g.tuned.moe_mma_min_rows {
                 // the routed rows as the gathered f32 rows quantised, where x's codes were

@@ -137,9 +137,9 @@ pub struct GpuBackend<V: GpuVendor> {
     pub bf16_act: bool,
     /// Streams beside the main one (made on first use; empty where the runtime has none)
     side: Mutex<Option<Vec<super::device::Handle>>>,
-    /// The 2-block clusters of moe_f8_gemm.hip's launches (one weight a stage, two) the device
-    /// holds at once (asked of the runtime on first use: fixed by the kernel and the device)
-    pub(super) moe_gemm_clusters: [std::sync::OnceLock<usize>; 2],
+    /// The 2-block clusters of moe_f8_gemm.hip's launches (its three kernels) the device holds
+    /// at once (asked of the runtime on first use: fixed by the kernel and the device)
+    pub(super) moe_gemm_clusters: [std::sync::OnceLock<usize>; 3],
     /// The FP8 codes of the tensor `share_act_codes` shares (blas.rs)
     pub(super) act_memo: super::act_codes::ActMemo,
     _v: PhantomData<V>,

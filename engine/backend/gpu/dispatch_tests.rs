@@ -94,6 +94,11 @@ fn prefill_moe_with_fp8_activations_takes_the_grouped_gemm_on_sm90a() {
             let l = c.expert_launches(&b, &rt, 600);
             assert_eq!(l.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["quant_fp8_act", "gather_fp8_rows", "moe_gemm_f8", "moe_gemm_f8", "quant_fp8_silu_act", "moe_gemm_f8", "moe_combine"]);
             b.tuned.moe_f8_gemm_glu = true;
+            // the down projection in 256-row tiles (tuned moe_f8_gemm_rows256)
+            b.tuned.moe_f8_gemm_rows256 = true;
+            let l = c.expert_launches(&b, &rt, 600);
+            assert_eq!(l.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["quant_fp8_act", "gather_fp8_rows", "moe_gemm_f8_glu", "moe_gemm_f8_r2", "moe_combine"]);
+            b.tuned.moe_f8_gemm_rows256 = false;
             b.tuned.moe_gather_codes = false;
             let l = c.expert_launches(&b, &rt, 600);
             assert_eq!(l.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["quant_fp8_act", "moe_gemm_f8_glu", "moe_gemm_f8", "moe_combine"]);

@@ -19,12 +19,25 @@ const MG_ST: usize = 6;
 const MG_ST2: usize = 4;
 const MG_THREADS: u32 = 384;
 
-/// MG_SMEM (MG_SMEM2 with `nw` 2): per stage 128 activation and `nw` × 128 weight rows of MG_BK
-/// bytes and 128 scales, rounded up to 1024 bytes (the swizzled tiles' alignment), and 1024 bytes
-/// to align the first stage.
-fn mg_shared_bytes(nw: usize) -> usize {
-    let stages = if nw == 1 { MG_ST } else { MG_ST2 };
-    stages * ((MG_BM + nw * MG_BN) * MG_BK + MG_BM * 4).next_multiple_of(1024) + 1024
+/// A launch form of the kernel: its name, the weights a stage (the kernel's NW), 128-row blocks a
+/// tile (RB), and its slot in `GpuBackend::moe_gemm_clusters`.
+#[derive(Clone, Copy)]
+struct Form {
+    name: &'static str,
+    nw: usize,
+    rb: usize,
+    slot: usize,
+}
+const ONE: Form = Form { name: "moe_gemm_f8", nw: 1, rb: 1, slot: 0 };
+const GLU: Form = Form { name: "moe_gemm_f8_glu", nw: 2, rb: 1, slot: 1 };
+const ROWS256: Form = Form { name: "moe_gemm_f8_r2", nw: 1, rb: 2, slot: 2 };
+
+/// MG_SMEM (MG_SMEM2 where a consumer makes two MMAs a K block): per stage `rb` × 128 activation
+/// and `nw` × 128 weight rows of MG_BK bytes and their scales, rounded up to 1024 bytes (the
+/// swizzled tiles' alignment), and 1024 bytes to align the first stage.
+fn mg_shared_bytes(f: Form) -> usize {
+    let stages = if f.nw * f.rb == 1 { MG_ST } else { MG_ST2 };
+    stages * ((f.rb * MG_BM + f.nw * MG_BN) * MG_BK + f.rb * MG_BM * 4).next_multiple_of(1024) + 1024
 }
 
 /// Whether the device has Hopper's warpgroup MMA (the kernel is compiled for sm_90a only).
@@ -38,13 +51,13 @@ const PAIR_A: usize = 1;
 const SOLO: usize = 2;
 const UNIT: usize = 16;
 
-/// The kernel's work for clusters of `cluster` blocks: each segment in MG_BM-row tiles of 5 ints
+/// The kernel's work for clusters of `cluster` blocks: each segment in `rows`-row tiles of 5 ints
 /// (expert, first row, rows, segment's first row, segment's rows), as units of MG_UNIT ints
 /// (kind, tile t0, tile t1 or zeros, zeros) in segment order. Clusters of two: with `pair_w`, an
 /// expert's tiles in pairs that share its weights (MG_PAIR_W); a tile left over (every tile
 /// without `pair_w`) pairs with the next one left over, of any expert, the two sharing their rows
 /// between column pairs (MG_PAIR_A; the last alone). Blocks alone: a unit a tile (MG_SOLO).
-pub(super) fn gemm_units(l: &MoeLayout, cluster: usize, pair_w: bool) -> Vec<i32> {
+pub(super) fn gemm_units(l: &MoeLayout, cluster: usize, pair_w: bool, rows: usize) -> Vec<i32> {
     let mut units = Vec::new();
     let mut push = |kind: usize, t0: [usize; 5], t1: Option<[usize; 5]>| {
         let mut u = [0i32; UNIT];
@@ -56,7 +69,7 @@ pub(super) fn gemm_units(l: &MoeLayout, cluster: usize, pair_w: bool) -> Vec<i32
     };
     let mut left: Option<[usize; 5]> = None;
     for &(ex, off, len) in &l.segments {
-        let tiles: Vec<[usize; 5]> = (0..len).step_by(MG_BM).map(|r0| [ex, off + r0, (len - r0).min(MG_BM), off, len]).collect();
+        let tiles: Vec<[usize; 5]> = (0..len).step_by(rows).map(|r0| [ex, off + r0, (len - r0).min(rows), off, len]).collect();
         for pair in tiles.chunks(if cluster == 2 && pair_w { 2 } else { 1 }) {
             match (pair, left.take()) {
                 ([t], _) if cluster == 1 => push(SOLO, *t, None),
@@ -88,19 +101,20 @@ impl<V: GpuVendor> GpuBackend<V> {
             && (e.bn, e.bk) == (128, 128)
             && e.hidden.is_multiple_of(MG_BN)
             && e.inter.is_multiple_of(MG_BN)
-            && mg_shared_bytes(1).max(mg_shared_bytes(2)) <= self.dev.max_shared_per_block()
+            && [ONE, GLU, ROWS256].iter().all(|&f| mg_shared_bytes(f) <= self.dev.max_shared_per_block())
     }
 
     /// d [rows, n] f32 = the layout's segments of `a` (e4m3 [rows, k], per-segment scales `sx`)
     /// times their experts' `w` ([experts, n, k] e4m3, scales `ws` [experts, n / 128, k / 128])ᵀ.
     /// The kernel copies `a` and `w` by tensor maps (uploaded with the call: `a` is a scratch
-    /// buffer).
+    /// buffer). In 128-row tiles, or 256-row ones where tuned `moe_f8_gemm_rows256` (the same D).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn moe_f8_gemm(&self, (a, sx): (&DevBuf<u8>, &DevBuf<f32>), (w, ws): (&DevBuf<u8>, &DevBuf<f32>), l: &MoeLayout, d: &mut DevBuf<f32>, n: usize, k: usize) -> Result<(), BackendError> {
-        let f = self.func(GEMM, "moe_gemm_f8")?;
-        let (cfg, cluster, maps, units, count) = self.mg_launch(&f, 1, (a, &[w]), l, n, k)?;
+        let form = if self.tuned.moe_f8_gemm_rows256 { ROWS256 } else { ONE };
+        let f = self.func(GEMM, form.name)?;
+        let (cfg, cluster, maps, units, count) = self.mg_launch(&f, form, (a, &[w]), l, n, k)?;
         let (nu, ni, ki, cl) = (count as i32, n as i32, k as i32, cluster as i32);
-        self.launch(&f).arg(&maps).arg(sx).arg(ws).arg(&units).arg(&nu).arg(d).arg(&ni).arg(&ki).arg(&cl).run_cluster(cfg, cluster as u32).map_err(err("moe_gemm_f8"))
+        self.launch(&f).arg(&maps).arg(sx).arg(ws).arg(&units).arg(&nu).arg(d).arg(&ni).arg(&ki).arg(&cl).run_cluster(cfg, cluster as u32).map_err(err(form.name))
     }
 
     /// The gate and up projections of the same segments at once, ending as the activation
@@ -108,8 +122,8 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// [n / 128, len] block from index first · n / 128 (what `quant_fp8_silu_rows` writes).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn moe_f8_gemm_glu(&self, (a, sx): (&DevBuf<u8>, &DevBuf<f32>), (gate, gs): (&DevBuf<u8>, &DevBuf<f32>), (up, us): (&DevBuf<u8>, &DevBuf<f32>), l: &MoeLayout, n: usize, k: usize) -> Result<(DevBuf<u8>, DevBuf<f32>), BackendError> {
-        let f = self.func(GEMM, "moe_gemm_f8_glu")?;
-        let (cfg, cluster, maps, units, count) = self.mg_launch(&f, 2, (a, &[gate, up]), l, n, k)?;
+        let f = self.func(GEMM, GLU.name)?;
+        let (cfg, cluster, maps, units, count) = self.mg_launch(&f, GLU, (a, &[gate, up]), l, n, k)?;
         let rows = l.rows();
         let (mut q, mut s) = (self.scratch::<u8>(rows * n)?, self.scratch::<f32>(rows * (n / MG_BN))?);
         let (nu, ni, ki, cl) = (count as i32, n as i32, k as i32, cluster as i32);
@@ -117,21 +131,21 @@ impl<V: GpuVendor> GpuBackend<V> {
         Ok((q, s))
     }
 
-    /// The launch of `nw` weights a stage: its config, its cluster size, the tensor maps of `a`
+    /// The launch of form `form`: its config, its cluster size, the tensor maps of `a`
     /// and the weights, and its work units (uploaded) and their count. Clusters of two where the
     /// columns pair up and the device holds enough of them at once (persistent blocks: a cluster
     /// left for a second wave would double the launch's time); where the runtime cannot say,
     /// blocks alone. Asked once a kernel: its block and shared memory are fixed.
     #[allow(clippy::type_complexity)]
-    fn mg_launch(&self, f: &Kernel, nw: usize, (a, ws): (&DevBuf<u8>, &[&DevBuf<u8>]), l: &MoeLayout, n: usize, k: usize) -> Result<(LaunchConfig, usize, DevBuf<u8>, DevBuf<i32>, usize), BackendError> {
-        let cfg = |blocks: usize| LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (MG_THREADS, 1, 1), shared_mem_bytes: mg_shared_bytes(nw) as u32 };
+    fn mg_launch(&self, f: &Kernel, form: Form, (a, ws): (&DevBuf<u8>, &[&DevBuf<u8>]), l: &MoeLayout, n: usize, k: usize) -> Result<(LaunchConfig, usize, DevBuf<u8>, DevBuf<i32>, usize), BackendError> {
+        let cfg = |blocks: usize| LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (MG_THREADS, 1, 1), shared_mem_bytes: mg_shared_bytes(form) as u32 };
         let clusters = if self.tuned.moe_f8_gemm_cluster && (n / MG_BN).is_multiple_of(2) {
-            *self.moe_gemm_clusters[nw - 1].get_or_init(|| self.dev.max_active_clusters(f.0, cfg(self.sms), 2).unwrap_or(0))
+            *self.moe_gemm_clusters[form.slot].get_or_init(|| self.dev.max_active_clusters(f.0, cfg(self.sms), 2).unwrap_or(0))
         } else {
             0
         };
         let cluster = if clusters > 0 && clusters >= self.sms / 4 { 2 } else { 1 };
-        let units = gemm_units(l, cluster, nw == 2 && self.tuned.moe_f8_gemm_glu_pair_tiles);
+        let units = gemm_units(l, cluster, form.nw == 2 && self.tuned.moe_f8_gemm_glu_pair_tiles, form.rb * MG_BM);
         let (count, items) = (units.len() / UNIT, units.len() / UNIT * (n / MG_BN)); // items: a cluster's (or a block's)
         let blocks = if cluster == 2 { 2 * clusters.min(items) } else { items.min(self.sms.max(1)) }; // persistent: a block (cluster) an SM (pair) walks the items
         let mut mats = vec![(a.ptr(), k, a.len() / k, 64)];
@@ -151,20 +165,20 @@ pub(super) mod tests {
         // 3 tokens, top-2 over 4 experts: segments of 8 rows, a tile each; in clusters, tiles
         // of experts 1 and 2 share their rows' column pairs, expert 3's alone
         let l = MoeLayout::build(&[1, 2, 1, 3, 2, 1], 2, 0, 4);
-        let u = gemm_units(&l, 2, true);
+        let u = gemm_units(&l, 2, true, MG_BM);
         assert_eq!(u.len(), 2 * UNIT);
         assert_eq!(unit(&u, 0), (PAIR_A as i32, vec![1, 0, 8, 0, 8], vec![2, 8, 8, 8, 8]));
         assert_eq!(unit(&u, 1), (PAIR_A as i32, vec![3, 16, 8, 16, 8], vec![0; 5]));
         assert!(u.chunks(UNIT).all(|c| c[11..].iter().all(|&v| v == 0)));
         // blocks alone: a unit a tile
-        let u = gemm_units(&l, 1, true);
+        let u = gemm_units(&l, 1, true, MG_BM);
         assert_eq!(u.len(), 3 * UNIT);
         assert_eq!(unit(&u, 2), (SOLO as i32, vec![3, 16, 8, 16, 8], vec![0; 5]));
         // 300 tokens over experts 0 and 5: segments of 152 rows (150 padded), tiles of 128 and
         // 24; then 700 over experts 2 and 4: 352 rows, tiles of 128, 128 and 96
         let ids: Vec<i32> = (0..300).map(|i| if i % 2 == 0 { 0 } else { 5 }).chain((0..700).map(|i| if i % 2 == 0 { 2 } else { 4 })).collect();
         let l = MoeLayout::build(&ids, 1, 0, 6);
-        let u = gemm_units(&l, 2, true);
+        let u = gemm_units(&l, 2, true, MG_BM);
         let kinds: Vec<i32> = u.chunks(UNIT).map(|c| c[0]).collect();
         assert_eq!(kinds, [PAIR_W, PAIR_W, PAIR_W, PAIR_A, PAIR_W].map(|k| k as i32));
         assert_eq!(unit(&u, 0), (PAIR_W as i32, vec![0, 0, 128, 0, 152], vec![0, 128, 24, 0, 152]));
@@ -173,20 +187,27 @@ pub(super) mod tests {
         assert_eq!(unit(&u, 3), (PAIR_A as i32, vec![2, 408, 96, 152, 352], vec![4, 760, 96, 504, 352]));
         assert_eq!(unit(&u, 4), (PAIR_W as i32, vec![5, 856, 128, 856, 152], vec![5, 984, 24, 856, 152]));
         // without weight pairs: every tile pairs with the next, column pair by column pair
-        let u = gemm_units(&l, 2, false);
+        let u = gemm_units(&l, 2, false, MG_BM);
         assert_eq!(u.len(), 5 * UNIT);
         assert!(u.chunks(UNIT).all(|c| c[0] == PAIR_A as i32));
         assert_eq!(unit(&u, 0), (PAIR_A as i32, vec![0, 0, 128, 0, 152], vec![0, 128, 24, 0, 152]));
         assert_eq!(unit(&u, 2), (PAIR_A as i32, vec![2, 408, 96, 152, 352], vec![4, 504, 128, 504, 352]));
         // every tile once, whatever the pairing
-        for (cluster, pair_w) in [(1, true), (2, true), (2, false)] {
-            let mut tiles: Vec<Vec<i32>> = gemm_units(&l, cluster, pair_w).chunks(UNIT).flat_map(|c| [c[1..6].to_vec(), c[6..11].to_vec()]).filter(|t| t[2] > 0).collect();
+        // 256-row tiles (moe_gemm_f8_r2): experts 0 and 5 a tile each, 2 and 4 two (256 + 96)
+        let u = gemm_units(&l, 2, false, 2 * MG_BM);
+        assert_eq!(u.len(), 3 * UNIT);
+        assert_eq!(unit(&u, 0), (PAIR_A as i32, vec![0, 0, 152, 0, 152], vec![2, 152, 256, 152, 352]));
+        assert_eq!(unit(&u, 2), (PAIR_A as i32, vec![4, 760, 96, 504, 352], vec![5, 856, 152, 856, 152]));
+        // every tile once, whatever the pairing
+        for (cluster, pair_w, rows) in [(1, true, MG_BM), (2, true, MG_BM), (2, false, MG_BM), (2, false, 2 * MG_BM)] {
+            let mut tiles: Vec<Vec<i32>> = gemm_units(&l, cluster, pair_w, rows).chunks(UNIT).flat_map(|c| [c[1..6].to_vec(), c[6..11].to_vec()]).filter(|t| t[2] > 0).collect();
             tiles.sort();
-            assert_eq!(tiles.len(), 2 * 2 + 2 * 3);
+            assert_eq!(tiles.len(), if rows == MG_BM { 2 * 2 + 2 * 3 } else { 2 + 2 * 2 });
             assert_eq!(tiles.iter().map(|t| t[2]).sum::<i32>(), l.rows() as i32);
         }
-        assert_eq!(mg_shared_bytes(1), 6 * 33 * 1024 + 1024);
-        assert_eq!(mg_shared_bytes(2), 4 * 49 * 1024 + 1024);
+        assert_eq!(mg_shared_bytes(ONE), 6 * 33 * 1024 + 1024);
+        assert_eq!(mg_shared_bytes(GLU), 4 * 49 * 1024 + 1024);
+        assert_eq!(mg_shared_bytes(ROWS256), 4 * 49 * 1024 + 1024);
         assert!(wgmma("sm_90a") && !wgmma("sm_90") && !wgmma("sm_89") && !wgmma("gfx942"));
         let src = include_str!("../../../hip-kernels/moe_f8_gemm.hip");
         for (name, v) in [("MG_BM", MG_BM), ("MG_BN", MG_BN), ("MG_BK", MG_BK), ("MG_ST", MG_ST), ("MG_ST2", MG_ST2), ("MG_THREADS", MG_THREADS as usize), ("MG_UNIT", UNIT), ("MG_PAIR_W", PAIR_W), ("MG_PAIR_A", PAIR_A), ("MG_SOLO", SOLO)] {

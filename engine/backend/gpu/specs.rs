@@ -47,7 +47,7 @@ const GENERIC: &[(&str, &[&str])] = &[
     ("hip-kernels/linear_f8.hip", &["linear_f8_fp8w"]),
     ("hip-kernels/moe_f8.hip", &["moe_gate_up_f8_fp8w", "moe_down_f8_fp8w"]),
     ("hip-kernels/moe_f8s.hip", &["moe_gate_up_f8s_fp8w", "moe_down_f8s_fp8w", "linear_f8s_fp8w"]),
-    ("hip-kernels/moe_f8_gemm.hip", &["moe_gemm_f8", "moe_gemm_f8_glu"]),
+    ("hip-kernels/moe_f8_gemm.hip", &["moe_gemm_f8", "moe_gemm_f8_glu", "moe_gemm_f8_r2"]),
     ("hip-kernels/sampling.hip", &["sample_rows"]),
     ("hip-kernels/act_quant.hip", &["quant_fp8_act", "quant_fp8_silu_act", "quant_fp8_silu_halves"]),
     ("hip-kernels/moe_combine.hip", &["moe_combine"]),
