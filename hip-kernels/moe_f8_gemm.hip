@@ -245,7 +245,7 @@ __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const
             continue;
         }
         const int64_t wsb = ((int64_t)e * nb + n0 / MG_BN) * kbs; // this column block's weight scales
-        // stage use u landed (its weights returned); rows(st, rb, ...): A's 64-row block rb in it
+        // stage use u landed (the stage returned); rows(st, rb, ...): A's 64-row block rb in it
         // and the promotion scales of the lane's rows 16w + g and 16w + g + 8 of the block
         auto stage = [&](int u) {
             const uint8_t* st = smem + (u % ST) * STAGE;
@@ -257,6 +257,18 @@ __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const
             x0 = sx[64 * rb + 16 * w + g];
             x1 = sx[64 * rb + 16 * w + g + 8];
             return st + rb * 64 * MG_BK;
+        };
+        // D's rows of 64-row block rb from a warpgroup's accumulators (columns 8j + 2t, + 1);
+        // rows past the tile's are not written
+        auto store = [&](const float* acc, int rb) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int r = 64 * rb + 16 * w + g + 8 * hh;
+                if (r >= nrows) continue;
+                float* d = D + (int64_t)(row0 + r) * N + n0 + 2 * t;
+#pragma unroll
+                for (int j = 0; j < 16; ++j) *(float2*)(d + 8 * j) = make_float2(acc[4 * j + 2 * hh], acc[4 * j + 2 * hh + 1]);
+            }
         };
         if constexpr (NW * RB == 1) {
             const float* ws = WS0 + wsb;
@@ -300,14 +312,7 @@ __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
                 finish(pb, kb + 1, sb0, sb1);
             }
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int r = 64 * h + 16 * w + g + 8 * hh;
-                if (r >= nrows) continue;
-                float* d = D + (int64_t)(row0 + r) * N + n0 + 2 * t;
-#pragma unroll
-                for (int j = 0; j < 16; ++j) *(float2*)(d + 8 * j) = make_float2(acc[4 * j + 2 * hh], acc[4 * j + 2 * hh + 1]);
-            }
+            store(acc, h);
         } else {
             // two accumulators (gate's and up's, or row blocks h and h + 2), one product buffer
             // (while this warpgroup promotes, the other's MMAs keep the tensor cores busy); with
@@ -334,45 +339,34 @@ __device__ __forceinline__ void mg_gemm(const uint64_t* __restrict__ maps, const
                 release(it + kb);
                 if (two) mg_promote(au, p, x0 * su, x1 * su);
             }
-            if constexpr (RB == 2) {
-                // D: row blocks h (ag) and h + 2 (au)
+            if constexpr (RB == 2) { // D: row blocks h (ag) and h + 2 (au)
+                store(ag, h);
+                store(au, rb1);
+            } else {
+                // h = SiLU(gate) · up into ag; a row's 128 columns are the lane quad's
+                const int soff = m.sf, slen = m.sl;
 #pragma unroll
-                for (int q = 0; q < 2; ++q)
+                for (int hh = 0; hh < 2; ++hh) {
+                    float amax = 0.f;
 #pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) {
-                        const int r = 64 * (q ? rb1 : h) + 16 * w + g + 8 * hh;
-                        if (r >= nrows) continue;
-                        float* d = D + (int64_t)(row0 + r) * N + n0 + 2 * t;
-                        const float* acc = q ? au : ag;
+                    for (int j = 0; j < 16; ++j)
 #pragma unroll
-                        for (int j = 0; j < 16; ++j) *(float2*)(d + 8 * j) = make_float2(acc[4 * j + 2 * hh], acc[4 * j + 2 * hh + 1]);
-                    }
-                it += kbs;
-                continue;
-            }
-            // h = SiLU(gate) · up into ag; a row's 128 columns are the lane quad's
-            const int soff = m.sf, slen = m.sl;
+                        for (int c = 0; c < 2; ++c) {
+                            const int x = 4 * j + 2 * hh + c;
+                            ag[x] = silu_mul1(ag[x], au[x]);
+                            amax = fmaxf(amax, fabsf(ag[x]));
+                        }
+                    amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, 1));
+                    amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, 2));
+                    const float sc = e4m3_act_scale(amax);
+                    const int r = 64 * h + 16 * w + g + 8 * hh;
+                    if (r >= nrows) continue;
+                    uint8_t* q = Q + (int64_t)(row0 + r) * N + n0 + 2 * t;
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                float amax = 0.f;
-#pragma unroll
-                for (int j = 0; j < 16; ++j)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        const int x = 4 * j + 2 * hh + c;
-                        ag[x] = silu_mul1(ag[x], au[x]);
-                        amax = fmaxf(amax, fabsf(ag[x]));
-                    }
-                amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, 1));
-                amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, 2));
-                const float sc = e4m3_act_scale(amax);
-                const int r = 64 * h + 16 * w + g + 8 * hh;
-                if (r >= nrows) continue;
-                uint8_t* q = Q + (int64_t)(row0 + r) * N + n0 + 2 * t;
-#pragma unroll
-                for (int j = 0; j < 16; ++j)
-                    *(uint16_t*)(q + 8 * j) = (uint16_t)(f32_to_e4m3fn(ag[4 * j + 2 * hh] / sc) | (f32_to_e4m3fn(ag[4 * j + 2 * hh + 1] / sc) << 8));
-                if (t == 0) S[(int64_t)soff * nb + (int64_t)(n0 / MG_BN) * slen + (row0 + r - soff)] = sc;
+                    for (int j = 0; j < 16; ++j)
+                        *(uint16_t*)(q + 8 * j) = (uint16_t)(f32_to_e4m3fn(ag[4 * j + 2 * hh] / sc) | (f32_to_e4m3fn(ag[4 * j + 2 * hh + 1] / sc) << 8));
+                    if (t == 0) S[(int64_t)soff * nb + (int64_t)(n0 / MG_BN) * slen + (row0 + r - soff)] = sc;
+                }
             }
         }
         it += kbs;

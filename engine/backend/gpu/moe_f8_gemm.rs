@@ -127,7 +127,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let rows = l.rows();
         let (mut q, mut s) = (self.scratch::<u8>(rows * n)?, self.scratch::<f32>(rows * (n / MG_BN))?);
         let (nu, ni, ki, cl) = (count as i32, n as i32, k as i32, cluster as i32);
-        self.launch(&f).arg(&maps).arg(sx).arg(gs).arg(us).arg(&units).arg(&nu).arg(&mut q).arg(&mut s).arg(&ni).arg(&ki).arg(&cl).run_cluster(cfg, cluster as u32).map_err(err("moe_gemm_f8_glu"))?;
+        self.launch(&f).arg(&maps).arg(sx).arg(gs).arg(us).arg(&units).arg(&nu).arg(&mut q).arg(&mut s).arg(&ni).arg(&ki).arg(&cl).run_cluster(cfg, cluster as u32).map_err(err(GLU.name))?;
         Ok((q, s))
     }
 
@@ -192,7 +192,6 @@ pub(super) mod tests {
         assert!(u.chunks(UNIT).all(|c| c[0] == PAIR_A as i32));
         assert_eq!(unit(&u, 0), (PAIR_A as i32, vec![0, 0, 128, 0, 152], vec![0, 128, 24, 0, 152]));
         assert_eq!(unit(&u, 2), (PAIR_A as i32, vec![2, 408, 96, 152, 352], vec![4, 504, 128, 504, 352]));
-        // every tile once, whatever the pairing
         // 256-row tiles (moe_gemm_f8_r2): experts 0 and 5 a tile each, 2 and 4 two (256 + 96)
         let u = gemm_units(&l, 2, false, 2 * MG_BM);
         assert_eq!(u.len(), 3 * UNIT);
