@@ -91,7 +91,7 @@ pub struct Tuned {
     pub moe_f8_gemm_glu_pair_tiles: bool,
     /// The grouped GEMM's other launches (the down projection) in 256-row tiles, an expert's
     /// weights read once up to 256 rows (moe_f8_gemm.hip's moe_gemm_f8_r2); false: 128-row tiles
-    #[serde(default)]
+    #[serde(default = "default_true")]
     pub moe_f8_gemm_rows256: bool,
     /// The MoE prefill's routed rows as x's FP8 codes gathered (act_codes.rs's
     /// `quant_fp8_gather`); false: the gathered f32 rows quantised (the same bytes)
@@ -188,7 +188,7 @@ impl Default for Tuned {
             moe_f8_gemm_cluster: default_true(),
             moe_f8_gemm_glu: default_true(),
             moe_f8_gemm_glu_pair_tiles: default_true(),
-            moe_f8_gemm_rows256: false,
+            moe_f8_gemm_rows256: default_true(),
             moe_gather_codes: default_true(),
             router_blas_min_rows: default_router_blas_min_rows(),
             flash_wgmma: default_true(),
