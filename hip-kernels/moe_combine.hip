@@ -1,7 +1,8 @@
-// MoE output of the library path (engine/backend/gpu/moe_blaslt.rs): each token's routed pairs
-// were computed as rows of the experts' segments; out[t] = Σ_j w[t·k + j] · rows[pair_row[t·k + j]]
-// in the order of the token's top-k list (deterministic; pairs routed to another rank's experts
-// have pair_row −1). A block per token, 4 columns a thread.
+// MoE output of the prefill path (engine/backend/gpu/moe_prefill.rs): each token's routed pairs
+// were computed as rows of the experts' segments; out[t] += Σ_j w[t·k + j] · rows[pair_row[t·k + j]],
+// the sum in the order of the token's top-k list (deterministic; pairs routed to another rank's
+// experts have pair_row −1), then added to out once (zeros, or the shared experts' output). A
+// block per token, 4 columns a thread.
 #include "common.h"
 
 extern "C" __global__ void __launch_bounds__(256) moe_combine(const float* __restrict__ rows, const int* __restrict__ pair_row, const float* __restrict__ w,
@@ -19,6 +20,8 @@ extern "C" __global__ void __launch_bounds__(256) moe_combine(const float* __res
             acc.z += wj * v.z;
             acc.w += wj * v.w;
         }
-        *(float4*)(out + (int64_t)t * hidden + c) = acc;
+        float4* o = (float4*)(out + (int64_t)t * hidden + c);
+        const float4 y = *o;
+        *o = make_float4(y.x + acc.x, y.y + acc.y, y.z + acc.z, y.w + acc.w);
     }
 }

@@ -342,6 +342,18 @@ fn moe_fp8_dynamic_case<V: GpuVendor>(g: &mut GpuBackend<V>, c: &CpuBackend, rng
                 g.tuned.moe_f8_gemm_rows256 = false;
                 assert!(rows256 == got, "{hidden}x{inter}, {t} tokens: 256-row tiles (rel err {:.2e}) differ from 128-row ones", rel_err(&rows256, &got));
                 eprintln!("  (256-row tiles: equal bit for bit to 128-row ones)");
+                // with a shared expert: its GEMMs first (while the host lays the routed pairs out),
+                // the routed sum added to its output, against the routed experts first and the
+                // shared MLP added to theirs (shared + routed and routed + shared: one f32 addition)
+                let sw: Vec<_> = host_mlp(rng, hidden, inter, WType::Fp8).iter().map(|l| g.upload_linear(l).unwrap()).collect();
+                let with_shared = |g: &GpuBackend<V>| g.download(&g.moe_experts_shared(&gx, &gr, &ge, Some([&sw[0], &sw[1], &sw[2]])).unwrap()).unwrap();
+                let first_ = with_shared(g);
+                g.tuned.moe_shared_first = false;
+                let last_ = with_shared(g);
+                g.tuned.moe_shared_first = true;
+                let d = rel_err(&first_, &last_);
+                eprintln!("  (shared experts first against last: rel err {d:.2e}, equal bit for bit: {})", first_ == last_);
+                assert!(d <= 1e-6 && first_ != got, "{hidden}x{inter}, {t} tokens: shared experts first {d:e} from last");
             }
             if t >= g.tuned.moe_mma_min_rows {
                 // the routed rows as the gathered f32 rows quantised, where x's codes were

@@ -150,6 +150,11 @@ impl DeviceApi for CudaDriver {
         self.synchronize()
     }
 
+    unsafe fn dtoh_async(&self, dst: &mut [u8], src: DevPtr) -> Result<(), ApiError> {
+        self.bind()?;
+        unsafe { result::memcpy_dtoh_async(dst, src, self.s()) }.map_err(e("cuMemcpyDtoHAsync"))
+    }
+
     fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<(), ApiError> {
         self.bind()?;
         unsafe { result::memcpy_dtod_async(dst, src, bytes, self.s()) }.map_err(e("cuMemcpyDtoDAsync"))

@@ -87,6 +87,9 @@ pub struct GpuBackend<V: GpuVendor> {
     pub(super) ccl: Option<Arc<Ccl>>,
     /// Pinned buffers for weight upload, allocated on first use
     pub(super) staging: Mutex<Option<super::staging::Staging>>,
+    /// Page-locked memory the MoE prefill's routed ids come back to the host in (moe_prefill.rs),
+    /// allocated on first use and grown as needed
+    pub(super) ids_host: Mutex<Option<super::device::PinnedBuf>>,
     /// Linear layers and MoE experts beyond 8 rows on the matrix units (hip-kernels/mma_tile.h):
     /// on for sm_80+ and CDNA, ENGINE_MMA_GEMM=0 keeps the CUDA-core kernels (for comparison)
     pub mma_gemm: bool,
@@ -215,6 +218,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             profile: OpProfile::default(),
             ccl: None,
             staging: Mutex::new(None),
+            ids_host: Mutex::new(None),
             mma_gemm,
             flash_prefill: p.matrix_units && mma_gemm,
             flash_portable: false,

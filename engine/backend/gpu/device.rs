@@ -59,6 +59,11 @@ pub trait DeviceApi: Send + Sync {
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<(), ApiError>;
     /// Device to host; returns when the bytes are there (waits for the stream's earlier work).
     fn dtoh(&self, dst: &mut [u8], src: DevPtr) -> Result<(), ApiError>;
+    /// Device to host, ordered on the stream, returning at once: the bytes are there once an
+    /// event recorded after this call has passed.
+    /// # Safety
+    /// `dst` must be page-locked (`host_alloc`) and neither read, written nor freed until then.
+    unsafe fn dtoh_async(&self, dst: &mut [u8], src: DevPtr) -> Result<(), ApiError>;
     fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<(), ApiError>;
     fn synchronize(&self) -> Result<(), ApiError>;
     /// Loads a code object (cubin / hsaco) compiled for this device.
@@ -380,6 +385,11 @@ unsafe impl Send for PinnedBuf {}
 impl PinnedBuf {
     pub fn alloc(dev: &Arc<dyn DeviceApi>, len: usize) -> Result<Self, ApiError> {
         Ok(PinnedBuf { ptr: dev.host_alloc(len)?, len, dev: dev.clone() })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` bytes allocated by host_alloc, owned by self
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {

@@ -88,17 +88,15 @@ fn prefill_moe_with_fp8_activations_takes_the_grouped_gemm_on_sm90a() {
             // x quantised once and its codes gathered into the expert segments (tuned
             // moe_gather_codes; off: the gathered rows quantised, the same bytes); gate and up in
             // one launch writing down's codes (tuned moe_f8_gemm_glu; off: two launches and the
-            // quantiser)
-            assert_eq!(names, ["quant_fp8_act", "gather_fp8_rows", "moe_gemm_f8_glu", "moe_gemm_f8", "moe_combine"]);
+            // quantiser); the down projection in 256-row tiles (tuned moe_f8_gemm_rows256)
+            assert_eq!(names, ["quant_fp8_act", "gather_fp8_rows", "moe_gemm_f8_glu", "moe_gemm_f8_r2", "moe_combine"]);
+            b.tuned.moe_f8_gemm_rows256 = false; // (128-row tiles from here)
+            let l = c.expert_launches(&b, &rt, 600);
+            assert_eq!(l.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["quant_fp8_act", "gather_fp8_rows", "moe_gemm_f8_glu", "moe_gemm_f8", "moe_combine"]);
             b.tuned.moe_f8_gemm_glu = false;
             let l = c.expert_launches(&b, &rt, 600);
             assert_eq!(l.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["quant_fp8_act", "gather_fp8_rows", "moe_gemm_f8", "moe_gemm_f8", "quant_fp8_silu_act", "moe_gemm_f8", "moe_combine"]);
             b.tuned.moe_f8_gemm_glu = true;
-            // the down projection in 256-row tiles (tuned moe_f8_gemm_rows256)
-            b.tuned.moe_f8_gemm_rows256 = true;
-            let l = c.expert_launches(&b, &rt, 600);
-            assert_eq!(l.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["quant_fp8_act", "gather_fp8_rows", "moe_gemm_f8_glu", "moe_gemm_f8_r2", "moe_combine"]);
-            b.tuned.moe_f8_gemm_rows256 = false;
             b.tuned.moe_gather_codes = false;
             let l = c.expert_launches(&b, &rt, 600);
             assert_eq!(l.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["quant_fp8_act", "moe_gemm_f8_glu", "moe_gemm_f8", "moe_combine"]);
@@ -117,6 +115,7 @@ fn prefill_moe_with_fp8_activations_takes_the_grouped_gemm_on_sm90a() {
             for (held, cluster, blocks) in [(66, 2, 40), (20, 1, 38)] {
                 let (mut b, rt) = nvidia_like();
                 (b.arch, b.fp8_act, b.sms) = (arch.into(), true, 132);
+                b.tuned.moe_f8_gemm_rows256 = false; // (128-row tiles: the counts above)
                 *rt.clusters.lock().unwrap() = held;
                 let c = MoeCase::new(&b, 256, 256, 16);
                 let g = c.gemm_grids_and_clusters(&b, &rt, 600);
@@ -127,6 +126,7 @@ fn prefill_moe_with_fp8_activations_takes_the_grouped_gemm_on_sm90a() {
             // no clusters at all on a device of fewer than 4 SMs (a quarter of its SMs is 0): blocks alone
             let (mut b, rt) = nvidia_like();
             (b.arch, b.fp8_act, b.sms) = (arch.into(), true, 2);
+            b.tuned.moe_f8_gemm_rows256 = false;
             let c = MoeCase::new(&b, 256, 256, 16);
             let g = c.gemm_grids_and_clusters(&b, &rt, 600);
             assert!(g.len() == 2 && g.iter().all(|&x| x == ((2, 1, 1), 1)), "{g:?}");

@@ -101,6 +101,9 @@ impl DeviceApi for HostRuntime {
         dst.copy_from_slice(&self.mem.lock().unwrap()[&b][off..off + dst.len()]);
         Ok(())
     }
+    unsafe fn dtoh_async(&self, dst: &mut [u8], src: DevPtr) -> Result<(), ApiError> {
+        self.dtoh(dst, src) // (no stream: done at once)
+    }
     fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<(), ApiError> {
         let mut tmp = vec![0u8; bytes];
         self.dtoh(&mut tmp, src)?;

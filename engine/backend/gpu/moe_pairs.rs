@@ -46,6 +46,9 @@ impl<V: GpuVendor> GpuBackend<V> {
     /// kernels folds the shared experts in as one more pair of the same launches; otherwise the
     /// routed experts, then the shared ones added.
     pub(super) fn moe_experts_shared_once(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, shared: Option<[&GpuLinear; 3]>) -> Result<GpuTensor, BackendError> {
+        if let Some(s) = shared.filter(|_| self.tuned.moe_shared_first && x.rows * r.top_k > 0 && self.moe_prefill_f8_for(x, e) && self.moe_f8_gemm_for(e)) {
+            return self.moe_prefill_shared_first(x, r, e, s);
+        }
         if let Some(s) = shared.filter(|_| x.rows == 1 && r.top_k > 0 && !self.moe_prefill_f8_for(x, e) && !self.moe_grouped_for(x, e)) {
             let folded = self.span("MoE GEMM", || {
                 let (mut out, taken) = self.experts_out(r, x.cols.max(1))?;

@@ -8,8 +8,8 @@
 //! ids, so this path is for op-by-op steps (prefill), never inside a graph capture.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::blas::fp8_block_ok;
-use super::device::{err, DevBuf};
-use super::ops::{cfg, GpuExperts, GpuRouting};
+use super::device::{err, DevBuf, DevEvent, PinnedBuf};
+use super::ops::{cfg, GpuExperts, GpuLinear, GpuRouting};
 use crate::backend::BackendError;
 
 const COMBINE: &str = "hip-kernels/moe_combine.hip";
@@ -93,13 +93,63 @@ impl<V: GpuVendor> GpuBackend<V> {
             && self.blaslt.as_ref().is_some_and(|l| l.supports_fp8_block(PAD, e.inter, e.hidden) && l.supports_fp8_block(PAD, e.hidden, e.inter))
     }
 
-    /// out [T, hidden] = Σ over this rank's routed pairs of weight · down_e(silu(gate_e x) · up_e x)
+    /// out [T, hidden] += Σ over this rank's routed pairs of weight · down_e(silu(gate_e x) · up_e x)
     /// with FP8 activations (see the module); false (nothing launched) where the library path has
     /// no plan for one of the segment sizes.
     pub(super) fn moe_experts_prefill_f8(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, out: &mut DevBuf<f32>) -> Result<bool, BackendError> {
-        let (t, k, inter, hidden) = (x.rows, r.top_k, e.inter, e.hidden);
+        let t0 = std::time::Instant::now();
         let ids = r.ids.to_host().map_err(err("routed ids"))?;
-        let l = MoeLayout::build(&ids[..t * k], k, e.first, e.n);
+        self.moe_experts_prefill_f8_ids(x, r, e, &ids[..x.rows * r.top_k], out, t0)
+    }
+
+    /// A MoE layer's routed and shared experts (`shared`: gate, up, down) at prefill sizes, the
+    /// shared experts first: their GEMMs keep the GPU busy while the host waits for the routed ids
+    /// and lays the pairs out (the other order leaves it idle meanwhile, ~0.1-0.4 ms a layer). The
+    /// routed sum is added to the shared experts' output: shared + routed, the same f32 addition
+    /// as the other order's routed + shared.
+    pub(super) fn moe_prefill_shared_first(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, [g, u, d]: [&GpuLinear; 3]) -> Result<GpuTensor, BackendError> {
+        use crate::backend::Backend;
+        let t0 = std::time::Instant::now();
+        let copy = self.ids_copy(r, x.rows * r.top_k)?;
+        let (buf, _) = self.experts_out(r, x.rows * x.cols)?;
+        let mut y = GpuTensor { rows: x.rows, cols: x.cols, buf };
+        self.mlp_add(x, g, u, d, &mut y)?;
+        let ids = self.ids_wait(copy)?;
+        if !self.span("MoE GEMM", || self.moe_experts_prefill_f8_ids(x, r, e, &ids, &mut y.buf, t0))? {
+            return Err(self.op_err("moe prefill", "the FP8 prefill path declined experts it was chosen for".into()));
+        }
+        Ok(y)
+    }
+
+    /// Starts copying routing `r`'s first `n` ids to the host, behind the stream's work so far.
+    fn ids_copy(&self, r: &GpuRouting, n: usize) -> Result<IdsCopy, BackendError> {
+        let bytes = 4 * n.max(1);
+        let held = self.ids_host.lock().unwrap().take().filter(|b| b.as_slice().len() >= bytes);
+        let mut buf = match held {
+            Some(b) => b,
+            None => PinnedBuf::alloc(&self.dev, bytes.next_power_of_two()).map_err(err("routed ids: page-locked buffer"))?,
+        };
+        // SAFETY: page-locked, and IdsCopy keeps it untouched until `done` has passed
+        unsafe { self.dev.dtoh_async(&mut buf.as_mut_slice()[..bytes], r.ids.ptr()) }.map_err(err("routed ids"))?;
+        let done = DevEvent::record(&self.dev, false).map_err(err("routed ids: event"))?;
+        Ok(IdsCopy { buf: Some(buf), done, n })
+    }
+
+    /// The ids of `ids_copy` once they have landed (its buffer kept for the next layer).
+    fn ids_wait(&self, mut c: IdsCopy) -> Result<Vec<i32>, BackendError> {
+        c.done.wait().map_err(err("routed ids"))?;
+        let buf = c.buf.take().expect("an IdsCopy's buffer is taken once");
+        let ids = buf.as_slice()[..4 * c.n].chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        *self.ids_host.lock().unwrap() = Some(buf);
+        Ok(ids)
+    }
+
+    /// `moe_experts_prefill_f8` on the routed ids read back (`t0`: when the wait for them began).
+    fn moe_experts_prefill_f8_ids(&self, x: &GpuTensor, r: &GpuRouting, e: &GpuExperts, ids: &[i32], out: &mut DevBuf<f32>, t0: std::time::Instant) -> Result<bool, BackendError> {
+        let (t, k, inter, hidden) = (x.rows, r.top_k, e.inter, e.hidden);
+        let t1 = std::time::Instant::now();
+        let l = MoeLayout::build(ids, k, e.first, e.n);
+        let t2 = std::time::Instant::now();
         let rows = l.rows();
         if rows == 0 {
             return Ok(true); // no pair on this rank's experts: out stays zero
@@ -116,6 +166,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let enqueue = std::time::Instant::now();
         // gate and up: [len, hidden] · [inter, hidden]ᵀ per expert
         let (qx, sx) = self.quant_fp8_gather(x, rows, src.ptr(), seg.ptr())?;
+        let t4 = std::time::Instant::now();
         // d [rows, n] = the segments' rows of a times their experts' wᵀ (K = k), by the chosen path
         let gemm = |a: (&DevBuf<u8>, &DevBuf<f32>), w: (&DevBuf<u8>, &DevBuf<f32>), d: &mut DevBuf<f32>, n: usize, k: usize| match &path {
             Products::Grouped => self.moe_f8_gemm(a, w, &l, d, n, k),
@@ -132,6 +183,7 @@ impl<V: GpuVendor> GpuBackend<V> {
             }
         };
         drop((qx, sx));
+        let t5 = std::time::Instant::now();
         // down: [len, inter] · [hidden, inter]ᵀ per expert
         let mut dn = self.scratch::<f32>(rows * hidden)?;
         gemm((&qh, &sh), (&e.down, &e.ds), &mut dn, hidden, inter)?;
@@ -142,7 +194,8 @@ impl<V: GpuVendor> GpuBackend<V> {
             Products::Grouped => "grouped FP8 GEMM".to_string(),
             Products::Library(_) => format!("{} library GEMMs", 3 * l.segments.len()),
         };
-        log::debug!("moe prefill: {t} tokens, {} experts, {rows} rows, {how}, enqueued in {} us", l.segments.len(), enqueue.elapsed().as_micros());
+        let us = |a: std::time::Instant, b: std::time::Instant| b.duration_since(a).as_micros();
+        log::debug!("moe prefill: {t} tokens, {} experts, {rows} rows, {how}, enqueued in {} us (ids after {} us, layout {}, uploads {}, gather {}, gate/up {}, rest {})", l.segments.len(), enqueue.elapsed().as_micros(), us(t0, t1), us(t1, t2), us(t2, enqueue), us(enqueue, t4), us(t4, t5), us(t5, std::time::Instant::now()));
         Ok(true)
     }
 
@@ -161,6 +214,22 @@ impl<V: GpuVendor> GpuBackend<V> {
             lt.gemm_fp8_block((len, n, k), (w.ptr() + ex as u64 * wsz, ws.ptr() + ex as u64 * ssz), a_, d.ptr() + (4 * off * n) as u64, on(i)).map_err(gemm_err)?;
         }
         self.join(&side)
+    }
+}
+
+/// Routed ids on their way to the host (`ids_copy`): the page-locked buffer they land in and the
+/// event after the copy. Dropped unread, it waits for the copy before the buffer goes.
+struct IdsCopy {
+    buf: Option<PinnedBuf>,
+    done: DevEvent,
+    n: usize,
+}
+
+impl Drop for IdsCopy {
+    fn drop(&mut self) {
+        if self.buf.is_some() {
+            let _ = self.done.wait(); // (the copy may still be writing into the buffer)
+        }
     }
 }
 

@@ -93,6 +93,10 @@ pub struct Tuned {
     /// weights read once up to 256 rows (moe_f8_gemm.hip's moe_gemm_f8_r2); false: 128-row tiles
     #[serde(default = "default_true")]
     pub moe_f8_gemm_rows256: bool,
+    /// A MoE layer's shared experts before its routed ones at prefill sizes (moe_prefill.rs): their
+    /// GEMMs run while the host reads the routed ids back and lays the pairs out
+    #[serde(default = "default_true")]
+    pub moe_shared_first: bool,
     /// The MoE prefill's routed rows as x's FP8 codes gathered (act_codes.rs's
     /// `quant_fp8_gather`); false: the gathered f32 rows quantised (the same bytes)
     #[serde(default = "default_true")]
@@ -189,6 +193,7 @@ impl Default for Tuned {
             moe_f8_gemm_glu: default_true(),
             moe_f8_gemm_glu_pair_tiles: default_true(),
             moe_f8_gemm_rows256: default_true(),
+            moe_shared_first: default_true(),
             moe_gather_codes: default_true(),
             router_blas_min_rows: default_router_blas_min_rows(),
             flash_wgmma: default_true(),

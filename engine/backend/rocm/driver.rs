@@ -102,6 +102,11 @@ impl DeviceApi for HipDriver {
         self.synchronize()
     }
 
+    unsafe fn dtoh_async(&self, dst: &mut [u8], src: DevPtr) -> Result<(), ApiError> {
+        self.bind()?;
+        self.check("hipMemcpyDtoHAsync", unsafe { self.hip.api.hipMemcpyDtoHAsync(dst.as_mut_ptr() as *mut c_void, src as *mut c_void, dst.len(), self.stream) })
+    }
+
     fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<(), ApiError> {
         self.bind()?;
         let kind = hip_sys::hipMemcpyKind_hipMemcpyDeviceToDevice;
