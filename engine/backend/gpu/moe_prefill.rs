@@ -5,7 +5,9 @@
 //! summed in its top-k order. The products run as one grouped FP8 GEMM a projection over every
 //! expert's segment (moe_f8_gemm.rs, NVIDIA sm_90a), or else as the GEMM library's block-scaled
 //! FP8 GEMM per expert. The layout needs the expert counts on the host: one copy of the routed
-//! ids, so this path is for op-by-op steps (prefill), never inside a graph capture.
+//! ids, so this path is for op-by-op steps (prefill), never inside a graph capture; with shared
+//! experts their GEMMs are enqueued first, so that the GPU runs them while the host waits for
+//! the ids and lays the pairs out.
 use super::backend::{GpuBackend, GpuTensor, GpuVendor};
 use super::blas::fp8_block_ok;
 use super::device::{err, DevBuf, DevEvent, PinnedBuf};
@@ -152,7 +154,7 @@ impl<V: GpuVendor> GpuBackend<V> {
         let t2 = std::time::Instant::now();
         let rows = l.rows();
         if rows == 0 {
-            return Ok(true); // no pair on this rank's experts: out stays zero
+            return Ok(true); // no pair on this rank's experts: out as it was
         }
         let path = if self.moe_f8_gemm_for(e) {
             Products::Grouped
